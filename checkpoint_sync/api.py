@@ -1,0 +1,108 @@
+"""A thin client for the providers' JSON management APIs: auth, retries, errors, models."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import aiohttp
+from pydantic import BaseModel, ValidationError
+
+from .errors import (
+    ApiError,
+    AuthError,
+    MalformedResponseError,
+    NotFoundError,
+    RequestRejectedError,
+    TransientError,
+)
+from .net import converting_errors, retry_after_seconds, transient_status
+from .retry import RetryPolicy, retrying
+
+M = TypeVar("M", bound=BaseModel)
+
+_MAX_SHOWN = 300
+
+
+class ApiClient:
+    """GETs JSON from one API with one key, which never leaves the Authorization header."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        api_key: str,
+        auth_scheme: str,
+        key_hint: str,
+        retry: RetryPolicy,
+    ) -> None:
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"{auth_scheme} {api_key}", "Accept": "application/json"}
+        self._key_hint = key_hint
+        self._retry = retry
+
+    async def get(
+        self, path: str, model: type[M], *, what: str, params: Mapping[str, str | int] | None = None
+    ) -> M:
+        """GET ``path`` and parse it as ``model``; ``what`` names the request in errors."""
+        url = f"{self._base_url}{path}"
+
+        async def attempt() -> M:
+            with converting_errors(url, what):
+                async with self._session.get(url, params=params, headers=self._headers) as resp:
+                    body = await resp.read()
+                    self._raise_for_status(resp.status, resp.headers, body, what)
+            return _parse(body, model, what)
+
+        return await retrying(self._retry, attempt)
+
+    def _raise_for_status(
+        self, status: int, headers: Mapping[str, str], body: bytes, what: str
+    ) -> None:
+        if status < 300:
+            return
+        if status in (401, 403):
+            raise AuthError(
+                f"{what}: the API refused the key (HTTP {status}); check {self._key_hint}"
+            )
+        if status == 404:
+            raise NotFoundError(f"{what}: not found (HTTP 404)")
+        if status == 422:
+            raise RequestRejectedError(f"{what}: the API rejected the request: {_detail(body)}")
+        if transient_status(status):
+            raise TransientError(
+                f"{what}: HTTP {status} from the API", retry_after=retry_after_seconds(headers)
+            )
+        raise ApiError(f"{what}: HTTP {status} from the API: {_detail(body)}")
+
+
+def _parse(body: bytes, model: type[M], what: str) -> M:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        if body.lstrip()[:1] not in (b"{", b"["):
+            raise MalformedResponseError(
+                f"{what}: the API answered with something not JSON"
+            ) from exc
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise MalformedResponseError(
+            f"{what}: unexpected API answer ({where}: {first['msg']})"
+        ) from exc
+
+
+def _detail(body: bytes) -> str:
+    """The server's own explanation, from FastAPI-style ``detail`` or any short text."""
+    try:
+        payload: Any = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace").strip()[:_MAX_SHOWN] or "(no message)"
+    detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
+    if isinstance(detail, list):
+        detail = "; ".join(
+            str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail
+        )
+    return str(detail)[:_MAX_SHOWN]

@@ -1,0 +1,422 @@
+"""The command line: the only module that prints or chooses an exit code.
+
+Exit codes: 0 everything present and verified (also "nothing to do"), 1 some files failed,
+2 usage or configuration error, 3 authentication refused, 4 not found, 5 another run holds the
+mirror, 6 the destination cannot be written, 130/143 stopped by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+from pydantic import SecretStr
+
+from . import __version__
+from .config import Settings, load_settings, parse_size
+from .engine import PlannedFile, SyncOptions, sync
+from .errors import CheckpointSyncError, UsageError, most_severe
+from .localserver import LocalServer, demo_catalog
+from .net import NetSettings, open_session
+from .plan import select_checkpoints
+from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_bytes, summary
+from .redact import Redactor
+from .retry import RetryPolicy
+from .sources import SOURCES, Source, SourceContext
+from .sources.baseten_training import TrainingJobSource
+from .transfer import TransferSettings
+
+EXIT_OK = 0
+EXIT_FILES_FAILED = 1
+EXIT_USAGE = 2
+FAILURES_SHOWN = 20
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    redact = Redactor()
+    out = _Output(redact, quiet=getattr(args, "quiet", False), as_json=getattr(args, "json", False))
+    try:
+        code: int = args.handler(args, out)
+    except CheckpointSyncError as exc:
+        out.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        out.error("interrupted")
+        return 128 + signal.SIGINT
+    except Exception as exc:  # a bug: say so in one line, the traceback only when asked
+        if args.debug:
+            out.error("".join(traceback.format_exception(exc)))
+        out.error(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for details")
+        return EXIT_FILES_FAILED
+    return code
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Output:
+    """Every line the program prints passes through here, and through the redactor."""
+
+    redact: Redactor
+    quiet: bool = False
+    as_json: bool = False
+    stdout: TextIO = field(default_factory=lambda: sys.stdout)
+    stderr: TextIO = field(default_factory=lambda: sys.stderr)
+
+    def info(self, text: str) -> None:
+        if not self.quiet and not self.as_json:
+            print(self.redact(text), file=self.stdout, flush=True)
+
+    def error(self, text: str) -> None:
+        print(f"checkpoint-sync: error: {self.redact(text)}", file=self.stderr, flush=True)
+
+    def json(self, payload: dict[str, Any]) -> None:
+        print(self.redact(json.dumps(payload, indent=2)), file=self.stdout, flush=True)
+
+    def display(self) -> Display:
+        if self.quiet or self.as_json:
+            return NoDisplay()
+        if self.stderr.isatty():
+            return ProgressBar(self.stderr)
+        return LogLines(self.stderr)
+
+
+# --- arguments ------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="checkpoint-sync",
+        description="Mirror ML training checkpoints to local disk: fast, resumable, verified.",
+        epilog="Exit codes: 0 ok, 1 some files failed, 2 usage, 3 auth, 4 not found, "
+        "5 mirror locked by another run, 6 destination not writable, 130/143 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"checkpoint-sync {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sync_cmd = commands.add_parser("sync", help="mirror checkpoints into a local directory")
+    _add_source_arguments(sync_cmd)
+    _add_selection_arguments(sync_cmd)
+    sync_cmd.add_argument("--dest", type=Path, help="mirror directory (or `dest` in the config)")
+    _add_transfer_arguments(sync_cmd)
+    sync_cmd.add_argument(
+        "--dry-run", action="store_true", help="print what would be fetched and skipped"
+    )
+    _add_common_arguments(sync_cmd)
+    sync_cmd.set_defaults(handler=_sync_command)
+
+    demo = commands.add_parser(
+        "demo", help="mirror a synthetic checkpoint from a built-in local server, twice"
+    )
+    demo.add_argument("--dest", type=Path, help="where to mirror (default: a new temporary dir)")
+    _add_transfer_arguments(demo)
+    _add_common_arguments(demo)
+    demo.set_defaults(handler=_demo_command)
+    return parser
+
+
+def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("source (exactly one)")
+    for spec in SOURCES:
+        spec.add_arguments(group)
+    group.add_argument("--api-url", help="Baseten API base URL (CHECKPOINT_SYNC_API_URL)")
+    group.add_argument("--auth-scheme", choices=["Bearer", "Api-Key"], help="default: Bearer")
+
+
+def _add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("selection")
+    group.add_argument(
+        "--checkpoint", action="append", default=[], metavar="ID", help="only this checkpoint"
+    )
+    group.add_argument("--latest", action="store_true", help="only the newest complete checkpoint")
+    group.add_argument(
+        "--node-rank", action="append", type=int, default=[], metavar="N", help="only this rank"
+    )
+    group.add_argument(
+        "--include-syncing",
+        action="store_true",
+        default=None,
+        help="also mirror checkpoints still uploading (their file list is not final)",
+    )
+
+
+def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("transfer")
+    group.add_argument("--concurrency", type=int, help="files and connections in flight (16)")
+    group.add_argument("--part-size", type=_size_arg, help="ranged part size, e.g. 64MiB")
+    group.add_argument(
+        "--fsync", action="store_true", default=None, help="make data durable across power loss"
+    )
+    group.add_argument(
+        "--wait-lock",
+        action="store_true",
+        default=None,
+        help="wait for another run on the same mirror instead of exiting with 5",
+    )
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    parser.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks of internal errors (redacted)"
+    )
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _settings(args: argparse.Namespace, out: _Output) -> Settings:
+    flags = {
+        name: getattr(args, name, None)
+        for name in (
+            "api_url",
+            "auth_scheme",
+            "dest",
+            "concurrency",
+            "part_size",
+            "include_syncing",
+            "fsync",
+            "wait_lock",
+        )
+    }
+    settings = load_settings(args.config, flags)
+    out.redact.add(settings.baseten_key())
+    out.redact.add(settings.wandb_key())
+    return settings
+
+
+def _options(settings: Settings, dest: Path, args: argparse.Namespace) -> SyncOptions:
+    return SyncOptions(
+        dest=dest.expanduser().absolute(),
+        concurrency=settings.concurrency,
+        node_ranks=frozenset(getattr(args, "node_rank", [])),
+        dry_run=getattr(args, "dry_run", False),
+        wait_lock=settings.wait_lock,
+        transfer=TransferSettings(
+            part_size=settings.part_size, fsync=settings.fsync, retry=_retry(settings)
+        ),
+    )
+
+
+def _retry(settings: Settings) -> RetryPolicy:
+    return RetryPolicy(
+        attempts=settings.retries,
+        max_delay=settings.retry_max_delay,
+        deadline=settings.retry_deadline,
+    )
+
+
+def _net(settings: Settings) -> NetSettings:
+    return NetSettings(
+        connections=settings.concurrency,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.read_timeout,
+        ca_bundle=settings.ca_bundle,
+    )
+
+
+# --- sync -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Selection:
+    names: tuple[str, ...] = ()
+    latest: bool = False
+
+
+async def _mirror(
+    settings: Settings,
+    build: Callable[[SourceContext], Source],
+    wanted: _Selection,
+    options: SyncOptions,
+    stats: Stats,
+    out: _Output,
+) -> None:
+    """List, select and mirror, showing progress; the heart of `sync` and `demo`."""
+    retry = _retry(settings)
+
+    def show_plan(planned: PlannedFile) -> None:
+        out.info(f"{planned.action:5} {planned.path} ({human_bytes(planned.size)})")
+
+    async with open_session(_net(settings)) as session:
+        source = build(SourceContext(session, settings, retry))
+        selection = select_checkpoints(
+            await source.checkpoints(),
+            names=wanted.names,
+            latest=wanted.latest,
+            include_syncing=settings.include_syncing,
+            what=source.description,
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(out.display().run, stats)
+            await sync(
+                source,
+                selection,
+                session,
+                options,
+                stats,
+                show_plan if options.dry_run else None,
+            )
+            tg.cancel_scope.cancel()
+
+
+def _sync_command(args: argparse.Namespace, out: _Output) -> int:
+    settings = _settings(args, out)
+    chosen = [spec for spec in SOURCES if spec.chosen(args)]
+    if len(chosen) != 1:
+        flags = "; ".join(spec.name for spec in SOURCES)
+        raise UsageError(f"choose exactly one source ({flags}); see checkpoint-sync sync --help")
+    if settings.dest is None:
+        raise UsageError("no destination: pass --dest DIR (or set dest in the config)")
+    spec = chosen[0]
+    options = _options(settings, settings.dest, args)
+    stats = Stats()
+    wanted = _Selection(tuple(args.checkpoint), args.latest)
+
+    def build(context: SourceContext) -> Source:
+        return spec.build(args, context)
+
+    return _run_and_report(
+        lambda: _mirror(settings, build, wanted, options, stats, out), stats, options, out
+    )
+
+
+def _run_and_report(
+    job: Callable[[], Awaitable[None]], stats: Stats, options: SyncOptions, out: _Output
+) -> int:
+    """Run ``job`` with signal handling; print the summary whatever happened."""
+    error: CheckpointSyncError | None = None
+    try:
+        received = _run(job)
+    except CheckpointSyncError as exc:
+        error, received = exc, None
+    code = _exit_code(stats, received, error)
+    if out.as_json:
+        payload = summary(stats)
+        payload["dest"] = str(options.dest)
+        payload["dry_run"] = options.dry_run
+        payload["exit_code"] = code
+        if error is not None:
+            payload["error"] = str(error)
+        out.json(payload)
+    else:
+        _print_summary(stats, options, out)
+    if error is not None:
+        raise error
+    if received is not None:
+        out.error(f"stopped by {signal.Signals(received).name}; rerun to resume")
+    return code
+
+
+def _exit_code(stats: Stats, received: int | None, error: CheckpointSyncError | None) -> int:
+    if error is not None:
+        return error.exit_code
+    if received is not None:
+        return 128 + received
+    return EXIT_FILES_FAILED if stats.files_failed else EXIT_OK
+
+
+def _print_summary(stats: Stats, options: SyncOptions, out: _Output) -> None:
+    verb = "would fetch" if options.dry_run else "fetched"
+    out.info(
+        f"{verb} {stats.files_to_fetch if options.dry_run else stats.files_fetched} files "
+        f"({human_bytes(stats.bytes_to_fetch if options.dry_run else stats.bytes_fetched)}) "
+        f"into {options.dest} in {stats.seconds:.1f}s"
+        + ("" if options.dry_run else f" at {stats.mb_per_s():.1f} MB/s")
+        + f"; skipped {stats.files_skipped} unchanged ({human_bytes(stats.bytes_skipped)}); "
+        f"{stats.files_failed} failed"
+    )
+    for name in stats.syncing_left_out:
+        out.info(f"left out, still syncing: {name} (pass --include-syncing to mirror it)")
+    for where, message in stats.failures[:FAILURES_SHOWN]:
+        out.error(f"{where}: {message}")
+    if stats.files_failed > FAILURES_SHOWN:
+        out.error(f"... and {stats.files_failed - FAILURES_SHOWN} more failures (see --json)")
+
+
+def _run(job: Callable[[], Awaitable[None]]) -> int | None:
+    """Run ``job`` on an event loop (uvloop when installed); the signal that stopped it, if any."""
+    received: int | None = None
+
+    async def main() -> None:
+        nonlocal received
+        async with anyio.create_task_group() as tg:
+
+            async def watch_signals() -> None:
+                nonlocal received
+                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        received = signum
+                        tg.cancel_scope.cancel()
+                        return
+
+            tg.start_soon(watch_signals)
+            await job()
+            tg.cancel_scope.cancel()
+
+    try:
+        anyio.run(main, backend_options={"use_uvloop": _has_uvloop()})
+    except ExceptionGroup as group:
+        raise most_severe(group) from None
+    return received
+
+
+def _has_uvloop() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --- demo -----------------------------------------------------------------------------------------
+
+
+def _demo_command(args: argparse.Namespace, out: _Output) -> int:
+    settings = _settings(args, out)
+    dest = args.dest or Path(tempfile.mkdtemp(prefix="checkpoint-sync-demo-"))
+    catalog = demo_catalog()
+    job = catalog.jobs[0]
+    codes: list[int] = []
+
+    async def run_twice() -> None:
+        async with LocalServer(catalog) as server:
+            local = settings.model_copy(
+                update={"api_url": server.url, "api_key": SecretStr(catalog.api_key)}
+            )
+            for attempt, title in enumerate(("first run", "second run: nothing changed")):
+                out.info(f"--- demo {title}: {server.url} -> {dest}")
+                stats = Stats()
+                options = _options(local, dest, args)
+
+                def build(context: SourceContext) -> Source:
+                    return TrainingJobSource(context.baseten_api(), job.project_id, job.job_id)
+
+                await _mirror(local, build, _Selection(), options, stats, out)
+                codes.append(_exit_code(stats, None, None))
+                if out.as_json:
+                    out.json({"run": attempt + 1, **summary(stats)})
+                else:
+                    _print_summary(stats, options, out)
+
+    received = _run(run_twice)
+    out.info(f"the mirror is in {dest}")
+    return 128 + received if received is not None else max(codes, default=EXIT_OK)

@@ -1,0 +1,122 @@
+"""Settings: a TOML file, then the environment, then command-line flags, each overriding the last.
+
+Every key of `Settings` may appear at the top level of the TOML file (``config.example.toml``
+documents them) and as an environment variable ``CHECKPOINT_SYNC_<KEY>``. API keys are read
+from the variable their ``*_key_env`` setting names (``BASETEN_API_KEY``, ``WANDB_API_KEY``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from .errors import UsageError
+
+ENV_PREFIX = "CHECKPOINT_SYNC_"
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``64MiB``, ``1MiB``, ``512K``, ``1GB`` or a plain count.
+
+    Binary units (KiB, MiB...) and bare letters (K, M, as rclone and aria2 read them) count in
+    1024s; decimal units (KB, MB...) in 1000s.
+    """
+    if isinstance(text, int):
+        return text
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a size (try 64MiB, 1MiB, 512KiB)")
+    number, unit, binary = match.groups()
+    spelled_decimal = bool(unit) and not binary and text.strip().upper().endswith("B")
+    base = 1000 if spelled_decimal else 1024
+    power = " KMGT".index(unit.upper() or " ")
+    return int(float(number) * base**power)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api_url: str = "https://api.baseten.co"
+    api_key: SecretStr | None = None
+    api_key_env: str = "BASETEN_API_KEY"
+    auth_scheme: Literal["Bearer", "Api-Key"] = "Bearer"
+    page_size: int = Field(1000, ge=1)
+    wandb_api_url: str = "https://api.training.wandb.ai"
+    wandb_api_key: SecretStr | None = None
+    wandb_api_key_env: str = "WANDB_API_KEY"
+    dest: Path | None = None
+    concurrency: int = Field(16, ge=1, le=1024)
+    part_size: int = Field(64 << 20, ge=1 << 16)
+    include_syncing: bool = False
+    fsync: bool = False
+    wait_lock: bool = False
+    connect_timeout: float = Field(30.0, gt=0)
+    read_timeout: float = Field(60.0, gt=0)
+    retries: int = Field(8, ge=1)
+    retry_max_delay: float = Field(30.0, ge=0)
+    retry_deadline: float = Field(600.0, gt=0)
+    ca_bundle: Path | None = None
+
+    @field_validator("part_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return parse_size(value) if isinstance(value, str) else value
+
+    def baseten_key(self) -> str | None:
+        return _key(self.api_key)
+
+    def wandb_key(self) -> str | None:
+        return _key(self.wandb_api_key)
+
+
+def _key(secret: SecretStr | None) -> str | None:
+    return secret.get_secret_value() if secret else None
+
+
+def load_settings(
+    config_file: Path | None,
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str] = os.environ,
+) -> Settings:
+    """Merge the config file, the environment and the flags (None means: flag not given)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        values.update(_read_toml(config_file))
+    for name in Settings.model_fields:
+        env_value = environ.get(ENV_PREFIX + name.upper())
+        if env_value is not None:
+            values[name] = env_value
+    values.update({k: v for k, v in flags.items() if v is not None})
+    for key_field, env_field in (
+        ("api_key", "api_key_env"),
+        ("wandb_api_key", "wandb_api_key_env"),
+    ):
+        env_name = values.get(env_field) or Settings.model_fields[env_field].default
+        if environ.get(env_name):
+            values[key_field] = environ[env_name]
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        source = f" in {config_file}" if config_file else ""
+        raise UsageError(f"bad setting {where}{source}: {first['msg']}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None

@@ -1,0 +1,200 @@
+"""A sync run: a producer walks the listing into a bounded queue, a pool of workers fetches.
+
+The producer decides, file by file, whether the mirror already holds it (`plan.is_current`), so
+only files to fetch enter the queue. The queue is bounded, so memory stays flat however long
+the listing is, and the first download starts while the listing is still being walked.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import aiohttp
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .errors import FileError, most_severe
+from .layout import STATE_DIR, mirror_path
+from .lock import mirror_lock
+from .manifest import Manifest
+from .plan import Selection, check_listed_size, is_current
+from .progress import Stats
+from .sources.base import RemoteFile, Source
+from .transfer import Transfers, TransferSettings
+
+MANIFEST_NAME = "manifest.sqlite3"
+COMMIT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class SyncOptions:
+    dest: Path
+    concurrency: int = 16
+    node_ranks: frozenset[int] = frozenset()  # empty: every rank
+    dry_run: bool = False
+    wait_lock: bool = False
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    path: str
+    size: int
+    action: Literal["fetch", "skip"]
+
+
+@dataclass(frozen=True)
+class _Job:
+    file: RemoteFile
+    relative: PurePosixPath
+
+
+def manifest_path(dest: Path) -> Path:
+    return dest / STATE_DIR / MANIFEST_NAME
+
+
+async def sync(
+    source: Source,
+    selection: Selection,
+    session: aiohttp.ClientSession,
+    options: SyncOptions,
+    stats: Stats,
+    on_plan: Callable[[PlannedFile], None] | None = None,
+) -> None:
+    """Mirror the selected checkpoints into ``options.dest``; failures are counted in ``stats``.
+
+    Raises only for what stops the whole run (auth, lock, disk full...): a file's own failure is
+    recorded and the others go on.
+    """
+    stats.syncing_left_out = [f"{c.run}/{c.name}" for c in selection.syncing]
+    if options.dry_run:
+        manifest = Manifest(manifest_path(options.dest), read_only=True)
+        try:
+            await _produce(source, selection, options, manifest, stats, on_plan, None)
+        finally:
+            manifest.close()
+        return
+    async with mirror_lock(options.dest / STATE_DIR, wait=options.wait_lock):
+        manifest = Manifest(manifest_path(options.dest), durable=options.transfer.fsync)
+        try:
+            await _run(source, selection, session, options, manifest, stats, on_plan)
+        finally:
+            manifest.close()
+
+
+async def _run(
+    source: Source,
+    selection: Selection,
+    session: aiohttp.ClientSession,
+    options: SyncOptions,
+    manifest: Manifest,
+    stats: Stats,
+    on_plan: Callable[[PlannedFile], None] | None,
+) -> None:
+    transfers = Transfers(
+        session,
+        options.dest,
+        manifest,
+        source.name,
+        source.refresh_url,
+        anyio.CapacityLimiter(options.concurrency),
+        stats,
+        options.transfer,
+    )
+    send, receive = anyio.create_memory_object_stream[_Job](max_buffer_size=options.concurrency)
+    try:
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(_commit_periodically, manifest)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_produce, source, selection, options, manifest, stats, on_plan, send)
+                async with receive:
+                    for _ in range(options.concurrency):
+                        tg.start_soon(_work, receive.clone(), transfers, stats)
+            outer.cancel_scope.cancel()
+    except ExceptionGroup as group:
+        raise most_severe(group) from None
+
+
+async def _produce(
+    source: Source,
+    selection: Selection,
+    options: SyncOptions,
+    manifest: Manifest,
+    stats: Stats,
+    on_plan: Callable[[PlannedFile], None] | None,
+    send: MemoryObjectSendStream[_Job] | None,
+) -> None:
+    try:
+        async for page in source.file_pages(selection.checkpoints):
+            for file in page:
+                planned = _plan(file, options, manifest, stats)
+                if planned is None:
+                    continue
+                relative, action = planned
+                if on_plan is not None:
+                    on_plan(PlannedFile(str(relative), file.size, action))
+                if action == "fetch" and send is not None:
+                    await send.send(_Job(file, relative))
+        stats.listing_done = True
+    finally:
+        if send is not None:
+            send.close()
+
+
+def _plan(
+    file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats
+) -> tuple[PurePosixPath, Literal["fetch", "skip"]] | None:
+    """Where ``file`` goes and whether it must be fetched; None if it is not to be mirrored."""
+    stats.files_listed += 1
+    if options.node_ranks and file.node_rank not in options.node_ranks:
+        return None
+    try:
+        relative = mirror_path(file)
+        check_listed_size(file)
+    except FileError as exc:
+        stats.fail(f"{file.run}/{file.checkpoint}/{file.node_rank}", str(exc))
+        return None
+    key = str(relative)
+    if not manifest.first_listing(key):
+        stats.fail(key, "listed more than once; only its first entry is mirrored")
+        return None
+    if is_current(file, manifest.recorded(key), _local_size(options.dest / relative)):
+        stats.files_skipped += 1
+        stats.bytes_skipped += file.size
+        return relative, "skip"
+    stats.files_to_fetch += 1
+    stats.bytes_to_fetch += file.size
+    return relative, "fetch"
+
+
+async def _work(
+    receive: MemoryObjectReceiveStream[_Job], transfers: Transfers, stats: Stats
+) -> None:
+    async with receive:
+        async for job in receive:
+            try:
+                await transfers.fetch(job.file, job.relative)
+            except FileError as exc:
+                stats.fail(str(job.relative), str(exc))
+            else:
+                stats.files_fetched += 1
+
+
+async def _commit_periodically(manifest: Manifest) -> None:
+    while True:
+        await anyio.sleep(COMMIT_SECONDS)
+        manifest.commit()
+
+
+def _local_size(path: Path) -> int | None:
+    """Size of a regular file at ``path``; None for a missing file, a symlink or a directory."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None

@@ -1,0 +1,64 @@
+"""Where files land in the mirror, and the rules that keep them inside it. Pure: no I/O."""
+
+from __future__ import annotations
+
+import os
+from pathlib import PurePosixPath
+
+import xxhash
+
+from .errors import UnsafePathError
+from .sources.base import RemoteFile
+
+STATE_DIR = ".checkpoint-sync"
+
+
+def safe_segment(name: str, what: str) -> str:
+    """``name`` if it can stand as one directory or file name, else `UnsafePathError`."""
+    if name in ("", ".", ".."):
+        raise UnsafePathError(f"{what} {name!r} is not a usable name")
+    for bad, label in (("/", "a slash"), ("\\", "a backslash"), ("\0", "a NUL byte")):
+        if bad in name:
+            raise UnsafePathError(f"{what} {name!r} contains {label}")
+    return name
+
+
+def safe_relative_path(path: str, what: str = "file name") -> PurePosixPath:
+    """A listed relative path, refused if absolute, climbing (``..``) or otherwise odd."""
+    if path.startswith("/"):
+        raise UnsafePathError(f"{what} {path!r} is absolute")
+    if "\\" in path:
+        raise UnsafePathError(f"{what} {path!r} contains a backslash")
+    if "\0" in path:
+        raise UnsafePathError(f"{what} {path!r} contains a NUL byte")
+    segments = path.split("/")
+    if ".." in segments:
+        raise UnsafePathError(f"{what} {path!r} climbs out with '..'")
+    if any(segment in ("", ".") for segment in segments):
+        raise UnsafePathError(f"{what} {path!r} has an empty or '.' segment")
+    return PurePosixPath(*segments)
+
+
+def mirror_path(file: RemoteFile) -> PurePosixPath:
+    """``<run>/<checkpoint>/<node_rank>/<path>``, relative to DEST, or `UnsafePathError`."""
+    run = safe_segment(file.run, "run")
+    if run == STATE_DIR:
+        raise UnsafePathError(f"run {run!r} would overwrite checkpoint-sync's own state")
+    if file.node_rank < 0:
+        raise UnsafePathError(f"node rank {file.node_rank} is negative")
+    return PurePosixPath(
+        run,
+        safe_segment(file.checkpoint, "checkpoint"),
+        str(file.node_rank),
+        safe_relative_path(file.path),
+    )
+
+
+def staging_name(relative: PurePosixPath) -> str:
+    """A flat, fixed-length name in the staging area for the file bound for ``relative``."""
+    return xxhash.xxh3_128_hexdigest(str(relative).encode()) + ".part"
+
+
+def is_within(root: str, candidate: str) -> bool:
+    """Whether resolved path ``candidate`` is ``root`` or lies below it."""
+    return candidate == root or candidate.startswith(root.rstrip(os.sep) + os.sep)

@@ -1,0 +1,47 @@
+"""One run per mirror: an advisory lock on ``DEST/.checkpoint-sync/lock``.
+
+``flock`` locks die with their process, so a run that was killed never leaves a stale lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+from .errors import LocalIOError, LockHeldError
+
+POLL_SECONDS = 0.25
+
+
+@asynccontextmanager
+async def mirror_lock(state_dir: Path, *, wait: bool) -> AsyncIterator[None]:
+    """Hold the mirror's lock; `LockHeldError` if another run has it and ``wait`` is off."""
+    path = state_dir / "lock"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise LocalIOError(f"cannot create the lock {path}: {exc.strerror}") from exc
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not wait:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    raise LockHeldError(
+                        f"another checkpoint-sync run (pid {holder}) is mirroring into "
+                        f"{state_dir.parent}; pass --wait-lock to wait for it"
+                    ) from None
+                await anyio.sleep(POLL_SECONDS)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,206 @@
+"""The local manifest: an embedded SQLite database under ``DEST/.checkpoint-sync/``.
+
+It records every verified file (source, run, checkpoint, rank, size, last_modified, digest, when)
+and the finished parts of transfers still under way. Writes go into an open transaction that is
+committed in batches (`maybe_commit`, `commit`): a crash loses at most the last batch, which only
+means some work is done again. A file is recorded only after it was verified and published, so
+the manifest never claims a file that is not there.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import LocalIOError
+from .plan import Recorded, Staged
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    run TEXT NOT NULL,
+    checkpoint TEXT NOT NULL,
+    node_rank INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    last_modified TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    verified_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_checkpoint ON files (run, checkpoint);
+CREATE TABLE IF NOT EXISTS staging (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    last_modified TEXT NOT NULL,
+    part_size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS parts (
+    path TEXT NOT NULL REFERENCES staging (path) ON DELETE CASCADE,
+    part INTEGER NOT NULL,
+    PRIMARY KEY (path, part)
+);
+"""
+
+
+@dataclass(frozen=True)
+class VerifiedFile:
+    path: str
+    source: str
+    run: str
+    checkpoint: str
+    node_rank: int
+    size: int
+    last_modified: str
+    digest: str
+
+
+class Manifest:
+    """One open manifest; used from the event loop thread only (each call is microseconds)."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        *,
+        durable: bool = False,
+        read_only: bool = False,
+        batch_seconds: float = 1.0,
+    ) -> None:
+        """Open (creating) the manifest; ``read_only`` touches nothing on disk (dry runs)."""
+        self.path = db_path
+        self._batch_seconds = batch_seconds
+        self._last_commit = time.monotonic()
+        try:
+            if read_only:
+                self._db = _connect_read_only(db_path)
+            else:
+                db_path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(db_path, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+            self._db.execute("CREATE TEMP TABLE listed (path TEXT PRIMARY KEY)")
+            self._db.execute("BEGIN")
+        except sqlite3.DatabaseError as exc:
+            raise LocalIOError(
+                f"manifest {db_path} cannot be used ({exc}); move it aside to rebuild it "
+                "(every file is then fetched again)"
+            ) from exc
+        except OSError as exc:
+            raise LocalIOError(f"cannot create {db_path.parent}: {exc.strerror}") from exc
+
+    def _migrate(self) -> None:
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if version > SCHEMA_VERSION:
+            raise LocalIOError(
+                f"manifest {self.path} was written by a newer checkpoint-sync (schema {version})"
+            )
+        if version < SCHEMA_VERSION:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def recorded(self, path: str) -> Recorded | None:
+        row = self._db.execute(
+            "SELECT size, last_modified FROM files WHERE path = ?", (path,)
+        ).fetchone()
+        return Recorded(row[0], row[1]) if row else None
+
+    def staged(self, path: str, bytes_on_disk: int | None) -> Staged | None:
+        row = self._db.execute(
+            "SELECT size, last_modified, part_size FROM staging WHERE path = ?", (path,)
+        ).fetchone()
+        if row is None:
+            return None
+        done = frozenset(
+            part for (part,) in self._db.execute("SELECT part FROM parts WHERE path = ?", (path,))
+        )
+        return Staged(row[0], row[1], row[2], done, bytes_on_disk)
+
+    def files_in(self, run: str, checkpoint: str) -> Iterator[VerifiedFile]:
+        rows = self._db.execute(
+            "SELECT path, source, run, checkpoint, node_rank, size, last_modified, digest "
+            "FROM files WHERE run = ? AND checkpoint = ?",
+            (run, checkpoint),
+        )
+        for row in rows:
+            yield VerifiedFile(*row)
+
+    def has_staging_in(self, prefix: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM staging WHERE substr(path, 1, ?) = ? LIMIT 1", (len(prefix), prefix)
+        ).fetchone()
+        return row is not None
+
+    # --- writing (batched) -----------------------------------------------------------------------
+
+    def first_listing(self, path: str) -> bool:
+        """Whether this run sees ``path`` for the first time (a listing may repeat a path)."""
+        cursor = self._db.execute("INSERT OR IGNORE INTO listed (path) VALUES (?)", (path,))
+        return cursor.rowcount == 1
+
+    def begin_staging(self, path: str, size: int, last_modified: str, part_size: int) -> None:
+        self._db.execute("DELETE FROM staging WHERE path = ?", (path,))
+        self._db.execute(
+            "INSERT INTO staging (path, size, last_modified, part_size) VALUES (?, ?, ?, ?)",
+            (path, size, last_modified, part_size),
+        )
+        self.maybe_commit()
+
+    def part_done(self, path: str, part: int) -> None:
+        self._db.execute("INSERT OR IGNORE INTO parts (path, part) VALUES (?, ?)", (path, part))
+        self.maybe_commit()
+
+    def drop_staging(self, path: str) -> None:
+        self._db.execute("DELETE FROM staging WHERE path = ?", (path,))
+        self.maybe_commit()
+
+    def record_verified(self, entry: VerifiedFile) -> None:
+        """Record a published file and forget its staging progress, in one transaction."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        self._db.execute(
+            "INSERT OR REPLACE INTO files (path, source, run, checkpoint, node_rank, size, "
+            "last_modified, digest, verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.path,
+                entry.source,
+                entry.run,
+                entry.checkpoint,
+                entry.node_rank,
+                entry.size,
+                entry.last_modified,
+                entry.digest,
+                now,
+            ),
+        )
+        self._db.execute("DELETE FROM staging WHERE path = ?", (entry.path,))
+        self.maybe_commit()
+
+    def maybe_commit(self) -> None:
+        if time.monotonic() - self._last_commit >= self._batch_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        try:
+            self._db.execute("COMMIT")
+            self._db.execute("BEGIN")
+        except sqlite3.OperationalError as exc:
+            raise LocalIOError(f"cannot write the manifest {self.path}: {exc}") from exc
+        self._last_commit = time.monotonic()
+
+    def close(self) -> None:
+        self.commit()
+        self._db.execute("COMMIT")
+        self._db.close()
+
+
+def _connect_read_only(db_path: Path) -> sqlite3.Connection:
+    if db_path.exists():
+        return sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
+    return sqlite3.connect(":memory:", isolation_level=None)

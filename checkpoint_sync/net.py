@@ -1,0 +1,95 @@
+"""The HTTP boundary: one aiohttp session, and aiohttp errors turned into ours.
+
+Both the API client and the file transfers go through `open_session` and `converting_errors`, so
+no aiohttp exception (whose text would carry a presigned URL) escapes the package.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import aiohttp
+
+from .errors import TransientError, UsageError
+from .redact import redact_url
+
+USER_AGENT = "checkpoint-sync/0.1"
+
+
+@dataclass(frozen=True)
+class NetSettings:
+    connections: int = 16
+    connect_timeout: float = 30.0
+    # A connection that sends no byte for this long is dropped and retried.
+    read_timeout: float = 60.0
+    ca_bundle: Path | None = None
+
+
+def open_session(settings: NetSettings) -> aiohttp.ClientSession:
+    ssl_context: ssl.SSLContext | bool = True
+    if settings.ca_bundle is not None:
+        ssl_context = ssl.create_default_context(cafile=str(settings.ca_bundle))
+    connector = aiohttp.TCPConnector(
+        # The API host takes a few extra connections beside the file transfers.
+        limit=settings.connections + 4,
+        ssl=ssl_context,
+        ttl_dns_cache=300,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
+        # Bytes must land exactly as stored: never let a Content-Encoding rewrite them.
+        auto_decompress=False,
+        headers={"User-Agent": USER_AGENT},
+        trust_env=True,
+        read_bufsize=1 << 20,
+    )
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """``Retry-After`` as seconds, from either its delta or its HTTP-date form."""
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
+
+
+def transient_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+@contextmanager
+def converting_errors(url: str, what: str) -> Iterator[None]:
+    """Turn connection-level failures into `TransientError` naming the redacted URL."""
+    try:
+        yield
+    except TimeoutError as exc:
+        raise TransientError(f"{what}: timed out talking to {redact_url(url)}") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise TransientError(f"{what}: connection closed mid-body ({redact_url(url)})") from exc
+    except aiohttp.ClientConnectorCertificateError as exc:
+        # Retrying cannot fix trust: it is a configuration matter.
+        raise UsageError(
+            f"{what}: TLS certificate of {redact_url(url)} is not trusted "
+            "(set ca_bundle in the config, or SSL_CERT_FILE)"
+        ) from exc
+    except aiohttp.ClientError as exc:
+        raise TransientError(f"{what}: {type(exc).__name__} talking to {redact_url(url)}") from exc
+    except ConnectionError as exc:
+        raise TransientError(f"{what}: {exc.strerror or exc} ({redact_url(url)})") from exc

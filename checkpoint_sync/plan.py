@@ -1,0 +1,130 @@
+"""Decisions, as pure functions: which checkpoints, skip or fetch, which parts are still missing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import IntegrityError, NotFoundError
+from .sources.base import Checkpoint, RemoteFile, SyncState
+
+# Larger than any checkpoint file we can imagine; a size beyond it is a broken listing.
+MAX_FILE_SIZE = 1 << 50
+
+
+@dataclass(frozen=True)
+class Selection:
+    checkpoints: list[Checkpoint]
+    # Left out because their upload is still going on; named in the output.
+    syncing: list[Checkpoint] = field(default_factory=list)
+
+
+def select_checkpoints(
+    available: Sequence[Checkpoint],
+    *,
+    names: Iterable[str] = (),
+    latest: bool = False,
+    include_syncing: bool = False,
+    what: str = "the run",
+) -> Selection:
+    """Narrow a run's checkpoints to those named, complete or latest."""
+    wanted = list(dict.fromkeys(names))
+    candidates = list(available)
+    if wanted:
+        by_name = {c.name for c in available} | {c.key for c in available}
+        missing = [n for n in wanted if n not in by_name]
+        if missing:
+            known = ", ".join(c.name for c in available) or "none"
+            raise NotFoundError(
+                f"checkpoint {', '.join(missing)} not found in {what} (it has: {known})"
+            )
+        candidates = [c for c in available if c.name in wanted or c.key in wanted]
+    if latest:
+        complete = [c for c in candidates if c.state is SyncState.COMPLETE]
+        if not complete:
+            raise NotFoundError(f"no complete checkpoint in {what} to take as --latest")
+        newest = max(complete, key=_age_key)
+        return Selection([newest])
+    if include_syncing:
+        return Selection(candidates)
+    return Selection(
+        [c for c in candidates if c.state is not SyncState.SYNCING],
+        [c for c in candidates if c.state is SyncState.SYNCING],
+    )
+
+
+def _age_key(checkpoint: Checkpoint) -> tuple[float, int]:
+    created = checkpoint.created_at.timestamp() if checkpoint.created_at else float("-inf")
+    return created, checkpoint.step or 0
+
+
+def check_listed_size(file: RemoteFile) -> None:
+    if not 0 <= file.size <= MAX_FILE_SIZE:
+        raise IntegrityError(f"listed size {file.size} is not a plausible file size")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the manifest says was verified at a path."""
+
+    size: int
+    last_modified: str
+
+
+def is_current(file: RemoteFile, recorded: Recorded | None, local_size: int | None) -> bool:
+    """Skip rule: manifest matches the listing, and the local file is there at that size."""
+    return (
+        recorded is not None
+        and recorded.size == file.size
+        and recorded.last_modified == file.last_modified
+        and local_size == file.size
+    )
+
+
+@dataclass(frozen=True)
+class Part:
+    index: int
+    start: int
+    end: int  # exclusive
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+
+def split_parts(size: int, part_size: int) -> list[Part]:
+    """Cut ``size`` bytes into parts of ``part_size``; an empty file is one empty part."""
+    if size <= 0:
+        return [Part(0, 0, 0)]
+    return [
+        Part(index, start, min(start + part_size, size))
+        for index, start in enumerate(range(0, size, part_size))
+    ]
+
+
+@dataclass(frozen=True)
+class Staged:
+    """Progress of an earlier, interrupted transfer of one file."""
+
+    size: int
+    last_modified: str
+    part_size: int
+    done: frozenset[int]
+    bytes_on_disk: int | None  # size of the staging file, None if it is gone
+
+
+def parts_to_keep(file: RemoteFile, part_size: int, staged: Staged | None) -> frozenset[int]:
+    """Finished parts an interrupted transfer left that are still valid for ``file``.
+
+    They count only if the remote file is unchanged, the parts were cut the same way and the
+    preallocated staging file is still there at full size.
+    """
+    if (
+        staged is None
+        or staged.size != file.size
+        or staged.last_modified != file.last_modified
+        or staged.part_size != part_size
+        or staged.bytes_on_disk != file.size
+    ):
+        return frozenset()
+    return staged.done

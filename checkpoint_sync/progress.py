@@ -1,0 +1,151 @@
+"""Counters the engine updates, the summary made of them, and the two ways of showing them live.
+
+The engine only increments `Stats`; a display polls it. On a terminal that is a rich progress
+bar, elsewhere (cron mail, CI logs) a plain line every few seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TextIO
+
+import anyio
+
+MAX_FAILURES_KEPT = 1000
+
+
+@dataclass
+class Stats:
+    started: float = field(default_factory=time.monotonic)
+    files_listed: int = 0
+    files_to_fetch: int = 0
+    files_fetched: int = 0
+    files_skipped: int = 0
+    files_failed: int = 0
+    bytes_to_fetch: int = 0
+    bytes_fetched: int = 0  # as received over the wire, retries included
+    bytes_published: int = 0
+    bytes_skipped: int = 0
+    retries: int = 0
+    url_refreshes: int = 0
+    listing_done: bool = False
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    syncing_left_out: list[str] = field(default_factory=list)
+
+    def fail(self, where: str, message: str) -> None:
+        self.files_failed += 1
+        if len(self.failures) < MAX_FAILURES_KEPT:
+            self.failures.append((where, message))
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def mb_per_s(self) -> float:
+        return self.bytes_fetched / 1e6 / max(self.seconds, 1e-9)
+
+
+def summary(stats: Stats) -> dict[str, Any]:
+    """The machine-readable summary ``--json`` prints."""
+    return {
+        "files": {
+            "listed": stats.files_listed,
+            "fetched": stats.files_fetched,
+            "skipped": stats.files_skipped,
+            "failed": stats.files_failed,
+        },
+        "bytes": {
+            "fetched": stats.bytes_fetched,
+            "published": stats.bytes_published,
+            "skipped": stats.bytes_skipped,
+        },
+        "seconds": round(stats.seconds, 3),
+        "mb_per_s": round(stats.mb_per_s(), 1),
+        "retries": stats.retries,
+        "url_refreshes": stats.url_refreshes,
+        "syncing_left_out": stats.syncing_left_out,
+        "failures": [{"path": path, "error": error} for path, error in stats.failures],
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def status_line(stats: Stats) -> str:
+    rate = stats.bytes_fetched / max(stats.seconds, 1e-9)
+    remaining = max(stats.bytes_to_fetch - stats.bytes_published, 0)
+    eta = f", ETA {remaining / rate:.0f}s" if rate > 0 and stats.listing_done and remaining else ""
+    return (
+        f"{human_bytes(stats.bytes_fetched)} fetched at {human_bytes(rate)}/s{eta}; files "
+        f"{stats.files_fetched} done, {stats.files_skipped} skipped, {stats.files_failed} failed"
+        f"{'' if stats.listing_done else ' (still listing)'}"
+    )
+
+
+class Display(Protocol):
+    async def run(self, stats: Stats) -> None:
+        """Show ``stats`` until cancelled."""
+
+
+class LogLines:
+    """A plain status line every ``interval`` seconds: readable in cron mail."""
+
+    def __init__(self, stream: TextIO, interval: float = 10.0) -> None:
+        self._stream = stream
+        self._interval = interval
+
+    async def run(self, stats: Stats) -> None:
+        while True:
+            await anyio.sleep(self._interval)
+            print(status_line(stats), file=self._stream, flush=True)
+
+
+class ProgressBar:
+    """A rich progress bar: bytes, rate, ETA, files done/skipped/failed."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    async def run(self, stats: Stats) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[files]}"),
+        )
+        console = Console(file=self._stream)
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("listing", total=None, files="")
+            while True:
+                bar.update(
+                    task,
+                    description="syncing" if stats.listing_done else "listing",
+                    completed=stats.bytes_fetched,
+                    total=stats.bytes_to_fetch if stats.listing_done else None,
+                    files=f"{stats.files_fetched} done, {stats.files_skipped} skipped, "
+                    f"{stats.files_failed} failed",
+                )
+                await anyio.sleep(0.2)
+
+
+class NoDisplay:
+    async def run(self, stats: Stats) -> None:
+        await anyio.sleep_forever()

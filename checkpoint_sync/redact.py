@@ -1,0 +1,38 @@
+"""Keep secrets out of every message: API keys and presigned URL query strings."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import urlsplit, urlunsplit
+
+# A query string inside any text (a URL in a message, a traceback, a repr).
+_QUERY_IN_TEXT = re.compile(r"(https?://[^\s?#'\"<>]+)\?[^\s#'\"<>]*")
+REDACTED = "<redacted>"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its query string and userinfo: presigned signatures live there."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    query = REDACTED if parts.query else ""
+    return urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
+class Redactor:
+    """Scrubs known secrets and any URL query string out of text before it is shown."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        # Longest first, so a secret that contains another is removed whole.
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    def add(self, secret: str | None) -> None:
+        if secret and len(secret) >= 4 and secret not in self._secrets:
+            self._secrets = sorted([*self._secrets, secret], key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        return _QUERY_IN_TEXT.sub(rf"\1?{REDACTED}", text)

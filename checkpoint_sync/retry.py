@@ -1,0 +1,60 @@
+"""Bounded retries with exponential backoff and full jitter, honouring ``Retry-After``.
+
+The policy is a plain value: tests switch retries off or make them instant by passing
+``RetryPolicy(attempts=1)`` or ``RetryPolicy(initial_delay=0)``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import anyio
+
+from .errors import TransientError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 8
+    initial_delay: float = 0.5
+    max_delay: float = 30.0
+    # Give up once this much time has gone by since the first attempt.
+    deadline: float = 600.0
+
+    def delay(self, attempt: int, retry_after: float | None, jitter: float) -> float:
+        """Seconds to wait before attempt ``attempt + 1``; ``jitter`` is uniform in [0, 1)."""
+        backoff = min(self.max_delay, self.initial_delay * 2.0 ** (attempt - 1)) * jitter
+        if retry_after is not None:
+            # The server's word wins, but never beyond our own ceiling.
+            return min(max(retry_after, backoff), self.max_delay)
+        return backoff
+
+    def gives_up(self, attempt: int, started: float, next_delay: float, now: float) -> bool:
+        return attempt >= self.attempts or now + next_delay - started > self.deadline
+
+
+async def retrying(
+    policy: RetryPolicy,
+    operation: Callable[[], Awaitable[T]],
+    on_retry: Callable[[TransientError, float], None] | None = None,
+) -> T:
+    """Run ``operation``, retrying it on `TransientError` as the policy allows."""
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await operation()
+        except TransientError as exc:
+            wait = policy.delay(attempt, exc.retry_after, random.random())
+            if policy.gives_up(attempt, started, wait, time.monotonic()):
+                raise
+            if on_retry is not None:
+                on_retry(exc, wait)
+            await anyio.sleep(wait)

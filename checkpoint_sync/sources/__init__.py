@@ -1,0 +1,20 @@
+"""Providers' listings, one module each, behind the `Source` protocol.
+
+Adding a provider: write its module (a `Source` and a `SourceSpec`) and register the spec below.
+"""
+
+from .base import Checkpoint, PageRef, RemoteFile, Source, SourceContext, SourceSpec, SyncState
+from .baseten_training import TrainingJobs
+
+SOURCES: tuple[SourceSpec, ...] = (TrainingJobs(),)
+
+__all__ = [
+    "SOURCES",
+    "Checkpoint",
+    "PageRef",
+    "RemoteFile",
+    "Source",
+    "SourceContext",
+    "SourceSpec",
+    "SyncState",
+]

@@ -1,0 +1,147 @@
+"""What every source gives the engine: checkpoints, file entries page by page, fresh URLs."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+import aiohttp
+
+from ..api import ApiClient
+from ..config import Settings
+from ..errors import AuthError
+from ..retry import RetryPolicy
+
+
+class SyncState(StrEnum):
+    COMPLETE = "complete"
+    SYNCING = "syncing"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def parse(cls, status: str | None) -> SyncState:
+        """The providers' spellings: ``COMPLETE``, ``COMPLETED``, ``SYNCING`` or null."""
+        match (status or "").upper():
+            case "COMPLETE" | "COMPLETED":
+                return cls.COMPLETE
+            case "SYNCING":
+                return cls.SYNCING
+            case _:
+                return cls.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """One checkpoint of a run, as a source lists it."""
+
+    key: str  # the provider's unique id, used to list the checkpoint's files
+    name: str  # the directory it lands in under its run
+    run: str
+    created_at: datetime | None
+    size_bytes: int | None
+    state: SyncState
+    step: int | None = None
+    target: str | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PageRef:
+    """Where an entry was listed: re-reading this page gives a fresh presigned URL."""
+
+    listing: str
+    page_token: int
+    page_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFile:
+    """One file to mirror, at ``<run>/<checkpoint>/<node_rank>/<path>`` under DEST."""
+
+    run: str
+    checkpoint: str
+    node_rank: int
+    path: str  # as listed, relative to the checkpoint; checked by `layout` before use
+    size: int
+    last_modified: str
+    url: str
+    origin: PageRef
+
+
+class Source(Protocol):
+    """A provider's listing. ``name`` goes into the manifest beside every file."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def description(self) -> str:
+        """What is being mirrored, for messages: "training job J of project P"."""
+        ...
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint of the run, oldest first."""
+        ...
+
+    def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+        """The files of the selected checkpoints, one listing page at a time."""
+        ...
+
+    async def refresh_url(self, file: RemoteFile) -> str:
+        """A fresh presigned URL for ``file``, by listing its page again."""
+        ...
+
+
+@dataclass(frozen=True)
+class SourceContext:
+    """What a source needs to talk to its provider."""
+
+    session: aiohttp.ClientSession
+    settings: Settings
+    retry: RetryPolicy
+
+    def baseten_api(self) -> ApiClient:
+        return self._client(
+            self.settings.api_url,
+            self.settings.baseten_key(),
+            self.settings.auth_scheme,
+            self.settings.api_key_env,
+        )
+
+    def wandb_api(self) -> ApiClient:
+        return self._client(
+            self.settings.wandb_api_url,
+            self.settings.wandb_key(),
+            "Bearer",
+            self.settings.wandb_api_key_env,
+        )
+
+    def _client(self, url: str, key: str | None, scheme: str, key_env: str) -> ApiClient:
+        if not key:
+            raise AuthError(f"no API key: set {key_env} (or api_key in the config file)")
+        return ApiClient(
+            self.session, url, api_key=key, auth_scheme=scheme, key_hint=key_env, retry=self.retry
+        )
+
+
+class SourceSpec(Protocol):
+    """How the command line picks and builds a source; one per provider module."""
+
+    @property
+    def name(self) -> str: ...
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        """Add the flags that choose this source (``--project``, ``--loops-run``...)."""
+        ...
+
+    def chosen(self, args: argparse.Namespace) -> bool:
+        """Whether the parsed flags ask for this source."""
+        ...
+
+    def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
+        """The source the flags describe; `UsageError` if they are incomplete."""
+        ...

@@ -1,0 +1,71 @@
+"""Baseten's file listings (training jobs and Loops share them): ``page_size``/``page_token``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ..api import ApiClient
+from ..errors import FileError, MalformedResponseError
+from ..models import CheckpointFile, CheckpointFilesPage
+from .base import PageRef
+
+
+async def file_pages(
+    api: ApiClient, listing: str, page_size: int, what: str
+) -> AsyncIterator[tuple[PageRef, list[CheckpointFile]]]:
+    """Every page of ``listing``, stopping on a null token or an empty page (NOTES.md).
+
+    A token that does not move forward, or more entries than ``total_count`` announced, means
+    the server would keep us listing forever: that is reported, not followed.
+    """
+    token = 0
+    seen = 0
+    while True:
+        ref = PageRef(listing=listing, page_token=token, page_size=page_size)
+        page = await read_page(api, ref, what)
+        if not page.presigned_urls:
+            return
+        yield ref, page.presigned_urls
+        seen += len(page.presigned_urls)
+        if page.next_page_token is None:
+            return
+        if page.next_page_token <= token:
+            raise MalformedResponseError(
+                f"{what}: the listing's next_page_token {page.next_page_token} "
+                f"does not advance past {token}"
+            )
+        if seen > page.total_count:
+            raise MalformedResponseError(
+                f"{what}: the listing goes on past its total_count of {page.total_count}"
+            )
+        token = page.next_page_token
+
+
+async def read_page(api: ApiClient, ref: PageRef, what: str) -> CheckpointFilesPage:
+    return await api.get(
+        ref.listing,
+        CheckpointFilesPage,
+        what=what,
+        params={"page_size": ref.page_size, "page_token": ref.page_token},
+    )
+
+
+async def fresh_url(
+    api: ApiClient, ref: PageRef, what: str, relative_file_name: str, node_rank: int
+) -> str:
+    """A new presigned URL for one entry: its own page first, the whole listing if it moved."""
+
+    def find(entries: list[CheckpointFile]) -> str | None:
+        for entry in entries:
+            if entry.relative_file_name == relative_file_name and entry.node_rank == node_rank:
+                return entry.url
+        return None
+
+    url = find((await read_page(api, ref, what)).presigned_urls)
+    if url is not None:
+        return url
+    async for _, entries in file_pages(api, ref.listing, ref.page_size, what):
+        url = find(entries)
+        if url is not None:
+            return url
+    raise FileError(f"{relative_file_name} (rank {node_rank}) is no longer listed")

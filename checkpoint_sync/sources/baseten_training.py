@@ -1,0 +1,90 @@
+"""Baseten training jobs: ``/v1/training_projects/{project}/jobs/{job}/...``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Sequence
+from urllib.parse import quote
+
+from ..api import ApiClient
+from ..errors import UsageError
+from ..models import TrainingJobCheckpoints
+from .base import Checkpoint, RemoteFile, Source, SourceContext, SyncState
+from .baseten_pages import file_pages, fresh_url
+
+
+class TrainingJobSource:
+    """A training job's checkpoints. Files land under ``<job_id>/<checkpoint_id>/...``."""
+
+    name = "baseten-training"
+
+    def __init__(self, api: ApiClient, project: str, job: str, *, page_size: int = 1000) -> None:
+        self._api = api
+        self._job = job
+        self._page_size = page_size
+        self._base = f"/v1/training_projects/{quote(project, safe='')}/jobs/{quote(job, safe='')}"
+        self.description = f"training job {job} of project {project}"
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        answer = await self._api.get(
+            f"{self._base}/checkpoints", TrainingJobCheckpoints, what=self.description
+        )
+        found = [
+            Checkpoint(
+                key=c.checkpoint_id,
+                name=c.checkpoint_id,
+                run=self._job,
+                created_at=c.created_at,
+                size_bytes=c.size_bytes,
+                state=SyncState.parse(c.sync_status),
+            )
+            for c in answer.checkpoints
+        ]
+        return sorted(found, key=lambda c: c.created_at or 0)
+
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+        wanted = {c.name for c in selected}
+        listing = f"{self._base}/checkpoint_files"
+        async for ref, entries in file_pages(self._api, listing, self._page_size, self.description):
+            files = []
+            for entry in entries:
+                # Job-level names start with the checkpoint id: "checkpoint-10/adapter.bin".
+                checkpoint, _, rest = entry.relative_file_name.partition("/")
+                if checkpoint in wanted:
+                    files.append(
+                        RemoteFile(
+                            run=self._job,
+                            checkpoint=checkpoint,
+                            node_rank=entry.node_rank,
+                            path=rest,
+                            size=entry.size_bytes,
+                            last_modified=entry.last_modified,
+                            url=entry.url,
+                            origin=ref,
+                        )
+                    )
+            yield files
+
+    async def refresh_url(self, file: RemoteFile) -> str:
+        name = f"{file.checkpoint}/{file.path}"
+        return await fresh_url(self._api, file.origin, self.description, name, file.node_rank)
+
+
+class TrainingJobs:
+    """``--project P --job J``."""
+
+    name = TrainingJobSource.name
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--project", metavar="PROJECT_ID", help="Baseten training project id")
+        group.add_argument("--job", metavar="JOB_ID", help="training job id (with --project)")
+
+    def chosen(self, args: argparse.Namespace) -> bool:
+        return args.project is not None or args.job is not None
+
+    def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
+        if not (args.project and args.job):
+            raise UsageError("--project and --job go together")
+        return TrainingJobSource(
+            context.baseten_api(), args.project, args.job, page_size=context.settings.page_size
+        )

@@ -1,0 +1,373 @@
+"""One file from presigned URL to final path: parts, positional writes, verification, publish.
+
+A file is fetched into a preallocated staging file under ``DEST/.checkpoint-sync/staging`` (same
+filesystem, so the final rename is atomic). Large files are cut into parts fetched concurrently
+with ``Range`` requests; each finished part is recorded in the manifest so an interrupted run
+resumes with only the missing ones. The file reaches its final path only after its length was
+checked and its xxh3-128 digest computed from what is on disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TypeVar
+
+import aiohttp
+import anyio
+import anyio.to_thread
+import xxhash
+
+from .errors import (
+    CheckpointSyncError,
+    DownloadDeniedError,
+    FileError,
+    IntegrityError,
+    LocalIOError,
+    TransientError,
+    UnsafePathError,
+    UrlExpiredError,
+    most_severe,
+)
+from .layout import STATE_DIR, is_within, staging_name
+from .manifest import Manifest, VerifiedFile
+from .net import converting_errors, retry_after_seconds, transient_status
+from .plan import Part, parts_to_keep, split_parts
+from .progress import Stats
+from .redact import redact_url
+from .retry import RetryPolicy, retrying
+from .sources.base import RemoteFile
+
+T = TypeVar("T")
+
+# Received chunks are gathered into one positional write of about this size.
+WRITE_BATCH = 4 << 20
+HASH_BLOCK = 8 << 20
+# A 403 on a URL listed less than this long before the request cannot be an expiry.
+FRESH_URL_SECONDS = 0.5
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# Errors that no other file could escape either: the run stops.
+_FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    part_size: int = 64 << 20
+    fsync: bool = False
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class _RangeIgnored(FileError):
+    """The server answered a ranged request with the whole body."""
+
+
+class _CurrentUrl:
+    """A file's presigned URL, refreshed once however many parts find it expired."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        # How old the listing's own URL is, we cannot tell: its first 403 always earns a refresh.
+        self.listed_at = float("-inf")
+        self._lock = anyio.Lock()
+
+    async def refresh(self, expired: str, relist: Callable[[], Awaitable[str]]) -> None:
+        async with self._lock:
+            if self.url == expired:
+                self.url = await relist()
+                self.listed_at = time.monotonic()
+
+
+class Transfers:
+    """Fetches files into one mirror; shared by all workers of a run."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        dest: Path,
+        manifest: Manifest,
+        source_name: str,
+        relist: Callable[[RemoteFile], Awaitable[str]],
+        connections: anyio.CapacityLimiter,
+        stats: Stats,
+        settings: TransferSettings,
+    ) -> None:
+        self._session = session
+        self._dest = dest
+        self._real_dest = os.path.realpath(dest)
+        self._staging_dir = dest / STATE_DIR / "staging"
+        self._manifest = manifest
+        self._source_name = source_name
+        self._relist = relist
+        self._connections = connections
+        self._stats = stats
+        self._settings = settings
+        _os_call(self._staging_dir, lambda: self._staging_dir.mkdir(parents=True, exist_ok=True))
+
+    async def fetch(self, file: RemoteFile, relative: PurePosixPath) -> None:
+        """Mirror ``file`` at ``DEST/relative``; `FileError` if this file failed."""
+        final = self._dest / relative
+        self._prepare_parent(final)
+        staging = self._staging_dir / staging_name(relative)
+        key = str(relative)
+        part_size = self._settings.part_size
+        keep = parts_to_keep(file, part_size, self._manifest.staged(key, _size_of(staging)))
+        fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
+        try:
+            if not keep:
+                _preallocate(fd, file.size, staging)
+                self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
+            parts = [p for p in split_parts(file.size, part_size) if p.index not in keep]
+            await self._fetch_parts(fd, file, key, parts)
+            digest = await anyio.to_thread.run_sync(_digest, fd, file.size)
+            if self._settings.fsync:
+                _os_call(staging, lambda: os.fsync(fd))
+        finally:
+            os.close(fd)
+        self._publish(staging, final)
+        self._manifest.record_verified(
+            VerifiedFile(
+                path=key,
+                source=self._source_name,
+                run=file.run,
+                checkpoint=file.checkpoint,
+                node_rank=file.node_rank,
+                size=file.size,
+                last_modified=file.last_modified,
+                digest=digest,
+            )
+        )
+        self._stats.bytes_published += file.size
+
+    def _prepare_parent(self, final: Path) -> None:
+        """Create the file's directory, refusing one that a symlink leads out of DEST."""
+        _os_call(final.parent, lambda: final.parent.mkdir(parents=True, exist_ok=True))
+        if not is_within(self._real_dest, os.path.realpath(final.parent)):
+            raise UnsafePathError(f"{final.parent} leads outside the destination (a symlink?)")
+
+    def _publish(self, staging: Path, final: Path) -> None:
+        _os_call(final, lambda: os.replace(staging, final))
+        if self._settings.fsync:
+            dir_fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    async def _fetch_parts(self, fd: int, file: RemoteFile, key: str, parts: list[Part]) -> None:
+        if not parts or file.size == 0:
+            return
+        url = _CurrentUrl(file.url)
+        try:
+            await self._fetch_concurrently(fd, file, key, parts, url)
+        except _RangeIgnored:
+            # Fetch it as one stream instead, and forget parts that will be written over.
+            self._manifest.drop_staging(key)
+            await self._fetch_part(fd, file, key, Part(0, 0, file.size), url)
+
+    async def _fetch_concurrently(
+        self, fd: int, file: RemoteFile, key: str, parts: list[Part], url: _CurrentUrl
+    ) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                # The first part's answer tells whether Range is honoured before the rest go out.
+                first_answered = anyio.Event()
+                tg.start_soon(self._fetch_part, fd, file, key, parts[0], url, first_answered)
+                await first_answered.wait()
+                for part in parts[1:]:
+                    tg.start_soon(self._fetch_part, fd, file, key, part, url)
+        except ExceptionGroup as group:
+            raise most_severe(group) from None
+
+    async def _fetch_part(
+        self,
+        fd: int,
+        file: RemoteFile,
+        key: str,
+        part: Part,
+        url: _CurrentUrl,
+        answered: anyio.Event | None = None,
+    ) -> None:
+        state = _PartState(part.start)
+
+        async def attempt() -> None:
+            try:
+                await self._request_part(fd, file, part, url.url, state, answered)
+            except TransientError:
+                self._stats.retries += 1
+                raise
+
+        async with self._connections:
+            while True:
+                used = url.url
+                try:
+                    await retrying(self._settings.retry, attempt)
+                    break
+                except UrlExpiredError as exc:
+                    if used == url.url and state.requested_at - url.listed_at < FRESH_URL_SECONDS:
+                        raise DownloadDeniedError(
+                            f"access denied even with a freshly listed URL ({exc})"
+                        ) from exc
+                    self._stats.url_refreshes += 1
+                    await url.refresh(used, lambda: self._relist(file))
+                finally:
+                    if answered is not None:
+                        answered.set()
+        if part.length != file.size:
+            self._manifest.part_done(key, part.index)
+
+    async def _request_part(
+        self,
+        fd: int,
+        file: RemoteFile,
+        part: Part,
+        url: str,
+        state: _PartState,
+        answered: anyio.Event | None,
+    ) -> None:
+        headers = {"Range": f"bytes={state.offset}-{part.end - 1}"}
+        state.requested_at = time.monotonic()
+        with converting_errors(url, f"download of {file.path}"):
+            async with self._session.get(url, headers=headers) as resp:
+                if answered is not None:
+                    answered.set()
+                if resp.status == 200:
+                    if part.length != file.size:
+                        raise _RangeIgnored(f"{redact_url(url)} ignores Range requests")
+                    state.offset = 0  # the whole body, whatever was asked
+                elif resp.status == 206:
+                    _check_content_range(
+                        resp.headers.get("Content-Range"), state.offset, part, file
+                    )
+                else:
+                    await _raise_for_file_status(resp, url)
+                await self._receive(resp, fd, state, part.end)
+
+    async def _receive(
+        self, resp: aiohttp.ClientResponse, fd: int, state: _PartState, end: int
+    ) -> None:
+        """Stream the body into the file at ``state.offset``, a batch at a time."""
+        batch: list[bytes] = []
+        batched = 0
+        while True:
+            chunk = await resp.content.readany()
+            if chunk:
+                batch.append(chunk)
+                batched += len(chunk)
+                self._stats.bytes_fetched += len(chunk)
+                if state.offset + batched > end:
+                    raise IntegrityError(f"server sent more than the {end} bytes listed")
+            if batched >= WRITE_BATCH or (not chunk and batched):
+                await self._write(fd, batch, state.offset, batched)
+                if self._settings.fsync:
+                    await anyio.to_thread.run_sync(os.fdatasync, fd)
+                state.offset += batched
+                batch, batched = [], 0
+            if not chunk:
+                break
+        if state.offset != end:
+            raise TransientError(f"body ended at byte {state.offset}, expected {end}")
+
+    async def _write(self, fd: int, batch: list[bytes], offset: int, length: int) -> None:
+        try:
+            written = await anyio.to_thread.run_sync(os.pwritev, fd, batch, offset)
+        except OSError as exc:
+            raise _local_error(exc, self._dest, length) from exc
+        if written != length:
+            raise LocalIOError(f"short write in {self._staging_dir}: disk full?")
+
+
+@dataclass
+class _PartState:
+    offset: int  # next byte to request and write; survives retries of the part
+    requested_at: float = 0.0
+
+
+def _check_content_range(header: str | None, offset: int, part: Part, file: RemoteFile) -> None:
+    match = _CONTENT_RANGE.fullmatch(header or "")
+    expected = (offset, part.end - 1, file.size)
+    if match is None:
+        raise IntegrityError(f"206 without a valid Content-Range ({header!r})")
+    start, last, total = match.groups()
+    got = (int(start), int(last), int(total) if total != "*" else file.size)
+    if got != expected:
+        raise IntegrityError(
+            f"Content-Range {header!r} does not match the requested bytes "
+            f"{expected[0]}-{expected[1]}/{expected[2]}"
+        )
+
+
+async def _raise_for_file_status(resp: aiohttp.ClientResponse, url: str) -> None:
+    status = resp.status
+    where = redact_url(url)
+    if status == 403:
+        body = (await resp.content.read(2048)).decode("utf-8", "replace")
+        reason = "Request has expired" if "expired" in body.lower() else "AccessDenied"
+        raise UrlExpiredError(f"HTTP 403 ({reason}) from {where}")
+    if transient_status(status):
+        raise TransientError(
+            f"HTTP {status} from {where}", retry_after=retry_after_seconds(resp.headers)
+        )
+    if status == 416:
+        raise IntegrityError(f"HTTP 416 from {where}: the object is smaller than listed")
+    raise FileError(f"HTTP {status} from {where}")
+
+
+def _preallocate(fd: int, size: int, path: Path) -> None:
+    """Reserve the whole file up front: a full disk shows now, not after gigabytes."""
+    try:
+        os.ftruncate(fd, 0)
+        if size == 0:
+            return
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, size)  # filesystems without fallocate: a sparse file does
+    except OSError as exc:
+        raise _local_error(exc, path, size) from exc
+
+
+def _digest(fd: int, size: int) -> str:
+    """xxh3-128 of the file as it is on disk, and a last check of its length."""
+    if os.fstat(fd).st_size != size:
+        raise IntegrityError(f"staged file is {os.fstat(fd).st_size} bytes, expected {size}")
+    hasher = xxhash.xxh3_128()
+    buffer = bytearray(HASH_BLOCK)
+    view = memoryview(buffer)
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise IntegrityError(f"staged file ends at byte {offset}, expected {size}")
+        hasher.update(view[:n])
+        offset += n
+    return hasher.hexdigest()
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def _local_error(exc: OSError, path: Path, needed: int | None = None) -> CheckpointSyncError:
+    """An OS error at ``path``: fatal for the run when it would hit every file alike."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in _FATAL_ERRNOS:
+        space = f"; {needed} more bytes are needed" if needed and exc.errno == errno.ENOSPC else ""
+        return LocalIOError(f"cannot write {path}: {reason}{space}")
+    return FileError(f"cannot write {path}: {reason}")
+
+
+def _os_call(path: Path, call: Callable[[], T]) -> T:
+    try:
+        return call()
+    except OSError as exc:
+        raise _local_error(exc, path) from exc
