@@ -96,6 +96,8 @@ class Faults:
     # Answer 206 with a Content-Range shifted by this many bytes.
     shift_content_range: int = 0
     stall_seconds: float = 30.0
+    # Decides a fault for one request from (name, start, end), before `fail_rate` is drawn.
+    hook: Callable[[str, int, int], str | None] | None = None
     seed: int = 7
 
     def __post_init__(self) -> None:
@@ -342,11 +344,11 @@ class LocalServer:
         if self.faults.ignore_range:
             start, end, ranged = 0, file.size, False
         self.traffic.ranges.append((file.name, start, end))
-        fault = self._pick_fault()
-        if fault in ("500", "502", "503"):
-            return web.Response(status=int(fault), text="injected failure")
+        fault = self._pick_fault(file.name, start, end)
         if fault == "429":
             return web.Response(status=429, headers={"Retry-After": "0"}, text="slow down")
+        if fault is not None and fault.isdigit():
+            return web.Response(status=int(fault), text="injected failure")
         response = web.StreamResponse(status=206 if ranged else 200)
         response.content_length = end - start
         response.headers["Accept-Ranges"] = "bytes"
@@ -360,7 +362,9 @@ class LocalServer:
         await self._send_body(request, response, file, start, end, fault)
         return response
 
-    def _pick_fault(self) -> str | None:
+    def _pick_fault(self, name: str, start: int, end: int) -> str | None:
+        if self.faults.hook is not None and (chosen := self.faults.hook(name, start, end)):
+            return chosen
         if self.faults.fail_rate and self.faults.rng.random() < self.faults.fail_rate:
             return self.faults.rng.choice(self.faults.fail_kinds)
         return None

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 # A query string inside any text (a URL in a message, a traceback, a repr).
-_QUERY_IN_TEXT = re.compile(r"(https?://[^\s?#'\"<>]+)\?[^\s#'\"<>]*")
 REDACTED = "<redacted>"
+_QUERY_IN_TEXT = re.compile(rf"(https?://[^\s?#'\"<>]+)\?(?!{REDACTED})[^\s#'\"<>]*")
 
 
 def redact_url(url: str) -> str:

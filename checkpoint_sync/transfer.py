@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import os
 import re
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -48,8 +47,6 @@ T = TypeVar("T")
 # Received chunks are gathered into one positional write of about this size.
 WRITE_BATCH = 4 << 20
 HASH_BLOCK = 8 << 20
-# A 403 on a URL listed less than this long before the request cannot be an expiry.
-FRESH_URL_SECONDS = 0.5
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # Errors that no other file could escape either: the run stops.
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -71,15 +68,12 @@ class _CurrentUrl:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        # How old the listing's own URL is, we cannot tell: its first 403 always earns a refresh.
-        self.listed_at = float("-inf")
         self._lock = anyio.Lock()
 
     async def refresh(self, expired: str, relist: Callable[[], Awaitable[str]]) -> None:
         async with self._lock:
             if self.url == expired:
                 self.url = await relist()
-                self.listed_at = time.monotonic()
 
 
 class Transfers:
@@ -207,13 +201,19 @@ class Transfers:
                 try:
                     await retrying(self._settings.retry, attempt)
                     break
+                except TransientError as exc:
+                    # Out of retries: this file fails, the run goes on.
+                    raise FileError(f"gave up after retrying: {exc}") from exc
                 except UrlExpiredError as exc:
-                    if used == url.url and state.requested_at - url.listed_at < FRESH_URL_SECONDS:
+                    if state.relisted and not state.url_worked:
+                        # The URL we listed a moment ago, for this very request, is refused too.
                         raise DownloadDeniedError(
                             f"access denied even with a freshly listed URL ({exc})"
                         ) from exc
-                    self._stats.url_refreshes += 1
-                    await url.refresh(used, lambda: self._relist(file))
+                    if used == url.url:
+                        self._stats.url_refreshes += 1
+                        await url.refresh(used, lambda: self._relist(file))
+                        state.relisted, state.url_worked = True, False
                 finally:
                     if answered is not None:
                         answered.set()
@@ -230,11 +230,11 @@ class Transfers:
         answered: anyio.Event | None,
     ) -> None:
         headers = {"Range": f"bytes={state.offset}-{part.end - 1}"}
-        state.requested_at = time.monotonic()
         with converting_errors(url, f"download of {file.path}"):
             async with self._session.get(url, headers=headers) as resp:
                 if answered is not None:
                     answered.set()
+                state.url_worked = resp.status != 403
                 if resp.status == 200:
                     if part.length != file.size:
                         raise _RangeIgnored(f"{redact_url(url)} ignores Range requests")
@@ -284,7 +284,8 @@ class Transfers:
 @dataclass
 class _PartState:
     offset: int  # next byte to request and write; survives retries of the part
-    requested_at: float = 0.0
+    relisted: bool = False  # this part asked for a fresh URL
+    url_worked: bool = False  # a request since then was answered with something else than 403
 
 
 def _check_content_range(header: str | None, offset: int, part: Part, file: RemoteFile) -> None:

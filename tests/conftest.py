@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.localserver import Catalog, synthetic_job
+
+from .support import API_KEY, ServerThread
+
+PROJECT = "proj"
+JOB = "job-1"
+
+
+@pytest.fixture(autouse=True)
+def _fast_and_isolated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real retries, but short waits; a known key; no settings leaking in from the machine."""
+    for name in ("CHECKPOINT_SYNC_API_URL", "WANDB_API_KEY", "SSL_CERT_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("BASETEN_API_KEY", API_KEY)
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRY_MAX_DELAY", "0.05")
+    monkeypatch.setenv("CHECKPOINT_SYNC_READ_TIMEOUT", "5")
+
+
+def small_catalog(*, checkpoints: int = 3, syncing_last: bool = False) -> Catalog:
+    """2 ranks per checkpoint; each has one ~1 MiB file (several 256 KiB parts) and 4 small ones."""
+    job = synthetic_job(
+        PROJECT,
+        JOB,
+        checkpoints=checkpoints,
+        ranks=2,
+        large_files=1,
+        large_size=(1 << 20) + 12345,
+        small_files=4,
+        small_size=3000,
+        syncing_last=syncing_last,
+    )
+    return Catalog(api_key=API_KEY, jobs=[job])
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    with ServerThread(small_catalog()) as running:
+        yield running
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    return tmp_path / "mirror"
+
+
+def sync_args(server: ServerThread, dest: Path, *extra: str) -> list[str]:
+    return [
+        "sync",
+        "--api-url",
+        server.url,
+        "--project",
+        PROJECT,
+        "--job",
+        JOB,
+        "--dest",
+        str(dest),
+        "--part-size",
+        "256KiB",
+        "--concurrency",
+        "4",
+        *extra,
+    ]

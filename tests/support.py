@@ -1,0 +1,121 @@
+"""Test support: the built-in server on a thread of its own, and the CLI run in process.
+
+The server runs its own event loop in a background thread so that the code under test can own
+the main thread exactly as it does for a user (``main()`` calls ``anyio.run`` itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from checkpoint_sync.cli import main
+from checkpoint_sync.localserver import Catalog, Faults, LocalServer, ServedFile, content
+
+T = TypeVar("T")
+API_KEY = "test-key-0123456789abcdef"
+
+
+class ServerThread:
+    """A `LocalServer` on its own loop and thread; changes go through `call`."""
+
+    def __init__(self, catalog: Catalog, faults: Faults | None = None) -> None:
+        self.server = LocalServer(catalog, faults=faults)
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.server.catalog
+
+    @property
+    def faults(self) -> Faults:
+        return self.server.faults
+
+    @property
+    def traffic(self) -> Any:
+        return self.server.traffic
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        async with self.server:
+            self._ready.set()
+            await self._stop.wait()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the server's loop, so it never races a request in progress."""
+
+        async def run() -> T:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(timeout=10):
+            raise RuntimeError("the test server did not start")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=10)
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | Path) -> Result:
+    """``checkpoint-sync ARGS`` in this process, with its output captured."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse's own usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def run_subprocess(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``python -m checkpoint_sync ARGS`` as a real process (for kills and signals)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "checkpoint_sync", *[str(a) for a in args]],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def mirrored(dest: Path, run: str, file: ServedFile) -> Path:
+    """Where a job-level listed ``file`` lands under ``dest``."""
+    checkpoint, _, rest = file.name.partition("/")
+    return dest / run / checkpoint / str(file.node_rank) / rest
+
+
+def assert_exact(path: Path, file: ServedFile) -> None:
+    data = path.read_bytes()
+    assert len(data) == file.size, f"{path}: {len(data)} bytes, expected {file.size}"
+    assert data == content(file.seed, 0, file.size), f"{path}: content differs"

@@ -1,0 +1,358 @@
+"""End to end: the CLI against the built-in server over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.localserver import ServedFile
+
+from .conftest import JOB, PROJECT, small_catalog, sync_args
+from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
+
+
+def all_files(server: ServerThread) -> list[ServedFile]:
+    return list(server.catalog.files())
+
+
+def complete_files(server: ServerThread) -> list[ServedFile]:
+    return [
+        f for c in server.catalog.jobs[0].checkpoints if c.sync_status != "SYNCING" for f in c.files
+    ]
+
+
+def test_mirrors_every_file_byte_exact_in_the_documented_layout(
+    server: ServerThread, dest: Path
+) -> None:
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 0, result.stderr
+    for file in all_files(server):
+        assert_exact(mirrored(dest, JOB, file), file)
+    listed = {mirrored(dest, JOB, f) for f in all_files(server)}
+    on_disk = {p for p in (dest / JOB).rglob("*") if p.is_file()}
+    assert on_disk == listed
+    assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
+
+
+def test_walks_every_page_of_the_listing(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
+    files = all_files(server)
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["fetched"] == len(files)
+    # One checkpoints call plus ceil(n / 4) pages.
+    assert server.traffic.api_requests == 1 + -(-len(files) // 4)
+
+
+def test_large_files_arrive_as_ranged_parts_assembled_byte_exact(
+    server: ServerThread, dest: Path
+) -> None:
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 0, result.stderr
+    large = next(f for f in all_files(server) if f.size > 1 << 20)
+    ranges = sorted((s, e) for name, s, e in server.traffic.ranges if name == large.name)
+    assert len(ranges) >= 5  # 1 MiB + 12345 bytes in 256 KiB parts, once per rank
+    assert_exact(mirrored(dest, JOB, large), large)
+
+
+def test_second_run_requests_no_file_bytes(server: ServerThread, dest: Path) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    sent = server.traffic.object_bytes_sent
+
+    second = run_cli(*sync_args(server, dest, "--json"))
+
+    assert second.code == 0
+    summary = json.loads(second.stdout)
+    assert summary["files"]["fetched"] == 0
+    assert summary["files"]["skipped"] == len(all_files(server))
+    assert server.traffic.object_bytes_sent == sent
+
+
+def test_changed_remote_file_is_fetched_again(server: ServerThread, dest: Path) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    changed = all_files(server)[0]
+
+    def change() -> None:
+        changed.last_modified = "2026-11-20T00:00:00+00:00"
+        changed.seed = 999
+
+    server.call(change)
+    second = run_cli(*sync_args(server, dest, "--json"))
+
+    assert second.code == 0
+    assert json.loads(second.stdout)["files"]["fetched"] == 1
+    assert_exact(mirrored(dest, JOB, changed), changed)
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_locally_damaged_file_is_restored(server: ServerThread, dest: Path, damage: str) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    victim = all_files(server)[1]
+    path = mirrored(dest, JOB, victim)
+    if damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:10])
+
+    second = run_cli(*sync_args(server, dest, "--json"))
+
+    assert second.code == 0
+    assert json.loads(second.stdout)["files"]["fetched"] == 1
+    assert_exact(path, victim)
+
+
+def test_manifest_records_each_verified_file(server: ServerThread, dest: Path) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+
+    db = sqlite3.connect(dest / ".checkpoint-sync" / "manifest.sqlite3")
+    rows = db.execute(
+        "SELECT source, run, checkpoint, node_rank, size, digest, verified_at FROM files"
+    ).fetchall()
+
+    assert len(rows) == len(all_files(server))
+    for source, run, checkpoint, rank, size, digest, verified_at in rows:
+        assert (source, run) == ("baseten-training", JOB)
+        assert checkpoint.startswith("checkpoint-")
+        assert rank in (0, 1)
+        assert size > 0
+        assert len(digest) == 32
+        assert verified_at
+
+
+def test_syncing_checkpoints_are_left_out_and_named(dest: Path) -> None:
+    with ServerThread(small_catalog(syncing_last=True)) as server:
+        result = run_cli(*sync_args(server, dest))
+
+        assert result.code == 0, result.stderr
+        assert "still syncing: job-1/checkpoint-30" in result.stdout
+        assert not (dest / JOB / "checkpoint-30").exists()
+        for file in complete_files(server):
+            assert_exact(mirrored(dest, JOB, file), file)
+
+        included = run_cli(*sync_args(server, dest, "--include-syncing"))
+        assert included.code == 0
+        assert (dest / JOB / "checkpoint-30").is_dir()
+
+
+def test_latest_takes_only_the_newest_complete_checkpoint(dest: Path) -> None:
+    with ServerThread(small_catalog(syncing_last=True)) as server:
+        result = run_cli(*sync_args(server, dest, "--latest"))
+
+        assert result.code == 0, result.stderr
+        assert sorted(p.name for p in (dest / JOB).iterdir()) == ["checkpoint-20"]
+
+
+def test_checkpoint_and_node_rank_narrow_the_mirror(server: ServerThread, dest: Path) -> None:
+    result = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-10", "--node-rank", "1"))
+
+    assert result.code == 0, result.stderr
+    assert [p.name for p in (dest / JOB).iterdir()] == ["checkpoint-10"]
+    assert [p.name for p in (dest / JOB / "checkpoint-10").iterdir()] == ["1"]
+
+
+def test_unknown_checkpoint_is_not_found(server: ServerThread, dest: Path) -> None:
+    result = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-99"))
+
+    assert result.code == 4
+    assert "checkpoint-99 not found" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_dry_run_lists_the_plan_and_writes_nothing(server: ServerThread, dest: Path) -> None:
+    result = run_cli(*sync_args(server, dest, "--dry-run", "--node-rank", "0"))
+
+    assert result.code == 0, result.stderr
+    fetch_lines = [line for line in result.stdout.splitlines() if line.startswith("fetch")]
+    assert len(fetch_lines) == len([f for f in all_files(server) if f.node_rank == 0])
+    assert not dest.exists()
+    assert server.traffic.object_requests == 0
+
+
+def test_dry_run_after_a_sync_plans_only_skips(server: ServerThread, dest: Path) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+
+    result = run_cli(*sync_args(server, dest, "--dry-run"))
+
+    assert result.code == 0
+    assert not [line for line in result.stdout.splitlines() if line.startswith("fetch")]
+    assert len([line for line in result.stdout.splitlines() if line.startswith("skip")]) == len(
+        all_files(server)
+    )
+
+
+def test_interrupted_file_resumes_with_only_its_missing_parts(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    large = next(f for f in all_files(server) if f.size > 1 << 20 and f.node_rank == 0)
+    broken_start = 512 << 10
+    server.faults.hook = lambda name, start, end: (
+        "500" if name == large.name and start == broken_start else None
+    )
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "2")
+
+    first = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-10"))
+
+    assert first.code == 1
+    assert "HTTP 500" in first.stderr
+    assert first.stderr.count("gave up after retrying") == 2
+    assert not mirrored(dest, JOB, large).exists()
+
+    server.call(lambda: setattr(server.faults, "hook", None))
+    server.traffic.ranges.clear()
+    second = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-10"))
+
+    assert second.code == 0, second.stderr
+    # Both ranks' copies of the file had that part broken; nothing else is asked for again.
+    missing = (large.name, broken_start, broken_start + (256 << 10))
+    assert server.traffic.ranges == [missing, missing]
+    assert_exact(mirrored(dest, JOB, large), large)
+
+
+def test_expired_urls_are_refreshed_and_the_file_completes(
+    server: ServerThread, dest: Path
+) -> None:
+    server.faults.url_ttl = 0.3
+    server.faults.throttle = 2 << 20  # each 256 KiB part takes ~0.12 s; a file outlives its URL
+
+    result = run_cli(*sync_args(server, dest, "--concurrency", "1", "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["url_refreshes"] > 0
+    for file in all_files(server):
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_hostile_paths_are_refused_and_the_rest_lands(server: ServerThread, dest: Path) -> None:
+    checkpoint = server.catalog.jobs[0].checkpoints[0]
+    stamp = checkpoint.files[0].last_modified
+    hostile = [
+        "checkpoint-10/../../../escaped.bin",
+        "checkpoint-10//etc/passwd",
+        "checkpoint-10/a\\b.bin",
+        "checkpoint-10/nul\0.bin",
+    ]
+    for i, name in enumerate(hostile):
+        checkpoint.files.append(ServedFile(0, name, 100, stamp, 5000 + i))
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    summary = json.loads(result.stdout)
+    assert summary["files"]["failed"] == len(hostile)
+    assert not list(dest.parent.glob("escaped.bin"))
+    assert not list(dest.rglob("escaped.bin"))
+    for file in all_files(server):
+        if file.name not in hostile:
+            assert_exact(mirrored(dest, JOB, file), file)
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "Api-Key"])
+def test_both_auth_schemes_are_accepted(server: ServerThread, dest: Path, scheme: str) -> None:
+    assert run_cli(*sync_args(server, dest, "--auth-scheme", scheme)).code == 0
+
+
+def test_a_refused_key_exits_3_with_a_hint_and_no_secret(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BASETEN_API_KEY", "wrong-key-abcdef123456")
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 3
+    assert result.stderr.count("\n") == 1
+    assert "check BASETEN_API_KEY" in result.stderr
+    assert "wrong-key-abcdef123456" not in result.stderr + result.stdout
+
+
+def test_a_missing_key_exits_3(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BASETEN_API_KEY")
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 3
+    assert "set BASETEN_API_KEY" in result.stderr
+
+
+def test_an_unknown_job_exits_4_naming_it(server: ServerThread, dest: Path) -> None:
+    args = sync_args(server, dest)
+    args[args.index(JOB)] = "no-such-job"
+
+    result = run_cli(*args)
+
+    assert result.code == 4
+    assert "no-such-job" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["sync", "--dest", "x"], "choose exactly one source"),
+        (["sync", "--project", PROJECT, "--dest", "x"], "--project and --job go together"),
+        (["sync", "--project", PROJECT, "--job", JOB], "no destination"),
+    ],
+)
+def test_usage_errors_exit_2_in_one_line(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+
+    assert result.code == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_config_file_env_and_flags_apply_in_that_order(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "cs.toml"
+    config.write_text(
+        f'api_url = "http://127.0.0.1:9"\ndest = "{tmp_path / "from-config"}"\n'
+        'auth_scheme = "Api-Key"\n'
+    )
+    monkeypatch.setenv("CHECKPOINT_SYNC_API_URL", server.url)  # env beats the file
+
+    result = run_cli(
+        "sync", "--config", config, "--project", PROJECT, "--job", JOB, "--node-rank", "0"
+    )
+
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "from-config" / JOB).is_dir()
+
+    flagged = tmp_path / "from-flag"
+    result = run_cli(
+        "sync", "--config", config, "--project", PROJECT, "--job", JOB, "--dest", flagged
+    )
+    assert result.code == 0
+    assert (flagged / JOB).is_dir()
+
+
+def test_a_bad_config_value_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "cs.toml"
+    config.write_text('concurrency = "lots"\n')
+
+    result = run_cli("sync", "--config", config, "--project", PROJECT, "--job", JOB)
+
+    assert result.code == 2
+    assert "concurrency" in result.stderr
+
+
+def test_json_summary_counts_bytes_and_rate(server: ServerThread, dest: Path) -> None:
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    summary = json.loads(result.stdout)
+    total = sum(f.size for f in all_files(server))
+    assert summary["bytes"]["published"] == total
+    assert summary["bytes"]["fetched"] == total
+    assert summary["mb_per_s"] > 0
+    assert summary["exit_code"] == 0
+    assert API_KEY not in result.stdout
