@@ -47,21 +47,21 @@ class Settings(BaseModel):
     api_key: SecretStr | None = None
     api_key_env: str = "BASETEN_API_KEY"
     auth_scheme: Literal["Bearer", "Api-Key"] = "Bearer"
-    page_size: int = Field(1000, ge=1)
+    page_size: int = Field(default=1000, ge=1)
     wandb_api_url: str = "https://api.training.wandb.ai"
     wandb_api_key: SecretStr | None = None
     wandb_api_key_env: str = "WANDB_API_KEY"
     dest: Path | None = None
-    concurrency: int = Field(16, ge=1, le=1024)
-    part_size: int = Field(64 << 20, ge=1 << 16)
+    concurrency: int = Field(default=16, ge=1, le=1024)
+    part_size: int = Field(default=64 << 20, ge=1 << 16)
     include_syncing: bool = False
     fsync: bool = False
     wait_lock: bool = False
-    connect_timeout: float = Field(30.0, gt=0)
-    read_timeout: float = Field(60.0, gt=0)
-    retries: int = Field(8, ge=1)
-    retry_max_delay: float = Field(30.0, ge=0)
-    retry_deadline: float = Field(600.0, gt=0)
+    connect_timeout: float = Field(default=30.0, gt=0)
+    read_timeout: float = Field(default=60.0, gt=0)
+    retries: int = Field(default=8, ge=1)
+    retry_max_delay: float = Field(default=30.0, ge=0)
+    retry_deadline: float = Field(default=600.0, gt=0)
     ca_bundle: Path | None = None
 
     @field_validator("part_size", mode="before")

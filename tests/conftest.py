@@ -67,3 +67,8 @@ def sync_args(server: ServerThread, dest: Path, *extra: str) -> list[str]:
         "4",
         *extra,
     ]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

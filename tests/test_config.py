@@ -1,0 +1,87 @@
+"""Settings: sizes, precedence, and the example file that documents every key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.config import Settings, load_settings, parse_size
+from checkpoint_sync.errors import UsageError
+
+EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("64MiB", 64 << 20),
+        ("1MiB", 1 << 20),
+        ("512KiB", 512 << 10),
+        ("512K", 512 << 10),
+        ("1G", 1 << 30),
+        ("1GB", 1_000_000_000),
+        ("1.5MiB", 3 << 19),
+        ("4096", 4096),
+        (" 8 MiB ", 8 << 20),
+        (123, 123),
+    ],
+)
+def test_parse_size(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "64XB", "-1MiB", "MiB"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
+
+
+def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('concurrency = 3\npart_size = "1MiB"\napi_url = "http://file"\n')
+    environ = {"CHECKPOINT_SYNC_CONCURRENCY": "5", "CHECKPOINT_SYNC_API_URL": "http://env"}
+
+    settings = load_settings(config, {"api_url": "http://flag", "concurrency": None}, environ)
+
+    assert settings.part_size == 1 << 20  # file
+    assert settings.concurrency == 5  # env beats file
+    assert settings.api_url == "http://flag"  # flag beats env
+
+
+def test_api_key_comes_from_the_named_variable() -> None:
+    settings = load_settings(None, {}, {"BASETEN_API_KEY": "k1", "MY_KEY": "k2"})
+    assert settings.baseten_key() == "k1"
+    renamed = load_settings(None, {}, {"CHECKPOINT_SYNC_API_KEY_ENV": "MY_KEY", "MY_KEY": "k2"})
+    assert renamed.baseten_key() == "k2"
+    assert "k2" not in repr(renamed)
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("concurrency = 0", "concurrency"),
+        ("no_such_key = 1", "no_such_key"),
+        ('part_size = "huge"', "part_size"),
+        ('auth_scheme = "Basic"', "auth_scheme"),
+        ("concurrency = [", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_a_usage_error(tmp_path: Path, toml: str, message: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(toml + "\n")
+    with pytest.raises(UsageError, match=message):
+        load_settings(config, {}, {})
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", {}, {})
+
+
+def test_example_config_documents_every_key_with_its_default() -> None:
+    text = EXAMPLE.read_text()
+    for name in Settings.model_fields:
+        assert f"{name} =" in text, f"config.example.toml does not mention {name}"
+    assert Settings.model_validate(tomllib.loads(text)) == Settings()

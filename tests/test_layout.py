@@ -1,0 +1,87 @@
+"""Path mapping and safety: a listed name never leads outside the mirror."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+import pytest
+
+from checkpoint_sync.errors import UnsafePathError
+from checkpoint_sync.layout import is_within, mirror_path, safe_relative_path, staging_name
+from checkpoint_sync.sources.base import PageRef, RemoteFile
+
+
+def listed(
+    path: str, run: str = "job", checkpoint: str = "checkpoint-10", rank: int = 0
+) -> RemoteFile:
+    return RemoteFile(run, checkpoint, rank, path, 1, "t", "http://x", PageRef("/l", 0, 1))
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("adapter.safetensors", "job/checkpoint-10/0/adapter.safetensors"),
+        ("sub/dir/optim.pt", "job/checkpoint-10/0/sub/dir/optim.pt"),
+        ("..hidden", "job/checkpoint-10/0/..hidden"),
+        ("a..b/c", "job/checkpoint-10/0/a..b/c"),
+    ],
+)
+def test_mirror_path(path: str, expected: str) -> None:
+    assert mirror_path(listed(path)) == PurePosixPath(expected)
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/etc/passwd", "absolute"),
+        ("../escape", "climbs out"),
+        ("a/../../escape", "climbs out"),
+        ("a\\..\\b", "backslash"),
+        ("a\0b", "NUL"),
+        ("", "empty"),
+        ("a//b", "empty"),
+        ("./a", "'.'"),
+        ("a/", "empty"),
+    ],
+)
+def test_unsafe_relative_paths(path: str, reason: str) -> None:
+    with pytest.raises(UnsafePathError, match=reason):
+        safe_relative_path(path)
+
+
+@pytest.mark.parametrize(
+    ("run", "checkpoint", "rank", "reason"),
+    [
+        ("..", "c", 0, "not a usable name"),
+        ("a/b", "c", 0, "slash"),
+        ("job", "", 0, "not a usable name"),
+        ("job", "c\\d", 0, "backslash"),
+        (".checkpoint-sync", "c", 0, "own state"),
+        ("job", "c", -1, "negative"),
+    ],
+)
+def test_unsafe_run_checkpoint_or_rank(run: str, checkpoint: str, rank: int, reason: str) -> None:
+    with pytest.raises(UnsafePathError, match=reason):
+        mirror_path(listed("f", run, checkpoint, rank))
+
+
+@pytest.mark.parametrize(
+    ("root", "candidate", "inside"),
+    [
+        ("/m", "/m", True),
+        ("/m", "/m/a/b", True),
+        ("/m", "/mirror/a", False),
+        ("/m", "/", False),
+        ("/", "/anything", True),
+    ],
+)
+def test_is_within(root: str, candidate: str, inside: bool) -> None:
+    assert is_within(root, candidate) is inside
+
+
+def test_staging_names_are_flat_and_distinct() -> None:
+    a = staging_name(PurePosixPath("job/c/0/a"))
+    b = staging_name(PurePosixPath("job/c/1/a"))
+    assert a != b
+    assert "/" not in a
+    assert a.endswith(".part")

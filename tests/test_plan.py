@@ -1,0 +1,139 @@
+"""Decision tables for `plan`: selection, skip rule, parts, resume."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from checkpoint_sync.errors import IntegrityError, NotFoundError
+from checkpoint_sync.plan import (
+    Part,
+    Recorded,
+    Staged,
+    check_listed_size,
+    is_current,
+    parts_to_keep,
+    select_checkpoints,
+    split_parts,
+)
+from checkpoint_sync.sources.base import Checkpoint, PageRef, RemoteFile, SyncState
+
+
+def checkpoint(name: str, hour: int, state: SyncState = SyncState.COMPLETE) -> Checkpoint:
+    return Checkpoint(
+        key=name,
+        name=name,
+        run="run",
+        created_at=datetime(2026, 1, 1, hour, tzinfo=UTC),
+        size_bytes=1,
+        state=state,
+    )
+
+
+RUN = [
+    checkpoint("c1", 1),
+    checkpoint("c3", 3),
+    checkpoint("c2", 2),
+    checkpoint("c4", 4, SyncState.SYNCING),
+    checkpoint("c0", 0, SyncState.UNKNOWN),
+]
+
+
+@pytest.mark.parametrize(
+    ("names", "latest", "include_syncing", "selected", "syncing"),
+    [
+        ((), False, False, ["c1", "c3", "c2", "c0"], ["c4"]),
+        ((), False, True, ["c1", "c3", "c2", "c4", "c0"], []),
+        ((), True, False, ["c3"], []),  # newest complete, not the newer syncing one
+        (("c1", "c2"), True, False, ["c2"], []),
+        (("c4",), False, False, [], ["c4"]),
+        (("c4",), False, True, ["c4"], []),
+        (("c1", "c1"), False, False, ["c1"], []),
+    ],
+)
+def test_select_checkpoints(
+    names: tuple[str, ...],
+    latest: bool,
+    include_syncing: bool,
+    selected: list[str],
+    syncing: list[str],
+) -> None:
+    chosen = select_checkpoints(RUN, names=names, latest=latest, include_syncing=include_syncing)
+    assert [c.name for c in chosen.checkpoints] == selected
+    assert [c.name for c in chosen.syncing] == syncing
+
+
+@pytest.mark.parametrize(
+    ("available", "names", "latest", "message"),
+    [
+        (RUN, ("nope",), False, r"checkpoint nope not found in the run \(it has: c1, c3"),
+        (RUN, ("c4",), True, "no complete checkpoint"),
+        ([], (), True, "no complete checkpoint"),
+    ],
+)
+def test_select_checkpoints_not_found(
+    available: list[Checkpoint], names: tuple[str, ...], latest: bool, message: str
+) -> None:
+    with pytest.raises(NotFoundError, match=message):
+        select_checkpoints(available, names=names, latest=latest)
+
+
+def remote(size: int = 100, last_modified: str = "t1") -> RemoteFile:
+    return RemoteFile(
+        "run", "c1", 0, "a.bin", size, last_modified, "http://x", PageRef("/l", 0, 10)
+    )
+
+
+@pytest.mark.parametrize(
+    ("recorded", "local_size", "current"),
+    [
+        (Recorded(100, "t1"), 100, True),
+        (None, 100, False),  # never verified by us
+        (Recorded(100, "t0"), 100, False),  # changed remotely
+        (Recorded(99, "t1"), 100, False),  # size changed remotely
+        (Recorded(100, "t1"), None, False),  # deleted locally
+        (Recorded(100, "t1"), 10, False),  # truncated locally
+    ],
+)
+def test_skip_rule(recorded: Recorded | None, local_size: int | None, current: bool) -> None:
+    assert is_current(remote(), recorded, local_size) is current
+
+
+@pytest.mark.parametrize(
+    ("size", "part_size", "parts"),
+    [
+        (0, 10, [Part(0, 0, 0)]),
+        (5, 10, [Part(0, 0, 5)]),
+        (10, 10, [Part(0, 0, 10)]),
+        (25, 10, [Part(0, 0, 10), Part(1, 10, 20), Part(2, 20, 25)]),
+    ],
+)
+def test_split_parts(size: int, part_size: int, parts: list[Part]) -> None:
+    assert split_parts(size, part_size) == parts
+    assert sum(p.length for p in parts) == size
+
+
+DONE = frozenset({0, 2})
+
+
+@pytest.mark.parametrize(
+    ("staged", "kept"),
+    [
+        (None, frozenset()),
+        (Staged(100, "t1", 10, DONE, 100), DONE),
+        (Staged(100, "t0", 10, DONE, 100), frozenset()),  # remote changed since
+        (Staged(90, "t1", 10, DONE, 100), frozenset()),
+        (Staged(100, "t1", 20, DONE, 100), frozenset()),  # parts cut differently
+        (Staged(100, "t1", 10, DONE, None), frozenset()),  # staging file gone
+        (Staged(100, "t1", 10, DONE, 50), frozenset()),  # staging file truncated
+    ],
+)
+def test_parts_to_keep(staged: Staged | None, kept: frozenset[int]) -> None:
+    assert parts_to_keep(remote(), 10, staged) == kept
+
+
+@pytest.mark.parametrize("size", [-1, 1 << 51])
+def test_implausible_sizes_are_refused(size: int) -> None:
+    with pytest.raises(IntegrityError, match="not a plausible file size"):
+        check_listed_size(remote(size=size))

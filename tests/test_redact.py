@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from checkpoint_sync.redact import Redactor, redact_url
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://s3.example/b/k?X-Amz-Signature=abc", "https://s3.example/b/k?<redacted>"),
+        ("https://user:pw@host:8443/p", "https://host:8443/p"),
+        ("http://host/p", "http://host/p"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_redactor_removes_keys_and_query_strings_once() -> None:
+    redact = Redactor(["sekrit-key-123"])
+    text = "Bearer sekrit-key-123 got http://h/o?sig=1&x=2 and " + redact_url("http://h/o?s=1")
+    assert redact(text) == "Bearer <redacted> got http://h/o?<redacted> and http://h/o?<redacted>"
+    assert redact(redact(text)) == redact(text)
+
+
+def test_short_strings_are_not_treated_as_secrets() -> None:
+    redact = Redactor(["ab"])
+    redact.add("")
+    assert redact("abc") == "abc"

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import pytest
+
+from checkpoint_sync.errors import TransientError
+from checkpoint_sync.retry import RetryPolicy, retrying
+
+POLICY = RetryPolicy(attempts=5, initial_delay=1.0, max_delay=8.0, deadline=60.0)
+
+
+@pytest.mark.parametrize(
+    ("attempt", "retry_after", "jitter", "delay"),
+    [
+        (1, None, 1.0, 1.0),
+        (2, None, 1.0, 2.0),
+        (4, None, 1.0, 8.0),
+        (9, None, 1.0, 8.0),  # capped
+        (3, None, 0.5, 2.0),  # full jitter
+        (1, 5.0, 0.1, 5.0),  # the server's Retry-After wins
+        (1, 100.0, 0.1, 8.0),  # but never beyond our ceiling
+    ],
+)
+def test_delay(attempt: int, retry_after: float | None, jitter: float, delay: float) -> None:
+    assert POLICY.delay(attempt, retry_after, jitter) == delay
+
+
+@pytest.mark.parametrize(
+    ("attempt", "elapsed", "next_delay", "gives_up"),
+    [(1, 0, 1, False), (5, 0, 1, True), (2, 59.5, 1, True), (2, 10, 1, False)],
+)
+def test_gives_up(attempt: int, elapsed: float, next_delay: float, gives_up: bool) -> None:
+    assert POLICY.gives_up(attempt, 0.0, next_delay, elapsed) is gives_up
+
+
+@pytest.mark.anyio
+async def test_retrying_stops_after_the_allowed_attempts() -> None:
+    calls = 0
+
+    async def flaky() -> int:
+        nonlocal calls
+        calls += 1
+        raise TransientError("nope")
+
+    with pytest.raises(TransientError):
+        await retrying(RetryPolicy(attempts=3, initial_delay=0), flaky)
+    assert calls == 3
+
+
+@pytest.mark.anyio
+async def test_retrying_returns_the_first_success() -> None:
+    failures = [TransientError("once")]
+
+    async def op() -> int:
+        if failures:
+            raise failures.pop()
+        return 42
+
+    assert await retrying(RetryPolicy(initial_delay=0), op) == 42
