@@ -25,7 +25,6 @@ from . import __version__
 from .config import Settings, load_settings, parse_size
 from .engine import PlannedFile, SyncOptions, sync
 from .errors import CheckpointSyncError, UsageError, most_severe
-from .localserver import LocalServer, demo_catalog
 from .net import NetSettings, open_session
 from .plan import select_checkpoints
 from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_bytes, summary
@@ -391,6 +390,9 @@ def _has_uvloop() -> bool:
 
 
 def _demo_command(args: argparse.Namespace, out: _Output) -> int:
+    # Imported here: the server (aiohttp.web) costs every other command memory and start-up time.
+    from .localserver import LocalServer, demo_catalog
+
     settings = _settings(args, out)
     dest = args.dest or Path(tempfile.mkdtemp(prefix="checkpoint-sync-demo-"))
     catalog = demo_catalog()

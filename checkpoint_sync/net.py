@@ -50,7 +50,7 @@ def open_session(settings: NetSettings) -> aiohttp.ClientSession:
         auto_decompress=False,
         headers={"User-Agent": USER_AGENT},
         trust_env=True,
-        read_bufsize=1 << 20,
+        read_bufsize=256 << 10,
     )
 
 
