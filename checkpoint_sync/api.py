@@ -17,7 +17,7 @@ from .errors import (
     RequestRejectedError,
     TransientError,
 )
-from .net import converting_errors, retry_after_seconds, transient_status
+from .net import converting_errors, proxy_for, retry_after_seconds, transient_status
 from .retry import RetryPolicy, retrying
 
 M = TypeVar("M", bound=BaseModel)
@@ -48,11 +48,37 @@ class ApiClient:
         self, path: str, model: type[M], *, what: str, params: Mapping[str, str | int] | None = None
     ) -> M:
         """GET ``path`` and parse it as ``model``; ``what`` names the request in errors."""
+        return await self._request("GET", path, model, what, params=params)
+
+    async def post(self, path: str, model: type[M], *, what: str, payload: Mapping[str, Any]) -> M:
+        """POST ``payload`` as JSON and parse the answer as ``model``.
+
+        Only for reads that travel by POST (GraphQL queries): like a GET, it is retried.
+        """
+        return await self._request("POST", path, model, what, payload=payload)
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        model: type[M],
+        what: str,
+        *,
+        params: Mapping[str, str | int] | None = None,
+        payload: Mapping[str, Any] | None = None,
+    ) -> M:
         url = f"{self._base_url}{path}"
 
         async def attempt() -> M:
             with converting_errors(url, what):
-                async with self._session.get(url, params=params, headers=self._headers) as resp:
+                async with self._session.request(
+                    method,
+                    url,
+                    params=params,
+                    json=payload,
+                    headers=self._headers,
+                    proxy=proxy_for(url),
+                ) as resp:
                     body = await resp.read()
                     self._raise_for_status(resp.status, resp.headers, body, what)
             return _parse(body, model, what)

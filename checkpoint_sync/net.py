@@ -6,13 +6,16 @@ no aiohttp exception (whose text would carry a presigned URL) escapes the packag
 
 from __future__ import annotations
 
+import functools
 import ssl
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -49,9 +52,23 @@ def open_session(settings: NetSettings) -> aiohttp.ClientSession:
         # Bytes must land exactly as stored: never let a Content-Encoding rewrite them.
         auto_decompress=False,
         headers={"User-Agent": USER_AGENT},
-        trust_env=True,
+        # Proxies come from `proxy_for`: trust_env would look them up in a thread per request.
+        trust_env=False,
         read_bufsize=256 << 10,
     )
+
+
+@functools.cache
+def _proxy_for_host(scheme: str, host: str) -> str | None:
+    if urllib.request.proxy_bypass(host):  # NO_PROXY
+        return None
+    return urllib.request.getproxies().get(scheme)
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy that ``HTTP(S)_PROXY``/``NO_PROXY`` name for ``url``, looked up once per host."""
+    parts = urlsplit(url)
+    return _proxy_for_host(parts.scheme, parts.hostname or "")
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:

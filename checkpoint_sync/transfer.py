@@ -4,7 +4,8 @@ A file is fetched into a preallocated staging file under ``DEST/.checkpoint-sync
 filesystem, so the final rename is atomic). Large files are cut into parts fetched concurrently
 with ``Range`` requests; each finished part is recorded in the manifest so an interrupted run
 resumes with only the missing ones. The file reaches its final path only after its length was
-checked and its xxh3-128 digest computed from what is on disk.
+checked and its xxh3-128 digest computed: over the bytes as they were written for a file that
+came as one stream, else by reading the assembled file back from disk.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .errors import (
 )
 from .layout import STATE_DIR, is_within, staging_name
 from .manifest import Manifest, VerifiedFile
-from .net import converting_errors, retry_after_seconds, transient_status
+from .net import converting_errors, proxy_for, retry_after_seconds, transient_status
 from .plan import Part, parts_to_keep, split_parts
 from .progress import Stats
 from .redact import redact_url
@@ -48,6 +49,9 @@ T = TypeVar("T")
 # larger batches cost memory and cache misses, smaller ones syscalls).
 WRITE_BATCH = 1 << 20
 HASH_BLOCK = 8 << 20
+# Files up to this size are hashed on the loop, through one reused buffer; larger ones in a
+# worker thread.
+INLINE_DIGEST_SIZE = 2 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # Errors that no other file could escape either: the run stops.
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -95,6 +99,8 @@ class Transfers:
         self._dest = dest
         self._real_dest = os.path.realpath(dest)
         self._staging_dir = dest / STATE_DIR / "staging"
+        self._prepared_dirs: set[Path] = set()
+        self._digest_buffer = bytearray(INLINE_DIGEST_SIZE)
         self._manifest = manifest
         self._source_name = source_name
         self._relist = relist
@@ -110,15 +116,29 @@ class Transfers:
         staging = self._staging_dir / staging_name(relative)
         key = str(relative)
         part_size = self._settings.part_size
-        keep = parts_to_keep(file, part_size, self._manifest.staged(key, _size_of(staging)))
+        parts = split_parts(file.size, part_size)
+        # A one-part file has no progress worth recording: it is simply fetched again.
+        multipart = len(parts) > 1
+        keep = frozenset[int]()
+        if multipart:
+            keep = parts_to_keep(file, part_size, self._manifest.staged(key, _size_of(staging)))
         fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
         try:
             if not keep:
-                _preallocate(fd, file.size, staging)
+                _preallocate(fd, file.size if multipart else 0, staging)
+            if multipart and not keep:
                 self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
-            parts = [p for p in split_parts(file.size, part_size) if p.index not in keep]
-            await self._fetch_parts(fd, file, key, parts)
-            digest = await anyio.to_thread.run_sync(_digest, fd, file.size)
+            todo = [p for p in parts if p.index not in keep]
+            digest = await self._fetch_parts(fd, file, key, todo)
+            if digest is not None:
+                _check_length(fd, file.size)
+            elif file.size <= len(self._digest_buffer):
+                # Hot in the page cache: a thread hop costs more than the hash.
+                digest = _digest(fd, file.size, self._digest_buffer)
+            else:
+                digest = await anyio.to_thread.run_sync(
+                    _digest, fd, file.size, bytearray(HASH_BLOCK)
+                )
             if self._settings.fsync:
                 _os_call(staging, lambda: os.fsync(fd))
         finally:
@@ -140,9 +160,18 @@ class Transfers:
 
     def _prepare_parent(self, final: Path) -> None:
         """Create the file's directory, refusing one that a symlink leads out of DEST."""
+        if final.parent in self._prepared_dirs:
+            return  # the mirror is ours while we hold its lock: one check per directory
+        # Checked before mkdir too, which would follow the symlink and create directories there.
+        existing = final.parent
+        while not os.path.lexists(existing):
+            existing = existing.parent
+        if not is_within(self._real_dest, os.path.realpath(existing)):
+            raise UnsafePathError(f"{existing} leads outside the destination (a symlink?)")
         _os_call(final.parent, lambda: final.parent.mkdir(parents=True, exist_ok=True))
         if not is_within(self._real_dest, os.path.realpath(final.parent)):
             raise UnsafePathError(f"{final.parent} leads outside the destination (a symlink?)")
+        self._prepared_dirs.add(final.parent)
 
     def _publish(self, staging: Path, final: Path) -> None:
         _os_call(final, lambda: os.replace(staging, final))
@@ -153,16 +182,23 @@ class Transfers:
             finally:
                 os.close(dir_fd)
 
-    async def _fetch_parts(self, fd: int, file: RemoteFile, key: str, parts: list[Part]) -> None:
+    async def _fetch_parts(
+        self, fd: int, file: RemoteFile, key: str, parts: list[Part]
+    ) -> str | None:
+        """Fetch ``parts``; the file's digest if it came as one stream, hashed on the way."""
         if not parts or file.size == 0:
-            return
+            return None
         url = _CurrentUrl(file.url)
+        whole = Part(0, 0, file.size)
+        if parts == [whole]:
+            return await self._fetch_part(fd, file, key, whole, url)
         try:
             await self._fetch_concurrently(fd, file, key, parts, url)
         except _RangeIgnored:
             # Fetch it as one stream instead, and forget parts that will be written over.
             self._manifest.drop_staging(key)
-            await self._fetch_part(fd, file, key, Part(0, 0, file.size), url)
+            return await self._fetch_part(fd, file, key, whole, url)
+        return None
 
     async def _fetch_concurrently(
         self, fd: int, file: RemoteFile, key: str, parts: list[Part], url: _CurrentUrl
@@ -186,8 +222,10 @@ class Transfers:
         part: Part,
         url: _CurrentUrl,
         answered: anyio.Event | None = None,
-    ) -> None:
-        state = _PartState(part.start)
+    ) -> str | None:
+        """Fetch one part, retrying; the digest when the part is the whole file."""
+        whole = part.length == file.size
+        state = _PartState(part.start, xxhash.xxh3_128() if whole else None)
 
         async def attempt() -> None:
             try:
@@ -218,8 +256,10 @@ class Transfers:
                 finally:
                     if answered is not None:
                         answered.set()
-        if part.length != file.size:
-            self._manifest.part_done(key, part.index)
+        if state.hasher is not None:
+            return state.hasher.hexdigest()
+        self._manifest.part_done(key, part.index)
+        return None
 
     async def _request_part(
         self,
@@ -232,14 +272,14 @@ class Transfers:
     ) -> None:
         headers = {"Range": f"bytes={state.offset}-{part.end - 1}"}
         with converting_errors(url, f"download of {file.path}"):
-            async with self._session.get(url, headers=headers) as resp:
+            async with self._session.get(url, headers=headers, proxy=proxy_for(url)) as resp:
                 if answered is not None:
                     answered.set()
                 state.url_worked = resp.status != 403
                 if resp.status == 200:
                     if part.length != file.size:
                         raise _RangeIgnored(f"{redact_url(url)} ignores Range requests")
-                    state.offset = 0  # the whole body, whatever was asked
+                    state.restart()  # the whole body, whatever was asked
                 elif resp.status == 206:
                     _check_content_range(
                         resp.headers.get("Content-Range"), state.offset, part, file
@@ -264,6 +304,9 @@ class Transfers:
                     raise IntegrityError(f"server sent more than the {end} bytes listed")
             if batched >= WRITE_BATCH or (not chunk and batched):
                 self._write(fd, batch, state.offset, batched)
+                if state.hasher is not None:
+                    for written in batch:
+                        state.hasher.update(written)
                 if self._settings.fsync:
                     await anyio.to_thread.run_sync(os.fdatasync, fd)
                 state.offset += batched
@@ -287,8 +330,15 @@ class Transfers:
 @dataclass
 class _PartState:
     offset: int  # next byte to request and write; survives retries of the part
+    # Digest of bytes [0, offset) when the part is the whole file: hashed as written, in order.
+    hasher: xxhash.xxh3_128 | None
     relisted: bool = False  # this part asked for a fresh URL
     url_worked: bool = False  # a request since then was answered with something else than 403
+
+    def restart(self) -> None:
+        self.offset = 0
+        if self.hasher is not None:
+            self.hasher.reset()
 
 
 def _check_content_range(header: str | None, offset: int, part: Part, file: RemoteFile) -> None:
@@ -324,7 +374,8 @@ async def _raise_for_file_status(resp: aiohttp.ClientResponse, url: str) -> None
 def _preallocate(fd: int, size: int, path: Path) -> None:
     """Reserve the whole file up front: a full disk shows now, not after gigabytes."""
     try:
-        os.ftruncate(fd, 0)
+        if os.fstat(fd).st_size:
+            os.ftruncate(fd, 0)  # leftovers of an earlier attempt
         if size == 0:
             return
         try:
@@ -337,12 +388,16 @@ def _preallocate(fd: int, size: int, path: Path) -> None:
         raise _local_error(exc, path, size) from exc
 
 
-def _digest(fd: int, size: int) -> str:
+def _check_length(fd: int, size: int) -> None:
+    actual = os.fstat(fd).st_size
+    if actual != size:
+        raise IntegrityError(f"staged file is {actual} bytes, expected {size}")
+
+
+def _digest(fd: int, size: int, buffer: bytearray) -> str:
     """xxh3-128 of the file as it is on disk, and a last check of its length."""
-    if os.fstat(fd).st_size != size:
-        raise IntegrityError(f"staged file is {os.fstat(fd).st_size} bytes, expected {size}")
+    _check_length(fd, size)
     hasher = xxhash.xxh3_128()
-    buffer = bytearray(HASH_BLOCK)
     view = memoryview(buffer)
     offset = 0
     while offset < size:
