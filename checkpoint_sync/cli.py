@@ -25,12 +25,13 @@ from . import __version__
 from .config import Settings, load_settings, parse_size
 from .engine import PlannedFile, SyncOptions, sync
 from .errors import CheckpointSyncError, UsageError, most_severe
+from .listing import Row, row_json, survey, table
 from .net import NetSettings, open_session
 from .plan import select_checkpoints
 from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_bytes, summary
 from .redact import Redactor
 from .retry import RetryPolicy
-from .sources import SOURCES, Source, SourceContext
+from .sources import SOURCES, Source, SourceContext, SourceSpec
 from .sources.baseten_training import TrainingJobSource
 from .transfer import TransferSettings
 
@@ -116,6 +117,17 @@ def _parser() -> argparse.ArgumentParser:
     _add_common_arguments(sync_cmd)
     sync_cmd.set_defaults(handler=_sync_command)
 
+    list_cmd = commands.add_parser(
+        "list", help="show checkpoints: created or step, size, status, and the mirror's state"
+    )
+    _add_source_arguments(list_cmd)
+    _add_selection_arguments(list_cmd, syncing=False)
+    list_cmd.add_argument(
+        "--dest", type=Path, help="mirror directory: add each checkpoint's local state"
+    )
+    _add_common_arguments(list_cmd)
+    list_cmd.set_defaults(handler=_list_command)
+
     demo = commands.add_parser(
         "demo", help="mirror a synthetic checkpoint from a built-in local server, twice"
     )
@@ -134,7 +146,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--auth-scheme", choices=["Bearer", "Api-Key"], help="default: Bearer")
 
 
-def _add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool = True) -> None:
     group = parser.add_argument_group("selection")
     group.add_argument(
         "--checkpoint", action="append", default=[], metavar="ID", help="only this checkpoint"
@@ -143,12 +155,13 @@ def _add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--node-rank", action="append", type=int, default=[], metavar="N", help="only this rank"
     )
-    group.add_argument(
-        "--include-syncing",
-        action="store_true",
-        default=None,
-        help="also mirror checkpoints still uploading (their file list is not final)",
-    )
+    if syncing:
+        group.add_argument(
+            "--include-syncing",
+            action="store_true",
+            default=None,
+            help="also mirror checkpoints still uploading (their file list is not final)",
+        )
 
 
 def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
@@ -279,13 +292,9 @@ async def _mirror(
 
 def _sync_command(args: argparse.Namespace, out: _Output) -> int:
     settings = _settings(args, out)
-    chosen = [spec for spec in SOURCES if spec.chosen(args)]
-    if len(chosen) != 1:
-        flags = "; ".join(spec.name for spec in SOURCES)
-        raise UsageError(f"choose exactly one source ({flags}); see checkpoint-sync sync --help")
+    spec = _chosen_source(args)
     if settings.dest is None:
         raise UsageError("no destination: pass --dest DIR (or set dest in the config)")
-    spec = chosen[0]
     options = _options(settings, settings.dest, args)
     stats = Stats()
     wanted = _Selection(tuple(args.checkpoint), args.latest)
@@ -296,6 +305,16 @@ def _sync_command(args: argparse.Namespace, out: _Output) -> int:
     return _run_and_report(
         lambda: _mirror(settings, build, wanted, options, stats, out), stats, options, out
     )
+
+
+def _chosen_source(args: argparse.Namespace) -> SourceSpec:
+    chosen = [spec for spec in SOURCES if spec.chosen(args)]
+    if len(chosen) != 1:
+        flags = "; ".join(spec.name for spec in SOURCES)
+        raise UsageError(
+            f"choose exactly one source ({flags}); see checkpoint-sync {args.command} --help"
+        )
+    return chosen[0]
 
 
 def _run_and_report(
@@ -384,6 +403,48 @@ def _has_uvloop() -> bool:
     except ImportError:
         return False
     return True
+
+
+# --- list -----------------------------------------------------------------------------------------
+
+
+def _list_command(args: argparse.Namespace, out: _Output) -> int:
+    settings = _settings(args, out)
+    spec = _chosen_source(args)
+    rows: list[Row] = []
+    description = ""
+
+    async def survey_source() -> None:
+        nonlocal description
+        async with open_session(_net(settings)) as session:
+            source = spec.build(args, SourceContext(session, settings, _retry(settings)))
+            description = source.description
+            # A listing shows checkpoints still uploading too: their status says so.
+            selection = select_checkpoints(
+                await source.checkpoints(),
+                names=args.checkpoint,
+                latest=args.latest,
+                include_syncing=True,
+                what=source.description,
+            )
+            dest = args.dest.expanduser().absolute() if args.dest else None
+            rows.extend(
+                await survey(source, selection.checkpoints, dest, frozenset(args.node_rank))
+            )
+
+    received = _run(survey_source)
+    if received is not None:
+        out.error(f"stopped by {signal.Signals(received).name}")
+        return 128 + received
+    if out.as_json:
+        payload = {"source": spec.name, "description": description}
+        out.json(payload | {"checkpoints": [row_json(row) for row in rows]})
+    elif rows:
+        for line in table(rows):
+            out.info(line)
+    else:
+        out.info(f"no checkpoints in {description}")
+    return EXIT_OK
 
 
 # --- demo -----------------------------------------------------------------------------------------

@@ -49,6 +49,8 @@ class Settings(BaseModel):
     auth_scheme: Literal["Bearer", "Api-Key"] = "Bearer"
     page_size: int = Field(default=1000, ge=1)
     wandb_api_url: str = "https://api.training.wandb.ai"
+    # W&B's own API (GraphQL), where the checkpoints' artifact files are listed.
+    wandb_base_url: str = "https://api.wandb.ai"
     wandb_api_key: SecretStr | None = None
     wandb_api_key_env: str = "WANDB_API_KEY"
     dest: Path | None = None

@@ -3,6 +3,9 @@
 It backs ``checkpoint-sync demo``, the tests and the benchmarks. It serves:
 
 - the Baseten training-job API (checkpoints and paginated ``checkpoint_files``);
+- the Baseten Loops API (checkpoints by exactly one filter, paginated files per checkpoint);
+- the W&B Training checkpoint listing (cursor pagination), and the one W&B GraphQL query that
+  lists an artifact version's files with signed URLs (what `sources.wandb_artifacts` asks);
 - presigned-style object URLs (``/objects/<id>?X-Amz-...``) that expire, honour ``Range``, and
   misbehave on demand through `Faults`: errors, resets, short bodies, stalls, ignored ranges.
 
@@ -15,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
 import random
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -79,6 +84,48 @@ class ServedJob:
 
 
 @dataclass
+class ServedLoopsCheckpoint:
+    """A Loops checkpoint: ``checkpoint`` holds its name, status and files (relative to it)."""
+
+    id: str  # unique, unlike the name a trainer and a sampler checkpoint may share
+    run_id: str
+    target: str  # "trainer" or "sampler"
+    base_model: str
+    checkpoint: ServedCheckpoint
+
+    @property
+    def uri(self) -> str:
+        kind = "weights" if self.target == "trainer" else "sampler_weights"
+        return f"bt://loops:{self.run_id}/{kind}/{self.checkpoint.checkpoint_id}"
+
+    def matches(self, query: str, value: str) -> bool:
+        """Whether the list filter ``query=value`` selects this checkpoint."""
+        mine = {"run_id": self.run_id, "base_model": self.base_model, "checkpoint_path": self.uri}
+        return mine[query] == value
+
+
+@dataclass
+class ServedWandbCheckpoint:
+    """A W&B Training checkpoint, and the files of its artifact version ``<name>:step<N>``."""
+
+    id: str
+    step: int
+    metrics: dict[str, float]
+    files: list[ServedFile] = field(default_factory=list)
+
+
+@dataclass
+class ServedWandbModel:
+    model_id: str
+    entity: str  # the artifact's W&B path: entity/project/name
+    project: str
+    name: str
+    checkpoints: list[ServedWandbCheckpoint] = field(default_factory=list)
+    # Hand out the first page whatever the cursor: a listing that never advances.
+    stuck_cursor: bool = False
+
+
+@dataclass
 class Faults:
     """Switches for misbehaviour, changed freely while the server runs."""
 
@@ -118,6 +165,9 @@ class Traffic:
 class Catalog:
     api_key: str = "local-key"
     jobs: list[ServedJob] = field(default_factory=list)
+    loops: list[ServedLoopsCheckpoint] = field(default_factory=list)
+    wandb_api_key: str = "wandb-local-key"
+    wandb_models: list[ServedWandbModel] = field(default_factory=list)
 
     def job(self, project_id: str, job_id: str) -> ServedJob | None:
         for job in self.jobs:
@@ -166,6 +216,68 @@ def synthetic_job(
     return job
 
 
+def synthetic_loops_run(
+    run_id: str,
+    base_model: str = "Qwen/Qwen3-8B",
+    *,
+    names: tuple[str, ...] = ("step-10", "step-20"),
+    ranks: int = 1,
+    files: int = 3,
+    size: int = 3000,
+    syncing_last: bool = False,
+    first_seed: int = 100_000,
+) -> list[ServedLoopsCheckpoint]:
+    """A Loops run with a trainer and a sampler checkpoint of each name.
+
+    Both hold files of the same relative names, with different contents: mirrored into one
+    directory, one would overwrite the other.
+    """
+    found = []
+    base = datetime(2026, 11, 2, tzinfo=UTC)
+    seed = first_seed
+    for i, name in enumerate(names):
+        status = "SYNCING" if syncing_last and i == len(names) - 1 else "COMPLETE"
+        for minute, target in enumerate(("trainer", "sampler")):
+            created = base + timedelta(hours=i, minutes=minute)
+            checkpoint = ServedCheckpoint(name, created, status)
+            for rank in range(ranks):
+                for j in range(files):
+                    seed += 1
+                    shard = f"adapter/shard-{j}.safetensors"
+                    stamp = created.isoformat()
+                    checkpoint.files.append(ServedFile(rank, shard, size + seed % 97, stamp, seed))
+            unique = f"lc-{run_id}-{target}-{name}"
+            found.append(ServedLoopsCheckpoint(unique, run_id, target, base_model, checkpoint))
+    return found
+
+
+def synthetic_wandb_model(
+    model_id: str,
+    metrics: dict[int, dict[str, float]],
+    *,
+    entity: str = "team",
+    project: str = "agents",
+    name: str = "agent-001",
+    files: int = 2,
+    size: int = 3000,
+    first_seed: int = 200_000,
+) -> ServedWandbModel:
+    """A W&B Training model with a checkpoint per step of ``metrics`` (step -> its metrics)."""
+    model = ServedWandbModel(model_id, entity, project, name)
+    stamp = datetime(2026, 11, 3, tzinfo=UTC).isoformat()
+    seed = first_seed
+    for step, values in metrics.items():
+        checkpoint_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{model_id}/{step}"))
+        checkpoint = ServedWandbCheckpoint(checkpoint_id, step, dict(values))
+        for j in range(files):
+            seed += 1
+            checkpoint.files.append(
+                ServedFile(0, f"adapter/part-{j}.safetensors", size + seed % 89, stamp, seed)
+            )
+        model.checkpoints.append(checkpoint)
+    return model
+
+
 def demo_catalog() -> Catalog:
     """The demo's job: about 400 MB over 3 checkpoints x 2 ranks, the newest still syncing."""
     return Catalog(api_key="demo-key", jobs=[synthetic_job(syncing_last=True)])
@@ -200,6 +312,14 @@ class LocalServer:
         jobs = "/v1/training_projects/{project}/jobs/{job}"
         app.router.add_get(f"{jobs}/checkpoints", self._api(self._job_checkpoints))
         app.router.add_get(f"{jobs}/checkpoint_files", self._api(self._job_files))
+        loops = "/v1/loops/checkpoints"
+        app.router.add_get(loops, self._api(self._loops_checkpoints))
+        app.router.add_get(f"{loops}/{{checkpoint_id}}/files", self._api(self._loops_files))
+        app.router.add_get(
+            "/v1/preview/models/{model_id}/checkpoints",
+            self._wandb(self._wandb_checkpoints, "Bearer"),
+        )
+        app.router.add_post("/graphql", self._wandb(self._wandb_graphql, "Basic"))
         app.router.add_get("/objects/{file_id}", self._object)
         return app
 
@@ -309,6 +429,144 @@ class LocalServer:
             }
         )
 
+    # --- Baseten Loops ---------------------------------------------------------------------------
+
+    async def _loops_checkpoints(self, request: web.Request) -> web.StreamResponse:
+        filters = {name: request.query.get(name, "") for name in _LOOPS_FILTERS}
+        given = [name for name, value in filters.items() if value]
+        if len(given) != 1:
+            return _unprocessable(
+                "Provide exactly one filter: run_id, base_model or checkpoint_path"
+            )
+        path = filters["checkpoint_path"]
+        if path and not _BT_URI.fullmatch(path):
+            return _unprocessable(
+                "checkpoint_path must be bt://loops:<run_id>/(weights|sampler_weights)/<name>"
+            )
+        chosen = given[0]
+        return web.json_response(
+            {
+                "checkpoints": [
+                    {
+                        "checkpoint_id": c.checkpoint.checkpoint_id,
+                        "created_at": c.checkpoint.created_at.isoformat(),
+                        "checkpoint_type": "lora",
+                        "base_model": c.base_model,
+                        "lora_adapter_config": {"r": 16, "lora_alpha": 32},
+                        "size_bytes": c.checkpoint.size_bytes,
+                        "sync_status": c.checkpoint.sync_status,
+                        "id": c.id,
+                        "run_id": c.run_id,
+                        "target": c.target,
+                    }
+                    for c in self.catalog.loops
+                    if c.matches(chosen, filters[chosen])
+                ]
+            }
+        )
+
+    async def _loops_files(self, request: web.Request) -> web.StreamResponse:
+        wanted = request.match_info["checkpoint_id"]
+        for c in self.catalog.loops:
+            if c.id == wanted:
+                return self.file_page(request, c.checkpoint.files)
+        return web.json_response({"detail": "Checkpoint not found"}, status=404)
+
+    # --- W&B: the Training API and the artifact files' GraphQL query -----------------------------
+
+    def _wandb(self, handler: Handler, scheme: str) -> Handler:
+        """W&B's Training API takes ``Bearer <key>``; its GraphQL API ``Basic api:<key>``."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            self.traffic.api_requests += 1
+            key = self.catalog.wandb_api_key
+            if scheme == "Basic":
+                key = base64.b64encode(f"api:{key}".encode()).decode()
+            sent = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"{scheme} {key}".encode()):
+                return web.json_response({"detail": "Invalid API key"}, status=401)
+            return await handler(request)
+
+        return guarded
+
+    async def _wandb_checkpoints(self, request: web.Request) -> web.StreamResponse:
+        model_id = request.match_info["model_id"]
+        model = next((m for m in self.catalog.wandb_models if m.model_id == model_id), None)
+        if model is None:
+            return web.json_response({"detail": "Model not found"}, status=404)
+        try:
+            limit = int(request.query.get("limit", "20"))
+        except ValueError:
+            return _unprocessable("limit must be an integer")
+        order = request.query.get("order", "asc")
+        if not 1 <= limit <= 100 or order not in ("asc", "desc"):
+            return _unprocessable("limit must be within 1..100 and order asc or desc")
+        items = sorted(model.checkpoints, key=lambda c: c.step, reverse=order == "desc")
+        start = 0
+        after = request.query.get("after")
+        if after and not model.stuck_cursor:
+            ids = [c.id for c in items]
+            if after not in ids:
+                return _unprocessable(f"unknown cursor {after}")
+            start = ids.index(after) + 1
+        page = items[start : start + limit]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": c.id, "step": c.step, "metrics": c.metrics} for c in page],
+                "first_id": page[0].id if page else "",
+                "last_id": page[-1].id if page else "",
+                "has_more": start + limit < len(items),
+            }
+        )
+
+    async def _wandb_graphql(self, request: web.Request) -> web.StreamResponse:
+        """Only the query `sources.wandb_artifacts` sends; its cursor is an offset, as text."""
+        try:
+            body = await request.json()
+            variables = body["variables"]
+            name, _, alias = variables["name"].partition(":")
+            place = (variables["entityName"], variables["projectName"])
+            offset = int(variables.get("cursor") or 0)
+            per_page = int(variables.get("perPage") or 50)
+            known = "query CheckpointArtifactFiles(" in body["query"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            known = False
+        if not known:
+            return web.json_response({"errors": [{"message": "unsupported query"}]}, status=400)
+        models = [m for m in self.catalog.wandb_models if (m.entity, m.project) == place]
+        if not models:
+            return web.json_response({"data": {"project": None}})
+        version = next(
+            (
+                c
+                for m in models
+                if m.name == name
+                for c in m.checkpoints
+                if alias == f"step{c.step}"
+            ),
+            None,
+        )
+        if version is None:
+            return web.json_response({"data": {"project": {"artifact": None}}})
+        page = version.files[offset : offset + per_page]
+        end = offset + len(page)
+        files = {
+            "pageInfo": {"hasNextPage": end < len(version.files), "endCursor": str(end)},
+            "edges": [
+                {
+                    "node": {
+                        "name": f.name,
+                        "directUrl": self.presign(f),
+                        "sizeBytes": f.size,
+                        "md5": _md5(f),
+                    }
+                }
+                for f in page
+            ],
+        }
+        return web.json_response({"data": {"project": {"artifact": {"files": files}}}})
+
     # --- presigned objects -----------------------------------------------------------------------
 
     def presign(self, file: ServedFile) -> str:
@@ -408,6 +666,16 @@ def _requested_range(header: str | None, size: int) -> tuple[int | None, int, bo
     if start >= size or end <= start:
         return None, 0, True
     return start, end, True
+
+
+_LOOPS_FILTERS = ("run_id", "base_model", "checkpoint_path")
+_BT_URI = re.compile(r"bt://loops:[^/]+/(weights|sampler_weights)/[^/]+")
+
+
+def _md5(file: ServedFile) -> str:
+    """The file's MD5 as W&B lists it: base64 of the digest."""
+    digest = hashlib.md5(content(file.seed, 0, file.size), usedforsecurity=False).digest()
+    return base64.b64encode(digest).decode()
 
 
 def _s3_error(code: str, message: str) -> web.Response:

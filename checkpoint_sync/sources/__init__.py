@@ -4,9 +4,11 @@ Adding a provider: write its module (a `Source` and a `SourceSpec`) and register
 """
 
 from .base import Checkpoint, PageRef, RemoteFile, Source, SourceContext, SourceSpec, SyncState
+from .baseten_loops import LoopsRuns
 from .baseten_training import TrainingJobs
+from .wandb import WandbTraining
 
-SOURCES: tuple[SourceSpec, ...] = (TrainingJobs(),)
+SOURCES: tuple[SourceSpec, ...] = (TrainingJobs(), LoopsRuns(), WandbTraining())
 
 __all__ = [
     "SOURCES",

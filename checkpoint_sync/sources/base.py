@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -118,6 +119,14 @@ class SourceContext:
             self.settings.wandb_key(),
             "Bearer",
             self.settings.wandb_api_key_env,
+        )
+
+    def wandb_graphql(self) -> ApiClient:
+        """W&B's GraphQL API; it takes the same key as HTTP Basic credentials ``api:<key>``."""
+        key = self.settings.wandb_key()
+        basic = base64.b64encode(f"api:{key}".encode()).decode() if key else None
+        return self._client(
+            self.settings.wandb_base_url, basic, "Basic", self.settings.wandb_api_key_env
         )
 
     def _client(self, url: str, key: str | None, scheme: str, key_env: str) -> ApiClient:

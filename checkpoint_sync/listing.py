@@ -1,0 +1,151 @@
+"""What `list` shows: each checkpoint's size and status, and how much of it the mirror holds.
+
+The local state compares the checkpoint's remote file listing with the manifest's records, read
+without a lock and without writing anything. It does not look at the files themselves: `sync`
+checks those (and restores any that went missing) on its next run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from .engine import manifest_path
+from .manifest import Manifest
+from .plan import Recorded
+from .progress import human_bytes
+from .sources.base import Checkpoint, Source
+
+
+class LocalState(StrEnum):
+    MIRRORED = "mirrored"
+    PARTIAL = "partial"
+    ABSENT = "absent"
+    CHANGED = "changed remotely"
+
+
+def local_state(
+    listed: Mapping[str, Recorded], recorded: Mapping[str, Recorded], staging: bool
+) -> LocalState:
+    """One checkpoint's state from its listed files and the manifest's records, both by path.
+
+    ``staging`` says whether a transfer into the checkpoint was left unfinished.
+    """
+    if any(listed.get(path) != entry for path, entry in recorded.items()):
+        return LocalState.CHANGED
+    if not recorded and not staging:
+        return LocalState.ABSENT
+    if staging or listed.keys() - recorded.keys():
+        return LocalState.PARTIAL
+    return LocalState.MIRRORED
+
+
+@dataclass(frozen=True)
+class Row:
+    checkpoint: Checkpoint
+    size_bytes: int | None
+    local: LocalState | None  # None: no mirror to compare with
+
+
+async def survey(
+    source: Source, checkpoints: Sequence[Checkpoint], dest: Path | None, node_ranks: frozenset[int]
+) -> list[Row]:
+    """A row per checkpoint; with ``dest``, the files are listed to tell each one's local state."""
+    if dest is None:
+        return [Row(c, c.size_bytes, None) for c in checkpoints]
+    listed: dict[tuple[str, str], dict[str, Recorded]] = defaultdict(dict)
+    async for page in source.file_pages(checkpoints):
+        for file in page:
+            if not node_ranks or file.node_rank in node_ranks:
+                # The path `layout.mirror_path` gives a safe entry; an unsafe one matches nothing
+                # in the manifest, so it counts as missing.
+                path = f"{file.run}/{file.checkpoint}/{file.node_rank}/{file.path}"
+                listed[file.run, file.checkpoint][path] = Recorded(file.size, file.last_modified)
+    manifest = Manifest(manifest_path(dest), read_only=True)
+    try:
+        rows = []
+        for c in checkpoints:
+            files = listed[c.run, c.name]
+            recorded = {
+                v.path: Recorded(v.size, v.last_modified)
+                for v in manifest.files_in(c.run, c.name)
+                if not node_ranks or v.node_rank in node_ranks
+            }
+            staging = manifest.has_staging_in(f"{c.run}/{c.name}/")
+            size = c.size_bytes if c.size_bytes is not None else sum(f.size for f in files.values())
+            rows.append(Row(c, size, local_state(files, recorded, staging)))
+        return rows
+    finally:
+        manifest.close()
+
+
+def row_json(row: Row) -> dict[str, Any]:
+    c = row.checkpoint
+    return {
+        "run": c.run,
+        "checkpoint": c.name,
+        "id": c.key,
+        "target": c.target,
+        "created_at": c.created_at.isoformat() if c.created_at else None,
+        "step": c.step,
+        "metrics": dict(c.metrics),
+        "size_bytes": row.size_bytes,
+        "status": c.state.value,
+        "local": row.local.value if row.local else None,
+    }
+
+
+Column = tuple[str, Callable[[Row], str]]
+
+
+def table(rows: Sequence[Row]) -> list[str]:
+    """The rows as aligned text, with only the columns some row has a value for."""
+
+    def some(has: Callable[[Checkpoint], object]) -> bool:
+        return any(has(r.checkpoint) for r in rows)
+
+    columns: list[Column] = [
+        ("RUN", lambda r: r.checkpoint.run),
+        ("CHECKPOINT", lambda r: r.checkpoint.name),
+    ]
+    if some(lambda c: c.key != c.name):
+        columns.append(("ID", lambda r: r.checkpoint.key))
+    if some(lambda c: c.created_at):
+        columns.append(("CREATED", _created))
+    if some(lambda c: c.step is not None):
+        columns.append(("STEP", lambda r: _text(r.checkpoint.step)))
+    columns += [("SIZE", _size), ("STATUS", lambda r: r.checkpoint.state.value)]
+    if any(r.local is not None for r in rows):
+        columns.append(("LOCAL", lambda r: _text(r.local)))
+    if some(lambda c: c.metrics):
+        columns.append(("METRICS", _metrics))
+    cells = [[cell(r) for _, cell in columns] for r in rows]
+    widths = [
+        max([len(title), *(len(line[i]) for line in cells)]) for i, (title, _) in enumerate(columns)
+    ]
+    return [
+        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
+        for line in [[title for title, _ in columns], *cells]
+    ]
+
+
+def _text(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _created(row: Row) -> str:
+    created = row.checkpoint.created_at
+    return created.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if created else "-"
+
+
+def _size(row: Row) -> str:
+    return "-" if row.size_bytes is None else human_bytes(row.size_bytes)
+
+
+def _metrics(row: Row) -> str:
+    return " ".join(f"{name}={value:.4g}" for name, value in sorted(row.checkpoint.metrics.items()))

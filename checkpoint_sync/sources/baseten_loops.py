@@ -1,0 +1,206 @@
+"""Baseten Loops: ``/v1/loops/checkpoints`` filtered by run, base model or ``bt://`` URI.
+
+A trainer and a sampler checkpoint of one run may share a name (NOTES.md), so each lands in a
+directory named after its ``bt://`` URI with the slash turned into a dash: the trainer's
+``bt://loops:RUN/weights/step-100`` in ``RUN/weights-step-100/<node_rank>/...`` and the sampler's
+``bt://loops:RUN/sampler_weights/step-100`` in ``RUN/sampler_weights-step-100/<node_rank>/...``.
+Every trainer directory starts with ``weights-`` and every sampler one with ``sampler_weights-``,
+so the two can never meet, whatever the names.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from ..api import ApiClient
+from ..errors import NotFoundError, UsageError
+from ..models import LoopsCheckpoints, LoopsTarget
+from .base import Checkpoint, RemoteFile, Source, SourceContext, SyncState
+from .baseten_pages import file_pages, fresh_url
+
+URI_PREFIX = "bt://loops:"
+URI_FORM = "bt://loops:RUN_ID/weights/NAME or bt://loops:RUN_ID/sampler_weights/NAME"
+# The URI's word for each target; also the first half of the checkpoint's directory name.
+KIND = {LoopsTarget.TRAINER: "weights", LoopsTarget.SAMPLER: "sampler_weights"}
+TARGET_OF_KIND = {kind: target for target, kind in KIND.items()}
+
+
+@dataclass(frozen=True)
+class LoopsUri:
+    run_id: str
+    target: LoopsTarget
+    name: str
+
+    def __str__(self) -> str:
+        return f"{URI_PREFIX}{self.run_id}/{KIND[self.target]}/{self.name}"
+
+
+def parse_bt_uri(text: str) -> LoopsUri:
+    """``bt://loops:<run_id>/(weights|sampler_weights)/<name>``; `UsageError` naming the flaw."""
+    if not text.startswith("bt://"):
+        raise UsageError(f"{text!r} is not a bt:// URI; expected {URI_FORM}")
+    if not text.startswith(URI_PREFIX):
+        raise UsageError(
+            f"{text!r} is not a Loops checkpoint (bt://loops:...); expected {URI_FORM}"
+        )
+    parts = text.removeprefix(URI_PREFIX).split("/")
+    if len(parts) != 3:
+        raise UsageError(
+            f"{text!r} has {len(parts)} part(s) after bt://loops:, expected 3 "
+            f"(RUN_ID/KIND/NAME): {URI_FORM}"
+        )
+    run_id, kind, name = parts
+    if not run_id:
+        raise UsageError(f"{text!r} has no run id: {URI_FORM}")
+    target = TARGET_OF_KIND.get(kind)
+    if target is None:
+        raise UsageError(
+            f"{text!r}: {kind!r} is neither weights (trainer) nor sampler_weights (sampler)"
+        )
+    if not name:
+        raise UsageError(f"{text!r} has no checkpoint name: {URI_FORM}")
+    return LoopsUri(run_id, target, name)
+
+
+def checkpoint_dir(target: LoopsTarget, name: str) -> str:
+    """Its directory under the run: ``weights-<name>`` or ``sampler_weights-<name>``."""
+    return f"{KIND[target]}-{name}"
+
+
+class LoopsSource:
+    """Loops checkpoints matching one filter; files land under ``<run_id>/<kind>-<name>/...``."""
+
+    name = "baseten-loops"
+
+    def __init__(
+        self,
+        api: ApiClient,
+        query: tuple[str, str],
+        description: str,
+        *,
+        target: LoopsTarget | None = None,
+        page_size: int = 1000,
+    ) -> None:
+        self._api = api
+        self._query = query
+        self._target = target
+        self._page_size = page_size
+        self.description = description
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        answer = await self._api.get(
+            "/v1/loops/checkpoints",
+            LoopsCheckpoints,
+            what=self.description,
+            params=dict([self._query]),
+        )
+        found = [
+            Checkpoint(
+                key=c.id,
+                name=checkpoint_dir(c.target, c.checkpoint_id),
+                run=c.run_id,
+                created_at=c.created_at,
+                size_bytes=c.size_bytes,
+                state=SyncState.parse(c.sync_status),
+                target=c.target.value,
+            )
+            for c in sorted(answer.checkpoints, key=lambda c: c.created_at)
+            if self._target in (None, c.target)
+        ]
+        if not found:
+            # The API answers an unknown run or model with an empty list, not a 404.
+            raise NotFoundError(f"{self.description}: no checkpoints found")
+        return found
+
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+        for checkpoint in selected:
+            listing = f"/v1/loops/checkpoints/{quote(checkpoint.key, safe='')}/files"
+            what = _what(checkpoint.run, checkpoint.name)
+            async for ref, entries in file_pages(self._api, listing, self._page_size, what):
+                # Names are relative to the checkpoint itself (NOTES.md).
+                yield [
+                    RemoteFile(
+                        run=checkpoint.run,
+                        checkpoint=checkpoint.name,
+                        node_rank=entry.node_rank,
+                        path=entry.relative_file_name,
+                        size=entry.size_bytes,
+                        last_modified=entry.last_modified,
+                        url=entry.url,
+                        origin=ref,
+                    )
+                    for entry in entries
+                ]
+
+    async def refresh_url(self, file: RemoteFile) -> str:
+        what = _what(file.run, file.checkpoint)
+        return await fresh_url(self._api, file.origin, what, file.path, file.node_rank)
+
+
+def _what(run: str, checkpoint: str) -> str:
+    return f"Loops checkpoint {run}/{checkpoint}"
+
+
+class LoopsRuns:
+    """``--loops-run RUN_ID``, ``--loops-checkpoint bt://...`` or ``--base-model MODEL``."""
+
+    name = LoopsSource.name
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--loops-run", metavar="RUN_ID", help="every checkpoint of a Loops run")
+        group.add_argument(
+            "--loops-checkpoint",
+            metavar="URI",
+            help="one Loops checkpoint: bt://loops:RUN_ID/(weights|sampler_weights)/NAME",
+        )
+        group.add_argument(
+            "--base-model", metavar="MODEL", help="Loops checkpoints of all runs of a base model"
+        )
+        group.add_argument(
+            "--target",
+            choices=[t.value for t in LoopsTarget],
+            help="only Loops checkpoints for the trainer (weights) or the sampler",
+        )
+
+    def chosen(self, args: argparse.Namespace) -> bool:
+        flags = (args.loops_run, args.loops_checkpoint, args.base_model, args.target)
+        return any(flag is not None for flag in flags)
+
+    def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
+        target = LoopsTarget(args.target) if args.target else None
+        filters = [
+            (query, value)
+            for query, value in (
+                ("run_id", args.loops_run),
+                ("base_model", args.base_model),
+                ("checkpoint_path", args.loops_checkpoint),
+            )
+            if value is not None
+        ]
+        # Beyond a bt:// URI's form, the values are the API's to judge (an empty one too).
+        if len(filters) != 1:
+            raise UsageError("choose one of --loops-run, --loops-checkpoint and --base-model")
+        query, value = filters[0]
+        if query == "checkpoint_path":
+            uri = parse_bt_uri(value)
+            if target not in (None, uri.target):
+                raise UsageError(f"--target {args.target} contradicts {uri}")
+            value, description = str(uri), f"Loops checkpoint {uri}"
+        else:
+            description = (
+                f"Loops run {value}"
+                if query == "run_id"
+                else f"Loops checkpoints of base model {value}"
+            )
+            if target is not None:
+                description += f" ({target.value} checkpoints)"
+        return LoopsSource(
+            context.baseten_api(),
+            (query, value),
+            description,
+            target=target,
+            page_size=context.settings.page_size,
+        )

@@ -1,0 +1,181 @@
+"""W&B Training: a model's checkpoints (step and metrics), the pick of one, and its weights.
+
+``GET /v1/preview/models/{model_id}/checkpoints`` lists the checkpoints with cursor pagination; it
+is what picks *which* checkpoint (``--latest``: the highest step; ``--best METRIC``). The weights
+are W&B artifacts (`wandb_artifacts`), found through ``--wandb-artifact ENTITY/PROJECT/NAME`` and
+mirrored under ``<model_id>/step-<N>/0/...``: an artifact has no node ranks, so all of it is rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import AsyncIterator, Sequence
+from urllib.parse import quote
+
+from ..api import ApiClient
+from ..errors import FileError, NotFoundError, UsageError
+from ..models import WandbCheckpoint, WandbCheckpointPage
+from .base import Checkpoint, PageRef, RemoteFile, Source, SourceContext, SyncState
+from .cursors import advance
+from .wandb_artifacts import ArtifactFiles, parse_artifact_path
+
+MAX_LIMIT = 100  # the API's ceiling for ``limit``
+
+
+def best_checkpoint(
+    checkpoints: Sequence[Checkpoint], metric: str, *, minimize: bool = False, what: str = "model"
+) -> Checkpoint:
+    """The checkpoint with the highest ``metric`` (lowest with ``minimize``); ties go to the later
+    step. Checkpoints without the metric, or with NaN, take no part."""
+    scored = [c for c in checkpoints if not math.isnan(c.metrics.get(metric, math.nan))]
+    if not scored:
+        if not checkpoints:
+            raise NotFoundError(f"{what} has no checkpoints")
+        known = sorted({name for c in checkpoints for name in c.metrics})
+        raise UsageError(
+            f"no checkpoint of {what} has the metric {metric!r} "
+            f"(its metrics: {', '.join(known) or 'none'})"
+        )
+    sign = -1.0 if minimize else 1.0
+    return max(scored, key=lambda c: (sign * c.metrics[metric], c.step or 0))
+
+
+class WandbSource:
+    """A W&B Training model's checkpoints, narrowed to the best one when ``best`` is given."""
+
+    name = "wandb-training"
+
+    def __init__(
+        self,
+        api: ApiClient,
+        model_id: str,
+        *,
+        artifacts: ArtifactFiles | None,
+        best: tuple[str, bool] | None = None,
+        page_size: int = MAX_LIMIT,
+    ) -> None:
+        self._api = api
+        self._model = model_id
+        self._artifacts = artifacts
+        self._best = best
+        self._page_size = page_size
+        self.description = f"W&B Training model {model_id}"
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        listed = [c async for page in self._pages() for c in page]
+        found = [
+            Checkpoint(
+                key=c.id,
+                name=f"step-{c.step}",
+                run=self._model,
+                created_at=None,
+                size_bytes=None,
+                # The API lists saved checkpoints only; it has no upload state.
+                state=SyncState.COMPLETE,
+                step=c.step,
+                metrics=c.metrics,
+            )
+            for c in sorted(listed, key=lambda c: c.step)
+        ]
+        if self._best is None:
+            return found
+        metric, minimize = self._best
+        return [best_checkpoint(found, metric, minimize=minimize, what=self.description)]
+
+    async def _pages(self) -> AsyncIterator[list[WandbCheckpoint]]:
+        path = f"/v1/preview/models/{quote(self._model, safe='')}/checkpoints"
+        params: dict[str, str | int] = {"limit": min(self._page_size, MAX_LIMIT), "order": "asc"}
+        seen: set[str] = set()
+        while True:
+            page = await self._api.get(
+                path, WandbCheckpointPage, what=self.description, params=params
+            )
+            if not page.data:
+                return
+            yield page.data
+            if not page.has_more:
+                return
+            params["after"] = advance(page.last_id or page.data[-1].id, seen, self.description)
+
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+        artifacts = self._artifacts_or_fail()
+        for checkpoint in selected:
+            alias = f"step{checkpoint.step}"
+            # A URL is refreshed by walking the version's files from the start: a LoRA artifact
+            # holds a handful, and a GraphQL cursor cannot be rebuilt from a page number.
+            ref = PageRef(listing=alias, page_token=0, page_size=self._page_size)
+            async for files in artifacts.pages(alias, self._page_size):
+                yield [
+                    RemoteFile(
+                        run=self._model,
+                        checkpoint=checkpoint.name,
+                        node_rank=0,
+                        path=f.name,
+                        size=f.size_bytes,
+                        # Artifact files are content-addressed: the digest is the change marker.
+                        last_modified=f"md5:{f.md5}",
+                        url=f.direct_url,
+                        origin=ref,
+                    )
+                    for f in files
+                ]
+
+    async def refresh_url(self, file: RemoteFile) -> str:
+        artifacts = self._artifacts_or_fail()
+        async for files in artifacts.pages(file.origin.listing, self._page_size):
+            for found in files:
+                if found.name == file.path:
+                    return found.direct_url
+        raise FileError(f"{file.path} is no longer in {artifacts.path}:{file.origin.listing}")
+
+    def _artifacts_or_fail(self) -> ArtifactFiles:
+        if self._artifacts is None:
+            raise UsageError(
+                "W&B Training weights are W&B artifacts: pass --wandb-artifact "
+                "ENTITY/PROJECT/NAME (the model's W&B path) to list or fetch their files"
+            )
+        return self._artifacts
+
+
+class WandbTraining:
+    """``--wandb-model MODEL_ID [--wandb-artifact ENTITY/PROJECT/NAME] [--best METRIC]``."""
+
+    name = WandbSource.name
+
+    def add_arguments(self, group: argparse._ArgumentGroup) -> None:
+        group.add_argument("--wandb-model", metavar="MODEL_ID", help="W&B Training model id")
+        group.add_argument(
+            "--wandb-artifact",
+            metavar="ENTITY/PROJECT/NAME",
+            help="the W&B model whose step<N> artifact versions hold the weights (to fetch them)",
+        )
+        group.add_argument(
+            "--best", metavar="METRIC", help="only the W&B checkpoint with the highest METRIC"
+        )
+        group.add_argument(
+            "--minimize", action="store_true", help="with --best: the lowest METRIC wins"
+        )
+
+    def chosen(self, args: argparse.Namespace) -> bool:
+        flags = (args.wandb_model, args.wandb_artifact, args.best)
+        return any(flag is not None for flag in flags) or args.minimize
+
+    def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
+        if args.wandb_model is None:
+            raise UsageError("--wandb-artifact, --best and --minimize go with --wandb-model")
+        if args.minimize and args.best is None:
+            raise UsageError("--minimize goes with --best METRIC")
+        if args.best is not None and args.latest:
+            raise UsageError("--best and --latest each pick one checkpoint: choose one of them")
+        artifacts = None
+        if args.wandb_artifact is not None:
+            path = parse_artifact_path(args.wandb_artifact)
+            artifacts = ArtifactFiles(context.wandb_graphql(), path)
+        return WandbSource(
+            context.wandb_api(),
+            args.wandb_model,
+            artifacts=artifacts,
+            best=None if args.best is None else (args.best, args.minimize),
+            page_size=context.settings.page_size,
+        )

@@ -1,0 +1,151 @@
+"""The files of a W&B artifact version, page by page, from W&B's GraphQL API.
+
+W&B Training keeps checkpoint N of a model as the artifact version ``ENTITY/PROJECT/NAME:step<N>``
+(type ``lora``; NOTES.md). The query below asks that version, by name, for its ``files`` with
+``directUrl`` (a short-lived signed URL), ``sizeBytes`` and ``md5``: the connection and fields the
+``wandb`` SDK itself reads to download an artifact. Authentication is HTTP Basic ``api:<key>``,
+as the SDK sends it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from ..api import ApiClient
+from ..errors import ApiError, NotFoundError, UsageError
+from .cursors import advance
+
+GRAPHQL_PATH = "/graphql"
+QUERY = """
+query CheckpointArtifactFiles(
+    $entityName: String!, $projectName: String!, $name: String!, $cursor: String, $perPage: Int
+) {
+    project(name: $projectName, entityName: $entityName) {
+        artifact(name: $name) {
+            files(after: $cursor, first: $perPage) {
+                pageInfo { hasNextPage endCursor }
+                edges { node { name directUrl sizeBytes md5 } }
+            }
+        }
+    }
+}
+"""
+
+
+@dataclass(frozen=True)
+class ArtifactPath:
+    entity: str
+    project: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.entity}/{self.project}/{self.name}"
+
+
+def parse_artifact_path(text: str) -> ArtifactPath:
+    """``ENTITY/PROJECT/NAME`` (the version is chosen per checkpoint), or `UsageError`."""
+    parts = text.split("/")
+    if len(parts) != 3 or not all(parts):
+        raise UsageError(f"--wandb-artifact {text!r} is not ENTITY/PROJECT/NAME")
+    if ":" in parts[2]:
+        raise UsageError(
+            f"--wandb-artifact {text!r}: leave out the version (:...); each checkpoint's "
+            "step<N> alias is added"
+        )
+    return ArtifactPath(*parts)
+
+
+class _GraphModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, extra="ignore", frozen=True)
+
+
+class ArtifactFile(_GraphModel):
+    name: str
+    direct_url: str
+    size_bytes: int
+    md5: str
+
+
+class _Edge(_GraphModel):
+    node: ArtifactFile
+
+
+class _PageInfo(_GraphModel):
+    has_next_page: bool
+    end_cursor: str | None = None
+
+
+class _Files(_GraphModel):
+    page_info: _PageInfo
+    edges: list[_Edge]
+
+
+class _Artifact(_GraphModel):
+    files: _Files
+
+
+class _Project(_GraphModel):
+    artifact: _Artifact | None = None
+
+
+class _Data(_GraphModel):
+    project: _Project | None = None
+
+
+class _Error(_GraphModel):
+    message: str
+
+
+class _Answer(_GraphModel):
+    data: _Data | None = None
+    errors: list[_Error] | None = None
+
+
+@dataclass(frozen=True)
+class ArtifactFiles:
+    """Where a model's checkpoint artifacts are, and the API that lists their files."""
+
+    api: ApiClient
+    path: ArtifactPath
+
+    async def pages(self, alias: str, page_size: int) -> AsyncIterator[list[ArtifactFile]]:
+        """Every page of the files of version ``alias``; `NotFoundError` if there is none."""
+        what = f"W&B artifact {self.path}:{alias}"
+        cursor: str | None = None
+        seen: set[str] = set()
+        while True:
+            variables = {
+                "entityName": self.path.entity,
+                "projectName": self.path.project,
+                "name": f"{self.path.name}:{alias}",
+                "cursor": cursor,
+                "perPage": page_size,
+            }
+            answer = await self.api.post(
+                GRAPHQL_PATH, _Answer, what=what, payload={"query": QUERY, "variables": variables}
+            )
+            files = _files(answer, self.path, what)
+            if not files.edges:
+                return
+            yield [edge.node for edge in files.edges]
+            if not files.page_info.has_next_page:
+                return
+            cursor = advance(files.page_info.end_cursor, seen, what)
+
+
+def _files(answer: _Answer, artifact: ArtifactPath, what: str) -> _Files:
+    # GraphQL reports failures inside a 200 answer.
+    if answer.errors:
+        raise ApiError(f"{what}: W&B answered: {answer.errors[0].message}")
+    if answer.data is None or answer.data.project is None:
+        raise NotFoundError(
+            f"{what}: W&B project {artifact.entity}/{artifact.project} not found (check "
+            "--wandb-artifact, and that the W&B key may read it)"
+        )
+    if answer.data.project.artifact is None:
+        raise NotFoundError(f"{what}: not found (check --wandb-artifact)")
+    return answer.data.project.artifact.files

@@ -1,0 +1,194 @@
+"""`checkpoint-sync list`: the local state of each checkpoint, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.listing import LocalState, Row, local_state, table
+from checkpoint_sync.plan import Recorded
+from checkpoint_sync.sources.base import Checkpoint, SyncState
+
+from .conftest import JOB, PROJECT, small_catalog
+from .support import ServerThread, run_cli
+from .test_loops import RUN, loops_catalog
+from .test_wandb import ARTIFACT, MODEL, serve, wandb_catalog
+
+A = Recorded(10, "t1")
+B = Recorded(20, "t1")
+
+
+@pytest.mark.parametrize(
+    ("listed", "recorded", "staging", "state"),
+    [
+        ({"a": A, "b": B}, {"a": A, "b": B}, False, LocalState.MIRRORED),
+        ({"a": A, "b": B}, {}, False, LocalState.ABSENT),
+        ({}, {}, False, LocalState.ABSENT),
+        ({"a": A, "b": B}, {"a": A}, False, LocalState.PARTIAL),
+        ({"a": A}, {}, True, LocalState.PARTIAL),  # a transfer was left unfinished
+        ({"a": A}, {"a": A}, True, LocalState.PARTIAL),
+        ({"a": A, "b": B}, {"a": Recorded(10, "t0")}, False, LocalState.CHANGED),
+        ({"a": A}, {"a": Recorded(11, "t1")}, False, LocalState.CHANGED),
+        ({"a": A}, {"a": A, "gone": B}, False, LocalState.CHANGED),  # no longer listed
+    ],
+)
+def test_local_state(
+    listed: dict[str, Recorded], recorded: dict[str, Recorded], staging: bool, state: LocalState
+) -> None:
+    assert local_state(listed, recorded, staging) is state
+
+
+def row(name: str, *, step: int | None = None, local: LocalState | None = None) -> Row:
+    checkpoint = Checkpoint(
+        key=name,
+        name=name,
+        run="run-1",
+        created_at=datetime(2026, 11, 1, 9, 30, tzinfo=UTC) if step is None else None,
+        size_bytes=None if step is not None else 2048,
+        state=SyncState.COMPLETE,
+        step=step,
+        metrics={"reward": 0.25} if step is not None else {},
+    )
+    return Row(checkpoint, checkpoint.size_bytes, local)
+
+
+@pytest.mark.parametrize(
+    ("rows", "lines"),
+    [
+        (
+            [row("c-1", local=LocalState.MIRRORED), row("c-22")],
+            [
+                "RUN    CHECKPOINT  CREATED               SIZE     STATUS    LOCAL",
+                "run-1  c-1         2026-11-01 09:30 UTC  2.0 KiB  complete  mirrored",
+                "run-1  c-22        2026-11-01 09:30 UTC  2.0 KiB  complete  -",
+            ],
+        ),
+        (
+            [row("step-7", step=7)],
+            [
+                "RUN    CHECKPOINT  STEP  SIZE  STATUS    METRICS",
+                "run-1  step-7      7     -     complete  reward=0.25",
+            ],
+        ),
+    ],
+)
+def test_table_shows_only_the_columns_some_row_fills(rows: list[Row], lines: list[str]) -> None:
+    assert table(rows) == lines
+
+
+# --- over HTTP ------------------------------------------------------------------------------------
+
+
+def job_args(server: ServerThread, command: str, *extra: str | Path) -> list[str | Path]:
+    return [command, "--api-url", server.url, "--project", PROJECT, "--job", JOB, *extra]
+
+
+def sync_job(server: ServerThread, dest: Path, *extra: str) -> int:
+    return run_cli(*job_args(server, "sync", "--dest", dest, *extra)).code
+
+
+def states(result_stdout: str) -> dict[str, str | None]:
+    return {r["checkpoint"]: r["local"] for r in json.loads(result_stdout)["checkpoints"]}
+
+
+def test_a_job_lists_each_checkpoint_with_its_local_state(dest: Path) -> None:
+    with ServerThread(small_catalog(syncing_last=True)) as server:
+        assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 0
+        assert sync_job(server, dest, "--checkpoint", "checkpoint-20", "--node-rank", "0") == 0
+
+        result = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+        rank_0 = run_cli(*job_args(server, "list", "--dest", dest, "--json", "--node-rank", "0"))
+        text = run_cli(*job_args(server, "list", "--dest", dest))
+
+    assert result.code == rank_0.code == text.code == 0, result.stderr
+    assert states(result.stdout) == {
+        "checkpoint-10": "mirrored",
+        "checkpoint-20": "partial",
+        "checkpoint-30": "absent",
+    }
+    assert states(rank_0.stdout)["checkpoint-20"] == "mirrored"
+    rows = json.loads(result.stdout)["checkpoints"]
+    served = {c.checkpoint_id: c for c in server.catalog.jobs[0].checkpoints}
+    assert [(r["size_bytes"], r["status"]) for r in rows] == [
+        (served["checkpoint-10"].size_bytes, "complete"),
+        (served["checkpoint-20"].size_bytes, "complete"),
+        (served["checkpoint-30"].size_bytes, "syncing"),
+    ]
+    header, *lines = text.stdout.splitlines()
+    assert header.split() == ["RUN", "CHECKPOINT", "CREATED", "SIZE", "STATUS", "LOCAL"]
+    assert [line.split()[-1] for line in lines] == ["mirrored", "partial", "absent"]
+
+
+def test_a_remote_change_shows_and_list_writes_nothing(dest: Path) -> None:
+    with ServerThread(small_catalog()) as server:
+        assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 0
+        manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
+        before = manifest.read_bytes()
+        changed = server.catalog.jobs[0].checkpoints[0].files[0]
+        server.call(lambda: setattr(changed, "last_modified", "2026-11-20T00:00:00+00:00"))
+
+        result = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+        elsewhere = run_cli(*job_args(server, "list", "--dest", dest.parent / "new", "--json"))
+
+    assert result.code == elsewhere.code == 0
+    assert states(result.stdout)["checkpoint-10"] == "changed remotely"
+    assert manifest.read_bytes() == before
+    assert set(states(elsewhere.stdout).values()) == {"absent"}
+    assert not (dest.parent / "new").exists()
+
+
+def test_without_a_mirror_there_is_no_local_column_and_no_file_listing(dest: Path) -> None:
+    with ServerThread(small_catalog()) as server:
+        result = run_cli(*job_args(server, "list"))
+
+        assert result.code == 0
+        assert "LOCAL" not in result.stdout
+        assert server.traffic.api_requests == 1
+
+
+def test_loops_trainer_and_sampler_states_are_told_apart(dest: Path) -> None:
+    with ServerThread(loops_catalog()) as server:
+        base = ["--api-url", server.url, "--loops-run", RUN]
+        assert run_cli("sync", *base, "--dest", dest, "--target", "sampler").code == 0
+
+        result = run_cli("list", *base, "--dest", dest, "--json")
+
+    assert result.code == 0, result.stderr
+    assert states(result.stdout) == {
+        "weights-step-10": "absent",
+        "sampler_weights-step-10": "mirrored",
+        "weights-step-20": "absent",
+        "sampler_weights-step-20": "mirrored",
+    }
+
+
+def test_w_and_b_states_need_the_artifact_path(dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = serve(wandb_catalog(), monkeypatch)
+    try:
+        model = ["--wandb-model", MODEL]
+        artifact = ["--wandb-artifact", ARTIFACT]
+        assert run_cli("sync", *model, *artifact, "--best", "reward", "--dest", dest).code == 0
+
+        result = run_cli("list", *model, *artifact, "--dest", dest, "--json")
+        without = run_cli("list", *model, "--dest", dest)
+    finally:
+        server.__exit__(None, None, None)
+
+    assert result.code == 0, result.stderr
+    assert states(result.stdout) == {
+        "step-10": "absent",
+        "step-20": "absent",
+        "step-30": "mirrored",
+        "step-40": "absent",
+        "step-50": "absent",
+    }
+    sizes = {r["step"]: r["size_bytes"] for r in json.loads(result.stdout)["checkpoints"]}
+    served = {
+        c.step: sum(f.size for f in c.files) for c in server.catalog.wandb_models[0].checkpoints
+    }
+    assert sizes == served
+    assert without.code == 2
+    assert "pass --wandb-artifact" in without.stderr

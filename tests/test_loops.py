@@ -1,0 +1,306 @@
+"""Baseten Loops: `bt://` URIs, filters, and trainer/sampler checkpoints kept apart, over HTTP."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.errors import UsageError
+from checkpoint_sync.localserver import (
+    Catalog,
+    ServedFile,
+    ServedLoopsCheckpoint,
+    synthetic_loops_run,
+)
+from checkpoint_sync.models import LoopsTarget
+from checkpoint_sync.sources.baseten_loops import LoopsUri, checkpoint_dir, parse_bt_uri
+
+from .support import API_KEY, ServerThread, assert_exact, run_cli
+
+RUN = "k4q95w5"
+OTHER_RUN = "p7zq2m1"  # another base model
+SIBLING_RUN = "r3"  # the same base model as RUN
+BASE_MODEL = "Qwen/Qwen3-8B"
+DIR_KIND = {"trainer": "weights", "sampler": "sampler_weights"}
+
+
+def loops_catalog(*, syncing_last: bool = False) -> Catalog:
+    return Catalog(
+        api_key=API_KEY,
+        loops=[
+            *synthetic_loops_run(RUN, BASE_MODEL, ranks=2, syncing_last=syncing_last),
+            *synthetic_loops_run(OTHER_RUN, "meta-llama/Llama-3.1-8B", first_seed=150_000),
+            *synthetic_loops_run(SIBLING_RUN, BASE_MODEL, names=("step-5",), first_seed=170_000),
+        ],
+    )
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    with ServerThread(loops_catalog()) as running:
+        yield running
+
+
+def sync(server: ServerThread, dest: Path, *extra: str) -> list[str]:
+    return ["sync", "--api-url", server.url, "--dest", str(dest), "--concurrency", "4", *extra]
+
+
+def of_run(server: ServerThread, run: str) -> list[ServedLoopsCheckpoint]:
+    return [c for c in server.catalog.loops if c.run_id == run]
+
+
+def landed(dest: Path, checkpoint: ServedLoopsCheckpoint, file: ServedFile) -> Path:
+    """The documented layout: <run>/<weights|sampler_weights>-<name>/<rank>/<path>."""
+    directory = f"{DIR_KIND[checkpoint.target]}-{checkpoint.checkpoint.checkpoint_id}"
+    return dest / checkpoint.run_id / directory / str(file.node_rank) / file.name
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+# --- bt:// URIs and directory names (pure) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "parsed"),
+    [
+        ("bt://loops:k4q/weights/step-100", LoopsUri("k4q", LoopsTarget.TRAINER, "step-100")),
+        ("bt://loops:k4q/sampler_weights/s", LoopsUri("k4q", LoopsTarget.SAMPLER, "s")),
+    ],
+)
+def test_parse_bt_uri(uri: str, parsed: LoopsUri) -> None:
+    assert parse_bt_uri(uri) == parsed
+    assert str(parsed) == uri
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("k4q/weights/step-1", "is not a bt:// URI"),
+        ("https://loops:k4q/weights/step-1", "is not a bt:// URI"),
+        ("bt://training:k4q/weights/step-1", "is not a Loops checkpoint"),
+        ("bt://loops:k4q/weights", "has 2 part(s) after bt://loops:, expected 3"),
+        ("bt://loops:k4q/weights/a/b", "has 4 part(s)"),
+        ("bt://loops:/weights/step-1", "has no run id"),
+        ("bt://loops:k4q/trainer/step-1", "'trainer' is neither weights (trainer) nor sampler"),
+        ("bt://loops:k4q/weights/", "has no checkpoint name"),
+    ],
+)
+def test_malformed_bt_uris_are_usage_errors_saying_what_is_wrong(uri: str, message: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_bt_uri(uri)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("target", "name", "directory"),
+    [
+        (LoopsTarget.TRAINER, "step-10", "weights-step-10"),
+        (LoopsTarget.SAMPLER, "step-10", "sampler_weights-step-10"),
+        # A trainer checkpoint named like a sampler directory still cannot meet the sampler's.
+        (LoopsTarget.TRAINER, "sampler_weights-x", "weights-sampler_weights-x"),
+    ],
+)
+def test_checkpoint_dir(target: LoopsTarget, name: str, directory: str) -> None:
+    assert checkpoint_dir(target, name) == directory
+
+
+# --- sync over HTTP -------------------------------------------------------------------------------
+
+
+def test_trainer_and_sampler_sharing_a_name_land_apart_byte_exact(
+    server: ServerThread, dest: Path
+) -> None:
+    result = run_cli(*sync(server, dest, "--loops-run", RUN))
+
+    assert result.code == 0, result.stderr
+    expected = {landed(dest, c, f) for c in of_run(server, RUN) for f in c.checkpoint.files}
+    assert files_under(dest / RUN) == expected
+    for checkpoint in of_run(server, RUN):
+        for file in checkpoint.checkpoint.files:
+            assert_exact(landed(dest, checkpoint, file), file)
+    assert sorted(p.name for p in (dest / RUN).iterdir()) == [
+        "sampler_weights-step-10",
+        "sampler_weights-step-20",
+        "weights-step-10",
+        "weights-step-20",
+    ]
+
+
+def test_each_checkpoints_files_are_walked_page_by_page(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
+    checkpoints = of_run(server, RUN)
+    total = sum(len(c.checkpoint.files) for c in checkpoints)
+
+    result = run_cli(*sync(server, dest, "--loops-run", RUN, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["fetched"] == total
+    # One checkpoint list, then ceil(6 / 4) = 2 pages for each of the 4 checkpoints.
+    assert server.traffic.api_requests == 1 + 4 * 2
+
+
+def test_a_bt_uri_mirrors_that_checkpoint_only(server: ServerThread, dest: Path) -> None:
+    uri = f"bt://loops:{RUN}/sampler_weights/step-10"
+
+    result = run_cli(*sync(server, dest, "--loops-checkpoint", uri))
+
+    assert result.code == 0, result.stderr
+    assert [p.name for p in (dest / RUN).iterdir()] == ["sampler_weights-step-10"]
+    (sampler,) = [c for c in of_run(server, RUN) if c.uri == uri]
+    assert files_under(dest / RUN) == {landed(dest, sampler, f) for f in sampler.checkpoint.files}
+
+
+def test_a_base_model_spans_its_runs(server: ServerThread, dest: Path) -> None:
+    result = run_cli(*sync(server, dest, "--base-model", BASE_MODEL))
+
+    assert result.code == 0, result.stderr
+    assert sorted(p.name for p in dest.iterdir() if p.name != ".checkpoint-sync") == [
+        RUN,
+        SIBLING_RUN,
+    ]
+    assert sorted(p.name for p in (dest / SIBLING_RUN).iterdir()) == [
+        "sampler_weights-step-5",
+        "weights-step-5",
+    ]
+
+
+def test_target_keeps_one_side(server: ServerThread, dest: Path) -> None:
+    result = run_cli(*sync(server, dest, "--loops-run", RUN, "--target", "trainer"))
+
+    assert result.code == 0, result.stderr
+    assert sorted(p.name for p in (dest / RUN).iterdir()) == ["weights-step-10", "weights-step-20"]
+
+
+def test_syncing_left_out_and_latest_checkpoint_node_rank_select(dest: Path) -> None:
+    with ServerThread(loops_catalog(syncing_last=True)) as server:
+        default = run_cli(*sync(server, dest / "a", "--loops-run", RUN))
+        latest = run_cli(*sync(server, dest / "b", "--loops-run", RUN, "--latest"))
+        latest_trainer = run_cli(
+            *sync(server, dest / "c", "--loops-run", RUN, "--latest", "--target", "trainer")
+        )
+        named = run_cli(
+            *sync(
+                server,
+                dest / "d",
+                "--loops-run",
+                RUN,
+                "--checkpoint",
+                "sampler_weights-step-10",
+                "--node-rank",
+                "1",
+            )
+        )
+
+    assert default.code == latest.code == latest_trainer.code == named.code == 0
+    assert f"still syncing: {RUN}/weights-step-20" in default.stdout
+    assert f"still syncing: {RUN}/sampler_weights-step-20" in default.stdout
+    assert sorted(p.name for p in (dest / "a" / RUN).iterdir()) == [
+        "sampler_weights-step-10",
+        "weights-step-10",
+    ]
+    # The sampler checkpoint was saved a minute after its trainer twin.
+    assert [p.name for p in (dest / "b" / RUN).iterdir()] == ["sampler_weights-step-10"]
+    assert [p.name for p in (dest / "c" / RUN).iterdir()] == ["weights-step-10"]
+    assert [p.name for p in (dest / "d" / RUN).iterdir()] == ["sampler_weights-step-10"]
+    assert [p.name for p in (dest / "d" / RUN / "sampler_weights-step-10").iterdir()] == ["1"]
+
+
+def test_expired_urls_are_refreshed_through_the_checkpoints_own_listing(dest: Path) -> None:
+    catalog = Catalog(
+        api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-1",), files=1, size=1 << 20)
+    )
+    with ServerThread(catalog) as server:
+        server.faults.url_ttl = 0.3
+        server.faults.throttle = 2 << 20  # 4 parts of 256 KiB at ~0.12 s each
+        uri = f"bt://loops:{RUN}/weights/step-1"
+
+        result = run_cli(
+            *sync(server, dest, "--loops-checkpoint", uri, "--part-size", "256KiB", "--json"),
+            "--concurrency",
+            "1",
+        )
+
+        assert result.code == 0, result.stderr
+        assert json.loads(result.stdout)["url_refreshes"] > 0
+        (trainer,) = [c for c in catalog.loops if c.uri == uri]
+        assert_exact(
+            landed(dest, trainer, trainer.checkpoint.files[0]), trainer.checkpoint.files[0]
+        )
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--loops-checkpoint", "bt://loops:k4q/weight/step-1"], "'weight' is neither"),
+        (["--loops-run", RUN, "--base-model", BASE_MODEL], "choose one of --loops-run"),
+        (["--target", "sampler"], "choose one of --loops-run"),
+        (
+            ["--loops-checkpoint", f"bt://loops:{RUN}/weights/step-10", "--target", "sampler"],
+            "--target sampler contradicts",
+        ),
+        (["--loops-run", RUN, "--project", "p", "--job", "j"], "choose exactly one source"),
+    ],
+)
+def test_usage_errors_exit_2_in_one_line(
+    server: ServerThread, dest: Path, flags: list[str], message: str
+) -> None:
+    result = run_cli(*sync(server, dest, *flags))
+
+    assert result.code == 2
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert server.traffic.api_requests == 0
+
+
+def test_the_apis_422_for_a_filter_it_refuses_is_shown_and_exits_2(
+    server: ServerThread, dest: Path
+) -> None:
+    result = run_cli(*sync(server, dest, "--loops-run", ""))
+
+    assert result.code == 2
+    assert "the API rejected the request: Provide exactly one filter" in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "",
+        f"run_id={RUN}&base_model=Qwen",
+        "checkpoint_path=bt://loops:k4q/weights",
+    ],
+)
+def test_the_fake_api_wants_exactly_one_well_formed_filter(
+    server: ServerThread, query: str
+) -> None:
+    request = urllib.request.Request(
+        f"{server.url}/v1/loops/checkpoints?{query}",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=5)
+
+    assert caught.value.code == 422
+    detail = json.loads(caught.value.read())["detail"]
+    assert detail[0]["loc"] == ["query"]
+
+
+def test_an_unknown_checkpoint_exits_4(server: ServerThread, dest: Path) -> None:
+    uri = f"bt://loops:{RUN}/weights/step-99"
+
+    result = run_cli(*sync(server, dest, "--loops-checkpoint", uri))
+
+    assert result.code == 4
+    assert f"Loops checkpoint {uri}: no checkpoints found" in result.stderr

@@ -1,0 +1,314 @@
+"""W&B Training: cursor walking, best/latest selection, and artifact files fetched over HTTP."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.errors import NotFoundError, UsageError
+from checkpoint_sync.localserver import (
+    Catalog,
+    ServedFile,
+    ServedWandbCheckpoint,
+    synthetic_wandb_model,
+)
+from checkpoint_sync.plan import select_checkpoints
+from checkpoint_sync.sources.base import Checkpoint, SyncState
+from checkpoint_sync.sources.wandb import best_checkpoint
+from checkpoint_sync.sources.wandb_artifacts import ArtifactPath, parse_artifact_path
+
+from .support import API_KEY, ServerThread, assert_exact, run_cli
+
+MODEL = "wbm-7c1f"
+ARTIFACT = "team/agents/agent-001"
+WANDB_KEY = "wandb-test-key-0123456789"
+# Latest is step 50, the best reward step 30, the lowest loss step 40 (step 50 has no loss).
+METRICS = {
+    10: {"reward": 0.2, "loss": 0.9},
+    20: {"reward": 0.5, "loss": 0.6},
+    30: {"reward": 0.9, "loss": 0.5},
+    40: {"reward": 0.7, "loss": 0.3},
+    50: {"reward": 0.6},
+}
+
+
+def wandb_catalog(*, files: int = 3, size: int = 3000) -> Catalog:
+    return Catalog(
+        api_key=API_KEY,
+        wandb_api_key=WANDB_KEY,
+        wandb_models=[synthetic_wandb_model(MODEL, METRICS, files=files, size=size)],
+    )
+
+
+def serve(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> ServerThread:
+    server = ServerThread(catalog).__enter__()
+    monkeypatch.setenv("WANDB_API_KEY", WANDB_KEY)
+    monkeypatch.setenv("CHECKPOINT_SYNC_WANDB_API_URL", server.url)
+    monkeypatch.setenv("CHECKPOINT_SYNC_WANDB_BASE_URL", server.url)
+    return server
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerThread]:
+    running = serve(wandb_catalog(), monkeypatch)
+    yield running
+    running.__exit__(None, None, None)
+
+
+def checkpoints_of(server: ServerThread) -> dict[int, ServedWandbCheckpoint]:
+    return {c.step: c for c in server.catalog.wandb_models[0].checkpoints}
+
+
+def landed(dest: Path, step: int, file: ServedFile) -> Path:
+    """The documented layout: <model_id>/step-<N>/0/<path in the artifact>."""
+    return dest / MODEL / f"step-{step}" / "0" / file.name
+
+
+def listed(*flags: str) -> list[str]:
+    return ["list", "--wandb-model", MODEL, *flags]
+
+
+def synced(dest: Path, *flags: str) -> list[str]:
+    return ["sync", "--wandb-model", MODEL, "--dest", str(dest), "--concurrency", "4", *flags]
+
+
+# --- selection (pure) -----------------------------------------------------------------------------
+
+
+def wandb_checkpoint(step: int, **metrics: float) -> Checkpoint:
+    return Checkpoint(
+        key=f"id-{step}",
+        name=f"step-{step}",
+        run=MODEL,
+        created_at=None,
+        size_bytes=None,
+        state=SyncState.COMPLETE,
+        step=step,
+        metrics=metrics,
+    )
+
+
+LISTED = [wandb_checkpoint(step, **metrics) for step, metrics in METRICS.items()]
+
+
+@pytest.mark.parametrize(
+    ("checkpoints", "metric", "minimize", "step"),
+    [
+        (LISTED, "reward", False, 30),
+        (LISTED, "loss", True, 40),  # step 50 has no loss: it takes no part
+        (LISTED, "loss", False, 10),
+        ([wandb_checkpoint(1, r=0.5), wandb_checkpoint(2, r=0.5)], "r", False, 2),  # tie: later
+        ([wandb_checkpoint(2, r=0.5), wandb_checkpoint(1, r=0.5)], "r", True, 2),
+        ([wandb_checkpoint(1, r=0.1), wandb_checkpoint(2, r=math.nan)], "r", False, 1),
+        ([wandb_checkpoint(1, r=-math.inf), wandb_checkpoint(2, r=-1.0)], "r", True, 1),
+    ],
+)
+def test_best_checkpoint(
+    checkpoints: list[Checkpoint], metric: str, minimize: bool, step: int
+) -> None:
+    assert best_checkpoint(checkpoints, metric, minimize=minimize).step == step
+
+
+def test_best_of_a_metric_no_checkpoint_has_names_the_metrics_there_are() -> None:
+    with pytest.raises(UsageError) as caught:
+        best_checkpoint(LISTED, "accuracy", what="model m")
+    expected = "no checkpoint of model m has the metric 'accuracy' (its metrics: loss, reward)"
+    assert str(caught.value) == expected
+
+
+def test_best_of_no_checkpoints_is_not_found() -> None:
+    with pytest.raises(NotFoundError):
+        best_checkpoint([], "reward")
+
+
+def test_latest_of_w_and_b_checkpoints_is_the_highest_step() -> None:
+    shuffled = [LISTED[3], LISTED[4], LISTED[0]]
+    assert [c.step for c in select_checkpoints(shuffled, latest=True).checkpoints] == [50]
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("team/agents/agent-001", ArtifactPath("team", "agents", "agent-001")),
+        ("a/b/c", ArtifactPath("a", "b", "c")),
+    ],
+)
+def test_parse_artifact_path(text: str, parsed: ArtifactPath) -> None:
+    assert parse_artifact_path(text) == parsed
+    assert str(parsed) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("agents/agent-001", "is not ENTITY/PROJECT/NAME"),
+        ("team/agents/agent-001/x", "is not ENTITY/PROJECT/NAME"),
+        ("team//agent-001", "is not ENTITY/PROJECT/NAME"),
+        ("team/agents/agent-001:step10", "leave out the version"),
+    ],
+)
+def test_malformed_artifact_paths(text: str, message: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        parse_artifact_path(text)
+    assert message in str(caught.value)
+
+
+# --- listing over HTTP ----------------------------------------------------------------------------
+
+
+def test_the_cursor_is_walked_to_the_end_in_pages(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+
+    result = run_cli(*listed("--json"))
+
+    assert result.code == 0, result.stderr
+    rows = json.loads(result.stdout)["checkpoints"]
+    assert [(r["step"], r["metrics"]) for r in rows] == list(METRICS.items())
+    assert [r["id"] for r in rows] == [checkpoints_of(server)[s].id for s in METRICS]
+    assert server.traffic.api_requests == 3  # 2 + 2 + 1
+
+
+def test_a_cursor_that_does_not_advance_is_an_error_not_a_loop(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    server.catalog.wandb_models[0].stuck_cursor = True
+
+    result = run_cli(*listed())
+
+    assert result.code == 1
+    assert "does not advance" in result.stderr
+    assert server.traffic.api_requests == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "step"),
+    [(["--best", "reward"], 30), (["--best", "loss", "--minimize"], 40), (["--latest"], 50)],
+)
+def test_the_chosen_checkpoint_is_printed_for_scripts(
+    server: ServerThread, flags: list[str], step: int
+) -> None:
+    as_json = run_cli(*listed(*flags, "--json"))
+    as_text = run_cli(*listed(*flags))
+
+    assert as_json.code == as_text.code == 0, as_json.stderr
+    (chosen,) = json.loads(as_json.stdout)["checkpoints"]
+    assert chosen["id"] == checkpoints_of(server)[step].id
+    assert (chosen["step"], chosen["metrics"]) == (step, METRICS[step])
+    header, row = as_text.stdout.splitlines()
+    assert header.split() == ["RUN", "CHECKPOINT", "ID", "STEP", "SIZE", "STATUS", "METRICS"]
+    metrics = [f"{k}={v}" for k, v in sorted(METRICS[step].items())]
+    assert row.split() == [
+        MODEL,
+        f"step-{step}",
+        chosen["id"],
+        str(step),
+        "-",
+        "complete",
+        *metrics,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--best", "accuracy"], "has the metric 'accuracy' (its metrics: loss, reward)"),
+        (["--best", "reward", "--latest"], "--best and --latest each pick one checkpoint"),
+        (["--minimize"], "--minimize goes with --best METRIC"),
+        (["--wandb-artifact", "team/agents"], "is not ENTITY/PROJECT/NAME"),
+    ],
+)
+def test_selection_usage_errors_exit_2(
+    server: ServerThread, flags: list[str], message: str
+) -> None:
+    result = run_cli(*listed(*flags))
+
+    assert result.code == 2
+    assert message in result.stderr
+
+
+def test_a_refused_w_and_b_key_exits_3_without_showing_it(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "wrong-wandb-key-123456")
+
+    result = run_cli(*listed())
+
+    assert result.code == 3
+    assert "check WANDB_API_KEY" in result.stderr
+    assert "wrong-wandb-key-123456" not in result.stderr + result.stdout
+
+
+# --- fetching the artifact ------------------------------------------------------------------------
+
+
+def test_the_best_checkpoints_artifact_is_mirrored_byte_exact(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    best = checkpoints_of(server)[30]
+
+    result = run_cli(*synced(dest, "--best", "reward", "--wandb-artifact", ARTIFACT, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["fetched"] == len(best.files) == 3
+    for file in best.files:
+        assert_exact(landed(dest, 30, file), file)
+    assert [p.name for p in (dest / MODEL).iterdir()] == ["step-30"]
+    # Checkpoints: 3 pages of 2; artifact files: 2 pages of 2.
+    assert server.traffic.api_requests == 3 + 2
+
+    again = run_cli(*synced(dest, "--best", "reward", "--wandb-artifact", ARTIFACT, "--json"))
+    assert json.loads(again.stdout)["files"]["skipped"] == 3
+
+
+def test_expired_artifact_urls_are_refreshed(dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = serve(wandb_catalog(files=1, size=1 << 20), monkeypatch)
+    try:
+        server.faults.url_ttl = 0.3
+        server.faults.throttle = 2 << 20  # 4 parts of 256 KiB at ~0.12 s each
+
+        result = run_cli(
+            *synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--part-size", "256KiB"),
+            "--concurrency",
+            "1",
+            "--json",
+        )
+
+        assert result.code == 0, result.stderr
+        assert json.loads(result.stdout)["url_refreshes"] > 0
+        (file,) = checkpoints_of(server)[50].files
+        assert_exact(landed(dest, 50, file), file)
+    finally:
+        server.__exit__(None, None, None)
+
+
+def test_fetching_without_the_artifact_path_says_what_to_pass(
+    server: ServerThread, dest: Path
+) -> None:
+    result = run_cli(*synced(dest, "--latest"))
+
+    assert result.code == 2
+    assert "pass --wandb-artifact ENTITY/PROJECT/NAME" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("artifact", "message"),
+    [
+        ("team/other-project/agent-001", "W&B project team/other-project not found"),
+        ("team/agents/agent-999", "W&B artifact team/agents/agent-999:step50: not found"),
+    ],
+)
+def test_an_unknown_artifact_exits_4(
+    server: ServerThread, dest: Path, artifact: str, message: str
+) -> None:
+    result = run_cli(*synced(dest, "--latest", "--wandb-artifact", artifact))
+
+    assert result.code == 4
+    assert message in result.stderr
