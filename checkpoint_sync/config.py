@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from .errors import UsageError
+from .net import url_problem
 
 ENV_PREFIX = "CHECKPOINT_SYNC_"
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", re.IGNORECASE)
@@ -70,6 +71,24 @@ class Settings(BaseModel):
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
+
+    @field_validator("api_url", "wandb_api_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if problem := url_problem(value):
+            raise ValueError(f"{value!r} is {problem}")
+        return value
+
+    @field_validator("api_key", "wandb_api_key", mode="before")
+    @classmethod
+    def _clean_key(cls, value: Any) -> Any:
+        # A key read from a file often ends with a newline; no control character can travel in
+        # a header. The message never shows the key.
+        if isinstance(value, str):
+            value = value.strip()
+            if any(ord(c) < 32 or ord(c) == 127 for c in value):
+                raise ValueError("the key contains a control character")
+        return value
 
     def baseten_key(self) -> str | None:
         return _key(self.api_key)

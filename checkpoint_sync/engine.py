@@ -18,11 +18,11 @@ import aiohttp
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .errors import FileError, most_severe
+from .errors import ApiError, FileError, TransientError, most_severe
 from .layout import STATE_DIR, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
-from .plan import Selection, check_listed_size, is_current
+from .plan import Selection, check_listed_size, check_listed_url, is_current
 from .progress import Stats
 from .sources.base import RemoteFile, Source
 from .transfer import Transfers, TransferSettings
@@ -96,28 +96,44 @@ async def _run(
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None,
 ) -> None:
+    async def relist(file: RemoteFile) -> str:
+        url = await source.refresh_url(file)
+        check_listed_url(url)
+        return url
+
     transfers = Transfers(
         session,
         options.dest,
         manifest,
         source.name,
-        source.refresh_url,
+        relist,
         anyio.CapacityLimiter(options.concurrency),
         stats,
         options.transfer,
     )
     send, receive = anyio.create_memory_object_stream[_Job](max_buffer_size=options.concurrency)
+    listing_failed: list[ApiError | TransientError] = []
+
+    async def produce() -> None:
+        try:
+            await _produce(source, selection, options, manifest, stats, on_plan, send)
+        except (ApiError, TransientError) as exc:
+            # The files already queued are good: let them land, then report the broken listing.
+            listing_failed.append(exc)
+
     try:
         async with anyio.create_task_group() as outer:
             outer.start_soon(_commit_periodically, manifest)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(_produce, source, selection, options, manifest, stats, on_plan, send)
+                tg.start_soon(produce)
                 async with receive:
                     for _ in range(options.concurrency):
                         tg.start_soon(_work, receive.clone(), transfers, stats)
             outer.cancel_scope.cancel()
     except ExceptionGroup as group:
         raise most_severe(group) from None
+    if listing_failed:
+        raise listing_failed[0]
 
 
 async def _produce(
@@ -155,11 +171,15 @@ def _plan(
         return None
     try:
         relative = mirror_path(file)
-        check_listed_size(file)
     except FileError as exc:
         stats.fail(f"{file.run}/{file.checkpoint}/{file.node_rank}", str(exc))
         return None
     key = str(relative)
+    try:
+        check_listed_size(file)
+    except FileError as exc:
+        stats.fail(key, str(exc))
+        return None
     if not manifest.first_listing(key):
         stats.fail(key, "listed more than once; only its first entry is mirrored")
         return None
@@ -167,6 +187,11 @@ def _plan(
         stats.files_skipped += 1
         stats.bytes_skipped += file.size
         return relative, "skip"
+    try:
+        check_listed_url(file.url)
+    except FileError as exc:
+        stats.fail(key, str(exc))
+        return None
     stats.files_to_fetch += 1
     stats.bytes_to_fetch += file.size
     return relative, "fetch"

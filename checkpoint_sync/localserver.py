@@ -143,9 +143,20 @@ class Faults:
     # Answer 206 with a Content-Range shifted by this many bytes.
     shift_content_range: int = 0
     stall_seconds: float = 30.0
+    # The Retry-After header of an injected 429.
+    retry_after: str = "0"
     # Decides a fault for one request from (name, start, end), before `fail_rate` is drawn.
     hook: Callable[[str, int, int], str | None] | None = None
     seed: int = 7
+    # Seconds every API request waits before it is answered (a slow listing).
+    api_delay: float = 0.0
+    # Answers for the next API requests, one each, instead of the real one: an HTTP status
+    # ("401", "404", "422", "429", "500"...), a broken body ("not-json", "truncated"), or None
+    # for the real answer.
+    api_faults: list[str | None] = field(default_factory=list)
+    # File listings that never end: "stuck" hands back the page_token it was given, "repeat"
+    # hands out ever larger tokens and repeats the last page once the files run out.
+    endless_listing: str | None = None
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -159,6 +170,8 @@ class Traffic:
     object_bytes_sent: int = 0
     api_requests: int = 0
     ranges: list[tuple[str, int, int]] = field(default_factory=list)
+    # How often each object fault was injected.
+    faults: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -341,6 +354,10 @@ class LocalServer:
     def _api(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
             self.traffic.api_requests += 1
+            if self.faults.api_delay:
+                await asyncio.sleep(self.faults.api_delay)
+            if self.faults.api_faults and (kind := self.faults.api_faults.pop(0)) is not None:
+                return await _api_fault(kind, handler, request)
             scheme, _, key = request.headers.get("Authorization", "").partition(" ")
             if scheme not in ("Bearer", "Api-Key") or not hmac.compare_digest(
                 key.encode(), self.catalog.api_key.encode()
@@ -412,6 +429,11 @@ class LocalServer:
             return _unprocessable("page_size must be >= 1 and page_token >= 0")
         page = entries[token : token + page_size]
         following = token + page_size
+        next_token = following if following < len(entries) else None
+        if self.faults.endless_listing == "stuck":
+            next_token = token
+        elif self.faults.endless_listing == "repeat":
+            page, next_token = page or entries[-page_size:], following
         return web.json_response(
             {
                 "presigned_urls": [
@@ -424,7 +446,7 @@ class LocalServer:
                     }
                     for f in page
                 ],
-                "next_page_token": following if following < len(entries) else None,
+                "next_page_token": next_token,
                 "total_count": len(entries),
             }
         )
@@ -603,8 +625,11 @@ class LocalServer:
             start, end, ranged = 0, file.size, False
         self.traffic.ranges.append((file.name, start, end))
         fault = self._pick_fault(file.name, start, end)
+        if fault is not None:
+            self.traffic.faults[fault] = self.traffic.faults.get(fault, 0) + 1
         if fault == "429":
-            return web.Response(status=429, headers={"Retry-After": "0"}, text="slow down")
+            retry_after = self.faults.retry_after
+            return web.Response(status=429, headers={"Retry-After": retry_after}, text="slow down")
         if fault is not None and fault.isdigit():
             return web.Response(status=int(fault), text="injected failure")
         response = web.StreamResponse(status=206 if ranged else 200)
@@ -676,6 +701,23 @@ def _md5(file: ServedFile) -> str:
     """The file's MD5 as W&B lists it: base64 of the digest."""
     digest = hashlib.md5(content(file.seed, 0, file.size), usedforsecurity=False).digest()
     return base64.b64encode(digest).decode()
+
+
+async def _api_fault(kind: str, handler: Handler, request: web.Request) -> web.StreamResponse:
+    if kind == "not-json":
+        return web.Response(
+            text="<html><body>502 Bad Gateway</body></html>", content_type="text/html"
+        )
+    if kind == "truncated":
+        whole = await handler(request)
+        body = whole.body if isinstance(whole, web.Response) else b""
+        assert isinstance(body, bytes)
+        return web.Response(body=body[: len(body) // 2], content_type="application/json")
+    status = int(kind)
+    if status == 422:
+        return _unprocessable(f"page_size is out of range for this listing (injected {kind})")
+    headers = {"Retry-After": "0"} if status == 429 else None
+    return web.json_response({"detail": f"injected HTTP {kind}"}, status=status, headers=headers)
 
 
 def _s3_error(code: str, message: str) -> web.Response:

@@ -71,6 +71,18 @@ def proxy_for(url: str) -> str | None:
     return _proxy_for_host(parts.scheme, parts.hostname or "")
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be fetched over HTTP(S), or None: checked before any request is made."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port out of range raises here, not in the middle of a transfer
+    except ValueError:
+        return "not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "not an http(s) URL"
+    return None
+
+
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     """``Retry-After`` as seconds, from either its delta or its HTTP-date form."""
     value = headers.get("Retry-After")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import IntegrityError, NotFoundError
+from .errors import FileError, IntegrityError, NotFoundError
+from .net import url_problem
 from .sources.base import Checkpoint, RemoteFile, SyncState
 
 # Larger than any checkpoint file we can imagine; a size beyond it is a broken listing.
@@ -61,6 +62,11 @@ def _age_key(checkpoint: Checkpoint) -> tuple[float, int]:
 def check_listed_size(file: RemoteFile) -> None:
     if not 0 <= file.size <= MAX_FILE_SIZE:
         raise IntegrityError(f"listed size {file.size} is not a plausible file size")
+
+
+def check_listed_url(url: str) -> None:
+    if problem := url_problem(url):
+        raise FileError(f"its presigned URL is {problem}")
 
 
 @dataclass(frozen=True)

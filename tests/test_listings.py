@@ -1,0 +1,216 @@
+"""Hostile or broken listings and API errors: a clear error for that entry or that run.
+
+Nothing is ever written outside DEST, and the files the listing did describe well still land.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.localserver import ServedFile
+from checkpoint_sync.net import url_problem
+
+from .conftest import JOB, sync_args
+from .support import ServerThread, assert_exact, mirrored, run_cli
+
+
+def landed(server: ServerThread, dest: Path, ignored: ServedFile | None = None) -> list[ServedFile]:
+    """The listed files now at their final path, each checked byte for byte."""
+    found = []
+    for file in server.catalog.files():
+        path = mirrored(dest, JOB, file)
+        if file is not ignored and path.exists():
+            assert_exact(path, file)
+            found.append(file)
+    return found
+
+
+def add_file(server: ServerThread, name: str, size: int, *, rank: int = 0) -> ServedFile:
+    checkpoint = server.catalog.jobs[0].checkpoints[0]
+    added = ServedFile(rank, name, size, checkpoint.files[0].last_modified, seed=9000)
+    checkpoint.files.append(added)
+    return added
+
+
+def test_symlinks_in_the_mirror_leading_outside_are_refused(
+    server: ServerThread, dest: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dest / JOB / "checkpoint-20").mkdir(parents=True)
+    (dest / JOB / "checkpoint-10").symlink_to(outside)  # a whole checkpoint
+    (dest / JOB / "checkpoint-20" / "1").symlink_to(outside)  # one rank of another
+    misled = [
+        f
+        for f in server.catalog.files()
+        if f.name.startswith("checkpoint-10/")
+        or (f.name.startswith("checkpoint-20/") and f.node_rank)
+    ]
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    failures = json.loads(result.stdout)["failures"]
+    assert len(failures) == len(misled)
+    assert all("leads outside the destination" in f["error"] for f in failures)
+    assert list(outside.iterdir()) == []  # not even a directory was made through the links
+    assert len(landed(server, dest)) == len(list(server.catalog.files())) - len(misled)
+
+
+def test_a_path_listed_twice_is_mirrored_once_from_its_first_entry(
+    server: ServerThread, dest: Path
+) -> None:
+    first = server.catalog.jobs[0].checkpoints[0].files[1]
+    second = add_file(server, first.name, first.size + 10, rank=first.node_rank)
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 1
+    assert "listed more than once; only its first entry is mirrored" in result.stderr
+    assert_exact(mirrored(dest, JOB, first), first)
+    assert len(landed(server, dest, ignored=second)) == len(list(server.catalog.files())) - 1
+
+
+@pytest.mark.parametrize("size", [-1, 1 << 60])
+def test_implausible_listed_sizes_are_refused(server: ServerThread, dest: Path, size: int) -> None:
+    add_file(server, "checkpoint-10/odd.bin", size)
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 1
+    assert f"listed size {size} is not a plausible file size" in result.stderr
+    assert not (dest / JOB / "checkpoint-10" / "0" / "odd.bin").exists()
+    assert len(landed(server, dest)) == len(list(server.catalog.files())) - 1
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://[::1/objects/1?X-Amz-Signature=s3cr3t", "not a valid URL"),
+        ("http://127.0.0.1:99999/objects/1?X-Amz-Signature=s3cr3t", "not a valid URL"),
+        ("ftp://127.0.0.1/objects/1?X-Amz-Signature=s3cr3t", "not an http(s) URL"),
+        ("objects/1?X-Amz-Signature=s3cr3t", "not an http(s) URL"),
+    ],
+)
+def test_an_unusable_presigned_url_fails_its_file_alone(
+    server: ServerThread, dest: Path, url: str, problem: str
+) -> None:
+    broken = server.catalog.jobs[0].checkpoints[0].files[1]
+    broken.external_url = url
+
+    result = run_cli(*sync_args(server, dest, "--debug"))
+
+    assert result.code == 1
+    assert problem in result.stderr
+    assert "internal error" not in result.stderr
+    assert "s3cr3t" not in result.stdout + result.stderr
+    assert len(landed(server, dest)) == len(list(server.catalog.files())) - 1
+
+
+@pytest.mark.parametrize(
+    ("faults", "endless", "message", "pages_landed"),
+    [
+        ([None, "not-json"], None, "the API answered with something not JSON", 0),
+        ([None, None, None, "truncated"], None, "unexpected API answer (body: Invalid JSON", 2),
+        ([], "stuck", "next_page_token 0 does not advance past 0", 1),
+        ([], "repeat", "the listing goes on past its total_count", 8),
+    ],
+)
+def test_a_broken_listing_stops_the_run_after_the_files_it_did_list(
+    server: ServerThread,
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    faults: list[str | None],
+    endless: str | None,
+    message: str,
+    pages_landed: int,
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
+    server.faults.api_faults = faults
+    server.faults.endless_listing = endless
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 1
+    assert message in result.stderr.splitlines()[-1]
+    # The pages read before the broken one are mirrored in full (the listing has 30 files).
+    assert len(landed(server, dest)) == min(4 * pages_landed, 30)
+    assert server.traffic.api_requests < 20
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "message"),
+    [
+        ("401", 3, "the API refused the key (HTTP 401); check BASETEN_API_KEY"),
+        ("403", 3, "the API refused the key (HTTP 403); check BASETEN_API_KEY"),
+        ("404", 4, "training job job-1 of project proj: not found (HTTP 404)"),
+        ("422", 2, "the API rejected the request: page_size is out of range for this listing"),
+    ],
+)
+@pytest.mark.parametrize("failing", ["checkpoints", "files"])
+def test_api_errors_exit_with_their_code_and_a_one_line_message(
+    server: ServerThread, dest: Path, status: str, code: int, message: str, failing: str
+) -> None:
+    server.faults.api_faults = [status] if failing == "checkpoints" else [None, status]
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == code
+    assert result.stderr.count("\n") == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert server.traffic.api_requests == (1 if failing == "checkpoints" else 2)  # no retries
+
+
+@pytest.mark.parametrize("status", ["500", "502", "503", "429"])
+def test_api_5xx_and_429_are_retried(server: ServerThread, dest: Path, status: str) -> None:
+    server.faults.api_faults = [status, None, status, status]
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 0, result.stderr
+    assert server.traffic.api_requests == 2 + 3
+    assert len(landed(server, dest)) == 30
+
+
+def test_api_5xx_that_persists_is_reported_after_the_allowed_attempts(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "3")
+    server.faults.api_faults = ["503"] * 3
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 1
+    assert "training job job-1 of project proj: HTTP 503 from the API" in result.stderr
+    assert server.traffic.api_requests == 3
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://bucket.s3.amazonaws.com/k?X-Amz-Signature=1", None),
+        ("http://127.0.0.1:8080/objects/1", None),
+        ("http://[::1]:8080/objects/1", None),
+        ("http://[::1/objects/1", "not a valid URL"),
+        ("http://127.0.0.1:99999/", "not a valid URL"),
+        ("ftp://host/file", "not an http(s) URL"),
+        ("localhost:8080", "not an http(s) URL"),
+        ("/objects/1", "not an http(s) URL"),
+        ("http:///objects/1", "not an http(s) URL"),
+    ],
+)
+def test_url_problem(url: str, problem: str | None) -> None:
+    assert url_problem(url) == problem
+
+
+@pytest.mark.parametrize("api_url", ["localhost:8080", "http://127.0.0.1:99999", "ftp://api"])
+def test_an_unusable_api_url_is_a_usage_error_at_once(dest: Path, api_url: str) -> None:
+    result = run_cli("sync", "--api-url", api_url, "--project", "p", "--job", "j", "--dest", dest)
+
+    assert result.code == 2
+    assert f"bad setting api_url: Value error, {api_url!r} is not" in result.stderr
+    assert result.stderr.count("\n") == 1
