@@ -1,0 +1,180 @@
+"""Transient faults on the object URLs: the mirror still ends byte-exact, refetching little."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.localserver import Catalog, Faults, ServedFile, synthetic_job
+
+from .conftest import JOB, PROJECT, sync_args
+from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
+
+PART = 256 << 10
+# The faults that break a body half way; the others are answered before any byte.
+MID_BODY = ("reset", "short", "stall")
+
+
+def catalog() -> Catalog:
+    """2 checkpoints x 2 ranks, each with two 5-part files and 20 small ones: 120 requests."""
+    job = synthetic_job(
+        PROJECT,
+        JOB,
+        checkpoints=2,
+        ranks=2,
+        large_files=2,
+        large_size=(1 << 20) + 12345,
+        small_files=20,
+        small_size=3000,
+    )
+    return Catalog(api_key=API_KEY, jobs=[job])
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    with ServerThread(catalog()) as running:
+        yield running
+
+
+def files(server: ServerThread) -> list[ServedFile]:
+    return list(server.catalog.files())
+
+
+def data_size(server: ServerThread) -> int:
+    return sum(f.size for f in files(server))
+
+
+def assert_mirrored(server: ServerThread, dest: Path) -> None:
+    for file in files(server):
+        assert_exact(mirrored(dest, JOB, file), file)
+    assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
+
+
+def test_ten_percent_of_requests_failing_every_way_still_ends_byte_exact(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_READ_TIMEOUT", "0.5")
+    server.faults.fail_rate = 0.1
+    server.faults.stall_seconds = 5  # past the read timeout: the client must give up on it
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert_mirrored(server, dest)
+    injected = server.traffic.faults
+    assert set(injected) == set(Faults().fail_kinds), injected  # every kind was tried
+    assert json.loads(result.stdout)["retries"] == sum(injected.values())
+    # Only the broken parts are asked for again: a body cut half way costs at most its part.
+    broken = sum(injected.get(kind, 0) for kind in MID_BODY)
+    refetched = server.traffic.object_bytes_sent - data_size(server)
+    assert 0 < refetched <= broken * PART
+
+
+def test_retry_after_of_a_429_is_honoured(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRY_MAX_DELAY", "5")
+    target = files(server)[0]
+    answered: list[int] = []
+
+    def once(name: str, start: int, end: int) -> str | None:
+        if name == target.name and start == PART and not answered:
+            answered.append(start)
+            return "429"
+        return None
+
+    server.faults.hook = once
+    server.faults.retry_after = "1"
+    started = time.monotonic()
+
+    result = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-10"))
+
+    assert result.code == 0, result.stderr
+    assert time.monotonic() - started >= 1.0
+    assert answered == [PART]
+    assert_exact(mirrored(dest, JOB, target), target)
+
+
+def test_a_server_ignoring_range_is_read_as_one_stream(server: ServerThread, dest: Path) -> None:
+    server.faults.ignore_range = True
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 0, result.stderr
+    assert_mirrored(server, dest)
+    large = [f for f in files(server) if f.size > PART]
+    for file in large:
+        asked = [(s, e) for name, s, e in server.traffic.ranges if name == file.name]
+        assert (0, file.size) in asked  # the whole-stream fallback
+    # Each large file may also have had its first (ignored) answer cut short.
+    assert server.traffic.object_bytes_sent <= data_size(server) + sum(f.size for f in large)
+
+
+def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
+    server: ServerThread, dest: Path
+) -> None:
+    server.faults.shift_content_range = 1
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    failures = json.loads(result.stdout)["failures"]
+    assert len(failures) == len(files(server))
+    assert all("does not match the requested bytes" in f["error"] for f in failures)
+    assert not (dest / JOB).exists() or not any(p.is_file() for p in (dest / JOB).rglob("*"))
+    for staged in (dest / ".checkpoint-sync" / "staging").iterdir():
+        assert staged.read_bytes().count(0) == staged.stat().st_size  # never written
+
+    server.call(lambda: setattr(server.faults, "shift_content_range", 0))
+    again = run_cli(*sync_args(server, dest))
+
+    assert again.code == 0, again.stderr
+    assert_mirrored(server, dest)  # no shifted part was taken as done
+
+
+def test_urls_that_expire_mid_transfer_are_refreshed_and_nothing_is_fetched_twice(
+    server: ServerThread, dest: Path
+) -> None:
+    server.faults.url_ttl = 0.5
+    server.faults.throttle = 1 << 20  # a 5-part file takes over a second at concurrency 2
+    args = sync_args(server, dest, "--checkpoint", "checkpoint-10", "--concurrency", "2", "--json")
+
+    result = run_cli(*args)
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["url_refreshes"] > 0
+    wanted = [f for f in files(server) if f.name.startswith("checkpoint-10/")]
+    for file in wanted:
+        assert_exact(mirrored(dest, JOB, file), file)
+    assert server.traffic.object_bytes_sent == sum(f.size for f in wanted)
+
+
+@pytest.mark.parametrize("large", [True, False])
+def test_a_persistent_403_is_a_permission_error_for_that_file_only(
+    server: ServerThread, dest: Path, large: bool
+) -> None:
+    denied = next(f for f in files(server) if (f.size > PART) == large and f.node_rank == 0)
+    server.faults.denied = {denied.name}  # both ranks' copies
+    started = time.monotonic()
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    failures = json.loads(result.stdout)["failures"]
+    expected = [f"{JOB}/{_relative(f)}" for f in files(server) if f.name == denied.name]
+    assert sorted(f["path"] for f in failures) == sorted(expected)
+    assert all("access denied even with a freshly listed URL" in f["error"] for f in failures)
+    assert all("X-Amz-Signature" not in f["error"] for f in failures)
+    assert time.monotonic() - started < 5  # not retried for ever
+    for file in files(server):
+        if file.name != denied.name:
+            assert_exact(mirrored(dest, JOB, file), file)
+
+
+def _relative(file: ServedFile) -> str:
+    checkpoint, _, rest = file.name.partition("/")
+    return f"{checkpoint}/{file.node_rank}/{rest}"
