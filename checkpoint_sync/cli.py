@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import anyio
 from pydantic import SecretStr
@@ -34,6 +36,9 @@ from .retry import RetryPolicy
 from .sources import SOURCES, Source, SourceContext, SourceSpec
 from .sources.baseten_training import TrainingJobSource
 from .transfer import TransferSettings
+
+if TYPE_CHECKING:
+    from .bench import Trial
 
 EXIT_OK = 0
 EXIT_FILES_FAILED = 1
@@ -54,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         out.error("interrupted")
         return 128 + signal.SIGINT
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- silences the flush at exit
+        return 128 + signal.SIGPIPE
     except Exception as exc:  # a bug: say so in one line, the traceback only when asked
         if args.debug:
             out.error("".join(traceback.format_exception(exc)))
@@ -128,6 +136,42 @@ def _parser() -> argparse.ArgumentParser:
     _add_common_arguments(list_cmd)
     list_cmd.set_defaults(handler=_list_command)
 
+    bench = commands.add_parser(
+        "bench",
+        help="measure download throughput and recommend settings "
+        "(of a source, or of the built-in server)",
+    )
+    _add_source_arguments(bench)
+    _add_selection_arguments(bench, syncing=False)
+    bench.add_argument(
+        "--concurrency",
+        dest="concurrencies",
+        type=_list_of(int),
+        default=[4, 8, 16, 32],
+        help="connection counts to try, e.g. 4,8,16,32",
+    )
+    bench.add_argument(
+        "--part-size",
+        dest="part_sizes",
+        type=_list_of(parse_size),
+        default=[16 << 20, 64 << 20],
+        help="part sizes to try, e.g. 16MiB,64MiB",
+    )
+    bench.add_argument(
+        "--max-bytes",
+        type=_size_arg,
+        default=1 << 30,
+        help="bytes per trial: the first files of the selection up to this (default 1GiB)",
+    )
+    bench.add_argument("--scratch", type=Path, help="where trials write (default: the temp dir)")
+    bench.add_argument(
+        "--discard",
+        action="store_true",
+        help="keep the disk out of it: trials write to RAM (/dev/shm) and are dropped",
+    )
+    _add_common_arguments(bench)
+    bench.set_defaults(handler=_bench_command)
+
     demo = commands.add_parser(
         "demo", help="mirror a synthetic checkpoint from a built-in local server, twice"
     )
@@ -186,6 +230,16 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks of internal errors (redacted)"
     )
+
+
+def _list_of(parse: Callable[[str], int]) -> Callable[[str], list[int]]:
+    def parse_list(text: str) -> list[int]:
+        try:
+            return [parse(item) for item in text.split(",") if item.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse_list
 
 
 def _size_arg(text: str) -> int:
@@ -483,3 +537,106 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
     received = _run(run_twice)
     out.info(f"the mirror is in {dest}")
     return 128 + received if received is not None else max(codes, default=EXIT_OK)
+
+
+# --- bench ----------------------------------------------------------------------------------------
+
+
+def _bench_command(args: argparse.Namespace, out: _Output) -> int:
+    from .bench import grid, recommend, run_trials
+
+    settings = _settings(args, out)
+    pairs = grid(args.concurrencies, args.part_sizes)
+    scratch = _SHM if args.discard else (args.scratch or Path(tempfile.gettempdir()))
+    trials: list[Trial] = []
+
+    async def measure() -> None:
+        # The listing has its own session: each trial opens fresh connections for the files.
+        async with (
+            _bench_target(args, settings) as (target, build),
+            open_session(_net(target)) as session,
+        ):
+            source = build(SourceContext(session, target, _retry(target)))
+            selection = select_checkpoints(
+                await source.checkpoints(),
+                names=args.checkpoint,
+                latest=args.latest,
+                what=source.description,
+            )
+            out.info(f"benchmarking {source.description}: {len(pairs)} trials")
+            trials.extend(
+                await run_trials(
+                    source,
+                    selection,
+                    pairs,
+                    budget=args.max_bytes,
+                    scratch=scratch,
+                    net=_net(target),
+                    retry=_retry(target),
+                )
+            )
+
+    received = _run(measure)
+    if received is not None:
+        out.error(f"stopped by {signal.Signals(received).name}")
+        return 128 + received
+    best = recommend(trials)
+    if out.as_json:
+        out.json(
+            {
+                "trials": [{**asdict(t), "mb_per_s": round(t.mb_per_s, 1)} for t in trials],
+                "recommended": {"concurrency": best.concurrency, "part_size": best.part_size},
+            }
+        )
+    else:
+        for line in _bench_table(trials):
+            out.info(line)
+        out.info(
+            f"recommended: --concurrency {best.concurrency} --part-size "
+            f"{human_bytes(best.part_size).replace(' ', '').replace('.0', '')} "
+            f"({best.mb_per_s:.0f} MB/s)"
+        )
+    return EXIT_FILES_FAILED if any(t.failed for t in trials) else EXIT_OK
+
+
+# RAM-backed on Linux: --discard measures the network, not the disk.
+_SHM = Path("/dev/shm")  # noqa: S108
+
+
+def _bench_table(trials: list[Trial]) -> list[str]:
+    def ms(value: float | None, unit: str) -> str:
+        return f"{value:.1f} {unit}" if value is not None else "-"
+
+    lines = [
+        f"{'concurrency':>11} {'part size':>10} {'files':>6} {'MB/s':>8} {'first byte':>11} "
+        f"{'per conn.':>11} {'CPU s':>6} {'failed':>6}"
+    ]
+    for t in trials:
+        lines.append(
+            f"{t.concurrency:>11} {human_bytes(t.part_size):>10} {t.files:>6} "
+            f"{t.mb_per_s:>8.1f} {ms(t.first_byte_ms, 'ms'):>11} "
+            f"{ms(t.connection_mb_s, 'MB/s'):>11} {t.cpu_seconds:>6.2f} {t.failed:>6}"
+        )
+    return lines
+
+
+@asynccontextmanager
+async def _bench_target(
+    args: argparse.Namespace, settings: Settings
+) -> AsyncIterator[tuple[Settings, Callable[[SourceContext], Source]]]:
+    """The source the flags name, or the built-in server in a process of its own."""
+    if any(spec.chosen(args) for spec in SOURCES):
+        spec = _chosen_source(args)
+        yield settings, lambda context: spec.build(args, context)
+        return
+    command = [sys.executable, "-m", "checkpoint_sync.localserver", "serve-synthetic"]
+    async with await anyio.open_process(command) as server:
+        assert server.stdout is not None
+        ready = (await server.stdout.receive()).decode().split()
+        if ready[:1] != ["ready"]:
+            raise CheckpointSyncError("the built-in server did not start")
+        local = settings.model_copy(update={"api_url": ready[1], "api_key": SecretStr("bench")})
+        try:
+            yield local, lambda context: TrainingJobSource(context.baseten_api(), "bench", "job")
+        finally:
+            server.terminate()

@@ -764,27 +764,51 @@ def tree_catalog(
     )
 
 
-async def _serve_tree(args: argparse.Namespace) -> None:
-    catalog = tree_catalog(args.root, args.file_base_url, args.project, args.job, args.api_key)
-    async with LocalServer(catalog, host=args.host, port=args.port) as server:
+async def _serve(catalog: Catalog, host: str, port: int) -> None:
+    async with LocalServer(catalog, host=host, port=port) as server:
         print(f"ready {server.url}", flush=True)
         await asyncio.Event().wait()
 
 
 def main(argv: list[str] | None = None) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--host", default="127.0.0.1")
+    common.add_argument("--port", type=int, default=0)
+    common.add_argument("--project", default="bench")
+    common.add_argument("--job", default="job")
+    common.add_argument("--api-key", default="bench", help="the key clients must send")
     parser = argparse.ArgumentParser(prog="python -m checkpoint_sync.localserver")
     commands = parser.add_subparsers(dest="command", required=True)
-    tree = commands.add_parser("serve-tree", help="list a directory tree served elsewhere")
+    tree = commands.add_parser(
+        "serve-tree", parents=[common], help="list a directory tree served elsewhere"
+    )
     tree.add_argument("--root", type=Path, required=True)
     tree.add_argument("--file-base-url", required=True)
-    tree.add_argument("--host", default="127.0.0.1")
-    tree.add_argument("--port", type=int, default=0)
-    tree.add_argument("--project", default="bench")
-    tree.add_argument("--job", default="job")
-    tree.add_argument("--api-key", default="bench", help="the key clients must send")
+    synthetic = commands.add_parser(
+        "serve-synthetic", parents=[common], help="serve a synthetic one-checkpoint training job"
+    )
+    synthetic.add_argument("--ranks", type=int, default=2)
+    synthetic.add_argument("--large-files", type=int, default=2)
+    synthetic.add_argument("--large-size", type=int, default=128 << 20)
+    synthetic.add_argument("--small-files", type=int, default=100)
+    synthetic.add_argument("--small-size", type=int, default=256 << 10)
     args = parser.parse_args(argv)
+    if args.command == "serve-tree":
+        catalog = tree_catalog(args.root, args.file_base_url, args.project, args.job, args.api_key)
+    else:
+        job = synthetic_job(
+            args.project,
+            args.job,
+            checkpoints=1,
+            ranks=args.ranks,
+            large_files=args.large_files,
+            large_size=args.large_size,
+            small_files=args.small_files,
+            small_size=args.small_size,
+        )
+        catalog = Catalog(api_key=args.api_key, jobs=[job])
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_tree(args))
+        asyncio.run(_serve(catalog, args.host, args.port))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any, Protocol, TextIO
 import anyio
 
 MAX_FAILURES_KEPT = 1000
+MAX_TIMINGS_KEPT = 10_000
 
 
 @dataclass
@@ -32,11 +33,17 @@ class Stats:
     listing_done: bool = False
     failures: list[tuple[str, str]] = field(default_factory=list)
     syncing_left_out: list[str] = field(default_factory=list)
+    # Per request, the first MAX_TIMINGS_KEPT: (seconds to first byte, body bytes, body seconds).
+    timings: list[tuple[float, int, float]] = field(default_factory=list)
 
     def fail(self, where: str, message: str) -> None:
         self.files_failed += 1
         if len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append((where, message))
+
+    def timed(self, first_byte: float, body_bytes: int, body_seconds: float) -> None:
+        if len(self.timings) < MAX_TIMINGS_KEPT:
+            self.timings.append((first_byte, body_bytes, body_seconds))
 
     @property
     def seconds(self) -> float:
@@ -133,11 +140,11 @@ class ProgressBar:
         )
         console = Console(file=self._stream)
         with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("listing", total=None, files="")
+            # The total is known once the listing is walked, which goes on beside the transfers.
+            task = bar.add_task("syncing", total=None, files="")
             while True:
                 bar.update(
                     task,
-                    description="syncing" if stats.listing_done else "listing",
                     completed=stats.bytes_fetched,
                     total=stats.bytes_to_fetch if stats.listing_done else None,
                     files=f"{stats.files_fetched} done, {stats.files_skipped} skipped, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -143,6 +144,10 @@ class Transfers:
                 _os_call(staging, lambda: os.fsync(fd))
         finally:
             os.close(fd)
+        if self._manifest.recorded(key) is not None:
+            # The old record must not outlive the old file: a crash right after the rename
+            # would leave it describing bytes that are no longer there.
+            self._manifest.forget(key)
         self._publish(staging, final)
         self._manifest.record_verified(
             VerifiedFile(
@@ -271,8 +276,10 @@ class Transfers:
         answered: anyio.Event | None,
     ) -> None:
         headers = {"Range": f"bytes={state.offset}-{part.end - 1}"}
+        requested = time.monotonic()
         with converting_errors(url, f"download of {file.path}"):
             async with self._session.get(url, headers=headers, proxy=proxy_for(url)) as resp:
+                answered_at = time.monotonic()
                 if answered is not None:
                     answered.set()
                 state.url_worked = resp.status != 403
@@ -286,7 +293,13 @@ class Transfers:
                     )
                 else:
                     await _raise_for_file_status(resp, url)
+                started_at = state.offset
                 await self._receive(resp, fd, state, part.end)
+                self._stats.timed(
+                    answered_at - requested,
+                    state.offset - started_at,
+                    time.monotonic() - answered_at,
+                )
 
     async def _receive(
         self, resp: aiohttp.ClientResponse, fd: int, state: _PartState, end: int
@@ -295,7 +308,7 @@ class Transfers:
         batch: list[bytes] = []
         batched = 0
         while True:
-            chunk = await resp.content.readany()
+            chunk, _ = await resp.content.readchunk()  # as received: readany() joins (copies)
             if chunk:
                 batch.append(chunk)
                 batched += len(chunk)

@@ -1,0 +1,149 @@
+"""``checkpoint-sync bench``: download throughput of an endpoint on this machine, and the settings
+that get the most of it.
+
+Each trial is a real sync, through the same engine, of a byte budget of the selected files into a
+fresh scratch directory that is removed afterwards; trials differ in concurrency and part size.
+Requests are timed on the way (`Stats.timed`): time to first byte, and each connection's rate.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import SyncOptions, sync
+from .net import NetSettings, open_session
+from .plan import Selection
+from .progress import Stats
+from .retry import RetryPolicy
+from .sources.base import Checkpoint, RemoteFile, Source
+from .transfer import TransferSettings
+
+# A request carrying less than this says more about latency than about the connection's rate.
+RATE_MIN_BYTES = 1 << 20
+# Trials within this share of the fastest count as equal; the one asking less of the host wins.
+TIE = 0.05
+
+
+@dataclass(frozen=True)
+class Trial:
+    concurrency: int
+    part_size: int
+    files: int
+    failed: int
+    bytes: int
+    seconds: float
+    cpu_seconds: float
+    first_byte_ms: float | None  # median over requests
+    connection_mb_s: float | None  # median over requests of at least RATE_MIN_BYTES
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+def grid(concurrencies: Sequence[int], part_sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """Every (concurrency, part size) pair, in a stable order."""
+    return [(c, p) for p in part_sizes for c in concurrencies]
+
+
+def recommend(trials: Sequence[Trial]) -> Trial:
+    """The fastest clean trial; of those within `TIE` of it, the fewest connections and parts."""
+    clean = [t for t in trials if not t.failed] or list(trials)
+    best = max(t.mb_per_s for t in clean)
+    close = [t for t in clean if t.mb_per_s >= best * (1 - TIE)]
+    return min(close, key=lambda t: (t.concurrency, -t.part_size))
+
+
+def request_medians(
+    timings: Sequence[tuple[float, int, float]],
+) -> tuple[float | None, float | None]:
+    """Median time to first byte (ms) and median per-connection rate (MB/s)."""
+    if not timings:
+        return None, None
+    first_byte = statistics.median(t[0] for t in timings) * 1000
+    rates = [n / 1e6 / s for _, n, s in timings if n >= RATE_MIN_BYTES and s > 0]
+    return first_byte, statistics.median(rates) if rates else None
+
+
+class _Budgeted:
+    """A source cut to its first ``budget`` bytes of files (at least one file)."""
+
+    def __init__(self, source: Source, budget: int) -> None:
+        self._source = source
+        self._budget = budget
+        self.name = source.name
+        self.description = source.description
+
+    async def checkpoints(self) -> list[Checkpoint]:
+        return await self._source.checkpoints()
+
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+        taken = 0
+        async for page in self._source.file_pages(selected):
+            kept: list[RemoteFile] = []
+            for file in page:
+                if taken and taken + file.size > self._budget:
+                    yield kept
+                    return
+                kept.append(file)
+                taken += file.size
+            yield kept
+
+    async def refresh_url(self, file: RemoteFile) -> str:
+        return await self._source.refresh_url(file)
+
+
+async def run_trials(
+    source: Source,
+    selection: Selection,
+    pairs: Sequence[tuple[int, int]],
+    *,
+    budget: int,
+    scratch: Path,
+    net: NetSettings,
+    retry: RetryPolicy,
+) -> list[Trial]:
+    """One sync per (concurrency, part size), each on fresh connections into a fresh directory."""
+    trials = []
+    budgeted = _Budgeted(source, budget)
+    for concurrency, part_size in pairs:
+        dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
+        options = SyncOptions(
+            dest=dest,
+            concurrency=concurrency,
+            transfer=TransferSettings(part_size=part_size, retry=retry),
+        )
+        cpu = time.process_time()
+        try:
+            connections = NetSettings(
+                connections=concurrency,
+                connect_timeout=net.connect_timeout,
+                read_timeout=net.read_timeout,
+                ca_bundle=net.ca_bundle,
+            )
+            async with open_session(connections) as session:
+                stats = Stats()  # the clock starts once the session is open
+                await sync(budgeted, selection, session, options, stats)
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        first_byte, per_connection = request_medians(stats.timings)
+        trials.append(
+            Trial(
+                concurrency=concurrency,
+                part_size=part_size,
+                files=stats.files_fetched,
+                failed=stats.files_failed,
+                bytes=stats.bytes_fetched,
+                seconds=stats.seconds,
+                cpu_seconds=time.process_time() - cpu,
+                first_byte_ms=first_byte,
+                connection_mb_s=per_connection,
+            )
+        )
+    return trials

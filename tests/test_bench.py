@@ -1,0 +1,96 @@
+"""`checkpoint-sync bench`: its decisions by table, and a real run against the built-in server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.bench import Trial, grid, recommend, request_medians
+
+from .conftest import JOB, PROJECT
+from .support import ServerThread, run_cli
+
+
+def trial(concurrency: int, part_size: int, mb: float, failed: int = 0) -> Trial:
+    return Trial(concurrency, part_size, 1, failed, int(mb * 1e6), 1.0, 0.1, None, None)
+
+
+def test_grid_tries_every_pair() -> None:
+    assert grid([4, 8], [1, 2]) == [(4, 1), (8, 1), (4, 2), (8, 2)]
+
+
+@pytest.mark.parametrize(
+    ("trials", "chosen"),
+    [
+        ([trial(4, 1, 100), trial(8, 1, 200)], (8, 1)),
+        ([trial(4, 1, 196), trial(8, 1, 200)], (4, 1)),  # within 5%: fewer connections
+        ([trial(4, 1, 200), trial(4, 2, 199)], (4, 2)),  # then fewer, larger parts
+        ([trial(4, 1, 100), trial(8, 1, 300, failed=1)], (4, 1)),  # a trial that failed loses
+    ],
+)
+def test_recommend(trials: list[Trial], chosen: tuple[int, int]) -> None:
+    best = recommend(trials)
+    assert (best.concurrency, best.part_size) == chosen
+
+
+@pytest.mark.parametrize(
+    ("timings", "first_byte_ms", "rate"),
+    [
+        ([], None, None),
+        ([(0.001, 100, 0.1)], 1.0, None),  # too small to tell a rate
+        ([(0.001, 2_000_000, 1.0), (0.003, 4_000_000, 1.0), (0.002, 10, 1.0)], 2.0, 3.0),
+    ],
+)
+def test_request_medians(
+    timings: list[tuple[float, int, float]], first_byte_ms: float | None, rate: float | None
+) -> None:
+    assert request_medians(timings) == (
+        pytest.approx(first_byte_ms) if first_byte_ms else None,
+        pytest.approx(rate) if rate else None,
+    )
+
+
+def test_bench_runs_each_trial_within_its_budget_and_cleans_up(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    result = run_cli(
+        "bench",
+        "--api-url",
+        server.url,
+        "--project",
+        PROJECT,
+        "--job",
+        JOB,
+        "--concurrency",
+        "2,4",
+        "--part-size",
+        "256KiB",
+        "--max-bytes",
+        "2MiB",
+        "--scratch",
+        tmp_path,
+        "--json",
+    )
+
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [t["concurrency"] for t in report["trials"]] == [2, 4]
+    for t in report["trials"]:
+        assert t["failed"] == 0
+        assert 0 < t["bytes"] <= 2 << 20
+        assert t["first_byte_ms"] > 0
+    assert report["recommended"]["concurrency"] in (2, 4)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_without_a_source_measures_the_built_in_server() -> None:
+    result = run_cli(
+        "bench", "--concurrency", "2", "--part-size", "1MiB", "--max-bytes", "4MiB", "--json"
+    )
+
+    assert result.code == 0, result.stderr
+    (only,) = json.loads(result.stdout)["trials"]
+    assert only["bytes"] > 0
+    assert only["failed"] == 0
