@@ -161,6 +161,11 @@ class Manifest:
         self._db.execute("DELETE FROM staging WHERE path = ?", (path,))
         self.maybe_commit()
 
+    def forget(self, path: str) -> None:
+        """Drop the record of ``path`` now (committed): its file is about to be replaced."""
+        self._db.execute("DELETE FROM files WHERE path = ?", (path,))
+        self.commit()
+
     def record_verified(self, entry: VerifiedFile) -> None:
         """Record a published file and forget its staging progress, in one transaction."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
@@ -179,8 +184,11 @@ class Manifest:
                 now,
             ),
         )
-        self._db.execute("DELETE FROM staging WHERE path = ?", (entry.path,))
-        self.maybe_commit()
+        staged = self._db.execute("DELETE FROM staging WHERE path = ?", (entry.path,)).rowcount
+        if staged:
+            self.commit()  # a file fetched in parts is large: a crash must not cost it again
+        else:
+            self.maybe_commit()
 
     def maybe_commit(self) -> None:
         if time.monotonic() - self._last_commit >= self._batch_seconds:

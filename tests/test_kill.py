@@ -1,0 +1,237 @@
+"""A real ``python -m checkpoint_sync`` killed, interrupted or overlapped: nothing lost or corrupt.
+
+Each test runs the CLI as a subprocess against a throttled server, so that it is still working
+when the test kills it, signals it or starts a second run beside it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from checkpoint_sync.localserver import Catalog, Faults, ServedFile, synthetic_job
+
+from .conftest import JOB, PROJECT, sync_args
+from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli, run_subprocess
+
+pytestmark = pytest.mark.slow
+
+PART = 128 << 10
+CONCURRENCY = 2
+# Small pages and a slow API, so that a run can be caught still listing.
+ENV = {"CHECKPOINT_SYNC_PAGE_SIZE": "3"}
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    """About 8.5 MB: per checkpoint and rank one 2 MiB file in 17 parts and six 20 kB files."""
+    job = synthetic_job(
+        PROJECT,
+        JOB,
+        checkpoints=2,
+        ranks=2,
+        large_files=1,
+        large_size=(2 << 20) + 4321,
+        small_files=6,
+        small_size=20_000,
+    )
+    # ~2 MiB/s over two connections: a whole run takes about 4 s.
+    faults = Faults(throttle=1 << 20, api_delay=0.05)
+    with ServerThread(Catalog(api_key=API_KEY, jobs=[job]), faults) as running:
+        yield running
+
+
+def args(server: ServerThread, dest: Path) -> list[str]:
+    return sync_args(server, dest, "--part-size", "128KiB", "--concurrency", str(CONCURRENCY))
+
+
+def files(server: ServerThread) -> list[ServedFile]:
+    return list(server.catalog.files())
+
+
+def data_size(server: ServerThread) -> int:
+    return sum(f.size for f in files(server))
+
+
+def start(server: ServerThread, dest: Path, *extra: str) -> subprocess.Popen[bytes]:
+    return run_subprocess(*args(server, dest), *extra, env=ENV)
+
+
+def wait_for(process: subprocess.Popen[bytes], condition: Callable[[], bool]) -> None:
+    """Poll ``condition`` until it holds; the run must still be going then."""
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the condition never came"
+        time.sleep(0.001)
+
+
+def kill_when(server: ServerThread, dest: Path, condition: Callable[[], bool]) -> None:
+    process = start(server, dest)
+    wait_for(process, condition)
+    process.kill()
+    process.communicate()
+
+
+def manifest_rows(dest: Path) -> list[tuple[str, int, str]]:
+    db = sqlite3.connect(dest / ".checkpoint-sync" / "manifest.sqlite3")
+    try:
+        return db.execute("SELECT path, size, digest FROM files").fetchall()
+    finally:
+        db.close()
+
+
+def assert_records_true(dest: Path) -> None:
+    """Every file the manifest records is on disk, whole, with the recorded digest."""
+    for path, size, digest in manifest_rows(dest):
+        data = (dest / path).read_bytes()
+        assert len(data) == size, f"{path} recorded at {size} bytes, is {len(data)}"
+        assert xxhash.xxh3_128_hexdigest(data) == digest, f"{path} differs from its record"
+
+
+def assert_consistent(server: ServerThread, dest: Path) -> None:
+    """What a crash may leave: final paths hold only whole, exact files; records tell the truth."""
+    assert_records_true(dest)
+    listed = {mirrored(dest, JOB, f): f for f in files(server)}
+    for path in (dest / JOB).rglob("*") if (dest / JOB).exists() else ():
+        if path.is_file():
+            assert path in listed, f"unexpected {path}"
+            assert_exact(path, listed[path])
+
+
+def test_killed_at_any_moment_the_next_run_finishes_with_little_fetched_twice(
+    server: ServerThread, dest: Path
+) -> None:
+    total = data_size(server)
+    large = [mirrored(dest, JOB, f) for f in files(server) if f.size > PART]
+
+    def sent_since_start(share: float) -> Callable[[], bool]:
+        first = server.traffic.object_bytes_sent
+        return lambda: server.traffic.object_bytes_sent - first >= share * total
+
+    def a_large_file_published() -> Callable[[], bool]:
+        before = sum(p.exists() for p in large)
+        return lambda: sum(p.exists() for p in large) > before
+
+    kill_when(server, dest, lambda: server.traffic.api_requests >= 3)  # listing page 2 of 10
+    assert_consistent(server, dest)
+    kill_when(server, dest, sent_since_start(0.25))  # parts being written
+    assert_consistent(server, dest)
+    kill_when(server, dest, a_large_file_published())  # a publish just happened
+    assert_consistent(server, dest)
+    kill_when(server, dest, sent_since_start(0.2))
+    assert_consistent(server, dest)
+
+    server.call(lambda: setattr(server.faults, "throttle", None))
+    final = run_cli(*args(server, dest))
+
+    assert final.code == 0, final.stderr  # no stale lock either: each kill freed it
+    for file in files(server):
+        assert_exact(mirrored(dest, JOB, file), file)
+    assert len(manifest_rows(dest)) == len(files(server))
+    assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
+    assert server.traffic.object_bytes_sent <= 1.3 * total
+
+
+def test_a_record_never_outlives_the_file_it_describes(server: ServerThread, dest: Path) -> None:
+    server.call(lambda: setattr(server.faults, "throttle", None))
+    assert run_cli(*args(server, dest)).code == 0
+    small = next(f for f in files(server) if f.size < PART)
+    large = next(f for f in files(server) if f.size > PART)
+    path = mirrored(dest, JOB, small)
+    old_inode = path.stat().st_ino
+
+    def change() -> None:
+        # The large one keeps the run busy after the small one is published.
+        for file, seed in ((small, 4242), (large, 4343)):
+            file.seed, file.last_modified = seed, "2026-12-01T00:00:00+00:00"
+        server.faults.throttle = 1 << 20
+
+    server.call(change)
+
+    kill_when(server, dest, lambda: path.exists() and path.stat().st_ino != old_inode)
+
+    assert_records_true(dest)  # the old record was gone before the new file took its place
+    assert_exact(path, small)
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
+    server: ServerThread, dest: Path, signum: signal.Signals, code: int
+) -> None:
+    total = data_size(server)
+    process = start(server, dest)
+    wait_for(process, lambda: server.traffic.object_bytes_sent >= 0.4 * total)
+
+    process.send_signal(signum)
+    stopped = time.monotonic()
+    out, err = process.communicate(timeout=10)
+
+    assert process.returncode == code, err
+    assert time.monotonic() - stopped < 2
+    assert "fetched " in out.decode()  # the summary of what was done
+    assert f"stopped by {signum.name}; rerun to resume" in err.decode()
+    assert_consistent(server, dest)
+
+    server.call(lambda: setattr(server.faults, "throttle", None))
+    again = run_cli(*args(server, dest))
+
+    assert again.code == 0, again.stderr
+    for file in files(server):
+        assert_exact(mirrored(dest, JOB, file), file)
+    # Only the parts in flight when the signal came are fetched again.
+    assert server.traffic.object_bytes_sent <= total + CONCURRENCY * PART
+
+
+def test_a_second_run_on_the_same_mirror_exits_5_at_once(server: ServerThread, dest: Path) -> None:
+    holder = start(server, dest)
+    lock = dest / ".checkpoint-sync" / "lock"
+    wait_for(holder, lambda: lock.exists() and lock.read_text().strip() == str(holder.pid))
+
+    began = time.monotonic()
+    second = run_cli(*args(server, dest))
+
+    assert second.code == 5
+    assert time.monotonic() - began < 2
+    assert f"another checkpoint-sync run (pid {holder.pid}) is mirroring into {dest}" in (
+        second.stderr
+    )
+    assert "--wait-lock" in second.stderr
+    holder.kill()
+    holder.communicate()
+
+
+def test_wait_lock_waits_for_the_other_run_then_finds_nothing_to_do(
+    server: ServerThread, dest: Path
+) -> None:
+    holder = start(server, dest)
+    wait_for(holder, lambda: (dest / ".checkpoint-sync" / "lock").exists())
+
+    second = run_cli(*args(server, dest), "--wait-lock", "--json")
+
+    assert holder.wait(timeout=10) == 0  # it was left to finish its work
+    assert second.code == 0, second.stderr
+    assert '"fetched": 0' in second.stdout
+    for file in files(server):
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_the_lock_of_a_killed_run_does_not_block(server: ServerThread, dest: Path) -> None:
+    holder = start(server, dest)
+    lock = dest / ".checkpoint-sync" / "lock"
+    wait_for(holder, lambda: lock.exists() and lock.read_text().strip() == str(holder.pid))
+    holder.kill()
+    holder.communicate()
+    server.call(lambda: setattr(server.faults, "throttle", None))
+
+    result = run_cli(*args(server, dest))
+
+    assert result.code == 0, result.stderr
+    assert lock.read_text().strip() != str(holder.pid)  # a dead pid left in the file is harmless
