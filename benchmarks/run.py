@@ -99,10 +99,11 @@ class Profile:
         return sum(f.size for f in self.files)
 
 
-def _profile(name: str, ranks: int, per_rank: int, path: Callable[[int], str],
-             size: Callable[[int], int]) -> Profile:
+def _profile(name: str, ranks: int, path: Callable[[int], str], sizes: Sequence[int]) -> Profile:
+    """sizes holds ranks * files-per-rank sizes; rank r gets the r-th slice."""
+    per_rank = len(sizes) // ranks
     files = tuple(
-        FileSpec(f"{rank}/{CHECKPOINT_ID}/{path(i)}", size(i))
+        FileSpec(f"{rank}/{CHECKPOINT_ID}/{path(i)}", sizes[rank * per_rank + i])
         for rank in range(ranks)
         for i in range(per_rank)
     )
@@ -113,37 +114,50 @@ def build_profiles(quick: bool) -> dict[str, Profile]:
     big_n, big_size = (2, 64 * MiB) if quick else (4, 512 * MiB)
     small_n = 200 if quick else 2000
     many_n = 5000 if quick else 100_000
-    small_rng = random.Random(1234)
-    small_sizes = [small_rng.randint(64 * KiB, MiB) for _ in range(2 * small_n)]
-    many_rng = random.Random(5678)
-    many_sizes = [many_rng.randint(1, 32) for _ in range(many_n)]
-    small_size_iter = iter(small_sizes)
+    small_rng, many_rng = random.Random(1234), random.Random(5678)
     return {
-        "big": _profile("big", 2, big_n,
-                        lambda i: f"model-{i + 1:05d}-of-{big_n:05d}.safetensors",
-                        lambda i: big_size),
-        "small": _profile("small", 2, small_n,
-                          lambda i: f"shards/{i // 100:03d}/shard-{i:05d}.bin",
-                          lambda i: next(small_size_iter)),
-        "many": _profile("many", 1, many_n,
-                         lambda i: f"tiny/{i // 1000:03d}/f{i:06d}.txt",
-                         lambda i: many_sizes[i]),
+        "big": _profile(
+            "big",
+            2,
+            lambda i: f"model-{i + 1:05d}-of-{big_n:05d}.safetensors",
+            [big_size] * 2 * big_n,
+        ),
+        "small": _profile(
+            "small",
+            2,
+            lambda i: f"shards/{i // 100:03d}/shard-{i:05d}.bin",
+            [small_rng.randint(64 * KiB, MiB) for _ in range(2 * small_n)],
+        ),
+        "many": _profile(
+            "many",
+            1,
+            lambda i: f"tiny/{i // 1000:03d}/f{i:06d}.txt",
+            [many_rng.randint(1, 32) for _ in range(many_n)],
+        ),
     }
 
 
 # --------------------------------------------------------------------------- data
 
 
+def mem_available() -> int:
+    fields = Path("/proc/meminfo").read_text().split()
+    return int(fields[fields.index("MemAvailable:") + 1]) * KiB
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(Path(d, n).stat().st_size for d, _, names in os.walk(root) for n in names)
+
+
 def pick_data_dir(profiles: Sequence[Profile], quick: bool) -> Path:
-    """/dev/shm/cs-bench when it exists or fits data + one destination copy, else /tmp."""
+    """/dev/shm/cs-bench if RAM fits the data plus one destination copy, else /tmp/cs-bench."""
     name = "data-quick" if quick else "data"
     shm = SHM_ROOT / name
-    if shm.is_dir():
-        return shm
     data = sum(p.total_bytes + 4 * KiB * len(p.files) for p in profiles)
     dest = max(p.total_bytes + 4 * KiB * len(p.files) for p in profiles)
     with contextlib.suppress(OSError):
-        if shutil.disk_usage("/dev/shm").free > data + dest + GiB:
+        room = min(shutil.disk_usage("/dev/shm").free, mem_available() - 2 * GiB)
+        if room + _tree_bytes(shm) > data + dest:  # data already there is reused
             return shm
     return TMP_ROOT / name
 
@@ -210,8 +224,15 @@ def log_tail(path: Path) -> str:
 def capture(argv: Sequence[str], timeout: float = 60, cwd: Path | None = None) -> str:
     """Run a short command; return stdout+stderr, raise BenchError with its last line on failure."""
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                              stdin=subprocess.DEVNULL, check=False)
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise BenchError(f"{argv[0]}: {exc}") from exc
     output = done.stdout + done.stderr
@@ -225,9 +246,10 @@ def kill_group(pid: int, sig: signal.Signals = signal.SIGKILL) -> None:
         os.killpg(pid, sig)
 
 
-def stop_process(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGTERM) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL it if still there after 10 s."""
     if proc.poll() is None:
-        kill_group(proc.pid, sig)
+        kill_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -268,8 +290,14 @@ def run_measured(cmd: Command, log: Path, timeout: float, gnu_time: str) -> Samp
     with log.open("wb") as out:
         start = time.perf_counter()
         try:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=cmd.env, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=cmd.env,
+                start_new_session=True,
+            )
         except OSError as exc:
             raise BenchError(f"cannot start {cmd.argv[0]}: {exc}") from exc
         timer = threading.Timer(timeout, kill_group, (proc.pid,))
@@ -282,8 +310,8 @@ def run_measured(cmd: Command, log: Path, timeout: float, gnu_time: str) -> Samp
         wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        reason = f"timed out after {timeout:.0f} s" if wall >= timeout else "exit"
-        reason += f" {proc.returncode}"
+        timed_out = wall >= timeout
+        reason = f"timed out after {timeout:.0f} s" if timed_out else f"exit {proc.returncode}"
         raise BenchError(f"{reason}: {log_tail(log)}")
     return Sample(wall, usage.ru_utime + usage.ru_stime, _read_rss_kib(rss_file) / KiB)
 
@@ -323,22 +351,35 @@ def ensure_apt_packages() -> list[str]:
         capture(["apt-get", "update", "-qq"], timeout=600)
     for pkg in missing:
         try:
-            capture(["apt-get", "install", "-y", "-qq", "--no-install-recommends", pkg],
-                    timeout=900)
+            capture(
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", pkg], timeout=900
+            )
         except BenchError as exc:
             notes.append(f"apt-get install {pkg} failed: {exc}")
     return notes
 
 
 def python_can_import(module: str) -> bool:
-    probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
-                           cwd=REPO, check=False)
+    probe = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], capture_output=True, cwd=REPO, check=False
+    )
     return probe.returncode == 0
 
 
 def pip_install(requirements: Sequence[str]) -> None:
-    capture([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-             "--root-user-action=ignore", *requirements], timeout=900)
+    capture(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            *requirements,
+        ],
+        timeout=900,
+    )
 
 
 def ensure_hf_transfer() -> list[str]:
@@ -376,13 +417,47 @@ def make_tls(openssl: str, workdir: Path) -> Tls:
         "authorityKeyIdentifier=keyid,issuer\n"
     )
     ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    capture([openssl, "req", "-x509", *ec, "-keyout", str(ca_key), "-out", str(ca), "-days", "7",
-             "-subj", "/CN=cs-bench test CA",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+    capture(
+        [
+            openssl,
+            "req",
+            "-x509",
+            *ec,
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+            "-days",
+            "7",
+            "-subj",
+            "/CN=cs-bench test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]
+    )
     capture([openssl, "req", *ec, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1"])
-    capture([openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-             "-CAcreateserial", "-out", str(cert), "-days", "7", "-extfile", str(ext)])
+    capture(
+        [
+            openssl,
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-out",
+            str(cert),
+            "-days",
+            "7",
+            "-extfile",
+            str(ext),
+        ]
+    )
     return Tls(ca, cert, key)
 
 
@@ -402,8 +477,6 @@ http {{
     output_buffers 2 1m;
     keepalive_timeout 300s;
     keepalive_requests 1000000;
-    open_file_cache max=200000 inactive=300s;
-    open_file_cache_valid 300s;
     client_body_temp_path {work}/body;
     proxy_temp_path {work}/proxy;
     server {{
@@ -436,19 +509,31 @@ class Nginx:
 def run_nginx(binary: str, root: Path, tls: Tls, workdir: Path) -> Iterator[Nginx]:
     server = Nginx(free_port(), free_port())
     conf = workdir / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(work=workdir, root=root, cert=tls.cert, key=tls.key,
-                                      http_port=server.http_port, https_port=server.https_port))
+    conf.write_text(
+        NGINX_CONF.format(
+            work=workdir,
+            root=root,
+            cert=tls.cert,
+            key=tls.key,
+            http_port=server.http_port,
+            https_port=server.https_port,
+        )
+    )
     log = workdir / "nginx.out"
     with log.open("wb") as out:
-        proc = subprocess.Popen([binary, "-p", str(workdir), "-e", str(workdir / "error.log"),
-                                 "-c", str(conf)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            [binary, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(conf)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         wait_for_port(server.http_port, proc, log, 20)
         wait_for_port(server.https_port, proc, log, 20)
         yield server
     finally:
-        stop_process(proc, signal.SIGQUIT)
+        stop_process(proc)
 
 
 # --------------------------------------------------------------------------- tools
@@ -493,9 +578,16 @@ def _with_env(**extra: str) -> dict[str, str]:
 class Rclone:
     name = "rclone"
     is_peer = True
-    flags = ("--transfers", str(FILE_CONCURRENCY), "--checkers", str(2 * FILE_CONCURRENCY),
-             "--multi-thread-streams", str(STREAMS_PER_FILE),
-             "--multi-thread-cutoff", SPLIT_SIZE)
+    flags = (
+        "--transfers",
+        str(FILE_CONCURRENCY),
+        "--checkers",
+        str(2 * FILE_CONCURRENCY),
+        "--multi-thread-streams",
+        str(STREAMS_PER_FILE),
+        "--multi-thread-cutoff",
+        SPLIT_SIZE,
+    )
 
     def problem(self) -> str | None:
         return None if find_binary("rclone") else "rclone not installed"
@@ -506,15 +598,38 @@ class Rclone:
     def command(self, job: Job, dest: Path) -> Command:
         config = job.workdir / "rclone.conf"
         config.touch()
-        return Command(["rclone", "copy", ":http:", str(dest), "--http-url", job.base_url,
-                        *self.flags, "--ca-cert", str(job.ca), "--config", str(config), "-q"])
+        return Command(
+            [
+                "rclone",
+                "copy",
+                ":http:",
+                str(dest),
+                "--http-url",
+                job.base_url,
+                *self.flags,
+                "--ca-cert",
+                str(job.ca),
+                "--config",
+                str(config),
+                "-q",
+            ]
+        )
 
 
 class Aria2:
     name = "aria2c"
     is_peer = True
-    flags = ("-j", str(FILE_CONCURRENCY), "-x", str(STREAMS_PER_FILE),
-             "-s", str(STREAMS_PER_FILE), "-k", SPLIT_SIZE, "--file-allocation=none")
+    flags = (
+        "-j",
+        str(FILE_CONCURRENCY),
+        "-x",
+        str(STREAMS_PER_FILE),
+        "-s",
+        str(STREAMS_PER_FILE),
+        "-k",
+        SPLIT_SIZE,
+        "--file-allocation=none",
+    )
 
     def problem(self) -> str | None:
         return None if find_binary("aria2c") else "aria2c not installed"
@@ -525,11 +640,24 @@ class Aria2:
     def command(self, job: Job, dest: Path) -> Command:
         urllist = job.workdir / f"aria2-{job.key}.txt"
         urllist.write_text("".join(f"{url}\n out={spec.rel}\n" for url, spec in job.urls()))
-        return Command(["aria2c", "-i", str(urllist), "-d", str(dest), *self.flags,
-                        f"--ca-certificate={job.ca}", "--check-certificate=true",
-                        "--allow-overwrite=true", "--auto-file-renaming=false",
-                        "--summary-interval=0", "--console-log-level=error",
-                        "--download-result=hide", "--quiet"])
+        return Command(
+            [
+                "aria2c",
+                "-i",
+                str(urllist),
+                "-d",
+                str(dest),
+                *self.flags,
+                f"--ca-certificate={job.ca}",
+                "--check-certificate=true",
+                "--allow-overwrite=true",
+                "--auto-file-renaming=false",
+                "--summary-interval=0",
+                "--console-log-level=error",
+                "--download-result=hide",
+                "--quiet",
+            ]
+        )
 
 
 class Curl:
@@ -541,15 +669,30 @@ class Curl:
         return None if find_binary("curl") else "curl not installed"
 
     def tuning(self) -> str:
-        return (f"curl {' '.join(self.flags)} --config URL_OUTPUT_PAIRS --create-dirs --fail "
-                "--cacert CA (no intra-file splitting: curl has none)")
+        return (
+            f"curl {' '.join(self.flags)} --config URL_OUTPUT_PAIRS --create-dirs --fail "
+            "--cacert CA (no intra-file splitting: curl has none)"
+        )
 
     def command(self, job: Job, dest: Path) -> Command:
         config = job.workdir / f"curl-{job.key}.cfg"
-        config.write_text("".join(f'url = "{url}"\noutput = "{dest / spec.rel}"\n'
-                                  for url, spec in job.urls()))
-        return Command(["curl", *self.flags, "--config", str(config), "--create-dirs",
-                        "--fail", "--silent", "--show-error", "--cacert", str(job.ca)])
+        config.write_text(
+            "".join(f'url = "{url}"\noutput = "{dest / spec.rel}"\n' for url, spec in job.urls())
+        )
+        return Command(
+            [
+                "curl",
+                *self.flags,
+                "--config",
+                str(config),
+                "--create-dirs",
+                "--fail",
+                "--silent",
+                "--show-error",
+                "--cacert",
+                str(job.ca),
+            ]
+        )
 
 
 class HfTransfer:
@@ -560,21 +703,28 @@ class HfTransfer:
         return None if python_can_import("hf_transfer") else "hf_transfer not importable"
 
     def tuning(self) -> str:
-        return (f"hf_transfer.download(url, file, max_files={HF_MAX_FILES}, "
-                f"chunk_size={HF_CHUNK_SIZE // MiB} MiB, parallel_failures=3, max_retries=5) "
-                f"per file, {FILE_CONCURRENCY} files at once (Python thread pool; the call "
-                "releases the GIL); SSL_CERT_FILE=CA")
+        return (
+            f"hf_transfer.download(url, file, max_files={HF_MAX_FILES}, "
+            f"chunk_size={HF_CHUNK_SIZE // MiB} MiB, parallel_failures=3, max_retries=5) "
+            f"per file, {FILE_CONCURRENCY} files at once (Python thread pool; the call "
+            "releases the GIL); SSL_CERT_FILE=CA"
+        )
 
     def command(self, job: Job, dest: Path) -> Command:
         spec_file = job.workdir / f"hf-{job.key}.json"
-        spec_file.write_text(json.dumps({
-            "max_files": HF_MAX_FILES,
-            "chunk_size": HF_CHUNK_SIZE,
-            "threads": FILE_CONCURRENCY,
-            "files": [[url, str(dest / spec.rel)] for url, spec in job.urls()],
-        }))
-        return Command([sys.executable, "-c", HF_SCRIPT, str(spec_file)],
-                       _with_env(SSL_CERT_FILE=str(job.ca)))
+        spec_file.write_text(
+            json.dumps(
+                {
+                    "max_files": HF_MAX_FILES,
+                    "chunk_size": HF_CHUNK_SIZE,
+                    "threads": FILE_CONCURRENCY,
+                    "files": [[url, str(dest / spec.rel)] for url, spec in job.urls()],
+                }
+            )
+        )
+        return Command(
+            [sys.executable, "-c", HF_SCRIPT, str(spec_file)], _with_env(SSL_CERT_FILE=str(job.ca))
+        )
 
 
 def _entry_point_argv() -> list[str] | None:
@@ -591,8 +741,10 @@ def _entry_point_argv() -> list[str] | None:
     if deps:
         with contextlib.suppress(BenchError):
             pip_install(deps)
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-            f"from {module} import {func} as m; sys.exit(m())")
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+        f"from {module} import {func} as m; sys.exit(m())"
+    )
     return [sys.executable, "-c", code]
 
 
@@ -625,8 +777,10 @@ class CheckpointSync:
 
     def tuning(self) -> str:
         extra = " ".join(self.extra) or "(tool defaults: no --concurrency/--part-size)"
-        return ("checkpoint-sync sync --api-url API --project bench --job job --dest DEST "
-                f"--json --quiet {extra}; SSL_CERT_FILE=CA")
+        return (
+            "checkpoint-sync sync --api-url API --project bench --job job --dest DEST "
+            f"--json --quiet {extra}; SSL_CERT_FILE=CA"
+        )
 
     def version(self) -> str:
         code = "import importlib.metadata as m; print(m.version('checkpoint-sync'))"
@@ -635,9 +789,24 @@ class CheckpointSync:
         return f"source tree {REPO}"
 
     def command(self, job: Job, dest: Path) -> Command:
-        return Command([*self.argv, "sync", "--api-url", job.api_url, "--project", "bench",
-                        "--job", "job", "--dest", str(dest), "--json", "--quiet", *self.extra],
-                       _with_env(BASETEN_API_KEY="bench", SSL_CERT_FILE=str(job.ca)))
+        return Command(
+            [
+                *self.argv,
+                "sync",
+                "--api-url",
+                job.api_url,
+                "--project",
+                "bench",
+                "--job",
+                "job",
+                "--dest",
+                str(dest),
+                "--json",
+                "--quiet",
+                *self.extra,
+            ],
+            _with_env(BASETEN_API_KEY="bench", SSL_CERT_FILE=str(job.ca)),
+        )
 
 
 def _read_ready_line(fd: int, sink: IO[bytes], deadline: float) -> str:
@@ -666,15 +835,36 @@ def _drain(fd: int, sink: IO[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def cs_localserver(job: Job, data_root: Path, timeout: float) -> Iterator[str]:
+def cs_localserver(job: Job, settings: Settings, timeout: float) -> Iterator[str]:
     """Run `python -m checkpoint_sync.localserver serve-tree` for job; yields its API URL."""
-    log = job.workdir / f"localserver-{job.key}.log"
-    argv = [sys.executable, "-m", "checkpoint_sync.localserver", "serve-tree",
-            "--root", str(data_root / job.profile.name), "--file-base-url", job.base_url,
-            "--host", "127.0.0.1", "--port", str(free_port()), "--project", "bench", "--job", "job"]
+    log = settings.logs / f"localserver-{job.key}.log"
+    argv = [
+        sys.executable,
+        "-m",
+        "checkpoint_sync.localserver",
+        "serve-tree",
+        "--root",
+        str(settings.data_root / job.profile.name),
+        "--file-base-url",
+        job.base_url,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        "--project",
+        "bench",
+        "--job",
+        "job",
+    ]
     with log.open("wb", buffering=0) as sink:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=sink,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=sink,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         drain = threading.Thread(target=_drain, args=(fd, sink), daemon=True)
@@ -719,14 +909,19 @@ def verify(dest: Path, profile: Profile, source: Path) -> None:
     files = list(_walk_files(dest))
     total = sum(f.stat().st_size for f in files)
     if (len(files), total) != (len(profile.files), profile.total_bytes):
-        raise BenchError(f"verify: got {len(files)} files / {total} B, expected "
-                         f"{len(profile.files)} files / {profile.total_bytes} B")
+        raise BenchError(
+            f"verify: got {len(files)} files / {total} B, expected "
+            f"{len(profile.files)} files / {profile.total_bytes} B"
+        )
     samples = {profile.files[0], profile.files[len(profile.files) // 2], profile.files[-1]}
     for spec in samples:
         exact = dest / spec.rel
-        inner = spec.rel.split("/", 1)[1]  # layout-agnostic fallback: match below the rank dir
-        candidates = [exact] if exact.is_file() else [
-            f for f in files if f.as_posix().endswith(inner)]
+        # Layout-agnostic fallback (checkpoint-sync nests <job>/<checkpoint>/<rank>/): any file
+        # with the same path below the checkpoint; ranks hold different bytes, so a match is it.
+        inner = "/" + spec.rel.split("/", 2)[2]
+        candidates = (
+            [exact] if exact.is_file() else [f for f in files if f.as_posix().endswith(inner)]
+        )
         if not any(_same_bytes(c, source / spec.rel) for c in candidates):
             raise BenchError(f"verify: {spec.rel} missing or differs from the source")
 
@@ -749,6 +944,7 @@ class Row:
     moves_bytes: bool
     samples: list[Sample] = dataclasses.field(default_factory=list)
     error: str | None = None
+    missing: bool = False  # could not run at all (not installed, server did not start)
 
 
 @dataclass
@@ -764,11 +960,19 @@ class Settings:
     timeout: float
     data_root: Path
     workdir: Path  # url lists, configs, certificates
+    logs: Path  # one output file per run, kept after exit
     gnu_time: str
 
-    @property
-    def logs(self) -> Path:
-        return self.workdir / "logs"
+
+def fs_type(path: Path) -> str:
+    """File-system type of the mount holding path (from /proc/mounts)."""
+    path = path.resolve()
+    best, kind = "", "unknown"
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _, mount, fstype, *_ = line.split()
+        if path.is_relative_to(mount) and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind
 
 
 def clear_dir(path: Path) -> None:
@@ -776,8 +980,9 @@ def clear_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _run_case(case: Case, job: Job, dest: Path, settings: Settings, flush: bool,
-              tag: str) -> Sample:
+def _run_case(
+    case: Case, job: Job, dest: Path, settings: Settings, flush: bool, tag: str
+) -> Sample:
     if case.fresh:
         clear_dir(dest)
     if flush:
@@ -792,11 +997,25 @@ def _run_case(case: Case, job: Job, dest: Path, settings: Settings, flush: bool,
     return sample
 
 
-def bench(cases: Sequence[Case], job: Job, dest: Path, settings: Settings,
-          problems: dict[str, str], flush: bool = False) -> list[Row]:
+def bench(
+    cases: Sequence[Case],
+    job: Job,
+    dest: Path,
+    settings: Settings,
+    problems: dict[str, str],
+    flush: bool = False,
+) -> list[Row]:
     """Run every case once per round, in alternation; a failing case is not retried."""
-    rows = {c.label: Row(c.label, c.tool.is_peer, c.moves_bytes,
-                         error=c.tool.problem() or problems.get(c.tool.name)) for c in cases}
+    rows = {}
+    for case in cases:
+        problem = case.tool.problem() or problems.get(case.tool.name)
+        rows[case.label] = Row(
+            case.label,
+            case.tool.is_peer,
+            case.moves_bytes,
+            error=problem,
+            missing=problem is not None,
+        )
     for rnd in range(1, settings.rounds + 1):
         previous_ok = True
         for case in cases:
@@ -810,8 +1029,9 @@ def bench(cases: Sequence[Case], job: Job, dest: Path, settings: Settings,
             try:
                 row.samples.append(_run_case(case, job, dest, settings, flush, tag))
                 previous_ok = True
-                print(f"  [{tag}] {case.label}: {describe(row.samples[-1], job.profile)}",
-                      flush=True)
+                print(
+                    f"  [{tag}] {case.label}: {describe(row.samples[-1], job.profile)}", flush=True
+                )
             except BenchError as exc:
                 row.error, previous_ok = str(exc), False
                 print(f"  [{tag}] {case.label}: FAILED {exc}", flush=True)
@@ -820,8 +1040,11 @@ def bench(cases: Sequence[Case], job: Job, dest: Path, settings: Settings,
 
 
 def describe(sample: Sample, profile: Profile) -> str:
-    return (f"{sample.wall:.2f} s, {profile.total_bytes / 1e6 / sample.wall:.0f} MB/s, "
-            f"cpu {sample.cpu:.2f} s, rss {sample.rss_mb:.0f} MB")
+    return (
+        f"{sample.wall:.2f} s, {profile.total_bytes / 1e6 / sample.wall:.0f} MB/s, "
+        f"{len(profile.files) / sample.wall:.0f} files/s, cpu {sample.cpu:.2f} s, "
+        f"rss {sample.rss_mb:.0f} MB"
+    )
 
 
 def median_wall(row: Row) -> float:
@@ -836,50 +1059,76 @@ def fastest_peer(rows: Sequence[Row]) -> Row | None:
 # --------------------------------------------------------------------------- report
 
 
-def _fmt(value: float | None, digits: int = 0) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"
+def _num(value: float | None) -> str:
+    """About three significant digits, thousands separated; '-' for not applicable."""
+    if value is None:
+        return "-"
+    digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2 if abs(value) >= 0.1 else 4
+    return f"{value:,.{digits}f}"
 
 
-TABLE_HEAD = ("| tool | median s | MB/s | files/s | CPU s | CPU s/GB | peak RSS MB "
-              "| vs fastest peer |")
+TABLE_HEAD = (
+    "| tool | median s | MB/s | files/s | CPU s | CPU s/GB | peak RSS MB | vs fastest peer |"
+)
+
+
+def _cells(row: Row, profile: Profile, best: Row | None) -> list[str]:
+    wall = median_wall(row)
+    cpu = statistics.median(s.cpu for s in row.samples)
+    rss = statistics.median(s.rss_mb for s in row.samples)
+    if not row.moves_bytes:
+        return [f"{wall:.2f}", "-", "-", f"{cpu:.2f}", "-", f"{rss:.0f}", "-"]
+    rate = profile.total_bytes / 1e6 / wall
+    ratio = f"{median_wall(best) / wall:.2f}x" if best else "-"
+    return [
+        f"{wall:.2f}",
+        _num(rate),
+        _num(len(profile.files) / wall),
+        f"{cpu:.2f}",
+        _num(cpu / (profile.total_bytes / 1e9)),
+        f"{rss:.0f}",
+        ratio,
+    ]
 
 
 def table(section: Section) -> list[str]:
-    profile = section.profile
-    gigabytes = profile.total_bytes / 1e9
     best = fastest_peer(section.rows)
     out = [f"### {section.title}", "", TABLE_HEAD, "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in section.rows:
         if not row.samples:
-            out.append(f"| {row.label} | failed | | | | | | |")
+            out.append(f"| {row.label} | {'missing' if row.missing else 'failed'} | | | | | | |")
             continue
-        wall = median_wall(row)
-        cpu = statistics.median(s.cpu for s in row.samples)
-        rss = statistics.median(s.rss_mb for s in row.samples)
-        rate = profile.total_bytes / 1e6 / wall if row.moves_bytes else None
-        ratio = rate / (profile.total_bytes / 1e6 / median_wall(best)) if rate and best else None
-        files = len(profile.files) / wall if row.moves_bytes else None
-        per_gb = cpu / gigabytes if row.moves_bytes else None
-        note = "" if len(row.samples) == 1 else f" (n={len(row.samples)})"
-        out.append(f"| {row.label}{note} | {wall:.2f} | {_fmt(rate)} | {_fmt(files)} | "
-                   f"{cpu:.2f} | {_fmt(per_gb, 2)} | {rss:.0f} | {_fmt(ratio, 2)}"
-                   f"{'x' if ratio else ''} |")
+        note = f" ({len(row.samples)} ok, then failed)" if row.error else ""
+        out.append(f"| {row.label}{note} | {' | '.join(_cells(row, section.profile, best))} |")
     return [*out, ""]
 
 
 def machine_info() -> list[str]:
     cpuinfo = Path("/proc/cpuinfo").read_text()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                  if line.startswith("model name")), "unknown")
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in cpuinfo.splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
     meminfo = Path("/proc/meminfo").read_text().split()
     mem_gib = int(meminfo[meminfo.index("MemTotal:") + 1]) / MiB
-    return [(f"- Machine: {os.cpu_count()} CPUs ({model}), {mem_gib:.1f} GiB RAM, "
-            f"kernel {os.uname().release}, Python {sys.version.split()[0]}")]
+    return [
+        (
+            f"- Machine: {os.cpu_count()} CPUs ({model}), {mem_gib:.1f} GiB RAM, "
+            f"kernel {os.uname().release}, Python {sys.version.split()[0]}"
+        )
+    ]
 
 
 def tool_versions(cs: CheckpointSync) -> list[str]:
     probes = {
-        "nginx": ["-v"], "aria2c": ["--version"], "rclone": ["version"], "curl": ["--version"],
+        "nginx": ["-v"],
+        "aria2c": ["--version"],
+        "rclone": ["version"],
+        "curl": ["--version"],
         "openssl": ["version"],
     }
     lines = []
@@ -899,13 +1148,18 @@ def tool_versions(cs: CheckpointSync) -> list[str]:
     return lines
 
 
-def write_report(path: Path, sections: Sequence[Section], tools: Sequence[Tool],
-                 header: Sequence[str], notes: Sequence[str]) -> None:
+def write_report(
+    path: Path,
+    sections: Sequence[Section],
+    tools: Sequence[Tool],
+    header: Sequence[str],
+    notes: Sequence[str],
+) -> None:
     lines = ["# checkpoint-sync download benchmark", "", *header, ""]
     lines += ["## Results", ""]
     for section in sections:
         lines += table(section)
-    lines += ["## Tuning", ""]
+    lines += ["## Tuning", "", TUNING_NOTE, ""]
     lines += [f"- **{tool.name}**: `{tool.tuning()}`" for tool in tools]
     lines += ["", "## Notes", "", *[f"- {note}" for note in notes], ""]
     failures: dict[tuple[str, str], list[str]] = {}
@@ -915,11 +1169,22 @@ def write_report(path: Path, sections: Sequence[Section], tools: Sequence[Tool],
                 failures.setdefault((row.label, row.error), []).append(section.title)
     if failures:
         lines += ["## Failures", ""]
-        lines += [f"- {label}: {error} (in: {'; '.join(where)})"
-                  for (label, error), where in failures.items()]
+        lines += [
+            f"- {label}: {error} (in: {'; '.join(where)})"
+            for (label, error), where in failures.items()
+        ]
         lines.append("")
     path.write_text("\n".join(lines))
 
+
+TUNING_NOTE = (
+    f"Common settings: {FILE_CONCURRENCY} files in flight for every peer (checkpoint-sync's "
+    f"default `--concurrency` is 16 too); {STREAMS_PER_FILE} connections per file for the peers "
+    f"that split files (rclone, aria2c, hf_transfer) with {SPLIT_SIZE}iB pieces (hf_transfer: "
+    f"{HF_CHUNK_SIZE // MiB} MiB, huggingface_hub's chunk size); curl cannot split a file. "
+    "A 3-round sweep on big (rclone and aria2c at 16x8, 8x4 and 8x1 files x streams) found "
+    "differences mostly within run-to-run noise on loopback, so one common setting is used."
+)
 
 METHOD_NOTES = [
     (
@@ -963,35 +1228,75 @@ METHOD_NOTES = [
 # --------------------------------------------------------------------------- main
 
 
+PROFILES = ("big", "small", "many")
+SCHEMES = ("http", "https")
+TOOLS = ("checkpoint-sync", "rclone", "aria2c", "curl", "hf_transfer")
+
+
+def _subset(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse type: comma-separated names from allowed, kept in allowed's order."""
+
+    def parse(text: str) -> list[str]:
+        names = set(text.split(","))
+        if not names <= set(allowed):
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}")
+        return [name for name in allowed if name in names]
+
+    return parse
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="scaled-down smoke run (~1 min)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per tool (median taken)")
-    parser.add_argument("--profiles", default="big,small,many", help="comma list of profiles")
-    parser.add_argument("--schemes", default="http,https", help="comma list: http,https")
-    parser.add_argument("--tools", default="checkpoint-sync,rclone,aria2c,curl,hf_transfer",
-                        help="comma list of tools to run")
+    parser.add_argument(
+        "--profiles",
+        type=_subset(PROFILES),
+        default=list(PROFILES),
+        help="comma list from: " + ",".join(PROFILES),
+    )
+    parser.add_argument(
+        "--schemes",
+        type=_subset(SCHEMES),
+        default=list(SCHEMES),
+        help="comma list from: " + ",".join(SCHEMES),
+    )
+    parser.add_argument(
+        "--tools",
+        type=_subset(TOOLS),
+        default=list(TOOLS),
+        help="comma list from: " + ",".join(TOOLS),
+    )
     parser.add_argument("--data-dir", type=Path, help="default /dev/shm/cs-bench/data[-quick]")
     parser.add_argument("--dest-dir", type=Path, default=SHM_ROOT / "dest")
-    parser.add_argument("--disk-dest-dir", default="/var/tmp/cs-bench-dest",
-                        help="disk destination for the big/HTTP disk run ('' to skip)")
+    parser.add_argument(
+        "--disk-dest-dir",
+        default="/var/tmp/cs-bench-dest",
+        help="disk destination for the big/HTTP disk run ('' to skip)",
+    )
     parser.add_argument("--timeout", type=float, default=300, help="seconds per run")
     parser.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md")
-    parser.add_argument("--cs-command", default="",
-                        help="checkpoint-sync command (default: console script or pyproject entry)")
+    parser.add_argument(
+        "--logs-dir",
+        type=Path,
+        default=TMP_ROOT / "logs",
+        help="per-run tool output (emptied at start)",
+    )
+    parser.add_argument(
+        "--cs-command",
+        default="",
+        help="checkpoint-sync command (default: console script or pyproject entry)",
+    )
     parser.add_argument("--cs-args", default="", help="extra args for `checkpoint-sync sync`")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get/pip install")
     return parser.parse_args(argv)
 
 
-def select_tools(names: str, cs: CheckpointSync) -> list[Tool]:
+def select_tools(names: Sequence[str], cs: CheckpointSync) -> list[Tool]:
     available: list[Tool] = [cs, Rclone(), Aria2(), Curl(), HfTransfer()]
-    wanted = names.split(",")
-    unknown = set(wanted) - {t.name for t in available}
-    if unknown:
-        raise SystemExit(f"unknown tools: {', '.join(sorted(unknown))}")
-    return [t for t in available if t.name in wanted]
+    return [t for t in available if t.name in names]
 
 
 def cases_for(profile: Profile, tools: Sequence[Tool]) -> list[Case]:
@@ -1000,16 +1305,19 @@ def cases_for(profile: Profile, tools: Sequence[Tool]) -> list[Case]:
     cases = []
     for tool in tools:
         if not tool.is_peer:
-            cases += [Case(f"{tool.name} (first sync)", tool),
-                      Case(f"{tool.name} (no-op re-sync)", tool, fresh=False, moves_bytes=False)]
+            cases += [
+                Case(f"{tool.name} (first sync)", tool),
+                Case(f"{tool.name} (no-op re-sync)", tool, fresh=False, moves_bytes=False),
+            ]
         elif tool.name == "curl":
             cases.append(Case(tool.name, tool))
     return cases
 
 
 @contextlib.contextmanager
-def job_with_api(job: Job, tools: Sequence[Tool],
-                 settings: Settings) -> Iterator[tuple[Job, dict[str, str]]]:
+def job_with_api(
+    job: Job, tools: Sequence[Tool], settings: Settings
+) -> Iterator[tuple[Job, dict[str, str]]]:
     """Start checkpoint-sync's listing server if it is benchmarked; yields (job, problems)."""
     if not any(isinstance(t, CheckpointSync) and t.problem() is None for t in tools):
         yield job, {}
@@ -1017,33 +1325,48 @@ def job_with_api(job: Job, tools: Sequence[Tool],
     problems: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         try:
-            api_url = stack.enter_context(cs_localserver(job, settings.data_root, timeout=120))
+            api_url = stack.enter_context(cs_localserver(job, settings, timeout=120))
             job = dataclasses.replace(job, api_url=api_url)
         except BenchError as exc:
             problems[CheckpointSync.name] = f"localserver: {exc}"
         yield job, problems
 
 
-def run_profile(profile: Profile, schemes: Sequence[str], tools: Sequence[Tool],
-                nginx: Nginx, settings: Settings, ca: Path, dest: Path,
-                disk_dest: Path | None) -> list[Section]:
+def run_profile(
+    profile: Profile,
+    schemes: Sequence[str],
+    tools: Sequence[Tool],
+    nginx: Nginx,
+    settings: Settings,
+    ca: Path,
+    dest: Path,
+    disk_dest: Path | None,
+) -> list[Section]:
     sections = []
     cases = cases_for(profile, tools)
     for scheme in schemes:
         print(f"== {profile.name} / {scheme.upper()}", flush=True)
-        base = Job(profile, scheme, f"{nginx.base_url(scheme)}{profile.name}/", ca,
-                   settings.workdir)
+        base = Job(
+            profile, scheme, f"{nginx.base_url(scheme)}{profile.name}/", ca, settings.workdir
+        )
         with job_with_api(base, tools, settings) as (job, problems):
             rows = bench(cases, job, dest, settings, problems)
-            sections.append(Section(f"{profile.name} — {scheme.upper()} — dest {dest}",
-                                    profile, rows))
+            sections.append(
+                Section(f"{profile.name} — {scheme.upper()} — dest {dest}", profile, rows)
+            )
             best = fastest_peer(rows)
             if profile.name == "big" and scheme == "http" and disk_dest and best:
                 disk_cases = [c for c in cases if not c.tool.is_peer or c.label == best.label]
                 print(f"== {profile.name} / HTTP / disk {disk_dest}", flush=True)
                 disk_rows = bench(disk_cases, job, disk_dest, settings, problems, flush=True)
-                sections.append(Section(f"{profile.name} — HTTP — dest {disk_dest} (disk, "
-                                        "timed incl. final sync)", profile, disk_rows))
+                sections.append(
+                    Section(
+                        f"{profile.name} — HTTP — dest {disk_dest} "
+                        f"({fs_type(disk_dest)}, timed incl. final sync)",
+                        profile,
+                        disk_rows,
+                    )
+                )
     return sections
 
 
@@ -1052,13 +1375,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
     all_profiles = build_profiles(args.quick)
-    profiles = [all_profiles[name] for name in args.profiles.split(",")]
-    schemes = [s for s in ("http", "https") if s in args.schemes.split(",")]
+    profiles = [all_profiles[name] for name in args.profiles]
     notes = [] if args.no_install else ensure_apt_packages() + ensure_hf_transfer()
     nginx_bin, openssl, gnu_time = find_binary("nginx"), find_binary("openssl"), find_binary("time")
     if nginx_bin is None or openssl is None or gnu_time is None:
-        raise SystemExit("nginx, openssl and GNU time are required (apt-get install nginx-light "
-                         "openssl time)")
+        raise SystemExit(
+            "nginx, openssl and GNU time are required (apt-get install nginx-light openssl time)"
+        )
     cs = CheckpointSync(args.cs_command, args.cs_args)
     tools = select_tools(args.tools, cs)
     if cs in tools:
@@ -1067,19 +1390,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     for profile in profiles:
         t0 = time.monotonic()
         written = ensure_data(data_root, profile)
-        print(f"data {profile.name}: {len(profile.files)} files, {profile.total_bytes / 1e9:.2f} GB"
-              f" ({written} written in {time.monotonic() - t0:.1f} s)", flush=True)
+        print(
+            f"data {profile.name}: {len(profile.files)} files, {profile.total_bytes / 1e9:.2f} GB"
+            f" ({written} written in {time.monotonic() - t0:.1f} s)",
+            flush=True,
+        )
     disk_dest = Path(args.disk_dest_dir) if args.disk_dest_dir else None
     sections: list[Section] = []
     with tempfile.TemporaryDirectory(prefix="cs-bench-") as tmp:
         workdir = Path(tmp)
-        settings = Settings(args.rounds, args.timeout, data_root, workdir, gnu_time)
-        settings.logs.mkdir()
+        settings = Settings(args.rounds, args.timeout, data_root, workdir, args.logs_dir, gnu_time)
+        clear_dir(settings.logs)
         tls = make_tls(openssl, workdir)
         with run_nginx(nginx_bin, data_root, tls, workdir) as nginx:
             for profile in profiles:
-                sections += run_profile(profile, schemes, tools, nginx, settings, tls.ca,
-                                        args.dest_dir, disk_dest)
+                sections += run_profile(
+                    profile, args.schemes, tools, nginx, settings, tls.ca, args.dest_dir, disk_dest
+                )
     header = report_header(args, profiles, data_root, time.monotonic() - started, cs)
     write_report(args.output, sections, tools, header, [*METHOD_NOTES, *notes])
     for section in sections:
@@ -1088,19 +1415,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def report_header(args: argparse.Namespace, profiles: Sequence[Profile], data_root: Path,
-                  elapsed: float, cs: CheckpointSync) -> list[str]:
+def report_header(
+    args: argparse.Namespace,
+    profiles: Sequence[Profile],
+    data_root: Path,
+    elapsed: float,
+    cs: CheckpointSync,
+) -> list[str]:
     date = capture(["date", "-u"]).strip()
-    mode = "QUICK smoke run (scaled down; numbers are not representative)" if args.quick \
+    mode = (
+        "QUICK smoke run (scaled down; numbers are not representative)"
+        if args.quick
         else "full run"
-    lines = [(f"Generated by `benchmarks/run.py` — {mode}, {args.rounds} round(s), "
-             f"median reported; total time {elapsed / 60:.1f} min."), "",
-             f"- Date: {date}", *machine_info(),
-             f"- Data: {data_root} (served by nginx); destinations: {args.dest_dir}"
-             + (f" and {args.disk_dest_dir}" if args.disk_dest_dir else ""), ""]
+    )
+    lines = [
+        (
+            f"Generated by `benchmarks/run.py` — {mode}, {args.rounds} round(s), "
+            f"median reported; total time {elapsed / 60:.1f} min."
+        ),
+        "",
+        f"- Date: {date}",
+        *machine_info(),
+        f"- Data: {data_root} (served by nginx); destinations: {args.dest_dir}"
+        + (f" and {args.disk_dest_dir}" if args.disk_dest_dir else ""),
+        "",
+    ]
     lines += ["| profile | ranks | files | total bytes | layout |", "|---|---:|---:|---:|---|"]
-    lines += [f"| {p.name} | {p.ranks} | {len(p.files):,} | {p.total_bytes:,} | "
-              f"`{p.files[0].rel}` |" for p in profiles]
+    lines += [
+        f"| {p.name} | {p.ranks} | {len(p.files):,} | {p.total_bytes:,} | `{p.files[0].rel}` |"
+        for p in profiles
+    ]
     return [*lines, "", "## Tool versions", "", *tool_versions(cs)]
 
 

@@ -39,7 +39,7 @@ from .layout import STATE_DIR, is_within, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import converting_errors, proxy_for, retry_after_seconds, transient_status
 from .plan import Part, parts_to_keep, split_parts
-from .progress import Stats
+from .progress import Stats, human_bytes
 from .redact import redact_url
 from .retry import RetryPolicy, retrying
 from .sources.base import RemoteFile
@@ -56,6 +56,9 @@ INLINE_DIGEST_SIZE = 2 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # Errors that no other file could escape either: the run stops.
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# Left free on the destination, so that when the data has filled the disk the manifest can still
+# record what was done (its WAL grows by up to ~4 MiB between checkpoints).
+SPACE_RESERVE = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,8 @@ class Transfers:
         self._real_dest = os.path.realpath(dest)
         self._staging_dir = dest / STATE_DIR / "staging"
         self._prepared_dirs: set[Path] = set()
+        # Bytes of one-part files being fetched: not preallocated, so not yet seen as used.
+        self._claimed = 0
         self._digest_buffer = bytearray(INLINE_DIGEST_SIZE)
         self._manifest = manifest
         self._source_name = source_name
@@ -123,6 +128,9 @@ class Transfers:
         keep = frozenset[int]()
         if multipart:
             keep = parts_to_keep(file, part_size, self._manifest.staged(key, _size_of(staging)))
+        self._check_space(0 if keep else file.size, final)
+        claimed = 0 if multipart else file.size
+        self._claimed += claimed
         fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
         try:
             if not keep:
@@ -144,6 +152,7 @@ class Transfers:
                 _os_call(staging, lambda: os.fsync(fd))
         finally:
             os.close(fd)
+            self._claimed -= claimed
         if self._manifest.recorded(key) is not None:
             # The old record must not outlive the old file: a crash right after the rename
             # would leave it describing bytes that are no longer there.
@@ -162,6 +171,20 @@ class Transfers:
             )
         )
         self._stats.bytes_published += file.size
+
+    def _check_space(self, size: int, final: Path) -> None:
+        """Stop with a clear message before the disk is full, not with ENOSPC half way."""
+        try:
+            info = os.statvfs(self._staging_dir)
+        except OSError as exc:
+            raise _local_error(exc, self._staging_dir) from exc
+        free = info.f_bavail * info.f_frsize - self._claimed - SPACE_RESERVE
+        if size > free:
+            raise LocalIOError(
+                f"not enough space for {final}: it needs {human_bytes(size)}, "
+                f"{human_bytes(max(free, 0))} is free on {self._dest} "
+                f"(keeping {human_bytes(SPACE_RESERVE)} for the manifest)"
+            )
 
     def _prepare_parent(self, final: Path) -> None:
         """Create the file's directory, refusing one that a symlink leads out of DEST."""

@@ -1,0 +1,143 @@
+"""A full or read-only destination: exit 6 with one clear line, nothing already there harmed.
+
+A small tmpfs is mounted for each test (we run as root in CI); the test is skipped, saying why,
+where mounting is not allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.localserver import Catalog, ServedFile, synthetic_job
+
+from .conftest import JOB, PROJECT, sync_args
+from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
+from .test_kill import assert_records_true
+
+
+def mount(point: Path, options: str) -> None:
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def remount(point: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(point)], check=True)
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB tmpfs."""
+    point = tmp_path / "disk"
+    point.mkdir()
+    try:
+        mount(point, "size=8m")
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = (
+            exc.stderr.decode().strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        )
+        pytest.skip(f"cannot mount a tmpfs here ({detail})")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+@pytest.fixture
+def server() -> Iterator[ServerThread]:
+    """About 12.5 MB: per checkpoint and rank one 3 MiB file and six 20 kB files."""
+    job = synthetic_job(
+        PROJECT,
+        JOB,
+        checkpoints=2,
+        ranks=2,
+        large_files=1,
+        large_size=3 << 20,
+        small_files=6,
+        small_size=20_000,
+    )
+    with ServerThread(Catalog(api_key=API_KEY, jobs=[job])) as running:
+        yield running
+
+
+def files(server: ServerThread) -> list[ServedFile]:
+    return list(server.catalog.files())
+
+
+def published(server: ServerThread, dest: Path) -> list[Path]:
+    """Final paths present, each checked to be the whole, exact file."""
+    found = []
+    for file in files(server):
+        path = mirrored(dest, JOB, file)
+        if path.exists():
+            assert_exact(path, file)
+            found.append(path)
+    return found
+
+
+def test_a_full_disk_stops_with_the_path_and_the_space_needed_and_the_rerun_resumes(
+    server: ServerThread, disk: Path
+) -> None:
+    dest = disk / "mirror"
+    total = sum(f.size for f in files(server))
+
+    full = run_cli(*sync_args(server, dest))
+
+    assert full.code == 6
+    assert full.stderr.count("\n") == 1
+    assert "not enough space for " + str(dest / JOB) in full.stderr
+    assert "it needs 3.0 MiB" in full.stderr
+    assert "(keeping 4.0 MiB for the manifest)" in full.stderr
+    kept = published(server, dest)
+    assert kept  # what fitted was published ...
+    assert_records_true(dest)  # ... and recorded: the manifest could still be written
+    assert len(kept) == len(
+        [p for p in (dest / JOB).rglob("*") if p.is_file()]
+    )  # nothing half-written at a final path
+
+    remount(disk, "size=32m")  # the operator frees space
+    again = run_cli(*sync_args(server, dest, "--json"))
+
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["files"]["skipped"] == len(kept)
+    assert len(published(server, dest)) == len(files(server))
+    assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
+    # What was published is not fetched again; at most the parts cut short by the stop are.
+    assert server.traffic.object_bytes_sent <= total + 4 * (256 << 10)
+
+
+def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
+    server: ServerThread, disk: Path
+) -> None:
+    remount(disk, "size=32m")
+    dest = disk / "mirror"
+    assert run_cli(*sync_args(server, dest)).code == 0
+    changed = files(server)[0]
+    server.call(lambda: setattr(changed, "seed", 31337))
+    server.call(lambda: setattr(changed, "last_modified", "2026-12-01T00:00:00+00:00"))
+    remount(disk, "ro")
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 6
+    assert result.stderr.count("\n") == 1
+    assert "Read-only file system" in result.stderr
+    assert str(dest) in result.stderr
+    untouched = [f for f in files(server) if f is not changed]
+    for file in untouched:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+    remount(disk, "rw")
+    assert_records_true(dest)  # (SQLite cannot open a WAL database on a read-only mount)
+    again = run_cli(*sync_args(server, dest, "--json"))
+
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["files"]["fetched"] == 1
+    assert_exact(mirrored(dest, JOB, changed), changed)
