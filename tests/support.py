@@ -96,7 +96,14 @@ def run_cli(*args: str | Path) -> Result:
             code = main([str(a) for a in args])
         except SystemExit as exc:  # argparse's own usage errors
             code = exc.code if isinstance(exc.code, int) else 2
+    assert_no_secret(out.getvalue() + err.getvalue())
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def assert_no_secret(text: str) -> None:
+    """Checked on every run in the tests: the key and presigned signatures never show."""
+    assert API_KEY not in text, "the API key was printed"
+    assert "X-Amz-Signature" not in text, "a presigned URL's query string was printed"
 
 
 def run_subprocess(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -19,7 +19,15 @@ import xxhash
 from checkpoint_sync.localserver import Catalog, Faults, ServedFile, synthetic_job
 
 from .conftest import JOB, PROJECT, sync_args
-from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli, run_subprocess
+from .support import (
+    API_KEY,
+    ServerThread,
+    assert_exact,
+    assert_no_secret,
+    mirrored,
+    run_cli,
+    run_subprocess,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -175,6 +183,7 @@ def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
     out, err = process.communicate(timeout=10)
 
     assert process.returncode == code, err
+    assert_no_secret(out.decode() + err.decode())
     assert time.monotonic() - stopped < 2
     assert "fetched " in out.decode()  # the summary of what was done
     assert f"stopped by {signum.name}; rerun to resume" in err.decode()

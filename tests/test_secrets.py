@@ -1,0 +1,141 @@
+"""Secrets never show, --debug included; and --fsync really reaches the disk.
+
+Every in-process run (`support.run_cli`) already asserts that neither the API key nor a presigned
+signature was printed; the tests here drive the paths most likely to leak them.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.localserver import ServedFile
+
+from .conftest import JOB, sync_args
+from .support import API_KEY, ServerThread, assert_exact, assert_no_secret, mirrored, run_cli
+
+
+def files(server: ServerThread) -> list[ServedFile]:
+    return list(server.catalog.files())
+
+
+def break_one_file(server: ServerThread, how: str) -> None:
+    victim = files(server)[0]  # a multi-part file
+    if how == "denied":
+        server.faults.denied = {victim.name}
+    elif how == "server errors":
+        server.faults.hook = lambda name, start, end: "500" if name == victim.name else None
+    elif how == "shifted range":
+        server.faults.shift_content_range = 7
+    elif how == "stall":
+        server.faults.hook = lambda name, start, end: "stall" if name == victim.name else None
+        server.faults.stall_seconds = 2
+    elif how == "bad url":
+        victim.external_url = "http://[::1/objects/1?X-Amz-Signature=s3cr3t&X-Amz-Date=1"
+
+
+@pytest.mark.parametrize(
+    ("how", "shown"),
+    [
+        ("denied", "?<redacted>"),
+        ("server errors", "?<redacted>"),
+        ("stall", "?<redacted>"),
+        ("shifted range", "does not match the requested bytes"),
+        ("bad url", "its presigned URL is not a valid URL"),
+        ("expiry", None),
+    ],
+)
+def test_failures_under_debug_name_urls_without_their_query(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, how: str, shown: str | None
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "2")
+    monkeypatch.setenv("CHECKPOINT_SYNC_READ_TIMEOUT", "0.3")
+    if how == "expiry":
+        server.faults.url_ttl = 0.2
+        server.faults.throttle = 4 << 20
+    else:
+        break_one_file(server, how)
+
+    result = run_cli(*sync_args(server, dest, "--debug", "--json"))
+
+    output = result.stdout + result.stderr
+    assert_no_secret(output)
+    assert "s3cr3t" not in output
+    if shown is not None:
+        assert result.code == 1
+        assert shown in output
+    # No URL anywhere in the output keeps a query string.
+    assert not re.search(r"https?://[^\s\"']*\?(?!<redacted>)", output)
+
+
+def test_a_refused_key_is_not_shown_even_under_debug(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BASETEN_API_KEY", "refused-key-9f8e7d6c5b4a")
+
+    result = run_cli(*sync_args(server, dest, "--debug", "--json"))
+
+    assert result.code == 3
+    assert "refused-key-9f8e7d6c5b4a" not in result.stdout + result.stderr
+
+
+def test_a_key_read_with_a_trailing_newline_works(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BASETEN_API_KEY", f"  {API_KEY}\n")
+
+    result = run_cli(*sync_args(server, dest, "--debug"))
+
+    assert result.code == 0, result.stderr
+    assert_exact(mirrored(dest, JOB, files(server)[0]), files(server)[0])
+
+
+def test_a_key_with_a_control_character_is_a_usage_error_that_hides_it(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BASETEN_API_KEY", "half-a-key\r\nX-Injected: 1")
+
+    result = run_cli(*sync_args(server, dest, "--debug"))
+
+    assert result.code == 2
+    assert "the key contains a control character" in result.stderr
+    assert "half-a-key" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _fsync_calls(server: ServerThread, dest: Path, *extra: str) -> dict[str, int]:
+    """How often the CLI, run under strace, called fsync and fdatasync."""
+    trace = dest.parent / f"trace{len(extra)}"
+    subprocess.run(
+        [
+            *("strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(trace)),
+            *(sys.executable, "-m", "checkpoint_sync", *sync_args(server, dest, *extra)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    calls = re.findall(r"\b(fsync|fdatasync)\(", trace.read_text())
+    return {name: calls.count(name) for name in ("fsync", "fdatasync")}
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_fsync_makes_files_and_their_directories_durable(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    try:
+        plain = _fsync_calls(server, tmp_path / "plain")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"strace cannot trace here: {exc.stderr.decode()[-200:]}")
+    durable = _fsync_calls(server, tmp_path / "durable", "--fsync")
+
+    published = len(files(server))
+    assert plain["fsync"] == 0  # by default the page cache is trusted
+    assert durable["fsync"] >= 2 * published  # each file, then its directory after the rename
+    assert durable["fdatasync"] > plain["fdatasync"]  # part data, and the manifest's commits
+    for file in files(server):
+        assert_exact(mirrored(tmp_path / "durable", JOB, file), file)
