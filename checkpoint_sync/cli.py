@@ -8,6 +8,7 @@ mirror, 6 the destination cannot be written, 130/143 stopped by SIGINT/SIGTERM.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+import aiohttp
 import anyio
 from pydantic import SecretStr
 
@@ -28,13 +30,13 @@ from .config import Settings, load_settings, parse_size
 from .engine import PlannedFile, SyncOptions, sync
 from .errors import CheckpointSyncError, UsageError, most_severe
 from .listing import Row, row_json, survey, table
-from .net import NetSettings, open_session
-from .plan import select_checkpoints
+from .net import NetSettings, loop_options
+from .plan import Selection, select_checkpoints
 from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_bytes, summary
 from .redact import Redactor
 from .retry import RetryPolicy
-from .sources import SOURCES, Source, SourceContext, SourceSpec
-from .sources.baseten_training import TrainingJobSource
+from .sources import SOURCES, Source, SourceRecipe, SourceSpec
+from .sources.baseten_training import TrainingJobs
 from .transfer import TransferSettings
 
 if TYPE_CHECKING:
@@ -269,6 +271,12 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
     return settings
 
 
+def _recipe(settings: Settings, args: argparse.Namespace, spec: SourceSpec) -> SourceRecipe:
+    return SourceRecipe(
+        functools.partial(spec.build, args), settings, _net(settings), _retry(settings)
+    )
+
+
 def _options(settings: Settings, dest: Path, args: argparse.Namespace) -> SyncOptions:
     return SyncOptions(
         dest=dest.expanduser().absolute(),
@@ -308,40 +316,49 @@ class _Selection:
     latest: bool = False
 
 
-async def _mirror(
-    settings: Settings,
-    build: Callable[[SourceContext], Source],
-    wanted: _Selection,
-    options: SyncOptions,
-    stats: Stats,
-    out: _Output,
-) -> None:
-    """List, select and mirror, showing progress; the heart of `sync` and `demo`."""
-    retry = _retry(settings)
-
-    def show_plan(planned: PlannedFile) -> None:
-        out.info(f"{planned.action:5} {planned.path} ({human_bytes(planned.size)})")
-
-    async with open_session(_net(settings)) as session:
-        source = build(SourceContext(session, settings, retry))
+@asynccontextmanager
+async def _selected(
+    recipe: SourceRecipe, wanted: _Selection, *, include_syncing: bool
+) -> AsyncIterator[tuple[aiohttp.ClientSession, Source, Selection]]:
+    """Open the source and narrow its checkpoints to those wanted."""
+    async with recipe.open() as (session, source):
         selection = select_checkpoints(
             await source.checkpoints(),
             names=wanted.names,
             latest=wanted.latest,
-            include_syncing=settings.include_syncing,
+            include_syncing=include_syncing,
             what=source.description,
         )
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(out.display().run, stats)
-            await sync(
-                source,
-                selection,
-                session,
-                options,
-                stats,
-                show_plan if options.dry_run else None,
-            )
-            tg.cancel_scope.cancel()
+        yield session, source, selection
+
+
+async def _mirror(
+    recipe: SourceRecipe, wanted: _Selection, options: SyncOptions, stats: Stats, out: _Output
+) -> None:
+    """List, select and mirror, showing progress; the heart of `sync` and `demo`."""
+
+    def show_plan(planned: PlannedFile) -> None:
+        out.info(f"{planned.action:5} {planned.path} ({human_bytes(planned.size)})")
+
+    include_syncing = recipe.settings.include_syncing
+    async with (
+        _selected(recipe, wanted, include_syncing=include_syncing) as (
+            session,
+            source,
+            selection,
+        ),
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(out.display().run, stats)
+        await sync(
+            source,
+            selection,
+            session,
+            options,
+            stats,
+            show_plan if options.dry_run else None,
+        )
+        tg.cancel_scope.cancel()
 
 
 def _sync_command(args: argparse.Namespace, out: _Output) -> int:
@@ -349,15 +366,12 @@ def _sync_command(args: argparse.Namespace, out: _Output) -> int:
     spec = _chosen_source(args)
     if settings.dest is None:
         raise UsageError("no destination: pass --dest DIR (or set dest in the config)")
+    recipe = _recipe(settings, args, spec)
     options = _options(settings, settings.dest, args)
     stats = Stats()
     wanted = _Selection(tuple(args.checkpoint), args.latest)
-
-    def build(context: SourceContext) -> Source:
-        return spec.build(args, context)
-
     return _run_and_report(
-        lambda: _mirror(settings, build, wanted, options, stats, out), stats, options, out
+        lambda: _mirror(recipe, wanted, options, stats, out), stats, options, out
     )
 
 
@@ -445,18 +459,10 @@ def _run(job: Callable[[], Awaitable[None]]) -> int | None:
             tg.cancel_scope.cancel()
 
     try:
-        anyio.run(main, backend_options={"use_uvloop": _has_uvloop()})
+        anyio.run(main, backend_options=loop_options())
     except ExceptionGroup as group:
         raise most_severe(group) from None
     return received
-
-
-def _has_uvloop() -> bool:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --- list -----------------------------------------------------------------------------------------
@@ -470,17 +476,11 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
 
     async def survey_source() -> None:
         nonlocal description
-        async with open_session(_net(settings)) as session:
-            source = spec.build(args, SourceContext(session, settings, _retry(settings)))
+        recipe = _recipe(settings, args, spec)
+        wanted = _Selection(tuple(args.checkpoint), args.latest)
+        # A listing shows checkpoints still uploading too: their status says so.
+        async with _selected(recipe, wanted, include_syncing=True) as (_, source, selection):
             description = source.description
-            # A listing shows checkpoints still uploading too: their status says so.
-            selection = select_checkpoints(
-                await source.checkpoints(),
-                names=args.checkpoint,
-                latest=args.latest,
-                include_syncing=True,
-                what=source.description,
-            )
             dest = args.dest.expanduser().absolute() if args.dest else None
             rows.extend(
                 await survey(source, selection.checkpoints, dest, frozenset(args.node_rank))
@@ -512,6 +512,7 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
     dest = args.dest or Path(tempfile.mkdtemp(prefix="checkpoint-sync-demo-"))
     catalog = demo_catalog()
     job = catalog.jobs[0]
+    job_args = argparse.Namespace(project=job.project_id, job=job.job_id)
     codes: list[int] = []
 
     async def run_twice() -> None:
@@ -523,11 +524,8 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
                 out.info(f"--- demo {title}: {server.url} -> {dest}")
                 stats = Stats()
                 options = _options(local, dest, args)
-
-                def build(context: SourceContext) -> Source:
-                    return TrainingJobSource(context.baseten_api(), job.project_id, job.job_id)
-
-                await _mirror(local, build, _Selection(), options, stats, out)
+                recipe = _recipe(local, job_args, TrainingJobs())
+                await _mirror(recipe, _Selection(), options, stats, out)
                 codes.append(_exit_code(stats, None, None))
                 if out.as_json:
                     out.json({"run": attempt + 1, **summary(stats)})
@@ -551,18 +549,12 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     trials: list[Trial] = []
 
     async def measure() -> None:
+        wanted = _Selection(tuple(args.checkpoint), args.latest)
         # The listing has its own session: each trial opens fresh connections for the files.
         async with (
-            _bench_target(args, settings) as (target, build),
-            open_session(_net(target)) as session,
+            _bench_target(args, settings) as recipe,
+            _selected(recipe, wanted, include_syncing=False) as (_, source, selection),
         ):
-            source = build(SourceContext(session, target, _retry(target)))
-            selection = select_checkpoints(
-                await source.checkpoints(),
-                names=args.checkpoint,
-                latest=args.latest,
-                what=source.description,
-            )
             out.info(f"benchmarking {source.description}: {len(pairs)} trials")
             trials.extend(
                 await run_trials(
@@ -571,8 +563,8 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                     pairs,
                     budget=args.max_bytes,
                     scratch=scratch,
-                    net=_net(target),
-                    retry=_retry(target),
+                    net=recipe.net,
+                    retry=recipe.retry,
                 )
             )
 
@@ -623,11 +615,10 @@ def _bench_table(trials: list[Trial]) -> list[str]:
 @asynccontextmanager
 async def _bench_target(
     args: argparse.Namespace, settings: Settings
-) -> AsyncIterator[tuple[Settings, Callable[[SourceContext], Source]]]:
+) -> AsyncIterator[SourceRecipe]:
     """The source the flags name, or the built-in server in a process of its own."""
     if any(spec.chosen(args) for spec in SOURCES):
-        spec = _chosen_source(args)
-        yield settings, lambda context: spec.build(args, context)
+        yield _recipe(settings, args, _chosen_source(args))
         return
     command = [sys.executable, "-m", "checkpoint_sync.localserver", "serve-synthetic"]
     async with await anyio.open_process(command) as server:
@@ -636,7 +627,8 @@ async def _bench_target(
         if ready[:1] != ["ready"]:
             raise CheckpointSyncError("the built-in server did not start")
         local = settings.model_copy(update={"api_url": ready[1], "api_key": SecretStr("bench")})
+        job_args = argparse.Namespace(project="bench", job="job")
         try:
-            yield local, lambda context: TrainingJobSource(context.baseten_api(), "bench", "job")
+            yield _recipe(local, job_args, TrainingJobs())
         finally:
             server.terminate()

@@ -44,16 +44,16 @@ class SyncOptions:
 
 
 @dataclass(frozen=True)
+class _Job:
+    file: RemoteFile
+    relative: PurePosixPath
+
+
+@dataclass(frozen=True)
 class PlannedFile:
     path: str
     size: int
     action: Literal["fetch", "skip"]
-
-
-@dataclass(frozen=True)
-class _Job:
-    file: RemoteFile
-    relative: PurePosixPath
 
 
 def manifest_path(dest: Path) -> Path:
@@ -102,17 +102,11 @@ async def _run(
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None,
 ) -> None:
-    async def relist(file: RemoteFile) -> str:
-        url = await source.refresh_url(file)
-        check_listed_url(url)
-        return url
-
     transfers = Transfers(
         session,
         options.dest,
         manifest,
-        source.name,
-        relist,
+        source,
         anyio.CapacityLimiter(options.concurrency),
         stats,
         options.transfer,

@@ -38,11 +38,11 @@ from .errors import (
 from .layout import STATE_DIR, is_within, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import converting_errors, proxy_for, retry_after_seconds, transient_status
-from .plan import Part, parts_to_keep, split_parts
+from .plan import Part, check_listed_url, parts_to_keep, split_parts
 from .progress import Stats, human_bytes
 from .redact import redact_url
 from .retry import RetryPolicy, retrying
-from .sources.base import RemoteFile
+from .sources.base import RemoteFile, Source
 
 T = TypeVar("T")
 
@@ -93,8 +93,7 @@ class Transfers:
         session: aiohttp.ClientSession,
         dest: Path,
         manifest: Manifest,
-        source_name: str,
-        relist: Callable[[RemoteFile], Awaitable[str]],
+        source: Source,
         connections: anyio.CapacityLimiter,
         stats: Stats,
         settings: TransferSettings,
@@ -108,8 +107,7 @@ class Transfers:
         self._claimed = 0
         self._digest_buffer = bytearray(INLINE_DIGEST_SIZE)
         self._manifest = manifest
-        self._source_name = source_name
-        self._relist = relist
+        self._source = source
         self._connections = connections
         self._stats = stats
         self._settings = settings
@@ -161,7 +159,7 @@ class Transfers:
         self._manifest.record_verified(
             VerifiedFile(
                 path=key,
-                source=self._source_name,
+                source=self._source.name,
                 run=file.run,
                 checkpoint=file.checkpoint,
                 node_rank=file.node_rank,
@@ -171,6 +169,12 @@ class Transfers:
             )
         )
         self._stats.bytes_published += file.size
+
+    async def _relist(self, file: RemoteFile) -> str:
+        """A fresh presigned URL for ``file``, checked like a listed one."""
+        url = await self._source.refresh_url(file)
+        check_listed_url(url)
+        return url
 
     def _check_space(self, size: int, final: Path) -> None:
         """Stop with a clear message before the disk is full, not with ENOSPC half way."""

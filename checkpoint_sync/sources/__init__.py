@@ -3,7 +3,16 @@
 Adding a provider: write its module (a `Source` and a `SourceSpec`) and register the spec below.
 """
 
-from .base import Checkpoint, PageRef, RemoteFile, Source, SourceContext, SourceSpec, SyncState
+from .base import (
+    Checkpoint,
+    PageRef,
+    RemoteFile,
+    Source,
+    SourceContext,
+    SourceRecipe,
+    SourceSpec,
+    SyncState,
+)
 from .baseten_loops import LoopsRuns
 from .baseten_training import TrainingJobs
 from .wandb import WandbTraining
@@ -17,6 +26,7 @@ __all__ = [
     "RemoteFile",
     "Source",
     "SourceContext",
+    "SourceRecipe",
     "SourceSpec",
     "SyncState",
 ]

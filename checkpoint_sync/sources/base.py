@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -15,6 +16,7 @@ import aiohttp
 from ..api import ApiClient
 from ..config import Settings
 from ..errors import AuthError
+from ..net import NetSettings, open_session
 from ..retry import RetryPolicy
 
 
@@ -135,6 +137,21 @@ class SourceContext:
         return ApiClient(
             self.session, url, api_key=key, auth_scheme=scheme, key_hint=key_env, retry=self.retry
         )
+
+
+@dataclass(frozen=True)
+class SourceRecipe:
+    """How to reach a source: its builder, and the settings to talk to it with."""
+
+    build: Callable[[SourceContext], Source]
+    settings: Settings
+    net: NetSettings
+    retry: RetryPolicy
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[tuple[aiohttp.ClientSession, Source]]:
+        async with open_session(self.net) as session:
+            yield session, self.build(SourceContext(session, self.settings, self.retry))
 
 
 class SourceSpec(Protocol):
