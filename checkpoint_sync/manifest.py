@@ -145,31 +145,38 @@ class Manifest:
         cursor = self._db.execute("INSERT OR IGNORE INTO listed (path) VALUES (?)", (path,))
         return cursor.rowcount == 1
 
+    def _write(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
+        """One write into the open transaction; another program's lock or a full disk is ours."""
+        try:
+            return self._db.execute(sql, parameters)
+        except sqlite3.OperationalError as exc:
+            raise LocalIOError(f"cannot write the manifest {self.path}: {exc}") from exc
+
     def begin_staging(self, path: str, size: int, last_modified: str, part_size: int) -> None:
-        self._db.execute("DELETE FROM staging WHERE path = ?", (path,))
-        self._db.execute(
+        self._write("DELETE FROM staging WHERE path = ?", (path,))
+        self._write(
             "INSERT INTO staging (path, size, last_modified, part_size) VALUES (?, ?, ?, ?)",
             (path, size, last_modified, part_size),
         )
         self.maybe_commit()
 
     def part_done(self, path: str, part: int) -> None:
-        self._db.execute("INSERT OR IGNORE INTO parts (path, part) VALUES (?, ?)", (path, part))
+        self._write("INSERT OR IGNORE INTO parts (path, part) VALUES (?, ?)", (path, part))
         self.maybe_commit()
 
     def drop_staging(self, path: str) -> None:
-        self._db.execute("DELETE FROM staging WHERE path = ?", (path,))
+        self._write("DELETE FROM staging WHERE path = ?", (path,))
         self.maybe_commit()
 
     def forget(self, path: str) -> None:
         """Drop the record of ``path`` now (committed): its file is about to be replaced."""
-        self._db.execute("DELETE FROM files WHERE path = ?", (path,))
+        self._write("DELETE FROM files WHERE path = ?", (path,))
         self.commit()
 
     def record_verified(self, entry: VerifiedFile) -> None:
         """Record a published file and forget its staging progress, in one transaction."""
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        self._db.execute(
+        self._write(
             "INSERT OR REPLACE INTO files (path, source, run, checkpoint, node_rank, size, "
             "last_modified, digest, verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -184,7 +191,7 @@ class Manifest:
                 now,
             ),
         )
-        staged = self._db.execute("DELETE FROM staging WHERE path = ?", (entry.path,)).rowcount
+        staged = self._write("DELETE FROM staging WHERE path = ?", (entry.path,)).rowcount
         if staged:
             self.commit()  # a file fetched in parts is large: a crash must not cost it again
         else:

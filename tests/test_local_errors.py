@@ -7,6 +7,7 @@ where mounting is not allowed.
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +137,31 @@ def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
 
     remount(disk, "rw")
     assert_records_true(dest)  # (SQLite cannot open a WAL database on a read-only mount)
+    again = run_cli(*sync_args(server, dest, "--json"))
+
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["files"]["fetched"] == 1
+    assert_exact(mirrored(dest, JOB, changed), changed)
+
+
+def test_a_manifest_locked_by_another_program_exits_6_naming_it(
+    server: ServerThread, dest: Path
+) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    changed = files(server)[0]
+    server.call(lambda: setattr(changed, "last_modified", "2026-12-01T00:00:00+00:00"))
+    other = sqlite3.connect(dest / ".checkpoint-sync" / "manifest.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # say, someone editing it with the sqlite3 shell
+    try:
+        result = run_cli(*sync_args(server, dest))
+    finally:
+        other.close()
+
+    assert result.code == 6
+    assert result.stderr.count("\n") == 1
+    assert "cannot write the manifest" in result.stderr
+    assert "database is locked" in result.stderr
+
     again = run_cli(*sync_args(server, dest, "--json"))
 
     assert again.code == 0, again.stderr
