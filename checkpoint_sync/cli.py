@@ -426,7 +426,11 @@ def _print_summary(stats: Stats, options: SyncOptions, out: _Output) -> None:
         f"{verb} {stats.files_to_fetch if options.dry_run else stats.files_fetched} files "
         f"({human_bytes(stats.bytes_to_fetch if options.dry_run else stats.bytes_fetched)}) "
         f"into {options.dest} in {stats.seconds:.1f}s"
-        + ("" if options.dry_run else f" at {stats.mb_per_s():.1f} MB/s")
+        + (
+            f" at {stats.mb_per_s():.1f} MB/s"
+            if stats.bytes_fetched and not options.dry_run
+            else ""
+        )
         + f"; skipped {stats.files_skipped} unchanged ({human_bytes(stats.bytes_skipped)}); "
         f"{stats.files_failed} failed"
     )

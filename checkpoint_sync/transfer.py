@@ -225,26 +225,29 @@ class Transfers:
         if parts == [whole]:
             return await self._fetch_part(fd, file, key, whole, url)
         try:
-            await self._fetch_concurrently(fd, file, key, parts, url)
+            return await self._fetch_concurrently(fd, file, key, parts, url)
         except _RangeIgnored:
             # Fetch it as one stream instead, and forget parts that will be written over.
             self._manifest.drop_staging(key)
             return await self._fetch_part(fd, file, key, whole, url)
-        return None
 
     async def _fetch_concurrently(
         self, fd: int, file: RemoteFile, key: str, parts: list[Part], url: _CurrentUrl
-    ) -> None:
+    ) -> str | None:
+        """The parts side by side; the digest if the server sent the whole file instead."""
+        first = _PartState.of(parts[0], file)
         try:
             async with anyio.create_task_group() as tg:
                 # The first part's answer tells whether Range is honoured before the rest go out.
                 first_answered = anyio.Event()
-                tg.start_soon(self._fetch_part, fd, file, key, parts[0], url, first_answered)
+                tg.start_soon(self._fetch_part, fd, file, key, parts[0], url, first_answered, first)
                 await first_answered.wait()
-                for part in parts[1:]:
-                    tg.start_soon(self._fetch_part, fd, file, key, part, url)
+                if first.hasher is None:
+                    for part in parts[1:]:
+                        tg.start_soon(self._fetch_part, fd, file, key, part, url)
         except ExceptionGroup as group:
             raise most_severe(group) from None
+        return first.hasher.hexdigest() if first.hasher is not None else None
 
     async def _fetch_part(
         self,
@@ -254,10 +257,10 @@ class Transfers:
         part: Part,
         url: _CurrentUrl,
         answered: anyio.Event | None = None,
+        state: _PartState | None = None,
     ) -> str | None:
-        """Fetch one part, retrying; the digest when the part is the whole file."""
-        whole = part.length == file.size
-        state = _PartState(part.start, xxhash.xxh3_128() if whole else None)
+        """Fetch one part, retrying; the digest when the part is (or became) the whole file."""
+        state = state or _PartState.of(part, file)
 
         async def attempt() -> None:
             try:
@@ -302,7 +305,7 @@ class Transfers:
         state: _PartState,
         answered: anyio.Event | None,
     ) -> None:
-        headers = {"Range": f"bytes={state.offset}-{part.end - 1}"}
+        headers = {"Range": f"bytes={state.offset}-{state.end - 1}"}
         requested = time.monotonic()
         with converting_errors(url, f"download of {file.path}"):
             async with self._session.get(url, headers=headers, proxy=proxy_for(url)) as resp:
@@ -311,27 +314,25 @@ class Transfers:
                     answered.set()
                 state.url_worked = resp.status != 403
                 if resp.status == 200:
-                    if part.length != file.size:
+                    if part.start != 0:
                         raise _RangeIgnored(f"{redact_url(url)} ignores Range requests")
-                    state.restart()  # the whole body, whatever was asked
+                    # The whole body, whatever was asked: take it as the file, from byte 0.
+                    state.take_whole(file.size)
                 elif resp.status == 206:
-                    _check_content_range(
-                        resp.headers.get("Content-Range"), state.offset, part, file
-                    )
+                    _check_content_range(resp.headers.get("Content-Range"), state, file.size)
                 else:
                     await _raise_for_file_status(resp, url)
                 started_at = state.offset
-                await self._receive(resp, fd, state, part.end)
+                await self._receive(resp, fd, state)
                 self._stats.timed(
                     answered_at - requested,
                     state.offset - started_at,
                     time.monotonic() - answered_at,
                 )
 
-    async def _receive(
-        self, resp: aiohttp.ClientResponse, fd: int, state: _PartState, end: int
-    ) -> None:
+    async def _receive(self, resp: aiohttp.ClientResponse, fd: int, state: _PartState) -> None:
         """Stream the body into the file at ``state.offset``, a batch at a time."""
+        end = state.end
         batch: list[bytes] = []
         batched = 0
         while True:
@@ -370,24 +371,29 @@ class Transfers:
 @dataclass
 class _PartState:
     offset: int  # next byte to request and write; survives retries of the part
+    end: int
     # Digest of bytes [0, offset) when the part is the whole file: hashed as written, in order.
     hasher: xxhash.xxh3_128 | None
     relisted: bool = False  # this part asked for a fresh URL
     url_worked: bool = False  # a request since then was answered with something else than 403
 
-    def restart(self) -> None:
-        self.offset = 0
-        if self.hasher is not None:
-            self.hasher.reset()
+    @classmethod
+    def of(cls, part: Part, file: RemoteFile) -> _PartState:
+        whole = part.length == file.size
+        return cls(part.start, part.end, xxhash.xxh3_128() if whole else None)
+
+    def take_whole(self, size: int) -> None:
+        """Receive the whole file from byte 0 on: a server that ignores Range sent it."""
+        self.offset, self.end, self.hasher = 0, size, xxhash.xxh3_128()
 
 
-def _check_content_range(header: str | None, offset: int, part: Part, file: RemoteFile) -> None:
+def _check_content_range(header: str | None, state: _PartState, size: int) -> None:
     match = _CONTENT_RANGE.fullmatch(header or "")
-    expected = (offset, part.end - 1, file.size)
+    expected = (state.offset, state.end - 1, size)
     if match is None:
         raise IntegrityError(f"206 without a valid Content-Range ({header!r})")
     start, last, total = match.groups()
-    got = (int(start), int(last), int(total) if total != "*" else file.size)
+    got = (int(start), int(last), int(total) if total != "*" else size)
     if got != expected:
         raise IntegrityError(
             f"Content-Range {header!r} does not match the requested bytes "
