@@ -118,6 +118,7 @@ async def run_trials(
             dest=dest,
             concurrency=concurrency,
             transfer=TransferSettings(part_size=part_size, retry=retry),
+            net=net,
         )
         cpu = time.process_time()
         try:

@@ -287,6 +287,7 @@ def _options(settings: Settings, dest: Path, args: argparse.Namespace) -> SyncOp
         transfer=TransferSettings(
             part_size=settings.part_size, fsync=settings.fsync, retry=_retry(settings)
         ),
+        net=_net(settings),
     )
 
 

@@ -22,10 +22,12 @@ from .errors import ApiError, FileError, TransientError, most_severe
 from .layout import STATE_DIR, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
+from .net import NetSettings, ssl_context
 from .plan import Selection, check_listed_size, check_listed_url, is_current
 from .progress import Stats
 from .sources.base import RemoteFile, Source
 from .transfer import Transfers, TransferSettings
+from .wire import ObjectClient
 
 MANIFEST_NAME = "manifest.sqlite3"
 # A killed run fetches again what it finished since its last commit: this bounds that loss to
@@ -41,6 +43,7 @@ class SyncOptions:
     dry_run: bool = False
     wait_lock: bool = False
     transfer: TransferSettings = field(default_factory=TransferSettings)
+    net: NetSettings = field(default_factory=NetSettings)
 
 
 @dataclass(frozen=True)
@@ -102,15 +105,34 @@ async def _run(
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None,
 ) -> None:
-    transfers = Transfers(
+    objects = ObjectClient(
         session,
-        options.dest,
-        manifest,
-        source,
-        anyio.CapacityLimiter(options.concurrency),
-        stats,
-        options.transfer,
+        ssl_context(options.net),
+        connect_timeout=options.net.connect_timeout,
+        read_timeout=options.net.read_timeout,
     )
+    async with objects:
+        transfers = Transfers(
+            objects,
+            options.dest,
+            manifest,
+            source,
+            anyio.CapacityLimiter(options.concurrency),
+            stats,
+            options.transfer,
+        )
+        await _pipeline(source, selection, options, manifest, stats, on_plan, transfers)
+
+
+async def _pipeline(
+    source: Source,
+    selection: Selection,
+    options: SyncOptions,
+    manifest: Manifest,
+    stats: Stats,
+    on_plan: Callable[[PlannedFile], None] | None,
+    transfers: Transfers,
+) -> None:
     send, receive = anyio.create_memory_object_stream[_Job](max_buffer_size=options.concurrency)
     listing_failed: list[ApiError | TransientError] = []
 

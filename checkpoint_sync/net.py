@@ -43,14 +43,17 @@ def loop_options() -> dict[str, bool]:
     return {"use_uvloop": True}
 
 
+def ssl_context(settings: NetSettings) -> ssl.SSLContext:
+    """The system's trust store (or ``SSL_CERT_FILE``), or the configured CA bundle."""
+    cafile = str(settings.ca_bundle) if settings.ca_bundle is not None else None
+    return ssl.create_default_context(cafile=cafile)
+
+
 def open_session(settings: NetSettings) -> aiohttp.ClientSession:
-    ssl_context: ssl.SSLContext | bool = True
-    if settings.ca_bundle is not None:
-        ssl_context = ssl.create_default_context(cafile=str(settings.ca_bundle))
     connector = aiohttp.TCPConnector(
         # The API host takes a few extra connections beside the file transfers.
         limit=settings.connections + 4,
-        ssl=ssl_context,
+        ssl=ssl_context(settings),
         ttl_dns_cache=300,
     )
     return aiohttp.ClientSession(
@@ -94,7 +97,7 @@ def url_problem(url: str) -> str | None:
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     """``Retry-After`` as seconds, from either its delta or its HTTP-date form."""
-    value = headers.get("Retry-After")
+    value = headers.get("retry-after")  # lower case: aiohttp's headers ignore case, ours are lower
     if not value:
         return None
     try:
@@ -121,7 +124,7 @@ def converting_errors(url: str, what: str) -> Iterator[None]:
         raise TransientError(f"{what}: timed out talking to {redact_url(url)}") from exc
     except aiohttp.ClientPayloadError as exc:
         raise TransientError(f"{what}: connection closed mid-body ({redact_url(url)})") from exc
-    except aiohttp.ClientConnectorCertificateError as exc:
+    except (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError) as exc:
         # Retrying cannot fix trust: it is a configuration matter.
         raise UsageError(
             f"{what}: TLS certificate of {redact_url(url)} is not trusted "
@@ -129,5 +132,5 @@ def converting_errors(url: str, what: str) -> Iterator[None]:
         ) from exc
     except aiohttp.ClientError as exc:
         raise TransientError(f"{what}: {type(exc).__name__} talking to {redact_url(url)}") from exc
-    except ConnectionError as exc:
+    except OSError as exc:  # refused, reset, unreachable, name resolution, TLS
         raise TransientError(f"{what}: {exc.strerror or exc} ({redact_url(url)})") from exc

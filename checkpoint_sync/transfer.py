@@ -11,6 +11,7 @@ came as one stream, else by reading the assembled file back from disk.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import re
 import time
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-import aiohttp
 import anyio
 import anyio.to_thread
 import xxhash
@@ -37,22 +37,21 @@ from .errors import (
 )
 from .layout import STATE_DIR, is_within, staging_name
 from .manifest import Manifest, VerifiedFile
-from .net import converting_errors, proxy_for, retry_after_seconds, transient_status
+from .net import retry_after_seconds, transient_status
 from .plan import Part, check_listed_url, parts_to_keep, split_parts
 from .progress import Stats, human_bytes
 from .redact import redact_url
 from .retry import RetryPolicy, retrying
 from .sources.base import RemoteFile, Source
+from .wire import ObjectClient, Response
 
 T = TypeVar("T")
 
 # Received chunks are gathered into one positional write of about this size (measured:
 # larger batches cost memory and cache misses, smaller ones syscalls).
 WRITE_BATCH = 1 << 20
-HASH_BLOCK = 8 << 20
-# Files up to this size are hashed on the loop, through one reused buffer; larger ones in a
-# worker thread.
-INLINE_DIGEST_SIZE = 2 << 20
+# A multiple of the page size: mapping offsets must be.
+HASH_WINDOW = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # Errors that no other file could escape either: the run stops.
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -90,7 +89,7 @@ class Transfers:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        objects: ObjectClient,
         dest: Path,
         manifest: Manifest,
         source: Source,
@@ -98,14 +97,13 @@ class Transfers:
         stats: Stats,
         settings: TransferSettings,
     ) -> None:
-        self._session = session
+        self._objects = objects
         self._dest = dest
         self._real_dest = os.path.realpath(dest)
         self._staging_dir = dest / STATE_DIR / "staging"
         self._prepared_dirs: set[Path] = set()
         # Bytes of one-part files being fetched: not preallocated, so not yet seen as used.
         self._claimed = 0
-        self._digest_buffer = bytearray(INLINE_DIGEST_SIZE)
         self._manifest = manifest
         self._source = source
         self._connections = connections
@@ -139,13 +137,8 @@ class Transfers:
             digest = await self._fetch_parts(fd, file, key, todo)
             if digest is not None:
                 _check_length(fd, file.size)
-            elif file.size <= len(self._digest_buffer):
-                # Hot in the page cache: a thread hop costs more than the hash.
-                digest = _digest(fd, file.size, self._digest_buffer)
             else:
-                digest = await anyio.to_thread.run_sync(
-                    _digest, fd, file.size, bytearray(HASH_BLOCK)
-                )
+                digest = await anyio.to_thread.run_sync(_digest, fd, file.size)
             if self._settings.fsync:
                 _os_call(staging, lambda: os.fsync(fd))
         finally:
@@ -307,65 +300,70 @@ class Transfers:
     ) -> None:
         headers = {"Range": f"bytes={state.offset}-{state.end - 1}"}
         requested = time.monotonic()
-        with converting_errors(url, f"download of {file.path}"):
-            async with self._session.get(url, headers=headers, proxy=proxy_for(url)) as resp:
-                answered_at = time.monotonic()
-                if answered is not None:
-                    answered.set()
-                state.url_worked = resp.status != 403
-                if resp.status == 200:
-                    if part.start != 0:
-                        raise _RangeIgnored(f"{redact_url(url)} ignores Range requests")
-                    # The whole body, whatever was asked: take it as the file, from byte 0.
-                    state.take_whole(file.size)
-                elif resp.status == 206:
-                    _check_content_range(resp.headers.get("Content-Range"), state, file.size)
-                else:
-                    await _raise_for_file_status(resp, url)
-                started_at = state.offset
-                await self._receive(resp, fd, state)
-                self._stats.timed(
-                    answered_at - requested,
-                    state.offset - started_at,
-                    time.monotonic() - answered_at,
-                )
+        async with self._objects.get(url, headers) as resp:
+            answered_at = time.monotonic()
+            if answered is not None:
+                answered.set()
+            state.url_worked = resp.status != 403
+            if resp.status == 200:
+                if part.start != 0:
+                    raise _RangeIgnored(f"{redact_url(url)} ignores Range requests")
+                # The whole body, whatever was asked: take it as the file, from byte 0.
+                state.take_whole(file.size)
+            elif resp.status == 206:
+                _check_content_range(resp.headers.get("content-range"), state, file.size)
+            else:
+                await _raise_for_file_status(resp, url)
+            started_at = state.offset
+            writer = _PartWriter(fd, state, self._stats, self._dest)
+            await resp.stream_to(writer.take)
+            writer.flush()
+        if self._settings.fsync:
+            await anyio.to_thread.run_sync(os.fdatasync, fd)
+        if state.offset != state.end:
+            raise TransientError(f"body ended at byte {state.offset}, expected {state.end}")
+        self._stats.timed(
+            answered_at - requested, state.offset - started_at, time.monotonic() - answered_at
+        )
 
-    async def _receive(self, resp: aiohttp.ClientResponse, fd: int, state: _PartState) -> None:
-        """Stream the body into the file at ``state.offset``, a batch at a time."""
-        end = state.end
-        batch: list[bytes] = []
-        batched = 0
-        while True:
-            chunk, _ = await resp.content.readchunk()  # as received: readany() joins (copies)
-            if chunk:
-                batch.append(chunk)
-                batched += len(chunk)
-                self._stats.bytes_fetched += len(chunk)
-                if state.offset + batched > end:
-                    raise IntegrityError(f"server sent more than the {end} bytes listed")
-            if batched >= WRITE_BATCH or (not chunk and batched):
-                self._write(fd, batch, state.offset, batched)
-                if state.hasher is not None:
-                    for written in batch:
-                        state.hasher.update(written)
-                if self._settings.fsync:
-                    await anyio.to_thread.run_sync(os.fdatasync, fd)
-                state.offset += batched
-                batch, batched = [], 0
-            if not chunk:
-                break
-        if state.offset != end:
-            raise TransientError(f"body ended at byte {state.offset}, expected {end}")
 
-    def _write(self, fd: int, batch: list[bytes], offset: int, length: int) -> None:
+class _PartWriter:
+    """Gathers a part's received chunks into positional writes, hashing them if it is whole."""
+
+    def __init__(self, fd: int, state: _PartState, stats: Stats, dest: Path) -> None:
+        self._fd = fd
+        self._state = state
+        self._stats = stats
+        self._dest = dest
+        self._batch: list[bytes] = []
+        self._size = 0
+
+    def take(self, chunk: bytes) -> None:
+        """Called with each chunk as it is received, on the event loop."""
+        self._stats.bytes_fetched += len(chunk)
+        self._batch.append(chunk)
+        self._size += len(chunk)
+        if self._state.offset + self._size > self._state.end:
+            raise IntegrityError(f"server sent more than the {self._state.end} bytes asked for")
+        if self._size >= WRITE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
         # On the loop, not in a thread: a write into the page cache takes microseconds, and
         # handing each batch to a thread cost more CPU and memory than it saved (benchmarks/).
+        if not self._size:
+            return
         try:
-            written = os.pwritev(fd, batch, offset)
+            written = os.pwritev(self._fd, self._batch, self._state.offset)
         except OSError as exc:
-            raise _local_error(exc, self._dest, length) from exc
-        if written != length:
-            raise LocalIOError(f"short write in {self._staging_dir}: disk full?")
+            raise _local_error(exc, self._dest, self._size) from exc
+        if written != self._size:
+            raise LocalIOError(f"short write under {self._dest}: disk full?")
+        if self._state.hasher is not None:
+            for chunk in self._batch:
+                self._state.hasher.update(chunk)
+        self._state.offset += self._size
+        self._batch, self._size = [], 0
 
 
 @dataclass
@@ -401,11 +399,11 @@ def _check_content_range(header: str | None, state: _PartState, size: int) -> No
         )
 
 
-async def _raise_for_file_status(resp: aiohttp.ClientResponse, url: str) -> None:
+async def _raise_for_file_status(resp: Response, url: str) -> None:
     status = resp.status
     where = redact_url(url)
     if status == 403:
-        body = (await resp.content.read(2048)).decode("utf-8", "replace")
+        body = (await resp.read(2048)).decode("utf-8", "replace")
         reason = "Request has expired" if "expired" in body.lower() else "AccessDenied"
         raise UrlExpiredError(f"HTTP 403 ({reason}) from {where}")
     if transient_status(status):
@@ -440,18 +438,20 @@ def _check_length(fd: int, size: int) -> None:
         raise IntegrityError(f"staged file is {actual} bytes, expected {size}")
 
 
-def _digest(fd: int, size: int, buffer: bytearray) -> str:
-    """xxh3-128 of the file as it is on disk, and a last check of its length."""
+def _digest(fd: int, size: int) -> str:
+    """xxh3-128 of the file as it is on disk, and a last check of its length.
+
+    Read through mappings of the page cache, a window at a time: no copy into a buffer of ours
+    (measured: that copy cost more CPU than the hash), and no more than a window mapped at once.
+    """
     _check_length(fd, size)
     hasher = xxhash.xxh3_128()
-    view = memoryview(buffer)
-    offset = 0
-    while offset < size:
-        n = os.preadv(fd, [view], offset)
-        if n == 0:
-            raise IntegrityError(f"staged file ends at byte {offset}, expected {size}")
-        hasher.update(view[:n])
-        offset += n
+    for start in range(0, size, HASH_WINDOW):
+        length = min(HASH_WINDOW, size - start)
+        with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=start) as window:
+            window.madvise(mmap.MADV_SEQUENTIAL)
+            with memoryview(window) as view:
+                hasher.update(view)
     return hasher.hexdigest()
 
 

@@ -1,0 +1,452 @@
+"""A lean HTTP/1.1 client for the hot path: ranged GETs of presigned object URLs.
+
+aiohttp spends about 150 us of Python per request and an ``await`` per received chunk; a
+checkpoint is thousands of objects and gigabytes of chunks. Here each received chunk goes from
+the protocol callback straight to a sink (the transfer's positional write), connections are kept
+alive per host, and only what object stores send is understood: a status line, headers, and a
+body framed by Content-Length, chunked encoding or the end of the connection. Proxied URLs, and
+everything that is not an object GET (the management API), stay on aiohttp: `ObjectClient.get`
+picks.
+
+Errors are converted here: connection failures, resets and stalls become `TransientError` naming
+the URL without its query string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
+from typing import cast
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+from anyio.abc import TaskGroup
+
+from .errors import TransientError
+from .net import USER_AGENT, converting_errors, proxy_for
+from .redact import redact_url
+
+Sink = Callable[[bytes], None]
+MAX_HEAD = 64 << 10
+# Body bytes held before the caller hands over its sink; past this the socket is paused.
+MAX_PENDING = 1 << 20
+IDLE_PER_HOST = 64
+
+
+class Response:
+    """Status and headers (lower-case names) of an answer whose body is still to be read."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: _Body) -> None:
+        self.status = status
+        self.headers = headers
+        self._body = body
+
+    async def stream_to(self, sink: Sink) -> None:
+        """Hand every body byte to ``sink``, in order, until the body ends."""
+        await self._body.stream_to(sink)
+
+    async def read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes of the body (error pages); the rest is not read."""
+        return await self._body.read(limit)
+
+
+class _Body:
+    """How a response's body is read: from our own connection, or from aiohttp."""
+
+    async def stream_to(self, sink: Sink) -> None:
+        raise NotImplementedError
+
+    async def read(self, limit: int) -> bytes:
+        raise NotImplementedError
+
+
+class ObjectClient:
+    """GETs objects; ``async with ObjectClient(...) as client`` (it watches for stalls)."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        ssl_context: ssl.SSLContext,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> None:
+        self._session = session  # for proxied URLs
+        self._ssl = ssl_context
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
+        self._busy: set[_Connection] = set()
+        self._tasks: TaskGroup | None = None
+
+    async def __aenter__(self) -> ObjectClient:
+        self._tasks = anyio.create_task_group()
+        await self._tasks.__aenter__()
+        self._tasks.start_soon(self._watch_stalls)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        for connection in self._busy:
+            connection.close()
+        assert self._tasks is not None
+        self._tasks.cancel_scope.cancel()
+        await self._tasks.__aexit__(None, None, None)
+
+    @asynccontextmanager
+    async def get(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[Response]:
+        """GET ``url``; the response is valid inside the block, and its body read there."""
+        if proxy_for(url) is not None:
+            async with _via_aiohttp(self._session, url, headers) as response:
+                yield response
+            return
+        with converting_errors(url, "download"):
+            connection, response = await self._request(url, headers)
+            self._busy.add(connection)
+            try:
+                yield response
+            except BaseException:
+                connection.close()
+                raise
+            finally:
+                self._busy.discard(connection)
+            self._release(connection)
+
+    async def _request(self, url: str, headers: Mapping[str, str]) -> tuple[_Connection, Response]:
+        parts = urlsplit(url)
+        scheme, host = parts.scheme, parts.hostname or ""
+        port = parts.port or (443 if scheme == "https" else 80)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        authority = host if parts.port is None else f"{host}:{parts.port}"
+        if ":" in host:  # IPv6 literal
+            authority = f"[{host}]" if parts.port is None else f"[{host}]:{parts.port}"
+        lines = [f"GET {target} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        key = (scheme, host, port)
+        idle = self._idle.get(key, [])
+        while idle:
+            connection = idle.pop()
+            try:
+                return connection, await connection.send(request)
+            except _StaleConnection:
+                continue  # the server closed it while it was idle: not a failure
+        connection = await self._connect(scheme, host, port)
+        try:
+            return connection, await connection.send(request)
+        except _StaleConnection as exc:
+            raise TransientError(
+                f"connection closed before an answer from {redact_url(url)}"
+            ) from exc
+
+    async def _connect(self, scheme: str, host: str, port: int) -> _Connection:
+        loop = asyncio.get_running_loop()
+        with anyio.fail_after(self._connect_timeout):
+            _, connection = await loop.create_connection(
+                lambda: _Connection(loop, (scheme, host, port)),
+                host,
+                port,
+                ssl=self._ssl if scheme == "https" else None,
+                server_hostname=host if scheme == "https" else None,
+            )
+        return connection
+
+    def _release(self, connection: _Connection) -> None:
+        if not connection.reusable:
+            connection.close()
+            return
+        idle = self._idle.setdefault(connection.key, [])
+        if len(idle) < IDLE_PER_HOST:
+            idle.append(connection)
+        else:
+            connection.close()
+
+    async def _watch_stalls(self) -> None:
+        """Drop connections that have been silent for ``read_timeout`` while we waited on them."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await anyio.sleep(min(1.0, self._read_timeout / 4))
+            now = loop.time()
+            for connection in list(self._busy):
+                if connection.waiting and now - connection.last_activity > self._read_timeout:
+                    connection.fail(
+                        TimeoutError(f"no data for {self._read_timeout:.0f} s"), abort=True
+                    )
+
+
+class _StaleConnection(Exception):
+    """A kept-alive connection that was closed before it answered."""
+
+
+class _Connection(asyncio.Protocol, _Body):
+    """One HTTP/1.1 connection, its response parser, and the body's way to the sink."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, str, int]) -> None:
+        self.key = key
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self.last_activity = loop.time()
+        self.reusable = False
+        self.waiting = False  # a request is out and its answer not fully read
+        self._head = bytearray()
+        self._in_body = False
+        self._answered = False
+        self._keep_alive = True
+        self._remaining: int | None = None  # Content-Length left; None: chunked or until close
+        self._chunks: _Chunked | None = None
+        self._sink: Sink | None = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._paused = False
+        self._head_done: asyncio.Future[Response] | None = None
+        self._body_done: asyncio.Future[None] | None = None
+        self._closed = False
+
+    # --- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports quack like asyncio.Transport without deriving from it.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = self._loop.time()
+        try:
+            if self._in_body:
+                self._feed_body(data)
+            else:
+                self._feed_head(data)
+        except BaseException as exc:  # a parse error, or the sink's own (disk full...)
+            self.fail(exc, abort=True)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self.reusable = False
+        if self._head_done is not None and not self._head_done.done():
+            self._head_done.set_exception(
+                _StaleConnection() if not self._answered else ConnectionResetError()
+            )
+        elif self._in_body and self._remaining is None and self._chunks is None:
+            self._finish()  # a body delimited by the end of the connection
+        else:
+            self.fail(ConnectionResetError("connection closed mid-body"), abort=False)
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def send(self, request: bytes) -> Response:
+        if self._closed or self._transport is None or self._transport.is_closing():
+            raise _StaleConnection()
+        self._reset()
+        self._head_done = self._loop.create_future()
+        self.waiting = True
+        self.last_activity = self._loop.time()
+        self._transport.write(request)
+        return await self._head_done
+
+    def _reset(self) -> None:
+        self._head.clear()
+        self._in_body = self._answered = False
+        self._keep_alive = True
+        self._remaining = None
+        self._chunks = None
+        self._sink = None
+        self._pending, self._pending_size = [], 0
+        self._body_done = None
+        self.reusable = False
+
+    def close(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def fail(self, exc: BaseException, *, abort: bool) -> None:
+        self.reusable = False
+        self.waiting = False
+        for waiter in (self._head_done, self._body_done):
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+                break
+        else:
+            if self._body_done is None and self._in_body:
+                self._body_done = self._loop.create_future()
+                self._body_done.set_exception(exc)
+        if abort and self._transport is not None:
+            self._transport.abort()
+
+    # --- parsing -----------------------------------------------------------------------------
+
+    def _feed_head(self, data: bytes) -> None:
+        self._answered = True
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_HEAD:
+                raise ValueError("response head too large")
+            return
+        status, headers = _parse_head(bytes(self._head[:end]))
+        rest = bytes(self._head[end + 4 :])
+        self._head.clear()
+        if 100 <= status < 200:  # an interim answer: the real one follows
+            if rest:
+                self._feed_head(rest)
+            return
+        self._keep_alive = headers.get("connection", "").lower() != "close"
+        if status in (204, 304):
+            self._remaining = 0
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            self._chunks = _Chunked()
+        elif "content-length" in headers:
+            self._remaining = int(headers["content-length"])
+        else:
+            self._keep_alive = False  # the body ends with the connection
+        self._in_body = True
+        assert self._head_done is not None
+        self._head_done.set_result(Response(status, headers, self))
+        if self._remaining == 0:
+            self._finish()
+        elif rest:
+            self._feed_body(rest)
+
+    def _feed_body(self, data: bytes) -> None:
+        if self._chunks is not None:
+            for piece in self._chunks.feed(data):
+                self._deliver(piece)
+            if self._chunks.done:
+                self._finish()
+        elif self._remaining is not None:
+            if len(data) > self._remaining:
+                self._keep_alive = False  # more than announced: do not trust the connection
+                data = data[: self._remaining]
+            self._remaining -= len(data)
+            self._deliver(data)
+            if self._remaining == 0:
+                self._finish()
+        else:
+            self._deliver(data)
+
+    def _deliver(self, piece: bytes) -> None:
+        if not piece:
+            return
+        if self._sink is not None:
+            self._sink(piece)
+            return
+        self._pending.append(piece)
+        self._pending_size += len(piece)
+        if self._pending_size > MAX_PENDING and self._transport is not None:
+            self._transport.pause_reading()
+            self._paused = True
+
+    def _finish(self) -> None:
+        self._in_body = False
+        self.waiting = False
+        self.reusable = self._keep_alive and not self._closed
+        if self._body_done is None:
+            self._body_done = self._loop.create_future()
+        if not self._body_done.done():
+            self._body_done.set_result(None)
+
+    # --- the body, for the caller ------------------------------------------------------------
+
+    async def stream_to(self, sink: Sink) -> None:
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        for piece in pending:
+            sink(piece)
+        self._sink = sink
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        if self._body_done is None:
+            self._body_done = self._loop.create_future()
+        await self._body_done
+
+    async def read(self, limit: int) -> bytes:
+        got = bytearray()
+
+        def keep(piece: bytes) -> None:
+            got.extend(piece[: limit - len(got)])
+            if len(got) >= limit:
+                raise _Enough()
+
+        with suppress(_Enough):
+            await self.stream_to(keep)
+        return bytes(got)
+
+
+class _Enough(Exception):
+    """Read as much of an error page as wanted."""
+
+
+class _Chunked:
+    """Decodes ``Transfer-Encoding: chunked`` as it arrives."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._left = 0  # bytes of the current chunk still to come
+        self._after_chunk = False  # its CRLF still to come
+        self.done = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        pieces = []
+        self._buffer += data
+        while self._buffer and not self.done:
+            if self._left:
+                piece = self._buffer[: self._left]
+                self._buffer = self._buffer[len(piece) :]
+                self._left -= len(piece)
+                pieces.append(piece)
+                self._after_chunk = self._left == 0
+                continue
+            line_end = self._buffer.find(b"\r\n")
+            if line_end < 0:
+                break
+            line, self._buffer = self._buffer[:line_end], self._buffer[line_end + 2 :]
+            if self._after_chunk:
+                self._after_chunk = False  # the CRLF that closes a chunk
+                continue
+            size = int(line.split(b";")[0], 16)
+            if size == 0:
+                self.done = True  # trailers, if any, are not needed
+            self._left = size
+        return pieces
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = status_line.partition(" ")
+    if not version.startswith("HTTP/1."):
+        raise ValueError(f"not an HTTP/1.x answer: {status_line[:40]!r}")
+    status = int(rest[:3])
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
+    if version == "HTTP/1.0":
+        headers.setdefault("connection", "close")
+    return status, headers
+
+
+class _AiohttpBody(_Body):
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def stream_to(self, sink: Sink) -> None:
+        while chunk := (await self._response.content.readchunk())[0]:
+            sink(chunk)
+
+    async def read(self, limit: int) -> bytes:
+        return await self._response.content.read(limit)
+
+
+@asynccontextmanager
+async def _via_aiohttp(
+    session: aiohttp.ClientSession, url: str, headers: Mapping[str, str]
+) -> AsyncIterator[Response]:
+    with converting_errors(url, "download"):
+        async with session.get(url, headers=headers, proxy=proxy_for(url)) as response:
+            lowered = {name.lower(): value for name, value in response.headers.items()}
+            yield Response(response.status, lowered, _AiohttpBody(response))
