@@ -43,8 +43,12 @@ def loop_options() -> dict[str, bool]:
     return {"use_uvloop": True}
 
 
+@functools.cache
 def ssl_context(settings: NetSettings) -> ssl.SSLContext:
-    """The system's trust store (or ``SSL_CERT_FILE``), or the configured CA bundle."""
+    """The system's trust store (or ``SSL_CERT_FILE``), or the configured CA bundle.
+
+    One per settings: loading a trust store takes tens of milliseconds.
+    """
     cafile = str(settings.ca_bundle) if settings.ca_bundle is not None else None
     return ssl.create_default_context(cafile=cafile)
 

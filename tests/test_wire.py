@@ -1,0 +1,166 @@
+"""The lean object client against raw TCP servers that answer exactly as scripted."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import aiohttp
+import pytest
+
+from checkpoint_sync.errors import TransientError
+from checkpoint_sync.wire import ObjectClient
+
+pytestmark = pytest.mark.anyio
+
+# Each script: what the server writes for one request, as separate writes.
+Script = Callable[[int], list[bytes]]
+
+
+class Server:
+    def __init__(self, script: Script, *, close_after_each: bool = False) -> None:
+        self.script = script
+        self.close_after_each = close_after_each
+        self.requests: list[bytes] = []
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                self.requests.append(head)
+                for piece in self.script(len(self.requests)):
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0)
+                if self.close_after_each:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def serving(server: Server) -> AsyncIterator[str]:
+    listener = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}/bucket/object?X-Amz-Signature=abc"
+    finally:
+        listener.close()
+
+
+@asynccontextmanager
+async def client(read_timeout: float = 5.0) -> AsyncIterator[ObjectClient]:
+    async with (
+        aiohttp.ClientSession() as session,
+        ObjectClient(
+            session, ssl.create_default_context(), connect_timeout=5, read_timeout=read_timeout
+        ) as objects,
+    ):
+        yield objects
+
+
+async def fetch(objects: ObjectClient, url: str) -> tuple[int, bytes]:
+    got = bytearray()
+    async with objects.get(url, {"Range": "bytes=0-"}) as response:
+        await response.stream_to(got.extend)
+        return response.status, bytes(got)
+
+
+CHUNKED = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Content-Length, the body in several writes.
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhel", b"lo w", b"orld"],
+        # Chunked, cut at every byte.
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"]
+        + [CHUNKED[i : i + 1] for i in range(len(CHUNKED))],
+        # An interim 100 answer before the real one.
+        [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello world"],
+        # The head itself cut in pieces.
+        [b"HTTP/1.1 200 OK\r", b"\nContent-Le", b"ngth: 11\r\n\r", b"\nhello world"],
+    ],
+    ids=["content-length", "chunked", "interim-100", "split-head"],
+)
+async def test_bodies_arrive_exactly(answer: list[bytes]) -> None:
+    server = Server(lambda _: answer)
+    async with serving(server) as url, client() as objects:
+        assert await fetch(objects, url) == (200, b"hello world")
+    assert server.requests[0].startswith(b"GET /bucket/object?X-Amz-Signature=abc HTTP/1.1\r\n")
+    assert b"\r\nRange: bytes=0-\r\n" in server.requests[0]
+
+
+async def test_a_body_delimited_by_the_end_of_the_connection() -> None:
+    server = Server(lambda _: [b"HTTP/1.0 200 OK\r\n\r\nhello ", b"world"], close_after_each=True)
+    async with serving(server) as url, client() as objects:
+        assert await fetch(objects, url) == (200, b"hello world")
+
+
+async def test_connections_are_kept_alive_and_reused() -> None:
+    server = Server(lambda n: [b"HTTP/1.1 206 Partial\r\nContent-Length: 1\r\n\r\n%d" % n])
+    async with serving(server) as url, client() as objects:
+        assert [await fetch(objects, url) for _ in range(3)] == [
+            (206, b"1"),
+            (206, b"2"),
+            (206, b"3"),
+        ]
+    assert server.connections == 1
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced_quietly() -> None:
+    # The server promises keep-alive, then closes: the next request must not fail for it.
+    server = Server(
+        lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], close_after_each=True
+    )
+    async with serving(server) as url, client() as objects:
+        assert await fetch(objects, url) == (200, b"ok")
+        await asyncio.sleep(0.05)
+        assert await fetch(objects, url) == (200, b"ok")
+    assert server.connections == 2
+
+
+async def test_a_body_cut_short_is_a_transient_error_without_the_query() -> None:
+    server = Server(
+        lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"], close_after_each=True
+    )
+    async with serving(server) as url, client() as objects:
+        with pytest.raises(TransientError) as caught:
+            await fetch(objects, url)
+    assert "X-Amz-Signature" not in str(caught.value)
+
+
+async def test_a_stalled_answer_times_out() -> None:
+    server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhel"])
+    async with serving(server) as url, client(read_timeout=0.3) as objects:
+        with pytest.raises(TransientError, match="timed out"):
+            await fetch(objects, url)
+
+
+async def test_more_bytes_than_announced_are_cut_and_the_connection_dropped() -> None:
+    server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello-and-more"])
+    async with serving(server) as url, client() as objects:
+        assert await fetch(objects, url) == (200, b"hello")
+        assert await fetch(objects, url) == (200, b"hello")
+    assert server.connections == 2
+
+
+async def test_error_pages_are_read_up_to_a_limit() -> None:
+    page = b"<Error><Code>AccessDenied</Code>" + b"x" * 5000 + b"</Error>"
+    head = b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(page)
+    server = Server(lambda _: [head + page])
+    async with serving(server) as url, client() as objects, objects.get(url, {}) as response:
+        assert response.status == 403
+        assert await response.read(40) == page[:40]
+
+
+async def test_a_refused_connection_is_transient() -> None:
+    async with client() as objects:
+        with pytest.raises(TransientError):
+            await fetch(objects, "http://127.0.0.1:9/x?sig=1")
