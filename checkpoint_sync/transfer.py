@@ -47,9 +47,6 @@ from .wire import ObjectClient, Response
 
 T = TypeVar("T")
 
-# Received chunks are gathered into one positional write of about this size (measured:
-# larger batches cost memory and cache misses, smaller ones syscalls).
-WRITE_BATCH = 1 << 20
 # A multiple of the page size: mapping offsets must be.
 HASH_WINDOW = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -315,9 +312,7 @@ class Transfers:
             else:
                 await _raise_for_file_status(resp, url)
             started_at = state.offset
-            writer = _PartWriter(fd, state, self._stats, self._dest)
-            await resp.stream_to(writer.take)
-            writer.flush()
+            await resp.stream_to(_PartWriter(fd, state, self._stats, self._dest).take)
         if self._settings.fsync:
             await anyio.to_thread.run_sync(os.fdatasync, fd)
         if state.offset != state.end:
@@ -328,42 +323,32 @@ class Transfers:
 
 
 class _PartWriter:
-    """Gathers a part's received chunks into positional writes, hashing them if it is whole."""
+    """Writes a part's body at its offset as it arrives, hashing it if it is the whole file."""
 
     def __init__(self, fd: int, state: _PartState, stats: Stats, dest: Path) -> None:
         self._fd = fd
         self._state = state
         self._stats = stats
         self._dest = dest
-        self._batch: list[bytes] = []
-        self._size = 0
 
-    def take(self, chunk: bytes) -> None:
-        """Called with each chunk as it is received, on the event loop."""
-        self._stats.bytes_fetched += len(chunk)
-        self._batch.append(chunk)
-        self._size += len(chunk)
-        if self._state.offset + self._size > self._state.end:
-            raise IntegrityError(f"server sent more than the {self._state.end} bytes asked for")
-        if self._size >= WRITE_BATCH:
-            self.flush()
-
-    def flush(self) -> None:
+    def take(self, piece: memoryview) -> None:
+        """Called on the event loop with each piece, which is only valid during the call."""
+        size = len(piece)
+        self._stats.bytes_fetched += size
+        state = self._state
+        if state.offset + size > state.end:
+            raise IntegrityError(f"server sent more than the {state.end} bytes asked for")
         # On the loop, not in a thread: a write into the page cache takes microseconds, and
-        # handing each batch to a thread cost more CPU and memory than it saved (benchmarks/).
-        if not self._size:
-            return
+        # handing each piece to a thread cost more CPU and memory than it saved (benchmarks/).
         try:
-            written = os.pwritev(self._fd, self._batch, self._state.offset)
+            written = os.pwrite(self._fd, piece, state.offset)
         except OSError as exc:
-            raise _local_error(exc, self._dest, self._size) from exc
-        if written != self._size:
+            raise _local_error(exc, self._dest, size) from exc
+        if written != size:
             raise LocalIOError(f"short write under {self._dest}: disk full?")
-        if self._state.hasher is not None:
-            for chunk in self._batch:
-                self._state.hasher.update(chunk)
-        self._state.offset += self._size
-        self._batch, self._size = [], 0
+        if state.hasher is not None:
+            state.hasher.update(piece)
+        state.offset += size
 
 
 @dataclass

@@ -29,11 +29,17 @@ from .errors import TransientError
 from .net import USER_AGENT, converting_errors, proxy_for
 from .redact import redact_url
 
-Sink = Callable[[bytes], None]
+# Receives each piece of a body in order; the piece is only valid during the call.
+Sink = Callable[[memoryview], None]
 MAX_HEAD = 64 << 10
+# Each connection receives straight into a buffer of its own; a body is handed over from it in
+# pieces of at least FLUSH_AT bytes, so one positional write follows several socket reads
+# without a copy in between.
+RECV_BUFFER = 1 << 20
+FLUSH_AT = RECV_BUFFER - (256 << 10)
 # Body bytes held before the caller hands over its sink; past this the socket is paused.
 MAX_PENDING = 1 << 20
-IDLE_PER_HOST = 64
+IDLE_PER_HOST = 32
 
 
 class Response:
@@ -183,7 +189,7 @@ class _StaleConnection(Exception):
     """A kept-alive connection that was closed before it answered."""
 
 
-class _Connection(asyncio.Protocol, _Body):
+class _Connection(asyncio.BufferedProtocol, _Body):
     """One HTTP/1.1 connection, its response parser, and the body's way to the sink."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, str, int]) -> None:
@@ -193,7 +199,6 @@ class _Connection(asyncio.Protocol, _Body):
         self.last_activity = loop.time()
         self.reusable = False
         self.waiting = False  # a request is out and its answer not fully read
-        self._head = bytearray()
         self._in_body = False
         self._answered = False
         self._keep_alive = True
@@ -206,20 +211,34 @@ class _Connection(asyncio.Protocol, _Body):
         self._head_done: asyncio.Future[Response] | None = None
         self._body_done: asyncio.Future[None] | None = None
         self._closed = False
+        self._buffer = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buffer)
+        # The buffer holds a head being received, or body bytes _base:_filled not handed over.
+        self._base = 0
+        self._filled = 0
 
-    # --- asyncio.Protocol --------------------------------------------------------------------
+    # --- asyncio.BufferedProtocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without deriving from it.
         self._transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
         self.last_activity = self._loop.time()
+        start = self._filled
+        self._filled += nbytes
         try:
-            if self._in_body:
-                self._feed_body(data)
-            else:
-                self._feed_head(data)
+            if not self._in_body:
+                self._head_arrived(start)
+            elif self._chunks is None:
+                self._body_arrived(start)
+            else:  # chunked framing is decoded from a copy; the buffer is free again
+                data = bytes(self._view[start : self._filled])
+                self._filled = start
+                self._feed_chunks(data)
         except BaseException as exc:  # a parse error, or the sink's own (disk full...)
             self.fail(exc, abort=True)
 
@@ -231,7 +250,11 @@ class _Connection(asyncio.Protocol, _Body):
                 _StaleConnection() if not self._answered else ConnectionResetError()
             )
         elif self._in_body and self._remaining is None and self._chunks is None:
-            self._finish()  # a body delimited by the end of the connection
+            try:
+                self._hand_over()
+                self._finish()  # a body delimited by the end of the connection
+            except BaseException as error:
+                self.fail(error, abort=False)
         else:
             self.fail(ConnectionResetError("connection closed mid-body"), abort=False)
 
@@ -248,7 +271,6 @@ class _Connection(asyncio.Protocol, _Body):
         return await self._head_done
 
     def _reset(self) -> None:
-        self._head.clear()
         self._in_body = self._answered = False
         self._keep_alive = True
         self._remaining = None
@@ -256,6 +278,7 @@ class _Connection(asyncio.Protocol, _Body):
         self._sink = None
         self._pending, self._pending_size = [], 0
         self._body_done = None
+        self._base = self._filled = 0
         self.reusable = False
 
     def close(self) -> None:
@@ -279,20 +302,20 @@ class _Connection(asyncio.Protocol, _Body):
 
     # --- parsing -----------------------------------------------------------------------------
 
-    def _feed_head(self, data: bytes) -> None:
+    def _head_arrived(self, start: int) -> None:
+        """Bytes up to ``_filled`` of the buffer hold the head, and maybe the body's start."""
         self._answered = True
-        self._head += data
-        end = self._head.find(b"\r\n\r\n")
+        end = self._buffer.find(b"\r\n\r\n", max(0, start - 3), self._filled)
         if end < 0:
-            if len(self._head) > MAX_HEAD:
+            if self._filled > MAX_HEAD:
                 raise ValueError("response head too large")
             return
-        status, headers = _parse_head(bytes(self._head[:end]))
-        rest = bytes(self._head[end + 4 :])
-        self._head.clear()
+        status, headers = _parse_head(bytes(self._view[:end]))
         if 100 <= status < 200:  # an interim answer: the real one follows
-            if rest:
-                self._feed_head(rest)
+            rest = bytes(self._view[end + 4 : self._filled])
+            self._view[: len(rest)] = rest
+            self._filled = len(rest)
+            self._head_arrived(0)
             return
         self._keep_alive = headers.get("connection", "").lower() != "close"
         if status in (204, 304):
@@ -306,35 +329,47 @@ class _Connection(asyncio.Protocol, _Body):
         self._in_body = True
         assert self._head_done is not None
         self._head_done.set_result(Response(status, headers, self))
-        if self._remaining == 0:
-            self._finish()
-        elif rest:
-            self._feed_body(rest)
-
-    def _feed_body(self, data: bytes) -> None:
+        self._base = end + 4
         if self._chunks is not None:
-            for piece in self._chunks.feed(data):
-                self._deliver(piece)
-            if self._chunks.done:
-                self._finish()
-        elif self._remaining is not None:
-            if len(data) > self._remaining:
-                self._keep_alive = False  # more than announced: do not trust the connection
-                data = data[: self._remaining]
-            self._remaining -= len(data)
-            self._deliver(data)
-            if self._remaining == 0:
-                self._finish()
+            data = bytes(self._view[self._base : self._filled])
+            self._base = self._filled = 0
+            self._feed_chunks(data)
         else:
-            self._deliver(data)
+            self._body_arrived(self._base)
 
-    def _deliver(self, piece: bytes) -> None:
+    def _feed_chunks(self, data: bytes) -> None:
+        assert self._chunks is not None
+        for piece in self._chunks.feed(data):
+            self._deliver(memoryview(piece))
+        if self._chunks.done:
+            self._finish()
+
+    def _body_arrived(self, start: int) -> None:
+        """Bytes ``start:_filled`` of the buffer are new body bytes (Content-Length or close)."""
+        if self._remaining is not None:
+            if self._filled - start > self._remaining:
+                self._keep_alive = False  # more than announced: do not trust the connection
+                self._filled = start + self._remaining
+            self._remaining -= self._filled - start
+            if self._remaining == 0:
+                self._hand_over()
+                self._finish()
+                return
+        if self._filled >= FLUSH_AT:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        piece = self._view[self._base : self._filled]
+        self._base = self._filled = 0
+        self._deliver(piece)
+
+    def _deliver(self, piece: memoryview) -> None:
         if not piece:
             return
         if self._sink is not None:
             self._sink(piece)
             return
-        self._pending.append(piece)
+        self._pending.append(bytes(piece))
         self._pending_size += len(piece)
         if self._pending_size > MAX_PENDING and self._transport is not None:
             self._transport.pause_reading()
@@ -354,7 +389,7 @@ class _Connection(asyncio.Protocol, _Body):
     async def stream_to(self, sink: Sink) -> None:
         pending, self._pending, self._pending_size = self._pending, [], 0
         for piece in pending:
-            sink(piece)
+            sink(memoryview(piece))
         self._sink = sink
         if self._paused and self._transport is not None:
             self._paused = False
@@ -366,7 +401,7 @@ class _Connection(asyncio.Protocol, _Body):
     async def read(self, limit: int) -> bytes:
         got = bytearray()
 
-        def keep(piece: bytes) -> None:
+        def keep(piece: memoryview) -> None:
             got.extend(piece[: limit - len(got)])
             if len(got) >= limit:
                 raise _Enough()
@@ -436,7 +471,7 @@ class _AiohttpBody(_Body):
 
     async def stream_to(self, sink: Sink) -> None:
         while chunk := (await self._response.content.readchunk())[0]:
-            sink(chunk)
+            sink(memoryview(chunk))
 
     async def read(self, limit: int) -> bytes:
         return await self._response.content.read(limit)
