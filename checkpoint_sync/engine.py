@@ -111,28 +111,15 @@ async def _run(
         connect_timeout=options.net.connect_timeout,
         read_timeout=options.net.read_timeout,
     )
-    async with objects:
-        transfers = Transfers(
-            objects,
-            options.dest,
-            manifest,
-            source,
-            anyio.CapacityLimiter(options.concurrency),
-            stats,
-            options.transfer,
-        )
-        await _pipeline(source, selection, options, manifest, stats, on_plan, transfers)
-
-
-async def _pipeline(
-    source: Source,
-    selection: Selection,
-    options: SyncOptions,
-    manifest: Manifest,
-    stats: Stats,
-    on_plan: Callable[[PlannedFile], None] | None,
-    transfers: Transfers,
-) -> None:
+    transfers = Transfers(
+        objects,
+        options.dest,
+        manifest,
+        source,
+        anyio.CapacityLimiter(options.concurrency),
+        stats,
+        options.transfer,
+    )
     send, receive = anyio.create_memory_object_stream[_Job](max_buffer_size=options.concurrency)
     listing_failed: list[ApiError | TransientError] = []
 
@@ -144,7 +131,7 @@ async def _pipeline(
             listing_failed.append(exc)
 
     try:
-        async with anyio.create_task_group() as outer:
+        async with objects, anyio.create_task_group() as outer:
             outer.start_soon(_commit_periodically, manifest)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(produce)

@@ -23,17 +23,26 @@ def _fast_and_isolated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHECKPOINT_SYNC_READ_TIMEOUT", "5")
 
 
-def small_catalog(*, checkpoints: int = 3, syncing_last: bool = False) -> Catalog:
-    """2 ranks per checkpoint; each has one ~1 MiB file (several 256 KiB parts) and 4 small ones."""
+def job_catalog(
+    *,
+    checkpoints: int = 3,
+    large_files: int = 1,
+    large_size: int = (1 << 20) + 12345,
+    small_files: int = 4,
+    small_size: int = 3000,
+    syncing_last: bool = False,
+) -> Catalog:
+    """The job PROJECT/JOB, 2 ranks per checkpoint; by default each rank has one ~1 MiB file
+    (several 256 KiB parts) and 4 small ones."""
     job = synthetic_job(
         PROJECT,
         JOB,
         checkpoints=checkpoints,
         ranks=2,
-        large_files=1,
-        large_size=(1 << 20) + 12345,
-        small_files=4,
-        small_size=3000,
+        large_files=large_files,
+        large_size=large_size,
+        small_files=small_files,
+        small_size=small_size,
         syncing_last=syncing_last,
     )
     return Catalog(api_key=API_KEY, jobs=[job])
@@ -41,7 +50,7 @@ def small_catalog(*, checkpoints: int = 3, syncing_last: bool = False) -> Catalo
 
 @pytest.fixture
 def server() -> Iterator[ServerThread]:
-    with ServerThread(small_catalog()) as running:
+    with ServerThread(job_catalog()) as running:
         yield running
 
 

@@ -51,6 +51,12 @@ class ServerThread:
     def traffic(self) -> Any:
         return self.server.traffic
 
+    def files(self) -> list[ServedFile]:
+        return list(self.catalog.files())
+
+    def data_size(self) -> int:
+        return sum(f.size for f in self.files())
+
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._main())

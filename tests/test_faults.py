@@ -9,47 +9,26 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.localserver import Catalog, Faults, ServedFile, synthetic_job
+from checkpoint_sync.localserver import Faults, ServedFile
 
-from .conftest import JOB, PROJECT, sync_args
-from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
+from .conftest import JOB, job_catalog, sync_args
+from .support import ServerThread, assert_exact, mirrored, run_cli
 
 PART = 256 << 10
 # The faults that break a body half way; the others are answered before any byte.
 MID_BODY = ("reset", "short", "stall")
 
 
-def catalog() -> Catalog:
-    """2 checkpoints x 2 ranks, each with two 5-part files and 20 small ones: 120 requests."""
-    job = synthetic_job(
-        PROJECT,
-        JOB,
-        checkpoints=2,
-        ranks=2,
-        large_files=2,
-        large_size=(1 << 20) + 12345,
-        small_files=20,
-        small_size=3000,
-    )
-    return Catalog(api_key=API_KEY, jobs=[job])
-
-
 @pytest.fixture
 def server() -> Iterator[ServerThread]:
-    with ServerThread(catalog()) as running:
+    # 2 checkpoints x 2 ranks, each with two 5-part files and 20 small ones: 120 requests.
+    catalog = job_catalog(checkpoints=2, large_files=2, small_files=20)
+    with ServerThread(catalog) as running:
         yield running
 
 
-def files(server: ServerThread) -> list[ServedFile]:
-    return list(server.catalog.files())
-
-
-def data_size(server: ServerThread) -> int:
-    return sum(f.size for f in files(server))
-
-
 def assert_mirrored(server: ServerThread, dest: Path) -> None:
-    for file in files(server):
+    for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
 
@@ -70,7 +49,7 @@ def test_ten_percent_of_requests_failing_every_way_still_ends_byte_exact(
     assert json.loads(result.stdout)["retries"] == sum(injected.values())
     # Only the broken parts are asked for again: a body cut half way costs at most its part.
     broken = sum(injected.get(kind, 0) for kind in MID_BODY)
-    refetched = server.traffic.object_bytes_sent - data_size(server)
+    refetched = server.traffic.object_bytes_sent - server.data_size()
     assert 0 < refetched <= broken * PART
 
 
@@ -78,7 +57,7 @@ def test_retry_after_of_a_429_is_honoured(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CHECKPOINT_SYNC_RETRY_MAX_DELAY", "5")
-    target = files(server)[0]
+    target = server.files()[0]
     answered: list[int] = []
 
     def once(name: str, start: int, end: int) -> str | None:
@@ -107,8 +86,8 @@ def test_a_server_ignoring_range_is_read_as_one_stream(server: ServerThread, des
     assert result.code == 0, result.stderr
     assert_mirrored(server, dest)
     # The whole body that answered the first ranged request is the file: nothing is asked twice.
-    assert server.traffic.object_requests == len(files(server))
-    assert server.traffic.object_bytes_sent == data_size(server)
+    assert server.traffic.object_requests == len(server.files())
+    assert server.traffic.object_bytes_sent == server.data_size()
 
 
 def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
@@ -120,7 +99,7 @@ def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
 
     assert result.code == 1
     failures = json.loads(result.stdout)["failures"]
-    assert len(failures) == len(files(server))
+    assert len(failures) == len(server.files())
     assert all("does not match the requested bytes" in f["error"] for f in failures)
     assert not (dest / JOB).exists() or not any(p.is_file() for p in (dest / JOB).rglob("*"))
     for staged in (dest / ".checkpoint-sync" / "staging").iterdir():
@@ -144,7 +123,7 @@ def test_urls_that_expire_mid_transfer_are_refreshed_and_nothing_is_fetched_twic
 
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["url_refreshes"] > 0
-    wanted = [f for f in files(server) if f.name.startswith("checkpoint-10/")]
+    wanted = [f for f in server.files() if f.name.startswith("checkpoint-10/")]
     for file in wanted:
         assert_exact(mirrored(dest, JOB, file), file)
     assert server.traffic.object_bytes_sent == sum(f.size for f in wanted)
@@ -154,7 +133,7 @@ def test_urls_that_expire_mid_transfer_are_refreshed_and_nothing_is_fetched_twic
 def test_a_persistent_403_is_a_permission_error_for_that_file_only(
     server: ServerThread, dest: Path, large: bool
 ) -> None:
-    denied = next(f for f in files(server) if (f.size > PART) == large and f.node_rank == 0)
+    denied = next(f for f in server.files() if (f.size > PART) == large and f.node_rank == 0)
     server.faults.denied = {denied.name}  # both ranks' copies
     started = time.monotonic()
 
@@ -162,12 +141,12 @@ def test_a_persistent_403_is_a_permission_error_for_that_file_only(
 
     assert result.code == 1
     failures = json.loads(result.stdout)["failures"]
-    expected = [f"{JOB}/{_relative(f)}" for f in files(server) if f.name == denied.name]
+    expected = [f"{JOB}/{_relative(f)}" for f in server.files() if f.name == denied.name]
     assert sorted(f["path"] for f in failures) == sorted(expected)
     assert all("access denied even with a freshly listed URL" in f["error"] for f in failures)
     assert all("X-Amz-Signature" not in f["error"] for f in failures)
     assert time.monotonic() - started < 5  # not retried for ever
-    for file in files(server):
+    for file in server.files():
         if file.name != denied.name:
             assert_exact(mirrored(dest, JOB, file), file)
 

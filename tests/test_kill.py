@@ -16,11 +16,10 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from checkpoint_sync.localserver import Catalog, Faults, ServedFile, synthetic_job
+from checkpoint_sync.localserver import Faults
 
-from .conftest import JOB, PROJECT, sync_args
+from .conftest import JOB, job_catalog, sync_args
 from .support import (
-    API_KEY,
     ServerThread,
     assert_exact,
     assert_no_secret,
@@ -40,32 +39,17 @@ ENV = {"CHECKPOINT_SYNC_PAGE_SIZE": "3"}
 @pytest.fixture
 def server() -> Iterator[ServerThread]:
     """About 8.5 MB: per checkpoint and rank one 2 MiB file in 17 parts and six 20 kB files."""
-    job = synthetic_job(
-        PROJECT,
-        JOB,
-        checkpoints=2,
-        ranks=2,
-        large_files=1,
-        large_size=(2 << 20) + 4321,
-        small_files=6,
-        small_size=20_000,
+    catalog = job_catalog(
+        checkpoints=2, large_size=(2 << 20) + 4321, small_files=6, small_size=20_000
     )
     # ~2 MiB/s over two connections: a whole run takes about 4 s.
     faults = Faults(throttle=1 << 20, api_delay=0.05)
-    with ServerThread(Catalog(api_key=API_KEY, jobs=[job]), faults) as running:
+    with ServerThread(catalog, faults) as running:
         yield running
 
 
 def args(server: ServerThread, dest: Path) -> list[str]:
     return sync_args(server, dest, "--part-size", "128KiB", "--concurrency", str(CONCURRENCY))
-
-
-def files(server: ServerThread) -> list[ServedFile]:
-    return list(server.catalog.files())
-
-
-def data_size(server: ServerThread) -> int:
-    return sum(f.size for f in files(server))
 
 
 def start(server: ServerThread, dest: Path, *extra: str) -> subprocess.Popen[bytes]:
@@ -107,7 +91,7 @@ def assert_records_true(dest: Path) -> None:
 def assert_consistent(server: ServerThread, dest: Path) -> None:
     """What a crash may leave: final paths hold only whole, exact files; records tell the truth."""
     assert_records_true(dest)
-    listed = {mirrored(dest, JOB, f): f for f in files(server)}
+    listed = {mirrored(dest, JOB, f): f for f in server.files()}
     for path in (dest / JOB).rglob("*") if (dest / JOB).exists() else ():
         if path.is_file():
             assert path in listed, f"unexpected {path}"
@@ -117,8 +101,8 @@ def assert_consistent(server: ServerThread, dest: Path) -> None:
 def test_killed_at_any_moment_the_next_run_finishes_with_little_fetched_twice(
     server: ServerThread, dest: Path
 ) -> None:
-    total = data_size(server)
-    large = [mirrored(dest, JOB, f) for f in files(server) if f.size > PART]
+    total = server.data_size()
+    large = [mirrored(dest, JOB, f) for f in server.files() if f.size > PART]
 
     def sent_since_start(share: float) -> Callable[[], bool]:
         first = server.traffic.object_bytes_sent
@@ -141,9 +125,9 @@ def test_killed_at_any_moment_the_next_run_finishes_with_little_fetched_twice(
     final = run_cli(*args(server, dest))
 
     assert final.code == 0, final.stderr  # no stale lock either: each kill freed it
-    for file in files(server):
+    for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
-    assert len(manifest_rows(dest)) == len(files(server))
+    assert len(manifest_rows(dest)) == len(server.files())
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
     assert server.traffic.object_bytes_sent <= 1.3 * total
 
@@ -151,8 +135,8 @@ def test_killed_at_any_moment_the_next_run_finishes_with_little_fetched_twice(
 def test_a_record_never_outlives_the_file_it_describes(server: ServerThread, dest: Path) -> None:
     server.call(lambda: setattr(server.faults, "throttle", None))
     assert run_cli(*args(server, dest)).code == 0
-    small = next(f for f in files(server) if f.size < PART)
-    large = next(f for f in files(server) if f.size > PART)
+    small = next(f for f in server.files() if f.size < PART)
+    large = next(f for f in server.files() if f.size > PART)
     path = mirrored(dest, JOB, small)
     old_inode = path.stat().st_ino
 
@@ -174,7 +158,7 @@ def test_a_record_never_outlives_the_file_it_describes(server: ServerThread, des
 def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
     server: ServerThread, dest: Path, signum: signal.Signals, code: int
 ) -> None:
-    total = data_size(server)
+    total = server.data_size()
     process = start(server, dest)
     wait_for(process, lambda: server.traffic.object_bytes_sent >= 0.4 * total)
 
@@ -193,7 +177,7 @@ def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
     again = run_cli(*args(server, dest))
 
     assert again.code == 0, again.stderr
-    for file in files(server):
+    for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
     # Only the parts in flight when the signal came are fetched again.
     assert server.traffic.object_bytes_sent <= total + CONCURRENCY * PART
@@ -228,7 +212,7 @@ def test_wait_lock_waits_for_the_other_run_then_finds_nothing_to_do(
     assert holder.wait(timeout=10) == 0  # it was left to finish its work
     assert second.code == 0, second.stderr
     assert '"fetched": 0' in second.stdout
-    for file in files(server):
+    for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
 
 

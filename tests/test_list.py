@@ -12,7 +12,7 @@ from checkpoint_sync.listing import LocalState, Row, local_state, table
 from checkpoint_sync.plan import Recorded
 from checkpoint_sync.sources.base import Checkpoint, SyncState
 
-from .conftest import JOB, PROJECT, small_catalog
+from .conftest import JOB, PROJECT, job_catalog
 from .support import ServerThread, run_cli
 from .test_loops import RUN, loops_catalog
 from .test_wandb import ARTIFACT, MODEL, serve, wandb_catalog
@@ -95,7 +95,7 @@ def states(result_stdout: str) -> dict[str, str | None]:
 
 
 def test_a_job_lists_each_checkpoint_with_its_local_state(dest: Path) -> None:
-    with ServerThread(small_catalog(syncing_last=True)) as server:
+    with ServerThread(job_catalog(syncing_last=True)) as server:
         assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 0
         assert sync_job(server, dest, "--checkpoint", "checkpoint-20", "--node-rank", "0") == 0
 
@@ -123,7 +123,7 @@ def test_a_job_lists_each_checkpoint_with_its_local_state(dest: Path) -> None:
 
 
 def test_a_remote_change_shows_and_list_writes_nothing(dest: Path) -> None:
-    with ServerThread(small_catalog()) as server:
+    with ServerThread(job_catalog()) as server:
         assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 0
         manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
         before = manifest.read_bytes()
@@ -141,7 +141,7 @@ def test_a_remote_change_shows_and_list_writes_nothing(dest: Path) -> None:
 
 
 def test_without_a_mirror_there_is_no_local_column_and_no_file_listing(dest: Path) -> None:
-    with ServerThread(small_catalog()) as server:
+    with ServerThread(job_catalog()) as server:
         result = run_cli(*job_args(server, "list"))
 
         assert result.code == 0

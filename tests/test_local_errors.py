@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.localserver import Catalog, ServedFile, synthetic_job
-
-from .conftest import JOB, PROJECT, sync_args
-from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
+from .conftest import JOB, job_catalog, sync_args
+from .support import ServerThread, assert_exact, mirrored, run_cli
 from .test_kill import assert_records_true
 
 
@@ -54,28 +52,15 @@ def disk(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def server() -> Iterator[ServerThread]:
     """About 12.5 MB: per checkpoint and rank one 3 MiB file and six 20 kB files."""
-    job = synthetic_job(
-        PROJECT,
-        JOB,
-        checkpoints=2,
-        ranks=2,
-        large_files=1,
-        large_size=3 << 20,
-        small_files=6,
-        small_size=20_000,
-    )
-    with ServerThread(Catalog(api_key=API_KEY, jobs=[job])) as running:
+    catalog = job_catalog(checkpoints=2, large_size=3 << 20, small_files=6, small_size=20_000)
+    with ServerThread(catalog) as running:
         yield running
-
-
-def files(server: ServerThread) -> list[ServedFile]:
-    return list(server.catalog.files())
 
 
 def published(server: ServerThread, dest: Path) -> list[Path]:
     """Final paths present, each checked to be the whole, exact file."""
     found = []
-    for file in files(server):
+    for file in server.files():
         path = mirrored(dest, JOB, file)
         if path.exists():
             assert_exact(path, file)
@@ -87,7 +72,7 @@ def test_a_full_disk_stops_with_the_path_and_the_space_needed_and_the_rerun_resu
     server: ServerThread, disk: Path
 ) -> None:
     dest = disk / "mirror"
-    total = sum(f.size for f in files(server))
+    total = sum(f.size for f in server.files())
 
     full = run_cli(*sync_args(server, dest))
 
@@ -108,7 +93,7 @@ def test_a_full_disk_stops_with_the_path_and_the_space_needed_and_the_rerun_resu
 
     assert again.code == 0, again.stderr
     assert json.loads(again.stdout)["files"]["skipped"] == len(kept)
-    assert len(published(server, dest)) == len(files(server))
+    assert len(published(server, dest)) == len(server.files())
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
     # What was published is not fetched again; at most the parts cut short by the stop are.
     assert server.traffic.object_bytes_sent <= total + 4 * (256 << 10)
@@ -120,7 +105,7 @@ def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
     remount(disk, "size=32m")
     dest = disk / "mirror"
     assert run_cli(*sync_args(server, dest)).code == 0
-    changed = files(server)[0]
+    changed = server.files()[0]
     server.call(lambda: setattr(changed, "seed", 31337))
     server.call(lambda: setattr(changed, "last_modified", "2026-12-01T00:00:00+00:00"))
     remount(disk, "ro")
@@ -131,7 +116,7 @@ def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
     assert result.stderr.count("\n") == 1
     assert "Read-only file system" in result.stderr
     assert str(dest) in result.stderr
-    untouched = [f for f in files(server) if f is not changed]
+    untouched = [f for f in server.files() if f is not changed]
     for file in untouched:
         assert_exact(mirrored(dest, JOB, file), file)
 
@@ -148,7 +133,7 @@ def test_a_manifest_locked_by_another_program_exits_6_naming_it(
     server: ServerThread, dest: Path
 ) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
-    changed = files(server)[0]
+    changed = server.files()[0]
     server.call(lambda: setattr(changed, "last_modified", "2026-12-01T00:00:00+00:00"))
     other = sqlite3.connect(dest / ".checkpoint-sync" / "manifest.sqlite3", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # say, someone editing it with the sqlite3 shell

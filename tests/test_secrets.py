@@ -14,18 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.localserver import ServedFile
-
 from .conftest import JOB, sync_args
 from .support import API_KEY, ServerThread, assert_exact, assert_no_secret, mirrored, run_cli
 
 
-def files(server: ServerThread) -> list[ServedFile]:
-    return list(server.catalog.files())
-
-
 def break_one_file(server: ServerThread, how: str) -> None:
-    victim = files(server)[0]  # a multi-part file
+    victim = server.files()[0]  # a multi-part file
     if how == "denied":
         server.faults.denied = {victim.name}
     elif how == "server errors":
@@ -92,7 +86,7 @@ def test_a_key_read_with_a_trailing_newline_works(
     result = run_cli(*sync_args(server, dest, "--debug"))
 
     assert result.code == 0, result.stderr
-    assert_exact(mirrored(dest, JOB, files(server)[0]), files(server)[0])
+    assert_exact(mirrored(dest, JOB, server.files()[0]), server.files()[0])
 
 
 def test_a_key_with_a_control_character_is_a_usage_error_that_hides_it(
@@ -133,9 +127,9 @@ def test_fsync_makes_files_and_their_directories_durable(
         pytest.skip(f"strace cannot trace here: {exc.stderr.decode()[-200:]}")
     durable = _fsync_calls(server, tmp_path / "durable", "--fsync")
 
-    published = len(files(server))
+    published = len(server.files())
     assert plain["fsync"] == 0  # by default the page cache is trusted
     assert durable["fsync"] >= 2 * published  # each file, then its directory after the rename
     assert durable["fdatasync"] > plain["fdatasync"]  # part data, and the manifest's commits
-    for file in files(server):
+    for file in server.files():
         assert_exact(mirrored(tmp_path / "durable", JOB, file), file)

@@ -10,12 +10,8 @@ import pytest
 
 from checkpoint_sync.localserver import ServedFile
 
-from .conftest import JOB, PROJECT, small_catalog, sync_args
+from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
-
-
-def all_files(server: ServerThread) -> list[ServedFile]:
-    return list(server.catalog.files())
 
 
 def complete_files(server: ServerThread) -> list[ServedFile]:
@@ -30,9 +26,9 @@ def test_mirrors_every_file_byte_exact_in_the_documented_layout(
     result = run_cli(*sync_args(server, dest))
 
     assert result.code == 0, result.stderr
-    for file in all_files(server):
+    for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
-    listed = {mirrored(dest, JOB, f) for f in all_files(server)}
+    listed = {mirrored(dest, JOB, f) for f in server.files()}
     on_disk = {p for p in (dest / JOB).rglob("*") if p.is_file()}
     assert on_disk == listed
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
@@ -42,7 +38,7 @@ def test_walks_every_page_of_the_listing(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
-    files = all_files(server)
+    files = server.files()
 
     result = run_cli(*sync_args(server, dest, "--json"))
 
@@ -58,7 +54,7 @@ def test_large_files_arrive_as_ranged_parts_assembled_byte_exact(
     result = run_cli(*sync_args(server, dest))
 
     assert result.code == 0, result.stderr
-    large = next(f for f in all_files(server) if f.size > 1 << 20)
+    large = next(f for f in server.files() if f.size > 1 << 20)
     ranges = sorted((s, e) for name, s, e in server.traffic.ranges if name == large.name)
     assert len(ranges) >= 5  # 1 MiB + 12345 bytes in 256 KiB parts, once per rank
     assert_exact(mirrored(dest, JOB, large), large)
@@ -73,13 +69,13 @@ def test_second_run_requests_no_file_bytes(server: ServerThread, dest: Path) -> 
     assert second.code == 0
     summary = json.loads(second.stdout)
     assert summary["files"]["fetched"] == 0
-    assert summary["files"]["skipped"] == len(all_files(server))
+    assert summary["files"]["skipped"] == len(server.files())
     assert server.traffic.object_bytes_sent == sent
 
 
 def test_changed_remote_file_is_fetched_again(server: ServerThread, dest: Path) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
-    changed = all_files(server)[0]
+    changed = server.files()[0]
 
     def change() -> None:
         changed.last_modified = "2026-11-20T00:00:00+00:00"
@@ -96,7 +92,7 @@ def test_changed_remote_file_is_fetched_again(server: ServerThread, dest: Path) 
 @pytest.mark.parametrize("damage", ["delete", "truncate"])
 def test_locally_damaged_file_is_restored(server: ServerThread, dest: Path, damage: str) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
-    victim = all_files(server)[1]
+    victim = server.files()[1]
     path = mirrored(dest, JOB, victim)
     if damage == "delete":
         path.unlink()
@@ -118,7 +114,7 @@ def test_manifest_records_each_verified_file(server: ServerThread, dest: Path) -
         "SELECT source, run, checkpoint, node_rank, size, digest, verified_at FROM files"
     ).fetchall()
 
-    assert len(rows) == len(all_files(server))
+    assert len(rows) == len(server.files())
     for source, run, checkpoint, rank, size, digest, verified_at in rows:
         assert (source, run) == ("baseten-training", JOB)
         assert checkpoint.startswith("checkpoint-")
@@ -129,7 +125,7 @@ def test_manifest_records_each_verified_file(server: ServerThread, dest: Path) -
 
 
 def test_syncing_checkpoints_are_left_out_and_named(dest: Path) -> None:
-    with ServerThread(small_catalog(syncing_last=True)) as server:
+    with ServerThread(job_catalog(syncing_last=True)) as server:
         result = run_cli(*sync_args(server, dest))
 
         assert result.code == 0, result.stderr
@@ -144,7 +140,7 @@ def test_syncing_checkpoints_are_left_out_and_named(dest: Path) -> None:
 
 
 def test_latest_takes_only_the_newest_complete_checkpoint(dest: Path) -> None:
-    with ServerThread(small_catalog(syncing_last=True)) as server:
+    with ServerThread(job_catalog(syncing_last=True)) as server:
         result = run_cli(*sync_args(server, dest, "--latest"))
 
         assert result.code == 0, result.stderr
@@ -172,7 +168,7 @@ def test_dry_run_lists_the_plan_and_writes_nothing(server: ServerThread, dest: P
 
     assert result.code == 0, result.stderr
     fetch_lines = [line for line in result.stdout.splitlines() if line.startswith("fetch")]
-    assert len(fetch_lines) == len([f for f in all_files(server) if f.node_rank == 0])
+    assert len(fetch_lines) == len([f for f in server.files() if f.node_rank == 0])
     assert not dest.exists()
     assert server.traffic.object_requests == 0
 
@@ -185,14 +181,14 @@ def test_dry_run_after_a_sync_plans_only_skips(server: ServerThread, dest: Path)
     assert result.code == 0
     assert not [line for line in result.stdout.splitlines() if line.startswith("fetch")]
     assert len([line for line in result.stdout.splitlines() if line.startswith("skip")]) == len(
-        all_files(server)
+        server.files()
     )
 
 
 def test_interrupted_file_resumes_with_only_its_missing_parts(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    large = next(f for f in all_files(server) if f.size > 1 << 20 and f.node_rank == 0)
+    large = next(f for f in server.files() if f.size > 1 << 20 and f.node_rank == 0)
     broken_start = 512 << 10
     server.faults.hook = lambda name, start, end: (
         "500" if name == large.name and start == broken_start else None
@@ -227,7 +223,7 @@ def test_expired_urls_are_refreshed_and_the_file_completes(
 
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["url_refreshes"] > 0
-    for file in all_files(server):
+    for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
 
 
@@ -250,7 +246,7 @@ def test_hostile_paths_are_refused_and_the_rest_lands(server: ServerThread, dest
     assert summary["files"]["failed"] == len(hostile)
     assert not list(dest.parent.glob("escaped.bin"))
     assert not list(dest.rglob("escaped.bin"))
-    for file in all_files(server):
+    for file in server.files():
         if file.name not in hostile:
             assert_exact(mirrored(dest, JOB, file), file)
 
@@ -350,7 +346,7 @@ def test_json_summary_counts_bytes_and_rate(server: ServerThread, dest: Path) ->
     result = run_cli(*sync_args(server, dest, "--json"))
 
     summary = json.loads(result.stdout)
-    total = sum(f.size for f in all_files(server))
+    total = sum(f.size for f in server.files())
     assert summary["bytes"]["published"] == total
     assert summary["bytes"]["fetched"] == total
     assert summary["mb_per_s"] > 0
