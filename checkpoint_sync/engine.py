@@ -11,7 +11,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
 import aiohttp
@@ -49,7 +49,7 @@ class SyncOptions:
 @dataclass(frozen=True)
 class _Job:
     file: RemoteFile
-    relative: PurePosixPath
+    relative: str  # under DEST
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ async def _produce(
                     continue
                 relative, action = planned
                 if on_plan is not None:
-                    on_plan(PlannedFile(str(relative), file.size, action))
+                    on_plan(PlannedFile(relative, file.size, action))
                 if action == "fetch" and send is not None:
                     await send.send(_Job(file, relative))
         stats.listing_done = True
@@ -173,7 +173,7 @@ async def _produce(
 
 def _plan(
     file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats
-) -> tuple[PurePosixPath, Literal["fetch", "skip"]] | None:
+) -> tuple[str, Literal["fetch", "skip"]] | None:
     """Where ``file`` goes and whether it must be fetched; None if it is not to be mirrored."""
     stats.files_listed += 1
     if options.node_ranks and file.node_rank not in options.node_ranks:
@@ -183,23 +183,22 @@ def _plan(
     except FileError as exc:
         stats.fail(f"{file.run}/{file.checkpoint}/{file.node_rank}", str(exc))
         return None
-    key = str(relative)
     try:
         check_listed_size(file)
     except FileError as exc:
-        stats.fail(key, str(exc))
+        stats.fail(relative, str(exc))
         return None
-    if not manifest.first_listing(key):
-        stats.fail(key, "listed more than once; only its first entry is mirrored")
+    if not manifest.first_listing(relative):
+        stats.fail(relative, "listed more than once; only its first entry is mirrored")
         return None
-    if is_current(file, manifest.recorded(key), _local_size(options.dest / relative)):
+    if is_current(file, manifest.recorded(relative), _local_size(f"{options.dest}/{relative}")):
         stats.files_skipped += 1
         stats.bytes_skipped += file.size
         return relative, "skip"
     try:
         check_listed_url(file.url)
     except FileError as exc:
-        stats.fail(key, str(exc))
+        stats.fail(relative, str(exc))
         return None
     stats.files_to_fetch += 1
     stats.bytes_to_fetch += file.size
@@ -214,7 +213,7 @@ async def _work(
             try:
                 await transfers.fetch(job.file, job.relative)
             except FileError as exc:
-                stats.fail(str(job.relative), str(exc))
+                stats.fail(job.relative, str(exc))
             else:
                 stats.files_fetched += 1
 
@@ -225,7 +224,7 @@ async def _commit_periodically(manifest: Manifest) -> None:
         manifest.commit()
 
 
-def _local_size(path: Path) -> int | None:
+def _local_size(path: str) -> int | None:
     """Size of a regular file at ``path``; None for a missing file, a symlink or a directory."""
     try:
         info = os.lstat(path)

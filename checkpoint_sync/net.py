@@ -75,7 +75,7 @@ def open_session(settings: NetSettings) -> aiohttp.ClientSession:
 
 
 @functools.cache
-def _proxy_for_host(scheme: str, host: str) -> str | None:
+def proxy_for_host(scheme: str, host: str) -> str | None:
     if urllib.request.proxy_bypass(host):  # NO_PROXY
         return None
     return urllib.request.getproxies().get(scheme)
@@ -84,7 +84,7 @@ def _proxy_for_host(scheme: str, host: str) -> str | None:
 def proxy_for(url: str) -> str | None:
     """The proxy that ``HTTP(S)_PROXY``/``NO_PROXY`` name for ``url``, looked up once per host."""
     parts = urlsplit(url)
-    return _proxy_for_host(parts.scheme, parts.hostname or "")
+    return proxy_for_host(parts.scheme, parts.hostname or "")
 
 
 def url_problem(url: str) -> str | None:

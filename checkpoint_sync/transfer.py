@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TypeVar
 
 import anyio
@@ -98,7 +98,7 @@ class Transfers:
         self._dest = dest
         self._real_dest = os.path.realpath(dest)
         self._staging_dir = dest / STATE_DIR / "staging"
-        self._prepared_dirs: set[Path] = set()
+        self._prepared_dirs: set[str] = set()
         # Bytes of one-part files being fetched: not preallocated, so not yet seen as used.
         self._claimed = 0
         self._manifest = manifest
@@ -108,12 +108,12 @@ class Transfers:
         self._settings = settings
         _os_call(self._staging_dir, lambda: self._staging_dir.mkdir(parents=True, exist_ok=True))
 
-    async def fetch(self, file: RemoteFile, relative: PurePosixPath) -> None:
+    async def fetch(self, file: RemoteFile, relative: str) -> None:
         """Mirror ``file`` at ``DEST/relative``; `FileError` if this file failed."""
-        final = self._dest / relative
-        self._prepare_parent(final)
-        staging = self._staging_dir / staging_name(relative)
-        key = str(relative)
+        final = f"{self._dest}/{relative}"
+        self._prepare_parent(os.path.dirname(final))
+        staging = f"{self._staging_dir}/{staging_name(relative)}"
+        key = relative
         part_size = self._settings.part_size
         parts = split_parts(file.size, part_size)
         # A one-part file has no progress worth recording: it is simply fetched again.
@@ -166,7 +166,7 @@ class Transfers:
         check_listed_url(url)
         return url
 
-    def _check_space(self, size: int, final: Path) -> None:
+    def _check_space(self, size: int, final: str) -> None:
         """Stop with a clear message before the disk is full, not with ENOSPC half way."""
         try:
             info = os.statvfs(self._staging_dir)
@@ -180,25 +180,25 @@ class Transfers:
                 f"(keeping {human_bytes(SPACE_RESERVE)} for the manifest)"
             )
 
-    def _prepare_parent(self, final: Path) -> None:
+    def _prepare_parent(self, parent: str) -> None:
         """Create the file's directory, refusing one that a symlink leads out of DEST."""
-        if final.parent in self._prepared_dirs:
+        if parent in self._prepared_dirs:
             return  # the mirror is ours while we hold its lock: one check per directory
         # Checked before mkdir too, which would follow the symlink and create directories there.
-        existing = final.parent
+        existing = parent
         while not os.path.lexists(existing):
-            existing = existing.parent
+            existing = os.path.dirname(existing)
         if not is_within(self._real_dest, os.path.realpath(existing)):
             raise UnsafePathError(f"{existing} leads outside the destination (a symlink?)")
-        _os_call(final.parent, lambda: final.parent.mkdir(parents=True, exist_ok=True))
-        if not is_within(self._real_dest, os.path.realpath(final.parent)):
-            raise UnsafePathError(f"{final.parent} leads outside the destination (a symlink?)")
-        self._prepared_dirs.add(final.parent)
+        _os_call(parent, lambda: os.makedirs(parent, exist_ok=True))
+        if not is_within(self._real_dest, os.path.realpath(parent)):
+            raise UnsafePathError(f"{parent} leads outside the destination (a symlink?)")
+        self._prepared_dirs.add(parent)
 
-    def _publish(self, staging: Path, final: Path) -> None:
+    def _publish(self, staging: str, final: str) -> None:
         _os_call(final, lambda: os.replace(staging, final))
         if self._settings.fsync:
-            dir_fd = os.open(final.parent, os.O_RDONLY)
+            dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
@@ -400,7 +400,7 @@ async def _raise_for_file_status(resp: Response, url: str) -> None:
     raise FileError(f"HTTP {status} from {where}")
 
 
-def _preallocate(fd: int, size: int, path: Path) -> None:
+def _preallocate(fd: int, size: int, path: str) -> None:
     """Reserve the whole file up front: a full disk shows now, not after gigabytes."""
     try:
         if os.fstat(fd).st_size:
@@ -440,14 +440,14 @@ def _digest(fd: int, size: int) -> str:
     return hasher.hexdigest()
 
 
-def _size_of(path: Path) -> int | None:
+def _size_of(path: str) -> int | None:
     try:
-        return path.stat().st_size
+        return os.stat(path).st_size
     except OSError:
         return None
 
 
-def _local_error(exc: OSError, path: Path, needed: int | None = None) -> CheckpointSyncError:
+def _local_error(exc: OSError, path: str | Path, needed: int | None = None) -> CheckpointSyncError:
     """An OS error at ``path``: fatal for the run when it would hit every file alike."""
     reason = exc.strerror or str(exc)
     if exc.errno in _FATAL_ERRNOS:
@@ -456,7 +456,7 @@ def _local_error(exc: OSError, path: Path, needed: int | None = None) -> Checkpo
     return FileError(f"cannot write {path}: {reason}")
 
 
-def _os_call(path: Path, call: Callable[[], T]) -> T:
+def _os_call(path: str | Path, call: Callable[[], T]) -> T:
     try:
         return call()
     except OSError as exc:

@@ -19,14 +19,14 @@ import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
 import anyio
 from anyio.abc import TaskGroup
 
 from .errors import TransientError
-from .net import USER_AGENT, converting_errors, proxy_for
+from .net import USER_AGENT, converting_errors, proxy_for, proxy_for_host
 from .redact import redact_url
 
 # Receives each piece of a body in order; the piece is only valid during the call.
@@ -107,12 +107,14 @@ class ObjectClient:
     @asynccontextmanager
     async def get(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[Response]:
         """GET ``url``; the response is valid inside the block, and its body read there."""
-        if proxy_for(url) is not None:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if proxy_for_host(parts.scheme, host) is not None:
             async with _via_aiohttp(self._session, url, headers) as response:
                 yield response
             return
         with converting_errors(url, "download"):
-            connection, response = await self._request(url, headers)
+            connection, response = await self._request(url, parts, host, headers)
             self._busy.add(connection)
             try:
                 yield response
@@ -123,14 +125,14 @@ class ObjectClient:
                 self._busy.discard(connection)
             self._release(connection)
 
-    async def _request(self, url: str, headers: Mapping[str, str]) -> tuple[_Connection, Response]:
-        parts = urlsplit(url)
-        scheme, host = parts.scheme, parts.hostname or ""
+    async def _request(
+        self, url: str, parts: SplitResult, host: str, headers: Mapping[str, str]
+    ) -> tuple[_Connection, Response]:
+        scheme = parts.scheme
         port = parts.port or (443 if scheme == "https" else 80)
+        # Sent exactly as listed: a presigned signature covers the path and query as they are.
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        authority = host if parts.port is None else f"{host}:{parts.port}"
-        if ":" in host:  # IPv6 literal
-            authority = f"[{host}]" if parts.port is None else f"[{host}]:{parts.port}"
+        authority = parts.netloc.rpartition("@")[2]
         lines = [f"GET {target} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
