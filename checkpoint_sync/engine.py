@@ -23,7 +23,7 @@ from .layout import STATE_DIR, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
 from .net import NetSettings, ssl_context
-from .plan import Selection, check_listed_size, check_listed_url, is_current
+from .plan import Recorded, Selection, check_listed_size, check_listed_url, is_current
 from .progress import Stats
 from .sources.base import RemoteFile, Source
 from .transfer import Transfers, TransferSettings
@@ -50,6 +50,7 @@ class SyncOptions:
 class _Job:
     file: RemoteFile
     relative: str  # under DEST
+    replaces: bool  # the manifest records an older file there
 
 
 @dataclass(frozen=True)
@@ -160,11 +161,11 @@ async def _produce(
                 planned = _plan(file, options, manifest, stats)
                 if planned is None:
                     continue
-                relative, action = planned
+                relative, action, recorded = planned
                 if on_plan is not None:
                     on_plan(PlannedFile(relative, file.size, action))
                 if action == "fetch" and send is not None:
-                    await send.send(_Job(file, relative))
+                    await send.send(_Job(file, relative, recorded is not None))
         stats.listing_done = True
     finally:
         if send is not None:
@@ -173,8 +174,9 @@ async def _produce(
 
 def _plan(
     file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats
-) -> tuple[str, Literal["fetch", "skip"]] | None:
-    """Where ``file`` goes and whether it must be fetched; None if it is not to be mirrored."""
+) -> tuple[str, Literal["fetch", "skip"], Recorded | None] | None:
+    """Where ``file`` goes, whether it must be fetched, and what the manifest has there; None
+    if it is not to be mirrored."""
     stats.files_listed += 1
     if options.node_ranks and file.node_rank not in options.node_ranks:
         return None
@@ -191,10 +193,11 @@ def _plan(
     if not manifest.first_listing(relative):
         stats.fail(relative, "listed more than once; only its first entry is mirrored")
         return None
-    if is_current(file, manifest.recorded(relative), _local_size(f"{options.dest}/{relative}")):
+    recorded = manifest.recorded(relative)
+    if is_current(file, recorded, _local_size(f"{options.dest}/{relative}")):
         stats.files_skipped += 1
         stats.bytes_skipped += file.size
-        return relative, "skip"
+        return relative, "skip", recorded
     try:
         check_listed_url(file.url)
     except FileError as exc:
@@ -202,7 +205,7 @@ def _plan(
         return None
     stats.files_to_fetch += 1
     stats.bytes_to_fetch += file.size
-    return relative, "fetch"
+    return relative, "fetch", recorded
 
 
 async def _work(
@@ -211,7 +214,7 @@ async def _work(
     async with receive:
         async for job in receive:
             try:
-                await transfers.fetch(job.file, job.relative)
+                await transfers.fetch(job.file, job.relative, replaces=job.replaces)
             except FileError as exc:
                 stats.fail(job.relative, str(exc))
             else:

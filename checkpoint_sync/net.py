@@ -7,6 +7,7 @@ no aiohttp exception (whose text would carry a presigned URL) escapes the packag
 from __future__ import annotations
 
 import functools
+import re
 import ssl
 import urllib.request
 from collections.abc import Iterator, Mapping
@@ -89,8 +90,15 @@ def proxy_for(url: str) -> str | None:
 
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be fetched over HTTP(S), or None: checked before any request is made."""
+    # Only the origin can be wrong in a way urlsplit notices, and a listing has few origins.
+    scheme, separator, rest = url.partition("://")
+    return _origin_problem(scheme + separator + re.split(r"[/?#]", rest, maxsplit=1)[0])
+
+
+@functools.lru_cache(maxsize=1024)
+def _origin_problem(origin: str) -> str | None:
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(origin)
         _ = parts.port  # a port out of range raises here, not in the middle of a transfer
     except ValueError:
         return "not a valid URL"

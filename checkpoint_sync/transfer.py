@@ -108,8 +108,11 @@ class Transfers:
         self._settings = settings
         _os_call(self._staging_dir, lambda: self._staging_dir.mkdir(parents=True, exist_ok=True))
 
-    async def fetch(self, file: RemoteFile, relative: str) -> None:
-        """Mirror ``file`` at ``DEST/relative``; `FileError` if this file failed."""
+    async def fetch(self, file: RemoteFile, relative: str, *, replaces: bool = True) -> None:
+        """Mirror ``file`` at ``DEST/relative``; `FileError` if this file failed.
+
+        ``replaces``: the manifest may hold a record of an older file at that path.
+        """
         final = f"{self._dest}/{relative}"
         self._prepare_parent(os.path.dirname(final))
         staging = f"{self._staging_dir}/{staging_name(relative)}"
@@ -141,7 +144,7 @@ class Transfers:
         finally:
             os.close(fd)
             self._claimed -= claimed
-        if self._manifest.recorded(key) is not None:
+        if replaces:
             # The old record must not outlive the old file: a crash right after the rename
             # would leave it describing bytes that are no longer there.
             self._manifest.forget(key)
