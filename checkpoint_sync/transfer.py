@@ -315,7 +315,9 @@ class Transfers:
             else:
                 await _raise_for_file_status(resp, url)
             started_at = state.offset
-            await resp.stream_to(_PartWriter(fd, state, self._stats, self._dest).take)
+            writer = _PartWriter(fd, state, self._stats, self._dest)
+            # A part hashed on the way cannot skip Python; the others may be spliced.
+            await resp.stream_to(writer.take, writer if state.hasher is None else None)
         if self._settings.fsync:
             await anyio.to_thread.run_sync(os.fdatasync, fd)
         if state.offset != state.end:
@@ -329,10 +331,19 @@ class _PartWriter:
     """Writes a part's body at its offset as it arrives, hashing it if it is the whole file."""
 
     def __init__(self, fd: int, state: _PartState, stats: Stats, dest: Path) -> None:
-        self._fd = fd
+        self.fd = fd
         self._state = state
         self._stats = stats
         self._dest = dest
+
+    @property
+    def offset(self) -> int:
+        return self._state.offset
+
+    def took(self, size: int) -> None:
+        """``size`` bytes were spliced into the file at ``offset``."""
+        self._stats.bytes_fetched += size
+        self._state.offset += size
 
     def take(self, piece: memoryview) -> None:
         """Called on the event loop with each piece, which is only valid during the call."""
@@ -344,7 +355,7 @@ class _PartWriter:
         # On the loop, not in a thread: a write into the page cache takes microseconds, and
         # handing each piece to a thread cost more CPU and memory than it saved (benchmarks/).
         try:
-            written = os.pwrite(self._fd, piece, state.offset)
+            written = os.pwrite(self.fd, piece, state.offset)
         except OSError as exc:
             raise _local_error(exc, self._dest, size) from exc
         if written != size:

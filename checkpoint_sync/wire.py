@@ -15,10 +15,13 @@ the URL without its query string.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import select
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
@@ -40,6 +43,22 @@ FLUSH_AT = RECV_BUFFER - (256 << 10)
 # Body bytes held before the caller hands over its sink; past this the socket is paused.
 MAX_PENDING = 1 << 20
 IDLE_PER_HOST = 32
+# Bodies at least this long (plain HTTP) are spliced from the socket into their file.
+SPLICE_MIN = 4 << 20
+PIPE_SIZE = 1 << 20
+
+
+class FileTarget(Protocol):
+    """Where a body may go without passing through Python: a file, at a moving offset."""
+
+    @property
+    def fd(self) -> int: ...
+
+    @property
+    def offset(self) -> int: ...
+
+    def took(self, size: int) -> None:
+        """``size`` more bytes were written at ``offset`` behind the sink's back."""
 
 
 class Response:
@@ -50,9 +69,14 @@ class Response:
         self.headers = headers
         self._body = body
 
-    async def stream_to(self, sink: Sink) -> None:
-        """Hand every body byte to ``sink``, in order, until the body ends."""
-        await self._body.stream_to(sink)
+    async def stream_to(self, sink: Sink, file: FileTarget | None = None) -> None:
+        """Hand every body byte to ``sink``, in order, until the body ends.
+
+        With ``file``, a large body on a plain-HTTP connection may instead be moved from the
+        socket into the file by the kernel (``splice``), in a worker thread: no copy through
+        Python, and several connections on several cores.
+        """
+        await self._body.stream_to(sink, file)
 
     async def read(self, limit: int) -> bytes:
         """Up to ``limit`` bytes of the body (error pages); the rest is not read."""
@@ -62,7 +86,7 @@ class Response:
 class _Body:
     """How a response's body is read: from our own connection, or from aiohttp."""
 
-    async def stream_to(self, sink: Sink) -> None:
+    async def stream_to(self, sink: Sink, file: FileTarget | None) -> None:
         raise NotImplementedError
 
     async def read(self, limit: int) -> bytes:
@@ -156,7 +180,7 @@ class ObjectClient:
         loop = asyncio.get_running_loop()
         with anyio.fail_after(self._connect_timeout):
             _, connection = await loop.create_connection(
-                lambda: _Connection(loop, (scheme, host, port)),
+                lambda: _Connection(loop, (scheme, host, port), self._read_timeout),
                 host,
                 port,
                 ssl=self._ssl if scheme == "https" else None,
@@ -194,8 +218,11 @@ class _StaleConnection(Exception):
 class _Connection(asyncio.BufferedProtocol, _Body):
     """One HTTP/1.1 connection, its response parser, and the body's way to the sink."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: tuple[str, str, int]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, key: tuple[str, str, int], read_timeout: float
+    ) -> None:
         self.key = key
+        self._read_timeout = read_timeout
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self.last_activity = loop.time()
@@ -388,17 +415,51 @@ class _Connection(asyncio.BufferedProtocol, _Body):
 
     # --- the body, for the caller ------------------------------------------------------------
 
-    async def stream_to(self, sink: Sink) -> None:
+    async def stream_to(self, sink: Sink, file: FileTarget | None = None) -> None:
         pending, self._pending, self._pending_size = self._pending, [], 0
         for piece in pending:
             sink(memoryview(piece))
         self._sink = sink
+        if file is not None and self._splicing_pays():
+            await self._splice_into(file)
+            return
         if self._paused and self._transport is not None:
             self._paused = False
             self._transport.resume_reading()
         if self._body_done is None:
             self._body_done = self._loop.create_future()
         await self._body_done
+
+    def _splicing_pays(self) -> bool:
+        return (
+            self.key[0] == "http"  # TLS bytes must be decrypted by us
+            and self._in_body
+            and self._chunks is None
+            and self._remaining is not None
+            and self._remaining >= SPLICE_MIN
+            and self._transport is not None
+        )
+
+    async def _splice_into(self, file: FileTarget) -> None:
+        """Let the kernel move the rest of the body from the socket into ``file``."""
+        assert self._transport is not None
+        assert self._remaining is not None
+        if self._filled > self._base:
+            self._hand_over()  # what already arrived goes first, through the sink
+        self._transport.pause_reading()
+        self.waiting = False  # the thread watches for stalls itself
+        sock = self._transport.get_extra_info("socket").fileno()
+        moved, error = await anyio.to_thread.run_sync(
+            _splice, sock, file.fd, file.offset, self._remaining, self._read_timeout
+        )
+        file.took(moved)
+        self._remaining -= moved
+        if error is not None:
+            self.fail(error, abort=True)
+            raise error
+        self._paused = False
+        self._transport.resume_reading()
+        self._finish()
 
     async def read(self, limit: int) -> bytes:
         got = bytearray()
@@ -471,7 +532,7 @@ class _AiohttpBody(_Body):
     def __init__(self, response: aiohttp.ClientResponse) -> None:
         self._response = response
 
-    async def stream_to(self, sink: Sink) -> None:
+    async def stream_to(self, sink: Sink, file: FileTarget | None) -> None:
         while chunk := (await self._response.content.readchunk())[0]:
             sink(memoryview(chunk))
 
@@ -487,3 +548,47 @@ async def _via_aiohttp(
         async with session.get(url, headers=headers, proxy=proxy_for(url)) as response:
             lowered = {name.lower(): value for name, value in response.headers.items()}
             yield Response(response.status, lowered, _AiohttpBody(response))
+
+
+def _splice(
+    sock: int, fd: int, offset: int, length: int, timeout: float
+) -> tuple[int, Exception | None]:
+    """Move ``length`` bytes from ``sock`` into ``fd`` at ``offset`` through a pipe, in the
+    kernel; how many bytes landed, and what stopped it short if anything did."""
+    read_end, write_end = os.pipe()
+    with suppress(OSError):
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    moved = 0
+    try:
+        while moved < length:
+            try:
+                got = os.splice(
+                    sock,
+                    write_end,
+                    min(length - moved, PIPE_SIZE),
+                    flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
+                )
+            except BlockingIOError:
+                if not poller.poll(timeout * 1000):
+                    return moved, TimeoutError(f"no data for {timeout:.0f} s")
+                continue
+            if got == 0:
+                return moved, ConnectionResetError("connection closed mid-body")
+            left = got
+            while left:
+                left -= os.splice(
+                    read_end,
+                    fd,
+                    left,
+                    offset_dst=offset + moved + got - left,
+                    flags=os.SPLICE_F_MOVE,
+                )
+            moved += got
+        return moved, None
+    except OSError as exc:
+        return moved, exc
+    finally:
+        os.close(read_end)
+        os.close(write_end)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -164,3 +166,49 @@ async def test_a_refused_connection_is_transient() -> None:
     async with client() as objects:
         with pytest.raises(TransientError):
             await fetch(objects, "http://127.0.0.1:9/x?sig=1")
+
+
+class FileTarget:
+    """A file the client may splice into; what went around the sink is counted."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.offset = 0
+        self.spliced = 0
+
+    def take(self, piece: memoryview) -> None:
+        self.offset += os.pwrite(self.fd, piece, self.offset)
+
+    def took(self, size: int) -> None:
+        self.offset += size
+        self.spliced += size
+
+
+BIG = bytes(range(256)) * (24 << 10)  # 6 MiB, past the splice threshold
+
+
+async def test_a_large_plain_http_body_is_spliced_into_the_file_exactly(tmp_path: Path) -> None:
+    head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    server = Server(lambda _: [head + BIG[:1000], BIG[1000:]])
+    target = FileTarget(tmp_path / "part")
+    async with serving(server) as url, client() as objects:
+        async with objects.get(url, {}) as response:
+            await response.stream_to(target.take, target)
+        assert await fetch(objects, url) == (206, BIG)  # the connection is reused afterwards
+    os.close(target.fd)
+    assert (tmp_path / "part").read_bytes() == BIG
+    assert target.spliced > len(BIG) // 2
+    assert server.connections == 1
+
+
+async def test_a_splice_cut_short_keeps_what_landed_and_fails(tmp_path: Path) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    server = Server(lambda _: [head + BIG[: 5 << 20]], close_after_each=True)
+    target = FileTarget(tmp_path / "part")
+    async with serving(server) as url, client() as objects:
+        with pytest.raises(TransientError):
+            async with objects.get(url, {}) as response:
+                await response.stream_to(target.take, target)
+    os.close(target.fd)
+    assert target.offset == 5 << 20
+    assert (tmp_path / "part").read_bytes() == BIG[: 5 << 20]
