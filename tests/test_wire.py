@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from checkpoint_sync.errors import TransientError
+from checkpoint_sync.net import proxy_for_host
 from checkpoint_sync.wire import ObjectClient
 
 pytestmark = pytest.mark.anyio
@@ -212,3 +213,39 @@ async def test_a_splice_cut_short_keeps_what_landed_and_fails(tmp_path: Path) ->
     os.close(target.fd)
     assert target.offset == 5 << 20
     assert (tmp_path / "part").read_bytes() == BIG[: 5 << 20]
+
+
+async def test_urls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bytes] = []
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A minimal HTTP proxy: absolute-form request in, origin-form request out.
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head)
+        method, target, rest = head.split(b" ", 2)
+        origin = target.split(b"/", 3)
+        host, port = origin[2].decode().rsplit(":", 1)
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        upstream_writer.write(b" ".join([method, b"/" + origin[3], rest]))
+        writer.write(await upstream_reader.read(1 << 16))
+        await writer.drain()
+        writer.close()
+        upstream_writer.close()
+
+    proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
+    proxy_url = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    proxy_for_host.cache_clear()
+    server = Server(
+        lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nproxy"]
+    )
+    try:
+        async with serving(server) as url, client() as objects:
+            assert await fetch(objects, url) == (200, b"proxy")
+    finally:
+        proxy.close()
+        proxy_for_host.cache_clear()
+    assert seen
+    assert seen[0].startswith(b"GET http://127.0.0.1:")
