@@ -88,8 +88,14 @@ def proxy_for(url: str) -> str | None:
     return proxy_for_host(parts.scheme, parts.hostname or "")
 
 
+# A request line carries the URL as it is: these would break it, or smuggle in a header.
+_NOT_IN_URLS = re.compile(r"[\x00-\x20\x7f]")
+
+
 def url_problem(url: str) -> str | None:
     """Why ``url`` cannot be fetched over HTTP(S), or None: checked before any request is made."""
+    if not url.isascii() or _NOT_IN_URLS.search(url):
+        return "not a valid URL (spaces, control or non-ASCII characters)"
     # Only the origin can be wrong in a way urlsplit notices, and a listing has few origins.
     scheme, separator, rest = url.partition("://")
     return _origin_problem(scheme + separator + re.split(r"[/?#]", rest, maxsplit=1)[0])

@@ -201,6 +201,12 @@ def test_api_5xx_that_persists_is_reported_after_the_allowed_attempts(
         ("localhost:8080", "not an http(s) URL"),
         ("/objects/1", "not an http(s) URL"),
         ("http:///objects/1", "not an http(s) URL"),
+        ("http://host/a b", "not a valid URL (spaces, control or non-ASCII characters)"),
+        (
+            "http://host/a\r\nX-Injected: 1",
+            "not a valid URL (spaces, control or non-ASCII characters)",
+        ),
+        ("http://host/caf\u00e9", "not a valid URL (spaces, control or non-ASCII characters)"),
     ],
 )
 def test_url_problem(url: str, problem: str | None) -> None:
