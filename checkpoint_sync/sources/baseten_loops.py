@@ -19,7 +19,7 @@ from ..api import ApiClient
 from ..errors import NotFoundError, UsageError
 from ..models import LoopsCheckpoints, LoopsTarget
 from .base import Checkpoint, RemoteFile, Source, SourceContext, SyncState
-from .baseten_pages import file_pages, fresh_url
+from .baseten_pages import file_pages, fresh_url, remote_file
 
 URI_PREFIX = "bt://loops:"
 URI_FORM = "bt://loops:RUN_ID/weights/NAME or bt://loops:RUN_ID/sampler_weights/NAME"
@@ -122,15 +122,12 @@ class LoopsSource:
             async for ref, entries in file_pages(self._api, listing, self._page_size, what):
                 # Names are relative to the checkpoint itself (NOTES.md).
                 yield [
-                    RemoteFile(
+                    remote_file(
+                        entry,
+                        ref,
                         run=checkpoint.run,
                         checkpoint=checkpoint.name,
-                        node_rank=entry.node_rank,
                         path=entry.relative_file_name,
-                        size=entry.size_bytes,
-                        last_modified=entry.last_modified,
-                        url=entry.url,
-                        origin=ref,
                     )
                     for entry in entries
                 ]

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from ..api import ApiClient
 from ..errors import FileError, MalformedResponseError
 from ..models import CheckpointFile, CheckpointFilesPage
-from .base import PageRef
+from .base import PageRef, RemoteFile
 
 
 async def file_pages(
@@ -69,3 +69,19 @@ async def fresh_url(
         if url is not None:
             return url
     raise FileError(f"{relative_file_name} (rank {node_rank}) is no longer listed")
+
+
+def remote_file(
+    entry: CheckpointFile, ref: PageRef, *, run: str, checkpoint: str, path: str
+) -> RemoteFile:
+    """A listed Baseten file, bound for ``<run>/<checkpoint>/<node_rank>/<path>``."""
+    return RemoteFile(
+        run=run,
+        checkpoint=checkpoint,
+        node_rank=entry.node_rank,
+        path=path,
+        size=entry.size_bytes,
+        last_modified=entry.last_modified,
+        url=entry.url,
+        origin=ref,
+    )

@@ -10,7 +10,7 @@ from ..api import ApiClient
 from ..errors import UsageError
 from ..models import TrainingJobCheckpoints
 from .base import Checkpoint, RemoteFile, Source, SourceContext, SyncState
-from .baseten_pages import file_pages, fresh_url
+from .baseten_pages import file_pages, fresh_url, remote_file
 
 
 class TrainingJobSource:
@@ -52,16 +52,7 @@ class TrainingJobSource:
                 checkpoint, _, rest = entry.relative_file_name.partition("/")
                 if checkpoint in wanted:
                     files.append(
-                        RemoteFile(
-                            run=self._job,
-                            checkpoint=checkpoint,
-                            node_rank=entry.node_rank,
-                            path=rest,
-                            size=entry.size_bytes,
-                            last_modified=entry.last_modified,
-                            url=entry.url,
-                            origin=ref,
-                        )
+                        remote_file(entry, ref, run=self._job, checkpoint=checkpoint, path=rest)
                     )
             yield files
 
