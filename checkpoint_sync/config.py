@@ -72,7 +72,7 @@ class Settings(BaseModel):
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
 
-    @field_validator("api_url", "wandb_api_url")
+    @field_validator("api_url", "wandb_api_url", "wandb_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
         if problem := url_problem(value):

@@ -201,11 +201,7 @@ class Transfers:
     def _publish(self, staging: str, final: str) -> None:
         _os_call(final, lambda: os.replace(staging, final))
         if self._settings.fsync:
-            dir_fd = os.open(os.path.dirname(final), os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _os_call(final, lambda: _fsync_directory(os.path.dirname(final)))
 
     async def _fetch_parts(
         self, fd: int, file: RemoteFile, key: str, parts: list[Part]
@@ -452,6 +448,15 @@ def _digest(fd: int, size: int) -> str:
             with memoryview(window) as view:
                 hasher.update(view)
     return hasher.hexdigest()
+
+
+def _fsync_directory(path: str) -> None:
+    """Make a rename in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _size_of(path: str) -> int | None:

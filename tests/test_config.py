@@ -85,3 +85,9 @@ def test_example_config_documents_every_key_with_its_default() -> None:
     for name in Settings.model_fields:
         assert f"{name} =" in text, f"config.example.toml does not mention {name}"
     assert Settings.model_validate(tomllib.loads(text)) == Settings()
+
+
+@pytest.mark.parametrize("name", ["api_url", "wandb_api_url", "wandb_base_url"])
+def test_every_service_url_must_be_http(name: str) -> None:
+    with pytest.raises(UsageError, match=name):
+        load_settings(None, {name: "ftp://example"}, {})
