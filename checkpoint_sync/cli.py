@@ -88,6 +88,9 @@ class _Output:
         if not self.quiet and not self.as_json:
             print(self.redact(text), file=self.stdout, flush=True)
 
+    def status(self, text: str) -> None:
+        print(self.redact(text), file=self.stderr, flush=True)
+
     def error(self, text: str) -> None:
         print(f"checkpoint-sync: error: {self.redact(text)}", file=self.stderr, flush=True)
 
@@ -99,7 +102,7 @@ class _Output:
             return NoDisplay()
         if self.stderr.isatty():
             return ProgressBar(self.stderr)
-        return LogLines(self.stderr)
+        return LogLines(self.status)
 
 
 # --- arguments ------------------------------------------------------------------------------------

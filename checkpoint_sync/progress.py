@@ -7,6 +7,7 @@ bar, elsewhere (cron mail, CI logs) a plain line every few seconds.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
@@ -101,16 +102,16 @@ class Display(Protocol):
 
 
 class LogLines:
-    """A plain status line every ``interval`` seconds: readable in cron mail."""
+    """A plain status line every ``interval`` seconds, handed to ``emit``: readable in cron mail."""
 
-    def __init__(self, stream: TextIO, interval: float = 10.0) -> None:
-        self._stream = stream
+    def __init__(self, emit: Callable[[str], None], interval: float = 10.0) -> None:
+        self._emit = emit
         self._interval = interval
 
     async def run(self, stats: Stats) -> None:
         while True:
             await anyio.sleep(self._interval)
-            print(status_line(stats), file=self._stream, flush=True)
+            self._emit(status_line(stats))
 
 
 class ProgressBar:

@@ -1,0 +1,34 @@
+"""What the plain progress lines and the summary say."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from checkpoint_sync.progress import LogLines, Stats, status_line, summary
+
+
+@pytest.mark.anyio
+async def test_log_lines_report_counts_at_each_interval() -> None:
+    stats = Stats(files_fetched=3, files_skipped=2, files_failed=1, bytes_fetched=5 << 20)
+    lines: list[str] = []
+    with anyio.move_on_after(0.2):
+        await LogLines(lines.append, interval=0.05).run(stats)
+    assert len(lines) >= 2
+    assert "5.0 MiB fetched" in lines[0]
+    assert "files 3 done, 2 skipped, 1 failed (still listing)" in lines[0]
+
+
+def test_status_line_gives_an_eta_once_the_listing_is_done() -> None:
+    stats = Stats(bytes_fetched=10 << 20, bytes_to_fetch=20 << 20, listing_done=True)
+    assert "ETA" in status_line(stats)
+    assert "still listing" not in status_line(stats)
+
+
+def test_summary_keeps_failures_and_left_out_checkpoints() -> None:
+    stats = Stats(syncing_left_out=["job/checkpoint-30"])
+    stats.fail("job/c/0/a.bin", "HTTP 500")
+    report = summary(stats)
+    assert report["files"]["failed"] == 1
+    assert report["failures"] == [{"path": "job/c/0/a.bin", "error": "HTTP 500"}]
+    assert report["syncing_left_out"] == ["job/checkpoint-30"]
