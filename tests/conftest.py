@@ -59,25 +59,11 @@ def dest(tmp_path: Path) -> Path:
     return tmp_path / "mirror"
 
 
+def job_args(server: ServerThread, command: str, *extra: str | Path) -> list[str | Path]:
+    """``COMMAND`` against the test job PROJECT/JOB on ``server``."""
+    return [command, "--api-url", server.url, "--project", PROJECT, "--job", JOB, *extra]
+
+
 def sync_args(server: ServerThread, dest: Path, *extra: str) -> list[str]:
-    return [
-        "sync",
-        "--api-url",
-        server.url,
-        "--project",
-        PROJECT,
-        "--job",
-        JOB,
-        "--dest",
-        str(dest),
-        "--part-size",
-        "256KiB",
-        "--concurrency",
-        "4",
-        *extra,
-    ]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+    args = job_args(server, "sync", "--dest", dest, "--part-size", "256KiB", "--concurrency", "4")
+    return [str(a) for a in [*args, *extra]]

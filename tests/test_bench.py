@@ -9,7 +9,7 @@ import pytest
 
 from checkpoint_sync.bench import Trial, grid, recommend, request_medians
 
-from .conftest import JOB, PROJECT
+from .conftest import job_args
 from .support import ServerThread, run_cli
 
 
@@ -56,22 +56,18 @@ def test_bench_runs_each_trial_within_its_budget_and_cleans_up(
     server: ServerThread, tmp_path: Path
 ) -> None:
     result = run_cli(
-        "bench",
-        "--api-url",
-        server.url,
-        "--project",
-        PROJECT,
-        "--job",
-        JOB,
-        "--concurrency",
-        "2,4",
-        "--part-size",
-        "256KiB",
-        "--max-bytes",
-        "2MiB",
-        "--scratch",
-        tmp_path,
-        "--json",
+        *job_args(
+            server,
+            "bench",
+            "2,4",
+            "--part-size",
+            "256KiB",
+            "--max-bytes",
+            "2MiB",
+            "--scratch",
+            tmp_path,
+            "--json",
+        )
     )
 
     assert result.code == 0, result.stderr

@@ -12,7 +12,7 @@ from checkpoint_sync.listing import LocalState, Row, local_state, table
 from checkpoint_sync.plan import Recorded
 from checkpoint_sync.sources.base import Checkpoint, SyncState
 
-from .conftest import JOB, PROJECT, job_catalog
+from .conftest import job_args, job_catalog
 from .support import ServerThread, run_cli
 from .test_loops import RUN, loops_catalog
 from .test_wandb import ARTIFACT, MODEL, serve, wandb_catalog
@@ -80,10 +80,6 @@ def test_table_shows_only_the_columns_some_row_fills(rows: list[Row], lines: lis
 
 
 # --- over HTTP ------------------------------------------------------------------------------------
-
-
-def job_args(server: ServerThread, command: str, *extra: str | Path) -> list[str | Path]:
-    return [command, "--api-url", server.url, "--project", PROJECT, "--job", JOB, *extra]
 
 
 def sync_job(server: ServerThread, dest: Path, *extra: str) -> int:
