@@ -67,3 +67,8 @@ def job_args(server: ServerThread, command: str, *extra: str | Path) -> list[str
 def sync_args(server: ServerThread, dest: Path, *extra: str) -> list[str]:
     args = job_args(server, "sync", "--dest", dest, "--part-size", "256KiB", "--concurrency", "4")
     return [str(a) for a in [*args, *extra]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

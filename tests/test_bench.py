@@ -59,6 +59,7 @@ def test_bench_runs_each_trial_within_its_budget_and_cleans_up(
         *job_args(
             server,
             "bench",
+            "--concurrency",
             "2,4",
             "--part-size",
             "256KiB",
