@@ -42,7 +42,6 @@ class RetryPolicy:
 async def retrying(
     policy: RetryPolicy,
     operation: Callable[[], Awaitable[T]],
-    on_retry: Callable[[TransientError, float], None] | None = None,
 ) -> T:
     """Run ``operation``, retrying it on `TransientError` as the policy allows."""
     started = time.monotonic()
@@ -55,6 +54,4 @@ async def retrying(
             wait = policy.delay(attempt, exc.retry_after, random.random())
             if policy.gives_up(attempt, started, wait, time.monotonic()):
                 raise
-            if on_retry is not None:
-                on_retry(exc, wait)
             await anyio.sleep(wait)
