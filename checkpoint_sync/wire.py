@@ -21,7 +21,7 @@ import select
 import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 from urllib.parse import SplitResult, urlsplit
 
 import aiohttp
@@ -275,8 +275,9 @@ class _Connection(asyncio.BufferedProtocol, _Body):
         self._closed = True
         self.reusable = False
         if self._head_done is not None and not self._head_done.done():
-            self._head_done.set_exception(
-                _StaleConnection() if not self._answered else ConnectionResetError()
+            _settle(
+                self._head_done,
+                _StaleConnection() if not self._answered else ConnectionResetError(),
             )
         elif self._in_body and self._remaining is None and self._chunks is None:
             try:
@@ -320,12 +321,12 @@ class _Connection(asyncio.BufferedProtocol, _Body):
         self.waiting = False
         for waiter in (self._head_done, self._body_done):
             if waiter is not None and not waiter.done():
-                waiter.set_exception(exc)
+                _settle(waiter, exc)
                 break
         else:
             if self._body_done is None and self._in_body:
                 self._body_done = self._loop.create_future()
-                self._body_done.set_exception(exc)
+                _settle(self._body_done, exc)
         if abort and self._transport is not None:
             self._transport.abort()
 
@@ -472,6 +473,13 @@ class _Connection(asyncio.BufferedProtocol, _Body):
         with suppress(_Enough):
             await self.stream_to(keep)
         return bytes(got)
+
+
+def _settle(waiter: asyncio.Future[Any], exc: BaseException) -> None:
+    """Fail ``waiter``. Whoever awaits it still gets ``exc``; a body nobody reads any more (the
+    caller gave up on it) must not be reported as an unretrieved error when it is collected."""
+    waiter.set_exception(exc)
+    waiter.exception()
 
 
 class _Enough(Exception):
