@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
 
-import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from .errors import (
@@ -16,13 +16,18 @@ from .errors import (
     NotFoundError,
     RequestRejectedError,
     TransientError,
+    UsageError,
 )
-from .net import converting_errors, proxy_for, retry_after_seconds, transient_status
+from .net import retry_after_seconds, transient_status
+from .redact import redact_url
 from .retry import RetryPolicy, retrying
+from .wire import HttpClient
 
 M = TypeVar("M", bound=BaseModel)
 
 _MAX_SHOWN = 300
+# A page of a listing is at most a few megabytes; anything past this is not an answer we want.
+MAX_ANSWER = 64 << 20
 
 
 class ApiClient:
@@ -30,7 +35,7 @@ class ApiClient:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        http: HttpClient,
         base_url: str,
         *,
         api_key: str,
@@ -38,7 +43,7 @@ class ApiClient:
         key_hint: str,
         retry: RetryPolicy,
     ) -> None:
-        self._session = session
+        self._http = http
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"{auth_scheme} {api_key}", "Accept": "application/json"}
         self._key_hint = key_hint
@@ -68,20 +73,23 @@ class ApiClient:
         payload: Mapping[str, Any] | None = None,
     ) -> M:
         url = f"{self._base_url}{path}"
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params, quote_via=quote)
+        headers = self._headers
+        body = b""
+        if payload is not None:
+            headers = {**headers, "Content-Type": "application/json"}
+            body = json.dumps(payload).encode()
 
         async def attempt() -> M:
-            with converting_errors(url, what):
-                async with self._session.request(
-                    method,
-                    url,
-                    params=params,
-                    json=payload,
-                    headers=self._headers,
-                    proxy=proxy_for(url),
-                ) as resp:
-                    body = await resp.read()
-                    self._raise_for_status(resp.status, resp.headers, body, what)
-            return _parse(body, model, what)
+            async with self._http.request(
+                url, headers, method=method, body=body, what=what
+            ) as resp:
+                answer = await resp.read(MAX_ANSWER + 1)
+                self._raise_for_status(resp.status, resp.headers, answer, what)
+            if len(answer) > MAX_ANSWER:
+                raise MalformedResponseError(f"{what}: the answer is larger than 64 MiB")
+            return _parse(answer, model, what)
 
         return await retrying(self._retry, attempt)
 
@@ -90,6 +98,10 @@ class ApiClient:
     ) -> None:
         if status < 300:
             return
+        if status < 400:
+            moved = f" to {redact_url(headers['location'])}" if "location" in headers else ""
+            # Redirects are not followed (the key would go along): the configured URL is wrong.
+            raise UsageError(f"{what}: the API redirected (HTTP {status}){moved}; check its URL")
         if status in (401, 403):
             raise AuthError(
                 f"{what}: the API refused the key (HTTP {status}); check {self._key_hint}"

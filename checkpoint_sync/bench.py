@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import SyncOptions, sync
-from .net import NetSettings, open_session
+from .net import NetSettings
 from .plan import Selection
 from .progress import Stats
 from .retry import RetryPolicy
 from .sources.base import Checkpoint, RemoteFile, Source
 from .transfer import TransferSettings
+from .wire import HttpClient
 
 # A request carrying less than this says more about latency than about the connection's rate.
 RATE_MIN_BYTES = 1 << 20
@@ -128,9 +129,9 @@ async def run_trials(
                 read_timeout=net.read_timeout,
                 ca_bundle=net.ca_bundle,
             )
-            async with open_session(connections) as session:
-                stats = Stats()  # the clock starts once the session is open
-                await sync(budgeted, selection, session, options, stats)
+            async with HttpClient(connections) as http:
+                stats = Stats()  # the clock starts once the client is open
+                await sync(budgeted, selection, http, options, stats)
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         first_byte, per_connection = request_medians(stats.timings)

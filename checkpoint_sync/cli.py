@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import aiohttp
 import anyio
 from pydantic import SecretStr
 
@@ -38,6 +37,7 @@ from .retry import RetryPolicy
 from .sources import SOURCES, Source, SourceRecipe, SourceSpec
 from .sources.baseten_training import TrainingJobs
 from .transfer import TransferSettings
+from .wire import HttpClient
 
 if TYPE_CHECKING:
     from .bench import Trial
@@ -322,9 +322,9 @@ class _Selection:
 @asynccontextmanager
 async def _selected(
     recipe: SourceRecipe, wanted: _Selection, *, include_syncing: bool
-) -> AsyncIterator[tuple[aiohttp.ClientSession, Source, Selection]]:
+) -> AsyncIterator[tuple[HttpClient, Source, Selection]]:
     """Open the source and narrow its checkpoints to those wanted."""
-    async with recipe.open() as (session, source):
+    async with recipe.open() as (http, source):
         selection = select_checkpoints(
             await source.checkpoints(),
             names=wanted.names,
@@ -332,7 +332,7 @@ async def _selected(
             include_syncing=include_syncing,
             what=source.description,
         )
-        yield session, source, selection
+        yield http, source, selection
 
 
 async def _mirror(
@@ -345,18 +345,14 @@ async def _mirror(
 
     include_syncing = recipe.settings.include_syncing
     async with (
-        _selected(recipe, wanted, include_syncing=include_syncing) as (
-            session,
-            source,
-            selection,
-        ),
+        _selected(recipe, wanted, include_syncing=include_syncing) as (http, source, selection),
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(out.display().run, stats)
         await sync(
             source,
             selection,
-            session,
+            http,
             options,
             stats,
             show_plan if options.dry_run else None,
@@ -557,7 +553,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
 
     async def measure() -> None:
         wanted = _Selection(tuple(args.checkpoint), args.latest)
-        # The listing has its own session: each trial opens fresh connections for the files.
+        # The listing has its own client: each trial opens fresh connections for the files.
         async with (
             _bench_target(args, settings) as recipe,
             _selected(recipe, wanted, include_syncing=False) as (_, source, selection),

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import aiohttp
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -22,12 +21,12 @@ from .errors import ApiError, FileError, TransientError, most_severe
 from .layout import STATE_DIR, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
-from .net import NetSettings, ssl_context
+from .net import NetSettings
 from .plan import Recorded, Selection, check_listed_size, check_listed_url, is_current
 from .progress import Stats
 from .sources.base import RemoteFile, Source
 from .transfer import Transfers, TransferSettings
-from .wire import ObjectClient
+from .wire import HttpClient
 
 MANIFEST_NAME = "manifest.sqlite3"
 # A killed run fetches again what it finished since its last commit: this bounds that loss to
@@ -67,7 +66,7 @@ def manifest_path(dest: Path) -> Path:
 async def sync(
     source: Source,
     selection: Selection,
-    session: aiohttp.ClientSession,
+    http: HttpClient,
     options: SyncOptions,
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None = None,
@@ -92,7 +91,7 @@ async def sync(
             batch_seconds=COMMIT_SECONDS,
         )
         try:
-            await _run(source, selection, session, options, manifest, stats, on_plan)
+            await _run(source, selection, http, options, manifest, stats, on_plan)
         finally:
             manifest.close()
 
@@ -100,20 +99,14 @@ async def sync(
 async def _run(
     source: Source,
     selection: Selection,
-    session: aiohttp.ClientSession,
+    http: HttpClient,
     options: SyncOptions,
     manifest: Manifest,
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None,
 ) -> None:
-    objects = ObjectClient(
-        session,
-        ssl_context(options.net),
-        connect_timeout=options.net.connect_timeout,
-        read_timeout=options.net.read_timeout,
-    )
     transfers = Transfers(
-        objects,
+        http,
         options.dest,
         manifest,
         source,
@@ -132,7 +125,7 @@ async def _run(
             listing_failed.append(exc)
 
     try:
-        async with objects, anyio.create_task_group() as outer:
+        async with anyio.create_task_group() as outer:
             outer.start_soon(_commit_periodically, manifest)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(produce)

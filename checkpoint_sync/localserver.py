@@ -151,7 +151,7 @@ class Faults:
     # Seconds every API request waits before it is answered (a slow listing).
     api_delay: float = 0.0
     # Answers for the next API requests, one each, instead of the real one: an HTTP status
-    # ("401", "404", "422", "429", "500"...), a broken body ("not-json", "truncated"), or None
+    # ("301", "401", "404", "422", "429", "500"...), a broken body ("not-json", "truncated"), or None
     # for the real answer.
     api_faults: list[str | None] = field(default_factory=list)
     # File listings that never end: "stuck" hands back the page_token it was given, "repeat"
@@ -714,6 +714,9 @@ async def _api_fault(kind: str, handler: Handler, request: web.Request) -> web.S
         assert isinstance(body, bytes)
         return web.Response(body=body[: len(body) // 2], content_type="application/json")
     status = int(kind)
+    if 300 <= status < 400:
+        moved = "https://elsewhere.example/v1/training_projects?token=moved-secret"
+        return web.Response(status=status, headers={"Location": moved})
     if status == 422:
         return _unprocessable(f"page_size is out of range for this listing (injected {kind})")
     headers = {"Retry-After": "0"} if status == 429 else None

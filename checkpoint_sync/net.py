@@ -1,7 +1,7 @@
-"""The HTTP boundary: one aiohttp session, and aiohttp errors turned into ours.
+"""Network settings and the HTTP boundary's shared pieces: trust, proxies, URL checks, errors.
 
-Both the API client and the file transfers go through `open_session` and `converting_errors`, so
-no aiohttp exception (whose text would carry a presigned URL) escapes the package.
+Every request (`wire.py`, `proxied.py`) runs inside `converting_errors`, so no connection error
+(whose text could carry a presigned URL) escapes the package unconverted.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlsplit
-
-import aiohttp
 
 from .errors import TransientError, UsageError
 from .redact import redact_url
@@ -52,27 +50,6 @@ def ssl_context(settings: NetSettings) -> ssl.SSLContext:
     """
     cafile = str(settings.ca_bundle) if settings.ca_bundle is not None else None
     return ssl.create_default_context(cafile=cafile)
-
-
-def open_session(settings: NetSettings) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        # The API host takes a few extra connections beside the file transfers.
-        limit=settings.connections + 4,
-        ssl=ssl_context(settings),
-        ttl_dns_cache=300,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout, sock_read=settings.read_timeout
-        ),
-        # Bytes must land exactly as stored: never let a Content-Encoding rewrite them.
-        auto_decompress=False,
-        headers={"User-Agent": USER_AGENT},
-        # Proxies come from `proxy_for`: trust_env would look them up in a thread per request.
-        trust_env=False,
-        read_bufsize=256 << 10,
-    )
 
 
 @functools.cache
@@ -115,7 +92,7 @@ def _origin_problem(origin: str) -> str | None:
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
     """``Retry-After`` as seconds, from either its delta or its HTTP-date form."""
-    value = headers.get("retry-after")  # lower case: aiohttp's headers ignore case, ours are lower
+    value = headers.get("retry-after")  # header names are lower-cased where they are parsed
     if not value:
         return None
     try:
@@ -140,15 +117,11 @@ def converting_errors(url: str, what: str) -> Iterator[None]:
         yield
     except TimeoutError as exc:
         raise TransientError(f"{what}: timed out talking to {redact_url(url)}") from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise TransientError(f"{what}: connection closed mid-body ({redact_url(url)})") from exc
-    except (aiohttp.ClientConnectorCertificateError, ssl.SSLCertVerificationError) as exc:
+    except ssl.SSLCertVerificationError as exc:
         # Retrying cannot fix trust: it is a configuration matter.
         raise UsageError(
             f"{what}: TLS certificate of {redact_url(url)} is not trusted "
             "(set ca_bundle in the config, or SSL_CERT_FILE)"
         ) from exc
-    except aiohttp.ClientError as exc:
-        raise TransientError(f"{what}: {type(exc).__name__} talking to {redact_url(url)}") from exc
     except OSError as exc:  # refused, reset, unreachable, name resolution, TLS
         raise TransientError(f"{what}: {exc.strerror or exc} ({redact_url(url)})") from exc

@@ -43,7 +43,7 @@ from .progress import Stats, human_bytes
 from .redact import redact_url
 from .retry import RetryPolicy, retrying
 from .sources.base import RemoteFile, Source
-from .wire import ObjectClient, Response
+from .wire import HttpClient, Response
 
 T = TypeVar("T")
 
@@ -86,7 +86,7 @@ class Transfers:
 
     def __init__(
         self,
-        objects: ObjectClient,
+        http: HttpClient,
         dest: Path,
         manifest: Manifest,
         source: Source,
@@ -94,7 +94,7 @@ class Transfers:
         stats: Stats,
         settings: TransferSettings,
     ) -> None:
-        self._objects = objects
+        self._http = http
         self._dest = dest
         self._real_dest = os.path.realpath(dest)
         self._staging_dir = dest / STATE_DIR / "staging"
@@ -296,7 +296,7 @@ class Transfers:
     ) -> None:
         headers = {"Range": f"bytes={state.offset}-{state.end - 1}"}
         requested = time.monotonic()
-        async with self._objects.get(url, headers) as resp:
+        async with self._http.request(url, headers) as resp:
             answered_at = time.monotonic()
             if answered is not None:
                 answered.set()

@@ -1,12 +1,12 @@
-"""A lean HTTP/1.1 client for the hot path: ranged GETs of presigned object URLs.
+"""A lean HTTP/1.1 client: ranged GETs of presigned object URLs, and the management APIs.
 
 aiohttp spends about 150 us of Python per request and an ``await`` per received chunk; a
-checkpoint is thousands of objects and gigabytes of chunks. Here each received chunk goes from
-the protocol callback straight to a sink (the transfer's positional write), connections are kept
-alive per host, and only what object stores send is understood: a status line, headers, and a
-body framed by Content-Length, chunked encoding or the end of the connection. Proxied URLs, and
-everything that is not an object GET (the management API), stay on aiohttp: `ObjectClient.get`
-picks.
+checkpoint is thousands of objects and gigabytes of chunks, and importing aiohttp costs a run
+about 70 ms of start-up. Here each received chunk goes from the protocol callback straight to a
+sink (the transfer's positional write), connections are kept alive per host, and only what
+object stores and JSON APIs send is understood: a status line, headers, and a body framed by
+Content-Length, chunked encoding or the end of the connection. Redirects are not followed.
+URLs behind a proxy go through aiohttp (`proxied.py`), loaded only then.
 
 Errors are converted here: connection failures, resets and stalls become `TransientError` naming
 the URL without its query string.
@@ -18,19 +18,20 @@ import asyncio
 import fcntl
 import os
 import select
-import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import SplitResult, urlsplit
 
-import aiohttp
 import anyio
 from anyio.abc import TaskGroup
 
-from .errors import TransientError
-from .net import USER_AGENT, converting_errors, proxy_for, proxy_for_host
+from .errors import TransientError, UsageError
+from .net import USER_AGENT, NetSettings, converting_errors, proxy_for_host, ssl_context
 from .redact import redact_url
+
+if TYPE_CHECKING:
+    from .proxied import ProxiedClient
 
 # Receives each piece of a body in order; the piece is only valid during the call.
 Sink = Callable[[memoryview], None]
@@ -64,7 +65,7 @@ class FileTarget(Protocol):
 class Response:
     """Status and headers (lower-case names) of an answer whose body is still to be read."""
 
-    def __init__(self, status: int, headers: dict[str, str], body: _Body) -> None:
+    def __init__(self, status: int, headers: dict[str, str], body: Body) -> None:
         self.status = status
         self.headers = headers
         self._body = body
@@ -83,8 +84,8 @@ class Response:
         return await self._body.read(limit)
 
 
-class _Body:
-    """How a response's body is read: from our own connection, or from aiohttp."""
+class Body:
+    """How a response's body is read: from our own connection, or through a proxy."""
 
     async def stream_to(self, sink: Sink, file: FileTarget | None) -> None:
         raise NotImplementedError
@@ -93,26 +94,18 @@ class _Body:
         raise NotImplementedError
 
 
-class ObjectClient:
-    """GETs objects; ``async with ObjectClient(...) as client`` (it watches for stalls)."""
+class HttpClient:
+    """``async with HttpClient(net) as http``: requests on kept-alive connections (and a watch
+    for stalled ones)."""
 
-    def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        ssl_context: ssl.SSLContext,
-        *,
-        connect_timeout: float,
-        read_timeout: float,
-    ) -> None:
-        self._session = session  # for proxied URLs
-        self._ssl = ssl_context
-        self._connect_timeout = connect_timeout
-        self._read_timeout = read_timeout
+    def __init__(self, net: NetSettings) -> None:
+        self._net = net
+        self._proxied: ProxiedClient | None = None
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._tasks: TaskGroup | None = None
 
-    async def __aenter__(self) -> ObjectClient:
+    async def __aenter__(self) -> HttpClient:
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         self._tasks.start_soon(self._watch_stalls)
@@ -124,21 +117,35 @@ class ObjectClient:
                 connection.close()
         for connection in self._busy:
             connection.close()
+        if self._proxied is not None:
+            await self._proxied.close()
         assert self._tasks is not None
         self._tasks.cancel_scope.cancel()
         await self._tasks.__aexit__(None, None, None)
 
     @asynccontextmanager
-    async def get(self, url: str, headers: Mapping[str, str]) -> AsyncIterator[Response]:
-        """GET ``url``; the response is valid inside the block, and its body read there."""
+    async def request(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        method: str = "GET",
+        body: bytes = b"",
+        what: str = "download",
+    ) -> AsyncIterator[Response]:
+        """Send a request; the response is valid inside the block, and its body read there.
+
+        ``what`` names the request in errors.
+        """
         parts = urlsplit(url)
         host = parts.hostname or ""
         if proxy_for_host(parts.scheme, host) is not None:
-            async with _via_aiohttp(self._session, url, headers) as response:
+            async with self._via_proxy().request(url, headers, method, body, what) as response:
                 yield response
             return
-        with converting_errors(url, "download"):
-            connection, response = await self._request(url, parts, host, headers)
+        with converting_errors(url, what):
+            request = _request_bytes(parts, headers, method, body)
+            connection, response = await self._send(url, parts, host, request)
             self._busy.add(connection)
             try:
                 yield response
@@ -149,17 +156,18 @@ class ObjectClient:
                 self._busy.discard(connection)
             self._release(connection)
 
-    async def _request(
-        self, url: str, parts: SplitResult, host: str, headers: Mapping[str, str]
+    def _via_proxy(self) -> ProxiedClient:
+        if self._proxied is None:
+            from .proxied import ProxiedClient  # aiohttp: only loaded when a proxy is set
+
+            self._proxied = ProxiedClient(self._net)
+        return self._proxied
+
+    async def _send(
+        self, url: str, parts: SplitResult, host: str, request: bytes
     ) -> tuple[_Connection, Response]:
         scheme = parts.scheme
         port = parts.port or (443 if scheme == "https" else 80)
-        # Sent exactly as listed: a presigned signature covers the path and query as they are.
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        authority = parts.netloc.rpartition("@")[2]
-        lines = [f"GET {target} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         key = (scheme, host, port)
         idle = self._idle.get(key, [])
         while idle:
@@ -178,13 +186,15 @@ class ObjectClient:
 
     async def _connect(self, scheme: str, host: str, port: int) -> _Connection:
         loop = asyncio.get_running_loop()
-        with anyio.fail_after(self._connect_timeout):
+        tls = scheme == "https"
+        with anyio.fail_after(self._net.connect_timeout):
             _, connection = await loop.create_connection(
-                lambda: _Connection(loop, (scheme, host, port), self._read_timeout),
+                lambda: _Connection(loop, (scheme, host, port), self._net.read_timeout),
                 host,
                 port,
-                ssl=self._ssl if scheme == "https" else None,
-                server_hostname=host if scheme == "https" else None,
+                # Built on first use: loading a trust store costs tens of milliseconds.
+                ssl=ssl_context(self._net) if tls else None,
+                server_hostname=host if tls else None,
             )
         return connection
 
@@ -201,21 +211,37 @@ class ObjectClient:
     async def _watch_stalls(self) -> None:
         """Drop connections that have been silent for ``read_timeout`` while we waited on them."""
         loop = asyncio.get_running_loop()
+        timeout = self._net.read_timeout
         while True:
-            await anyio.sleep(min(1.0, self._read_timeout / 4))
+            await anyio.sleep(min(1.0, timeout / 4))
             now = loop.time()
             for connection in list(self._busy):
-                if connection.waiting and now - connection.last_activity > self._read_timeout:
-                    connection.fail(
-                        TimeoutError(f"no data for {self._read_timeout:.0f} s"), abort=True
-                    )
+                if connection.waiting and now - connection.last_activity > timeout:
+                    connection.fail(TimeoutError(f"no data for {timeout:.0f} s"), abort=True)
+
+
+def _request_bytes(
+    parts: SplitResult, headers: Mapping[str, str], method: str, body: bytes
+) -> bytes:
+    # Sent exactly as listed: a presigned signature covers the path and query as they are.
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    authority = parts.netloc.rpartition("@")[2]
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:
+            # A key pasted with its line break would end the head early, or add a header.
+            raise UsageError(f"the {name} header would contain a line break (check the API key)")
+        lines.append(f"{name}: {value}")
+    if body or method != "GET":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 class _StaleConnection(Exception):
     """A kept-alive connection that was closed before it answered."""
 
 
-class _Connection(asyncio.BufferedProtocol, _Body):
+class _Connection(asyncio.BufferedProtocol, Body):
     """One HTTP/1.1 connection, its response parser, and the body's way to the sink."""
 
     def __init__(
@@ -534,28 +560,6 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     if version == "HTTP/1.0":
         headers.setdefault("connection", "close")
     return status, headers
-
-
-class _AiohttpBody(_Body):
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-
-    async def stream_to(self, sink: Sink, file: FileTarget | None) -> None:
-        while chunk := (await self._response.content.readchunk())[0]:
-            sink(memoryview(chunk))
-
-    async def read(self, limit: int) -> bytes:
-        return await self._response.content.read(limit)
-
-
-@asynccontextmanager
-async def _via_aiohttp(
-    session: aiohttp.ClientSession, url: str, headers: Mapping[str, str]
-) -> AsyncIterator[Response]:
-    with converting_errors(url, "download"):
-        async with session.get(url, headers=headers, proxy=proxy_for(url)) as response:
-            lowered = {name.lower(): value for name, value in response.headers.items()}
-            yield Response(response.status, lowered, _AiohttpBody(response))
 
 
 def _splice(

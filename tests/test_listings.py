@@ -148,6 +148,12 @@ def test_a_broken_listing_stops_the_run_after_the_files_it_did_list(
         ("403", 3, "the API refused the key (HTTP 403); check BASETEN_API_KEY"),
         ("404", 4, "training job job-1 of project proj: not found (HTTP 404)"),
         ("422", 2, "the API rejected the request: page_size is out of range for this listing"),
+        (
+            "308",
+            2,
+            "the API redirected (HTTP 308) to https://elsewhere.example/v1/training_projects?"
+            "<redacted>; check its URL",
+        ),
     ],
 )
 @pytest.mark.parametrize("failing", ["checkpoints", "files"])

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from checkpoint_sync.errors import TransientError
-from checkpoint_sync.net import proxy_for_host
-from checkpoint_sync.wire import ObjectClient
+from checkpoint_sync.errors import TransientError, UsageError
+from checkpoint_sync.net import NetSettings, proxy_for_host
+from checkpoint_sync.wire import HttpClient
 
 pytestmark = pytest.mark.anyio
 
@@ -57,19 +55,14 @@ async def serving(server: Server) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def client(read_timeout: float = 5.0) -> AsyncIterator[ObjectClient]:
-    async with (
-        aiohttp.ClientSession() as session,
-        ObjectClient(
-            session, ssl.create_default_context(), connect_timeout=5, read_timeout=read_timeout
-        ) as objects,
-    ):
-        yield objects
+async def client(read_timeout: float = 5.0) -> AsyncIterator[HttpClient]:
+    async with HttpClient(NetSettings(connect_timeout=5, read_timeout=read_timeout)) as http:
+        yield http
 
 
-async def fetch(objects: ObjectClient, url: str) -> tuple[int, bytes]:
+async def fetch(http: HttpClient, url: str) -> tuple[int, bytes]:
     got = bytearray()
-    async with objects.get(url, {"Range": "bytes=0-"}) as response:
+    async with http.request(url, {"Range": "bytes=0-"}) as response:
         await response.stream_to(got.extend)
         return response.status, bytes(got)
 
@@ -94,22 +87,22 @@ CHUNKED = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
 )
 async def test_bodies_arrive_exactly(answer: list[bytes]) -> None:
     server = Server(lambda _: answer)
-    async with serving(server) as url, client() as objects:
-        assert await fetch(objects, url) == (200, b"hello world")
+    async with serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"hello world")
     assert server.requests[0].startswith(b"GET /bucket/object?X-Amz-Signature=abc HTTP/1.1\r\n")
     assert b"\r\nRange: bytes=0-\r\n" in server.requests[0]
 
 
 async def test_a_body_delimited_by_the_end_of_the_connection() -> None:
     server = Server(lambda _: [b"HTTP/1.0 200 OK\r\n\r\nhello ", b"world"], close_after_each=True)
-    async with serving(server) as url, client() as objects:
-        assert await fetch(objects, url) == (200, b"hello world")
+    async with serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"hello world")
 
 
 async def test_connections_are_kept_alive_and_reused() -> None:
     server = Server(lambda n: [b"HTTP/1.1 206 Partial\r\nContent-Length: 1\r\n\r\n%d" % n])
-    async with serving(server) as url, client() as objects:
-        assert [await fetch(objects, url) for _ in range(3)] == [
+    async with serving(server) as url, client() as http:
+        assert [await fetch(http, url) for _ in range(3)] == [
             (206, b"1"),
             (206, b"2"),
             (206, b"3"),
@@ -122,10 +115,10 @@ async def test_an_idle_connection_the_server_closed_is_replaced_quietly() -> Non
     server = Server(
         lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"], close_after_each=True
     )
-    async with serving(server) as url, client() as objects:
-        assert await fetch(objects, url) == (200, b"ok")
+    async with serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"ok")
         await asyncio.sleep(0.05)
-        assert await fetch(objects, url) == (200, b"ok")
+        assert await fetch(http, url) == (200, b"ok")
     assert server.connections == 2
 
 
@@ -133,24 +126,24 @@ async def test_a_body_cut_short_is_a_transient_error_without_the_query() -> None
     server = Server(
         lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"], close_after_each=True
     )
-    async with serving(server) as url, client() as objects:
+    async with serving(server) as url, client() as http:
         with pytest.raises(TransientError) as caught:
-            await fetch(objects, url)
+            await fetch(http, url)
     assert "X-Amz-Signature" not in str(caught.value)
 
 
 async def test_a_stalled_answer_times_out() -> None:
     server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhel"])
-    async with serving(server) as url, client(read_timeout=0.3) as objects:
+    async with serving(server) as url, client(read_timeout=0.3) as http:
         with pytest.raises(TransientError, match="timed out"):
-            await fetch(objects, url)
+            await fetch(http, url)
 
 
 async def test_more_bytes_than_announced_are_cut_and_the_connection_dropped() -> None:
     server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello-and-more"])
-    async with serving(server) as url, client() as objects:
-        assert await fetch(objects, url) == (200, b"hello")
-        assert await fetch(objects, url) == (200, b"hello")
+    async with serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"hello")
+        assert await fetch(http, url) == (200, b"hello")
     assert server.connections == 2
 
 
@@ -158,15 +151,24 @@ async def test_error_pages_are_read_up_to_a_limit() -> None:
     page = b"<Error><Code>AccessDenied</Code>" + b"x" * 5000 + b"</Error>"
     head = b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(page)
     server = Server(lambda _: [head + page])
-    async with serving(server) as url, client() as objects, objects.get(url, {}) as response:
+    async with serving(server) as url, client() as http, http.request(url, {}) as response:
         assert response.status == 403
         assert await response.read(40) == page[:40]
 
 
+async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent() -> None:
+    server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
+    async with serving(server) as url, client() as http:
+        with pytest.raises(UsageError, match="Authorization header would contain a line break"):
+            async with http.request(url, {"Authorization": "Bearer key\r\nX-Injected: 1"}):
+                pass
+    assert server.requests == []
+
+
 async def test_a_refused_connection_is_transient() -> None:
-    async with client() as objects:
+    async with client() as http:
         with pytest.raises(TransientError):
-            await fetch(objects, "http://127.0.0.1:9/x?sig=1")
+            await fetch(http, "http://127.0.0.1:9/x?sig=1")
 
 
 class FileTarget:
@@ -192,10 +194,10 @@ async def test_a_large_plain_http_body_is_spliced_into_the_file_exactly(tmp_path
     head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
     server = Server(lambda _: [head + BIG[:1000], BIG[1000:]])
     target = FileTarget(tmp_path / "part")
-    async with serving(server) as url, client() as objects:
-        async with objects.get(url, {}) as response:
+    async with serving(server) as url, client() as http:
+        async with http.request(url, {}) as response:
             await response.stream_to(target.take, target)
-        assert await fetch(objects, url) == (206, BIG)  # the connection is reused afterwards
+        assert await fetch(http, url) == (206, BIG)  # the connection is reused afterwards
     os.close(target.fd)
     assert (tmp_path / "part").read_bytes() == BIG
     assert target.spliced > len(BIG) // 2
@@ -206,9 +208,9 @@ async def test_a_splice_cut_short_keeps_what_landed_and_fails(tmp_path: Path) ->
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BIG)
     server = Server(lambda _: [head + BIG[: 5 << 20]], close_after_each=True)
     target = FileTarget(tmp_path / "part")
-    async with serving(server) as url, client() as objects:
+    async with serving(server) as url, client() as http:
         with pytest.raises(TransientError):
-            async with objects.get(url, {}) as response:
+            async with http.request(url, {}) as response:
                 await response.stream_to(target.take, target)
     os.close(target.fd)
     assert target.offset == 5 << 20
@@ -242,8 +244,8 @@ async def test_urls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch
         lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nproxy"]
     )
     try:
-        async with serving(server) as url, client() as objects:
-            assert await fetch(objects, url) == (200, b"proxy")
+        async with serving(server) as url, client() as http:
+            assert await fetch(http, url) == (200, b"proxy")
     finally:
         proxy.close()
         proxy_for_host.cache_clear()

@@ -11,13 +11,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Protocol
 
-import aiohttp
-
 from ..api import ApiClient
 from ..config import Settings
 from ..errors import AuthError
-from ..net import NetSettings, open_session
+from ..net import NetSettings
 from ..retry import RetryPolicy
+from ..wire import HttpClient
 
 
 class SyncState(StrEnum):
@@ -103,7 +102,7 @@ class Source(Protocol):
 class SourceContext:
     """What a source needs to talk to its provider."""
 
-    session: aiohttp.ClientSession
+    http: HttpClient
     settings: Settings
     retry: RetryPolicy
 
@@ -135,7 +134,7 @@ class SourceContext:
         if not key:
             raise AuthError(f"no API key: set {key_env} (or api_key in the config file)")
         return ApiClient(
-            self.session, url, api_key=key, auth_scheme=scheme, key_hint=key_env, retry=self.retry
+            self.http, url, api_key=key, auth_scheme=scheme, key_hint=key_env, retry=self.retry
         )
 
 
@@ -149,9 +148,9 @@ class SourceRecipe:
     retry: RetryPolicy
 
     @asynccontextmanager
-    async def open(self) -> AsyncIterator[tuple[aiohttp.ClientSession, Source]]:
-        async with open_session(self.net) as session:
-            yield session, self.build(SourceContext(session, self.settings, self.retry))
+    async def open(self) -> AsyncIterator[tuple[HttpClient, Source]]:
+        async with HttpClient(self.net) as http:
+            yield http, self.build(SourceContext(http, self.settings, self.retry))
 
 
 class SourceSpec(Protocol):

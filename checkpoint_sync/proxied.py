@@ -1,0 +1,86 @@
+"""Requests through an HTTP(S) proxy, on aiohttp: the rare path, kept out of `wire.py`.
+
+Imported only when ``HTTP(S)_PROXY`` names a proxy for a URL being fetched, so that a run without
+one never pays for importing aiohttp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+
+import aiohttp
+
+from .errors import TransientError
+from .net import USER_AGENT, NetSettings, converting_errors, proxy_for, ssl_context
+from .redact import redact_url
+from .wire import Body, FileTarget, Response, Sink
+
+
+class ProxiedClient:
+    """One aiohttp session for every proxied request of a run, opened on first use."""
+
+    def __init__(self, net: NetSettings) -> None:
+        self._net = net
+        self._session: aiohttp.ClientSession | None = None
+
+    @asynccontextmanager
+    async def request(
+        self, url: str, headers: Mapping[str, str], method: str, body: bytes, what: str
+    ) -> AsyncIterator[Response]:
+        with converting_errors(url, what), _converting_aiohttp_errors(url, what):
+            async with self._open().request(
+                method,
+                url,
+                headers=headers,
+                data=body or None,
+                proxy=proxy_for(url),
+                allow_redirects=False,  # as on the direct path
+            ) as response:
+                lowered = {name.lower(): value for name, value in response.headers.items()}
+                yield Response(response.status, lowered, _AiohttpBody(response))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            net = self._net
+            self._session = aiohttp.ClientSession(
+                # The API host takes a few extra connections beside the file transfers.
+                connector=aiohttp.TCPConnector(limit=net.connections + 4, ssl=ssl_context(net)),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=net.connect_timeout, sock_read=net.read_timeout
+                ),
+                # Bytes must land exactly as stored: never let a Content-Encoding rewrite them.
+                auto_decompress=False,
+                headers={"User-Agent": USER_AGENT},
+                # Proxies come from `proxy_for`: trust_env looks them up in a thread per request.
+                trust_env=False,
+            )
+        return self._session
+
+
+class _AiohttpBody(Body):
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def stream_to(self, sink: Sink, file: FileTarget | None) -> None:
+        while chunk := (await self._response.content.readchunk())[0]:
+            sink(memoryview(chunk))
+
+    async def read(self, limit: int) -> bytes:
+        return await self._response.content.read(limit)
+
+
+@contextmanager
+def _converting_aiohttp_errors(url: str, what: str) -> Iterator[None]:
+    try:
+        yield
+    except aiohttp.ClientConnectorCertificateError as exc:
+        raise exc.certificate_error from exc  # `converting_errors` explains distrust
+    except aiohttp.ClientPayloadError as exc:
+        raise TransientError(f"{what}: connection closed mid-body ({redact_url(url)})") from exc
+    except aiohttp.ClientError as exc:
+        raise TransientError(f"{what}: {type(exc).__name__} talking to {redact_url(url)}") from exc
