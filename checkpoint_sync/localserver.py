@@ -151,8 +151,8 @@ class Faults:
     # Seconds every API request waits before it is answered (a slow listing).
     api_delay: float = 0.0
     # Answers for the next API requests, one each, instead of the real one: an HTTP status
-    # ("301", "401", "404", "422", "429", "500"...), a broken body ("not-json", "truncated"), or None
-    # for the real answer.
+    # ("308", "401", "404", "422", "429", "500"...), a broken body ("not-json", "truncated"),
+    # or None for the real answer.
     api_faults: list[str | None] = field(default_factory=list)
     # File listings that never end: "stuck" hands back the page_token it was given, "repeat"
     # hands out ever larger tokens and repeats the last page once the files run out.
