@@ -187,7 +187,7 @@ def _plan(
         stats.fail(relative, "listed more than once; only its first entry is mirrored")
         return None
     recorded = manifest.recorded(relative)
-    if is_current(file, recorded, _local_size(f"{options.dest}/{relative}")):
+    if is_current(file, recorded, local_size(f"{options.dest}/{relative}")):
         stats.files_skipped += 1
         stats.bytes_skipped += file.size
         return relative, "skip", recorded
@@ -220,7 +220,7 @@ async def _commit_periodically(manifest: Manifest) -> None:
         manifest.commit()
 
 
-def _local_size(path: str) -> int | None:
+def local_size(path: str) -> int | None:
     """Size of a regular file at ``path``; None for a missing file, a symlink or a directory."""
     try:
         info = os.lstat(path)

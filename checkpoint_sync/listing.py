@@ -1,8 +1,8 @@
 """What `list` shows: each checkpoint's size and status, and how much of it the mirror holds.
 
 The local state compares the checkpoint's remote file listing with the manifest's records, read
-without a lock and without writing anything. It does not look at the files themselves: `sync`
-checks those (and restores any that went missing) on its next run.
+without a lock and without writing anything. A record counts only while its file is on disk with
+the recorded size (one `lstat` each); contents are not read.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .engine import manifest_path
+from .engine import local_size, manifest_path
 from .manifest import Manifest
 from .plan import Recorded
 from .progress import human_bytes
@@ -74,7 +74,9 @@ async def survey(
             recorded = {
                 v.path: Recorded(v.size, v.last_modified)
                 for v in manifest.files_in(c.run, c.name)
-                if not node_ranks or v.node_rank in node_ranks
+                if (not node_ranks or v.node_rank in node_ranks)
+                # A file deleted or cut short since is missing, as `sync` would find it.
+                and local_size(f"{dest}/{v.path}") == v.size
             }
             staging = manifest.has_staging_in(f"{c.run}/{c.name}/")
             size = c.size_bytes if c.size_bytes is not None else sum(f.size for f in files.values())

@@ -118,6 +118,29 @@ def test_a_job_lists_each_checkpoint_with_its_local_state(dest: Path) -> None:
     assert [line.split()[-1] for line in lines] == ["mirrored", "partial", "absent"]
 
 
+def test_a_file_deleted_or_truncated_on_disk_makes_its_checkpoint_partial(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        assert (
+            sync_job(server, dest, "--checkpoint", "checkpoint-10", "--checkpoint", "checkpoint-20")
+            == 0
+        )
+        checkpoint_10, checkpoint_20 = (
+            dest / "job-1" / name for name in ("checkpoint-10", "checkpoint-20")
+        )
+        next(p for p in checkpoint_10.rglob("*") if p.is_file()).unlink()
+        with next(p for p in checkpoint_20.rglob("*") if p.is_file()).open("r+b") as cut:
+            cut.truncate(1)
+
+        result = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert states(result.stdout) == {
+        "checkpoint-10": "partial",
+        "checkpoint-20": "partial",
+        "checkpoint-30": "absent",
+    }
+
+
 def test_a_remote_change_shows_and_list_writes_nothing(dest: Path) -> None:
     with ServerThread(job_catalog()) as server:
         assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 0
