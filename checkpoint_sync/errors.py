@@ -93,7 +93,7 @@ class UnsafePathError(FileError):
 
 
 class IntegrityError(FileError):
-    """Received bytes do not match the listed size or the requested range."""
+    """Received bytes do not match the listed size, the requested range or the listed MD5."""
 
 
 class UrlExpiredError(FileError):

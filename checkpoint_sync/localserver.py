@@ -138,6 +138,8 @@ class Faults:
     url_ttl: float | None = None
     # Names that always answer 403 (a permission problem, not an expiry).
     denied: set[str] = field(default_factory=set)
+    # Names whose bytes arrive damaged: the first byte of every response body is flipped.
+    corrupt: set[str] = field(default_factory=set)
     # Per-response send rate in bytes/s (None: as fast as possible).
     throttle: float | None = None
     # Answer 206 with a Content-Range shifted by this many bytes.
@@ -666,6 +668,8 @@ class LocalServer:
         position = start
         while position < cut:
             chunk = content(file.seed, position, min(SEND_CHUNK, cut - position))
+            if position == start and file.name in self.faults.corrupt:
+                chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
             await response.write(chunk)
             self.traffic.object_bytes_sent += len(chunk)
             position += len(chunk)

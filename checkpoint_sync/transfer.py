@@ -4,13 +4,16 @@ A file is fetched into a preallocated staging file under ``DEST/.checkpoint-sync
 filesystem, so the final rename is atomic). Large files are cut into parts fetched concurrently
 with ``Range`` requests; each finished part is recorded in the manifest so an interrupted run
 resumes with only the missing ones. The file reaches its final path only after its length was
-checked and its xxh3-128 digest computed: over the bytes as they were written for a file that
-came as one stream, else by reading the assembled file back from disk.
+checked and its xxh3-128 digest computed (with the MD5 the listing gives, if it gives one: W&B):
+over the bytes as they were written for a file that came as one stream, else by reading the
+assembled file back from disk.
 """
 
 from __future__ import annotations
 
+import base64
 import errno
+import hashlib
 import mmap
 import os
 import re
@@ -134,11 +137,17 @@ class Transfers:
             if multipart and not keep:
                 self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
             todo = [p for p in parts if p.index not in keep]
-            digest = await self._fetch_parts(fd, file, key, todo)
-            if digest is not None:
+            digests = await self._fetch_parts(fd, file, key, todo)
+            if digests is not None:
                 _check_length(fd, file.size)
             else:
-                digest = await anyio.to_thread.run_sync(_digest, fd, file.size)
+                digests = await anyio.to_thread.run_sync(_read_back, fd, file)
+            try:
+                digest = digests.verified(file)
+            except IntegrityError:
+                # Some part is wrong and nothing tells which: the next attempt starts over.
+                self._manifest.drop_staging(key)
+                raise
             if self._settings.fsync:
                 _os_call(staging, lambda: os.fsync(fd))
         finally:
@@ -205,8 +214,8 @@ class Transfers:
 
     async def _fetch_parts(
         self, fd: int, file: RemoteFile, key: str, parts: list[Part]
-    ) -> str | None:
-        """Fetch ``parts``; the file's digest if it came as one stream, hashed on the way."""
+    ) -> _Digests | None:
+        """Fetch ``parts``; the file's digests if it came as one stream, hashed on the way."""
         if not parts or file.size == 0:
             return None
         url = _CurrentUrl(file.url)
@@ -222,8 +231,8 @@ class Transfers:
 
     async def _fetch_concurrently(
         self, fd: int, file: RemoteFile, key: str, parts: list[Part], url: _CurrentUrl
-    ) -> str | None:
-        """The parts side by side; the digest if the server sent the whole file instead."""
+    ) -> _Digests | None:
+        """The parts side by side; the digests if the server sent the whole file instead."""
         first = _PartState.of(parts[0], file)
         try:
             async with anyio.create_task_group() as tg:
@@ -231,12 +240,12 @@ class Transfers:
                 first_answered = anyio.Event()
                 tg.start_soon(self._fetch_part, fd, file, key, parts[0], url, first_answered, first)
                 await first_answered.wait()
-                if first.hasher is None:
+                if first.digests is None:
                     for part in parts[1:]:
                         tg.start_soon(self._fetch_part, fd, file, key, part, url)
         except ExceptionGroup as group:
             raise most_severe(group) from None
-        return first.hasher.hexdigest() if first.hasher is not None else None
+        return first.digests
 
     async def _fetch_part(
         self,
@@ -247,8 +256,8 @@ class Transfers:
         url: _CurrentUrl,
         answered: anyio.Event | None = None,
         state: _PartState | None = None,
-    ) -> str | None:
-        """Fetch one part, retrying; the digest when the part is (or became) the whole file."""
+    ) -> _Digests | None:
+        """Fetch one part, retrying; the digests when the part is (or became) the whole file."""
         state = state or _PartState.of(part, file)
 
         async def attempt() -> None:
@@ -280,8 +289,8 @@ class Transfers:
                 finally:
                     if answered is not None:
                         answered.set()
-        if state.hasher is not None:
-            return state.hasher.hexdigest()
+        if state.digests is not None:
+            return state.digests
         self._manifest.part_done(key, part.index)
         return None
 
@@ -305,7 +314,7 @@ class Transfers:
                 if part.start != 0:
                     raise _RangeIgnored(f"{redact_url(url)} ignores Range requests")
                 # The whole body, whatever was asked: take it as the file, from byte 0.
-                state.take_whole(file.size)
+                state.take_whole(file)
             elif resp.status == 206:
                 _check_content_range(resp.headers.get("content-range"), state, file.size)
             else:
@@ -313,7 +322,7 @@ class Transfers:
             started_at = state.offset
             writer = _PartWriter(fd, state, self._stats, self._dest)
             # A part hashed on the way cannot skip Python; the others may be spliced.
-            await resp.stream_to(writer.take, writer if state.hasher is None else None)
+            await resp.stream_to(writer.take, writer if state.digests is None else None)
         if self._settings.fsync:
             await anyio.to_thread.run_sync(os.fdatasync, fd)
         if state.offset != state.end:
@@ -356,8 +365,8 @@ class _PartWriter:
             raise _local_error(exc, self._dest, size) from exc
         if written != size:
             raise LocalIOError(f"short write under {self._dest}: disk full?")
-        if state.hasher is not None:
-            state.hasher.update(piece)
+        if state.digests is not None:
+            state.digests.update(piece)
         state.offset += size
 
 
@@ -366,18 +375,41 @@ class _PartState:
     offset: int  # next byte to request and write; survives retries of the part
     end: int
     # Digest of bytes [0, offset) when the part is the whole file: hashed as written, in order.
-    hasher: xxhash.xxh3_128 | None
+    digests: _Digests | None
     relisted: bool = False  # this part asked for a fresh URL
     url_worked: bool = False  # a request since then was answered with something else than 403
 
     @classmethod
     def of(cls, part: Part, file: RemoteFile) -> _PartState:
         whole = part.length == file.size
-        return cls(part.start, part.end, xxhash.xxh3_128() if whole else None)
+        return cls(part.start, part.end, _Digests(file) if whole else None)
 
-    def take_whole(self, size: int) -> None:
+    def take_whole(self, file: RemoteFile) -> None:
         """Receive the whole file from byte 0 on: a server that ignores Range sent it."""
-        self.offset, self.end, self.hasher = 0, size, xxhash.xxh3_128()
+        self.offset, self.end, self.digests = 0, file.size, _Digests(file)
+
+
+class _Digests:
+    """A file's xxh3-128, and its MD5 when the listing gives one to check the bytes against."""
+
+    def __init__(self, file: RemoteFile) -> None:
+        self._xxh3 = xxhash.xxh3_128()
+        self._md5 = hashlib.md5(usedforsecurity=False) if file.md5 is not None else None
+
+    def update(self, data: memoryview) -> None:
+        self._xxh3.update(data)
+        if self._md5 is not None:
+            self._md5.update(data)
+
+    def verified(self, file: RemoteFile) -> str:
+        """The xxh3 digest to record; `IntegrityError` if the bytes are not what was listed."""
+        if self._md5 is not None:
+            got = base64.b64encode(self._md5.digest()).decode()
+            if got != file.md5:
+                raise IntegrityError(
+                    f"MD5 of the bytes received is {got}, the listing says {file.md5}"
+                )
+        return self._xxh3.hexdigest()
 
 
 def _check_content_range(header: str | None, state: _PartState, size: int) -> None:
@@ -433,21 +465,22 @@ def _check_length(fd: int, size: int) -> None:
         raise IntegrityError(f"staged file is {actual} bytes, expected {size}")
 
 
-def _digest(fd: int, size: int) -> str:
-    """xxh3-128 of the file as it is on disk, and a last check of its length.
+def _read_back(fd: int, file: RemoteFile) -> _Digests:
+    """Digests of the file as it is on disk, and a last check of its length.
 
     Read through mappings of the page cache, a window at a time: no copy into a buffer of ours
     (measured: that copy cost more CPU than the hash), and no more than a window mapped at once.
     """
+    size = file.size
     _check_length(fd, size)
-    hasher = xxhash.xxh3_128()
+    digests = _Digests(file)
     for start in range(0, size, HASH_WINDOW):
         length = min(HASH_WINDOW, size - start)
         with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=start) as window:
             window.madvise(mmap.MADV_SEQUENTIAL)
             with memoryview(window) as view:
-                hasher.update(view)
-    return hasher.hexdigest()
+                digests.update(view)
+    return digests
 
 
 def _fsync_directory(path: str) -> None:

@@ -289,6 +289,33 @@ def test_expired_artifact_urls_are_refreshed(dest: Path, monkeypatch: pytest.Mon
         server.__exit__(None, None, None)
 
 
+@pytest.mark.parametrize("part_size", ["1MiB", "64KiB"], ids=["one stream", "in parts"])
+def test_bytes_that_do_not_match_the_listed_md5_never_reach_the_mirror(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, part_size: str
+) -> None:
+    server = serve(wandb_catalog(files=2, size=200_000), monkeypatch)
+    try:
+        damaged, intact = checkpoints_of(server)[50].files
+        server.faults.corrupt = {damaged.name}
+        args = synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--part-size", part_size)
+
+        result = run_cli(*args, "--json")
+
+        assert result.code == 1
+        (failure,) = json.loads(result.stdout)["failures"]
+        assert "MD5 of the bytes received is" in failure["error"]
+        assert not landed(dest, 50, damaged).exists()
+        assert_exact(landed(dest, 50, intact), intact)
+
+        server.faults.corrupt = set()
+        again = run_cli(*args, "--json")
+        assert again.code == 0, again.stderr
+        assert json.loads(again.stdout)["files"]["fetched"] == 1
+        assert_exact(landed(dest, 50, damaged), damaged)
+    finally:
+        server.__exit__(None, None, None)
+
+
 def test_fetching_without_the_artifact_path_says_what_to_pass(
     server: ServerThread, dest: Path
 ) -> None:

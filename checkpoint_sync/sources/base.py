@@ -72,6 +72,8 @@ class RemoteFile:
     last_modified: str
     url: str
     origin: PageRef
+    # The content's MD5 as the provider lists it (base64; W&B), checked once the file is fetched.
+    md5: str | None = None
 
 
 class Source(Protocol):

@@ -117,6 +117,7 @@ class WandbSource:
                         last_modified=f"md5:{f.md5}",
                         url=f.direct_url,
                         origin=ref,
+                        md5=f.md5,
                     )
                     for f in files
                 ]
