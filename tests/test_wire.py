@@ -1,4 +1,4 @@
-"""The lean object client against raw TCP servers that answer exactly as scripted."""
+"""The lean HTTP client against raw TCP servers that answer exactly as scripted."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_sync.api import ApiClient
 from checkpoint_sync.errors import TransientError, UsageError
+from checkpoint_sync.models import TrainingJobCheckpoints
 from checkpoint_sync.net import NetSettings, proxy_for_host
+from checkpoint_sync.retry import RetryPolicy
 from checkpoint_sync.wire import HttpClient
 
 pytestmark = pytest.mark.anyio
@@ -217,11 +220,13 @@ async def test_a_splice_cut_short_keeps_what_landed_and_fails(tmp_path: Path) ->
     assert (tmp_path / "part").read_bytes() == BIG[: 5 << 20]
 
 
-async def test_urls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
+@asynccontextmanager
+async def proxy_in_env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[bytes]]:
+    """A minimal HTTP proxy named by HTTP_PROXY; yields the request heads it forwarded."""
     seen: list[bytes] = []
 
     async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A minimal HTTP proxy: absolute-form request in, origin-form request out.
+        # Absolute-form request in, origin-form request out, one answer back.
         head = await reader.readuntil(b"\r\n\r\n")
         seen.append(head)
         method, target, rest = head.split(b" ", 2)
@@ -235,19 +240,47 @@ async def test_urls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch
         upstream_writer.close()
 
     proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
-    proxy_url = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
-    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     proxy_for_host.cache_clear()
-    server = Server(
-        lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nproxy"]
-    )
     try:
-        async with serving(server) as url, client() as http:
-            assert await fetch(http, url) == (200, b"proxy")
+        yield seen
     finally:
         proxy.close()
         proxy_for_host.cache_clear()
+
+
+async def test_urls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = Server(
+        lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nproxy"]
+    )
+    async with proxy_in_env(monkeypatch) as seen, serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"proxy")
     assert seen
     assert seen[0].startswith(b"GET http://127.0.0.1:")
+
+
+async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    answer = b'{"training_job": {"id": "job-1"}, "checkpoints": []}'
+    server = Server(
+        lambda _: [
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(answer), answer)
+        ]
+    )
+    async with proxy_in_env(monkeypatch) as seen, serving(server) as url, client() as http:
+        api = ApiClient(
+            http,
+            url.partition("/bucket")[0],
+            api_key="secret-key",
+            auth_scheme="Api-Key",
+            key_hint="BASETEN_API_KEY",
+            retry=RetryPolicy(attempts=1),
+        )
+        got = await api.get("/v1/jobs", TrainingJobCheckpoints, what="job", params={"a": "b c"})
+    assert got.training_job.id == "job-1"
+    (head,) = seen
+    assert head.startswith(b"GET http://127.0.0.1:")
+    assert b"/v1/jobs?a=b%20c HTTP/1.1" in head
+    assert b"Authorization: Api-Key secret-key" in head
