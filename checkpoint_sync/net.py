@@ -7,14 +7,13 @@ Every request (`wire.py`, `proxied.py`) runs inside `converting_errors`, so no c
 from __future__ import annotations
 
 import functools
+import os
 import re
 import ssl
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -54,6 +53,11 @@ def ssl_context(settings: NetSettings) -> ssl.SSLContext:
 
 @functools.cache
 def proxy_for_host(scheme: str, host: str) -> str | None:
+    # Most runs name no proxy at all, and then need not load urllib.request (and http.client).
+    if not any(name.lower().endswith("_proxy") for name in os.environ):
+        return None
+    import urllib.request
+
     if urllib.request.proxy_bypass(host):  # NO_PROXY
         return None
     return urllib.request.getproxies().get(scheme)
@@ -99,6 +103,8 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         pass
+    from email.utils import parsedate_to_datetime  # rare: most servers send seconds
+
     try:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):
