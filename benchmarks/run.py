@@ -25,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ GiB = 1 << 30
 CHECKPOINT_ID = "checkpoint-1"
 SHM_ROOT = Path("/dev/shm/cs-bench")
 TMP_ROOT = Path("/tmp/cs-bench")
+VENV = TMP_ROOT / "venv"  # checkpoint-sync as a user installs it (see install_checkout)
 APT_PACKAGES = {
     "nginx": "nginx-light",
     "aria2c": "aria2",
@@ -727,25 +727,19 @@ class HfTransfer:
         )
 
 
-def _entry_point_argv() -> list[str] | None:
-    """`python -c` running the checkpoint-sync console-script entry point from pyproject.toml."""
-    pyproject = REPO / "pyproject.toml"
-    if not pyproject.is_file():
-        return None
-    project = tomllib.loads(pyproject.read_text()).get("project", {})
-    target = project.get("scripts", {}).get("checkpoint-sync")
-    if not isinstance(target, str) or ":" not in target:
-        return None
-    module, func = target.split(":", 1)
-    deps = [d for d in project.get("dependencies", []) if isinstance(d, str)]
-    if deps:
-        with contextlib.suppress(BenchError):
-            pip_install(deps)
-    code = (
-        f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-        f"from {module} import {func} as m; sys.exit(m())"
-    )
-    return [sys.executable, "-c", code]
+def install_checkout(venv: Path) -> Path:
+    """checkpoint-sync from this checkout, installed as the README's quick start does it
+    (``pip install .`` into a venv): byte-compiled, with its own dependencies. Run from the
+    source tree instead, every run would compile the package again wherever
+    PYTHONDONTWRITEBYTECODE is set, which no user install does."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        capture([sys.executable, "-m", "venv", str(venv)], timeout=300)
+    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    capture([*pip, str(REPO)], timeout=900)
+    # The version number does not change with the code: reinstall so the venv runs this checkout.
+    capture([*pip, "--force-reinstall", "--no-deps", str(REPO)], timeout=900)
+    return venv / "bin" / "checkpoint-sync"
 
 
 class CheckpointSync:
@@ -757,15 +751,21 @@ class CheckpointSync:
         self.argv: list[str] = shlex.split(command) if command else []
         self.error: str | None = None
 
-    def resolve(self) -> None:
-        """Find the CLI (console script, or the pyproject entry point) and probe it."""
+    def resolve(self, install: bool) -> None:
+        """Install checkpoint-sync into the benchmark's venv (unless told not to) and probe it."""
         if not self.argv:
-            script = Path(sys.executable).with_name("checkpoint-sync")
-            found = str(script) if script.exists() else shutil.which("checkpoint-sync")
-            self.argv = [found] if found else _entry_point_argv() or []
-        if not self.argv:
-            self.error = "checkpoint-sync command not found (no console script, no pyproject entry)"
-            return
+            script = VENV / "bin" / "checkpoint-sync"
+            if install:
+                print(f"installing checkpoint-sync from {REPO} into {VENV}", flush=True)
+                try:
+                    script = install_checkout(VENV)
+                except BenchError as exc:
+                    self.error = f"installing checkpoint-sync failed: {exc}"
+                    return
+            if not script.exists():
+                self.error = f"no {script} (run without --no-install, or pass --cs-command)"
+                return
+            self.argv = [str(script)]
         try:
             capture([*self.argv, "sync", "--help"], timeout=60, cwd=REPO)
             capture([sys.executable, "-c", "import checkpoint_sync.localserver"], cwd=REPO)
@@ -783,10 +783,10 @@ class CheckpointSync:
         )
 
     def version(self) -> str:
-        code = "import importlib.metadata as m; print(m.version('checkpoint-sync'))"
-        with contextlib.suppress(BenchError):
-            return capture([sys.executable, "-c", code]).strip()
-        return f"source tree {REPO}"
+        if self.argv:
+            with contextlib.suppress(BenchError):
+                return capture([*self.argv, "--version"]).strip()
+        return f"not run ({self.error})"
 
     def command(self, job: Job, dest: Path) -> Command:
         return Command(
@@ -1287,7 +1287,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cs-command",
         default="",
-        help="checkpoint-sync command (default: console script or pyproject entry)",
+        help=f"checkpoint-sync command (default: this checkout, pip-installed into {VENV})",
     )
     parser.add_argument("--cs-args", default="", help="extra args for `checkpoint-sync sync`")
     parser.add_argument("--no-install", action="store_true", help="do not apt-get/pip install")
@@ -1385,7 +1385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cs = CheckpointSync(args.cs_command, args.cs_args)
     tools = select_tools(args.tools, cs)
     if cs in tools:
-        cs.resolve()
+        cs.resolve(install=not args.no_install)
     data_root = args.data_dir or pick_data_dir(profiles, args.quick)
     for profile in profiles:
         t0 = time.monotonic()
