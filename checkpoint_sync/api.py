@@ -18,6 +18,7 @@ from .errors import (
     TransientError,
     UsageError,
 )
+from .models import describe
 from .net import retry_after_seconds, transient_status
 from .redact import redact_url
 from .retry import RetryPolicy, retrying
@@ -125,10 +126,8 @@ def _parse(body: bytes, model: type[M], what: str) -> M:
             raise MalformedResponseError(
                 f"{what}: the API answered with something not JSON"
             ) from exc
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
         raise MalformedResponseError(
-            f"{what}: unexpected API answer ({where}: {first['msg']})"
+            f"{what}: unexpected API answer ({describe(exc, 'body')})"
         ) from exc
 
 

@@ -21,7 +21,7 @@ from .net import NetSettings
 from .plan import Selection
 from .progress import Stats
 from .retry import RetryPolicy
-from .sources.base import Checkpoint, RemoteFile, Source
+from .sources.base import Checkpoint, Listed, RemoteFile, Source, UnreadableEntry
 from .transfer import TransferSettings
 from .wire import HttpClient
 
@@ -84,11 +84,14 @@ class _Budgeted:
     async def checkpoints(self) -> list[Checkpoint]:
         return await self._source.checkpoints()
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         taken = 0
         async for page in self._source.file_pages(selected):
-            kept: list[RemoteFile] = []
+            kept: list[Listed] = []
             for file in page:
+                if isinstance(file, UnreadableEntry):
+                    kept.append(file)  # no bytes: it fails as a file in the trial
+                    continue
                 if taken and taken + file.size > self._budget:
                     yield kept
                     return

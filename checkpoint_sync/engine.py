@@ -24,7 +24,7 @@ from .manifest import Manifest
 from .net import NetSettings
 from .plan import Recorded, Selection, check_listed_size, check_listed_url, is_current
 from .progress import Stats
-from .sources.base import RemoteFile, Source
+from .sources.base import RemoteFile, Source, UnreadableEntry
 from .transfer import Transfers, TransferSettings
 from .wire import HttpClient
 
@@ -151,6 +151,11 @@ async def _produce(
     try:
         async for page in source.file_pages(selection.checkpoints):
             for file in page:
+                stats.files_listed += 1
+                if isinstance(file, UnreadableEntry):
+                    if file.node_rank is None or _wanted_rank(file.node_rank, options):
+                        stats.fail(file.where, f"its listing entry is unreadable ({file.reason})")
+                    continue
                 planned = _plan(file, options, manifest, stats)
                 if planned is None:
                     continue
@@ -170,8 +175,7 @@ def _plan(
 ) -> tuple[str, Literal["fetch", "skip"], Recorded | None] | None:
     """Where ``file`` goes, whether it must be fetched, and what the manifest has there; None
     if it is not to be mirrored."""
-    stats.files_listed += 1
-    if options.node_ranks and file.node_rank not in options.node_ranks:
+    if not _wanted_rank(file.node_rank, options):
         return None
     try:
         relative = mirror_path(file)
@@ -199,6 +203,10 @@ def _plan(
     stats.files_to_fetch += 1
     stats.bytes_to_fetch += file.size
     return relative, "fetch", recorded
+
+
+def _wanted_rank(rank: int, options: SyncOptions) -> bool:
+    return not options.node_ranks or rank in options.node_ranks
 
 
 async def _work(

@@ -19,7 +19,10 @@ from .engine import local_size, manifest_path
 from .manifest import Manifest
 from .plan import Recorded
 from .progress import human_bytes
-from .sources.base import Checkpoint, Source
+from .sources.base import Checkpoint, Source, UnreadableEntry
+
+# Stands for an unreadable listing entry: no manifest record ever matches it.
+_UNREADABLE = Recorded(0, "")
 
 
 class LocalState(StrEnum):
@@ -61,7 +64,13 @@ async def survey(
     listed: dict[tuple[str, str], dict[str, Recorded]] = defaultdict(dict)
     async for page in source.file_pages(checkpoints):
         for file in page:
-            if not node_ranks or file.node_rank in node_ranks:
+            rank = file.node_rank
+            if node_ranks and rank is not None and rank not in node_ranks:
+                continue
+            if isinstance(file, UnreadableEntry):
+                if file.checkpoint is not None:  # a file that cannot be mirrored is missing
+                    listed[file.run, file.checkpoint][file.where] = _UNREADABLE
+            else:
                 # The path `layout.mirror_path` gives a safe entry; an unsafe one matches nothing
                 # in the manifest, so it counts as missing.
                 path = f"{file.run}/{file.checkpoint}/{file.node_rank}/{file.path}"

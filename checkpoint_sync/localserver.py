@@ -140,6 +140,8 @@ class Faults:
     denied: set[str] = field(default_factory=set)
     # Names whose bytes arrive damaged: the first byte of every response body is flipped.
     corrupt: set[str] = field(default_factory=set)
+    # Names listed with a size that is not a number (an entry off the API's schema).
+    unreadable: set[str] = field(default_factory=set)
     # Per-response send rate in bytes/s (None: as fast as possible).
     throttle: float | None = None
     # Answer 206 with a Content-Range shifted by this many bytes.
@@ -420,6 +422,9 @@ class LocalServer:
         entries = [f for c in job.checkpoints for f in c.files]
         return self.file_page(request, entries)
 
+    def _listed_size(self, file: ServedFile) -> int | str:
+        return "unknown" if file.name in self.faults.unreadable else file.size
+
     def file_page(self, request: web.Request, entries: list[ServedFile]) -> web.StreamResponse:
         """One page of a Baseten file listing, with freshly signed URLs."""
         try:
@@ -443,7 +448,7 @@ class LocalServer:
                         "url": self.presign(f),
                         "relative_file_name": f.name,
                         "node_rank": f.node_rank,
-                        "size_bytes": f.size,
+                        "size_bytes": self._listed_size(f),
                         "last_modified": f.last_modified,
                     }
                     for f in page
@@ -582,7 +587,7 @@ class LocalServer:
                     "node": {
                         "name": f.name,
                         "directUrl": self.presign(f),
-                        "sizeBytes": f.size,
+                        "sizeBytes": self._listed_size(f),
                         "md5": _md5(f),
                     }
                 }

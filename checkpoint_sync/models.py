@@ -1,20 +1,74 @@
 """Pydantic models of the providers' API answers, as documented in ``shared/api``.
 
 Fields the engine relies on are required; the rest are optional so that a provider adding or
-dropping a descriptive field does not stop a mirror. Unknown fields are ignored.
+dropping a descriptive field does not stop a mirror. Unknown fields are ignored. An entry of a
+file listing that does not match its model is kept as `Unreadable` rather than failing its page:
+that one file fails, and the rest of the listing is mirrored.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+)
+from pydantic_core import CoreSchema, core_schema
+
+T = TypeVar("T")
 
 
 class ApiModel(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+def describe(error: ValidationError, whole: str) -> str:
+    """The first problem of a validation error, as ``where: what``; ``whole`` names the root."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or whole
+    return f"{where}: {first['msg']}"
+
+
+class Unreadable:
+    """A list entry that does not match its model, and why."""
+
+    def __init__(self, entry: object, reason: str) -> None:
+        self.entry = entry
+        self.reason = reason
+
+    def get(self, key: str, kind: type[T]) -> T | None:
+        """A field of the entry, to name it by in a report; None if it has none of that type."""
+        value = self.entry.get(key) if isinstance(self.entry, dict) else None
+        return value if isinstance(value, kind) else None
+
+
+class _OrUnreadable:
+    """Marks ``Model | Unreadable``: an entry the model refuses becomes `Unreadable`."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        (model,) = (arg for arg in get_args(source) if arg is not Unreadable)
+        return core_schema.no_info_wrap_validator_function(
+            _keep_unreadable, handler.generate_schema(model)
+        )
+
+
+def _keep_unreadable(entry: Any, validate: ValidatorFunctionWrapHandler) -> Any:
+    try:
+        return validate(entry)
+    except ValidationError as exc:
+        return Unreadable(entry, describe(exc, "entry"))
+
+
+OR_UNREADABLE = _OrUnreadable()
 
 
 # --- Baseten: files (shared by training jobs and Loops) ------------------------------------------
@@ -31,7 +85,7 @@ class CheckpointFile(ApiModel):
 class CheckpointFilesPage(ApiModel):
     """`GetTrainingJobCheckpointFilesResponseV1` and `LoopsCheckpointFilesResponseV1`."""
 
-    presigned_urls: list[CheckpointFile]
+    presigned_urls: list[Annotated[CheckpointFile | Unreadable, OR_UNREADABLE]]
     next_page_token: int | None = None
     total_count: int
 

@@ -13,7 +13,7 @@ import pytest
 from checkpoint_sync.localserver import ServedFile
 from checkpoint_sync.net import url_problem
 
-from .conftest import JOB, sync_args
+from .conftest import JOB, job_args, sync_args
 from .support import ServerThread, assert_exact, mirrored, run_cli
 
 
@@ -72,6 +72,39 @@ def test_a_path_listed_twice_is_mirrored_once_from_its_first_entry(
     assert "listed more than once; only its first entry is mirrored" in result.stderr
     assert_exact(mirrored(dest, JOB, first), first)
     assert len(landed(server, dest, ignored=second)) == len(list(server.catalog.files())) - 1
+
+
+def test_an_entry_off_the_schema_fails_that_file_and_the_rest_of_its_page_lands(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
+    checkpoint = server.catalog.jobs[0].checkpoints[0]
+    unreadable = checkpoint.files[1]  # the second entry of the first page
+    server.faults.unreadable = {unreadable.name}
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+    listed = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+
+    assert result.code == 1
+    # Both node ranks list a file of that name.
+    off_schema = [f for f in server.catalog.files() if f.name == unreadable.name]
+    failures = json.loads(result.stdout)["failures"]
+    assert sorted(f["path"] for f in failures) == sorted(
+        str(mirrored(Path(), JOB, f)) for f in off_schema
+    )
+    for failure in failures:
+        assert failure["error"].startswith(
+            "its listing entry is unreadable (size_bytes: Input should be a valid integer"
+        )
+    assert len(landed(server, dest)) == len(list(server.catalog.files())) - len(off_schema)
+    assert not any(mirrored(dest, JOB, f).exists() for f in off_schema)
+    rank_0 = run_cli(*sync_args(server, dest, "--json", "--node-rank", "0"))
+    assert [f["path"] for f in json.loads(rank_0.stdout)["failures"]] == [
+        str(mirrored(Path(), JOB, f)) for f in off_schema if f.node_rank == 0
+    ]
+    assert listed.code == 0, listed.stderr
+    states = {r["checkpoint"]: r["local"] for r in json.loads(listed.stdout)["checkpoints"]}
+    assert states[checkpoint.checkpoint_id] == "partial"
 
 
 @pytest.mark.parametrize("size", [-1, 1 << 60])

@@ -148,6 +148,27 @@ def test_each_checkpoints_files_are_walked_page_by_page(
     assert server.traffic.api_requests == 1 + 4 * 2
 
 
+def test_an_entry_off_the_schema_fails_as_that_file_under_its_own_checkpoint(
+    server: ServerThread, dest: Path
+) -> None:
+    uri = f"bt://loops:{RUN}/sampler_weights/step-10"
+    (sampler,) = [c for c in of_run(server, RUN) if c.uri == uri]
+    unreadable = sampler.checkpoint.files[0]
+    server.faults.unreadable = {unreadable.name}
+    off_schema = [f for f in sampler.checkpoint.files if f.name == unreadable.name]
+
+    result = run_cli(*sync(server, dest, "--loops-checkpoint", uri, "--json"))
+
+    assert result.code == 1
+    failures = json.loads(result.stdout)["failures"]
+    assert sorted(f["path"] for f in failures) == sorted(
+        str(landed(dest, sampler, f).relative_to(dest)) for f in off_schema
+    )
+    assert files_under(dest / RUN) == {
+        landed(dest, sampler, f) for f in sampler.checkpoint.files if f not in off_schema
+    }
+
+
 def test_a_bt_uri_mirrors_that_checkpoint_only(server: ServerThread, dest: Path) -> None:
     uri = f"bt://loops:{RUN}/sampler_weights/step-10"
 

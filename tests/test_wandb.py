@@ -316,6 +316,20 @@ def test_bytes_that_do_not_match_the_listed_md5_never_reach_the_mirror(
         server.__exit__(None, None, None)
 
 
+def test_an_artifact_file_off_the_schema_fails_alone(server: ServerThread, dest: Path) -> None:
+    unreadable, *readable = checkpoints_of(server)[50].files
+    server.faults.unreadable = {unreadable.name}
+
+    result = run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--json"))
+
+    assert result.code == 1
+    (failure,) = json.loads(result.stdout)["failures"]
+    assert failure["path"] == str(landed(dest, 50, unreadable).relative_to(dest))
+    assert "sizeBytes: Input should be a valid integer" in failure["error"]
+    for file in readable:
+        assert_exact(landed(dest, 50, file), file)
+
+
 def test_fetching_without_the_artifact_path_says_what_to_pass(
     server: ServerThread, dest: Path
 ) -> None:

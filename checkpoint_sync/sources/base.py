@@ -76,6 +76,27 @@ class RemoteFile:
     md5: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableEntry:
+    """A listing entry that does not match the API's schema: it fails as a file, unfetched."""
+
+    run: str
+    checkpoint: str | None  # None where the entry does not say
+    node_rank: int | None
+    name: str | None
+    reason: str
+
+    @property
+    def where(self) -> str:
+        """Its mirror path, as far as the entry tells it."""
+        rank = "?" if self.node_rank is None else self.node_rank
+        return f"{self.run}/{self.checkpoint or '?'}/{rank}/{self.name or '(unnamed entry)'}"
+
+
+# What a listing page holds.
+Listed = RemoteFile | UnreadableEntry
+
+
 class Source(Protocol):
     """A provider's listing. ``name`` goes into the manifest beside every file."""
 
@@ -91,7 +112,7 @@ class Source(Protocol):
         """Every checkpoint of the run, oldest first."""
         ...
 
-    def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+    def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         """The files of the selected checkpoints, one listing page at a time."""
         ...
 

@@ -17,8 +17,8 @@ from urllib.parse import quote
 
 from ..api import ApiClient
 from ..errors import NotFoundError, UsageError
-from ..models import LoopsCheckpoints, LoopsTarget
-from .base import Checkpoint, RemoteFile, Source, SourceContext, SyncState
+from ..models import LoopsCheckpoints, LoopsTarget, Unreadable
+from .base import Checkpoint, Listed, RemoteFile, Source, SourceContext, SyncState, UnreadableEntry
 from .baseten_pages import file_pages, fresh_url, remote_file
 
 URI_PREFIX = "bt://loops:"
@@ -115,14 +115,22 @@ class LoopsSource:
             raise NotFoundError(f"{self.description}: no checkpoints found")
         return found
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         for checkpoint in selected:
             listing = f"/v1/loops/checkpoints/{quote(checkpoint.key, safe='')}/files"
             what = _what(checkpoint.run, checkpoint.name)
             async for ref, entries in file_pages(self._api, listing, self._page_size, what):
                 # Names are relative to the checkpoint itself (NOTES.md).
                 yield [
-                    remote_file(
+                    UnreadableEntry(
+                        checkpoint.run,
+                        checkpoint.name,
+                        entry.get("node_rank", int),
+                        entry.get("relative_file_name", str),
+                        entry.reason,
+                    )
+                    if isinstance(entry, Unreadable)
+                    else remote_file(
                         entry,
                         ref,
                         run=checkpoint.run,

@@ -6,13 +6,13 @@ from collections.abc import AsyncIterator
 
 from ..api import ApiClient
 from ..errors import FileError, MalformedResponseError
-from ..models import CheckpointFile, CheckpointFilesPage
+from ..models import CheckpointFile, CheckpointFilesPage, Unreadable
 from .base import PageRef, RemoteFile
 
 
 async def file_pages(
     api: ApiClient, listing: str, page_size: int, what: str
-) -> AsyncIterator[tuple[PageRef, list[CheckpointFile]]]:
+) -> AsyncIterator[tuple[PageRef, list[CheckpointFile | Unreadable]]]:
     """Every page of ``listing``, stopping on a null token or an empty page (NOTES.md).
 
     A token that does not move forward, or more entries than ``total_count`` announced, means
@@ -55,9 +55,13 @@ async def fresh_url(
 ) -> str:
     """A new presigned URL for one entry: its own page first, the whole listing if it moved."""
 
-    def find(entries: list[CheckpointFile]) -> str | None:
+    def find(entries: list[CheckpointFile | Unreadable]) -> str | None:
         for entry in entries:
-            if entry.relative_file_name == relative_file_name and entry.node_rank == node_rank:
+            if (
+                isinstance(entry, CheckpointFile)
+                and entry.relative_file_name == relative_file_name
+                and entry.node_rank == node_rank
+            ):
                 return entry.url
         return None
 

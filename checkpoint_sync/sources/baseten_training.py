@@ -8,8 +8,8 @@ from urllib.parse import quote
 
 from ..api import ApiClient
 from ..errors import UsageError
-from ..models import TrainingJobCheckpoints
-from .base import Checkpoint, RemoteFile, Source, SourceContext, SyncState
+from ..models import TrainingJobCheckpoints, Unreadable
+from .base import Checkpoint, Listed, RemoteFile, Source, SourceContext, SyncState, UnreadableEntry
 from .baseten_pages import file_pages, fresh_url, remote_file
 
 
@@ -42,12 +42,15 @@ class TrainingJobSource:
         ]
         return sorted(found, key=lambda c: c.created_at or 0)
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         wanted = {c.name for c in selected}
         listing = f"{self._base}/checkpoint_files"
         async for ref, entries in file_pages(self._api, listing, self._page_size, self.description):
-            files = []
+            files: list[Listed] = []
             for entry in entries:
+                if isinstance(entry, Unreadable):
+                    files.extend(self._unreadable(entry, wanted))
+                    continue
                 # Job-level names start with the checkpoint id: "checkpoint-10/adapter.bin".
                 checkpoint, _, rest = entry.relative_file_name.partition("/")
                 if checkpoint in wanted:
@@ -55,6 +58,17 @@ class TrainingJobSource:
                         remote_file(entry, ref, run=self._job, checkpoint=checkpoint, path=rest)
                     )
             yield files
+
+    def _unreadable(self, entry: Unreadable, wanted: set[str]) -> list[Listed]:
+        """The entry as a failure, unless its name shows it belongs to a checkpoint not wanted."""
+        name = entry.get("relative_file_name", str)
+        rank = entry.get("node_rank", int)
+        if name is None:
+            return [UnreadableEntry(self._job, None, rank, None, entry.reason)]
+        checkpoint, _, rest = name.partition("/")
+        if checkpoint not in wanted:
+            return []
+        return [UnreadableEntry(self._job, checkpoint, rank, rest, entry.reason)]
 
     async def refresh_url(self, file: RemoteFile) -> str:
         name = f"{file.checkpoint}/{file.path}"

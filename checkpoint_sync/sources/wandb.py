@@ -15,10 +15,19 @@ from urllib.parse import quote
 
 from ..api import ApiClient
 from ..errors import FileError, NotFoundError, UsageError
-from ..models import WandbCheckpoint, WandbCheckpointPage
-from .base import Checkpoint, PageRef, RemoteFile, Source, SourceContext, SyncState
+from ..models import Unreadable, WandbCheckpoint, WandbCheckpointPage
+from .base import (
+    Checkpoint,
+    Listed,
+    PageRef,
+    RemoteFile,
+    Source,
+    SourceContext,
+    SyncState,
+    UnreadableEntry,
+)
 from .cursors import advance
-from .wandb_artifacts import ArtifactFiles, parse_artifact_path
+from .wandb_artifacts import ArtifactFile, ArtifactFiles, parse_artifact_path
 
 MAX_LIMIT = 100  # the API's ceiling for ``limit``
 
@@ -98,7 +107,7 @@ class WandbSource:
                 return
             params["after"] = advance(page.last_id or page.data[-1].id, seen, self.description)
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[RemoteFile]]:
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         artifacts = self._artifacts_or_fail()
         for checkpoint in selected:
             alias = f"step{checkpoint.step}"
@@ -107,7 +116,9 @@ class WandbSource:
             ref = PageRef(listing=alias, page_token=0, page_size=self._page_size)
             async for files in artifacts.pages(alias, self._page_size):
                 yield [
-                    RemoteFile(
+                    UnreadableEntry(self._model, checkpoint.name, 0, f.get("name", str), f.reason)
+                    if isinstance(f, Unreadable)
+                    else RemoteFile(
                         run=self._model,
                         checkpoint=checkpoint.name,
                         node_rank=0,
@@ -126,7 +137,7 @@ class WandbSource:
         artifacts = self._artifacts_or_fail()
         async for files in artifacts.pages(file.origin.listing, self._page_size):
             for found in files:
-                if found.name == file.path:
+                if isinstance(found, ArtifactFile) and found.name == file.path:
                     return found.direct_url
         raise FileError(f"{file.path} is no longer in {artifacts.path}:{file.origin.listing}")
 

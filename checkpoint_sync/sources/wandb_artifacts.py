@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 from ..api import ApiClient
 from ..errors import ApiError, NotFoundError, UsageError
+from ..models import OR_UNREADABLE, Unreadable
 from .cursors import advance
 
 GRAPHQL_PATH = "/graphql"
@@ -71,7 +73,7 @@ class ArtifactFile(_GraphModel):
 
 
 class _Edge(_GraphModel):
-    node: ArtifactFile
+    node: Annotated[ArtifactFile | Unreadable, OR_UNREADABLE]
 
 
 class _PageInfo(_GraphModel):
@@ -112,7 +114,9 @@ class ArtifactFiles:
     api: ApiClient
     path: ArtifactPath
 
-    async def pages(self, alias: str, page_size: int) -> AsyncIterator[list[ArtifactFile]]:
+    async def pages(
+        self, alias: str, page_size: int
+    ) -> AsyncIterator[list[ArtifactFile | Unreadable]]:
         """Every page of the files of version ``alias``; `NotFoundError` if there is none."""
         what = f"W&B artifact {self.path}:{alias}"
         cursor: str | None = None
