@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import random
 import re
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -313,12 +314,14 @@ class LocalServer:
         host: str = "127.0.0.1",
         port: int = 0,
         faults: Faults | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.catalog = catalog
         self.faults = faults or Faults()
         self.traffic = Traffic()
         self._host = host
         self._port = port
+        self._tls = tls  # serve HTTPS with this context
         self._secret = random.Random().randbytes(16)
         self._files: dict[str, ServedFile] = {}
         self._runner: web.AppRunner | None = None
@@ -343,10 +346,10 @@ class LocalServer:
     async def __aenter__(self) -> LocalServer:
         self._runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._tls)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://{self._host}:{port}"
+        self.url = f"{'https' if self._tls else 'http'}://{self._host}:{port}"
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

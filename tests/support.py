@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -28,8 +29,10 @@ API_KEY = "test-key-0123456789abcdef"
 class ServerThread:
     """A `LocalServer` on its own loop and thread; changes go through `call`."""
 
-    def __init__(self, catalog: Catalog, faults: Faults | None = None) -> None:
-        self.server = LocalServer(catalog, faults=faults)
+    def __init__(
+        self, catalog: Catalog, faults: Faults | None = None, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.server = LocalServer(catalog, faults=faults, tls=tls)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None

@@ -1,0 +1,73 @@
+"""HTTPS end to end: the API and the objects over TLS, trusted through a CA bundle or
+SSL_CERT_FILE, and an untrusted certificate refused as a configuration error."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from .conftest import JOB, job_catalog, sync_args
+from .support import ServerThread, assert_exact, mirrored, run_cli, run_subprocess
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
+    path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+def https_server(ca: trustme.CA) -> Iterator[ServerThread]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    with ServerThread(job_catalog(), tls=context) as running:
+        yield running
+
+
+def test_a_job_over_https_is_mirrored_byte_exact_with_the_configured_ca(
+    https_server: ServerThread, dest: Path, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_CA_BUNDLE", str(ca_file))
+    assert https_server.url.startswith("https://")
+
+    result = run_cli(*sync_args(https_server, dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    # Files of several 256 KiB parts and one-stream files, all through TLS.
+    assert json.loads(result.stdout)["files"]["fetched"] == len(https_server.files())
+    for file in https_server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_ssl_cert_file_is_honoured(https_server: ServerThread, dest: Path, ca_file: Path) -> None:
+    # A process of its own: the trust store is loaded once per process.
+    process = run_subprocess(*sync_args(https_server, dest), env={"SSL_CERT_FILE": str(ca_file)})
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 0, stderr.decode()
+    for file in https_server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_an_untrusted_certificate_is_a_configuration_error_not_retried(
+    https_server: ServerThread, dest: Path
+) -> None:
+    result = run_cli(*sync_args(https_server, dest))
+
+    assert result.code == 2
+    assert result.stderr.count("\n") == 1
+    assert f"TLS certificate of {https_server.url}/v1/" in result.stderr
+    assert "is not trusted (set ca_bundle in the config, or SSL_CERT_FILE)" in result.stderr
+    assert https_server.traffic.api_requests == 0
+    assert not dest.exists() or not any(dest.glob(f"{JOB}/**/*"))
