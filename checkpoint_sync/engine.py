@@ -22,7 +22,14 @@ from .layout import STATE_DIR, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
 from .net import NetSettings
-from .plan import Recorded, Selection, check_listed_size, check_listed_url, is_current
+from .plan import (
+    Recorded,
+    Selection,
+    check_listed_size,
+    check_listed_url,
+    is_current,
+    wanted_rank,
+)
 from .progress import Stats
 from .sources.base import RemoteFile, Source, UnreadableEntry
 from .transfer import Transfers, TransferSettings
@@ -153,7 +160,7 @@ async def _produce(
             for file in page:
                 stats.files_listed += 1
                 if isinstance(file, UnreadableEntry):
-                    if file.node_rank is None or _wanted_rank(file.node_rank, options):
+                    if wanted_rank(file.node_rank, options.node_ranks):
                         stats.fail(file.where, f"its listing entry is unreadable ({file.reason})")
                     continue
                 planned = _plan(file, options, manifest, stats)
@@ -175,7 +182,7 @@ def _plan(
 ) -> tuple[str, Literal["fetch", "skip"], Recorded | None] | None:
     """Where ``file`` goes, whether it must be fetched, and what the manifest has there; None
     if it is not to be mirrored."""
-    if not _wanted_rank(file.node_rank, options):
+    if not wanted_rank(file.node_rank, options.node_ranks):
         return None
     try:
         relative = mirror_path(file)
@@ -203,10 +210,6 @@ def _plan(
     stats.files_to_fetch += 1
     stats.bytes_to_fetch += file.size
     return relative, "fetch", recorded
-
-
-def _wanted_rank(rank: int, options: SyncOptions) -> bool:
-    return not options.node_ranks or rank in options.node_ranks
 
 
 async def _work(

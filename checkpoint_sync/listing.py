@@ -17,7 +17,7 @@ from typing import Any
 
 from .engine import local_size, manifest_path
 from .manifest import Manifest
-from .plan import Recorded
+from .plan import Recorded, wanted_rank
 from .progress import human_bytes
 from .sources.base import Checkpoint, Source, UnreadableEntry
 
@@ -64,8 +64,7 @@ async def survey(
     listed: dict[tuple[str, str], dict[str, Recorded]] = defaultdict(dict)
     async for page in source.file_pages(checkpoints):
         for file in page:
-            rank = file.node_rank
-            if node_ranks and rank is not None and rank not in node_ranks:
+            if not wanted_rank(file.node_rank, node_ranks):
                 continue
             if isinstance(file, UnreadableEntry):
                 if file.checkpoint is not None:  # a file that cannot be mirrored is missing
@@ -83,7 +82,7 @@ async def survey(
             recorded = {
                 v.path: Recorded(v.size, v.last_modified)
                 for v in manifest.files_in(c.run, c.name)
-                if (not node_ranks or v.node_rank in node_ranks)
+                if wanted_rank(v.node_rank, node_ranks)
                 # A file deleted or cut short since is missing, as `sync` would find it.
                 and local_size(f"{dest}/{v.path}") == v.size
             }

@@ -77,6 +77,14 @@ class Recorded:
     last_modified: str
 
 
+def wanted_rank(rank: int | None, ranks: frozenset[int]) -> bool:
+    """Whether ``--node-rank`` (``ranks``; empty: every rank) selects a file of node ``rank``.
+
+    A rank the listing does not tell (an unreadable entry) is selected: it is reported, not hidden.
+    """
+    return not ranks or rank is None or rank in ranks
+
+
 def is_current(file: RemoteFile, recorded: Recorded | None, local_size: int | None) -> bool:
     """Skip rule: manifest matches the listing, and the local file is there at that size."""
     return (

@@ -16,6 +16,7 @@ from checkpoint_sync.plan import (
     parts_to_keep,
     select_checkpoints,
     split_parts,
+    wanted_rank,
 )
 from checkpoint_sync.sources.base import Checkpoint, PageRef, RemoteFile, SyncState
 
@@ -131,6 +132,21 @@ DONE = frozenset({0, 2})
 )
 def test_parts_to_keep(staged: Staged | None, kept: frozenset[int]) -> None:
     assert parts_to_keep(remote(), 10, staged) == kept
+
+
+@pytest.mark.parametrize(
+    ("rank", "ranks", "wanted"),
+    [
+        (0, frozenset(), True),  # no --node-rank: every rank
+        (3, frozenset(), True),
+        (0, frozenset({0}), True),
+        (1, frozenset({0}), False),
+        (1, frozenset({0, 1}), True),
+        (None, frozenset({0}), True),  # an unreadable entry's unknown rank is still reported
+    ],
+)
+def test_wanted_rank(rank: int | None, ranks: frozenset[int], wanted: bool) -> None:
+    assert wanted_rank(rank, ranks) is wanted
 
 
 @pytest.mark.parametrize("size", [-1, 1 << 51])
