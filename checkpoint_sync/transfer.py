@@ -143,7 +143,7 @@ class Transfers:
             else:
                 digests = await anyio.to_thread.run_sync(_read_back, fd, file)
             try:
-                digest = digests.verified(file)
+                digest = digests.verified()
             except IntegrityError:
                 # Some part is wrong and nothing tells which: the next attempt starts over.
                 self._manifest.drop_staging(key)
@@ -394,6 +394,7 @@ class _Digests:
 
     def __init__(self, file: RemoteFile) -> None:
         self._xxh3 = xxhash.xxh3_128()
+        self._listed_md5 = file.md5
         self._md5 = hashlib.md5(usedforsecurity=False) if file.md5 is not None else None
 
     def update(self, data: memoryview) -> None:
@@ -401,13 +402,13 @@ class _Digests:
         if self._md5 is not None:
             self._md5.update(data)
 
-    def verified(self, file: RemoteFile) -> str:
+    def verified(self) -> str:
         """The xxh3 digest to record; `IntegrityError` if the bytes are not what was listed."""
         if self._md5 is not None:
             got = base64.b64encode(self._md5.digest()).decode()
-            if got != file.md5:
+            if got != self._listed_md5:
                 raise IntegrityError(
-                    f"MD5 of the bytes received is {got}, the listing says {file.md5}"
+                    f"MD5 of the bytes received is {got}, the listing says {self._listed_md5}"
                 )
         return self._xxh3.hexdigest()
 
