@@ -1,12 +1,12 @@
 """One file from presigned URL to final path: parts, positional writes, verification, publish.
 
-A file is fetched into a preallocated staging file under ``DEST/.checkpoint-sync/staging`` (same
-filesystem, so the final rename is atomic). Large files are cut into parts fetched concurrently
-with ``Range`` requests; each finished part is recorded in the manifest so an interrupted run
-resumes with only the missing ones. The file reaches its final path only after its length was
-checked and its xxh3-128 digest computed (with the MD5 the listing gives, if it gives one: W&B):
-over the bytes as they were written for a file that came as one stream, else by reading the
-assembled file back from disk.
+A file is fetched into a staging file under ``DEST/.checkpoint-sync/staging`` (same filesystem,
+so the final rename is atomic), reserved at full size where that pays (`filesystem.py`). Large
+files are cut into parts fetched concurrently with ``Range`` requests; each finished part is
+recorded in the manifest so an interrupted run resumes with only the missing ones. The file
+reaches its final path only after its length was checked and its xxh3-128 digest computed (with
+the MD5 the listing gives, if it gives one: W&B): over the bytes as they were written for a file
+that came as one stream, else by reading the assembled file back from disk.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .errors import (
     UrlExpiredError,
     most_severe,
 )
+from .filesystem import preallocation_pays
 from .layout import STATE_DIR, is_within, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status
@@ -102,7 +103,8 @@ class Transfers:
         self._real_dest = os.path.realpath(dest)
         self._staging_dir = dest / STATE_DIR / "staging"
         self._prepared_dirs: set[str] = set()
-        # Bytes of one-part files being fetched: not preallocated, so not yet seen as used.
+        # Bytes of files being fetched that are not reserved on disk: counted as used until the
+        # file is done (on the safe side: what already landed is counted twice).
         self._claimed = 0
         self._manifest = manifest
         self._source = source
@@ -110,6 +112,7 @@ class Transfers:
         self._stats = stats
         self._settings = settings
         _os_call(self._staging_dir, lambda: self._staging_dir.mkdir(parents=True, exist_ok=True))
+        self._reserves = preallocation_pays(str(self._staging_dir))
 
     async def fetch(self, file: RemoteFile, relative: str, *, replaces: bool = True) -> None:
         """Mirror ``file`` at ``DEST/relative``; `FileError` if this file failed.
@@ -127,16 +130,22 @@ class Transfers:
         keep = frozenset[int]()
         if multipart:
             keep = parts_to_keep(file, part_size, self._manifest.staged(key, _size_of(staging)))
-        self._check_space(0 if keep else file.size, final)
-        claimed = 0 if multipart else file.size
+        todo = [p for p in parts if p.index not in keep]
+        reserve = multipart and self._reserves
+        if reserve:
+            # The staging file holds all its space (reserved now, or by the run that left parts
+            # to keep), and the disk shows it as used.
+            needed, claimed = (0 if keep else file.size), 0
+        else:
+            needed = claimed = sum(part.length for part in todo)
+        self._check_space(needed, final)
         self._claimed += claimed
         fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
         try:
             if not keep:
-                _preallocate(fd, file.size if multipart else 0, staging)
+                _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
             if multipart and not keep:
                 self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
-            todo = [p for p in parts if p.index not in keep]
             digests = await self._fetch_parts(fd, file, key, todo)
             if digests is not None:
                 _check_length(fd, file.size)
@@ -443,19 +452,22 @@ async def _raise_for_file_status(resp: Response, url: str) -> None:
     raise FileError(f"HTTP {status} from {where}")
 
 
-def _preallocate(fd: int, size: int, path: str) -> None:
-    """Reserve the whole file up front: a full disk shows now, not after gigabytes."""
+def _prepare_staging(fd: int, size: int, path: str, *, reserve: bool) -> None:
+    """Empty the staging file and give it ``size`` bytes, reserved on disk if ``reserve`` (a
+    full disk then shows now, not after gigabytes), else sparse."""
     try:
         if os.fstat(fd).st_size:
             os.ftruncate(fd, 0)  # leftovers of an earlier attempt
         if size == 0:
             return
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            os.ftruncate(fd, size)  # filesystems without fallocate: a sparse file does
+        if reserve:
+            try:
+                os.posix_fallocate(fd, 0, size)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+        os.ftruncate(fd, size)  # sparse: tmpfs, and filesystems without fallocate
     except OSError as exc:
         raise _local_error(exc, path, size) from exc
 

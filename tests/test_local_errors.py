@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_sync.filesystem import preallocation_pays
+from checkpoint_sync.localserver import Faults
+
 from .conftest import JOB, job_catalog, sync_args
 from .support import ServerThread, assert_exact, mirrored, run_cli
 from .test_kill import assert_records_true
@@ -97,6 +100,22 @@ def test_a_full_disk_stops_with_the_path_and_the_space_needed_and_the_rerun_resu
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
     # What was published is not fetched again; at most the parts cut short by the stop are.
     assert server.traffic.object_bytes_sent <= total + 4 * (256 << 10)
+
+
+def test_files_in_flight_count_against_free_space_before_they_land(disk: Path) -> None:
+    """tmpfs staging files are sparse (reserving them would zero-fill memory), so the space two
+    files will take only shows as used once they are fetched: each must count it before."""
+    assert not preallocation_pays(str(disk))
+    catalog = job_catalog(checkpoints=1, large_size=3 << 20, small_files=0)
+    # Both ranks' 3 MiB files go out together and stay in flight a while; only one fits.
+    with ServerThread(catalog, Faults(throttle=8 << 20)) as server:
+        result = run_cli(*sync_args(server, disk / "mirror"))
+
+        assert result.code == 6
+        assert result.stderr.count("\n") == 1
+        assert "not enough space for " in result.stderr
+        assert "it needs 3.0 MiB" in result.stderr
+        assert len(published(server, disk / "mirror")) <= 1
 
 
 def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(

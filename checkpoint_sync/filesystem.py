@@ -1,0 +1,50 @@
+"""Which filesystem the mirror is on, and so whether reserving a file's space up front pays.
+
+On a disk filesystem ``fallocate`` reserves extents without writing them: a full disk shows
+before gigabytes are fetched, and the file is laid out in one piece. On tmpfs it zero-fills
+memory that the download then overwrites anyway: for 4 GiB, 0.28 s of CPU on the event loop
+before the first request (benchmarks/). There a staging file is left sparse, and the free-space
+check counts the bytes it has still to receive instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from .layout import is_within
+
+MOUNTINFO = "/proc/self/mountinfo"
+# Filesystems where a reservation is a write of zeros into memory.
+ZERO_FILLING = frozenset({"tmpfs"})
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+def preallocation_pays(path: str) -> bool:
+    """Whether files under ``path`` should be reserved at full size before they are fetched."""
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as mounts:
+            mountinfo = mounts.read()
+    except OSError:
+        return True  # not Linux, or no /proc: reserve, as on any disk
+    return filesystem_type(mountinfo, os.path.realpath(path)) not in ZERO_FILLING
+
+
+def filesystem_type(mountinfo: str, path: str) -> str | None:
+    """The type of the filesystem ``path`` (resolved) is on, from ``/proc/self/mountinfo`` text.
+
+    That is the mount at the longest mount point above ``path``; of several mounts at one
+    point, the last one listed, which hides the others.
+    """
+    found, longest = None, -1
+    for line in mountinfo.splitlines():
+        # "36 35 98:0 /root /mnt/point rw,noatime shared:1 - ext4 /dev/vda rw"
+        fields = line.split(" ")
+        try:
+            point = _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+            fstype = fields[fields.index("-", 6) + 1]
+        except (IndexError, ValueError):
+            continue  # not a mount line
+        if len(point) >= longest and is_within(point, path):
+            found, longest = fstype, len(point)
+    return found
