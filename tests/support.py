@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import selectors
+import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -135,3 +138,57 @@ def assert_exact(path: Path, file: ServedFile) -> None:
     data = path.read_bytes()
     assert len(data) == file.size, f"{path}: {len(data)} bytes, expected {file.size}"
     assert data == content(file.seed, 0, file.size), f"{path}: content differs"
+
+
+class TunnelProxy(socketserver.ThreadingTCPServer):
+    """An HTTPS proxy: ``CONNECT host:port``, then bytes both ways; ``tunnels`` lists targets."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Tunnel)
+        self.tunnels: list[str] = []
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    def __enter__(self) -> TunnelProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class _Tunnel(socketserver.BaseRequestHandler):
+    server: TunnelProxy
+    request: socket.socket
+
+    def handle(self) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.request.recv(4096)
+            if not chunk:
+                return
+            head += chunk
+        method, target, _ = head.split(b" ", 2)
+        if method != b"CONNECT":
+            self.request.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            return
+        host, port = target.decode().rsplit(":", 1)
+        self.server.tunnels.append(target.decode())
+        with socket.create_connection((host, int(port))) as upstream:
+            self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            ends = {self.request: upstream, upstream: self.request}
+            with selectors.DefaultSelector() as selector:
+                for end in ends:
+                    selector.register(end, selectors.EVENT_READ)
+                while True:  # until either side closes
+                    for key, _ in selector.select():
+                        source = key.fileobj
+                        assert isinstance(source, socket.socket)
+                        data = source.recv(1 << 16)
+                        if not data:
+                            return
+                        ends[source].sendall(data)

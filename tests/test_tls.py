@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import trustme
 
+from checkpoint_sync.net import proxy_for_host
+
 from .conftest import JOB, job_catalog, sync_args
-from .support import ServerThread, assert_exact, mirrored, run_cli, run_subprocess
+from .support import ServerThread, TunnelProxy, assert_exact, mirrored, run_cli, run_subprocess
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +73,48 @@ def test_an_untrusted_certificate_is_a_configuration_error_not_retried(
     assert "is not trusted (set ca_bundle in the config, or SSL_CERT_FILE)" in result.stderr
     assert https_server.traffic.api_requests == 0
     assert not dest.exists() or not any(dest.glob(f"{JOB}/**/*"))
+
+
+@pytest.fixture
+def https_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[TunnelProxy]:
+    """A tunnelling proxy named by HTTPS_PROXY: requests then go through aiohttp."""
+    with TunnelProxy() as proxy:
+        for name in ("https_proxy", "NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
+        proxy_for_host.cache_clear()
+        try:
+            yield proxy
+        finally:
+            proxy_for_host.cache_clear()
+
+
+def test_a_job_over_https_through_a_proxy_is_mirrored_byte_exact(
+    https_server: ServerThread,
+    https_proxy: TunnelProxy,
+    dest: Path,
+    ca_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_CA_BUNDLE", str(ca_file))
+
+    result = run_cli(*sync_args(https_server, dest))
+
+    assert result.code == 0, result.stderr
+    # The API and the objects both went through it.
+    assert set(https_proxy.tunnels) == {https_server.url.removeprefix("https://")}
+    for file in https_server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_an_untrusted_certificate_through_a_proxy_is_a_configuration_error(
+    https_server: ServerThread, https_proxy: TunnelProxy, dest: Path
+) -> None:
+    result = run_cli(*sync_args(https_server, dest))
+
+    assert result.code == 2
+    assert result.stderr.count("\n") == 1
+    assert f"TLS certificate of {https_server.url}/v1/" in result.stderr
+    assert "is not trusted" in result.stderr
+    assert https_proxy.tunnels  # it was refused at the origin, past the proxy
+    assert https_server.traffic.api_requests == 0
