@@ -193,6 +193,8 @@ class Transfers:
             info = os.statvfs(self._staging_dir)
         except OSError as exc:
             raise _local_error(exc, self._staging_dir) from exc
+        if info.f_blocks == 0:
+            return  # no capacity reported (ramfs, some FUSE mounts): nothing to check against
         free = info.f_bavail * info.f_frsize - self._claimed - SPACE_RESERVE
         if size > free:
             raise LocalIOError(

@@ -1,7 +1,8 @@
-"""A full or read-only destination: exit 6 with one clear line, nothing already there harmed.
+"""A full or read-only destination: exit 6 with one clear line, nothing already there harmed;
+and a filesystem without a reported size is not taken for a full one.
 
-A small tmpfs is mounted for each test (we run as root in CI); the test is skipped, saying why,
-where mounting is not allowed.
+A small tmpfs (or a ramfs) is mounted for each test (we run as root in CI); the test is skipped,
+saying why, where mounting is not allowed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import sqlite3
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,12 +24,23 @@ from .support import ServerThread, assert_exact, mirrored, run_cli
 from .test_kill import assert_records_true
 
 
-def mount(point: Path, options: str) -> None:
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
-        check=True,
-        capture_output=True,
-    )
+@contextmanager
+def mounted(point: Path, kind: str, options: str) -> Iterator[Path]:
+    """A fresh filesystem of ``kind`` at ``point``; the test is skipped where mounting fails."""
+    point.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", kind, "-o", options, kind, str(point)], check=True, capture_output=True
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = (
+            exc.stderr.decode().strip() if isinstance(exc, subprocess.CalledProcessError) else exc
+        )
+        pytest.skip(f"cannot mount a {kind} here ({detail})")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", str(point)], check=False)
 
 
 def remount(point: Path, options: str) -> None:
@@ -37,19 +50,8 @@ def remount(point: Path, options: str) -> None:
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
     """An 8 MiB tmpfs."""
-    point = tmp_path / "disk"
-    point.mkdir()
-    try:
-        mount(point, "size=8m")
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = (
-            exc.stderr.decode().strip() if isinstance(exc, subprocess.CalledProcessError) else exc
-        )
-        pytest.skip(f"cannot mount a tmpfs here ({detail})")
-    try:
+    with mounted(tmp_path / "disk", "tmpfs", "size=8m") as point:
         yield point
-    finally:
-        subprocess.run(["umount", str(point)], check=False)
 
 
 @pytest.fixture
@@ -116,6 +118,17 @@ def test_files_in_flight_count_against_free_space_before_they_land(disk: Path) -
         assert "not enough space for " in result.stderr
         assert "it needs 3.0 MiB" in result.stderr
         assert len(published(server, disk / "mirror")) <= 1
+
+
+def test_a_filesystem_that_reports_no_capacity_is_written_to(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    """ramfs (like some FUSE mounts) reports 0 blocks, free or total: that is no full disk."""
+    with mounted(tmp_path / "ramfs", "ramfs", "mode=0755") as point:
+        result = run_cli(*sync_args(server, point / "mirror"))
+
+        assert result.code == 0, result.stderr
+        assert len(published(server, point / "mirror")) == len(server.files())
 
 
 def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
