@@ -103,9 +103,7 @@ class Transfers:
         self._real_dest = os.path.realpath(dest)
         self._staging_dir = dest / STATE_DIR / "staging"
         self._prepared_dirs: set[str] = set()
-        # Bytes of files being fetched that are not reserved on disk: counted as used until the
-        # file is done (on the safe side: what already landed is counted twice).
-        self._claimed = 0
+        self._in_flight: set[_Staged] = set()
         self._manifest = manifest
         self._source = source
         self._connections = connections
@@ -135,18 +133,19 @@ class Transfers:
         if reserve:
             # The staging file holds all its space (reserved now, or by the run that left parts
             # to keep), and the disk shows it as used.
-            needed, claimed = (0 if keep else file.size), 0
+            needed, unseen = (0 if keep else file.size), 0
         else:
-            needed = claimed = sum(part.length for part in todo)
+            needed = unseen = sum(part.length for part in todo)
         self._check_space(needed, final)
-        self._claimed += claimed
         fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
+        staged = _Staged(fd, key, unseen)
+        self._in_flight.add(staged)
         try:
             if not keep:
                 _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
             if multipart and not keep:
                 self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
-            digests = await self._fetch_parts(fd, file, key, todo)
+            digests = await self._fetch_parts(staged, file, todo)
             if digests is not None:
                 _check_length(fd, file.size)
             else:
@@ -161,7 +160,7 @@ class Transfers:
                 _os_call(staging, lambda: os.fsync(fd))
         finally:
             os.close(fd)
-            self._claimed -= claimed
+            self._in_flight.discard(staged)
         if replaces:
             # The old record must not outlive the old file: a crash right after the rename
             # would leave it describing bytes that are no longer there.
@@ -195,7 +194,8 @@ class Transfers:
             raise _local_error(exc, self._staging_dir) from exc
         if info.f_blocks == 0:
             return  # no capacity reported (ramfs, some FUSE mounts): nothing to check against
-        free = info.f_bavail * info.f_frsize - self._claimed - SPACE_RESERVE
+        unseen = sum(staged.unseen for staged in self._in_flight)
+        free = info.f_bavail * info.f_frsize - unseen - SPACE_RESERVE
         if size > free:
             raise LocalIOError(
                 f"not enough space for {final}: it needs {human_bytes(size)}, "
@@ -224,7 +224,7 @@ class Transfers:
             _os_call(final, lambda: _fsync_directory(os.path.dirname(final)))
 
     async def _fetch_parts(
-        self, fd: int, file: RemoteFile, key: str, parts: list[Part]
+        self, staged: _Staged, file: RemoteFile, parts: list[Part]
     ) -> _Digests | None:
         """Fetch ``parts``; the file's digests if it came as one stream, hashed on the way."""
         if not parts or file.size == 0:
@@ -232,16 +232,16 @@ class Transfers:
         url = _CurrentUrl(file.url)
         whole = Part(0, 0, file.size)
         if parts == [whole]:
-            return await self._fetch_part(fd, file, key, whole, url)
+            return await self._fetch_part(staged, file, whole, url)
         try:
-            return await self._fetch_concurrently(fd, file, key, parts, url)
+            return await self._fetch_concurrently(staged, file, parts, url)
         except _RangeIgnored:
             # Fetch it as one stream instead, and forget parts that will be written over.
-            self._manifest.drop_staging(key)
-            return await self._fetch_part(fd, file, key, whole, url)
+            self._manifest.drop_staging(staged.key)
+            return await self._fetch_part(staged, file, whole, url)
 
     async def _fetch_concurrently(
-        self, fd: int, file: RemoteFile, key: str, parts: list[Part], url: _CurrentUrl
+        self, staged: _Staged, file: RemoteFile, parts: list[Part], url: _CurrentUrl
     ) -> _Digests | None:
         """The parts side by side; the digests if the server sent the whole file instead."""
         first = _PartState.of(parts[0], file)
@@ -249,20 +249,19 @@ class Transfers:
             async with anyio.create_task_group() as tg:
                 # The first part's answer tells whether Range is honoured before the rest go out.
                 first_answered = anyio.Event()
-                tg.start_soon(self._fetch_part, fd, file, key, parts[0], url, first_answered, first)
+                tg.start_soon(self._fetch_part, staged, file, parts[0], url, first_answered, first)
                 await first_answered.wait()
                 if first.digests is None:
                     for part in parts[1:]:
-                        tg.start_soon(self._fetch_part, fd, file, key, part, url)
+                        tg.start_soon(self._fetch_part, staged, file, part, url)
         except ExceptionGroup as group:
             raise most_severe(group) from None
         return first.digests
 
     async def _fetch_part(
         self,
-        fd: int,
+        staged: _Staged,
         file: RemoteFile,
-        key: str,
         part: Part,
         url: _CurrentUrl,
         answered: anyio.Event | None = None,
@@ -273,7 +272,7 @@ class Transfers:
 
         async def attempt() -> None:
             try:
-                await self._request_part(fd, file, part, url.url, state, answered)
+                await self._request_part(staged, file, part, url.url, state, answered)
             except TransientError:
                 self._stats.retries += 1
                 raise
@@ -302,12 +301,12 @@ class Transfers:
                         answered.set()
         if state.digests is not None:
             return state.digests
-        self._manifest.part_done(key, part.index)
+        self._manifest.part_done(staged.key, part.index)
         return None
 
     async def _request_part(
         self,
-        fd: int,
+        staged: _Staged,
         file: RemoteFile,
         part: Part,
         url: str,
@@ -331,11 +330,11 @@ class Transfers:
             else:
                 await _raise_for_file_status(resp, url)
             started_at = state.offset
-            writer = _PartWriter(fd, state, self._stats, self._dest)
+            writer = _PartWriter(staged, state, self._stats, self._dest)
             # A part hashed on the way cannot skip Python; the others may be spliced.
             await resp.stream_to(writer.take, writer if state.digests is None else None)
         if self._settings.fsync:
-            await anyio.to_thread.run_sync(os.fdatasync, fd)
+            await anyio.to_thread.run_sync(os.fdatasync, staged.fd)
         if state.offset != state.end:
             raise TransientError(f"body ended at byte {state.offset}, expected {state.end}")
         self._stats.timed(
@@ -346,8 +345,9 @@ class Transfers:
 class _PartWriter:
     """Writes a part's body at its offset as it arrives, hashing it if it is the whole file."""
 
-    def __init__(self, fd: int, state: _PartState, stats: Stats, dest: Path) -> None:
-        self.fd = fd
+    def __init__(self, staged: _Staged, state: _PartState, stats: Stats, dest: Path) -> None:
+        self.fd = staged.fd
+        self._staged = staged
         self._state = state
         self._stats = stats
         self._dest = dest
@@ -360,6 +360,7 @@ class _PartWriter:
         """``size`` bytes were spliced into the file at ``offset``."""
         self._stats.bytes_fetched += size
         self._state.offset += size
+        self._staged.landed(size)
 
     def take(self, piece: memoryview) -> None:
         """Called on the event loop with each piece, which is only valid during the call."""
@@ -379,6 +380,21 @@ class _PartWriter:
         if state.digests is not None:
             state.digests.update(piece)
         state.offset += size
+        self._staged.landed(size)
+
+
+@dataclass(eq=False)
+class _Staged:
+    """A file being fetched into its staging file."""
+
+    fd: int
+    key: str  # its path under DEST, as the manifest knows it
+    # Bytes still to land that the disk does not show as used yet: counted against free space
+    # by every other file's check.
+    unseen: int
+
+    def landed(self, size: int) -> None:
+        self.unseen = max(0, self.unseen - size)
 
 
 @dataclass

@@ -120,6 +120,36 @@ def test_files_in_flight_count_against_free_space_before_they_land(disk: Path) -
         assert len(published(server, disk / "mirror")) <= 1
 
 
+def test_bytes_that_landed_are_not_counted_twice_against_free_space(
+    disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file in flight counts only what it has still to write: what landed, the disk shows.
+
+    The first file listed stalls in its last part; the second is listed a page later, while it
+    stalls. Both fit (about 7.9 MiB is free past the reserve for 7 MiB); counting the first
+    file's landed bytes twice would leave about 1 MiB and refuse the second.
+    """
+    remount(disk, "size=12m")
+    size = 7 << 19  # 3.5 MiB: 14 parts
+    last_part = size - (256 << 10)
+    stalled: list[int] = []
+
+    def stall_once(name: str, start: int, end: int) -> str | None:
+        if start != last_part or stalled:
+            return None
+        stalled.append(start)
+        return "stall"
+
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "1")
+    faults = Faults(api_delay=0.3, stall_seconds=1.5, hook=stall_once)
+    with ServerThread(job_catalog(checkpoints=1, large_size=size, small_files=0), faults) as server:
+        result = run_cli(*sync_args(server, disk / "mirror"))
+
+        assert stalled
+        assert result.code == 0, result.stderr
+        assert len(published(server, disk / "mirror")) == 2
+
+
 def test_a_filesystem_that_reports_no_capacity_is_written_to(
     server: ServerThread, tmp_path: Path
 ) -> None:
