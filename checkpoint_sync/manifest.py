@@ -153,12 +153,15 @@ class Manifest:
             raise LocalIOError(f"cannot write the manifest {self.path}: {exc}") from exc
 
     def begin_staging(self, path: str, size: int, last_modified: str, part_size: int) -> None:
+        """Start a new record of ``path``'s parts, forgetting the old one now (committed): it
+        must be gone before its staging file is reset, or a crash in between leaves it vouching
+        for parts that are no longer there."""
         self._write("DELETE FROM staging WHERE path = ?", (path,))
         self._write(
             "INSERT INTO staging (path, size, last_modified, part_size) VALUES (?, ?, ?, ?)",
             (path, size, last_modified, part_size),
         )
-        self.maybe_commit()
+        self.commit()
 
     def part_done(self, path: str, part: int) -> None:
         self._write("INSERT OR IGNORE INTO parts (path, part) VALUES (?, ?)", (path, part))

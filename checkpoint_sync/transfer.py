@@ -141,10 +141,10 @@ class Transfers:
         staged = _Staged(fd, key, unseen)
         self._in_flight.add(staged)
         try:
-            if not keep:
-                _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
             if multipart and not keep:
                 self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
+            if not keep:
+                _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
             digests = await self._fetch_parts(staged, file, todo)
             if digests is not None:
                 _check_length(fd, file.size)

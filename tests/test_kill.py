@@ -154,6 +154,38 @@ def test_a_record_never_outlives_the_file_it_describes(server: ServerThread, des
     assert_exact(path, small)
 
 
+def test_parts_recorded_by_an_old_run_never_vouch_for_a_reset_staging_file(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts 0 and 1 are recorded; a one-stream attempt leaves the staging file short; the next
+    run resets it (zeros at full size) and is killed before any part lands. The old record must
+    not have survived that reset, or the last run would publish zeros as verified."""
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    catalog = job_catalog(checkpoints=1, large_size=(1 << 20) + 12345, small_files=0)
+    in_parts = ("--part-size", "256KiB", "--concurrency", "1")
+    with ServerThread(catalog) as server:
+        server.faults.hook = lambda name, start, end: "500" if start >= 512 << 10 else None
+        assert run_cli(*sync_args(server, dest, *in_parts)).code == 1
+        server.faults.hook = lambda name, start, end: "short"
+        assert run_cli(*sync_args(server, dest, "--part-size", "2MiB")).code == 1
+
+        killed: list[subprocess.Popen[bytes]] = []
+
+        def kill_at_first_request(name: str, start: int, end: int) -> str:
+            killed[0].kill()
+            return "stall"
+
+        server.faults.hook = kill_at_first_request
+        killed.append(run_subprocess(*sync_args(server, dest, *in_parts)))
+        killed[0].communicate(timeout=60)
+        server.faults.hook = None
+        final = run_cli(*sync_args(server, dest, *in_parts))
+
+        assert final.code == 0, final.stderr
+        for file in server.files():
+            assert_exact(mirrored(dest, JOB, file), file)
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
     server: ServerThread, dest: Path, signum: signal.Signals, code: int
