@@ -17,7 +17,7 @@ from typing import Literal
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .errors import ApiError, FileError, TransientError, most_severe
+from .errors import ApiError, FileError, LocalIOError, TransientError, most_severe
 from .layout import STATE_DIR, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
@@ -123,13 +123,15 @@ async def _run(
     )
     send, receive = anyio.create_memory_object_stream[_Job](max_buffer_size=options.concurrency)
     listing_failed: list[ApiError | TransientError] = []
+    stop = _Stop()
 
     async def produce() -> None:
-        try:
-            await _produce(source, selection, options, manifest, stats, on_plan, send)
-        except (ApiError, TransientError) as exc:
-            # The files already queued are good: let them land, then report the broken listing.
-            listing_failed.append(exc)
+        with stop.listing:
+            try:
+                await _produce(source, selection, options, manifest, stats, on_plan, send)
+            except (ApiError, TransientError) as exc:
+                # The files already queued are good: let them land, then report the listing.
+                listing_failed.append(exc)
 
     try:
         async with anyio.create_task_group() as outer:
@@ -138,10 +140,12 @@ async def _run(
                 tg.start_soon(produce)
                 async with receive:
                     for _ in range(options.concurrency):
-                        tg.start_soon(_work, receive.clone(), transfers, stats)
+                        tg.start_soon(_work, receive.clone(), transfers, stats, stop)
             outer.cancel_scope.cancel()
     except ExceptionGroup as group:
         raise most_severe(group) from None
+    if stop.error is not None:
+        raise stop.error
     if listing_failed:
         raise listing_failed[0]
 
@@ -212,15 +216,32 @@ def _plan(
     return relative, "fetch", recorded
 
 
+class _Stop:
+    """The first error that stops a run once the files in flight are done: the disk is full or
+    cannot be written. Those files may still land (they hold their space); nothing new starts."""
+
+    def __init__(self) -> None:
+        self.error: LocalIOError | None = None
+        self.listing = anyio.CancelScope()
+
+    def stop(self, error: LocalIOError) -> None:
+        self.error = self.error or error
+        self.listing.cancel()
+
+
 async def _work(
-    receive: MemoryObjectReceiveStream[_Job], transfers: Transfers, stats: Stats
+    receive: MemoryObjectReceiveStream[_Job], transfers: Transfers, stats: Stats, stop: _Stop
 ) -> None:
     async with receive:
         async for job in receive:
+            if stop.error is not None:
+                continue  # drained, not fetched
             try:
                 await transfers.fetch(job.file, job.relative, replaces=job.replaces)
             except FileError as exc:
                 stats.fail(job.relative, str(exc))
+            except LocalIOError as exc:
+                stop.stop(exc)
             else:
                 stats.files_fetched += 1
 

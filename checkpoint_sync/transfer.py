@@ -194,12 +194,13 @@ class Transfers:
             raise _local_error(exc, self._staging_dir) from exc
         if info.f_blocks == 0:
             return  # no capacity reported (ramfs, some FUSE mounts): nothing to check against
+        free = info.f_bavail * info.f_frsize - SPACE_RESERVE
         unseen = sum(staged.unseen for staged in self._in_flight)
-        free = info.f_bavail * info.f_frsize - unseen - SPACE_RESERVE
-        if size > free:
+        if size > free - unseen:
+            promised = f", {human_bytes(unseen)} of it to files being fetched" if unseen else ""
             raise LocalIOError(
                 f"not enough space for {final}: it needs {human_bytes(size)}, "
-                f"{human_bytes(max(free, 0))} is free on {self._dest} "
+                f"{human_bytes(max(free, 0))} is free on {self._dest}{promised} "
                 f"(keeping {human_bytes(SPACE_RESERVE)} for the manifest)"
             )
 

@@ -117,7 +117,35 @@ def test_files_in_flight_count_against_free_space_before_they_land(disk: Path) -
         assert result.stderr.count("\n") == 1
         assert "not enough space for " in result.stderr
         assert "it needs 3.0 MiB" in result.stderr
-        assert len(published(server, disk / "mirror")) <= 1
+        assert "of it to files being fetched" in result.stderr
+        assert len(published(server, disk / "mirror")) == 1  # the one in flight landed
+
+
+def test_files_in_flight_when_the_disk_fills_still_land_and_the_rerun_fetches_the_rest(
+    disk: Path,
+) -> None:
+    """Four 1.5 MiB files go out together onto about 3.9 MiB: two fit. The others are refused,
+    and the run stops with exit 6, but only once the two in flight have landed; otherwise every
+    rerun would start them again and throw them away again."""
+    catalog = job_catalog(checkpoints=1, large_files=2, large_size=3 << 19, small_files=0)
+    with ServerThread(catalog, Faults(throttle=4 << 20)) as server:
+        full = run_cli(*sync_args(server, disk / "mirror"))
+
+        assert full.code == 6
+        assert "not enough space for " in full.stderr
+        assert len(published(server, disk / "mirror")) == 2
+        assert_records_true(disk / "mirror")
+
+        remount(disk, "size=32m")
+        again = run_cli(*sync_args(server, disk / "mirror", "--json"))
+
+        assert again.code == 0, again.stderr
+        assert json.loads(again.stdout)["files"] == {
+            "listed": 4,
+            "fetched": 2,
+            "skipped": 2,
+            "failed": 0,
+        }
 
 
 def test_bytes_that_landed_are_not_counted_twice_against_free_space(
