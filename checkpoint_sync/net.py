@@ -91,6 +91,10 @@ def _origin_problem(origin: str) -> str | None:
         return "not a valid URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "not an http(s) URL"
+    try:
+        parts.hostname.encode("idna")  # what connecting does: empty or over-long labels fail
+    except UnicodeError:
+        return "not a valid host name"
     return None
 
 

@@ -146,7 +146,6 @@ class HttpClient:
         with converting_errors(url, what):
             request = _request_bytes(parts, headers, method, body)
             connection, response = await self._send(url, parts, host, request)
-            self._busy.add(connection)
             try:
                 yield response
             except BaseException:
@@ -173,16 +172,27 @@ class HttpClient:
         while idle:
             connection = idle.pop()
             try:
-                return connection, await connection.send(request)
+                return connection, await self._exchange(connection, request)
             except _StaleConnection:
                 continue  # the server closed it while it was idle: not a failure
         connection = await self._connect(scheme, host, port)
         try:
-            return connection, await connection.send(request)
+            return connection, await self._exchange(connection, request)
         except _StaleConnection as exc:
             raise TransientError(
                 f"connection closed before an answer from {redact_url(url)}"
             ) from exc
+
+    async def _exchange(self, connection: _Connection, request: bytes) -> Response:
+        """Send ``request`` and wait for the head of the answer, watched for stalls like a body;
+        the connection is busy from here until the caller is done with the answer."""
+        self._busy.add(connection)
+        try:
+            return await connection.send(request)
+        except BaseException:
+            self._busy.discard(connection)
+            connection.close()
+            raise
 
     async def _connect(self, scheme: str, host: str, port: int) -> _Connection:
         loop = asyncio.get_running_loop()
@@ -199,7 +209,7 @@ class HttpClient:
         return connection
 
     def _release(self, connection: _Connection) -> None:
-        if not connection.reusable:
+        if not connection.reusable or connection.paused:
             connection.close()
             return
         idle = self._idle.setdefault(connection.key, [])
@@ -228,9 +238,12 @@ def _request_bytes(
     authority = parts.netloc.rpartition("@")[2]
     lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
     for name, value in headers.items():
-        if "\r" in value or "\n" in value:
+        if "\r" in value or "\n" in value or not value.isascii():
             # A key pasted with its line break would end the head early, or add a header.
-            raise UsageError(f"the {name} header would contain a line break (check the API key)")
+            raise UsageError(
+                f"the {name} header would contain a line break or a non-ASCII character "
+                "(check the API key)"
+            )
         lines.append(f"{name}: {value}")
     if body or method != "GET":
         lines.append(f"Content-Length: {len(body)}")
@@ -272,6 +285,11 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._base = 0
         self._filled = 0
 
+    @property
+    def paused(self) -> bool:
+        """Reading is paused: an answer was left partly unread in our buffer."""
+        return self._paused
+
     # --- asyncio.BufferedProtocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -294,7 +312,9 @@ class _Connection(asyncio.BufferedProtocol, Body):
                 data = bytes(self._view[start : self._filled])
                 self._filled = start
                 self._feed_chunks(data)
-        except BaseException as exc:  # a parse error, or the sink's own (disk full...)
+        except ValueError as exc:  # not HTTP as we understand it: like a broken connection
+            self.fail(ConnectionError(f"malformed answer ({exc})"), abort=True)
+        except BaseException as exc:  # the sink's own (disk full...)
             self.fail(exc, abort=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -305,7 +325,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
                 self._head_done,
                 _StaleConnection() if not self._answered else ConnectionResetError(),
             )
-        elif self._in_body and self._remaining is None and self._chunks is None:
+        elif self._in_body and self._remaining is None and self._chunks is None and exc is None:
             try:
                 self._hand_over()
                 self._finish()  # a body delimited by the end of the connection

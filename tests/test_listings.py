@@ -236,6 +236,8 @@ def test_api_5xx_that_persists_is_reported_after_the_allowed_attempts(
         ("http://[::1]:8080/objects/1", None),
         ("http://[::1/objects/1", "not a valid URL"),
         ("http://127.0.0.1:99999/", "not a valid URL"),
+        ("http://api..example.com/v1", "not a valid host name"),
+        ("http://" + "a" * 64 + ".example.com/", "not a valid host name"),
         ("ftp://host/file", "not an http(s) URL"),
         ("localhost:8080", "not an http(s) URL"),
         ("/objects/1", "not an http(s) URL"),

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 
 from checkpoint_sync.api import ApiClient
@@ -142,6 +145,72 @@ async def test_a_stalled_answer_times_out() -> None:
             await fetch(http, url)
 
 
+async def test_an_answer_that_never_comes_times_out_and_its_connection_is_dropped() -> None:
+    server = Server(lambda _: [])  # reads each request, never answers
+    async with serving(server) as url, client(read_timeout=0.3) as http:
+        for _ in range(2):
+            with pytest.raises(TransientError, match="timed out"):
+                await fetch(http, url)
+    assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"FOO 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: " + b"y" * (70 << 10),
+    ],
+    ids=["status-line", "content-length", "chunk-size", "head-too-large"],
+)
+async def test_a_malformed_answer_is_a_transient_error(answer: bytes) -> None:
+    server = Server(lambda _: [answer], close_after_each=True)
+    async with serving(server) as url, client() as http:
+        with pytest.raises(TransientError, match="malformed answer") as caught:
+            await fetch(http, url)
+    assert "X-Amz-Signature" not in str(caught.value)
+
+
+async def test_a_reset_does_not_end_a_body_delimited_by_the_end_of_the_connection() -> None:
+    async def answer_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b'HTTP/1.1 200 OK\r\n\r\n{"partial": ')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )
+        writer.transport.abort()  # RST, not FIN
+
+    listener = await asyncio.start_server(answer_then_reset, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/o"
+    try:
+        async with client() as http:
+            with pytest.raises(TransientError, match="closed mid-body"):
+                await fetch(http, url)
+    finally:
+        listener.close()
+
+
+async def test_a_connection_left_paused_by_a_partly_read_answer_is_not_reused() -> None:
+    page = b"<Error>" + b"x" * (1200 << 10) + b"</Error>"  # more than is held unpaused
+
+    def script(n: int) -> list[bytes]:
+        if n == 1:
+            return [b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(page) + page]
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+
+    server = Server(script)
+    async with serving(server) as url, client(read_timeout=2) as http:
+        async with http.request(url, {}) as response:
+            await asyncio.sleep(0.2)  # the whole page arrives before it is read
+            assert await response.read(7) == b"<Error>"
+        with anyio.fail_after(5):
+            assert await fetch(http, url) == (200, b"ok")
+    assert server.connections == 2
+
+
 async def test_more_bytes_than_announced_are_cut_and_the_connection_dropped() -> None:
     server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello-and-more"])
     async with serving(server) as url, client() as http:
@@ -159,11 +228,16 @@ async def test_error_pages_are_read_up_to_a_limit() -> None:
         assert await response.read(40) == page[:40]
 
 
-async def test_a_header_with_a_line_break_is_refused_before_anything_is_sent() -> None:
+@pytest.mark.parametrize(
+    "value",
+    ["Bearer key\r\nX-Injected: 1", "Bearer key\u2011pasted"],
+    ids=["line-break", "non-ascii"],
+)
+async def test_a_header_that_cannot_be_sent_is_refused_before_anything_is_sent(value: str) -> None:
     server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"])
     async with serving(server) as url, client() as http:
         with pytest.raises(UsageError, match="Authorization header would contain a line break"):
-            async with http.request(url, {"Authorization": "Bearer key\r\nX-Injected: 1"}):
+            async with http.request(url, {"Authorization": value}):
                 pass
     assert server.requests == []
 
