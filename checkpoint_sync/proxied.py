@@ -67,11 +67,14 @@ class _AiohttpBody(Body):
         self._response = response
 
     async def stream_to(self, sink: Sink, file: FileTarget | None) -> None:
-        while chunk := (await self._response.content.readchunk())[0]:
-            sink(memoryview(chunk))
+        async for data in self._response.content.iter_any():
+            sink(memoryview(data))
 
     async def read(self, limit: int) -> bytes:
-        return await self._response.content.read(limit)
+        got = bytearray()  # content.read gives what is buffered, not up to the limit
+        while len(got) < limit and (data := await self._response.content.read(limit - len(got))):
+            got += data
+        return bytes(got)
 
 
 @contextmanager

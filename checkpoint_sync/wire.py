@@ -539,6 +539,7 @@ class _Chunked:
         self._buffer = b""
         self._left = 0  # bytes of the current chunk still to come
         self._after_chunk = False  # its CRLF still to come
+        self._in_trailers = False  # after the last chunk: header lines up to an empty one
         self.done = False
 
     def feed(self, data: bytes) -> list[bytes]:
@@ -559,9 +560,13 @@ class _Chunked:
             if self._after_chunk:
                 self._after_chunk = False  # the CRLF that closes a chunk
                 continue
+            if self._in_trailers:
+                # Not needed, but read to the end: left over, they would be taken for the
+                # head of the next answer on this connection.
+                self.done = not line
+                continue
             size = int(line.split(b";")[0], 16)
-            if size == 0:
-                self.done = True  # trailers, if any, are not needed
+            self._in_trailers = size == 0
             self._left = size
         return pieces
 

@@ -6,8 +6,8 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import anyio
@@ -22,8 +22,9 @@ from checkpoint_sync.wire import HttpClient
 
 pytestmark = pytest.mark.anyio
 
-# Each script: what the server writes for one request, as separate writes.
-Script = Callable[[int], list[bytes]]
+# Each script: what the server writes for one request, as separate writes; a number is a pause
+# in seconds (the bytes after it then come in a TCP segment of their own).
+Script = Callable[[int], Sequence[bytes | float]]
 
 
 class Server:
@@ -39,6 +40,9 @@ class Server:
             while head := await reader.readuntil(b"\r\n\r\n"):
                 self.requests.append(head)
                 for piece in self.script(len(self.requests)):
+                    if isinstance(piece, float):
+                        await asyncio.sleep(piece)
+                        continue
                     writer.write(piece)
                     await writer.drain()
                     await asyncio.sleep(0)
@@ -299,8 +303,15 @@ async def proxy_in_env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[by
     """A minimal HTTP proxy named by HTTP_PROXY; yields the request heads it forwarded."""
     seen: list[bytes] = []
 
+    async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        with suppress(ConnectionError):
+            while data := await source.read(1 << 16):
+                sink.write(data)
+                await sink.drain()
+        sink.close()
+
     async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Absolute-form request in, origin-form request out, one answer back.
+        # Absolute-form request in, origin-form request out, then bytes both ways as they come.
         head = await reader.readuntil(b"\r\n\r\n")
         seen.append(head)
         method, target, rest = head.split(b" ", 2)
@@ -308,10 +319,7 @@ async def proxy_in_env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[by
         host, port = origin[2].decode().rsplit(":", 1)
         upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
         upstream_writer.write(b" ".join([method, b"/" + origin[3], rest]))
-        writer.write(await upstream_reader.read(1 << 16))
-        await writer.drain()
-        writer.close()
-        upstream_writer.close()
+        await asyncio.gather(relay(upstream_reader, writer), relay(reader, upstream_writer))
 
     proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
@@ -333,6 +341,40 @@ async def test_urls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch
         assert await fetch(http, url) == (200, b"proxy")
     assert seen
     assert seen[0].startswith(b"GET http://127.0.0.1:")
+
+
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def test_bodies_behind_a_proxy_arrive_whole_however_they_are_cut(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server = Server(
+        lambda n: (
+            [CHUNKED_HEAD + b"5\r\nhello", 0.05, b"\r\n5\r\nworld\r\n0\r\n\r\n"]
+            if n == 1
+            else [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", 0.05, b"world"]
+        )
+    )
+    async with proxy_in_env(monkeypatch) as seen, serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"helloworld")
+        async with http.request(url, {}) as response:
+            assert await response.read(1000) == b"helloworld"  # up to the limit, not one read
+    assert seen
+
+
+async def test_chunk_trailers_are_read_before_the_connection_is_reused() -> None:
+    server = Server(
+        lambda n: (
+            [CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n", 0.05, b"X-Checksum: 1\r\n\r\n"]
+            if n == 1
+            else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        )
+    )
+    async with serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"hello")
+        assert await fetch(http, url) == (200, b"ok")
+    assert server.connections == 1
 
 
 async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
