@@ -363,6 +363,9 @@ class _PartWriter:
         self._state.offset += size
         self._staged.landed(size)
 
+    def write_failed(self, error: OSError) -> CheckpointSyncError:
+        return _local_error(error, self._dest, self._state.end - self._state.offset)
+
     def take(self, piece: memoryview) -> None:
         """Called on the event loop with each piece, which is only valid during the call."""
         size = len(piece)

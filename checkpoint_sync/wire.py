@@ -61,6 +61,9 @@ class FileTarget(Protocol):
     def took(self, size: int) -> None:
         """``size`` more bytes were written at ``offset`` behind the sink's back."""
 
+    def write_failed(self, error: OSError) -> Exception:
+        """What to raise when writing into the file failed (a full disk is not the network's)."""
+
 
 class Response:
     """Status and headers (lower-case names) of an answer whose body is still to be read."""
@@ -503,6 +506,8 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._remaining -= moved
         if error is not None:
             self.fail(error, abort=True)
+            if isinstance(error, _WriteFailed):
+                raise file.write_failed(error.error) from error.error
             raise error
         self._paused = False
         self._transport.resume_reading()
@@ -530,6 +535,14 @@ def _settle(waiter: asyncio.Future[Any], exc: BaseException) -> None:
 
 class _Enough(Exception):
     """Read as much of an error page as wanted."""
+
+
+class _WriteFailed(Exception):
+    """A splice failed on the file's side, not the connection's."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _Chunked:
@@ -615,13 +628,16 @@ def _splice(
                 return moved, ConnectionResetError("connection closed mid-body")
             left = got
             while left:
-                left -= os.splice(
-                    read_end,
-                    fd,
-                    left,
-                    offset_dst=offset + moved + got - left,
-                    flags=os.SPLICE_F_MOVE,
-                )
+                try:
+                    left -= os.splice(
+                        read_end,
+                        fd,
+                        left,
+                        offset_dst=offset + moved + got - left,
+                        flags=os.SPLICE_F_MOVE,
+                    )
+                except OSError as exc:
+                    return moved + got - left, _WriteFailed(exc)
             moved += got
         return moved, None
     except OSError as exc:

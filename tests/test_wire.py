@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from checkpoint_sync.api import ApiClient
-from checkpoint_sync.errors import TransientError, UsageError
+from checkpoint_sync.errors import LocalIOError, TransientError, UsageError
 from checkpoint_sync.models import TrainingJobCheckpoints
 from checkpoint_sync.net import NetSettings, proxy_for_host
 from checkpoint_sync.retry import RetryPolicy
@@ -267,8 +267,26 @@ class FileTarget:
         self.offset += size
         self.spliced += size
 
+    def write_failed(self, error: OSError) -> Exception:
+        return LocalIOError(f"cannot write the part: {error.strerror}")
+
 
 BIG = bytes(range(256)) * (24 << 10)  # 6 MiB, past the splice threshold
+
+
+async def test_a_splice_that_cannot_write_fails_as_the_file_not_as_the_network(
+    tmp_path: Path,
+) -> None:
+    head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    server = Server(lambda _: [head, 0.05, BIG])  # all of the body goes by splice
+    target = FileTarget(tmp_path / "part")
+    os.close(target.fd)
+    target.fd = os.open(tmp_path / "part", os.O_RDONLY)  # as a full or read-only disk would
+    async with serving(server) as url, client() as http:
+        with pytest.raises(LocalIOError, match="cannot write the part: Bad file descriptor"):
+            async with http.request(url, {}) as response:
+                await response.stream_to(target.take, target)
+    os.close(target.fd)
 
 
 async def test_a_large_plain_http_body_is_spliced_into_the_file_exactly(tmp_path: Path) -> None:
