@@ -42,6 +42,10 @@ def safe_relative_path(path: str, what: str = "file name") -> str:
     return path
 
 
+# The manifest keeps ranks as SQLite integers (64-bit signed).
+MAX_NODE_RANK = (1 << 63) - 1
+
+
 def mirror_path(file: RemoteFile) -> str:
     """``<run>/<checkpoint>/<node_rank>/<path>``, relative to DEST, or `UnsafePathError`."""
     run = safe_segment(file.run, "run")
@@ -49,6 +53,8 @@ def mirror_path(file: RemoteFile) -> str:
         raise UnsafePathError(f"run {run!r} would overwrite checkpoint-sync's own state")
     if file.node_rank < 0:
         raise UnsafePathError(f"node rank {file.node_rank} is negative")
+    if file.node_rank > MAX_NODE_RANK:
+        raise UnsafePathError(f"node rank {file.node_rank} is out of range")
     checkpoint = safe_segment(file.checkpoint, "checkpoint")
     return f"{run}/{checkpoint}/{file.node_rank}/{safe_relative_path(file.path)}"
 

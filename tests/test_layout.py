@@ -56,6 +56,7 @@ def test_unsafe_relative_paths(path: str, reason: str) -> None:
         ("job", "c\\d", 0, "backslash"),
         (".checkpoint-sync", "c", 0, "own state"),
         ("job", "c", -1, "negative"),
+        ("job", "c", 1 << 63, "out of range"),
     ],
 )
 def test_unsafe_run_checkpoint_or_rank(run: str, checkpoint: str, rank: int, reason: str) -> None:
