@@ -21,7 +21,7 @@ from .net import NetSettings
 from .plan import Selection
 from .progress import Stats
 from .retry import RetryPolicy
-from .sources.base import Checkpoint, Listed, RemoteFile, Source, UnreadableEntry
+from .sources.base import Checkpoint, Listed, Relisted, RemoteFile, Source, UnreadableEntry
 from .transfer import TransferSettings
 from .wire import HttpClient
 
@@ -99,8 +99,8 @@ class _Budgeted:
                 taken += file.size
             yield kept
 
-    async def refresh_url(self, file: RemoteFile) -> str:
-        return await self._source.refresh_url(file)
+    async def relist(self, file: RemoteFile) -> Relisted:
+        return await self._source.relist(file)
 
 
 async def run_trials(

@@ -181,10 +181,16 @@ class Transfers:
         self._stats.bytes_published += file.size
 
     async def _relist(self, file: RemoteFile) -> str:
-        """A fresh presigned URL for ``file``, checked like a listed one."""
-        url = await self._source.refresh_url(file)
-        check_listed_url(url)
-        return url
+        """A fresh presigned URL for ``file``, checked like a listed one; `FileError` if the
+        listing now shows another version of it, whose bytes must not join the old one's."""
+        now = await self._source.relist(file)
+        if (now.size, now.last_modified) != (file.size, file.last_modified):
+            raise FileError(
+                f"changed while it was being fetched (now {now.size} bytes, last modified "
+                f"{now.last_modified}): the next run fetches the new version"
+            )
+        check_listed_url(now.url)
+        return now.url
 
     def _check_space(self, size: int, final: str) -> None:
         """Stop with a clear message before the disk is full, not with ENOSPC half way."""

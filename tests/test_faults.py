@@ -129,6 +129,36 @@ def test_urls_that_expire_mid_transfer_are_refreshed_and_nothing_is_fetched_twic
     assert server.traffic.object_bytes_sent == sum(f.size for f in wanted)
 
 
+def test_a_file_replaced_mid_transfer_is_not_published_from_two_versions(dest: Path) -> None:
+    """Half way through, the object is replaced and the URL in hand refused: the listing, read
+    again for a fresh URL, shows the new version. Its bytes must not join the old ones."""
+    catalog = job_catalog(checkpoints=1, large_size=4 * PART, small_files=0)
+    with ServerThread(catalog) as server:
+        replaced: list[int] = []
+
+        def replace_then_refuse(name: str, start: int, end: int) -> str | None:
+            if start < 2 * PART or replaced:
+                return None
+            replaced.append(start)
+            for file in server.files():  # both ranks' copies
+                file.seed, file.last_modified = 31337, "2026-12-01T00:00:00+00:00"
+            return "403"
+
+        server.faults.hook = replace_then_refuse
+        first = run_cli(*sync_args(server, dest, "--concurrency", "1", "--json"))
+
+        assert first.code == 1
+        (failure,) = json.loads(first.stdout)["failures"]
+        assert "changed while it was being fetched" in failure["error"]
+
+        server.faults.hook = None
+        again = run_cli(*sync_args(server, dest))
+
+        assert again.code == 0, again.stderr
+        for file in server.files():
+            assert_exact(mirrored(dest, JOB, file), file)
+
+
 @pytest.mark.parametrize("large", [True, False])
 def test_a_persistent_403_is_a_permission_error_for_that_file_only(
     server: ServerThread, dest: Path, large: bool

@@ -97,6 +97,15 @@ class UnreadableEntry:
 Listed = RemoteFile | UnreadableEntry
 
 
+@dataclass(frozen=True, slots=True)
+class Relisted:
+    """A file as its listing shows it now: a fresh URL, and what tells whether it changed."""
+
+    url: str
+    size: int
+    last_modified: str
+
+
 class Source(Protocol):
     """A provider's listing. ``name`` goes into the manifest beside every file."""
 
@@ -116,8 +125,8 @@ class Source(Protocol):
         """The files of the selected checkpoints, one listing page at a time."""
         ...
 
-    async def refresh_url(self, file: RemoteFile) -> str:
-        """A fresh presigned URL for ``file``, by listing its page again."""
+    async def relist(self, file: RemoteFile) -> Relisted:
+        """``file`` as listed now (a fresh presigned URL), by listing its page again."""
         ...
 
 

@@ -18,8 +18,17 @@ from urllib.parse import quote
 from ..api import ApiClient
 from ..errors import NotFoundError, UsageError
 from ..models import LoopsCheckpoints, LoopsTarget, Unreadable
-from .base import Checkpoint, Listed, RemoteFile, Source, SourceContext, SyncState, UnreadableEntry
-from .baseten_pages import file_pages, fresh_url, remote_file
+from .base import (
+    Checkpoint,
+    Listed,
+    Relisted,
+    RemoteFile,
+    Source,
+    SourceContext,
+    SyncState,
+    UnreadableEntry,
+)
+from .baseten_pages import file_pages, relist, remote_file
 
 URI_PREFIX = "bt://loops:"
 URI_FORM = "bt://loops:RUN_ID/weights/NAME or bt://loops:RUN_ID/sampler_weights/NAME"
@@ -140,9 +149,9 @@ class LoopsSource:
                     for entry in entries
                 ]
 
-    async def refresh_url(self, file: RemoteFile) -> str:
+    async def relist(self, file: RemoteFile) -> Relisted:
         what = _what(file.run, file.checkpoint)
-        return await fresh_url(self._api, file.origin, what, file.path, file.node_rank)
+        return await relist(self._api, file.origin, what, file.path, file.node_rank)
 
 
 def _what(run: str, checkpoint: str) -> str:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from ..api import ApiClient
 from ..errors import FileError, MalformedResponseError
 from ..models import CheckpointFile, CheckpointFilesPage, Unreadable
-from .base import PageRef, RemoteFile
+from .base import PageRef, Relisted, RemoteFile
 
 
 async def file_pages(
@@ -50,28 +50,28 @@ async def read_page(api: ApiClient, ref: PageRef, what: str) -> CheckpointFilesP
     )
 
 
-async def fresh_url(
+async def relist(
     api: ApiClient, ref: PageRef, what: str, relative_file_name: str, node_rank: int
-) -> str:
-    """A new presigned URL for one entry: its own page first, the whole listing if it moved."""
+) -> Relisted:
+    """One entry as listed now: its own page first, the whole listing if it moved."""
 
-    def find(entries: list[CheckpointFile | Unreadable]) -> str | None:
+    def find(entries: list[CheckpointFile | Unreadable]) -> Relisted | None:
         for entry in entries:
             if (
                 isinstance(entry, CheckpointFile)
                 and entry.relative_file_name == relative_file_name
                 and entry.node_rank == node_rank
             ):
-                return entry.url
+                return Relisted(entry.url, entry.size_bytes, entry.last_modified)
         return None
 
-    url = find((await read_page(api, ref, what)).presigned_urls)
-    if url is not None:
-        return url
+    found = find((await read_page(api, ref, what)).presigned_urls)
+    if found is not None:
+        return found
     async for _, entries in file_pages(api, ref.listing, ref.page_size, what):
-        url = find(entries)
-        if url is not None:
-            return url
+        found = find(entries)
+        if found is not None:
+            return found
     raise FileError(f"{relative_file_name} (rank {node_rank}) is no longer listed")
 
 

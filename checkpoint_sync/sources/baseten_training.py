@@ -9,8 +9,17 @@ from urllib.parse import quote
 from ..api import ApiClient
 from ..errors import UsageError
 from ..models import TrainingJobCheckpoints, Unreadable
-from .base import Checkpoint, Listed, RemoteFile, Source, SourceContext, SyncState, UnreadableEntry
-from .baseten_pages import file_pages, fresh_url, remote_file
+from .base import (
+    Checkpoint,
+    Listed,
+    Relisted,
+    RemoteFile,
+    Source,
+    SourceContext,
+    SyncState,
+    UnreadableEntry,
+)
+from .baseten_pages import file_pages, relist, remote_file
 
 
 class TrainingJobSource:
@@ -70,9 +79,9 @@ class TrainingJobSource:
             return []
         return [UnreadableEntry(self._job, checkpoint, rank, rest, entry.reason)]
 
-    async def refresh_url(self, file: RemoteFile) -> str:
+    async def relist(self, file: RemoteFile) -> Relisted:
         name = f"{file.checkpoint}/{file.path}"
-        return await fresh_url(self._api, file.origin, self.description, name, file.node_rank)
+        return await relist(self._api, file.origin, self.description, name, file.node_rank)
 
 
 class TrainingJobs:

@@ -20,6 +20,7 @@ from .base import (
     Checkpoint,
     Listed,
     PageRef,
+    Relisted,
     RemoteFile,
     Source,
     SourceContext,
@@ -124,8 +125,7 @@ class WandbSource:
                         node_rank=0,
                         path=f.name,
                         size=f.size_bytes,
-                        # Artifact files are content-addressed: the digest is the change marker.
-                        last_modified=f"md5:{f.md5}",
+                        last_modified=_version(f.md5),
                         url=f.direct_url,
                         origin=ref,
                         md5=f.md5,
@@ -133,12 +133,12 @@ class WandbSource:
                     for f in files
                 ]
 
-    async def refresh_url(self, file: RemoteFile) -> str:
+    async def relist(self, file: RemoteFile) -> Relisted:
         artifacts = self._artifacts_or_fail()
         async for files in artifacts.pages(file.origin.listing, self._page_size):
             for found in files:
                 if isinstance(found, ArtifactFile) and found.name == file.path:
-                    return found.direct_url
+                    return Relisted(found.direct_url, found.size_bytes, _version(found.md5))
         raise FileError(f"{file.path} is no longer in {artifacts.path}:{file.origin.listing}")
 
     def _artifacts_or_fail(self) -> ArtifactFiles:
@@ -191,3 +191,9 @@ class WandbTraining:
             best=None if args.best is None else (args.best, args.minimize),
             page_size=context.settings.page_size,
         )
+
+
+def _version(md5: str) -> str:
+    """What the manifest keeps as an artifact file's last_modified: artifact files are
+    content-addressed, so the digest is the change marker."""
+    return f"md5:{md5}"
