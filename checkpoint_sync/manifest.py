@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from .errors import LocalIOError
 from .plan import Recorded, Staged
@@ -219,6 +220,15 @@ class Manifest:
 
 
 def _connect_read_only(db_path: Path) -> sqlite3.Connection:
-    if db_path.exists():
-        return sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, isolation_level=None)
-    return sqlite3.connect(":memory:", isolation_level=None)
+    """For --dry-run and list: reads that leave the mirror as it was.
+
+    With no WAL file beside the database, no writer has it open, and it is opened immutable:
+    nothing is created next to it (a WAL reader would add -wal and -shm files), and a mirror on
+    a read-only mount can be read at all.
+    """
+    if not db_path.exists():
+        return sqlite3.connect(":memory:", isolation_level=None)
+    writer_around = Path(f"{db_path}-wal").exists()
+    mode = "ro" if writer_around else "ro&immutable=1"
+    uri = f"file:{quote(str(db_path))}?mode={mode}"
+    return sqlite3.connect(uri, uri=True, isolation_level=None)

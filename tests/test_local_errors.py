@@ -189,6 +189,24 @@ def test_a_filesystem_that_reports_no_capacity_is_written_to(
         assert len(published(server, point / "mirror")) == len(server.files())
 
 
+def test_a_dry_run_leaves_the_mirror_untouched_and_works_on_a_read_only_one(
+    server: ServerThread, disk: Path
+) -> None:
+    remount(disk, "size=32m")
+    dest = disk / "mirror"
+    assert run_cli(*sync_args(server, dest)).code == 0
+    state = sorted(p.name for p in (dest / ".checkpoint-sync").iterdir())
+
+    planned = run_cli(*sync_args(server, dest, "--dry-run"))
+
+    assert planned.code == 0, planned.stderr
+    assert sorted(p.name for p in (dest / ".checkpoint-sync").iterdir()) == state
+    remount(disk, "ro")
+    read_only = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
+    assert read_only.code == 0, read_only.stderr
+    assert json.loads(read_only.stdout)["files"]["skipped"] == len(server.files())
+
+
 def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
     server: ServerThread, disk: Path
 ) -> None:
