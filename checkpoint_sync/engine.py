@@ -18,7 +18,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import ApiError, FileError, LocalIOError, TransientError, most_severe
-from .layout import STATE_DIR, mirror_path
+from .layout import STATE_DIR, is_within, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
 from .net import NetSettings
@@ -159,6 +159,7 @@ async def _produce(
     on_plan: Callable[[PlannedFile], None] | None,
     send: MemoryObjectSendStream[_Job] | None,
 ) -> None:
+    inside = _InsideDest(options.dest)
     try:
         async for page in source.file_pages(selection.checkpoints):
             for file in page:
@@ -167,7 +168,7 @@ async def _produce(
                     if wanted_rank(file.node_rank, options.node_ranks):
                         stats.fail(file.where, f"its listing entry is unreadable ({file.reason})")
                     continue
-                planned = _plan(file, options, manifest, stats)
+                planned = _plan(file, options, manifest, stats, inside)
                 if planned is None:
                     continue
                 relative, action, recorded = planned
@@ -182,7 +183,7 @@ async def _produce(
 
 
 def _plan(
-    file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats
+    file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats, inside: _InsideDest
 ) -> tuple[str, Literal["fetch", "skip"], Recorded | None] | None:
     """Where ``file`` goes, whether it must be fetched, and what the manifest has there; None
     if it is not to be mirrored."""
@@ -202,7 +203,10 @@ def _plan(
         stats.fail(relative, "listed more than once; only its first entry is mirrored")
         return None
     recorded = manifest.recorded(relative)
-    if is_current(file, recorded, local_size(f"{options.dest}/{relative}")):
+    final = f"{options.dest}/{relative}"
+    # A directory swapped for a symlink out of DEST: what is there is not the mirror's (and a
+    # fetch fails it as unsafe).
+    if is_current(file, recorded, local_size(final)) and inside(os.path.dirname(final)):
         stats.files_skipped += 1
         stats.bytes_skipped += file.size
         return relative, "skip", recorded
@@ -250,6 +254,20 @@ async def _commit_periodically(manifest: Manifest) -> None:
     while True:
         await anyio.sleep(COMMIT_SECONDS)
         manifest.commit()
+
+
+class _InsideDest:
+    """Whether a directory of the mirror resolves inside DEST: once per directory."""
+
+    def __init__(self, dest: Path) -> None:
+        self._root = os.path.realpath(dest)
+        self._known: dict[str, bool] = {}
+
+    def __call__(self, directory: str) -> bool:
+        known = self._known.get(directory)
+        if known is None:
+            known = self._known[directory] = is_within(self._root, os.path.realpath(directory))
+        return known
 
 
 def local_size(path: str) -> int | None:

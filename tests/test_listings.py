@@ -60,6 +60,26 @@ def test_symlinks_in_the_mirror_leading_outside_are_refused(
     assert len(landed(server, dest)) == len(list(server.catalog.files())) - len(misled)
 
 
+def test_a_mirrored_directory_replaced_by_a_symlink_out_is_not_taken_as_current(
+    server: ServerThread, dest: Path, tmp_path: Path
+) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    outside = tmp_path / "outside"
+    (dest / JOB / "checkpoint-10").rename(outside)  # same names, same sizes, now elsewhere
+    (dest / JOB / "checkpoint-10").symlink_to(outside)
+    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
+    moved = [f for f in server.catalog.files() if f.name.startswith("checkpoint-10/")]
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    summary = json.loads(result.stdout)
+    assert summary["files"]["skipped"] == len(list(server.catalog.files())) - len(moved)
+    assert len(summary["failures"]) == len(moved)
+    assert all("leads outside the destination" in f["error"] for f in summary["failures"])
+    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+
+
 def test_a_path_listed_twice_is_mirrored_once_from_its_first_entry(
     server: ServerThread, dest: Path
 ) -> None:
