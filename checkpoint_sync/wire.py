@@ -18,6 +18,7 @@ import asyncio
 import fcntl
 import os
 import select
+import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -509,6 +510,8 @@ class _Connection(asyncio.BufferedProtocol, Body):
             if isinstance(error, _WriteFailed):
                 raise file.write_failed(error.error) from error.error
             raise error
+        if _more_to_read(sock):
+            self._keep_alive = False  # more than the body came: the next answer cannot be told
         self._paused = False
         self._transport.resume_reading()
         self._finish()
@@ -598,6 +601,18 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     if version == "HTTP/1.0":
         headers.setdefault("connection", "close")
     return status, headers
+
+
+def _more_to_read(sock: int) -> bool:
+    """Whether ``sock`` holds bytes past a body that was read to its end, or was closed."""
+    with socket.socket(fileno=os.dup(sock)) as peek:
+        try:
+            peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"" when closed
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
 
 
 def _splice(

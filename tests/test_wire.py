@@ -289,6 +289,28 @@ async def test_a_splice_that_cannot_write_fails_as_the_file_not_as_the_network(
     os.close(target.fd)
 
 
+async def test_bytes_past_a_spliced_body_keep_its_connection_from_being_reused(
+    tmp_path: Path,
+) -> None:
+    head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    server = Server(
+        lambda n: (
+            [head, 0.05, BIG + b"SURPLUS"]
+            if n == 1
+            else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        )
+    )
+    target = FileTarget(tmp_path / "part")
+    async with serving(server) as url, client() as http:
+        async with http.request(url, {}) as response:
+            await response.stream_to(target.take, target)
+        assert target.spliced == len(BIG)
+        assert await fetch(http, url) == (200, b"ok")
+    os.close(target.fd)
+    assert (tmp_path / "part").read_bytes() == BIG
+    assert server.connections == 2
+
+
 async def test_a_large_plain_http_body_is_spliced_into_the_file_exactly(tmp_path: Path) -> None:
     head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
     server = Server(lambda _: [head + BIG[:1000], BIG[1000:]])
