@@ -8,8 +8,8 @@ object stores and JSON APIs send is understood: a status line, headers, and a bo
 Content-Length, chunked encoding or the end of the connection. Redirects are not followed.
 URLs behind a proxy go through aiohttp (`proxied.py`), loaded only then.
 
-Errors are converted here: connection failures, resets and stalls become `TransientError` naming
-the URL without its query string.
+Errors are converted here: connection failures, resets, stalls and answers that are not HTTP as
+expected become `TransientError` naming the URL without its query string.
 """
 
 from __future__ import annotations
