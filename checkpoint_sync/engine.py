@@ -159,7 +159,7 @@ async def _produce(
     on_plan: Callable[[PlannedFile], None] | None,
     send: MemoryObjectSendStream[_Job] | None,
 ) -> None:
-    inside = _InsideDest(options.dest)
+    inside = InsideDest(options.dest)
     try:
         async for page in source.file_pages(selection.checkpoints):
             for file in page:
@@ -183,7 +183,7 @@ async def _produce(
 
 
 def _plan(
-    file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats, inside: _InsideDest
+    file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats, inside: InsideDest
 ) -> tuple[str, Literal["fetch", "skip"], Recorded | None] | None:
     """Where ``file`` goes, whether it must be fetched, and what the manifest has there; None
     if it is not to be mirrored."""
@@ -256,7 +256,7 @@ async def _commit_periodically(manifest: Manifest) -> None:
         manifest.commit()
 
 
-class _InsideDest:
+class InsideDest:
     """Whether a directory of the mirror resolves inside DEST: once per directory."""
 
     def __init__(self, dest: Path) -> None:

@@ -7,6 +7,7 @@ the recorded size (one `lstat` each); contents are not read.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .engine import local_size, manifest_path
+from .engine import InsideDest, local_size, manifest_path
 from .manifest import Manifest
 from .plan import Recorded, wanted_rank
 from .progress import human_bytes
@@ -75,6 +76,7 @@ async def survey(
                 path = f"{file.run}/{file.checkpoint}/{file.node_rank}/{file.path}"
                 listed[file.run, file.checkpoint][path] = Recorded(file.size, file.last_modified)
     manifest = Manifest(manifest_path(dest), read_only=True)
+    inside = InsideDest(dest)
     try:
         rows = []
         for c in checkpoints:
@@ -83,8 +85,10 @@ async def survey(
                 v.path: Recorded(v.size, v.last_modified)
                 for v in manifest.files_in(c.run, c.name)
                 if wanted_rank(v.node_rank, node_ranks)
-                # A file deleted or cut short since is missing, as `sync` would find it.
+                # A file deleted or cut short since, or reached through a directory swapped for
+                # a symlink out of DEST, is missing, as `sync` would find it.
                 and local_size(f"{dest}/{v.path}") == v.size
+                and inside(os.path.dirname(f"{dest}/{v.path}"))
             }
             staging = manifest.has_staging_in(f"{c.run}/{c.name}/")
             size = c.size_bytes if c.size_bytes is not None else sum(f.size for f in files.values())

@@ -141,6 +141,21 @@ def test_a_file_deleted_or_truncated_on_disk_makes_its_checkpoint_partial(dest: 
     }
 
 
+def test_a_directory_swapped_for_a_symlink_out_makes_its_checkpoint_partial(
+    dest: Path, tmp_path: Path
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 0
+        rank_1 = dest / "job-1" / "checkpoint-10" / "1"
+        rank_1.rename(tmp_path / "elsewhere")  # the same files, outside the mirror
+        rank_1.symlink_to(tmp_path / "elsewhere")
+
+        result = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert states(result.stdout)["checkpoint-10"] == "partial"
+
+
 def test_a_remote_change_shows_and_list_writes_nothing(dest: Path) -> None:
     with ServerThread(job_catalog()) as server:
         assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 0
