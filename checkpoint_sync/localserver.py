@@ -646,6 +646,7 @@ class LocalServer:
         response.content_length = end - start
         response.headers["Accept-Ranges"] = "bytes"
         response.headers["Last-Modified"] = file.last_modified
+        response.headers["ETag"] = f'"{file.seed:x}-{file.size:x}"'  # a version, as S3's is
         if ranged:
             shift = self.faults.shift_content_range
             response.headers["Content-Range"] = (

@@ -72,6 +72,10 @@ class _RangeIgnored(FileError):
     """The server answered a ranged request with the whole body."""
 
 
+class _ObjectChanged(IntegrityError):
+    """Parts of one file came from different versions of the object."""
+
+
 class _CurrentUrl:
     """A file's presigned URL, refreshed once however many parts find it expired."""
 
@@ -145,7 +149,11 @@ class Transfers:
                 self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
             if not keep:
                 _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
-            digests = await self._fetch_parts(staged, file, todo)
+            try:
+                digests = await self._fetch_parts(staged, file, todo)
+            except _ObjectChanged:
+                self._manifest.drop_staging(key)  # parts of the old version must not be kept
+                raise
             if digests is not None:
                 _check_length(fd, file.size)
             else:
@@ -336,6 +344,7 @@ class Transfers:
                 _check_content_range(resp.headers.get("content-range"), state, file.size)
             else:
                 await _raise_for_file_status(resp, url)
+            staged.same_object(resp.headers.get("etag"))
             started_at = state.offset
             writer = _PartWriter(staged, state, self._stats, self._dest)
             # A part hashed on the way cannot skip Python; the others may be spliced.
@@ -402,9 +411,24 @@ class _Staged:
     # Bytes still to land that the disk does not show as used yet: counted against free space
     # by every other file's check.
     unseen: int
+    # The object's strong ETag as the first answer gave it: every part must come from it.
+    etag: str | None = None
 
     def landed(self, size: int) -> None:
         self.unseen = max(0, self.unseen - size)
+
+    def same_object(self, etag: str | None) -> None:
+        """`_ObjectChanged` if this answer is of another version than the earlier ones (the
+        object was replaced while its URL still worked)."""
+        if etag is None or etag.startswith("W/"):
+            return  # weak or no ETag: nothing reliable to compare
+        if self.etag is None:
+            self.etag = etag
+        elif etag != self.etag:
+            raise _ObjectChanged(
+                f"changed while it was being fetched (ETag {self.etag} became {etag}): "
+                "the next run fetches the new version"
+            )
 
 
 @dataclass

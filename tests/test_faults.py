@@ -159,6 +159,36 @@ def test_a_file_replaced_mid_transfer_is_not_published_from_two_versions(dest: P
             assert_exact(mirrored(dest, JOB, file), file)
 
 
+def test_an_object_replaced_while_its_url_still_works_is_not_published_from_two_versions(
+    dest: Path,
+) -> None:
+    """Half way through a file, its object is replaced and the URL keeps working: the parts
+    after that answer with another ETag. The file fails; its old parts are not kept."""
+    catalog = job_catalog(checkpoints=1, large_size=4 * PART, small_files=0)
+    with ServerThread(catalog) as server:
+        replaced: list[int] = []
+
+        def replace(name: str, start: int, end: int) -> None:
+            if start >= 2 * PART and not replaced:
+                replaced.append(start)
+                for file in server.files():  # the bytes change, the listing does not
+                    file.seed = 31337
+
+        server.faults.hook = replace
+        first = run_cli(*sync_args(server, dest, "--concurrency", "1", "--json"))
+
+        assert first.code == 1
+        (failure,) = json.loads(first.stdout)["failures"]
+        assert "changed while it was being fetched (ETag" in failure["error"]
+
+        server.faults.hook = None
+        again = run_cli(*sync_args(server, dest))
+
+        assert again.code == 0, again.stderr
+        for file in server.files():
+            assert_exact(mirrored(dest, JOB, file), file)
+
+
 @pytest.mark.parametrize("large", [True, False])
 def test_a_persistent_403_is_a_permission_error_for_that_file_only(
     server: ServerThread, dest: Path, large: bool
