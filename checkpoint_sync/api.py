@@ -135,7 +135,7 @@ def _detail(body: bytes) -> str:
     """The server's own explanation, from FastAPI-style ``detail`` or any short text."""
     try:
         payload: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
         return body.decode("utf-8", "replace").strip()[:_MAX_SHOWN] or "(no message)"
     detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
     if isinstance(detail, list):

@@ -7,6 +7,7 @@ from the variable their ``*_key_env`` setting names (``BASETEN_API_KEY``, ``WAND
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from .errors import UsageError
 from .net import url_problem
+from .redact import redact_url
 
 ENV_PREFIX = "CHECKPOINT_SYNC_"
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", re.IGNORECASE)
@@ -38,7 +40,10 @@ def parse_size(text: str | int) -> int:
     spelled_decimal = bool(unit) and not binary and text.strip().upper().endswith("B")
     base = 1000 if spelled_decimal else 1024
     power = " KMGT".index(unit.upper() or " ")
-    return int(float(number) * base**power)
+    size = float(number) * base**power
+    if not math.isfinite(size):
+        raise ValueError(f"{text!r} is too large a size")
+    return int(size)
 
 
 class Settings(BaseModel):
@@ -76,7 +81,7 @@ class Settings(BaseModel):
     @classmethod
     def _http_url(cls, value: str) -> str:
         if problem := url_problem(value):
-            raise ValueError(f"{value!r} is {problem}")
+            raise ValueError(f"{redact_url(value)!r} is {problem}")
         return value
 
     @field_validator("api_key", "wandb_api_key", mode="before")
@@ -120,6 +125,8 @@ def load_settings(
         ("wandb_api_key", "wandb_api_key_env"),
     ):
         env_name = values.get(env_field) or Settings.model_fields[env_field].default
+        if not isinstance(env_name, str):
+            raise UsageError(f"bad setting {env_field}: the name of an environment variable")
         if environ.get(env_name):
             values[key_field] = environ[env_name]
     try:
@@ -139,5 +146,5 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise UsageError(f"config file {path} does not exist") from None
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None

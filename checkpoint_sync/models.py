@@ -8,11 +8,12 @@ that one file fails, and the rest of the listing is mirrored.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, TypeVar, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -23,6 +24,14 @@ from pydantic import (
 from pydantic_core import CoreSchema, core_schema
 
 T = TypeVar("T")
+
+
+def _as_utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+# A time without a zone is taken as UTC: naive and aware times cannot be compared or ordered.
+Moment = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class ApiModel(BaseModel):
@@ -102,7 +111,7 @@ class TrainingJob(ApiModel):
 
 class TrainingJobCheckpoint(ApiModel):
     checkpoint_id: str
-    created_at: datetime
+    created_at: Moment
     checkpoint_type: str | None = None
     base_model: str | None = None
     size_bytes: int = 0
@@ -128,7 +137,7 @@ class LoopsCheckpoint(ApiModel):
     checkpoint_id: str
     run_id: str
     target: LoopsTarget
-    created_at: datetime
+    created_at: Moment
     checkpoint_type: str | None = None
     base_model: str | None = None
     lora_adapter_config: dict[str, Any] | None = None

@@ -48,7 +48,10 @@ def ssl_context(settings: NetSettings) -> ssl.SSLContext:
     One per settings: loading a trust store takes tens of milliseconds.
     """
     cafile = str(settings.ca_bundle) if settings.ca_bundle is not None else None
-    return ssl.create_default_context(cafile=cafile)
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except OSError as exc:  # missing, unreadable, or no certificate in it: not worth a retry
+        raise UsageError(f"ca_bundle {cafile} cannot be used ({exc.strerror or exc})") from exc
 
 
 @functools.cache
@@ -113,6 +116,8 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         moment = parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if moment.tzinfo is None:  # a "-0000" zone: UTC, with no offset information
+        moment = moment.replace(tzinfo=UTC)
     return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 

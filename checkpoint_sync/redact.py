@@ -9,14 +9,20 @@ from urllib.parse import urlsplit, urlunsplit
 # A query string inside any text (a URL in a message, a traceback, a repr).
 REDACTED = "<redacted>"
 _QUERY_IN_TEXT = re.compile(rf"(https?://[^\s?#'\"<>]+)\?(?!{REDACTED})[^\s#'\"<>]*")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
 def redact_url(url: str) -> str:
     """The URL without its query string and userinfo: presigned signatures live there."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    except ValueError:  # a bad port or IPv6 literal: cut the same parts out by hand
+        bare = _USERINFO.sub(r"\1", url).partition("#")[0]
+        bare, question, _ = bare.partition("?")
+        return bare + (f"?{REDACTED}" if question else "")
     query = REDACTED if parts.query else ""
     return urlunsplit((parts.scheme, host, parts.path, query, ""))
 

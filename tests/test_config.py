@@ -9,6 +9,7 @@ import pytest
 
 from checkpoint_sync.config import Settings, load_settings, parse_size
 from checkpoint_sync.errors import UsageError
+from checkpoint_sync.net import NetSettings, ssl_context
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
 
@@ -32,9 +33,9 @@ def test_parse_size(text: str | int, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", ["", "lots", "64XB", "-1MiB", "MiB"])
+@pytest.mark.parametrize("text", ["", "lots", "64XB", "-1MiB", "MiB", "9" * 400 + "MiB"])
 def test_parse_size_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match="not a size"):
+    with pytest.raises(ValueError, match=r"not a size|too large"):
         parse_size(text)
 
 
@@ -66,13 +67,34 @@ def test_api_key_comes_from_the_named_variable() -> None:
         ('part_size = "huge"', "part_size"),
         ('auth_scheme = "Basic"', "auth_scheme"),
         ("concurrency = [", "not valid TOML"),
+        ('dest = "\xff"', "not valid TOML"),  # not UTF-8
+        ("api_key_env = 5", "api_key_env"),
     ],
 )
 def test_bad_config_is_a_usage_error(tmp_path: Path, toml: str, message: str) -> None:
     config = tmp_path / "c.toml"
-    config.write_text(toml + "\n")
+    config.write_bytes(toml.encode("latin-1") + b"\n")
     with pytest.raises(UsageError, match=message):
         load_settings(config, {}, {})
+
+
+@pytest.mark.parametrize("content", [None, b"not a certificate\n", "directory"])
+def test_an_unusable_ca_bundle_is_a_usage_error(
+    tmp_path: Path, content: bytes | str | None
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    if content == "directory":
+        bundle.mkdir()
+    elif isinstance(content, bytes):
+        bundle.write_bytes(content)
+    with pytest.raises(UsageError, match=f"ca_bundle {bundle} cannot be used"):
+        ssl_context(NetSettings(ca_bundle=bundle))
+
+
+def test_a_bad_url_is_refused_without_its_password() -> None:
+    with pytest.raises(UsageError, match="not a valid URL") as caught:
+        load_settings(None, {"api_url": "https://user:hunter2@api.example.com:99999/"}, {})
+    assert "hunter2" not in str(caught.value)
 
 
 def test_missing_config_file_is_a_usage_error(tmp_path: Path) -> None:

@@ -118,6 +118,18 @@ def test_a_job_lists_each_checkpoint_with_its_local_state(dest: Path) -> None:
     assert [line.split()[-1] for line in lines] == ["mirrored", "partial", "absent"]
 
 
+def test_times_without_a_zone_are_taken_as_utc_beside_times_with_one() -> None:
+    with ServerThread(job_catalog()) as server:
+        first = server.catalog.jobs[0].checkpoints[0]
+        first.created_at = first.created_at.replace(tzinfo=None)  # served without an offset
+
+        result = run_cli(*job_args(server, "list", "--json"))
+
+    assert result.code == 0, result.stderr
+    names = [r["checkpoint"] for r in json.loads(result.stdout)["checkpoints"]]
+    assert names == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+
+
 def test_a_file_deleted_or_truncated_on_disk_makes_its_checkpoint_partial(dest: Path) -> None:
     with ServerThread(job_catalog()) as server:
         assert (

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from checkpoint_sync.errors import TransientError
+from checkpoint_sync.net import retry_after_seconds
 from checkpoint_sync.retry import RetryPolicy, retrying
 
 POLICY = RetryPolicy(attempts=5, initial_delay=1.0, max_delay=8.0, deadline=60.0)
@@ -56,3 +57,17 @@ async def test_retrying_returns_the_first_success() -> None:
         return 42
 
     assert await retrying(RetryPolicy(initial_delay=0), op) == 42
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("3", 3.0),
+        ("-1", 0.0),
+        ("soon", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date passed: no wait
+        ("Wed, 21 Oct 2015 07:28:00 -0000", 0.0),  # "-0000": UTC without saying so
+    ],
+)
+def test_retry_after_in_seconds_or_as_a_date(header: str, seconds: float | None) -> None:
+    assert retry_after_seconds({"retry-after": header}) == seconds

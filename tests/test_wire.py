@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from checkpoint_sync.api import ApiClient
-from checkpoint_sync.errors import LocalIOError, TransientError, UsageError
+from checkpoint_sync.errors import CheckpointSyncError, LocalIOError, TransientError, UsageError
 from checkpoint_sync.models import TrainingJobCheckpoints
 from checkpoint_sync.net import NetSettings, proxy_for_host
 from checkpoint_sync.retry import RetryPolicy
@@ -440,3 +440,23 @@ async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.Monkey
     assert head.startswith(b"GET http://127.0.0.1:")
     assert b"/v1/jobs?a=b%20c HTTP/1.1" in head
     assert b"Authorization: Api-Key secret-key" in head
+
+
+async def test_an_api_error_page_nested_too_deep_to_parse_is_still_a_clear_error() -> None:
+    body = b"[" * 100_000 + b"]" * 100_000
+    server = Server(
+        lambda _: [b"HTTP/1.1 422 Unprocessable\r\nContent-Length: %d\r\n\r\n" % len(body), body]
+    )
+    async with serving(server) as url, client() as http:
+        api = ApiClient(
+            http,
+            url.partition("/bucket")[0],
+            api_key="secret-key",
+            auth_scheme="Api-Key",
+            key_hint="BASETEN_API_KEY",
+            retry=RetryPolicy(attempts=1),
+        )
+        with pytest.raises(CheckpointSyncError) as caught:
+            await api.get("/v1/jobs", TrainingJobCheckpoints, what="job")
+    assert caught.value.exit_code == 2
+    assert "rejected the request" in str(caught.value)
