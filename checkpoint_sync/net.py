@@ -51,7 +51,8 @@ def ssl_context(settings: NetSettings) -> ssl.SSLContext:
     try:
         return ssl.create_default_context(cafile=cafile)
     except OSError as exc:  # missing, unreadable, or no certificate in it: not worth a retry
-        raise UsageError(f"ca_bundle {cafile} cannot be used ({exc.strerror or exc})") from exc
+        what = f"ca_bundle {cafile}" if cafile else "the trust store (SSL_CERT_FILE?)"
+        raise UsageError(f"{what} cannot be used ({exc.strerror or exc})") from exc
 
 
 @functools.cache
