@@ -158,6 +158,27 @@ async def test_an_answer_that_never_comes_times_out_and_its_connection_is_droppe
     assert server.connections == 2
 
 
+async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connection() -> None:
+    closed = asyncio.Event()
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        with suppress(ConnectionError):
+            await reader.read()  # b"" once the client closes its end
+        closed.set()
+
+    listener = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/o"
+    try:
+        async with client() as http:
+            with anyio.move_on_after(0.2):  # the caller's own timeout, or a stop
+                await fetch(http, url)
+            with anyio.fail_after(2):  # closed at once, not when the client goes
+                await closed.wait()
+    finally:
+        listener.close()
+
+
 @pytest.mark.parametrize(
     "answer",
     [
