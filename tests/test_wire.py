@@ -438,6 +438,18 @@ async def test_chunk_trailers_are_read_before_the_connection_is_reused() -> None
     assert server.connections == 1
 
 
+def api_client(http: HttpClient, url: str) -> ApiClient:
+    """The management API at the scripted server's origin, tried once."""
+    return ApiClient(
+        http,
+        url.partition("/bucket")[0],
+        api_key="secret-key",
+        auth_scheme="Api-Key",
+        key_hint="BASETEN_API_KEY",
+        retry=RetryPolicy(attempts=1),
+    )
+
+
 async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
     answer = b'{"training_job": {"id": "job-1"}, "checkpoints": []}'
     server = Server(
@@ -447,15 +459,9 @@ async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.Monkey
         ]
     )
     async with proxy_in_env(monkeypatch) as seen, serving(server) as url, client() as http:
-        api = ApiClient(
-            http,
-            url.partition("/bucket")[0],
-            api_key="secret-key",
-            auth_scheme="Api-Key",
-            key_hint="BASETEN_API_KEY",
-            retry=RetryPolicy(attempts=1),
+        got = await api_client(http, url).get(
+            "/v1/jobs", TrainingJobCheckpoints, what="job", params={"a": "b c"}
         )
-        got = await api.get("/v1/jobs", TrainingJobCheckpoints, what="job", params={"a": "b c"})
     assert got.training_job.id == "job-1"
     (head,) = seen
     assert head.startswith(b"GET http://127.0.0.1:")
@@ -469,15 +475,7 @@ async def test_an_api_error_page_nested_too_deep_to_parse_is_still_a_clear_error
         lambda _: [b"HTTP/1.1 422 Unprocessable\r\nContent-Length: %d\r\n\r\n" % len(body), body]
     )
     async with serving(server) as url, client() as http:
-        api = ApiClient(
-            http,
-            url.partition("/bucket")[0],
-            api_key="secret-key",
-            auth_scheme="Api-Key",
-            key_hint="BASETEN_API_KEY",
-            retry=RetryPolicy(attempts=1),
-        )
         with pytest.raises(CheckpointSyncError) as caught:
-            await api.get("/v1/jobs", TrainingJobCheckpoints, what="job")
+            await api_client(http, url).get("/v1/jobs", TrainingJobCheckpoints, what="job")
     assert caught.value.exit_code == 2
     assert "rejected the request" in str(caught.value)
