@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .engine import SyncOptions, sync
 from .net import NetSettings
-from .plan import Selection
+from .plan import Selection, wanted_rank
 from .progress import Stats
 from .retry import RetryPolicy
 from .sources.base import Checkpoint, Listed, Relisted, RemoteFile, Source, UnreadableEntry
@@ -73,11 +73,13 @@ def request_medians(
 
 
 class _Budgeted:
-    """A source cut to its first ``budget`` bytes of files (at least one file)."""
+    """A source cut to its first ``budget`` bytes of files of the wanted ranks (at least one
+    file)."""
 
-    def __init__(self, source: Source, budget: int) -> None:
+    def __init__(self, source: Source, budget: int, ranks: frozenset[int]) -> None:
         self._source = source
         self._budget = budget
+        self._ranks = ranks
         self.name = source.name
         self.description = source.description
 
@@ -91,6 +93,8 @@ class _Budgeted:
             for file in page:
                 if isinstance(file, UnreadableEntry):
                     kept.append(file)  # no bytes: it fails as a file in the trial
+                    continue
+                if not wanted_rank(file.node_rank, self._ranks):
                     continue
                 if taken and taken + file.size > self._budget:
                     yield kept
@@ -112,15 +116,17 @@ async def run_trials(
     scratch: Path,
     net: NetSettings,
     retry: RetryPolicy,
+    node_ranks: frozenset[int] = frozenset(),
 ) -> list[Trial]:
     """One sync per (concurrency, part size), each on fresh connections into a fresh directory."""
     trials = []
-    budgeted = _Budgeted(source, budget)
+    budgeted = _Budgeted(source, budget, node_ranks)
     for concurrency, part_size in pairs:
         dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
         options = SyncOptions(
             dest=dest,
             concurrency=concurrency,
+            node_ranks=node_ranks,
             transfer=TransferSettings(part_size=part_size, retry=retry),
             net=net,
         )

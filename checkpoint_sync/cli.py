@@ -568,6 +568,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                     scratch=scratch,
                     net=recipe.net,
                     retry=recipe.retry,
+                    node_ranks=frozenset(args.node_rank),
                 )
             )
 

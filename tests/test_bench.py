@@ -9,7 +9,7 @@ import pytest
 
 from checkpoint_sync.bench import Trial, grid, recommend, request_medians
 
-from .conftest import job_args
+from .conftest import job_args, job_catalog, sync_args
 from .support import ServerThread, run_cli
 
 
@@ -91,3 +91,34 @@ def test_bench_without_a_source_measures_the_built_in_server() -> None:
     (only,) = json.loads(result.stdout)["trials"]
     assert only["bytes"] > 0
     assert only["failed"] == 0
+
+
+def test_bench_node_rank_fetches_and_budgets_only_that_rank(tmp_path: Path) -> None:
+    catalog = job_catalog()
+    for checkpoint in catalog.jobs[0].checkpoints:  # rank 0 without its large file
+        checkpoint.files = [f for f in checkpoint.files if f.node_rank or f.size < 1 << 20]
+    with ServerThread(catalog) as server:
+        synced = run_cli(*sync_args(server, tmp_path / "mirror", "--node-rank", "1", "--json"))
+        rank_1 = json.loads(synced.stdout)
+        result = run_cli(
+            *job_args(
+                server,
+                "bench",
+                "--node-rank",
+                "1",
+                "--concurrency",
+                "4",
+                "--part-size",
+                "256KiB",
+                "--max-bytes",
+                str(rank_1["bytes"]["fetched"]),  # all of rank 1: none to spare for rank 0
+                "--json",
+            )
+        )
+
+    assert result.code == 0, result.stderr
+    (only,) = json.loads(result.stdout)["trials"]
+    assert (only["files"], only["bytes"]) == (
+        rank_1["files"]["fetched"],
+        rank_1["bytes"]["fetched"],
+    )
