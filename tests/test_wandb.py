@@ -219,7 +219,8 @@ def test_the_chosen_checkpoint_is_printed_for_scripts(
     ("flags", "message"),
     [
         (["--best", "accuracy"], "has the metric 'accuracy' (its metrics: loss, reward)"),
-        (["--best", "reward", "--latest"], "--best and --latest each pick one checkpoint"),
+        (["--best", "reward", "--latest"], "--best, --latest and --checkpoint each pick"),
+        (["--best", "reward", "--checkpoint", "step-10"], "--best, --latest and --checkpoint"),
         (["--minimize"], "--minimize goes with --best METRIC"),
         (["--wandb-artifact", "team/agents"], "is not ENTITY/PROJECT/NAME"),
     ],

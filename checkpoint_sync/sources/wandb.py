@@ -178,8 +178,10 @@ class WandbTraining:
             raise UsageError("--wandb-artifact, --best and --minimize go with --wandb-model")
         if args.minimize and args.best is None:
             raise UsageError("--minimize goes with --best METRIC")
-        if args.best is not None and args.latest:
-            raise UsageError("--best and --latest each pick one checkpoint: choose one of them")
+        if args.best is not None and (args.latest or args.checkpoint):
+            raise UsageError(
+                "--best, --latest and --checkpoint each pick the checkpoints: choose one of them"
+            )
         artifacts = None
         if args.wandb_artifact is not None:
             path = parse_artifact_path(args.wandb_artifact)
