@@ -268,8 +268,8 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
         )
     }
     settings = load_settings(args.config, flags)
-    out.redact.add(settings.baseten_key())
-    out.redact.add(settings.wandb_key())
+    for secret in settings.secrets():
+        out.redact.add(secret)
     return settings
 
 

@@ -7,6 +7,7 @@ from the variable their ``*_key_env`` setting names (``BASETEN_API_KEY``, ``WAND
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
@@ -100,6 +101,16 @@ class Settings(BaseModel):
 
     def wandb_key(self) -> str | None:
         return _key(self.wandb_api_key)
+
+    def wandb_basic_credentials(self) -> str | None:
+        """W&B's GraphQL API takes the key as HTTP Basic credentials ``api:<key>``."""
+        key = self.wandb_key()
+        return base64.b64encode(f"api:{key}".encode()).decode() if key else None
+
+    def secrets(self) -> list[str]:
+        """Every form of a key that may travel, and so must never be shown."""
+        forms = (self.baseten_key(), self.wandb_key(), self.wandb_basic_credentials())
+        return [form for form in forms if form]
 
 
 def _key(secret: SecretStr | None) -> str | None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
 import json
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,6 +247,37 @@ def test_a_refused_w_and_b_key_exits_3_without_showing_it(
     assert result.code == 3
     assert "check WANDB_API_KEY" in result.stderr
     assert "wrong-wandb-key-123456" not in result.stderr + result.stdout
+
+
+class _EchoingHeaders(http.server.BaseHTTPRequestHandler):
+    """A proxy's or firewall's error page that shows the request's headers back."""
+
+    def do_POST(self) -> None:
+        body = f"bad request; your headers were:\n{self.headers}".encode()
+        self.send_response(400)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_graphql_credentials_are_not_shown_when_an_error_page_echoes_them(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    echo = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoingHeaders)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CHECKPOINT_SYNC_WANDB_BASE_URL", f"http://127.0.0.1:{echo.server_port}")
+    try:
+        result = run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--debug"))
+    finally:
+        echo.shutdown()
+
+    output = result.stdout + result.stderr
+    assert result.code == 1
+    assert "Authorization: Basic <redacted>" in output  # the page was shown, not its secret
+    assert base64.b64encode(f"api:{WANDB_KEY}".encode()).decode() not in output
 
 
 # --- fetching the artifact ------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import base64
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -155,11 +154,12 @@ class SourceContext:
         )
 
     def wandb_graphql(self) -> ApiClient:
-        """W&B's GraphQL API; it takes the same key as HTTP Basic credentials ``api:<key>``."""
-        key = self.settings.wandb_key()
-        basic = base64.b64encode(f"api:{key}".encode()).decode() if key else None
+        """W&B's GraphQL API, with the W&B key as HTTP Basic credentials."""
         return self._client(
-            self.settings.wandb_base_url, basic, "Basic", self.settings.wandb_api_key_env
+            self.settings.wandb_base_url,
+            self.settings.wandb_basic_credentials(),
+            "Basic",
+            self.settings.wandb_api_key_env,
         )
 
     def _client(self, url: str, key: str | None, scheme: str, key_env: str) -> ApiClient:
