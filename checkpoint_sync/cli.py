@@ -387,7 +387,8 @@ def _chosen_source(args: argparse.Namespace) -> SourceSpec:
 def _run_and_report(
     job: Callable[[], Awaitable[None]], stats: Stats, options: SyncOptions, out: _Output
 ) -> int:
-    """Run ``job`` with signal handling; print the summary whatever happened."""
+    """Run ``job`` with signal handling; print the summary (the text one only if the run got as
+    far as listing files: before that, a line of zeros would read like an empty success)."""
     error: CheckpointSyncError | None = None
     try:
         received = _run(job)
@@ -402,7 +403,7 @@ def _run_and_report(
         if error is not None:
             payload["error"] = str(error)
         out.json(payload)
-    else:
+    elif error is None or stats.files_listed:
         _print_summary(stats, options, out)
     if error is not None:
         raise error

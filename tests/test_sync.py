@@ -278,6 +278,7 @@ def test_a_missing_key_exits_3(
 
     assert result.code == 3
     assert "set BASETEN_API_KEY" in result.stderr
+    assert result.stdout == ""  # no summary of zeros that would read like an empty success
 
 
 def test_an_unknown_job_exits_4_naming_it(server: ServerThread, dest: Path) -> None:
@@ -289,6 +290,7 @@ def test_an_unknown_job_exits_4_naming_it(server: ServerThread, dest: Path) -> N
     assert result.code == 4
     assert "no-such-job" in result.stderr
     assert "Traceback" not in result.stderr
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize(
