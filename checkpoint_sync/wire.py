@@ -581,10 +581,19 @@ class _Chunked:
                 # head of the next answer on this connection.
                 self.done = not line
                 continue
-            size = int(line.split(b";")[0], 16)
+            size = _chunk_size(line)
             self._in_trailers = size == 0
             self._left = size
         return pieces
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size on a chunk's first line: hex digits only (``int`` would take a sign, ``0x`` or
+    ``_``, and a negative size would never be consumed)."""
+    digits = line.split(b";")[0].strip(b" \t")
+    if not digits or digits.strip(b"0123456789abcdefABCDEF"):
+        raise ValueError(f"bad chunk size {digits[:20]!r}")
+    return int(digits, 16)
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:

@@ -185,9 +185,19 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         b"FOO 200 OK\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+        # int() would take these; a negative size used to spin the event loop forever.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX: " + b"y" * (70 << 10),
     ],
-    ids=["status-line", "content-length", "chunk-size", "head-too-large"],
+    ids=[
+        "status-line",
+        "content-length",
+        "chunk-size",
+        "negative-chunk",
+        "0x-chunk",
+        "head-too-large",
+    ],
 )
 async def test_a_malformed_answer_is_a_transient_error(answer: bytes) -> None:
     server = Server(lambda _: [answer], close_after_each=True)
