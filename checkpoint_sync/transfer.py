@@ -372,6 +372,10 @@ class _PartWriter:
     def offset(self) -> int:
         return self._state.offset
 
+    @property
+    def room(self) -> int:
+        return self._state.end - self._state.offset
+
     def took(self, size: int) -> None:
         """``size`` bytes were spliced into the file at ``offset``."""
         self._stats.bytes_fetched += size

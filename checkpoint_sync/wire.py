@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import SplitResult, urlsplit
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from .errors import TransientError, UsageError
@@ -58,6 +59,11 @@ class FileTarget(Protocol):
 
     @property
     def offset(self) -> int: ...
+
+    @property
+    def room(self) -> int:
+        """How many bytes it takes from ``offset`` on: a body longer than that is not spliced
+        (the sink refuses the excess, which a splice would write past the range)."""
 
     def took(self, size: int) -> None:
         """``size`` more bytes were written at ``offset`` behind the sink's back."""
@@ -471,7 +477,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
         for piece in pending:
             sink(memoryview(piece))
         self._sink = sink
-        if file is not None and self._splicing_pays():
+        if file is not None and self._splicing_pays(file):
             await self._splice_into(file)
             return
         if self._paused and self._transport is not None:
@@ -481,13 +487,13 @@ class _Connection(asyncio.BufferedProtocol, Body):
             self._body_done = self._loop.create_future()
         await self._body_done
 
-    def _splicing_pays(self) -> bool:
+    def _splicing_pays(self, file: FileTarget) -> bool:
         return (
             self.key[0] == "http"  # TLS bytes must be decrypted by us
             and self._in_body
             and self._chunks is None
             and self._remaining is not None
-            and self._remaining >= SPLICE_MIN
+            and SPLICE_MIN <= self._remaining <= file.room
             and self._transport is not None
         )
 
@@ -500,13 +506,15 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._transport.pause_reading()
         self.waiting = False  # the thread watches for stalls itself
         sock = self._transport.get_extra_info("socket").fileno()
-        moved, error = await anyio.to_thread.run_sync(
-            _splice, sock, file.fd, file.offset, self._remaining, self._read_timeout
+        moved, error = await _splice_in_thread(
+            sock, file.fd, file.offset, self._remaining, self._read_timeout
         )
         file.took(moved)
         self._remaining -= moved
         if error is not None:
             self.fail(error, abort=True)
+            if isinstance(error, _Woken):
+                await anyio.lowlevel.checkpoint()  # we were cancelled: that is what we raise
             if isinstance(error, _WriteFailed):
                 raise file.write_failed(error.error) from error.error
             raise error
@@ -624,16 +632,48 @@ def _more_to_read(sock: int) -> bool:
         return True
 
 
+class _Woken(Exception):
+    """The splice was given up: the task waiting for it was cancelled."""
+
+
+async def _splice_in_thread(
+    sock: int, fd: int, offset: int, length: int, read_timeout: float
+) -> tuple[int, Exception | None]:
+    """`_splice` in a worker thread, which a cancellation wakes at once (a thread cannot be
+    cancelled, and a stalled socket would keep it, and the run, waiting ``read_timeout``)."""
+    wake_read, wake_write = os.pipe()
+
+    async def wake_when_cancelled() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            os.write(wake_write, b"!")
+
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(wake_when_cancelled)
+            result = await anyio.to_thread.run_sync(
+                _splice, sock, fd, offset, length, read_timeout, wake_read
+            )
+            tasks.cancel_scope.cancel()
+    finally:
+        os.close(wake_read)
+        os.close(wake_write)
+    return result
+
+
 def _splice(
-    sock: int, fd: int, offset: int, length: int, timeout: float
+    sock: int, fd: int, offset: int, length: int, timeout: float, wake: int
 ) -> tuple[int, Exception | None]:
     """Move ``length`` bytes from ``sock`` into ``fd`` at ``offset`` through a pipe, in the
-    kernel; how many bytes landed, and what stopped it short if anything did."""
+    kernel; how many bytes landed, and what stopped it short if anything did (``wake`` turning
+    readable: `_Woken`)."""
     read_end, write_end = os.pipe()
     with suppress(OSError):
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
     poller = select.poll()
     poller.register(sock, select.POLLIN)
+    poller.register(wake, select.POLLIN)
     moved = 0
     try:
         while moved < length:
@@ -645,8 +685,11 @@ def _splice(
                     flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
                 )
             except BlockingIOError:
-                if not poller.poll(timeout * 1000):
+                ready = poller.poll(timeout * 1000)
+                if not ready:
                     return moved, TimeoutError(f"no data for {timeout:.0f} s")
+                if any(ready_fd == wake for ready_fd, _ in ready):
+                    return moved, _Woken()
                 continue
             if got == 0:
                 return moved, ConnectionResetError("connection closed mid-body")

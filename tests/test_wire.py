@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -14,7 +15,13 @@ import anyio
 import pytest
 
 from checkpoint_sync.api import ApiClient
-from checkpoint_sync.errors import CheckpointSyncError, LocalIOError, TransientError, UsageError
+from checkpoint_sync.errors import (
+    CheckpointSyncError,
+    IntegrityError,
+    LocalIOError,
+    TransientError,
+    UsageError,
+)
 from checkpoint_sync.models import TrainingJobCheckpoints
 from checkpoint_sync.net import NetSettings, proxy_for_host
 from checkpoint_sync.retry import RetryPolicy
@@ -283,15 +290,25 @@ async def test_a_refused_connection_is_transient() -> None:
             await fetch(http, "http://127.0.0.1:9/x?sig=1")
 
 
+BIG = bytes(range(256)) * (24 << 10)  # 6 MiB, past the splice threshold
+
+
 class FileTarget:
     """A file the client may splice into; what went around the sink is counted."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, size: int = len(BIG)) -> None:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self.offset = 0
         self.spliced = 0
+        self.size = size
+
+    @property
+    def room(self) -> int:
+        return self.size - self.offset
 
     def take(self, piece: memoryview) -> None:
+        if len(piece) > self.room:
+            raise IntegrityError("more than the range")  # as the transfer's sink does
         self.offset += os.pwrite(self.fd, piece, self.offset)
 
     def took(self, size: int) -> None:
@@ -300,9 +317,6 @@ class FileTarget:
 
     def write_failed(self, error: OSError) -> Exception:
         return LocalIOError(f"cannot write the part: {error.strerror}")
-
-
-BIG = bytes(range(256)) * (24 << 10)  # 6 MiB, past the splice threshold
 
 
 async def test_a_splice_that_cannot_write_fails_as_the_file_not_as_the_network(
@@ -367,6 +381,34 @@ async def test_a_splice_cut_short_keeps_what_landed_and_fails(tmp_path: Path) ->
     os.close(target.fd)
     assert target.offset == 5 << 20
     assert (tmp_path / "part").read_bytes() == BIG[: 5 << 20]
+
+
+async def test_a_body_longer_than_the_range_is_not_spliced_past_it(tmp_path: Path) -> None:
+    head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    server = Server(lambda _: [head, 0.05, BIG])
+    target = FileTarget(tmp_path / "part", size=len(BIG) - (1 << 20))
+    async with serving(server) as url, client() as http:
+        with pytest.raises(IntegrityError, match="more than the range"):
+            async with http.request(url, {}) as response:
+                await response.stream_to(target.take, target)
+    os.close(target.fd)
+    assert target.spliced == 0
+    assert (tmp_path / "part").stat().st_size <= target.size
+
+
+async def test_cancelling_a_stalled_splice_returns_at_once(tmp_path: Path) -> None:
+    head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    server = Server(lambda _: [head, 0.05, BIG[: 1 << 20], 5.0, BIG[1 << 20 :]])
+    target = FileTarget(tmp_path / "part")
+    started = time.monotonic()
+    async with serving(server) as url, client(read_timeout=30) as http:
+        with anyio.move_on_after(0.5):
+            async with http.request(url, {}) as response:
+                await response.stream_to(target.take, target)
+    os.close(target.fd)
+    assert time.monotonic() - started < 2.5  # not the stall's 5 s, nor the read timeout's 30
+    assert target.offset == 1 << 20
+    assert (tmp_path / "part").read_bytes() == BIG[: 1 << 20]
 
 
 @asynccontextmanager
