@@ -150,7 +150,8 @@ class Faults:
     stall_seconds: float = 30.0
     # The Retry-After header of an injected 429.
     retry_after: str = "0"
-    # Decides a fault for one request from (name, start, end), before `fail_rate` is drawn.
+    # Decides a fault for one request from (name, start, end), before `fail_rate` is drawn;
+    # besides `fail_kinds`, "unterminated": the whole body, chunked, without its last chunk.
     hook: Callable[[str, int, int], str | None] | None = None
     seed: int = 7
     # Seconds every API request waits before it is answered (a slow listing).
@@ -643,7 +644,10 @@ class LocalServer:
         if fault is not None and fault.isdigit():
             return web.Response(status=int(fault), text="injected failure")
         response = web.StreamResponse(status=206 if ranged else 200)
-        response.content_length = end - start
+        if fault == "unterminated":
+            response.enable_chunked_encoding()  # every byte, then no last chunk
+        else:
+            response.content_length = end - start
         response.headers["Accept-Ranges"] = "bytes"
         response.headers["Last-Modified"] = file.last_modified
         response.headers["ETag"] = f'"{file.seed:x}-{file.size:x}"'  # a version, as S3's is
@@ -688,8 +692,8 @@ class LocalServer:
             await asyncio.sleep(self.faults.stall_seconds)
         if fault in ("reset", "stall") and request.transport is not None:
             request.transport.abort()
-        elif fault == "short" and request.transport is not None:
-            request.transport.close()  # a clean close before Content-Length is reached
+        elif fault in ("short", "unterminated") and request.transport is not None:
+            request.transport.close()  # a clean close before the body's framing is complete
         else:
             await response.write_eof()
 

@@ -328,6 +328,8 @@ class Transfers:
         state: _PartState,
         answered: anyio.Event | None,
     ) -> None:
+        if state.offset == state.end:
+            return  # every byte came before the connection broke: nothing is left to ask for
         headers = {"Range": f"bytes={state.offset}-{state.end - 1}"}
         requested = time.monotonic()
         async with self._http.request(url, headers) as resp:

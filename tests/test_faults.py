@@ -78,6 +78,28 @@ def test_retry_after_of_a_429_is_honoured(
     assert_exact(mirrored(dest, JOB, target), target)
 
 
+def test_a_body_that_came_whole_before_its_framing_broke_is_not_asked_for_again(
+    server: ServerThread, dest: Path
+) -> None:
+    answered: set[tuple[str, int]] = set()
+
+    def first_answer_unterminated(name: str, start: int, end: int) -> str | None:
+        first = (name, start) not in answered
+        answered.add((name, start))
+        return "unterminated" if first else None
+
+    server.faults.hook = first_answer_unterminated
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 0, result.stderr
+    assert_mirrored(server, dest)
+    assert server.traffic.faults == {"unterminated": len(answered)}
+    # Nothing was asked for twice, not even an empty range past the end (answered 416).
+    assert server.traffic.object_bytes_sent == server.data_size()
+    assert server.traffic.object_requests == len(server.traffic.ranges)
+
+
 def test_a_server_ignoring_range_is_read_as_one_stream(server: ServerThread, dest: Path) -> None:
     server.faults.ignore_range = True
 
