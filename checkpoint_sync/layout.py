@@ -14,6 +14,13 @@ from .errors import UnsafePathError
 from .sources.base import RemoteFile
 
 STATE_DIR = ".checkpoint-sync"
+# The longest file or directory name (in bytes) that Linux filesystems take: a longer one would
+# only fail at the rename into place, after its whole download.
+NAME_MAX = 255
+
+
+def _too_long(name: str) -> bool:
+    return len(name.encode("utf-8", "surrogateescape")) > NAME_MAX
 
 
 def safe_segment(name: str, what: str) -> str:
@@ -23,6 +30,8 @@ def safe_segment(name: str, what: str) -> str:
     for bad, label in (("/", "a slash"), ("\\", "a backslash"), ("\0", "a NUL byte")):
         if bad in name:
             raise UnsafePathError(f"{what} {name!r} contains {label}")
+    if _too_long(name):
+        raise UnsafePathError(f"{what} {name[:40]!r}... is longer than {NAME_MAX} bytes")
     return name
 
 
@@ -39,6 +48,8 @@ def safe_relative_path(path: str, what: str = "file name") -> str:
         raise UnsafePathError(f"{what} {path!r} climbs out with '..'")
     if any(segment in ("", ".") for segment in segments):
         raise UnsafePathError(f"{what} {path!r} has an empty or '.' segment")
+    if any(_too_long(segment) for segment in segments):
+        raise UnsafePathError(f"{what} {path[:40]!r}... has a name longer than {NAME_MAX} bytes")
     return path
 
 

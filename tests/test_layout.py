@@ -22,6 +22,7 @@ def listed(
         ("sub/dir/optim.pt", "job/checkpoint-10/0/sub/dir/optim.pt"),
         ("..hidden", "job/checkpoint-10/0/..hidden"),
         ("a..b/c", "job/checkpoint-10/0/a..b/c"),
+        ("n" * 255, "job/checkpoint-10/0/" + "n" * 255),
     ],
 )
 def test_mirror_path(path: str, expected: str) -> None:
@@ -40,6 +41,8 @@ def test_mirror_path(path: str, expected: str) -> None:
         ("a//b", "empty"),
         ("./a", "'.'"),
         ("a/", "empty"),
+        ("d/" + "n" * 256, "longer than 255 bytes"),
+        ("é" * 128 + "/f", "longer than 255 bytes"),  # 256 bytes in UTF-8
     ],
 )
 def test_unsafe_relative_paths(path: str, reason: str) -> None:
@@ -57,6 +60,8 @@ def test_unsafe_relative_paths(path: str, reason: str) -> None:
         (".checkpoint-sync", "c", 0, "own state"),
         ("job", "c", -1, "negative"),
         ("job", "c", 1 << 63, "out of range"),
+        ("r" * 256, "c", 0, "longer than 255 bytes"),
+        ("job", "c" * 256, 0, "longer than 255 bytes"),
     ],
 )
 def test_unsafe_run_checkpoint_or_rank(run: str, checkpoint: str, rank: int, reason: str) -> None:
