@@ -19,6 +19,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -141,52 +142,64 @@ class Transfers:
         else:
             needed = unseen = sum(part.length for part in todo)
         self._check_space(needed, final)
-        fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
-        staged = _Staged(fd, key, unseen)
-        self._in_flight.add(staged)
         try:
-            if multipart and not keep:
-                self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
-            if not keep:
-                _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
+            fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
+            staged = _Staged(fd, key, unseen)
+            self._in_flight.add(staged)
             try:
-                digests = await self._fetch_parts(staged, file, todo)
-            except _ObjectChanged:
-                self._manifest.drop_staging(key)  # parts of the old version must not be kept
-                raise
-            if digests is not None:
-                _check_length(fd, file.size)
-            else:
-                digests = await anyio.to_thread.run_sync(_read_back, fd, file)
-            try:
-                digest = digests.verified()
-            except IntegrityError:
-                # Some part is wrong and nothing tells which: the next attempt starts over.
-                self._manifest.drop_staging(key)
-                raise
-            if self._settings.fsync:
-                _os_call(staging, lambda: os.fsync(fd))
-        finally:
-            os.close(fd)
-            self._in_flight.discard(staged)
-        if replaces:
-            # The old record must not outlive the old file: a crash right after the rename
-            # would leave it describing bytes that are no longer there.
-            self._manifest.forget(key)
-        self._publish(staging, final)
-        self._manifest.record_verified(
-            VerifiedFile(
-                path=key,
-                source=self._source.name,
-                run=file.run,
-                checkpoint=file.checkpoint,
-                node_rank=file.node_rank,
-                size=file.size,
-                last_modified=file.last_modified,
-                digest=digest,
+                if multipart and not keep:
+                    self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
+                if not keep:
+                    _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
+                try:
+                    digests = await self._fetch_parts(staged, file, todo)
+                except _ObjectChanged:
+                    self._manifest.drop_staging(key)  # parts of the old version must not be kept
+                    raise
+                if digests is not None:
+                    _check_length(fd, file.size)
+                else:
+                    digests = await anyio.to_thread.run_sync(_read_back, fd, file)
+                try:
+                    digest = digests.verified()
+                except IntegrityError:
+                    # Some part is wrong and nothing tells which: the next attempt starts over.
+                    self._manifest.drop_staging(key)
+                    raise
+                if self._settings.fsync:
+                    _os_call(staging, lambda: os.fsync(fd))
+            finally:
+                os.close(fd)
+                self._in_flight.discard(staged)
+            if replaces:
+                # The old record must not outlive the old file: a crash right after the rename
+                # would leave it describing bytes that are no longer there.
+                self._manifest.forget(key)
+            self._publish(staging, final)
+            self._manifest.record_verified(
+                VerifiedFile(
+                    path=key,
+                    source=self._source.name,
+                    run=file.run,
+                    checkpoint=file.checkpoint,
+                    node_rank=file.node_rank,
+                    size=file.size,
+                    last_modified=file.last_modified,
+                    digest=digest,
+                )
             )
-        )
+        except BaseException:
+            self._discard_useless_staging(key, staging, multipart)
+            raise
         self._stats.bytes_published += file.size
+
+    def _discard_useless_staging(self, key: str, staging: str, multipart: bool) -> None:
+        """After a failure, remove a staging file that no record lets a later run resume from
+        (a one-part file's, or one whose parts were dropped): it would only hold disk space."""
+        if multipart and self._manifest.staged(key, None) is not None:
+            return
+        with suppress(OSError):
+            os.unlink(staging)
 
     async def _relist(self, file: RemoteFile) -> str:
         """A fresh presigned URL for ``file``, checked like a listed one; `FileError` if the

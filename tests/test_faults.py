@@ -226,6 +226,10 @@ def test_a_persistent_403_is_a_permission_error_for_that_file_only(
     for file in server.files():
         if file.name != denied.name:
             assert_exact(mirrored(dest, JOB, file), file)
+    # A large file keeps its staging file and record, to resume; a small one has nothing to
+    # resume from, so nothing of it is left behind.
+    left = len(list((dest / ".checkpoint-sync" / "staging").iterdir()))
+    assert left == (len(failures) if large else 0)
 
 
 def _relative(file: ServedFile) -> str:
