@@ -29,6 +29,8 @@ import anyio.to_thread
 import xxhash
 
 from .errors import (
+    ApiError,
+    AuthError,
     CheckpointSyncError,
     DownloadDeniedError,
     FileError,
@@ -204,7 +206,13 @@ class Transfers:
     async def _relist(self, file: RemoteFile) -> str:
         """A fresh presigned URL for ``file``, checked like a listed one; `FileError` if the
         listing now shows another version of it, whose bytes must not join the old one's."""
-        now = await self._source.relist(file)
+        try:
+            now = await self._source.relist(file)
+        except AuthError:
+            raise  # every other file would be refused too: the run stops
+        except (ApiError, TransientError) as exc:
+            # Retried already; the job or checkpoint may be gone. Files in flight go on.
+            raise FileError(f"its URL expired and a fresh one could not be listed ({exc})") from exc
         if (now.size, now.last_modified) != (file.size, file.last_modified):
             raise FileError(
                 f"changed while it was being fetched (now {now.size} bytes, last modified "

@@ -151,6 +151,25 @@ def test_urls_that_expire_mid_transfer_are_refreshed_and_nothing_is_fetched_twic
     assert server.traffic.object_bytes_sent == sum(f.size for f in wanted)
 
 
+def test_a_url_that_cannot_be_refreshed_fails_its_file_not_the_run(
+    server: ServerThread, dest: Path
+) -> None:
+    server.faults.url_ttl = 0.5
+    server.faults.throttle = 1 << 20
+    # The listing is answered (the job's checkpoints, then its files); every re-listing for a
+    # fresh URL finds the job gone.
+    server.faults.api_faults = [None, None, *["404"] * 50]
+    args = sync_args(server, dest, "--checkpoint", "checkpoint-10", "--concurrency", "2", "--json")
+
+    result = run_cli(*args)
+
+    assert result.code == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["files"]["failed"] > 0
+    assert summary["files"]["fetched"] + summary["files"]["failed"] == summary["files"]["listed"]
+    assert all("a fresh one could not be listed" in f["error"] for f in summary["failures"])
+
+
 def test_a_file_replaced_mid_transfer_is_not_published_from_two_versions(dest: Path) -> None:
     """Half way through, the object is replaced and the URL in hand refused: the listing, read
     again for a fresh URL, shows the new version. Its bytes must not join the old ones."""
