@@ -145,34 +145,16 @@ class Transfers:
             needed = unseen = sum(part.length for part in todo)
         self._check_space(needed, final)
         try:
-            fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
-            staged = _Staged(fd, key, unseen)
-            self._in_flight.add(staged)
-            try:
-                if multipart and not keep:
-                    self._manifest.begin_staging(key, file.size, file.last_modified, part_size)
-                if not keep:
-                    _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
-                try:
-                    digests = await self._fetch_parts(staged, file, todo)
-                except _ObjectChanged:
-                    self._manifest.drop_staging(key)  # parts of the old version must not be kept
-                    raise
-                if digests is not None:
-                    _check_length(fd, file.size)
-                else:
-                    digests = await anyio.to_thread.run_sync(_read_back, fd, file)
-                try:
-                    digest = digests.verified()
-                except IntegrityError:
-                    # Some part is wrong and nothing tells which: the next attempt starts over.
-                    self._manifest.drop_staging(key)
-                    raise
-                if self._settings.fsync:
-                    _os_call(staging, lambda: os.fsync(fd))
-            finally:
-                os.close(fd)
-                self._in_flight.discard(staged)
+            digest = await self._fetch_staged(
+                file,
+                key,
+                staging,
+                todo,
+                multipart=multipart,
+                keep=keep,
+                reserve=reserve,
+                unseen=unseen,
+            )
             if replaces:
                 # The old record must not outlive the old file: a crash right after the rename
                 # would leave it describing bytes that are no longer there.
@@ -194,6 +176,51 @@ class Transfers:
             self._discard_useless_staging(key, staging, multipart)
             raise
         self._stats.bytes_published += file.size
+
+    async def _fetch_staged(
+        self,
+        file: RemoteFile,
+        key: str,
+        staging: str,
+        todo: list[Part],
+        *,
+        multipart: bool,
+        keep: frozenset[int],
+        reserve: bool,
+        unseen: int,
+    ) -> str:
+        """Fetch ``todo`` into the staging file and verify it whole; its xxh3 digest."""
+        fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
+        staged = _Staged(fd, key, unseen)
+        self._in_flight.add(staged)
+        try:
+            if multipart and not keep:
+                self._manifest.begin_staging(
+                    key, file.size, file.last_modified, self._settings.part_size
+                )
+            if not keep:
+                _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
+            try:
+                digests = await self._fetch_parts(staged, file, todo)
+            except _ObjectChanged:
+                self._manifest.drop_staging(key)  # parts of the old version must not be kept
+                raise
+            if digests is not None:
+                _check_length(fd, file.size)
+            else:
+                digests = await anyio.to_thread.run_sync(_read_back, fd, file)
+            try:
+                digest = digests.verified()
+            except IntegrityError:
+                # Some part is wrong and nothing tells which: the next attempt starts over.
+                self._manifest.drop_staging(key)
+                raise
+            if self._settings.fsync:
+                _os_call(staging, lambda: os.fsync(fd))
+            return digest
+        finally:
+            os.close(fd)
+            self._in_flight.discard(staged)
 
     def _discard_useless_staging(self, key: str, staging: str, multipart: bool) -> None:
         """After a failure, remove a staging file that no record lets a later run resume from
