@@ -141,6 +141,8 @@ async def run_trials(
             async with HttpClient(connections) as http:
                 stats = Stats()  # the clock starts once the client is open
                 await sync(budgeted, selection, http, options, stats)
+                # Read before the connections close and the scratch files go: not the trial's.
+                seconds, cpu_seconds = stats.seconds, time.process_time() - cpu
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         first_byte, per_connection = request_medians(stats.timings)
@@ -151,8 +153,8 @@ async def run_trials(
                 files=stats.files_fetched,
                 failed=stats.files_failed,
                 bytes=stats.bytes_fetched,
-                seconds=stats.seconds,
-                cpu_seconds=time.process_time() - cpu,
+                seconds=seconds,
+                cpu_seconds=cpu_seconds,
                 first_byte_ms=first_byte,
                 connection_mb_s=per_connection,
             )

@@ -25,9 +25,9 @@ import anyio
 from pydantic import SecretStr
 
 from . import __version__
-from .config import Settings, load_settings, parse_size
+from .config import Settings, check_setting, format_size, load_settings, parse_size
 from .engine import PlannedFile, SyncOptions, sync
-from .errors import CheckpointSyncError, UsageError, most_severe
+from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
 from .listing import Row, row_json, survey, table
 from .net import NetSettings, loop_options
 from .plan import Selection, select_checkpoints
@@ -239,9 +239,12 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def _list_of(parse: Callable[[str], int]) -> Callable[[str], list[int]]:
     def parse_list(text: str) -> list[int]:
         try:
-            return [parse(item) for item in text.split(",") if item.strip()]
+            values = [parse(item) for item in text.split(",") if item.strip()]
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"no value in {text!r}")
+        return values
 
     return parse_list
 
@@ -548,8 +551,14 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     from .bench import grid, recommend, run_trials
 
     settings = _settings(args, out)
+    for concurrency in args.concurrencies:
+        check_setting("concurrency", concurrency)
+    for part_size in args.part_sizes:
+        check_setting("part_size", part_size)
     pairs = grid(args.concurrencies, args.part_sizes)
     scratch = _SHM if args.discard else (args.scratch or Path(tempfile.gettempdir()))
+    if not scratch.is_dir():
+        raise UsageError(f"scratch directory {scratch} does not exist")
     trials: list[Trial] = []
 
     async def measure() -> None:
@@ -577,6 +586,8 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     if received is not None:
         out.error(f"stopped by {signal.Signals(received).name}")
         return 128 + received
+    if not any(t.files for t in trials):
+        raise NotFoundError("nothing to measure: no file of the selection was fetched")
     best = recommend(trials)
     if out.as_json:
         out.json(
@@ -590,8 +601,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
             out.info(line)
         out.info(
             f"recommended: --concurrency {best.concurrency} --part-size "
-            f"{human_bytes(best.part_size).replace(' ', '').replace('.0', '')} "
-            f"({best.mb_per_s:.0f} MB/s)"
+            f"{format_size(best.part_size)} ({best.mb_per_s:.0f} MB/s)"
         )
     return EXIT_FILES_FAILED if any(t.failed for t in trials) else EXIT_OK
 

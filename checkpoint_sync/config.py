@@ -113,6 +113,23 @@ class Settings(BaseModel):
         return [form for form in forms if form]
 
 
+def check_setting(name: str, value: Any) -> None:
+    """`UsageError` unless ``value`` is allowed for setting ``name`` (values tried one by one,
+    as `bench` does, obey the same limits as a setting)."""
+    try:
+        Settings.__pydantic_validator__.validate_assignment(Settings.model_construct(), name, value)
+    except ValidationError as exc:
+        raise UsageError(f"bad {name} {value!r}: {exc.errors()[0]['msg']}") from None
+
+
+def format_size(size: int) -> str:
+    """``size`` as `parse_size` reads it back exactly: ``64MiB``, ``512KiB`` or a byte count."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 def _key(secret: SecretStr | None) -> str | None:
     return secret.get_secret_value() if secret else None
 

@@ -122,3 +122,38 @@ def test_bench_node_rank_fetches_and_budgets_only_that_rank(tmp_path: Path) -> N
         rank_1["files"]["fetched"],
         rank_1["bytes"]["fetched"],
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--concurrency", ","], "no value in ','"),
+        (["--concurrency", "0"], "bad concurrency 0"),
+        (["--concurrency", "4,2000"], "bad concurrency 2000"),
+        (["--part-size", "1KiB"], "bad part_size 1024"),
+        (["--scratch", "/nonexistent/scratch"], "scratch directory /nonexistent/scratch"),
+    ],
+)
+def test_bench_refuses_settings_sync_would_refuse(
+    server: ServerThread, flags: list[str], message: str
+) -> None:
+    result = run_cli(*job_args(server, "bench", *flags))
+
+    assert result.code == 2
+    assert message in result.stderr
+    assert "internal error" not in result.stderr
+
+
+def test_bench_with_nothing_to_fetch_says_so(server: ServerThread) -> None:
+    result = run_cli(*job_args(server, "bench", "--node-rank", "7", "--concurrency", "2"))
+
+    assert result.code == 4
+    assert "nothing to measure" in result.stderr
+
+
+def test_the_recommended_part_size_is_the_one_measured(server: ServerThread) -> None:
+    args = ["--concurrency", "2", "--part-size", "1000000", "--max-bytes", "2MiB"]
+    result = run_cli(*job_args(server, "bench", *args))
+
+    assert result.code == 0, result.stderr
+    assert "recommended: --concurrency 2 --part-size 1000000 " in result.stdout

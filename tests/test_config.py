@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.config import Settings, load_settings, parse_size
+from checkpoint_sync.config import Settings, format_size, load_settings, parse_size
 from checkpoint_sync.errors import UsageError
 from checkpoint_sync.net import NetSettings, ssl_context
 
@@ -113,3 +113,12 @@ def test_example_config_documents_every_key_with_its_default() -> None:
 def test_every_service_url_must_be_http(name: str) -> None:
     with pytest.raises(UsageError, match=name):
         load_settings(None, {name: "ftp://example"}, {})
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [(64 << 20, "64MiB"), (1 << 30, "1GiB"), (512 << 10, "512KiB"), (1000000, "1000000"), (0, "0")],
+)
+def test_format_size_reads_back_exactly(size: int, shown: str) -> None:
+    assert format_size(size) == shown
+    assert parse_size(shown) == size
