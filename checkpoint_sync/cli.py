@@ -521,6 +521,7 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
     job = catalog.jobs[0]
     job_args = argparse.Namespace(project=job.project_id, job=job.job_id)
     codes: list[int] = []
+    runs: list[dict[str, object]] = []
 
     async def run_twice() -> None:
         async with LocalServer(catalog) as server:
@@ -534,12 +535,13 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
                 recipe = _recipe(local, job_args, TrainingJobs())
                 await _mirror(recipe, _Selection(), options, stats, out)
                 codes.append(_exit_code(stats, None, None))
-                if out.as_json:
-                    out.json({"run": attempt + 1, **summary(stats)})
-                else:
+                runs.append({"run": attempt + 1, **summary(stats)})
+                if not out.as_json:
                     _print_summary(stats, options, out)
 
     received = _run(run_twice)
+    if out.as_json:
+        out.json({"dest": str(dest), "runs": runs})
     out.info(f"the mirror is in {dest}")
     return 128 + received if received is not None else max(codes, default=EXIT_OK)
 

@@ -354,3 +354,15 @@ def test_json_summary_counts_bytes_and_rate(server: ServerThread, dest: Path) ->
     assert summary["mb_per_s"] > 0
     assert summary["exit_code"] == 0
     assert API_KEY not in result.stdout
+
+
+def test_demo_mirrors_then_skips_everything_in_one_json_summary(tmp_path: Path) -> None:
+    result = run_cli("demo", "--dest", tmp_path / "demo", "--json")
+
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)  # one document, naming where the mirror is
+    assert report["dest"] == str(tmp_path / "demo")
+    first, second = report["runs"]
+    assert first["files"]["fetched"] == first["files"]["listed"] > 0
+    assert second["files"]["skipped"] == second["files"]["listed"] == first["files"]["listed"]
+    assert second["files"]["fetched"] == 0
