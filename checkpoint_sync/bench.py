@@ -8,6 +8,7 @@ Requests are timed on the way (`Stats.timed`): time to first byte, and each conn
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -132,13 +133,7 @@ async def run_trials(
         )
         cpu = time.process_time()
         try:
-            connections = NetSettings(
-                connections=concurrency,
-                connect_timeout=net.connect_timeout,
-                read_timeout=net.read_timeout,
-                ca_bundle=net.ca_bundle,
-            )
-            async with HttpClient(connections) as http:
+            async with HttpClient(dataclasses.replace(net, connections=concurrency)) as http:
                 stats = Stats()  # the clock starts once the client is open
                 await sync(budgeted, selection, http, options, stats)
                 # Read before the connections close and the scratch files go: not the trial's.

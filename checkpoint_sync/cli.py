@@ -304,12 +304,18 @@ def _retry(settings: Settings) -> RetryPolicy:
     )
 
 
+def _built_in(settings: Settings, url: str, key: str) -> Settings:
+    """``settings`` for the built-in server at ``url``: on this machine, so never proxied."""
+    return settings.model_copy(update={"api_url": url, "api_key": SecretStr(key), "proxies": False})
+
+
 def _net(settings: Settings) -> NetSettings:
     return NetSettings(
         connections=settings.concurrency,
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
         ca_bundle=settings.ca_bundle,
+        proxies=settings.proxies,
     )
 
 
@@ -525,9 +531,7 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
 
     async def run_twice() -> None:
         async with LocalServer(catalog) as server:
-            local = settings.model_copy(
-                update={"api_url": server.url, "api_key": SecretStr(catalog.api_key)}
-            )
+            local = _built_in(settings, server.url, catalog.api_key)
             for attempt, title in enumerate(("first run", "second run: nothing changed")):
                 out.info(f"--- demo {title}: {server.url} -> {dest}")
                 stats = Stats()
@@ -643,7 +647,7 @@ async def _bench_target(
         ready = (await server.stdout.receive()).decode().split()
         if ready[:1] != ["ready"]:
             raise CheckpointSyncError("the built-in server did not start")
-        local = settings.model_copy(update={"api_url": ready[1], "api_key": SecretStr("bench")})
+        local = _built_in(settings, ready[1], "bench")
         job_args = argparse.Namespace(project="bench", job="job")
         try:
             yield _recipe(local, job_args, TrainingJobs())

@@ -72,6 +72,7 @@ class Settings(BaseModel):
     retry_max_delay: float = Field(default=30.0, ge=0)
     retry_deadline: float = Field(default=600.0, gt=0)
     ca_bundle: Path | None = None
+    proxies: bool = True  # false: ignore HTTP(S)_PROXY and connect directly
 
     @field_validator("part_size", mode="before")
     @classmethod

@@ -30,6 +30,7 @@ class NetSettings:
     # A connection that sends no byte for this long is dropped and retried.
     read_timeout: float = 60.0
     ca_bundle: Path | None = None
+    proxies: bool = True  # through the proxy HTTP(S)_PROXY names, if any
 
 
 def loop_options() -> dict[str, bool]:

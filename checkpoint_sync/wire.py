@@ -149,7 +149,7 @@ class HttpClient:
         """
         parts = urlsplit(url)
         host = parts.hostname or ""
-        if proxy_for_host(parts.scheme, host) is not None:
+        if self._net.proxies and proxy_for_host(parts.scheme, host) is not None:
             async with self._via_proxy().request(url, headers, method, body, what) as response:
                 yield response
             return

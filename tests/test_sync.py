@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from checkpoint_sync.localserver import ServedFile
+from checkpoint_sync.net import proxy_for_host
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
@@ -366,3 +368,30 @@ def test_demo_mirrors_then_skips_everything_in_one_json_summary(tmp_path: Path) 
     assert first["files"]["fetched"] == first["files"]["listed"] > 0
     assert second["files"]["skipped"] == second["files"]["listed"] == first["files"]["listed"]
     assert second["files"]["fetched"] == 0
+
+
+@pytest.fixture
+def dead_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """HTTP_PROXY names a port nobody listens on: a request sent there fails."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    proxy_for_host.cache_clear()
+    yield
+    proxy_for_host.cache_clear()
+
+
+@pytest.mark.usefixtures("dead_proxy")
+def test_the_demo_never_goes_through_a_proxy(tmp_path: Path) -> None:
+    result = run_cli("demo", "--dest", tmp_path / "demo", "--quiet")
+
+    assert result.code == 0, result.stderr
+
+
+@pytest.mark.usefixtures("dead_proxy")
+def test_proxies_false_connects_directly(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_cli(*sync_args(server, dest)).code != 0  # the proxy is used, and fails
+
+    monkeypatch.setenv("CHECKPOINT_SYNC_PROXIES", "false")
+    assert run_cli(*sync_args(server, dest)).code == 0
