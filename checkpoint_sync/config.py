@@ -142,13 +142,21 @@ def load_settings(
 ) -> Settings:
     """Merge the config file, the environment and the flags (None means: flag not given)."""
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # where each value came from, to name it in an error
+
+    def take(name: str, value: Any, where: str) -> None:
+        values[name], origin[name] = value, where
+
     if config_file is not None:
-        values.update(_read_toml(config_file))
+        for name, value in _read_toml(config_file).items():
+            take(name, value, f"in {config_file}")
     for name in Settings.model_fields:
         env_value = environ.get(ENV_PREFIX + name.upper())
         if env_value is not None:
-            values[name] = env_value
-    values.update({k: v for k, v in flags.items() if v is not None})
+            take(name, env_value, f"from {ENV_PREFIX + name.upper()}")
+    for name, value in flags.items():
+        if value is not None:
+            take(name, value, f"from --{name.replace('_', '-')}")
     for key_field, env_field in (
         ("api_key", "api_key_env"),
         ("wandb_api_key", "wandb_api_key_env"),
@@ -157,14 +165,16 @@ def load_settings(
         if not isinstance(env_name, str):
             raise UsageError(f"bad setting {env_field}: the name of an environment variable")
         if environ.get(env_name):
-            values[key_field] = environ[env_name]
+            take(key_field, environ[env_name], f"from {env_name}")
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"
-        source = f" in {config_file}" if config_file else ""
-        raise UsageError(f"bad setting {where}{source}: {first['msg']}") from None
+        source = origin.get(str(first["loc"][0])) if first["loc"] else None
+        raise UsageError(
+            f"bad setting {where}{f' {source}' if source else ''}: {first['msg']}"
+        ) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -78,6 +78,23 @@ def test_bad_config_is_a_usage_error(tmp_path: Path, toml: str, message: str) ->
         load_settings(config, {}, {})
 
 
+@pytest.mark.parametrize(
+    ("env", "flags", "named"),
+    [
+        ({}, {}, "concurrency in "),
+        ({"CHECKPOINT_SYNC_CONCURRENCY": "0"}, {}, "concurrency from CHECKPOINT_SYNC_CONCURRENCY"),
+        ({}, {"concurrency": 0}, "concurrency from --concurrency"),
+    ],
+)
+def test_a_bad_value_is_named_where_it_came_from(
+    tmp_path: Path, env: dict[str, str], flags: dict[str, int], named: str
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("concurrency = 5\n" if env or flags else "concurrency = -1\n")
+    with pytest.raises(UsageError, match=f"bad setting {named}"):
+        load_settings(config, flags, env)
+
+
 @pytest.mark.parametrize("content", [None, b"not a certificate\n", "directory"])
 def test_an_unusable_ca_bundle_is_a_usage_error(
     tmp_path: Path, content: bytes | str | None
