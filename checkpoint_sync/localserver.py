@@ -760,11 +760,17 @@ def _unprocessable(message: str) -> web.Response:
 def tree_catalog(
     root: Path, file_base_url: str, project_id: str, job_id: str, api_key: str
 ) -> Catalog:
-    """A job listing ``root/<node_rank>/<checkpoint_id>/<path>``, served at ``file_base_url``."""
+    """A job listing ``root/<node_rank>/<checkpoint_id>/<path>``, served at ``file_base_url``;
+    `ValueError` for a tree not laid out so."""
+    if not root.is_dir():
+        raise ValueError(f"{root} is not a directory")
     checkpoints: dict[str, ServedCheckpoint] = {}
     base = file_base_url.rstrip("/")
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rank, checkpoint_id, *rest = path.relative_to(root).parts
+        parts = path.relative_to(root).parts
+        if len(parts) < 3 or not parts[0].isdigit():
+            raise ValueError(f"{path} is not at <node_rank>/<checkpoint_id>/<path> under {root}")
+        rank, checkpoint_id, *rest = parts
         info = path.stat()
         stamp = datetime.fromtimestamp(info.st_mtime, UTC)
         checkpoint = checkpoints.setdefault(checkpoint_id, ServedCheckpoint(checkpoint_id, stamp))
@@ -814,7 +820,12 @@ def main(argv: list[str] | None = None) -> None:
     synthetic.add_argument("--small-size", type=int, default=256 << 10)
     args = parser.parse_args(argv)
     if args.command == "serve-tree":
-        catalog = tree_catalog(args.root, args.file_base_url, args.project, args.job, args.api_key)
+        try:
+            catalog = tree_catalog(
+                args.root, args.file_base_url, args.project, args.job, args.api_key
+            )
+        except ValueError as exc:
+            parser.error(str(exc))
     else:
         job = synthetic_job(
             args.project,
@@ -827,8 +838,11 @@ def main(argv: list[str] | None = None) -> None:
             small_size=args.small_size,
         )
         catalog = Catalog(api_key=args.api_key, jobs=[job])
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(catalog, args.host, args.port))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(catalog, args.host, args.port))
+    except OSError as exc:  # the port is taken, or the host is not ours
+        parser.exit(1, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {exc.strerror}\n")
 
 
 if __name__ == "__main__":

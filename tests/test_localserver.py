@@ -1,0 +1,94 @@
+"""The built-in server's own command line (`python -m checkpoint_sync.localserver`)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.localserver import tree_catalog
+
+
+def test_serve_tree_lists_ranks_checkpoints_and_paths(tmp_path: Path) -> None:
+    (tmp_path / "1" / "ckpt-5" / "sub").mkdir(parents=True)
+    (tmp_path / "1" / "ckpt-5" / "sub" / "w.bin").write_bytes(b"abc")
+
+    (job,) = tree_catalog(tmp_path, "http://files/", "p", "j", "k").jobs
+    (checkpoint,) = job.checkpoints
+    (file,) = checkpoint.files
+    assert (checkpoint.checkpoint_id, file.node_rank, file.name, file.size) == (
+        "ckpt-5",
+        1,
+        "ckpt-5/sub/w.bin",
+        3,
+    )
+    assert file.external_url == "http://files/1/ckpt-5/sub/w.bin"
+
+
+@pytest.mark.parametrize(
+    ("layout", "problem"),
+    [
+        ("stray.txt", "is not at <node_rank>/<checkpoint_id>/<path>"),
+        ("0/only-two-levels.txt", "is not at <node_rank>/<checkpoint_id>/<path>"),
+        ("rank-a/ckpt/f.txt", "is not at <node_rank>/<checkpoint_id>/<path>"),
+        (None, "is not a directory"),
+    ],
+)
+def test_serve_tree_refuses_a_tree_it_cannot_list(
+    tmp_path: Path, layout: str | None, problem: str
+) -> None:
+    root = tmp_path / "tree"
+    if layout is not None:
+        (root / layout).parent.mkdir(parents=True, exist_ok=True)
+        (root / layout).write_text("x")
+
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "checkpoint_sync.localserver",
+            "serve-tree",
+            "--root",
+            str(root),
+            "--file-base-url",
+            "http://files",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 2
+    assert problem in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "checkpoint_sync.localserver",
+                "serve-synthetic",
+                "--port",
+                str(port),
+                "--large-files",
+                "0",
+                "--small-files",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
