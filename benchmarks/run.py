@@ -742,6 +742,13 @@ def install_checkout(venv: Path) -> Path:
     return venv / "bin" / "checkpoint-sync"
 
 
+def server_python() -> str:
+    """The Python that runs checkpoint-sync's listing server: the venv's, which has its
+    dependencies (aiohttp), unless --cs-command left it uninstalled."""
+    python = VENV / "bin" / "python"
+    return str(python) if python.exists() else sys.executable
+
+
 class CheckpointSync:
     name = "checkpoint-sync"
     is_peer = False
@@ -768,7 +775,7 @@ class CheckpointSync:
             self.argv = [str(script)]
         try:
             capture([*self.argv, "sync", "--help"], timeout=60, cwd=REPO)
-            capture([sys.executable, "-c", "import checkpoint_sync.localserver"], cwd=REPO)
+            capture([server_python(), "-c", "import checkpoint_sync.localserver"], cwd=REPO)
         except BenchError as exc:
             self.error = str(exc)
 
@@ -839,7 +846,7 @@ def cs_localserver(job: Job, settings: Settings, timeout: float) -> Iterator[str
     """Run `python -m checkpoint_sync.localserver serve-tree` for job; yields its API URL."""
     log = settings.logs / f"localserver-{job.key}.log"
     argv = [
-        sys.executable,
+        server_python(),
         "-m",
         "checkpoint_sync.localserver",
         "serve-tree",
