@@ -34,6 +34,8 @@ def test_mirror_path(path: str, expected: str) -> None:
     [
         ("/etc/passwd", "absolute"),
         ("../escape", "climbs out"),
+        ("a/..", "climbs out"),
+        ("..", "climbs out"),
         ("a/../../escape", "climbs out"),
         ("a\\..\\b", "backslash"),
         ("a\0b", "NUL"),

@@ -31,3 +31,12 @@ def test_short_strings_are_not_treated_as_secrets() -> None:
     redact = Redactor(["ab"])
     redact.add("")
     assert redact("abc") == "abc"
+
+
+def test_a_secret_containing_another_is_removed_whole() -> None:
+    for secrets in (["abcd", "abcdefgh"], ["abcdefgh", "abcd"]):
+        redact = Redactor(secrets)
+        assert redact("key abcdefgh") == "key <redacted>"
+    grown = Redactor(["abcd"])
+    grown.add("abcdefgh")
+    assert grown("key abcdefgh") == "key <redacted>"

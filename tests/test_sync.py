@@ -91,15 +91,20 @@ def test_changed_remote_file_is_fetched_again(server: ServerThread, dest: Path) 
     assert_exact(mirrored(dest, JOB, changed), changed)
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate"])
+@pytest.mark.parametrize("damage", ["delete", "truncate", "symlink"])
 def test_locally_damaged_file_is_restored(server: ServerThread, dest: Path, damage: str) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
     victim = server.files()[1]
     path = mirrored(dest, JOB, victim)
     if damage == "delete":
         path.unlink()
-    else:
+    elif damage == "truncate":
         path.write_bytes(path.read_bytes()[:10])
+    else:  # a link to other bytes of the same size is not the mirrored file
+        elsewhere = dest.parent / "elsewhere"
+        elsewhere.write_bytes(b"x" * victim.size)
+        path.unlink()
+        path.symlink_to(elsewhere)
 
     second = run_cli(*sync_args(server, dest, "--json"))
 

@@ -149,11 +149,30 @@ async def test_a_body_cut_short_is_a_transient_error_without_the_query() -> None
     assert "X-Amz-Signature" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n",  # closes unless it says otherwise
+    ],
+    ids=["connection-close", "http-1.0"],
+)
+async def test_a_connection_the_server_will_close_is_not_reused(head: bytes) -> None:
+    # The server says it closes, but is slow to: reusing the connection would race its close.
+    server = Server(lambda _: [head + b"ok"])
+    async with serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"ok")
+        assert await fetch(http, url) == (200, b"ok")
+    assert server.connections == 2
+
+
 async def test_a_stalled_answer_times_out() -> None:
     server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhel"])
+    started = time.monotonic()
     async with serving(server) as url, client(read_timeout=0.3) as http:
         with pytest.raises(TransientError, match="timed out"):
             await fetch(http, url)
+    assert time.monotonic() - started < 1.2  # about the read timeout, not many times it
 
 
 async def test_an_answer_that_never_comes_times_out_and_its_connection_is_dropped() -> None:
