@@ -145,8 +145,13 @@ class Faults:
     unreadable: set[str] = field(default_factory=set)
     # Per-response send rate in bytes/s (None: as fast as possible).
     throttle: float | None = None
-    # Answer 206 with a Content-Range shifted by this many bytes.
+    # Answer 206 with a Content-Range shifted by this many bytes, or whose total is off by so many.
     shift_content_range: int = 0
+    misstate_total: int = 0
+    # Send this many bytes past the range asked for (Content-Length counts them).
+    overlong_body: int = 0
+    # A new weak ETag on every answer (W/"..."): weak validators say nothing about the bytes.
+    weak_etags: bool = False
     stall_seconds: float = 30.0
     # The Retry-After header of an injected 429.
     retry_after: str = "0"
@@ -644,18 +649,22 @@ class LocalServer:
         if fault is not None and fault.isdigit():
             return web.Response(status=int(fault), text="injected failure")
         response = web.StreamResponse(status=206 if ranged else 200)
+        extra = self.faults.overlong_body
         if fault == "unterminated":
             response.enable_chunked_encoding()  # every byte, then no last chunk
         else:
-            response.content_length = end - start
+            response.content_length = end - start + extra
         response.headers["Accept-Ranges"] = "bytes"
         response.headers["Last-Modified"] = file.last_modified
-        response.headers["ETag"] = f'"{file.seed:x}-{file.size:x}"'  # a version, as S3's is
+        response.headers["ETag"] = (
+            f'W/"{self.traffic.object_requests:x}"'
+            if self.faults.weak_etags
+            else f'"{file.seed:x}-{file.size:x}"'  # a version, as S3's is
+        )
         if ranged:
             shift = self.faults.shift_content_range
-            response.headers["Content-Range"] = (
-                f"bytes {start + shift}-{end - 1 + shift}/{file.size}"
-            )
+            total = file.size + self.faults.misstate_total
+            response.headers["Content-Range"] = f"bytes {start + shift}-{end - 1 + shift}/{total}"
         await response.prepare(request)
         await self._send_body(request, response, file, start, end, fault)
         return response
@@ -688,6 +697,8 @@ class LocalServer:
             position += len(chunk)
             if self.faults.throttle:
                 await asyncio.sleep(len(chunk) / self.faults.throttle)
+        if fault is None and self.faults.overlong_body:
+            await response.write(b"\0" * self.faults.overlong_body)
         if fault == "stall":
             await asyncio.sleep(self.faults.stall_seconds)
         if fault in ("reset", "stall") and request.transport is not None:

@@ -112,10 +112,13 @@ def test_a_server_ignoring_range_is_read_as_one_stream(server: ServerThread, des
     assert server.traffic.object_bytes_sent == server.data_size()
 
 
+@pytest.mark.parametrize("fault", ["shift_content_range", "misstate_total"])
 def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
-    server: ServerThread, dest: Path
+    server: ServerThread, dest: Path, fault: str
 ) -> None:
-    server.faults.shift_content_range = 1
+    # Shifted, the bytes are not the ones asked for; with another total, not of the listed
+    # object (Baseten lists no checksum to tell two versions apart).
+    server.call(lambda: setattr(server.faults, fault, 1))
 
     result = run_cli(*sync_args(server, dest, "--json"))
 
@@ -127,11 +130,32 @@ def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
     for staged in (dest / ".checkpoint-sync" / "staging").iterdir():
         assert staged.read_bytes().count(0) == staged.stat().st_size  # never written
 
-    server.call(lambda: setattr(server.faults, "shift_content_range", 0))
+    server.call(lambda: setattr(server.faults, fault, 0))
     again = run_cli(*sync_args(server, dest))
 
     assert again.code == 0, again.stderr
     assert_mirrored(server, dest)  # no shifted part was taken as done
+
+
+def test_a_body_longer_than_its_range_fails_the_file(server: ServerThread, dest: Path) -> None:
+    server.faults.overlong_body = 100  # after the range, with a Content-Range that matches it
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    failures = json.loads(result.stdout)["failures"]
+    assert len(failures) == len(server.files())
+    assert all("server sent more than the" in f["error"] for f in failures)
+    assert not (dest / JOB).exists() or not any(p.is_file() for p in (dest / JOB).rglob("*"))
+
+
+def test_weak_etags_that_differ_do_not_fail_a_file(server: ServerThread, dest: Path) -> None:
+    server.faults.weak_etags = True  # W/"1", W/"2"...: each part's answer has its own
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 0, result.stderr
+    assert_mirrored(server, dest)
 
 
 def test_urls_that_expire_mid_transfer_are_refreshed_and_nothing_is_fetched_twice(
