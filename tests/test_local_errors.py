@@ -89,6 +89,7 @@ def test_a_full_disk_stops_with_the_path_and_the_space_needed_and_the_rerun_resu
     kept = published(server, dest)
     assert kept  # what fitted was published ...
     assert_records_true(dest)  # ... and recorded: the manifest could still be written
+    assert f"fetched {len(kept)} files" in full.stdout  # and the summary says so
     assert len(kept) == len(
         [p for p in (dest / JOB).rglob("*") if p.is_file()]
     )  # nothing half-written at a final path
@@ -111,11 +112,14 @@ def test_files_in_flight_count_against_free_space_before_they_land(disk: Path) -
     catalog = job_catalog(checkpoints=1, large_size=3 << 20, small_files=0)
     # Both ranks' 3 MiB files go out together and stay in flight a while; only one fits.
     with ServerThread(catalog, Faults(throttle=8 << 20)) as server:
-        result = run_cli(*sync_args(server, disk / "mirror"))
+        result = run_cli(*sync_args(server, disk / "mirror", "--json"))
 
         assert result.code == 6
         assert result.stderr.count("\n") == 1
         assert "not enough space for " in result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["exit_code"] == 6
+        assert summary["error"] in result.stderr  # the reason, for scripts too
         assert "it needs 3.0 MiB" in result.stderr
         assert "of it to files being fetched" in result.stderr
         assert len(published(server, disk / "mirror")) == 1  # the one in flight landed
