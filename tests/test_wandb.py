@@ -7,7 +7,8 @@ import http.server
 import json
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -249,35 +250,77 @@ def test_a_refused_w_and_b_key_exits_3_without_showing_it(
     assert "wrong-wandb-key-123456" not in result.stderr + result.stdout
 
 
-class _EchoingHeaders(http.server.BaseHTTPRequestHandler):
-    """A proxy's or firewall's error page that shows the request's headers back."""
+@contextmanager
+def graphql_answering(
+    answer: Callable[[int, http.server.BaseHTTPRequestHandler], tuple[int, bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[list[int]]:
+    """W&B's GraphQL API replaced by ``answer(n, request)`` -> (status, body) for the n-th
+    request; yields the list of request numbers served."""
+    served: list[int] = []
 
-    def do_POST(self) -> None:
-        body = f"bad request; your headers were:\n{self.headers}".encode()
-        self.send_response(400)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            served.append(len(served) + 1)
+            status, body = answer(served[-1], self)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-    def log_message(self, *args: object) -> None:
-        pass
+        def log_message(self, *args: object) -> None:
+            pass
+
+    graphql = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=graphql.serve_forever, daemon=True).start()
+    monkeypatch.setenv("CHECKPOINT_SYNC_WANDB_BASE_URL", f"http://127.0.0.1:{graphql.server_port}")
+    try:
+        yield served
+    finally:
+        graphql.shutdown()
 
 
 def test_the_graphql_credentials_are_not_shown_when_an_error_page_echoes_them(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    echo = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoingHeaders)
-    threading.Thread(target=echo.serve_forever, daemon=True).start()
-    monkeypatch.setenv("CHECKPOINT_SYNC_WANDB_BASE_URL", f"http://127.0.0.1:{echo.server_port}")
-    try:
+    def echo_headers(_: int, request: http.server.BaseHTTPRequestHandler) -> tuple[int, bytes]:
+        # A proxy's or firewall's error page that shows the request's headers back.
+        return 400, f"bad request; your headers were:\n{request.headers}".encode()
+
+    with graphql_answering(echo_headers, monkeypatch):
         result = run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--debug"))
-    finally:
-        echo.shutdown()
 
     output = result.stdout + result.stderr
     assert result.code == 1
     assert "Authorization: Basic <redacted>" in output  # the page was shown, not its secret
     assert base64.b64encode(f"api:{WANDB_KEY}".encode()).decode() not in output
+
+
+def test_a_graphql_error_is_reported_as_w_and_b_said_it(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refusal = {"data": None, "errors": [{"message": "permission denied for team/agents"}]}
+    with graphql_answering(lambda _, __: (200, json.dumps(refusal).encode()), monkeypatch):
+        result = run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT))
+
+    assert result.code == 1
+    assert "W&B answered: permission denied for team/agents" in result.stderr
+
+
+def test_empty_pages_end_an_artifact_listing_whatever_they_promise(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def empty_page(n: int, _: http.server.BaseHTTPRequestHandler) -> tuple[int, bytes]:
+        files = {"edges": [], "pageInfo": {"hasNextPage": True, "endCursor": f"c{n}"}}
+        return 200, json.dumps({"data": {"project": {"artifact": {"files": files}}}}).encode()
+
+    with graphql_answering(empty_page, monkeypatch) as served:
+        result = run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["listed"] == 0
+    assert served == [1]
 
 
 # --- fetching the artifact ------------------------------------------------------------------------
