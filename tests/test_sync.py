@@ -209,13 +209,20 @@ def test_interrupted_file_resumes_with_only_its_missing_parts(
     assert first.stderr.count("gave up after retrying") == 2
     assert not mirrored(dest, JOB, large).exists()
 
+    # Interrupted again: the parts kept from the first run stay kept.
+    missing = (large.name, broken_start, broken_start + (256 << 10))
+    server.traffic.ranges.clear()
+    again = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-10"))
+
+    assert again.code == 1
+    assert set(server.traffic.ranges) == {missing}
+
     server.call(lambda: setattr(server.faults, "hook", None))
     server.traffic.ranges.clear()
-    second = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-10"))
+    last = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-10"))
 
-    assert second.code == 0, second.stderr
+    assert last.code == 0, last.stderr
     # Both ranks' copies of the file had that part broken; nothing else is asked for again.
-    missing = (large.name, broken_start, broken_start + (256 << 10))
     assert server.traffic.ranges == [missing, missing]
     assert_exact(mirrored(dest, JOB, large), large)
 
