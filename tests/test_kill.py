@@ -6,9 +6,11 @@ when the test kills it, signals it or starts a second run beside it.
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -132,26 +134,39 @@ def test_killed_at_any_moment_the_next_run_finishes_with_little_fetched_twice(
     assert server.traffic.object_bytes_sent <= 1.3 * total
 
 
+# The CLI, killed (SIGKILL) the moment its first file is renamed into place.
+CRASH_AT_FIRST_PUBLISH = """
+import os, signal, sys
+rename = os.replace
+def rename_then_die(source, target):
+    rename(source, target)
+    os.kill(os.getpid(), signal.SIGKILL)
+os.replace = rename_then_die
+from checkpoint_sync.cli import main
+main(sys.argv[1:])
+"""
+
+
 def test_a_record_never_outlives_the_file_it_describes(server: ServerThread, dest: Path) -> None:
     server.call(lambda: setattr(server.faults, "throttle", None))
     assert run_cli(*args(server, dest)).code == 0
     small = next(f for f in server.files() if f.size < PART)
-    large = next(f for f in server.files() if f.size > PART)
     path = mirrored(dest, JOB, small)
-    old_inode = path.stat().st_ino
 
     def change() -> None:
-        # The large one keeps the run busy after the small one is published.
-        for file, seed in ((small, 4242), (large, 4343)):
-            file.seed, file.last_modified = seed, "2026-12-01T00:00:00+00:00"
-        server.faults.throttle = 1 << 20
+        small.seed, small.last_modified = 4242, "2026-12-01T00:00:00+00:00"
 
     server.call(change)
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_AT_FIRST_PUBLISH, *args(server, dest)],
+        env={**os.environ, **ENV},
+        capture_output=True,
+        timeout=60,
+    )
 
-    kill_when(server, dest, lambda: path.exists() and path.stat().st_ino != old_inode)
-
-    assert_records_true(dest)  # the old record was gone before the new file took its place
-    assert_exact(path, small)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert_exact(path, small)  # the new version took the old one's place ...
+    assert_records_true(dest)  # ... and the old record was gone before it did
 
 
 def test_parts_recorded_by_an_old_run_never_vouch_for_a_reset_staging_file(
