@@ -386,6 +386,8 @@ def test_demo_mirrors_then_skips_everything_in_one_json_summary(tmp_path: Path) 
 def dead_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """HTTP_PROXY names a port nobody listens on: a request sent there fails."""
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    for bypass in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(bypass, raising=False)
     monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
     proxy_for_host.cache_clear()
     yield
