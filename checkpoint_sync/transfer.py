@@ -276,13 +276,13 @@ class Transfers:
             existing = os.path.dirname(existing)
         if not is_within(self._real_dest, os.path.realpath(existing)):
             raise UnsafePathError(f"{existing} leads outside the destination (a symlink?)")
-        _os_call(parent, lambda: os.makedirs(parent, exist_ok=True))
+        _in_mirror_call(parent, lambda: os.makedirs(parent, exist_ok=True))
         if not is_within(self._real_dest, os.path.realpath(parent)):
             raise UnsafePathError(f"{parent} leads outside the destination (a symlink?)")
         self._prepared_dirs.add(parent)
 
     def _publish(self, staging: str, final: str) -> None:
-        _os_call(final, lambda: os.replace(staging, final))
+        _in_mirror_call(final, lambda: os.replace(staging, final))
         if self._settings.fsync:
             _os_call(final, lambda: _fsync_directory(os.path.dirname(final)))
 
@@ -631,4 +631,15 @@ def _os_call(path: str | Path, call: Callable[[], T]) -> T:
     try:
         return call()
     except OSError as exc:
+        raise _local_error(exc, path) from exc
+
+
+def _in_mirror_call(path: str, call: Callable[[], T]) -> T:
+    """An OS call on a file's own place in the mirror: a directory there that refuses writes
+    (its permissions, an immutable flag) fails the files in it, not the whole run."""
+    try:
+        return call()
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise FileError(f"cannot write {path}: {exc.strerror}") from exc
         raise _local_error(exc, path) from exc

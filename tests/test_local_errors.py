@@ -241,6 +241,47 @@ def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
     assert_exact(mirrored(dest, JOB, changed), changed)
 
 
+@contextmanager
+def immutable(directory: Path) -> Iterator[None]:
+    """``chattr +i``: nothing can be created, renamed or removed in it, by root neither."""
+    try:
+        subprocess.run(["chattr", "+i", str(directory)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make {directory} immutable here ({exc})")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=False)
+
+
+def test_a_directory_of_the_mirror_that_refuses_writes_fails_its_files_not_the_run(
+    server: ServerThread, disk: Path
+) -> None:
+    remount(disk, "size=32m")
+    dest = disk / "mirror"
+    assert run_cli(*sync_args(server, dest)).code == 0
+    locked, free = (
+        next(f for f in server.files() if f.node_rank == rank and f.size < 1 << 20)
+        for rank in (0, 1)
+    )
+
+    def change() -> None:
+        for file in (locked, free):
+            file.seed, file.last_modified = file.seed + 1000, "2026-12-01T00:00:00+00:00"
+
+    server.call(change)
+
+    with immutable(mirrored(dest, JOB, locked).parent):
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1, result.stderr  # that file failed; the run went on
+    summary = json.loads(result.stdout)
+    assert (summary["files"]["fetched"], summary["files"]["failed"]) == (1, 1)
+    assert "Operation not permitted" in summary["failures"][0]["error"]
+    assert_exact(mirrored(dest, JOB, free), free)
+    assert_records_true(dest)
+
+
 def test_a_manifest_locked_by_another_program_exits_6_naming_it(
     server: ServerThread, dest: Path
 ) -> None:
