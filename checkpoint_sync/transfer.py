@@ -276,13 +276,25 @@ class Transfers:
             existing = os.path.dirname(existing)
         if not is_within(self._real_dest, os.path.realpath(existing)):
             raise UnsafePathError(f"{existing} leads outside the destination (a symlink?)")
-        _in_mirror_call(parent, lambda: os.makedirs(parent, exist_ok=True))
+        self._in_mirror_call(parent, lambda: os.makedirs(parent, exist_ok=True))
         if not is_within(self._real_dest, os.path.realpath(parent)):
             raise UnsafePathError(f"{parent} leads outside the destination (a symlink?)")
         self._prepared_dirs.add(parent)
 
+    def _in_mirror_call(self, path: str, call: Callable[[], T]) -> T:
+        """An OS call on a file's own place in the mirror: a directory below DEST that refuses
+        writes (its permissions, an immutable flag) fails the files in it, not the whole run;
+        DEST itself refusing stops the run, as every file would fail."""
+        try:
+            return call()
+        except OSError as exc:
+            refused_by = os.path.dirname(str(exc.filename2 or exc.filename or path))
+            if exc.errno in (errno.EACCES, errno.EPERM) and refused_by != str(self._dest):
+                raise FileError(f"cannot write {path}: {exc.strerror}") from exc
+            raise _local_error(exc, path) from exc
+
     def _publish(self, staging: str, final: str) -> None:
-        _in_mirror_call(final, lambda: os.replace(staging, final))
+        self._in_mirror_call(final, lambda: os.replace(staging, final))
         if self._settings.fsync:
             _os_call(final, lambda: _fsync_directory(os.path.dirname(final)))
 
@@ -633,13 +645,3 @@ def _os_call(path: str | Path, call: Callable[[], T]) -> T:
     except OSError as exc:
         raise _local_error(exc, path) from exc
 
-
-def _in_mirror_call(path: str, call: Callable[[], T]) -> T:
-    """An OS call on a file's own place in the mirror: a directory there that refuses writes
-    (its permissions, an immutable flag) fails the files in it, not the whole run."""
-    try:
-        return call()
-    except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            raise FileError(f"cannot write {path}: {exc.strerror}") from exc
-        raise _local_error(exc, path) from exc

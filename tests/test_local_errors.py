@@ -282,6 +282,20 @@ def test_a_directory_of_the_mirror_that_refuses_writes_fails_its_files_not_the_r
     assert_records_true(dest)
 
 
+def test_a_destination_that_refuses_writes_stops_the_run(server: ServerThread, disk: Path) -> None:
+    remount(disk, "size=32m")
+    dest = disk / "mirror"
+    assert run_cli(*sync_args(server, dest)).code == 0
+    subprocess.run(["rm", "-r", str(dest / JOB)], check=True)  # its run directory is needed again
+
+    with immutable(dest):
+        result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 6  # every file would fail the same way
+    assert result.stderr.count("\n") == 1
+    assert "Operation not permitted" in result.stderr
+
+
 def test_a_manifest_locked_by_another_program_exits_6_naming_it(
     server: ServerThread, dest: Path
 ) -> None:
