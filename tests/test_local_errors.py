@@ -8,6 +8,7 @@ saying why, where mounting is not allowed.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -286,7 +287,7 @@ def test_a_destination_that_refuses_writes_stops_the_run(server: ServerThread, d
     remount(disk, "size=32m")
     dest = disk / "mirror"
     assert run_cli(*sync_args(server, dest)).code == 0
-    subprocess.run(["rm", "-r", str(dest / JOB)], check=True)  # its run directory is needed again
+    shutil.rmtree(dest / JOB)  # so that its run directory must be made again
 
     with immutable(dest):
         result = run_cli(*sync_args(server, dest))
