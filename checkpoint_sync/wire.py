@@ -493,7 +493,9 @@ class _Connection(asyncio.BufferedProtocol, Body):
             and self._in_body
             and self._chunks is None
             and self._remaining is not None
-            and SPLICE_MIN <= self._remaining <= file.room
+            and self._remaining >= SPLICE_MIN
+            # What arrived with the head goes to the sink first, the rest is spliced after it.
+            and self._remaining + (self._filled - self._base) <= file.room
             and self._transport is not None
         )
 
@@ -641,24 +643,34 @@ async def _splice_in_thread(
 ) -> tuple[int, Exception | None]:
     """`_splice` in a worker thread, which a cancellation wakes at once (a thread cannot be
     cancelled, and a stalled socket would keep it, and the run, waiting ``read_timeout``)."""
-    wake_read, wake_write = os.pipe()
+    # A place in the thread pool first, then the pipe: a splice waiting for a thread holds no
+    # descriptors (hundreds of parts in flight would otherwise run into the process's limit).
+    async with anyio.to_thread.current_default_thread_limiter():
+        wake_read, wake_write = os.pipe()
 
-    async def wake_when_cancelled() -> None:
+        async def wake_when_cancelled() -> None:
+            try:
+                await anyio.sleep_forever()
+            finally:
+                os.write(wake_write, b"!")
+
         try:
-            await anyio.sleep_forever()
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(wake_when_cancelled)
+                result = await anyio.to_thread.run_sync(
+                    _splice,
+                    sock,
+                    fd,
+                    offset,
+                    length,
+                    read_timeout,
+                    wake_read,
+                    limiter=anyio.CapacityLimiter(1),  # the pool's place is held already
+                )
+                tasks.cancel_scope.cancel()
         finally:
-            os.write(wake_write, b"!")
-
-    try:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(wake_when_cancelled)
-            result = await anyio.to_thread.run_sync(
-                _splice, sock, fd, offset, length, read_timeout, wake_read
-            )
-            tasks.cancel_scope.cancel()
-    finally:
-        os.close(wake_read)
-        os.close(wake_write)
+            os.close(wake_read)
+            os.close(wake_write)
     return result
 
 

@@ -402,10 +402,14 @@ async def test_a_splice_cut_short_keeps_what_landed_and_fails(tmp_path: Path) ->
     assert (tmp_path / "part").read_bytes() == BIG[: 5 << 20]
 
 
-async def test_a_body_longer_than_the_range_is_not_spliced_past_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_head", [0, 1000], ids=["body-after-head", "body-with-head"])
+async def test_a_body_longer_than_the_range_is_not_spliced_past_it(
+    tmp_path: Path, with_head: int
+) -> None:
+    # Bytes that came with the head go through the sink before the splice: they count too.
     head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
-    server = Server(lambda _: [head, 0.05, BIG])
-    target = FileTarget(tmp_path / "part", size=len(BIG) - (1 << 20))
+    server = Server(lambda _: [head + BIG[:with_head], 0.05, BIG[with_head:]])
+    target = FileTarget(tmp_path / "part", size=len(BIG) - 100)  # 100 bytes too many come
     async with serving(server) as url, client() as http:
         with pytest.raises(IntegrityError, match="more than the range"):
             async with http.request(url, {}) as response:
@@ -413,6 +417,39 @@ async def test_a_body_longer_than_the_range_is_not_spliced_past_it(tmp_path: Pat
     os.close(target.fd)
     assert target.spliced == 0
     assert (tmp_path / "part").stat().st_size <= target.size
+
+
+def _pipes_open() -> int:
+    return sum(
+        os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.islink(f"/proc/self/fd/{fd}")
+    )
+
+
+async def test_splices_waiting_for_a_thread_hold_no_descriptors(tmp_path: Path) -> None:
+    threads = int(anyio.to_thread.current_default_thread_limiter().total_tokens)
+    bodies = threads + 30  # more spliced bodies at once than there are threads
+    head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    server = Server(lambda _: [head, 0.05, BIG[:1000], 3.0])  # then stalls
+    targets = [FileTarget(tmp_path / f"part{i}") for i in range(bodies)]
+    before = _pipes_open()
+
+    async def receive(http: HttpClient, url: str, target: FileTarget) -> None:
+        async with http.request(url, {}) as response:
+            await response.stream_to(target.take, target)
+
+    async with serving(server) as url, client() as http:
+        with anyio.move_on_after(1.0):
+            async with anyio.create_task_group() as tasks:
+                for target in targets:
+                    tasks.start_soon(receive, http, url, target)
+                await anyio.sleep(0.8)
+                # Two pipes per running splice (its own, and the one that wakes it); none for
+                # the ones still waiting for a thread.
+                assert _pipes_open() - before <= 4 * threads
+    for target in targets:
+        os.close(target.fd)
 
 
 async def test_cancelling_a_stalled_splice_returns_at_once(tmp_path: Path) -> None:
