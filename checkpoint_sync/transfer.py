@@ -375,7 +375,9 @@ class Transfers:
                     if answered is not None:
                         answered.set()
         if state.digests is not None:
-            return state.digests
+            return state.digests  # made durable with the whole file, before it is published
+        if self._settings.fsync:  # durable before the manifest vouches for it
+            await anyio.to_thread.run_sync(os.fdatasync, staged.fd)
         self._manifest.part_done(staged.key, part.index)
         return None
 
@@ -411,8 +413,6 @@ class Transfers:
             writer = _PartWriter(staged, state, self._stats, self._dest)
             # A part hashed on the way cannot skip Python; the others may be spliced.
             await resp.stream_to(writer.take, writer if state.digests is None else None)
-        if self._settings.fsync:
-            await anyio.to_thread.run_sync(os.fdatasync, staged.fd)
         if state.offset != state.end:
             raise TransientError(f"body ended at byte {state.offset}, expected {state.end}")
         self._stats.timed(
@@ -644,4 +644,3 @@ def _os_call(path: str | Path, call: Callable[[], T]) -> T:
         return call()
     except OSError as exc:
         raise _local_error(exc, path) from exc
-

@@ -103,18 +103,22 @@ def test_a_key_with_a_control_character_is_a_usage_error_that_hides_it(
 
 
 def _fsync_calls(server: ServerThread, dest: Path, *extra: str) -> dict[str, int]:
-    """How often the CLI, run under strace, called fsync and fdatasync."""
-    trace = dest.parent / f"trace{len(extra)}"
+    """How often the CLI, run under strace, called fsync and fdatasync, and fdatasync on
+    staging files (``parts``: one per part recorded as done)."""
+    trace = dest.parent / f"trace-{dest.name}"
     subprocess.run(
         [
-            *("strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(trace)),
+            *("strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace)),
             *(sys.executable, "-m", "checkpoint_sync", *sync_args(server, dest, *extra)),
         ],
         check=True,
         capture_output=True,
     )
-    calls = re.findall(r"\b(fsync|fdatasync)\(", trace.read_text())
-    return {name: calls.count(name) for name in ("fsync", "fdatasync")}
+    text = trace.read_text()
+    calls = re.findall(r"\b(fsync|fdatasync)\(", text)
+    counts = {name: calls.count(name) for name in ("fsync", "fdatasync")}
+    counts["parts"] = len(re.findall(r"\bfdatasync\(\d+<[^>]*/staging/", text))
+    return counts
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
@@ -133,3 +137,24 @@ def test_fsync_makes_files_and_their_directories_durable(
     assert durable["fdatasync"] > plain["fdatasync"]  # part data, and the manifest's commits
     for file in server.files():
         assert_exact(mirrored(tmp_path / "durable", JOB, file), file)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_every_part_recorded_as_done_was_made_durable(server: ServerThread, tmp_path: Path) -> None:
+    try:
+        clean = _fsync_calls(server, tmp_path / "clean", "--fsync")
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"strace cannot trace here: {exc.stderr.decode()[-200:]}")
+    answered: set[tuple[str, int, int]] = set()
+
+    def first_answer_unterminated(name: str, start: int, end: int) -> str | None:
+        # All of a part's bytes, then a broken end: the part is done without a second request.
+        first = (name, start, end) not in answered
+        answered.add((name, start, end))
+        return "unterminated" if first else None
+
+    server.call(lambda: setattr(server.faults, "hook", first_answer_unterminated))
+    broken = _fsync_calls(server, tmp_path / "broken", "--fsync")
+
+    assert clean["parts"] > 0
+    assert broken["parts"] == clean["parts"]
