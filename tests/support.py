@@ -134,6 +134,13 @@ def mirrored(dest: Path, run: str, file: ServedFile) -> Path:
     return dest / run / checkpoint / str(file.node_rank) / rest
 
 
+def new_version(*files: ServedFile) -> None:
+    """Replace ``files`` on the server as an upload would: other bytes, a later last_modified.
+    Call it on the server's thread (``server.call``, or inside a fault hook)."""
+    for file in files:
+        file.seed, file.last_modified = file.seed + 1000, "2026-12-01T00:00:00+00:00"
+
+
 def assert_exact(path: Path, file: ServedFile) -> None:
     data = path.read_bytes()
     assert len(data) == file.size, f"{path}: {len(data)} bytes, expected {file.size}"

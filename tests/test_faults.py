@@ -12,7 +12,7 @@ import pytest
 from checkpoint_sync.localserver import Faults, ServedFile
 
 from .conftest import JOB, job_catalog, sync_args
-from .support import ServerThread, assert_exact, mirrored, run_cli
+from .support import ServerThread, assert_exact, mirrored, new_version, run_cli
 
 PART = 256 << 10
 # The faults that break a body half way; the others are answered before any byte.
@@ -112,6 +112,17 @@ def test_a_server_ignoring_range_is_read_as_one_stream(server: ServerThread, des
     assert server.traffic.object_bytes_sent == server.data_size()
 
 
+def every_file_fails(server: ServerThread, dest: Path, reason: str) -> None:
+    """A run fails every file for ``reason``, and publishes none."""
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    failures = json.loads(result.stdout)["failures"]
+    assert len(failures) == len(server.files())
+    assert all(reason in f["error"] for f in failures)
+    assert not (dest / JOB).exists() or not any(p.is_file() for p in (dest / JOB).rglob("*"))
+
+
 @pytest.mark.parametrize("fault", ["shift_content_range", "misstate_total"])
 def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
     server: ServerThread, dest: Path, fault: str
@@ -120,13 +131,7 @@ def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
     # object (Baseten lists no checksum to tell two versions apart).
     server.call(lambda: setattr(server.faults, fault, 1))
 
-    result = run_cli(*sync_args(server, dest, "--json"))
-
-    assert result.code == 1
-    failures = json.loads(result.stdout)["failures"]
-    assert len(failures) == len(server.files())
-    assert all("does not match the requested bytes" in f["error"] for f in failures)
-    assert not (dest / JOB).exists() or not any(p.is_file() for p in (dest / JOB).rglob("*"))
+    every_file_fails(server, dest, "does not match the requested bytes")
     for staged in (dest / ".checkpoint-sync" / "staging").iterdir():
         assert staged.read_bytes().count(0) == staged.stat().st_size  # never written
 
@@ -140,13 +145,7 @@ def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
 def test_a_body_longer_than_its_range_fails_the_file(server: ServerThread, dest: Path) -> None:
     server.faults.overlong_body = 100  # after the range, with a Content-Range that matches it
 
-    result = run_cli(*sync_args(server, dest, "--json"))
-
-    assert result.code == 1
-    failures = json.loads(result.stdout)["failures"]
-    assert len(failures) == len(server.files())
-    assert all("server sent more than the" in f["error"] for f in failures)
-    assert not (dest / JOB).exists() or not any(p.is_file() for p in (dest / JOB).rglob("*"))
+    every_file_fails(server, dest, "server sent more than the")
 
 
 def test_weak_etags_that_differ_do_not_fail_a_file(server: ServerThread, dest: Path) -> None:
@@ -205,8 +204,7 @@ def test_a_file_replaced_mid_transfer_is_not_published_from_two_versions(dest: P
             if start < 2 * PART or replaced:
                 return None
             replaced.append(start)
-            for file in server.files():  # both ranks' copies
-                file.seed, file.last_modified = 31337, "2026-12-01T00:00:00+00:00"
+            new_version(*server.files())  # both ranks' copies
             return "403"
 
         server.faults.hook = replace_then_refuse

@@ -26,6 +26,7 @@ from .support import (
     assert_exact,
     assert_no_secret,
     mirrored,
+    new_version,
     run_cli,
     run_subprocess,
 )
@@ -153,10 +154,7 @@ def test_a_record_never_outlives_the_file_it_describes(server: ServerThread, des
     small = next(f for f in server.files() if f.size < PART)
     path = mirrored(dest, JOB, small)
 
-    def change() -> None:
-        small.seed, small.last_modified = 4242, "2026-12-01T00:00:00+00:00"
-
-    server.call(change)
+    server.call(lambda: new_version(small))
     crashed = subprocess.run(
         [sys.executable, "-c", CRASH_AT_FIRST_PUBLISH, *args(server, dest)],
         env={**os.environ, **ENV},

@@ -21,7 +21,7 @@ from checkpoint_sync.filesystem import preallocation_pays
 from checkpoint_sync.localserver import Faults
 
 from .conftest import JOB, job_catalog, sync_args
-from .support import ServerThread, assert_exact, mirrored, run_cli
+from .support import ServerThread, assert_exact, mirrored, new_version, run_cli
 from .test_kill import assert_records_true
 
 
@@ -61,6 +61,14 @@ def server() -> Iterator[ServerThread]:
     catalog = job_catalog(checkpoints=2, large_size=3 << 20, small_files=6, small_size=20_000)
     with ServerThread(catalog) as running:
         yield running
+
+
+def mirrored_whole(server: ServerThread, disk: Path) -> Path:
+    """``disk`` grown to hold it all, and the whole job mirrored there; the mirror's path."""
+    remount(disk, "size=32m")
+    dest = disk / "mirror"
+    assert run_cli(*sync_args(server, dest)).code == 0
+    return dest
 
 
 def published(server: ServerThread, dest: Path) -> list[Path]:
@@ -197,9 +205,7 @@ def test_a_filesystem_that_reports_no_capacity_is_written_to(
 def test_a_dry_run_leaves_the_mirror_untouched_and_works_on_a_read_only_one(
     server: ServerThread, disk: Path
 ) -> None:
-    remount(disk, "size=32m")
-    dest = disk / "mirror"
-    assert run_cli(*sync_args(server, dest)).code == 0
+    dest = mirrored_whole(server, disk)
     state = sorted(p.name for p in (dest / ".checkpoint-sync").iterdir())
 
     planned = run_cli(*sync_args(server, dest, "--dry-run"))
@@ -215,12 +221,9 @@ def test_a_dry_run_leaves_the_mirror_untouched_and_works_on_a_read_only_one(
 def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
     server: ServerThread, disk: Path
 ) -> None:
-    remount(disk, "size=32m")
-    dest = disk / "mirror"
-    assert run_cli(*sync_args(server, dest)).code == 0
+    dest = mirrored_whole(server, disk)
     changed = server.files()[0]
-    server.call(lambda: setattr(changed, "seed", 31337))
-    server.call(lambda: setattr(changed, "last_modified", "2026-12-01T00:00:00+00:00"))
+    server.call(lambda: new_version(changed))
     remount(disk, "ro")
 
     result = run_cli(*sync_args(server, dest))
@@ -258,19 +261,12 @@ def immutable(directory: Path) -> Iterator[None]:
 def test_a_directory_of_the_mirror_that_refuses_writes_fails_its_files_not_the_run(
     server: ServerThread, disk: Path
 ) -> None:
-    remount(disk, "size=32m")
-    dest = disk / "mirror"
-    assert run_cli(*sync_args(server, dest)).code == 0
+    dest = mirrored_whole(server, disk)
     locked, free = (
         next(f for f in server.files() if f.node_rank == rank and f.size < 1 << 20)
         for rank in (0, 1)
     )
-
-    def change() -> None:
-        for file in (locked, free):
-            file.seed, file.last_modified = file.seed + 1000, "2026-12-01T00:00:00+00:00"
-
-    server.call(change)
+    server.call(lambda: new_version(locked, free))
 
     with immutable(mirrored(dest, JOB, locked).parent):
         result = run_cli(*sync_args(server, dest, "--json"))
@@ -284,9 +280,7 @@ def test_a_directory_of_the_mirror_that_refuses_writes_fails_its_files_not_the_r
 
 
 def test_a_destination_that_refuses_writes_stops_the_run(server: ServerThread, disk: Path) -> None:
-    remount(disk, "size=32m")
-    dest = disk / "mirror"
-    assert run_cli(*sync_args(server, dest)).code == 0
+    dest = mirrored_whole(server, disk)
     shutil.rmtree(dest / JOB)  # so that its run directory must be made again
 
     with immutable(dest):

@@ -13,7 +13,7 @@ from checkpoint_sync.localserver import ServedFile
 from checkpoint_sync.net import proxy_for_host
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
-from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
+from .support import API_KEY, ServerThread, assert_exact, mirrored, new_version, run_cli
 
 
 def complete_files(server: ServerThread) -> list[ServedFile]:
@@ -78,12 +78,7 @@ def test_second_run_requests_no_file_bytes(server: ServerThread, dest: Path) -> 
 def test_changed_remote_file_is_fetched_again(server: ServerThread, dest: Path) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
     changed = server.files()[0]
-
-    def change() -> None:
-        changed.last_modified = "2026-11-20T00:00:00+00:00"
-        changed.seed = 999
-
-    server.call(change)
+    server.call(lambda: new_version(changed))
     second = run_cli(*sync_args(server, dest, "--json"))
 
     assert second.code == 0
