@@ -16,14 +16,17 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
+
 from checkpoint_sync.cli import main
 from checkpoint_sync.localserver import Catalog, Faults, LocalServer, ServedFile, content
+from checkpoint_sync.net import proxy_for_host
 
 T = TypeVar("T")
 API_KEY = "test-key-0123456789abcdef"
@@ -132,6 +135,20 @@ def mirrored(dest: Path, run: str, file: ServedFile) -> Path:
     """Where a job-level listed ``file`` lands under ``dest``."""
     checkpoint, _, rest = file.name.partition("/")
     return dest / run / checkpoint / str(file.node_rank) / rest
+
+
+@contextmanager
+def proxy_named(monkeypatch: pytest.MonkeyPatch, variable: str, url: str) -> Iterator[None]:
+    """``variable`` (HTTP_PROXY or HTTPS_PROXY) names ``url``, nothing bypasses it (NO_PROXY),
+    and the proxy looked up per host is forgotten before and after."""
+    for name in (variable.lower(), "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, url)
+    proxy_for_host.cache_clear()
+    try:
+        yield
+    finally:
+        proxy_for_host.cache_clear()
 
 
 def new_version(*files: ServedFile) -> None:

@@ -10,10 +10,17 @@ from pathlib import Path
 import pytest
 
 from checkpoint_sync.localserver import ServedFile
-from checkpoint_sync.net import proxy_for_host
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
-from .support import API_KEY, ServerThread, assert_exact, mirrored, new_version, run_cli
+from .support import (
+    API_KEY,
+    ServerThread,
+    assert_exact,
+    mirrored,
+    new_version,
+    proxy_named,
+    run_cli,
+)
 
 
 def complete_files(server: ServerThread) -> list[ServedFile]:
@@ -380,13 +387,9 @@ def test_demo_mirrors_then_skips_everything_in_one_json_summary(tmp_path: Path) 
 @pytest.fixture
 def dead_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """HTTP_PROXY names a port nobody listens on: a request sent there fails."""
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    for bypass in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(bypass, raising=False)
     monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
-    proxy_for_host.cache_clear()
-    yield
-    proxy_for_host.cache_clear()
+    with proxy_named(monkeypatch, "HTTP_PROXY", "http://127.0.0.1:9"):
+        yield
 
 
 @pytest.mark.usefixtures("dead_proxy")

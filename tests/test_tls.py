@@ -11,10 +11,16 @@ from pathlib import Path
 import pytest
 import trustme
 
-from checkpoint_sync.net import proxy_for_host
-
 from .conftest import JOB, job_catalog, sync_args
-from .support import ServerThread, TunnelProxy, assert_exact, mirrored, run_cli, run_subprocess
+from .support import (
+    ServerThread,
+    TunnelProxy,
+    assert_exact,
+    mirrored,
+    proxy_named,
+    run_cli,
+    run_subprocess,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +89,8 @@ def test_an_untrusted_certificate_is_a_configuration_error_not_retried(
 @pytest.fixture
 def https_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[TunnelProxy]:
     """A tunnelling proxy named by HTTPS_PROXY: requests then go through aiohttp."""
-    with TunnelProxy() as proxy:
-        for name in ("https_proxy", "NO_PROXY", "no_proxy"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("HTTPS_PROXY", proxy.url)
-        proxy_for_host.cache_clear()
-        try:
-            yield proxy
-        finally:
-            proxy_for_host.cache_clear()
+    with TunnelProxy() as proxy, proxy_named(monkeypatch, "HTTPS_PROXY", proxy.url):
+        yield proxy
 
 
 def test_a_job_over_https_through_a_proxy_is_mirrored_byte_exact(

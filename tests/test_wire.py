@@ -23,9 +23,11 @@ from checkpoint_sync.errors import (
     UsageError,
 )
 from checkpoint_sync.models import TrainingJobCheckpoints
-from checkpoint_sync.net import NetSettings, proxy_for_host
+from checkpoint_sync.net import NetSettings
 from checkpoint_sync.retry import RetryPolicy
 from checkpoint_sync.wire import HttpClient
+
+from .support import proxy_named
 
 pytestmark = pytest.mark.anyio
 
@@ -491,15 +493,12 @@ async def proxy_in_env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[by
         await asyncio.gather(relay(upstream_reader, writer), relay(reader, upstream_writer))
 
     proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
-    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
-    monkeypatch.delenv("no_proxy", raising=False)
-    proxy_for_host.cache_clear()
+    url = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
     try:
-        yield seen
+        with proxy_named(monkeypatch, "HTTP_PROXY", url):
+            yield seen
     finally:
         proxy.close()
-        proxy_for_host.cache_clear()
 
 
 async def test_urls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
