@@ -1130,6 +1130,45 @@ def machine_info() -> list[str]:
     ]
 
 
+@dataclass(frozen=True)
+class Conditions:
+    """How busy the machine was: other work, or too little memory for a destination in RAM
+    (the kernel then reclaims pages during the runs), slows every tool alike."""
+
+    load_at_start: float
+    available: int
+    memory_short: str | None
+
+    @classmethod
+    def now(cls, profiles: Sequence[Profile], dest_dir: Path) -> Conditions:
+        available = mem_available()
+        needed = max(p.total_bytes for p in profiles) + 2 * GiB
+        short = None
+        if _on_tmpfs(dest_dir) and available < needed:
+            short = (
+                f"only {available / GiB:.1f} GiB of memory is available for destinations in RAM "
+                f"({dest_dir}) that need {needed / GiB:.1f} GiB with headroom: the numbers "
+                "below include memory reclaim (free some of /dev/shm and run again)"
+            )
+        return cls(os.getloadavg()[0], available, short)
+
+    def lines(self) -> list[str]:
+        load_at_end = os.getloadavg()[0]
+        lines = [
+            f"- Conditions: load average {self.load_at_start:.2f} before the runs and "
+            f"{load_at_end:.2f} after them (1 min); {self.available / GiB:.1f} GiB of memory "
+            "available at the start"
+        ]
+        return [*lines, f"- **Warning:** {self.memory_short}"] if self.memory_short else lines
+
+
+def _on_tmpfs(path: Path) -> bool:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return capture(["stat", "--file-system", "--format=%T", str(probe)]).strip() == "tmpfs"
+
+
 def tool_versions(cs: CheckpointSync) -> list[str]:
     probes = {
         "nginx": ["-v"],
@@ -1403,6 +1442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             flush=True,
         )
     disk_dest = Path(args.disk_dest_dir) if args.disk_dest_dir else None
+    conditions = Conditions.now(profiles, args.dest_dir)
+    if conditions.memory_short:
+        print(f"warning: {conditions.memory_short}", flush=True)
     sections: list[Section] = []
     with tempfile.TemporaryDirectory(prefix="cs-bench-") as tmp:
         workdir = Path(tmp)
@@ -1414,7 +1456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sections += run_profile(
                     profile, args.schemes, tools, nginx, settings, tls.ca, args.dest_dir, disk_dest
                 )
-    header = report_header(args, profiles, data_root, time.monotonic() - started, cs)
+    header = report_header(args, profiles, data_root, time.monotonic() - started, cs, conditions)
     write_report(args.output, sections, tools, header, [*METHOD_NOTES, *notes])
     for section in sections:
         print("\n".join(table(section)))
@@ -1428,6 +1470,7 @@ def report_header(
     data_root: Path,
     elapsed: float,
     cs: CheckpointSync,
+    conditions: Conditions,
 ) -> list[str]:
     date = capture(["date", "-u"]).strip()
     mode = (
@@ -1445,6 +1488,7 @@ def report_header(
         *machine_info(),
         f"- Data: {data_root} (served by nginx); destinations: {args.dest_dir}"
         + (f" and {args.disk_dest_dir}" if args.disk_dest_dir else ""),
+        *conditions.lines(),
         "",
     ]
     lines += ["| profile | ranks | files | total bytes | layout |", "|---|---:|---:|---:|---|"]
