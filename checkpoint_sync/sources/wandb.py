@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from ..api import ApiClient
@@ -28,7 +29,9 @@ from .base import (
     UnreadableEntry,
 )
 from .cursors import advance
-from .wandb_artifacts import ArtifactFile, ArtifactFiles, parse_artifact_path
+
+if TYPE_CHECKING:
+    from .wandb_artifacts import ArtifactFiles
 
 MAX_LIMIT = 100  # the API's ceiling for ``limit``
 
@@ -137,7 +140,7 @@ class WandbSource:
         artifacts = self._artifacts_or_fail()
         async for files in artifacts.pages(file.origin.listing, self._page_size):
             for found in files:
-                if isinstance(found, ArtifactFile) and found.name == file.path:
+                if not isinstance(found, Unreadable) and found.name == file.path:
                     return Relisted(found.direct_url, found.size_bytes, _version(found.md5))
         raise FileError(f"{file.path} is no longer in {artifacts.path}:{file.origin.listing}")
 
@@ -184,6 +187,9 @@ class WandbTraining:
             )
         artifacts = None
         if args.wandb_artifact is not None:
+            # Lazy: building its GraphQL models costs every other source's run ~5 ms of start-up.
+            from .wandb_artifacts import ArtifactFiles, parse_artifact_path
+
             path = parse_artifact_path(args.wandb_artifact)
             artifacts = ArtifactFiles(context.wandb_graphql(), path)
         return WandbSource(
