@@ -11,7 +11,6 @@ import base64
 import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -178,6 +177,8 @@ def load_settings(
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # lazy: only a run with --config reads TOML (~2 ms of start-up otherwise)
+
     try:
         with path.open("rb") as handle:
             return tomllib.load(handle)
