@@ -28,7 +28,6 @@ from . import __version__
 from .config import Settings, check_setting, format_size, load_settings, parse_size
 from .engine import PlannedFile, SyncOptions, sync
 from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
-from .listing import Row, row_json, survey, table
 from .net import NetSettings, loop_options
 from .plan import Selection, select_checkpoints
 from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_bytes, summary
@@ -41,6 +40,7 @@ from .wire import HttpClient
 
 if TYPE_CHECKING:
     from .bench import Trial
+    from .listing import Row
 
 EXIT_OK = 0
 EXIT_FILES_FAILED = 1
@@ -482,6 +482,9 @@ def _run(job: Callable[[], Awaitable[None]]) -> int | None:
 
 
 def _list_command(args: argparse.Namespace, out: _Output) -> int:
+    # Imported here: only `list` surveys the mirror; the other commands skip its import.
+    from .listing import row_json, survey, table
+
     settings = _settings(args, out)
     spec = _chosen_source(args)
     rows: list[Row] = []
