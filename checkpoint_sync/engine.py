@@ -204,9 +204,14 @@ def _plan(
         return None
     recorded = manifest.recorded(relative)
     final = f"{options.dest}/{relative}"
-    # A directory swapped for a symlink out of DEST: what is there is not the mirror's (and a
+    # A file the manifest does not know is fetched, whatever is on disk: no stat for it. A
+    # directory swapped for a symlink out of DEST: what is there is not the mirror's (and a
     # fetch fails it as unsafe).
-    if is_current(file, recorded, local_size(final)) and inside(os.path.dirname(final)):
+    if (
+        recorded is not None
+        and is_current(file, recorded, local_size(final))
+        and inside(os.path.dirname(final))
+    ):
         stats.files_skipped += 1
         stats.bytes_skipped += file.size
         return relative, "skip", recorded

@@ -84,9 +84,11 @@ class _CurrentUrl:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self._lock = anyio.Lock()
+        self._lock: anyio.Lock | None = None  # made when needed: most URLs never expire
 
     async def refresh(self, expired: str, relist: Callable[[], Awaitable[str]]) -> None:
+        if self._lock is None:
+            self._lock = anyio.Lock()
         async with self._lock:
             if self.url == expired:
                 self.url = await relist()
