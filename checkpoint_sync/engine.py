@@ -7,6 +7,7 @@ the listing is, and the first download starts while the listing is still being w
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from collections.abc import Callable
@@ -117,7 +118,9 @@ async def _run(
         options.dest,
         manifest,
         source,
-        anyio.CapacityLimiter(options.concurrency),
+        # asyncio's own: anyio's CapacityLimiter took 7% of the CPU of a first sync of 100,000
+        # small files (a shielded checkpoint and task bookkeeping on every acquire).
+        asyncio.Semaphore(options.concurrency),
         stats,
         options.transfer,
     )

@@ -11,6 +11,7 @@ that came as one stream, else by reading the assembled file back from disk.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
 import hashlib
@@ -103,7 +104,7 @@ class Transfers:
         dest: Path,
         manifest: Manifest,
         source: Source,
-        connections: anyio.CapacityLimiter,
+        connections: asyncio.Semaphore,
         stats: Stats,
         settings: TransferSettings,
     ) -> None:
