@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Literal
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import ApiError, FileError, LocalIOError, TransientError, most_severe
 from .layout import STATE_DIR, is_within, mirror_path
@@ -124,14 +123,14 @@ async def _run(
         stats,
         options.transfer,
     )
-    send, receive = anyio.create_memory_object_stream[_Job](max_buffer_size=options.concurrency)
+    jobs = _Jobs(options.concurrency)
     listing_failed: list[ApiError | TransientError] = []
     stop = _Stop()
 
     async def produce() -> None:
         with stop.listing:
             try:
-                await _produce(source, selection, options, manifest, stats, on_plan, send)
+                await _produce(source, selection, options, manifest, stats, on_plan, jobs)
             except (ApiError, TransientError) as exc:
                 # The files already queued are good: let them land, then report the listing.
                 listing_failed.append(exc)
@@ -141,9 +140,8 @@ async def _run(
             outer.start_soon(_commit_periodically, manifest)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(produce)
-                async with receive:
-                    for _ in range(options.concurrency):
-                        tg.start_soon(_work, receive.clone(), transfers, stats, stop)
+                for _ in range(options.concurrency):
+                    tg.start_soon(_work, jobs, transfers, stats, stop)
             outer.cancel_scope.cancel()
     except ExceptionGroup as group:
         raise most_severe(group) from None
@@ -160,7 +158,7 @@ async def _produce(
     manifest: Manifest,
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None,
-    send: MemoryObjectSendStream[_Job] | None,
+    jobs: _Jobs | None,
 ) -> None:
     inside = InsideDest(options.dest)
     try:
@@ -177,12 +175,12 @@ async def _produce(
                 relative, action, recorded = planned
                 if on_plan is not None:
                     on_plan(PlannedFile(relative, file.size, action))
-                if action == "fetch" and send is not None:
-                    await send.send(_Job(file, relative, recorded is not None))
+                if action == "fetch" and jobs is not None:
+                    await jobs.put(_Job(file, relative, recorded is not None))
         stats.listing_done = True
     finally:
-        if send is not None:
-            send.close()
+        if jobs is not None:
+            jobs.close()
 
 
 def _plan(
@@ -241,21 +239,50 @@ class _Stop:
         self.listing.cancel()
 
 
-async def _work(
-    receive: MemoryObjectReceiveStream[_Job], transfers: Transfers, stats: Stats, stop: _Stop
-) -> None:
-    async with receive:
-        async for job in receive:
-            if stop.error is not None:
-                continue  # drained, not fetched
-            try:
-                await transfers.fetch(job.file, job.relative, replaces=job.replaces)
-            except FileError as exc:
-                stats.fail(job.relative, str(exc))
-            except LocalIOError as exc:
-                stop.stop(exc)
-            else:
-                stats.files_fetched += 1
+class _Jobs:
+    """The bounded queue from the producer to the workers, and its end.
+
+    asyncio's queue and semaphore: anyio's memory object stream took 11% of the CPU of a first
+    sync of 100,000 small files. Each side yields once per job, as anyio's did: the loop then
+    polls its sockets between files (without it, small files cost more system time).
+    """
+
+    def __init__(self, size: int) -> None:
+        self._room = asyncio.Semaphore(size)
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()  # bounded by _room
+
+    async def put(self, job: _Job) -> None:
+        await asyncio.sleep(0)
+        await self._room.acquire()
+        self._queue.put_nowait(job)
+
+    async def get(self) -> _Job | None:
+        """The next job; None once they are all taken and no more will come."""
+        await asyncio.sleep(0)
+        job = await self._queue.get()
+        if job is None:
+            self._queue.put_nowait(None)  # for the next worker
+        else:
+            self._room.release()
+        return job
+
+    def close(self) -> None:
+        """No more jobs: the workers stop once they have taken the queued ones."""
+        self._queue.put_nowait(None)
+
+
+async def _work(jobs: _Jobs, transfers: Transfers, stats: Stats, stop: _Stop) -> None:
+    while (job := await jobs.get()) is not None:
+        if stop.error is not None:
+            continue  # drained, not fetched
+        try:
+            await transfers.fetch(job.file, job.relative, replaces=job.replaces)
+        except FileError as exc:
+            stats.fail(job.relative, str(exc))
+        except LocalIOError as exc:
+            stop.stop(exc)
+        else:
+            stats.files_fetched += 1
 
 
 async def _commit_periodically(manifest: Manifest) -> None:
