@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.localserver import ServedFile
+from checkpoint_sync.localserver import Faults, ServedFile
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import (
@@ -20,6 +21,7 @@ from .support import (
     new_version,
     proxy_named,
     run_cli,
+    run_subprocess,
 )
 
 
@@ -407,3 +409,25 @@ def test_proxies_false_connects_directly(
 
     monkeypatch.setenv("CHECKPOINT_SYNC_PROXIES", "false")
     assert run_cli(*sync_args(server, dest)).code == 0
+
+
+def test_the_listing_is_read_only_as_far_as_the_workers_need(dest: Path) -> None:
+    # 100 files on pages of 5, and every object stalls: the 2 workers hold a file each and the
+    # queue 2 more, so a few pages are read, not all 20.
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=50)
+    stalled = Faults(hook=lambda *_: "stall", stall_seconds=3.0)
+    with ServerThread(catalog, stalled) as server:
+        process = run_subprocess(
+            *sync_args(server, dest, "--concurrency", "2"), env={"CHECKPOINT_SYNC_PAGE_SIZE": "5"}
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while server.call(lambda: server.traffic.object_requests) < 2:
+                assert time.monotonic() < deadline, "the workers never asked for a file"
+                time.sleep(0.01)
+            time.sleep(0.5)  # time enough for an unbounded producer to read every page
+            api_requests = server.call(lambda: server.traffic.api_requests)
+        finally:
+            process.kill()
+            process.communicate()
+    assert api_requests <= 3, api_requests  # the checkpoints, then a page or two: not 20
