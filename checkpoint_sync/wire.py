@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import os
 import select
 import socket
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -147,15 +149,14 @@ class HttpClient:
 
         ``what`` names the request in errors.
         """
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        if self._net.proxies and proxy_for_host(parts.scheme, host) is not None:
+        origin, target = split_url(url)
+        if self._net.proxies and proxy_for_host(origin.scheme, origin.host) is not None:
             async with self._via_proxy().request(url, headers, method, body, what) as response:
                 yield response
             return
         with converting_errors(url, what):
-            request = _request_bytes(parts, headers, method, body)
-            connection, response = await self._send(url, parts, host, request)
+            request = _request_bytes(origin.authority, target, headers, method, body)
+            connection, response = await self._send(url, origin.key, request)
             try:
                 yield response
             except BaseException:
@@ -173,11 +174,8 @@ class HttpClient:
         return self._proxied
 
     async def _send(
-        self, url: str, parts: SplitResult, host: str, request: bytes
+        self, url: str, key: tuple[str, str, int], request: bytes
     ) -> tuple[_Connection, Response]:
-        scheme = parts.scheme
-        port = parts.port or (443 if scheme == "https" else 80)
-        key = (scheme, host, port)
         idle = self._idle.get(key, [])
         while idle:
             connection = idle.pop()
@@ -185,7 +183,7 @@ class HttpClient:
                 return connection, await self._exchange(connection, request)
             except _StaleConnection:
                 continue  # the server closed it while it was idle: not a failure
-        connection = await self._connect(scheme, host, port)
+        connection = await self._connect(*key)
         try:
             return connection, await self._exchange(connection, request)
         except _StaleConnection as exc:
@@ -240,12 +238,47 @@ class HttpClient:
                     connection.fail(TimeoutError(f"no data for {timeout:.0f} s"), abort=True)
 
 
-def _request_bytes(
-    parts: SplitResult, headers: Mapping[str, str], method: str, body: bytes
-) -> bytes:
+@dataclass(frozen=True)
+class _Origin:
+    scheme: str
+    host: str
+    port: int
+    authority: str  # as the Host header gives it
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.scheme, self.host, self.port)
+
+
+def split_url(url: str) -> tuple[_Origin, str]:
+    """The origin of ``url`` (parsed once per origin) and its request target, as ``urlsplit``
+    would cut them; that took 4% of the CPU of fetching 100,000 small files."""
+    start = url.find("://") + 3
+    end = len(url)
+    for mark in "/?#":  # the authority ends at the first of them
+        found = url.find(mark, start)
+        if 0 <= found < end:
+            end = found
     # Sent exactly as listed: a presigned signature covers the path and query as they are.
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    authority = parts.netloc.rpartition("@")[2]
+    path, _, query = url[end:].partition("#")[0].partition("?")
+    return _origin(url[:end]), (path or "/") + (f"?{query}" if query else "")
+
+
+@functools.lru_cache(maxsize=256)
+def _origin(origin: str) -> _Origin:
+    parts = urlsplit(origin)
+    scheme = parts.scheme
+    return _Origin(
+        scheme,
+        parts.hostname or "",
+        parts.port or (443 if scheme == "https" else 80),
+        parts.netloc.rpartition("@")[2],
+    )
+
+
+def _request_bytes(
+    authority: str, target: str, headers: Mapping[str, str], method: str, body: bytes
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
     for name, value in headers.items():
         if "\r" in value or "\n" in value or not value.isascii():

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -25,7 +26,7 @@ from checkpoint_sync.errors import (
 from checkpoint_sync.models import TrainingJobCheckpoints
 from checkpoint_sync.net import NetSettings
 from checkpoint_sync.retry import RetryPolicy
-from checkpoint_sync.wire import HttpClient
+from checkpoint_sync.wire import HttpClient, split_url
 
 from .support import proxy_named
 
@@ -586,3 +587,29 @@ async def test_an_api_error_page_nested_too_deep_to_parse_is_still_a_clear_error
             await api_client(http, url).get("/v1/jobs", TrainingJobCheckpoints, what="job")
     assert caught.value.exit_code == 2
     assert "rejected the request" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://h/p?q=1",
+        "http://h?q",
+        "http://h",
+        "http://h/p?",
+        "HTTPS://user:pw@Host:8443/a/b?x=1&y=%2F#fragment",
+        "http://h#f",
+        "http://h/p#f?x",
+        "http://[::1]:8080/x?y",
+        "http://h/a?b?c",
+    ],
+)
+def test_a_url_is_cut_into_origin_and_target_as_urlsplit_cuts_it(url: str) -> None:
+    parts = urlsplit(url)
+    origin, target = split_url(url)
+    assert target == (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    assert origin.key == (
+        parts.scheme,
+        parts.hostname,
+        parts.port or {"http": 80}.get(parts.scheme, 443),
+    )
+    assert origin.authority == parts.netloc.rpartition("@")[2]
