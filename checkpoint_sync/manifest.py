@@ -85,6 +85,10 @@ class Manifest:
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+            # Most mirrors have no file in parts: then recording a file need not clear its parts.
+            self._any_staging = (
+                self._db.execute("SELECT 1 FROM staging LIMIT 1").fetchone() is not None
+            )
             self._db.execute("CREATE TEMP TABLE listed (path TEXT PRIMARY KEY)")
             self._db.execute("BEGIN")
         except sqlite3.DatabaseError as exc:
@@ -158,6 +162,7 @@ class Manifest:
         must be gone before its staging file is reset, or a crash in between leaves it vouching
         for parts that are no longer there."""
         self._write("DELETE FROM staging WHERE path = ?", (path,))
+        self._any_staging = True
         self._write(
             "INSERT INTO staging (path, size, last_modified, part_size) VALUES (?, ?, ?, ?)",
             (path, size, last_modified, part_size),
@@ -195,8 +200,10 @@ class Manifest:
                 now,
             ),
         )
-        staged = self._write("DELETE FROM staging WHERE path = ?", (entry.path,)).rowcount
-        if staged:
+        if (
+            self._any_staging
+            and self._write("DELETE FROM staging WHERE path = ?", (entry.path,)).rowcount
+        ):
             self.commit()  # a file fetched in parts is large: a crash must not cost it again
         else:
             self.maybe_commit()
