@@ -83,8 +83,19 @@ def url_problem(url: str) -> str | None:
     if not url.isascii() or _NOT_IN_URLS.search(url):
         return "not a valid URL (spaces, control or non-ASCII characters)"
     # Only the origin can be wrong in a way urlsplit notices, and a listing has few origins.
-    scheme, separator, rest = url.partition("://")
-    return _origin_problem(scheme + separator + re.split(r"[/?#]", rest, maxsplit=1)[0])
+    return _origin_problem(url[: origin_end(url)])
+
+
+def origin_end(url: str) -> int:
+    """Where ``scheme://authority`` ends in ``url``: at the first "/", "?" or "#" after "://",
+    as ``urlsplit`` cuts it (which costs several times as much)."""
+    end = len(url)
+    start = url.find("://") + 3
+    for mark in "/?#":
+        found = url.find(mark, start)
+        if 0 <= found < end:
+            end = found
+    return end
 
 
 @functools.lru_cache(maxsize=1024)

@@ -31,7 +31,14 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 
 from .errors import TransientError, UsageError
-from .net import USER_AGENT, NetSettings, converting_errors, proxy_for_host, ssl_context
+from .net import (
+    USER_AGENT,
+    NetSettings,
+    converting_errors,
+    origin_end,
+    proxy_for_host,
+    ssl_context,
+)
 from .redact import redact_url
 
 if TYPE_CHECKING:
@@ -253,12 +260,7 @@ class _Origin:
 def split_url(url: str) -> tuple[_Origin, str]:
     """The origin of ``url`` (parsed once per origin) and its request target, as ``urlsplit``
     would cut them; that took 4% of the CPU of fetching 100,000 small files."""
-    start = url.find("://") + 3
-    end = len(url)
-    for mark in "/?#":  # the authority ends at the first of them
-        found = url.find(mark, start)
-        if 0 <= found < end:
-            end = found
+    end = origin_end(url)
     # Sent exactly as listed: a presigned signature covers the path and query as they are.
     path, _, query = url[end:].partition("#")[0].partition("?")
     return _origin(url[:end]), (path or "/") + (f"?{query}" if query else "")
