@@ -8,7 +8,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import anyio
@@ -40,8 +40,11 @@ async def mirror_lock(state_dir: Path, *, wait: bool) -> AsyncIterator[None]:
                         f"{state_dir.parent}; pass --wait-lock to wait for it"
                     ) from None
                 await anyio.sleep(POLL_SECONDS)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Only names the holder to a second run: a full disk must not stop this one here (it
+        # says what it needs once it knows).
+        with suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)

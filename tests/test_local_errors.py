@@ -12,7 +12,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -314,3 +314,18 @@ def test_a_manifest_locked_by_another_program_exits_6_naming_it(
     assert again.code == 0, again.stderr
     assert json.loads(again.stdout)["files"]["fetched"] == 1
     assert_exact(mirrored(dest, JOB, changed), changed)
+
+
+def test_a_first_run_onto_a_full_disk_is_exit_6_not_an_internal_error(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    with mounted(tmp_path / "disk", "tmpfs", "size=8m") as full:
+        (full / "filler").write_bytes(b"")
+        with suppress(OSError), (full / "filler").open("wb") as filler:
+            while True:
+                filler.write(bytes(1 << 20))  # until the disk is full
+
+        result = run_cli(*sync_args(server, full / "mirror"))
+
+    assert result.code == 6, result.stderr
+    assert "internal error" not in result.stderr
