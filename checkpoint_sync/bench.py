@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import SyncOptions, sync
+from .errors import LocalIOError
 from .net import NetSettings
 from .plan import Selection, wanted_rank
 from .progress import Stats
@@ -123,7 +124,10 @@ async def run_trials(
     trials = []
     budgeted = _Budgeted(source, budget, node_ranks)
     for concurrency, part_size in pairs:
-        dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
+        try:
+            dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
+        except OSError as exc:
+            raise LocalIOError(f"cannot write into {scratch}: {exc.strerror or exc}") from exc
         options = SyncOptions(
             dest=dest,
             concurrency=concurrency,

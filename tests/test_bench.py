@@ -11,6 +11,7 @@ from checkpoint_sync.bench import Trial, grid, recommend, request_medians
 
 from .conftest import job_args, job_catalog, sync_args
 from .support import ServerThread, run_cli
+from .test_local_errors import immutable
 
 
 def trial(concurrency: int, part_size: int, mb: float, failed: int = 0) -> Trial:
@@ -157,3 +158,15 @@ def test_the_recommended_part_size_is_the_one_measured(server: ServerThread) -> 
 
     assert result.code == 0, result.stderr
     assert "recommended: --concurrency 2 --part-size 1000000 " in result.stdout
+
+
+def test_bench_into_a_scratch_directory_that_refuses_writes_is_exit_6(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with immutable(scratch):
+        result = run_cli(*job_args(server, "bench", "--scratch", scratch, "--concurrency", "4"))
+
+    assert result.code == 6, result.stderr
+    assert f"cannot write into {scratch}" in result.stderr
