@@ -108,6 +108,14 @@ class _Output:
 # --- arguments ------------------------------------------------------------------------------------
 
 
+def _path(text: str) -> Path:
+    """A path argument; an empty one (an unset variable in a script) is not the current
+    directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="checkpoint-sync",
@@ -121,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     sync_cmd = commands.add_parser("sync", help="mirror checkpoints into a local directory")
     _add_source_arguments(sync_cmd)
     _add_selection_arguments(sync_cmd)
-    sync_cmd.add_argument("--dest", type=Path, help="mirror directory (or `dest` in the config)")
+    sync_cmd.add_argument("--dest", type=_path, help="mirror directory (or `dest` in the config)")
     _add_transfer_arguments(sync_cmd)
     sync_cmd.add_argument(
         "--dry-run", action="store_true", help="print what would be fetched and skipped"
@@ -135,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_source_arguments(list_cmd)
     _add_selection_arguments(list_cmd, syncing=False)
     list_cmd.add_argument(
-        "--dest", type=Path, help="mirror directory: add each checkpoint's local state"
+        "--dest", type=_path, help="mirror directory: add each checkpoint's local state"
     )
     _add_common_arguments(list_cmd)
     list_cmd.set_defaults(handler=_list_command)
@@ -167,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
         default=1 << 30,
         help="bytes per trial: the first files of the selection up to this (default 1GiB)",
     )
-    bench.add_argument("--scratch", type=Path, help="where trials write (default: the temp dir)")
+    bench.add_argument("--scratch", type=_path, help="where trials write (default: the temp dir)")
     bench.add_argument(
         "--discard",
         action="store_true",
@@ -179,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="mirror a synthetic checkpoint from a built-in local server, twice"
     )
-    demo.add_argument("--dest", type=Path, help="where to mirror (default: a new temporary dir)")
+    demo.add_argument("--dest", type=_path, help="where to mirror (default: a new temporary dir)")
     _add_transfer_arguments(demo)
     _add_common_arguments(demo)
     demo.set_defaults(handler=_demo_command)
@@ -228,7 +236,7 @@ def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="TOML settings file")
+    parser.add_argument("--config", type=_path, help="TOML settings file")
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress and no summary")
     parser.add_argument(

@@ -78,6 +78,14 @@ class Settings(BaseModel):
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
 
+    @field_validator("dest", "ca_bundle", mode="before")
+    @classmethod
+    def _non_empty_path(cls, value: Any) -> Any:
+        # Path("") is the current directory: an empty value is a mistake, not a place.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
     @field_validator("api_url", "wandb_api_url", "wandb_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:

@@ -12,7 +12,7 @@ import pytest
 
 from checkpoint_sync.localserver import Faults, ServedFile
 
-from .conftest import JOB, PROJECT, job_catalog, sync_args
+from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
 from .support import (
     API_KEY,
     ServerThread,
@@ -431,3 +431,29 @@ def test_the_listing_is_read_only_as_far_as_the_workers_need(dest: Path) -> None
             process.kill()
             process.communicate()
     assert api_requests <= 3, api_requests  # the checkpoints, then a page or two: not 20
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "config"])
+def test_an_empty_destination_is_a_usage_error_not_the_current_directory(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    # A cron line's --dest "$MIRROR" with MIRROR unset, or a config template left empty.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    args: list[str | Path] = list(job_args(server, "sync"))
+    if how == "flag":
+        args += ["--dest", ""]
+    elif how == "env":
+        monkeypatch.setenv("CHECKPOINT_SYNC_DEST", "")
+    else:
+        config = tmp_path / "c.toml"
+        config.write_text('dest = ""\n')
+        args += ["--config", config]
+
+    result = run_cli(*args)
+
+    assert result.code == 2
+    assert "must not be empty" in result.stderr
+    assert list(cwd.iterdir()) == []
+
