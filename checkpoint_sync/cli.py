@@ -55,19 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = args.handler(args, out)
     except CheckpointSyncError as exc:
-        out.error(str(exc))
-        return exc.exit_code
+        return out.failed(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        out.error("interrupted")
-        return 128 + signal.SIGINT
+        return out.failed("interrupted", 128 + signal.SIGINT)
     except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- silences the flush at exit
         return 128 + signal.SIGPIPE
     except Exception as exc:  # a bug: say so in one line, the traceback only when asked
         if args.debug:
             out.error("".join(traceback.format_exception(exc)))
-        out.error(f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for details")
-        return EXIT_FILES_FAILED
+        return out.failed(
+            f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for details",
+            EXIT_FILES_FAILED,
+        )
     return code
 
 
@@ -81,6 +81,7 @@ class _Output:
     redact: Redactor
     quiet: bool = False
     as_json: bool = False
+    json_printed: bool = False
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
 
@@ -95,7 +96,27 @@ class _Output:
         print(f"checkpoint-sync: error: {self.redact(text)}", file=self.stderr, flush=True)
 
     def json(self, payload: dict[str, Any]) -> None:
-        print(self.redact(json.dumps(payload, indent=2)), file=self.stdout, flush=True)
+        # Each string is redacted before it is encoded: cutting a query string out of the
+        # encoded text could take an escape with it and leave JSON that does not parse.
+        print(json.dumps(self._redacted(payload), indent=2), file=self.stdout, flush=True)
+        self.json_printed = True
+
+    def _redacted(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {key: self._redacted(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._redacted(item) for item in value]
+        return value
+
+    def failed(self, message: str, code: int) -> int:
+        """Report an error that ends the command; with ``--json``, stdout still gets one
+        document (``exit_code`` and ``error``) if the command printed none."""
+        self.error(message)
+        if self.as_json and not self.json_printed:
+            self.json({"exit_code": code, "error": message})
+        return code
 
     def display(self) -> Display:
         if self.quiet or self.as_json:

@@ -457,3 +457,32 @@ def test_an_empty_destination_is_a_usage_error_not_the_current_directory(
     assert "must not be empty" in result.stderr
     assert list(cwd.iterdir()) == []
 
+
+def test_the_json_summary_stays_json_whatever_a_listed_name_holds(
+    server: ServerThread, dest: Path
+) -> None:
+    # A name holding a URL with a query and a quote: refused (an empty segment), and its
+    # message, redacted, must not break the document.
+    checkpoint = server.catalog.jobs[0].checkpoints[0]
+    stamp = checkpoint.files[0].last_modified
+    checkpoint.files.append(ServedFile(0, 'checkpoint-10/http://evil/x?a"b', 100, stamp, 7000))
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    summary = json.loads(result.stdout)
+    assert summary["files"]["failed"] == 1
+    assert "?<redacted>" in summary["failures"][0]["error"]
+
+
+def test_an_error_in_the_settings_still_prints_a_json_document(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "many")
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 2
+    document = json.loads(result.stdout)
+    assert document["exit_code"] == 2
+    assert "CHECKPOINT_SYNC_RETRIES" in document["error"]
