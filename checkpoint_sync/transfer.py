@@ -401,7 +401,7 @@ class Transfers:
             answered_at = time.monotonic()
             if answered is not None:
                 answered.set()
-            state.url_worked = resp.status != 403
+            state.url_worked = state.url_worked or resp.status != 403
             if resp.status == 200:
                 if part.start != 0:
                     raise _RangeIgnored(f"{redact_url(url)} ignores Range requests")

@@ -174,6 +174,28 @@ def test_urls_that_expire_mid_transfer_are_refreshed_and_nothing_is_fetched_twic
     assert server.traffic.object_bytes_sent == sum(f.size for f in wanted)
 
 
+def test_a_fresh_url_that_worked_and_then_expired_too_is_refreshed_again(dest: Path) -> None:
+    # URLs live 0.6 s. The first two answers (on the listed URL, then on the fresh one) stall
+    # half way for 0.8 s: each URL sent bytes, then expired before its retry went out. The 403
+    # on the fresh URL is an expiry like the first, not "denied even with a fresh URL".
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=1)
+    answers: list[str] = []
+
+    def first_two_stall(name: str, start: int, end: int) -> str | None:
+        answers.append(name)
+        return "stall" if len(answers) <= 2 else None
+
+    with ServerThread(
+        catalog, Faults(url_ttl=0.6, hook=first_two_stall, stall_seconds=0.8)
+    ) as server:
+        result = run_cli(*sync_args(server, dest, "--node-rank", "0", "--json"))
+
+        assert result.code == 0, result.stdout
+        assert json.loads(result.stdout)["url_refreshes"] >= 2
+        (file,) = [f for f in server.files() if f.node_rank == 0]
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
 def test_a_url_that_cannot_be_refreshed_fails_its_file_not_the_run(
     server: ServerThread, dest: Path
 ) -> None:
