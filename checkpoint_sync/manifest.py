@@ -75,12 +75,13 @@ class Manifest:
         self.path = db_path
         self._batch_seconds = batch_seconds
         self._last_commit = time.monotonic()
+        db: sqlite3.Connection | None = None
         try:
             if read_only:
-                self._db = _connect_read_only(db_path)
+                db = self._db = _connect_read_only(db_path)
             else:
                 db_path.parent.mkdir(parents=True, exist_ok=True)
-                self._db = sqlite3.connect(db_path, isolation_level=None)
+                db = self._db = sqlite3.connect(db_path, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -91,13 +92,10 @@ class Manifest:
             )
             self._db.execute("CREATE TEMP TABLE listed (path TEXT PRIMARY KEY)")
             self._db.execute("BEGIN")
-        except sqlite3.DatabaseError as exc:
-            raise LocalIOError(
-                f"manifest {db_path} cannot be used ({exc}); move it aside to rebuild it "
-                "(every file is then fetched again)"
-            ) from exc
-        except OSError as exc:
-            raise LocalIOError(f"cannot create {db_path.parent}: {exc.strerror}") from exc
+        except (sqlite3.DatabaseError, OSError) as exc:
+            if db is not None:
+                db.close()  # now: a file left open keeps its filesystem busy
+            raise _unusable(db_path, exc) from exc
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
@@ -224,6 +222,18 @@ class Manifest:
         self.commit()
         self._db.execute("COMMIT")
         self._db.close()
+
+
+def _unusable(db_path: Path, exc: sqlite3.DatabaseError | OSError) -> LocalIOError:
+    if isinstance(exc, OSError):
+        return LocalIOError(f"cannot create {db_path.parent}: {exc.strerror}")
+    if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return LocalIOError(
+            f"manifest {db_path} cannot be used ({exc}); move it aside to rebuild it "
+            "(every file is then fetched again)"
+        )
+    # A full disk, a read-only mount, an I/O error: the manifest itself is fine.
+    return LocalIOError(f"cannot write the manifest {db_path}: {exc}")
 
 
 def _connect_read_only(db_path: Path) -> sqlite3.Connection:

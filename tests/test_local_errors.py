@@ -320,7 +320,6 @@ def test_a_first_run_onto_a_full_disk_is_exit_6_not_an_internal_error(
     server: ServerThread, tmp_path: Path
 ) -> None:
     with mounted(tmp_path / "disk", "tmpfs", "size=8m") as full:
-        (full / "filler").write_bytes(b"")
         with suppress(OSError), (full / "filler").open("wb") as filler:
             while True:
                 filler.write(bytes(1 << 20))  # until the disk is full
@@ -328,4 +327,16 @@ def test_a_first_run_onto_a_full_disk_is_exit_6_not_an_internal_error(
         result = run_cli(*sync_args(server, full / "mirror"))
 
     assert result.code == 6, result.stderr
-    assert "internal error" not in result.stderr
+    assert "is full" in result.stderr
+    assert "move it aside" not in result.stderr  # the manifest is fine: the disk is not
+
+
+def test_a_damaged_manifest_is_exit_6_with_the_way_out(server: ServerThread, dest: Path) -> None:
+    manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_bytes(b"not a database, whatever it once was" * 200)
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 6, result.stderr
+    assert "move it aside to rebuild it" in result.stderr
