@@ -8,7 +8,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 # A query string inside any text (a URL in a message, a traceback, a repr).
 REDACTED = "<redacted>"
-_QUERY_IN_TEXT = re.compile(rf"(https?://[^\s?#'\"<>]+)\?(?!{REDACTED})[^\s#'\"<>]*")
+_QUERY_IN_TEXT = re.compile(rf"(https?://[^\s?#'\"<>]+)\?(?!{REDACTED})[^\s#'\"<>]*", re.IGNORECASE)
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 

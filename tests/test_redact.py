@@ -40,3 +40,12 @@ def test_a_secret_containing_another_is_removed_whole() -> None:
     grown = Redactor(["abcd"])
     grown.add("abcdefgh")
     assert grown("key abcdefgh") == "key <redacted>"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["HTTPS://S3.example/b/k?X-Amz-Signature=abc", "Http://h/o?X-Amz-Signature=abc"],
+)
+def test_query_strings_are_redacted_whatever_the_scheme_case(text: str) -> None:
+    # A scheme is case-insensitive: an error page may echo the URL in capitals.
+    assert "X-Amz-Signature" not in Redactor()(f"from {text}.")
