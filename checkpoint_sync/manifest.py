@@ -145,8 +145,8 @@ class Manifest:
 
     def first_listing(self, path: str) -> bool:
         """Whether this run sees ``path`` for the first time (a listing may repeat a path)."""
-        cursor = self._db.execute("INSERT OR IGNORE INTO listed (path) VALUES (?)", (path,))
-        return cursor.rowcount == 1
+        # A write too (a temporary table, spilled to a temporary file past the page cache).
+        return self._write("INSERT OR IGNORE INTO listed (path) VALUES (?)", (path,)).rowcount == 1
 
     def _write(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
         """One write into the open transaction; another program's lock or a full disk is ours."""
