@@ -59,11 +59,13 @@ def summary(stats: Stats) -> dict[str, Any]:
     return {
         "files": {
             "listed": stats.files_listed,
+            "to_fetch": stats.files_to_fetch,  # what a --dry-run would fetch
             "fetched": stats.files_fetched,
             "skipped": stats.files_skipped,
             "failed": stats.files_failed,
         },
         "bytes": {
+            "to_fetch": stats.bytes_to_fetch,
             "fetched": stats.bytes_fetched,
             "published": stats.bytes_published,
             "skipped": stats.bytes_skipped,

@@ -155,6 +155,7 @@ def test_files_in_flight_when_the_disk_fills_still_land_and_the_rerun_fetches_th
         assert again.code == 0, again.stderr
         assert json.loads(again.stdout)["files"] == {
             "listed": 4,
+            "to_fetch": 2,
             "fetched": 2,
             "skipped": 2,
             "failed": 0,
@@ -215,7 +216,13 @@ def test_a_dry_run_leaves_the_mirror_untouched_and_works_on_a_read_only_one(
     remount(disk, "ro")
     read_only = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
     assert read_only.code == 0, read_only.stderr
-    assert json.loads(read_only.stdout)["files"]["skipped"] == len(server.files())
+    assert json.loads(read_only.stdout)["files"] == {
+        "listed": len(server.files()),
+        "to_fetch": 0,
+        "fetched": 0,
+        "skipped": len(server.files()),
+        "failed": 0,
+    }
 
 
 def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(

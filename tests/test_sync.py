@@ -184,6 +184,17 @@ def test_dry_run_lists_the_plan_and_writes_nothing(server: ServerThread, dest: P
     assert server.traffic.object_requests == 0
 
 
+def test_a_dry_run_says_in_json_what_it_would_fetch(server: ServerThread, dest: Path) -> None:
+    result = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
+
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    wanted = complete_files(server)
+    assert summary["files"]["to_fetch"] == len(wanted)
+    assert summary["bytes"]["to_fetch"] == sum(f.size for f in wanted)
+    assert summary["files"]["fetched"] == 0
+
+
 def test_dry_run_after_a_sync_plans_only_skips(server: ServerThread, dest: Path) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
 
