@@ -135,7 +135,9 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 def transient_status(status: int) -> bool:
-    return status == 429 or status >= 500
+    # 408: a server may send it on a kept-alive connection it closes as idle, just as a request
+    # goes out on it.
+    return status in (408, 429) or status >= 500
 
 
 @contextmanager

@@ -196,6 +196,24 @@ def test_a_fresh_url_that_worked_and_then_expired_too_is_refreshed_again(dest: P
         assert_exact(mirrored(dest, JOB, file), file)
 
 
+def test_a_408_request_timeout_is_retried(dest: Path) -> None:
+    # What a server may send on a kept-alive connection it is about to close as idle.
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=1)
+    answers: list[str] = []
+
+    def first_times_out(name: str, start: int, end: int) -> str | None:
+        answers.append(name)
+        return "408" if len(answers) == 1 else None
+
+    with ServerThread(catalog, Faults(hook=first_times_out)) as server:
+        result = run_cli(*sync_args(server, dest, "--node-rank", "0", "--json"))
+
+        assert result.code == 0, result.stdout
+        assert json.loads(result.stdout)["retries"] == 1
+        (file,) = [f for f in server.files() if f.node_rank == 0]
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
 def test_a_url_that_cannot_be_refreshed_fails_its_file_not_the_run(
     server: ServerThread, dest: Path
 ) -> None:
