@@ -92,10 +92,12 @@ class Manifest:
             )
             self._db.execute("CREATE TEMP TABLE listed (path TEXT PRIMARY KEY)")
             self._db.execute("BEGIN")
-        except (sqlite3.DatabaseError, OSError) as exc:
+        except BaseException as exc:
             if db is not None:
                 db.close()  # now: a file left open keeps its filesystem busy
-            raise _unusable(db_path, exc) from exc
+            if isinstance(exc, sqlite3.DatabaseError | OSError):
+                raise _unusable(db_path, exc) from exc
+            raise
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
