@@ -41,7 +41,11 @@ def select_checkpoints(
             )
         candidates = [c for c in available if c.name in wanted or c.key in wanted]
     if latest:
-        complete = [c for c in candidates if c.state is SyncState.COMPLETE]
+        # Where the API reports no checkpoint as complete but leaves some statuses null (it
+        # may: NOTES.md), the newest of those, as a plain sync would mirror them too.
+        complete = [c for c in candidates if c.state is SyncState.COMPLETE] or [
+            c for c in candidates if c.state is SyncState.UNKNOWN
+        ]
         if not complete:
             raise NotFoundError(f"no complete checkpoint in {what} to take as --latest")
         newest = max(complete, key=_age_key)

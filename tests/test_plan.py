@@ -51,6 +51,9 @@ RUN = [
         (("c4",), False, False, [], ["c4"]),
         (("c4",), False, True, ["c4"], []),
         (("c1", "c1"), False, False, ["c1"], []),
+        # No status reported (null) is taken only where none is reported complete.
+        (("c0", "c4"), True, False, ["c0"], []),
+        (("c0", "c1"), True, False, ["c1"], []),
     ],
 )
 def test_select_checkpoints(
@@ -70,6 +73,7 @@ def test_select_checkpoints(
     [
         (RUN, ("nope",), False, r"checkpoint nope not found in the run \(it has: c1, c3"),
         (RUN, ("c4",), True, "no complete checkpoint"),
+        ([checkpoint("s", 1, SyncState.SYNCING)], (), True, "no complete checkpoint"),
         ([], (), True, "no complete checkpoint"),
     ],
 )
