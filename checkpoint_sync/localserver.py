@@ -69,7 +69,7 @@ class ServedFile:
 class ServedCheckpoint:
     checkpoint_id: str
     created_at: datetime
-    sync_status: str | None = "COMPLETED"
+    sync_status: str | None = "COMPLETE"  # as the pages spell it per checkpoint
     files: list[ServedFile] = field(default_factory=list)
 
     @property
@@ -224,7 +224,7 @@ def synthetic_job(
     for c in range(checkpoints):
         name = f"checkpoint-{(c + 1) * 10}"
         created = base + timedelta(hours=c)
-        status = "SYNCING" if syncing_last and c == checkpoints - 1 else "COMPLETED"
+        status = "SYNCING" if syncing_last and c == checkpoints - 1 else "COMPLETE"
         checkpoint = ServedCheckpoint(name, created, status)
         stamp = created.isoformat()
         for rank in range(ranks):

@@ -69,6 +69,20 @@ def test_select_checkpoints(
 
 
 @pytest.mark.parametrize(
+    ("status", "state"),
+    [
+        ("COMPLETE", SyncState.COMPLETE),  # a checkpoint's own status, as the pages spell it
+        ("COMPLETED", SyncState.COMPLETE),  # the job-level enum's spelling
+        ("SYNCING", SyncState.SYNCING),
+        (None, SyncState.UNKNOWN),  # NOTES.md: null happens
+        ("FAILED", SyncState.UNKNOWN),
+    ],
+)
+def test_sync_status_spellings(status: str | None, state: SyncState) -> None:
+    assert SyncState.parse(status) is state
+
+
+@pytest.mark.parametrize(
     ("available", "names", "latest", "message"),
     [
         (RUN, ("nope",), False, r"checkpoint nope not found in the run \(it has: c1, c3"),
