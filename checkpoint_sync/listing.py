@@ -90,7 +90,11 @@ async def survey(
                 and local_size(f"{dest}/{v.path}") == v.size
                 and inside(os.path.dirname(f"{dest}/{v.path}"))
             }
-            staging = manifest.has_staging_in(f"{c.run}/{c.name}/")
+            prefix = f"{c.run}/{c.name}/"
+            staging = any(
+                wanted_rank(int(path[len(prefix) :].partition("/")[0]), node_ranks)
+                for path in manifest.staged_under(prefix)
+            )
             size = c.size_bytes if c.size_bytes is not None else sum(f.size for f in files.values())
             rows.append(Row(c, size, local_state(files, recorded, staging)))
         return rows

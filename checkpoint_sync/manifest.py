@@ -137,11 +137,12 @@ class Manifest:
         for row in rows:
             yield VerifiedFile(*row)
 
-    def has_staging_in(self, prefix: str) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM staging WHERE substr(path, 1, ?) = ? LIMIT 1", (len(prefix), prefix)
-        ).fetchone()
-        return row is not None
+    def staged_under(self, prefix: str) -> list[str]:
+        """Paths under ``prefix`` of files left in parts."""
+        rows = self._db.execute(
+            "SELECT path FROM staging WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
+        )
+        return [path for (path,) in rows]
 
     # --- writing (batched) -----------------------------------------------------------------------
 
