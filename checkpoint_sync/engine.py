@@ -149,6 +149,7 @@ async def _run(
         raise stop.error
     if listing_failed:
         raise listing_failed[0]
+    transfers.drop_unlisted({(c.run, c.name) for c in selection.checkpoints}, options.node_ranks)
 
 
 async def _produce(

@@ -137,6 +137,13 @@ class Manifest:
         for row in rows:
             yield VerifiedFile(*row)
 
+    def staged_not_listed(self) -> list[str]:
+        """Paths of files left in parts that this run's listing did not show."""
+        rows = self._db.execute(
+            "SELECT path FROM staging WHERE path NOT IN (SELECT path FROM listed)"
+        )
+        return [path for (path,) in rows]
+
     def staged_under(self, prefix: str) -> list[str]:
         """Paths under ``prefix`` of files left in parts."""
         rows = self._db.execute(

@@ -46,7 +46,7 @@ from .filesystem import preallocation_pays
 from .layout import STATE_DIR, is_within, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status
-from .plan import Part, check_listed_url, parts_to_keep, split_parts
+from .plan import Part, check_listed_url, parts_to_keep, split_parts, wanted_rank
 from .progress import Stats, human_bytes
 from .redact import redact_url
 from .retry import RetryPolicy, retrying
@@ -224,6 +224,18 @@ class Transfers:
         finally:
             os.close(fd)
             self._in_flight.discard(staged)
+
+    def drop_unlisted(self, checkpoints: set[tuple[str, str]], node_ranks: frozenset[int]) -> None:
+        """After a complete listing: forget the files left in parts, in the checkpoints and
+        ranks it covered, that it no longer shows (removed upstream). Their staging files,
+        reserved at full size, would otherwise stay for ever."""
+        for key in self._manifest.staged_not_listed():
+            run, checkpoint, rank, _ = key.split("/", 3)
+            if (run, checkpoint) in checkpoints and wanted_rank(int(rank), node_ranks):
+                self._manifest.drop_staging(key)  # first: no record vouches for a missing file
+                with suppress(OSError):
+                    os.unlink(f"{self._staging_dir}/{staging_name(key)}")
+        self._manifest.commit()
 
     def _discard_useless_staging(self, key: str, staging: str, multipart: bool) -> None:
         """After a failure, remove a staging file that no record lets a later run resume from

@@ -497,3 +497,31 @@ def test_an_error_in_the_settings_still_prints_a_json_document(
     document = json.loads(result.stdout)
     assert document["exit_code"] == 2
     assert "CHECKPOINT_SYNC_RETRIES" in document["error"]
+
+
+def test_a_file_left_in_parts_and_then_removed_upstream_leaves_no_staging_behind(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A large file interrupted half way, then gone from the listing (a shard renamed, say): its
+    # staging file, reserved at full size, and its record of parts must not stay for ever.
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        server.faults.hook = lambda name, start, end: "500" if start >= 512 << 10 else None
+        assert run_cli(*sync_args(server, dest, "--node-rank", "0")).code == 1
+        assert run_cli(*sync_args(server, dest, "--node-rank", "1")).code == 1
+        staging = dest / ".checkpoint-sync" / "staging"
+        assert len(list(staging.iterdir())) == 2  # one large file per rank, left in parts
+        server.faults.hook = None
+        checkpoint = server.catalog.jobs[0].checkpoints[0]
+        large = [f for f in checkpoint.files if f.size > 1 << 20]
+        server.call(lambda: [checkpoint.files.remove(f) for f in large])
+
+        again = run_cli(*sync_args(server, dest, "--node-rank", "0"))
+        assert again.code == 0, again.stderr
+        # Rank 1 was not part of this run: its file may yet be listed to it.
+        assert len(list(staging.iterdir())) == 1
+        assert run_cli(*sync_args(server, dest)).code == 0
+        listed = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+
+    assert list(staging.iterdir()) == []
+    assert [c["local"] for c in json.loads(listed.stdout)["checkpoints"]] == ["mirrored"]
