@@ -22,6 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -120,6 +121,11 @@ class Transfers:
         self._stats = stats
         self._settings = settings
         _os_call(self._staging_dir, lambda: self._staging_dir.mkdir(parents=True, exist_ok=True))
+        if settings.fsync:
+            # DEST, its state directory and the staging area may all have been made just now:
+            # each one's entry lives in its parent.
+            for directory in (dest.parent, dest, dest / STATE_DIR, self._staging_dir):
+                _os_call(directory, partial(_fsync_directory, str(directory)))
         self._reserves = preallocation_pays(str(self._staging_dir))
 
     async def fetch(self, file: RemoteFile, relative: str, *, replaces: bool = True) -> None:
@@ -198,6 +204,8 @@ class Transfers:
         self._in_flight.add(staged)
         try:
             if multipart and not keep:
+                if self._settings.fsync:  # its parts are recorded: its name must be durable
+                    _os_call(staging, lambda: _fsync_directory(str(self._staging_dir)))
                 self._manifest.begin_staging(
                     key, file.size, file.last_modified, self._settings.part_size
                 )
@@ -294,6 +302,13 @@ class Transfers:
         self._in_mirror_call(parent, lambda: os.makedirs(parent, exist_ok=True))
         if not is_within(self._real_dest, os.path.realpath(parent)):
             raise UnsafePathError(f"{parent} leads outside the destination (a symlink?)")
+        if self._settings.fsync:
+            # Each directory made just now is an entry in the one above it, down from the one
+            # that was there.
+            directory = parent
+            while directory != existing:
+                directory = os.path.dirname(directory)
+                self._in_mirror_call(directory, partial(_fsync_directory, directory))
         self._prepared_dirs.add(parent)
 
     def _in_mirror_call(self, path: str, call: Callable[[], T]) -> T:

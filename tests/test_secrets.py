@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import JOB, sync_args
+from .conftest import JOB, job_catalog, sync_args
 from .support import API_KEY, ServerThread, assert_exact, assert_no_secret, mirrored, run_cli
 
 
@@ -158,3 +158,32 @@ def test_every_part_recorded_as_done_was_made_durable(server: ServerThread, tmp_
 
     assert clean["parts"] > 0
     assert broken["parts"] == clean["parts"]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+def test_fsync_makes_the_directories_it_creates_durable(tmp_path: Path) -> None:
+    # A file survives power loss only if the names leading to it do: each directory made by
+    # the run is an entry in its parent, which must be synced; so is a staging file's name
+    # before its parts are recorded.
+    dest = tmp_path / "mirror"
+    trace = tmp_path / "trace"
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        done = subprocess.run(
+            [
+                *("strace", "-f", "-qq", "-y", "-e", "trace=mkdir,mkdirat,fsync,fdatasync"),
+                *("-o", str(trace), sys.executable, "-m", "checkpoint_sync"),
+                *sync_args(server, dest, "--fsync"),
+            ],
+            capture_output=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"strace cannot trace here: {done.stderr.decode()[-200:]}")
+        for file in server.files():
+            assert_exact(mirrored(dest, JOB, file), file)
+    text = trace.read_text()
+    made = re.findall(r'mkdir(?:at)?\((?:AT_FDCWD<[^>]*>, )?"([^"]+)"', text)
+    synced = set(re.findall(r"\bf(?:data)?sync\(\d+<([^>]*)>", text))
+    mirror_dirs = [d for d in made if Path(d).is_relative_to(dest / JOB)]
+    assert mirror_dirs
+    needed = {str(Path(d).parent) for d in mirror_dirs} | {str(dest / ".checkpoint-sync/staging")}
+    assert sorted(needed - synced) == []
