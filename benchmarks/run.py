@@ -54,6 +54,8 @@ SBIN_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 FILE_CONCURRENCY = 16
 STREAMS_PER_FILE = 8
 SPLIT_SIZE = "64M"
+# The training job the listing server serves: checkpoint-sync mirrors under a directory of its name.
+CS_JOB = "job"
 HF_CHUNK_SIZE = 10 * MiB  # huggingface_hub's DOWNLOAD_CHUNK_SIZE
 HF_MAX_FILES = STREAMS_PER_FILE  # open handles == parallel range requests per file
 
@@ -267,7 +269,7 @@ class Command:
 class Sample:
     wall: float
     cpu: float
-    rss_mb: float
+    rss_mib: float
 
 
 def _read_rss_kib(path: Path) -> float:
@@ -785,7 +787,7 @@ class CheckpointSync:
     def tuning(self) -> str:
         extra = " ".join(self.extra) or "(tool defaults: no --concurrency/--part-size)"
         return (
-            "checkpoint-sync sync --api-url API --project bench --job job --dest DEST "
+            f"checkpoint-sync sync --api-url API --project bench --job {CS_JOB} --dest DEST "
             f"--json --quiet {extra}; SSL_CERT_FILE=CA"
         )
 
@@ -805,7 +807,7 @@ class CheckpointSync:
                 "--project",
                 "bench",
                 "--job",
-                "job",
+                CS_JOB,
                 "--dest",
                 str(dest),
                 "--json",
@@ -861,7 +863,7 @@ def cs_localserver(job: Job, settings: Settings, timeout: float) -> Iterator[str
         "--project",
         "bench",
         "--job",
-        "job",
+        CS_JOB,
     ]
     with log.open("wb", buffering=0) as sink:
         proc = subprocess.Popen(
@@ -912,7 +914,8 @@ def _walk_files(dest: Path) -> Iterator[Path]:
 
 
 def verify(dest: Path, profile: Profile, source: Path) -> None:
-    """Same file count and byte total as the source, and three sample files byte-identical."""
+    """Same file count and byte total as the source, and every file byte-identical, where the
+    tool's layout puts it (a file of the right size that was never written is caught too)."""
     files = list(_walk_files(dest))
     total = sum(f.stat().st_size for f in files)
     if (len(files), total) != (len(profile.files), profile.total_bytes):
@@ -920,17 +923,21 @@ def verify(dest: Path, profile: Profile, source: Path) -> None:
             f"verify: got {len(files)} files / {total} B, expected "
             f"{len(profile.files)} files / {profile.total_bytes} B"
         )
-    samples = {profile.files[0], profile.files[len(profile.files) // 2], profile.files[-1]}
-    for spec in samples:
-        exact = dest / spec.rel
-        # Layout-agnostic fallback (checkpoint-sync nests <job>/<checkpoint>/<rank>/): any file
-        # with the same path below the checkpoint; ranks hold different bytes, so a match is it.
-        inner = "/" + spec.rel.split("/", 2)[2]
-        candidates = (
-            [exact] if exact.is_file() else [f for f in files if f.as_posix().endswith(inner)]
-        )
-        if not any(_same_bytes(c, source / spec.rel) for c in candidates):
+    for spec in profile.files:
+        placed = _placed(dest, spec.rel)
+        if not placed.is_file() or not _same_bytes(placed, source / spec.rel):
             raise BenchError(f"verify: {spec.rel} missing or differs from the source")
+
+
+def _placed(dest: Path, rel: str) -> Path:
+    """Where a tool put the file the data holds at ``rel`` (``<rank>/<checkpoint>/<path>``):
+    at ``rel`` (the peers, which copy the tree), or at checkpoint-sync's
+    ``<job>/<checkpoint>/<rank>/<path>``."""
+    exact = dest / rel
+    if exact.exists():
+        return exact
+    rank, checkpoint, path = rel.split("/", 2)
+    return dest / CS_JOB / checkpoint / rank / path
 
 
 # --------------------------------------------------------------------------- benchmark loop
@@ -1050,7 +1057,7 @@ def describe(sample: Sample, profile: Profile) -> str:
     return (
         f"{sample.wall:.2f} s, {profile.total_bytes / 1e6 / sample.wall:.0f} MB/s, "
         f"{len(profile.files) / sample.wall:.0f} files/s, cpu {sample.cpu:.2f} s, "
-        f"rss {sample.rss_mb:.0f} MB"
+        f"rss {sample.rss_mib:.0f} MiB"
     )
 
 
@@ -1075,14 +1082,14 @@ def _num(value: float | None) -> str:
 
 
 TABLE_HEAD = (
-    "| tool | median s | MB/s | files/s | CPU s | CPU s/GB | peak RSS MB | vs fastest peer |"
+    "| tool | median s | MB/s | files/s | CPU s | CPU s/GB | peak RSS MiB | vs fastest peer |"
 )
 
 
 def _cells(row: Row, profile: Profile, best: Row | None) -> list[str]:
     wall = median_wall(row)
     cpu = statistics.median(s.cpu for s in row.samples)
-    rss = statistics.median(s.rss_mb for s in row.samples)
+    rss = statistics.median(s.rss_mib for s in row.samples)
     if not row.moves_bytes:
         return [f"{wall:.2f}", "-", "-", f"{cpu:.2f}", "-", f"{rss:.0f}", "-"]
     rate = profile.total_bytes / 1e6 / wall
@@ -1246,7 +1253,7 @@ METHOD_NOTES = [
     (
         "CPU s = user + sys of the tool's process tree (os.wait4 rusage, which includes reaped "
         "children); nginx and checkpoint-sync's listing server are not counted. Peak RSS = GNU "
-        "time's %M (ru_maxrss: the largest single process of the tree, not a sum)."
+        "time's %M in MiB (ru_maxrss: the largest single process of the tree, not a sum)."
     ),
     "'vs fastest peer' = this row's MB/s / the fastest peer's MB/s in the same table.",
     (
