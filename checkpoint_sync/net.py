@@ -42,13 +42,16 @@ def loop_options() -> dict[str, bool]:
     return {"use_uvloop": True}
 
 
-@functools.cache
 def ssl_context(settings: NetSettings) -> ssl.SSLContext:
-    """The system's trust store (or ``SSL_CERT_FILE``), or the configured CA bundle.
+    """The system's trust store (or ``SSL_CERT_FILE``), or the configured CA bundle."""
+    return _trust(settings.ca_bundle)
 
-    One per settings: loading a trust store takes tens of milliseconds.
-    """
-    cafile = str(settings.ca_bundle) if settings.ca_bundle is not None else None
+
+@functools.cache
+def _trust(ca_bundle: Path | None) -> ssl.SSLContext:
+    # One per CA bundle, whatever the other settings: loading a trust store takes tens of
+    # milliseconds (and `bench` trials, which differ in connections, must not pay it unevenly).
+    cafile = str(ca_bundle) if ca_bundle is not None else None
     try:
         return ssl.create_default_context(cafile=cafile)
     except OSError as exc:  # missing, unreadable, or no certificate in it: not worth a retry

@@ -108,6 +108,12 @@ def test_an_unusable_ca_bundle_is_a_usage_error(
         ssl_context(NetSettings(ca_bundle=bundle))
 
 
+def test_one_trust_store_per_ca_bundle_whatever_the_other_settings() -> None:
+    # `bench` trials differ in connections: none may pay for loading the store inside its time.
+    assert ssl_context(NetSettings(connections=4)) is ssl_context(NetSettings(connections=16))
+    assert ssl_context(NetSettings(read_timeout=1)) is ssl_context(NetSettings())
+
+
 def test_a_bad_url_is_refused_without_its_password() -> None:
     with pytest.raises(UsageError, match="not a valid URL") as caught:
         load_settings(None, {"api_url": "https://user:hunter2@api.example.com:99999/"}, {})
