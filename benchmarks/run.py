@@ -1261,8 +1261,9 @@ METHOD_NOTES = [
         "TLS) cannot use, so CPU efficiency feeds directly into throughput here."
     ),
     (
-        "Each run is verified (file count and byte total, dot-files excluded; three sample files "
-        "compared byte for byte); a run that fails verification is reported as failed."
+        "Each run is verified (file count and byte total, dot-files excluded; every file "
+        "compared byte for byte with the source); a run that fails verification is reported as "
+        "failed."
     ),
     (
         "`many`: checkpoint-sync runs a first sync, then the same command again into the same "
