@@ -533,8 +533,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
 
     received = _run(survey_source)
     if received is not None:
-        out.error(f"stopped by {signal.Signals(received).name}")
-        return 128 + received
+        return out.failed(f"stopped by {signal.Signals(received).name}", 128 + received)
     if out.as_json:
         payload = {"source": spec.name, "description": description}
         out.json(payload | {"checkpoints": [row_json(row) for row in rows]})
@@ -622,8 +621,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
 
     received = _run(measure)
     if received is not None:
-        out.error(f"stopped by {signal.Signals(received).name}")
-        return 128 + received
+        return out.failed(f"stopped by {signal.Signals(received).name}", 128 + received)
     if not any(t.files for t in trials):
         raise NotFoundError("nothing to measure: no file of the selection was fetched")
     best = recommend(trials)

@@ -6,6 +6,7 @@ when the test kills it, signals it or starts a second run beside it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -20,7 +21,7 @@ import xxhash
 
 from checkpoint_sync.localserver import Faults
 
-from .conftest import JOB, job_catalog, sync_args
+from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import (
     ServerThread,
     assert_exact,
@@ -273,3 +274,21 @@ def test_the_lock_of_a_killed_run_does_not_block(server: ServerThread, dest: Pat
 
     assert result.code == 0, result.stderr
     assert lock.read_text().strip() != str(holder.pid)  # a dead pid left in the file is harmless
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_list_json_stopped_by_a_signal_still_prints_one_document(
+    signum: signal.Signals, code: int
+) -> None:
+    # Every API answer takes 3 s: the run is still listing when the signal comes.
+    with ServerThread(job_catalog(), Faults(api_delay=3.0)) as slow:
+        process = run_subprocess(
+            "list", "--api-url", slow.url, "--project", PROJECT, "--job", JOB, "--json"
+        )
+        wait_for(process, lambda: slow.traffic.api_requests > 0)
+        time.sleep(0.3)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=20)
+
+    assert process.returncode == code, err
+    assert json.loads(out)["exit_code"] == code
