@@ -75,7 +75,7 @@ def test_select_checkpoints(
         ("COMPLETED", SyncState.COMPLETE),  # the job-level enum's spelling
         ("SYNCING", SyncState.SYNCING),
         (None, SyncState.UNKNOWN),  # NOTES.md: null happens
-        ("FAILED", SyncState.UNKNOWN),
+        ("FAILED", SyncState.OTHER),
     ],
 )
 def test_sync_status_spellings(status: str | None, state: SyncState) -> None:
@@ -88,6 +88,8 @@ def test_sync_status_spellings(status: str | None, state: SyncState) -> None:
         (RUN, ("nope",), False, r"checkpoint nope not found in the run \(it has: c1, c3"),
         (RUN, ("c4",), True, "no complete checkpoint"),
         ([checkpoint("s", 1, SyncState.SYNCING)], (), True, "no complete checkpoint"),
+        # A status the pages do not name is not "none reported": never taken as the latest.
+        ([checkpoint("f", 1, SyncState.OTHER)], (), True, "no complete checkpoint"),
         ([], (), True, "no complete checkpoint"),
     ],
 )

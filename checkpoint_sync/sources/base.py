@@ -21,7 +21,8 @@ from ..wire import HttpClient
 class SyncState(StrEnum):
     COMPLETE = "complete"
     SYNCING = "syncing"
-    UNKNOWN = "unknown"
+    UNKNOWN = "unknown"  # the API reported none (null)
+    OTHER = "other"  # a status the pages do not name (FAILED, say)
 
     @classmethod
     def parse(cls, status: str | None) -> SyncState:
@@ -31,8 +32,10 @@ class SyncState(StrEnum):
                 return cls.COMPLETE
             case "SYNCING":
                 return cls.SYNCING
-            case _:
+            case "":
                 return cls.UNKNOWN
+            case _:
+                return cls.OTHER
 
 
 @dataclass(frozen=True, slots=True)
