@@ -125,12 +125,15 @@ async def _run(
     )
     jobs = _Jobs(options.concurrency)
     listing_failed: list[ApiError | TransientError] = []
+    listing_usable: list[bool] = []
     stop = _Stop()
 
     async def produce() -> None:
         with stop.listing:
             try:
-                await _produce(source, selection, options, manifest, stats, on_plan, jobs)
+                listing_usable.append(
+                    await _produce(source, selection, options, manifest, stats, on_plan, jobs)
+                )
             except (ApiError, TransientError) as exc:
                 # The files already queued are good: let them land, then report the listing.
                 listing_failed.append(exc)
@@ -149,7 +152,10 @@ async def _run(
         raise stop.error
     if listing_failed:
         raise listing_failed[0]
-    transfers.drop_unlisted({(c.run, c.name) for c in selection.checkpoints}, options.node_ranks)
+    if listing_usable == [True]:
+        transfers.drop_unlisted(
+            {(c.run, c.name) for c in selection.checkpoints}, options.node_ranks
+        )
 
 
 async def _produce(
@@ -160,17 +166,24 @@ async def _produce(
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None,
     jobs: _Jobs | None,
-) -> None:
+) -> bool:
+    """Plan every listed file, queueing those to fetch; whether every entry could be used (a
+    file whose entry could not be is still there, as far as anyone knows)."""
     inside = InsideDest(options.dest)
+    usable = True
     try:
         async for page in source.file_pages(selection.checkpoints):
             for file in page:
                 stats.files_listed += 1
                 if isinstance(file, UnreadableEntry):
+                    usable = False
                     if wanted_rank(file.node_rank, options.node_ranks):
                         stats.fail(file.where, f"its listing entry is unreadable ({file.reason})")
                     continue
+                failed_before = stats.files_failed
                 planned = _plan(file, options, manifest, stats, inside)
+                # _plan does not await: no worker's failure can be counted in between.
+                usable = usable and stats.files_failed == failed_before
                 if planned is None:
                     continue
                 relative, action, recorded = planned
@@ -182,6 +195,7 @@ async def _produce(
     finally:
         if jobs is not None:
             jobs.close()
+    return usable
 
 
 def _plan(
