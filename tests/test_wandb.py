@@ -238,6 +238,17 @@ def test_selection_usage_errors_exit_2(
     assert message in result.stderr
 
 
+def test_a_missing_w_and_b_key_names_its_own_setting(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("WANDB_API_KEY")
+
+    result = run_cli(*listed())
+
+    assert result.code == 3
+    assert "set WANDB_API_KEY (or wandb_api_key in the config file)" in result.stderr
+
+
 def test_a_refused_w_and_b_key_exits_3_without_showing_it(
     server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:

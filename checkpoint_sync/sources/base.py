@@ -146,6 +146,7 @@ class SourceContext:
             self.settings.baseten_key(),
             self.settings.auth_scheme,
             self.settings.api_key_env,
+            "api_key",
         )
 
     def wandb_api(self) -> ApiClient:
@@ -154,6 +155,7 @@ class SourceContext:
             self.settings.wandb_key(),
             "Bearer",
             self.settings.wandb_api_key_env,
+            "wandb_api_key",
         )
 
     def wandb_graphql(self) -> ApiClient:
@@ -163,11 +165,14 @@ class SourceContext:
             self.settings.wandb_basic_credentials(),
             "Basic",
             self.settings.wandb_api_key_env,
+            "wandb_api_key",
         )
 
-    def _client(self, url: str, key: str | None, scheme: str, key_env: str) -> ApiClient:
+    def _client(
+        self, url: str, key: str | None, scheme: str, key_env: str, key_setting: str
+    ) -> ApiClient:
         if not key:
-            raise AuthError(f"no API key: set {key_env} (or api_key in the config file)")
+            raise AuthError(f"no API key: set {key_env} (or {key_setting} in the config file)")
         return ApiClient(
             self.http, url, api_key=key, auth_scheme=scheme, key_hint=key_env, retry=self.retry
         )
