@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 import anyio
 from pydantic import SecretStr
@@ -49,7 +49,12 @@ FAILURES_SHOWN = 20
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _BadArguments as bad:
+        bad.parser.print_usage(sys.stderr)
+        wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
+        return _Output(Redactor(), as_json=wants_json).failed(bad.message, UsageError.exit_code)
     redact = Redactor()
     out = _Output(redact, quiet=getattr(args, "quiet", False), as_json=getattr(args, "json", False))
     try:
@@ -129,6 +134,21 @@ class _Output:
 # --- arguments ------------------------------------------------------------------------------------
 
 
+class _BadArguments(Exception):
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's, but an argument it cannot use goes back to `main`, which reports it like any
+    other usage error (with ``--json``, as a document too)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _BadArguments(self, message)
+
+
 def _path(text: str) -> Path:
     """A path argument; an empty one (an unset variable in a script) is not the current
     directory."""
@@ -138,7 +158,7 @@ def _path(text: str) -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="checkpoint-sync",
         description="Mirror ML training checkpoints to local disk: fast, resumable, verified.",
         epilog="Exit codes: 0 ok, 1 some files failed, 2 usage, 3 auth, 4 not found, "

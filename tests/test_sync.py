@@ -499,6 +499,19 @@ def test_an_error_in_the_settings_still_prints_a_json_document(
     assert "CHECKPOINT_SYNC_RETRIES" in document["error"]
 
 
+def test_a_flag_the_parser_cannot_read_still_prints_a_json_document(
+    server: ServerThread, dest: Path
+) -> None:
+    result = run_cli(*sync_args(server, dest, "--part-size", "bogus", "--json"))
+
+    assert result.code == 2
+    assert "usage: checkpoint-sync sync" in result.stderr
+    assert json.loads(result.stdout) == {
+        "exit_code": 2,
+        "error": "argument --part-size: 'bogus' is not a size (try 64MiB, 1MiB, 512KiB)",
+    }
+
+
 def test_a_file_left_in_parts_and_then_removed_upstream_leaves_no_staging_behind(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
