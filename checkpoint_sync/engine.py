@@ -125,13 +125,13 @@ async def _run(
     )
     jobs = _Jobs(options.concurrency)
     listing_failed: list[ApiError | TransientError] = []
-    listing_usable: list[bool] = []
+    paths_told: list[bool] = []
     stop = _Stop()
 
     async def produce() -> None:
         with stop.listing:
             try:
-                listing_usable.append(
+                paths_told.append(
                     await _produce(source, selection, options, manifest, stats, on_plan, jobs)
                 )
             except (ApiError, TransientError) as exc:
@@ -152,7 +152,8 @@ async def _run(
         raise stop.error
     if listing_failed:
         raise listing_failed[0]
-    if listing_usable == [True]:
+    # A file whose entry did not tell its path may have parts; only its listing could say which.
+    if paths_told == [True]:
         transfers.drop_unlisted(
             {(c.run, c.name) for c in selection.checkpoints}, options.node_ranks
         )
@@ -167,23 +168,24 @@ async def _produce(
     on_plan: Callable[[PlannedFile], None] | None,
     jobs: _Jobs | None,
 ) -> bool:
-    """Plan every listed file, queueing those to fetch; whether every entry could be used (a
-    file whose entry could not be is still there, as far as anyone knows)."""
+    """Plan every listed file, queueing those to fetch. Every path listed, usable or not, is
+    noted in the manifest (a file that fails this run is still there); the result says whether
+    every entry told its path."""
     inside = InsideDest(options.dest)
-    usable = True
+    paths_told = True
     try:
         async for page in source.file_pages(selection.checkpoints):
             for file in page:
                 stats.files_listed += 1
                 if isinstance(file, UnreadableEntry):
-                    usable = False
+                    if None in (file.checkpoint, file.node_rank, file.name):
+                        paths_told = False
+                    else:
+                        manifest.first_listing(file.where)
                     if wanted_rank(file.node_rank, options.node_ranks):
                         stats.fail(file.where, f"its listing entry is unreadable ({file.reason})")
                     continue
-                failed_before = stats.files_failed
                 planned = _plan(file, options, manifest, stats, inside)
-                # _plan does not await: no worker's failure can be counted in between.
-                usable = usable and stats.files_failed == failed_before
                 if planned is None:
                     continue
                 relative, action, recorded = planned
@@ -195,7 +197,7 @@ async def _produce(
     finally:
         if jobs is not None:
             jobs.close()
-    return usable
+    return paths_told
 
 
 def _plan(
@@ -210,13 +212,13 @@ def _plan(
     except FileError as exc:
         stats.fail(f"{file.run}/{file.checkpoint}/{file.node_rank}", str(exc))
         return None
+    if not manifest.first_listing(relative):
+        stats.fail(relative, "listed more than once; only its first entry is mirrored")
+        return None
     try:
         check_listed_size(file)
     except FileError as exc:
         stats.fail(relative, str(exc))
-        return None
-    if not manifest.first_listing(relative):
-        stats.fail(relative, "listed more than once; only its first entry is mirrored")
         return None
     recorded = manifest.recorded(relative)
     final = f"{options.dest}/{relative}"

@@ -541,6 +541,31 @@ def test_a_file_left_in_parts_and_then_removed_upstream_leaves_no_staging_behind
     assert [c["local"] for c in json.loads(listed.stdout)["checkpoints"]] == ["mirrored"]
 
 
+def test_a_name_refused_on_every_run_does_not_stop_the_parts_of_removed_files_going(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        checkpoint = server.catalog.jobs[0].checkpoints[0]
+        stamp = checkpoint.files[0].last_modified
+        refused = ServedFile(0, f"{checkpoint.checkpoint_id}/bad\\name.bin", 10, stamp, 99)
+        server.call(lambda: checkpoint.files.append(refused))
+        server.faults.hook = lambda name, start, end: "500" if start >= 512 << 10 else None
+        assert run_cli(*sync_args(server, dest, "--node-rank", "0")).code == 1
+        staging = dest / ".checkpoint-sync" / "staging"
+        assert len(list(staging.iterdir())) == 1
+        server.faults.hook = None
+        server.call(
+            lambda: setattr(checkpoint, "files", [f for f in checkpoint.files if f.size < 1 << 20])
+        )
+
+        again = run_cli(*sync_args(server, dest, "--node-rank", "0"))
+
+    assert again.code == 1  # the refused name, as on every run
+    assert "backslash" in again.stderr
+    assert list(staging.iterdir()) == []
+
+
 def test_a_file_in_parts_whose_entry_is_unreadable_for_one_run_keeps_its_parts(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
