@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except _BadArguments as bad:
         bad.parser.print_usage(sys.stderr)
-        wants_json = "--json" in (sys.argv[1:] if argv is None else argv)
+        # As argparse reads it: any unambiguous prefix (--js) is --json.
+        wants_json = any(
+            len(token) >= 4 and "--json".startswith(token)
+            for token in (sys.argv[1:] if argv is None else argv)
+        )
         return _Output(Redactor(), as_json=wants_json).failed(bad.message, UsageError.exit_code)
     redact = Redactor()
     out = _Output(redact, quiet=getattr(args, "quiet", False), as_json=getattr(args, "json", False))

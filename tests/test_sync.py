@@ -499,10 +499,11 @@ def test_an_error_in_the_settings_still_prints_a_json_document(
     assert "CHECKPOINT_SYNC_RETRIES" in document["error"]
 
 
+@pytest.mark.parametrize("flag", ["--json", "--js"])  # argparse takes a prefix too
 def test_a_flag_the_parser_cannot_read_still_prints_a_json_document(
-    server: ServerThread, dest: Path
+    server: ServerThread, dest: Path, flag: str
 ) -> None:
-    result = run_cli(*sync_args(server, dest, "--part-size", "bogus", "--json"))
+    result = run_cli(*sync_args(server, dest, "--part-size", "bogus", flag))
 
     assert result.code == 2
     assert "usage: checkpoint-sync sync" in result.stderr
