@@ -43,14 +43,17 @@ def loop_options() -> dict[str, bool]:
 
 
 def ssl_context(settings: NetSettings) -> ssl.SSLContext:
-    """The system's trust store (or ``SSL_CERT_FILE``), or the configured CA bundle."""
-    return _trust(settings.ca_bundle)
+    """The system's trust store (or ``SSL_CERT_FILE``/``SSL_CERT_DIR``), or the configured CA
+    bundle."""
+    environ = (os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+    return _trust(settings.ca_bundle, *environ)
 
 
 @functools.cache
-def _trust(ca_bundle: Path | None) -> ssl.SSLContext:
-    # One per CA bundle, whatever the other settings: loading a trust store takes tens of
-    # milliseconds (and `bench` trials, which differ in connections, must not pay it unevenly).
+def _trust(ca_bundle: Path | None, cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    # One per place certificates come from, whatever the other settings: loading a trust store
+    # takes tens of milliseconds (and `bench` trials, which differ in connections, must not pay
+    # it unevenly). OpenSSL reads the variables itself.
     cafile = str(ca_bundle) if ca_bundle is not None else None
     try:
         return ssl.create_default_context(cafile=cafile)

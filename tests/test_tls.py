@@ -68,6 +68,17 @@ def test_ssl_cert_file_is_honoured(https_server: ServerThread, dest: Path, ca_fi
         assert_exact(mirrored(dest, JOB, file), file)
 
 
+def test_ssl_cert_file_set_between_runs_in_one_process_is_honoured(
+    https_server: ServerThread, dest: Path, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run_cli(*sync_args(https_server, dest)).code == 2  # untrusted, as it should be
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+
+    result = run_cli(*sync_args(https_server, dest))
+
+    assert result.code == 0, result.stderr
+
+
 @pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "proxy"])
 def test_an_untrusted_certificate_is_a_configuration_error_not_retried(
     https_server: ServerThread, dest: Path, through_proxy: bool, request: pytest.FixtureRequest
