@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,14 @@ async def sync(
         finally:
             manifest.close()
         return
-    async with mirror_lock(options.dest / STATE_DIR, wait=options.wait_lock):
+
+    def waiting(holder: str) -> None:
+        stats.waiting_for = holder
+
+    async with mirror_lock(options.dest / STATE_DIR, wait=options.wait_lock, on_wait=waiting):
+        if stats.waiting_for is not None:
+            # Time and rate count from here: the wait is the other run's, not this one's.
+            stats.waiting_for, stats.started = None, time.monotonic()
         manifest = Manifest(
             manifest_path(options.dest),
             durable=options.transfer.fsync,

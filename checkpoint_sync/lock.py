@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
@@ -19,8 +19,11 @@ POLL_SECONDS = 0.25
 
 
 @asynccontextmanager
-async def mirror_lock(state_dir: Path, *, wait: bool) -> AsyncIterator[None]:
-    """Hold the mirror's lock; `LockHeldError` if another run has it and ``wait`` is off."""
+async def mirror_lock(
+    state_dir: Path, *, wait: bool, on_wait: Callable[[str], None] | None = None
+) -> AsyncIterator[None]:
+    """Hold the mirror's lock; `LockHeldError` if another run has it and ``wait`` is off, else
+    ``on_wait(holder's pid)`` once, and the wait."""
     path = state_dir / "lock"
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -33,12 +36,15 @@ async def mirror_lock(state_dir: Path, *, wait: bool) -> AsyncIterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                 if not wait:
-                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
                     raise LockHeldError(
                         f"another checkpoint-sync run (pid {holder}) is mirroring into "
                         f"{state_dir.parent}; pass --wait-lock to wait for it"
                     ) from None
+                if on_wait is not None:
+                    on_wait(holder)
+                    on_wait = None
                 await anyio.sleep(POLL_SECONDS)
         # Only names the holder to a second run: a full disk must not stop this one here (it
         # says what it needs once it knows).

@@ -32,6 +32,8 @@ class Stats:
     retries: int = 0
     url_refreshes: int = 0
     listing_done: bool = False
+    # The pid of another run whose lock this one waits for (--wait-lock), while it waits.
+    waiting_for: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
     syncing_left_out: list[str] = field(default_factory=list)
     # Per request, the first MAX_TIMINGS_KEPT: (seconds to first byte, body bytes, body seconds).
@@ -88,6 +90,8 @@ def human_bytes(n: float) -> str:
 
 
 def status_line(stats: Stats) -> str:
+    if stats.waiting_for is not None:
+        return waiting_line(stats.waiting_for)
     rate = stats.bytes_fetched / max(stats.seconds, 1e-9)
     remaining = max(stats.bytes_to_fetch - stats.bytes_published, 0)
     eta = f", ETA {remaining / rate:.0f}s" if rate > 0 and stats.listing_done and remaining else ""
@@ -96,6 +100,10 @@ def status_line(stats: Stats) -> str:
         f"{stats.files_fetched} done, {stats.files_skipped} skipped, {stats.files_failed} failed"
         f"{'' if stats.listing_done else ' (still listing)'}"
     )
+
+
+def waiting_line(holder: str) -> str:
+    return f"waiting for the mirror's lock, held by another run (pid {holder})"
 
 
 class Display(Protocol):
@@ -146,8 +154,10 @@ class ProgressBar:
             # The total is known once the listing is walked, which goes on beside the transfers.
             task = bar.add_task("syncing", total=None, files="")
             while True:
+                waiting = stats.waiting_for
                 bar.update(
                     task,
+                    description="syncing" if waiting is None else waiting_line(waiting),
                     completed=stats.bytes_fetched,
                     total=stats.bytes_to_fetch if stats.listing_done else None,
                     files=f"{stats.files_fetched} done, {stats.files_skipped} skipped, "

@@ -253,11 +253,16 @@ def test_wait_lock_waits_for_the_other_run_then_finds_nothing_to_do(
     holder = start(server, dest)
     wait_for(holder, lambda: (dest / ".checkpoint-sync" / "lock").exists())
 
+    began = time.monotonic()
     second = run_cli(*args(server, dest), "--wait-lock", "--json")
+    waited = time.monotonic() - began
 
     assert holder.wait(timeout=10) == 0  # it was left to finish its work
     assert second.code == 0, second.stderr
     assert '"fetched": 0' in second.stdout
+    # Its own time counts from the lock: the other run's work (seconds of it) is not its own.
+    assert waited > 1
+    assert json.loads(second.stdout)["seconds"] < waited - 1
     for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
 

@@ -32,3 +32,8 @@ def test_summary_keeps_failures_and_left_out_checkpoints() -> None:
     assert report["files"]["failed"] == 1
     assert report["failures"] == [{"path": "job/c/0/a.bin", "error": "HTTP 500"}]
     assert report["syncing_left_out"] == ["job/checkpoint-30"]
+
+
+def test_a_run_waiting_for_the_lock_says_so_and_whose() -> None:
+    stats = Stats(waiting_for="4242")
+    assert status_line(stats) == "waiting for the mirror's lock, held by another run (pid 4242)"
