@@ -18,7 +18,14 @@ from typing import Literal
 
 import anyio
 
-from .errors import ApiError, FileError, LocalIOError, TransientError, most_severe
+from .errors import (
+    ApiError,
+    FileError,
+    LocalIOError,
+    NotFoundError,
+    TransientError,
+    most_severe,
+)
 from .layout import STATE_DIR, is_within, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
@@ -181,10 +188,13 @@ async def _produce(
     every entry told its path."""
     inside = InsideDest(options.dest)
     paths_told = True
+    ranks_listed: set[int] = set()
     try:
         async for page in source.file_pages(selection.checkpoints):
             for file in page:
                 stats.files_listed += 1
+                if file.node_rank is not None:
+                    ranks_listed.add(file.node_rank)
                 if isinstance(file, UnreadableEntry):
                     if None in (file.checkpoint, file.node_rank, file.name):
                         paths_told = False
@@ -202,10 +212,22 @@ async def _produce(
                 if action == "fetch" and jobs is not None:
                     await jobs.put(_Job(file, relative, recorded is not None))
         stats.listing_done = True
+        _check_ranks_listed(options.node_ranks, ranks_listed)
     finally:
         if jobs is not None:
             jobs.close()
     return paths_told
+
+
+def _check_ranks_listed(wanted: frozenset[int], listed: set[int]) -> None:
+    """`NotFoundError` if ``--node-rank`` asked only for ranks no listed file has: a restore on
+    a node whose rank is mistyped must not end as a success with nothing in place."""
+    if wanted and listed and not wanted & listed:
+        asked = ", ".join(map(str, sorted(wanted)))
+        there = ", ".join(map(str, sorted(listed)))
+        raise NotFoundError(
+            f"no file of node rank {asked} in the selected checkpoints (they have ranks {there})"
+        )
 
 
 def _plan(

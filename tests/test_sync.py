@@ -588,3 +588,17 @@ def test_a_file_in_parts_whose_entry_is_unreadable_for_one_run_keeps_its_parts(
         server.faults.unreadable = set()
         assert run_cli(*sync_args(server, dest, "--node-rank", "0")).code == 0
         assert_exact(mirrored(dest, JOB, large), large)
+
+
+@pytest.mark.parametrize("extra", [(), ("--dry-run",)], ids=["sync", "dry-run"])
+def test_a_node_rank_no_file_has_is_not_found_and_names_the_ranks_there(
+    server: ServerThread, dest: Path, extra: tuple[str, ...]
+) -> None:
+    # A restore on a node whose rank is mistyped must not end as a success with nothing there.
+    result = run_cli(*sync_args(server, dest, "--node-rank", "9", *extra))
+
+    assert result.code == 4, result.stderr
+    assert "no file of node rank 9 in the selected checkpoints (they have ranks 0, 1)" in (
+        result.stderr
+    )
+    assert server.traffic.object_requests == 0
