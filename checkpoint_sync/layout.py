@@ -75,6 +75,12 @@ def mirror_path(file: RemoteFile) -> str:
     return f"{run}/{checkpoint}/{file.node_rank}/{safe_relative_path(file.path)}"
 
 
+def mirror_path_parts(relative: str) -> tuple[str, str, int]:
+    """The run, checkpoint and node rank of a path that `mirror_path` made."""
+    run, checkpoint, rank, _ = relative.split("/", 3)
+    return run, checkpoint, int(rank)
+
+
 def staging_name(relative: str) -> str:
     """A flat, fixed-length name in the staging area for the file bound for ``relative``."""
     return xxhash.xxh3_128_hexdigest(relative.encode()) + ".part"

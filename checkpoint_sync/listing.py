@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import InsideDest, local_size, manifest_path
+from .layout import mirror_path_parts
 from .manifest import Manifest
 from .plan import Recorded, wanted_rank
 from .progress import human_bytes
@@ -90,10 +91,9 @@ async def survey(
                 and local_size(f"{dest}/{v.path}") == v.size
                 and inside(os.path.dirname(f"{dest}/{v.path}"))
             }
-            prefix = f"{c.run}/{c.name}/"
             staging = any(
-                wanted_rank(int(path[len(prefix) :].partition("/")[0]), node_ranks)
-                for path in manifest.staged_under(prefix)
+                wanted_rank(mirror_path_parts(path)[2], node_ranks)
+                for path in manifest.staged_under(f"{c.run}/{c.name}/")
             )
             size = c.size_bytes if c.size_bytes is not None else sum(f.size for f in files.values())
             rows.append(Row(c, size, local_state(files, recorded, staging)))

@@ -44,7 +44,7 @@ from .errors import (
     most_severe,
 )
 from .filesystem import preallocation_pays
-from .layout import STATE_DIR, is_within, staging_name
+from .layout import STATE_DIR, is_within, mirror_path_parts, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status
 from .plan import Part, check_listed_url, parts_to_keep, split_parts, wanted_rank
@@ -238,8 +238,8 @@ class Transfers:
         ranks it covered, that it no longer shows (removed upstream). Their staging files,
         reserved at full size, would otherwise stay for ever."""
         for key in self._manifest.staged_not_listed():
-            run, checkpoint, rank, _ = key.split("/", 3)
-            if (run, checkpoint) in checkpoints and wanted_rank(int(rank), node_ranks):
+            run, checkpoint, rank = mirror_path_parts(key)
+            if (run, checkpoint) in checkpoints and wanted_rank(rank, node_ranks):
                 self._manifest.drop_staging(key)  # first: no record vouches for a missing file
                 with suppress(OSError):
                     os.unlink(f"{self._staging_dir}/{staging_name(key)}")

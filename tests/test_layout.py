@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from checkpoint_sync.errors import UnsafePathError
-from checkpoint_sync.layout import is_within, mirror_path, safe_relative_path, staging_name
+from checkpoint_sync.layout import (
+    is_within,
+    mirror_path,
+    mirror_path_parts,
+    safe_relative_path,
+    staging_name,
+)
 from checkpoint_sync.sources.base import PageRef, RemoteFile
 
 
@@ -27,6 +33,12 @@ def listed(
 )
 def test_mirror_path(path: str, expected: str) -> None:
     assert mirror_path(listed(path)) == expected
+    assert mirror_path_parts(expected) == ("job", "checkpoint-10", 0)
+
+
+def test_mirror_path_parts_read_back_what_mirror_path_wrote() -> None:
+    relative = mirror_path(listed("sub/7/a.bin", "run-1", "weights-step-3", 12))
+    assert mirror_path_parts(relative) == ("run-1", "weights-step-3", 12)
 
 
 @pytest.mark.parametrize(
