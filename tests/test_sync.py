@@ -513,23 +513,36 @@ def test_a_flag_the_parser_cannot_read_still_prints_a_json_document(
     }
 
 
+def left_in_parts(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, *flags: str
+) -> None:
+    """A sync whose large files fail from their third 256 KiB part on, with no retry: each is
+    left in parts, and the run ends with exit 1."""
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    server.faults.hook = lambda name, start, end: "500" if start >= 512 << 10 else None
+    assert run_cli(*sync_args(server, dest, *flags)).code == 1
+    server.faults.hook = None
+
+
+def remove_large_files(server: ServerThread) -> None:
+    """Take the files of over 1 MiB out of the job's first checkpoint (removed upstream)."""
+    checkpoint = server.catalog.jobs[0].checkpoints[0]
+    server.call(
+        lambda: setattr(checkpoint, "files", [f for f in checkpoint.files if f.size < 1 << 20])
+    )
+
+
 def test_a_file_left_in_parts_and_then_removed_upstream_leaves_no_staging_behind(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A large file interrupted half way, then gone from the listing (a shard renamed, say): its
     # staging file, reserved at full size, and its record of parts must not stay for ever.
-    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
     with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
-        server.faults.hook = lambda name, start, end: "500" if start >= 512 << 10 else None
-        assert run_cli(*sync_args(server, dest, "--node-rank", "0")).code == 1
-        assert run_cli(*sync_args(server, dest, "--node-rank", "1")).code == 1
+        left_in_parts(server, dest, monkeypatch, "--node-rank", "0")
+        left_in_parts(server, dest, monkeypatch, "--node-rank", "1")
         staging = dest / ".checkpoint-sync" / "staging"
         assert len(list(staging.iterdir())) == 2  # one large file per rank, left in parts
-        server.faults.hook = None
-        checkpoint = server.catalog.jobs[0].checkpoints[0]
-        server.call(
-            lambda: setattr(checkpoint, "files", [f for f in checkpoint.files if f.size < 1 << 20])
-        )
+        remove_large_files(server)
 
         again = run_cli(*sync_args(server, dest, "--node-rank", "0"))
         assert again.code == 0, again.stderr
@@ -545,20 +558,15 @@ def test_a_file_left_in_parts_and_then_removed_upstream_leaves_no_staging_behind
 def test_a_name_refused_on_every_run_does_not_stop_the_parts_of_removed_files_going(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
     with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
         checkpoint = server.catalog.jobs[0].checkpoints[0]
         stamp = checkpoint.files[0].last_modified
         refused = ServedFile(0, f"{checkpoint.checkpoint_id}/bad\\name.bin", 10, stamp, 99)
         server.call(lambda: checkpoint.files.append(refused))
-        server.faults.hook = lambda name, start, end: "500" if start >= 512 << 10 else None
-        assert run_cli(*sync_args(server, dest, "--node-rank", "0")).code == 1
+        left_in_parts(server, dest, monkeypatch, "--node-rank", "0")
         staging = dest / ".checkpoint-sync" / "staging"
         assert len(list(staging.iterdir())) == 1
-        server.faults.hook = None
-        server.call(
-            lambda: setattr(checkpoint, "files", [f for f in checkpoint.files if f.size < 1 << 20])
-        )
+        remove_large_files(server)
 
         again = run_cli(*sync_args(server, dest, "--node-rank", "0"))
 
@@ -572,14 +580,11 @@ def test_a_file_in_parts_whose_entry_is_unreadable_for_one_run_keeps_its_parts(
 ) -> None:
     # Its entry is off the schema for once: the file fails this run, but it is still listed, so
     # the parts it has are kept for the next.
-    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
     with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
         large = next(f for f in server.files() if f.size > 1 << 20 and f.node_rank == 0)
-        server.faults.hook = lambda name, start, end: "500" if start >= 512 << 10 else None
-        assert run_cli(*sync_args(server, dest, "--node-rank", "0")).code == 1
+        left_in_parts(server, dest, monkeypatch, "--node-rank", "0")
         staging = dest / ".checkpoint-sync" / "staging"
         assert len(list(staging.iterdir())) == 1
-        server.faults.hook = None
         server.faults.unreadable = {large.name}
 
         assert run_cli(*sync_args(server, dest, "--node-rank", "0")).code == 1
