@@ -179,6 +179,12 @@ def _parser() -> argparse.ArgumentParser:
     sync_cmd.add_argument(
         "--dry-run", action="store_true", help="print what would be fetched and skipped"
     )
+    sync_cmd.add_argument(
+        "--verify",
+        action="store_true",
+        help="read back every mirrored file and fetch again those whose bytes no longer match "
+        "the digest recorded when they were verified (after a crash, a power loss, a bad disk)",
+    )
     _add_common_arguments(sync_cmd)
     sync_cmd.set_defaults(handler=_sync_command)
 
@@ -341,6 +347,7 @@ def _options(settings: Settings, dest: Path, args: argparse.Namespace) -> SyncOp
         concurrency=settings.concurrency,
         node_ranks=frozenset(getattr(args, "node_rank", [])),
         dry_run=getattr(args, "dry_run", False),
+        verify=getattr(args, "verify", False),
         wait_lock=settings.wait_lock,
         transfer=TransferSettings(
             part_size=settings.part_size, fsync=settings.fsync, retry=_retry(settings)
@@ -496,6 +503,12 @@ def _print_summary(stats: Stats, options: SyncOptions, out: _Output) -> None:
         + f"; skipped {stats.files_skipped} unchanged ({human_bytes(stats.bytes_skipped)}); "
         f"{stats.files_failed} failed"
     )
+    if stats.files_checked:
+        out.info(
+            f"checked {stats.files_checked} mirrored files against their recorded digests: "
+            f"{stats.files_damaged} no longer matched"
+            + (" and were fetched again" if stats.files_damaged else "")
+        )
     for name in stats.syncing_left_out:
         out.info(f"left out, still syncing: {name} (pass --include-syncing to mirror it)")
     for where, message in stats.failures[:FAILURES_SHOWN]:

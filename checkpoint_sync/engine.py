@@ -55,6 +55,8 @@ class SyncOptions:
     concurrency: int = 16
     node_ranks: frozenset[int] = frozenset()  # empty: every rank
     dry_run: bool = False
+    # Re-read each file the manifest vouches for, and fetch again those whose bytes changed.
+    verify: bool = False
     wait_lock: bool = False
     transfer: TransferSettings = field(default_factory=TransferSettings)
     net: NetSettings = field(default_factory=NetSettings)
@@ -65,13 +67,14 @@ class _Job:
     file: RemoteFile
     relative: str  # under DEST
     replaces: bool  # the manifest records an older file there
+    check: bool  # the mirror holds it: fetched only if its bytes no longer match (--verify)
 
 
 @dataclass(frozen=True)
 class PlannedFile:
     path: str
     size: int
-    action: Literal["fetch", "skip"]
+    action: Literal["fetch", "skip", "check"]
 
 
 def manifest_path(dest: Path) -> Path:
@@ -209,8 +212,8 @@ async def _produce(
                 relative, action, recorded = planned
                 if on_plan is not None:
                     on_plan(PlannedFile(relative, file.size, action))
-                if action == "fetch" and jobs is not None:
-                    await jobs.put(_Job(file, relative, recorded is not None))
+                if action != "skip" and jobs is not None:
+                    await jobs.put(_Job(file, relative, recorded is not None, action == "check"))
         stats.listing_done = True
         _check_ranks_listed(options.node_ranks, ranks_listed)
     finally:
@@ -232,9 +235,9 @@ def _check_ranks_listed(wanted: frozenset[int], listed: set[int]) -> None:
 
 def _plan(
     file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats, inside: InsideDest
-) -> tuple[str, Literal["fetch", "skip"], Recorded | None] | None:
-    """Where ``file`` goes, whether it must be fetched, and what the manifest has there; None
-    if it is not to be mirrored."""
+) -> tuple[str, Literal["fetch", "skip", "check"], Recorded | None] | None:
+    """Where ``file`` goes, whether it must be fetched (or, with ``--verify``, read back to
+    tell), and what the manifest has there; None if it is not to be mirrored."""
     if not wanted_rank(file.node_rank, options.node_ranks):
         return None
     try:
@@ -260,6 +263,8 @@ def _plan(
         and is_current(file, recorded, local_size(final))
         and inside(os.path.dirname(final))
     ):
+        if options.verify:
+            return relative, "check", recorded
         stats.files_skipped += 1
         stats.bytes_skipped += file.size
         return relative, "skip", recorded
@@ -323,6 +328,8 @@ async def _work(jobs: _Jobs, transfers: Transfers, stats: Stats, stop: _Stop) ->
         if stop.error is not None:
             continue  # drained, not fetched
         try:
+            if job.check and await _still_as_recorded(job, transfers, stats):
+                continue
             await transfers.fetch(job.file, job.relative, replaces=job.replaces)
         except FileError as exc:
             stats.fail(job.relative, str(exc))
@@ -330,6 +337,22 @@ async def _work(jobs: _Jobs, transfers: Transfers, stats: Stats, stop: _Stop) ->
             stop.stop(exc)
         else:
             stats.files_fetched += 1
+
+
+async def _still_as_recorded(job: _Job, transfers: Transfers, stats: Stats) -> bool:
+    """``--verify``: whether the mirrored file still has the bytes it was verified with; if
+    not, it is counted as a file to fetch (`FileError` if its URL cannot be used)."""
+    stats.files_checked += 1
+    size = job.file.size
+    if await transfers.still_recorded(job.file, job.relative):
+        stats.files_skipped += 1
+        stats.bytes_skipped += size
+        return True
+    stats.files_damaged += 1
+    stats.files_to_fetch += 1
+    stats.bytes_to_fetch += size
+    check_listed_url(job.file.url)  # not checked while the file looked current
+    return False
 
 
 async def _commit_periodically(manifest: Manifest) -> None:

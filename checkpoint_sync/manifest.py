@@ -117,6 +117,10 @@ class Manifest:
         ).fetchone()
         return Recorded(row[0], row[1]) if row else None
 
+    def digest(self, path: str) -> str | None:
+        row = self._db.execute("SELECT digest FROM files WHERE path = ?", (path,)).fetchone()
+        return row[0] if row else None
+
     def staged(self, path: str, bytes_on_disk: int | None) -> Staged | None:
         row = self._db.execute(
             "SELECT size, last_modified, part_size FROM staging WHERE path = ?", (path,)

@@ -25,6 +25,8 @@ class Stats:
     files_fetched: int = 0
     files_skipped: int = 0
     files_failed: int = 0
+    files_checked: int = 0  # --verify: mirrored files read back against their recorded digest
+    files_damaged: int = 0  # ... whose bytes no longer matched it
     bytes_to_fetch: int = 0
     bytes_fetched: int = 0  # as received over the wire, retries included
     bytes_published: int = 0
@@ -65,6 +67,8 @@ def summary(stats: Stats) -> dict[str, Any]:
             "fetched": stats.files_fetched,
             "skipped": stats.files_skipped,
             "failed": stats.files_failed,
+            "checked": stats.files_checked,
+            "damaged": stats.files_damaged,
         },
         "bytes": {
             "to_fetch": stats.bytes_to_fetch,

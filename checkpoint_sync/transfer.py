@@ -233,6 +233,23 @@ class Transfers:
             os.close(fd)
             self._in_flight.discard(staged)
 
+    async def still_recorded(self, file: RemoteFile, relative: str) -> bool:
+        """Whether the mirrored file at ``relative`` still has the xxh3 digest recorded when it
+        was verified (and the listing's MD5, if it gives one); a file that cannot be read has
+        not."""
+        recorded = self._manifest.digest(relative)
+        try:
+            fd = os.open(f"{self._dest}/{relative}", os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            digests = await anyio.to_thread.run_sync(_read_digests, fd, file)
+            return digests.verified() == recorded
+        except (OSError, IntegrityError):
+            return False
+        finally:
+            os.close(fd)
+
     def drop_unlisted(self, checkpoints: set[tuple[str, str]], node_ranks: frozenset[int]) -> None:
         """After a complete listing: forget the files left in parts, in the checkpoints and
         ranks it covered, that it no longer shows (removed upstream). Their staging files,
@@ -641,6 +658,21 @@ def _read_back(fd: int, file: RemoteFile) -> _Digests:
             window.madvise(mmap.MADV_SEQUENTIAL)
             with memoryview(window) as view:
                 digests.update(view)
+    return digests
+
+
+def _read_digests(fd: int, file: RemoteFile) -> _Digests:
+    """Digests of a file in the mirror, read through a buffer: unlike a mapping, a read that
+    another program's truncation cuts short is an error, not a SIGBUS that kills the run."""
+    digests = _Digests(file)
+    buffer = bytearray(HASH_WINDOW)
+    total = 0
+    with memoryview(buffer) as view:
+        while got := os.readv(fd, [buffer]):
+            digests.update(view[:got])
+            total += got
+    if total != file.size:
+        raise IntegrityError(f"mirrored file is {total} bytes, expected {file.size}")
     return digests
 
 

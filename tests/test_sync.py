@@ -117,6 +117,61 @@ def test_locally_damaged_file_is_restored(server: ServerThread, dest: Path, dama
     assert_exact(path, victim)
 
 
+def flip_byte(path: Path, offset: int) -> None:
+    """Damage a mirrored file in place, keeping its size: its record in the manifest still fits."""
+    with path.open("r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_verify_fetches_again_only_the_files_whose_bytes_changed_on_disk(
+    server: ServerThread, dest: Path
+) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    files = server.files()
+    small = next(f for f in files if 0 < f.size < 256 << 10)
+    large = next(f for f in files if f.size > 1 << 20)  # assembled from parts
+    for file in (small, large):
+        flip_byte(mirrored(dest, JOB, file), file.size // 2)
+    plain = run_cli(*sync_args(server, dest, "--json"))
+    assert json.loads(plain.stdout)["files"]["fetched"] == 0  # size and record still match
+    sent = server.traffic.object_bytes_sent
+
+    checked = run_cli(*sync_args(server, dest, "--verify", "--json"))
+
+    assert checked.code == 0, checked.stderr
+    summary = json.loads(checked.stdout)["files"]
+    assert (summary["checked"], summary["damaged"]) == (len(files), 2)
+    assert (summary["fetched"], summary["skipped"]) == (2, len(files) - 2)
+    assert server.traffic.object_bytes_sent - sent == small.size + large.size
+    for file in files:
+        assert_exact(mirrored(dest, JOB, file), file)
+    again = run_cli(*sync_args(server, dest, "--verify", "--json"))
+    assert json.loads(again.stdout)["files"]["damaged"] == 0
+
+
+def test_verify_says_what_it_found_and_a_dry_run_only_lists_the_checks(
+    server: ServerThread, dest: Path
+) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    victim = server.files()[0]
+    flip_byte(mirrored(dest, JOB, victim), 0)
+
+    dry = run_cli(*sync_args(server, dest, "--verify", "--dry-run"))
+    assert dry.code == 0
+    assert dry.stdout.count("check ") == len(server.files())
+    result = run_cli(*sync_args(server, dest, "--verify"))
+
+    assert result.code == 0, result.stderr
+    assert (
+        f"checked {len(server.files())} mirrored files against their recorded digests: "
+        "1 no longer matched and were fetched again"
+    ) in result.stdout
+    assert_exact(mirrored(dest, JOB, victim), victim)
+
+
 def test_manifest_records_each_verified_file(server: ServerThread, dest: Path) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
 
