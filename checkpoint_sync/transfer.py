@@ -19,12 +19,13 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urljoin
 
 import anyio
 import anyio.to_thread
@@ -46,7 +47,7 @@ from .errors import (
 from .filesystem import preallocation_pays
 from .layout import STATE_DIR, is_within, mirror_path_parts, staging_name
 from .manifest import Manifest, VerifiedFile
-from .net import retry_after_seconds, transient_status
+from .net import retry_after_seconds, transient_status, url_problem
 from .plan import Part, check_listed_url, parts_to_keep, split_parts, wanted_rank
 from .progress import Stats, human_bytes
 from .redact import redact_url
@@ -64,6 +65,10 @@ _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 # Left free on the destination, so that when the data has filled the disk the manifest can still
 # record what was done (its WAL grows by up to ~4 MiB between checkpoints).
 SPACE_RESERVE = 4 << 20
+# Object URLs may redirect (S3's 307 to a regional endpoint, a CDN's 302 to its origin): only a
+# Range header goes along. API URLs never are followed: their key would.
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 @dataclass(frozen=True)
@@ -441,7 +446,7 @@ class Transfers:
             return  # every byte came before the connection broke: nothing is left to ask for
         headers = {"Range": f"bytes={state.offset}-{state.end - 1}"}
         requested = time.monotonic()
-        async with self._http.request(url, headers) as resp:
+        async with _following_redirects(self._http, url, headers) as (url, resp):
             answered_at = time.monotonic()
             if answered is not None:
                 answered.set()
@@ -465,6 +470,23 @@ class Transfers:
         self._stats.timed(
             answered_at - requested, state.offset - started_at, time.monotonic() - answered_at
         )
+
+
+@asynccontextmanager
+async def _following_redirects(
+    http: HttpClient, url: str, headers: Mapping[str, str]
+) -> AsyncIterator[tuple[str, Response]]:
+    """GET ``url``, following redirects: the URL that answered at last, and its answer."""
+    for _ in range(MAX_REDIRECTS + 1):
+        async with http.request(url, headers) as resp:
+            location = resp.headers.get("location")
+            if resp.status not in _REDIRECTS or not location:
+                yield url, resp
+                return
+        url = urljoin(url, location)
+        if problem := url_problem(url):
+            raise FileError(f"redirected to {redact_url(url)}, which is {problem}")
+    raise FileError(f"more than {MAX_REDIRECTS} redirects, the last to {redact_url(url)}")
 
 
 class _PartWriter:

@@ -1,0 +1,77 @@
+"""Object hosts that answer in legal but unusual ways: the files still land byte-exact."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from checkpoint_sync.localserver import ServedFile
+
+from .conftest import JOB, sync_args
+from .support import ServerThread, assert_exact, mirrored, run_cli
+
+
+@contextmanager
+def redirecting(locations: dict[str, str]) -> Iterator[str]:
+    """A server answering ``GET path`` with ``307`` to ``locations[path]``; yields its origin."""
+
+    class Redirect(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(307)
+            self.send_header("Location", locations[self.path.partition("?")[0]])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def presigned(server: ServerThread, file: ServedFile) -> str:
+    """The built-in server's own URL for ``file``, whatever URL the listing gives for it."""
+    return server.call(lambda: server.server.presign(file))
+
+
+def test_redirected_object_urls_are_followed_and_named_without_their_query(
+    server: ServerThread, dest: Path
+) -> None:
+    # S3 answers 307 to a regional endpoint while a new bucket's name settles, CDNs 302 to
+    # their origin: each hop keeps the Range, and a loop ends in an error for its file alone.
+    multipart, small, looping = server.files()[0], server.files()[1], server.files()[2]
+    locations = {
+        "/a": "/b?X-Amz-Signature=hop",  # relative, then absolute
+        "/b": presigned(server, multipart),
+        "/c": presigned(server, small),
+        "/loop": "/loop?X-Amz-Signature=again",
+    }
+    with redirecting(locations) as origin:
+        multipart.external_url = f"{origin}/a?X-Amz-Signature=first"
+        small.external_url = f"{origin}/c?X-Amz-Signature=first"
+        looping.external_url = f"{origin}/loop?X-Amz-Signature=first"
+
+        result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 1
+    assert_exact(mirrored(dest, JOB, multipart), multipart)
+    assert_exact(mirrored(dest, JOB, small), small)
+    assert not mirrored(dest, JOB, looping).exists()
+    assert f"more than 5 redirects, the last to {origin}/loop?<redacted>" in result.stderr
+    assert "hop" not in result.stderr
+    assert "again" not in result.stderr
+    # Every byte was asked for once, by range (each rank has a file of that name).
+    copies = sum(f.name == multipart.name for f in server.files())
+    ranges = [r for r in server.traffic.ranges if r[0] == multipart.name]
+    assert sum(end - start for _, start, end in ranges) == copies * multipart.size
