@@ -53,9 +53,10 @@ class ProxiedClient:
                 timeout=aiohttp.ClientTimeout(
                     total=None, sock_connect=net.connect_timeout, sock_read=net.read_timeout
                 ),
-                # Bytes must land exactly as stored: never let a Content-Encoding rewrite them.
+                # Bytes must land exactly as stored: never let a Content-Encoding rewrite them,
+                # nor ask for one (aiohttp would send "Accept-Encoding: gzip, deflate").
                 auto_decompress=False,
-                headers={"User-Agent": USER_AGENT},
+                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
                 # Proxies come from `proxy_for`: trust_env looks them up in a thread per request.
                 trust_env=False,
             )

@@ -8,12 +8,13 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import anyio
 import pytest
+from aiohttp import web
 
 from checkpoint_sync.api import ApiClient
 from checkpoint_sync.errors import (
@@ -575,6 +576,46 @@ async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.Monkey
     assert head.startswith(b"GET http://127.0.0.1:")
     assert b"/v1/jobs?a=b%20c HTTP/1.1" in head
     assert b"Authorization: Api-Key secret-key" in head
+
+
+@asynccontextmanager
+async def compressing_server(body: bytes) -> AsyncIterator[str]:
+    """An aiohttp server that gzips its answers to clients that accept gzip, as nginx's or a
+    CDN's compression does; yields a URL on it."""
+
+    async def answer(request: web.Request) -> web.Response:
+        response = web.Response(body=body, content_type="application/json")
+        response.enable_compression()  # only if the request's Accept-Encoding allows it
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/bucket/object?X-Amz-Signature=abc"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("proxied", [False, True], ids=["direct", "proxied"])
+async def test_bodies_arrive_as_stored_from_a_server_that_compresses_on_request(
+    monkeypatch: pytest.MonkeyPatch, proxied: bool
+) -> None:
+    # The proxied path sent aiohttp's default "Accept-Encoding: gzip, deflate" and kept the
+    # compressed bytes: every API answer was "not JSON", every file the wrong length.
+    answer = b'{"training_job": {"id": "job-1"}, "checkpoints": []}' + b" " * 4000
+    async with AsyncExitStack() as stack:
+        if proxied:
+            await stack.enter_async_context(proxy_in_env(monkeypatch))
+        url = await stack.enter_async_context(compressing_server(answer))
+        http = await stack.enter_async_context(client())
+        assert await fetch(http, url) == (200, answer)
+        got = await api_client(http, url).get("/v1/jobs", TrainingJobCheckpoints, what="job")
+    assert got.training_job.id == "job-1"
 
 
 async def test_an_api_error_page_nested_too_deep_to_parse_is_still_a_clear_error() -> None:
