@@ -444,7 +444,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
         elif "chunked" in headers.get("transfer-encoding", "").lower():
             self._chunks = _Chunked()
         elif "content-length" in headers:
-            self._remaining = int(headers["content-length"])
+            self._remaining = _content_length(headers["content-length"])
         else:
             self._keep_alive = False  # the body ends with the connection
         self._in_body = True
@@ -655,6 +655,16 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     if version == "HTTP/1.0":
         headers.setdefault("connection", "close")
     return status, headers
+
+
+def _content_length(value: str) -> int:
+    """Content-Length, said once or repeated (headers of one name arrive joined by ", "): a
+    proxy may add its own copy, and RFC 9110 lets the one value be taken. Values that differ
+    leave the body's end unknown."""
+    lengths = {length.strip() for length in value.split(",")}
+    if len(lengths) != 1:
+        raise ValueError(f"conflicting Content-Length {value[:40]!r}")
+    return int(lengths.pop())
 
 
 def _more_to_read(sock: int) -> bool:

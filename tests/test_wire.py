@@ -103,8 +103,11 @@ CHUNKED = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
         [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello world"],
         # The head itself cut in pieces.
         [b"HTTP/1.1 200 OK\r", b"\nContent-Le", b"ngth: 11\r\n\r", b"\nhello world"],
+        # One length said twice (a proxy adding its own), as browsers and RFC 9110 accept it.
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Length: 11\r\n\r\nhello world"],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 11, 11\r\n\r\nhello world"],
     ],
-    ids=["content-length", "chunked", "interim-100", "split-head"],
+    ids=["content-length", "chunked", "interim-100", "split-head", "twice", "listed-twice"],
 )
 async def test_bodies_arrive_exactly(answer: list[bytes]) -> None:
     server = Server(lambda _: answer)
@@ -214,6 +217,7 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
     [
         b"FOO 200 OK\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
         # int() would take these; a negative size used to spin the event loop forever.
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
@@ -223,6 +227,7 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
     ids=[
         "status-line",
         "content-length",
+        "content-lengths-differ",
         "chunk-size",
         "negative-chunk",
         "0x-chunk",
