@@ -1,7 +1,7 @@
 """Network settings and the HTTP boundary's shared pieces: trust, proxies, URL checks, errors.
 
-Every request (`wire.py`, `proxied.py`) runs inside `converting_errors`, so no connection error
-(whose text could carry a presigned URL) escapes the package unconverted.
+Every request (`wire.py`, `proxied.py`) converts its connection errors with `connection_error`,
+so none (whose text could carry a presigned URL) escapes the package unconverted.
 """
 
 from __future__ import annotations
@@ -151,13 +151,19 @@ def converting_errors(url: str, what: str) -> Iterator[None]:
     """Turn connection-level failures into `TransientError` naming the redacted URL."""
     try:
         yield
-    except TimeoutError as exc:
-        raise TransientError(f"{what}: timed out talking to {redact_url(url)}") from exc
-    except ssl.SSLCertVerificationError as exc:
+    except OSError as exc:
+        raise connection_error(exc, url, what) from exc
+
+
+def connection_error(exc: OSError, url: str, what: str) -> TransientError | UsageError:
+    """What a connection-level failure (refused, reset, unreachable, name resolution, TLS,
+    timed out) means for the request to ``url``, named without its query string."""
+    if isinstance(exc, TimeoutError):
+        return TransientError(f"{what}: timed out talking to {redact_url(url)}")
+    if isinstance(exc, ssl.SSLCertVerificationError):
         # Retrying cannot fix trust: it is a configuration matter.
-        raise UsageError(
+        return UsageError(
             f"{what}: TLS certificate of {redact_url(url)} is not trusted "
             "(set ca_bundle in the config, or SSL_CERT_FILE)"
-        ) from exc
-    except OSError as exc:  # refused, reset, unreachable, name resolution, TLS
-        raise TransientError(f"{what}: {exc.strerror or exc} ({redact_url(url)})") from exc
+        )
+    return TransientError(f"{what}: {exc.strerror or exc} ({redact_url(url)})")
