@@ -132,6 +132,7 @@ async def run_trials(
             dest=dest,
             concurrency=concurrency,
             node_ranks=node_ranks,
+            complete_listing=False,  # cut at the budget
             transfer=TransferSettings(part_size=part_size, retry=retry),
             net=net,
         )

@@ -170,3 +170,20 @@ def test_bench_into_a_scratch_directory_that_refuses_writes_is_exit_6(
 
     assert result.code == 6, result.stderr
     assert f"cannot write into {scratch}" in result.stderr
+
+
+def test_a_budget_that_ends_before_a_wanted_rank_is_listed_is_no_missing_rank(
+    server: ServerThread,
+) -> None:
+    # The budget is spent on rank 0's files, listed first: rank 1 is there, just not reached.
+    ranks = ["--node-rank", "0", "--node-rank", "1"]
+    result = run_cli(
+        *job_args(server, "bench", *ranks, "--concurrency", "2", "--part-size", "256KiB"),
+        "--max-bytes",
+        "1MiB",
+        "--json",
+    )
+
+    assert result.code == 0, result.stderr
+    (only,) = json.loads(result.stdout)["trials"]
+    assert only["files"] > 0

@@ -662,3 +662,17 @@ def test_a_node_rank_no_file_has_is_not_found_and_names_the_ranks_there(
         result.stderr
     )
     assert server.traffic.object_requests == 0
+
+
+def test_one_node_rank_no_file_has_among_several_is_not_found_too(
+    server: ServerThread, dest: Path
+) -> None:
+    # README: "a rank no listed file has is exit 4". A restore of ranks 0 and 9 (a typo for 1)
+    # must not end as a success with rank 9's files nowhere.
+    result = run_cli(*sync_args(server, dest, "--node-rank", "0", "--node-rank", "9", "--json"))
+
+    assert result.code == 4, result.stderr
+    assert "no file of node rank 9 in the selected checkpoints (they have ranks 0, 1)" in (
+        result.stderr
+    )
+    assert json.loads(result.stdout)["exit_code"] == 4
