@@ -100,6 +100,10 @@ class Settings(BaseModel):
         # a header. The message never shows the key.
         if isinstance(value, str):
             value = value.strip()
+            if not value:
+                # A variable set to nothing would otherwise drop the config file's key, and the
+                # run would end with "no API key" pointing at the wrong place.
+                raise ValueError("must not be empty")
             if any(ord(c) < 32 or ord(c) == 127 for c in value):
                 raise ValueError("the key contains a control character")
         return value

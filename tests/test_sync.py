@@ -365,6 +365,25 @@ def test_a_missing_key_exits_3(
     assert result.stdout == ""  # no summary of zeros that would read like an empty success
 
 
+@pytest.mark.parametrize("empty", ["", " "])
+def test_a_key_variable_set_but_empty_is_named_not_taken_for_no_key(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, empty: str
+) -> None:
+    # A cron line `CHECKPOINT_SYNC_API_KEY=$KEY` with KEY unset: the key in the config file was
+    # silently dropped and the message said to set what was set ("or api_key in the config").
+    config = dest.parent / "cs.toml"
+    config.write_text(f'api_key = "{API_KEY}"\n')
+    monkeypatch.delenv("BASETEN_API_KEY")
+    monkeypatch.setenv("CHECKPOINT_SYNC_API_KEY", empty)
+
+    result = run_cli(*sync_args(server, dest, "--config", str(config)))
+
+    assert result.code == 2, result.stderr
+    assert "bad setting api_key from CHECKPOINT_SYNC_API_KEY: " in result.stderr
+    assert "must not be empty" in result.stderr
+    assert server.traffic.api_requests == 0
+
+
 def test_an_unknown_job_exits_4_naming_it(server: ServerThread, dest: Path) -> None:
     args = sync_args(server, dest)
     args[args.index(JOB)] = "no-such-job"
