@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -107,12 +108,17 @@ class _Output:
     def json(self, payload: dict[str, Any]) -> None:
         # Each string is redacted before it is encoded: cutting a query string out of the
         # encoded text could take an escape with it and leave JSON that does not parse.
-        print(json.dumps(self._redacted(payload), indent=2), file=self.stdout, flush=True)
+        text = json.dumps(self._redacted(payload), indent=2, allow_nan=False)
+        print(text, file=self.stdout, flush=True)
         self.json_printed = True
 
     def _redacted(self, value: Any) -> Any:
+        """``value`` fit to print: strings redacted, NaN and infinities as null (JSON has none;
+        a W&B metric may be NaN, and strict parsers refuse the whole document over it)."""
         if isinstance(value, str):
             return self.redact(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
         if isinstance(value, dict):
             return {key: self._redacted(item) for key, item in value.items()}
         if isinstance(value, list | tuple):

@@ -219,6 +219,39 @@ def test_the_chosen_checkpoint_is_printed_for_scripts(
     ]
 
 
+def strict_json(text: str) -> object:
+    """``text`` parsed as RFC 8259 JSON: NaN and Infinity, which Python's own parser takes and
+    JavaScript's, Go's or serde's refuse, are errors."""
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_list_json_stays_json_when_a_metric_is_nan_or_infinite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # NaN metrics are expected (they take no part in --best); the document must still parse.
+    model = synthetic_wandb_model(
+        MODEL, {10: {"reward": 0.5, "loss": math.nan}, 20: {"reward": math.inf}}
+    )
+    catalog = Catalog(api_key=API_KEY, wandb_api_key=WANDB_KEY, wandb_models=[model])
+    server = serve(catalog, monkeypatch)
+    try:
+        result = run_cli(*listed("--json"))
+    finally:
+        server.__exit__(None, None, None)
+
+    assert result.code == 0, result.stderr
+    document = strict_json(result.stdout)
+    assert isinstance(document, dict)
+    assert [c["metrics"] for c in document["checkpoints"]] == [
+        {"reward": 0.5, "loss": None},
+        {"reward": None},
+    ]
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
