@@ -346,7 +346,8 @@ async def _work(jobs: _Jobs, transfers: Transfers, stats: Stats, stop: _Stop) ->
 
 async def _still_as_recorded(job: _Job, transfers: Transfers, stats: Stats) -> bool:
     """``--verify``: whether the mirrored file still has the bytes it was verified with; if
-    not, it is counted as a file to fetch (`FileError` if its URL cannot be used)."""
+    not, its record is dropped and it is counted as a file to fetch (`FileError` if its URL
+    cannot be used)."""
     stats.files_checked += 1
     size = job.file.size
     if await transfers.still_recorded(job.file, job.relative):
@@ -354,6 +355,8 @@ async def _still_as_recorded(job: _Job, transfers: Transfers, stats: Stats) -> b
         stats.bytes_skipped += size
         return True
     stats.files_damaged += 1
+    # Forgotten now, whatever becomes of the fetch: a later run must not skip these bytes.
+    transfers.forget(job.relative)
     stats.files_to_fetch += 1
     stats.bytes_to_fetch += size
     check_listed_url(job.file.url)  # not checked while the file looked current

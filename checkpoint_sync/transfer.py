@@ -255,6 +255,11 @@ class Transfers:
         finally:
             os.close(fd)
 
+    def forget(self, relative: str) -> None:
+        """Stop vouching for the mirrored file at ``relative`` (committed): its bytes are not
+        the ones recorded."""
+        self._manifest.forget(relative)
+
     def drop_unlisted(self, checkpoints: set[tuple[str, str]], node_ranks: frozenset[int]) -> None:
         """After a complete listing: forget the files left in parts, in the checkpoints and
         ranks it covered, that it no longer shows (removed upstream). Their staging files,

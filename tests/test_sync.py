@@ -172,6 +172,26 @@ def test_verify_says_what_it_found_and_a_dry_run_only_lists_the_checks(
     assert_exact(mirrored(dest, JOB, victim), victim)
 
 
+def test_a_damaged_file_that_verify_could_not_fetch_again_is_fetched_by_the_next_run(
+    server: ServerThread, dest: Path
+) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    victim = next(f for f in server.files() if 0 < f.size < 256 << 10)
+    flip_byte(mirrored(dest, JOB, victim), 0)
+    server.faults.hook = lambda name, start, end: "503" if name == victim.name else None
+
+    checked = run_cli(*sync_args(server, dest, "--verify", "--json"))
+
+    assert checked.code == 1
+    assert json.loads(checked.stdout)["files"]["failed"] == 1
+    server.faults.hook = None
+    # The damaged bytes are no longer vouched for: a plain run fetches them, it does not skip.
+    again = run_cli(*sync_args(server, dest, "--json"))
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["files"]["fetched"] == 1
+    assert_exact(mirrored(dest, JOB, victim), victim)
+
+
 def test_manifest_records_each_verified_file(server: ServerThread, dest: Path) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
 
