@@ -461,7 +461,12 @@ class Transfers:
                         answered.set()
                     started_at = await self._take_answer(resp, staged, file, part, url, state)
                     break
-            url = urljoin(url, location)
+            try:
+                url = urljoin(url, location)
+            except ValueError as exc:  # urljoin parses it: an unbalanced "[" in its host, say
+                raise FileError(
+                    f"redirected to {redact_url(location)}, which is not a valid URL"
+                ) from exc
             if problem := url_problem(url):
                 raise FileError(f"redirected to {redact_url(url)}, which is {problem}")
         else:

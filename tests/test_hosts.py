@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,3 +76,19 @@ def test_redirected_object_urls_are_followed_and_named_without_their_query(
     copies = sum(f.name == multipart.name for f in server.files())
     ranges = [r for r in server.traffic.ranges if r[0] == multipart.name]
     assert sum(end - start for _, start, end in ranges) == copies * multipart.size
+
+
+def test_a_redirect_to_a_location_that_cannot_be_parsed_fails_its_file_alone(
+    server: ServerThread, dest: Path
+) -> None:
+    victim, *others = server.files()
+    with redirecting({"/a": "http://[::1/x?X-Amz-Signature=bad"}) as origin:
+        victim.external_url = f"{origin}/a?X-Amz-Signature=first"
+
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1, result.stderr
+    (failure,) = json.loads(result.stdout)["failures"]
+    assert failure["error"] == "redirected to http://[::1/x?<redacted>, which is not a valid URL"
+    for file in others:
+        assert_exact(mirrored(dest, JOB, file), file)
