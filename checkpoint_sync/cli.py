@@ -513,7 +513,13 @@ def _print_summary(stats: Stats, options: SyncOptions, out: _Output) -> None:
         out.info(
             f"checked {stats.files_checked} mirrored files against their recorded digests: "
             f"{stats.files_damaged} no longer matched"
-            + (" and were fetched again" if stats.files_damaged else "")
+            + (
+                ""
+                if not stats.files_damaged
+                else " and were fetched again"
+                if stats.files_restored == stats.files_damaged
+                else f", {stats.files_restored} of them fetched again"
+            )
         )
     for name in stats.syncing_left_out:
         out.info(f"left out, still syncing: {name} (pass --include-syncing to mirror it)")

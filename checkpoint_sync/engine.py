@@ -342,6 +342,8 @@ async def _work(jobs: _Jobs, transfers: Transfers, stats: Stats, stop: _Stop) ->
             stop.stop(exc)
         else:
             stats.files_fetched += 1
+            if job.check:  # a checked file is fetched only when found damaged
+                stats.files_restored += 1
 
 
 async def _still_as_recorded(job: _Job, transfers: Transfers, stats: Stats) -> bool:

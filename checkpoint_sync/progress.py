@@ -27,6 +27,7 @@ class Stats:
     files_failed: int = 0
     files_checked: int = 0  # --verify: mirrored files read back against their recorded digest
     files_damaged: int = 0  # ... whose bytes no longer matched it
+    files_restored: int = 0  # ... of those, fetched again (the others failed, or the run stopped)
     bytes_to_fetch: int = 0
     bytes_fetched: int = 0  # as received over the wire, retries included
     bytes_published: int = 0

@@ -192,6 +192,26 @@ def test_a_damaged_file_that_verify_could_not_fetch_again_is_fetched_by_the_next
     assert_exact(mirrored(dest, JOB, victim), victim)
 
 
+def test_verify_does_not_say_a_damaged_file_was_fetched_again_when_that_failed(
+    server: ServerThread, dest: Path
+) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    lost, restored = [f for f in server.files() if 0 < f.size < 256 << 10][:2]
+    for file in (lost, restored):
+        flip_byte(mirrored(dest, JOB, file), 0)
+    server.faults.hook = lambda name, start, end: "404" if name == lost.name else None
+
+    result = run_cli(*sync_args(server, dest, "--verify"))
+
+    assert result.code == 1
+    assert (
+        f"checked {len(server.files())} mirrored files against their recorded digests: "
+        "2 no longer matched, 1 of them fetched again"
+    ) in result.stdout
+    assert "HTTP 404" in result.stderr
+    assert_exact(mirrored(dest, JOB, restored), restored)
+
+
 def test_manifest_records_each_verified_file(server: ServerThread, dest: Path) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
 
