@@ -12,7 +12,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -142,7 +142,7 @@ async def _run(
         # small files (a shielded checkpoint and task bookkeeping on every acquire).
         asyncio.Semaphore(options.concurrency),
         stats,
-        options.transfer,
+        replace(options.transfer, resume=False) if options.verify else options.transfer,
     )
     jobs = _Jobs(options.concurrency)
     listing_failed: list[ApiError | TransientError] = []

@@ -76,6 +76,9 @@ class TransferSettings:
     part_size: int = 64 << 20
     fsync: bool = False
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Go on from the recorded parts of a file left in parts. Not with --verify: no digest vouches
+    # for a part, and after a power loss its record may be on disk while its bytes are not.
+    resume: bool = True
 
 
 class _RangeIgnored(FileError):
@@ -147,7 +150,7 @@ class Transfers:
         # A one-part file has no progress worth recording: it is simply fetched again.
         multipart = len(parts) > 1
         keep = frozenset[int]()
-        if multipart:
+        if multipart and self._settings.resume:
             keep = parts_to_keep(file, part_size, self._manifest.staged(key, _size_of(staging)))
         todo = [p for p in parts if p.index not in keep]
         reserve = multipart and self._reserves

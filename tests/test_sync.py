@@ -735,3 +735,22 @@ def test_one_node_rank_no_file_has_among_several_is_not_found_too(
         result.stderr
     )
     assert json.loads(result.stdout)["exit_code"] == 4
+
+
+def test_verify_fetches_again_the_parts_of_a_file_left_in_parts(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a power loss a part's record may be on disk while its bytes are not, and no digest
+    # vouches for a part: --verify, the README's advice then, must not build a file on them.
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        left_in_parts(server, dest, monkeypatch, "--node-rank", "0")
+        (staging,) = (dest / ".checkpoint-sync" / "staging").iterdir()
+        with staging.open("r+b") as f:
+            f.write(bytes(256 << 10))  # the first part's bytes, lost
+
+        result = run_cli(*sync_args(server, dest, "--node-rank", "0", "--verify"))
+
+        assert result.code == 0, result.stderr
+        for file in server.files():
+            if file.node_rank == 0:
+                assert_exact(mirrored(dest, JOB, file), file)
