@@ -22,7 +22,6 @@ from .errors import (
     ApiError,
     FileError,
     LocalIOError,
-    NotFoundError,
     TransientError,
     most_severe,
 )
@@ -35,6 +34,7 @@ from .plan import (
     Selection,
     check_listed_size,
     check_listed_url,
+    check_ranks_listed,
     is_current,
     wanted_rank,
 )
@@ -218,24 +218,11 @@ async def _produce(
                 if action != "skip" and jobs is not None:
                     await jobs.put(_Job(file, relative, recorded is not None, action == "check"))
         stats.listing_done = True
-        _check_ranks_listed(options.node_ranks, ranks_listed, each=options.complete_listing)
+        check_ranks_listed(options.node_ranks, ranks_listed, each=options.complete_listing)
     finally:
         if jobs is not None:
             jobs.close()
     return paths_told
-
-
-def _check_ranks_listed(wanted: frozenset[int], listed: set[int], *, each: bool) -> None:
-    """`NotFoundError` if ``--node-rank`` asked for a rank no listed file has (``each``; else
-    only if it has none of them): a restore with a mistyped rank, alone or beside good ones,
-    must not end as a success with that rank missing (the ranks that are there still land)."""
-    missing = wanted - listed
-    if listed and missing and (each or missing == wanted):
-        asked = ", ".join(map(str, sorted(missing)))
-        there = ", ".join(map(str, sorted(listed)))
-        raise NotFoundError(
-            f"no file of node rank {asked} in the selected checkpoints (they have ranks {there})"
-        )
 
 
 def _plan(

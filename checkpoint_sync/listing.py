@@ -19,7 +19,7 @@ from typing import Any
 from .engine import InsideDest, local_size, manifest_path
 from .layout import mirror_path_parts
 from .manifest import Manifest
-from .plan import Recorded, wanted_rank
+from .plan import Recorded, check_ranks_listed, wanted_rank
 from .progress import human_bytes
 from .sources.base import Checkpoint, Source, UnreadableEntry
 
@@ -64,8 +64,11 @@ async def survey(
     if dest is None:
         return [Row(c, c.size_bytes, None) for c in checkpoints]
     listed: dict[tuple[str, str], dict[str, Recorded]] = defaultdict(dict)
+    ranks_listed: set[int] = set()
     async for page in source.file_pages(checkpoints):
         for file in page:
+            if file.node_rank is not None:
+                ranks_listed.add(file.node_rank)
             if not wanted_rank(file.node_rank, node_ranks):
                 continue
             if isinstance(file, UnreadableEntry):
@@ -76,6 +79,7 @@ async def survey(
                 # in the manifest, so it counts as missing.
                 path = f"{file.run}/{file.checkpoint}/{file.node_rank}/{file.path}"
                 listed[file.run, file.checkpoint][path] = Recorded(file.size, file.last_modified)
+    check_ranks_listed(node_ranks, ranks_listed)  # as `sync` does: a mistyped rank is no state
     manifest = Manifest(manifest_path(dest), read_only=True)
     inside = InsideDest(dest)
     try:

@@ -89,6 +89,19 @@ def wanted_rank(rank: int | None, ranks: frozenset[int]) -> bool:
     return not ranks or rank is None or rank in ranks
 
 
+def check_ranks_listed(wanted: frozenset[int], listed: set[int], *, each: bool = True) -> None:
+    """`NotFoundError` if ``--node-rank`` asked for a rank no listed file has (``each``; else
+    only if it has none of them): a restore with a mistyped rank, alone or beside good ones,
+    must not end as a success with that rank missing (the ranks that are there still land)."""
+    missing = wanted - listed
+    if listed and missing and (each or missing == wanted):
+        asked = ", ".join(map(str, sorted(missing)))
+        there = ", ".join(map(str, sorted(listed)))
+        raise NotFoundError(
+            f"no file of node rank {asked} in the selected checkpoints (they have ranks {there})"
+        )
+
+
 def is_current(file: RemoteFile, recorded: Recorded | None, local_size: int | None) -> bool:
     """Skip rule: manifest matches the listing, and the local file is there at that size."""
     return (

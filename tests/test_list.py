@@ -241,6 +241,18 @@ def test_w_and_b_states_need_the_artifact_path(dest: Path, monkeypatch: pytest.M
     assert "pass --wandb-artifact" in without.stderr
 
 
+def test_list_of_a_node_rank_no_listed_file_has_is_not_found_as_in_sync(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        assert sync_job(server, dest) == 0
+        result = run_cli(*job_args(server, "list", "--dest", dest, "--node-rank", "9", "--json"))
+
+    assert result.code == 4, result.stdout
+    assert "no file of node rank 9 in the selected checkpoints (they have ranks 0, 1)" in (
+        result.stderr
+    )
+    assert json.loads(result.stdout)["exit_code"] == 4
+
+
 def test_list_with_node_rank_ignores_files_of_other_ranks_left_in_parts(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ from checkpoint_sync.plan import (
     Recorded,
     Staged,
     check_listed_size,
+    check_ranks_listed,
     is_current,
     parts_to_keep,
     select_checkpoints,
@@ -173,3 +174,26 @@ def test_wanted_rank(rank: int | None, ranks: frozenset[int], wanted: bool) -> N
 def test_implausible_sizes_are_refused(size: int) -> None:
     with pytest.raises(IntegrityError, match="not a plausible file size"):
         check_listed_size(remote(size=size))
+
+
+@pytest.mark.parametrize(
+    ("wanted", "listed", "each", "missing"),
+    [
+        (set(), {0, 1}, True, None),  # every rank
+        ({0}, {0, 1}, True, None),
+        ({0, 1}, {0, 1}, True, None),
+        ({9}, {0, 1}, True, "9"),
+        ({0, 9}, {0, 1}, True, "9"),  # a typo beside a good rank
+        ({0, 9}, {0, 1}, False, None),  # a listing cut short (bench) may not show rank 9 yet
+        ({8, 9}, {0, 1}, False, "8, 9"),
+        ({9}, set(), True, None),  # nothing listed: no rank to tell it from
+    ],
+)
+def test_a_node_rank_no_listed_file_has_is_not_found(
+    wanted: set[int], listed: set[int], each: bool, missing: str | None
+) -> None:
+    if missing is None:
+        check_ranks_listed(frozenset(wanted), listed, each=each)
+    else:
+        with pytest.raises(NotFoundError, match=f"no file of node rank {missing} in the "):
+            check_ranks_listed(frozenset(wanted), listed, each=each)
