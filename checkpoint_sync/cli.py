@@ -509,6 +509,11 @@ def _print_summary(stats: Stats, options: SyncOptions, out: _Output) -> None:
         + f"; skipped {stats.files_skipped} unchanged ({human_bytes(stats.bytes_skipped)}); "
         f"{stats.files_failed} failed"
     )
+    if options.dry_run and stats.files_to_check:
+        out.info(
+            f"would check {stats.files_to_check} mirrored files "
+            f"({human_bytes(stats.bytes_to_check)}) against their recorded digests"
+        )
     if stats.files_checked:
         out.info(
             f"checked {stats.files_checked} mirrored files against their recorded digests: "

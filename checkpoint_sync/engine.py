@@ -256,6 +256,8 @@ def _plan(
         and inside(os.path.dirname(final))
     ):
         if options.verify:
+            stats.files_to_check += 1
+            stats.bytes_to_check += file.size
             return relative, "check", recorded
         stats.files_skipped += 1
         stats.bytes_skipped += file.size

@@ -25,10 +25,12 @@ class Stats:
     files_fetched: int = 0
     files_skipped: int = 0
     files_failed: int = 0
-    files_checked: int = 0  # --verify: mirrored files read back against their recorded digest
+    files_to_check: int = 0  # --verify: mirrored files to read back against their recorded digest
+    files_checked: int = 0  # ... read back
     files_damaged: int = 0  # ... whose bytes no longer matched it
     files_restored: int = 0  # ... of those, fetched again (the others failed, or the run stopped)
     bytes_to_fetch: int = 0
+    bytes_to_check: int = 0
     bytes_fetched: int = 0  # as received over the wire, retries included
     bytes_published: int = 0
     bytes_skipped: int = 0
@@ -68,11 +70,13 @@ def summary(stats: Stats) -> dict[str, Any]:
             "fetched": stats.files_fetched,
             "skipped": stats.files_skipped,
             "failed": stats.files_failed,
+            "to_check": stats.files_to_check,  # what a --dry-run --verify would read back
             "checked": stats.files_checked,
             "damaged": stats.files_damaged,
         },
         "bytes": {
             "to_fetch": stats.bytes_to_fetch,
+            "to_check": stats.bytes_to_check,
             "fetched": stats.bytes_fetched,
             "published": stats.bytes_published,
             "skipped": stats.bytes_skipped,

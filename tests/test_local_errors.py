@@ -159,6 +159,7 @@ def test_files_in_flight_when_the_disk_fills_still_land_and_the_rerun_fetches_th
             "fetched": 2,
             "skipped": 2,
             "failed": 0,
+            "to_check": 0,
             "checked": 0,
             "damaged": 0,
         }
@@ -224,6 +225,7 @@ def test_a_dry_run_leaves_the_mirror_untouched_and_works_on_a_read_only_one(
         "fetched": 0,
         "skipped": len(server.files()),
         "failed": 0,
+        "to_check": 0,
         "checked": 0,
         "damaged": 0,
     }

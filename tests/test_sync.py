@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_sync.localserver import Faults, ServedFile
+from checkpoint_sync.progress import human_bytes
 
 from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
 from .support import (
@@ -161,7 +162,9 @@ def test_verify_says_what_it_found_and_a_dry_run_only_lists_the_checks(
 
     dry = run_cli(*sync_args(server, dest, "--verify", "--dry-run"))
     assert dry.code == 0
-    assert dry.stdout.count("check ") == len(server.files())
+    assert [line[:6] for line in dry.stdout.splitlines()].count("check ") == len(server.files())
+    total = human_bytes(sum(f.size for f in server.files()))
+    assert f"would check {len(server.files())} mirrored files ({total}) against" in dry.stdout
     result = run_cli(*sync_args(server, dest, "--verify"))
 
     assert result.code == 0, result.stderr
