@@ -247,7 +247,9 @@ class Transfers:
         not."""
         recorded = self._manifest.digest(relative)
         try:
-            fd = os.open(f"{self._dest}/{relative}", os.O_RDONLY | os.O_NOFOLLOW)
+            # Not through a symlink; and a FIFO swapped in since the plan must not block the loop.
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+            fd = os.open(f"{self._dest}/{relative}", flags)
         except OSError:
             return False
         try:
