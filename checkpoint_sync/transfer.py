@@ -708,7 +708,9 @@ def _read_digests(fd: int, file: RemoteFile) -> _Digests:
     """Digests of a file in the mirror, read through a buffer: unlike a mapping, a read that
     another program's truncation cuts short is an error, not a SIGBUS that kills the run."""
     digests = _Digests(file)
-    buffer = bytearray(HASH_WINDOW)
+    # No bigger than the file (a byte more shows one that grew): a zeroed 4 MiB buffer per file
+    # would cost more than reading a small one.
+    buffer = bytearray(min(HASH_WINDOW, file.size + 1))
     total = 0
     with memoryview(buffer) as view:
         while got := os.readv(fd, [buffer]):
