@@ -450,12 +450,16 @@ def _sync_command(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _chosen_source(args: argparse.Namespace) -> SourceSpec:
-    chosen = [spec for spec in SOURCES if spec.chosen(args)]
-    if len(chosen) != 1:
-        flags = "; ".join(spec.name for spec in SOURCES)
-        raise UsageError(
-            f"choose exactly one source ({flags}); see checkpoint-sync {args.command} --help"
-        )
+    chosen = [spec for spec in SOURCES if spec.given(args)]
+    see = f"see checkpoint-sync {args.command} --help"
+    if not chosen:
+        names = "; ".join(spec.name for spec in SOURCES)
+        raise UsageError(f"choose exactly one source ({names}); {see}")
+    if len(chosen) > 1:
+        # Name the flags: "--loops-run ... --best" reads as one source with a W&B-only flag,
+        # and a list of source names would not tell which flag is out of place.
+        mixed = " and ".join(f"{' '.join(spec.given(args))} ({spec.name})" for spec in chosen)
+        raise UsageError(f"choose exactly one source: {mixed} are flags of different ones; {see}")
     return chosen[0]
 
 
@@ -722,7 +726,7 @@ async def _bench_target(
     args: argparse.Namespace, settings: Settings
 ) -> AsyncIterator[SourceRecipe]:
     """The source the flags name, or the built-in server in a process of its own."""
-    if any(spec.chosen(args) for spec in SOURCES):
+    if any(spec.given(args) for spec in SOURCES):
         yield _recipe(settings, args, _chosen_source(args))
         return
     command = [sys.executable, "-m", "checkpoint_sync.localserver", "serve-synthetic"]

@@ -285,6 +285,28 @@ def test_usage_errors_exit_2_in_one_line(
     assert server.traffic.api_requests == 0
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--loops-run", RUN, "--best", "reward"], "--best (wandb-training)"),
+        (["--base-model", BASE_MODEL, "--minimize"], "--minimize (wandb-training)"),
+        (["--project", "p", "--job", "j", "--target", "sampler"], "--target (baseten-loops)"),
+    ],
+)
+def test_a_flag_of_another_source_is_named_as_such(
+    server: ServerThread, dest: Path, flags: list[str], named: str
+) -> None:
+    """--best/--minimize are W&B's alone and --target is Loops' alone: mixed into another
+    source's flags, the message says which flag belongs to which source (it only said "choose
+    exactly one source", to someone who had named one), and no request goes out."""
+    result = run_cli(*sync(server, dest, *flags))
+
+    assert result.code == 2
+    assert "choose exactly one source" in result.stderr
+    assert named in result.stderr
+    assert server.traffic.api_requests == 0
+
+
 def test_the_apis_422_for_a_filter_it_refuses_is_shown_and_exits_2(
     server: ServerThread, dest: Path
 ) -> None:

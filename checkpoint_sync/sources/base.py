@@ -203,8 +203,8 @@ class SourceSpec(Protocol):
         """Add the flags that choose this source (``--project``, ``--loops-run``...)."""
         ...
 
-    def chosen(self, args: argparse.Namespace) -> bool:
-        """Whether the parsed flags ask for this source."""
+    def given(self, args: argparse.Namespace) -> list[str]:
+        """This source's flags on the command line (``--loops-run``...); any of them chooses it."""
         ...
 
     def build(self, args: argparse.Namespace, context: SourceContext) -> Source:

@@ -179,9 +179,14 @@ class LoopsRuns:
             help="only Loops checkpoints for the trainer (weights) or the sampler",
         )
 
-    def chosen(self, args: argparse.Namespace) -> bool:
-        flags = (args.loops_run, args.loops_checkpoint, args.base_model, args.target)
-        return any(flag is not None for flag in flags)
+    def given(self, args: argparse.Namespace) -> list[str]:
+        flags = {
+            "--loops-run": args.loops_run,
+            "--loops-checkpoint": args.loops_checkpoint,
+            "--base-model": args.base_model,
+            "--target": args.target,
+        }
+        return [flag for flag, value in flags.items() if value is not None]
 
     def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
         target = LoopsTarget(args.target) if args.target else None

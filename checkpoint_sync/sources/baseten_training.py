@@ -93,8 +93,9 @@ class TrainingJobs:
         group.add_argument("--project", metavar="PROJECT_ID", help="Baseten training project id")
         group.add_argument("--job", metavar="JOB_ID", help="training job id (with --project)")
 
-    def chosen(self, args: argparse.Namespace) -> bool:
-        return args.project is not None or args.job is not None
+    def given(self, args: argparse.Namespace) -> list[str]:
+        flags = {"--project": args.project, "--job": args.job}
+        return [flag for flag, value in flags.items() if value is not None]
 
     def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
         if not (args.project and args.job):

@@ -172,9 +172,14 @@ class WandbTraining:
             "--minimize", action="store_true", help="with --best: the lowest METRIC wins"
         )
 
-    def chosen(self, args: argparse.Namespace) -> bool:
-        flags = (args.wandb_model, args.wandb_artifact, args.best)
-        return any(flag is not None for flag in flags) or args.minimize
+    def given(self, args: argparse.Namespace) -> list[str]:
+        flags = {
+            "--wandb-model": args.wandb_model,
+            "--wandb-artifact": args.wandb_artifact,
+            "--best": args.best,
+            "--minimize": args.minimize or None,
+        }
+        return [flag for flag, value in flags.items() if value is not None]
 
     def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
         if args.wandb_model is None:
