@@ -544,19 +544,22 @@ def _run(job: Callable[[], Awaitable[None]]) -> int | None:
 
     async def main() -> None:
         nonlocal received
-        async with anyio.create_task_group() as tg:
+        # Caught until the job has wound down, not just until the first: a second Ctrl-C while
+        # it commits its progress and closes the manifest would raise KeyboardInterrupt in the
+        # middle of that (progress lost, a traceback, exit 1).
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
 
-            async def watch_signals() -> None:
-                nonlocal received
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async def watch_signals() -> None:
+                    nonlocal received
                     async for signum in signals:
                         received = signum
                         tg.cancel_scope.cancel()
                         return
 
-            tg.start_soon(watch_signals)
-            await job()
-            tg.cancel_scope.cancel()
+                tg.start_soon(watch_signals)
+                await job()
+                tg.cancel_scope.cancel()
 
     try:
         anyio.run(main, backend_options=loop_options())

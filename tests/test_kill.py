@@ -296,3 +296,46 @@ def test_list_json_stopped_by_a_signal_still_prints_one_document(
 
     assert process.returncode == code, err
     assert json.loads(out)["exit_code"] == code
+
+
+# The CLI, sent SIGINT once its first part is recorded, and again while it winds down (the
+# manifest being closed): a user pressing Ctrl-C twice.
+SIGINT_TWICE = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as for a run started from a shell
+from checkpoint_sync.manifest import Manifest
+part_done, close = Manifest.part_done, Manifest.close
+def interrupt_once_a_part_is_done(self, path, part):
+    part_done(self, path, part)
+    Manifest.part_done = part_done
+    os.kill(os.getpid(), signal.SIGINT)
+def interrupt_again_while_closing(self):
+    os.kill(os.getpid(), signal.SIGINT)
+    close(self)
+Manifest.part_done = interrupt_once_a_part_is_done
+Manifest.close = interrupt_again_while_closing
+from checkpoint_sync.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_second_sigint_while_the_run_winds_down_changes_nothing(
+    server: ServerThread, dest: Path
+) -> None:
+    interrupted = subprocess.run(
+        [sys.executable, "-c", SIGINT_TWICE, *args(server, dest)],
+        env={**os.environ, **ENV},
+        capture_output=True,
+        timeout=60,
+    )
+
+    err = interrupted.stderr.decode()
+    assert interrupted.returncode == 130, err
+    assert "Traceback" not in err
+    assert "stopped by SIGINT; rerun to resume" in err
+    assert_consistent(server, dest)
+    server.call(lambda: setattr(server.faults, "throttle", None))
+    again = run_cli(*args(server, dest))
+    assert again.code == 0, again.stderr
+    for file in server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
