@@ -1,3 +1,19 @@
-from .cli import main
+"""``python -m checkpoint_sync``, and the installed ``checkpoint-sync`` command (`run`)."""
 
-raise SystemExit(main())
+import signal
+import sys
+
+
+def run() -> int:
+    """`cli.main`, imported here rather than at the top: a Ctrl-C while its modules load (the
+    first tenth of a second of a run) ended in a traceback of the import machinery, not 130."""
+    try:
+        from .cli import main
+
+        return main()
+    except KeyboardInterrupt:  # before main() took over: nothing was started, nothing to say
+        return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(run())

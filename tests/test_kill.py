@@ -339,3 +339,38 @@ def test_a_second_sigint_while_the_run_winds_down_changes_nothing(
     assert again.code == 0, again.stderr
     for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
+
+
+# Ctrl-C while the CLI's modules are still loading (the first tenth of a second of a run).
+SIGINT_WHILE_LOADING = """
+import importlib.abc, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as for a run started from a shell
+class CtrlCWhenAnyioLoads(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "anyio":
+            signal.raise_signal(signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlCWhenAnyioLoads())
+"""
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "import runpy; runpy.run_module('checkpoint_sync', run_name='__main__', alter_sys=True)",
+        # What the installed `checkpoint-sync` script does (pyproject's [project.scripts]).
+        "from checkpoint_sync.__main__ import run; sys.exit(run())",
+    ],
+)
+def test_sigint_while_the_modules_load_is_exit_130_without_a_traceback(
+    entry: str, dest: Path
+) -> None:
+    interrupted = subprocess.run(
+        [sys.executable, "-c", SIGINT_WHILE_LOADING + entry, "sync", "--dest", str(dest)],
+        capture_output=True,
+        timeout=60,
+    )
+
+    assert interrupted.returncode == 130, interrupted.stderr
+    assert b"Traceback" not in interrupted.stderr
+    assert not dest.exists()
