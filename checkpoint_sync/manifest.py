@@ -262,4 +262,15 @@ def _connect_read_only(db_path: Path) -> sqlite3.Connection:
     writer_around = Path(f"{db_path}-wal").exists()
     mode = "ro" if writer_around else "ro&immutable=1"
     uri = f"file:{quote(str(db_path))}?mode={mode}"
-    return sqlite3.connect(uri, uri=True, isolation_level=None)
+    db = sqlite3.connect(uri, uri=True, isolation_level=None)
+    try:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+    except BaseException:
+        db.close()
+        raise
+    if version == 0:
+        # No schema yet: a run was killed while it created the manifest, so nothing is recorded.
+        # Read as a new one, or creating the schema would fail on this read-only connection.
+        db.close()
+        return sqlite3.connect(":memory:", isolation_level=None)
+    return db

@@ -374,3 +374,47 @@ def test_sigint_while_the_modules_load_is_exit_130_without_a_traceback(
     assert interrupted.returncode == 130, interrupted.stderr
     assert b"Traceback" not in interrupted.stderr
     assert not dest.exists()
+
+
+# The CLI, killed (SIGKILL) once it has created the manifest, before it wrote the schema into it.
+CRASH_BEFORE_THE_SCHEMA = """
+import os, signal, sys
+from checkpoint_sync.manifest import Manifest
+def die(self):
+    os.kill(os.getpid(), signal.SIGKILL)
+Manifest._migrate = die
+from checkpoint_sync.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_manifest_left_without_its_schema_reads_as_empty(dest: Path) -> None:
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        crashed = subprocess.run(
+            [sys.executable, "-c", CRASH_BEFORE_THE_SCHEMA, *args(server, dest)],
+            env={**os.environ, **ENV},
+            capture_output=True,
+            timeout=60,
+        )
+        assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+        assert (dest / ".checkpoint-sync" / "manifest.sqlite3").exists()
+
+        dry_run = run_cli(*args(server, dest), "--dry-run", "--json")
+        listed = run_cli(
+            "list",
+            "--api-url",
+            server.url,
+            "--project",
+            PROJECT,
+            "--job",
+            JOB,
+            "--dest",
+            str(dest),
+            "--json",
+        )
+
+        assert dry_run.code == 0, dry_run.stderr
+        assert json.loads(dry_run.stdout)["files"]["to_fetch"] == len(server.files())
+        assert listed.code == 0, listed.stderr
+        assert {c["local"] for c in json.loads(listed.stdout)["checkpoints"]} == {"absent"}
+        assert run_cli(*args(server, dest)).code == 0
