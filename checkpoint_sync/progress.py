@@ -106,8 +106,19 @@ def status_line(stats: Stats) -> str:
     eta = f", ETA {remaining / rate:.0f}s" if rate > 0 and stats.listing_done and remaining else ""
     return (
         f"{human_bytes(stats.bytes_fetched)} fetched at {human_bytes(rate)}/s{eta}; files "
+        f"{files_line(stats)}{'' if stats.listing_done else ' (still listing)'}"
+    )
+
+
+def files_line(stats: Stats) -> str:
+    """Files done, skipped and failed; and with ``--verify``, how far the read-back is (which
+    moves no bytes over the network, so a long one would look stuck)."""
+    checking = (
+        f", {stats.files_checked} of {stats.files_to_check} checked" if stats.files_to_check else ""
+    )
+    return (
         f"{stats.files_fetched} done, {stats.files_skipped} skipped, {stats.files_failed} failed"
-        f"{'' if stats.listing_done else ' (still listing)'}"
+        f"{checking}"
     )
 
 
@@ -169,8 +180,7 @@ class ProgressBar:
                     description="syncing" if waiting is None else waiting_line(waiting),
                     completed=stats.bytes_fetched,
                     total=stats.bytes_to_fetch if stats.listing_done else None,
-                    files=f"{stats.files_fetched} done, {stats.files_skipped} skipped, "
-                    f"{stats.files_failed} failed",
+                    files=files_line(stats),
                 )
                 await anyio.sleep(0.2)
 

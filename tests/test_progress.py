@@ -37,3 +37,9 @@ def test_summary_keeps_failures_and_left_out_checkpoints() -> None:
 def test_a_run_waiting_for_the_lock_says_so_and_whose() -> None:
     stats = Stats(waiting_for="4242")
     assert status_line(stats) == "waiting for the mirror's lock, held by another run (pid 4242)"
+
+
+def test_a_verify_run_shows_how_far_its_read_back_is() -> None:
+    stats = Stats(files_skipped=3, files_to_check=10, files_checked=4, listing_done=True)
+    assert "files 0 done, 3 skipped, 0 failed, 4 of 10 checked" in status_line(stats)
+    assert "checked" not in status_line(Stats(files_skipped=3))
