@@ -99,6 +99,7 @@ async def sync(
     """
     stats.syncing_left_out = [f"{c.run}/{c.name}" for c in selection.syncing]
     if options.dry_run:
+        _refuse_what_is_no_directory(options.dest)
         manifest = Manifest(manifest_path(options.dest), read_only=True)
         try:
             await _produce(source, selection, options, manifest, stats, on_plan, None)
@@ -122,6 +123,16 @@ async def sync(
             await _run(source, selection, http, options, manifest, stats, on_plan)
         finally:
             manifest.close()
+
+
+def _refuse_what_is_no_directory(dest: Path) -> None:
+    """For a dry run, which creates nothing: `LocalIOError` where the real run would stop, at a
+    DEST that is not a directory or lies under a file."""
+    existing = dest
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise LocalIOError(f"cannot mirror into {dest}: {existing} is not a directory")
 
 
 async def _run(

@@ -231,6 +231,23 @@ def test_a_dry_run_leaves_the_mirror_untouched_and_works_on_a_read_only_one(
     }
 
 
+@pytest.mark.parametrize("below", ["", "mirror"])
+def test_a_dry_run_into_a_file_exits_6_as_the_real_run_would(
+    server: ServerThread, tmp_path: Path, below: str
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory\n")
+    dest = a_file / below if below else a_file
+
+    dry = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
+    real = run_cli(*sync_args(server, dest))
+
+    assert (dry.code, real.code) == (6, 6)
+    assert f"cannot mirror into {dest}: {a_file} is not a directory" in dry.stderr
+    assert json.loads(dry.stdout)["exit_code"] == 6
+    assert a_file.read_text() == "not a directory\n"
+
+
 def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
     server: ServerThread, disk: Path
 ) -> None:
