@@ -584,8 +584,10 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         nonlocal description
         recipe = _recipe(settings, args, spec)
         wanted = _Selection(tuple(args.checkpoint), args.latest)
-        # A listing shows checkpoints still uploading too: their status says so.
-        async with _selected(recipe, wanted, include_syncing=True) as (_, source, selection):
+        # A listing shows checkpoints still uploading too (their status says so), but with
+        # --latest the one `sync --latest` would take: the newest complete one.
+        opened = _selected(recipe, wanted, include_syncing=not args.latest)
+        async with opened as (_, source, selection):
             description = source.description
             dest = args.dest.expanduser().absolute() if args.dest else None
             rows.extend(

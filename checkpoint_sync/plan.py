@@ -46,10 +46,14 @@ def select_checkpoints(
         complete = [c for c in candidates if c.state is SyncState.COMPLETE] or [
             c for c in candidates if c.state is SyncState.UNKNOWN
         ]
-        if not complete:
+        syncing = [c for c in candidates if c.state is SyncState.SYNCING]
+        pool = complete + syncing if include_syncing else complete
+        if not pool:
             raise NotFoundError(f"no complete checkpoint in {what} to take as --latest")
-        newest = max(complete, key=_age_key)
-        return Selection([newest])
+        newest = max(pool, key=_age_key)
+        # A newer one still uploading is named: a restore should know what it did not take.
+        newer = [c for c in syncing if c not in pool and _age_key(c) > _age_key(newest)]
+        return Selection([newest], newer)
     if include_syncing:
         return Selection(candidates)
     return Selection(

@@ -47,13 +47,15 @@ RUN = [
     [
         ((), False, False, ["c1", "c3", "c2", "c0"], ["c4"]),
         ((), False, True, ["c1", "c3", "c2", "c4", "c0"], []),
-        ((), True, False, ["c3"], []),  # newest complete, not the newer syncing one
+        ((), True, False, ["c3"], ["c4"]),  # newest complete; the newer syncing one named
+        ((), True, True, ["c4"], []),  # newest, complete or not
         (("c1", "c2"), True, False, ["c2"], []),
         (("c4",), False, False, [], ["c4"]),
         (("c4",), False, True, ["c4"], []),
         (("c1", "c1"), False, False, ["c1"], []),
         # No status reported (null) is taken only where none is reported complete.
-        (("c0", "c4"), True, False, ["c0"], []),
+        (("c0", "c4"), True, False, ["c0"], ["c4"]),
+        (("c0", "c4"), True, True, ["c4"], []),
         (("c0", "c1"), True, False, ["c1"], []),
     ],
 )

@@ -251,9 +251,23 @@ def test_syncing_checkpoints_are_left_out_and_named(dest: Path) -> None:
 def test_latest_takes_only_the_newest_complete_checkpoint(dest: Path) -> None:
     with ServerThread(job_catalog(syncing_last=True)) as server:
         result = run_cli(*sync_args(server, dest, "--latest"))
-
         assert result.code == 0, result.stderr
         assert sorted(p.name for p in (dest / JOB).iterdir()) == ["checkpoint-20"]
+        # The newer one still uploading is named, with what would take it.
+        assert (
+            f"left out, still syncing: {JOB}/checkpoint-30 (pass --include-syncing to mirror it)"
+            in result.stdout
+        )
+        listed = run_cli(*job_args(server, "list", "--latest", "--json"))
+        assert [c["checkpoint"] for c in json.loads(listed.stdout)["checkpoints"]] == [
+            "checkpoint-20"
+        ]
+
+        included = run_cli(*sync_args(server, dest, "--latest", "--include-syncing"))
+
+    assert included.code == 0, included.stderr
+    assert "left out" not in included.stdout
+    assert (dest / JOB / "checkpoint-30").is_dir()
 
 
 def test_checkpoint_and_node_rank_narrow_the_mirror(server: ServerThread, dest: Path) -> None:
