@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_sync.bench import Trial, grid, recommend, request_medians
+from checkpoint_sync.localserver import Faults
 
 from .conftest import job_args, job_catalog, sync_args
 from .support import ServerThread, run_cli
@@ -187,3 +188,17 @@ def test_a_budget_that_ends_before_a_wanted_rank_is_listed_is_no_missing_rank(
     assert result.code == 0, result.stderr
     (only,) = json.loads(result.stdout)["trials"]
     assert only["files"] > 0
+
+
+def test_a_slow_listing_is_not_counted_in_the_trials_seconds(tmp_path: Path) -> None:
+    # Every API request waits a second; the 2 MiB of files take a few milliseconds on loopback.
+    with ServerThread(job_catalog(), faults=Faults(api_delay=1.0)) as server:
+        result = run_cli(
+            *job_args(server, "bench", "--concurrency", "2,4", "--part-size", "256KiB"),
+            *("--max-bytes", "2MiB", "--scratch", tmp_path, "--json"),
+        )
+
+    assert result.code == 0, result.stderr
+    trials = json.loads(result.stdout)["trials"]
+    assert all(t["seconds"] < 0.9 for t in trials), trials  # was 1.02 s: 1.1 MB/s
+    assert trials[0]["files"] == trials[1]["files"]  # and both trials fetched the same files
