@@ -46,6 +46,8 @@ class Trial:
     cpu_seconds: float
     first_byte_ms: float | None  # median over requests
     connection_mb_s: float | None  # median over requests of at least RATE_MIN_BYTES
+    # "path: why" of the trial's first failed file: a count alone does not say what to fix.
+    first_failure: str | None = None
 
     @property
     def mb_per_s(self) -> float:
@@ -172,6 +174,7 @@ async def run_trials(
                 cpu_seconds=cpu_seconds,
                 first_byte_ms=first_byte,
                 connection_mb_s=per_connection,
+                first_failure=": ".join(stats.failures[0]) if stats.failures else None,
             )
         )
     return trials

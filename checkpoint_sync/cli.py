@@ -686,6 +686,10 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     if received is not None:
         return out.failed(f"stopped by {signal.Signals(received).name}", 128 + received)
     if not any(t.files for t in trials):
+        failure = next((t.first_failure for t in trials if t.first_failure), None)
+        if failure is not None:
+            # Files were there, every one failed: that is not an empty selection (exit 4).
+            return out.failed(f"no file could be fetched; the first: {failure}", EXIT_FILES_FAILED)
         raise NotFoundError("nothing to measure: no file of the selection was fetched")
     best = recommend(trials)
     if out.as_json:
@@ -698,6 +702,12 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     else:
         for line in _bench_table(trials):
             out.info(line)
+        for t in trials:
+            if t.first_failure is not None:
+                out.error(
+                    f"trial --concurrency {t.concurrency} --part-size {format_size(t.part_size)}: "
+                    f"{t.failed} failed, the first: {t.first_failure}"
+                )
         out.info(
             f"recommended: --concurrency {best.concurrency} --part-size "
             f"{format_size(best.part_size)} ({best.mb_per_s:.0f} MB/s)"

@@ -202,3 +202,27 @@ def test_a_slow_listing_is_not_counted_in_the_trials_seconds(tmp_path: Path) -> 
     trials = json.loads(result.stdout)["trials"]
     assert all(t["seconds"] < 0.9 for t in trials), trials  # was 1.02 s: 1.1 MB/s
     assert trials[0]["files"] == trials[1]["files"]  # and both trials fetched the same files
+
+
+def test_a_bench_whose_every_file_fails_says_why_and_is_exit_1(tmp_path: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        server.faults.denied = {f.name for f in server.files()}  # every download answers 403
+        args = ["--concurrency", "2", "--part-size", "256KiB", "--max-bytes", "2MiB"]
+        result = run_cli(*job_args(server, "bench", *args, "--scratch", tmp_path, "--json"))
+
+    # It said "nothing to measure: no file of the selection was fetched", exit 4 (not found).
+    assert result.code == 1, result.stderr
+    assert "access denied" in json.loads(result.stdout)["error"]
+    assert "nothing to measure" not in result.stderr
+
+
+def test_a_trial_with_failures_names_the_first(tmp_path: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        (denied, *_) = server.files()
+        server.faults.denied = {denied.name}
+        args = ["--concurrency", "2", "--part-size", "256KiB", "--max-bytes", "2MiB"]
+        result = run_cli(*job_args(server, "bench", *args, "--scratch", tmp_path))
+
+    assert result.code == 1, result.stderr
+    assert "trial --concurrency 2 --part-size 256KiB: 1 failed, the first: " in result.stderr
+    assert "access denied" in result.stderr
