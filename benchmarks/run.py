@@ -1030,26 +1030,31 @@ def bench(
             error=problem,
             missing=problem is not None,
         )
-    for rnd in range(1, settings.rounds + 1):
-        previous_ok = True
-        for case in cases:
-            row = rows[case.label]
-            if row.error is None and not case.fresh and not previous_ok:
-                row.error = "skipped: the run it repeats failed"
-            if row.error is not None:
-                previous_ok = False
-                continue
-            tag = f"{job.key}{'-disk' if flush else ''}-r{rnd}"
-            try:
-                row.samples.append(_run_case(case, job, dest, settings, flush, tag))
-                previous_ok = True
-                print(
-                    f"  [{tag}] {case.label}: {describe(row.samples[-1], job.profile)}", flush=True
-                )
-            except BenchError as exc:
-                row.error, previous_ok = str(exc), False
-                print(f"  [{tag}] {case.label}: FAILED {exc}", flush=True)
-    shutil.rmtree(dest, ignore_errors=True)
+    # Removed however the rounds end: Ctrl-C or SIGTERM mid-run left the destination (by
+    # default /dev/shm, RAM: up to 4.3 GB) holding the interrupted run's files.
+    try:
+        for rnd in range(1, settings.rounds + 1):
+            previous_ok = True
+            for case in cases:
+                row = rows[case.label]
+                if row.error is None and not case.fresh and not previous_ok:
+                    row.error = "skipped: the run it repeats failed"
+                if row.error is not None:
+                    previous_ok = False
+                    continue
+                tag = f"{job.key}{'-disk' if flush else ''}-r{rnd}"
+                try:
+                    row.samples.append(_run_case(case, job, dest, settings, flush, tag))
+                    previous_ok = True
+                    print(
+                        f"  [{tag}] {case.label}: {describe(row.samples[-1], job.profile)}",
+                        flush=True,
+                    )
+                except BenchError as exc:
+                    row.error, previous_ok = str(exc), False
+                    print(f"  [{tag}] {case.label}: FAILED {exc}", flush=True)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
     return list(rows.values())
 
 
