@@ -230,7 +230,8 @@ def _parser() -> argparse.ArgumentParser:
         "--max-bytes",
         type=_size_arg,
         default=1 << 30,
-        help="bytes per trial: the first files of the selection up to this (default 1GiB)",
+        help="bytes per trial: the first files of the selection up to this, but at least one "
+        "whole file (default 1GiB)",
     )
     bench.add_argument("--scratch", type=_path, help="where trials write (default: the temp dir)")
     bench.add_argument(
@@ -724,12 +725,15 @@ def _bench_table(trials: list[Trial]) -> list[str]:
         return f"{value:.1f} {unit}" if value is not None else "-"
 
     lines = [
-        f"{'concurrency':>11} {'part size':>10} {'files':>6} {'MB/s':>8} {'first byte':>11} "
+        # The bytes too: a first file larger than --max-bytes is fetched whole.
+        f"{'concurrency':>11} {'part size':>10} {'files':>6} {'bytes':>10} {'MB/s':>8} "
+        f"{'first byte':>11} "
         f"{'per conn.':>11} {'CPU s':>6} {'failed':>6}"
     ]
     for t in trials:
         lines.append(
             f"{t.concurrency:>11} {human_bytes(t.part_size):>10} {t.files:>6} "
+            f"{human_bytes(t.bytes):>10} "
             f"{t.mb_per_s:>8.1f} {ms(t.first_byte_ms, 'ms'):>11} "
             f"{ms(t.connection_mb_s, 'MB/s'):>11} {t.cpu_seconds:>6.2f} {t.failed:>6}"
         )

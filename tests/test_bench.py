@@ -226,3 +226,18 @@ def test_a_trial_with_failures_names_the_first(tmp_path: Path) -> None:
     assert result.code == 1, result.stderr
     assert "trial --concurrency 2 --part-size 256KiB: 1 failed, the first: " in result.stderr
     assert "access denied" in result.stderr
+
+
+def test_a_first_file_larger_than_the_budget_is_fetched_whole_and_the_table_says_so(
+    tmp_path: Path,
+) -> None:
+    catalog = job_catalog(checkpoints=1, large_size=8 << 20, small_files=0)
+    with ServerThread(catalog) as server:
+        args = ["--concurrency", "2", "--part-size", "1MiB", "--max-bytes", "1MiB"]
+        result = run_cli(*job_args(server, "bench", *args, "--scratch", tmp_path))
+
+    # 8 MiB fetched for a budget of 1 MiB, and nothing on the table said so.
+    assert result.code == 0, result.stderr
+    header, row = result.stdout.splitlines()[1:3]
+    assert "bytes" in header.split()
+    assert "8.0 MiB" in row
