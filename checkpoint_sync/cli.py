@@ -586,8 +586,10 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         recipe = _recipe(settings, args, spec)
         wanted = _Selection(tuple(args.checkpoint), args.latest)
         # A listing shows checkpoints still uploading too (their status says so), but with
-        # --latest the one `sync --latest` would take: the newest complete one.
-        opened = _selected(recipe, wanted, include_syncing=not args.latest)
+        # --latest the one `sync --latest` would take: the newest complete one, unless the
+        # config's include_syncing (list has no flag for it) lets sync take a newer one.
+        include_syncing = not args.latest or settings.include_syncing
+        opened = _selected(recipe, wanted, include_syncing=include_syncing)
         async with opened as (_, source, selection):
             description = source.description
             dest = args.dest.expanduser().absolute() if args.dest else None

@@ -267,3 +267,18 @@ def test_list_with_node_rank_ignores_files_of_other_ranks_left_in_parts(
 
     assert [c["local"] for c in json.loads(rank_0.stdout)["checkpoints"]] == ["mirrored"]
     assert [c["local"] for c in json.loads(every_rank.stdout)["checkpoints"]] == ["partial"]
+
+
+def test_list_latest_shows_what_sync_latest_takes_with_include_syncing_in_the_config(
+    dest: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("include_syncing = true\n")
+    with ServerThread(job_catalog(syncing_last=True)) as server:
+        synced = run_cli(*sync_args(server, dest, "--latest", "--config", str(config), "--json"))
+        listed = run_cli(*job_args(server, "list", "--latest", "--config", config, "--json"))
+
+    assert synced.code == 0, synced.stderr
+    assert sorted(p.name for p in (dest / "job-1").iterdir()) == ["checkpoint-30"]
+    # list --latest showed checkpoint-20: the config's include_syncing was not read there.
+    assert [c["checkpoint"] for c in json.loads(listed.stdout)["checkpoints"]] == ["checkpoint-30"]
