@@ -3,8 +3,8 @@ that get the most of it.
 
 Each trial is a real sync, through the same engine, of a byte budget of the selected files into a
 fresh scratch directory that is removed afterwards; trials differ in concurrency and part size.
-The files are listed once, before the trials: each fetches the same ones, and its clock runs only
-while it fetches.
+The files are listed before each trial, outside its clock, which runs only while it fetches: a
+listing made once for all would hand later trials presigned URLs expired since.
 Requests are timed on the way (`Stats.timed`): time to first byte, and each connection's rate.
 """
 
@@ -102,8 +102,8 @@ async def budgeted_pages(
 
 
 class _Listed:
-    """``source`` with its files as listed once before the trials: every trial fetches the same
-    files, and none of them counts the listing's requests in its seconds."""
+    """``source`` with its files as listed just before a trial: the trial does not count the
+    listing's requests in its seconds."""
 
     def __init__(self, source: Source, pages: list[list[Listed]]) -> None:
         self._source = source
@@ -135,12 +135,14 @@ async def run_trials(
 ) -> list[Trial]:
     """One sync per (concurrency, part size), each on fresh connections into a fresh directory."""
     trials = []
-    # Listed once, outside every trial's clock: a listing that takes a second (a slow API, many
-    # pages) made a trial of a 20 ms transfer read 1 MB/s.
-    listed = _Listed(
-        source, await budgeted_pages(source, selection.checkpoints, budget, node_ranks)
-    )
     for concurrency, part_size in pairs:
+        # Listed outside the trial's clock: a listing that takes a second (a slow API, many
+        # pages) made a trial of a 20 ms transfer read 1 MB/s. And listed for each trial, not
+        # once for all: presigned URLs expire, and a later trial would count the listing again
+        # in its seconds, one file at a time, as each expired URL is refused and replaced.
+        listed = _Listed(
+            source, await budgeted_pages(source, selection.checkpoints, budget, node_ranks)
+        )
         try:
             dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
         except OSError as exc:

@@ -241,3 +241,21 @@ def test_a_first_file_larger_than_the_budget_is_fetched_whole_and_the_table_says
     header, row = result.stdout.splitlines()[1:3]
     assert "bytes" in header.split()
     assert "8.0 MiB" in row
+
+
+def test_later_trials_do_not_fetch_through_urls_expired_since_the_listing(tmp_path: Path) -> None:
+    # Each trial takes about a second (1 MiB/s per response); URLs work for 1.6 s after they are
+    # listed, and listing one again takes the API a second.
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=8, small_size=256 << 10)
+    faults = Faults(url_ttl=1.6, throttle=1 << 20, api_delay=1.0)
+    with ServerThread(catalog, faults=faults) as server:
+        result = run_cli(
+            *job_args(server, "bench", "--concurrency", "4,4,4", "--part-size", "1MiB"),
+            *("--max-bytes", "8MiB", "--scratch", tmp_path, "--json"),
+        )
+
+    assert result.code == 0, result.stderr
+    seconds = [t["seconds"] for t in json.loads(result.stdout)["trials"]]
+    # Listed once before the first trial, the third trial's URLs had all expired: each of its
+    # files was refused and listed again inside its clock, a second more for the same bytes.
+    assert max(seconds) < min(seconds) + 0.6, seconds
