@@ -127,9 +127,10 @@ async def sync(
 
 def _refuse_what_is_no_directory(dest: Path) -> None:
     """For a dry run, which creates nothing: `LocalIOError` where the real run would stop, at a
-    DEST that is not a directory or lies under a file."""
+    DEST that is not a directory (a file, a dangling symlink) or lies under one."""
     existing = dest
-    while not existing.exists() and existing != existing.parent:
+    # lexists, not exists: a dangling symlink is there, and the real run cannot mkdir through it.
+    while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise LocalIOError(f"cannot mirror into {dest}: {existing} is not a directory")

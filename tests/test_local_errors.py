@@ -248,6 +248,24 @@ def test_a_dry_run_into_a_file_exits_6_as_the_real_run_would(
     assert a_file.read_text() == "not a directory\n"
 
 
+@pytest.mark.parametrize("below", ["", "mirror"])
+def test_a_dry_run_into_a_dangling_symlink_exits_6_as_the_real_run_would(
+    server: ServerThread, tmp_path: Path, below: str
+) -> None:
+    # A mount point's symlink while its volume is away, say: the real run cannot create DEST.
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "unmounted")
+    dest = link / below if below else link
+
+    dry = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
+    real = run_cli(*sync_args(server, dest))
+
+    # The dry run planned every file as if into an empty mirror, exit 0.
+    assert (dry.code, real.code) == (6, 6), dry.stderr
+    assert f"cannot mirror into {dest}: {link} is not a directory" in dry.stderr
+    assert not (tmp_path / "unmounted").exists()
+
+
 def test_a_read_only_destination_exits_6_and_the_mirror_stays_as_it_was(
     server: ServerThread, disk: Path
 ) -> None:
