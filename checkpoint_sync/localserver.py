@@ -665,8 +665,11 @@ class LocalServer:
             shift = self.faults.shift_content_range
             total = file.size + self.faults.misstate_total
             response.headers["Content-Range"] = f"bytes {start + shift}-{end - 1 + shift}/{total}"
-        await response.prepare(request)
-        await self._send_body(request, response, file, start, end, fault)
+        # A client that goes away (`demo` stopped by Ctrl-C) is no error of ours: aiohttp would
+        # log it, and with no logging set up Python prints that traceback on stderr.
+        with contextlib.suppress(ConnectionResetError):
+            await response.prepare(request)
+            await self._send_body(request, response, file, start, end, fault)
         return response
 
     def _pick_fault(self, name: str, start: int, end: int) -> str | None:
