@@ -71,6 +71,21 @@ def test_select_checkpoints(
     assert [c.name for c in chosen.syncing] == syncing
 
 
+def test_latest_with_include_syncing_takes_a_newer_syncing_one_not_a_null_or_failed_one() -> None:
+    # README: with --include-syncing, --latest takes the newest of those complete and those still
+    # SYNCING; a null status still counts only where none is complete, another status never.
+    run = [
+        checkpoint("c1", 1),
+        checkpoint("s", 2, SyncState.SYNCING),
+        checkpoint("n", 3, SyncState.UNKNOWN),
+        checkpoint("f", 4, SyncState.OTHER),
+    ]
+    assert select_checkpoints(run, latest=True, include_syncing=True).checkpoints == [run[1]]
+    assert select_checkpoints(run[:1] + run[2:], latest=True, include_syncing=True).checkpoints == [
+        run[0]
+    ]
+
+
 @pytest.mark.parametrize(
     ("status", "state"),
     [
