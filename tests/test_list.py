@@ -253,6 +253,18 @@ def test_list_of_a_node_rank_no_listed_file_has_is_not_found_as_in_sync(dest: Pa
     assert json.loads(result.stdout)["exit_code"] == 4
 
 
+def test_without_a_mirror_node_rank_changes_nothing(dest: Path) -> None:
+    # README: without --dest no file is listed, so --node-rank changes nothing (not even a rank
+    # no file has is noticed).
+    with ServerThread(job_catalog()) as server:
+        plain = run_cli(*job_args(server, "list"))
+        ranked = run_cli(*job_args(server, "list", "--node-rank", "9"))
+
+        assert ranked.code == 0, ranked.stderr
+        assert ranked.stdout == plain.stdout
+        assert server.traffic.api_requests == 2
+
+
 def test_list_with_node_rank_ignores_files_of_other_ranks_left_in_parts(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
