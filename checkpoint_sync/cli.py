@@ -99,6 +99,12 @@ class _Output:
         if not self.quiet and not self.as_json:
             print(self.redact(text), file=self.stdout, flush=True)
 
+    def answer(self, text: str) -> None:
+        """What the command was asked for (a dry run's plan): not progress or a summary, so
+        shown under ``--quiet`` too; ``--json`` has its own document."""
+        if not self.as_json:
+            print(self.redact(text), file=self.stdout, flush=True)
+
     def status(self, text: str) -> None:
         print(self.redact(text), file=self.stderr, flush=True)
 
@@ -417,7 +423,7 @@ async def _mirror(
     """List, select and mirror, showing progress; the heart of `sync` and `demo`."""
 
     def show_plan(planned: PlannedFile) -> None:
-        out.info(f"{planned.action:5} {planned.path} ({human_bytes(planned.size)})")
+        out.answer(f"{planned.action:5} {planned.path} ({human_bytes(planned.size)})")
 
     include_syncing = recipe.settings.include_syncing
     async with (

@@ -296,6 +296,20 @@ def test_dry_run_lists_the_plan_and_writes_nothing(server: ServerThread, dest: P
     assert server.traffic.object_requests == 0
 
 
+def test_a_quiet_dry_run_prints_the_plan_without_the_summary(
+    server: ServerThread, dest: Path
+) -> None:
+    # README: --quiet is no progress and no summary; the plan is what a dry run is for.
+    result = run_cli(*sync_args(server, dest, "--dry-run", "--quiet"))
+
+    assert result.code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(server.files()), result.stdout
+    assert all(line.startswith(("fetch ", "skip ")) for line in lines)
+    assert "would fetch" not in result.stdout
+    assert not dest.exists()
+
+
 def test_a_dry_run_says_in_json_what_it_would_fetch(server: ServerThread, dest: Path) -> None:
     result = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
 
