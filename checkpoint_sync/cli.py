@@ -100,8 +100,9 @@ class _Output:
             print(self.redact(text), file=self.stdout, flush=True)
 
     def answer(self, text: str) -> None:
-        """What the command was asked for (a dry run's plan): not progress or a summary, so
-        shown under ``--quiet`` too; ``--json`` has its own document."""
+        """What the command was asked for (a dry run's plan, `list`'s table, `bench`'s results):
+        not progress or a summary, so shown under ``--quiet`` too; ``--json`` has its own
+        document."""
         if not self.as_json:
             print(self.redact(text), file=self.stdout, flush=True)
 
@@ -611,9 +612,9 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         out.json(payload | {"checkpoints": [row_json(row) for row in rows]})
     elif rows:
         for line in table(rows):
-            out.info(line)
+            out.answer(line)
     else:
-        out.info(f"no checkpoints in {description}")
+        out.answer(f"no checkpoints in {description}")
     return EXIT_OK
 
 
@@ -710,14 +711,14 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
         )
     else:
         for line in _bench_table(trials):
-            out.info(line)
+            out.answer(line)
         for t in trials:
             if t.first_failure is not None:
                 out.error(
                     f"trial --concurrency {t.concurrency} --part-size {format_size(t.part_size)}: "
                     f"{t.failed} failed, the first: {t.first_failure}"
                 )
-        out.info(
+        out.answer(
             f"recommended: --concurrency {best.concurrency} --part-size "
             f"{format_size(best.part_size)} ({best.mb_per_s:.0f} MB/s)"
         )

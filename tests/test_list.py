@@ -99,8 +99,10 @@ def test_a_job_lists_each_checkpoint_with_its_local_state(dest: Path) -> None:
         result = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
         rank_0 = run_cli(*job_args(server, "list", "--dest", dest, "--json", "--node-rank", "0"))
         text = run_cli(*job_args(server, "list", "--dest", dest))
+        quiet = run_cli(*job_args(server, "list", "--dest", dest, "--quiet"))
 
     assert result.code == rank_0.code == text.code == 0, result.stderr
+    assert quiet.stdout == text.stdout  # the table is what was asked for, not progress
     assert states(result.stdout) == {
         "checkpoint-10": "mirrored",
         "checkpoint-20": "partial",
