@@ -57,6 +57,19 @@ def args(server: ServerThread, dest: Path) -> list[str]:
     return sync_args(server, dest, "--part-size", "128KiB", "--concurrency", str(CONCURRENCY))
 
 
+def run_scripted(
+    script: str, server: ServerThread, dest: Path
+) -> subprocess.CompletedProcess[bytes]:
+    """A sync of ``dest`` by ``script``: the CLI, with some of its internals made to crash or
+    signal at a chosen point."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args(server, dest)],
+        env={**os.environ, **ENV},
+        capture_output=True,
+        timeout=60,
+    )
+
+
 def start(server: ServerThread, dest: Path, *extra: str) -> subprocess.Popen[bytes]:
     return run_subprocess(*args(server, dest), *extra, env=ENV)
 
@@ -157,12 +170,7 @@ def test_a_record_never_outlives_the_file_it_describes(server: ServerThread, des
     path = mirrored(dest, JOB, small)
 
     server.call(lambda: new_version(small))
-    crashed = subprocess.run(
-        [sys.executable, "-c", CRASH_AT_FIRST_PUBLISH, *args(server, dest)],
-        env={**os.environ, **ENV},
-        capture_output=True,
-        timeout=60,
-    )
+    crashed = run_scripted(CRASH_AT_FIRST_PUBLISH, server, dest)
 
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     assert_exact(path, small)  # the new version took the old one's place ...
@@ -322,12 +330,7 @@ sys.exit(main(sys.argv[1:]))
 def test_a_second_sigint_while_the_run_winds_down_changes_nothing(
     server: ServerThread, dest: Path
 ) -> None:
-    interrupted = subprocess.run(
-        [sys.executable, "-c", SIGINT_TWICE, *args(server, dest)],
-        env={**os.environ, **ENV},
-        capture_output=True,
-        timeout=60,
-    )
+    interrupted = run_scripted(SIGINT_TWICE, server, dest)
 
     err = interrupted.stderr.decode()
     assert interrupted.returncode == 130, err
@@ -390,12 +393,7 @@ main(sys.argv[1:])
 
 def test_a_manifest_left_without_its_schema_reads_as_empty(dest: Path) -> None:
     with ServerThread(job_catalog(checkpoints=1)) as server:
-        crashed = subprocess.run(
-            [sys.executable, "-c", CRASH_BEFORE_THE_SCHEMA, *args(server, dest)],
-            env={**os.environ, **ENV},
-            capture_output=True,
-            timeout=60,
-        )
+        crashed = run_scripted(CRASH_BEFORE_THE_SCHEMA, server, dest)
         assert crashed.returncode == -signal.SIGKILL, crashed.stderr
         assert (dest / ".checkpoint-sync" / "manifest.sqlite3").exists()
 
