@@ -96,8 +96,9 @@ class _Output:
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
 
     def info(self, text: str) -> None:
-        if not self.quiet and not self.as_json:
-            print(self.redact(text), file=self.stdout, flush=True)
+        """Progress and summaries: not under ``--quiet``."""
+        if not self.quiet:
+            self.answer(text)
 
     def answer(self, text: str) -> None:
         """What the command was asked for (a dry run's plan, `list`'s table, `bench`'s results):
@@ -527,17 +528,15 @@ def _print_summary(stats: Stats, options: SyncOptions, out: _Output) -> None:
             f"({human_bytes(stats.bytes_to_check)}) against their recorded digests"
         )
     if stats.files_checked:
-        out.info(
+        found = (
             f"checked {stats.files_checked} mirrored files against their recorded digests: "
             f"{stats.files_damaged} no longer matched"
-            + (
-                ""
-                if not stats.files_damaged
-                else " and were fetched again"
-                if stats.files_restored == stats.files_damaged
-                else f", {stats.files_restored} of them fetched again"
-            )
         )
+        if stats.files_restored == stats.files_damaged > 0:
+            found += " and were fetched again"
+        elif stats.files_damaged:
+            found += f", {stats.files_restored} of them fetched again"
+        out.info(found)
     for name in stats.syncing_left_out:
         out.info(f"left out, still syncing: {name} (pass --include-syncing to mirror it)")
     for where, message in stats.failures[:FAILURES_SHOWN]:
@@ -576,6 +575,11 @@ def _run(job: Callable[[], Awaitable[None]]) -> int | None:
     return received
 
 
+def _stopped(received: int, out: _Output) -> int:
+    """`list` and `bench` stopped by a signal: they have nothing to resume."""
+    return out.failed(f"stopped by {signal.Signals(received).name}", 128 + received)
+
+
 # --- list -----------------------------------------------------------------------------------------
 
 
@@ -606,7 +610,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
 
     received = _run(survey_source)
     if received is not None:
-        return out.failed(f"stopped by {signal.Signals(received).name}", 128 + received)
+        return _stopped(received, out)
     if out.as_json:
         payload = {"source": spec.name, "description": description}
         out.json(payload | {"checkpoints": [row_json(row) for row in rows]})
@@ -694,7 +698,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
 
     received = _run(measure)
     if received is not None:
-        return out.failed(f"stopped by {signal.Signals(received).name}", 128 + received)
+        return _stopped(received, out)
     if not any(t.files for t in trials):
         failure = next((t.first_failure for t in trials if t.first_failure), None)
         if failure is not None:
