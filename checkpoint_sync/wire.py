@@ -53,7 +53,8 @@ MAX_HEAD = 64 << 10
 # without a copy in between.
 RECV_BUFFER = 1 << 20
 FLUSH_AT = RECV_BUFFER - (256 << 10)
-# Body bytes held before the caller hands over its sink; past this the socket is paused.
+# Decoded chunks (chunked bodies) held before the caller hands over its sink; past this the
+# socket is paused. Other bodies wait in the receive buffer itself.
 MAX_PENDING = 1 << 20
 IDLE_PER_HOST = 32
 # Bodies at least this long (plain HTTP) are spliced from the socket into their file.
@@ -514,11 +515,22 @@ class _Connection(asyncio.BufferedProtocol, Body):
             self._hand_over()
 
     def _hand_over(self) -> None:
+        """Hand the body bytes in the buffer to the sink. Before the caller has given one they
+        stay where they were received, and reading pauses: the buffer is nearly full, or the body
+        is complete. Small bodies mostly are by then: copying them out instead cost 3-8% of the
+        CPU of a run of small files."""
+        if self._sink is None:
+            if not self._paused and not self._closed and self._transport is not None:
+                self._transport.pause_reading()
+            self._paused = True
+            return
         piece = self._view[self._base : self._filled]
         self._base = self._filled = 0
-        self._deliver(piece)
+        if piece:
+            self._sink(piece)
 
     def _deliver(self, piece: memoryview) -> None:
+        """Hand a decoded chunk to the sink, or keep a copy until there is one."""
         if not piece:
             return
         if self._sink is not None:
@@ -546,6 +558,8 @@ class _Connection(asyncio.BufferedProtocol, Body):
         for piece in pending:
             sink(memoryview(piece))
         self._sink = sink
+        if self._paused:
+            self._hand_over()  # what the buffer held for want of a sink
         if file is not None and self._splicing_pays(file):
             await self._splice_into(file)
             return

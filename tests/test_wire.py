@@ -281,6 +281,27 @@ async def test_a_connection_left_paused_by_a_partly_read_answer_is_not_reused() 
     assert server.connections == 2
 
 
+@pytest.mark.parametrize("size", [5, 3 << 20], ids=["small", "past-the-buffer"])
+async def test_a_body_that_arrives_before_it_is_read_is_handed_over_whole(size: int) -> None:
+    body = os.urandom(size)
+
+    def script(n: int) -> list[bytes]:
+        if n == 1:
+            return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + body]
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+
+    server = Server(script)
+    async with serving(server) as url, client(read_timeout=2) as http:
+        got = bytearray()
+        async with http.request(url, {}) as response:
+            await asyncio.sleep(0.2)  # held unread: all of it, or as much as the buffer takes
+            with anyio.fail_after(5):
+                await response.stream_to(got.extend)
+        assert got == body
+        assert await fetch(http, url) == (200, b"ok")
+    assert server.connections == 1  # read to its end, the connection is kept
+
+
 async def test_more_bytes_than_announced_are_cut_and_the_connection_dropped() -> None:
     server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello-and-more"])
     async with serving(server) as url, client() as http:
