@@ -508,7 +508,15 @@ def _exit_code(stats: Stats, received: int | None, error: CheckpointSyncError | 
     return EXIT_FILES_FAILED if stats.files_failed else EXIT_OK
 
 
-def _print_summary(stats: Stats, options: SyncOptions, out: _Output) -> None:
+# How to mirror a checkpoint left out as still syncing. `demo` has no --include-syncing: it
+# names the command that has.
+_SYNC_SYNCING_HINT = "pass --include-syncing to mirror it"
+_DEMO_SYNCING_HINT = "checkpoint-sync sync --include-syncing would mirror it"
+
+
+def _print_summary(
+    stats: Stats, options: SyncOptions, out: _Output, syncing_hint: str = _SYNC_SYNCING_HINT
+) -> None:
     verb = "would fetch" if options.dry_run else "fetched"
     out.info(
         f"{verb} {stats.files_to_fetch if options.dry_run else stats.files_fetched} files "
@@ -538,7 +546,7 @@ def _print_summary(stats: Stats, options: SyncOptions, out: _Output) -> None:
             found += f", {stats.files_restored} of them fetched again"
         out.info(found)
     for name in stats.syncing_left_out:
-        out.info(f"left out, still syncing: {name} (pass --include-syncing to mirror it)")
+        out.info(f"left out, still syncing: {name} ({syncing_hint})")
     for where, message in stats.failures[:FAILURES_SHOWN]:
         out.error(f"{where}: {message}")
     if stats.files_failed > FAILURES_SHOWN:
@@ -649,7 +657,7 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
                 codes.append(_exit_code(stats, None, None))
                 runs.append({"run": attempt + 1, **summary(stats)})
                 if not out.as_json:
-                    _print_summary(stats, options, out)
+                    _print_summary(stats, options, out, _DEMO_SYNCING_HINT)
 
     received = _run(run_twice)
     if out.as_json:

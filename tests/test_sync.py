@@ -542,6 +542,20 @@ def test_demo_mirrors_then_skips_everything_in_one_json_summary(tmp_path: Path) 
     assert second["files"]["fetched"] == 0
 
 
+def test_the_demo_names_the_command_that_mirrors_the_checkpoint_it_left_out(
+    tmp_path: Path,
+) -> None:
+    result = run_cli("demo", "--dest", tmp_path / "demo")
+
+    assert result.code == 0, result.stderr
+    # It said "pass --include-syncing to mirror it", a flag `demo` does not have.
+    left_out = [line for line in result.stdout.splitlines() if line.startswith("left out")]
+    assert left_out == 2 * [
+        "left out, still syncing: demo-job/checkpoint-30 "
+        "(checkpoint-sync sync --include-syncing would mirror it)"
+    ]
+
+
 @pytest.fixture
 def dead_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """HTTP_PROXY names a port nobody listens on: a request sent there fails."""
