@@ -405,15 +405,17 @@ class _Selection:
 
 @asynccontextmanager
 async def _selected(
-    recipe: SourceRecipe, wanted: _Selection, *, include_syncing: bool
+    recipe: SourceRecipe, wanted: _Selection, *, syncing_too: bool = False
 ) -> AsyncIterator[tuple[HttpClient, Source, Selection]]:
-    """Open the source and narrow its checkpoints to those wanted."""
+    """Open the source and narrow its checkpoints to those wanted; those still syncing only with
+    ``include_syncing`` (flag or config, read here so that every command takes it alike) or
+    ``syncing_too``."""
     async with recipe.open() as (http, source):
         selection = select_checkpoints(
             await source.checkpoints(),
             names=wanted.names,
             latest=wanted.latest,
-            include_syncing=include_syncing,
+            include_syncing=syncing_too or recipe.settings.include_syncing,
             what=source.description,
         )
         yield http, source, selection
@@ -427,9 +429,8 @@ async def _mirror(
     def show_plan(planned: PlannedFile) -> None:
         out.answer(f"{planned.action:5} {planned.path} ({human_bytes(planned.size)})")
 
-    include_syncing = recipe.settings.include_syncing
     async with (
-        _selected(recipe, wanted, include_syncing=include_syncing) as (http, source, selection),
+        _selected(recipe, wanted) as (http, source, selection),
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(out.display().run, stats)
@@ -607,8 +608,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         # A listing shows checkpoints still uploading too (their status says so), but with
         # --latest the one `sync --latest` would take: the newest complete one, unless the
         # config's include_syncing (list has no flag for it) lets sync take a newer one.
-        include_syncing = not args.latest or settings.include_syncing
-        opened = _selected(recipe, wanted, include_syncing=include_syncing)
+        opened = _selected(recipe, wanted, syncing_too=not args.latest)
         async with opened as (_, source, selection):
             description = source.description
             dest = args.dest.expanduser().absolute() if args.dest else None
@@ -688,7 +688,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
         # The listing has its own client: each trial opens fresh connections for the files.
         async with (
             _bench_target(args, settings) as recipe,
-            _selected(recipe, wanted, include_syncing=False) as (_, source, selection),
+            _selected(recipe, wanted) as (_, source, selection),
         ):
             out.info(f"benchmarking {source.description}: {len(pairs)} trials")
             trials.extend(

@@ -126,6 +126,22 @@ def test_bench_node_rank_fetches_and_budgets_only_that_rank(tmp_path: Path) -> N
     )
 
 
+@pytest.mark.parametrize(("config", "taken"), [("", "checkpoint-20"), ("true", "checkpoint-30")])
+def test_bench_latest_takes_the_checkpoint_sync_latest_would(
+    tmp_path: Path, config: str, taken: str
+) -> None:
+    settings = tmp_path / "cs.toml"
+    settings.write_text(f"include_syncing = {config}\n" if config else "")
+    with ServerThread(job_catalog(syncing_last=True)) as server:  # checkpoint-30 is syncing
+        args = ["--latest", "--concurrency", "2", "--part-size", "256KiB"]
+        result = run_cli(*job_args(server, "bench", *args, "--config", settings))
+        fetched = {name.partition("/")[0] for name, _, _ in server.traffic.ranges}
+
+    assert result.code == 0, result.stderr
+    # With include_syncing = true in the config it measured checkpoint-20 all the same.
+    assert fetched == {taken}
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
