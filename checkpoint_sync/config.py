@@ -22,6 +22,9 @@ from .net import url_problem
 from .redact import redact_url
 
 ENV_PREFIX = "CHECKPOINT_SYNC_"
+# The longest any timeout or delay may be: a day. Much longer is surely a typo, and timers
+# refuse it (poll() takes at most 2**31 ms, about 24.8 days: an internal error mid-transfer).
+MAX_SECONDS = 24 * 60 * 60
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", re.IGNORECASE)
 
 
@@ -65,11 +68,11 @@ class Settings(BaseModel):
     include_syncing: bool = False
     fsync: bool = False
     wait_lock: bool = False
-    connect_timeout: float = Field(default=30.0, gt=0)
-    read_timeout: float = Field(default=60.0, gt=0)
+    connect_timeout: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
+    read_timeout: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
     retries: int = Field(default=8, ge=1)
-    retry_max_delay: float = Field(default=30.0, ge=0)
-    retry_deadline: float = Field(default=600.0, gt=0)
+    retry_max_delay: float = Field(default=30.0, ge=0, le=MAX_SECONDS)
+    retry_deadline: float = Field(default=600.0, gt=0, le=MAX_SECONDS)
     ca_bundle: Path | None = None
     proxies: bool = True  # false: ignore HTTP(S)_PROXY and connect directly
 

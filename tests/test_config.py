@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.config import Settings, format_size, load_settings, parse_size
+from checkpoint_sync.config import (
+    MAX_SECONDS,
+    Settings,
+    check_setting,
+    format_size,
+    load_settings,
+    parse_size,
+)
 from checkpoint_sync.errors import UsageError
 from checkpoint_sync.net import NetSettings, ssl_context
 
@@ -93,6 +101,31 @@ def test_a_bad_value_is_named_where_it_came_from(
     config.write_text("concurrency = 5\n" if env or flags else "concurrency = -1\n")
     with pytest.raises(UsageError, match=f"bad setting {named}"):
         load_settings(config, flags, env)
+
+
+DURATIONS = ["connect_timeout", "read_timeout", "retry_max_delay", "retry_deadline"]
+
+
+@pytest.mark.parametrize("name", DURATIONS)
+@pytest.mark.parametrize(
+    ("value", "allowed"),
+    [
+        (0.001, True),
+        (MAX_SECONDS, True),
+        (MAX_SECONDS + 0.5, False),
+        (2**31 / 1000, False),  # past what poll() takes: was an internal error mid-transfer
+        (1e10, False),
+        (math.inf, False),
+        (math.nan, False),
+        (-1, False),
+    ],
+)
+def test_every_duration_is_bounded(name: str, value: float, allowed: bool) -> None:
+    if allowed:
+        check_setting(name, value)
+    else:
+        with pytest.raises(UsageError, match=f"bad {name} "):
+            check_setting(name, value)
 
 
 @pytest.mark.parametrize("content", [None, b"not a certificate\n", "directory"])

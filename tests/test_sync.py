@@ -518,6 +518,30 @@ def test_a_bad_config_value_exits_2(tmp_path: Path) -> None:
     assert "concurrency" in result.stderr
 
 
+def test_a_read_timeout_no_timer_takes_is_a_usage_error_before_any_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CHECKPOINT_SYNC_READ_TIMEOUT")  # set by conftest; it would beat the file
+    config = tmp_path / "cs.toml"
+    config.write_text("read_timeout = 3000000\n")  # 35 days: past poll()'s 2**31 ms
+    # Parts of 8 MiB, each sent in ~0.1 s: most of a part's body is spliced into the file (one
+    # that came whole would be hashed on the way instead), waiting in poll(read_timeout).
+    catalog = job_catalog(checkpoints=1, large_size=16 << 20, small_files=0)
+    with ServerThread(catalog, faults=Faults(throttle=100 << 20)) as server:
+        mirror = tmp_path / "mirror"
+        args: list[str | Path] = ["--dest", mirror, "--part-size", "8MiB", "--config", config]
+        result = run_cli(*job_args(server, "sync", *args))
+        requests = server.traffic.api_requests
+
+    # It was "internal error (OverflowError: timeout is too large)", exit 1, mid-transfer.
+    assert result.code == 2, result.stderr
+    assert result.stderr == (
+        f"checkpoint-sync: error: bad setting read_timeout in {config}: "
+        "Input should be less than or equal to 86400\n"
+    )
+    assert requests == 0
+
+
 def test_json_summary_counts_bytes_and_rate(server: ServerThread, dest: Path) -> None:
     result = run_cli(*sync_args(server, dest, "--json"))
 
