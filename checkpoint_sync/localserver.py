@@ -150,13 +150,17 @@ class Faults:
     misstate_total: int = 0
     # Send this many bytes past the range asked for (Content-Length counts them).
     overlong_body: int = 0
+    # Answer a ranged request with at most this many bytes from its start, as CDNs and gateways
+    # that cap range answers do (RFC 9110 lets a server send less than asked for); 0: no cap.
+    range_cap: int = 0
     # A new weak ETag on every answer (W/"..."): weak validators say nothing about the bytes.
     weak_etags: bool = False
     stall_seconds: float = 30.0
     # The Retry-After header of an injected 429.
     retry_after: str = "0"
     # Decides a fault for one request from (name, start, end), before `fail_rate` is drawn;
-    # besides `fail_kinds`, "unterminated": the whole body, chunked, without its last chunk.
+    # besides `fail_kinds`, "unterminated": the whole body, chunked, without its last chunk;
+    # "empty": the head as for the range, with Content-Length 0 and no body.
     hook: Callable[[str, int, int], str | None] | None = None
     seed: int = 7
     # Seconds every API request waits before it is answered (a slow listing).
@@ -648,10 +652,14 @@ class LocalServer:
             return web.Response(status=429, headers={"Retry-After": retry_after}, text="slow down")
         if fault is not None and fault.isdigit():
             return web.Response(status=int(fault), text="injected failure")
+        if ranged and self.faults.range_cap:
+            end = min(end, start + self.faults.range_cap)
         response = web.StreamResponse(status=206 if ranged else 200)
         extra = self.faults.overlong_body
         if fault == "unterminated":
             response.enable_chunked_encoding()  # every byte, then no last chunk
+        elif fault == "empty":
+            response.content_length = 0
         else:
             response.content_length = end - start + extra
         response.headers["Accept-Ranges"] = "bytes"
@@ -688,8 +696,13 @@ class LocalServer:
         end: int,
         fault: str | None,
     ) -> None:
-        # A broken transfer stops somewhere in the middle of the body.
-        cut = start + (end - start) // 2 if fault in ("reset", "short", "stall") else end
+        # A broken transfer stops somewhere in the middle of the body; an empty one at once.
+        if fault == "empty":
+            cut = start
+        elif fault in ("reset", "short", "stall"):
+            cut = start + (end - start) // 2
+        else:
+            cut = end
         position = start
         while position < cut:
             chunk = content(file.seed, position, min(SEND_CHUNK, cut - position))
