@@ -24,7 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 from urllib.parse import urljoin
 
 import anyio
@@ -452,8 +452,27 @@ class Transfers:
         state: _PartState,
         answered: anyio.Event | None,
     ) -> None:
-        if state.offset == state.end:
-            return  # every byte came before the connection broke: nothing is left to ask for
+        """Ask for the part's bytes from ``state.offset`` on until all have come.
+
+        A server may answer with fewer bytes than asked for (RFC 9110 §14.4; CDNs and gateways
+        cap range answers): they are kept and the rest is asked for at once, which is no failed
+        attempt. This ends: an answer that is no error leaves ``state.offset`` further on
+        (`content_range_end` refuses an empty range and one that starts elsewhere, and a body
+        that stops short of its range is a `TransientError`).
+        """
+        while state.offset < state.end:
+            await self._request_range(staged, file, part, url, state, answered)
+
+    async def _request_range(
+        self,
+        staged: _Staged,
+        file: RemoteFile,
+        part: Part,
+        url: str,
+        state: _PartState,
+        answered: anyio.Event | None,
+    ) -> None:
+        """One request for the part's bytes from ``state.offset`` on, its redirects followed."""
         headers = {"Range": f"bytes={state.offset}-{state.end - 1}"}
         requested = time.monotonic()
         # A loop, not a context manager of its own: that layer cost 3% of the CPU on small files.
@@ -464,7 +483,7 @@ class Transfers:
                     answered_at = time.monotonic()
                     if answered is not None:
                         answered.set()
-                    started_at = await self._take_answer(resp, staged, file, part, url, state)
+                    started_at, stop = await self._take_answer(resp, staged, file, part, url, state)
                     break
             try:
                 url = urljoin(url, location)
@@ -476,8 +495,8 @@ class Transfers:
                 raise FileError(f"redirected to {redact_url(url)}, which is {problem}")
         else:
             raise FileError(f"more than {MAX_REDIRECTS} redirects, the last to {redact_url(url)}")
-        if state.offset != state.end:
-            raise TransientError(f"body ended at byte {state.offset}, expected {state.end}")
+        if state.offset != stop:
+            raise TransientError(f"body ended at byte {state.offset}, expected {stop}")
         self._stats.timed(
             answered_at - requested, state.offset - started_at, time.monotonic() - answered_at
         )
@@ -490,33 +509,40 @@ class Transfers:
         part: Part,
         url: str,
         state: _PartState,
-    ) -> int:
-        """Write the body of a part's (final) answer at its place; the offset it started at."""
+    ) -> tuple[int, int]:
+        """Write the body of a part's (final) answer at its place; the offsets it started at and
+        should end at."""
         state.url_worked = state.url_worked or resp.status != 403
         if resp.status == 200:
             if part.start != 0:
                 raise _RangeIgnored(f"{redact_url(url)} ignores Range requests")
             # The whole body, whatever was asked: take it as the file, from byte 0.
             state.take_whole(file)
+            stop = state.end
         elif resp.status == 206:
-            _check_content_range(resp.headers.get("content-range"), state, file.size)
+            content_range = resp.headers.get("content-range")
+            stop = content_range_end(content_range, state.offset, state.end, file.size)
         else:
             await _raise_for_file_status(resp, url)
         staged.same_object(resp.headers.get("etag"))
         started_at = state.offset
-        writer = _PartWriter(staged, state, self._stats, self._dest)
+        writer = _PartWriter(staged, state, stop, self._stats, self._dest)
         # A part hashed on the way cannot skip Python; the others may be spliced.
         await resp.stream_to(writer.take, writer if state.digests is None else None)
-        return started_at
+        return started_at, stop
 
 
 class _PartWriter:
-    """Writes a part's body at its offset as it arrives, hashing it if it is the whole file."""
+    """Writes an answer's body at its offset as it arrives, up to ``stop`` (where the range it
+    answered with ends), hashing it if it is the whole file."""
 
-    def __init__(self, staged: _Staged, state: _PartState, stats: Stats, dest: Path) -> None:
+    def __init__(
+        self, staged: _Staged, state: _PartState, stop: int, stats: Stats, dest: Path
+    ) -> None:
         self.fd = staged.fd
         self._staged = staged
         self._state = state
+        self._stop = stop
         self._stats = stats
         self._dest = dest
 
@@ -526,7 +552,7 @@ class _PartWriter:
 
     @property
     def room(self) -> int:
-        return self._state.end - self._state.offset
+        return self._stop - self._state.offset
 
     def took(self, size: int) -> None:
         """``size`` bytes were spliced into the file at ``offset``."""
@@ -542,8 +568,10 @@ class _PartWriter:
         size = len(piece)
         self._stats.bytes_fetched += size
         state = self._state
-        if state.offset + size > state.end:
-            raise IntegrityError(f"server sent more than the {state.end} bytes asked for")
+        if state.offset + size > self._stop:
+            raise IntegrityError(
+                f"server sent more than the range it answered with, up to byte {self._stop - 1}"
+            )
         # On the loop, not in a thread: a write into the page cache takes microseconds, and
         # handing each piece to a thread cost more CPU and memory than it saved (benchmarks/).
         try:
@@ -630,21 +658,26 @@ class _Digests:
         return self._xxh3.hexdigest()
 
 
-def _check_content_range(header: str | None, state: _PartState, size: int) -> None:
+def content_range_end(header: str | None, offset: int, end: int, size: int) -> int:
+    """Where the bytes of a 206 answer to a request for bytes ``offset`` to ``end - 1`` of an
+    object of ``size`` bytes end (exclusive): ``end``, or before it when the server sent less
+    than asked for, as RFC 9110 lets it. `IntegrityError` for any range that does not start at
+    ``offset``, ends past ``end - 1``, is empty, or names another size: those bytes are not
+    the ones asked for, or not of the listed object."""
     match = _CONTENT_RANGE.fullmatch(header or "")
-    expected = (state.offset, state.end - 1, size)
-    if match is None:
+    # A last byte before the first is an invalid range (RFC 9110 §14.4), not an empty one.
+    if match is None or int(match[2]) < int(match[1]):
         raise IntegrityError(f"206 without a valid Content-Range ({header!r})")
-    start, last, total = match.groups()
-    got = (int(start), int(last), int(total) if total != "*" else size)
-    if got != expected:
+    start, last = int(match[1]), int(match[2])
+    total = int(match[3]) if match[3] != "*" else size
+    if start != offset or last >= end or total != size:
         raise IntegrityError(
-            f"Content-Range {header!r} does not match the requested bytes "
-            f"{expected[0]}-{expected[1]}/{expected[2]}"
+            f"Content-Range {header!r} does not match the requested bytes {offset}-{end - 1}/{size}"
         )
+    return last + 1
 
 
-async def _raise_for_file_status(resp: Response, url: str) -> None:
+async def _raise_for_file_status(resp: Response, url: str) -> NoReturn:
     status = resp.status
     where = redact_url(url)
     if status == 403:

@@ -6,10 +6,13 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from checkpoint_sync.errors import IntegrityError
 from checkpoint_sync.localserver import Faults, ServedFile
+from checkpoint_sync.transfer import content_range_end
 
 from .conftest import JOB, job_catalog, sync_args
 from .support import ServerThread, assert_exact, mirrored, new_version, run_cli
@@ -112,15 +115,17 @@ def test_a_server_ignoring_range_is_read_as_one_stream(server: ServerThread, des
     assert server.traffic.object_bytes_sent == server.data_size()
 
 
-def every_file_fails(server: ServerThread, dest: Path, reason: str) -> None:
-    """A run fails every file for ``reason``, and publishes none."""
-    result = run_cli(*sync_args(server, dest, "--json"))
+def every_file_fails(server: ServerThread, dest: Path, reason: str, *extra: str) -> Any:
+    """A run fails every file for ``reason``, and publishes none; its JSON summary."""
+    result = run_cli(*sync_args(server, dest, "--json", *extra))
 
     assert result.code == 1
-    failures = json.loads(result.stdout)["failures"]
+    summary = json.loads(result.stdout)
+    failures = summary["failures"]
     assert len(failures) == len(server.files())
     assert all(reason in f["error"] for f in failures)
     assert not (dest / JOB).exists() or not any(p.is_file() for p in (dest / JOB).rglob("*"))
+    return summary
 
 
 @pytest.mark.parametrize("fault", ["shift_content_range", "misstate_total"])
@@ -146,6 +151,110 @@ def test_a_body_longer_than_its_range_fails_the_file(server: ServerThread, dest:
     server.faults.overlong_body = 100  # after the range, with a Content-Range that matches it
 
     every_file_fails(server, dest, "server sent more than the")
+
+
+# Asked for bytes 100-199 of a 1000-byte object: where the answer's bytes end, or why not.
+@pytest.mark.parametrize(
+    ("header", "outcome"),
+    [
+        ("bytes 100-199/1000", 200),  # whole
+        ("bytes 100-199/*", 200),  # size unknown to the server: taken as listed
+        ("bytes 100-149/1000", 150),  # short, as RFC 9110 allows
+        ("bytes 100-100/1000", 101),  # one byte is progress
+        ("bytes 100-149/*", 150),
+        ("bytes 99-149/1000", "does not match the requested bytes 100-199/1000"),
+        ("bytes 0-99/1000", "does not match"),  # the same bytes again: no progress
+        ("bytes 101-199/1000", "does not match"),  # a gap
+        ("bytes 100-200/1000", "does not match"),  # past the range asked for
+        ("bytes 100-149/999", "does not match"),  # another object
+        ("bytes 100-99/1000", "without a valid Content-Range"),  # empty
+        ("bytes */1000", "without a valid Content-Range"),
+        ("bytes 100-149", "without a valid Content-Range"),
+        (None, "without a valid Content-Range"),
+    ],
+)
+def test_a_content_range_is_taken_whole_or_short_or_refused(
+    header: str | None, outcome: int | str
+) -> None:
+    if isinstance(outcome, int):
+        assert content_range_end(header, 100, 200, 1000) == outcome
+    else:
+        with pytest.raises(IntegrityError, match=outcome):
+            content_range_end(header, 100, 200, 1000)
+
+
+def parts_asked(size: int, part: int, cap: int) -> list[tuple[int, int]]:
+    """The ranges a file of ``size`` bytes in parts of ``part`` is asked for from a server that
+    answers with at most ``cap`` bytes: each part, then what is left of it after each answer."""
+    return [
+        (offset, min(start + part, size))
+        for start in range(0, size, part)
+        for offset in range(start, min(start + part, size), cap)
+    ]
+
+
+def test_short_range_answers_are_kept_and_the_rest_asked_for(dest: Path) -> None:
+    # Large files in 5 parts, and one-part files hashed as they arrive, all answered in pieces.
+    catalog = job_catalog(checkpoints=1, small_files=2, small_size=250_000)
+    with ServerThread(catalog, Faults(range_cap=100_000)) as server:
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+        assert result.code == 0, result.stderr
+        assert json.loads(result.stdout)["retries"] == 0  # a short answer is no failure
+        assert_mirrored(server, dest)
+        assert server.traffic.object_bytes_sent == server.data_size()  # nothing twice
+        for file in server.files():
+            asked = sorted((s, e) for name, s, e in server.traffic.ranges if name == file.name)
+            copies = sum(f.name == file.name for f in server.files())  # one per rank
+            assert asked == sorted(parts_asked(file.size, PART, 100_000) * copies)
+
+        # The digests recorded for files hashed on the way are those of the bytes on disk.
+        checked = run_cli(*sync_args(server, dest, "--verify", "--json"))
+
+        assert checked.code == 0, checked.stderr
+        files = json.loads(checked.stdout)["files"]
+        assert (files["checked"], files["damaged"]) == (len(server.files()), 0)
+
+
+@pytest.mark.parametrize("spliced", [False, True])
+def test_a_short_answer_longer_than_its_range_fails_the_file(dest: Path, spliced: bool) -> None:
+    # Spliced: a 5 MiB answer, moved by the kernel unless more than its range comes.
+    size, part, cap = (12 << 20, "8MiB", 5 << 20) if spliced else (4 * PART, "256KiB", 100_000)
+    catalog = job_catalog(checkpoints=1, large_size=size, small_files=0)
+    with ServerThread(catalog, Faults(range_cap=cap, overlong_body=100)) as server:
+        summary = every_file_fails(
+            server, dest, "server sent more than the range it answered with", "--part-size", part
+        )
+
+        assert summary["retries"] == 0  # refused at once, not written and then found short
+
+
+def test_short_answers_without_their_bytes_end_in_a_failure(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "2")
+    server.faults.range_cap = 1000  # every file answered in pieces, small ones too
+    server.faults.hook = lambda name, start, end: "empty"
+
+    summary = every_file_fails(server, dest, "gave up after retrying: body ended at byte")
+
+    assert summary["retries"] >= len(server.files())
+
+
+def test_a_server_answering_the_rest_of_a_part_with_its_start_again_fails_the_file(
+    server: ServerThread, dest: Path
+) -> None:
+    server.faults.range_cap = 1000
+
+    def same_start(name: str, start: int, end: int) -> None:
+        server.faults.shift_content_range = -(start % PART)  # back to the part's first byte
+
+    server.faults.hook = same_start
+
+    every_file_fails(server, dest, "does not match the requested bytes")
+    # Each file's first short answer was taken, and the rest asked for.
+    rest_asked = {name for name, start, _ in server.traffic.ranges if start % PART}
+    assert rest_asked == {f.name for f in server.files()}
 
 
 def test_weak_etags_that_differ_do_not_fail_a_file(server: ServerThread, dest: Path) -> None:
