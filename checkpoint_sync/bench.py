@@ -25,7 +25,15 @@ from .net import NetSettings
 from .plan import Selection, wanted_rank
 from .progress import Stats
 from .retry import RetryPolicy
-from .sources.base import Checkpoint, Listed, Relisted, RemoteFile, Source, UnreadableEntry
+from .sources.base import (
+    Available,
+    Checkpoint,
+    Listed,
+    Relisted,
+    RemoteFile,
+    Source,
+    UnreadableEntry,
+)
 from .transfer import TransferSettings
 from .wire import HttpClient
 
@@ -111,7 +119,7 @@ class _Listed:
         self.name = source.name
         self.description = source.description
 
-    async def checkpoints(self) -> list[Checkpoint]:
+    async def checkpoints(self) -> Sequence[Available]:
         return await self._source.checkpoints()
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:

@@ -35,6 +35,7 @@ from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_by
 from .redact import Redactor
 from .retry import RetryPolicy
 from .sources import SOURCES, Source, SourceRecipe, SourceSpec
+from .sources.base import UnreadableCheckpoint
 from .sources.baseten_training import TrainingJobs
 from .transfer import TransferSettings
 from .wire import HttpClient
@@ -599,6 +600,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
     settings = _settings(args, out)
     spec = _chosen_source(args)
     rows: list[Row] = []
+    unreadable: list[UnreadableCheckpoint] = []
     description = ""
 
     async def survey_source() -> None:
@@ -615,18 +617,24 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
             rows.extend(
                 await survey(source, selection.checkpoints, dest, frozenset(args.node_rank))
             )
+            unreadable.extend(selection.unreadable)
 
     received = _run(survey_source)
     if received is not None:
         return _stopped(received, out)
     if out.as_json:
         payload = {"source": spec.name, "description": description}
-        out.json(payload | {"checkpoints": [row_json(row) for row in rows]})
-    elif rows:
+        left_out = [{"checkpoint": c.where, "id": c.key, "error": c.problem} for c in unreadable]
+        out.json(payload | {"checkpoints": [row_json(row) for row in rows], "left_out": left_out})
+        return EXIT_OK
+    if rows:
         for line in table(rows):
             out.answer(line)
-    else:
+    elif not unreadable:
         out.answer(f"no checkpoints in {description}")
+    # Part of the answer: a checkpoint the run has, which a sync would fail.
+    for checkpoint in unreadable:
+        out.answer(f"left out: {checkpoint.where}: {checkpoint.problem}")
     return EXIT_OK
 
 

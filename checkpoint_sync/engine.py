@@ -98,6 +98,10 @@ async def sync(
     recorded and the others go on.
     """
     stats.syncing_left_out = [f"{c.run}/{c.name}" for c in selection.syncing]
+    # Unlike a checkpoint still syncing, no rerun or flag will mirror it: it fails, as a file
+    # whose listing entry is unreadable does (exit 1), and the rest of the selection lands.
+    for checkpoint in selection.unreadable:
+        stats.fail(checkpoint.where, checkpoint.problem)
     if options.dry_run:
         _refuse_what_is_no_directory(options.dest)
         manifest = Manifest(manifest_path(options.dest), read_only=True)

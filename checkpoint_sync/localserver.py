@@ -90,13 +90,13 @@ class ServedLoopsCheckpoint:
 
     id: str  # unique, unlike the name a trainer and a sampler checkpoint may share
     run_id: str
-    target: str  # "trainer" or "sampler"
+    target: str  # "trainer" or "sampler", or a kind the pages do not name yet
     base_model: str
     checkpoint: ServedCheckpoint
 
     @property
     def uri(self) -> str:
-        kind = "weights" if self.target == "trainer" else "sampler_weights"
+        kind = {"trainer": "weights", "sampler": "sampler_weights"}.get(self.target, self.target)
         return f"bt://loops:{self.run_id}/{kind}/{self.checkpoint.checkpoint_id}"
 
     def matches(self, query: str, value: str) -> bool:

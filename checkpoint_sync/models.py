@@ -2,8 +2,9 @@
 
 Fields the engine relies on are required; the rest are optional so that a provider adding or
 dropping a descriptive field does not stop a mirror. Unknown fields are ignored. An entry of a
-file listing that does not match its model is kept as `Unreadable` rather than failing its page:
-that one file fails, and the rest of the listing is mirrored.
+file listing (or of the Loops checkpoint list: a target the pages do not name) that does not match
+its model is kept as `Unreadable` rather than failing its page: that one file (or checkpoint)
+fails, and the rest of the listing is mirrored.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ class LoopsCheckpoint(ApiModel):
 
 
 class LoopsCheckpoints(ApiModel):
-    checkpoints: list[LoopsCheckpoint]
+    checkpoints: list[Annotated[LoopsCheckpoint | Unreadable, OR_UNREADABLE]]
 
 
 # --- W&B Training --------------------------------------------------------------------------------

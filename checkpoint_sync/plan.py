@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .errors import FileError, IntegrityError, NotFoundError
+from .errors import FileError, IntegrityError, NotFoundError, UsageError
 from .net import url_problem
-from .sources.base import Checkpoint, RemoteFile, SyncState
+from .sources.base import Available, Checkpoint, RemoteFile, SyncState, UnreadableCheckpoint
 
 # Larger than any checkpoint file we can imagine; a size beyond it is a broken listing.
 MAX_FILE_SIZE = 1 << 50
@@ -18,28 +18,40 @@ class Selection:
     checkpoints: list[Checkpoint]
     # Left out because their upload is still going on; named in the output.
     syncing: list[Checkpoint] = field(default_factory=list)
+    # Left out because their listing entry is unreadable; each fails as one entry.
+    unreadable: list[UnreadableCheckpoint] = field(default_factory=list)
 
 
 def select_checkpoints(
-    available: Sequence[Checkpoint],
+    available: Sequence[Available],
     *,
     names: Iterable[str] = (),
     latest: bool = False,
     include_syncing: bool = False,
     what: str = "the run",
 ) -> Selection:
-    """Narrow a run's checkpoints to those named, complete or latest."""
+    """Narrow a run's checkpoints to those named, complete or latest.
+
+    A checkpoint whose entry is unreadable is never selected: named (by its id), it is a usage
+    error; a selection of the whole run carries it as unreadable, and `--latest`, which asks for
+    one checkpoint, passes it over.
+    """
     wanted = list(dict.fromkeys(names))
-    candidates = list(available)
+    candidates = [c for c in available if isinstance(c, Checkpoint)]
+    unreadable = [c for c in available if isinstance(c, UnreadableCheckpoint)]
     if wanted:
-        by_name = {c.name for c in available} | {c.key for c in available}
+        by_name = {c.name for c in candidates} | {c.key for c in candidates}
+        for entry in unreadable:
+            if entry.key in wanted:
+                raise UsageError(f"{entry.where} in {what}: {entry.problem}")
         missing = [n for n in wanted if n not in by_name]
         if missing:
-            known = ", ".join(c.name for c in available) or "none"
+            known = ", ".join(c.name for c in candidates) or "none"
             raise NotFoundError(
                 f"checkpoint {', '.join(missing)} not found in {what} (it has: {known})"
             )
-        candidates = [c for c in available if c.name in wanted or c.key in wanted]
+        candidates = [c for c in candidates if c.name in wanted or c.key in wanted]
+        unreadable = []
     if latest:
         # Where the API reports no checkpoint as complete but leaves some statuses null (it
         # may: NOTES.md), the newest of those, as a plain sync would mirror them too.
@@ -55,10 +67,11 @@ def select_checkpoints(
         newer = [c for c in syncing if c not in pool and _age_key(c) > _age_key(newest)]
         return Selection([newest], newer)
     if include_syncing:
-        return Selection(candidates)
+        return Selection(candidates, unreadable=unreadable)
     return Selection(
         [c for c in candidates if c.state is not SyncState.SYNCING],
         [c for c in candidates if c.state is SyncState.SYNCING],
+        unreadable,
     )
 
 

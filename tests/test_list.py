@@ -14,7 +14,7 @@ from checkpoint_sync.sources.base import Checkpoint, SyncState
 
 from .conftest import job_args, job_catalog, sync_args
 from .support import ServerThread, run_cli
-from .test_loops import RUN, loops_catalog
+from .test_loops import RUN, loops_catalog, with_future_target
 from .test_sync import left_in_parts
 from .test_wandb import ARTIFACT, MODEL, serve, wandb_catalog
 
@@ -212,6 +212,26 @@ def test_loops_trainer_and_sampler_states_are_told_apart(dest: Path) -> None:
         "weights-step-20": "absent",
         "sampler_weights-step-20": "mirrored",
     }
+
+
+def test_a_loops_checkpoint_of_a_target_the_pages_do_not_name_is_named_as_left_out() -> None:
+    catalog = loops_catalog()
+    future = with_future_target(catalog)
+    with ServerThread(catalog) as server:
+        base = ["--api-url", server.url, "--loops-run", RUN]
+        text = run_cli("list", *base)
+        as_json = run_cli("list", *base, "--json")
+
+    assert text.code == as_json.code == 0, text.stderr
+    *table_lines, left_out = text.stdout.splitlines()
+    assert len(table_lines) == 1 + 4  # the header, and the trainer and sampler checkpoints
+    where = f"{RUN}/step-30 (target reward_model, id {future.id})"
+    assert left_out.startswith(f"left out: {where}: its listing entry is unreadable (target:")
+    document = json.loads(as_json.stdout)
+    assert len(document["checkpoints"]) == 4
+    (entry,) = document["left_out"]
+    assert (entry["checkpoint"], entry["id"]) == (where, future.id)
+    assert entry["error"].endswith("so it cannot be mirrored")
 
 
 def test_w_and_b_states_need_the_artifact_path(dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:

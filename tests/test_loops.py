@@ -6,6 +6,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from checkpoint_sync.errors import UsageError
 from checkpoint_sync.localserver import (
     Catalog,
+    ServedCheckpoint,
     ServedFile,
     ServedLoopsCheckpoint,
     synthetic_loops_run,
@@ -38,6 +40,16 @@ def loops_catalog(*, syncing_last: bool = False) -> Catalog:
             *synthetic_loops_run(SIBLING_RUN, BASE_MODEL, names=("step-5",), first_seed=170_000),
         ],
     )
+
+
+def with_future_target(catalog: Catalog) -> ServedLoopsCheckpoint:
+    """Add to RUN its newest checkpoint, of a target the pages do not name (a later API's)."""
+    newest = max(c.checkpoint.created_at for c in catalog.loops if c.run_id == RUN)
+    files = [ServedFile(0, "head/value.safetensors", 3000, newest.isoformat(), 190_001)]
+    checkpoint = ServedCheckpoint("step-30", newest + timedelta(hours=1), files=files)
+    future = ServedLoopsCheckpoint(f"lc-{RUN}-rm-30", RUN, "reward_model", BASE_MODEL, checkpoint)
+    catalog.loops.append(future)
+    return future
 
 
 @pytest.fixture
@@ -233,6 +245,33 @@ def test_syncing_left_out_and_latest_checkpoint_node_rank_select(dest: Path) -> 
     assert [p.name for p in (dest / "c" / RUN).iterdir()] == ["weights-step-10"]
     assert [p.name for p in (dest / "d" / RUN).iterdir()] == ["sampler_weights-step-10"]
     assert [p.name for p in (dest / "d" / RUN / "sampler_weights-step-10").iterdir()] == ["1"]
+
+
+def test_a_checkpoint_of_a_target_the_pages_do_not_name_fails_alone(dest: Path) -> None:
+    catalog = loops_catalog()
+    future = with_future_target(catalog)
+    with ServerThread(catalog) as server:
+        whole = run_cli(*sync(server, dest / "a", "--loops-run", RUN, "--json"))
+        trainer = run_cli(*sync(server, dest / "b", "--loops-run", RUN, "--target", "trainer"))
+        latest = run_cli(*sync(server, dest / "c", "--loops-run", RUN, "--latest"))
+        named = run_cli(*sync(server, dest / "d", "--loops-run", RUN, "--checkpoint", future.id))
+
+    # The run's other checkpoints land; the one with no directory to land in fails as one entry.
+    assert whole.code == 1, whole.stderr
+    (failure,) = json.loads(whole.stdout)["failures"]
+    assert failure["path"] == f"{RUN}/step-30 (target reward_model, id {future.id})"
+    assert "target: Input should be 'trainer' or 'sampler'" in failure["error"]
+    mirrorable = [c for c in of_run(server, RUN) if c is not future]
+    expected = {landed(dest / "a", c, f) for c in mirrorable for f in c.checkpoint.files}
+    assert files_under(dest / "a" / RUN) == expected
+    # --target leaves it out as it leaves out the other side; --latest passes over it.
+    assert trainer.code == latest.code == 0, trainer.stderr + latest.stderr
+    assert [p.name for p in (dest / "c" / RUN).iterdir()] == ["sampler_weights-step-20"]
+    # Named by its id, it cannot be mirrored: a usage error in one line, not a traceback.
+    assert named.code == 2
+    assert named.stderr.count("\n") == 1
+    assert f"id {future.id}) in Loops run {RUN}: its listing entry is unreadable" in named.stderr
+    assert not (dest / "d").exists()
 
 
 def test_expired_urls_are_refreshed_through_the_checkpoints_own_listing(dest: Path) -> None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from checkpoint_sync.errors import IntegrityError, NotFoundError
+from checkpoint_sync.errors import IntegrityError, NotFoundError, UsageError
 from checkpoint_sync.plan import (
     Part,
     Recorded,
@@ -19,7 +19,14 @@ from checkpoint_sync.plan import (
     split_parts,
     wanted_rank,
 )
-from checkpoint_sync.sources.base import Checkpoint, PageRef, RemoteFile, SyncState
+from checkpoint_sync.sources.base import (
+    Available,
+    Checkpoint,
+    PageRef,
+    RemoteFile,
+    SyncState,
+    UnreadableCheckpoint,
+)
 
 
 def checkpoint(name: str, hour: int, state: SyncState = SyncState.COMPLETE) -> Checkpoint:
@@ -84,6 +91,44 @@ def test_latest_with_include_syncing_takes_a_newer_syncing_one_not_a_null_or_fai
     assert select_checkpoints(run[:1] + run[2:], latest=True, include_syncing=True).checkpoints == [
         run[0]
     ]
+
+
+UNREADABLE = UnreadableCheckpoint("u-id", "run/u (target reward_model, id u-id)", "target: ...")
+
+
+@pytest.mark.parametrize(
+    ("names", "latest", "include_syncing", "selected", "unreadable"),
+    [
+        ((), False, False, ["c1", "c3", "c2", "c0"], [UNREADABLE]),  # a failure of the run's
+        ((), False, True, ["c1", "c3", "c2", "c4", "c0"], [UNREADABLE]),
+        ((), True, False, ["c3"], []),  # --latest asks for one checkpoint: passed over
+        (("c1",), False, False, ["c1"], []),  # not named: not wanted
+    ],
+)
+def test_an_unreadable_checkpoint_is_never_selected(
+    names: tuple[str, ...],
+    latest: bool,
+    include_syncing: bool,
+    selected: list[str],
+    unreadable: list[UnreadableCheckpoint],
+) -> None:
+    available: list[Available] = [*RUN, UNREADABLE]
+    chosen = select_checkpoints(
+        available, names=names, latest=latest, include_syncing=include_syncing
+    )
+    assert [c.name for c in chosen.checkpoints] == selected
+    assert chosen.unreadable == unreadable
+
+
+@pytest.mark.parametrize("latest", [False, True])
+def test_an_unreadable_checkpoint_named_by_its_id_is_a_usage_error(latest: bool) -> None:
+    available: list[Available] = [*RUN, UNREADABLE]
+    with pytest.raises(UsageError) as caught:
+        select_checkpoints(available, names=("c1", "u-id"), latest=latest, what="run r")
+    assert str(caught.value) == (
+        "run/u (target reward_model, id u-id) in run r: "
+        "its listing entry is unreadable (target: ...), so it cannot be mirrored"
+    )
 
 
 @pytest.mark.parametrize(

@@ -54,6 +54,25 @@ class Checkpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class UnreadableCheckpoint:
+    """A checkpoint list entry that does not match the API's schema (a Loops target the pages do
+    not name, say): with no directory it could safely land in, its files are never listed, and
+    it fails as one entry."""
+
+    key: str | None  # its unique id, where the entry tells it: what --checkpoint names it by
+    where: str  # how a report names it
+    reason: str
+
+    @property
+    def problem(self) -> str:
+        return f"its listing entry is unreadable ({self.reason}), so it cannot be mirrored"
+
+
+# What a checkpoint list holds.
+Available = Checkpoint | UnreadableCheckpoint
+
+
+@dataclass(frozen=True, slots=True)
 class PageRef:
     """Where an entry was listed: re-reading this page gives a fresh presigned URL."""
 
@@ -119,8 +138,8 @@ class Source(Protocol):
         """What is being mirrored, for messages: "training job J of project P"."""
         ...
 
-    async def checkpoints(self) -> list[Checkpoint]:
-        """Every checkpoint of the run, oldest first."""
+    async def checkpoints(self) -> Sequence[Available]:
+        """Every checkpoint of the run, oldest first; entries it cannot read come last."""
         ...
 
     def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:

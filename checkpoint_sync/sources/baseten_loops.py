@@ -5,7 +5,8 @@ directory named after its ``bt://`` URI with the slash turned into a dash: the t
 ``bt://loops:RUN/weights/step-100`` in ``RUN/weights-step-100/<node_rank>/...`` and the sampler's
 ``bt://loops:RUN/sampler_weights/step-100`` in ``RUN/sampler_weights-step-100/<node_rank>/...``.
 Every trainer directory starts with ``weights-`` and every sampler one with ``sampler_weights-``,
-so the two can never meet, whatever the names.
+so the two can never meet, whatever the names. A checkpoint whose entry the schema does not
+admit (a target the pages do not name, say) has no such directory: it is reported, not mirrored.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from urllib.parse import quote
 
 from ..api import ApiClient
 from ..errors import NotFoundError, UsageError
-from ..models import LoopsCheckpoints, LoopsTarget, Unreadable
+from ..models import LoopsCheckpoint, LoopsCheckpoints, LoopsTarget, Unreadable
 from .base import (
+    Available,
     Checkpoint,
     Listed,
     Relisted,
@@ -26,6 +28,7 @@ from .base import (
     Source,
     SourceContext,
     SyncState,
+    UnreadableCheckpoint,
     UnreadableEntry,
 )
 from .baseten_pages import file_pages, relist, remote_file
@@ -99,14 +102,15 @@ class LoopsSource:
         self._page_size = page_size
         self.description = description
 
-    async def checkpoints(self) -> list[Checkpoint]:
+    async def checkpoints(self) -> list[Available]:
         answer = await self._api.get(
             "/v1/loops/checkpoints",
             LoopsCheckpoints,
             what=self.description,
             params=dict([self._query]),
         )
-        found = [
+        readable = [c for c in answer.checkpoints if isinstance(c, LoopsCheckpoint)]
+        found: list[Available] = [
             Checkpoint(
                 key=c.id,
                 name=checkpoint_dir(c.target, c.checkpoint_id),
@@ -116,8 +120,15 @@ class LoopsSource:
                 state=SyncState.parse(c.sync_status),
                 target=c.target.value,
             )
-            for c in sorted(answer.checkpoints, key=lambda c: c.created_at)
+            for c in sorted(readable, key=lambda c: c.created_at)
             if self._target in (None, c.target)
+        ]
+        found += [
+            _unreadable(entry)
+            for entry in answer.checkpoints
+            if isinstance(entry, Unreadable)
+            # One whose target shows it is not wanted is left out quietly, as a readable one is.
+            and (self._target is None or entry.get("target", str) in (None, self._target.value))
         ]
         if not found:
             # The API answers an unknown run or model with an empty list, not a 404.
@@ -152,6 +163,16 @@ class LoopsSource:
     async def relist(self, file: RemoteFile) -> Relisted:
         what = _what(file.run, file.checkpoint)
         return await relist(self._api, file.origin, what, file.path, file.node_rank)
+
+
+def _unreadable(entry: Unreadable) -> UnreadableCheckpoint:
+    """An entry of the checkpoint list, named by what it tells of itself."""
+    key = entry.get("id", str)
+    run, name = entry.get("run_id", str) or "?", entry.get("checkpoint_id", str) or "?"
+    target = entry.get("target", str) or "?"
+    return UnreadableCheckpoint(
+        key, f"{run}/{name} (target {target}, id {key or '?'})", entry.reason
+    )
 
 
 def _what(run: str, checkpoint: str) -> str:
