@@ -27,7 +27,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -111,7 +111,7 @@ class ServedWandbCheckpoint:
 
     id: str
     step: int
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]  # None: served as null, as W&B does for one not logged
     files: list[ServedFile] = field(default_factory=list)
 
 
@@ -281,7 +281,7 @@ def synthetic_loops_run(
 
 def synthetic_wandb_model(
     model_id: str,
-    metrics: dict[int, dict[str, float]],
+    metrics: Mapping[int, Mapping[str, float | None]],
     *,
     entity: str = "team",
     project: str = "agents",

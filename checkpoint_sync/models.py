@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar, get_args
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
@@ -153,10 +154,18 @@ class LoopsCheckpoints(ApiModel):
 # --- W&B Training --------------------------------------------------------------------------------
 
 
+def _logged(metrics: Any) -> Any:
+    """A checkpoint's metrics without those sent as null: W&B nulls a metric not logged at that
+    step, though its OpenAPI page admits numbers only. Absent, it takes no part in ``--best``."""
+    if isinstance(metrics, dict):
+        return {name: value for name, value in metrics.items() if value is not None}
+    return metrics
+
+
 class WandbCheckpoint(ApiModel):
     id: str
     step: int
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: Annotated[dict[str, float], BeforeValidator(_logged)] = Field(default_factory=dict)
 
 
 class WandbCheckpointPage(ApiModel):

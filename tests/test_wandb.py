@@ -20,6 +20,7 @@ from checkpoint_sync.localserver import (
     ServedWandbCheckpoint,
     synthetic_wandb_model,
 )
+from checkpoint_sync.models import WandbCheckpoint
 from checkpoint_sync.plan import select_checkpoints
 from checkpoint_sync.sources.base import Checkpoint, SyncState
 from checkpoint_sync.sources.wandb import best_checkpoint
@@ -250,6 +251,52 @@ def test_list_json_stays_json_when_a_metric_is_nan_or_infinite(
         {"reward": 0.5, "loss": None},
         {"reward": None},
     ]
+
+
+@pytest.mark.parametrize(
+    ("listed", "parsed"),
+    [
+        ({"reward": 0.5, "loss": None}, {"reward": 0.5}),  # W&B nulls a metric not logged
+        ({"reward": None}, {}),
+    ],
+)
+def test_a_null_metric_is_an_absent_one(
+    listed: dict[str, float | None], parsed: dict[str, float]
+) -> None:
+    entry = {"id": "c", "step": 1, "metrics": listed}
+    assert WandbCheckpoint.model_validate(entry).metrics == parsed
+
+
+def test_a_checkpoint_with_a_null_metric_is_listed_and_passed_over_by_best(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = synthetic_wandb_model(
+        MODEL,
+        {10: {"reward": 0.2, "loss": None}, 20: {"reward": None, "loss": 0.4}, 30: {"reward": 0.1}},
+    )
+    catalog = Catalog(api_key=API_KEY, wandb_api_key=WANDB_KEY, wandb_models=[model])
+    server = serve(catalog, monkeypatch)
+    try:
+        as_json = run_cli(*listed("--json"))
+        as_text = run_cli(*listed())
+        best_reward = run_cli(*listed("--best", "reward", "--json"))
+        best_loss = run_cli(*listed("--best", "loss", "--minimize", "--json"))
+    finally:
+        server.__exit__(None, None, None)
+
+    assert as_json.code == as_text.code == best_reward.code == best_loss.code == 0, as_json.stderr
+    assert [c["metrics"] for c in json.loads(as_json.stdout)["checkpoints"]] == [
+        {"reward": 0.2},
+        {"loss": 0.4},
+        {"reward": 0.1},
+    ]
+    assert [line.split()[-1] for line in as_text.stdout.splitlines()[1:]] == [
+        "reward=0.2",
+        "loss=0.4",
+        "reward=0.1",
+    ]
+    assert [c["step"] for c in json.loads(best_reward.stdout)["checkpoints"]] == [10]
+    assert [c["step"] for c in json.loads(best_loss.stdout)["checkpoints"]] == [20]
 
 
 @pytest.mark.parametrize(
