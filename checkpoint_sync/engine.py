@@ -98,10 +98,6 @@ async def sync(
     recorded and the others go on.
     """
     stats.syncing_left_out = [f"{c.run}/{c.name}" for c in selection.syncing]
-    # Unlike a checkpoint still syncing, no rerun or flag will mirror it: it fails, as a file
-    # whose listing entry is unreadable does (exit 1), and the rest of the selection lands.
-    for checkpoint in selection.unreadable:
-        stats.fail(checkpoint.where, checkpoint.problem)
     if options.dry_run:
         _refuse_what_is_no_directory(options.dest)
         manifest = Manifest(manifest_path(options.dest), read_only=True)
@@ -211,6 +207,12 @@ async def _produce(
     inside = InsideDest(options.dest)
     paths_told = True
     ranks_listed: set[int] = set()
+    # Unlike a checkpoint still syncing, no rerun or flag will mirror it: it fails as one listed
+    # entry, as a file whose listing entry is unreadable does (exit 1), once the run has started
+    # (not in a run stopped by the lock), and the rest of the selection lands.
+    for checkpoint in selection.unreadable:
+        stats.files_listed += 1
+        stats.fail(checkpoint.where, checkpoint.problem)
     try:
         async for page in source.file_pages(selection.checkpoints):
             for file in page:

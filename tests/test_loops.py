@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import urllib.error
 import urllib.request
@@ -272,6 +273,27 @@ def test_a_checkpoint_of_a_target_the_pages_do_not_name_fails_alone(dest: Path) 
     assert named.stderr.count("\n") == 1
     assert f"id {future.id}) in Loops run {RUN}: its listing entry is unreadable" in named.stderr
     assert not (dest / "d").exists()
+
+
+def test_a_checkpoint_left_out_as_unreadable_is_one_listed_entry_of_a_run_that_started(
+    dest: Path,
+) -> None:
+    catalog = loops_catalog()
+    with_future_target(catalog)
+    state = dest / "b" / ".checkpoint-sync"
+    state.mkdir(parents=True)
+    with ServerThread(catalog) as server, (state / "lock").open("w") as held:
+        ran = run_cli(*sync(server, dest / "a", "--loops-run", RUN, "--json"))
+        fcntl.flock(held, fcntl.LOCK_EX)
+        locked = run_cli(*sync(server, dest / "b", "--loops-run", RUN, "--json"))
+
+    # It fails as one entry of the listing, as a file entry off the schema does: counted listed.
+    files = json.loads(ran.stdout)["files"]
+    assert files["failed"] == 1
+    assert files["listed"] == files["fetched"] + files["failed"]
+    # A run that never started (another holds the mirror) listed nothing and failed nothing.
+    assert locked.code == 5
+    assert json.loads(locked.stdout)["failures"] == []
 
 
 def test_expired_urls_are_refreshed_through_the_checkpoints_own_listing(dest: Path) -> None:
