@@ -29,7 +29,10 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: float | None, jitter: float) -> float:
         """Seconds to wait before attempt ``attempt + 1``; ``jitter`` is uniform in [0, 1)."""
-        backoff = min(self.max_delay, self.initial_delay * 2.0 ** (attempt - 1)) * jitter
+        # The exponent capped: past attempt 1025, 2.0 ** attempt overflows a float, and retries
+        # has no ceiling; 2 ** 64 half-seconds are far past the longest max_delay allowed.
+        growth = 2.0 ** min(attempt - 1, 64)
+        backoff = min(self.max_delay, self.initial_delay * growth) * jitter
         if retry_after is not None:
             # The server's word wins, but never beyond our own ceiling.
             return min(max(retry_after, backoff), self.max_delay)
