@@ -68,11 +68,12 @@ class Settings(BaseModel):
     include_syncing: bool = False
     fsync: bool = False
     wait_lock: bool = False
-    connect_timeout: float = Field(default=30.0, gt=0, le=MAX_SECONDS)
-    read_timeout: float = Field(default=60.0, gt=0, le=MAX_SECONDS)
+    # Finite: NaN was refused as "should be less than or equal to 86400", which it is not above.
+    connect_timeout: float = Field(default=30.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
+    read_timeout: float = Field(default=60.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     retries: int = Field(default=8, ge=1)
-    retry_max_delay: float = Field(default=30.0, ge=0, le=MAX_SECONDS)
-    retry_deadline: float = Field(default=600.0, gt=0, le=MAX_SECONDS)
+    retry_max_delay: float = Field(default=30.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
+    retry_deadline: float = Field(default=600.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     ca_bundle: Path | None = None
     proxies: bool = True  # false: ignore HTTP(S)_PROXY and connect directly
 

@@ -128,6 +128,15 @@ def test_every_duration_is_bounded(name: str, value: float, allowed: bool) -> No
             check_setting(name, value)
 
 
+@pytest.mark.parametrize("name", DURATIONS)
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "1e400"])
+def test_a_duration_that_is_no_number_of_seconds_is_named_so(name: str, text: str) -> None:
+    # "nan" was refused as "should be less than or equal to 86400", which it is not above.
+    variable = f"CHECKPOINT_SYNC_{name.upper()}"
+    with pytest.raises(UsageError, match=f"bad setting {name} from {variable}: .*finite number"):
+        load_settings(None, {}, {variable: text})
+
+
 @pytest.mark.parametrize("content", [None, b"not a certificate\n", "directory"])
 def test_an_unusable_ca_bundle_is_a_usage_error(
     tmp_path: Path, content: bytes | str | None
