@@ -215,11 +215,12 @@ class HttpClient:
         return connection
 
     def _release(self, connection: _Connection) -> None:
-        if not connection.reusable or connection.paused:
+        if not connection.reusable:
             connection.close()
             return
         idle = self._idle.setdefault(connection.key, [])
         if len(idle) < IDLE_PER_HOST:
+            connection.drop_unread()
             idle.append(connection)
         else:
             connection.close()
@@ -365,11 +366,6 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._base = 0
         self._filled = 0
 
-    @property
-    def paused(self) -> bool:
-        """Reading is paused: an answer was left partly unread in our buffer."""
-        return self._paused
-
     # --- asyncio.BufferedProtocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -436,6 +432,16 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._body_done = None
         self._base = self._filled = 0
         self.reusable = False
+
+    def drop_unread(self) -> None:
+        """Forget what the caller left unread of a complete answer (a redirect's or an error's
+        body, held paused), and read on: the connection waits for its next request, and sees
+        the server close it meanwhile."""
+        self._pending, self._pending_size = [], 0
+        self._base = self._filled = 0
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
 
     def close(self) -> None:
         self._closed = True

@@ -267,7 +267,8 @@ async def test_a_reset_does_not_end_a_body_delimited_by_the_end_of_the_connectio
 
 
 async def test_a_connection_left_paused_by_a_partly_read_answer_is_not_reused() -> None:
-    page = b"<Error>" + b"x" * (1200 << 10) + b"</Error>"  # more than is held unpaused
+    # More than is taken in unpaused (MAX_PENDING, then a buffer): the answer stays unfinished.
+    page = b"<Error>" + b"x" * (3 << 20) + b"</Error>"
 
     def script(n: int) -> list[bytes]:
         if n == 1:
@@ -277,11 +278,35 @@ async def test_a_connection_left_paused_by_a_partly_read_answer_is_not_reused() 
     server = Server(script)
     async with serving(server) as url, client(read_timeout=2) as http:
         async with http.request(url, {}) as response:
-            await asyncio.sleep(0.2)  # the whole page arrives before it is read
+            await asyncio.sleep(0.2)  # as much as is taken in arrives before it is read
             assert await response.read(7) == b"<Error>"
         with anyio.fail_after(5):
             assert await fetch(http, url) == (200, b"ok")
     assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 503 Slow Down\r\nContent-Length: 23\r\n\r\n<Error>SlowDown</Error>",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ],
+    ids=["redirect", "error-page", "no-content"],
+)
+async def test_a_connection_whose_complete_answer_was_not_read_is_reused(answer: bytes) -> None:
+    # Redirects and transient errors are answered without reading their bodies: a connection
+    # closed for that costs each of those a new connection (and TLS handshake).
+    server = Server(
+        lambda n: [answer] if n == 1 else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+    )
+    async with serving(server) as url, client(read_timeout=2) as http:
+        async with http.request(url, {}) as response:
+            await asyncio.sleep(0.05)  # the whole answer arrives
+            assert response.status != 200
+        with anyio.fail_after(5):
+            assert await fetch(http, url) == (200, b"ok")
+    assert server.connections == 1
 
 
 @pytest.mark.parametrize("size", [5, 3 << 20], ids=["small", "past-the-buffer"])
