@@ -32,7 +32,7 @@ from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
 from .net import NetSettings, loop_options
 from .plan import Selection, select_checkpoints
 from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_bytes, summary
-from .redact import Redactor
+from .redact import Redactor, printable
 from .retry import RetryPolicy
 from .sources import SOURCES, Source, SourceRecipe, SourceSpec
 from .sources.base import UnreadableCheckpoint
@@ -106,13 +106,17 @@ class _Output:
         not progress or a summary, so shown under ``--quiet`` too; ``--json`` has its own
         document."""
         if not self.as_json:
-            print(self.redact(text), file=self.stdout, flush=True)
+            print(self._shown(text), file=self.stdout, flush=True)
 
     def status(self, text: str) -> None:
-        print(self.redact(text), file=self.stderr, flush=True)
+        print(self._shown(text), file=self.stderr, flush=True)
 
     def error(self, text: str) -> None:
-        print(f"checkpoint-sync: error: {self.redact(text)}", file=self.stderr, flush=True)
+        print(f"checkpoint-sync: error: {self._shown(text)}", file=self.stderr, flush=True)
+
+    def _shown(self, text: str) -> str:
+        """Text fit for a terminal (JSON escapes control characters itself)."""
+        return printable(self.redact(text))
 
     def json(self, payload: dict[str, Any]) -> None:
         # Each string is redacted before it is encoded: cutting a query string out of the

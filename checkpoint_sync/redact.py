@@ -1,4 +1,5 @@
-"""Keep secrets out of every message: API keys and presigned URL query strings."""
+"""Keep secrets out of every message (API keys and presigned URL query strings), and the
+control characters of names a listing gives out of the terminal."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ from urllib.parse import urlsplit, urlunsplit
 REDACTED = "<redacted>"
 _QUERY_IN_TEXT = re.compile(rf"(https?://[^\s?#'\"<>]+)\?(?!{REDACTED})[^\s#'\"<>]*", re.IGNORECASE)
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+# C0 and C1 control characters but tab and newline: a listed name printed as it is could move
+# the cursor, rewrite the line, retitle the terminal or hide what follows.
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters written as escapes (ESC as ``\\x1b``)."""
+    return _CONTROLS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
 
 def redact_url(url: str) -> str:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from checkpoint_sync.redact import Redactor, redact_url
+from checkpoint_sync.redact import Redactor, printable, redact_url
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,18 @@ def test_a_secret_containing_another_is_removed_whole() -> None:
 def test_query_strings_are_redacted_whatever_the_scheme_case(text: str) -> None:
     # A scheme is case-insensitive: an error page may echo the URL in capitals.
     assert "X-Amz-Signature" not in Redactor()(f"from {text}.")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain/name.bin", "plain/name.bin"),
+        ("tab\there, lines\nkept", "tab\there, lines\nkept"),
+        ("\x1b]0;owned\x07title", "\\x1b]0;owned\\x07title"),  # retitles a terminal
+        ("done\rfake line", "done\\x0dfake line"),  # rewrites the line
+        ("nul\x00 del\x7f csi\x9b", "nul\\x00 del\\x7f csi\\x9b"),
+        ("caf\u00e9 \u00a0nbsp", "caf\u00e9 \u00a0nbsp"),  # printable, if not ASCII
+    ],
+)
+def test_control_characters_are_shown_as_escapes(text: str, shown: str) -> None:
+    assert printable(text) == shown
