@@ -156,7 +156,10 @@ class LoopsCheckpoints(ApiModel):
 
 def _logged(metrics: Any) -> Any:
     """A checkpoint's metrics without those sent as null: W&B nulls a metric not logged at that
-    step, though its OpenAPI page admits numbers only. Absent, it takes no part in ``--best``."""
+    step, though its OpenAPI page admits numbers only. Absent, it takes no part in ``--best``.
+    A null map is none logged, as a missing one is."""
+    if metrics is None:
+        return {}
     if isinstance(metrics, dict):
         return {name: value for name, value in metrics.items() if value is not None}
     return metrics

@@ -258,10 +258,11 @@ def test_list_json_stays_json_when_a_metric_is_nan_or_infinite(
     [
         ({"reward": 0.5, "loss": None}, {"reward": 0.5}),  # W&B nulls a metric not logged
         ({"reward": None}, {}),
+        (None, {}),  # a null map: none logged, as a missing one
     ],
 )
 def test_a_null_metric_is_an_absent_one(
-    listed: dict[str, float | None], parsed: dict[str, float]
+    listed: dict[str, float | None] | None, parsed: dict[str, float]
 ) -> None:
     entry = {"id": "c", "step": 1, "metrics": listed}
     assert WandbCheckpoint.model_validate(entry).metrics == parsed
