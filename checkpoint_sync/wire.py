@@ -408,6 +408,14 @@ class _Connection(asyncio.BufferedProtocol, Body):
             except BaseException as error:
                 self.fail(error, abort=False)
         else:
+            if self.waiting and self._sink is not None:
+                # What came before the break is sound (TCP delivers in order, TLS checks every
+                # record): written now, it is not asked for again when the part resumes.
+                try:
+                    self._hand_over()
+                except BaseException as error:
+                    self.fail(error, abort=False)
+                    return
             self.fail(ConnectionResetError("connection closed mid-body"), abort=False)
 
     # --- requests ----------------------------------------------------------------------------

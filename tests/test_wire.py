@@ -159,6 +159,18 @@ async def test_a_body_cut_short_is_a_transient_error_without_the_query() -> None
     assert "X-Amz-Signature" not in str(caught.value)
 
 
+async def test_what_came_before_a_body_was_cut_short_reaches_the_sink() -> None:
+    # Less than a buffer's worth, which is handed over only at its end: the break is its end.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    server = Server(lambda _: [head + b"x" * 40000, 0.2], close_after_each=True)
+    got = bytearray()
+    async with serving(server) as url, client() as http:
+        with pytest.raises(TransientError, match="closed mid-body"):
+            async with http.request(url, {}) as response:
+                await response.stream_to(got.extend)
+    assert got == b"x" * 40000  # written, so a resumed part does not ask for it again
+
+
 @pytest.mark.parametrize(
     "head",
     [
