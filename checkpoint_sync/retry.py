@@ -24,7 +24,8 @@ class RetryPolicy:
     attempts: int = 8
     initial_delay: float = 0.5
     max_delay: float = 30.0
-    # Give up once this much time has gone by since the first attempt.
+    # Give up once this much time has gone by since the first attempt (or, for work that
+    # reports its progress, since the last failure after which it got further).
     deadline: float = 600.0
 
     def delay(self, attempt: int, retry_after: float | None, jitter: float) -> float:
@@ -45,15 +46,27 @@ class RetryPolicy:
 async def retrying(
     policy: RetryPolicy,
     operation: Callable[[], Awaitable[T]],
+    progress: Callable[[], int] | None = None,
 ) -> T:
-    """Run ``operation``, retrying it on `TransientError` as the policy allows."""
+    """Run ``operation``, retrying it on `TransientError` as the policy allows.
+
+    With ``progress`` (how far the work has got: the bytes of a part that have landed), a
+    failure after the work got further starts the count afresh, so attempts and deadline bound
+    the failures in a row without progress: a part that takes longer than the deadline on a
+    slow link, or a link that drops every so many megabytes, is not given up for its age or for
+    the drops it came through.
+    """
     started = time.monotonic()
     attempt = 0
+    reached = progress() if progress is not None else 0
     while True:
         attempt += 1
         try:
             return await operation()
         except TransientError as exc:
+            if progress is not None and (now_at := progress()) > reached:
+                reached = now_at
+                attempt, started = 1, time.monotonic()
             wait = policy.delay(attempt, exc.retry_after, random.random())
             if policy.gives_up(attempt, started, wait, time.monotonic()):
                 raise

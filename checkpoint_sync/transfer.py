@@ -418,7 +418,7 @@ class Transfers:
             while True:
                 used = url.url
                 try:
-                    await retrying(self._settings.retry, attempt)
+                    await retrying(self._settings.retry, attempt, lambda: state.offset)
                     break
                 except TransientError as exc:
                     # Out of retries: this file fails, the run goes on.

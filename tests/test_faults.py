@@ -56,6 +56,34 @@ def test_ten_percent_of_requests_failing_every_way_still_ends_byte_exact(
     assert 0 < refetched <= broken * PART
 
 
+def test_a_part_whose_connection_keeps_dropping_completes_while_each_drop_brings_bytes(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One 3 MiB part dropped twice as often in a row as retries allow, each time halfway
+    # through what was asked for, past the first bytes written (a 256 KiB part would be held
+    # whole in the receive buffer, and nothing of it written before the drop).
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "2")
+    catalog = job_catalog(checkpoints=1, large_size=6 << 20, small_files=0)
+    with ServerThread(catalog) as server:
+        target = next(f for f in server.files() if f.node_rank == 0)
+        dropped: list[int] = []
+
+        def drop_four_times(name: str, start: int, end: int) -> str | None:
+            if name == target.name and start < 3 << 20 and len(dropped) < 4:
+                dropped.append(start)
+                return "reset"
+            return None
+
+        server.faults.hook = drop_four_times
+        args = ("--part-size", "3MiB", "--node-rank", "0", "--json")
+        result = run_cli(*sync_args(server, dest, *args))
+
+        assert result.code == 0, result.stderr
+        assert json.loads(result.stdout)["retries"] == 4
+        assert len(set(dropped)) == 4  # each attempt resumed further on
+        assert_exact(mirrored(dest, JOB, target), target)
+
+
 def test_retry_after_of_a_429_is_honoured(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from checkpoint_sync.errors import TransientError
@@ -57,6 +58,43 @@ async def test_retrying_returns_the_first_success() -> None:
         return 42
 
     assert await retrying(RetryPolicy(initial_delay=0), op) == 42
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("policy", "progresses", "succeeds"),
+    [
+        # Four failures in a row, each after the work got further, then success.
+        (RetryPolicy(attempts=2, initial_delay=0), True, True),
+        (RetryPolicy(attempts=2, initial_delay=0), False, False),
+        # Each attempt takes 0.1 s: 0.4 s in all, twice the deadline, but never 0.2 s in a row.
+        (RetryPolicy(attempts=99, initial_delay=0, deadline=0.2), True, True),
+        (RetryPolicy(attempts=99, initial_delay=0, deadline=0.2), False, False),
+        # Retries switched off stay off, progress or not.
+        (RetryPolicy(attempts=1, initial_delay=0), True, False),
+    ],
+)
+async def test_failures_count_afresh_after_progress(
+    policy: RetryPolicy, progresses: bool, succeeds: bool
+) -> None:
+    landed = 0
+    failures = 4
+
+    async def part() -> str:
+        nonlocal landed, failures
+        if policy.deadline < 1:
+            await anyio.sleep(0.1)
+        if failures:
+            failures -= 1
+            landed += 1000 if progresses else 0
+            raise TransientError("connection reset mid-body")
+        return "done"
+
+    if succeeds:
+        assert await retrying(policy, part, lambda: landed) == "done"
+    else:
+        with pytest.raises(TransientError):
+            await retrying(policy, part, lambda: landed)
 
 
 @pytest.mark.parametrize(
