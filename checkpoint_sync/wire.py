@@ -453,6 +453,11 @@ class _Connection(asyncio.BufferedProtocol, Body):
 
     def close(self) -> None:
         self._closed = True
+        # Closed by us, the caller is done with the answer: nothing more goes to its sink (its
+        # file may be closed, its descriptor reused), though the transport delivers what it
+        # still holds (a TLS one as it closes, its connection_lost up to 30 s later).
+        self.waiting = False
+        self._sink = None
         if self._transport is not None:
             self._transport.close()
 

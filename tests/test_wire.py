@@ -171,6 +171,21 @@ async def test_what_came_before_a_body_was_cut_short_reaches_the_sink() -> None:
     assert got == b"x" * 40000  # written, so a resumed part does not ask for it again
 
 
+async def test_a_body_given_up_on_gets_nothing_more_into_its_sink() -> None:
+    # The caller cancelled (a stop, a sibling part failing): its file may be closed by the time
+    # the connection it closed reports the loss, and its descriptor reused by another file.
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+    server = Server(lambda _: [head + b"x" * 40000, 0.25])
+    got = bytearray()
+    async with serving(server) as url, client() as http:
+        with anyio.move_on_after(0.2):
+            async with http.request(url, {}) as response:
+                await response.stream_to(got.extend)
+        given_up_with = len(got)
+        await asyncio.sleep(0.1)
+    assert len(got) == given_up_with == 0
+
+
 @pytest.mark.parametrize(
     "head",
     [
