@@ -36,7 +36,11 @@ async def mirror_lock(
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                # A pid, or nothing said: whatever else the file holds (escapes, rich markup)
+                # must not reach the progress bar, which shows it as it is.
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                if not (holder.isascii() and holder.isdigit()):
+                    holder = "unknown"
                 if not wait:
                     raise LockHeldError(
                         f"another checkpoint-sync run (pid {holder}) is mirroring into "

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
+from checkpoint_sync.cli import main
 from checkpoint_sync.localserver import Faults, ServedFile
 from checkpoint_sync.progress import human_bytes
 
@@ -692,6 +697,33 @@ def test_control_characters_of_a_listed_name_never_reach_the_terminal(
     # Mirrored under its real name, which JSON carries escaped in its own way.
     assert synced.code == 0, synced.stderr
     assert (dest / JOB / "checkpoint-10" / "0" / name.partition("/")[2]).stat().st_size == 100
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_what_the_lock_file_holds_never_reaches_the_terminal(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lock file names its holder; what it holds is shown while waiting, in the progress bar
+    # (rich, which passes ESC on and reads [markup]).
+    monkeypatch.setenv("COLUMNS", "200")  # the whole line, not cut to 80
+    lock = dest / ".checkpoint-sync" / "lock"
+    lock.parent.mkdir(parents=True)
+    with lock.open("w") as held:
+        held.write("\x1b]0;owned\x1b\\[blink]x")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        threading.Timer(1.0, fcntl.flock, (held, fcntl.LOCK_UN)).start()
+        with redirect_stderr(_Terminal()) as terminal, redirect_stdout(io.StringIO()):
+            code = main(sync_args(server, dest, "--wait-lock"))
+
+    assert code == 0
+    shown = terminal.getvalue()
+    assert "waiting for the mirror's lock, held by another run (pid unknown)" in shown
+    assert "\x1b]" not in shown
 
 
 def test_an_error_in_the_settings_still_prints_a_json_document(
