@@ -16,7 +16,7 @@ import signal
 import sys
 import tempfile
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
     except Exception as exc:  # a bug: say so in one line, the traceback only when asked
         if args.debug:
-            out.error("".join(traceback.format_exception(exc)))
+            out.lines(traceback.format_exception(exc))
         return out.failed(
             f"internal error ({type(exc).__name__}: {exc}); rerun with --debug for details",
             EXIT_FILES_FAILED,
@@ -113,6 +113,11 @@ class _Output:
 
     def error(self, text: str) -> None:
         print(f"checkpoint-sync: error: {self._shown(text)}", file=self.stderr, flush=True)
+
+    def lines(self, chunks: Iterable[str]) -> None:
+        """Text of several lines (a traceback) to stderr, each line shown as one."""
+        for line in "".join(chunks).splitlines():
+            self.status(line)
 
     def _shown(self, text: str) -> str:
         """Text fit for a terminal (JSON escapes control characters itself)."""

@@ -11,9 +11,10 @@ from urllib.parse import urlsplit, urlunsplit
 REDACTED = "<redacted>"
 _QUERY_IN_TEXT = re.compile(rf"(https?://[^\s?#'\"<>]+)\?(?!{REDACTED})[^\s#'\"<>]*", re.IGNORECASE)
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
-# C0 and C1 control characters but tab and newline: a listed name printed as it is could move
-# the cursor, rewrite the line, retitle the terminal or hide what follows.
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 and C1 control characters but tab: a listed name printed as it is could move the cursor,
+# rewrite the line, retitle the terminal, hide what follows or, with a newline, forge a line
+# (every message is one line; a --debug traceback is shown a line at a time).
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def printable(text: str) -> str:

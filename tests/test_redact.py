@@ -55,7 +55,8 @@ def test_query_strings_are_redacted_whatever_the_scheme_case(text: str) -> None:
     ("text", "shown"),
     [
         ("plain/name.bin", "plain/name.bin"),
-        ("tab\there, lines\nkept", "tab\there, lines\nkept"),
+        ("a tab\tkept", "a tab\tkept"),
+        ("name\ncheckpoint-sync: error: forged", "name\\x0acheckpoint-sync: error: forged"),
         ("\x1b]0;owned\x07title", "\\x1b]0;owned\\x07title"),  # retitles a terminal
         ("done\rfake line", "done\\x0dfake line"),  # rewrites the line
         ("nul\x00 del\x7f csi\x9b", "nul\\x00 del\\x7f csi\\x9b"),

@@ -685,15 +685,16 @@ def test_control_characters_of_a_listed_name_never_reach_the_terminal(
 ) -> None:
     checkpoint = server.catalog.jobs[0].checkpoints[0]
     stamp = checkpoint.files[0].last_modified
-    name = "checkpoint-10/title\x1b]0;owned\x07\rfake.bin"  # a legal file name on Linux
+    name = "checkpoint-10/title\x1b]0;owned\x07\rfake\nline.bin"  # a legal name on Linux
     checkpoint.files.append(ServedFile(0, name, 100, stamp, 7001))
 
     plan = run_cli(*sync_args(server, dest, "--dry-run"))
     synced = run_cli(*sync_args(server, dest, "--json"))
 
     assert plan.code == 0, plan.stderr
-    assert "title\\x1b]0;owned\\x07\\x0dfake.bin (100 B)" in plan.stdout
+    assert "title\\x1b]0;owned\\x07\\x0dfake\\x0aline.bin (100 B)" in plan.stdout
     assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", plan.stdout + plan.stderr)
+    assert all(line.startswith(("fetch ", "would fetch")) for line in plan.stdout.splitlines())
     # Mirrored under its real name, which JSON carries escaped in its own way.
     assert synced.code == 0, synced.stderr
     assert (dest / JOB / "checkpoint-10" / "0" / name.partition("/")[2]).stat().st_size == 100
