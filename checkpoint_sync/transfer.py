@@ -407,8 +407,6 @@ class Transfers:
         """Fetch one part, retrying; the digests when the part is (or became) the whole file."""
         state = state or _PartState.of(part, file)
 
-        # Progress for retrying() in whole MiB: a server that sends a few bytes before every
-        # drop runs out of attempts, as one that sends none does.
         async def attempt() -> None:
             try:
                 await self._request_part(staged, file, part, url.url, state, answered)
@@ -420,6 +418,8 @@ class Transfers:
             while True:
                 used = url.url
                 try:
+                    # Progress in whole MiB: a server that sends a few bytes before every drop
+                    # runs out of attempts, as one that sends none does.
                     await retrying(self._settings.retry, attempt, lambda: state.offset >> 20)
                     break
                 except TransientError as exc:
