@@ -408,8 +408,15 @@ class Transfers:
         state = state or _PartState.of(part, file)
 
         async def attempt() -> None:
+            # A server may answer with fewer bytes than asked for (RFC 9110 §14.4; CDNs and
+            # gateways cap range answers): they are kept and the rest is asked for at once, in
+            # the same attempt. This ends: an answer that is no error leaves ``state.offset``
+            # further on (`content_range_end` refuses an empty range and one that starts
+            # elsewhere, and a body that stops short of its range is a `TransientError`).
+            listed = url.url
             try:
-                await self._request_part(staged, file, part, url.url, state, answered)
+                while state.offset < state.end:
+                    await self._request_range(staged, file, part, listed, state, answered)
             except TransientError:
                 self._stats.retries += 1
                 raise
@@ -444,26 +451,6 @@ class Transfers:
             await anyio.to_thread.run_sync(os.fdatasync, staged.fd)
         self._manifest.part_done(staged.key, part.index)
         return None
-
-    async def _request_part(
-        self,
-        staged: _Staged,
-        file: RemoteFile,
-        part: Part,
-        url: str,
-        state: _PartState,
-        answered: anyio.Event | None,
-    ) -> None:
-        """Ask for the part's bytes from ``state.offset`` on until all have come.
-
-        A server may answer with fewer bytes than asked for (RFC 9110 §14.4; CDNs and gateways
-        cap range answers): they are kept and the rest is asked for at once, which is no failed
-        attempt. This ends: an answer that is no error leaves ``state.offset`` further on
-        (`content_range_end` refuses an empty range and one that starts elsewhere, and a body
-        that stops short of its range is a `TransientError`).
-        """
-        while state.offset < state.end:
-            await self._request_range(staged, file, part, url, state, answered)
 
     async def _request_range(
         self,
