@@ -506,9 +506,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._head_done.set_result(Response(status, headers, self))
         self._base = end + 4
         if self._chunks is not None:
-            data = bytes(self._view[self._base : self._filled])
-            self._base = self._filled = 0
-            self._feed_chunks(data)
+            self._feed_chunks(bytes(self._take_buffered()))
         else:
             self._body_arrived(self._base)
 
@@ -534,9 +532,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
             # Before the caller has given a sink, copied out rather than held with reading
             # paused: uvloop's TLS transport drops what it has not delivered yet when the
             # server closes a paused connection (a body read until the close ended short).
-            piece = self._view[self._base : self._filled]
-            self._base = self._filled = 0
-            self._deliver(piece)
+            self._deliver(self._take_buffered())
 
     def _hand_over(self) -> None:
         """Hand the body bytes in the buffer to the sink. Before the caller has given one, a
@@ -548,10 +544,14 @@ class _Connection(asyncio.BufferedProtocol, Body):
                 self._transport.pause_reading()
             self._paused = True
             return
+        self._deliver(self._take_buffered())
+
+    def _take_buffered(self) -> memoryview:
+        """The body bytes in the buffer, which is free for the next ones (the view is valid
+        until then)."""
         piece = self._view[self._base : self._filled]
         self._base = self._filled = 0
-        if piece:
-            self._sink(piece)
+        return piece
 
     def _deliver(self, piece: memoryview) -> None:
         """Hand body bytes to the sink, or keep a copy until there is one."""
