@@ -212,6 +212,12 @@ class SourceRecipe:
             yield http, self.build(SourceContext(http, self.settings, self.retry))
 
 
+def flags_given(values: Mapping[str, object]) -> list[str]:
+    """Of a source's flags and their parsed values, those given on the command line (argparse
+    leaves the others None)."""
+    return [flag for flag, value in values.items() if value is not None]
+
+
 class SourceSpec(Protocol):
     """How the command line picks and builds a source; one per provider module."""
 

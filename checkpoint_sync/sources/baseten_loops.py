@@ -30,6 +30,7 @@ from .base import (
     SyncState,
     UnreadableCheckpoint,
     UnreadableEntry,
+    flags_given,
 )
 from .baseten_pages import file_pages, relist, remote_file
 
@@ -201,13 +202,14 @@ class LoopsRuns:
         )
 
     def given(self, args: argparse.Namespace) -> list[str]:
-        flags = {
-            "--loops-run": args.loops_run,
-            "--loops-checkpoint": args.loops_checkpoint,
-            "--base-model": args.base_model,
-            "--target": args.target,
-        }
-        return [flag for flag, value in flags.items() if value is not None]
+        return flags_given(
+            {
+                "--loops-run": args.loops_run,
+                "--loops-checkpoint": args.loops_checkpoint,
+                "--base-model": args.base_model,
+                "--target": args.target,
+            }
+        )
 
     def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
         target = LoopsTarget(args.target) if args.target else None

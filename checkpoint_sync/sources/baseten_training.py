@@ -18,6 +18,7 @@ from .base import (
     SourceContext,
     SyncState,
     UnreadableEntry,
+    flags_given,
 )
 from .baseten_pages import file_pages, relist, remote_file
 
@@ -94,8 +95,7 @@ class TrainingJobs:
         group.add_argument("--job", metavar="JOB_ID", help="training job id (with --project)")
 
     def given(self, args: argparse.Namespace) -> list[str]:
-        flags = {"--project": args.project, "--job": args.job}
-        return [flag for flag, value in flags.items() if value is not None]
+        return flags_given({"--project": args.project, "--job": args.job})
 
     def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
         if not (args.project and args.job):

@@ -27,6 +27,7 @@ from .base import (
     SourceContext,
     SyncState,
     UnreadableEntry,
+    flags_given,
 )
 from .cursors import advance
 
@@ -173,13 +174,14 @@ class WandbTraining:
         )
 
     def given(self, args: argparse.Namespace) -> list[str]:
-        flags = {
-            "--wandb-model": args.wandb_model,
-            "--wandb-artifact": args.wandb_artifact,
-            "--best": args.best,
-            "--minimize": args.minimize or None,
-        }
-        return [flag for flag, value in flags.items() if value is not None]
+        return flags_given(
+            {
+                "--wandb-model": args.wandb_model,
+                "--wandb-artifact": args.wandb_artifact,
+                "--best": args.best,
+                "--minimize": args.minimize or None,  # a store_true flag: False when not given
+            }
+        )
 
     def build(self, args: argparse.Namespace, context: SourceContext) -> Source:
         if args.wandb_model is None:
