@@ -116,6 +116,16 @@ def assert_consistent(server: ServerThread, dest: Path) -> None:
             assert_exact(path, listed[path])
 
 
+def assert_completes_unthrottled(server: ServerThread, dest: Path) -> None:
+    """A run at full speed after the interrupted ones ends with every file exact (no stale lock
+    either: each stop freed it)."""
+    server.call(lambda: setattr(server.faults, "throttle", None))
+    final = run_cli(*args(server, dest))
+    assert final.code == 0, final.stderr
+    for file in server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
 def test_killed_at_any_moment_the_next_run_finishes_with_little_fetched_twice(
     server: ServerThread, dest: Path
 ) -> None:
@@ -139,12 +149,7 @@ def test_killed_at_any_moment_the_next_run_finishes_with_little_fetched_twice(
     kill_when(server, dest, sent_since_start(0.2))
     assert_consistent(server, dest)
 
-    server.call(lambda: setattr(server.faults, "throttle", None))
-    final = run_cli(*args(server, dest))
-
-    assert final.code == 0, final.stderr  # no stale lock either: each kill freed it
-    for file in server.files():
-        assert_exact(mirrored(dest, JOB, file), file)
+    assert_completes_unthrottled(server, dest)
     assert len(manifest_rows(dest)) == len(server.files())
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
     assert server.traffic.object_bytes_sent <= 1.3 * total
@@ -226,12 +231,7 @@ def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
     assert f"stopped by {signum.name}; rerun to resume" in err.decode()
     assert_consistent(server, dest)
 
-    server.call(lambda: setattr(server.faults, "throttle", None))
-    again = run_cli(*args(server, dest))
-
-    assert again.code == 0, again.stderr
-    for file in server.files():
-        assert_exact(mirrored(dest, JOB, file), file)
+    assert_completes_unthrottled(server, dest)
     # Only the parts in flight when the signal came are fetched again.
     assert server.traffic.object_bytes_sent <= total + CONCURRENCY * PART
 
@@ -337,11 +337,7 @@ def test_a_second_sigint_while_the_run_winds_down_changes_nothing(
     assert "Traceback" not in err
     assert "stopped by SIGINT; rerun to resume" in err
     assert_consistent(server, dest)
-    server.call(lambda: setattr(server.faults, "throttle", None))
-    again = run_cli(*args(server, dest))
-    assert again.code == 0, again.stderr
-    for file in server.files():
-        assert_exact(mirrored(dest, JOB, file), file)
+    assert_completes_unthrottled(server, dest)
 
 
 # Ctrl-C while the CLI's modules are still loading (the first tenth of a second of a run).

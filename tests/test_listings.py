@@ -235,33 +235,32 @@ def test_api_5xx_and_429_are_retried(server: ServerThread, dest: Path, status: s
     assert len(landed(server, dest)) == 30
 
 
+@pytest.mark.parametrize(
+    ("retries", "max_delay"),
+    [
+        (3, None),
+        # retries has no ceiling: with no delay, an API down for good goes past attempt 1025,
+        # where the backoff 2.0 ** attempt no longer fits a float (an internal error).
+        (1030, "0"),
+    ],
+)
 def test_api_5xx_that_persists_is_reported_after_the_allowed_attempts(
-    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread,
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    retries: int,
+    max_delay: str | None,
 ) -> None:
-    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "3")
-    server.faults.api_faults = ["503"] * 3
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", str(retries))
+    if max_delay is not None:
+        monkeypatch.setenv("CHECKPOINT_SYNC_RETRY_MAX_DELAY", max_delay)
+    server.faults.api_faults = ["503"] * retries
 
     result = run_cli(*sync_args(server, dest))
 
     assert result.code == 1
     assert "training job job-1 of project proj: HTTP 503 from the API" in result.stderr
-    assert server.traffic.api_requests == 3
-
-
-def test_many_retries_with_no_delay_run_out_with_the_apis_error(
-    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # retries has no ceiling: with no delay, an API down for good goes past attempt 1025, where
-    # the backoff 2.0 ** attempt no longer fits a float (an internal error, OverflowError).
-    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1030")
-    monkeypatch.setenv("CHECKPOINT_SYNC_RETRY_MAX_DELAY", "0")
-    server.faults.api_faults = ["503"] * 1030
-
-    result = run_cli(*sync_args(server, dest))
-
-    assert result.code == 1
-    assert "training job job-1 of project proj: HTTP 503 from the API" in result.stderr
-    assert server.traffic.api_requests == 1030
+    assert server.traffic.api_requests == retries
 
 
 @pytest.mark.parametrize(
