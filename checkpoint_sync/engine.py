@@ -18,13 +18,7 @@ from typing import Literal
 
 import anyio
 
-from .errors import (
-    ApiError,
-    FileError,
-    LocalIOError,
-    TransientError,
-    most_severe,
-)
+from .errors import ApiError, FileError, LocalIOError, TransientError, most_severe
 from .layout import STATE_DIR, is_within, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
