@@ -58,8 +58,13 @@ def _trust(ca_bundle: Path | None, cert_file: str | None, cert_dir: str | None) 
     try:
         return ssl.create_default_context(cafile=cafile)
     except OSError as exc:  # missing, unreadable, or no certificate in it: not worth a retry
-        what = f"ca_bundle {cafile}" if cafile else "the trust store (SSL_CERT_FILE?)"
-        raise UsageError(f"{what} cannot be used ({exc.strerror or exc})") from exc
+        raise trust_error(cafile, exc.strerror or str(exc)) from exc
+
+
+def trust_error(ca_bundle: str | None, reason: str) -> UsageError:
+    """A trust store that cannot be loaded: a configuration matter, not worth a retry."""
+    what = f"ca_bundle {ca_bundle}" if ca_bundle else "the trust store (SSL_CERT_FILE?)"
+    return UsageError(f"{what} cannot be used ({reason})")
 
 
 @functools.cache

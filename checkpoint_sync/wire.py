@@ -38,7 +38,6 @@ from .net import (
     connection_error,
     origin_end,
     proxy_for_host,
-    ssl_context,
 )
 from .redact import redact_url
 
@@ -202,16 +201,14 @@ class HttpClient:
 
     async def _connect(self, scheme: str, host: str, port: int) -> _Connection:
         loop = asyncio.get_running_loop()
-        tls = scheme == "https"
+        connection = _Connection(loop, (scheme, host, port), self._net.read_timeout)
         with anyio.fail_after(self._net.connect_timeout):
-            _, connection = await loop.create_connection(
-                lambda: _Connection(loop, (scheme, host, port), self._net.read_timeout),
-                host,
-                port,
-                # Built on first use: loading a trust store costs tens of milliseconds.
-                ssl=ssl_context(self._net) if tls else None,
-                server_hostname=host if tls else None,
-            )
+            if scheme == "https":
+                from . import tls  # loaded on first use, with its trust store
+
+                await tls.connect(connection, host, port, self._net)
+            else:
+                await loop.create_connection(lambda: connection, host, port)
         return connection
 
     def _release(self, connection: _Connection) -> None:

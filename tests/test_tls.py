@@ -1,15 +1,23 @@
 """HTTPS end to end: the API and the objects over TLS, trusted through a CA bundle or
-SSL_CERT_FILE, and an untrusted certificate refused as a configuration error."""
+SSL_CERT_FILE, and an untrusted certificate refused as a configuration error; and what
+`tls.py` checks itself (the host name, SNI, the trust store it loads)."""
 
 from __future__ import annotations
 
 import json
+import socket
 import ssl
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import trustme
+
+from checkpoint_sync.errors import UsageError
+from checkpoint_sync.net import NetSettings
+from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, job_catalog, sync_args
 from .support import (
@@ -120,3 +128,83 @@ def test_a_job_over_https_through_a_proxy_is_mirrored_byte_exact(
     assert set(https_proxy.tunnels) == {https_server.url.removeprefix("https://")}
     for file in https_server.files():
         assert_exact(mirrored(dest, JOB, file), file)
+
+
+@contextmanager
+def one_answer_server(ca: trustme.CA, *identities: str) -> Iterator[tuple[int, list[str | None]]]:
+    """An HTTPS server on 127.0.0.1 with a certificate for ``identities`` that answers one
+    request with "ok"; yields its port and the server names clients asked for (SNI)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*identities).configure_cert(context)
+    asked: list[str | None] = []
+    context.sni_callback = lambda _tls, name, _context: asked.append(name)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        connection, _ = listener.accept()
+        try:
+            with context.wrap_socket(connection, server_side=True) as tls:
+                while b"\r\n\r\n" not in tls.recv(1 << 16):
+                    pass
+                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except (ssl.SSLError, OSError):
+            pass  # a client that refused the certificate
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], asked
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+async def fetch(url: str, settings: NetSettings) -> bytes:
+    async with HttpClient(settings) as http, http.request(url, {}) as response:
+        return await response.read(100)
+
+
+@pytest.mark.anyio
+async def test_a_host_name_is_sent_as_sni_and_matched_against_the_certificate(
+    ca: trustme.CA, ca_file: Path
+) -> None:
+    # "localhost" may resolve to ::1 first, where nothing listens: the next address is tried.
+    with one_answer_server(ca, "localhost") as (port, asked):
+        got = await fetch(f"https://localhost:{port}/o", NetSettings(ca_bundle=ca_file))
+
+    assert got == b"ok"
+    assert asked == ["localhost"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("identity", "host"),
+    [("example.org", "127.0.0.1"), ("127.0.0.2", "127.0.0.1"), ("*.localhost", "localhost")],
+    ids=["name-for-address", "other-address", "wildcard-for-bare-name"],
+)
+async def test_a_certificate_for_another_host_is_not_trusted(
+    ca: trustme.CA, ca_file: Path, identity: str, host: str
+) -> None:
+    with one_answer_server(ca, identity) as (port, _):
+        url = f"https://{host}:{port}/o?X-Amz-Signature=secret"
+        with pytest.raises(UsageError, match="is not trusted") as raised:
+            await fetch(url, NetSettings(ca_bundle=ca_file))
+
+    assert "secret" not in str(raised.value)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("content", [None, b"not a certificate\n", "directory"])
+async def test_an_unusable_ca_bundle_fails_the_first_https_request_as_a_usage_error(
+    tmp_path: Path, content: bytes | str | None
+) -> None:
+    bundle = tmp_path / "ca.pem"
+    if content == "directory":
+        bundle.mkdir()
+    elif isinstance(content, bytes):
+        bundle.write_bytes(content)
+    listener = socket.create_server(("127.0.0.1", 0))  # never reached: trust is loaded first
+    with listener, pytest.raises(UsageError, match=f"^ca_bundle {bundle} cannot be used \\("):
+        await fetch(
+            f"https://127.0.0.1:{listener.getsockname()[1]}/", NetSettings(ca_bundle=bundle)
+        )
