@@ -124,7 +124,7 @@ def _new_connection(context: Any, sock: socket.socket, host: str) -> Any:
     else:
         ok = _lib.X509_VERIFY_PARAM_set1_ip(param, address.packed, len(address.packed))
     if ok != 1:
-        raise ssl.SSLError(f"cannot check the certificate against {host}")
+        raise ssl.SSLError(ssl.SSL_ERROR_SSL, f"cannot check the certificate against {host}")
     _lib.SSL_set_connect_state(connection)
     return connection
 
@@ -187,7 +187,9 @@ def _error(code: int, when: str) -> OSError | None:
             return None
         if errno:
             return OSError(errno, f"{os.strerror(errno)} {when}")
-    return ssl.SSLError(f"{reason or f'TLS error {code}'} {when}")
+    # With its code, as `ssl` raises it: with the message alone, str() is the repr of a tuple
+    # and `strerror` None, which is what `net.connection_error` shows.
+    return ssl.SSLError(ssl.SSL_ERROR_SSL, f"{reason or f'TLS error {code}'} {when}")
 
 
 class _Transport(asyncio.Transport):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from checkpoint_sync.errors import UsageError
+from checkpoint_sync.errors import TransientError, UsageError
 from checkpoint_sync.net import NetSettings
 from checkpoint_sync.wire import HttpClient
 
@@ -208,3 +208,28 @@ async def test_an_unusable_ca_bundle_fails_the_first_https_request_as_a_usage_er
         await fetch(
             f"https://127.0.0.1:{listener.getsockname()[1]}/", NetSettings(ca_bundle=bundle)
         )
+
+
+@pytest.mark.anyio
+async def test_a_plain_http_answer_to_the_handshake_is_a_transient_error_said_plainly() -> None:
+    # An https:// URL on a plain-HTTP port: OpenSSL's reason, not the repr of a tuple.
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(1 << 16)  # the ClientHello
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    url = f"https://127.0.0.1:{listener.getsockname()[1]}/o?X-Amz-Signature=secret"
+    with listener, pytest.raises(TransientError) as raised:
+        await fetch(url, NetSettings(connect_timeout=5))
+    thread.join(5)
+
+    assert str(raised.value).startswith("download: ")
+    assert str(raised.value).endswith(
+        " during the TLS handshake (" + url.split("?")[0] + "?<redacted>)"
+    )
+    assert "('" not in str(raised.value)
