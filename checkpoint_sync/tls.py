@@ -213,29 +213,42 @@ class _Transport(asyncio.Transport):
         self._unsent: list[bytes] = []
         self._paused = False
         self._closing = False
+        self._again = False  # _read_again is scheduled
         protocol.connection_made(self)
         loop.add_reader(self._fd, self._read_ready)
 
     def _read_ready(self) -> None:
+        """Decrypt into one buffer of the protocol's: a sender that keeps the socket full must
+        not keep the loop (the other connections, timeouts, cancellation) waiting."""
+        if self._paused or self._closing:
+            return
         connection, protocol = self._connection, self._protocol
-        while not self._paused and not self._closing:
-            view = memoryview(protocol.get_buffer(-1))
-            room = len(view)
-            pointer = _ffi.from_buffer(view, require_writable=True)
-            filled = code = 0
-            while filled < room:
-                got = _lib.SSL_read(connection, pointer + filled, room - filled)
-                if got <= 0:
-                    code = _lib.SSL_get_error(connection, got)
-                    break
-                filled += got
-            if filled:
-                protocol.buffer_updated(filled)  # which may pause reading, or close
-            if code == _WANT_READ or self._closing:
-                return
-            if code:
-                self._lost(_error(code, "while reading"))
-                return
+        view = memoryview(protocol.get_buffer(-1))
+        room = len(view)
+        pointer = _ffi.from_buffer(view, require_writable=True)
+        filled = code = 0
+        while filled < room:
+            got = _lib.SSL_read(connection, pointer + filled, room - filled)
+            if got <= 0:
+                code = _lib.SSL_get_error(connection, got)
+                break
+            filled += got
+        if filled:
+            protocol.buffer_updated(filled)  # which may pause reading, or close
+        if code == _WANT_READ or self._closing:
+            return
+        if code:
+            self._lost(_error(code, "while reading"))
+            return
+        # The buffer is full. The socket wakes us for its next bytes, but not for the rest of a
+        # record OpenSSL decrypted in part (once: the reader may run meanwhile).
+        if _lib.SSL_pending(connection) and not self._paused and not self._again:
+            self._again = True
+            self._loop.call_soon(self._read_again)
+
+    def _read_again(self) -> None:
+        self._again = False
+        self._read_ready()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing:

@@ -8,10 +8,12 @@ import json
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 import trustme
 
@@ -233,3 +235,65 @@ async def test_a_plain_http_answer_to_the_handshake_is_a_transient_error_said_pl
         " during the TLS handshake (" + url.split("?")[0] + "?<redacted>)"
     )
     assert "('" not in str(raised.value)
+
+
+@contextmanager
+def tls_serving(ca: trustme.CA, serve: Callable[[ssl.SSLSocket], None]) -> Iterator[str]:
+    """An HTTPS server on 127.0.0.1 that hands its first connection to ``serve`` (after the
+    handshake); yields a URL on it."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        connection, _ = listener.accept()
+        try:
+            with context.wrap_socket(connection, server_side=True) as tls:
+                serve(tls)
+        except OSError:
+            pass  # the client went away
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{listener.getsockname()[1]}/o?X-Amz-Signature=secret"
+    finally:
+        listener.close()
+        thread.join(5)
+
+
+def read_request(tls: ssl.SSLSocket) -> None:
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += tls.recv(1 << 16)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
+)
+async def test_a_body_that_arrives_faster_than_it_is_written_lets_the_loop_run(
+    ca: trustme.CA, ca_file: Path
+) -> None:
+    # The sender keeps the socket full: a connection must not read it dry in one callback, or
+    # the other connections, the stall watch and a cancellation wait for the whole body.
+    size = 32 << 20
+
+    def serve(tls: ssl.SSLSocket) -> None:
+        read_request(tls)
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(32):
+            tls.sendall(bytes(1 << 20))
+
+    def slow_disk(piece: memoryview) -> None:
+        time.sleep(0.02)
+
+    with tls_serving(ca, serve) as url:
+        async with HttpClient(NetSettings(ca_bundle=ca_file)) as http:
+            started = time.monotonic()
+            with anyio.move_on_after(0.1):
+                async with http.request(url, {}) as response:
+                    await response.stream_to(slow_disk)
+            cancelled_after = time.monotonic() - started
+
+    assert cancelled_after < 0.3  # not the 0.6 s of the whole body
