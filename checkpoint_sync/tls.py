@@ -233,12 +233,14 @@ class _Transport(asyncio.Transport):
                 code = _lib.SSL_get_error(connection, got)
                 break
             filled += got
+        # Taken now, emptying the error queue: the protocol may close the transport.
+        error = _error(code, "while reading") if code and code != _WANT_READ else None
         if filled:
             protocol.buffer_updated(filled)  # which may pause reading, or close
         if code == _WANT_READ or self._closing:
             return
         if code:
-            self._lost(_error(code, "while reading"))
+            self._lost(error)
             return
         # The buffer is full. The socket wakes us for its next bytes, but not for the rest of a
         # record OpenSSL decrypted in part (once: the reader may run meanwhile).

@@ -5,6 +5,7 @@ SSL_CERT_FILE, and an untrusted certificate refused as a configuration error; an
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import threading
@@ -16,6 +17,7 @@ from pathlib import Path
 import anyio
 import pytest
 import trustme
+from cryptography.hazmat.bindings.openssl.binding import Binding
 
 from checkpoint_sync.errors import TransientError, UsageError
 from checkpoint_sync.net import NetSettings
@@ -297,3 +299,28 @@ async def test_a_body_that_arrives_faster_than_it_is_written_lets_the_loop_run(
             cancelled_after = time.monotonic() - started
 
     assert cancelled_after < 0.3  # not the 0.6 s of the whole body
+
+
+@pytest.mark.anyio
+async def test_a_connection_dropped_on_a_tls_error_leaves_no_error_for_the_next_call(
+    ca: trustme.CA, ca_file: Path
+) -> None:
+    # OpenSSL's error queue is the thread's: what one connection leaves there is taken for the
+    # failure of the next call on any other (SSL_get_error, and the reason shown).
+    def serve(tls: ssl.SSLSocket) -> None:
+        read_request(tls)
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        time.sleep(0.2)  # the answer is held unread, reading paused
+        tls.sendall(b"junk\r\n\r\n")  # not an answer: the connection is dropped for it...
+        os.write(tls.fileno(), b"\x17\x03\x03\x00\x20" + bytes(32))  # ...and a forged record
+        time.sleep(0.5)
+
+    lib = Binding().lib
+    with tls_serving(ca, serve) as url:
+        async with HttpClient(NetSettings(ca_bundle=ca_file)) as http:
+            async with http.request(url, {}) as response:
+                await anyio.sleep(0.4)  # both arrive before reading resumes, at the release
+                assert response.status == 200
+            await anyio.sleep(0.1)
+
+            assert lib.ERR_peek_error() == 0
