@@ -135,11 +135,14 @@ def test_a_job_over_https_through_a_proxy_is_mirrored_byte_exact(
 
 
 @contextmanager
-def one_answer_server(ca: trustme.CA, *identities: str) -> Iterator[tuple[int, list[str | None]]]:
-    """An HTTPS server on 127.0.0.1 with a certificate for ``identities`` that answers one
-    request with "ok"; yields its port and the server names clients asked for (SNI)."""
+def tls_serving(
+    ca: trustme.CA, serve: Callable[[ssl.SSLSocket], None], *identities: str
+) -> Iterator[tuple[int, list[str | None]]]:
+    """An HTTPS server on 127.0.0.1, with a certificate for ``identities`` (127.0.0.1 if none),
+    that hands its first connection to ``serve`` after the handshake; yields its port and the
+    server names clients asked for (SNI)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(*identities).configure_cert(context)
+    ca.issue_cert(*(identities or ["127.0.0.1"])).configure_cert(context)
     asked: list[str | None] = []
     context.sni_callback = lambda _tls, name, _context: asked.append(name)
     listener = socket.create_server(("127.0.0.1", 0))
@@ -148,11 +151,9 @@ def one_answer_server(ca: trustme.CA, *identities: str) -> Iterator[tuple[int, l
         connection, _ = listener.accept()
         try:
             with context.wrap_socket(connection, server_side=True) as tls:
-                while b"\r\n\r\n" not in tls.recv(1 << 16):
-                    pass
-                tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        except (ssl.SSLError, OSError):
-            pass  # a client that refused the certificate
+                serve(tls)
+        except OSError:
+            pass  # the client went away, or refused the certificate
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
@@ -161,6 +162,21 @@ def one_answer_server(ca: trustme.CA, *identities: str) -> Iterator[tuple[int, l
     finally:
         listener.close()
         thread.join(5)
+
+
+def url_on(port: int, host: str = "127.0.0.1") -> str:
+    return f"https://{host}:{port}/o?X-Amz-Signature=secret"
+
+
+def read_request(tls: ssl.SSLSocket) -> None:
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += tls.recv(1 << 16)
+
+
+def answer_ok(tls: ssl.SSLSocket) -> None:
+    read_request(tls)
+    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
 
 async def fetch(url: str, settings: NetSettings) -> bytes:
@@ -173,8 +189,8 @@ async def test_a_host_name_is_sent_as_sni_and_matched_against_the_certificate(
     ca: trustme.CA, ca_file: Path
 ) -> None:
     # "localhost" may resolve to ::1 first, where nothing listens: the next address is tried.
-    with one_answer_server(ca, "localhost") as (port, asked):
-        got = await fetch(f"https://localhost:{port}/o", NetSettings(ca_bundle=ca_file))
+    with tls_serving(ca, answer_ok, "localhost") as (port, asked):
+        got = await fetch(url_on(port, "localhost"), NetSettings(ca_bundle=ca_file))
 
     assert got == b"ok"
     assert asked == ["localhost"]
@@ -189,10 +205,11 @@ async def test_a_host_name_is_sent_as_sni_and_matched_against_the_certificate(
 async def test_a_certificate_for_another_host_is_not_trusted(
     ca: trustme.CA, ca_file: Path, identity: str, host: str
 ) -> None:
-    with one_answer_server(ca, identity) as (port, _):
-        url = f"https://{host}:{port}/o?X-Amz-Signature=secret"
-        with pytest.raises(UsageError, match="is not trusted") as raised:
-            await fetch(url, NetSettings(ca_bundle=ca_file))
+    with (
+        tls_serving(ca, answer_ok, identity) as (port, _),
+        pytest.raises(UsageError, match="is not trusted") as raised,
+    ):
+        await fetch(url_on(port, host), NetSettings(ca_bundle=ca_file))
 
     assert "secret" not in str(raised.value)
 
@@ -239,37 +256,6 @@ async def test_a_plain_http_answer_to_the_handshake_is_a_transient_error_said_pl
     assert "('" not in str(raised.value)
 
 
-@contextmanager
-def tls_serving(ca: trustme.CA, serve: Callable[[ssl.SSLSocket], None]) -> Iterator[str]:
-    """An HTTPS server on 127.0.0.1 that hands its first connection to ``serve`` (after the
-    handshake); yields a URL on it."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def answer() -> None:
-        connection, _ = listener.accept()
-        try:
-            with context.wrap_socket(connection, server_side=True) as tls:
-                serve(tls)
-        except OSError:
-            pass  # the client went away
-
-    thread = threading.Thread(target=answer, daemon=True)
-    thread.start()
-    try:
-        yield f"https://127.0.0.1:{listener.getsockname()[1]}/o?X-Amz-Signature=secret"
-    finally:
-        listener.close()
-        thread.join(5)
-
-
-def read_request(tls: ssl.SSLSocket) -> None:
-    received = b""
-    while b"\r\n\r\n" not in received:
-        received += tls.recv(1 << 16)
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize(
     "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
@@ -290,11 +276,11 @@ async def test_a_body_that_arrives_faster_than_it_is_written_lets_the_loop_run(
     def slow_disk(piece: memoryview) -> None:
         time.sleep(0.02)
 
-    with tls_serving(ca, serve) as url:
+    with tls_serving(ca, serve) as (port, _):
         async with HttpClient(NetSettings(ca_bundle=ca_file)) as http:
             started = time.monotonic()
             with anyio.move_on_after(0.1):
-                async with http.request(url, {}) as response:
+                async with http.request(url_on(port), {}) as response:
                     await response.stream_to(slow_disk)
             cancelled_after = time.monotonic() - started
 
@@ -316,9 +302,9 @@ async def test_a_connection_dropped_on_a_tls_error_leaves_no_error_for_the_next_
         time.sleep(0.5)
 
     lib = Binding().lib
-    with tls_serving(ca, serve) as url:
+    with tls_serving(ca, serve) as (port, _):
         async with HttpClient(NetSettings(ca_bundle=ca_file)) as http:
-            async with http.request(url, {}) as response:
+            async with http.request(url_on(port), {}) as response:
                 await anyio.sleep(0.4)  # both arrive before reading resumes, at the release
                 assert response.status == 200
             await anyio.sleep(0.1)
