@@ -211,6 +211,7 @@ class _Transport(asyncio.Transport):
         self._connection = connection
         self._protocol = protocol
         self._unsent: list[bytes] = []
+        self._write_waits = False  # _write_ready waits for the socket to take more
         self._paused = False
         self._closing = False
         self._again = False  # _read_again is scheduled
@@ -268,11 +269,15 @@ class _Transport(asyncio.Transport):
                 continue
             code = _lib.SSL_get_error(self._connection, sent)
             if code in (_WANT_WRITE, _WANT_READ):  # the socket is full: try again when it is not
-                self._loop.add_writer(self._fd, self._write_ready)
+                if not self._write_waits:
+                    self._write_waits = True
+                    self._loop.add_writer(self._fd, self._write_ready)
                 return
             self._lost(_error(code, "while writing") or BrokenPipeError("connection closed"))
             return
-        self._loop.remove_writer(self._fd)
+        if self._write_waits and not self._closing:  # a closed descriptor's number may be reused
+            self._write_waits = False
+            self._loop.remove_writer(self._fd)
 
     def pause_reading(self) -> None:
         if not self._paused and not self._closing:
