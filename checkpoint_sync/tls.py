@@ -213,6 +213,10 @@ class _Transport(asyncio.Transport):
         self._unsent: list[bytes] = []
         self._write_waits = False  # _write_ready waits for the socket to take more
         self._paused = False
+        # Pausing leaves the reader in place, and only a wake-up while paused removes it: a
+        # small body is held paused until its transfer takes it, once per file, and watching
+        # and unwatching the socket each time cost two system calls.
+        self._watched = True
         self._closing = False
         self._again = False  # _read_again is scheduled
         protocol.connection_made(self)
@@ -221,7 +225,11 @@ class _Transport(asyncio.Transport):
     def _read_ready(self) -> None:
         """Decrypt into one buffer of the protocol's: a sender that keeps the socket full must
         not keep the loop (the other connections, timeouts, cancellation) waiting."""
-        if self._paused or self._closing:
+        if self._closing:
+            return
+        if self._paused:
+            self._watched = False
+            self._loop.remove_reader(self._fd)
             return
         connection, protocol = self._connection, self._protocol
         view = memoryview(protocol.get_buffer(-1))
@@ -243,9 +251,13 @@ class _Transport(asyncio.Transport):
         if code:
             self._lost(error)
             return
-        # The buffer is full. The socket wakes us for its next bytes, but not for the rest of a
-        # record OpenSSL decrypted in part (once: the reader may run meanwhile).
-        if _lib.SSL_pending(connection) and not self._paused and not self._again:
+        if not self._paused:
+            self._read_pending()
+
+    def _read_pending(self) -> None:
+        """The socket wakes us for its next bytes, but not for the rest of a record OpenSSL
+        decrypted in part (once: the reader may run meanwhile)."""
+        if _lib.SSL_pending(self._connection) and not self._again:
             self._again = True
             self._loop.call_soon(self._read_again)
 
@@ -280,16 +292,15 @@ class _Transport(asyncio.Transport):
             self._loop.remove_writer(self._fd)
 
     def pause_reading(self) -> None:
-        if not self._paused and not self._closing:
-            self._paused = True
-            self._loop.remove_reader(self._fd)
+        self._paused = True
 
     def resume_reading(self) -> None:
         if self._paused and not self._closing:
             self._paused = False
-            self._loop.add_reader(self._fd, self._read_ready)
-            # A record may have been decrypted only in part: the socket has nothing to wake us.
-            self._loop.call_soon(self._read_ready)
+            if not self._watched:
+                self._watched = True
+                self._loop.add_reader(self._fd, self._read_ready)
+            self._read_pending()
 
     def is_reading(self) -> bool:
         return not self._paused and not self._closing

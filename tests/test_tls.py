@@ -4,6 +4,7 @@ SSL_CERT_FILE, and an untrusted certificate refused as a configuration error; an
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -13,12 +14,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
 import trustme
 from cryptography.hazmat.bindings.openssl.binding import Binding
 
+from checkpoint_sync import tls
 from checkpoint_sync.errors import TransientError, UsageError
 from checkpoint_sync.net import NetSettings
 from checkpoint_sync.wire import HttpClient
@@ -337,3 +340,59 @@ async def test_a_request_larger_than_the_socket_takes_at_once_is_sent_whole(
             assert await response.read(100) == b"ok"
 
     assert received.endswith(body)
+
+
+class SmallBuffers(asyncio.BufferedProtocol):
+    """Receives ``expected`` bytes into 1,000-byte buffers, far smaller than a TLS record,
+    pausing after the first one until told to resume."""
+
+    def __init__(self, expected: int) -> None:
+        self.received = bytearray()
+        self.complete = anyio.Event()
+        self.transport: asyncio.Transport | None = None
+        self._expected = expected
+        self._buffer = bytearray(1000)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += self._buffer[:nbytes]
+        if len(self.received) == nbytes:
+            assert self.transport is not None
+            self.transport.pause_reading()
+        if len(self.received) >= self._expected:
+            self.complete.set()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
+)
+async def test_what_openssl_decrypted_but_the_buffer_could_not_take_is_delivered(
+    ca: trustme.CA, ca_file: Path
+) -> None:
+    # Each record is read a buffer at a time; the socket is quiet once all of it has arrived,
+    # so nothing but the transport itself can bring the rest of the last record.
+    sent = os.urandom(20_000)  # two records
+
+    def serve(tls: ssl.SSLSocket) -> None:
+        tls.sendall(sent)
+        time.sleep(1.5)  # then closes, which would wake the reader
+
+    protocol = SmallBuffers(len(sent))
+    with tls_serving(ca, serve) as (port, _):
+        await tls.connect(protocol, "127.0.0.1", port, NetSettings(ca_bundle=ca_file))
+        await anyio.sleep(0.2)  # all of it arrives while reading is paused
+        assert protocol.transport is not None
+        assert bytes(protocol.received) == sent[:1000]
+
+        protocol.transport.resume_reading()
+        with anyio.fail_after(1):
+            await protocol.complete.wait()
+        protocol.transport.close()
+
+    assert bytes(protocol.received) == sent
