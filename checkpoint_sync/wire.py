@@ -7,7 +7,8 @@ sink (the transfer's positional write), connections are kept alive per host, and
 object stores and JSON APIs send is understood: a status line, headers, and a body framed by
 Content-Length, chunked encoding or the end of the connection. Redirects are not followed here
 (`transfer.py` follows those of object URLs).
-URLs behind a proxy go through aiohttp (`proxied.py`), loaded only then.
+HTTPS connections come from `tls.py`. URLs behind a proxy go through aiohttp (`proxied.py`),
+loaded only then.
 
 Errors are converted here: connection failures, resets, stalls and answers that are not HTTP as
 expected become `TransientError` naming the URL without its query string.
