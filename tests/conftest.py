@@ -72,3 +72,16 @@ def sync_args(server: ServerThread, dest: Path, *extra: str) -> list[str]:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(
+    params=[None, b"not a certificate\n", "directory"], ids=["missing", "not-pem", "directory"]
+)
+def unusable_ca_bundle(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """A ``ca_bundle`` that cannot be loaded: missing, with no certificate in it, a directory."""
+    bundle = tmp_path / "ca.pem"
+    if request.param == "directory":
+        bundle.mkdir()
+    elif isinstance(request.param, bytes):
+        bundle.write_bytes(request.param)
+    return bundle

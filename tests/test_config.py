@@ -137,17 +137,9 @@ def test_a_duration_that_is_no_number_of_seconds_is_named_so(name: str, text: st
         load_settings(None, {}, {variable: text})
 
 
-@pytest.mark.parametrize("content", [None, b"not a certificate\n", "directory"])
-def test_an_unusable_ca_bundle_is_a_usage_error(
-    tmp_path: Path, content: bytes | str | None
-) -> None:
-    bundle = tmp_path / "ca.pem"
-    if content == "directory":
-        bundle.mkdir()
-    elif isinstance(content, bytes):
-        bundle.write_bytes(content)
-    with pytest.raises(UsageError, match=f"ca_bundle {bundle} cannot be used"):
-        ssl_context(NetSettings(ca_bundle=bundle))
+def test_an_unusable_ca_bundle_is_a_usage_error(unusable_ca_bundle: Path) -> None:
+    with pytest.raises(UsageError, match=f"ca_bundle {unusable_ca_bundle} cannot be used"):
+        ssl_context(NetSettings(ca_bundle=unusable_ca_bundle))
 
 
 def test_one_trust_store_per_ca_bundle_whatever_the_other_settings() -> None:

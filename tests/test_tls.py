@@ -137,6 +137,11 @@ def test_a_job_over_https_through_a_proxy_is_mirrored_byte_exact(
         assert_exact(mirrored(dest, JOB, file), file)
 
 
+ON_BOTH_LOOPS = pytest.mark.parametrize(
+    "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
+)
+
+
 @contextmanager
 def tls_serving(
     ca: trustme.CA, serve: Callable[[ssl.SSLSocket], None], *identities: str
@@ -219,15 +224,10 @@ async def test_a_certificate_for_another_host_is_not_trusted(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("content", [None, b"not a certificate\n", "directory"])
 async def test_an_unusable_ca_bundle_fails_the_first_https_request_as_a_usage_error(
-    tmp_path: Path, content: bytes | str | None
+    unusable_ca_bundle: Path,
 ) -> None:
-    bundle = tmp_path / "ca.pem"
-    if content == "directory":
-        bundle.mkdir()
-    elif isinstance(content, bytes):
-        bundle.write_bytes(content)
+    bundle = unusable_ca_bundle
     listener = socket.create_server(("127.0.0.1", 0))  # never reached: trust is loaded first
     with listener, pytest.raises(UsageError, match=f"^ca_bundle {bundle} cannot be used \\("):
         await fetch(
@@ -261,9 +261,7 @@ async def test_a_plain_http_answer_to_the_handshake_is_a_transient_error_said_pl
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(
-    "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
-)
+@ON_BOTH_LOOPS
 async def test_a_body_that_arrives_faster_than_it_is_written_lets_the_loop_run(
     ca: trustme.CA, ca_file: Path
 ) -> None:
@@ -369,9 +367,7 @@ class SmallBuffers(asyncio.BufferedProtocol):
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize(
-    "anyio_backend", ["asyncio", ("asyncio", {"use_uvloop": True})], ids=["asyncio", "uvloop"]
-)
+@ON_BOTH_LOOPS
 async def test_what_openssl_decrypted_but_the_buffer_could_not_take_is_delivered(
     ca: trustme.CA, ca_file: Path
 ) -> None:
