@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from checkpoint_sync.errors import IntegrityError
 from checkpoint_sync.localserver import Faults, ServedFile
@@ -23,10 +25,19 @@ MID_BODY = ("reset", "short", "stall")
 
 
 @pytest.fixture
-def server() -> Iterator[ServerThread]:
+def server(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ServerThread]:
     # 2 checkpoints x 2 ranks, each with two 5-part files and 20 small ones: 120 requests.
     catalog = job_catalog(checkpoints=2, large_files=2, small_files=20)
-    with ServerThread(catalog) as running:
+    context = None
+    if getattr(request, "param", "http") == "https":  # with a CA the client is told to trust
+        ca = trustme.CA()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(context)
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        monkeypatch.setenv("CHECKPOINT_SYNC_CA_BUNDLE", str(tmp_path / "ca.pem"))
+    with ServerThread(catalog, tls=context) as running:
         yield running
 
 
@@ -36,6 +47,7 @@ def assert_mirrored(server: ServerThread, dest: Path) -> None:
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
 
 
+@pytest.mark.parametrize("server", ["http", "https"], indirect=True)
 def test_ten_percent_of_requests_failing_every_way_still_ends_byte_exact(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
