@@ -15,7 +15,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from .errors import UsageError
 from .net import url_problem
@@ -76,6 +84,16 @@ class Settings(BaseModel):
     retry_deadline: float = Field(default=600.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     ca_bundle: Path | None = None
     proxies: bool = True  # false: ignore HTTP(S)_PROXY and connect directly
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # TOML's `read_timeout = true` is a bool, which Python counts as the int 1 and pydantic's
+        # lax mode took as 1 second. Strict mode would also refuse the environment's strings.
+        name = info.field_name
+        if isinstance(value, bool) and name and cls.model_fields[name].annotation in (int, float):
+            raise ValueError(f"should be a number, not {str(value).lower()}")
+        return value
 
     @field_validator("part_size", mode="before")
     @classmethod

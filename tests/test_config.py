@@ -19,6 +19,8 @@ from checkpoint_sync.config import (
 from checkpoint_sync.errors import UsageError
 from checkpoint_sync.net import NetSettings, ssl_context
 
+from .support import run_cli
+
 EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
 
 
@@ -135,6 +137,30 @@ def test_a_duration_that_is_no_number_of_seconds_is_named_so(name: str, text: st
     variable = f"CHECKPOINT_SYNC_{name.upper()}"
     with pytest.raises(UsageError, match=f"bad setting {name} from {variable}: .*finite number"):
         load_settings(None, {}, {variable: text})
+
+
+NUMBERS = ["page_size", "concurrency", "part_size", "retries", *DURATIONS]
+
+
+@pytest.mark.parametrize("name", NUMBERS)
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_a_boolean_is_no_number(tmp_path: Path, name: str, value: str) -> None:
+    # TOML's `read_timeout = true` was taken as 1 (a one-second timeout), `false` as 0 or as
+    # "should be greater than 0": Python counts a bool as an int, and pydantic's lax mode did.
+    config = tmp_path / "c.toml"
+    config.write_text(f"{name} = {value}\n")
+    with pytest.raises(UsageError, match=f"bad setting {name} in .*: .*a number, not {value}$"):
+        load_settings(config, {}, {})
+
+
+def test_a_boolean_for_a_number_is_exit_2_in_one_line(tmp_path: Path) -> None:
+    # Not read_timeout: the tests' environment sets it, and the environment overrides the file.
+    config = tmp_path / "c.toml"
+    config.write_text('connect_timeout = true\napi_url = "http://127.0.0.1:9"\n')
+    result = run_cli("list", "--config", config, "--project", "P", "--job", "J")
+    assert result.code == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "bad setting connect_timeout in " in result.stderr
 
 
 def test_an_unusable_ca_bundle_is_a_usage_error(unusable_ca_bundle: Path) -> None:
