@@ -110,7 +110,7 @@ class ServedWandbCheckpoint:
     """A W&B Training checkpoint, and the files of its artifact version ``<name>:step<N>``."""
 
     id: str
-    step: int
+    step: int | None  # None: served as null, which the OpenAPI page does not allow
     metrics: dict[str, float | None]  # None: served as null, as W&B does for one not logged
     files: list[ServedFile] = field(default_factory=list)
 
@@ -543,7 +543,10 @@ class LocalServer:
         order = request.query.get("order", "asc")
         if not 1 <= limit <= 100 or order not in ("asc", "desc"):
             return _unprocessable("limit must be within 1..100 and order asc or desc")
-        items = sorted(model.checkpoints, key=lambda c: c.step, reverse=order == "desc")
+        # A null step sorts last, as SQL's ascending order puts nulls.
+        items = sorted(
+            model.checkpoints, key=lambda c: (c.step is None, c.step or 0), reverse=order == "desc"
+        )
         start = 0
         after = request.query.get("after")
         if after and not model.stuck_cursor:

@@ -2,7 +2,8 @@
 
 Fields the engine relies on are required; the rest are optional so that a provider adding or
 dropping a descriptive field does not stop a mirror. Unknown fields are ignored. An entry of a
-file listing (or of the Loops checkpoint list: a target the pages do not name) that does not match
+file listing (or of a checkpoint list: a Loops target the pages do not name, a W&B null step) that
+does not match
 its model is kept as `Unreadable` rather than failing its page: that one file (or checkpoint)
 fails, and the rest of the listing is mirrored.
 """
@@ -172,7 +173,8 @@ class WandbCheckpoint(ApiModel):
 
 
 class WandbCheckpointPage(ApiModel):
-    data: list[WandbCheckpoint]
+    # An entry off the schema (a null step, say) fails alone, not its page: the listing goes on.
+    data: list[Annotated[WandbCheckpoint | Unreadable, OR_UNREADABLE]]
     has_more: bool
     first_id: str = ""
     last_id: str = ""

@@ -65,7 +65,7 @@ def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ServerThread]:
 
 
 def checkpoints_of(server: ServerThread) -> dict[int, ServedWandbCheckpoint]:
-    return {c.step: c for c in server.catalog.wandb_models[0].checkpoints}
+    return {c.step: c for c in server.catalog.wandb_models[0].checkpoints if c.step is not None}
 
 
 def landed(dest: Path, step: int, file: ServedFile) -> Path:
@@ -298,6 +298,50 @@ def test_a_checkpoint_with_a_null_metric_is_listed_and_passed_over_by_best(
     ]
     assert [c["step"] for c in json.loads(best_reward.stdout)["checkpoints"]] == [10]
     assert [c["step"] for c in json.loads(best_loss.stdout)["checkpoints"]] == [20]
+
+
+def test_a_checkpoint_listed_without_a_step_is_left_out_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Its step names its directory (step-<N>) and its artifact version (step<N>): with none, it
+    # cannot be mirrored. It failed its whole page, so the whole listing; now it is left out as
+    # one unreadable entry, as a Loops checkpoint of an unknown target is.
+    model = synthetic_wandb_model(MODEL, {10: {"reward": 0.2}, 20: {"reward": 0.9}, 30: {}})
+    stepless = model.checkpoints[1]
+    stepless.step = None  # the OpenAPI page requires an integer
+    catalog = Catalog(api_key=API_KEY, wandb_api_key=WANDB_KEY, wandb_models=[model])
+    server = serve(catalog, monkeypatch)
+    try:
+        as_json = run_cli(*listed("--json"))
+        as_text = run_cli(*listed())
+        latest = run_cli(*listed("--latest", "--json"))
+        best = run_cli(*listed("--best", "reward", "--json"))
+        whole = run_cli(*synced(tmp_path, "--wandb-artifact", ARTIFACT, "--json"))
+        named = run_cli(*listed("--checkpoint", stepless.id))
+    finally:
+        server.__exit__(None, None, None)
+
+    where = f"{MODEL}/step-? (id {stepless.id})"
+    assert as_json.code == as_text.code == latest.code == best.code == 0, as_json.stderr
+    document = json.loads(as_json.stdout)
+    assert [c["step"] for c in document["checkpoints"]] == [10, 30]
+    (left_out,) = document["left_out"]
+    assert left_out["checkpoint"] == where
+    assert left_out["id"] == stepless.id
+    assert "step: Input should be a valid integer" in left_out["error"]
+    assert f"left out: {where}: its listing entry is unreadable" in as_text.stdout
+    # --latest and --best each ask for one checkpoint: they pass over it, as --latest does Loops'.
+    assert [c["step"] for c in json.loads(latest.stdout)["checkpoints"]] == [30]
+    assert [c["step"] for c in json.loads(best.stdout)["checkpoints"]] == [10]
+    # A sync mirrors the others and fails it as one entry (exit 1).
+    assert whole.code == 1, whole.stderr
+    (failure,) = json.loads(whole.stdout)["failures"]
+    assert failure["path"] == where
+    assert sorted(p.name for p in (tmp_path / MODEL).iterdir()) == ["step-10", "step-30"]
+    # Named by its id, it cannot be mirrored: a usage error in one line.
+    assert named.code == 2
+    assert named.stderr.count("\n") == 1
+    assert f"{where} in W&B Training model {MODEL}: its listing entry" in named.stderr
 
 
 @pytest.mark.parametrize(

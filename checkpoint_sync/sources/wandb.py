@@ -18,6 +18,7 @@ from ..api import ApiClient
 from ..errors import FileError, NotFoundError, UsageError
 from ..models import Unreadable, WandbCheckpoint, WandbCheckpointPage
 from .base import (
+    Available,
     Checkpoint,
     Listed,
     PageRef,
@@ -26,6 +27,7 @@ from .base import (
     Source,
     SourceContext,
     SyncState,
+    UnreadableCheckpoint,
     UnreadableEntry,
     flags_given,
 )
@@ -76,8 +78,9 @@ class WandbSource:
         self._page_size = page_size
         self.description = f"W&B Training model {model_id}"
 
-    async def checkpoints(self) -> list[Checkpoint]:
-        listed = [c async for page in self._pages() for c in page]
+    async def checkpoints(self) -> list[Available]:
+        entries = [c async for page in self._pages() for c in page]
+        listed = [c for c in entries if isinstance(c, WandbCheckpoint)]
         found = [
             Checkpoint(
                 key=c.id,
@@ -92,12 +95,17 @@ class WandbSource:
             )
             for c in sorted(listed, key=lambda c: c.step)
         ]
-        if self._best is None:
-            return found
-        metric, minimize = self._best
-        return [best_checkpoint(found, metric, minimize=minimize, what=self.description)]
+        if self._best is not None:
+            # --best asks for one checkpoint: it passes over those unreadable, as --latest does.
+            metric, minimize = self._best
+            return [best_checkpoint(found, metric, minimize=minimize, what=self.description)]
+        # One with no step has no directory (step-<N>) and no artifact version (step<N>).
+        return [
+            *found,
+            *(_unreadable(self._model, c) for c in entries if isinstance(c, Unreadable)),
+        ]
 
-    async def _pages(self) -> AsyncIterator[list[WandbCheckpoint]]:
+    async def _pages(self) -> AsyncIterator[list[WandbCheckpoint | Unreadable]]:
         path = f"/v1/preview/models/{quote(self._model, safe='')}/checkpoints"
         params: dict[str, str | int] = {"limit": min(self._page_size, MAX_LIMIT), "order": "asc"}
         seen: set[str] = set()
@@ -110,7 +118,9 @@ class WandbSource:
             yield page.data
             if not page.has_more:
                 return
-            params["after"] = advance(page.last_id or page.data[-1].id, seen, self.description)
+            last = page.data[-1]
+            last_id = last.get("id", str) if isinstance(last, Unreadable) else last.id
+            params["after"] = advance(page.last_id or last_id, seen, self.description)
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         artifacts = self._artifacts_or_fail()
@@ -206,6 +216,13 @@ class WandbTraining:
             best=None if args.best is None else (args.best, args.minimize),
             page_size=context.settings.page_size,
         )
+
+
+def _unreadable(model: str, entry: Unreadable) -> UnreadableCheckpoint:
+    """An entry of the checkpoint list, named by what it tells of itself."""
+    key, step = entry.get("id", str), entry.get("step", int)
+    where = f"{model}/step-{'?' if step is None else step} (id {key or '?'})"
+    return UnreadableCheckpoint(key, where, entry.reason)
 
 
 def _version(md5: str) -> str:
