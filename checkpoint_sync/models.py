@@ -2,10 +2,9 @@
 
 Fields the engine relies on are required; the rest are optional so that a provider adding or
 dropping a descriptive field does not stop a mirror. Unknown fields are ignored. An entry of a
-file listing (or of a checkpoint list: a Loops target the pages do not name, a W&B null step) that
-does not match
-its model is kept as `Unreadable` rather than failing its page: that one file (or checkpoint)
-fails, and the rest of the listing is mirrored.
+file listing (or of a checkpoint list: a Loops target the pages do not name, a W&B null step)
+that does not match its model is kept as `Unreadable` rather than failing its page: that one
+file (or checkpoint) fails, and the rest of the listing is mirrored.
 """
 
 from __future__ import annotations
