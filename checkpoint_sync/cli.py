@@ -120,12 +120,16 @@ class _Output:
             self.status(line)
 
     def _shown(self, text: str) -> str:
-        """Text fit for a terminal (JSON escapes control characters itself)."""
+        """Text fit for a terminal (JSON has escapes of its own)."""
         return printable(self.redact(text))
 
     def json(self, payload: dict[str, Any]) -> None:
         # Each string is redacted before it is encoded: cutting a query string out of the
-        # encoded text could take an escape with it and leave JSON that does not parse.
+        # encoded text could take an escape with it and leave JSON that does not parse. The
+        # strings are not passed through `printable`: a program reading the document must get
+        # the real names. json.dumps writes every character beyond ASCII as an escape
+        # (ensure_ascii, its default), so a name's control, bidirectional or invisible characters
+        # reach no terminal this way either: keep that default.
         text = json.dumps(self._redacted(payload), indent=2, allow_nan=False)
         print(text, file=self.stdout, flush=True)
         self.json_printed = True

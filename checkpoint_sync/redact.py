@@ -1,9 +1,10 @@
 """Keep secrets out of every message (API keys and presigned URL query strings), and the
-control characters of names a listing gives out of the terminal."""
+control and invisible formatting characters of names a listing gives out of the terminal."""
 
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -11,15 +12,37 @@ from urllib.parse import urlsplit, urlunsplit
 REDACTED = "<redacted>"
 _QUERY_IN_TEXT = re.compile(rf"(https?://[^\s?#'\"<>]+)\?(?!{REDACTED})[^\s#'\"<>]*", re.IGNORECASE)
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
-# C0 and C1 control characters but tab: a listed name printed as it is could move the cursor,
-# rewrite the line, retitle the terminal, hide what follows or, with a newline, forge a line
-# (every message is one line; a --debug traceback is shown a line at a time).
-_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# What a listed name must not bring to the terminal as it is, by Unicode category: control
+# characters (C0 and C1; a tab is kept) could move the cursor, rewrite the line, retitle the
+# terminal, hide what follows or, with a newline, forge a line (every message is one line; a
+# --debug traceback is shown a line at a time); format characters (bidirectional overrides and
+# isolates, zero-width spaces, a BOM) make a line read otherwise than it is ("Trojan Source") or
+# two names look alike; a line or paragraph separator breaks the line where a reader honours it;
+# a lone surrogate is no character and UTF-8 output refuses it.
+_HIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+# Printable ASCII is shown as it is without a look-up, so a plain line costs one scan; the
+# backslash is not, as it starts every escape.
+_SUSPECT = re.compile(r"[^\t\x20-\x5b\x5d-\x7e]")
 
 
 def printable(text: str) -> str:
-    """``text`` with its control characters written as escapes (ESC as ``\\x1b``)."""
-    return _CONTROLS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
+    """``text`` with its control and invisible formatting characters written as Python escapes
+    (ESC as ``\\x1b``, U+202E as ``\\u202e``) and a backslash doubled, so that the shown text
+    reads back as the text and only as it (a name holding the four characters ``\\x1b`` is
+    shown otherwise than one holding ESC)."""
+    return _SUSPECT.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match[0]
+    if char == "\\":
+        return "\\\\"
+    if unicodedata.category(char) not in _HIDDEN:
+        return char
+    code = ord(char)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def redact_url(url: str) -> str:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from checkpoint_sync.redact import Redactor, printable, redact_url
@@ -61,7 +63,38 @@ def test_query_strings_are_redacted_whatever_the_scheme_case(text: str) -> None:
         ("done\rfake line", "done\\x0dfake line"),  # rewrites the line
         ("nul\x00 del\x7f csi\x9b", "nul\\x00 del\\x7f csi\\x9b"),
         ("caf\u00e9 \u00a0nbsp", "caf\u00e9 \u00a0nbsp"),  # printable, if not ASCII
+        ("\u6a21\u578b e\u0301 \U0001f44d", "\u6a21\u578b e\u0301 \U0001f44d"),  # so is this
+        # Bidirectional overrides and isolates: the line would read otherwise than it is
+        # ("Trojan Source"); this one shows as "reportexe.pdf".
+        ("report\u202efdp.exe", "report\\u202efdp.exe"),
+        (
+            "\u202a\u202b\u202c\u202d \u2066\u2067\u2068\u2069",
+            "\\u202a\\u202b\\u202c\\u202d \\u2066\\u2067\\u2068\\u2069",
+        ),
+        ("lrm\u200e rlm\u200f", "lrm\\u200e rlm\\u200f"),
+        # Other invisible formatting characters (category Cf): two names would look alike.
+        (
+            "zero\u200bwidth \ufeffbom soft\u00adhyphen",
+            "zero\\u200bwidth \\ufeffbom soft\\xadhyphen",
+        ),
+        ("tag\U000e0041", "tag\\U000e0041"),  # beyond the BMP
+        # A line or paragraph separator would break the line where some readers show it.
+        ("a\u2028b\u2029c", "a\\u2028b\\u2029c"),
+        # A lone surrogate: no character at all, and UTF-8 output would refuse to encode it.
+        ("half\ud800", "half\\ud800"),
+        # A backslash is doubled: else the name that holds these four characters and the one
+        # that holds ESC would be shown alike.
+        ("literal\\x1b", "literal\\\\x1b"),
+        ("dir\\file", "dir\\\\file"),
     ],
 )
 def test_control_characters_are_shown_as_escapes(text: str, shown: str) -> None:
     assert printable(text) == shown
+    # Unambiguous: what is shown reads back as the text, and only as it.
+    assert _read_back(shown) == text
+
+
+def _read_back(shown: str) -> str:
+    """Undo `printable`'s escapes (Python's spelling of them)."""
+    escape = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
+    return escape.sub(lambda m: "\\" if m[1] == "\\" else chr(int(m[1][1:], 16)), shown)

@@ -700,6 +700,41 @@ def test_control_characters_of_a_listed_name_never_reach_the_terminal(
     assert (dest / JOB / "checkpoint-10" / "0" / name.partition("/")[2]).stat().st_size == 100
 
 
+def test_a_listed_name_cannot_read_otherwise_on_the_terminal_than_it_is(
+    server: ServerThread, dest: Path
+) -> None:
+    # Three files that fail with their names in the error line: one whose right-to-left
+    # override shows it as "reportexe.pdf", one named with ESC, one with the four characters \x1b.
+    checkpoint = server.catalog.jobs[0].checkpoints[0]
+    stamp = checkpoint.files[0].last_modified
+    spoof, esc, literal = (
+        f"checkpoint-10/{name}" for name in ("report\u202efdp.exe", "a\x1b.bin", "a\\x1b.bin")
+    )
+    for seed, name in enumerate((spoof, esc, literal)):
+        checkpoint.files.append(ServedFile(0, name, 100, stamp, 7100 + seed))
+    server.faults.unreadable = {spoof, esc, literal}
+
+    human = run_cli(*sync_args(server, dest / "a"))
+    machine = run_cli(*sync_args(server, dest / "b", "--json"))
+
+    assert human.code == machine.code == 1, human.stderr + machine.stderr
+    shown = human.stdout + human.stderr
+    assert "\u202e" not in shown
+    errors = [
+        line for line in human.stderr.splitlines() if line.startswith("checkpoint-sync: error")
+    ]
+    assert sorted(line.split(": ")[2] for line in errors) == sorted(
+        f"{JOB}/checkpoint-10/0/{name}"
+        for name in ("report\\u202efdp.exe", "a\\x1b.bin", "a\\\\x1b.bin")
+    )
+    # --json is for a program: the real names, escaped as JSON escapes (and all ASCII).
+    assert machine.stdout.isascii()
+    failed = {failure["path"] for failure in json.loads(machine.stdout)["failures"]}
+    assert failed == {
+        f"{JOB}/checkpoint-10/0/{name.partition('/')[2]}" for name in (spoof, esc, literal)
+    }
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
