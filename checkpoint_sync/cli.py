@@ -419,7 +419,7 @@ class _Selection:
 
 @asynccontextmanager
 async def _selected(
-    recipe: SourceRecipe, wanted: _Selection, *, syncing_too: bool = False
+    recipe: SourceRecipe, wanted: _Selection, out: _Output, *, syncing_too: bool = False
 ) -> AsyncIterator[tuple[HttpClient, Source, Selection]]:
     """Open the source and narrow its checkpoints to those wanted; those still syncing only with
     ``include_syncing`` (flag or config, read here so that every command takes it alike) or
@@ -432,6 +432,16 @@ async def _selected(
             include_syncing=syncing_too or recipe.settings.include_syncing,
             what=source.description,
         )
+        # Said on stderr, under --quiet and --json too, yet no failure (the exit code stands):
+        # unlike one still syncing, no rerun will mirror it, and a restore that took an older
+        # checkpoint should know.
+        for skipped in selection.passed_over:
+            (taken,) = selection.checkpoints
+            newer = "a newer checkpoint" if skipped.created_at else "a checkpoint that may be newer"
+            out.status(
+                f"--latest took {taken.run}/{taken.name}; {newer} was left out: "
+                f"{skipped.where}: {skipped.problem}"
+            )
         yield http, source, selection
 
 
@@ -444,7 +454,7 @@ async def _mirror(
         out.answer(f"{planned.action:5} {planned.path} ({human_bytes(planned.size)})")
 
     async with (
-        _selected(recipe, wanted) as (http, source, selection),
+        _selected(recipe, wanted, out) as (http, source, selection),
         anyio.create_task_group() as tg,
     ):
         tg.start_soon(out.display().run, stats)
@@ -623,7 +633,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         # A listing shows checkpoints still uploading too (their status says so), but with
         # --latest the one `sync --latest` would take: the newest complete one, unless the
         # config's include_syncing (list has no flag for it) lets sync take a newer one.
-        opened = _selected(recipe, wanted, syncing_too=not args.latest)
+        opened = _selected(recipe, wanted, out, syncing_too=not args.latest)
         async with opened as (_, source, selection):
             description = source.description
             dest = args.dest.expanduser().absolute() if args.dest else None
@@ -709,7 +719,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
         # The listing has its own client: each trial opens fresh connections for the files.
         async with (
             _bench_target(args, settings) as recipe,
-            _selected(recipe, wanted) as (_, source, selection),
+            _selected(recipe, wanted, out) as (_, source, selection),
         ):
             out.info(f"benchmarking {source.description}: {len(pairs)} trials")
             trials.extend(

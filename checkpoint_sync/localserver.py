@@ -141,7 +141,8 @@ class Faults:
     denied: set[str] = field(default_factory=set)
     # Names whose bytes arrive damaged: the first byte of every response body is flipped.
     corrupt: set[str] = field(default_factory=set)
-    # Names listed with a size that is not a number (an entry off the API's schema).
+    # Names listed with a size that is not a number (an entry off the API's schema); for a Loops
+    # checkpoint, its id.
     unreadable: set[str] = field(default_factory=set)
     # Per-response send rate in bytes/s (None: as fast as possible).
     throttle: float | None = None
@@ -495,7 +496,9 @@ class LocalServer:
                         "checkpoint_type": "lora",
                         "base_model": c.base_model,
                         "lora_adapter_config": {"r": 16, "lora_alpha": 32},
-                        "size_bytes": c.checkpoint.size_bytes,
+                        "size_bytes": "unknown"
+                        if c.id in self.faults.unreadable
+                        else c.checkpoint.size_bytes,
                         "sync_status": c.checkpoint.sync_status,
                         "id": c.id,
                         "run_id": c.run_id,

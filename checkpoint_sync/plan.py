@@ -20,6 +20,8 @@ class Selection:
     syncing: list[Checkpoint] = field(default_factory=list)
     # Left out because their listing entry is unreadable; each fails as one entry.
     unreadable: list[UnreadableCheckpoint] = field(default_factory=list)
+    # Unreadable, and passed over by --latest although they may be newer than the one it took.
+    passed_over: list[UnreadableCheckpoint] = field(default_factory=list)
 
 
 def select_checkpoints(
@@ -32,9 +34,10 @@ def select_checkpoints(
 ) -> Selection:
     """Narrow a run's checkpoints to those named, complete or latest.
 
-    A checkpoint whose entry is unreadable is never selected: named (by its id), it is a usage
-    error; a selection of the whole run carries it as unreadable, and `--latest`, which asks for
-    one checkpoint, passes it over.
+    A checkpoint whose entry is unreadable is never selected: named (by its id or another of
+    its names), it is a usage error; a selection of the whole run carries it as unreadable, and
+    `--latest`, which asks for one checkpoint, passes it over, noting it where it may be newer
+    than the one taken.
     """
     wanted = list(dict.fromkeys(names))
     candidates = [c for c in available if isinstance(c, Checkpoint)]
@@ -42,7 +45,8 @@ def select_checkpoints(
     if wanted:
         by_name = {c.name for c in candidates} | {c.key for c in candidates}
         for entry in unreadable:
-            if entry.key in wanted:
+            # A name a readable checkpoint has too is that one's: it can be mirrored.
+            if any(n in wanted and n not in by_name for n in (entry.key, *entry.names)):
                 raise UsageError(f"{entry.where} in {what}: {entry.problem}")
         missing = [n for n in wanted if n not in by_name]
         if missing:
@@ -65,7 +69,13 @@ def select_checkpoints(
         newest = max(pool, key=_age_key)
         # A newer one still uploading is named: a restore should know what it did not take.
         newer = [c for c in syncing if c not in pool and _age_key(c) > _age_key(newest)]
-        return Selection([newest], newer)
+        # So is an unreadable one newer than that, or of an age its entry does not tell: the run
+        # has a newer checkpoint than the one restored, which no rerun will mirror.
+        taken = _age_key(newest)[0]
+        passed_over = [
+            c for c in unreadable if c.created_at is None or c.created_at.timestamp() > taken
+        ]
+        return Selection([newest], newer, passed_over=passed_over)
     if include_syncing:
         return Selection(candidates, unreadable=unreadable)
     return Selection(

@@ -265,14 +265,66 @@ def test_a_checkpoint_of_a_target_the_pages_do_not_name_fails_alone(dest: Path) 
     mirrorable = [c for c in of_run(server, RUN) if c is not future]
     expected = {landed(dest / "a", c, f) for c in mirrorable for f in c.checkpoint.files}
     assert files_under(dest / "a" / RUN) == expected
-    # --target leaves it out as it leaves out the other side; --latest passes over it.
+    # --target leaves it out as it leaves out the other side, quietly; --latest passes over it,
+    # saying so in one line, as it is newer than the one taken.
     assert trainer.code == latest.code == 0, trainer.stderr + latest.stderr
+    assert trainer.stderr == ""
     assert [p.name for p in (dest / "c" / RUN).iterdir()] == ["sampler_weights-step-20"]
+    assert latest.stderr == (
+        f"--latest took {RUN}/sampler_weights-step-20; a newer checkpoint was left out: "
+        f"{RUN}/step-30 (target reward_model, id {future.id}): its listing entry is unreadable "
+        "(target: Input should be 'trainer' or 'sampler'), so it cannot be mirrored\n"
+    )
     # Named by its id, it cannot be mirrored: a usage error in one line, not a traceback.
     assert named.code == 2
     assert named.stderr.count("\n") == 1
     assert f"id {future.id}) in Loops run {RUN}: its listing entry is unreadable" in named.stderr
     assert not (dest / "d").exists()
+
+
+def test_an_unreadable_checkpoint_named_by_its_name_is_the_usage_error_its_id_is(
+    dest: Path,
+) -> None:
+    catalog = loops_catalog()
+    future = with_future_target(catalog)
+    with ServerThread(catalog) as server:
+        by_id = run_cli(*sync(server, dest, "--loops-run", RUN, "--checkpoint", future.id))
+        # Its name as the failure and `list`'s "left out:" line show it: RUN/step-30 (...).
+        by_name = run_cli(*sync(server, dest, "--loops-run", RUN, "--checkpoint", "step-30"))
+
+    assert by_id.code == by_name.code == 2, by_name.stderr
+    assert by_name.stderr == by_id.stderr
+    assert not dest.exists()
+
+
+def test_an_unreadable_checkpoint_whose_target_is_known_goes_by_its_directory_name(
+    dest: Path,
+) -> None:
+    # Off the schema elsewhere than in its target (a size that is not a number), the entry still
+    # tells which directory it would land in, as `list` shows the run's other checkpoints.
+    with ServerThread(loops_catalog()) as server:
+        newest = max(of_run(server, RUN), key=lambda c: c.checkpoint.created_at)
+        assert newest.target == "sampler"
+        server.faults.unreadable = {newest.id}
+        named = run_cli(
+            *sync(server, dest / "a", "--loops-run", RUN, "--checkpoint", "sampler_weights-step-20")
+        )
+        latest = run_cli(*sync(server, dest / "b", "--loops-run", RUN, "--latest", "--quiet"))
+        listed = run_cli("list", "--api-url", server.url, "--loops-run", RUN, "--latest")
+
+    assert named.code == 2, named.stderr
+    where = f"{RUN}/step-20 (target sampler, id {newest.id})"
+    assert f"error: {where} in Loops run {RUN}: its listing entry is unreadable" in named.stderr
+    # --latest takes the newest it can mirror, the trainer twin saved a minute before, and says
+    # which newer one it passed over and why, even under --quiet; a success all the same.
+    note = f"--latest took {RUN}/weights-step-20; a newer checkpoint was left out: {where}: "
+    assert latest.code == listed.code == 0, latest.stderr + listed.stderr
+    assert [p.name for p in (dest / "b" / RUN).iterdir()] == ["weights-step-20"]
+    for result in (latest, listed):
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(note + "its listing entry is unreadable (size_bytes:"), line
+        assert line.endswith("so it cannot be mirrored")
+    assert [line.split()[1] for line in listed.stdout.splitlines()[1:]] == ["weights-step-20"]
 
 
 def test_a_checkpoint_left_out_as_unreadable_is_one_listed_entry_of_a_run_that_started(

@@ -93,7 +93,13 @@ def test_latest_with_include_syncing_takes_a_newer_syncing_one_not_a_null_or_fai
     ]
 
 
-UNREADABLE = UnreadableCheckpoint("u-id", "run/u (target reward_model, id u-id)", "target: ...")
+UNREADABLE = UnreadableCheckpoint(
+    "u-id",
+    "run/u (target reward_model, id u-id)",
+    "target: ...",
+    names=("u", "kind-u"),
+    created_at=datetime(2026, 1, 1, 5, tzinfo=UTC),  # the newest of RUN
+)
 
 
 @pytest.mark.parametrize(
@@ -121,14 +127,58 @@ def test_an_unreadable_checkpoint_is_never_selected(
 
 
 @pytest.mark.parametrize("latest", [False, True])
-def test_an_unreadable_checkpoint_named_by_its_id_is_a_usage_error(latest: bool) -> None:
+@pytest.mark.parametrize("name", ["u-id", "u", "kind-u"])  # its id, or a name it goes by
+def test_an_unreadable_checkpoint_named_is_a_usage_error(name: str, latest: bool) -> None:
     available: list[Available] = [*RUN, UNREADABLE]
     with pytest.raises(UsageError) as caught:
-        select_checkpoints(available, names=("c1", "u-id"), latest=latest, what="run r")
+        select_checkpoints(available, names=("c1", name), latest=latest, what="run r")
     assert str(caught.value) == (
         "run/u (target reward_model, id u-id) in run r: "
         "its listing entry is unreadable (target: ...), so it cannot be mirrored"
     )
+
+
+def test_a_name_a_readable_checkpoint_has_is_that_checkpoints() -> None:
+    # Should an unreadable entry go by a readable checkpoint's name too, the name is the
+    # readable one's: that one can be mirrored.
+    shadow = UnreadableCheckpoint("s-id", "run/c1 (target ?, id s-id)", "...", names=("c1",))
+    chosen = select_checkpoints([*RUN, shadow], names=("c1",))
+    assert [c.name for c in chosen.checkpoints] == ["c1"]
+
+
+def unreadable_at(hour: int | None) -> UnreadableCheckpoint:
+    created = None if hour is None else datetime(2026, 1, 1, hour, 30, tzinfo=UTC)
+    return UnreadableCheckpoint("u-id", "run/u", "...", created_at=created)
+
+
+@pytest.mark.parametrize(
+    ("hour", "names", "latest", "include_syncing", "selected", "passed_over"),
+    [
+        (5, (), True, False, "c3", True),  # newer than the one taken: said
+        (3, (), True, False, "c3", True),  # c3 was created at 3:00, this at 3:30
+        (2, (), True, False, "c3", False),  # older: not what --latest would take anyway
+        (None, (), True, False, "c3", True),  # its age unknown: it may be newer
+        (3, (), True, True, "c4", False),  # the syncing c4 (4:00) taken is newer
+        (4, (), True, True, "c4", True),
+        (5, ("c1", "c2"), True, False, "c2", False),  # not among those named
+        (5, (), False, False, None, False),  # no --latest: it fails with the run instead
+    ],
+)
+def test_latest_names_a_newer_unreadable_checkpoint_it_passed_over(
+    hour: int | None,
+    names: tuple[str, ...],
+    latest: bool,
+    include_syncing: bool,
+    selected: str | None,
+    passed_over: bool,
+) -> None:
+    unreadable = unreadable_at(hour)
+    chosen = select_checkpoints(
+        [*RUN, unreadable], names=names, latest=latest, include_syncing=include_syncing
+    )
+    if selected is not None:
+        assert [c.name for c in chosen.checkpoints] == [selected]
+    assert chosen.passed_over == ([unreadable] if passed_over else [])
 
 
 @pytest.mark.parametrize(

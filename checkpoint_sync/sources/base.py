@@ -62,6 +62,11 @@ class UnreadableCheckpoint:
     key: str | None  # its unique id, where the entry tells it: what --checkpoint names it by
     where: str  # how a report names it
     reason: str
+    # The other names --checkpoint may call it by: what a report shows, the directory it would
+    # land in. Named, it is refused as it is by its id, not taken for a checkpoint never listed.
+    names: tuple[str, ...] = ()
+    # Where the entry tells it: --latest says so when it passes over one newer than it takes.
+    created_at: datetime | None = None
 
     @property
     def problem(self) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 from ..api import ApiClient
@@ -39,6 +40,7 @@ URI_FORM = "bt://loops:RUN_ID/weights/NAME or bt://loops:RUN_ID/sampler_weights/
 # The URI's word for each target; also the first half of the checkpoint's directory name.
 KIND = {LoopsTarget.TRAINER: "weights", LoopsTarget.SAMPLER: "sampler_weights"}
 TARGET_OF_KIND = {kind: target for target, kind in KIND.items()}
+TARGETS = {target.value for target in LoopsTarget}
 
 
 @dataclass(frozen=True)
@@ -167,13 +169,30 @@ class LoopsSource:
 
 
 def _unreadable(entry: Unreadable) -> UnreadableCheckpoint:
-    """An entry of the checkpoint list, named by what it tells of itself."""
-    key = entry.get("id", str)
-    run, name = entry.get("run_id", str) or "?", entry.get("checkpoint_id", str) or "?"
-    target = entry.get("target", str) or "?"
+    """An entry of the checkpoint list, named by what it tells of itself: `--checkpoint` may
+    call it by its name as reports show it, or by the directory it would land in where its
+    target is one the pages name (its entry off the schema elsewhere)."""
+    key, name = entry.get("id", str), entry.get("checkpoint_id", str)
+    run, target = entry.get("run_id", str) or "?", entry.get("target", str)
+    names: tuple[str, ...] = (name,) if name else ()
+    if name and target is not None and target in TARGETS:
+        names += (checkpoint_dir(LoopsTarget(target), name),)
     return UnreadableCheckpoint(
-        key, f"{run}/{name} (target {target}, id {key or '?'})", entry.reason
+        key,
+        f"{run}/{name or '?'} (target {target or '?'}, id {key or '?'})",
+        entry.reason,
+        names=names,
+        created_at=_moment(entry.get("created_at", str)),
     )
+
+
+def _moment(text: str | None) -> datetime | None:
+    """An ISO 8601 time, a naive one taken as UTC (as `models.Moment` does); None if unreadable."""
+    try:
+        moment = datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment
 
 
 def _what(run: str, checkpoint: str) -> str:
