@@ -331,7 +331,12 @@ def test_a_checkpoint_listed_without_a_step_is_left_out_alone(
     assert "step: Input should be a valid integer" in left_out["error"]
     assert f"left out: {where}: its listing entry is unreadable" in as_text.stdout
     # --latest and --best each ask for one checkpoint: they pass over it, as --latest does Loops'.
+    # With no step, nothing tells whether it is newer than the one --latest takes: it says so.
     assert [c["step"] for c in json.loads(latest.stdout)["checkpoints"]] == [30]
+    assert latest.stderr == (
+        f"--latest took {MODEL}/step-30; a checkpoint that may be newer was left out: {where}: "
+        f"{left_out['error']}\n"
+    )
     assert [c["step"] for c in json.loads(best.stdout)["checkpoints"]] == [10]
     # A sync mirrors the others and fails it as one entry (exit 1).
     assert whole.code == 1, whole.stderr
