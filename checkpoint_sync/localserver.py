@@ -141,8 +141,9 @@ class Faults:
     denied: set[str] = field(default_factory=set)
     # Names whose bytes arrive damaged: the first byte of every response body is flipped.
     corrupt: set[str] = field(default_factory=set)
-    # Names listed with a size that is not a number (an entry off the API's schema); for a Loops
-    # checkpoint, its id.
+    # Names listed with a size that is not a number (an entry off the API's schema); for a
+    # checkpoint in a checkpoint list, its id (a Loops checkpoint's `id`, a training job's
+    # `checkpoint_id`).
     unreadable: set[str] = field(default_factory=set)
     # Per-response send rate in bytes/s (None: as fast as possible).
     throttle: float | None = None
@@ -422,7 +423,9 @@ class LocalServer:
                         "checkpoint_type": "lora",
                         "base_model": "Qwen/Qwen3-8B",
                         "lora_adapter_config": None,
-                        "size_bytes": c.size_bytes,
+                        "size_bytes": "unknown"
+                        if c.checkpoint_id in self.faults.unreadable
+                        else c.size_bytes,
                         "sync_status": c.sync_status,
                         "training_job_id": job.job_id,
                     }

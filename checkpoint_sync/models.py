@@ -2,9 +2,10 @@
 
 Fields the engine relies on are required; the rest are optional so that a provider adding or
 dropping a descriptive field does not stop a mirror. Unknown fields are ignored. An entry of a
-file listing (or of a checkpoint list: a Loops target the pages do not name, a W&B null step)
-that does not match its model is kept as `Unreadable` rather than failing its page: that one
-file (or checkpoint) fails, and the rest of the listing is mirrored.
+file listing (or of a checkpoint list: a Loops target the pages do not name, a W&B null step, a
+training job checkpoint's size that is not a number) that does not match its model is kept as
+`Unreadable` rather than failing its page: that one file (or checkpoint) fails, and the rest of
+the listing is mirrored.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ class Unreadable:
         """A field of the entry, to name it by in a report; None if it has none of that type."""
         value = self.entry.get(key) if isinstance(self.entry, dict) else None
         return value if isinstance(value, kind) else None
+
+    def moment(self, key: str) -> datetime | None:
+        """A time of the entry (ISO 8601), one without a zone taken as UTC as `Moment` takes it;
+        None if it has none readable."""
+        text = self.get(key, str)
+        try:
+            return _as_utc(datetime.fromisoformat(text)) if text else None
+        except ValueError:
+            return None
 
 
 class _OrUnreadable:
@@ -123,7 +133,8 @@ class TrainingJobCheckpoint(ApiModel):
 
 class TrainingJobCheckpoints(ApiModel):
     training_job: TrainingJob
-    checkpoints: list[TrainingJobCheckpoint]
+    # An entry off the schema fails alone, not the job's listing, as in Loops and W&B.
+    checkpoints: list[Annotated[TrainingJobCheckpoint | Unreadable, OR_UNREADABLE]]
 
 
 # --- Baseten: Loops ------------------------------------------------------------------------------

@@ -6,14 +6,16 @@ Nothing is ever written outside DEST, and the files the listing did describe wel
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from checkpoint_sync.localserver import ServedFile
+from checkpoint_sync.models import Unreadable
 from checkpoint_sync.net import url_problem
 
-from .conftest import JOB, job_args, sync_args
+from .conftest import JOB, PROJECT, job_args, sync_args
 from .support import ServerThread, assert_exact, mirrored, run_cli
 
 
@@ -125,6 +127,89 @@ def test_an_entry_off_the_schema_fails_that_file_and_the_rest_of_its_page_lands(
     assert listed.code == 0, listed.stderr
     states = {r["checkpoint"]: r["local"] for r in json.loads(listed.stdout)["checkpoints"]}
     assert states[checkpoint.checkpoint_id] == "partial"
+
+
+def test_a_checkpoint_off_the_schema_fails_alone_and_the_rest_of_the_job_lands(
+    server: ServerThread, dest: Path
+) -> None:
+    # The newest checkpoint's entry in the job's checkpoint list has a size that is not a number.
+    # It failed the whole listing; now it is left out and fails as one entry, as in Loops and W&B.
+    newest = server.catalog.jobs[0].checkpoints[-1]
+    server.faults.unreadable = {newest.checkpoint_id}
+    where = f"{JOB}/{newest.checkpoint_id}"
+
+    whole = run_cli(*sync_args(server, dest / "a", "--json"))
+    latest = run_cli(*sync_args(server, dest / "b", "--latest", "--quiet"))
+    named = run_cli(*sync_args(server, dest / "c", "--checkpoint", newest.checkpoint_id))
+    as_text = run_cli(*job_args(server, "list"))
+    as_json = run_cli(*job_args(server, "list", "--json"))
+
+    assert whole.code == 1, whole.stderr
+    (failure,) = json.loads(whole.stdout)["failures"]
+    assert failure["path"] == where
+    assert failure["error"].startswith(
+        "its listing entry is unreadable (size_bytes: Input should be a valid integer"
+    )
+    assert failure["error"].endswith("so it cannot be mirrored")
+    mirrorable = [f for c in server.catalog.jobs[0].checkpoints[:-1] for f in c.files]
+    assert landed(server, dest / "a") == mirrorable
+    # --latest takes the newest it can mirror and names the newer one it passed over, under
+    # --quiet too; a success all the same.
+    assert latest.code == 0, latest.stderr
+    assert [p.name for p in (dest / "b" / JOB).iterdir()] == ["checkpoint-20"]
+    assert latest.stderr == (
+        f"--latest took {JOB}/checkpoint-20; a newer checkpoint was left out: "
+        f"{where}: {failure['error']}\n"
+    )
+    # Named, it cannot be mirrored: a usage error in one line, before anything is written.
+    assert named.code == 2
+    in_job = f"in training job {JOB} of project {PROJECT}"
+    assert named.stderr == f"checkpoint-sync: error: {where} {in_job}: {failure['error']}\n"
+    assert not (dest / "c").exists()
+    assert as_text.code == as_json.code == 0, as_text.stderr + as_json.stderr
+    *table_lines, left_out = as_text.stdout.splitlines()
+    assert [line.split()[1] for line in table_lines[1:]] == ["checkpoint-10", "checkpoint-20"]
+    assert left_out == f"left out: {where}: {failure['error']}"
+    document = json.loads(as_json.stdout)
+    assert [c["checkpoint"] for c in document["checkpoints"]] == ["checkpoint-10", "checkpoint-20"]
+    assert document["left_out"] == [
+        {"checkpoint": where, "id": newest.checkpoint_id, "error": failure["error"]}
+    ]
+
+
+def test_latest_passes_over_an_older_unreadable_checkpoint_without_a_word(
+    server: ServerThread, dest: Path
+) -> None:
+    oldest = server.catalog.jobs[0].checkpoints[0]
+    server.faults.unreadable = {oldest.checkpoint_id}
+
+    latest = run_cli(*sync_args(server, dest, "--latest", "--quiet"))
+
+    assert latest.code == 0, latest.stderr
+    assert latest.stderr == ""
+    assert [p.name for p in (dest / JOB).iterdir()] == ["checkpoint-30"]
+
+
+@pytest.mark.parametrize(
+    ("created_at", "moment"),
+    [
+        ("2026-11-01T02:00:00+00:00", datetime(2026, 11, 1, 2, tzinfo=UTC)),
+        ("2026-11-01T04:00:00+02:00", datetime(2026, 11, 1, 2, tzinfo=UTC)),
+        ("2026-11-01T02:00:00Z", datetime(2026, 11, 1, 2, tzinfo=UTC)),
+        ("2026-11-01T02:00:00", datetime(2026, 11, 1, 2, tzinfo=UTC)),  # no zone: UTC, as Moment
+        ("yesterday", None),
+        ("", None),
+        (1793498400, None),  # not ISO 8601
+        (None, None),
+    ],
+)
+def test_an_unreadable_entry_tells_its_time_as_a_readable_one_would(
+    created_at: object, moment: datetime | None
+) -> None:
+    # --latest weighs it against the checkpoint it takes: "newer" or "may be newer".
+    entry = Unreadable({"checkpoint_id": "checkpoint-30", "created_at": created_at}, "size_bytes")
+    assert entry.moment("created_at") == moment
+    assert Unreadable("not even a mapping", "entry").moment("created_at") is None
 
 
 @pytest.mark.parametrize("size", [-1, 1 << 60])

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from urllib.parse import quote
 
 from ..api import ApiClient
@@ -33,7 +32,7 @@ from .base import (
     UnreadableEntry,
     flags_given,
 )
-from .baseten_pages import file_pages, relist, remote_file
+from .baseten_pages import file_pages, relist, remote_file, unreadable_checkpoint
 
 URI_PREFIX = "bt://loops:"
 URI_FORM = "bt://loops:RUN_ID/weights/NAME or bt://loops:RUN_ID/sampler_weights/NAME"
@@ -177,22 +176,8 @@ def _unreadable(entry: Unreadable) -> UnreadableCheckpoint:
     names: tuple[str, ...] = (name,) if name else ()
     if name and target is not None and target in TARGETS:
         names += (checkpoint_dir(LoopsTarget(target), name),)
-    return UnreadableCheckpoint(
-        key,
-        f"{run}/{name or '?'} (target {target or '?'}, id {key or '?'})",
-        entry.reason,
-        names=names,
-        created_at=_moment(entry.get("created_at", str)),
-    )
-
-
-def _moment(text: str | None) -> datetime | None:
-    """An ISO 8601 time, a naive one taken as UTC (as `models.Moment` does); None if unreadable."""
-    try:
-        moment = datetime.fromisoformat(text) if text else None
-    except ValueError:
-        return None
-    return moment.replace(tzinfo=UTC) if moment and moment.tzinfo is None else moment
+    where = f"{run}/{name or '?'} (target {target or '?'}, id {key or '?'})"
+    return unreadable_checkpoint(entry, key, where, names=names)
 
 
 def _what(run: str, checkpoint: str) -> str:

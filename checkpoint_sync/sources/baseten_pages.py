@@ -1,4 +1,5 @@
-"""Baseten's file listings (training jobs and Loops share them): ``page_size``/``page_token``."""
+"""What Baseten's training jobs and Loops share: file listings (``page_size``/``page_token``), and
+how a checkpoint list entry off the schema is kept."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import AsyncIterator
 from ..api import ApiClient
 from ..errors import FileError, MalformedResponseError
 from ..models import CheckpointFile, CheckpointFilesPage, Unreadable
-from .base import PageRef, Relisted, RemoteFile
+from .base import PageRef, Relisted, RemoteFile, UnreadableCheckpoint
 
 
 async def file_pages(
@@ -88,4 +89,15 @@ def remote_file(
         last_modified=entry.last_modified,
         url=entry.url,
         origin=ref,
+    )
+
+
+def unreadable_checkpoint(
+    entry: Unreadable, key: str | None, where: str, *, names: tuple[str, ...] = ()
+) -> UnreadableCheckpoint:
+    """A checkpoint list entry off the schema, as its source names it: ``key`` its unique id,
+    ``where`` for reports. Both lists give ``created_at``: where the entry's is readable,
+    ``--latest`` can tell whether the checkpoint it passed over is newer than the one it took."""
+    return UnreadableCheckpoint(
+        key, where, entry.reason, names=names, created_at=entry.moment("created_at")
     )

@@ -8,8 +8,9 @@ from urllib.parse import quote
 
 from ..api import ApiClient
 from ..errors import UsageError
-from ..models import TrainingJobCheckpoints, Unreadable
+from ..models import TrainingJobCheckpoint, TrainingJobCheckpoints, Unreadable
 from .base import (
+    Available,
     Checkpoint,
     Listed,
     Relisted,
@@ -17,10 +18,11 @@ from .base import (
     Source,
     SourceContext,
     SyncState,
+    UnreadableCheckpoint,
     UnreadableEntry,
     flags_given,
 )
-from .baseten_pages import file_pages, relist, remote_file
+from .baseten_pages import file_pages, relist, remote_file, unreadable_checkpoint
 
 
 class TrainingJobSource:
@@ -35,11 +37,12 @@ class TrainingJobSource:
         self._base = f"/v1/training_projects/{quote(project, safe='')}/jobs/{quote(job, safe='')}"
         self.description = f"training job {job} of project {project}"
 
-    async def checkpoints(self) -> list[Checkpoint]:
+    async def checkpoints(self) -> list[Available]:
         answer = await self._api.get(
             f"{self._base}/checkpoints", TrainingJobCheckpoints, what=self.description
         )
-        found = [
+        readable = [c for c in answer.checkpoints if isinstance(c, TrainingJobCheckpoint)]
+        found: list[Available] = [
             Checkpoint(
                 key=c.checkpoint_id,
                 name=c.checkpoint_id,
@@ -48,9 +51,22 @@ class TrainingJobSource:
                 size_bytes=c.size_bytes,
                 state=SyncState.parse(c.sync_status),
             )
-            for c in answer.checkpoints
+            for c in sorted(readable, key=lambda c: c.created_at)
         ]
-        return sorted(found, key=lambda c: c.created_at or 0)
+        # Its files are never listed (file_pages keeps only the selected checkpoints'): it fails
+        # as one entry while the rest of the job is mirrored.
+        found += [
+            self._unreadable_checkpoint(entry)
+            for entry in answer.checkpoints
+            if isinstance(entry, Unreadable)
+        ]
+        return found
+
+    def _unreadable_checkpoint(self, entry: Unreadable) -> UnreadableCheckpoint:
+        """Its checkpoint id is both its unique id and its directory: reports name it by the
+        directory it would have landed in."""
+        key = entry.get("checkpoint_id", str)
+        return unreadable_checkpoint(entry, key, f"{self._job}/{key or '?'}")
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         wanted = {c.name for c in selected}
