@@ -624,6 +624,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
     spec = _chosen_source(args)
     rows: list[Row] = []
     unreadable: list[UnreadableCheckpoint] = []
+    passed_over: list[UnreadableCheckpoint] = []
     description = ""
 
     async def survey_source() -> None:
@@ -641,13 +642,18 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
                 await survey(source, selection.checkpoints, dest, frozenset(args.node_rank))
             )
             unreadable.extend(selection.unreadable)
+            # --latest passed these over, as stderr says; a program reading --json is told too.
+            passed_over.extend(selection.passed_over)
 
     received = _run(survey_source)
     if received is not None:
         return _stopped(received, out)
     if out.as_json:
         payload = {"source": spec.name, "description": description}
-        left_out = [{"checkpoint": c.where, "id": c.key, "error": c.problem} for c in unreadable]
+        left_out = [
+            {"checkpoint": c.where, "id": c.key, "error": c.problem}
+            for c in [*unreadable, *passed_over]
+        ]
         out.json(payload | {"checkpoints": [row_json(row) for row in rows], "left_out": left_out})
         return EXIT_OK
     if rows:

@@ -41,6 +41,9 @@ class Stats:
     waiting_for: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
     syncing_left_out: list[str] = field(default_factory=list)
+    # Unreadable checkpoints --latest passed over that may be newer than the one it took:
+    # (where, problem).
+    passed_over: list[tuple[str, str]] = field(default_factory=list)
     # Per request, the first MAX_TIMINGS_KEPT: (seconds to first byte, body bytes, body seconds).
     timings: list[tuple[float, int, float]] = field(default_factory=list)
 
@@ -86,6 +89,9 @@ def summary(stats: Stats) -> dict[str, Any]:
         "retries": stats.retries,
         "url_refreshes": stats.url_refreshes,
         "syncing_left_out": stats.syncing_left_out,
+        "passed_over": [
+            {"checkpoint": where, "error": error} for where, error in stats.passed_over
+        ],
         "failures": [{"path": path, "error": error} for path, error in stats.failures],
     }
 

@@ -140,6 +140,8 @@ def test_a_checkpoint_off_the_schema_fails_alone_and_the_rest_of_the_job_lands(
 
     whole = run_cli(*sync_args(server, dest / "a", "--json"))
     latest = run_cli(*sync_args(server, dest / "b", "--latest", "--quiet"))
+    latest_json = run_cli(*sync_args(server, dest / "b", "--latest", "--json"))
+    listed_latest = run_cli(*job_args(server, "list", "--latest", "--json"))
     named = run_cli(*sync_args(server, dest / "c", "--checkpoint", newest.checkpoint_id))
     as_text = run_cli(*job_args(server, "list"))
     as_json = run_cli(*job_args(server, "list", "--json"))
@@ -161,6 +163,13 @@ def test_a_checkpoint_off_the_schema_fails_alone_and_the_rest_of_the_job_lands(
         f"--latest took {JOB}/checkpoint-20; a newer checkpoint was left out: "
         f"{where}: {failure['error']}\n"
     )
+    # A program reading --json is told as well: the sync's summary, and list's left_out.
+    assert latest_json.code == listed_latest.code == 0, latest_json.stderr
+    passed_over = json.loads(latest_json.stdout)["passed_over"]
+    assert passed_over == [{"checkpoint": where, "error": failure["error"]}]
+    assert json.loads(listed_latest.stdout)["left_out"] == [
+        {"checkpoint": where, "id": newest.checkpoint_id, "error": failure["error"]}
+    ]
     # Named, it cannot be mirrored: a usage error in one line, before anything is written.
     assert named.code == 2
     in_job = f"in training job {JOB} of project {PROJECT}"
@@ -183,10 +192,11 @@ def test_latest_passes_over_an_older_unreadable_checkpoint_without_a_word(
     oldest = server.catalog.jobs[0].checkpoints[0]
     server.faults.unreadable = {oldest.checkpoint_id}
 
-    latest = run_cli(*sync_args(server, dest, "--latest", "--quiet"))
+    latest = run_cli(*sync_args(server, dest, "--latest", "--json"))
 
     assert latest.code == 0, latest.stderr
     assert latest.stderr == ""
+    assert json.loads(latest.stdout)["passed_over"] == []
     assert [p.name for p in (dest / JOB).iterdir()] == ["checkpoint-30"]
 
 
