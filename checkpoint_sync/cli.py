@@ -189,6 +189,17 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+class _Version(argparse.Action):
+    """``--version``: ours, and the OpenSSL that HTTPS runs on (the `cryptography` wheel's,
+    not the system's), which decides its speed. Loaded only when asked for."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        from .tls import openssl_version
+
+        print(f"checkpoint-sync {__version__} (HTTPS: {openssl_version()})")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="checkpoint-sync",
@@ -196,7 +207,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 some files failed, 2 usage, 3 auth, 4 not found, "
         "5 mirror locked by another run, 6 destination not writable, 130/143 interrupted.",
     )
-    parser.add_argument("--version", action="version", version=f"checkpoint-sync {__version__}")
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="show the version, and the TLS library's"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sync_cmd = commands.add_parser("sync", help="mirror checkpoints into a local directory")

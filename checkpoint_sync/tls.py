@@ -57,6 +57,11 @@ async def connect(
     _Transport(loop, sock, connection, protocol)
 
 
+def openssl_version() -> str:
+    """The OpenSSL in use here, e.g. "OpenSSL 3.5.4 30 Sep 2025"."""
+    return str(_ffi.string(_lib.OpenSSL_version(_lib.OPENSSL_VERSION)).decode())
+
+
 @functools.cache
 def _context(ca_bundle: Path | None, cert_file: str | None, cert_dir: str | None) -> Any:
     # One per place certificates come from, as `net.ssl_context`: loading a trust store takes

@@ -21,7 +21,7 @@ import pytest
 import trustme
 from cryptography.hazmat.bindings.openssl.binding import Binding
 
-from checkpoint_sync import tls
+from checkpoint_sync import __version__, tls
 from checkpoint_sync.errors import TransientError, UsageError
 from checkpoint_sync.net import NetSettings
 from checkpoint_sync.wire import HttpClient
@@ -392,3 +392,12 @@ async def test_what_openssl_decrypted_but_the_buffer_could_not_take_is_delivered
         protocol.transport.close()
 
     assert bytes(protocol.received) == sent
+
+
+def test_version_names_the_openssl_that_https_runs_on() -> None:
+    # Which OpenSSL decrypts decides HTTPS throughput: the wheel's, not the system's `ssl`.
+    result = run_cli("--version")
+
+    assert result.code == 0, result.stderr
+    assert result.stdout == f"checkpoint-sync {__version__} (HTTPS: {tls.openssl_version()})\n"
+    assert tls.openssl_version().startswith("OpenSSL ")
