@@ -423,9 +423,7 @@ class LocalServer:
                         "checkpoint_type": "lora",
                         "base_model": "Qwen/Qwen3-8B",
                         "lora_adapter_config": None,
-                        "size_bytes": "unknown"
-                        if c.checkpoint_id in self.faults.unreadable
-                        else c.size_bytes,
+                        "size_bytes": self._listed_size(c.checkpoint_id, c.size_bytes),
                         "sync_status": c.sync_status,
                         "training_job_id": job.job_id,
                     }
@@ -439,8 +437,10 @@ class LocalServer:
         entries = [f for c in job.checkpoints for f in c.files]
         return self.file_page(request, entries)
 
-    def _listed_size(self, file: ServedFile) -> int | str:
-        return "unknown" if file.name in self.faults.unreadable else file.size
+    def _listed_size(self, key: str, size: int) -> int | str:
+        """A file's or checkpoint's size as listed: not a number where `Faults.unreadable`
+        names it (its name, or its checkpoint id)."""
+        return "unknown" if key in self.faults.unreadable else size
 
     def file_page(self, request: web.Request, entries: list[ServedFile]) -> web.StreamResponse:
         """One page of a Baseten file listing, with freshly signed URLs."""
@@ -465,7 +465,7 @@ class LocalServer:
                         "url": self.presign(f),
                         "relative_file_name": f.name,
                         "node_rank": f.node_rank,
-                        "size_bytes": self._listed_size(f),
+                        "size_bytes": self._listed_size(f.name, f.size),
                         "last_modified": f.last_modified,
                     }
                     for f in page
@@ -499,9 +499,7 @@ class LocalServer:
                         "checkpoint_type": "lora",
                         "base_model": c.base_model,
                         "lora_adapter_config": {"r": 16, "lora_alpha": 32},
-                        "size_bytes": "unknown"
-                        if c.id in self.faults.unreadable
-                        else c.checkpoint.size_bytes,
+                        "size_bytes": self._listed_size(c.id, c.checkpoint.size_bytes),
                         "sync_status": c.checkpoint.sync_status,
                         "id": c.id,
                         "run_id": c.run_id,
@@ -609,7 +607,7 @@ class LocalServer:
                     "node": {
                         "name": f.name,
                         "directUrl": self.presign(f),
-                        "sizeBytes": self._listed_size(f),
+                        "sizeBytes": self._listed_size(f.name, f.size),
                         "md5": _md5(f),
                     }
                 }
