@@ -527,9 +527,11 @@ class _Connection(asyncio.BufferedProtocol, Body):
                 self._finish()
                 return
         if self._filled >= FLUSH_AT:
-            # Before the caller has given a sink, copied out rather than held with reading
-            # paused: uvloop's TLS transport drops what it has not delivered yet when the
-            # server closes a paused connection (a body read until the close ended short).
+            # Before the caller has given a sink, copied out (up to MAX_PENDING, then reading
+            # pauses) so that the buffer takes the rest of a long body. Holding it with reading
+            # paused instead lost bytes under uvloop's TLS transport, which dropped what it had
+            # not delivered when the server closed; `tls.py`, which replaced it, leaves them in
+            # the socket.
             self._deliver(self._take_buffered())
 
     def _hand_over(self) -> None:
