@@ -5,18 +5,26 @@ Nothing is ever written outside DEST, and the files the listing did describe wel
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import pytest
 
+from checkpoint_sync.api import ApiClient
 from checkpoint_sync.localserver import ServedFile
 from checkpoint_sync.models import Unreadable
-from checkpoint_sync.net import url_problem
+from checkpoint_sync.net import NetSettings, url_problem
+from checkpoint_sync.retry import RetryPolicy
+from checkpoint_sync.sources.baseten_pages import file_pages
+from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, PROJECT, job_args, sync_args
-from .support import ServerThread, assert_exact, mirrored, run_cli
+from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
 
 
 def landed(server: ServerThread, dest: Path, ignored: ServedFile | None = None) -> list[ServedFile]:
@@ -391,3 +399,54 @@ def test_an_unusable_api_url_is_a_usage_error_at_once(dest: Path, api_url: str) 
     assert result.code == 2
     assert f"bad setting api_url from --api-url: Value error, {api_url!r} is not" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+@asynccontextmanager
+async def job_files(server: ServerThread) -> AsyncIterator[AsyncGenerator[object, None]]:
+    """The test job's file listing, four files a page, read straight from its source module."""
+    async with HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http:
+        api = ApiClient(
+            http,
+            server.url,
+            api_key=API_KEY,
+            auth_scheme="Bearer",
+            key_hint="BASETEN_API_KEY",
+            retry=RetryPolicy(attempts=1),
+        )
+        listing = f"/v1/training_projects/{PROJECT}/jobs/{JOB}/checkpoint_files"
+        async with aclosing(file_pages(api, listing, 4, "the job")) as pages:
+            yield pages
+
+
+async def api_requests_reach(server: ServerThread, count: int) -> None:
+    with anyio.fail_after(10):
+        # The server counts on a thread of its own: there is no event of this loop to wait on.
+        while server.traffic.api_requests < count:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_the_next_page_is_asked_for_while_the_caller_works_on_this_one(
+    server: ServerThread,
+) -> None:
+    async with job_files(server) as pages:
+        await anext(pages)
+        # The caller has not asked for the second page yet: the request is out all the same.
+        await api_requests_reach(server, 2)
+        await anext(pages)
+        await api_requests_reach(server, 3)
+        assert len([page async for page in pages]) == 6  # 30 files, 4 a page: 8 pages in all
+    assert server.traffic.api_requests == 8  # the last page says there is no next one
+
+
+@pytest.mark.anyio
+async def test_a_page_asked_for_ahead_that_fails_unseen_is_not_reported(
+    server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.faults.api_faults = [None, "not-json"]
+    async with job_files(server) as pages:
+        await anext(pages)
+        await api_requests_reach(server, 2)
+        await anyio.sleep(0.5)  # the failed answer is read, and its task done
+    gc.collect()
+    assert "never retrieved" not in caplog.text
