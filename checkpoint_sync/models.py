@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar, get_args
+from typing import Annotated, Any, TypeVar, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -71,14 +71,31 @@ class Unreadable:
 
 
 class _OrUnreadable:
-    """Marks ``Model | Unreadable``: an entry the model refuses becomes `Unreadable`."""
+    """Marks ``Model | Unreadable``, or a ``list`` of them: an entry the model refuses becomes
+    `Unreadable`.
+
+    A list is first read as ``list[Model]``, all in pydantic's compiled code; only a list with
+    an entry it refuses is read again entry by entry, each through `_keep_unreadable`. That
+    Python call per entry was half the cost of reading a page of files (2.1 -> 1.06 us an
+    entry). A value that is no list fails both ways, with the one error a list would give.
+    """
 
     def __get_pydantic_core_schema__(
         self, source: Any, handler: GetCoreSchemaHandler
     ) -> CoreSchema:
-        (model,) = (arg for arg in get_args(source) if arg is not Unreadable)
-        return core_schema.no_info_wrap_validator_function(
-            _keep_unreadable, handler.generate_schema(model)
+        listed = get_origin(source) is list
+        (entry,) = get_args(source) if listed else (source,)
+        (model,) = (arg for arg in get_args(entry) if arg is not Unreadable)
+        model_schema = handler.generate_schema(model)
+        entry_or_unreadable = core_schema.no_info_wrap_validator_function(
+            _keep_unreadable, model_schema
+        )
+        if not listed:
+            return entry_or_unreadable
+        return core_schema.union_schema(
+            [core_schema.list_schema(model_schema), core_schema.list_schema(entry_or_unreadable)],
+            mode="left_to_right",
+            custom_error_type="list_type",
         )
 
 
@@ -106,7 +123,7 @@ class CheckpointFile(ApiModel):
 class CheckpointFilesPage(ApiModel):
     """`GetTrainingJobCheckpointFilesResponseV1` and `LoopsCheckpointFilesResponseV1`."""
 
-    presigned_urls: list[Annotated[CheckpointFile | Unreadable, OR_UNREADABLE]]
+    presigned_urls: Annotated[list[CheckpointFile | Unreadable], OR_UNREADABLE]
     next_page_token: int | None = None
     total_count: int
 
@@ -134,7 +151,7 @@ class TrainingJobCheckpoint(ApiModel):
 class TrainingJobCheckpoints(ApiModel):
     training_job: TrainingJob
     # An entry off the schema fails alone, not the job's listing, as in Loops and W&B.
-    checkpoints: list[Annotated[TrainingJobCheckpoint | Unreadable, OR_UNREADABLE]]
+    checkpoints: Annotated[list[TrainingJobCheckpoint | Unreadable], OR_UNREADABLE]
 
 
 # --- Baseten: Loops ------------------------------------------------------------------------------
@@ -159,7 +176,7 @@ class LoopsCheckpoint(ApiModel):
 
 
 class LoopsCheckpoints(ApiModel):
-    checkpoints: list[Annotated[LoopsCheckpoint | Unreadable, OR_UNREADABLE]]
+    checkpoints: Annotated[list[LoopsCheckpoint | Unreadable], OR_UNREADABLE]
 
 
 # --- W&B Training --------------------------------------------------------------------------------
@@ -184,7 +201,7 @@ class WandbCheckpoint(ApiModel):
 
 class WandbCheckpointPage(ApiModel):
     # An entry off the schema (a null step, say) fails alone, not its page: the listing goes on.
-    data: list[Annotated[WandbCheckpoint | Unreadable, OR_UNREADABLE]]
+    data: Annotated[list[WandbCheckpoint | Unreadable], OR_UNREADABLE]
     has_more: bool
     first_id: str = ""
     last_id: str = ""

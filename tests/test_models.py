@@ -1,0 +1,73 @@
+"""The API models: a list entry off the schema is kept as `Unreadable`; a page off it fails."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from checkpoint_sync.models import CheckpointFilesPage, Unreadable, describe
+
+FILE = {
+    "url": "https://bucket.example/o?X-Amz-Signature=s",
+    "relative_file_name": "checkpoint-1/model.bin",
+    "node_rank": 0,
+    "size_bytes": 3,
+    "last_modified": "2026-11-22T10:00:00Z",
+}
+NOT_A_FILE = "entry: Input should be a valid dictionary or instance of CheckpointFile"
+
+
+@pytest.mark.parametrize(
+    ("entries", "read"),
+    [
+        ([FILE, FILE], ["file", "file"]),
+        (
+            [FILE, {**FILE, "size_bytes": "3 bytes"}, FILE],
+            [
+                "file",
+                "size_bytes: Input should be a valid integer, unable to parse string as an integer",
+                "file",
+            ],
+        ),
+        ([FILE, 5], ["file", NOT_A_FILE]),
+        ([None], [NOT_A_FILE]),
+        ([{**FILE, "node_rank": None}], ["node_rank: Input should be a valid integer"]),
+        ([{k: v for k, v in FILE.items() if k != "url"}], ["url: Field required"]),
+        ([], []),
+    ],
+)
+def test_each_entry_of_a_page_is_a_file_or_unreadable(
+    entries: list[object], read: list[str]
+) -> None:
+    page = CheckpointFilesPage.model_validate_json(
+        json.dumps({"presigned_urls": entries, "total_count": len(entries)})
+    )
+    assert [
+        entry.reason if isinstance(entry, Unreadable) else "file" for entry in page.presigned_urls
+    ] == read
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ({"presigned_urls": 5, "total_count": 1}, "presigned_urls: Input should be a valid array"),
+        (
+            {"presigned_urls": None, "total_count": 1},
+            "presigned_urls: Input should be a valid array",
+        ),
+        (
+            {"presigned_urls": {"0": FILE}, "total_count": 1},
+            "presigned_urls: Input should be a valid array",
+        ),
+        ({"total_count": 1}, "presigned_urls: Field required"),
+        ({"presigned_urls": [FILE]}, "total_count: Field required"),
+    ],
+)
+def test_a_page_off_the_schema_fails_with_its_first_problem(
+    body: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ValidationError) as failed:
+        CheckpointFilesPage.model_validate_json(json.dumps(body))
+    assert describe(failed.value, "body") == problem
