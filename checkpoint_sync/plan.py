@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 
 from .errors import FileError, IntegrityError, NotFoundError, UsageError
 from .net import url_problem
-from .sources.base import Available, Checkpoint, RemoteFile, SyncState, UnreadableCheckpoint
+from .sources.base import (
+    Available,
+    Checkpoint,
+    RemoteFile,
+    SyncState,
+    UnreadableCheckpoint,
+    left_out,
+)
 
 # Larger than any checkpoint file we can imagine; a size beyond it is a broken listing.
 MAX_FILE_SIZE = 1 << 50
@@ -65,7 +72,9 @@ def select_checkpoints(
         syncing = [c for c in candidates if c.state is SyncState.SYNCING]
         pool = complete + syncing if include_syncing else complete
         if not pool:
-            raise NotFoundError(f"no complete checkpoint in {what} to take as --latest")
+            raise NotFoundError(
+                f"no complete checkpoint in {what} to take as --latest{left_out(unreadable)}"
+            )
         newest = max(pool, key=_age_key)
         # A newer one still uploading is named: a restore should know what it did not take.
         newer = [c for c in syncing if c not in pool and _age_key(c) > _age_key(newest)]

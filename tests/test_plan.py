@@ -309,3 +309,22 @@ def test_a_node_rank_no_listed_file_has_is_not_found(
     else:
         with pytest.raises(NotFoundError, match=f"no file of node rank {missing} in the "):
             check_ranks_listed(frozenset(wanted), listed, each=each)
+
+
+@pytest.mark.parametrize(
+    ("available", "message"),
+    [
+        ([], "no complete checkpoint in the run to take as --latest"),
+        (
+            [checkpoint("c4", 4, SyncState.SYNCING), UNREADABLE],
+            "no complete checkpoint in the run to take as --latest (1 left out as unreadable, "
+            "run/u (target reward_model, id u-id): target: ...)",
+        ),
+    ],
+)
+def test_latest_with_nothing_to_take_names_what_it_left_out_as_unreadable(
+    available: list[Available], message: str
+) -> None:
+    with pytest.raises(NotFoundError) as caught:
+        select_checkpoints(available, latest=True)
+    assert str(caught.value) == message

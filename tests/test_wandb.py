@@ -126,8 +126,31 @@ def test_best_of_a_metric_no_checkpoint_has_names_the_metrics_there_are() -> Non
 
 
 def test_best_of_no_checkpoints_is_not_found() -> None:
-    with pytest.raises(NotFoundError):
-        best_checkpoint([], "reward")
+    with pytest.raises(NotFoundError) as caught:
+        best_checkpoint([], "reward", what="model m")
+    assert str(caught.value) == "model m has no checkpoints"
+
+
+def test_best_where_every_checkpoint_is_unreadable_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = synthetic_wandb_model(MODEL, {10: {"reward": 0.2}, 20: {"reward": 0.9}})
+    for listed_entry in model.checkpoints:
+        listed_entry.step = None  # the OpenAPI page requires an integer
+    catalog = Catalog(api_key=API_KEY, wandb_api_key=WANDB_KEY, wandb_models=[model])
+    server = serve(catalog, monkeypatch)
+    try:
+        best = run_cli(*listed("--best", "reward"))
+    finally:
+        server.__exit__(None, None, None)
+
+    first = model.checkpoints[0].id
+    assert best.code == 4
+    assert best.stderr == (
+        f"checkpoint-sync: error: W&B Training model {MODEL} has no readable checkpoints "
+        f"(2 left out as unreadable, {MODEL}/step-? (id {first}): step: Input should be a "
+        "valid integer)\n"
+    )
 
 
 def test_latest_of_w_and_b_checkpoints_is_the_highest_step() -> None:

@@ -77,6 +77,15 @@ class UnreadableCheckpoint:
 Available = Checkpoint | UnreadableCheckpoint
 
 
+def left_out(unreadable: Sequence[UnreadableCheckpoint]) -> str:
+    """For a message that found no checkpoint to take: the ones left out as unreadable (how
+    many, and the first), which would otherwise go unmentioned; "" when there are none."""
+    if not unreadable:
+        return ""
+    first = unreadable[0]
+    return f" ({len(unreadable)} left out as unreadable, {first.where}: {first.reason})"
+
+
 @dataclass(frozen=True, slots=True)
 class PageRef:
     """Where an entry was listed: re-reading this page gives a fresh presigned URL."""

@@ -30,6 +30,7 @@ from .base import (
     UnreadableCheckpoint,
     UnreadableEntry,
     flags_given,
+    left_out,
 )
 from .cursors import advance
 
@@ -40,14 +41,21 @@ MAX_LIMIT = 100  # the API's ceiling for ``limit``
 
 
 def best_checkpoint(
-    checkpoints: Sequence[Checkpoint], metric: str, *, minimize: bool = False, what: str = "model"
+    checkpoints: Sequence[Checkpoint],
+    metric: str,
+    *,
+    minimize: bool = False,
+    what: str = "model",
+    unreadable: Sequence[UnreadableCheckpoint] = (),
 ) -> Checkpoint:
     """The checkpoint with the highest ``metric`` (lowest with ``minimize``); ties go to the later
-    step. Checkpoints without the metric, or with NaN, take no part."""
+    step. Checkpoints without the metric, or with NaN, take no part; nor do ``unreadable`` ones,
+    which only a failure to find one names."""
     scored = [c for c in checkpoints if not math.isnan(c.metrics.get(metric, math.nan))]
     if not scored:
         if not checkpoints:
-            raise NotFoundError(f"{what} has no checkpoints")
+            readable = " readable" if unreadable else ""
+            raise NotFoundError(f"{what} has no{readable} checkpoints{left_out(unreadable)}")
         known = sorted({name for c in checkpoints for name in c.metrics})
         raise UsageError(
             f"no checkpoint of {what} has the metric {metric!r} "
@@ -95,15 +103,16 @@ class WandbSource:
             )
             for c in sorted(listed, key=lambda c: c.step)
         ]
+        # One with no step has no directory (step-<N>) and no artifact version (step<N>).
+        unreadable = [_unreadable(self._model, c) for c in entries if isinstance(c, Unreadable)]
         if self._best is not None:
             # --best asks for one checkpoint: it passes over those unreadable, as --latest does.
             metric, minimize = self._best
-            return [best_checkpoint(found, metric, minimize=minimize, what=self.description)]
-        # One with no step has no directory (step-<N>) and no artifact version (step<N>).
-        return [
-            *found,
-            *(_unreadable(self._model, c) for c in entries if isinstance(c, Unreadable)),
-        ]
+            best = best_checkpoint(
+                found, metric, minimize=minimize, what=self.description, unreadable=unreadable
+            )
+            return [best]
+        return [*found, *unreadable]
 
     async def _pages(self) -> AsyncIterator[list[WandbCheckpoint | Unreadable]]:
         path = f"/v1/preview/models/{quote(self._model, safe='')}/checkpoints"
