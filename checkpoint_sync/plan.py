@@ -80,10 +80,7 @@ def select_checkpoints(
         newer = [c for c in syncing if c not in pool and _age_key(c) > _age_key(newest)]
         # So is an unreadable one newer than that, or of an age its entry does not tell: the run
         # has a newer checkpoint than the one restored, which no rerun will mirror.
-        taken = _age_key(newest)[0]
-        passed_over = [
-            c for c in unreadable if c.created_at is None or c.created_at.timestamp() > taken
-        ]
+        passed_over = [c for c in unreadable if _may_be_newer(c, newest)]
         return Selection([newest], newer, passed_over=passed_over)
     if include_syncing:
         return Selection(candidates, unreadable=unreadable)
@@ -92,6 +89,16 @@ def select_checkpoints(
         [c for c in candidates if c.state is SyncState.SYNCING],
         unreadable,
     )
+
+
+def _may_be_newer(entry: UnreadableCheckpoint, taken: Checkpoint) -> bool:
+    """Whether an unreadable checkpoint may be newer than the one ``taken``: by the time its
+    entry tells, else by its step where neither tells a time (W&B), else it may be."""
+    if entry.created_at is not None:
+        return entry.created_at.timestamp() > _age_key(taken)[0]
+    if taken.created_at is None and entry.step is not None and taken.step is not None:
+        return entry.step > taken.step
+    return True
 
 
 def _age_key(checkpoint: Checkpoint) -> tuple[float, int]:

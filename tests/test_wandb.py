@@ -22,7 +22,7 @@ from checkpoint_sync.localserver import (
 )
 from checkpoint_sync.models import WandbCheckpoint
 from checkpoint_sync.plan import select_checkpoints
-from checkpoint_sync.sources.base import Checkpoint, SyncState
+from checkpoint_sync.sources.base import Checkpoint, SyncState, UnreadableCheckpoint
 from checkpoint_sync.sources.wandb import best_checkpoint
 from checkpoint_sync.sources.wandb_artifacts import ArtifactPath, parse_artifact_path
 
@@ -151,6 +151,20 @@ def test_best_where_every_checkpoint_is_unreadable_says_so(
         f"(2 left out as unreadable, {MODEL}/step-? (id {first}): step: Input should be a "
         "valid integer)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("step", "passed_over"),
+    [(60, True), (20, False), (None, True)],  # no step, no time: it may be newer
+)
+def test_latest_of_w_and_b_names_an_unreadable_checkpoint_by_its_step(
+    step: int | None, passed_over: bool
+) -> None:
+    # W&B lists no times: only the step tells whether it is newer than step 50, the one taken.
+    unreadable = UnreadableCheckpoint("u", f"{MODEL}/step-{step}", "metrics: ...", step=step)
+    chosen = select_checkpoints([*LISTED, unreadable], latest=True)
+    assert [c.step for c in chosen.checkpoints] == [50]
+    assert chosen.passed_over == ([unreadable] if passed_over else [])
 
 
 def test_latest_of_w_and_b_checkpoints_is_the_highest_step() -> None:

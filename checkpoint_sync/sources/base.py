@@ -67,6 +67,8 @@ class UnreadableCheckpoint:
     names: tuple[str, ...] = ()
     # Where the entry tells it: --latest says so when it passes over one newer than it takes.
     created_at: datetime | None = None
+    # W&B lists no times: there --latest tells a newer one by its step, where the entry has one.
+    step: int | None = None
 
     @property
     def problem(self) -> str:

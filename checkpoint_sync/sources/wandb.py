@@ -231,7 +231,7 @@ def _unreadable(model: str, entry: Unreadable) -> UnreadableCheckpoint:
     """An entry of the checkpoint list, named by what it tells of itself."""
     key, step = entry.get("id", str), entry.get("step", int)
     where = f"{model}/step-{'?' if step is None else step} (id {key or '?'})"
-    return UnreadableCheckpoint(key, where, entry.reason)
+    return UnreadableCheckpoint(key, where, entry.reason, step=step)
 
 
 def _version(md5: str) -> str:
