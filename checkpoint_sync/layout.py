@@ -31,30 +31,30 @@ def _too_long(name: str) -> bool:
 def safe_segment(name: str, what: str) -> str:
     """``name`` if it can stand as one directory or file name, else `UnsafePathError`."""
     if name in ("", ".", ".."):
-        raise UnsafePathError(f"{what} {name!r} is not a usable name")
+        raise UnsafePathError(f"{what} '{name}' is not a usable name")
     for bad, label in (("/", "a slash"), ("\\", "a backslash"), ("\0", "a NUL byte")):
         if bad in name:
-            raise UnsafePathError(f"{what} {name!r} contains {label}")
+            raise UnsafePathError(f"{what} '{name}' contains {label}")
     if len(name) > _SURELY_SHORT and _too_long(name):
-        raise UnsafePathError(f"{what} {name[:40]!r}... is longer than {NAME_MAX} bytes")
+        raise UnsafePathError(f"{what} '{name[:40]}...' is longer than {NAME_MAX} bytes")
     return name
 
 
 def safe_relative_path(path: str, what: str = "file name") -> str:
     """A listed relative path, refused if absolute, climbing (``..``) or otherwise odd."""
     if path.startswith("/"):
-        raise UnsafePathError(f"{what} {path!r} is absolute")
+        raise UnsafePathError(f"{what} '{path}' is absolute")
     if "\\" in path:
-        raise UnsafePathError(f"{what} {path!r} contains a backslash")
+        raise UnsafePathError(f"{what} '{path}' contains a backslash")
     if "\0" in path:
-        raise UnsafePathError(f"{what} {path!r} contains a NUL byte")
+        raise UnsafePathError(f"{what} '{path}' contains a NUL byte")
     segments = path.split("/")
     if ".." in segments:
-        raise UnsafePathError(f"{what} {path!r} climbs out with '..'")
+        raise UnsafePathError(f"{what} '{path}' climbs out with '..'")
     if any(segment in ("", ".") for segment in segments):
-        raise UnsafePathError(f"{what} {path!r} has an empty or '.' segment")
+        raise UnsafePathError(f"{what} '{path}' has an empty or '.' segment")
     if len(path) > _SURELY_SHORT and any(_too_long(segment) for segment in segments):
-        raise UnsafePathError(f"{what} {path[:40]!r}... has a name longer than {NAME_MAX} bytes")
+        raise UnsafePathError(f"{what} '{path[:40]}...' has a name longer than {NAME_MAX} bytes")
     return path
 
 
@@ -66,7 +66,7 @@ def mirror_path(file: RemoteFile) -> str:
     """``<run>/<checkpoint>/<node_rank>/<path>``, relative to DEST, or `UnsafePathError`."""
     run = safe_segment(file.run, "run")
     if run == STATE_DIR:
-        raise UnsafePathError(f"run {run!r} would overwrite checkpoint-sync's own state")
+        raise UnsafePathError(f"run '{run}' would overwrite checkpoint-sync's own state")
     if file.node_rank < 0:
         raise UnsafePathError(f"node rank {file.node_rank} is negative")
     if file.node_rank > MAX_NODE_RANK:

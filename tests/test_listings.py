@@ -104,6 +104,23 @@ def test_a_path_listed_twice_is_mirrored_once_from_its_first_entry(
     assert len(landed(server, dest, ignored=second)) == len(list(server.catalog.files())) - 1
 
 
+def test_a_refused_name_is_shown_once_escaped_and_given_whole_in_json(
+    server: ServerThread, dest: Path
+) -> None:
+    # A backslash and a BEL: the terminal shows the escapes that read back as the name (the
+    # backslash doubled, BEL as \x07), once; JSON gives the name itself.
+    name = "bad\\name\x07.bin"
+    add_file(server, f"checkpoint-10/{name}", 10)
+
+    shown = run_cli(*sync_args(server, dest))
+    as_json = run_cli(*sync_args(server, dest, "--json"))
+
+    assert shown.code == as_json.code == 1
+    assert "file name 'bad\\\\name\\x07.bin' contains a backslash\n" in shown.stderr
+    (failure,) = json.loads(as_json.stdout)["failures"]
+    assert failure["error"] == f"file name '{name}' contains a backslash"
+
+
 def test_an_entry_off_the_schema_fails_that_file_and_the_rest_of_its_page_lands(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
