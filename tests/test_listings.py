@@ -5,6 +5,7 @@ Nothing is ever written outside DEST, and the files the listing did describe wel
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -467,3 +468,28 @@ async def test_a_page_asked_for_ahead_that_fails_unseen_is_not_reported(
         await anyio.sleep(0.5)  # the failed answer is read, and its task done
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+async def read_ahead_settled() -> None:
+    """Until no page is being read: the one asked for ahead has its answer, or its error."""
+    with anyio.fail_after(10):
+        # Only the task itself tells when it is done: the server has answered long before.
+        while any(  # noqa: ASYNC110
+            getattr(task.get_coro(), "__qualname__", None) == "read_page"
+            for task in asyncio.all_tasks()
+        ):
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_a_page_asked_for_ahead_that_gave_up_before_it_was_wanted_is_asked_for_again(
+    server: ServerThread,
+) -> None:
+    # The API is down while the caller works on the first page, and back once it wants the next:
+    # without the read-ahead, the outage would not have been seen.
+    server.faults.api_faults = [None, "503"]
+    async with job_files(server) as pages:
+        await anext(pages)
+        await read_ahead_settled()
+        assert len([page async for page in pages]) == 7
+    assert server.traffic.api_requests == 9  # 8 pages, one of them asked for twice

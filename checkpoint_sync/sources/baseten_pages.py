@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from ..api import ApiClient
-from ..errors import FileError, MalformedResponseError
+from ..errors import FileError, MalformedResponseError, TransientError
 from ..models import CheckpointFile, CheckpointFilesPage, Unreadable
 from .base import PageRef, Relisted, RemoteFile, UnreadableCheckpoint
 
@@ -31,7 +31,7 @@ async def file_pages(
     try:
         while True:
             ref = PageRef(listing=listing, page_token=token, page_size=page_size)
-            page = await asked
+            page = await _wanted(asked, api, ref, what)
             if not page.presigned_urls:
                 return
             seen += len(page.presigned_urls)
@@ -58,6 +58,17 @@ async def file_pages(
 def _ask(api: ApiClient, ref: PageRef, what: str) -> asyncio.Task[CheckpointFilesPage]:
     """Read the page at ``ref`` in the background; awaiting the task gives it, or its error."""
     return asyncio.create_task(read_page(api, ref, what))
+
+
+async def _wanted(
+    asked: asyncio.Task[CheckpointFilesPage], api: ApiClient, ref: PageRef, what: str
+) -> CheckpointFilesPage:
+    """The page at ``ref``, now that the caller wants it. Asked for ahead, it may have given up
+    retrying before then: it is asked for again, with retries of its own, as it would have been
+    without the read-ahead (the API may be back, and the outage did not matter until now)."""
+    if asked.done() and not asked.cancelled() and isinstance(asked.exception(), TransientError):
+        return await read_page(api, ref, what)
+    return await asked
 
 
 def _runaway(
