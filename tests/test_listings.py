@@ -443,6 +443,17 @@ async def api_requests_reach(server: ServerThread, count: int) -> None:
             await anyio.sleep(0.01)
 
 
+async def read_ahead_settled() -> None:
+    """Until no page is being read: the one asked for ahead has its answer, or its error."""
+    with anyio.fail_after(10):
+        # Only the task itself tells when it is done: the server has answered long before.
+        while any(  # noqa: ASYNC110
+            getattr(task.get_coro(), "__qualname__", None) == "read_page"
+            for task in asyncio.all_tasks()
+        ):
+            await anyio.sleep(0.01)
+
+
 @pytest.mark.anyio
 async def test_the_next_page_is_asked_for_while_the_caller_works_on_this_one(
     server: ServerThread,
@@ -464,21 +475,9 @@ async def test_a_page_asked_for_ahead_that_fails_unseen_is_not_reported(
     server.faults.api_faults = [None, "not-json"]
     async with job_files(server) as pages:
         await anext(pages)
-        await api_requests_reach(server, 2)
-        await anyio.sleep(0.5)  # the failed answer is read, and its task done
+        await read_ahead_settled()
     gc.collect()
     assert "never retrieved" not in caplog.text
-
-
-async def read_ahead_settled() -> None:
-    """Until no page is being read: the one asked for ahead has its answer, or its error."""
-    with anyio.fail_after(10):
-        # Only the task itself tells when it is done: the server has answered long before.
-        while any(  # noqa: ASYNC110
-            getattr(task.get_coro(), "__qualname__", None) == "read_page"
-            for task in asyncio.all_tasks()
-        ):
-            await anyio.sleep(0.01)
 
 
 @pytest.mark.anyio
