@@ -239,14 +239,16 @@ class _Transport(asyncio.Transport):
         connection, protocol = self._connection, self._protocol
         view = memoryview(protocol.get_buffer(-1))
         room = len(view)
-        pointer = _ffi.from_buffer(view, require_writable=True)
         filled = code = 0
-        while filled < room:
-            got = _lib.SSL_read(connection, pointer + filled, room - filled)
-            if got <= 0:
-                code = _lib.SSL_get_error(connection, got)
-                break
-            filled += got
+        # Given back before the protocol runs: an error it keeps (the sink's) keeps this frame
+        # in a cycle, and collecting that with the buffer still exported crashes the process.
+        with _ffi.from_buffer(view, require_writable=True) as pointer:
+            while filled < room:
+                got = _lib.SSL_read(connection, pointer + filled, room - filled)
+                if got <= 0:
+                    code = _lib.SSL_get_error(connection, got)
+                    break
+                filled += got
         # Taken now, emptying the error queue: the protocol may close the transport.
         error = _error(code, "while reading") if code and code != _WANT_READ else None
         if filled:

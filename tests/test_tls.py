@@ -5,10 +5,13 @@ SSL_CERT_FILE, and an untrusted certificate refused as a configuration error; an
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -401,3 +404,67 @@ def test_version_names_the_openssl_that_https_runs_on() -> None:
     assert result.code == 0, result.stderr
     assert result.stdout == f"checkpoint-sync {__version__} (HTTPS: {tls.openssl_version()})\n"
     assert tls.openssl_version().startswith("OpenSSL ")
+
+
+class DiskFull(Exception):
+    """What a sink raises when its write fails."""
+
+
+def a_sink_fails_mid_body_then_the_garbage_is_collected(use_uvloop: bool) -> None:
+    """Run by the test below in a process of its own."""
+    size = 4 << 20
+
+    def serve(tls: ssl.SSLSocket) -> None:
+        read_request(tls)
+        tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        time.sleep(0.2)  # the client's young objects are collected meanwhile
+        tls.sendall(bytes(size))
+
+    def full_disk(piece: memoryview) -> None:
+        raise DiskFull()
+
+    async def fetch(url: str, ca_file: Path) -> None:
+        async def collect_young() -> None:
+            await anyio.sleep(0.1)
+            gc.collect(0)  # the connection becomes older than what its failure leaves
+
+        async with (
+            HttpClient(NetSettings(ca_bundle=ca_file)) as http,
+            anyio.create_task_group() as tasks,
+        ):
+            tasks.start_soon(collect_young)
+            with pytest.raises(DiskFull):
+                async with http.request(url, {}) as response:
+                    await response.stream_to(full_disk)
+
+    unraisable: list[object] = []
+    sys.unraisablehook = unraisable.append
+    gc.disable()  # collected only when said, in a known order
+    ca = trustme.CA()
+    with ca.cert_pem.tempfile() as ca_file, tls_serving(ca, serve) as (port, _):
+        anyio.run(fetch, url_on(port), Path(ca_file), backend_options={"use_uvloop": use_uvloop})
+    gc.collect()
+    assert unraisable == []
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_a_sink_that_fails_mid_body_leaves_nothing_that_crashes_the_collector(
+    use_uvloop: bool,
+) -> None:
+    # The sink's error is kept with its traceback, and the transport's frame with it, in a
+    # cycle through the connection. Had that frame still held the protocol's buffer (exported
+    # to OpenSSL to decrypt into), collecting the cycle could clear the buffer's memoryview
+    # first: "memoryview has 1 exported buffer", then a segmentation fault.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from tests.test_tls import a_sink_fails_mid_body_then_the_garbage_is_collected as"
+            f" run; run({use_uvloop})",
+        ],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
