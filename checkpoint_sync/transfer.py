@@ -413,38 +413,40 @@ class Transfers:
             # the same attempt. This ends: an answer that is no error leaves ``state.offset``
             # further on (`content_range_end` refuses an empty range and one that starts
             # elsewhere, and a body that stops short of its range is a `TransientError`).
-            listed = url.url
-            try:
-                while state.offset < state.end:
-                    await self._request_range(staged, file, part, listed, state, answered)
-            except TransientError:
-                self._stats.retries += 1
-                raise
-
-        async with self._connections:
+            # An expired URL is refreshed within the attempt, not by starting the retries
+            # afresh: an object that keeps failing while its URLs keep expiring still runs out
+            # of them.
             while True:
-                used = url.url
+                listed = url.url
                 try:
-                    # Progress in whole MiB: a server that sends a few bytes before every drop
-                    # runs out of attempts, as one that sends none does.
-                    await retrying(self._settings.retry, attempt, lambda: state.offset >> 20)
-                    break
-                except TransientError as exc:
-                    # Out of retries: this file fails, the run goes on.
-                    raise FileError(f"gave up after retrying: {exc}") from exc
+                    while state.offset < state.end:
+                        await self._request_range(staged, file, part, listed, state, answered)
+                    return
+                except TransientError:
+                    self._stats.retries += 1
+                    raise
                 except UrlExpiredError as exc:
                     if state.relisted and not state.url_worked:
                         # The URL we listed a moment ago, for this very request, is refused too.
                         raise DownloadDeniedError(
                             f"access denied even with a freshly listed URL ({exc})"
                         ) from exc
-                    if used == url.url:
+                    if listed == url.url:
                         self._stats.url_refreshes += 1
-                        await url.refresh(used, lambda: self._relist(file))
+                        await url.refresh(listed, lambda: self._relist(file))
                         state.relisted, state.url_worked = True, False
-                finally:
-                    if answered is not None:
-                        answered.set()
+
+        async with self._connections:
+            try:
+                # Progress in whole MiB: a server that sends a few bytes before every drop runs
+                # out of attempts, as one that sends none does.
+                await retrying(self._settings.retry, attempt, lambda: state.offset >> 20)
+            except TransientError as exc:
+                # Out of retries: this file fails, the run goes on.
+                raise FileError(f"gave up after retrying: {exc}") from exc
+            finally:
+                if answered is not None:
+                    answered.set()
         if state.digests is not None:
             return state.digests  # made durable with the whole file, before it is published
         if self._settings.fsync:  # durable before the manifest vouches for it

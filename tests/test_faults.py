@@ -488,3 +488,28 @@ def test_a_persistent_403_is_a_permission_error_for_that_file_only(
 def _relative(file: ServedFile) -> str:
     checkpoint, _, rest = file.name.partition("/")
     return f"{checkpoint}/{file.node_rank}/{rest}"
+
+
+def test_urls_that_keep_expiring_while_an_object_keeps_failing_run_out_of_retries(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object answers 503 and never a byte; by each retry its URL has expired (403), and a
+    fresh one is listed. A refresh is no progress: the retries run out as they would without
+    it, rather than starting afresh with every fresh URL, for ever."""
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "3")
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=1)
+    answers: list[str] = []
+
+    def failing_then_expired(name: str, start: int, end: int) -> str | None:
+        answers.append(name)
+        if len(answers) > 40:
+            return None  # a hang guard: the object comes back at last
+        return "503" if len(answers) % 2 else "403"
+
+    with ServerThread(catalog, Faults(hook=failing_then_expired)) as server:
+        result = run_cli(*sync_args(server, dest, "--node-rank", "0", "--json"))
+
+        assert result.code == 1, result.stdout
+        (failure,) = json.loads(result.stdout)["failures"]
+        assert "gave up after retrying" in failure["error"]
+        assert len(answers) <= 2 * 3
