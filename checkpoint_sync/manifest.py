@@ -46,6 +46,16 @@ CREATE TABLE IF NOT EXISTS parts (
     PRIMARY KEY (path, part)
 );
 """
+# The object's strong ETag as the answers for a file's recorded parts gave it: a later run must
+# not add the parts of another version (replaced while the listing did not change). Made in
+# place, not by a new schema version: earlier versions still open the manifest, and their
+# deleting a file's staging record drops its ETag too.
+_ETAGS = """
+CREATE TABLE IF NOT EXISTS staging_etags (
+    path TEXT PRIMARY KEY REFERENCES staging (path) ON DELETE CASCADE,
+    etag TEXT NOT NULL
+)
+"""
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,8 @@ class Manifest:
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+            if not read_only:
+                self._db.execute(_ETAGS)
             # Most mirrors have no file in parts: then recording a file need not clear its parts.
             self._any_staging = (
                 self._db.execute("SELECT 1 FROM staging LIMIT 1").fetchone() is not None
@@ -123,14 +135,16 @@ class Manifest:
 
     def staged(self, path: str, bytes_on_disk: int | None) -> Staged | None:
         row = self._db.execute(
-            "SELECT size, last_modified, part_size FROM staging WHERE path = ?", (path,)
+            "SELECT size, last_modified, part_size, etag FROM staging "
+            "LEFT JOIN staging_etags USING (path) WHERE path = ?",
+            (path,),
         ).fetchone()
         if row is None:
             return None
         done = frozenset(
             part for (part,) in self._db.execute("SELECT part FROM parts WHERE path = ?", (path,))
         )
-        return Staged(row[0], row[1], row[2], done, bytes_on_disk)
+        return Staged(row[0], row[1], row[2], done, bytes_on_disk, row[3])
 
     def files_in(self, run: str, checkpoint: str) -> Iterator[VerifiedFile]:
         rows = self._db.execute(
@@ -183,6 +197,16 @@ class Manifest:
 
     def part_done(self, path: str, part: int) -> None:
         self._write("INSERT OR IGNORE INTO parts (path, part) VALUES (?, ?)", (path, part))
+        self.maybe_commit()
+
+    def staging_etag(self, path: str, etag: str) -> None:
+        """The ETag of the object whose parts of ``path`` are being recorded (none is kept for a
+        file that has no staging record)."""
+        self._write(
+            "INSERT OR REPLACE INTO staging_etags (path, etag) "
+            "SELECT path, ? FROM staging WHERE path = ?",
+            (etag, path),
+        )
         self.maybe_commit()
 
     def drop_staging(self, path: str) -> None:

@@ -185,6 +185,7 @@ class Staged:
     part_size: int
     done: frozenset[int]
     bytes_on_disk: int | None  # size of the staging file, None if it is gone
+    etag: str | None = None  # the object's strong ETag when its parts were fetched, if known
 
 
 def parts_to_keep(file: RemoteFile, part_size: int, staged: Staged | None) -> frozenset[int]:

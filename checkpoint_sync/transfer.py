@@ -150,8 +150,12 @@ class Transfers:
         # A one-part file has no progress worth recording: it is simply fetched again.
         multipart = len(parts) > 1
         keep = frozenset[int]()
+        etag = None
         if multipart and self._settings.resume:
-            keep = parts_to_keep(file, part_size, self._manifest.staged(key, _size_of(staging)))
+            staged = self._manifest.staged(key, _size_of(staging))
+            keep = parts_to_keep(file, part_size, staged)
+            # The parts kept came from that version of the object: the others must too.
+            etag = staged.etag if keep and staged is not None else None
         todo = [p for p in parts if p.index not in keep]
         reserve = multipart and self._reserves
         if reserve:
@@ -171,6 +175,7 @@ class Transfers:
                 keep=keep,
                 reserve=reserve,
                 unseen=unseen,
+                etag=etag,
             )
             if replaces:
                 # The old record must not outlive the old file: a crash right after the rename
@@ -205,10 +210,11 @@ class Transfers:
         keep: frozenset[int],
         reserve: bool,
         unseen: int,
+        etag: str | None,
     ) -> str:
         """Fetch ``todo`` into the staging file and verify it whole; its xxh3 digest."""
         fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
-        staged = _Staged(fd, key, unseen)
+        staged = _Staged(fd, key, unseen, etag)
         self._in_flight.add(staged)
         try:
             if multipart and not keep:
@@ -515,7 +521,9 @@ class Transfers:
             stop = content_range_end(content_range, state.offset, state.end, file.size)
         else:
             await _raise_for_file_status(resp, url)
-        staged.same_object(resp.headers.get("etag"))
+        if (first := staged.same_object(resp.headers.get("etag"))) is not None:
+            # Recorded with the parts (if this file's are), for the run that resumes them.
+            self._manifest.staging_etag(staged.key, first)
         started_at = state.offset
         writer = _PartWriter(staged, state, stop, self._stats, self._dest)
         # A part hashed on the way cannot skip Python; the others may be spliced.
@@ -592,18 +600,20 @@ class _Staged:
     def landed(self, size: int) -> None:
         self.unseen = max(0, self.unseen - size)
 
-    def same_object(self, etag: str | None) -> None:
+    def same_object(self, etag: str | None) -> str | None:
         """`_ObjectChanged` if this answer is of another version than the earlier ones (the
-        object was replaced while its URL still worked)."""
+        object was replaced while its URL still worked); its ETag if it is the first known."""
         if etag is None or etag.startswith("W/"):
-            return  # weak or no ETag: nothing reliable to compare
+            return None  # weak or no ETag: nothing reliable to compare
         if self.etag is None:
             self.etag = etag
-        elif etag != self.etag:
+            return etag
+        if etag != self.etag:
             raise _ObjectChanged(
                 f"changed while it was being fetched (ETag {self.etag} became {etag}): "
                 "the next run fetches the new version"
             )
+        return None
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pytest
 import trustme
 
 from checkpoint_sync.errors import IntegrityError
-from checkpoint_sync.localserver import Faults, ServedFile
+from checkpoint_sync.localserver import Faults, ServedFile, content
 from checkpoint_sync.transfer import content_range_end
 
 from .conftest import JOB, job_catalog, sync_args
@@ -513,3 +513,38 @@ def test_urls_that_keep_expiring_while_an_object_keeps_failing_run_out_of_retrie
         (failure,) = json.loads(result.stdout)["failures"]
         assert "gave up after retrying" in failure["error"]
         assert len(answers) <= 2 * 3
+
+
+def test_an_object_replaced_between_runs_while_its_url_still_works_is_not_resumed_into(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run leaves a file in parts; its object is then replaced, the listing unchanged.
+    The next run's answers carry the new ETag, not the one the kept parts came with: the file
+    must not be published from the old parts and the new ones."""
+    catalog = job_catalog(checkpoints=1, large_size=4 * PART, small_files=0)
+    with ServerThread(catalog) as server:
+        monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+        server.faults.hook = lambda name, start, end: "500" if start >= 2 * PART else None
+        assert run_cli(*sync_args(server, dest, "--concurrency", "1")).code == 1
+        server.faults.hook = None
+
+        def replace() -> None:
+            for file in server.files():  # the bytes change, the listing does not
+                file.seed = 31337
+
+        server.call(replace)
+        again = run_cli(*sync_args(server, dest, "--concurrency", "1", "--json"))
+
+        for file in server.files():
+            path = mirrored(dest, JOB, file)
+            assert not path.exists() or path.read_bytes() == content(31337, 0, file.size)
+        assert again.code == 1
+        failures = json.loads(again.stdout)["failures"]
+        assert len(failures) == len(server.files())  # both ranks' copies were left in parts
+        assert all("changed while it was being fetched (ETag" in f["error"] for f in failures)
+
+        final = run_cli(*sync_args(server, dest))
+
+        assert final.code == 0, final.stderr
+        for file in server.files():
+            assert_exact(mirrored(dest, JOB, file), file)
