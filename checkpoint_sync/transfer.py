@@ -521,8 +521,9 @@ class Transfers:
             stop = content_range_end(content_range, state.offset, state.end, file.size)
         else:
             await _raise_for_file_status(resp, url)
-        if (first := staged.same_object(resp.headers.get("etag"))) is not None:
-            # Recorded with the parts (if this file's are), for the run that resumes them.
+        first = staged.same_object(resp.headers.get("etag"))
+        if first is not None and part.length < file.size:
+            # Recorded with the parts, for the run that resumes them (a one-part file has none).
             self._manifest.staging_etag(staged.key, first)
         started_at = state.offset
         writer = _PartWriter(staged, state, stop, self._stats, self._dest)
