@@ -604,6 +604,11 @@ class _Connection(asyncio.BufferedProtocol, Body):
             # What arrived with the head goes to the sink first, the rest is spliced after it.
             and self._remaining + (self._filled - self._base) <= file.room
             and self._transport is not None
+            # A connection that failed or closed before the sink came has no socket to splice
+            # from (its descriptor is gone, or soon may be another file's): its error is raised.
+            and self._body_done is None
+            and not self._closed
+            and not self._transport.is_closing()
         )
 
     async def _splice_into(self, file: FileTarget) -> None:

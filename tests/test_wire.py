@@ -561,6 +561,31 @@ async def test_a_body_longer_than_the_range_is_not_spliced_past_it(
     assert (tmp_path / "part").stat().st_size <= target.size
 
 
+async def test_a_body_whose_connection_closed_before_it_was_read_is_not_spliced(
+    tmp_path: Path,
+) -> None:
+    # The socket is gone by the time the caller gives its file: splicing from it raised a raw
+    # ValueError (its descriptor read -1) and left the splice's pipe open.
+    head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    server = Server(lambda _: [head + BIG[:1000]], close_after_each=True)
+    target = FileTarget(tmp_path / "part")
+
+    async def receive(http: HttpClient, url: str) -> None:
+        async with http.request(url, {}) as response:
+            await asyncio.sleep(0.2)  # the server's close arrives before the body is read
+            with anyio.fail_after(5):
+                await response.stream_to(target.take, target)
+
+    async with serving(server) as url, client() as http:
+        before = _pipes_open()
+        with pytest.raises(TransientError, match="closed mid-body"):
+            await receive(http, url)
+        assert _pipes_open() == before
+    os.close(target.fd)
+    assert target.spliced == 0
+    assert (tmp_path / "part").read_bytes() == BIG[: target.offset]
+
+
 def _pipes_open() -> int:
     return sum(
         os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
