@@ -741,7 +741,11 @@ def _content_length(value: str) -> int:
     lengths = {length.strip() for length in value.split(",")}
     if len(lengths) != 1:
         raise ValueError(f"conflicting Content-Length {value[:40]!r}")
-    return int(lengths.pop())
+    length = lengths.pop()
+    # Digits only: int() takes a sign or "_", and a negative length ended the body at once.
+    if not (length.isascii() and length.isdigit()):
+        raise ValueError(f"bad Content-Length {value[:40]!r}")
+    return int(length)
 
 
 def _more_to_read(sock: int) -> bool:

@@ -248,6 +248,8 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         b"FOO 200 OK\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\nok",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok!",
+        # int() would take it: the body was taken as complete and empty.
+        b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\nhello",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
         # int() would take these; a negative size used to spin the event loop forever.
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
@@ -258,6 +260,7 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         "status-line",
         "content-length",
         "content-lengths-differ",
+        "negative-content-length",
         "chunk-size",
         "negative-chunk",
         "0x-chunk",
