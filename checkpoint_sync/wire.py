@@ -696,6 +696,8 @@ class _Chunked:
                 break
             line, self._buffer = self._buffer[:line_end], self._buffer[line_end + 2 :]
             if self._after_chunk:
+                if line:  # more data than the chunk's size: its size is wrong, not the data
+                    raise ValueError("chunk longer than its size")
                 self._after_chunk = False  # the CRLF that closes a chunk
                 continue
             if self._in_trailers:

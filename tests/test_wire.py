@@ -254,6 +254,8 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         # int() would take these; a negative size used to spin the event loop forever.
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n",
+        # The bytes past the size were taken for the CRLF that ends the chunk, and dropped.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX: " + b"y" * (70 << 10),
     ],
     ids=[
@@ -264,6 +266,7 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         "chunk-size",
         "negative-chunk",
         "0x-chunk",
+        "chunk-longer-than-its-size",
         "head-too-large",
     ],
 )
