@@ -513,6 +513,8 @@ class _Connection(asyncio.BufferedProtocol, Body):
         for piece in self._chunks.feed(data):
             self._deliver(memoryview(piece))
         if self._chunks.done:
+            if self._chunks.surplus:
+                self._keep_alive = False  # more than the body came: as with Content-Length
             self._finish()
 
     def _body_arrived(self, start: int) -> None:
@@ -679,6 +681,11 @@ class _Chunked:
         self._after_chunk = False  # its CRLF still to come
         self._in_trailers = False  # after the last chunk: header lines up to an empty one
         self.done = False
+
+    @property
+    def surplus(self) -> bool:
+        """Whether bytes came after the body's end (they are dropped)."""
+        return self.done and bool(self._buffer)
 
     def feed(self, data: bytes) -> list[bytes]:
         pieces = []

@@ -428,6 +428,16 @@ async def test_more_bytes_than_announced_are_cut_and_the_connection_dropped() ->
     assert server.connections == 2
 
 
+async def test_bytes_past_a_chunked_body_keep_its_connection_from_being_reused() -> None:
+    # As past a Content-Length: the server's framing is not ours, its next answer cannot be told.
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + CHUNKED
+    server = Server(lambda _: [chunked + b"SURPLUS"])
+    async with serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"hello world")
+        assert await fetch(http, url) == (200, b"hello world")
+    assert server.connections == 2
+
+
 async def test_error_pages_are_read_up_to_a_limit() -> None:
     page = b"<Error><Code>AccessDenied</Code>" + b"x" * 5000 + b"</Error>"
     head = b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(page)
