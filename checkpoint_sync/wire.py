@@ -213,12 +213,8 @@ class HttpClient:
         return connection
 
     def _release(self, connection: _Connection) -> None:
-        if not connection.reusable:
-            connection.close()
-            return
         idle = self._idle.setdefault(connection.key, [])
-        if len(idle) < IDLE_PER_HOST:
-            connection.drop_unread()
+        if connection.reusable and len(idle) < IDLE_PER_HOST and connection.drop_unread():
             idle.append(connection)
         else:
             connection.close()
@@ -439,15 +435,22 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._base = self._filled = 0
         self.reusable = False
 
-    def drop_unread(self) -> None:
+    def drop_unread(self) -> bool:
         """Forget what the caller left unread of a complete answer (a redirect's or an error's
         body, held paused), and read on: the connection waits for its next request, and sees
-        the server close it meanwhile."""
+        the server close it meanwhile. False if it cannot: the socket holds bytes past the
+        answer, or its end."""
         self._pending, self._pending_size = [], 0
         self._base = self._filled = 0
         if self._paused and self._transport is not None:
+            # Reading stopped at the answer's end: what the server sent after it is still in
+            # the socket, and the next request, sent at once, would take it for its answer.
+            sock = self._transport.get_extra_info("socket")
+            if sock is None or _more_to_read(sock.fileno()):
+                return False
             self._paused = False
             self._transport.resume_reading()
+        return True
 
     def close(self) -> None:
         self._closed = True
@@ -477,6 +480,10 @@ class _Connection(asyncio.BufferedProtocol, Body):
 
     def _head_arrived(self, start: int) -> None:
         """Bytes up to ``_filled`` of the buffer hold the head, and maybe the body's start."""
+        if self._head_done is None or self._head_done.done():
+            # Nothing asked for them: bytes past the last answer. Left in the buffer, they were
+            # dropped by the next request, whose answer the rest of them would have begun.
+            raise ValueError("bytes past the answer")
         self._answered = True
         end = self._buffer.find(b"\r\n\r\n", max(0, start - 3), self._filled)
         if end < 0:

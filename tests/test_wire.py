@@ -342,6 +342,48 @@ async def test_a_connection_whose_complete_answer_was_not_read_is_reused(answer:
     assert server.connections == 1
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 307 Temporary Redirect\r\nLocation: /elsewhere\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+    ],
+    ids=["redirect", "no-content"],
+)
+async def test_bytes_past_an_answer_held_unread_keep_its_connection_from_being_reused(
+    answer: bytes,
+) -> None:
+    # They wait in the socket while reading is paused: the next request, sent at once on the
+    # same connection, took them for the start of its answer ("malformed answer").
+    server = Server(
+        lambda n: (
+            [answer, 0.05, b"<html>a body it should not have</html>"]
+            if n == 1
+            else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        )
+    )
+    async with serving(server) as url, client(read_timeout=2) as http:
+        async with http.request(url, {}) as response:
+            await asyncio.sleep(0.2)  # the answer, and the bytes past it, arrive
+            assert response.status != 200
+        with anyio.fail_after(5):
+            assert await fetch(http, url) == (200, b"ok")
+    assert server.connections == 2
+
+
+async def test_bytes_arriving_on_an_idle_connection_keep_it_from_being_reused() -> None:
+    # They arrive on the idle connection: left in its buffer, the next request dropped them.
+    server = Server(
+        lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0.05, b"<html>more"]
+    )
+    async with serving(server) as url, client(read_timeout=2) as http:
+        assert await fetch(http, url) == (200, b"ok")
+        await asyncio.sleep(0.2)  # the bytes past the answer arrive
+        with anyio.fail_after(5):
+            assert await fetch(http, url) == (200, b"ok")
+    assert server.connections == 2
+
+
 @pytest.mark.parametrize("size", [5, 3 << 20], ids=["small", "past-the-buffer"])
 async def test_a_body_that_arrives_before_it_is_read_is_handed_over_whole(size: int) -> None:
     body = os.urandom(size)
