@@ -31,6 +31,13 @@ _MAX_SHOWN = 300
 MAX_ANSWER = 64 << 20
 
 
+def path_segment(value: str) -> str:
+    """``value`` as one segment of an API path. An id given on the command line that is not
+    valid UTF-8 (Python keeps its bytes as surrogates) goes as those bytes, for the API to judge
+    as any id it does not know; encoding it strictly was an internal error."""
+    return quote(value, safe="", errors="surrogateescape")
+
+
 class ApiClient:
     """GETs JSON from one API with one key, which never leaves the Authorization header."""
 
@@ -75,7 +82,9 @@ class ApiClient:
     ) -> M:
         url = f"{self._base_url}{path}"
         if params:
-            url += ("&" if "?" in url else "?") + urlencode(params, quote_via=quote)
+            url += ("&" if "?" in url else "?") + urlencode(
+                params, quote_via=quote, errors="surrogateescape"
+            )
         headers = self._headers
         body = b""
         if payload is not None:

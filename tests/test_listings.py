@@ -492,3 +492,30 @@ async def test_a_page_asked_for_ahead_that_gave_up_before_it_was_wanted_is_asked
         await read_ahead_settled()
         assert len([page async for page in pages]) == 7
     assert server.traffic.api_requests == 9  # 8 pages, one of them asked for twice
+
+
+# Python keeps the bytes of an argument that is not valid UTF-8 as lone surrogates.
+NOT_UTF8 = b"job-\xff".decode("utf-8", "surrogateescape")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--project", PROJECT, "--job", NOT_UTF8),
+        ("--project", NOT_UTF8, "--job", JOB),
+        ("--loops-run", NOT_UTF8),
+        ("--base-model", NOT_UTF8),
+        ("--loops-checkpoint", f"bt://loops:{NOT_UTF8}/weights/step-10"),
+    ],
+)
+def test_an_id_that_is_not_utf8_is_asked_for_as_given_and_not_found(
+    server: ServerThread, dest: Path, flags: tuple[str, ...]
+) -> None:
+    # The bytes given go to the API percent-encoded, for it to judge as it does any id it does
+    # not know: not an internal error from encoding the request.
+    result = run_cli("sync", "--api-url", server.url, "--dest", dest, *flags)
+
+    assert result.code == 4, result.stderr
+    assert "found" in result.stderr  # "not found", or Loops' "no checkpoints found"
+    assert "internal error" not in result.stderr
+    assert server.traffic.api_requests == 1

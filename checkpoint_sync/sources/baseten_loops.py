@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from urllib.parse import quote
 
-from ..api import ApiClient
+from ..api import ApiClient, path_segment
 from ..errors import NotFoundError, UsageError
 from ..models import LoopsCheckpoint, LoopsCheckpoints, LoopsTarget, Unreadable
 from .base import (
@@ -139,7 +138,7 @@ class LoopsSource:
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         for checkpoint in selected:
-            listing = f"/v1/loops/checkpoints/{quote(checkpoint.key, safe='')}/files"
+            listing = f"/v1/loops/checkpoints/{path_segment(checkpoint.key)}/files"
             what = _what(checkpoint.run, checkpoint.name)
             async for ref, entries in file_pages(self._api, listing, self._page_size, what):
                 # Names are relative to the checkpoint itself (NOTES.md).

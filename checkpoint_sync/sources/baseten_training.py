@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import AsyncIterator, Sequence
-from urllib.parse import quote
 
-from ..api import ApiClient
+from ..api import ApiClient, path_segment
 from ..errors import UsageError
 from ..models import TrainingJobCheckpoint, TrainingJobCheckpoints, Unreadable
 from .base import (
@@ -34,7 +33,7 @@ class TrainingJobSource:
         self._api = api
         self._job = job
         self._page_size = page_size
-        self._base = f"/v1/training_projects/{quote(project, safe='')}/jobs/{quote(job, safe='')}"
+        self._base = f"/v1/training_projects/{path_segment(project)}/jobs/{path_segment(job)}"
         self.description = f"training job {job} of project {project}"
 
     async def checkpoints(self) -> list[Available]:

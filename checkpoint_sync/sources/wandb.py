@@ -12,9 +12,8 @@ import argparse
 import math
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
-from ..api import ApiClient
+from ..api import ApiClient, path_segment
 from ..errors import FileError, NotFoundError, UsageError
 from ..models import Unreadable, WandbCheckpoint, WandbCheckpointPage
 from .base import (
@@ -115,7 +114,7 @@ class WandbSource:
         return [*found, *unreadable]
 
     async def _pages(self) -> AsyncIterator[list[WandbCheckpoint | Unreadable]]:
-        path = f"/v1/preview/models/{quote(self._model, safe='')}/checkpoints"
+        path = f"/v1/preview/models/{path_segment(self._model)}/checkpoints"
         params: dict[str, str | int] = {"limit": min(self._page_size, MAX_LIMIT), "order": "asc"}
         seen: set[str] = set()
         while True:
