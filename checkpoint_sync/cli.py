@@ -50,6 +50,16 @@ FAILURES_SHOWN = 20
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    # Caught around everything, not just the command: `--version`, or the error document of a
+    # run that failed, written to a reader already gone, raised it past every other handler.
+    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- silences the flush at exit
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -69,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return out.failed(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         return out.failed("interrupted", 128 + signal.SIGINT)
-    except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- silences the flush at exit
-        return 128 + signal.SIGPIPE
+    except BrokenPipeError:  # not a bug: `main` ends the run quietly
+        raise
     except Exception as exc:  # a bug: say so in one line, the traceback only when asked
         if args.debug:
             out.lines(traceback.format_exception(exc))

@@ -412,3 +412,27 @@ def test_a_manifest_left_without_its_schema_reads_as_empty(dest: Path) -> None:
         assert listed.code == 0, listed.stderr
         assert {c["local"] for c in json.loads(listed.stdout)["checkpoints"]} == {"absent"}
         assert run_cli(*args(server, dest)).code == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["sync", "--json"], ["sync", "--no-such-flag", "--json"], ["--version"]],
+    ids=["usage-error-json", "bad-argument-json", "version"],
+)
+def test_a_closed_stdout_exits_quietly_whatever_was_to_be_printed(argv: list[str]) -> None:
+    # `checkpoint-sync ... | head -0`: the reader is gone before the first byte is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "checkpoint_sync", *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+
+    assert done.returncode == 128 + signal.SIGPIPE, done.stderr
+    assert b"Traceback" not in done.stderr
+    assert b"Exception ignored" not in done.stderr
