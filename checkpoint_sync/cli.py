@@ -26,7 +26,14 @@ import anyio
 from pydantic import SecretStr
 
 from . import __version__
-from .config import Settings, check_setting, format_size, load_settings, parse_size
+from .config import (
+    Settings,
+    check_setting,
+    environment_secrets,
+    format_size,
+    load_settings,
+    parse_size,
+)
 from .engine import PlannedFile, SyncOptions, sync
 from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
 from .net import NetSettings, loop_options
@@ -61,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     parser = _parser()
+    # The settings are not read yet, but a refused argument or setting may be quoted, and may be
+    # a key; those the settings add (the config file's) are added once they are read.
+    redact = Redactor(environment_secrets())
     try:
         args = parser.parse_args(argv)
     except _BadArguments as bad:
@@ -70,8 +80,7 @@ def _main(argv: list[str] | None) -> int:
             len(token) >= 4 and "--json".startswith(token)
             for token in (sys.argv[1:] if argv is None else argv)
         )
-        return _Output(Redactor(), as_json=wants_json).failed(bad.message, UsageError.exit_code)
-    redact = Redactor()
+        return _Output(redact, as_json=wants_json).failed(bad.message, UsageError.exit_code)
     out = _Output(redact, quiet=getattr(args, "quiet", False), as_json=getattr(args, "json", False))
     try:
         code: int = args.handler(args, out)

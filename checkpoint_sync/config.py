@@ -164,6 +164,17 @@ def format_size(size: int) -> str:
     return str(size)
 
 
+def environment_secrets(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """The API keys the environment holds, for what is shown before the settings are read: an
+    argument argparse refuses is quoted as it was given, and may be a key."""
+    names = [ENV_PREFIX + "API_KEY", ENV_PREFIX + "WANDB_API_KEY"]
+    for env_field in ("api_key_env", "wandb_api_key_env"):
+        default = Settings.model_fields[env_field].default
+        names.append(environ.get(ENV_PREFIX + env_field.upper()) or default)
+    # Stripped as `Settings` strips them: `"$BASETEN_API_KEY"` quoted in argv may keep a newline.
+    return [key for name in names if (key := environ.get(name, "").strip())]
+
+
 def _key(secret: SecretStr | None) -> str | None:
     return secret.get_secret_value() if secret else None
 

@@ -187,3 +187,22 @@ def test_fsync_makes_the_directories_it_creates_durable(tmp_path: Path) -> None:
     assert mirror_dirs
     needed = {str(Path(d).parent) for d in mirror_dirs} | {str(dest / ".checkpoint-sync/staging")}
     assert sorted(needed - synced) == []
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("variable", ["BASETEN_API_KEY", "WANDB_API_KEY", "MY_KEY"])
+def test_a_key_quoted_in_a_refused_argument_is_not_shown(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, variable: str, as_json: bool
+) -> None:
+    # A script handing the key to a flag there is not (`--api-key "$BASETEN_API_KEY"`): argparse
+    # quotes what it refuses, before any setting has been read.
+    monkeypatch.delenv("BASETEN_API_KEY")
+    if variable == "MY_KEY":
+        monkeypatch.setenv("CHECKPOINT_SYNC_API_KEY_ENV", "MY_KEY")
+    monkeypatch.setenv(variable, f"{API_KEY}\n")
+
+    result = run_cli(*sync_args(server, dest, "--api-key", API_KEY, *["--json"] * as_json))
+
+    assert result.code == 2
+    assert "unrecognized arguments: --api-key <redacted>" in result.stderr
+    assert "Traceback" not in result.stderr
