@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -20,7 +20,7 @@ from .errors import (
 )
 from .models import describe
 from .net import retry_after_seconds, transient_status
-from .redact import redact_url
+from .redact import Redactor, redact_url
 from .retry import RetryPolicy, retrying
 from .wire import HttpClient
 
@@ -50,12 +50,16 @@ class ApiClient:
         auth_scheme: str,
         key_hint: str,
         retry: RetryPolicy,
+        secrets: Iterable[str] = (),
     ) -> None:
         self._http = http
         self._base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"{auth_scheme} {api_key}", "Accept": "application/json"}
         self._key_hint = key_hint
         self._retry = retry
+        # An error's text is cut short here, before the CLI's redactor sees it: a key the server
+        # quotes across the cut would no longer match it, and its start would be shown.
+        self._redact = Redactor([api_key, *secrets])
 
     async def get(
         self, path: str, model: type[M], *, what: str, params: Mapping[str, str | int] | None = None
@@ -119,12 +123,13 @@ class ApiClient:
         if status == 404:
             raise NotFoundError(f"{what}: not found (HTTP 404)")
         if status == 422:
-            raise RequestRejectedError(f"{what}: the API rejected the request: {_detail(body)}")
+            detail = _detail(body, self._redact)
+            raise RequestRejectedError(f"{what}: the API rejected the request: {detail}")
         if transient_status(status):
             raise TransientError(
                 f"{what}: HTTP {status} from the API", retry_after=retry_after_seconds(headers)
             )
-        raise ApiError(f"{what}: HTTP {status} from the API: {_detail(body)}")
+        raise ApiError(f"{what}: HTTP {status} from the API: {_detail(body, self._redact)}")
 
 
 def _parse(body: bytes, model: type[M], what: str) -> M:
@@ -140,15 +145,16 @@ def _parse(body: bytes, model: type[M], what: str) -> M:
         ) from exc
 
 
-def _detail(body: bytes) -> str:
-    """The server's own explanation, from FastAPI-style ``detail`` or any short text."""
+def _detail(body: bytes, redact: Redactor) -> str:
+    """The server's own explanation, from FastAPI-style ``detail`` or any short text, its
+    secrets removed before it is cut short."""
     try:
         payload: Any = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
-        return body.decode("utf-8", "replace").strip()[:_MAX_SHOWN] or "(no message)"
+        return redact(body.decode("utf-8", "replace").strip())[:_MAX_SHOWN] or "(no message)"
     detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
     if isinstance(detail, list):
         detail = "; ".join(
             str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail
         )
-    return str(detail)[:_MAX_SHOWN]
+    return redact(str(detail))[:_MAX_SHOWN]

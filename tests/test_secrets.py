@@ -6,10 +6,15 @@ signature was printed; the tests here drive the paths most likely to leak them.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -206,3 +211,51 @@ def test_a_key_quoted_in_a_refused_argument_is_not_shown(
     assert result.code == 2
     assert "unrecognized arguments: --api-key <redacted>" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@contextmanager
+def gateway_quoting_the_key(status: int) -> Iterator[str]:
+    """An API answering ``status`` with a long ``detail`` that ends quoting the request's
+    Authorization header, as some gateways and debug pages do; yields its origin."""
+
+    class Quoting(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            # The key starts a little before the 300th character, where messages are cut.
+            detail = "refused by the gateway".ljust(260, ".") + (
+                f" Authorization: {self.headers['Authorization']}"
+            )
+            body = json.dumps({"detail": detail}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quoting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(("status", "code"), [(422, 2), (400, 1)])
+def test_a_key_the_api_quotes_where_its_message_is_cut_shows_no_part(
+    dest: Path, status: int, code: int
+) -> None:
+    with gateway_quoting_the_key(status) as api:
+        args: list[str | Path] = ["sync", "--api-url", api, "--project", "p", "--job", "j"]
+        result = run_cli(*args, "--dest", dest, "--json")
+
+    assert result.code == code
+    assert json.loads(result.stdout)["exit_code"] == code
+    assert "refused by the gateway" in result.stderr
+    output = result.stdout + result.stderr
+    assert API_KEY[:8] not in output, "a part of the key was printed"

@@ -209,7 +209,13 @@ class SourceContext:
         if not key:
             raise AuthError(f"no API key: set {key_env} (or {key_setting} in the config file)")
         return ApiClient(
-            self.http, url, api_key=key, auth_scheme=scheme, key_hint=key_env, retry=self.retry
+            self.http,
+            url,
+            api_key=key,
+            auth_scheme=scheme,
+            key_hint=key_env,
+            retry=self.retry,
+            secrets=self.settings.secrets(),
         )
 
 
