@@ -2,7 +2,8 @@
 
 Exit codes: 0 everything present and verified (also "nothing to do"), 1 some files failed,
 2 usage or configuration error, 3 authentication refused, 4 not found, 5 another run holds the
-mirror, 6 the destination cannot be written, 130/143 stopped by SIGINT/SIGTERM.
+mirror, 6 the destination cannot be written, 130/143 stopped by SIGINT/SIGTERM, 141 standard
+output closed by its reader.
 """
 
 from __future__ import annotations
@@ -223,7 +224,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="checkpoint-sync",
         description="Mirror ML training checkpoints to local disk: fast, resumable, verified.",
         epilog="Exit codes: 0 ok, 1 some files failed, 2 usage, 3 auth, 4 not found, "
-        "5 mirror locked by another run, 6 destination not writable, 130/143 interrupted.",
+        "5 mirror locked by another run, 6 destination not writable, 130/143 interrupted, "
+        "141 output closed by its reader.",
     )
     parser.add_argument(
         "--version", action=_Version, nargs=0, help="show the version, and the TLS library's"
