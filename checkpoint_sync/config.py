@@ -164,12 +164,17 @@ def format_size(size: int) -> str:
     return str(size)
 
 
+# Each API key's setting, and the setting naming the environment variable that may hold it.
+_KEYS = (("api_key", "api_key_env"), ("wandb_api_key", "wandb_api_key_env"))
+
+
 def environment_secrets(environ: Mapping[str, str] = os.environ) -> list[str]:
     """The API keys the environment holds, for what is shown before the settings are read: an
     argument argparse refuses is quoted as it was given, and may be a key."""
-    names = [ENV_PREFIX + "API_KEY", ENV_PREFIX + "WANDB_API_KEY"]
-    for env_field in ("api_key_env", "wandb_api_key_env"):
+    names = []
+    for key_field, env_field in _KEYS:
         default = Settings.model_fields[env_field].default
+        names.append(ENV_PREFIX + key_field.upper())
         names.append(environ.get(ENV_PREFIX + env_field.upper()) or default)
     # Stripped as `Settings` strips them: `"$BASETEN_API_KEY"` quoted in argv may keep a newline.
     return [key for name in names if (key := environ.get(name, "").strip())]
@@ -201,10 +206,7 @@ def load_settings(
     for name, value in flags.items():
         if value is not None:
             take(name, value, f"from --{name.replace('_', '-')}")
-    for key_field, env_field in (
-        ("api_key", "api_key_env"),
-        ("wandb_api_key", "wandb_api_key_env"),
-    ):
+    for key_field, env_field in _KEYS:
         env_name = values.get(env_field) or Settings.model_fields[env_field].default
         if not isinstance(env_name, str):
             raise UsageError(f"bad setting {env_field}: the name of an environment variable")
