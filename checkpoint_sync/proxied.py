@@ -51,7 +51,12 @@ class ProxiedClient:
                 # The API host takes a few extra connections beside the file transfers.
                 connector=aiohttp.TCPConnector(limit=net.connections + 4, ssl=ssl_context(net)),
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=net.connect_timeout, sock_read=net.read_timeout
+                    total=None,
+                    # The whole connection, as on the direct path: aiohttp reads the proxy's
+                    # answer to CONNECT without sock_read, and a silent proxy held it forever.
+                    connect=net.connect_timeout,
+                    sock_connect=net.connect_timeout,
+                    sock_read=net.read_timeout,
                 ),
                 # Bytes must land exactly as stored: never let a Content-Encoding rewrite them,
                 # nor ask for one (aiohttp would send "Accept-Encoding: gzip, deflate").

@@ -734,6 +734,28 @@ async def test_urls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch
     assert seen[0].startswith(b"GET http://127.0.0.1:")
 
 
+async def test_a_proxy_that_never_answers_connect_is_a_transient_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # aiohttp reads the answer to CONNECT without sock_read: a proxy that took the connection
+    # and said nothing held the request (and its part's retries) forever.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client gives up and closes
+        writer.close()
+
+    proxy = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    settings = NetSettings(connect_timeout=0.5, read_timeout=0.5)
+    try:
+        with proxy_named(monkeypatch, "HTTPS_PROXY", f"http://127.0.0.1:{port}"):
+            async with HttpClient(settings) as http:
+                with pytest.raises(TransientError) as caught, anyio.fail_after(20):  # hang guard
+                    await fetch(http, "https://127.0.0.1:1/x?X-Amz-Signature=abc")
+    finally:
+        proxy.close()
+    assert str(caught.value).endswith("https://127.0.0.1:1/x?<redacted>")
+
+
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
