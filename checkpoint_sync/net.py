@@ -76,7 +76,11 @@ def proxy_for_host(scheme: str, host: str) -> str | None:
 
     if urllib.request.proxy_bypass(host):  # NO_PROXY
         return None
-    return urllib.request.getproxies().get(scheme)
+    proxy = urllib.request.getproxies().get(scheme)
+    if proxy is not None and "://" not in proxy:
+        # "proxy.corp:3128" is an HTTP proxy to curl, urllib and requests; aiohttp refuses it.
+        proxy = f"http://{proxy}"
+    return proxy
 
 
 def proxy_for(url: str) -> str | None:

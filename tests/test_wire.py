@@ -693,8 +693,11 @@ async def test_cancelling_a_stalled_splice_returns_at_once(tmp_path: Path) -> No
 
 
 @asynccontextmanager
-async def proxy_in_env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[bytes]]:
-    """A minimal HTTP proxy named by HTTP_PROXY; yields the request heads it forwarded."""
+async def proxy_in_env(
+    monkeypatch: pytest.MonkeyPatch, scheme: str = "http://"
+) -> AsyncIterator[list[bytes]]:
+    """A minimal HTTP proxy named by HTTP_PROXY (as ``{scheme}127.0.0.1:PORT``); yields the
+    request heads it forwarded."""
     seen: list[bytes] = []
 
     async def relay(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -716,7 +719,7 @@ async def proxy_in_env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[by
         await asyncio.gather(relay(upstream_reader, writer), relay(reader, upstream_writer))
 
     proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
+    url = f"{scheme}127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
     try:
         with proxy_named(monkeypatch, "HTTP_PROXY", url):
             yield seen
@@ -724,11 +727,20 @@ async def proxy_in_env(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[by
         proxy.close()
 
 
-async def test_urls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
+# A proxy named without a scheme ("proxy.corp:3128") is an HTTP proxy, as curl, urllib and
+# requests take it; aiohttp refused it as an invalid URL, and every request failed its retries.
+@pytest.mark.parametrize("scheme", ["http://", ""], ids=["http", "no-scheme"])
+async def test_urls_behind_a_proxy_go_through_it(
+    monkeypatch: pytest.MonkeyPatch, scheme: str
+) -> None:
     server = Server(
         lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nproxy"]
     )
-    async with proxy_in_env(monkeypatch) as seen, serving(server) as url, client() as http:
+    async with (
+        proxy_in_env(monkeypatch, scheme) as seen,
+        serving(server) as url,
+        client() as http,
+    ):
         assert await fetch(http, url) == (200, b"proxy")
     assert seen
     assert seen[0].startswith(b"GET http://127.0.0.1:")
