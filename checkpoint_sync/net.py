@@ -68,13 +68,16 @@ def trust_error(ca_bundle: str | None, reason: str) -> UsageError:
 
 
 @functools.cache
-def proxy_for_host(scheme: str, host: str) -> str | None:
+def proxy_for_host(scheme: str, host: str, port: int) -> str | None:
     # Most runs name no proxy at all, and then need not load urllib.request (and http.client).
     if not any(name.lower().endswith("_proxy") for name in os.environ):
         return None
     import urllib.request
 
-    if urllib.request.proxy_bypass(host):  # NO_PROXY
+    # NO_PROXY: urllib matches its entries against "host:port" (so "host:8080" and "[::1]"
+    # match too), and a bare "::1" only against the bare address.
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if urllib.request.proxy_bypass(authority) or urllib.request.proxy_bypass(host):
         return None
     proxy = urllib.request.getproxies().get(scheme)
     if proxy is not None and "://" not in proxy:
@@ -86,7 +89,8 @@ def proxy_for_host(scheme: str, host: str) -> str | None:
 def proxy_for(url: str) -> str | None:
     """The proxy that ``HTTP(S)_PROXY``/``NO_PROXY`` name for ``url``, looked up once per host."""
     parts = urlsplit(url)
-    return proxy_for_host(parts.scheme, parts.hostname or "")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return proxy_for_host(parts.scheme, parts.hostname or "", port)
 
 
 # A request line carries the URL as it is: these would break it, or smuggle in a header.

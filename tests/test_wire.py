@@ -768,6 +768,40 @@ async def test_a_proxy_that_never_answers_connect_is_a_transient_error(
     assert str(caught.value).endswith("https://127.0.0.1:1/x?<redacted>")
 
 
+@pytest.mark.parametrize(
+    ("host", "no_proxy", "direct"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("127.0.0.1", "localhost,127.0.0.1:{port}", True),  # a port, as urllib matches it
+        ("127.0.0.1", "127.0.0.1:{other}", False),  # another port is still proxied
+        ("::1", "::1", True),
+        ("::1", "[::1]", True),  # an IPv6 literal written as in URLs
+        ("::1", "[::1]:{port}", True),
+    ],
+)
+async def test_hosts_no_proxy_names_are_reached_directly(
+    monkeypatch: pytest.MonkeyPatch, host: str, no_proxy: str, direct: bool
+) -> None:
+    # The proxy was looked up by the host alone: NO_PROXY entries with a port, or an IPv6
+    # address in brackets, never matched, and their requests went to the proxy.
+    server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\ndirect"])
+    listener = await asyncio.start_server(server.handle, host, 0)
+    port = listener.sockets[0].getsockname()[1]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/x"
+    try:
+        with proxy_named(monkeypatch, "HTTP_PROXY", "http://127.0.0.1:9"):  # nobody listens
+            monkeypatch.setenv("NO_PROXY", no_proxy.format(port=port, other=port + 1))
+            async with client() as http:
+                if direct:
+                    assert await fetch(http, url) == (200, b"direct")
+                else:
+                    with pytest.raises(TransientError):
+                        await fetch(http, url)
+    finally:
+        listener.close()
+    assert len(server.requests) == direct
+
+
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
