@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -162,6 +163,23 @@ def assert_exact(path: Path, file: ServedFile) -> None:
     data = path.read_bytes()
     assert len(data) == file.size, f"{path}: {len(data)} bytes, expected {file.size}"
     assert data == content(file.seed, 0, file.size), f"{path}: content differs"
+
+
+@contextmanager
+def http_serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` answering on 127.0.0.1, on threads of its own, quietly; yields its origin."""
+
+    class Quiet(handler):  # type: ignore[valid-type,misc]  # a class given at run time
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class TunnelProxy(socketserver.ThreadingTCPServer):

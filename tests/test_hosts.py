@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 from checkpoint_sync.localserver import ServedFile
 
 from .conftest import JOB, sync_args
-from .support import ServerThread, assert_exact, mirrored, run_cli
+from .support import ServerThread, assert_exact, http_serving, mirrored, run_cli
 
 
 @contextmanager
@@ -28,17 +27,8 @@ def redirecting(locations: dict[str, str]) -> Iterator[str]:
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_serving(Redirect) as origin:
+        yield origin
 
 
 def presigned(server: ServerThread, file: ServedFile) -> str:

@@ -11,16 +11,23 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
 from .conftest import JOB, job_catalog, sync_args
-from .support import API_KEY, ServerThread, assert_exact, assert_no_secret, mirrored, run_cli
+from .support import (
+    API_KEY,
+    ServerThread,
+    assert_exact,
+    assert_no_secret,
+    http_serving,
+    mirrored,
+    run_cli,
+)
 
 
 def break_one_file(server: ServerThread, how: str) -> None:
@@ -233,17 +240,8 @@ def gateway_quoting_the_key(status: int) -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Quoting)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_serving(Quoting) as origin:
+        yield origin
 
 
 @pytest.mark.parametrize(("status", "code"), [(422, 2), (400, 1)])

@@ -6,7 +6,6 @@ import base64
 import http.server
 import json
 import math
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ from checkpoint_sync.sources.base import Checkpoint, SyncState, UnreadableCheckp
 from checkpoint_sync.sources.wandb import best_checkpoint
 from checkpoint_sync.sources.wandb_artifacts import ArtifactPath, parse_artifact_path
 
-from .support import API_KEY, ServerThread, assert_exact, run_cli
+from .support import API_KEY, ServerThread, assert_exact, http_serving, run_cli
 
 MODEL = "wbm-7c1f"
 ARTIFACT = "team/agents/agent-001"
@@ -447,16 +446,9 @@ def graphql_answering(
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    graphql = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=graphql.serve_forever, daemon=True).start()
-    monkeypatch.setenv("CHECKPOINT_SYNC_WANDB_BASE_URL", f"http://127.0.0.1:{graphql.server_port}")
-    try:
+    with http_serving(Handler) as origin:
+        monkeypatch.setenv("CHECKPOINT_SYNC_WANDB_BASE_URL", origin)
         yield served
-    finally:
-        graphql.shutdown()
 
 
 def test_the_graphql_credentials_are_not_shown_when_an_error_page_echoes_them(
