@@ -73,12 +73,14 @@ async def survey(
                 continue
             if isinstance(file, UnreadableEntry):
                 if file.checkpoint is not None:  # a file that cannot be mirrored is missing
-                    listed[file.run, file.checkpoint][file.where] = _UNREADABLE
+                    _note(listed[file.run, file.checkpoint], file.where, _UNREADABLE)
             else:
                 # The path `layout.mirror_path` gives a safe entry; an unsafe one matches nothing
                 # in the manifest, so it counts as missing.
                 path = f"{file.run}/{file.checkpoint}/{file.node_rank}/{file.path}"
-                listed[file.run, file.checkpoint][path] = Recorded(file.size, file.last_modified)
+                _note(
+                    listed[file.run, file.checkpoint], path, Recorded(file.size, file.last_modified)
+                )
     check_ranks_listed(node_ranks, ranks_listed)  # as `sync` does: a mistyped rank is no state
     manifest = Manifest(manifest_path(dest), read_only=True)
     inside = InsideDest(dest)
@@ -104,6 +106,15 @@ async def survey(
         return rows
     finally:
         manifest.close()
+
+
+def _note(files: dict[str, Recorded], path: str, entry: Recorded) -> None:
+    """Add a listed entry. As in `sync`, the first entry of a path is the one mirrored and a
+    repeat fails: the repeat counts as a missing file, under a key no manifest path has (a NUL)."""
+    if path in files:
+        files[f"{path}\0{len(files)}"] = _UNREADABLE
+    else:
+        files[path] = entry
 
 
 def row_json(row: Row) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_sync.listing import LocalState, Row, local_state, table
+from checkpoint_sync.localserver import ServedFile
 from checkpoint_sync.plan import Recorded
 from checkpoint_sync.sources.base import Checkpoint, SyncState
 
@@ -316,3 +317,27 @@ def test_list_latest_shows_what_sync_latest_takes_with_include_syncing_in_the_co
     assert sorted(p.name for p in (dest / "job-1").iterdir()) == ["checkpoint-30"]
     # list --latest showed checkpoint-20: the config's include_syncing was not read there.
     assert [c["checkpoint"] for c in json.loads(listed.stdout)["checkpoints"]] == ["checkpoint-30"]
+
+
+@pytest.mark.parametrize("grown", [0, 10])
+def test_a_path_listed_twice_counts_as_a_missing_file_as_sync_fails_it(
+    dest: Path, grown: int
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        checkpoint = server.catalog.jobs[0].checkpoints[0]
+        first = checkpoint.files[1]
+        # The same path again, with the same or another size: sync mirrors the first entry and
+        # fails the second ("listed more than once") on every run.
+        checkpoint.files.append(
+            ServedFile(
+                first.node_rank, first.name, first.size + grown, first.last_modified, seed=9000
+            )
+        )
+        assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 1
+        assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 1
+
+        result = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    # It said "mirrored" for the repeat of the same size, "changed remotely" for another size.
+    assert states(result.stdout)["checkpoint-10"] == "partial"
