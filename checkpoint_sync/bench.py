@@ -22,7 +22,7 @@ from pathlib import Path
 from .engine import SyncOptions, sync
 from .errors import LocalIOError
 from .net import NetSettings
-from .plan import Selection, wanted_rank
+from .plan import Selection, check_ranks_listed, wanted_rank
 from .progress import Stats
 from .retry import RetryPolicy
 from .sources.base import (
@@ -93,10 +93,13 @@ async def budgeted_pages(
     (at least one file)."""
     pages: list[list[Listed]] = []
     taken = 0
+    ranks_listed: set[int] = set()
     async for page in source.file_pages(selected):
         kept: list[Listed] = []
         pages.append(kept)
         for file in page:
+            if file.node_rank is not None:
+                ranks_listed.add(file.node_rank)
             if isinstance(file, UnreadableEntry):
                 kept.append(file)  # no bytes: it fails as a file in the trial
                 continue
@@ -106,6 +109,9 @@ async def budgeted_pages(
                 return pages
             kept.append(file)
             taken += file.size
+    # Read to its end: a rank asked for that no file has is named with those there are, as
+    # `sync` names it (a trial measures whichever of the ranks asked for are there).
+    check_ranks_listed(ranks, ranks_listed, each=False)
     return pages
 
 

@@ -162,11 +162,13 @@ def test_bench_refuses_settings_sync_would_refuse(
     assert "internal error" not in result.stderr
 
 
-def test_bench_with_nothing_to_fetch_says_so(server: ServerThread) -> None:
+def test_bench_of_a_rank_no_file_has_names_the_ranks_there_are(server: ServerThread) -> None:
     result = run_cli(*job_args(server, "bench", "--node-rank", "7", "--concurrency", "2"))
 
     assert result.code == 4
-    assert "nothing to measure" in result.stderr
+    assert "no file of node rank 7 in the selected checkpoints (they have ranks 0, 1)" in (
+        result.stderr
+    )
 
 
 def test_the_recommended_part_size_is_the_one_measured(server: ServerThread) -> None:
