@@ -1071,7 +1071,9 @@ def median_wall(row: Row) -> float:
 
 
 def fastest_peer(rows: Sequence[Row]) -> Row | None:
-    peers = [r for r in rows if r.is_peer and r.samples and r.moves_bytes]
+    """The peer with the lowest median among those that passed every round: one that failed
+    a round (its output wrong, or it exited non-zero) is no reference for the others."""
+    peers = [r for r in rows if r.is_peer and r.samples and r.moves_bytes and r.error is None]
     return min(peers, key=median_wall, default=None)
 
 
@@ -1260,7 +1262,10 @@ METHOD_NOTES = [
         "children); nginx and checkpoint-sync's listing server are not counted. Peak RSS = GNU "
         "time's %M in MiB (ru_maxrss: the largest single process of the tree, not a sum)."
     ),
-    "'vs fastest peer' = this row's MB/s / the fastest peer's MB/s in the same table.",
+    (
+        "'vs fastest peer' = this row's MB/s / the fastest peer's MB/s in the same table, "
+        "among the peers that passed every round."
+    ),
     (
         "Client and server share the machine's cores: CPU a client burns is CPU nginx (and its "
         "TLS) cannot use, so CPU efficiency feeds directly into throughput here."

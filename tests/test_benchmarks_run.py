@@ -69,3 +69,16 @@ def test_an_interrupted_run_leaves_no_destination_behind(tmp_path: Path) -> None
 
     # The destination (by default in /dev/shm: RAM) was left with the interrupted run's files.
     assert not dest.exists()
+
+
+def _row(label: str, walls: list[float], error: str | None = None) -> object:
+    samples = [run.Sample(wall, 1.0, 10.0) for wall in walls]
+    return run.Row(label, True, True, samples, error=error)
+
+
+def test_a_peer_that_failed_a_round_is_not_the_fastest_peer() -> None:
+    # aria2c's round 2 failed verification (wrong output) after a fast round 1: its one
+    # surviving sample made it the reference every other row's ratio was taken against.
+    failed = _row("aria2c (1 ok, then failed)", [1.0], error="verify: x differs from the source")
+    rclone = _row("rclone", [2.0, 2.1, 1.9])
+    assert run.fastest_peer([failed, rclone]) is rclone
