@@ -86,13 +86,6 @@ def proxy_for_host(scheme: str, host: str, port: int) -> str | None:
     return proxy
 
 
-def proxy_for(url: str) -> str | None:
-    """The proxy that ``HTTP(S)_PROXY``/``NO_PROXY`` name for ``url``, looked up once per host."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    return proxy_for_host(parts.scheme, parts.hostname or "", port)
-
-
 # A request line carries the URL as it is: these would break it, or smuggle in a header.
 _NOT_IN_URLS = re.compile(r"[\x00-\x20\x7f]")
 

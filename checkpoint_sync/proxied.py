@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager, contextmanager
 import aiohttp
 
 from .errors import TransientError
-from .net import USER_AGENT, NetSettings, converting_errors, proxy_for, ssl_context
+from .net import USER_AGENT, NetSettings, converting_errors, ssl_context
 from .redact import redact_url
 from .wire import Body, FileTarget, Response, Sink
 
@@ -26,15 +26,22 @@ class ProxiedClient:
 
     @asynccontextmanager
     async def request(
-        self, url: str, headers: Mapping[str, str], method: str, body: bytes, what: str
+        self,
+        url: str,
+        proxy: str,
+        headers: Mapping[str, str],
+        method: str,
+        body: bytes,
+        what: str,
     ) -> AsyncIterator[Response]:
+        """``url`` through ``proxy``, which `wire.HttpClient` looked up for its host."""
         with converting_errors(url, what), _converting_aiohttp_errors(url, what):
             async with self._open().request(
                 method,
                 url,
                 headers=headers,
                 data=body or None,
-                proxy=proxy_for(url),
+                proxy=proxy,
                 allow_redirects=False,  # as on the direct path
             ) as response:
                 lowered = {name.lower(): value for name, value in response.headers.items()}
@@ -62,7 +69,8 @@ class ProxiedClient:
                 # nor ask for one (aiohttp would send "Accept-Encoding: gzip, deflate").
                 auto_decompress=False,
                 headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
-                # Proxies come from `proxy_for`: trust_env looks them up in a thread per request.
+                # The proxy comes from `net.proxy_for_host`, once per host: trust_env looked it
+                # up in a thread per request.
                 trust_env=False,
             )
         return self._session

@@ -159,8 +159,9 @@ class HttpClient:
         ``what`` names the request in errors.
         """
         origin, target = split_url(url)
-        if self._net.proxies and proxy_for_host(*origin.key) is not None:
-            return self._via_proxy().request(url, headers, method, body, what)
+        proxy = proxy_for_host(*origin.key) if self._net.proxies else None
+        if proxy is not None:
+            return self._via_proxy().request(url, proxy, headers, method, body, what)
         request = _request_bytes(origin.authority, target, headers, method, body)
         return _Exchange(self, url, origin.key, request, what)
 
