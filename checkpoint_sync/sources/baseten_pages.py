@@ -25,30 +25,29 @@ async def file_pages(
     A token that does not move forward, or more entries than ``total_count`` announced, means
     the server would keep us listing forever: that is reported, not followed.
     """
-    token = 0
     seen = 0
-    asked = _ask(api, PageRef(listing=listing, page_token=0, page_size=page_size), what)
+    ref = PageRef(listing=listing, page_token=0, page_size=page_size)
+    asked = _ask(api, ref, what)
     try:
         while True:
-            ref = PageRef(listing=listing, page_token=token, page_size=page_size)
             page = await _wanted(asked, api, ref, what)
             if not page.presigned_urls:
                 return
             seen += len(page.presigned_urls)
             following = page.next_page_token
-            runaway = None if following is None else _runaway(page, following, token, seen, what)
-            if following is not None and runaway is None:
-                next_ref = PageRef(listing=listing, page_token=following, page_size=page_size)
-                asked = _ask(api, next_ref, what)
-                # Planning a page of files already mirrored never waits: without this yield the
-                # request would go out only once the caller asked for the page.
-                await asyncio.sleep(0)
-            yield ref, page.presigned_urls
-            if following is None:
+            runaway = None if following is None else _runaway(page, following, ref, seen, what)
+            if following is None or runaway is not None:
+                yield ref, page.presigned_urls
+                if runaway is not None:
+                    raise runaway
                 return
-            if runaway is not None:
-                raise runaway
-            token = following
+            asked_ref = PageRef(listing=listing, page_token=following, page_size=page_size)
+            asked = _ask(api, asked_ref, what)
+            # Planning a page of files already mirrored never waits: without this yield the
+            # request would go out only once the caller asked for the page.
+            await asyncio.sleep(0)
+            yield ref, page.presigned_urls
+            ref = asked_ref
     finally:
         # The caller stopped early: the page asked for ahead is not wanted. A task cancelled
         # once done does not report its error as "never retrieved" either.
@@ -72,13 +71,14 @@ async def _wanted(
 
 
 def _runaway(
-    page: CheckpointFilesPage, following: int, token: int, seen: int, what: str
+    page: CheckpointFilesPage, following: int, ref: PageRef, seen: int, what: str
 ) -> Exception | None:
-    """Why the listing would go on for ever if ``page``, asked for at ``token`` with ``seen``
+    """Why the listing would go on for ever if ``page``, asked for at ``ref`` with ``seen``
     entries listed up to its end, were followed by the page at ``following``."""
-    if following <= token:
+    if following <= ref.page_token:
         return MalformedResponseError(
-            f"{what}: the listing's next_page_token {following} does not advance past {token}"
+            f"{what}: the listing's next_page_token {following} does not advance past "
+            f"{ref.page_token}"
         )
     if seen > page.total_count:
         return MalformedResponseError(
