@@ -22,7 +22,7 @@ from pathlib import Path
 from .engine import SyncOptions, sync
 from .errors import LocalIOError
 from .net import NetSettings
-from .plan import Selection, check_ranks_listed, wanted_rank
+from .plan import FileFilter, Selection, Tally
 from .progress import Stats
 from .retry import RetryPolicy
 from .sources.base import (
@@ -87,23 +87,22 @@ def request_medians(
 
 
 async def budgeted_pages(
-    source: Source, selected: Sequence[Checkpoint], budget: int, ranks: frozenset[int]
+    source: Source, selected: Sequence[Checkpoint], budget: int, wanted: FileFilter
 ) -> list[list[Listed]]:
-    """The listing of ``selected`` cut to its first ``budget`` bytes of files of the wanted ranks
+    """The listing of ``selected`` cut to its first ``budget`` bytes of the files ``wanted``
     (at least one file)."""
     pages: list[list[Listed]] = []
     taken = 0
-    ranks_listed: set[int] = set()
+    tally = Tally(wanted)
     async for page in source.file_pages(selected):
         kept: list[Listed] = []
         pages.append(kept)
         for file in page:
-            if file.node_rank is not None:
-                ranks_listed.add(file.node_rank)
             if isinstance(file, UnreadableEntry):
-                kept.append(file)  # no bytes: it fails as a file in the trial
+                if tally.takes(file.node_rank, file.name):
+                    kept.append(file)  # no bytes: it fails as a file in the trial
                 continue
-            if not wanted_rank(file.node_rank, ranks):
+            if not tally.takes(file.node_rank, file.path):
                 continue
             if taken and taken + file.size > budget:
                 return pages
@@ -111,7 +110,7 @@ async def budgeted_pages(
             taken += file.size
     # Read to its end: a rank asked for that no file has is named with those there are, as
     # `sync` names it (a trial measures whichever of the ranks asked for are there).
-    check_ranks_listed(ranks, ranks_listed, each=False)
+    tally.check(each=False)
     return pages
 
 
@@ -145,7 +144,7 @@ async def run_trials(
     scratch: Path,
     net: NetSettings,
     retry: RetryPolicy,
-    node_ranks: frozenset[int] = frozenset(),
+    wanted: FileFilter,
 ) -> list[Trial]:
     """One sync per (concurrency, part size), each on fresh connections into a fresh directory."""
     trials = []
@@ -155,7 +154,7 @@ async def run_trials(
         # once for all: presigned URLs expire, and a later trial would count the listing again
         # in its seconds, one file at a time, as each expired URL is refused and replaced.
         listed = _Listed(
-            source, await budgeted_pages(source, selection.checkpoints, budget, node_ranks)
+            source, await budgeted_pages(source, selection.checkpoints, budget, wanted)
         )
         try:
             dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
@@ -164,7 +163,7 @@ async def run_trials(
         options = SyncOptions(
             dest=dest,
             concurrency=concurrency,
-            node_ranks=node_ranks,
+            files=wanted,
             complete_listing=False,  # cut at the budget
             transfer=TransferSettings(part_size=part_size, retry=retry),
             net=net,

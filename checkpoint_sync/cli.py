@@ -38,7 +38,7 @@ from .config import (
 from .engine import PlannedFile, SyncOptions, sync
 from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
 from .net import NetSettings, loop_options
-from .plan import Selection, select_checkpoints
+from .plan import FileFilter, Selection, select_checkpoints
 from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_bytes, summary
 from .redact import Redactor, printable
 from .retry import RetryPolicy
@@ -208,6 +208,23 @@ def _path(text: str) -> Path:
     return Path(text)
 
 
+def _pattern(text: str) -> str:
+    """An ``--include``/``--exclude`` pattern; an empty one (an unset variable in a script)
+    would match no file."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _file_filter(args: argparse.Namespace) -> FileFilter:
+    """The files ``--node-rank``, ``--include`` and ``--exclude`` select (``demo`` has none)."""
+    return FileFilter(
+        frozenset(getattr(args, "node_rank", [])),
+        tuple(getattr(args, "include", [])),
+        tuple(getattr(args, "exclude", [])),
+    )
+
+
 class _Version(argparse.Action):
     """``--version``: ours, and the OpenSSL that HTTPS runs on (the `cryptography` wheel's,
     not the system's), which decides its speed. Loaded only when asked for."""
@@ -324,6 +341,22 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool =
     group.add_argument(
         "--node-rank", action="append", type=int, default=[], metavar="N", help="only this rank"
     )
+    group.add_argument(
+        "--include",
+        action="append",
+        type=_pattern,
+        default=[],
+        metavar="PATTERN",
+        help="only files whose path within their rank matches, e.g. '*.safetensors' (* matches /)",
+    )
+    group.add_argument(
+        "--exclude",
+        action="append",
+        type=_pattern,
+        default=[],
+        metavar="PATTERN",
+        help="leave out files whose path within their rank matches",
+    )
     if syncing:
         group.add_argument(
             "--include-syncing",
@@ -407,7 +440,7 @@ def _options(settings: Settings, dest: Path, args: argparse.Namespace) -> SyncOp
     return SyncOptions(
         dest=dest.expanduser().absolute(),
         concurrency=settings.concurrency,
-        node_ranks=frozenset(getattr(args, "node_rank", [])),
+        files=_file_filter(args),
         dry_run=getattr(args, "dry_run", False),
         verify=getattr(args, "verify", False),
         wait_lock=settings.wait_lock,
@@ -671,9 +704,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         async with opened as (_, source, selection):
             description = source.description
             dest = args.dest.expanduser().absolute() if args.dest else None
-            rows.extend(
-                await survey(source, selection.checkpoints, dest, frozenset(args.node_rank))
-            )
+            rows.extend(await survey(source, selection.checkpoints, dest, _file_filter(args)))
             unreadable.extend(selection.unreadable)
             # --latest passed these over, as stderr says; a program reading --json is told too.
             passed_over.extend(selection.passed_over)
@@ -770,7 +801,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                     scratch=scratch,
                     net=recipe.net,
                     retry=recipe.retry,
-                    node_ranks=frozenset(args.node_rank),
+                    wanted=_file_filter(args),
                 )
             )
 

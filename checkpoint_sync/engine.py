@@ -24,13 +24,13 @@ from .lock import mirror_lock
 from .manifest import Manifest
 from .net import NetSettings
 from .plan import (
+    FileFilter,
     Recorded,
     Selection,
+    Tally,
     check_listed_size,
     check_listed_url,
-    check_ranks_listed,
     is_current,
-    wanted_rank,
 )
 from .progress import Stats
 from .sources.base import RemoteFile, Source, UnreadableEntry
@@ -47,7 +47,7 @@ COMMIT_SECONDS = 0.2
 class SyncOptions:
     dest: Path
     concurrency: int = 16
-    node_ranks: frozenset[int] = frozenset()  # empty: every rank
+    files: FileFilter = field(default_factory=FileFilter)
     dry_run: bool = False
     # Re-read each file the manifest vouches for, and fetch again those whose bytes changed.
     verify: bool = False
@@ -182,9 +182,7 @@ async def _run(
         raise listing_failed[0]
     # A file whose entry did not tell its path may have parts; only its listing could say which.
     if paths_told == [True]:
-        transfers.drop_unlisted(
-            {(c.run, c.name) for c in selection.checkpoints}, options.node_ranks
-        )
+        transfers.drop_unlisted({(c.run, c.name) for c in selection.checkpoints}, options.files)
 
 
 async def _produce(
@@ -201,7 +199,7 @@ async def _produce(
     every entry told its path."""
     inside = InsideDest(options.dest)
     paths_told = True
-    ranks_listed: set[int] = set()
+    tally = Tally(options.files)
     # Unlike a checkpoint still syncing, no rerun or flag will mirror it: it fails as one listed
     # entry, as a file whose listing entry is unreadable does (exit 1), once the run has started
     # (not in a run stopped by the lock), and the rest of the selection lands.
@@ -212,15 +210,15 @@ async def _produce(
         async for page in source.file_pages(selection.checkpoints):
             for file in page:
                 stats.files_listed += 1
-                if file.node_rank is not None:
-                    ranks_listed.add(file.node_rank)
                 if isinstance(file, UnreadableEntry):
                     if None in (file.checkpoint, file.node_rank, file.name):
                         paths_told = False
                     else:
                         manifest.first_listing(file.where)
-                    if wanted_rank(file.node_rank, options.node_ranks):
+                    if tally.takes(file.node_rank, file.name):
                         stats.fail(file.where, f"its listing entry is unreadable ({file.reason})")
+                    continue
+                if not tally.takes(file.node_rank, file.path):
                     continue
                 planned = _plan(file, options, manifest, stats, inside)
                 if planned is None:
@@ -231,7 +229,7 @@ async def _produce(
                 if action != "skip" and jobs is not None:
                     await jobs.put(_Job(file, relative, recorded is not None, action == "check"))
         stats.listing_done = True
-        check_ranks_listed(options.node_ranks, ranks_listed, each=options.complete_listing)
+        tally.check(each=options.complete_listing)
     finally:
         if jobs is not None:
             jobs.close()
@@ -243,8 +241,6 @@ def _plan(
 ) -> tuple[str, Literal["fetch", "skip", "check"], Recorded | None] | None:
     """Where ``file`` goes, whether it must be fetched (or, with ``--verify``, read back to
     tell), and what the manifest has there; None if it is not to be mirrored."""
-    if not wanted_rank(file.node_rank, options.node_ranks):
-        return None
     try:
         relative = mirror_path(file)
     except FileError as exc:

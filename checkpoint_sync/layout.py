@@ -75,10 +75,10 @@ def mirror_path(file: RemoteFile) -> str:
     return f"{run}/{checkpoint}/{file.node_rank}/{safe_relative_path(file.path)}"
 
 
-def mirror_path_parts(relative: str) -> tuple[str, str, int]:
-    """The run, checkpoint and node rank of a path that `mirror_path` made."""
-    run, checkpoint, rank, _ = relative.split("/", 3)
-    return run, checkpoint, int(rank)
+def mirror_path_parts(relative: str) -> tuple[str, str, int, str]:
+    """The run, checkpoint, node rank and path within the rank of a path `mirror_path` made."""
+    run, checkpoint, rank, path = relative.split("/", 3)
+    return run, checkpoint, int(rank), path
 
 
 def staging_name(relative: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from .engine import InsideDest, local_size, manifest_path
 from .layout import mirror_path_parts
 from .manifest import Manifest
-from .plan import Recorded, check_ranks_listed, wanted_rank
+from .plan import FileFilter, Recorded, Tally
 from .progress import human_bytes
 from .sources.base import Checkpoint, Source, UnreadableEntry
 
@@ -58,30 +58,27 @@ class Row:
 
 
 async def survey(
-    source: Source, checkpoints: Sequence[Checkpoint], dest: Path | None, node_ranks: frozenset[int]
+    source: Source, checkpoints: Sequence[Checkpoint], dest: Path | None, wanted: FileFilter
 ) -> list[Row]:
     """A row per checkpoint; with ``dest``, the files are listed to tell each one's local state."""
     if dest is None:
         return [Row(c, c.size_bytes, None) for c in checkpoints]
     listed: dict[tuple[str, str], dict[str, Recorded]] = defaultdict(dict)
-    ranks_listed: set[int] = set()
+    tally = Tally(wanted)
     async for page in source.file_pages(checkpoints):
         for file in page:
-            if file.node_rank is not None:
-                ranks_listed.add(file.node_rank)
-            if not wanted_rank(file.node_rank, node_ranks):
-                continue
             if isinstance(file, UnreadableEntry):
-                if file.checkpoint is not None:  # a file that cannot be mirrored is missing
+                # A file that cannot be mirrored is missing.
+                if tally.takes(file.node_rank, file.name) and file.checkpoint is not None:
                     _note(listed[file.run, file.checkpoint], file.where, _UNREADABLE)
-            else:
+            elif tally.takes(file.node_rank, file.path):
                 # The path `layout.mirror_path` gives a safe entry; an unsafe one matches nothing
                 # in the manifest, so it counts as missing.
                 path = f"{file.run}/{file.checkpoint}/{file.node_rank}/{file.path}"
                 _note(
                     listed[file.run, file.checkpoint], path, Recorded(file.size, file.last_modified)
                 )
-    check_ranks_listed(node_ranks, ranks_listed)  # as `sync` does: a mistyped rank is no state
+    tally.check()  # as `sync` does: a mistyped rank or pattern is no state
     manifest = Manifest(manifest_path(dest), read_only=True)
     inside = InsideDest(dest)
     try:
@@ -91,14 +88,14 @@ async def survey(
             recorded = {
                 v.path: Recorded(v.size, v.last_modified)
                 for v in manifest.files_in(c.run, c.name)
-                if wanted_rank(v.node_rank, node_ranks)
+                if wanted.takes(v.node_rank, mirror_path_parts(v.path)[3])
                 # A file deleted or cut short since, or reached through a directory swapped for
                 # a symlink out of DEST, is missing, as `sync` would find it.
                 and local_size(f"{dest}/{v.path}") == v.size
                 and inside(os.path.dirname(f"{dest}/{v.path}"))
             }
             staging = any(
-                wanted_rank(mirror_path_parts(path)[2], node_ranks)
+                wanted.takes(*mirror_path_parts(path)[2:])
                 for path in manifest.staged_under(f"{c.run}/{c.name}/")
             )
             size = c.size_bytes if c.size_bytes is not None else sum(f.size for f in files.values())

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from .errors import FileError, IntegrityError, NotFoundError, UsageError
 from .net import url_problem
@@ -124,12 +127,62 @@ class Recorded:
     last_modified: str
 
 
-def wanted_rank(rank: int | None, ranks: frozenset[int]) -> bool:
-    """Whether ``--node-rank`` (``ranks``; empty: every rank) selects a file of node ``rank``.
+@dataclass(frozen=True)
+class FileFilter:
+    """Which listed files a run takes: those of ``ranks`` (``--node-rank``; none: every rank)
+    whose path within their rank matches an ``include`` pattern (none: every path) and no
+    ``exclude`` pattern. Patterns are shell-style, matched against the whole path, ``*`` matching
+    ``/`` too (as ``huggingface-cli download --include`` does).
 
-    A rank the listing does not tell (an unreadable entry) is selected: it is reported, not hidden.
+    A rank or path a listing entry does not tell (an unreadable one) is taken: it is reported,
+    not hidden.
     """
-    return not ranks or rank is None or rank in ranks
+
+    ranks: frozenset[int] = frozenset()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    @cached_property
+    def _included(self) -> re.Pattern[str] | None:
+        return _any_of(self.include)
+
+    @cached_property
+    def _excluded(self) -> re.Pattern[str] | None:
+        return _any_of(self.exclude)
+
+    def takes_rank(self, rank: int | None) -> bool:
+        return not self.ranks or rank is None or rank in self.ranks
+
+    def takes_path(self, path: str | None) -> bool:
+        if path is None:
+            return True
+        included, excluded = self._included, self._excluded
+        if included is not None and included.match(path) is None:
+            return False
+        return excluded is None or excluded.match(path) is None
+
+    def takes(self, rank: int | None, path: str | None) -> bool:
+        return self.takes_rank(rank) and self.takes_path(path)
+
+
+def _any_of(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One compiled pattern for all: a listing of a million paths is matched against it."""
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def check_paths_matched(files: FileFilter, left_out: int, taken: int) -> None:
+    """`NotFoundError` if ``--include``/``--exclude`` left out every file of the wanted ranks
+    (``left_out`` of them, none ``taken``): a restore with a mistyped pattern must not end as a
+    success that mirrored nothing."""
+    if left_out and not taken:
+        patterns = [f"--include '{p}'" for p in files.include]
+        patterns += [f"--exclude '{p}'" for p in files.exclude]
+        raise NotFoundError(
+            f"no listed file matches {' '.join(patterns)} in the selected checkpoints "
+            f"({left_out} left out)"
+        )
 
 
 def check_ranks_listed(wanted: frozenset[int], listed: set[int], *, each: bool = True) -> None:
@@ -143,6 +196,34 @@ def check_ranks_listed(wanted: frozenset[int], listed: set[int], *, each: bool =
         raise NotFoundError(
             f"no file of node rank {asked} in the selected checkpoints (they have ranks {there})"
         )
+
+
+class Tally:
+    """A walk of a listing through a `FileFilter`: the ranks it showed, and how many files the
+    filter's patterns took and left out; `check` then tells a choice that took nothing."""
+
+    def __init__(self, files: FileFilter) -> None:
+        self.files = files
+        self.ranks_listed: set[int] = set()
+        self.taken = self.left_out_by_path = 0
+
+    def takes(self, rank: int | None, path: str | None) -> bool:
+        """Whether ``files`` takes the entry of ``rank`` and ``path`` (counted)."""
+        if rank is not None:
+            self.ranks_listed.add(rank)
+        if not self.files.takes_rank(rank):
+            return False
+        if not self.files.takes_path(path):
+            self.left_out_by_path += 1
+            return False
+        self.taken += 1
+        return True
+
+    def check(self, *, each: bool = True) -> None:
+        """`NotFoundError` for a rank or patterns that took nothing (see `check_ranks_listed`
+        for ``each``)."""
+        check_ranks_listed(self.files.ranks, self.ranks_listed, each=each)
+        check_paths_matched(self.files, self.left_out_by_path, self.taken)
 
 
 def is_current(file: RemoteFile, recorded: Recorded | None, local_size: int | None) -> bool:

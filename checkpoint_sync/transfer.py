@@ -48,7 +48,7 @@ from .filesystem import preallocation_pays
 from .layout import STATE_DIR, is_within, mirror_path_parts, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
-from .plan import Part, check_listed_url, parts_to_keep, split_parts, wanted_rank
+from .plan import FileFilter, Part, check_listed_url, parts_to_keep, split_parts
 from .progress import Stats, human_bytes
 from .redact import redact_url
 from .retry import RetryPolicy, retrying
@@ -271,13 +271,13 @@ class Transfers:
         the ones recorded."""
         self._manifest.forget(relative)
 
-    def drop_unlisted(self, checkpoints: set[tuple[str, str]], node_ranks: frozenset[int]) -> None:
+    def drop_unlisted(self, checkpoints: set[tuple[str, str]], files: FileFilter) -> None:
         """After a complete listing: forget the files left in parts, in the checkpoints and
-        ranks it covered, that it no longer shows (removed upstream). Their staging files,
-        reserved at full size, would otherwise stay for ever."""
+        ranks it covered and the paths it took, that it no longer shows (removed upstream).
+        Their staging files, reserved at full size, would otherwise stay for ever."""
         for key in self._manifest.staged_not_listed():
-            run, checkpoint, rank = mirror_path_parts(key)
-            if (run, checkpoint) in checkpoints and wanted_rank(rank, node_ranks):
+            run, checkpoint, rank, path = mirror_path_parts(key)
+            if (run, checkpoint) in checkpoints and files.takes(rank, path):
                 self._manifest.drop_staging(key)  # first: no record vouches for a missing file
                 with suppress(OSError):
                     os.unlink(f"{self._staging_dir}/{staging_name(key)}")

@@ -171,6 +171,25 @@ def test_bench_of_a_rank_no_file_has_names_the_ranks_there_are(server: ServerThr
     )
 
 
+def test_bench_measures_only_the_files_a_pattern_selects(server: ServerThread) -> None:
+    shards = [f for f in server.files() if f.name.endswith(".safetensors")]
+    result = run_cli(
+        *job_args(server, "bench", "--include", "*.safetensors", "--concurrency", "2"),
+        *("--part-size", "256KiB", "--json"),
+    )
+
+    assert result.code == 0, result.stderr
+    (only,) = json.loads(result.stdout)["trials"]
+    assert (only["files"], only["bytes"]) == (len(shards), sum(f.size for f in shards))
+
+
+def test_bench_of_a_pattern_no_file_matches_is_not_found(server: ServerThread) -> None:
+    result = run_cli(*job_args(server, "bench", "--exclude", "*", "--concurrency", "2"))
+
+    assert result.code == 4
+    assert "no listed file matches --exclude '*' in the selected checkpoints" in result.stderr
+
+
 def test_the_recommended_part_size_is_the_one_measured(server: ServerThread) -> None:
     args = ["--concurrency", "2", "--part-size", "1000000", "--max-bytes", "2MiB"]
     result = run_cli(*job_args(server, "bench", *args))

@@ -33,12 +33,12 @@ def listed(
 )
 def test_mirror_path(path: str, expected: str) -> None:
     assert mirror_path(listed(path)) == expected
-    assert mirror_path_parts(expected) == ("job", "checkpoint-10", 0)
+    assert mirror_path_parts(expected) == ("job", "checkpoint-10", 0, path)
 
 
 def test_mirror_path_parts_read_back_what_mirror_path_wrote() -> None:
     relative = mirror_path(listed("sub/7/a.bin", "run-1", "weights-step-3", 12))
-    assert mirror_path_parts(relative) == ("run-1", "weights-step-3", 12)
+    assert mirror_path_parts(relative) == ("run-1", "weights-step-3", 12, "sub/7/a.bin")
 
 
 @pytest.mark.parametrize(

@@ -8,16 +8,18 @@ import pytest
 
 from checkpoint_sync.errors import IntegrityError, NotFoundError, UsageError
 from checkpoint_sync.plan import (
+    FileFilter,
     Part,
     Recorded,
     Staged,
+    Tally,
     check_listed_size,
+    check_paths_matched,
     check_ranks_listed,
     is_current,
     parts_to_keep,
     select_checkpoints,
     split_parts,
-    wanted_rank,
 )
 from checkpoint_sync.sources.base import (
     Available,
@@ -278,8 +280,103 @@ def test_parts_to_keep(staged: Staged | None, kept: frozenset[int]) -> None:
         (None, frozenset({0}), True),  # an unreadable entry's unknown rank is still reported
     ],
 )
-def test_wanted_rank(rank: int | None, ranks: frozenset[int], wanted: bool) -> None:
-    assert wanted_rank(rank, ranks) is wanted
+def test_files_of_the_ranks_asked_for_are_taken(
+    rank: int | None, ranks: frozenset[int], wanted: bool
+) -> None:
+    assert FileFilter(ranks).takes_rank(rank) is wanted
+    assert FileFilter(ranks).takes(rank, "model.safetensors") is wanted
+
+
+@pytest.mark.parametrize(
+    ("include", "exclude", "path", "taken"),
+    [
+        ((), (), "optimizer.pt", True),  # no pattern: every path
+        (("*.safetensors",), (), "model-00001.safetensors", True),
+        (("*.safetensors",), (), "optimizer.pt", False),
+        (("*.safetensors",), (), "sub/dir/model.safetensors", True),  # * matches / too
+        (("*.safetensors",), (), "model.safetensors.index.json", False),  # the whole path
+        (("*.SAFETENSORS",), (), "model.safetensors", False),  # case counts, as on Linux
+        (("*.json", "*.safetensors"), (), "config.json", True),  # any include
+        (("model-?????.bin",), (), "model-00001.bin", True),
+        (("[!o]*",), (), "optimizer.pt", False),
+        ((), ("optimizer*",), "optimizer.pt", False),
+        ((), ("optimizer*",), "model.safetensors", True),
+        ((), ("*/rng_state_*",), "sub/rng_state_0.pth", False),
+        ((), ("*/rng_state_*",), "rng_state_0.pth", True),  # '*/' needs a slash
+        (("*.pt",), ("optimizer*",), "optimizer.pt", False),  # exclude wins
+        (("*.pt",), ("optimizer*",), "scheduler.pt", True),
+        (("a(b|c)",), (), "ab", False),  # regex syntax is literal
+        (("a(b|c)",), (), "a(b|c)", True),
+        (("*",), (), None, True),  # an unreadable entry's unknown path is still reported
+        ((), ("*",), None, True),
+    ],
+)
+def test_include_and_exclude_patterns_select_paths(
+    include: tuple[str, ...], exclude: tuple[str, ...], path: str | None, taken: bool
+) -> None:
+    files = FileFilter(frozenset(), include, exclude)
+    assert files.takes_path(path) is taken
+    assert files.takes(0, path) is taken
+    assert FileFilter(frozenset({1}), include, exclude).takes(0, path) is False
+
+
+@pytest.mark.parametrize(
+    ("left_out", "taken", "message"),
+    [
+        (0, 0, None),  # nothing listed: no pattern to blame
+        (5, 1, None),
+        (0, 3, None),
+        (
+            5,
+            0,
+            r"no listed file matches --include '\*.bin' --exclude 'x' in the selected "
+            r"checkpoints \(5 left out\)",
+        ),
+    ],
+)
+def test_patterns_that_leave_out_every_file_are_not_found(
+    left_out: int, taken: int, message: str | None
+) -> None:
+    files = FileFilter(frozenset(), ("*.bin",), ("x",))
+    if message is None:
+        check_paths_matched(files, left_out, taken)
+    else:
+        with pytest.raises(NotFoundError, match=message):
+            check_paths_matched(files, left_out, taken)
+
+
+LISTING = [(0, "model.safetensors"), (0, "optimizer.pt"), (1, "model.safetensors"), (None, None)]
+
+
+@pytest.mark.parametrize(
+    ("files", "taken", "error"),
+    [
+        (FileFilter(), [True] * 4, None),
+        (FileFilter(frozenset({1})), [False, False, True, True], None),
+        (FileFilter(include=("*.pt",)), [False, True, False, True], None),
+        (FileFilter(frozenset({1}), ("*.pt",)), [False, False, False, True], None),
+        (FileFilter(frozenset({7})), [False, False, False, True], "no file of node rank 7"),
+        (FileFilter(exclude=("*",)), [False, False, False, True], None),  # the unreadable entry
+    ],
+)
+def test_a_tally_counts_what_a_filter_takes_of_a_listing(
+    files: FileFilter, taken: list[bool], error: str | None
+) -> None:
+    tally = Tally(files)
+    assert [tally.takes(rank, path) for rank, path in LISTING] == taken
+    assert tally.ranks_listed == {0, 1}
+    if error is None:
+        tally.check()
+    else:
+        with pytest.raises(NotFoundError, match=error):
+            tally.check()
+
+
+def test_a_tally_of_patterns_that_took_nothing_is_not_found() -> None:
+    tally = Tally(FileFilter(include=("*.bin",)))
+    assert not any(tally.takes(rank, path) for rank, path in LISTING[:3])
+    with pytest.raises(NotFoundError, match=r"no listed file matches --include '\*\.bin'"):
+        tally.check()
 
 
 @pytest.mark.parametrize("size", [-1, 1 << 51])

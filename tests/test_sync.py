@@ -284,6 +284,94 @@ def test_checkpoint_and_node_rank_narrow_the_mirror(server: ServerThread, dest: 
     assert [p.name for p in (dest / JOB / "checkpoint-10").iterdir()] == ["1"]
 
 
+def mirrored_paths(dest: Path) -> set[str]:
+    """The files in the mirror, as ``checkpoint/rank/path``."""
+    return {str(p.relative_to(dest / JOB)) for p in (dest / JOB).rglob("*") if p.is_file()}
+
+
+def test_include_and_exclude_narrow_the_mirror_to_the_paths_they_match(
+    server: ServerThread, dest: Path
+) -> None:
+    only_shards = run_cli(*sync_args(server, dest, "--include", "*.safetensors", "--json"))
+
+    assert only_shards.code == 0, only_shards.stderr
+    assert mirrored_paths(dest) == {
+        f"checkpoint-{c}/{r}/model-00001-of-00001.safetensors" for c in (10, 20, 30) for r in (0, 1)
+    }
+    files = json.loads(only_shards.stdout)["files"]
+    assert (files["fetched"], files["failed"]) == (6, 0)
+
+    # Another filter on the same mirror: the shards are skipped, not fetched or removed.
+    rest = run_cli(
+        *sync_args(server, dest, "--include", "*.json", "--exclude", "*/state_0000.*", "--json")
+    )
+
+    assert rest.code == 0, rest.stderr
+    files = json.loads(rest.stdout)["files"]
+    assert (files["fetched"], files["skipped"]) == (3 * 2 * 3, 0)
+    on_disk = mirrored_paths(dest)
+    assert len(on_disk) == 6 + 18
+    assert not any(p.endswith("state_0000.json") for p in on_disk)
+    for file in server.files():
+        if not file.name.endswith("state_0000.json"):
+            assert_exact(mirrored(dest, JOB, file), file)
+
+
+@pytest.mark.parametrize("command", ["sync", "list"])
+def test_patterns_that_match_no_listed_file_are_not_found(
+    server: ServerThread, dest: Path, command: str
+) -> None:
+    # A restore with a mistyped pattern must not end as a success that mirrored nothing.
+    result = run_cli(*job_args(server, command, "--dest", dest, "--include", "*.safetensor"))
+
+    assert result.code == 4, result.stderr
+    assert "no listed file matches --include '*.safetensor' in the selected checkpoints" in (
+        result.stderr
+    )
+    assert server.traffic.object_requests == 0
+
+
+def test_an_empty_pattern_is_a_usage_error(server: ServerThread, dest: Path) -> None:
+    result = run_cli(*sync_args(server, dest, "--exclude", ""))
+
+    assert result.code == 2
+    assert "--exclude: must not be empty" in result.stderr
+
+
+def test_a_file_in_parts_that_a_pattern_leaves_out_keeps_its_parts(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left out by this run's --exclude, it is still listed upstream: a later run resumes it.
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        left_in_parts(server, dest, monkeypatch)
+        staging = dest / ".checkpoint-sync" / "staging"
+        assert len(list(staging.iterdir())) == 2
+
+        assert run_cli(*sync_args(server, dest, "--exclude", "*.safetensors")).code == 0
+        assert len(list(staging.iterdir())) == 2
+
+        before = server.traffic.object_bytes_sent
+        assert run_cli(*sync_args(server, dest)).code == 0
+        large = [f for f in server.files() if f.size > 1 << 20]
+        # Not all of it: the parts the interrupted run had fetched were kept.
+        assert server.traffic.object_bytes_sent - before < sum(f.size for f in large)
+        for file in large:
+            assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_list_tells_the_state_of_the_files_a_pattern_selects(
+    server: ServerThread, dest: Path
+) -> None:
+    assert run_cli(*sync_args(server, dest, "--include", "*.safetensors")).code == 0
+
+    narrowed = run_cli(*job_args(server, "list", "--dest", dest, "--include", "*.safetensors"))
+    whole = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+
+    assert narrowed.code == 0, narrowed.stderr
+    assert narrowed.stdout.count("mirrored") == 3
+    assert [c["local"] for c in json.loads(whole.stdout)["checkpoints"]] == ["partial"] * 3
+
+
 def test_unknown_checkpoint_is_not_found(server: ServerThread, dest: Path) -> None:
     result = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-99"))
 
