@@ -15,7 +15,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +126,9 @@ class _Listed:
 
     async def checkpoints(self) -> Sequence[Available]:
         return await self._source.checkpoints()
+
+    def listed_whole(self) -> Mapping[str, frozenset[str]]:
+        return self._source.listed_whole()
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         for page in self._pages:

@@ -181,8 +181,8 @@ async def _run(
     if listing_failed:
         raise listing_failed[0]
     # A file whose entry did not tell its path may have parts; only its listing could say which.
-    if paths_told == [True]:
-        transfers.drop_unlisted({(c.run, c.name) for c in selection.checkpoints}, options.files)
+    listed = {(c.run, c.name) for c in selection.checkpoints} if paths_told == [True] else set()
+    transfers.drop_unlisted(listed, options.files, source.listed_whole())
 
 
 async def _produce(

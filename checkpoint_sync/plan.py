@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -183,6 +183,22 @@ def check_paths_matched(files: FileFilter, left_out: int, taken: int) -> None:
             f"no listed file matches {' '.join(patterns)} in the selected checkpoints "
             f"({left_out} left out)"
         )
+
+
+def unlisted_parts_go(
+    place: tuple[str, str, int, str],
+    listed: set[tuple[str, str]],
+    files: FileFilter,
+    whole_lists: Mapping[str, frozenset[str]],
+) -> bool:
+    """Whether the parts of a file at ``place`` (run, checkpoint, node rank, path) that a run's
+    listings did not show are dropped, as removed upstream: the files of its checkpoint were
+    listed whole (``listed``) and the run took its rank and path (``files``), or its run's
+    checkpoint list was read whole (``whole_lists``: run -> directories) and no longer has its
+    checkpoint."""
+    run, checkpoint, rank, path = place
+    gone = run in whole_lists and checkpoint not in whole_lists[run]
+    return gone or ((run, checkpoint) in listed and files.takes(rank, path))
 
 
 def check_ranks_listed(wanted: frozenset[int], listed: set[int], *, each: bool = True) -> None:

@@ -19,7 +19,7 @@ import mmap
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -48,7 +48,7 @@ from .filesystem import preallocation_pays
 from .layout import STATE_DIR, is_within, mirror_path_parts, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
-from .plan import FileFilter, Part, check_listed_url, parts_to_keep, split_parts
+from .plan import FileFilter, Part, check_listed_url, parts_to_keep, split_parts, unlisted_parts_go
 from .progress import Stats, human_bytes
 from .redact import redact_url
 from .retry import RetryPolicy, retrying
@@ -271,13 +271,18 @@ class Transfers:
         the ones recorded."""
         self._manifest.forget(relative)
 
-    def drop_unlisted(self, checkpoints: set[tuple[str, str]], files: FileFilter) -> None:
-        """After a complete listing: forget the files left in parts, in the checkpoints and
-        ranks it covered and the paths it took, that it no longer shows (removed upstream).
-        Their staging files, reserved at full size, would otherwise stay for ever."""
+    def drop_unlisted(
+        self,
+        checkpoints: set[tuple[str, str]],
+        files: FileFilter,
+        whole_lists: Mapping[str, frozenset[str]],
+    ) -> None:
+        """After a complete listing: forget the files left in parts that it no longer shows
+        (removed upstream), in the checkpoints, ranks and paths it took or in checkpoints gone
+        from a checkpoint list read whole (`plan.unlisted_parts_go`). Their staging files,
+        reserved at full size, would otherwise stay for ever."""
         for key in self._manifest.staged_not_listed():
-            run, checkpoint, rank, path = mirror_path_parts(key)
-            if (run, checkpoint) in checkpoints and files.takes(rank, path):
+            if unlisted_parts_go(mirror_path_parts(key), checkpoints, files, whole_lists):
                 self._manifest.drop_staging(key)  # first: no record vouches for a missing file
                 with suppress(OSError):
                     os.unlink(f"{self._staging_dir}/{staging_name(key)}")

@@ -12,6 +12,7 @@ import os
 import selectors
 import socket
 import socketserver
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -157,6 +158,29 @@ def new_version(*files: ServedFile) -> None:
     Call it on the server's thread (``server.call``, or inside a fault hook)."""
     for file in files:
         file.seed, file.last_modified = file.seed + 1000, "2026-12-01T00:00:00+00:00"
+
+
+def leave_in_parts(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch, args: list[str], *, from_byte: int
+) -> None:
+    """A sync (``args``) whose files fail from byte ``from_byte`` on, with no retry: each file
+    in parts is left in parts, and the run ends with exit 1."""
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    server.faults.hook = lambda name, start, end: "500" if start >= from_byte else None
+    assert run_cli(*args).code == 1
+    server.faults.hook = None
+
+
+def staged(dest: Path) -> set[str]:
+    """``<run>/<checkpoint>`` of every file the mirror's manifest holds in parts; each has its
+    staging file."""
+    db = sqlite3.connect(dest / ".checkpoint-sync" / "manifest.sqlite3")
+    try:
+        paths = [path for (path,) in db.execute("SELECT path FROM staging")]
+    finally:
+        db.close()
+    assert len(list((dest / ".checkpoint-sync" / "staging").iterdir())) == len(paths)
+    return {"/".join(path.split("/", 2)[:2]) for path in paths}
 
 
 def assert_exact(path: Path, file: ServedFile) -> None:

@@ -23,7 +23,7 @@ from checkpoint_sync.localserver import (
 from checkpoint_sync.models import LoopsTarget
 from checkpoint_sync.sources.baseten_loops import LoopsUri, checkpoint_dir, parse_bt_uri
 
-from .support import API_KEY, ServerThread, assert_exact, run_cli
+from .support import API_KEY, ServerThread, assert_exact, leave_in_parts, run_cli, staged
 
 RUN = "k4q95w5"
 OTHER_RUN = "p7zq2m1"  # another base model
@@ -346,6 +346,39 @@ def test_a_checkpoint_left_out_as_unreadable_is_one_listed_entry_of_a_run_that_s
     # A run that never started (another holds the mirror) listed nothing and failed nothing.
     assert locked.code == 5
     assert json.loads(locked.stdout)["failures"] == []
+
+
+@pytest.mark.parametrize("unreadable", [False, True], ids=["readable", "a-target-unnamed"])
+def test_the_parts_of_a_checkpoint_deleted_upstream_go_and_no_other_ones(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, unreadable: bool
+) -> None:
+    catalog = Catalog(
+        api_key=API_KEY,
+        loops=[
+            *synthetic_loops_run(RUN, BASE_MODEL, size=200_000),
+            *synthetic_loops_run(
+                OTHER_RUN, "meta-llama/Llama-3.1-8B", size=200_000, first_seed=150_000
+            ),
+        ],
+    )
+    if unreadable:
+        with_future_target(catalog)  # the run's list does not tell all its directories
+    with ServerThread(catalog) as server:
+        for run in (RUN, OTHER_RUN):
+            args = sync(server, dest, "--loops-run", run, "--part-size", "64KiB")
+            leave_in_parts(server, monkeypatch, args, from_byte=128 << 10)
+        assert len(staged(dest)) == 8
+        (deleted,) = [c for c in of_run(server, RUN) if c.id == f"lc-{RUN}-trainer-step-10"]
+        server.call(lambda: server.catalog.loops.remove(deleted))
+
+        # Its sampler twin, of the same name, is still listed; so is the trainer's step-20,
+        # which --target leaves out; another run's list was not read.
+        result = run_cli(*sync(server, dest, "--loops-run", RUN, "--target", "sampler", "--latest"))
+
+    assert result.code == 0, result.stderr
+    kept = {f"{RUN}/sampler_weights-step-10", f"{RUN}/weights-step-20"}
+    kept |= {f"{OTHER_RUN}/{kind}-step-{n}" for kind in DIR_KIND.values() for n in (10, 20)}
+    assert staged(dest) == kept | ({f"{RUN}/weights-step-10"} if unreadable else set())
 
 
 def test_expired_urls_are_refreshed_through_the_checkpoints_own_listing(dest: Path) -> None:

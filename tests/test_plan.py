@@ -20,6 +20,7 @@ from checkpoint_sync.plan import (
     parts_to_keep,
     select_checkpoints,
     split_parts,
+    unlisted_parts_go,
 )
 from checkpoint_sync.sources.base import (
     Available,
@@ -28,6 +29,7 @@ from checkpoint_sync.sources.base import (
     RemoteFile,
     SyncState,
     UnreadableCheckpoint,
+    whole_list,
 )
 
 
@@ -377,6 +379,45 @@ def test_a_tally_of_patterns_that_took_nothing_is_not_found() -> None:
     assert not any(tally.takes(rank, path) for rank, path in LISTING[:3])
     with pytest.raises(NotFoundError, match=r"no listed file matches --include '\*\.bin'"):
         tally.check()
+
+
+WHOLE = {"job": frozenset({"c1", "c2"})}
+
+
+@pytest.mark.parametrize(
+    ("place", "listed", "files", "whole_lists", "goes"),
+    [
+        (("job", "c1", 0, "a"), {("job", "c1")}, FileFilter(), {}, True),  # listed, not shown
+        (("job", "c1", 1, "a"), {("job", "c1")}, FileFilter(frozenset({0})), {}, False),  # rank
+        (("job", "c1", 0, "a"), {("job", "c1")}, FileFilter(exclude=("a",)), {}, False),  # path
+        (("job", "c1", 0, "a"), set(), FileFilter(), {}, False),  # its files were not listed
+        (("job", "c3", 1, "a"), set(), FileFilter(frozenset({0})), WHOLE, True),  # gone
+        (("job", "c3", 0, "a"), set(), FileFilter(exclude=("a",)), WHOLE, True),
+        (("job", "c2", 0, "a"), set(), FileFilter(), WHOLE, False),  # still in it, not selected
+        (("other", "c3", 0, "a"), set(), FileFilter(), WHOLE, False),  # another run's list
+        (("job", "c2", 0, "a"), {("job", "c2")}, FileFilter(), WHOLE, True),
+    ],
+)
+def test_unlisted_parts_go(
+    place: tuple[str, str, int, str],
+    listed: set[tuple[str, str]],
+    files: FileFilter,
+    whole_lists: dict[str, frozenset[str]],
+    goes: bool,
+) -> None:
+    assert unlisted_parts_go(place, listed, files, whole_lists) is goes
+
+
+@pytest.mark.parametrize(
+    ("directories", "whole"),
+    [
+        (["c1", "c2"], {"run": frozenset({"c1", "c2"})}),
+        ([], {"run": frozenset()}),  # every checkpoint removed
+        (["c1", None], {}),  # an entry that does not tell its directory
+    ],
+)
+def test_whole_list(directories: list[str | None], whole: dict[str, frozenset[str]]) -> None:
+    assert whole_list("run", directories) == whole
 
 
 @pytest.mark.parametrize("size", [-1, 1 << 51])

@@ -24,11 +24,13 @@ from .support import (
     API_KEY,
     ServerThread,
     assert_exact,
+    leave_in_parts,
     mirrored,
     new_version,
     proxy_named,
     run_cli,
     run_subprocess,
+    staged,
 )
 
 
@@ -882,10 +884,7 @@ def left_in_parts(
 ) -> None:
     """A sync whose large files fail from their third 256 KiB part on, with no retry: each is
     left in parts, and the run ends with exit 1."""
-    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
-    server.faults.hook = lambda name, start, end: "500" if start >= 512 << 10 else None
-    assert run_cli(*sync_args(server, dest, *flags)).code == 1
-    server.faults.hook = None
+    leave_in_parts(server, monkeypatch, sync_args(server, dest, *flags), from_byte=512 << 10)
 
 
 def remove_large_files(server: ServerThread) -> None:
@@ -917,6 +916,34 @@ def test_a_file_left_in_parts_and_then_removed_upstream_leaves_no_staging_behind
 
     assert list(staging.iterdir()) == []
     assert [c["local"] for c in json.loads(listed.stdout)["checkpoints"]] == ["mirrored"]
+
+
+def test_the_parts_of_a_checkpoint_deleted_upstream_go_whatever_a_later_run_selects(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cron mirror of a job that keeps its last few checkpoints: a shard left in parts of one
+    # it deleted since must not keep its staging file, reserved at full size, for ever.
+    with ServerThread(job_catalog(checkpoints=3, small_files=1)) as server:
+        job = server.catalog.jobs[0]
+        for checkpoint in ("checkpoint-10", "checkpoint-20"):
+            left_in_parts(server, dest, monkeypatch, "--checkpoint", checkpoint)
+        assert staged(dest) == {f"{JOB}/checkpoint-10", f"{JOB}/checkpoint-20"}
+        deleted = job.checkpoints[0]
+        server.call(lambda: job.checkpoints.remove(deleted))
+        # Still listed, though its entry is off the schema for once: its parts may yet be used.
+        server.faults.unreadable = {"checkpoint-20"}
+
+        dry = run_cli(*sync_args(server, dest, "--latest", "--dry-run"))
+        assert dry.code == 0, dry.stderr
+        assert staged(dest) == {f"{JOB}/checkpoint-10", f"{JOB}/checkpoint-20"}
+        again = run_cli(*sync_args(server, dest, "--latest"))
+
+    assert again.code == 0, again.stderr
+    assert staged(dest) == {f"{JOB}/checkpoint-20"}
+    # What was mirrored of it stays mirrored.
+    for file in deleted.files:
+        if file.size < 1 << 20:
+            assert_exact(mirrored(dest, JOB, file), file)
 
 
 def test_a_name_refused_on_every_run_does_not_stop_the_parts_of_removed_files_going(

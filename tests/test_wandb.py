@@ -25,7 +25,15 @@ from checkpoint_sync.sources.base import Checkpoint, SyncState, UnreadableCheckp
 from checkpoint_sync.sources.wandb import best_checkpoint
 from checkpoint_sync.sources.wandb_artifacts import ArtifactPath, parse_artifact_path
 
-from .support import API_KEY, ServerThread, assert_exact, http_serving, run_cli
+from .support import (
+    API_KEY,
+    ServerThread,
+    assert_exact,
+    http_serving,
+    leave_in_parts,
+    run_cli,
+    staged,
+)
 
 MODEL = "wbm-7c1f"
 ARTIFACT = "team/agents/agent-001"
@@ -601,3 +609,27 @@ def test_an_unknown_artifact_exits_4(
 
     assert result.code == 4
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("unreadable", [False, True], ids=["readable", "a-step-unlisted"])
+def test_the_parts_of_a_checkpoint_deleted_upstream_go(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, unreadable: bool
+) -> None:
+    catalog = wandb_catalog(files=2, size=200_000)
+    model = catalog.wandb_models[0]
+    if unreadable:  # the list does not tell every directory: nothing can be known gone
+        model.checkpoints.append(ServedWandbCheckpoint("no-step", None, {}))
+    server = serve(catalog, monkeypatch)
+    try:
+        args = synced(dest, "--wandb-artifact", ARTIFACT, "--part-size", "64KiB")
+        leave_in_parts(server, monkeypatch, args, from_byte=128 << 10)
+        assert staged(dest) == {f"{MODEL}/step-{step}" for step in METRICS}
+        server.call(lambda: model.checkpoints.remove(checkpoints_of(server)[10]))
+
+        result = run_cli(*synced(dest, "--wandb-artifact", ARTIFACT, "--latest"))
+    finally:
+        server.__exit__(None, None, None)
+
+    assert result.code == 0, result.stderr
+    left = {10, 20, 30, 40} if unreadable else {20, 30, 40}
+    assert staged(dest) == {f"{MODEL}/step-{step}" for step in left}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -88,6 +88,16 @@ def left_out(unreadable: Sequence[UnreadableCheckpoint]) -> str:
     return f" ({len(unreadable)} left out as unreadable, {first.where}: {first.reason})"
 
 
+def whole_list(run: str, directories: Iterable[str | None]) -> dict[str, frozenset[str]]:
+    """``{run: directories}`` of a run's whole checkpoint list: a checkpoint of the run in no
+    other directory was removed upstream. Nothing where an entry does not tell its directory
+    (None): any checkpoint may be that one."""
+    listed = list(directories)
+    if None in listed:
+        return {}
+    return {run: frozenset(d for d in listed if d is not None)}
+
+
 @dataclass(frozen=True, slots=True)
 class PageRef:
     """Where an entry was listed: re-reading this page gives a fresh presigned URL."""
@@ -156,6 +166,11 @@ class Source(Protocol):
 
     async def checkpoints(self) -> Sequence[Available]:
         """Every checkpoint of the run, oldest first; entries it cannot read come last."""
+        ...
+
+    def listed_whole(self) -> Mapping[str, frozenset[str]]:
+        """After `checkpoints`: the directories of every checkpoint of each run whose whole
+        checkpoint list it read, selected or not (see `whole_list`)."""
         ...
 
     def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:

@@ -12,7 +12,7 @@ admit (a target the pages do not name, say) has no such directory: it is reporte
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..api import ApiClient, path_segment
@@ -30,6 +30,7 @@ from .base import (
     UnreadableCheckpoint,
     UnreadableEntry,
     flags_given,
+    whole_list,
 )
 from .baseten_pages import file_pages, relist, remote_file, unreadable_checkpoint
 
@@ -102,6 +103,7 @@ class LoopsSource:
         self._target = target
         self._page_size = page_size
         self.description = description
+        self._listed_whole: dict[str, frozenset[str]] = {}
 
     async def checkpoints(self) -> list[Available]:
         answer = await self._api.get(
@@ -134,7 +136,17 @@ class LoopsSource:
         if not found:
             # The API answers an unknown run or model with an empty list, not a 404.
             raise NotFoundError(f"{self.description}: no checkpoints found")
+        query, value = self._query
+        if query == "run_id":  # every checkpoint of the run, whatever --target keeps
+            directories: list[str | None] = [
+                checkpoint_dir(c.target, c.checkpoint_id) for c in readable
+            ]
+            directories += [_directory(e) for e in answer.checkpoints if isinstance(e, Unreadable)]
+            self._listed_whole = whole_list(value, directories)
         return found
+
+    def listed_whole(self) -> Mapping[str, frozenset[str]]:
+        return self._listed_whole
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         for checkpoint in selected:
@@ -173,10 +185,19 @@ def _unreadable(entry: Unreadable) -> UnreadableCheckpoint:
     key, name = entry.get("id", str), entry.get("checkpoint_id", str)
     run, target = entry.get("run_id", str) or "?", entry.get("target", str)
     names: tuple[str, ...] = (name,) if name else ()
-    if name and target is not None and target in TARGETS:
-        names += (checkpoint_dir(LoopsTarget(target), name),)
+    if directory := _directory(entry):
+        names += (directory,)
     where = f"{run}/{name or '?'} (target {target or '?'}, id {key or '?'})"
     return unreadable_checkpoint(entry, key, where, names=names)
+
+
+def _directory(entry: Unreadable) -> str | None:
+    """The directory of a checkpoint list entry off the schema, where its name and a target the
+    pages name tell it."""
+    name, target = entry.get("checkpoint_id", str), entry.get("target", str)
+    if name and target is not None and target in TARGETS:
+        return checkpoint_dir(LoopsTarget(target), name)
+    return None
 
 
 def _what(run: str, checkpoint: str) -> str:

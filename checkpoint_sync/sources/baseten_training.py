@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from ..api import ApiClient, path_segment
 from ..errors import UsageError
@@ -20,6 +20,7 @@ from .base import (
     UnreadableCheckpoint,
     UnreadableEntry,
     flags_given,
+    whole_list,
 )
 from .baseten_pages import file_pages, relist, remote_file, unreadable_checkpoint
 
@@ -35,6 +36,7 @@ class TrainingJobSource:
         self._page_size = page_size
         self._base = f"/v1/training_projects/{path_segment(project)}/jobs/{path_segment(job)}"
         self.description = f"training job {job} of project {project}"
+        self._listed_whole: dict[str, frozenset[str]] = {}
 
     async def checkpoints(self) -> list[Available]:
         answer = await self._api.get(
@@ -54,12 +56,18 @@ class TrainingJobSource:
         ]
         # Its files are never listed (file_pages keeps only the selected checkpoints'): it fails
         # as one entry while the rest of the job is mirrored.
-        found += [
+        unreadable = [
             self._unreadable_checkpoint(entry)
             for entry in answer.checkpoints
             if isinstance(entry, Unreadable)
         ]
-        return found
+        # A checkpoint's id is its directory.
+        ids = [c.checkpoint_id for c in readable] + [u.key for u in unreadable]
+        self._listed_whole = whole_list(self._job, ids)
+        return found + unreadable
+
+    def listed_whole(self) -> Mapping[str, frozenset[str]]:
+        return self._listed_whole
 
     def _unreadable_checkpoint(self, entry: Unreadable) -> UnreadableCheckpoint:
         """Its checkpoint id is both its unique id and its directory: reports name it by the

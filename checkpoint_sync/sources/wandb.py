@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..api import ApiClient, path_segment
@@ -30,6 +30,7 @@ from .base import (
     UnreadableEntry,
     flags_given,
     left_out,
+    whole_list,
 )
 from .cursors import advance
 
@@ -84,6 +85,7 @@ class WandbSource:
         self._best = best
         self._page_size = page_size
         self.description = f"W&B Training model {model_id}"
+        self._listed_whole: dict[str, frozenset[str]] = {}
 
     async def checkpoints(self) -> list[Available]:
         entries = [c async for page in self._pages() for c in page]
@@ -104,6 +106,9 @@ class WandbSource:
         ]
         # One with no step has no directory (step-<N>) and no artifact version (step<N>).
         unreadable = [_unreadable(self._model, c) for c in entries if isinstance(c, Unreadable)]
+        # Every page was read (one that fails stops the run): the list is whole.
+        of_unreadable = [None if u.step is None else f"step-{u.step}" for u in unreadable]
+        self._listed_whole = whole_list(self._model, [*(c.name for c in found), *of_unreadable])
         if self._best is not None:
             # --best asks for one checkpoint: it passes over those unreadable, as --latest does.
             metric, minimize = self._best
@@ -112,6 +117,9 @@ class WandbSource:
             )
             return [best]
         return [*found, *unreadable]
+
+    def listed_whole(self) -> Mapping[str, frozenset[str]]:
+        return self._listed_whole
 
     async def _pages(self) -> AsyncIterator[list[WandbCheckpoint | Unreadable]]:
         path = f"/v1/preview/models/{path_segment(self._model)}/checkpoints"
