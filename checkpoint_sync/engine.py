@@ -348,9 +348,10 @@ async def _still_as_recorded(job: _Job, transfers: Transfers, stats: Stats) -> b
     """``--verify``: whether the mirrored file still has the bytes it was verified with; if
     not, its record is dropped and it is counted as a file to fetch (`FileError` if its URL
     cannot be used)."""
-    stats.files_checked += 1
     size = job.file.size
-    if await transfers.still_recorded(job.file, job.relative):
+    intact = await transfers.still_recorded(job.file, job.relative)
+    stats.files_checked += 1  # once read back: a run stopped in the middle did not check it
+    if intact:
         stats.files_skipped += 1
         stats.bytes_skipped += size
         return True

@@ -28,6 +28,7 @@ from typing import NoReturn, TypeVar
 from urllib.parse import urljoin
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import xxhash
 
@@ -754,6 +755,9 @@ def _read_digests(fd: int, file: RemoteFile) -> _Digests:
     total = 0
     with memoryview(buffer) as view:
         while got := os.readv(fd, [buffer]):
+            # A thread cannot be cancelled: a stopped run would wait for the whole file, which
+            # may take a minute, so it asks between reads.
+            anyio.from_thread.check_cancelled()
             digests.update(view[:got])
             total += got
     if total != file.size:

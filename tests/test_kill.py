@@ -14,12 +14,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 import xxhash
 
+from checkpoint_sync.engine import manifest_path
 from checkpoint_sync.localserver import Faults
+from checkpoint_sync.manifest import Manifest, VerifiedFile
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import (
@@ -234,6 +237,57 @@ def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
     assert_completes_unthrottled(server, dest)
     # Only the parts in flight when the signal came are fetched again.
     assert server.traffic.object_bytes_sent <= total + CONCURRENCY * PART
+
+
+def test_a_signal_stops_a_verify_run_in_the_middle_of_reading_back_a_large_file(
+    dest: Path,
+) -> None:
+    # A sparse 32 GiB file, recorded as mirrored: reading it back takes seconds.
+    size = 32 << 30
+    with ServerThread(job_catalog(checkpoints=1, large_size=size, small_files=0)) as server:
+        file = next(f for f in server.files() if f.node_rank == 0)
+        final = mirrored(dest, JOB, file)
+        final.parent.mkdir(parents=True)
+        with final.open("wb") as sparse:
+            sparse.truncate(size)
+        relative = str(final.relative_to(dest))
+        manifest = Manifest(manifest_path(dest))
+        manifest.record_verified(
+            VerifiedFile(
+                path=relative,
+                source="baseten-training",
+                run=JOB,
+                checkpoint=file.name.partition("/")[0],
+                node_rank=0,
+                size=size,
+                last_modified=file.last_modified,
+                digest="0" * 32,
+            )
+        )
+        manifest.close()
+        process = run_subprocess(*sync_args(server, dest, "--verify", "--node-rank", "0", "--json"))
+        wait_for(process, lambda: str(final) in open_files(process.pid))
+
+        process.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        out, err = process.communicate(timeout=120)
+
+    assert time.monotonic() - stopped < 2
+    assert process.returncode == 130, err
+    summary = json.loads(out)
+    # Not read to its end: neither checked nor found damaged, and still recorded.
+    assert (summary["files"]["checked"], summary["files"]["damaged"]) == (0, 0)
+    assert [path for path, *_ in manifest_rows(dest)] == [relative]
+
+
+def open_files(pid: int) -> set[str]:
+    """What process ``pid`` has open (nothing once it has ended)."""
+    found = set()
+    with suppress(FileNotFoundError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with suppress(OSError):  # closed meanwhile
+                found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return found
 
 
 def test_a_second_run_on_the_same_mirror_exits_5_at_once(server: ServerThread, dest: Path) -> None:
