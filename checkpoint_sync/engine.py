@@ -194,9 +194,9 @@ async def _produce(
     on_plan: Callable[[PlannedFile], None] | None,
     jobs: _Jobs | None,
 ) -> bool:
-    """Plan every listed file, queueing those to fetch. Every path listed, usable or not, is
-    noted in the manifest (a file that fails this run is still there); the result says whether
-    every entry told its path."""
+    """Plan every listed file of the ranks and paths asked for, queueing those to fetch. Every
+    such path, usable or not, is noted in the manifest (a file that fails this run is still
+    there); the result says whether every entry told its path."""
     inside = InsideDest(options.dest)
     paths_told = True
     tally = Tally(options.files)
@@ -209,16 +209,16 @@ async def _produce(
     try:
         async for page in source.file_pages(selection.checkpoints):
             for file in page:
+                path = file.name if isinstance(file, UnreadableEntry) else file.path
+                if not tally.takes(file.node_rank, path):
+                    continue  # another node's, or a path left out: neither counted nor failed
                 stats.files_listed += 1
                 if isinstance(file, UnreadableEntry):
                     if None in (file.checkpoint, file.node_rank, file.name):
                         paths_told = False
                     else:
                         manifest.first_listing(file.where)
-                    if tally.takes(file.node_rank, file.name):
-                        stats.fail(file.where, f"its listing entry is unreadable ({file.reason})")
-                    continue
-                if not tally.takes(file.node_rank, file.path):
+                    stats.fail(file.where, f"its listing entry is unreadable ({file.reason})")
                     continue
                 planned = _plan(file, options, manifest, stats, inside)
                 if planned is None:

@@ -9,7 +9,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -372,6 +372,38 @@ def test_list_tells_the_state_of_the_files_a_pattern_selects(
     assert narrowed.code == 0, narrowed.stderr
     assert narrowed.stdout.count("mirrored") == 3
     assert [c["local"] for c in json.loads(whole.stdout)["checkpoints"]] == ["partial"] * 3
+
+
+@pytest.mark.parametrize("extra", [(), ("--dry-run",)], ids=["sync", "dry-run"])
+@pytest.mark.parametrize(
+    ("narrowed", "taken", "failed"),
+    [
+        (("--node-rank", "1"), lambda f: f.node_rank == 1, 1),  # rank 0's is none of this run's
+        (("--exclude", "model-*"), lambda f: "model-" not in f.name, 2),
+        (("--exclude", "extra/*"), lambda f: "extra/" not in f.name, 0),
+    ],
+    ids=["node-rank", "exclude", "exclude-the-unreadable"],
+)
+def test_the_json_summary_counts_the_files_selected(
+    server: ServerThread,
+    dest: Path,
+    extra: tuple[str, ...],
+    narrowed: tuple[str, ...],
+    taken: Callable[[ServedFile], bool],
+    failed: int,
+) -> None:
+    # An entry off the schema in each rank.
+    off_schema = server.catalog.jobs[0].checkpoints[0].files[1]
+    server.faults.unreadable = {off_schema.name}
+
+    result = run_cli(*sync_args(server, dest, *narrowed, "--json", *extra))
+
+    files = json.loads(result.stdout)["files"]
+    assert result.code == (1 if failed else 0), result.stderr
+    assert files["failed"] == failed
+    assert files["listed"] == len([f for f in server.files() if taken(f)])
+    done = files["fetched"] + files["skipped"] + files["failed"]
+    assert files["listed"] == (files["to_fetch"] + files["failed"] if extra else done)
 
 
 def test_unknown_checkpoint_is_not_found(server: ServerThread, dest: Path) -> None:
