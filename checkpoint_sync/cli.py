@@ -485,17 +485,18 @@ class _Selection:
 
 @asynccontextmanager
 async def _selected(
-    recipe: SourceRecipe, wanted: _Selection, out: _Output, *, syncing_too: bool = False
+    recipe: SourceRecipe, wanted: _Selection, out: _Output, *, every_status: bool = False
 ) -> AsyncIterator[tuple[HttpClient, Source, Selection]]:
     """Open the source and narrow its checkpoints to those wanted; those still syncing only with
-    ``include_syncing`` (flag or config, read here so that every command takes it alike) or
-    ``syncing_too``."""
+    ``include_syncing`` (flag or config, read here so that every command takes it alike), those
+    of another status not at all, unless ``every_status``."""
     async with recipe.open() as (http, source):
         selection = select_checkpoints(
             await source.checkpoints(),
             names=wanted.names,
             latest=wanted.latest,
-            include_syncing=syncing_too or recipe.settings.include_syncing,
+            include_syncing=recipe.settings.include_syncing,
+            every_status=every_status,
             what=source.description,
         )
         # Said on stderr, under --quiet and --json too, yet no failure (the exit code stands):
@@ -638,6 +639,8 @@ def _print_summary(
         out.info(found)
     for name in stats.syncing_left_out:
         out.info(f"left out, still syncing: {name} ({syncing_hint})")
+    for name, status in stats.status_left_out:
+        out.info(f"left out, status {status}: {name} (neither complete nor still syncing)")
     for where, message in stats.failures[:FAILURES_SHOWN]:
         out.error(f"{where}: {message}")
     if stats.files_failed > FAILURES_SHOWN:
@@ -697,10 +700,10 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         nonlocal description
         recipe = _recipe(settings, args, spec)
         wanted = _Selection(tuple(args.checkpoint), args.latest)
-        # A listing shows checkpoints still uploading too (their status says so), but with
-        # --latest the one `sync --latest` would take: the newest complete one, unless the
+        # A listing shows every checkpoint, those still uploading too (their status says so), but
+        # with --latest the one `sync --latest` would take: the newest complete one, unless the
         # config's include_syncing (list has no flag for it) lets sync take a newer one.
-        opened = _selected(recipe, wanted, out, syncing_too=not args.latest)
+        opened = _selected(recipe, wanted, out, every_status=not args.latest)
         async with opened as (_, source, selection):
             description = source.description
             dest = args.dest.expanduser().absolute() if args.dest else None

@@ -92,6 +92,7 @@ async def sync(
     recorded and the others go on.
     """
     stats.syncing_left_out = [f"{c.run}/{c.name}" for c in selection.syncing]
+    stats.status_left_out = [(f"{c.run}/{c.name}", c.status) for c in selection.other_status]
     stats.passed_over = [(c.where, c.problem) for c in selection.passed_over]
     if options.dry_run:
         _refuse_what_is_no_directory(options.dest)

@@ -32,6 +32,9 @@ class Selection:
     unreadable: list[UnreadableCheckpoint] = field(default_factory=list)
     # Unreadable, and passed over by --latest although they may be newer than the one it took.
     passed_over: list[UnreadableCheckpoint] = field(default_factory=list)
+    # Left out because their status is neither complete, syncing nor null (FAILED, say), as
+    # --latest leaves them out; named in the output with their status.
+    other_status: list[Checkpoint] = field(default_factory=list)
 
 
 def select_checkpoints(
@@ -40,9 +43,11 @@ def select_checkpoints(
     names: Iterable[str] = (),
     latest: bool = False,
     include_syncing: bool = False,
+    every_status: bool = False,
     what: str = "the run",
 ) -> Selection:
-    """Narrow a run's checkpoints to those named, complete or latest.
+    """Narrow a run's checkpoints to those named, complete or latest; without ``latest``,
+    ``every_status`` keeps them whatever their status (`list` shows it).
 
     A checkpoint whose entry is unreadable is never selected: named (by its id or another of
     its names), it is a usage error; a selection of the whole run carries it as unreadable, and
@@ -85,12 +90,16 @@ def select_checkpoints(
         # has a newer checkpoint than the one restored, which no rerun will mirror.
         passed_over = [c for c in unreadable if _may_be_newer(c, newest)]
         return Selection([newest], newer, passed_over=passed_over)
-    if include_syncing:
+    if every_status:
         return Selection(candidates, unreadable=unreadable)
+    taken = {SyncState.COMPLETE, SyncState.UNKNOWN} | (
+        {SyncState.SYNCING} if include_syncing else set()
+    )
     return Selection(
-        [c for c in candidates if c.state is not SyncState.SYNCING],
-        [c for c in candidates if c.state is SyncState.SYNCING],
+        [c for c in candidates if c.state in taken],
+        [c for c in candidates if c.state is SyncState.SYNCING and not include_syncing],
         unreadable,
+        other_status=[c for c in candidates if c.state is SyncState.OTHER],
     )
 
 

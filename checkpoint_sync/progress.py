@@ -41,6 +41,8 @@ class Stats:
     waiting_for: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
     syncing_left_out: list[str] = field(default_factory=list)
+    # Checkpoints left out for a status neither complete nor syncing: (where, status).
+    status_left_out: list[tuple[str, str | None]] = field(default_factory=list)
     # Unreadable checkpoints --latest passed over that may be newer than the one it took:
     # (where, problem).
     passed_over: list[tuple[str, str]] = field(default_factory=list)
@@ -89,6 +91,9 @@ def summary(stats: Stats) -> dict[str, Any]:
         "retries": stats.retries,
         "url_refreshes": stats.url_refreshes,
         "syncing_left_out": stats.syncing_left_out,
+        "status_left_out": [
+            {"checkpoint": where, "status": status} for where, status in stats.status_left_out
+        ],
         "passed_over": [
             {"checkpoint": where, "error": error} for where, error in stats.passed_over
         ],

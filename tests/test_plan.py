@@ -82,6 +82,21 @@ def test_select_checkpoints(
     assert [c.name for c in chosen.syncing] == syncing
 
 
+@pytest.mark.parametrize("include_syncing", [False, True])
+def test_a_checkpoint_of_another_status_is_left_out_of_a_plain_sync_too(
+    include_syncing: bool,
+) -> None:
+    # README: --latest never takes one FAILED (say); a plain sync must not mirror it as complete.
+    failed = checkpoint("f", 5, SyncState.OTHER)
+    chosen = select_checkpoints([*RUN, failed], include_syncing=include_syncing)
+    assert failed not in chosen.checkpoints
+    assert chosen.other_status == [failed]
+    named = select_checkpoints([*RUN, failed], names=("f",), include_syncing=include_syncing)
+    assert (named.checkpoints, named.other_status) == ([], [failed])
+    # `list` shows every checkpoint, with its status.
+    assert select_checkpoints([*RUN, failed], every_status=True).checkpoints == [*RUN, failed]
+
+
 def test_latest_with_include_syncing_takes_a_newer_syncing_one_not_a_null_or_failed_one() -> None:
     # README: with --include-syncing, --latest takes the newest of those complete and those still
     # SYNCING; a null status still counts only where none is complete, another status never.

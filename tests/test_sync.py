@@ -256,6 +256,27 @@ def test_syncing_checkpoints_are_left_out_and_named(dest: Path) -> None:
         assert (dest / JOB / "checkpoint-30").is_dir()
 
 
+def test_a_checkpoint_of_another_status_is_left_out_and_named_with_it(dest: Path) -> None:
+    catalog = job_catalog()
+    failed = catalog.jobs[0].checkpoints[1]
+    failed.sync_status = "FAILED"
+    with ServerThread(catalog) as server:
+        result = run_cli(*sync_args(server, dest))
+        included = run_cli(*sync_args(server, dest, "--include-syncing", "--json"))
+        listed = run_cli(*job_args(server, "list", "--json"))
+
+    assert result.code == included.code == 0, result.stderr
+    # It was mirrored as if complete, though --latest never takes it.
+    assert not (dest / JOB / failed.checkpoint_id).exists()
+    assert sorted(p.name for p in (dest / JOB).iterdir()) == ["checkpoint-10", "checkpoint-30"]
+    assert f"left out, status FAILED: {JOB}/checkpoint-20 (" in result.stdout
+    assert json.loads(included.stdout)["status_left_out"] == [
+        {"checkpoint": f"{JOB}/checkpoint-20", "status": "FAILED"}
+    ]
+    shown = {c["checkpoint"]: c["status"] for c in json.loads(listed.stdout)["checkpoints"]}
+    assert shown["checkpoint-20"] == "other"
+
+
 def test_latest_takes_only_the_newest_complete_checkpoint(dest: Path) -> None:
     with ServerThread(job_catalog(syncing_last=True)) as server:
         result = run_cli(*sync_args(server, dest, "--latest"))

@@ -51,6 +51,7 @@ class Checkpoint:
     step: int | None = None
     target: str | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
+    status: str | None = None  # the provider's own spelling of ``state``, for reports
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,7 @@ class LoopsSource:
                 created_at=c.created_at,
                 size_bytes=c.size_bytes,
                 state=SyncState.parse(c.sync_status),
+                status=c.sync_status,
                 target=c.target.value,
             )
             for c in sorted(readable, key=lambda c: c.created_at)

@@ -51,6 +51,7 @@ class TrainingJobSource:
                 created_at=c.created_at,
                 size_bytes=c.size_bytes,
                 state=SyncState.parse(c.sync_status),
+                status=c.sync_status,
             )
             for c in sorted(readable, key=lambda c: c.created_at)
         ]
