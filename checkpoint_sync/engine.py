@@ -219,7 +219,7 @@ async def _produce(
                         paths_told = False
                     else:
                         manifest.first_listing(file.where)
-                    stats.fail(file.where, f"its listing entry is unreadable ({file.reason})")
+                    stats.fail(file.where, file.problem)
                     continue
                 planned = _plan(file, options, manifest, stats, inside)
                 if planned is None:

@@ -282,6 +282,41 @@ def test_a_checkpoint_of_a_target_the_pages_do_not_name_fails_alone(dest: Path) 
     assert not (dest / "d").exists()
 
 
+def test_a_checkpoint_deleted_after_the_list_was_read_fails_alone(
+    server: ServerThread, dest: Path
+) -> None:
+    # The checkpoint list is read, then the first checkpoint's files; the second checkpoint's
+    # file listing answers 404, as it does once the checkpoint is deleted.
+    server.faults.api_faults = [None, None, "404"]
+    result = run_cli(*sync(server, dest, "--loops-run", RUN, "--json"))
+
+    # It exited 4, as for an unknown run, and the checkpoints after it were never listed.
+    assert result.code == 1, result.stderr
+    (failure,) = json.loads(result.stdout)["failures"]
+    assert failure["path"] == f"{RUN}/sampler_weights-step-10"
+    assert failure["error"].startswith("deleted after the checkpoint list was read: ")
+    assert failure["error"].endswith("not found (HTTP 404)")
+    for checkpoint in of_run(server, RUN):
+        gone = checkpoint.id == f"lc-{RUN}-sampler-step-10"
+        for file in checkpoint.checkpoint.files:
+            if gone:
+                assert not landed(dest, checkpoint, file).exists()
+            else:
+                assert_exact(landed(dest, checkpoint, file), file)
+
+    # `list` shows it as the mirror holds it: once mirrored, no longer listed.
+    assert run_cli(*sync(server, dest, "--loops-run", RUN)).code == 0
+    server.faults.api_faults = [None, None, "404"]
+    listed = run_cli("list", "--api-url", server.url, "--loops-run", RUN, "--dest", dest, "--json")
+    assert listed.code == 0, listed.stderr
+    assert {c["checkpoint"]: c["local"] for c in json.loads(listed.stdout)["checkpoints"]} == {
+        "weights-step-10": "mirrored",
+        "sampler_weights-step-10": "changed remotely",
+        "weights-step-20": "mirrored",
+        "sampler_weights-step-20": "mirrored",
+    }
+
+
 def test_an_unreadable_checkpoint_named_by_its_name_is_the_usage_error_its_id_is(
     dest: Path,
 ) -> None:

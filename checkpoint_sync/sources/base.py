@@ -140,6 +140,24 @@ class UnreadableEntry:
         rank = "?" if self.node_rank is None else self.node_rank
         return f"{self.run}/{self.checkpoint or '?'}/{rank}/{self.name or '(unnamed entry)'}"
 
+    @property
+    def problem(self) -> str:
+        return f"its listing entry is unreadable ({self.reason})"
+
+
+@dataclass(frozen=True, slots=True)
+class VanishedCheckpoint(UnreadableEntry):
+    """A selected checkpoint whose file listing answered 404: deleted after the checkpoint list
+    was read. Like an entry that tells no path, it fails alone, and the others are listed on."""
+
+    @property
+    def where(self) -> str:
+        return f"{self.run}/{self.checkpoint}"
+
+    @property
+    def problem(self) -> str:
+        return f"deleted after the checkpoint list was read: {self.reason}"
+
 
 # What a listing page holds.
 Listed = RemoteFile | UnreadableEntry

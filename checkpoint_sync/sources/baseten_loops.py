@@ -29,6 +29,7 @@ from .base import (
     SyncState,
     UnreadableCheckpoint,
     UnreadableEntry,
+    VanishedCheckpoint,
     flags_given,
     whole_list,
 )
@@ -153,26 +154,30 @@ class LoopsSource:
         for checkpoint in selected:
             listing = f"/v1/loops/checkpoints/{path_segment(checkpoint.key)}/files"
             what = _what(checkpoint.run, checkpoint.name)
-            async for ref, entries in file_pages(self._api, listing, self._page_size, what):
-                # Names are relative to the checkpoint itself (NOTES.md).
-                yield [
-                    UnreadableEntry(
-                        checkpoint.run,
-                        checkpoint.name,
-                        entry.get("node_rank", int),
-                        entry.get("relative_file_name", str),
-                        entry.reason,
-                    )
-                    if isinstance(entry, Unreadable)
-                    else remote_file(
-                        entry,
-                        ref,
-                        run=checkpoint.run,
-                        checkpoint=checkpoint.name,
-                        path=entry.relative_file_name,
-                    )
-                    for entry in entries
-                ]
+            try:
+                async for ref, entries in file_pages(self._api, listing, self._page_size, what):
+                    # Names are relative to the checkpoint itself (NOTES.md).
+                    yield [
+                        UnreadableEntry(
+                            checkpoint.run,
+                            checkpoint.name,
+                            entry.get("node_rank", int),
+                            entry.get("relative_file_name", str),
+                            entry.reason,
+                        )
+                        if isinstance(entry, Unreadable)
+                        else remote_file(
+                            entry,
+                            ref,
+                            run=checkpoint.run,
+                            checkpoint=checkpoint.name,
+                            path=entry.relative_file_name,
+                        )
+                        for entry in entries
+                    ]
+            except NotFoundError as exc:
+                # The run's other checkpoints are still there: this one fails alone.
+                yield [VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))]
 
     async def relist(self, file: RemoteFile) -> Relisted:
         what = _what(file.run, file.checkpoint)
