@@ -145,6 +145,9 @@ class Faults:
     # checkpoint in a checkpoint list, its id (a Loops checkpoint's `id`, a training job's
     # `checkpoint_id`).
     unreadable: set[str] = field(default_factory=set)
+    # Checkpoints (by id, as for `unreadable`) listed with a null size_bytes, which the pages do
+    # not allow.
+    sizeless: set[str] = field(default_factory=set)
     # Per-response send rate in bytes/s (None: as fast as possible).
     throttle: float | None = None
     # Answer 206 with a Content-Range shifted by this many bytes, or whose total is off by so many.
@@ -437,9 +440,11 @@ class LocalServer:
         entries = [f for c in job.checkpoints for f in c.files]
         return self.file_page(request, entries)
 
-    def _listed_size(self, key: str, size: int) -> int | str:
+    def _listed_size(self, key: str, size: int) -> int | str | None:
         """A file's or checkpoint's size as listed: not a number where `Faults.unreadable`
-        names it (its name, or its checkpoint id)."""
+        names it (its name, or its checkpoint id), null where `Faults.sizeless` does."""
+        if key in self.faults.sizeless:
+            return None
         return "unknown" if key in self.faults.unreadable else size
 
     def file_page(self, request: web.Request, entries: list[ServedFile]) -> web.StreamResponse:

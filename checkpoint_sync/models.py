@@ -3,7 +3,7 @@
 Fields the engine relies on are required; the rest are optional so that a provider adding or
 dropping a descriptive field does not stop a mirror. Unknown fields are ignored. An entry of a
 file listing (or of a checkpoint list: a Loops target the pages do not name, a W&B null step, a
-training job checkpoint's size that is not a number) that does not match its model is kept as
+checkpoint's size that is neither a number nor null) that does not match its model is kept as
 `Unreadable` rather than failing its page: that one file (or checkpoint) fails, and the rest of
 the listing is mirrored.
 """
@@ -143,7 +143,7 @@ class TrainingJobCheckpoint(ApiModel):
     created_at: Moment
     checkpoint_type: str | None = None
     base_model: str | None = None
-    size_bytes: int = 0
+    size_bytes: int | None = None  # null or absent: not told (`list` shows "-"), not 0 B
     sync_status: str | None = None
     training_job_id: str | None = None
 
@@ -171,7 +171,7 @@ class LoopsCheckpoint(ApiModel):
     checkpoint_type: str | None = None
     base_model: str | None = None
     lora_adapter_config: dict[str, Any] | None = None
-    size_bytes: int = 0
+    size_bytes: int | None = None  # null or absent: not told (`list` shows "-"), not 0 B
     sync_status: str | None = None
 
 

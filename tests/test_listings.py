@@ -212,6 +212,25 @@ def test_a_checkpoint_off_the_schema_fails_alone_and_the_rest_of_the_job_lands(
     ]
 
 
+def test_a_checkpoint_listed_with_a_null_size_is_mirrored_and_its_size_unknown(
+    server: ServerThread, dest: Path
+) -> None:
+    # Its entry was taken as unreadable: left out, though its files tell their sizes.
+    middle = server.catalog.jobs[0].checkpoints[1]
+    server.faults.sizeless = {middle.checkpoint_id}
+
+    result = run_cli(*sync_args(server, dest))
+    as_text = run_cli(*job_args(server, "list"))
+    as_json = run_cli(*job_args(server, "list", "--json"))
+
+    assert result.code == as_text.code == as_json.code == 0, result.stderr
+    assert landed(server, dest) == server.files()
+    sizes = {line.split()[1]: line.split()[5] for line in as_text.stdout.splitlines()[1:]}
+    assert sizes[middle.checkpoint_id] == "-"
+    rows = {c["checkpoint"]: c["size_bytes"] for c in json.loads(as_json.stdout)["checkpoints"]}
+    assert rows[middle.checkpoint_id] is None
+
+
 def test_latest_passes_over_an_older_unreadable_checkpoint_without_a_word(
     server: ServerThread, dest: Path
 ) -> None:

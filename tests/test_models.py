@@ -7,7 +7,13 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from checkpoint_sync.models import CheckpointFilesPage, Unreadable, describe
+from checkpoint_sync.models import (
+    CheckpointFilesPage,
+    LoopsCheckpoints,
+    TrainingJobCheckpoints,
+    Unreadable,
+    describe,
+)
 
 FILE = {
     "url": "https://bucket.example/o?X-Amz-Signature=s",
@@ -71,3 +77,26 @@ def test_a_page_off_the_schema_fails_with_its_first_problem(
     with pytest.raises(ValidationError) as failed:
         CheckpointFilesPage.model_validate_json(json.dumps(body))
     assert describe(failed.value, "body") == problem
+
+
+CHECKPOINT = {"checkpoint_id": "checkpoint-1", "created_at": "2026-11-22T10:00:00Z"}
+LOOPS_CHECKPOINT = {**CHECKPOINT, "id": "lc-1", "run_id": "r", "target": "trainer"}
+
+
+@pytest.mark.parametrize(
+    ("listed", "size"),
+    [
+        ({"size_bytes": 5}, 5),
+        ({"size_bytes": None}, None),  # not needed to mirror it (its files' sizes are listed)
+        ({}, None),  # unknown, not 0 B
+        ({"size_bytes": "5 GB"}, "size_bytes: Input should be a valid integer"),
+    ],
+)
+def test_a_checkpoints_size_not_told_is_unknown(listed: dict[str, object], size: object) -> None:
+    training = TrainingJobCheckpoints.model_validate(
+        {"training_job": {"id": "j"}, "checkpoints": [{**CHECKPOINT, **listed}]}
+    )
+    loops = LoopsCheckpoints.model_validate({"checkpoints": [{**LOOPS_CHECKPOINT, **listed}]})
+    for (entry,) in (training.checkpoints, loops.checkpoints):
+        read = entry.reason.split(",")[0] if isinstance(entry, Unreadable) else entry.size_bytes
+        assert read == size
