@@ -80,6 +80,12 @@ class UnreadableCheckpoint:
 Available = Checkpoint | UnreadableCheckpoint
 
 
+def known_by(key: str | None, position: int) -> str:
+    """How a report tells an unreadable checkpoint list entry: by its id, or where it gives none,
+    by its place in the list (1 the first), as two such entries would otherwise read alike."""
+    return f"id {key}" if key else f"entry {position} of the checkpoint list"
+
+
 def left_out(unreadable: Sequence[UnreadableCheckpoint]) -> str:
     """For a message that found no checkpoint to take: the ones left out as unreadable (how
     many, and the first), which would otherwise go unmentioned; "" when there are none."""

@@ -31,6 +31,7 @@ from .base import (
     UnreadableEntry,
     VanishedCheckpoint,
     flags_given,
+    known_by,
     whole_list,
 )
 from .baseten_pages import file_pages, relist, remote_file, unreadable_checkpoint
@@ -129,8 +130,8 @@ class LoopsSource:
             if self._target in (None, c.target)
         ]
         found += [
-            _unreadable(entry)
-            for entry in answer.checkpoints
+            _unreadable(entry, position)
+            for position, entry in enumerate(answer.checkpoints, 1)
             if isinstance(entry, Unreadable)
             # One whose target shows it is not wanted is left out quietly, as a readable one is.
             and (self._target is None or entry.get("target", str) in (None, self._target.value))
@@ -184,7 +185,7 @@ class LoopsSource:
         return await relist(self._api, file.origin, what, file.path, file.node_rank)
 
 
-def _unreadable(entry: Unreadable) -> UnreadableCheckpoint:
+def _unreadable(entry: Unreadable, position: int) -> UnreadableCheckpoint:
     """An entry of the checkpoint list, named by what it tells of itself: `--checkpoint` may
     call it by its name as reports show it, or by the directory it would land in where its
     target is one the pages name (its entry off the schema elsewhere)."""
@@ -193,7 +194,7 @@ def _unreadable(entry: Unreadable) -> UnreadableCheckpoint:
     names: tuple[str, ...] = (name,) if name else ()
     if directory := _directory(entry):
         names += (directory,)
-    where = f"{run}/{name or '?'} (target {target or '?'}, id {key or '?'})"
+    where = f"{run}/{name or '?'} (target {target or '?'}, {known_by(key, position)})"
     return unreadable_checkpoint(entry, key, where, names=names)
 
 

@@ -20,6 +20,7 @@ from .base import (
     UnreadableCheckpoint,
     UnreadableEntry,
     flags_given,
+    known_by,
     whole_list,
 )
 from .baseten_pages import file_pages, relist, remote_file, unreadable_checkpoint
@@ -58,8 +59,8 @@ class TrainingJobSource:
         # Its files are never listed (file_pages keeps only the selected checkpoints'): it fails
         # as one entry while the rest of the job is mirrored.
         unreadable = [
-            self._unreadable_checkpoint(entry)
-            for entry in answer.checkpoints
+            self._unreadable_checkpoint(entry, position)
+            for position, entry in enumerate(answer.checkpoints, 1)
             if isinstance(entry, Unreadable)
         ]
         # A checkpoint's id is its directory.
@@ -70,11 +71,12 @@ class TrainingJobSource:
     def listed_whole(self) -> Mapping[str, frozenset[str]]:
         return self._listed_whole
 
-    def _unreadable_checkpoint(self, entry: Unreadable) -> UnreadableCheckpoint:
+    def _unreadable_checkpoint(self, entry: Unreadable, position: int) -> UnreadableCheckpoint:
         """Its checkpoint id is both its unique id and its directory: reports name it by the
         directory it would have landed in."""
         key = entry.get("checkpoint_id", str)
-        return unreadable_checkpoint(entry, key, f"{self._job}/{key or '?'}")
+        where = f"{self._job}/{key}" if key else f"{self._job}/? ({known_by(key, position)})"
+        return unreadable_checkpoint(entry, key, where)
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         wanted = {c.name for c in selected}

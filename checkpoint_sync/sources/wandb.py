@@ -29,6 +29,7 @@ from .base import (
     UnreadableCheckpoint,
     UnreadableEntry,
     flags_given,
+    known_by,
     left_out,
     whole_list,
 )
@@ -105,7 +106,11 @@ class WandbSource:
             for c in sorted(listed, key=lambda c: c.step)
         ]
         # One with no step has no directory (step-<N>) and no artifact version (step<N>).
-        unreadable = [_unreadable(self._model, c) for c in entries if isinstance(c, Unreadable)]
+        unreadable = [
+            _unreadable(self._model, c, position)
+            for position, c in enumerate(entries, 1)
+            if isinstance(c, Unreadable)
+        ]
         # Every page was read (one that fails stops the run): the list is whole.
         of_unreadable = [None if u.step is None else f"step-{u.step}" for u in unreadable]
         self._listed_whole = whole_list(self._model, [*(c.name for c in found), *of_unreadable])
@@ -234,10 +239,10 @@ class WandbTraining:
         )
 
 
-def _unreadable(model: str, entry: Unreadable) -> UnreadableCheckpoint:
+def _unreadable(model: str, entry: Unreadable, position: int) -> UnreadableCheckpoint:
     """An entry of the checkpoint list, named by what it tells of itself."""
     key, step = entry.get("id", str), entry.get("step", int)
-    where = f"{model}/step-{'?' if step is None else step} (id {key or '?'})"
+    where = f"{model}/step-{'?' if step is None else step} ({known_by(key, position)})"
     return UnreadableCheckpoint(key, where, entry.reason, step=step)
 
 
