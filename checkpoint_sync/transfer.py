@@ -737,6 +737,7 @@ def _read_back(fd: int, file: RemoteFile) -> _Digests:
     _check_length(fd, size)
     digests = _Digests(file)
     for start in range(0, size, HASH_WINDOW):
+        anyio.from_thread.check_cancelled()  # as `_read_digests` does: a stop must not wait
         length = min(HASH_WINDOW, size - start)
         with mmap.mmap(fd, length, prot=mmap.PROT_READ, offset=start) as window:
             window.madvise(mmap.MADV_SEQUENTIAL)
