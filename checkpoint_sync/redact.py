@@ -49,14 +49,12 @@ def redact_url(url: str) -> str:
     """The URL without its query string and userinfo: presigned signatures live there."""
     try:
         parts = urlsplit(url)
-        host = parts.hostname or ""
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-    except ValueError:  # a bad port or IPv6 literal: cut the same parts out by hand
+    except ValueError:  # a broken IPv6 literal: cut the same parts out by hand
         bare = _USERINFO.sub(r"\1", url).partition("#")[0]
         bare, question, _ = bare.partition("?")
         return bare + (f"?{REDACTED}" if question else "")
     query = REDACTED if parts.query else ""
+    host = parts.netloc.rpartition("@")[2]  # as written: an IPv6 address keeps its brackets
     return urlunsplit((parts.scheme, host, parts.path, query, ""))
 
 

@@ -13,7 +13,11 @@ from checkpoint_sync.redact import Redactor, printable, redact_url
         ("https://s3.example/b/k?X-Amz-Signature=abc", "https://s3.example/b/k?<redacted>"),
         ("https://user:pw@host:8443/p", "https://host:8443/p"),
         ("http://host/p", "http://host/p"),
-        # Ones urlsplit refuses (a port out of range, a broken IPv6 literal): cut by hand.
+        # An IPv6 host keeps its brackets: without them its port reads as part of the address.
+        ("http://[::1]:8080/x?X-Amz-Signature=abc", "http://[::1]:8080/x?<redacted>"),
+        ("https://user:pw@[fe80::1]/p", "https://[fe80::1]/p"),
+        # A port out of range is shown as written; a broken IPv6 literal, which urlsplit
+        # refuses, is cut by hand.
         ("https://user:pw@host:99999/p?sig=1", "https://host:99999/p?<redacted>"),
         ("http://[::1/objects/1?X-Amz-Signature=s", "http://[::1/objects/1?<redacted>"),
     ],
