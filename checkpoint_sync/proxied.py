@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager, contextmanager
 
 import aiohttp
 
-from .errors import TransientError
+from .errors import TransientError, UsageError
 from .net import USER_AGENT, NetSettings, converting_errors, ssl_context
 from .redact import redact_url
 from .wire import Body, FileTarget, Response, Sink
@@ -35,7 +35,7 @@ class ProxiedClient:
         what: str,
     ) -> AsyncIterator[Response]:
         """``url`` through ``proxy``, which `wire.HttpClient` looked up for its host."""
-        with converting_errors(url, what), _converting_aiohttp_errors(url, what):
+        with converting_errors(url, what), _converting_aiohttp_errors(url, proxy, what):
             async with self._open().request(
                 method,
                 url,
@@ -44,6 +44,8 @@ class ProxiedClient:
                 proxy=proxy,
                 allow_redirects=False,  # as on the direct path
             ) as response:
+                if response.status == 407:  # the proxy's own answer, to a plain-HTTP request
+                    raise _credentials_wanted(proxy, what)
                 lowered = {name.lower(): value for name, value in response.headers.items()}
                 yield Response(response.status, lowered, _AiohttpBody(response))
 
@@ -92,7 +94,7 @@ class _AiohttpBody(Body):
 
 
 @contextmanager
-def _converting_aiohttp_errors(url: str, what: str) -> Iterator[None]:
+def _converting_aiohttp_errors(url: str, proxy: str, what: str) -> Iterator[None]:
     try:
         yield
     except aiohttp.ClientConnectorCertificateError as exc:
@@ -100,4 +102,14 @@ def _converting_aiohttp_errors(url: str, what: str) -> Iterator[None]:
     except aiohttp.ClientPayloadError as exc:
         raise TransientError(f"{what}: connection closed mid-body ({redact_url(url)})") from exc
     except aiohttp.ClientError as exc:
+        if isinstance(exc, aiohttp.ClientHttpProxyError) and exc.status == 407:  # to CONNECT
+            raise _credentials_wanted(proxy, what) from exc
         raise TransientError(f"{what}: {type(exc).__name__} talking to {redact_url(url)}") from exc
+
+
+def _credentials_wanted(proxy: str, what: str) -> UsageError:
+    """The proxy refused us (407): its settings are wrong, and no retry can change that."""
+    return UsageError(
+        f"{what}: the proxy {redact_url(proxy)} asked for credentials (HTTP 407); "
+        "check the user and password in its URL (HTTP_PROXY/HTTPS_PROXY)"
+    )

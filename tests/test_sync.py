@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from .support import (
     API_KEY,
     ServerThread,
     assert_exact,
+    http_serving,
     leave_in_parts,
     mirrored,
     new_version,
@@ -757,6 +759,37 @@ def test_proxies_false_connects_directly(
 
     monkeypatch.setenv("CHECKPOINT_SYNC_PROXIES", "false")
     assert run_cli(*sync_args(server, dest)).code == 0
+
+
+@pytest.mark.parametrize(("variable", "scheme"), [("HTTP_PROXY", "http"), ("HTTPS_PROXY", "https")])
+def test_a_proxy_asking_for_credentials_is_a_configuration_error_not_retried(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, variable: str, scheme: str
+) -> None:
+    # Its 407 was retried as a transient fault (to CONNECT) or taken for the API's answer.
+    requests: list[str] = []
+
+    class WantsCredentials(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.command)
+            self.send_response(407)
+            self.send_header("Proxy-Authenticate", 'Basic realm="corp"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_CONNECT = do_GET
+
+    with http_serving(WantsCredentials) as origin:
+        proxy = origin.replace("://", "://someone:proxy-password@")
+        with proxy_named(monkeypatch, variable, proxy):
+            api = f"{scheme}://127.0.0.1:1"  # never reached: the proxy answers first
+            result = run_cli(
+                "sync", "--api-url", api, "--project", PROJECT, "--job", JOB, "--dest", dest
+            )
+
+    assert (len(requests), result.code) == (1, 2)
+    assert result.stderr.count("\n") == 1
+    assert f"the proxy {origin} asked for credentials (HTTP 407)" in result.stderr
+    assert "proxy-password" not in result.stderr
 
 
 def test_the_listing_is_read_only_as_far_as_the_workers_need(dest: Path) -> None:
