@@ -80,9 +80,26 @@ def proxy_for_host(scheme: str, host: str, port: int) -> str | None:
     if urllib.request.proxy_bypass(authority) or urllib.request.proxy_bypass(host):
         return None
     proxy = urllib.request.getproxies().get(scheme)
-    if proxy is not None and "://" not in proxy:
+    if proxy is None:
+        return None
+    if "://" not in proxy:
         # "proxy.corp:3128" is an HTTP proxy to curl, urllib and requests; aiohttp refuses it.
-        proxy = f"http://{proxy}"
+        return f"http://{proxy}"
+    proxy_scheme = proxy.partition("://")[0]
+    if proxy_scheme.lower() not in ("http", "https"):
+        # aiohttp would speak HTTP to it (a SOCKS proxy, say): every request would fail.
+        variable = next(
+            (
+                n
+                for n, value in os.environ.items()
+                if n.lower() == f"{scheme}_proxy" and value == proxy
+            ),
+            f"{scheme.upper()}_PROXY",
+        )
+        raise UsageError(
+            f"{variable} names a {proxy_scheme}:// proxy; "
+            "only http:// and https:// proxies are supported"
+        )
     return proxy
 
 

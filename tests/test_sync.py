@@ -6,6 +6,7 @@ import fcntl
 import io
 import json
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -23,6 +24,7 @@ from checkpoint_sync.progress import human_bytes
 from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
 from .support import (
     API_KEY,
+    Result,
     ServerThread,
     assert_exact,
     http_serving,
@@ -761,6 +763,12 @@ def test_proxies_false_connects_directly(
     assert run_cli(*sync_args(server, dest)).code == 0
 
 
+def sync_past_proxy(scheme: str, dest: Path) -> Result:
+    """A sync whose API (a ``scheme`` URL) is never reached: the proxy settings stop it first."""
+    api = f"{scheme}://127.0.0.1:1"
+    return run_cli("sync", "--api-url", api, "--project", PROJECT, "--job", JOB, "--dest", dest)
+
+
 @pytest.mark.parametrize(("variable", "scheme"), [("HTTP_PROXY", "http"), ("HTTPS_PROXY", "https")])
 def test_a_proxy_asking_for_credentials_is_a_configuration_error_not_retried(
     dest: Path, monkeypatch: pytest.MonkeyPatch, variable: str, scheme: str
@@ -781,15 +789,40 @@ def test_a_proxy_asking_for_credentials_is_a_configuration_error_not_retried(
     with http_serving(WantsCredentials) as origin:
         proxy = origin.replace("://", "://someone:proxy-password@")
         with proxy_named(monkeypatch, variable, proxy):
-            api = f"{scheme}://127.0.0.1:1"  # never reached: the proxy answers first
-            result = run_cli(
-                "sync", "--api-url", api, "--project", PROJECT, "--job", JOB, "--dest", dest
-            )
+            result = sync_past_proxy(scheme, dest)
 
     assert (len(requests), result.code) == (1, 2)
     assert result.stderr.count("\n") == 1
     assert f"the proxy {origin} asked for credentials (HTTP 407)" in result.stderr
     assert "proxy-password" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "scheme", "proxy_scheme"),
+    [
+        ("HTTP_PROXY", "http", "socks5"),
+        ("HTTPS_PROXY", "https", "socks5h"),
+        ("http_proxy", "http", "SOCKS4"),
+    ],
+)
+def test_a_socks_proxy_is_refused_before_any_request(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, variable: str, scheme: str, proxy_scheme: str
+) -> None:
+    # It was taken for an HTTP proxy: sent HTTP it cannot read, and retried.
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        proxy = f"{proxy_scheme}://someone:proxy-password@127.0.0.1:{listener.getsockname()[1]}"
+        with proxy_named(monkeypatch, variable, proxy):
+            result = sync_past_proxy(scheme, dest)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing connected to it
+
+    assert result.code == 2
+    assert result.stderr == (
+        f"checkpoint-sync: error: {variable} names a {proxy_scheme}:// proxy; "
+        "only http:// and https:// proxies are supported\n"
+    )
 
 
 def test_the_listing_is_read_only_as_far_as_the_workers_need(dest: Path) -> None:
