@@ -50,6 +50,8 @@ async def mirror_lock(
                     on_wait(holder)
                     on_wait = None
                 await anyio.sleep(POLL_SECONDS)
+            except OSError as exc:  # ENOLCK on some NFS and FUSE mounts: no run is safe there
+                raise LocalIOError(f"cannot lock {path}: {exc.strerror}") from exc
         # Only names the holder to a second run: a full disk must not stop this one here (it
         # says what it needs once it knows).
         with suppress(OSError):

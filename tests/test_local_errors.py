@@ -1,16 +1,20 @@
-"""A full or read-only destination: exit 6 with one clear line, nothing already there harmed;
-and a filesystem without a reported size is not taken for a full one.
+"""A full or read-only destination, or one refusing locks: exit 6 with one clear line, nothing
+already there harmed; and a filesystem without a reported size is not taken for a full one.
 
-A small tmpfs (or a ramfs) is mounted for each test (we run as root in CI); the test is skipped,
-saying why, where mounting is not allowed.
+A small tmpfs (or a ramfs, or a FUSE filesystem the test serves) is mounted for each test (we
+run as root in CI); the test is skipped, saying why, where mounting is not allowed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import sqlite3
+import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -26,12 +30,15 @@ from .test_kill import assert_records_true
 
 
 @contextmanager
-def mounted(point: Path, kind: str, options: str) -> Iterator[Path]:
+def mounted(point: Path, kind: str, options: str, pass_fds: tuple[int, ...] = ()) -> Iterator[Path]:
     """A fresh filesystem of ``kind`` at ``point``; the test is skipped where mounting fails."""
     point.mkdir()
     try:
         subprocess.run(
-            ["mount", "-t", kind, "-o", options, kind, str(point)], check=True, capture_output=True
+            ["mount", "-t", kind, "-o", options, kind, str(point)],
+            check=True,
+            capture_output=True,
+            pass_fds=pass_fds,
         )
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = (
@@ -46,6 +53,72 @@ def mounted(point: Path, kind: str, options: str) -> Iterator[Path]:
 
 def remount(point: Path, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", str(point)], check=True)
+
+
+@contextmanager
+def refusing_flock(point: Path) -> Iterator[Path]:
+    """A FUSE filesystem at ``point`` whose one file, ``lock``, refuses ``flock`` (ENOLCK), as
+    some NFS and FUSE mounts do; served by a thread of this process."""
+    try:
+        device = os.open("/dev/fuse", os.O_RDWR)
+    except OSError as exc:
+        pytest.skip(f"no FUSE here ({exc.strerror})")
+    options = f"fd={device},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()}"
+    try:
+        with mounted(point, "fuse", options, pass_fds=(device,)):
+            # Read only once mounted: before, /dev/fuse refuses reads.
+            threading.Thread(target=_serve_fuse, args=(device,), daemon=True).start()
+            yield point
+    finally:
+        os.close(device)
+
+
+_FUSE_IN = struct.Struct("<IIQQIIIHH")  # fuse_in_header: len, opcode, unique, nodeid, ...
+_FUSE_OUT = struct.Struct("<IiQ")  # fuse_out_header: len, error, unique
+# The requests opening and locking ``lock`` brings (linux/fuse.h); others are answered ENOSYS.
+_LOOKUP, _GETATTR, _OPEN, _RELEASE, _FLUSH, _INIT, _SETLK, _SETLKW = 1, 3, 14, 18, 25, 26, 32, 33
+_UNANSWERED = {2, 42}  # FORGET, BATCH_FORGET
+_FLOCK_LOCKS = 1 << 10  # flock goes to the filesystem, not the kernel's own locks
+
+
+def _fuse_attr(node: int) -> bytes:
+    """fuse_attr of the root directory (node 1) or the lock file (node 2), both empty."""
+    mode = 0o040755 if node == 1 else 0o100644
+    return struct.pack("<6Q10I", node, 0, 0, 0, 0, 0, 0, 0, 0, mode, 1, 0, 0, 0, 4096, 0)
+
+
+def _fuse_answer(request: bytes, opcode: int, node: int) -> tuple[int, bytes]:
+    """The error (negative errno, or 0) and the body answering one request."""
+    if opcode == _INIT:  # protocol 7.31, max_write 128 KiB
+        return 0, struct.pack("<4I2H2I", 7, 31, 0, _FLOCK_LOCKS, 16, 12, 1 << 17, 1).ljust(
+            64, b"\0"
+        )
+    if opcode == _GETATTR:
+        return 0, struct.pack("<Q2I", 0, 0, 0) + _fuse_attr(node)
+    if opcode == _LOOKUP and request[_FUSE_IN.size :].startswith(b"lock\0"):
+        return 0, struct.pack("<4Q2I", 2, 0, 0, 0, 0, 0) + _fuse_attr(2)
+    if opcode == _LOOKUP:
+        return -errno.ENOENT, b""
+    if opcode == _OPEN:
+        return 0, struct.pack("<QIi", 1, 0, 0)
+    if opcode in (_SETLK, _SETLKW):
+        return -errno.ENOLCK, b""
+    return (0 if opcode in (_FLUSH, _RELEASE) else -errno.ENOSYS), b""
+
+
+def _serve_fuse(device: int) -> None:
+    """Answer the kernel until it unmounts."""
+    while True:
+        try:
+            request = os.read(device, (1 << 20) + 8192)
+        except OSError:  # ENODEV: unmounted
+            return
+        _, opcode, unique, node, *_ = _FUSE_IN.unpack_from(request)
+        if opcode in _UNANSWERED:
+            continue
+        error, body = _fuse_answer(request, opcode, node)
+        with suppress(OSError):  # a request interrupted meanwhile: the next one still comes
+            os.write(device, _FUSE_OUT.pack(_FUSE_OUT.size + len(body), error, unique) + body)
 
 
 @pytest.fixture
@@ -362,6 +435,22 @@ def test_a_manifest_locked_by_another_program_exits_6_naming_it(
     assert again.code == 0, again.stderr
     assert json.loads(again.stdout)["files"]["fetched"] == 1
     assert_exact(mirrored(dest, JOB, changed), changed)
+
+
+def test_a_filesystem_that_refuses_locks_exits_6_naming_the_lock(
+    server: ServerThread, dest: Path
+) -> None:
+    # flock's ENOLCK (some NFS and FUSE mounts) escaped as an internal error.
+    dest.mkdir()
+    with refusing_flock(dest / ".checkpoint-sync") as state:
+        result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 6
+    assert (
+        result.stderr
+        == f"checkpoint-sync: error: cannot lock {state / 'lock'}: No locks available\n"
+    )
+    assert server.traffic.object_requests == 0
 
 
 def test_a_first_run_onto_a_full_disk_is_exit_6_not_an_internal_error(
