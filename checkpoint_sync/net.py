@@ -79,28 +79,30 @@ def proxy_for_host(scheme: str, host: str, port: int) -> str | None:
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if urllib.request.proxy_bypass(authority) or urllib.request.proxy_bypass(host):
         return None
-    proxy = urllib.request.getproxies().get(scheme)
-    if proxy is None:
+    named = urllib.request.getproxies().get(scheme)
+    if named is None:
         return None
-    if "://" not in proxy:
-        # "proxy.corp:3128" is an HTTP proxy to curl, urllib and requests; aiohttp refuses it.
-        return f"http://{proxy}"
+    # "proxy.corp:3128" is an HTTP proxy to curl, urllib and requests; aiohttp refuses it.
+    proxy = named if "://" in named else f"http://{named}"
     proxy_scheme = proxy.partition("://")[0]
     if proxy_scheme.lower() not in ("http", "https"):
         # aiohttp would speak HTTP to it (a SOCKS proxy, say): every request would fail.
-        variable = next(
-            (
-                n
-                for n, value in os.environ.items()
-                if n.lower() == f"{scheme}_proxy" and value == proxy
-            ),
-            f"{scheme.upper()}_PROXY",
-        )
         raise UsageError(
-            f"{variable} names a {proxy_scheme}:// proxy; "
+            f"{_proxy_variable(scheme, named)} names a {proxy_scheme}:// proxy; "
             "only http:// and https:// proxies are supported"
         )
+    if (problem := url_problem(proxy)) is not None:
+        # aiohttp's InvalidURL would be retried, and name the URL asked for, not the proxy.
+        raise UsageError(f"{_proxy_variable(scheme, named)} is {problem}: {redact_url(proxy)}")
     return proxy
+
+
+def _proxy_variable(scheme: str, proxy: str) -> str:
+    """The environment variable urllib took ``proxy`` from, to name it in a message."""
+    names = (
+        n for n, value in os.environ.items() if n.lower() == f"{scheme}_proxy" and value == proxy
+    )
+    return next(names, f"{scheme.upper()}_PROXY")
 
 
 # A request line carries the URL as it is: these would break it, or smuggle in a header.

@@ -825,6 +825,30 @@ def test_a_socks_proxy_is_refused_before_any_request(
     )
 
 
+@pytest.mark.parametrize(
+    ("proxy", "shown", "problem"),
+    [
+        (
+            "http://someone:proxy-password@proxy.corp:abc",
+            "http://proxy.corp:abc",
+            "not a valid URL",
+        ),
+        ("http://someone:proxy-password@[::1", "http://[::1", "not a valid URL"),
+        ("http://someone:proxy-password@", "http://", "not an http(s) URL"),
+        ("someone:proxy-password@proxy.corp:abc", "http://proxy.corp:abc", "not a valid URL"),
+    ],
+)
+def test_a_malformed_proxy_url_is_a_configuration_error_not_retried(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, proxy: str, shown: str, problem: str
+) -> None:
+    # aiohttp's InvalidURL was retried as a transient fault, and named the API's URL (exit 1).
+    with proxy_named(monkeypatch, "HTTPS_PROXY", proxy):
+        result = sync_past_proxy("https", dest)
+
+    assert result.code == 2
+    assert result.stderr == f"checkpoint-sync: error: HTTPS_PROXY is {problem}: {shown}\n"
+
+
 def test_the_listing_is_read_only_as_far_as_the_workers_need(dest: Path) -> None:
     # 100 files on pages of 5, and every object stalls: the 2 workers hold a file each and the
     # queue 2 more, so a few pages are read, not all 20.
