@@ -281,6 +281,17 @@ def test_a_checkpoint_of_another_status_is_left_out_and_named_with_it(dest: Path
     assert shown["checkpoint-20"] == "other"
 
 
+def test_a_job_with_no_checkpoint_to_take_is_not_listed_file_by_file(dest: Path) -> None:
+    # Its only checkpoint still uploading: the job-level file listing would be walked, page by
+    # page, for nothing.
+    with ServerThread(job_catalog(checkpoints=1, syncing_last=True)) as server:
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["syncing_left_out"] == [f"{JOB}/checkpoint-10"]
+    assert server.traffic.api_requests == 1  # the checkpoint list alone
+
+
 def test_latest_takes_only_the_newest_complete_checkpoint(dest: Path) -> None:
     with ServerThread(job_catalog(syncing_last=True)) as server:
         result = run_cli(*sync_args(server, dest, "--latest"))

@@ -80,6 +80,8 @@ class TrainingJobSource:
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         wanted = {c.name for c in selected}
+        if not wanted:
+            return  # the listing is the whole job's: walked for no checkpoint, it costs requests
         listing = f"{self._base}/checkpoint_files"
         async for ref, entries in file_pages(self._api, listing, self._page_size, self.description):
             files: list[Listed] = []
