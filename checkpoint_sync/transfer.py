@@ -242,7 +242,9 @@ class Transfers:
                 self._manifest.drop_staging(key)
                 raise
             if self._settings.fsync:
-                _os_call(staging, lambda: os.fsync(fd))
+                # In a thread, as a part's is: flushing a large file takes seconds of the disk,
+                # which on the loop would stall every other transfer.
+                await anyio.to_thread.run_sync(_os_call, staging, partial(os.fsync, fd))
             return digest
         finally:
             os.close(fd)
@@ -462,7 +464,8 @@ class Transfers:
         if state.digests is not None:
             return state.digests  # made durable with the whole file, before it is published
         if self._settings.fsync:  # durable before the manifest vouches for it
-            await anyio.to_thread.run_sync(os.fdatasync, staged.fd)
+            staging = f"{self._staging_dir}/{staging_name(staged.key)}"
+            await anyio.to_thread.run_sync(_os_call, staging, partial(os.fdatasync, staged.fd))
         self._manifest.part_done(staged.key, part.index)
         return None
 
