@@ -30,8 +30,8 @@ from . import __version__
 from .config import (
     Settings,
     check_setting,
-    environment_secrets,
     format_size,
+    known_secrets,
     load_settings,
     parse_size,
 )
@@ -71,16 +71,17 @@ def _main(argv: list[str] | None) -> int:
     parser = _parser()
     # The settings are not read yet, but a refused argument or setting may be quoted, and may be
     # a key; those the settings add (the config file's) are added once they are read.
-    redact = Redactor(environment_secrets())
+    redact = Redactor(known_secrets())
     try:
         args = parser.parse_args(argv)
     except _BadArguments as bad:
         bad.parser.print_usage(sys.stderr)
-        # As argparse reads it: any unambiguous prefix (--js) is --json.
-        wants_json = any(
-            len(token) >= 4 and "--json".startswith(token)
-            for token in (sys.argv[1:] if argv is None else argv)
-        )
+        given = sys.argv[1:] if argv is None else argv
+        # The argument quoted may be a key the config file holds, or names the variable of:
+        # read what of the file can be read (argparse stopped before anything read it).
+        for secret in known_secrets(_config_given(given)):
+            redact.add(secret)
+        wants_json = any(_spelled(token, "--json", 4) for token in given)
         return _Output(redact, as_json=wants_json).failed(bad.message, UsageError.exit_code)
     out = _Output(redact, quiet=getattr(args, "quiet", False), as_json=getattr(args, "json", False))
     try:
@@ -198,6 +199,23 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise _BadArguments(self, message)
+
+
+def _spelled(token: str, option: str, shortest: int) -> bool:
+    """Whether ``token`` (``--name`` or ``--name=value``) names ``option`` as argparse reads it:
+    ``shortest`` is the length of its shortest unambiguous prefix (--js is --json)."""
+    name = token.partition("=")[0]
+    return len(name) >= shortest and option.startswith(name)
+
+
+def _config_given(tokens: list[str]) -> Path | None:
+    """The config file of arguments argparse refused: the last ``--config F`` (or ``--conf F``,
+    ``--config=F``), as argparse takes it."""
+    given = None
+    for token, following in zip(tokens, [*tokens[1:], ""], strict=True):
+        if _spelled(token, "--config", 6):
+            given = token.partition("=")[2] if "=" in token else following
+    return Path(given) if given else None
 
 
 def _path(text: str) -> Path:

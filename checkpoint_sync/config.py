@@ -8,6 +8,7 @@ from the variable their ``*_key_env`` setting names (``BASETEN_API_KEY``, ``WAND
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 import os
 import re
@@ -168,16 +169,25 @@ def format_size(size: int) -> str:
 _KEYS = (("api_key", "api_key_env"), ("wandb_api_key", "wandb_api_key_env"))
 
 
-def environment_secrets(environ: Mapping[str, str] = os.environ) -> list[str]:
-    """The API keys the environment holds, for what is shown before the settings are read: an
-    argument argparse refuses is quoted as it was given, and may be a key."""
-    names = []
+def known_secrets(
+    config_file: Path | None = None, environ: Mapping[str, str] = os.environ
+) -> list[str]:
+    """The API keys the environment and ``config_file`` hold, for what is shown before the
+    settings are read: an argument argparse refuses is quoted as it was given, and may be a key.
+    A file that cannot be read adds none (its error is not the one to report)."""
+    config: dict[str, Any] = {}
+    if config_file is not None:
+        with contextlib.suppress(UsageError):
+            config = _read_toml(config_file)
+    found = []
     for key_field, env_field in _KEYS:
         default = Settings.model_fields[env_field].default
-        names.append(ENV_PREFIX + key_field.upper())
-        names.append(environ.get(ENV_PREFIX + env_field.upper()) or default)
+        env_name = environ.get(ENV_PREFIX + env_field.upper()) or config.get(env_field) or default
+        found.append(config.get(key_field))
+        found.append(environ.get(ENV_PREFIX + key_field.upper()))
+        found.append(environ.get(env_name) if isinstance(env_name, str) else None)
     # Stripped as `Settings` strips them: `"$BASETEN_API_KEY"` quoted in argv may keep a newline.
-    return [key for name in names if (key := environ.get(name, "").strip())]
+    return [key.strip() for key in found if isinstance(key, str) and key.strip()]
 
 
 def _key(secret: SecretStr | None) -> str | None:

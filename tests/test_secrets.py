@@ -257,3 +257,47 @@ def test_a_key_the_api_quotes_where_its_message_is_cut_shows_no_part(
     assert "refused by the gateway" in result.stderr
     output = result.stdout + result.stderr
     assert API_KEY[:8] not in output, "a part of the key was printed"
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("setting", ["api_key", "wandb_api_key", "api_key_env"])
+def test_a_key_from_the_config_file_quoted_in_a_refused_argument_is_not_shown(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, setting: str, as_json: bool
+) -> None:
+    # The key is in the file, or in a variable only the file names: argparse refuses the
+    # argument before the settings are read.
+    monkeypatch.delenv("BASETEN_API_KEY")
+    config = dest.parent / "c.toml"
+    if setting == "api_key_env":
+        monkeypatch.setenv("MY_KEY", API_KEY)
+        config.write_text('api_key_env = "MY_KEY"\n')
+    else:
+        config.write_text(f'{setting} = "{API_KEY}\\n"\n')
+
+    result = run_cli(
+        *sync_args(
+            server, dest, "--config", str(config), "--api-key", API_KEY, *["--json"] * as_json
+        )
+    )
+
+    assert result.code == 2
+    assert "unrecognized arguments: --api-key <redacted>" in result.stderr
+    if as_json:
+        assert json.loads(result.stdout)["error"] == "unrecognized arguments: --api-key <redacted>"
+
+
+@pytest.mark.parametrize("config", ["missing", "not-toml", "directory"])
+def test_an_unreadable_config_file_leaves_a_refused_argument_as_it_is(
+    server: ServerThread, dest: Path, config: str
+) -> None:
+    path = dest.parent / "c.toml"
+    if config == "not-toml":
+        path.write_text("api_key = [\n")
+    elif config == "directory":
+        path.mkdir()
+
+    result = run_cli(*sync_args(server, dest, f"--config={path}", "--bogus", "x"))
+
+    assert result.code == 2
+    assert result.stderr.endswith("checkpoint-sync: error: unrecognized arguments: --bogus x\n")
+    assert "Traceback" not in result.stderr
