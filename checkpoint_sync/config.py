@@ -101,10 +101,11 @@ class Settings(BaseModel):
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
 
-    @field_validator("dest", "ca_bundle", mode="before")
+    @field_validator("dest", "ca_bundle", "api_key_env", "wandb_api_key_env", mode="before")
     @classmethod
-    def _non_empty_path(cls, value: Any) -> Any:
-        # Path("") is the current directory: an empty value is a mistake, not a place.
+    def _non_empty(cls, value: Any) -> Any:
+        # Path("") is the current directory: an empty value is a mistake, not a place; nor is
+        # it a variable to read a key from ("no API key: set  (or ...)" would name none).
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty")
         return value
@@ -217,10 +218,9 @@ def load_settings(
         if value is not None:
             take(name, value, f"from --{name.replace('_', '-')}")
     for key_field, env_field in _KEYS:
-        env_name = values.get(env_field) or Settings.model_fields[env_field].default
-        if not isinstance(env_name, str):
-            raise UsageError(f"bad setting {env_field}: the name of an environment variable")
-        if environ.get(env_name):
+        # One that is no name (5, "") reads no key, and is refused with its origin below.
+        env_name = values.get(env_field, Settings.model_fields[env_field].default)
+        if isinstance(env_name, str) and environ.get(env_name):
             take(key_field, environ[env_name], f"from {env_name}")
     try:
         return Settings.model_validate(values)

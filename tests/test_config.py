@@ -163,6 +163,30 @@ def test_a_boolean_for_a_number_is_exit_2_in_one_line(tmp_path: Path) -> None:
     assert "bad setting connect_timeout in " in result.stderr
 
 
+@pytest.mark.parametrize("name", ["api_key_env", "wandb_api_key_env"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_key_variable_name_is_refused_where_it_was_set(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    # It read the default variable's key and, with none there, said "no API key: set  (or ...)".
+    config = tmp_path / "c.toml"
+    config.write_text(f'{name} = "{value}"\n')
+    with pytest.raises(UsageError, match=f"^bad setting {name} in {config}: .*must not be empty"):
+        load_settings(config, {}, {"BASETEN_API_KEY": "k1", "WANDB_API_KEY": "k2"})
+    variable = f"CHECKPOINT_SYNC_{name.upper()}"
+    with pytest.raises(UsageError, match=f"^bad setting {name} from {variable}: "):
+        load_settings(None, {}, {variable: value})
+
+
+def test_an_empty_key_variable_name_is_exit_2_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('api_key_env = ""\napi_url = "http://127.0.0.1:9"\n')
+    result = run_cli("list", "--config", config, "--project", "P", "--job", "J")
+    assert result.code == 2
+    assert result.stderr.count("\n") == 1
+    assert f"bad setting api_key_env in {config}: " in result.stderr
+
+
 def test_an_unusable_ca_bundle_is_a_usage_error(unusable_ca_bundle: Path) -> None:
     with pytest.raises(UsageError, match=f"ca_bundle {unusable_ca_bundle} cannot be used"):
         ssl_context(NetSettings(ca_bundle=unusable_ca_bundle))
