@@ -215,15 +215,15 @@ def _config_given(tokens: list[str]) -> Path | None:
     for token, following in zip(tokens, [*tokens[1:], ""], strict=True):
         if _spelled(token, "--config", 6):
             given = token.partition("=")[2] if "=" in token else following
-    return Path(given) if given else None
+    return Path(given).expanduser() if given else None
 
 
 def _path(text: str) -> Path:
-    """A path argument; an empty one (an unset variable in a script) is not the current
-    directory."""
+    """A path argument, ``~`` expanded (`--dest=~/x` reaches us as it is); an empty one (an unset
+    variable in a script) is not the current directory."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
-    return Path(text)
+    return Path(text).expanduser()
 
 
 def _pattern(text: str) -> str:
@@ -456,7 +456,7 @@ def _recipe(settings: Settings, args: argparse.Namespace, spec: SourceSpec) -> S
 
 def _options(settings: Settings, dest: Path, args: argparse.Namespace) -> SyncOptions:
     return SyncOptions(
-        dest=dest.expanduser().absolute(),
+        dest=dest.absolute(),
         concurrency=settings.concurrency,
         files=_file_filter(args),
         dry_run=getattr(args, "dry_run", False),
@@ -724,7 +724,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         opened = _selected(recipe, wanted, out, every_status=not args.latest)
         async with opened as (_, source, selection):
             description = source.description
-            dest = args.dest.expanduser().absolute() if args.dest else None
+            dest = args.dest.absolute() if args.dest else None
             rows.extend(await survey(source, selection.checkpoints, dest, _file_filter(args)))
             unreadable.extend(selection.unreadable)
             # --latest passed these over, as stderr says; a program reading --json is told too.

@@ -110,6 +110,13 @@ class Settings(BaseModel):
             raise ValueError("must not be empty")
         return value
 
+    @field_validator("dest", "ca_bundle")
+    @classmethod
+    def _home(cls, value: Path | None) -> Path | None:
+        # As the shell would: a quoted `~/x`, or one in the file or the environment, is no
+        # directory named ~ (every path option is expanded alike, in cli._path).
+        return value.expanduser() if value is not None else None
+
     @field_validator("api_url", "wandb_api_url", "wandb_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:

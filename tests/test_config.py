@@ -19,7 +19,8 @@ from checkpoint_sync.config import (
 from checkpoint_sync.errors import UsageError
 from checkpoint_sync.net import NetSettings, ssl_context
 
-from .support import run_cli
+from .conftest import JOB, job_args
+from .support import ServerThread, run_cli
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
 
@@ -185,6 +186,50 @@ def test_an_empty_key_variable_name_is_exit_2_in_one_line(tmp_path: Path) -> Non
     assert result.code == 2
     assert result.stderr.count("\n") == 1
     assert f"bad setting api_key_env in {config}: " in result.stderr
+
+
+@pytest.mark.parametrize("name", ["dest", "ca_bundle"])
+@pytest.mark.parametrize("where", ["file", "environment", "flag"])
+def test_a_path_setting_from_anywhere_expands_a_tilde(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, where: str
+) -> None:
+    # As the shell would have: `dest = "~/mirror"` was taken for ./~/mirror (only --dest and
+    # the config's dest were expanded, by the CLI, and ca_bundle never).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "c.toml"
+    config.write_text(f'{name} = "~/there"\n' if where == "file" else "")
+    environ = {f"CHECKPOINT_SYNC_{name.upper()}": "~/there"} if where == "environment" else {}
+    flags = {name: Path("~/there")} if where == "flag" else {}
+
+    settings = load_settings(config, flags, environ)
+
+    assert getattr(settings, name) == tmp_path / "there"
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [("sync", "--dest"), ("sync", "--config"), ("bench", "--scratch"), ("list", "--config")],
+)
+def test_path_options_expand_a_tilde(
+    server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, option: str
+) -> None:
+    # `--scratch=~/x` (or a quoted ~) reaches the program as it is; --dest was expanded, and
+    # --scratch and --config were refused as directories or files that do not exist.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.toml").write_text("concurrency = 2\n")
+    (tmp_path / "mirror").mkdir()
+    value = {"--dest": "~/mirror", "--config": "~/c.toml", "--scratch": "~/mirror"}[option]
+    extra = ["--max-bytes", "1MiB", "--concurrency", "2"] if command == "bench" else []
+    if command == "sync" and option != "--dest":
+        extra = ["--dest", str(tmp_path / "mirror")]
+
+    result = run_cli(*job_args(server, command, option, value, *extra))
+
+    assert result.code == 0, result.stderr
+    assert not (tmp_path / "~").exists()
+    if command == "sync":
+        assert (tmp_path / "mirror" / JOB).is_dir()
 
 
 def test_an_unusable_ca_bundle_is_a_usage_error(unusable_ca_bundle: Path) -> None:

@@ -301,3 +301,16 @@ def test_an_unreadable_config_file_leaves_a_refused_argument_as_it_is(
     assert result.code == 2
     assert result.stderr.endswith("checkpoint-sync: error: unrecognized arguments: --bogus x\n")
     assert "Traceback" not in result.stderr
+
+
+def test_the_keys_of_a_config_file_named_with_a_tilde_are_redacted_too(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("BASETEN_API_KEY")
+    monkeypatch.setenv("HOME", str(dest.parent))
+    (dest.parent / "c.toml").write_text(f'api_key = "{API_KEY}"\n')
+
+    result = run_cli(*sync_args(server, dest, "--conf=~/c.toml", "--api-key", API_KEY))
+
+    assert result.code == 2
+    assert "unrecognized arguments: --api-key <redacted>" in result.stderr
