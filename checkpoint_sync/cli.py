@@ -290,7 +290,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_source_arguments(list_cmd)
     _add_selection_arguments(list_cmd, syncing=False)
     list_cmd.add_argument(
-        "--dest", type=_path, help="mirror directory: add each checkpoint's local state"
+        "--dest",
+        type=_path,
+        help="mirror directory (or `dest` in the config): add each checkpoint's local state",
     )
     _add_common_arguments(list_cmd)
     list_cmd.set_defaults(handler=_list_command)
@@ -724,7 +726,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         opened = _selected(recipe, wanted, out, every_status=not args.latest)
         async with opened as (_, source, selection):
             description = source.description
-            dest = args.dest.absolute() if args.dest else None
+            dest = settings.dest.absolute() if settings.dest else None
             rows.extend(await survey(source, selection.checkpoints, dest, _file_filter(args)))
             unreadable.extend(selection.unreadable)
             # --latest passed these over, as stderr says; a program reading --json is told too.

@@ -199,6 +199,27 @@ def test_without_a_mirror_there_is_no_local_column_and_no_file_listing(dest: Pat
         assert server.traffic.api_requests == 1
 
 
+@pytest.mark.parametrize("where", ["config", "environment"])
+def test_the_mirror_may_be_the_dest_of_the_settings_as_for_sync(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # `list` read only --dest: the `dest` a sync took from the settings showed no local state.
+    config = dest.parent / "c.toml"
+    config.write_text(f'dest = "{dest}"\n' if where == "config" else "")
+    if where == "environment":
+        monkeypatch.setenv("CHECKPOINT_SYNC_DEST", str(dest))
+    with ServerThread(job_catalog()) as server:
+        assert run_cli(*job_args(server, "sync", "--config", config, "--latest")).code == 0
+        result = run_cli(*job_args(server, "list", "--config", config, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert states(result.stdout) == {
+        "checkpoint-10": "absent",
+        "checkpoint-20": "absent",
+        "checkpoint-30": "mirrored",
+    }
+
+
 def test_loops_trainer_and_sampler_states_are_told_apart(dest: Path) -> None:
     with ServerThread(loops_catalog()) as server:
         base = ["--api-url", server.url, "--loops-run", RUN]
