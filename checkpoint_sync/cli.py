@@ -417,7 +417,7 @@ def _list_of(parse: Callable[[str], int]) -> Callable[[str], list[int]]:
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
         if not values:
-            raise argparse.ArgumentTypeError(f"no value in {text!r}")
+            raise argparse.ArgumentTypeError(f"no value in '{text}'")
         return values
 
     return parse_list

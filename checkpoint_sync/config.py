@@ -47,14 +47,14 @@ def parse_size(text: str | int) -> int:
         return text
     match = _SIZE.fullmatch(text)
     if match is None:
-        raise ValueError(f"{text!r} is not a size (try 64MiB, 1MiB, 512KiB)")
+        raise ValueError(f"'{text}' is not a size (try 64MiB, 1MiB, 512KiB)")
     number, unit, binary = match.groups()
     spelled_decimal = bool(unit) and not binary and text.strip().upper().endswith("B")
     base = 1000 if spelled_decimal else 1024
     power = " KMGT".index(unit.upper() or " ")
     size = float(number) * base**power
     if not math.isfinite(size):
-        raise ValueError(f"{text!r} is too large a size")
+        raise ValueError(f"'{text}' is too large a size")
     return int(size)
 
 
@@ -121,7 +121,7 @@ class Settings(BaseModel):
     @classmethod
     def _http_url(cls, value: str) -> str:
         if problem := url_problem(value):
-            raise ValueError(f"{redact_url(value)!r} is {problem}")
+            raise ValueError(f"'{redact_url(value)}' is {problem}")
         return value
 
     @field_validator("api_key", "wandb_api_key", mode="before")

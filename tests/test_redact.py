@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
 from checkpoint_sync.redact import Redactor, printable, redact_url
+
+from .support import run_cli
 
 
 @pytest.mark.parametrize(
@@ -102,3 +105,41 @@ def _read_back(shown: str) -> str:
     """Undo `printable`'s escapes (Python's spelling of them)."""
     escape = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
     return escape.sub(lambda m: "\\" if m[1] == "\\" else chr(int(m[1][1:], 16)), shown)
+
+
+# A backslash and an ESC: quoted by repr, the terminal showed them escaped twice and --json
+# gave the escapes, not the text.
+ODD = "a\\b\x1b"
+
+
+@pytest.mark.parametrize(
+    ("flags", "quoted"),
+    [
+        (["sync", "--dest", "d", "--part-size", f"1{ODD}"], f"'1{ODD}' is not a size"),
+        (["bench", "--part-size", f"1MiB,{ODD}"], f"'{ODD}' is not a size"),
+        (["bench", "--concurrency", ",\x1f,\x1c"], "no value in ',\x1f,\x1c'"),
+        (["list", "--loops-checkpoint", f"bt:/{ODD}"], f"'bt:/{ODD}' is not a bt:// URI"),
+        (["list", "--loops-checkpoint", f"bt://x{ODD}"], f"'bt://x{ODD}' is not a Loops"),
+        (
+            ["list", "--loops-checkpoint", f"bt://loops:{ODD}/weights/x/y"],
+            f"'bt://loops:{ODD}/weights/x/y' has 4 part(s)",
+        ),
+        (["list", "--loops-checkpoint", f"bt://loops:r/{ODD}/x"], f": '{ODD}' is neither"),
+        (["list", "--wandb-artifact", f"e/p{ODD}"], f"'e/p{ODD}' is not ENTITY/PROJECT/NAME"),
+        (["list", "--wandb-artifact", f"e/p/n:{ODD}"], f"'e/p/n:{ODD}': leave out the version"),
+        (["list", "--api-url", f"ftp://{ODD}"], f"'ftp://{ODD}' is not"),
+    ],
+)
+def test_usage_errors_quote_the_text_given_as_it_is(flags: list[str], quoted: str) -> None:
+    # As a listed name is quoted: the terminal shows it escaped once, --json gives the text.
+    source = ["--project", "p", "--job", "j"]
+    if "--wandb-artifact" in flags:
+        source = ["--wandb-model", "m"]
+    elif "--loops-checkpoint" in flags:
+        source = []
+    shown = run_cli(*flags, *source)
+    as_json = run_cli(*flags, *source, "--json")
+
+    assert shown.code == as_json.code == 2
+    assert printable(quoted) in shown.stderr
+    assert quoted in json.loads(as_json.stdout)["error"]

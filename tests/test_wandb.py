@@ -397,6 +397,7 @@ def test_a_checkpoint_listed_without_a_step_is_left_out_alone(
     ("flags", "message"),
     [
         (["--best", "accuracy"], "has the metric 'accuracy' (its metrics: loss, reward)"),
+        (["--best", "a\\b\x1b"], "has the metric 'a\\\\b\\x1b' (its"),  # escaped once
         (["--best", "reward", "--latest"], "--best, --latest and --checkpoint each pick"),
         (["--best", "reward", "--checkpoint", "step-10"], "--best, --latest and --checkpoint"),
         (["--minimize"], "--minimize goes with --best METRIC"),

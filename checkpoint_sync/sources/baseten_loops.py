@@ -57,27 +57,27 @@ class LoopsUri:
 def parse_bt_uri(text: str) -> LoopsUri:
     """``bt://loops:<run_id>/(weights|sampler_weights)/<name>``; `UsageError` naming the flaw."""
     if not text.startswith("bt://"):
-        raise UsageError(f"{text!r} is not a bt:// URI; expected {URI_FORM}")
+        raise UsageError(f"'{text}' is not a bt:// URI; expected {URI_FORM}")
     if not text.startswith(URI_PREFIX):
         raise UsageError(
-            f"{text!r} is not a Loops checkpoint (bt://loops:...); expected {URI_FORM}"
+            f"'{text}' is not a Loops checkpoint (bt://loops:...); expected {URI_FORM}"
         )
     parts = text.removeprefix(URI_PREFIX).split("/")
     if len(parts) != 3:
         raise UsageError(
-            f"{text!r} has {len(parts)} part(s) after bt://loops:, expected 3 "
+            f"'{text}' has {len(parts)} part(s) after bt://loops:, expected 3 "
             f"(RUN_ID/KIND/NAME): {URI_FORM}"
         )
     run_id, kind, name = parts
     if not run_id:
-        raise UsageError(f"{text!r} has no run id: {URI_FORM}")
+        raise UsageError(f"'{text}' has no run id: {URI_FORM}")
     target = TARGET_OF_KIND.get(kind)
     if target is None:
         raise UsageError(
-            f"{text!r}: {kind!r} is neither weights (trainer) nor sampler_weights (sampler)"
+            f"'{text}': '{kind}' is neither weights (trainer) nor sampler_weights (sampler)"
         )
     if not name:
-        raise UsageError(f"{text!r} has no checkpoint name: {URI_FORM}")
+        raise UsageError(f"'{text}' has no checkpoint name: {URI_FORM}")
     return LoopsUri(run_id, target, name)
 
 

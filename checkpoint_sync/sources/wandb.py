@@ -59,7 +59,7 @@ def best_checkpoint(
             raise NotFoundError(f"{what} has no{readable} checkpoints{left_out(unreadable)}")
         known = sorted({name for c in checkpoints for name in c.metrics})
         raise UsageError(
-            f"no checkpoint of {what} has the metric {metric!r} "
+            f"no checkpoint of {what} has the metric '{metric}' "
             f"(its metrics: {', '.join(known) or 'none'})"
         )
     sign = -1.0 if minimize else 1.0

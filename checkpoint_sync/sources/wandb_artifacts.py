@@ -52,10 +52,10 @@ def parse_artifact_path(text: str) -> ArtifactPath:
     """``ENTITY/PROJECT/NAME`` (the version is chosen per checkpoint), or `UsageError`."""
     parts = text.split("/")
     if len(parts) != 3 or not all(parts):
-        raise UsageError(f"--wandb-artifact {text!r} is not ENTITY/PROJECT/NAME")
+        raise UsageError(f"--wandb-artifact '{text}' is not ENTITY/PROJECT/NAME")
     if ":" in parts[2]:
         raise UsageError(
-            f"--wandb-artifact {text!r}: leave out the version (:...); each checkpoint's "
+            f"--wandb-artifact '{text}': leave out the version (:...); each checkpoint's "
             "step<N> alias is added"
         )
     return ArtifactPath(*parts)
