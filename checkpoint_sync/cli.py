@@ -155,14 +155,15 @@ class _Output:
         self.json_printed = True
 
     def _redacted(self, value: Any) -> Any:
-        """``value`` fit to print: strings redacted, NaN and infinities as null (JSON has none;
-        a W&B metric may be NaN, and strict parsers refuse the whole document over it)."""
+        """``value`` fit to print: strings redacted, keys too (a W&B metric's name is one), NaN
+        and infinities as null (JSON has none; a W&B metric may be NaN, and strict parsers
+        refuse the whole document over it)."""
         if isinstance(value, str):
             return self.redact(value)
         if isinstance(value, float) and not math.isfinite(value):
             return None
         if isinstance(value, dict):
-            return {key: self._redacted(item) for key, item in value.items()}
+            return {self._redacted(key): self._redacted(item) for key, item in value.items()}
         if isinstance(value, list | tuple):
             return [self._redacted(item) for item in value]
         return value

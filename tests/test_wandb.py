@@ -298,6 +298,31 @@ def test_list_json_stays_json_when_a_metric_is_nan_or_infinite(
 
 
 @pytest.mark.parametrize(
+    "name", [API_KEY, WANDB_KEY, "https://evil.example/x?X-Amz-Signature=s3cr3t"]
+)
+def test_a_secret_named_by_a_metric_is_not_shown_in_json_either(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # A metric's name is a key of the document's "metrics": redaction cleaned only values.
+    model = synthetic_wandb_model(MODEL, {10: {name: 0.5, "loss": 0.1}})
+    catalog = Catalog(api_key=API_KEY, wandb_api_key=WANDB_KEY, wandb_models=[model])
+    server = serve(catalog, monkeypatch)
+    try:
+        as_json = run_cli(*listed("--json"))
+        text = run_cli(*listed())
+    finally:
+        server.__exit__(None, None, None)
+
+    assert as_json.code == text.code == 0, as_json.stderr
+    for output in (as_json.stdout, text.stdout):
+        assert WANDB_KEY not in output
+        assert "s3cr3t" not in output
+    [checkpoint] = json.loads(as_json.stdout)["checkpoints"]
+    assert checkpoint["metrics"]["loss"] == 0.1
+    assert "<redacted>" in "".join(checkpoint["metrics"])
+
+
+@pytest.mark.parametrize(
     ("listed", "parsed"),
     [
         ({"reward": 0.5, "loss": None}, {"reward": 0.5}),  # W&B nulls a metric not logged
