@@ -805,6 +805,8 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     pairs = grid(args.concurrencies, args.part_sizes)
     scratch = _SHM if args.discard else (args.scratch or Path(tempfile.gettempdir()))
     if not scratch.is_dir():
+        if scratch.exists():
+            raise UsageError(f"scratch {scratch} is not a directory")
         raise UsageError(f"scratch directory {scratch} does not exist")
     trials: list[Trial] = []
 

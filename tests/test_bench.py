@@ -150,6 +150,7 @@ def test_bench_latest_takes_the_checkpoint_sync_latest_would(
         (["--concurrency", "4,2000"], "bad concurrency 2000"),
         (["--part-size", "1KiB"], "bad part_size 1024"),
         (["--scratch", "/nonexistent/scratch"], "scratch directory /nonexistent/scratch"),
+        (["--scratch", "/dev/null"], "scratch /dev/null is not a directory"),  # it exists
     ],
 )
 def test_bench_refuses_settings_sync_would_refuse(
