@@ -34,6 +34,7 @@ ENV_PREFIX = "CHECKPOINT_SYNC_"
 # The longest any timeout or delay may be: a day. Much longer is surely a typo, and timers
 # refuse it (poll() takes at most 2**31 ms, about 24.8 days: an internal error mid-transfer).
 MAX_SECONDS = 24 * 60 * 60
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", re.IGNORECASE)
 
 
@@ -101,13 +102,22 @@ class Settings(BaseModel):
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
 
-    @field_validator("dest", "ca_bundle", "api_key_env", "wandb_api_key_env", mode="before")
+    @field_validator("dest", "ca_bundle", mode="before")
     @classmethod
-    def _non_empty(cls, value: Any) -> Any:
-        # Path("") is the current directory: an empty value is a mistake, not a place; nor is
-        # it a variable to read a key from ("no API key: set  (or ...)" would name none).
+    def _non_empty_path(cls, value: Any) -> Any:
+        # Path("") is the current directory: an empty value is a mistake, not a place.
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("api_key_env", "wandb_api_key_env")
+    @classmethod
+    def _variable_name(cls, value: str) -> str:
+        # Not quoted: what is no variable's name is most likely the key itself, put in the
+        # wrong setting, and "no API key: set <it>" would show it. An empty one would be named
+        # as nothing ("set  (or ...)").
+        if not _VARIABLE.fullmatch(value):
+            raise ValueError("should name an environment variable (letters, digits and _)")
         return value
 
     @field_validator("dest", "ca_bundle")

@@ -20,7 +20,7 @@ from checkpoint_sync.errors import UsageError
 from checkpoint_sync.net import NetSettings, ssl_context
 
 from .conftest import JOB, job_args
-from .support import ServerThread, run_cli
+from .support import API_KEY, ServerThread, run_cli
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
 
@@ -172,11 +172,30 @@ def test_an_empty_key_variable_name_is_refused_where_it_was_set(
     # It read the default variable's key and, with none there, said "no API key: set  (or ...)".
     config = tmp_path / "c.toml"
     config.write_text(f'{name} = "{value}"\n')
-    with pytest.raises(UsageError, match=f"^bad setting {name} in {config}: .*must not be empty"):
+    named = f"^bad setting {name} in {config}: .*an environment variable"
+    with pytest.raises(UsageError, match=named):
         load_settings(config, {}, {"BASETEN_API_KEY": "k1", "WANDB_API_KEY": "k2"})
     variable = f"CHECKPOINT_SYNC_{name.upper()}"
     with pytest.raises(UsageError, match=f"^bad setting {name} from {variable}: "):
         load_settings(None, {}, {variable: value})
+
+
+@pytest.mark.parametrize("name", ["api_key_env", "wandb_api_key_env"])
+@pytest.mark.parametrize("value", [API_KEY, "abcd1234.efgh5678", "1KEY", "MY KEY", "MY_KEY="])
+def test_a_key_given_for_its_variable_name_is_refused_unshown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    # The key put where its variable's name goes was quoted: "no API key: set <the key> ...".
+    monkeypatch.delenv("BASETEN_API_KEY")
+    config = tmp_path / "c.toml"
+    config.write_text(f'{name} = "{value}"\napi_url = "http://127.0.0.1:9"\n')
+
+    result = run_cli("list", "--config", config, "--project", "P", "--job", "J", "--json")
+
+    assert result.code == 2
+    assert f"bad setting {name} in {config}: " in result.stderr
+    assert value not in result.stderr + result.stdout
+    assert result.stderr.count("\n") == 1
 
 
 def test_an_empty_key_variable_name_is_exit_2_in_one_line(tmp_path: Path) -> None:
