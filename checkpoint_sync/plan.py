@@ -89,7 +89,11 @@ def select_checkpoints(
         # So is an unreadable one newer than that, or of an age its entry does not tell: the run
         # has a newer checkpoint than the one restored, which no rerun will mirror.
         passed_over = [c for c in unreadable if _may_be_newer(c, newest)]
-        return Selection([newest], newer, passed_over=passed_over)
+        # And one of another status (FAILED, say), which no rerun will mirror either.
+        other = [
+            c for c in candidates if c.state is SyncState.OTHER and _age_key(c) > _age_key(newest)
+        ]
+        return Selection([newest], newer, passed_over=passed_over, other_status=other)
     if every_status:
         return Selection(candidates, unreadable=unreadable)
     taken = {SyncState.COMPLETE, SyncState.UNKNOWN} | (

@@ -112,6 +112,23 @@ def test_latest_with_include_syncing_takes_a_newer_syncing_one_not_a_null_or_fai
     ]
 
 
+@pytest.mark.parametrize("include_syncing", [False, True])
+def test_latest_names_a_newer_checkpoint_of_another_status_it_did_not_take(
+    include_syncing: bool,
+) -> None:
+    # As it names a newer one still uploading: a restore should know the run has a newer
+    # checkpoint, which no rerun will mirror.
+    older_failed, newer_failed = (
+        checkpoint("f2", 2, SyncState.OTHER),
+        checkpoint("f9", 9, SyncState.OTHER),
+    )
+    chosen = select_checkpoints(
+        [*RUN, older_failed, newer_failed], latest=True, include_syncing=include_syncing
+    )
+    assert [c.name for c in chosen.checkpoints] == ["c4" if include_syncing else "c3"]
+    assert chosen.other_status == [newer_failed]
+
+
 UNREADABLE = UnreadableCheckpoint(
     "u-id",
     "run/u (target reward_model, id u-id)",
