@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager, contextmanager
 import aiohttp
 
 from .errors import TransientError, UsageError
-from .net import USER_AGENT, NetSettings, converting_errors, ssl_context
+from .net import USER_AGENT, NetSettings, converting_errors, ssl_context, transient_status
 from .redact import redact_url
 from .wire import Body, FileTarget, Response, Sink
 
@@ -45,7 +45,7 @@ class ProxiedClient:
                 allow_redirects=False,  # as on the direct path
             ) as response:
                 if response.status == 407:  # the proxy's own answer, to a plain-HTTP request
-                    raise _credentials_wanted(proxy, what)
+                    raise _refused_by(proxy, 407, what)
                 lowered = {name.lower(): value for name, value in response.headers.items()}
                 yield Response(response.status, lowered, _AiohttpBody(response))
 
@@ -102,14 +102,17 @@ def _converting_aiohttp_errors(url: str, proxy: str, what: str) -> Iterator[None
     except aiohttp.ClientPayloadError as exc:
         raise TransientError(f"{what}: connection closed mid-body ({redact_url(url)})") from exc
     except aiohttp.ClientError as exc:
-        if isinstance(exc, aiohttp.ClientHttpProxyError) and exc.status == 407:  # to CONNECT
-            raise _credentials_wanted(proxy, what) from exc
+        # The proxy's answer to CONNECT: one it would give again (its access rules, 403) is no
+        # transient fault.
+        if isinstance(exc, aiohttp.ClientHttpProxyError) and not transient_status(exc.status):
+            raise _refused_by(proxy, exc.status, what) from exc
         raise TransientError(f"{what}: {type(exc).__name__} talking to {redact_url(url)}") from exc
 
 
-def _credentials_wanted(proxy: str, what: str) -> UsageError:
-    """The proxy refused us (407): its settings are wrong, and no retry can change that."""
-    return UsageError(
-        f"{what}: the proxy {redact_url(proxy)} asked for credentials (HTTP 407); "
-        "check the user and password in its URL (HTTP_PROXY/HTTPS_PROXY)"
-    )
+def _refused_by(proxy: str, status: int, what: str) -> UsageError:
+    """The proxy refused us: its settings are wrong, and no retry can change that."""
+    if status == 407:
+        problem = "asked for credentials (HTTP 407); check the user and password in its URL"
+    else:
+        problem = f"refused the connection (HTTP {status}); check its URL and NO_PROXY"
+    return UsageError(f"{what}: the proxy {redact_url(proxy)} {problem} (HTTP_PROXY/HTTPS_PROXY)")

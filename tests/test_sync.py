@@ -780,9 +780,22 @@ def sync_past_proxy(scheme: str, dest: Path) -> Result:
     return run_cli("sync", "--api-url", api, "--project", PROJECT, "--job", JOB, "--dest", dest)
 
 
-@pytest.mark.parametrize(("variable", "scheme"), [("HTTP_PROXY", "http"), ("HTTPS_PROXY", "https")])
-def test_a_proxy_asking_for_credentials_is_a_configuration_error_not_retried(
-    dest: Path, monkeypatch: pytest.MonkeyPatch, variable: str, scheme: str
+@pytest.mark.parametrize(
+    ("variable", "scheme", "status", "message"),
+    [
+        ("HTTP_PROXY", "http", 407, "asked for credentials (HTTP 407)"),
+        ("HTTPS_PROXY", "https", 407, "asked for credentials (HTTP 407)"),
+        # Its access rules refusing CONNECT: the answer would be the same on every retry.
+        ("HTTPS_PROXY", "https", 403, "refused the connection (HTTP 403)"),
+    ],
+)
+def test_a_proxy_that_refuses_us_is_a_configuration_error_not_retried(
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    scheme: str,
+    status: int,
+    message: str,
 ) -> None:
     # Its 407 was retried as a transient fault (to CONNECT) or taken for the API's answer.
     requests: list[str] = []
@@ -790,7 +803,7 @@ def test_a_proxy_asking_for_credentials_is_a_configuration_error_not_retried(
     class WantsCredentials(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             requests.append(self.command)
-            self.send_response(407)
+            self.send_response(status)
             self.send_header("Proxy-Authenticate", 'Basic realm="corp"')
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -804,7 +817,7 @@ def test_a_proxy_asking_for_credentials_is_a_configuration_error_not_retried(
 
     assert (len(requests), result.code) == (1, 2)
     assert result.stderr.count("\n") == 1
-    assert f"the proxy {origin} asked for credentials (HTTP 407)" in result.stderr
+    assert f"the proxy {origin} {message}" in result.stderr
     assert "proxy-password" not in result.stderr
 
 
