@@ -92,8 +92,11 @@ def proxy_for_host(scheme: str, host: str, port: int) -> str | None:
             "only http:// and https:// proxies are supported"
         )
     if (problem := url_problem(proxy)) is not None:
-        # aiohttp's InvalidURL would be retried, and name the URL asked for, not the proxy.
-        raise UsageError(f"{_proxy_variable(scheme, named)} is {problem}: {redact_url(proxy)}")
+        # aiohttp's InvalidURL would be retried, and name the URL asked for, not the proxy. A
+        # proxy URL has no path: all before its last "@" is credentials, even a password's "/",
+        # "?" or "#", which `redact_url` would take for the end of the host.
+        shown = redact_url(f"{proxy_scheme}://{proxy.partition('://')[2].rpartition('@')[2]}")
+        raise UsageError(f"{_proxy_variable(scheme, named)} is {problem}: {shown}")
     return proxy
 
 

@@ -860,6 +860,18 @@ def test_a_socks_proxy_is_refused_before_any_request(
         ("http://someone:proxy-password@[::1", "http://[::1", "not a valid URL"),
         ("http://someone:proxy-password@", "http://", "not an http(s) URL"),
         ("someone:proxy-password@proxy.corp:abc", "http://proxy.corp:abc", "not a valid URL"),
+        # A "/", "?" or "#" in a password (not percent-encoded) ends the host to a URL parser.
+        (
+            "http://someone:proxy/password@proxy.corp:3128",
+            "http://proxy.corp:3128",
+            "not a valid URL",
+        ),
+        (
+            "http://someone:proxy?password@proxy.corp:3128",
+            "http://proxy.corp:3128",
+            "not a valid URL",
+        ),
+        ("someone:proxy#password@proxy.corp:3128", "http://proxy.corp:3128", "not a valid URL"),
     ],
 )
 def test_a_malformed_proxy_url_is_a_configuration_error_not_retried(
