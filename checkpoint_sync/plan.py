@@ -145,7 +145,8 @@ class FileFilter:
     """Which listed files a run takes: those of ``ranks`` (``--node-rank``; none: every rank)
     whose path within their rank matches an ``include`` pattern (none: every path) and no
     ``exclude`` pattern. Patterns are shell-style, matched against the whole path, ``*`` matching
-    ``/`` too (as ``huggingface-cli download --include`` does).
+    ``/`` too, one ending in ``/`` taking its directory (as ``huggingface-cli download
+    --include`` does).
 
     A rank or path a listing entry does not tell (an unreadable one) is taken: it is reported,
     not hidden.
@@ -182,7 +183,9 @@ def _any_of(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     """One compiled pattern for all: a listing of a million paths is matched against it."""
     if not patterns:
         return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+    # A trailing "/" names a directory, as huggingface-cli reads it: everything under it.
+    whole = [f"{p}*" if p.endswith("/") else p for p in patterns]
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in whole))
 
 
 def check_paths_matched(files: FileFilter, left_out: int, taken: int) -> None:

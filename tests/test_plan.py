@@ -341,6 +341,10 @@ def test_files_of_the_ranks_asked_for_are_taken(
         (("*.pt",), ("optimizer*",), "scheduler.pt", True),
         (("a(b|c)",), (), "ab", False),  # regex syntax is literal
         (("a(b|c)",), (), "a(b|c)", True),
+        # A trailing "/" names a directory: everything under it, as huggingface-cli reads it.
+        (("sub/",), (), "sub/dir/model.safetensors", True),
+        ((), ("optimizer/",), "optimizer/state.pt", False),
+        ((), ("optimizer/",), "optimizer.pt", True),
         (("*",), (), None, True),  # an unreadable entry's unknown path is still reported
         ((), ("*",), None, True),
     ],
