@@ -336,7 +336,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_bench_command)
 
     demo = commands.add_parser(
-        "demo", help="mirror a synthetic checkpoint from a built-in local server, twice"
+        "demo", help="mirror a synthetic training job from a built-in local server, twice"
     )
     demo.add_argument("--dest", type=_path, help="where to mirror (default: a new temporary dir)")
     _add_transfer_arguments(demo)

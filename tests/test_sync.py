@@ -749,6 +749,14 @@ def test_the_demo_names_the_command_that_mirrors_the_checkpoint_it_left_out(
     ]
 
 
+def test_the_help_says_the_demo_mirrors_a_training_job() -> None:
+    result = run_cli("--help")
+
+    assert result.code == 0, result.stderr
+    # It said "a synthetic checkpoint": the demo's job has three, two of them mirrored.
+    assert "demo mirror a synthetic training job" in " ".join(result.stdout.split())
+
+
 @pytest.fixture
 def dead_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """HTTP_PROXY names a port nobody listens on: a request sent there fails."""
