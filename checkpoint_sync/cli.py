@@ -392,6 +392,12 @@ def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--concurrency", type=int, help="files and connections in flight (16)")
     group.add_argument("--part-size", type=_size_arg, help="ranged part size, e.g. 64MiB")
     group.add_argument(
+        "--limit-rate",
+        type=_size_arg,
+        metavar="SIZE",
+        help="at most SIZE bytes a second over all connections, e.g. 50MiB (0: no limit)",
+    )
+    group.add_argument(
         "--fsync", action="store_true", default=None, help="make data durable across power loss"
     )
     group.add_argument(
@@ -440,6 +446,7 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
             "dest",
             "concurrency",
             "part_size",
+            "limit_rate",
             "include_syncing",
             "fsync",
             "wait_lock",
@@ -492,6 +499,7 @@ def _net(settings: Settings) -> NetSettings:
         read_timeout=settings.read_timeout,
         ca_bundle=settings.ca_bundle,
         proxies=settings.proxies,
+        limit_rate=settings.limit_rate or None,
     )
 
 
@@ -797,7 +805,8 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
 def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     from .bench import grid, recommend, run_trials
 
-    settings = _settings(args, out)
+    # What the link can do is measured: a limit_rate from the config would measure the limit.
+    settings = _settings(args, out).model_copy(update={"limit_rate": 0})
     for concurrency in args.concurrencies:
         check_setting("concurrency", concurrency)
     for part_size in args.part_sizes:

@@ -75,6 +75,8 @@ class Settings(BaseModel):
     dest: Path | None = None
     concurrency: int = Field(default=16, ge=1, le=1024)
     part_size: int = Field(default=64 << 20, ge=1 << 16)
+    # Bytes per second over all of a run's connections; 0: no limit.
+    limit_rate: int = Field(default=0, ge=0)
     include_syncing: bool = False
     fsync: bool = False
     wait_lock: bool = False
@@ -97,7 +99,7 @@ class Settings(BaseModel):
             raise ValueError(f"should be a number, not {str(value).lower()}")
         return value
 
-    @field_validator("part_size", mode="before")
+    @field_validator("part_size", "limit_rate", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value

@@ -31,6 +31,7 @@ class NetSettings:
     read_timeout: float = 60.0
     ca_bundle: Path | None = None
     proxies: bool = True  # through the proxy HTTP(S)_PROXY names, if any
+    limit_rate: int | None = None  # bytes per second over all connections (None: no limit)
 
 
 def loop_options() -> dict[str, bool]:

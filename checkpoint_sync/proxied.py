@@ -6,6 +6,7 @@ one never pays for importing aiohttp.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 
@@ -13,6 +14,7 @@ import aiohttp
 
 from .errors import TransientError, UsageError
 from .net import USER_AGENT, NetSettings, converting_errors, ssl_context, transient_status
+from .rate import RateLimit
 from .redact import redact_url
 from .wire import Body, FileTarget, Response, Sink
 
@@ -20,8 +22,9 @@ from .wire import Body, FileTarget, Response, Sink
 class ProxiedClient:
     """One aiohttp session for every proxied request of a run, opened on first use."""
 
-    def __init__(self, net: NetSettings) -> None:
+    def __init__(self, net: NetSettings, limit: RateLimit | None) -> None:
         self._net = net
+        self._limit = limit
         self._session: aiohttp.ClientSession | None = None
 
     @asynccontextmanager
@@ -47,7 +50,7 @@ class ProxiedClient:
                 if response.status == 407:  # the proxy's own answer, to a plain-HTTP request
                     raise _refused_by(proxy, 407, what)
                 lowered = {name.lower(): value for name, value in response.headers.items()}
-                yield Response(response.status, lowered, _AiohttpBody(response))
+                yield Response(response.status, lowered, _AiohttpBody(response, self._limit))
 
     async def close(self) -> None:
         if self._session is not None:
@@ -79,12 +82,17 @@ class ProxiedClient:
 
 
 class _AiohttpBody(Body):
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, limit: RateLimit | None) -> None:
         self._response = response
+        self._limit = limit
 
     async def stream_to(self, sink: Sink, file: FileTarget | None) -> None:
+        loop = asyncio.get_running_loop()
         async for data in self._response.content.iter_any():
             sink(memoryview(data))
+            if self._limit is not None:
+                # aiohttp stops reading the socket once its buffer is full: waiting holds it.
+                await asyncio.sleep(self._limit.took(len(data), loop.time()))
 
     async def read(self, limit: int) -> bytes:
         got = bytearray()  # content.read gives what is buffered, not up to the limit

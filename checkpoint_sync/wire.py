@@ -40,6 +40,7 @@ from .net import (
     origin_end,
     proxy_for_host,
 )
+from .rate import READ_SIZE, RateLimit
 from .redact import redact_url
 
 if TYPE_CHECKING:
@@ -125,8 +126,11 @@ class HttpClient:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._tasks: TaskGroup | None = None
+        self._limit: RateLimit | None = None
 
     async def __aenter__(self) -> HttpClient:
+        if self._net.limit_rate:
+            self._limit = RateLimit(self._net.limit_rate, asyncio.get_running_loop().time())
         self._tasks = anyio.create_task_group()
         await self._tasks.__aenter__()
         self._tasks.start_soon(self._watch_stalls)
@@ -169,7 +173,7 @@ class HttpClient:
         if self._proxied is None:
             from .proxied import ProxiedClient  # aiohttp: only loaded when a proxy is set
 
-            self._proxied = ProxiedClient(self._net)
+            self._proxied = ProxiedClient(self._net, self._limit)
         return self._proxied
 
     async def _send(
@@ -203,7 +207,7 @@ class HttpClient:
 
     async def _connect(self, scheme: str, host: str, port: int) -> _Connection:
         loop = asyncio.get_running_loop()
-        connection = _Connection(loop, (scheme, host, port), self._net.read_timeout)
+        connection = _Connection(loop, (scheme, host, port), self._net.read_timeout, self._limit)
         with anyio.fail_after(self._net.connect_timeout):
             if scheme == "https":
                 from . import tls  # loaded on first use, with its trust store
@@ -228,7 +232,7 @@ class HttpClient:
             await anyio.sleep(min(1.0, timeout / 4))
             now = loop.time()
             for connection in list(self._busy):
-                if connection.waiting and now - connection.last_activity > timeout:
+                if connection.stalled(now, timeout):
                     connection.fail(TimeoutError(f"no data for {timeout:.0f} s"), abort=True)
 
 
@@ -334,10 +338,16 @@ class _Connection(asyncio.BufferedProtocol, Body):
     """One HTTP/1.1 connection, its response parser, and the body's way to the sink."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, key: tuple[str, str, int], read_timeout: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        key: tuple[str, str, int],
+        read_timeout: float,
+        limit: RateLimit | None,
     ) -> None:
         self.key = key
         self._read_timeout = read_timeout
+        self._limit = limit
+        self._held = False  # reading paused by the rate limit, until its timer resumes it
         self._loop = loop
         self._transport: asyncio.Transport | None = None
         self.last_activity = loop.time()
@@ -368,6 +378,8 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._limit is not None:
+            return self._view[self._filled : self._filled + READ_SIZE]
         return self._view[self._filled :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -387,6 +399,9 @@ class _Connection(asyncio.BufferedProtocol, Body):
             self.fail(ConnectionError(f"malformed answer ({exc})"), abort=True)
         except BaseException as exc:  # the sink's own (disk full...)
             self.fail(exc, abort=True)
+            return
+        if self._limit is not None:
+            self._hold(self._limit.took(nbytes, self.last_activity))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -443,14 +458,13 @@ class _Connection(asyncio.BufferedProtocol, Body):
         answer, or its end."""
         self._pending, self._pending_size = [], 0
         self._base = self._filled = 0
-        if self._paused and self._transport is not None:
+        if (self._paused or self._held) and self._transport is not None:
             # Reading stopped at the answer's end: what the server sent after it is still in
             # the socket, and the next request, sent at once, would take it for its answer.
             sock = self._transport.get_extra_info("socket")
             if sock is None or _more_to_read(sock.fileno()):
                 return False
-            self._paused = False
-            self._transport.resume_reading()
+            self._resume()
         return True
 
     def close(self) -> None:
@@ -556,6 +570,32 @@ class _Connection(asyncio.BufferedProtocol, Body):
             return
         self._deliver(self._take_buffered())
 
+    def _resume(self) -> None:
+        """Read on, after a pause for want of a sink; unless the rate limit holds reading, whose
+        timer then resumes it."""
+        self._paused = False
+        if not self._held and self._transport is not None:
+            self._transport.resume_reading()
+
+    def _hold(self, wait: float) -> None:
+        """Stop reading for ``wait`` seconds: the rate limit's bucket is empty."""
+        if wait <= 0 or self._held or self._closed or self._transport is None:
+            return
+        self._held = True
+        self._transport.pause_reading()
+        self._loop.call_later(wait, self._end_hold)
+
+    def _end_hold(self) -> None:
+        self._held = False
+        self.last_activity = self._loop.time()  # the wait was ours, not the server's silence
+        if not self._paused and not self._closed and self._transport is not None:
+            self._transport.resume_reading()
+
+    def stalled(self, now: float, timeout: float) -> bool:
+        """Whether the answer to a request of ours has brought no byte for ``timeout`` while
+        we read (a hold of the rate limit is not the server's silence)."""
+        return self.waiting and not self._held and now - self.last_activity > timeout
+
     def _take_buffered(self) -> memoryview:
         """The body bytes in the buffer, which is free for the next ones (the view is valid
         until then)."""
@@ -597,9 +637,8 @@ class _Connection(asyncio.BufferedProtocol, Body):
         if file is not None and self._splicing_pays(file):
             await self._splice_into(file)
             return
-        if self._paused and self._transport is not None:
-            self._paused = False
-            self._transport.resume_reading()
+        if self._paused:
+            self._resume()
         if self._body_done is None:
             self._body_done = self._loop.create_future()
         await self._body_done
@@ -607,6 +646,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
     def _splicing_pays(self, file: FileTarget) -> bool:
         return (
             self.key[0] == "http"  # TLS bytes must be decrypted by us
+            and self._limit is None  # the kernel's copy takes no account of a rate
             and self._in_body
             and self._chunks is None
             and self._remaining is not None
@@ -644,8 +684,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
             raise error
         if _more_to_read(sock):
             self._keep_alive = False  # more than the body came: the next answer cannot be told
-        self._paused = False
-        self._transport.resume_reading()
+        self._resume()
         self._finish()
 
     async def read(self, limit: int) -> bytes:

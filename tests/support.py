@@ -29,6 +29,7 @@ import pytest
 from checkpoint_sync.cli import main
 from checkpoint_sync.localserver import Catalog, Faults, LocalServer, ServedFile, content
 from checkpoint_sync.net import proxy_for_host
+from checkpoint_sync.rate import READ_SIZE
 
 T = TypeVar("T")
 API_KEY = "test-key-0123456789abcdef"
@@ -258,3 +259,9 @@ class _Tunnel(socketserver.BaseRequestHandler):
                         if not data:
                             return
                         ends[source].sendall(data)
+
+
+def least_seconds(size: int, rate: int, connections: int, read: int = READ_SIZE) -> float:
+    """The shortest a transfer of ``size`` bytes may take under ``--limit-rate`` ``rate``: all
+    but the bucket and one ``read`` per connection (taken before it waits) go at the rate."""
+    return (size - max(rate / 10, READ_SIZE) - connections * read) / rate

@@ -191,6 +191,21 @@ def test_bench_of_a_pattern_no_file_matches_is_not_found(server: ServerThread) -
     assert "no listed file matches --exclude '*' in the selected checkpoints" in result.stderr
 
 
+def test_bench_measures_the_link_not_the_configured_rate_limit(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 1 KiB a second would make the trial's megabyte take a quarter of an hour.
+    monkeypatch.setenv("CHECKPOINT_SYNC_LIMIT_RATE", "1KiB")
+    args = ["--concurrency", "2", "--part-size", "256KiB", "--max-bytes", "2MiB", "--json"]
+
+    result = run_cli(*job_args(server, "bench", *args))
+
+    assert result.code == 0, result.stderr
+    (trial,) = json.loads(result.stdout)["trials"]
+    assert trial["bytes"] > 1 << 19
+    assert trial["mb_per_s"] > 0.1  # a hundred times the limit
+
+
 def test_the_recommended_part_size_is_the_one_measured(server: ServerThread) -> None:
     args = ["--concurrency", "2", "--part-size", "1000000", "--max-bytes", "2MiB"]
     result = run_cli(*job_args(server, "bench", *args))

@@ -62,6 +62,19 @@ def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
     assert settings.api_url == "http://flag"  # flag beats env
 
 
+@pytest.mark.parametrize(
+    ("given", "limit"),
+    [
+        ({}, 0),  # no limit
+        ({"CHECKPOINT_SYNC_LIMIT_RATE": "50MiB"}, 50 << 20),
+        ({"CHECKPOINT_SYNC_LIMIT_RATE": "512KB"}, 512_000),
+        ({"CHECKPOINT_SYNC_LIMIT_RATE": "0"}, 0),
+    ],
+)
+def test_a_rate_limit_is_a_size_a_second(given: dict[str, str], limit: int) -> None:
+    assert load_settings(None, {}, given).limit_rate == limit
+
+
 def test_api_key_comes_from_the_named_variable() -> None:
     settings = load_settings(None, {}, {"BASETEN_API_KEY": "k1", "MY_KEY": "k2"})
     assert settings.baseten_key() == "k1"
@@ -76,6 +89,8 @@ def test_api_key_comes_from_the_named_variable() -> None:
         ("concurrency = 0", "concurrency"),
         ("no_such_key = 1", "no_such_key"),
         ('part_size = "huge"', "part_size"),
+        ('limit_rate = "fast"', "limit_rate"),
+        ("limit_rate = -1", "limit_rate"),
         ('auth_scheme = "Basic"', "auth_scheme"),
         ("concurrency = [", "not valid TOML"),
         ('dest = "\xff"', "not valid TOML"),  # not UTF-8
@@ -140,7 +155,7 @@ def test_a_duration_that_is_no_number_of_seconds_is_named_so(name: str, text: st
         load_settings(None, {}, {variable: text})
 
 
-NUMBERS = ["page_size", "concurrency", "part_size", "retries", *DURATIONS]
+NUMBERS = ["page_size", "concurrency", "part_size", "limit_rate", "retries", *DURATIONS]
 
 
 @pytest.mark.parametrize("name", NUMBERS)
