@@ -433,6 +433,10 @@ class _Connection(asyncio.BufferedProtocol, Body):
     async def send(self, request: bytes) -> Response:
         if self._closed or self._transport is None or self._transport.is_closing():
             raise _StaleConnection()
+        if self._held and self._unseen_bytes():
+            # Held by the rate limit while idle, it has not read what the server sent since
+            # (bytes past its last answer, or its close): the answer would begin with them.
+            raise _StaleConnection()
         self._reset()
         self._head_done = self._loop.create_future()
         self.waiting = True
@@ -461,11 +465,16 @@ class _Connection(asyncio.BufferedProtocol, Body):
         if (self._paused or self._held) and self._transport is not None:
             # Reading stopped at the answer's end: what the server sent after it is still in
             # the socket, and the next request, sent at once, would take it for its answer.
-            sock = self._transport.get_extra_info("socket")
-            if sock is None or _more_to_read(sock.fileno()):
+            if self._unseen_bytes():
                 return False
             self._resume()
         return True
+
+    def _unseen_bytes(self) -> bool:
+        """Whether the socket, not read while reading is paused, holds bytes or its end."""
+        assert self._transport is not None
+        sock = self._transport.get_extra_info("socket")
+        return sock is None or _more_to_read(sock.fileno())
 
     def close(self) -> None:
         self._closed = True

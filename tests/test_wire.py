@@ -79,8 +79,11 @@ async def serving(server: Server) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def client(read_timeout: float = 5.0) -> AsyncIterator[HttpClient]:
-    async with HttpClient(NetSettings(connect_timeout=5, read_timeout=read_timeout)) as http:
+async def client(
+    read_timeout: float = 5.0, limit_rate: int | None = None
+) -> AsyncIterator[HttpClient]:
+    net = NetSettings(connect_timeout=5, read_timeout=read_timeout, limit_rate=limit_rate)
+    async with HttpClient(net) as http:
         yield http
 
 
@@ -379,6 +382,28 @@ async def test_bytes_arriving_on_an_idle_connection_keep_it_from_being_reused() 
     async with serving(server) as url, client(read_timeout=2) as http:
         assert await fetch(http, url) == (200, b"ok")
         await asyncio.sleep(0.2)  # the bytes past the answer arrive
+        with anyio.fail_after(5):
+            assert await fetch(http, url) == (200, b"ok")
+    assert server.connections == 2
+
+
+async def test_bytes_arriving_on_a_connection_held_idle_keep_it_from_being_reused() -> None:
+    # Held by --limit-rate after its answer, the idle connection does not read them as they
+    # come: the next request sent on it took them, a whole answer here, for its own.
+    body = os.urandom(125536)
+    first: list[bytes | float] = [
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:65536],
+        0.1,
+        body[65536:],  # read at once, past the bucket (64 KiB): a hold of a third of a second
+        0.05,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstray",
+    ]
+    server = Server(
+        lambda n: first if n == 1 else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+    )
+    async with serving(server) as url, client(read_timeout=2, limit_rate=128 << 10) as http:
+        assert await fetch(http, url) == (200, body)
+        await asyncio.sleep(0.15)  # the bytes past the answer arrive; the hold goes on
         with anyio.fail_after(5):
             assert await fetch(http, url) == (200, b"ok")
     assert server.connections == 2
