@@ -56,6 +56,8 @@ def parse_size(text: str | int) -> int:
     size = float(number) * base**power
     if not math.isfinite(size):
         raise ValueError(f"'{text}' is too large a size")
+    if 0 < size < 1:  # rounded down it would be 0: as a rate limit, none at all
+        raise ValueError(f"'{text}' is less than a byte")
     return int(size)
 
 

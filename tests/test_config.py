@@ -50,6 +50,13 @@ def test_parse_size_refuses(text: str) -> None:
         parse_size(text)
 
 
+@pytest.mark.parametrize("text", ["0.5", "0.0001K"])
+def test_a_size_of_less_than_a_byte_is_refused_not_taken_for_none(text: str) -> None:
+    # Rounded down it was 0, which as --limit-rate means no limit at all.
+    with pytest.raises(ValueError, match="less than a byte"):
+        parse_size(text)
+
+
 def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text('concurrency = 3\npart_size = "1MiB"\napi_url = "http://file"\n')
