@@ -583,8 +583,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
         """Read on, after a pause for want of a sink; unless the rate limit holds reading, whose
         timer then resumes it."""
         self._paused = False
-        if not self._held and self._transport is not None:
-            self._transport.resume_reading()
+        self._read_on()
 
     def _hold(self, wait: float) -> None:
         """Stop reading for ``wait`` seconds: the rate limit's bucket is empty."""
@@ -597,7 +596,12 @@ class _Connection(asyncio.BufferedProtocol, Body):
     def _end_hold(self) -> None:
         self._held = False
         self.last_activity = self._loop.time()  # the wait was ours, not the server's silence
-        if not self._paused and not self._closed and self._transport is not None:
+        self._read_on()
+
+    def _read_on(self) -> None:
+        """Resume reading once neither reason to pause stands: a body waiting for its sink
+        (`_paused`) and the rate limit's hold (`_held`) each keep it paused."""
+        if not (self._paused or self._held or self._closed) and self._transport is not None:
             self._transport.resume_reading()
 
     def stalled(self, now: float, timeout: float) -> bool:
