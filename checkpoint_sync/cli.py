@@ -282,6 +282,13 @@ def _parser() -> argparse.ArgumentParser:
         help="read back every mirrored file and fetch again those whose bytes no longer match "
         "the digest recorded when they were verified (after a crash, a power loss, a bad disk)",
     )
+    sync_cmd.add_argument(
+        "--delete",
+        action="store_true",
+        default=None,
+        help="delete the mirrored files of checkpoints the provider no longer lists "
+        "(or `delete` in the config)",
+    )
     _add_common_arguments(sync_cmd)
     sync_cmd.set_defaults(handler=_sync_command)
 
@@ -450,6 +457,7 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
             "include_syncing",
             "fsync",
             "wait_lock",
+            "delete",
         )
     }
     settings = load_settings(args.config, flags)
@@ -471,6 +479,7 @@ def _options(settings: Settings, dest: Path, args: argparse.Namespace) -> SyncOp
         files=_file_filter(args),
         dry_run=getattr(args, "dry_run", False),
         verify=getattr(args, "verify", False),
+        delete=settings.delete,
         wait_lock=settings.wait_lock,
         transfer=TransferSettings(
             part_size=settings.part_size, fsync=settings.fsync, retry=_retry(settings)
@@ -547,7 +556,7 @@ async def _mirror(
     """List, select and mirror, showing progress; the heart of `sync` and `demo`."""
 
     def show_plan(planned: PlannedFile) -> None:
-        out.answer(f"{planned.action:5} {planned.path} ({human_bytes(planned.size)})")
+        out.answer(f"{planned.action:6} {planned.path} ({human_bytes(planned.size)})")
 
     async with (
         _selected(recipe, wanted, out) as (http, source, selection),
@@ -666,6 +675,18 @@ def _print_summary(
         elif stats.files_damaged:
             found += f", {stats.files_restored} of them fetched again"
         out.info(found)
+    if stats.files_to_delete:
+        out.info(
+            f"{'would delete' if options.dry_run else 'deleted'} "
+            f"{stats.files_to_delete if options.dry_run else stats.files_deleted} mirrored files "
+            f"({human_bytes(stats.bytes_to_delete if options.dry_run else stats.bytes_deleted)}) "
+            f"of checkpoints removed upstream: {', '.join(stats.removed_upstream)}"
+        )
+    for run in stats.delete_held_back:
+        out.info(
+            f"deleted nothing of {run}: its checkpoint list is empty (if its checkpoints are "
+            f"gone, delete {options.dest}/{run} yourself)"
+        )
     for name in stats.syncing_left_out:
         out.info(f"left out, still syncing: {name} ({syncing_hint})")
     for name, status in stats.status_left_out:

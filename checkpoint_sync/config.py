@@ -82,6 +82,8 @@ class Settings(BaseModel):
     include_syncing: bool = False
     fsync: bool = False
     wait_lock: bool = False
+    # sync: delete the mirrored files of checkpoints removed upstream.
+    delete: bool = False
     # Finite: NaN was refused as "should be less than or equal to 86400", which it is not above.
     connect_timeout: float = Field(default=30.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     read_timeout: float = Field(default=60.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)

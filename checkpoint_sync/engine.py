@@ -11,7 +11,7 @@ import asyncio
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -33,6 +33,7 @@ from .plan import (
     is_current,
 )
 from .progress import Stats
+from .prune import Pruner, deletions, held_back
 from .sources.base import RemoteFile, Source, UnreadableEntry
 from .transfer import Transfers, TransferSettings
 from .wire import HttpClient
@@ -51,6 +52,8 @@ class SyncOptions:
     dry_run: bool = False
     # Re-read each file the manifest vouches for, and fetch again those whose bytes changed.
     verify: bool = False
+    # Delete the mirrored files of checkpoints removed upstream (`prune`).
+    delete: bool = False
     wait_lock: bool = False
     # Whether the listing shows every file of the selection: a bench trial's stops at its byte
     # budget, before later ranks show, so there only asking for no listed rank at all is exit 4.
@@ -71,7 +74,7 @@ class _Job:
 class PlannedFile:
     path: str
     size: int
-    action: Literal["fetch", "skip", "check"]
+    action: Literal["fetch", "skip", "check", "delete"]
 
 
 def manifest_path(dest: Path) -> Path:
@@ -99,6 +102,8 @@ async def sync(
         manifest = Manifest(manifest_path(options.dest), read_only=True)
         try:
             await _produce(source, selection, options, manifest, stats, on_plan, None)
+            if options.delete:
+                _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
         finally:
             manifest.close()
         return
@@ -184,6 +189,8 @@ async def _run(
     # A file whose entry did not tell its path may have parts; only its listing could say which.
     listed = {(c.run, c.name) for c in selection.checkpoints} if paths_told == [True] else set()
     transfers.drop_unlisted(listed, options.files, source.listed_whole())
+    if options.delete:
+        _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
 
 
 async def _produce(
@@ -280,6 +287,36 @@ def _plan(
     stats.files_to_fetch += 1
     stats.bytes_to_fetch += file.size
     return relative, "fetch", recorded
+
+
+def _delete_removed(
+    whole_lists: Mapping[str, frozenset[str]],
+    options: SyncOptions,
+    manifest: Manifest,
+    stats: Stats,
+    on_plan: Callable[[PlannedFile], None] | None,
+) -> None:
+    """``--delete``, once the run's own work is done: the mirrored files of checkpoints removed
+    upstream go (a dry run only says which). A file that cannot be deleted fails alone."""
+    stats.delete_held_back = held_back(manifest, whole_lists)
+    pruner = None if options.dry_run else Pruner(str(options.dest), manifest)
+    for doomed in deletions(manifest, options.files, whole_lists):
+        stats.files_to_delete += 1
+        stats.bytes_to_delete += doomed.size
+        if doomed.checkpoint not in stats.removed_upstream:
+            stats.removed_upstream.append(doomed.checkpoint)
+        if on_plan is not None:
+            on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
+        if pruner is None:
+            continue
+        try:
+            if pruner.delete(doomed):
+                stats.files_deleted += 1
+                stats.bytes_deleted += doomed.size
+        except FileError as exc:
+            stats.fail(doomed.path, str(exc))
+    if pruner is not None:
+        pruner.remove_empty_directories()
 
 
 class _Stop:

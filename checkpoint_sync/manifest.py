@@ -155,6 +155,11 @@ class Manifest:
         for row in rows:
             yield VerifiedFile(*row)
 
+    def checkpoints_of(self, run: str) -> list[str]:
+        """The checkpoint directories of ``run`` that hold recorded files."""
+        rows = self._db.execute("SELECT DISTINCT checkpoint FROM files WHERE run = ?", (run,))
+        return [checkpoint for (checkpoint,) in rows]
+
     def staged_not_listed(self) -> list[str]:
         """Paths of files left in parts that this run's listing did not show."""
         rows = self._db.execute(
@@ -215,8 +220,13 @@ class Manifest:
 
     def forget(self, path: str) -> None:
         """Drop the record of ``path`` now (committed): its file is about to be replaced."""
-        self._write("DELETE FROM files WHERE path = ?", (path,))
+        self.drop_record(path)
         self.commit()
+
+    def drop_record(self, path: str) -> None:
+        """Drop the record of ``path``, whose file is gone, with the next batch."""
+        self._write("DELETE FROM files WHERE path = ?", (path,))
+        self.maybe_commit()
 
     def record_verified(self, entry: VerifiedFile) -> None:
         """Record a published file and forget its staging progress, in one transaction."""

@@ -213,8 +213,17 @@ def unlisted_parts_go(
     checkpoint list was read whole (``whole_lists``: run -> directories) and no longer has its
     checkpoint."""
     run, checkpoint, rank, path = place
-    gone = run in whole_lists and checkpoint not in whole_lists[run]
-    return gone or ((run, checkpoint) in listed and files.takes(rank, path))
+    if removed_upstream(run, checkpoint, whole_lists):
+        return True
+    return (run, checkpoint) in listed and files.takes(rank, path)
+
+
+def removed_upstream(run: str, checkpoint: str, whole_lists: Mapping[str, frozenset[str]]) -> bool:
+    """Whether the checkpoint in directory ``checkpoint`` of ``run`` was removed upstream: its
+    run's checkpoint list was read whole (``whole_lists``: run -> directories) and no longer has
+    it. Baseten's checkpoint lists are one answer each and W&B's is read by a cursor that a
+    deletion does not shift, so a checkpoint missing from such a list is gone."""
+    return run in whole_lists and checkpoint not in whole_lists[run]
 
 
 def check_ranks_listed(wanted: frozenset[int], listed: set[int], *, each: bool = True) -> None:

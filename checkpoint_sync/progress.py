@@ -34,6 +34,13 @@ class Stats:
     bytes_fetched: int = 0  # as received over the wire, retries included
     bytes_published: int = 0
     bytes_skipped: int = 0
+    # --delete: mirrored files of checkpoints removed upstream (what a --dry-run would delete)
+    files_to_delete: int = 0
+    files_deleted: int = 0
+    bytes_to_delete: int = 0
+    bytes_deleted: int = 0
+    removed_upstream: list[str] = field(default_factory=list)  # their "<run>/<checkpoint>"
+    delete_held_back: list[str] = field(default_factory=list)  # runs listed with no checkpoint
     retries: int = 0
     url_refreshes: int = 0
     listing_done: bool = False
@@ -78,6 +85,8 @@ def summary(stats: Stats) -> dict[str, Any]:
             "to_check": stats.files_to_check,  # what a --dry-run --verify would read back
             "checked": stats.files_checked,
             "damaged": stats.files_damaged,
+            "to_delete": stats.files_to_delete,
+            "deleted": stats.files_deleted,
         },
         "bytes": {
             "to_fetch": stats.bytes_to_fetch,
@@ -85,11 +94,15 @@ def summary(stats: Stats) -> dict[str, Any]:
             "fetched": stats.bytes_fetched,
             "published": stats.bytes_published,
             "skipped": stats.bytes_skipped,
+            "to_delete": stats.bytes_to_delete,
+            "deleted": stats.bytes_deleted,
         },
         "seconds": round(stats.seconds, 3),
         "mb_per_s": round(stats.mb_per_s(), 1),
         "retries": stats.retries,
         "url_refreshes": stats.url_refreshes,
+        "removed_upstream": stats.removed_upstream,
+        "delete_held_back": stats.delete_held_back,
         "syncing_left_out": stats.syncing_left_out,
         "status_left_out": [
             {"checkpoint": where, "status": status} for where, status in stats.status_left_out

@@ -235,6 +235,8 @@ def test_files_in_flight_when_the_disk_fills_still_land_and_the_rerun_fetches_th
             "to_check": 0,
             "checked": 0,
             "damaged": 0,
+            "to_delete": 0,
+            "deleted": 0,
         }
 
 
@@ -301,6 +303,8 @@ def test_a_dry_run_leaves_the_mirror_untouched_and_works_on_a_read_only_one(
         "to_check": 0,
         "checked": 0,
         "damaged": 0,
+        "to_delete": 0,
+        "deleted": 0,
     }
 
 

@@ -416,6 +416,24 @@ def test_the_parts_of_a_checkpoint_deleted_upstream_go_and_no_other_ones(
     assert staged(dest) == kept | ({f"{RUN}/weights-step-10"} if unreadable else set())
 
 
+def test_delete_removes_a_trainer_checkpoint_removed_upstream_not_its_sampler_twin(
+    dest: Path,
+) -> None:
+    with ServerThread(loops_catalog()) as server:
+        assert run_cli(*sync(server, dest, "--loops-run", RUN)).code == 0
+        (deleted,) = [c for c in of_run(server, RUN) if c.id == f"lc-{RUN}-trainer-step-10"]
+        server.call(lambda: server.catalog.loops.remove(deleted))
+        kept = of_run(server, RUN)
+        result = run_cli(*sync(server, dest, "--loops-run", RUN, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["removed_upstream"] == [f"{RUN}/weights-step-10"]
+    assert not (dest / RUN / "weights-step-10").exists()
+    for checkpoint in kept:
+        for file in checkpoint.checkpoint.files:
+            assert_exact(landed(dest, checkpoint, file), file)
+
+
 def test_expired_urls_are_refreshed_through_the_checkpoints_own_listing(dest: Path) -> None:
     catalog = Catalog(
         api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-1",), files=1, size=1 << 20)

@@ -18,6 +18,7 @@ from checkpoint_sync.plan import (
     check_ranks_listed,
     is_current,
     parts_to_keep,
+    removed_upstream,
     select_checkpoints,
     split_parts,
     unlisted_parts_go,
@@ -442,6 +443,21 @@ def test_unlisted_parts_go(
     goes: bool,
 ) -> None:
     assert unlisted_parts_go(place, listed, files, whole_lists) is goes
+
+
+@pytest.mark.parametrize(
+    ("run", "checkpoint", "whole_lists", "removed"),
+    [
+        ("job", "c3", WHOLE, True),  # not in its run's whole list
+        ("job", "c1", WHOLE, False),  # still listed
+        ("other", "c3", WHOLE, False),  # its run's list was not read whole
+        ("job", "c1", {"job": frozenset()}, True),  # every checkpoint removed
+    ],
+)
+def test_removed_upstream(
+    run: str, checkpoint: str, whole_lists: dict[str, frozenset[str]], removed: bool
+) -> None:
+    assert removed_upstream(run, checkpoint, whole_lists) is removed
 
 
 @pytest.mark.parametrize(

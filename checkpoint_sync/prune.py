@@ -1,0 +1,113 @@
+"""``--delete``: removing from the mirror the checkpoints their provider has deleted.
+
+A cron mirror of a job that keeps its last few checkpoints would otherwise grow for ever. Only a
+checkpoint missing from its run's checkpoint list read whole goes (`plan.removed_upstream`), never
+one a listing merely did not reach; and of it only the files the manifest records (what
+checkpoint-sync put there) whose rank and path the run takes. A user's own files stay, and so do
+the directories that hold them. A checkpoint still listed keeps every file: its file listing is
+paged by offset, and a file deleted upstream mid-walk can shift another one out of it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+
+from .errors import FileError
+from .layout import mirror_path_parts
+from .manifest import Manifest, VerifiedFile
+from .plan import FileFilter, removed_upstream
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """A mirrored file to delete: ``path`` relative to DEST."""
+
+    path: str
+    size: int
+    checkpoint: str  # "<run>/<checkpoint>", for reports
+
+
+def deletions(
+    manifest: Manifest, files: FileFilter, whole_lists: Mapping[str, frozenset[str]]
+) -> Iterator[Deletion]:
+    """The mirrored files of checkpoints removed upstream that ``files`` takes; none of a run
+    whose checkpoint list is empty (`held_back`)."""
+    for run, listed in whole_lists.items():
+        if not listed:
+            continue
+        for checkpoint in manifest.checkpoints_of(run):
+            if not removed_upstream(run, checkpoint, whole_lists):
+                continue
+            # Read whole first: the caller drops records as it goes.
+            recorded: list[VerifiedFile] = list(manifest.files_in(run, checkpoint))
+            for file in recorded:
+                _, _, rank, path = mirror_path_parts(file.path)
+                if files.takes(rank, path):
+                    yield Deletion(file.path, file.size, f"{run}/{checkpoint}")
+
+
+def held_back(manifest: Manifest, whole_lists: Mapping[str, frozenset[str]]) -> list[str]:
+    """The runs with mirrored files whose checkpoint list was empty. An empty list is more
+    likely an API's bad moment than a run emptied on purpose: a mirror of every checkpoint of a
+    run is not deleted on its word alone."""
+    return [
+        run for run, listed in whole_lists.items() if not listed and manifest.checkpoints_of(run)
+    ]
+
+
+class Pruner:
+    """Deletes mirrored files under ``dest`` and the directories they leave empty."""
+
+    def __init__(self, dest: str, manifest: Manifest) -> None:
+        self._dest = dest
+        self._real_dest = os.path.realpath(dest)
+        self._manifest = manifest
+        self._emptied: set[str] = set()
+        self._where_it_was: dict[str, bool] = {}
+
+    def delete(self, doomed: Deletion) -> bool:
+        """Delete ``doomed`` and drop its record; whether a file was deleted (`FileError` if it
+        could not be). What is at its path and is no regular file, or lies under a symlink (where
+        it may be another checkpoint's file), is not the mirror's: only the record goes."""
+        final = f"{self._dest}/{doomed.path}"
+        deleted = False
+        if self._as_laid_out(os.path.dirname(doomed.path)):
+            try:
+                if stat.S_ISREG(os.lstat(final).st_mode):
+                    os.unlink(final)
+                    deleted = True
+            except FileNotFoundError:
+                pass  # gone already: a run killed after deleting it, before dropping its record
+            except OSError as exc:
+                raise FileError(f"cannot delete {final}: {exc.strerror or exc}") from exc
+        self._manifest.drop_record(doomed.path)
+        if deleted:
+            self._emptied.add(os.path.dirname(doomed.path))
+        return deleted
+
+    def remove_empty_directories(self) -> None:
+        """Remove the directories that deleting left empty, up to the checkpoint's own; a
+        directory still holding anything stays."""
+        directories: set[str] = set()
+        for directory in self._emptied:
+            # "<run>/<checkpoint>/<rank>/..." up to "<run>/<checkpoint>"
+            while directory.count("/") >= 1:
+                directories.add(directory)
+                directory = os.path.dirname(directory)
+        for directory in sorted(directories, key=lambda d: d.count("/"), reverse=True):
+            # Not empty (a user's file, a file the run did not take), or gone: it stays.
+            with suppress(OSError):
+                os.rmdir(f"{self._dest}/{directory}")
+        self._manifest.commit()
+
+    def _as_laid_out(self, directory: str) -> bool:
+        """Whether ``directory`` (relative to DEST) resolves to itself: no symlink on the way."""
+        known = self._where_it_was.get(directory)
+        if known is None:
+            resolved = os.path.realpath(f"{self._dest}/{directory}")
+            known = self._where_it_was[directory] = resolved == f"{self._real_dest}/{directory}"
+        return known

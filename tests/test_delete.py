@@ -1,0 +1,242 @@
+"""``--delete``: the mirrored files of checkpoints removed upstream go, and nothing else does."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+
+from checkpoint_sync.localserver import ServedCheckpoint, ServedFile
+
+from .conftest import JOB, PROJECT, job_catalog, sync_args
+from .support import ServerThread, assert_exact, http_serving, mirrored, run_cli
+
+DELETED = "checkpoint-10"
+
+
+def recorded_checkpoints(dest: Path) -> set[str]:
+    db = sqlite3.connect(dest / ".checkpoint-sync" / "manifest.sqlite3")
+    try:
+        return {checkpoint for (checkpoint,) in db.execute("SELECT checkpoint FROM files")}
+    finally:
+        db.close()
+
+
+def mirror_then_remove_upstream(server: ServerThread, dest: Path, *extra: str) -> ServedCheckpoint:
+    """Mirror the job (``extra`` narrowing it), then remove its oldest checkpoint upstream."""
+    assert run_cli(*sync_args(server, dest, *extra)).code == 0
+    job = server.catalog.jobs[0]
+    (removed,) = [c for c in job.checkpoints if c.checkpoint_id == DELETED]
+    server.call(lambda: job.checkpoints.remove(removed))
+    return removed
+
+
+def still_listed(server: ServerThread) -> list[ServedFile]:
+    return [f for c in server.catalog.jobs[0].checkpoints for f in c.files]
+
+
+def test_the_files_of_a_checkpoint_removed_upstream_go_with_their_directories(
+    dest: Path,
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        kept = still_listed(server)
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+        again = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["files"]["deleted"] == summary["files"]["to_delete"] == len(removed.files)
+    assert summary["bytes"]["deleted"] == sum(f.size for f in removed.files)
+    assert summary["files"]["fetched"] == 0
+    assert summary["removed_upstream"] == [f"{JOB}/{DELETED}"]
+    assert not (dest / JOB / DELETED).exists()
+    assert DELETED not in recorded_checkpoints(dest)
+    for file in kept:
+        assert_exact(mirrored(dest, JOB, file), file)
+    # Done once: the next run has nothing to delete and fetches nothing.
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["files"]["to_delete"] == 0
+    assert json.loads(again.stdout)["files"]["fetched"] == 0
+
+
+def test_without_delete_a_checkpoint_removed_upstream_stays_mirrored(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["to_delete"] == 0
+    for file in removed.files:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_delete_in_the_config_deletes(dest: Path, tmp_path: Path) -> None:
+    config = tmp_path / "mirror.toml"
+    config.write_text("delete = true\n")
+    with ServerThread(job_catalog()) as server:
+        mirror_then_remove_upstream(server, dest)
+        result = run_cli(*sync_args(server, dest, "--config", str(config)))
+
+    assert result.code == 0, result.stderr
+    assert not (dest / JOB / DELETED).exists()
+    assert f"of checkpoints removed upstream: {JOB}/{DELETED}" in result.stdout
+
+
+def test_a_dry_run_names_what_it_would_delete_and_deletes_nothing(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        dry = run_cli(*sync_args(server, dest, "--delete", "--dry-run"))
+
+    assert dry.code == 0, dry.stderr
+    planned = {line.split()[1] for line in dry.stdout.splitlines() if line.startswith("delete ")}
+    assert planned == {str(mirrored(dest, JOB, f).relative_to(dest)) for f in removed.files}
+    assert f"would delete {len(removed.files)} mirrored files" in dry.stdout
+    for file in removed.files:
+        assert_exact(mirrored(dest, JOB, file), file)
+    assert DELETED in recorded_checkpoints(dest)
+
+
+def test_only_the_ranks_and_paths_the_run_takes_are_deleted(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        result = run_cli(
+            *sync_args(server, dest, "--delete", "--node-rank", "0", "--exclude", "*.safetensors")
+        )
+
+    assert result.code == 0, result.stderr
+    for file in removed.files:
+        path = mirrored(dest, JOB, file)
+        if file.node_rank == 0 and not file.name.endswith(".safetensors"):
+            assert not path.exists()
+        else:
+            assert_exact(path, file)
+
+
+def test_files_the_manifest_does_not_record_stay_and_so_do_their_directories(
+    dest: Path,
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        notes = dest / JOB / DELETED / "0" / "notes.txt"
+        notes.write_text("mine")
+        # A mirrored file the user swapped for a link to a copy of their own.
+        swapped = mirrored(dest, JOB, removed.files[0])  # rank 0's weights
+        swapped.unlink()
+        swapped.symlink_to(notes)
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["deleted"] == len(removed.files) - 1
+    assert notes.read_text() == "mine"
+    assert swapped.is_symlink()
+    left = {p.relative_to(dest) for p in (dest / JOB / DELETED).rglob("*")}
+    assert left == {Path(JOB, DELETED, "0"), notes.relative_to(dest), swapped.relative_to(dest)}
+
+
+def test_nothing_is_deleted_through_a_symlink_to_another_checkpoint(dest: Path) -> None:
+    # A user who linked the old checkpoint's directory to a newer one: its recorded paths now
+    # lead to the newer checkpoint's files, which must not go.
+    with ServerThread(job_catalog()) as server:
+        mirror_then_remove_upstream(server, dest)
+        kept = still_listed(server)
+        directory = dest / JOB / DELETED
+        for path in sorted(directory.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        directory.rmdir()
+        directory.symlink_to("checkpoint-20")
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["deleted"] == 0
+    assert DELETED not in recorded_checkpoints(dest)
+    for file in kept:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_another_jobs_mirror_in_the_same_directory_is_left_alone(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        # As if another job of that name had mirrored it: this source's list is not its list.
+        db = sqlite3.connect(dest / ".checkpoint-sync" / "manifest.sqlite3")
+        with db:
+            db.execute("UPDATE files SET run = 'job-2' WHERE checkpoint = ?", (DELETED,))
+        db.close()
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["to_delete"] == 0
+    for file in removed.files:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+@pytest.mark.parametrize(
+    "failing",
+    [["--include", "no-such-file*"], ["--node-rank", "7"]],
+    ids=["pattern-took-nothing", "rank-not-listed"],
+)
+def test_a_run_that_fails_deletes_nothing(dest: Path, failing: list[str]) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        result = run_cli(*sync_args(server, dest, "--delete", *failing))
+
+    assert result.code == 4, result.stderr
+    for file in removed.files:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+class _OneNamedOneNameless(BaseHTTPRequestHandler):
+    """The job's checkpoint list: checkpoint-20, and an entry that gives no checkpoint_id; its
+    file listing is empty."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        stamp = "2026-11-01T00:00:00Z"
+        answer: dict[str, object] = {"presigned_urls": [], "total_count": 0}
+        if self.path.endswith("/checkpoints"):
+            named = {"checkpoint_id": "checkpoint-20", "created_at": stamp}
+            answer = {"training_job": {"id": JOB}, "checkpoints": [named, {"created_at": stamp}]}
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_checkpoint_list_that_does_not_name_every_checkpoint_deletes_nothing(
+    dest: Path,
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        assert run_cli(*sync_args(server, dest)).code == 0
+        mirrored_files = server.files()
+    # The entry without its id could be any checkpoint that seems gone.
+    with http_serving(_OneNamedOneNameless) as api:
+        args = ["--api-url", api, "--project", PROJECT, "--job", JOB, "--dest", str(dest)]
+        result = run_cli("sync", *args, "--delete", "--json")
+
+    assert result.code == 1, result.stderr
+    assert json.loads(result.stdout)["files"]["to_delete"] == 0
+    for file in mirrored_files:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_a_job_listed_with_no_checkpoint_left_deletes_nothing_and_says_so(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        assert run_cli(*sync_args(server, dest)).code == 0
+        mirrored_files = server.files()
+        server.call(server.catalog.jobs[0].checkpoints.clear)
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+        said = run_cli(*sync_args(server, dest, "--delete"))
+
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["files"]["to_delete"] == 0
+    assert summary["delete_held_back"] == [JOB]
+    assert f"deleted nothing of {JOB}: its checkpoint list is empty" in said.stdout
+    for file in mirrored_files:
+        assert_exact(mirrored(dest, JOB, file), file)
