@@ -124,6 +124,8 @@ class ServedWandbModel:
     checkpoints: list[ServedWandbCheckpoint] = field(default_factory=list)
     # Hand out the first page whatever the cursor: a listing that never advances.
     stuck_cursor: bool = False
+    # Say there is more on every page: the walk ends on an empty page that still says so.
+    more_promised: bool = False
 
 
 @dataclass
@@ -570,7 +572,7 @@ class LocalServer:
                 "data": [{"id": c.id, "step": c.step, "metrics": c.metrics} for c in page],
                 "first_id": page[0].id if page else "",
                 "last_id": page[-1].id if page else "",
-                "has_more": start + limit < len(items),
+                "has_more": model.more_promised or start + limit < len(items),
             }
         )
 

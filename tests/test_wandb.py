@@ -637,6 +637,29 @@ def test_an_unknown_artifact_exits_4(
     assert message in result.stderr
 
 
+@pytest.mark.parametrize("more_promised", [False, True], ids=["whole", "ended-on-a-promise"])
+def test_delete_removes_a_checkpoint_removed_upstream_once_the_list_was_read_whole(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, more_promised: bool
+) -> None:
+    catalog = wandb_catalog(files=2, size=2000)
+    model = catalog.wandb_models[0]
+    server = serve(catalog, monkeypatch)
+    try:
+        assert run_cli(*synced(dest, "--wandb-artifact", ARTIFACT)).code == 0
+        server.call(lambda: model.checkpoints.remove(checkpoints_of(server)[10]))
+        # The walk then ends on an empty page that says there is more: the list may go on.
+        model.more_promised = more_promised
+        result = run_cli(*synced(dest, "--wandb-artifact", ARTIFACT, "--delete", "--json"))
+    finally:
+        server.__exit__(None, None, None)
+
+    assert result.code == 0, result.stderr
+    deleted = json.loads(result.stdout)["removed_upstream"]
+    assert deleted == ([] if more_promised else [f"{MODEL}/step-10"])
+    assert (dest / MODEL / "step-10").exists() is more_promised
+    assert all((dest / MODEL / f"step-{step}").is_dir() for step in METRICS if step != 10)
+
+
 @pytest.mark.parametrize("unreadable", [False, True], ids=["readable", "a-step-unlisted"])
 def test_the_parts_of_a_checkpoint_deleted_upstream_go(
     dest: Path, monkeypatch: pytest.MonkeyPatch, unreadable: bool

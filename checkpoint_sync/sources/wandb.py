@@ -89,7 +89,8 @@ class WandbSource:
         self._listed_whole: dict[str, frozenset[str]] = {}
 
     async def checkpoints(self) -> list[Available]:
-        entries = [c async for page in self._pages() for c in page]
+        pages = [page async for page in self._pages()]
+        entries = [c for page in pages for c in page.data]
         listed = [c for c in entries if isinstance(c, WandbCheckpoint)]
         found = [
             Checkpoint(
@@ -111,9 +112,12 @@ class WandbSource:
             for position, c in enumerate(entries, 1)
             if isinstance(c, Unreadable)
         ]
-        # Every page was read (one that fails stops the run): the list is whole.
-        of_unreadable = [None if u.step is None else f"step-{u.step}" for u in unreadable]
-        self._listed_whole = whole_list(self._model, [*(c.name for c in found), *of_unreadable])
+        # Every page was read (one that fails stops the run): the list is whole, unless an
+        # empty page ended the walk while saying there was more.
+        if not pages[-1].has_more:
+            of_unreadable = [None if u.step is None else f"step-{u.step}" for u in unreadable]
+            names = [*(c.name for c in found), *of_unreadable]
+            self._listed_whole = whole_list(self._model, names)
         if self._best is not None:
             # --best asks for one checkpoint: it passes over those unreadable, as --latest does.
             metric, minimize = self._best
@@ -126,7 +130,8 @@ class WandbSource:
     def listed_whole(self) -> Mapping[str, frozenset[str]]:
         return self._listed_whole
 
-    async def _pages(self) -> AsyncIterator[list[WandbCheckpoint | Unreadable]]:
+    async def _pages(self) -> AsyncIterator[WandbCheckpointPage]:
+        """Every page up to one that says there is no more, or an empty one."""
         path = f"/v1/preview/models/{path_segment(self._model)}/checkpoints"
         params: dict[str, str | int] = {"limit": min(self._page_size, MAX_LIMIT), "order": "asc"}
         seen: set[str] = set()
@@ -134,10 +139,8 @@ class WandbSource:
             page = await self._api.get(
                 path, WandbCheckpointPage, what=self.description, params=params
             )
-            if not page.data:
-                return
-            yield page.data
-            if not page.has_more:
+            yield page
+            if not page.data or not page.has_more:
                 return
             last = page.data[-1]
             last_id = last.get("id", str) if isinstance(last, Unreadable) else last.id
