@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import selectors
 import socket
@@ -205,6 +206,29 @@ def http_serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def job_listing_checkpoints(job: str, entries: list[dict[str, object]]) -> Iterator[str]:
+    """A training job API whose checkpoint list is ``entries``, as given (off the schema if
+    need be), and whose file listing is empty; yields its origin."""
+
+    class Answers(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            answer: dict[str, object] = {"presigned_urls": [], "total_count": 0}
+            if self.path.endswith("/checkpoints"):
+                answer = {"training_job": {"id": job}, "checkpoints": entries}
+            body = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with http_serving(Answers) as origin:
+        yield origin
 
 
 class TunnelProxy(socketserver.ThreadingTCPServer):

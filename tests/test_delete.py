@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from checkpoint_sync.localserver import ServedCheckpoint, ServedFile
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
-from .support import ServerThread, assert_exact, http_serving, mirrored, run_cli
+from .support import ServerThread, assert_exact, job_listing_checkpoints, mirrored, run_cli
 
 DELETED = "checkpoint-10"
 
@@ -188,34 +187,16 @@ def test_a_run_that_fails_deletes_nothing(dest: Path, failing: list[str]) -> Non
         assert_exact(mirrored(dest, JOB, file), file)
 
 
-class _OneNamedOneNameless(BaseHTTPRequestHandler):
-    """The job's checkpoint list: checkpoint-20, and an entry that gives no checkpoint_id; its
-    file listing is empty."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        stamp = "2026-11-01T00:00:00Z"
-        answer: dict[str, object] = {"presigned_urls": [], "total_count": 0}
-        if self.path.endswith("/checkpoints"):
-            named = {"checkpoint_id": "checkpoint-20", "created_at": stamp}
-            answer = {"training_job": {"id": JOB}, "checkpoints": [named, {"created_at": stamp}]}
-        body = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 def test_a_checkpoint_list_that_does_not_name_every_checkpoint_deletes_nothing(
     dest: Path,
 ) -> None:
     with ServerThread(job_catalog()) as server:
         assert run_cli(*sync_args(server, dest)).code == 0
         mirrored_files = server.files()
-    # The entry without its id could be any checkpoint that seems gone.
-    with http_serving(_OneNamedOneNameless) as api:
+    # checkpoint-20, and an entry without its id: it could be any checkpoint that seems gone.
+    stamp = "2026-11-01T00:00:00Z"
+    named = {"checkpoint_id": "checkpoint-20", "created_at": stamp}
+    with job_listing_checkpoints(JOB, [named, {"created_at": stamp}]) as api:
         args = ["--api-url", api, "--project", PROJECT, "--job", JOB, "--dest", str(dest)]
         result = run_cli("sync", *args, "--delete", "--json")
 

@@ -11,7 +11,6 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import anyio
@@ -26,7 +25,14 @@ from checkpoint_sync.sources.baseten_pages import file_pages
 from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, PROJECT, job_args, sync_args
-from .support import API_KEY, ServerThread, assert_exact, http_serving, mirrored, run_cli
+from .support import (
+    API_KEY,
+    ServerThread,
+    assert_exact,
+    job_listing_checkpoints,
+    mirrored,
+    run_cli,
+)
 
 
 def landed(server: ServerThread, dest: Path, ignored: ServedFile | None = None) -> list[ServedFile]:
@@ -232,29 +238,12 @@ def test_a_checkpoint_listed_with_a_null_size_is_mirrored_and_its_size_unknown(
     assert rows[middle.checkpoint_id] is None
 
 
-class _NamelessCheckpoints(BaseHTTPRequestHandler):
-    """A job whose checkpoint list has a readable entry, then two that give no checkpoint_id;
-    its file listing is empty."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        stamp = "2026-11-01T00:00:00Z"
-        answer: dict[str, object] = {"presigned_urls": [], "total_count": 0}
-        if self.path.endswith("/checkpoints"):
-            nameless = [{"created_at": stamp, "size_bytes": size} for size in (1, 2)]
-            readable = {"checkpoint_id": "checkpoint-10", "created_at": stamp}
-            answer = {"training_job": {"id": JOB}, "checkpoints": [readable, *nameless]}
-        body = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
 def test_two_unreadable_checkpoints_without_an_id_are_told_apart(dest: Path) -> None:
-    with http_serving(_NamelessCheckpoints) as api:
+    # A readable entry, then two that give no checkpoint_id.
+    stamp = "2026-11-01T00:00:00Z"
+    readable = {"checkpoint_id": "checkpoint-10", "created_at": stamp}
+    nameless = [{"created_at": stamp, "size_bytes": size} for size in (1, 2)]
+    with job_listing_checkpoints(JOB, [readable, *nameless]) as api:
         args = ["--api-url", api, "--project", PROJECT, "--job", JOB]
         result = run_cli("sync", *args, "--dest", dest, "--json")
 
