@@ -74,8 +74,9 @@ class Pruner:
         could not be). What is at its path and is no regular file, or lies under a symlink (where
         it may be another checkpoint's file), is not the mirror's: only the record goes."""
         final = f"{self._dest}/{doomed.path}"
+        directory = os.path.dirname(doomed.path)
         deleted = False
-        if self._as_laid_out(os.path.dirname(doomed.path)):
+        if self._as_laid_out(directory):
             try:
                 if stat.S_ISREG(os.lstat(final).st_mode):
                     os.unlink(final)
@@ -84,9 +85,9 @@ class Pruner:
                 pass  # gone already: a run killed after deleting it, before dropping its record
             except OSError as exc:
                 raise FileError(f"cannot delete {final}: {exc.strerror or exc}") from exc
+            # Also where it was gone already: that run may have been killed before the rmdirs.
+            self._emptied.add(directory)
         self._manifest.drop_record(doomed.path)
-        if deleted:
-            self._emptied.add(os.path.dirname(doomed.path))
         return deleted
 
     def remove_empty_directories(self) -> None:

@@ -221,3 +221,20 @@ def test_a_job_listed_with_no_checkpoint_left_deletes_nothing_and_says_so(dest: 
     assert f"deleted nothing of {JOB}: its checkpoint list is empty" in said.stdout
     for file in mirrored_files:
         assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_a_deletion_cut_short_before_its_records_went_is_finished_by_the_next_run(
+    dest: Path,
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        # As a run killed after unlinking the files, before its records were committed and its
+        # directories removed, leaves the mirror.
+        for file in removed.files:
+            mirrored(dest, JOB, file).unlink()
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["deleted"] == 0
+    assert DELETED not in recorded_checkpoints(dest)
+    assert not (dest / JOB / DELETED).exists()
