@@ -18,7 +18,7 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -209,7 +209,7 @@ def http_serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
 
 
 @contextmanager
-def job_listing_checkpoints(job: str, entries: list[dict[str, object]]) -> Iterator[str]:
+def job_listing_checkpoints(job: str, entries: Sequence[Mapping[str, object]]) -> Iterator[str]:
     """A training job API whose checkpoint list is ``entries``, as given (off the schema if
     need be), and whose file listing is empty; yields its origin."""
 
