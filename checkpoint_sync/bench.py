@@ -3,6 +3,8 @@ that get the most of it.
 
 Each trial is a real sync, through the same engine, of a byte budget of the selected files into a
 fresh scratch directory that is removed afterwards; trials differ in concurrency and part size.
+Every setting is tried once a round, the rounds one after the other, so that a link or a machine
+that slows down for a while weighs on every setting alike; a setting is judged by its median.
 The files are listed before each trial, outside its clock, which runs only while it fetches: a
 listing made once for all would hand later trials presigned URLs expired since.
 Requests are timed on the way (`Stats.timed`): time to first byte, and each connection's rate.
@@ -15,7 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,17 +64,65 @@ class Trial:
         return self.bytes / 1e6 / max(self.seconds, 1e-9)
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One (concurrency, part size) pair and its trials, one a round: a row of the table."""
+
+    trials: tuple[Trial, ...]
+
+    @property
+    def concurrency(self) -> int:
+        return self.trials[0].concurrency
+
+    @property
+    def part_size(self) -> int:
+        return self.trials[0].part_size
+
+    @property
+    def mb_per_s(self) -> float:
+        return statistics.median(t.mb_per_s for t in self.trials)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """The slowest and the fastest round's MB/s."""
+        rates = [t.mb_per_s for t in self.trials]
+        return min(rates), max(rates)
+
+    @property
+    def failed(self) -> int:
+        """Files that failed in its worst round (each round fetches the same files)."""
+        return max(t.failed for t in self.trials)
+
+    @property
+    def first_failure(self) -> str | None:
+        return next((t.first_failure for t in self.trials if t.first_failure), None)
+
+    def median(self, measure: Callable[[Trial], float | None]) -> float | None:
+        """The median over the rounds of what ``measure`` tells of a trial, where it tells."""
+        values = [v for v in map(measure, self.trials) if v is not None]
+        return statistics.median(values) if values else None
+
+
 def grid(concurrencies: Sequence[int], part_sizes: Sequence[int]) -> list[tuple[int, int]]:
-    """Every (concurrency, part size) pair, in a stable order."""
-    return [(c, p) for p in part_sizes for c in concurrencies]
+    """Every (concurrency, part size) pair, once, in a stable order."""
+    return list(dict.fromkeys((c, p) for p in part_sizes for c in concurrencies))
 
 
-def recommend(trials: Sequence[Trial]) -> Trial:
-    """The fastest clean trial; of those within `TIE` of it, the fewest connections and parts."""
-    clean = [t for t in trials if not t.failed] or list(trials)
-    best = max(t.mb_per_s for t in clean)
-    close = [t for t in clean if t.mb_per_s >= best * (1 - TIE)]
-    return min(close, key=lambda t: (t.concurrency, -t.part_size))
+def settings_of(trials: Sequence[Trial]) -> list[Setting]:
+    """``trials`` grouped by setting, in the order the settings were first tried."""
+    grouped: dict[tuple[int, int], list[Trial]] = {}
+    for trial in trials:
+        grouped.setdefault((trial.concurrency, trial.part_size), []).append(trial)
+    return [Setting(tuple(group)) for group in grouped.values()]
+
+
+def recommend(settings: Sequence[Setting]) -> Setting:
+    """The fastest clean setting (by median); of those within `TIE` of it, the fewest
+    connections and parts."""
+    clean = [s for s in settings if not s.failed] or list(settings)
+    best = max(s.mb_per_s for s in clean)
+    close = [s for s in clean if s.mb_per_s >= best * (1 - TIE)]
+    return min(close, key=lambda s: (s.concurrency, -s.part_size))
 
 
 def request_medians(
@@ -143,15 +193,17 @@ async def run_trials(
     selection: Selection,
     pairs: Sequence[tuple[int, int]],
     *,
+    rounds: int,
     budget: int,
     scratch: Path,
     net: NetSettings,
     retry: RetryPolicy,
     wanted: FileFilter,
 ) -> list[Trial]:
-    """One sync per (concurrency, part size), each on fresh connections into a fresh directory."""
+    """One sync per (concurrency, part size) a round, each on fresh connections into a fresh
+    directory."""
     trials = []
-    for concurrency, part_size in pairs:
+    for concurrency, part_size in [pair for _ in range(rounds) for pair in pairs]:
         # Listed outside the trial's clock: a listing that takes a second (a slow API, many
         # pages) made a trial of a 20 ms transfer read 1 MB/s. And listed for each trial, not
         # once for all: presigned URLs expire, and a later trial would count the listing again

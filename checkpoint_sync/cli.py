@@ -49,7 +49,7 @@ from .transfer import TransferSettings
 from .wire import HttpClient
 
 if TYPE_CHECKING:
-    from .bench import Trial
+    from .bench import Setting, Trial
     from .listing import Row
 
 EXIT_OK = 0
@@ -327,6 +327,13 @@ def _parser() -> argparse.ArgumentParser:
         help="part sizes to try, e.g. 16MiB,64MiB",
     )
     bench.add_argument(
+        "--rounds",
+        type=_at_least_one,
+        default=3,
+        help="times each setting is tried, in turns; the table shows the median and the range "
+        "(default 3)",
+    )
+    bench.add_argument(
         "--max-bytes",
         type=_size_arg,
         default=1 << 30,
@@ -435,6 +442,16 @@ def _list_of(parse: Callable[[str], int]) -> Callable[[str], list[int]]:
         return values
 
     return parse_list
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is less than 1")
+    return value
 
 
 def _size_arg(text: str) -> int:
@@ -824,7 +841,7 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _bench_command(args: argparse.Namespace, out: _Output) -> int:
-    from .bench import grid, recommend, run_trials
+    from .bench import grid, recommend, run_trials, settings_of
 
     # What the link can do is measured: a limit_rate from the config would measure the limit.
     settings = _settings(args, out).model_copy(update={"limit_rate": 0})
@@ -847,12 +864,17 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
             _bench_target(args, settings) as recipe,
             _selected(recipe, wanted, out) as (_, source, selection),
         ):
-            out.info(f"benchmarking {source.description}: {len(pairs)} trials")
+            settings_count = f"{len(pairs)} setting{'s' if len(pairs) > 1 else ''}"
+            out.info(
+                f"benchmarking {source.description}: {settings_count}, each tried "
+                f"{'once' if args.rounds == 1 else f'{args.rounds} times in turn'}"
+            )
             trials.extend(
                 await run_trials(
                     source,
                     selection,
                     pairs,
+                    rounds=args.rounds,
                     budget=args.max_bytes,
                     scratch=scratch,
                     net=recipe.net,
@@ -870,22 +892,25 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
             # Files were there, every one failed: that is not an empty selection (exit 4).
             return out.failed(f"no file could be fetched; the first: {failure}", EXIT_FILES_FAILED)
         raise NotFoundError("nothing to measure: no file of the selection was fetched")
-    best = recommend(trials)
+    settings_tried = settings_of(trials)
+    best = recommend(settings_tried)
     if out.as_json:
         out.json(
             {
-                "trials": [{**asdict(t), "mb_per_s": round(t.mb_per_s, 1)} for t in trials],
+                "rounds": args.rounds,
+                "trials": [_bench_row(s) for s in settings_tried],
                 "recommended": {"concurrency": best.concurrency, "part_size": best.part_size},
             }
         )
     else:
-        for line in _bench_table(trials):
+        for line in _bench_table(settings_tried):
             out.answer(line)
-        for t in trials:
-            if t.first_failure is not None:
+        for tried in settings_tried:
+            if tried.first_failure is not None:
                 out.error(
-                    f"trial --concurrency {t.concurrency} --part-size {format_size(t.part_size)}: "
-                    f"{t.failed} failed, the first: {t.first_failure}"
+                    f"trial --concurrency {tried.concurrency} --part-size "
+                    f"{format_size(tried.part_size)}: {tried.failed} failed, the first: "
+                    f"{tried.first_failure}"
                 )
         out.answer(
             f"recommended: --concurrency {best.concurrency} --part-size "
@@ -894,26 +919,52 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     return EXIT_FILES_FAILED if any(t.failed for t in trials) else EXIT_OK
 
 
+def _bench_row(tried: Setting) -> dict[str, Any]:
+    """A setting for ``--json``: medians over its rounds, the range, and each round."""
+    slowest, fastest = tried.spread
+    return {
+        "concurrency": tried.concurrency,
+        "part_size": tried.part_size,
+        "files": tried.trials[0].files,
+        "bytes": tried.trials[0].bytes,
+        "failed": tried.failed,
+        "first_failure": tried.first_failure,
+        "mb_per_s": round(tried.mb_per_s, 1),
+        "mb_per_s_min": round(slowest, 1),
+        "mb_per_s_max": round(fastest, 1),
+        "seconds": tried.median(lambda t: t.seconds),
+        "cpu_seconds": tried.median(lambda t: t.cpu_seconds),
+        "first_byte_ms": tried.median(lambda t: t.first_byte_ms),
+        "connection_mb_s": tried.median(lambda t: t.connection_mb_s),
+        "rounds": [{**asdict(t), "mb_per_s": round(t.mb_per_s, 1)} for t in tried.trials],
+    }
+
+
 # RAM-backed on Linux: --discard measures the network, not the disk.
 _SHM = Path("/dev/shm")  # noqa: S108
 
 
-def _bench_table(trials: list[Trial]) -> list[str]:
+def _bench_table(settings_tried: list[Setting]) -> list[str]:
+    """One row a setting: medians over its rounds, and the range of its MB/s."""
+
     def ms(value: float | None, unit: str) -> str:
         return f"{value:.1f} {unit}" if value is not None else "-"
 
     lines = [
         # The bytes too: a first file larger than --max-bytes is fetched whole.
         f"{'concurrency':>11} {'part size':>10} {'files':>6} {'bytes':>10} {'MB/s':>8} "
-        f"{'first byte':>11} "
-        f"{'per conn.':>11} {'CPU s':>6} {'failed':>6}"
+        f"{'range':>13} {'first byte':>11} {'per conn.':>11} {'CPU s':>6} {'failed':>6}"
     ]
-    for t in trials:
+    for tried in settings_tried:
+        first = tried.trials[0]
+        slowest, fastest = tried.spread
         lines.append(
-            f"{t.concurrency:>11} {human_bytes(t.part_size):>10} {t.files:>6} "
-            f"{human_bytes(t.bytes):>10} "
-            f"{t.mb_per_s:>8.1f} {ms(t.first_byte_ms, 'ms'):>11} "
-            f"{ms(t.connection_mb_s, 'MB/s'):>11} {t.cpu_seconds:>6.2f} {t.failed:>6}"
+            f"{tried.concurrency:>11} {human_bytes(tried.part_size):>10} {first.files:>6} "
+            f"{human_bytes(first.bytes):>10} {tried.mb_per_s:>8.1f} "
+            f"{f'{slowest:.0f}-{fastest:.0f}':>13} "
+            f"{ms(tried.median(lambda t: t.first_byte_ms), 'ms'):>11} "
+            f"{ms(tried.median(lambda t: t.connection_mb_s), 'MB/s'):>11} "
+            f"{tried.median(lambda t: t.cpu_seconds) or 0:>6.2f} {tried.failed:>6}"
         )
     return lines
 

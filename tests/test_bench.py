@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.bench import Trial, grid, recommend, request_medians
+from checkpoint_sync.bench import Setting, Trial, grid, recommend, request_medians, settings_of
 from checkpoint_sync.localserver import Faults
 
 from .conftest import job_args, job_catalog, sync_args
@@ -19,8 +20,8 @@ def trial(concurrency: int, part_size: int, mb: float, failed: int = 0) -> Trial
     return Trial(concurrency, part_size, 1, failed, int(mb * 1e6), 1.0, 0.1, None, None)
 
 
-def test_grid_tries_every_pair() -> None:
-    assert grid([4, 8], [1, 2]) == [(4, 1), (8, 1), (4, 2), (8, 2)]
+def test_grid_tries_every_pair_once() -> None:
+    assert grid([4, 8, 4], [1, 2]) == [(4, 1), (8, 1), (4, 2), (8, 2)]
 
 
 @pytest.mark.parametrize(
@@ -30,11 +31,27 @@ def test_grid_tries_every_pair() -> None:
         ([trial(4, 1, 196), trial(8, 1, 200)], (4, 1)),  # within 5%: fewer connections
         ([trial(4, 1, 200), trial(4, 2, 199)], (4, 2)),  # then fewer, larger parts
         ([trial(4, 1, 100), trial(8, 1, 300, failed=1)], (4, 1)),  # a trial that failed loses
+        # By the median of its rounds: one fast round does not make a setting fast.
+        ([*[trial(4, 1, 100), trial(8, 1, 90)] * 2, trial(4, 1, 100), trial(8, 1, 500)], (4, 1)),
+        # A round that failed makes its setting one that failed.
+        (
+            [trial(4, 1, 100), trial(8, 1, 200), trial(4, 1, 100), trial(8, 1, 200, failed=1)],
+            (4, 1),
+        ),
     ],
 )
 def test_recommend(trials: list[Trial], chosen: tuple[int, int]) -> None:
-    best = recommend(trials)
+    best = recommend(settings_of(trials))
     assert (best.concurrency, best.part_size) == chosen
+
+
+def test_a_setting_is_its_rounds_median_and_range() -> None:
+    rounds = [trial(4, 1, 100, failed=1), trial(4, 1, 300), trial(4, 1, 150, failed=2)]
+    (setting,) = settings_of(rounds)
+    assert setting == Setting(tuple(rounds))
+    assert setting.mb_per_s == pytest.approx(150)
+    assert setting.spread == pytest.approx((100, 300))
+    assert setting.failed == 2  # the files of its worst round
 
 
 @pytest.mark.parametrize(
@@ -248,7 +265,7 @@ def test_a_slow_listing_is_not_counted_in_the_trials_seconds(tmp_path: Path) -> 
     with ServerThread(job_catalog(), faults=Faults(api_delay=1.0)) as server:
         result = run_cli(
             *job_args(server, "bench", "--concurrency", "2,4", "--part-size", "256KiB"),
-            *("--max-bytes", "2MiB", "--scratch", tmp_path, "--json"),
+            *("--rounds", "1", "--max-bytes", "2MiB", "--scratch", tmp_path, "--json"),
         )
 
     assert result.code == 0, result.stderr
@@ -303,12 +320,42 @@ def test_later_trials_do_not_fetch_through_urls_expired_since_the_listing(tmp_pa
     faults = Faults(url_ttl=1.6, throttle=1 << 20, api_delay=1.0)
     with ServerThread(catalog, faults=faults) as server:
         result = run_cli(
-            *job_args(server, "bench", "--concurrency", "4,4,4", "--part-size", "1MiB"),
-            *("--max-bytes", "8MiB", "--scratch", tmp_path, "--json"),
+            *job_args(server, "bench", "--concurrency", "4", "--part-size", "1MiB"),
+            *("--rounds", "3", "--max-bytes", "8MiB", "--scratch", tmp_path, "--json"),
         )
 
     assert result.code == 0, result.stderr
-    seconds = [t["seconds"] for t in json.loads(result.stdout)["trials"]]
+    (only,) = json.loads(result.stdout)["trials"]
+    seconds = [t["seconds"] for t in only["rounds"]]
     # Listed once before the first trial, the third trial's URLs had all expired: each of its
     # files was refused and listed again inside its clock, a second more for the same bytes.
     assert max(seconds) < min(seconds) + 0.6, seconds
+
+
+def test_each_setting_is_tried_once_a_round_and_shown_by_its_median_and_range(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    args = ["--concurrency", "2,4", "--part-size", "256KiB", "--max-bytes", "1MiB"]
+    result = run_cli(*job_args(server, "bench", *args, "--rounds", "3", "--scratch", tmp_path))
+    as_json = run_cli(*job_args(server, "bench", *args, "--rounds", "2", "--json"))
+
+    assert result.code == as_json.code == 0, result.stderr + as_json.stderr
+    assert "2 settings, each tried 3 times in turn" in result.stdout
+    header, *rows = result.stdout.splitlines()[1:4]
+    assert "range" in header.split()
+    for row in rows:  # "... 1.0 MiB   812.3   790-845 ..."
+        assert re.search(r" [0-9.]+ +[0-9]+-[0-9]+ ", row), row
+    report = json.loads(as_json.stdout)
+    assert report["rounds"] == 2
+    for setting in report["trials"]:
+        rates = [r["mb_per_s"] for r in setting["rounds"]]
+        assert len(rates) == 2
+        assert (setting["mb_per_s_min"], setting["mb_per_s_max"]) == (min(rates), max(rates))
+
+
+@pytest.mark.parametrize("rounds", ["0", "-1", "x"])
+def test_rounds_must_be_a_whole_number_of_at_least_one(server: ServerThread, rounds: str) -> None:
+    result = run_cli(*job_args(server, "bench", "--rounds", rounds))
+
+    assert result.code == 2
+    assert result.stderr.splitlines()[-1].startswith("checkpoint-sync: error: argument --rounds: ")
