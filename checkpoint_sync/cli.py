@@ -850,6 +850,8 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     for part_size in args.part_sizes:
         check_setting("part_size", part_size)
     pairs = grid(args.concurrencies, args.part_sizes)
+    if args.discard and args.scratch:
+        raise UsageError("--scratch and --discard each choose where trials write: choose one")
     scratch = _SHM if args.discard else (args.scratch or Path(tempfile.gettempdir()))
     if not scratch.is_dir():
         if scratch.exists():

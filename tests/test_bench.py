@@ -180,6 +180,20 @@ def test_bench_refuses_settings_sync_would_refuse(
     assert "internal error" not in result.stderr
 
 
+def test_bench_refuses_discard_with_a_scratch_directory(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    # --discard took /dev/shm, and the --scratch given went unused without a word. A checkpoint
+    # the job lacks: had both flags been taken, the run would stop before any trial wrote.
+    flags: list[str | Path] = ["--discard", "--scratch", tmp_path, "--checkpoint", "checkpoint-99"]
+    result = run_cli(*job_args(server, "bench", *flags))
+
+    assert result.code == 2
+    assert result.stderr.splitlines() == [
+        "checkpoint-sync: error: --scratch and --discard each choose where trials write: choose one"
+    ]
+
+
 def test_bench_of_a_rank_no_file_has_names_the_ranks_there_are(server: ServerThread) -> None:
     result = run_cli(*job_args(server, "bench", "--node-rank", "7", "--concurrency", "2"))
 
