@@ -782,6 +782,9 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
     received = _run(survey_source)
     if received is not None:
         return _stopped(received, out)
+    if settings.dest is not None and not settings.dest.is_dir():
+        # Else a mistyped --dest reads as a mirror holding nothing. No error: a sync creates it.
+        out.status(f"no mirror at {settings.dest.absolute()}: no such directory")
     if out.as_json:
         payload = {"source": spec.name, "description": description}
         left_out = [

@@ -190,6 +190,29 @@ def test_a_remote_change_shows_and_list_writes_nothing(dest: Path) -> None:
     assert not (dest.parent / "new").exists()
 
 
+@pytest.mark.parametrize(
+    ("made", "noted"), [("nothing", True), ("a file", True), ("an empty directory", False)]
+)
+def test_list_at_a_dest_that_is_no_directory_says_there_is_no_mirror(
+    dest: Path, made: str, noted: bool
+) -> None:
+    # A mistyped --dest showed every checkpoint absent, and nothing more. An empty directory is
+    # a mirror not synced yet.
+    if made == "a file":
+        dest.write_bytes(b"")
+    elif made == "an empty directory":
+        dest.mkdir()
+    with ServerThread(job_catalog()) as server:
+        result = run_cli(*job_args(server, "list", "--dest", dest))
+        as_json = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+
+    assert result.code == as_json.code == 0
+    assert [line.split()[-1] for line in result.stdout.splitlines()[1:]] == ["absent"] * 3
+    assert set(states(as_json.stdout).values()) == {"absent"}
+    note = [f"no mirror at {dest}: no such directory"] if noted else []
+    assert result.stderr.splitlines() == as_json.stderr.splitlines() == note
+
+
 def test_without_a_mirror_there_is_no_local_column_and_no_file_listing(dest: Path) -> None:
     with ServerThread(job_catalog()) as server:
         result = run_cli(*job_args(server, "list"))
