@@ -315,7 +315,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--concurrency",
         dest="concurrencies",
-        type=_list_of(int),
+        type=_list_of(_integer),
         default=[4, 8, 16, 32],
         help="connection counts to try, e.g. 4,8,16,32",
     )
@@ -374,7 +374,12 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool =
     )
     group.add_argument("--latest", action="store_true", help="only the newest complete checkpoint")
     group.add_argument(
-        "--node-rank", action="append", type=int, default=[], metavar="N", help="only this rank"
+        "--node-rank",
+        action="append",
+        type=_integer,
+        default=[],
+        metavar="N",
+        help="only this rank",
     )
     group.add_argument(
         "--include",
@@ -403,7 +408,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool =
 
 def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("transfer")
-    group.add_argument("--concurrency", type=int, help="files and connections in flight (16)")
+    group.add_argument("--concurrency", type=_integer, help="files and connections in flight (16)")
     group.add_argument("--part-size", type=_size_arg, help="ranged part size, e.g. 64MiB")
     group.add_argument(
         "--limit-rate",
@@ -444,13 +449,18 @@ def _list_of(parse: Callable[[str], int]) -> Callable[[str], list[int]]:
     return parse_list
 
 
-def _at_least_one(text: str) -> int:
+def _integer(text: str) -> int:
+    """An integer flag's value; argparse's own `int` would quote a bad one with repr."""
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text} is not a whole number") from None
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+
+
+def _at_least_one(text: str) -> int:
+    value = _integer(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is less than 1")
+        raise argparse.ArgumentTypeError(f"'{text}' is less than 1")
     return value
 
 

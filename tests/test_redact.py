@@ -128,6 +128,14 @@ ODD = "a\\b\x1b"
         (["list", "--wandb-artifact", f"e/p{ODD}"], f"'e/p{ODD}' is not ENTITY/PROJECT/NAME"),
         (["list", "--wandb-artifact", f"e/p/n:{ODD}"], f"'e/p/n:{ODD}': leave out the version"),
         (["list", "--api-url", f"ftp://{ODD}"], f"'ftp://{ODD}' is not"),
+        # Every integer flag: argparse's own `int` quoted with repr.
+        (["sync", "--dest", "d", "--concurrency", ODD], f"'{ODD}' is not an integer"),
+        (["demo", "--concurrency", ODD], f"'{ODD}' is not an integer"),
+        (["bench", "--concurrency", f"4,{ODD}"], f"'{ODD}' is not an integer"),
+        (["sync", "--dest", "d", "--node-rank", ODD], f"'{ODD}' is not an integer"),
+        (["list", "--node-rank", ODD], f"'{ODD}' is not an integer"),
+        (["bench", "--node-rank", ODD], f"'{ODD}' is not an integer"),
+        (["bench", "--rounds", ODD], f"'{ODD}' is not an integer"),
     ],
 )
 def test_usage_errors_quote_the_text_given_as_it_is(flags: list[str], quoted: str) -> None:
@@ -135,7 +143,7 @@ def test_usage_errors_quote_the_text_given_as_it_is(flags: list[str], quoted: st
     source = ["--project", "p", "--job", "j"]
     if "--wandb-artifact" in flags:
         source = ["--wandb-model", "m"]
-    elif "--loops-checkpoint" in flags:
+    elif "--loops-checkpoint" in flags or flags[0] == "demo":
         source = []
     shown = run_cli(*flags, *source)
     as_json = run_cli(*flags, *source, "--json")
