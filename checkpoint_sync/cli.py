@@ -328,7 +328,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--rounds",
-        type=_at_least_one,
+        type=_at_least(1),
         default=3,
         help="times each setting is tried, in turns; the table shows the median and the range "
         "(default 3)",
@@ -376,7 +376,8 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool =
     group.add_argument(
         "--node-rank",
         action="append",
-        type=_integer,
+        # No listed rank is negative (the layout refuses one): no need to ask the API.
+        type=_at_least(0),
         default=[],
         metavar="N",
         help="only this rank",
@@ -457,11 +458,14 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
 
 
-def _at_least_one(text: str) -> int:
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"'{text}' is less than 1")
-    return value
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _integer(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"'{text}' is less than {minimum}")
+        return value
+
+    return parse
 
 
 def _size_arg(text: str) -> int:

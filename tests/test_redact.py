@@ -136,6 +136,9 @@ ODD = "a\\b\x1b"
         (["list", "--node-rank", ODD], f"'{ODD}' is not an integer"),
         (["bench", "--node-rank", ODD], f"'{ODD}' is not an integer"),
         (["bench", "--rounds", ODD], f"'{ODD}' is not an integer"),
+        (["bench", "--rounds", "0"], "'0' is less than 1"),
+        (["sync", "--dest", "d", "--node-rank", "-1"], "'-1' is less than 0"),
+        (["list", "--node-rank", "-2"], "'-2' is less than 0"),
     ],
 )
 def test_usage_errors_quote_the_text_given_as_it_is(flags: list[str], quoted: str) -> None:
