@@ -768,13 +768,14 @@ def _stopped(received: int, out: _Output) -> int:
 
 def _list_command(args: argparse.Namespace, out: _Output) -> int:
     # Imported here: only `list` surveys the mirror; the other commands skip its import.
-    from .listing import row_json, survey, table
+    from .listing import RemovedUpstream, removed_upstream, row_json, survey, table
 
     settings = _settings(args, out)
     spec = _chosen_source(args)
     rows: list[Row] = []
     unreadable: list[UnreadableCheckpoint] = []
     passed_over: list[UnreadableCheckpoint] = []
+    kept: list[RemovedUpstream] = []
     description = ""
 
     async def survey_source() -> None:
@@ -789,6 +790,8 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
             description = source.description
             dest = settings.dest.absolute() if settings.dest else None
             rows.extend(await survey(source, selection.checkpoints, dest, _file_filter(args)))
+            if dest is not None:
+                kept.extend(removed_upstream(dest, source.listed_whole(), _file_filter(args)))
             unreadable.extend(selection.unreadable)
             # --latest passed these over, as stderr says; a program reading --json is told too.
             passed_over.extend(selection.passed_over)
@@ -805,7 +808,14 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
             {"checkpoint": c.where, "id": c.key, "error": c.problem}
             for c in [*unreadable, *passed_over]
         ]
-        out.json(payload | {"checkpoints": [row_json(row) for row in rows], "left_out": left_out})
+        removed = [
+            {"checkpoint": k.where, "files": k.files, "size_bytes": k.size_bytes} for k in kept
+        ]
+        out.json(
+            payload
+            | {"checkpoints": [row_json(row) for row in rows], "left_out": left_out}
+            | ({"removed_upstream": removed} if settings.dest is not None else {})
+        )
         return EXIT_OK
     if rows:
         for line in table(rows):
@@ -815,6 +825,11 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
     # Part of the answer: a checkpoint the run has, which a sync would fail.
     for checkpoint in unreadable:
         out.answer(f"left out: {checkpoint.where}: {checkpoint.problem}")
+    for k in kept:
+        out.answer(
+            f"removed upstream, still mirrored: {k.where} ({k.files} files, "
+            f"{human_bytes(k.size_bytes)}; sync --delete would delete them)"
+        )
     return EXIT_OK
 
 

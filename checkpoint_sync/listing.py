@@ -21,6 +21,7 @@ from .layout import mirror_path_parts
 from .manifest import Manifest
 from .plan import FileFilter, Recorded, Tally
 from .progress import human_bytes
+from .prune import deletions
 from .sources.base import Checkpoint, Source, UnreadableEntry
 
 # Stands for an unreadable listing entry: no manifest record ever matches it.
@@ -103,6 +104,32 @@ async def survey(
         return rows
     finally:
         manifest.close()
+
+
+@dataclass(frozen=True)
+class RemovedUpstream:
+    """A checkpoint the mirror holds that its provider no longer lists: still there to restore
+    from, and what `sync --delete` would delete."""
+
+    where: str  # "<run>/<checkpoint>"
+    files: int
+    size_bytes: int
+
+
+def removed_upstream(
+    dest: Path, whole_lists: Mapping[str, frozenset[str]], wanted: FileFilter
+) -> list[RemovedUpstream]:
+    """The checkpoints gone from their run's whole checkpoint list (as `prune` decides) of
+    which the mirror holds files ``wanted`` takes, on disk at their recorded size."""
+    manifest = Manifest(manifest_path(dest), read_only=True)
+    try:
+        held: dict[str, list[int]] = {}
+        for doomed in deletions(manifest, wanted, whole_lists):
+            if local_size(f"{dest}/{doomed.path}") == doomed.size:
+                held.setdefault(doomed.checkpoint, []).append(doomed.size)
+    finally:
+        manifest.close()
+    return [RemovedUpstream(where, len(sizes), sum(sizes)) for where, sizes in held.items()]
 
 
 def _note(files: dict[str, Recorded], path: str, entry: Recorded) -> None:

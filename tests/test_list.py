@@ -11,10 +11,11 @@ import pytest
 from checkpoint_sync.listing import LocalState, Row, local_state, table
 from checkpoint_sync.localserver import ServedFile
 from checkpoint_sync.plan import Recorded
+from checkpoint_sync.progress import human_bytes
 from checkpoint_sync.sources.base import Checkpoint, SyncState
 
-from .conftest import job_args, job_catalog, sync_args
-from .support import ServerThread, run_cli
+from .conftest import JOB, job_args, job_catalog, sync_args
+from .support import ServerThread, mirrored, run_cli
 from .test_loops import RUN, loops_catalog, with_future_target
 from .test_sync import left_in_parts
 from .test_wandb import ARTIFACT, MODEL, serve, wandb_catalog
@@ -385,3 +386,37 @@ def test_a_path_listed_twice_counts_as_a_missing_file_as_sync_fails_it(
     assert result.code == 0, result.stderr
     # It said "mirrored" for the repeat of the same size, "changed remotely" for another size.
     assert states(result.stdout)["checkpoint-10"] == "partial"
+
+
+def test_a_mirrored_checkpoint_removed_upstream_is_named_until_sync_delete_deletes_it(
+    dest: Path,
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        assert sync_job(server, dest) == 0
+        job = server.catalog.jobs[0]
+        removed = job.checkpoints[0]
+        server.call(lambda: job.checkpoints.remove(removed))
+        mirrored(dest, JOB, removed.files[-1]).unlink()  # gone from disk: not counted
+
+        text = run_cli(*job_args(server, "list", "--dest", dest))
+        as_json = run_cli(*job_args(server, "list", "--dest", dest, "--json", "--node-rank", "1"))
+        assert sync_job(server, dest, "--delete") == 0
+        after = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+        no_mirror = run_cli(*job_args(server, "list", "--json"))
+
+    assert text.code == as_json.code == after.code == 0, text.stderr
+    on_disk = removed.files[:-1]
+    assert text.stdout.splitlines()[-1] == (
+        f"removed upstream, still mirrored: {JOB}/{removed.checkpoint_id} ({len(on_disk)} files, "
+        f"{human_bytes(sum(f.size for f in on_disk))}; sync --delete would delete them)"
+    )
+    rank_1 = [f for f in on_disk if f.node_rank == 1]
+    assert json.loads(as_json.stdout)["removed_upstream"] == [
+        {
+            "checkpoint": f"{JOB}/{removed.checkpoint_id}",
+            "files": len(rank_1),
+            "size_bytes": sum(f.size for f in rank_1),
+        }
+    ]
+    assert json.loads(after.stdout)["removed_upstream"] == []
+    assert "removed_upstream" not in json.loads(no_mirror.stdout)
