@@ -299,23 +299,25 @@ def _delete_removed(
     """``--delete``, once the run's own work is done: the mirrored files of checkpoints removed
     upstream go (a dry run only says which). A file that cannot be deleted fails alone."""
     stats.delete_held_back = held_back(manifest, whole_lists)
-    pruner = None if options.dry_run else Pruner(str(options.dest), manifest)
+    pruner = Pruner(str(options.dest), manifest, dry_run=options.dry_run)
     for doomed in deletions(manifest, options.files, whole_lists):
+        try:
+            # Asked in a dry run too: it names only what the run would delete.
+            if not pruner.delete(doomed):
+                continue
+        except FileError as exc:
+            stats.fail(doomed.path, str(exc))
+            continue
         stats.files_to_delete += 1
         stats.bytes_to_delete += doomed.size
         if doomed.checkpoint not in stats.removed_upstream:
             stats.removed_upstream.append(doomed.checkpoint)
         if on_plan is not None:
             on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
-        if pruner is None:
-            continue
-        try:
-            if pruner.delete(doomed):
-                stats.files_deleted += 1
-                stats.bytes_deleted += doomed.size
-        except FileError as exc:
-            stats.fail(doomed.path, str(exc))
-    if pruner is not None:
+        if not options.dry_run:
+            stats.files_deleted += 1
+            stats.bytes_deleted += doomed.size
+    if not options.dry_run:
         pruner.remove_empty_directories()
 
 

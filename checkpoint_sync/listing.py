@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC
 from enum import StrEnum
@@ -17,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .engine import InsideDest, local_size, manifest_path
+from .errors import FileError
 from .layout import mirror_path_parts
 from .manifest import Manifest
 from .plan import FileFilter, Recorded, Tally
 from .progress import human_bytes
-from .prune import deletions
+from .prune import Pruner, deletions
 from .sources.base import Checkpoint, Source, UnreadableEntry
 
 # Stands for an unreadable listing entry: no manifest record ever matches it.
@@ -119,14 +121,16 @@ class RemovedUpstream:
 def removed_upstream(
     dest: Path, whole_lists: Mapping[str, frozenset[str]], wanted: FileFilter
 ) -> list[RemovedUpstream]:
-    """The checkpoints gone from their run's whole checkpoint list (as `prune` decides) of
-    which the mirror holds files ``wanted`` takes, on disk at their recorded size."""
+    """The checkpoints gone from their run's whole checkpoint list of which the mirror holds
+    files ``wanted`` takes: those `sync --delete` would delete, as its dry run tells them."""
     manifest = Manifest(manifest_path(dest), read_only=True)
     try:
         held: dict[str, list[int]] = {}
+        pruner = Pruner(str(dest), manifest, dry_run=True)
         for doomed in deletions(manifest, wanted, whole_lists):
-            if local_size(f"{dest}/{doomed.path}") == doomed.size:
-                held.setdefault(doomed.checkpoint, []).append(doomed.size)
+            with suppress(FileError):  # one it cannot even look at: not counted
+                if pruner.delete(doomed):
+                    held.setdefault(doomed.checkpoint, []).append(doomed.size)
     finally:
         manifest.close()
     return [RemovedUpstream(where, len(sizes), sum(sizes)) for where, sizes in held.items()]

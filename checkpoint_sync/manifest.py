@@ -224,9 +224,8 @@ class Manifest:
         self.commit()
 
     def drop_record(self, path: str) -> None:
-        """Drop the record of ``path``, whose file is gone, with the next batch."""
+        """Drop the record of ``path``, whose file is gone, with the caller's next commit."""
         self._write("DELETE FROM files WHERE path = ?", (path,))
-        self.maybe_commit()
 
     def record_verified(self, entry: VerifiedFile) -> None:
         """Record a published file and forget its staging progress, in one transaction."""

@@ -60,39 +60,45 @@ def held_back(manifest: Manifest, whole_lists: Mapping[str, frozenset[str]]) -> 
 
 
 class Pruner:
-    """Deletes mirrored files under ``dest`` and the directories they leave empty."""
+    """Deletes mirrored files under ``dest`` and the directories they leave empty; with
+    ``dry_run``, only tells which it would delete."""
 
-    def __init__(self, dest: str, manifest: Manifest) -> None:
+    def __init__(self, dest: str, manifest: Manifest, *, dry_run: bool = False) -> None:
         self._dest = dest
         self._real_dest = os.path.realpath(dest)
         self._manifest = manifest
+        self._dry_run = dry_run
         self._emptied: set[str] = set()
         self._where_it_was: dict[str, bool] = {}
 
     def delete(self, doomed: Deletion) -> bool:
-        """Delete ``doomed`` and drop its record; whether a file was deleted (`FileError` if it
-        could not be). What is at its path and is no regular file, or lies under a symlink (where
-        it may be another checkpoint's file), is not the mirror's: only the record goes."""
+        """Delete ``doomed`` and drop its record (a dry run only asks); whether its file goes
+        (`FileError` if it cannot). What is at its path and is no regular file of the recorded
+        size (a user's, or changed by hand), or lies under a symlink (where it may be another
+        checkpoint's file), is not the mirror's: only the record goes."""
         final = f"{self._dest}/{doomed.path}"
         directory = os.path.dirname(doomed.path)
-        deleted = False
+        goes = False
         if self._as_laid_out(directory):
             try:
-                if stat.S_ISREG(os.lstat(final).st_mode):
+                info = os.lstat(final)
+                goes = stat.S_ISREG(info.st_mode) and info.st_size == doomed.size
+                if goes and not self._dry_run:
                     os.unlink(final)
-                    deleted = True
             except FileNotFoundError:
                 pass  # gone already: a run killed after deleting it, before dropping its record
             except OSError as exc:
                 raise FileError(f"cannot delete {final}: {exc.strerror or exc}") from exc
             # Also where it was gone already: that run may have been killed before the rmdirs.
             self._emptied.add(directory)
-        self._manifest.drop_record(doomed.path)
-        return deleted
+        if not self._dry_run:
+            self._manifest.drop_record(doomed.path)
+        return goes
 
     def remove_empty_directories(self) -> None:
         """Remove the directories that deleting left empty, up to the checkpoint's own; a
-        directory still holding anything stays."""
+        directory still holding anything stays. Only then are the dropped records committed: a
+        run killed before leaves them, and so the directories, to the next."""
         directories: set[str] = set()
         for directory in self._emptied:
             # "<run>/<checkpoint>/<rank>/..." up to "<run>/<checkpoint>"

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +241,69 @@ def test_a_deletion_cut_short_before_its_records_went_is_finished_by_the_next_ru
     assert json.loads(result.stdout)["files"]["deleted"] == 0
     assert DELETED not in recorded_checkpoints(dest)
     assert not (dest / JOB / DELETED).exists()
+
+
+# The CLI, killed (SIGKILL) when it first removes a directory: every file of the checkpoint
+# removed upstream is unlinked, each taking {unlink_seconds} s (a slow disk: past the 0.2 s of a
+# batch of records, the records dropped so far are committed).
+KILLED_AT_FIRST_RMDIR = """
+import os, signal, sys, time
+unlink = os.unlink
+def slow_unlink(path):
+    time.sleep({unlink_seconds})
+    unlink(path)
+os.unlink = slow_unlink
+os.rmdir = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+from checkpoint_sync.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("unlink_seconds", [0, 0.25], ids=["fast-disk", "slow-disk"])
+def test_a_run_killed_while_deleting_leaves_the_next_run_no_empty_directory(
+    dest: Path, unlink_seconds: float
+) -> None:
+    script = KILLED_AT_FIRST_RMDIR.format(unlink_seconds=unlink_seconds)
+    with ServerThread(job_catalog()) as server:
+        mirror_then_remove_upstream(server, dest)
+        killed = subprocess.run(
+            [sys.executable, "-c", script, *sync_args(server, dest, "--delete")],
+            capture_output=True,
+            timeout=60,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    assert not (dest / JOB / DELETED).exists()
+    assert DELETED not in recorded_checkpoints(dest)
+
+
+def test_a_dry_run_names_only_the_files_the_run_would_delete(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        # A mirrored file the user swapped for a link to a file of their own: a run keeps it.
+        swapped = mirrored(dest, JOB, removed.files[0])
+        swapped.unlink()
+        swapped.symlink_to(mirrored(dest, JOB, removed.files[1]))
+        dry = run_cli(*sync_args(server, dest, "--delete", "--dry-run", "--json"))
+        real = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert dry.code == real.code == 0, dry.stderr + real.stderr
+    would, did = json.loads(dry.stdout), json.loads(real.stdout)
+    assert would["files"]["to_delete"] == did["files"]["deleted"] == len(removed.files) - 1
+    assert would["bytes"]["to_delete"] == did["bytes"]["deleted"]
+    assert swapped.is_symlink()
+
+
+def test_a_file_changed_by_hand_is_not_deleted(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        changed = mirrored(dest, JOB, removed.files[1])
+        changed.write_text("my notes, not the checkpoint's")
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["deleted"] == len(removed.files) - 1
+    assert changed.read_text() == "my notes, not the checkpoint's"
+    assert DELETED not in recorded_checkpoints(dest)
