@@ -289,6 +289,13 @@ def _parser() -> argparse.ArgumentParser:
         help="delete the mirrored files of checkpoints the provider no longer lists "
         "(or `delete` in the config)",
     )
+    sync_cmd.add_argument(
+        "--max-delete",
+        type=_at_least(0),
+        metavar="N",
+        help="with --delete: if more than N files would go, delete none and fail (exit 1), "
+        "as rsync and rclone do (or `max_delete` in the config)",
+    )
     _add_common_arguments(sync_cmd)
     sync_cmd.set_defaults(handler=_sync_command)
 
@@ -489,6 +496,7 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
             "fsync",
             "wait_lock",
             "delete",
+            "max_delete",
         )
     }
     settings = load_settings(args.config, flags)
@@ -511,6 +519,7 @@ def _options(settings: Settings, dest: Path, args: argparse.Namespace) -> SyncOp
         dry_run=getattr(args, "dry_run", False),
         verify=getattr(args, "verify", False),
         delete=settings.delete,
+        max_delete=settings.max_delete,
         wait_lock=settings.wait_lock,
         transfer=TransferSettings(
             part_size=settings.part_size, fsync=settings.fsync, retry=_retry(settings)
@@ -610,6 +619,10 @@ def _sync_command(args: argparse.Namespace, out: _Output) -> int:
     spec = _chosen_source(args)
     if settings.dest is None:
         raise UsageError("no destination: pass --dest DIR (or set dest in the config)")
+    if args.max_delete is not None and not settings.delete:
+        raise UsageError(
+            "--max-delete limits --delete: pass --delete too (or delete in the config)"
+        )
     recipe = _recipe(settings, args, spec)
     options = _options(settings, settings.dest, args)
     stats = Stats()

@@ -82,8 +82,10 @@ class Settings(BaseModel):
     include_syncing: bool = False
     fsync: bool = False
     wait_lock: bool = False
-    # sync: delete the mirrored files of checkpoints removed upstream.
+    # sync: delete the mirrored files of checkpoints removed upstream, unless more than
+    # max_delete files would go (None: no limit).
     delete: bool = False
+    max_delete: int | None = Field(default=None, ge=0)
     # Finite: NaN was refused as "should be less than or equal to 86400", which it is not above.
     connect_timeout: float = Field(default=30.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     read_timeout: float = Field(default=60.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)

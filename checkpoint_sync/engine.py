@@ -33,7 +33,7 @@ from .plan import (
     is_current,
 )
 from .progress import Stats
-from .prune import Pruner, deletions, held_back
+from .prune import Deletion, Pruner, deletions, held_back
 from .sources.base import RemoteFile, Source, UnreadableEntry
 from .transfer import Transfers, TransferSettings
 from .wire import HttpClient
@@ -52,8 +52,10 @@ class SyncOptions:
     dry_run: bool = False
     # Re-read each file the manifest vouches for, and fetch again those whose bytes changed.
     verify: bool = False
-    # Delete the mirrored files of checkpoints removed upstream (`prune`).
+    # Delete the mirrored files of checkpoints removed upstream (`prune`), unless more than
+    # max_delete would go.
     delete: bool = False
+    max_delete: int | None = None
     wait_lock: bool = False
     # Whether the listing shows every file of the selection: a bench trial's stops at its byte
     # budget, before later ranks show, so there only asking for no listed rank at all is exit 4.
@@ -297,28 +299,43 @@ def _delete_removed(
     on_plan: Callable[[PlannedFile], None] | None,
 ) -> None:
     """``--delete``, once the run's own work is done: the mirrored files of checkpoints removed
-    upstream go (a dry run only says which). A file that cannot be deleted fails alone."""
+    upstream go (a dry run only says which). A file that cannot be deleted fails alone; more
+    files than ``max_delete`` hold every deletion back, as a failure."""
     stats.delete_held_back = held_back(manifest, whole_lists)
-    pruner = Pruner(str(options.dest), manifest, dry_run=options.dry_run)
+    pruner = Pruner(str(options.dest), manifest)
+    decided: list[tuple[Deletion, bool]] = []
     for doomed in deletions(manifest, options.files, whole_lists):
         try:
-            # Asked in a dry run too: it names only what the run would delete.
-            if not pruner.delete(doomed):
-                continue
+            decided.append((doomed, pruner.goes(doomed)))
         except FileError as exc:
             stats.fail(doomed.path, str(exc))
-            continue
+    going = [doomed for doomed, goes in decided if goes]
+    if options.max_delete is not None and len(going) > options.max_delete:
+        stats.fail(
+            "--delete",
+            f"{len(going)} files would go, more than --max-delete {options.max_delete}: none was "
+            "deleted",
+        )
+        return
+    for doomed in going:
         stats.files_to_delete += 1
         stats.bytes_to_delete += doomed.size
         if doomed.checkpoint not in stats.removed_upstream:
             stats.removed_upstream.append(doomed.checkpoint)
         if on_plan is not None:
             on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
-        if not options.dry_run:
+    if options.dry_run:
+        return
+    for doomed, goes in decided:
+        try:
+            pruner.delete(doomed, goes=goes)
+        except FileError as exc:
+            stats.fail(doomed.path, str(exc))
+            continue
+        if goes:
             stats.files_deleted += 1
             stats.bytes_deleted += doomed.size
-    if not options.dry_run:
-        pruner.remove_empty_directories()
+    pruner.remove_empty_directories()
 
 
 class _Stop:

@@ -126,10 +126,10 @@ def removed_upstream(
     manifest = Manifest(manifest_path(dest), read_only=True)
     try:
         held: dict[str, list[int]] = {}
-        pruner = Pruner(str(dest), manifest, dry_run=True)
+        pruner = Pruner(str(dest), manifest)
         for doomed in deletions(manifest, wanted, whole_lists):
             with suppress(FileError):  # one it cannot even look at: not counted
-                if pruner.delete(doomed):
+                if pruner.goes(doomed):
                     held.setdefault(doomed.checkpoint, []).append(doomed.size)
     finally:
         manifest.close()

@@ -60,40 +60,47 @@ def held_back(manifest: Manifest, whole_lists: Mapping[str, frozenset[str]]) -> 
 
 
 class Pruner:
-    """Deletes mirrored files under ``dest`` and the directories they leave empty; with
-    ``dry_run``, only tells which it would delete."""
+    """Deletes mirrored files under ``dest`` and the directories they leave empty."""
 
-    def __init__(self, dest: str, manifest: Manifest, *, dry_run: bool = False) -> None:
+    def __init__(self, dest: str, manifest: Manifest) -> None:
         self._dest = dest
         self._real_dest = os.path.realpath(dest)
         self._manifest = manifest
-        self._dry_run = dry_run
         self._emptied: set[str] = set()
         self._where_it_was: dict[str, bool] = {}
 
-    def delete(self, doomed: Deletion) -> bool:
-        """Delete ``doomed`` and drop its record (a dry run only asks); whether its file goes
-        (`FileError` if it cannot). What is at its path and is no regular file of the recorded
-        size (a user's, or changed by hand), or lies under a symlink (where it may be another
-        checkpoint's file), is not the mirror's: only the record goes."""
+    def goes(self, doomed: Deletion) -> bool:
+        """Whether the file at ``doomed``'s place is the mirror's, to delete (`FileError` if it
+        cannot be looked at). What is there and is no regular file of the recorded size (a
+        user's, or changed by hand), or lies under a symlink (where it may be another
+        checkpoint's file), is not the mirror's; nor is a file gone already."""
+        if not self._as_laid_out(os.path.dirname(doomed.path)):
+            return False
         final = f"{self._dest}/{doomed.path}"
+        try:
+            info = os.lstat(final)
+        except FileNotFoundError:
+            return False  # a run killed after deleting it, before dropping its record
+        except OSError as exc:
+            raise FileError(f"cannot delete {final}: {exc.strerror or exc}") from exc
+        return stat.S_ISREG(info.st_mode) and info.st_size == doomed.size
+
+    def delete(self, doomed: Deletion, *, goes: bool) -> None:
+        """Drop ``doomed``'s record, and delete its file if it ``goes`` (`FileError` if it
+        cannot be)."""
         directory = os.path.dirname(doomed.path)
-        goes = False
-        if self._as_laid_out(directory):
+        if goes:
+            final = f"{self._dest}/{doomed.path}"
             try:
-                info = os.lstat(final)
-                goes = stat.S_ISREG(info.st_mode) and info.st_size == doomed.size
-                if goes and not self._dry_run:
-                    os.unlink(final)
+                os.unlink(final)
             except FileNotFoundError:
-                pass  # gone already: a run killed after deleting it, before dropping its record
+                pass
             except OSError as exc:
                 raise FileError(f"cannot delete {final}: {exc.strerror or exc}") from exc
+        if self._as_laid_out(directory):
             # Also where it was gone already: that run may have been killed before the rmdirs.
             self._emptied.add(directory)
-        if not self._dry_run:
-            self._manifest.drop_record(doomed.path)
-        return goes
+        self._manifest.drop_record(doomed.path)
 
     def remove_empty_directories(self) -> None:
         """Remove the directories that deleting left empty, up to the checkpoint's own; a

@@ -307,3 +307,53 @@ def test_a_file_changed_by_hand_is_not_deleted(dest: Path) -> None:
     assert json.loads(result.stdout)["files"]["deleted"] == len(removed.files) - 1
     assert changed.read_text() == "my notes, not the checkpoint's"
     assert DELETED not in recorded_checkpoints(dest)
+
+
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_more_files_to_delete_than_max_delete_holds_every_deletion_back(
+    dest: Path, dry_run: bool
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        args = ["--delete", "--max-delete", str(len(removed.files) - 1), "--json"]
+        result = run_cli(*sync_args(server, dest, *args, *(["--dry-run"] if dry_run else [])))
+        at_the_limit = run_cli(*sync_args(server, dest, "--delete", "--max-delete", "10"))
+
+    assert result.code == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["files"]["to_delete"] == summary["files"]["deleted"] == 0
+    assert summary["failures"] == [
+        {
+            "path": "--delete",
+            "error": f"{len(removed.files)} files would go, more than --max-delete "
+            f"{len(removed.files) - 1}: none was deleted",
+        }
+    ]
+    # Nothing was touched: the next run, allowed them all, deletes them all.
+    assert at_the_limit.code == 0, at_the_limit.stderr
+    assert "deleted 10 mirrored files" in at_the_limit.stdout
+    assert not (dest / JOB / DELETED).exists()
+
+
+def test_max_delete_in_the_config_holds_deletions_back(dest: Path, tmp_path: Path) -> None:
+    config = tmp_path / "mirror.toml"
+    config.write_text("delete = true\nmax_delete = 0\n")
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        result = run_cli(*sync_args(server, dest, "--config", str(config)))
+
+    assert result.code == 1
+    assert "--delete: 10 files would go, more than --max-delete 0: none was deleted" in (
+        result.stderr
+    )
+    for file in removed.files:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_max_delete_without_delete_is_a_usage_error(dest: Path) -> None:
+    with ServerThread(job_catalog()) as server:
+        result = run_cli(*sync_args(server, dest, "--max-delete", "5"))
+
+    assert result.code == 2
+    assert "--max-delete limits --delete: pass --delete too" in result.stderr
+    assert not dest.exists()
