@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .errors import FileError
 from .layout import mirror_path_parts
-from .manifest import Manifest, VerifiedFile
+from .manifest import Manifest
 from .plan import FileFilter, removed_upstream
 
 
@@ -42,9 +42,7 @@ def deletions(
         for checkpoint in manifest.checkpoints_of(run):
             if not removed_upstream(run, checkpoint, whole_lists):
                 continue
-            # Read whole first: the caller drops records as it goes.
-            recorded: list[VerifiedFile] = list(manifest.files_in(run, checkpoint))
-            for file in recorded:
+            for file in manifest.files_in(run, checkpoint):
                 _, _, rank, path = mirror_path_parts(file.path)
                 if files.takes(rank, path):
                     yield Deletion(file.path, file.size, f"{run}/{checkpoint}")
