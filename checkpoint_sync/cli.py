@@ -274,7 +274,10 @@ def _parser() -> argparse.ArgumentParser:
     sync_cmd.add_argument("--dest", type=_path, help="mirror directory (or `dest` in the config)")
     _add_transfer_arguments(sync_cmd)
     sync_cmd.add_argument(
-        "--dry-run", action="store_true", help="print what would be fetched and skipped"
+        "--dry-run",
+        action="store_true",
+        help="print what would be fetched and skipped (checked with --verify, deleted with "
+        "--delete), writing nothing",
     )
     sync_cmd.add_argument(
         "--verify",
@@ -307,7 +310,8 @@ def _parser() -> argparse.ArgumentParser:
     list_cmd.add_argument(
         "--dest",
         type=_path,
-        help="mirror directory (or `dest` in the config): add each checkpoint's local state",
+        help="mirror directory (or `dest` in the config): add each checkpoint's local state, "
+        "and name the mirrored checkpoints removed upstream",
     )
     _add_common_arguments(list_cmd)
     list_cmd.set_defaults(handler=_list_command)

@@ -757,6 +757,27 @@ def test_the_help_says_the_demo_mirrors_a_training_job() -> None:
     assert "demo mirror a synthetic training job" in " ".join(result.stdout.split())
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        # It said "print what would be fetched and skipped": a dry run also names what it would
+        # check and delete.
+        (
+            "sync",
+            "--dry-run print what would be fetched and skipped (checked with --verify, deleted "
+            "with --delete), writing nothing",
+        ),
+        # It said only "add each checkpoint's local state".
+        ("list", "and name the mirrored checkpoints removed upstream"),
+    ],
+)
+def test_the_help_says_what_a_dry_run_and_list_dest_show_of_delete(command: str, said: str) -> None:
+    result = run_cli(command, "--help")
+
+    assert result.code == 0, result.stderr
+    assert said in " ".join(result.stdout.split())
+
+
 @pytest.fixture
 def dead_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """HTTP_PROXY names a port nobody listens on: a request sent there fails."""
