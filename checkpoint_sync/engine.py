@@ -103,9 +103,9 @@ async def sync(
         _refuse_what_is_no_directory(options.dest)
         manifest = Manifest(manifest_path(options.dest), read_only=True)
         try:
-            await _produce(source, selection, options, manifest, stats, on_plan, None)
             if options.delete:
                 _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
+            await _produce(source, selection, options, manifest, stats, on_plan, None)
         finally:
             manifest.close()
         return
@@ -159,6 +159,10 @@ async def _run(
         stats,
         replace(options.transfer, resume=False) if options.verify else options.transfer,
     )
+    if options.delete:
+        # First: the room they hold may be what the new checkpoints need. Nothing but the
+        # checkpoint list, read whole already, decides what goes.
+        _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
     jobs = _Jobs(options.concurrency)
     listing_failed: list[ApiError | TransientError] = []
     paths_told: list[bool] = []
@@ -191,8 +195,6 @@ async def _run(
     # A file whose entry did not tell its path may have parts; only its listing could say which.
     listed = {(c.run, c.name) for c in selection.checkpoints} if paths_told == [True] else set()
     transfers.drop_unlisted(listed, options.files, source.listed_whole())
-    if options.delete:
-        _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
 
 
 async def _produce(
@@ -298,7 +300,7 @@ def _delete_removed(
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None,
 ) -> None:
-    """``--delete``, once the run's own work is done: the mirrored files of checkpoints removed
+    """``--delete``, before the run fetches anything: the mirrored files of checkpoints removed
     upstream go (a dry run only says which). A file that cannot be deleted fails alone; more
     files than ``max_delete`` hold every deletion back, as a failure."""
     stats.delete_held_back = held_back(manifest, whole_lists)

@@ -15,6 +15,7 @@ from checkpoint_sync.localserver import ServedCheckpoint, ServedFile
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import ServerThread, assert_exact, job_listing_checkpoints, mirrored, run_cli
+from .test_local_errors import mounted
 
 DELETED = "checkpoint-10"
 
@@ -180,7 +181,11 @@ def test_another_jobs_mirror_in_the_same_directory_is_left_alone(dest: Path) -> 
     [["--include", "no-such-file*"], ["--node-rank", "7"]],
     ids=["pattern-took-nothing", "rank-not-listed"],
 )
-def test_a_run_that_fails_deletes_nothing(dest: Path, failing: list[str]) -> None:
+def test_a_rank_or_pattern_that_takes_nothing_deletes_nothing(
+    dest: Path, failing: list[str]
+) -> None:
+    # Deletions come before the files are listed (and this choice found wanting): what they
+    # take is what the choice takes, here nothing.
     with ServerThread(job_catalog()) as server:
         removed = mirror_then_remove_upstream(server, dest)
         result = run_cli(*sync_args(server, dest, "--delete", *failing))
@@ -357,3 +362,24 @@ def test_max_delete_without_delete_is_a_usage_error(dest: Path) -> None:
     assert result.code == 2
     assert "--max-delete limits --delete: pass --delete too" in result.stderr
     assert not dest.exists()
+
+
+def test_a_mirror_whose_disk_the_removed_checkpoint_fills_makes_room_for_the_new_one(
+    tmp_path: Path,
+) -> None:
+    # A disk sized for two checkpoints of 6 MiB (and the 4 MiB kept free): the job deleted the
+    # older of the two mirrored and wrote a newer one. Deleting only after fetching, the run
+    # would stop on the full disk before it, every time.
+    catalog = job_catalog(checkpoints=3, large_size=3 << 20, small_files=0)
+    with mounted(tmp_path / "disk", "tmpfs", "size=20m") as disk, ServerThread(catalog) as server:
+        dest = disk / "mirror"
+        two = ["--checkpoint", "checkpoint-10", "--checkpoint", "checkpoint-20"]
+        assert run_cli(*sync_args(server, dest, *two)).code == 0
+        job = server.catalog.jobs[0]
+        server.call(lambda: job.checkpoints.pop(0))
+        result = run_cli(*sync_args(server, dest, "--delete"))
+
+        assert result.code == 0, result.stderr
+        assert not (dest / JOB / DELETED).exists()
+        for file in still_listed(server):  # the disk goes with the block
+            assert_exact(mirrored(dest, JOB, file), file)
