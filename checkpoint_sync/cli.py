@@ -654,7 +654,8 @@ def _run_and_report(
     job: Callable[[], Awaitable[None]], stats: Stats, options: SyncOptions, out: _Output
 ) -> int:
     """Run ``job`` with signal handling; print the summary (the text one only if the run got as
-    far as listing files: before that, a line of zeros would read like an empty success)."""
+    far as listing files, or ``--delete`` did something first: before that, a line of zeros
+    would read like an empty success)."""
     error: CheckpointSyncError | None = None
     try:
         received = _run(job)
@@ -669,7 +670,7 @@ def _run_and_report(
         if error is not None:
             payload["error"] = str(error)
         out.json(payload)
-    elif error is None or stats.files_listed:
+    elif error is None or stats.files_listed or stats.files_to_delete or stats.files_failed:
         _print_summary(stats, options, out)
     if error is not None:
         raise error

@@ -383,3 +383,22 @@ def test_a_mirror_whose_disk_the_removed_checkpoint_fills_makes_room_for_the_new
         assert not (dest / JOB / DELETED).exists()
         for file in still_listed(server):  # the disk goes with the block
             assert_exact(mirrored(dest, JOB, file), file)
+
+
+@pytest.mark.parametrize("max_delete", [[], ["--max-delete", "9"]], ids=["deleted", "held-back"])
+def test_a_run_whose_listing_then_fails_still_says_what_its_deletions_did(
+    dest: Path, max_delete: list[str]
+) -> None:
+    # The deletions come first: a listing that fails after them must not leave them unsaid.
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        server.faults.api_faults = [None, "404"]  # the checkpoint list, then its files
+        result = run_cli(*sync_args(server, dest, "--delete", *max_delete))
+
+    assert result.code == 4, result.stderr
+    if max_delete:
+        assert "--delete: 10 files would go, more than --max-delete 9" in result.stderr
+    else:
+        assert not (dest / JOB / DELETED).exists()
+        assert f"deleted {len(removed.files)} mirrored files " in result.stdout
+        assert f"of checkpoints removed upstream: {JOB}/{DELETED}" in result.stdout
