@@ -117,6 +117,10 @@ async def sync(
         if stats.waiting_for is not None:
             # Time and rate count from here: the wait is the other run's, not this one's.
             stats.waiting_for, stats.started = None, time.monotonic()
+            if options.delete:
+                # The list read before the wait may lack checkpoints the other run mirrored
+                # meanwhile: they would go as if removed upstream. Deletions go by a fresh one.
+                await source.checkpoints()
         manifest = Manifest(
             manifest_path(options.dest),
             durable=options.transfer.fsync,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -14,7 +16,15 @@ import pytest
 from checkpoint_sync.localserver import ServedCheckpoint, ServedFile
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
-from .support import ServerThread, assert_exact, job_listing_checkpoints, mirrored, run_cli
+from .support import (
+    ServerThread,
+    assert_exact,
+    job_listing_checkpoints,
+    mirrored,
+    run_cli,
+    run_subprocess,
+)
+from .test_kill import open_files, wait_for
 from .test_local_errors import mounted
 
 DELETED = "checkpoint-10"
@@ -402,3 +412,33 @@ def test_a_run_whose_listing_then_fails_still_says_what_its_deletions_did(
         assert not (dest / JOB / DELETED).exists()
         assert f"deleted {len(removed.files)} mirrored files " in result.stdout
         assert f"of checkpoints removed upstream: {JOB}/{DELETED}" in result.stdout
+
+
+def test_a_run_that_waited_for_the_lock_keeps_what_another_run_mirrored_meanwhile(
+    dest: Path,
+) -> None:
+    # A cron run with --wait-lock reads the checkpoint list, then waits; a later run, whose list
+    # has a checkpoint new since, takes the lock first and mirrors it. The provider still lists
+    # it: the waiting run must not take it for one removed upstream.
+    with ServerThread(job_catalog()) as server:
+        job = server.catalog.jobs[0]
+        newest = job.checkpoints[-1]
+        server.call(lambda: job.checkpoints.remove(newest))
+        assert run_cli(*sync_args(server, dest)).code == 0
+        lock = dest / ".checkpoint-sync" / "lock"
+        held = os.open(lock, os.O_RDWR)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = run_subprocess(*sync_args(server, dest, "--delete", "--wait-lock", "--json"))
+        wait_for(waiting, lambda: str(lock) in open_files(waiting.pid))
+        # It has read its list (without the newest) and waits; the later run gets the lock first.
+        waiting.send_signal(signal.SIGSTOP)
+        os.close(held)
+        server.call(lambda: job.checkpoints.append(newest))
+        assert run_cli(*sync_args(server, dest)).code == 0
+        waiting.send_signal(signal.SIGCONT)
+        out, err = waiting.communicate(timeout=60)
+
+    assert waiting.returncode == 0, err
+    assert json.loads(out)["files"]["to_delete"] == 0
+    for file in newest.files:
+        assert_exact(mirrored(dest, JOB, file), file)
