@@ -104,7 +104,7 @@ async def sync(
         manifest = Manifest(manifest_path(options.dest), read_only=True)
         try:
             if options.delete:
-                _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
+                await _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
             await _produce(source, selection, options, manifest, stats, on_plan, None)
         finally:
             manifest.close()
@@ -166,7 +166,7 @@ async def _run(
     if options.delete:
         # First: the room they hold may be what the new checkpoints need. Nothing but the
         # checkpoint list, read whole already, decides what goes.
-        _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
+        await _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
     jobs = _Jobs(options.concurrency)
     listing_failed: list[ApiError | TransientError] = []
     paths_told: list[bool] = []
@@ -297,7 +297,7 @@ def _plan(
     return relative, "fetch", recorded
 
 
-def _delete_removed(
+async def _delete_removed(
     whole_lists: Mapping[str, frozenset[str]],
     options: SyncOptions,
     manifest: Manifest,
@@ -332,16 +332,21 @@ def _delete_removed(
             on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
     if options.dry_run:
         return
-    for doomed, goes in decided:
-        try:
-            pruner.delete(doomed, goes=goes)
-        except FileError as exc:
-            stats.fail(doomed.path, str(exc))
-            continue
-        if goes:
-            stats.files_deleted += 1
-            stats.bytes_deleted += doomed.size
-    pruner.remove_empty_directories()
+    try:
+        for doomed, goes in decided:
+            # A signal is heeded between files: many of them, or a slow disk, take a while.
+            await anyio.lowlevel.checkpoint()
+            try:
+                pruner.delete(doomed, goes=goes)
+            except FileError as exc:
+                stats.fail(doomed.path, str(exc))
+                continue
+            if goes:
+                stats.files_deleted += 1
+                stats.bytes_deleted += doomed.size
+    finally:
+        # Stopped or not: the files deleted so far leave no empty directory and no record.
+        pruner.remove_empty_directories()
 
 
 class _Stop:

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -442,3 +443,42 @@ def test_a_run_that_waited_for_the_lock_keeps_what_another_run_mirrored_meanwhil
     assert json.loads(out)["files"]["to_delete"] == 0
     for file in newest.files:
         assert_exact(mirrored(dest, JOB, file), file)
+
+
+# The CLI on a slow disk: each unlink takes half a second, and says when it starts.
+SLOW_UNLINKS = """
+import os, sys, time
+unlink = os.unlink
+def slow_unlink(path):
+    print("unlinking", file=sys.stderr, flush=True)
+    time.sleep(0.5)
+    unlink(path)
+os.unlink = slow_unlink
+from checkpoint_sync.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_while_deleting_stops_the_run_at_once_and_the_next_run_finishes(
+    dest: Path,
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        deleting = subprocess.Popen(
+            [sys.executable, "-c", SLOW_UNLINKS, *sync_args(server, dest, "--delete")],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert deleting.stderr is not None
+        assert deleting.stderr.readline() == b"unlinking\n"
+        deleting.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        _, err = deleting.communicate(timeout=60)
+        took = time.monotonic() - stopped
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert deleting.returncode == 143, err
+    assert took < 2, f"{len(removed.files)} files deleted before the signal was heeded"
+    assert result.code == 0, result.stderr
+    assert not (dest / JOB / DELETED).exists()
+    assert DELETED not in recorded_checkpoints(dest)
