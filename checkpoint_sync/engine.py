@@ -117,10 +117,10 @@ async def sync(
         if stats.waiting_for is not None:
             # Time and rate count from here: the wait is the other run's, not this one's.
             stats.waiting_for, stats.started = None, time.monotonic()
-            if options.delete:
-                # The list read before the wait may lack checkpoints the other run mirrored
-                # meanwhile: they would go as if removed upstream. Deletions go by a fresh one.
-                await source.checkpoints()
+            # The list read before the wait may lack checkpoints the other run mirrored
+            # meanwhile: with --delete they would go as removed upstream, and their parts
+            # would be dropped. What is removed upstream is told by a list read now.
+            await source.checkpoints()
         manifest = Manifest(
             manifest_path(options.dest),
             durable=options.transfer.fsync,

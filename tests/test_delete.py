@@ -21,9 +21,11 @@ from .support import (
     ServerThread,
     assert_exact,
     job_listing_checkpoints,
+    leave_in_parts,
     mirrored,
     run_cli,
     run_subprocess,
+    staged,
 )
 from .test_kill import open_files, wait_for
 from .test_local_errors import mounted
@@ -415,12 +417,13 @@ def test_a_run_whose_listing_then_fails_still_says_what_its_deletions_did(
         assert f"of checkpoints removed upstream: {JOB}/{DELETED}" in result.stdout
 
 
+@pytest.mark.parametrize("delete", [True, False], ids=["its-files", "its-parts"])
 def test_a_run_that_waited_for_the_lock_keeps_what_another_run_mirrored_meanwhile(
-    dest: Path,
+    dest: Path, monkeypatch: pytest.MonkeyPatch, delete: bool
 ) -> None:
     # A cron run with --wait-lock reads the checkpoint list, then waits; a later run, whose list
-    # has a checkpoint new since, takes the lock first and mirrors it. The provider still lists
-    # it: the waiting run must not take it for one removed upstream.
+    # has a checkpoint new since, takes the lock first and mirrors it (or leaves it in parts).
+    # The provider still lists it: the waiting run must not take it for one removed upstream.
     with ServerThread(job_catalog()) as server:
         job = server.catalog.jobs[0]
         newest = job.checkpoints[-1]
@@ -429,20 +432,27 @@ def test_a_run_that_waited_for_the_lock_keeps_what_another_run_mirrored_meanwhil
         lock = dest / ".checkpoint-sync" / "lock"
         held = os.open(lock, os.O_RDWR)
         fcntl.flock(held, fcntl.LOCK_EX)
-        waiting = run_subprocess(*sync_args(server, dest, "--delete", "--wait-lock", "--json"))
+        flags = ["--delete"] if delete else []
+        waiting = run_subprocess(*sync_args(server, dest, *flags, "--wait-lock", "--json"))
         wait_for(waiting, lambda: str(lock) in open_files(waiting.pid))
         # It has read its list (without the newest) and waits; the later run gets the lock first.
         waiting.send_signal(signal.SIGSTOP)
         os.close(held)
         server.call(lambda: job.checkpoints.append(newest))
-        assert run_cli(*sync_args(server, dest)).code == 0
+        if delete:
+            assert run_cli(*sync_args(server, dest)).code == 0
+        else:
+            leave_in_parts(server, monkeypatch, sync_args(server, dest), from_byte=512 << 10)
         waiting.send_signal(signal.SIGCONT)
         out, err = waiting.communicate(timeout=60)
 
     assert waiting.returncode == 0, err
     assert json.loads(out)["files"]["to_delete"] == 0
-    for file in newest.files:
-        assert_exact(mirrored(dest, JOB, file), file)
+    if delete:
+        for file in newest.files:
+            assert_exact(mirrored(dest, JOB, file), file)
+    else:
+        assert staged(dest) == {f"{JOB}/{newest.checkpoint_id}"}
 
 
 # The CLI on a slow disk: each unlink takes half a second, and says when it starts.

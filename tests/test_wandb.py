@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_sync.api import ApiClient
 from checkpoint_sync.errors import NotFoundError, UsageError
 from checkpoint_sync.localserver import (
     Catalog,
@@ -20,10 +21,13 @@ from checkpoint_sync.localserver import (
     synthetic_wandb_model,
 )
 from checkpoint_sync.models import WandbCheckpoint
+from checkpoint_sync.net import NetSettings
 from checkpoint_sync.plan import select_checkpoints
+from checkpoint_sync.retry import RetryPolicy
 from checkpoint_sync.sources.base import Checkpoint, SyncState, UnreadableCheckpoint
-from checkpoint_sync.sources.wandb import best_checkpoint
+from checkpoint_sync.sources.wandb import WandbSource, best_checkpoint
 from checkpoint_sync.sources.wandb_artifacts import ArtifactPath, parse_artifact_path
+from checkpoint_sync.wire import HttpClient
 
 from .support import (
     API_KEY,
@@ -658,6 +662,28 @@ def test_delete_removes_a_checkpoint_removed_upstream_once_the_list_was_read_who
     assert deleted == ([] if more_promised else [f"{MODEL}/step-10"])
     assert (dest / MODEL / "step-10").exists() is more_promised
     assert all((dest / MODEL / f"step-{step}").is_dir() for step in METRICS if step != 10)
+
+
+@pytest.mark.anyio
+async def test_a_list_read_again_is_whole_only_if_this_read_was(server: ServerThread) -> None:
+    # A run that waited for the mirror's lock reads the list again: one found whole before the
+    # wait must not stand for a read that ended on a page promising more.
+    async with HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http:
+        api = ApiClient(
+            http,
+            server.url,
+            api_key=WANDB_KEY,
+            auth_scheme="Bearer",
+            key_hint="WANDB_API_KEY",
+            retry=RetryPolicy(attempts=1),
+        )
+        source = WandbSource(api, MODEL, artifacts=None)
+        await source.checkpoints()
+        assert source.listed_whole() == {MODEL: frozenset(f"step-{s}" for s in METRICS)}
+        server.catalog.wandb_models[0].more_promised = True
+        await source.checkpoints()
+
+    assert source.listed_whole() == {}
 
 
 @pytest.mark.parametrize("unreadable", [False, True], ids=["readable", "a-step-unlisted"])

@@ -113,7 +113,9 @@ class WandbSource:
             if isinstance(c, Unreadable)
         ]
         # Every page was read (one that fails stops the run): the list is whole, unless an
-        # empty page ended the walk while saying there was more.
+        # empty page ended the walk while saying there was more. Read again (after a wait for
+        # the mirror's lock), what an earlier read found whole says nothing of now.
+        self._listed_whole = {}
         if not pages[-1].has_more:
             of_unreadable = [None if u.step is None else f"step-{u.step}" for u in unreadable]
             names = [*(c.name for c in found), *of_unreadable]
