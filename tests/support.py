@@ -18,8 +18,8 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,10 +27,13 @@ from typing import Any, TypeVar
 
 import pytest
 
+from checkpoint_sync.api import ApiClient
 from checkpoint_sync.cli import main
 from checkpoint_sync.localserver import Catalog, Faults, LocalServer, ServedFile, content
-from checkpoint_sync.net import proxy_for_host
+from checkpoint_sync.net import NetSettings, proxy_for_host
 from checkpoint_sync.rate import READ_SIZE
+from checkpoint_sync.retry import RetryPolicy
+from checkpoint_sync.wire import HttpClient
 
 T = TypeVar("T")
 API_KEY = "test-key-0123456789abcdef"
@@ -206,6 +209,23 @@ def http_serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@asynccontextmanager
+async def api_client(
+    url: str, key: str = API_KEY, key_hint: str = "BASETEN_API_KEY"
+) -> AsyncIterator[ApiClient]:
+    """A client of the API at ``url``, on connections of its own, that does not retry: what a
+    source module asks of it is answered once."""
+    async with HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http:
+        yield ApiClient(
+            http,
+            url,
+            api_key=key,
+            auth_scheme="Bearer",
+            key_hint=key_hint,
+            retry=RetryPolicy(attempts=1),
+        )
 
 
 @contextmanager

@@ -16,18 +16,15 @@ from pathlib import Path
 import anyio
 import pytest
 
-from checkpoint_sync.api import ApiClient
 from checkpoint_sync.localserver import ServedFile
 from checkpoint_sync.models import Unreadable
-from checkpoint_sync.net import NetSettings, url_problem
-from checkpoint_sync.retry import RetryPolicy
+from checkpoint_sync.net import url_problem
 from checkpoint_sync.sources.baseten_pages import file_pages
-from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, PROJECT, job_args, sync_args
 from .support import (
-    API_KEY,
     ServerThread,
+    api_client,
     assert_exact,
     job_listing_checkpoints,
     mirrored,
@@ -465,15 +462,7 @@ def test_an_unusable_api_url_is_a_usage_error_at_once(dest: Path, api_url: str) 
 @asynccontextmanager
 async def job_files(server: ServerThread) -> AsyncIterator[AsyncGenerator[object, None]]:
     """The test job's file listing, four files a page, read straight from its source module."""
-    async with HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http:
-        api = ApiClient(
-            http,
-            server.url,
-            api_key=API_KEY,
-            auth_scheme="Bearer",
-            key_hint="BASETEN_API_KEY",
-            retry=RetryPolicy(attempts=1),
-        )
+    async with api_client(server.url) as api:
         listing = f"/v1/training_projects/{PROJECT}/jobs/{JOB}/checkpoint_files"
         async with aclosing(file_pages(api, listing, 4, "the job")) as pages:
             yield pages

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.api import ApiClient
 from checkpoint_sync.errors import NotFoundError, UsageError
 from checkpoint_sync.localserver import (
     Catalog,
@@ -21,17 +20,15 @@ from checkpoint_sync.localserver import (
     synthetic_wandb_model,
 )
 from checkpoint_sync.models import WandbCheckpoint
-from checkpoint_sync.net import NetSettings
 from checkpoint_sync.plan import select_checkpoints
-from checkpoint_sync.retry import RetryPolicy
 from checkpoint_sync.sources.base import Checkpoint, SyncState, UnreadableCheckpoint
 from checkpoint_sync.sources.wandb import WandbSource, best_checkpoint
 from checkpoint_sync.sources.wandb_artifacts import ArtifactPath, parse_artifact_path
-from checkpoint_sync.wire import HttpClient
 
 from .support import (
     API_KEY,
     ServerThread,
+    api_client,
     assert_exact,
     http_serving,
     leave_in_parts,
@@ -668,15 +665,7 @@ def test_delete_removes_a_checkpoint_removed_upstream_once_the_list_was_read_who
 async def test_a_list_read_again_is_whole_only_if_this_read_was(server: ServerThread) -> None:
     # A run that waited for the mirror's lock reads the list again: one found whole before the
     # wait must not stand for a read that ended on a page promising more.
-    async with HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http:
-        api = ApiClient(
-            http,
-            server.url,
-            api_key=WANDB_KEY,
-            auth_scheme="Bearer",
-            key_hint="WANDB_API_KEY",
-            retry=RetryPolicy(attempts=1),
-        )
+    async with api_client(server.url, WANDB_KEY, "WANDB_API_KEY") as api:
         source = WandbSource(api, MODEL, artifacts=None)
         await source.checkpoints()
         assert source.listed_whole() == {MODEL: frozenset(f"step-{s}" for s in METRICS)}
