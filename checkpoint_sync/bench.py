@@ -17,7 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,10 +97,30 @@ class Setting:
     def first_failure(self) -> str | None:
         return next((t.first_failure for t in self.trials if t.first_failure), None)
 
-    def median(self, measure: Callable[[Trial], float | None]) -> float | None:
-        """The median over the rounds of what ``measure`` tells of a trial, where it tells."""
-        values = [v for v in map(measure, self.trials) if v is not None]
-        return statistics.median(values) if values else None
+    # The other figures of its row, each a median over the rounds.
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(t.seconds for t in self.trials)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return statistics.median(t.cpu_seconds for t in self.trials)
+
+    @property
+    def first_byte_ms(self) -> float | None:
+        return _median_of_known(t.first_byte_ms for t in self.trials)
+
+    @property
+    def connection_mb_s(self) -> float | None:
+        return _median_of_known(t.connection_mb_s for t in self.trials)
+
+
+def _median_of_known(values: Iterable[float | None]) -> float | None:
+    """The median of the rounds that tell a value (a trial with no request of 1 MiB tells no
+    connection rate)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
 
 
 def grid(concurrencies: Sequence[int], part_sizes: Sequence[int]) -> list[tuple[int, int]]:

@@ -984,10 +984,10 @@ def _bench_row(tried: Setting) -> dict[str, Any]:
         "mb_per_s": round(tried.mb_per_s, 1),
         "mb_per_s_min": round(slowest, 1),
         "mb_per_s_max": round(fastest, 1),
-        "seconds": tried.median(lambda t: t.seconds),
-        "cpu_seconds": tried.median(lambda t: t.cpu_seconds),
-        "first_byte_ms": tried.median(lambda t: t.first_byte_ms),
-        "connection_mb_s": tried.median(lambda t: t.connection_mb_s),
+        "seconds": tried.seconds,
+        "cpu_seconds": tried.cpu_seconds,
+        "first_byte_ms": tried.first_byte_ms,
+        "connection_mb_s": tried.connection_mb_s,
         "rounds": [{**asdict(t), "mb_per_s": round(t.mb_per_s, 1)} for t in tried.trials],
     }
 
@@ -1014,9 +1014,8 @@ def _bench_table(settings_tried: list[Setting]) -> list[str]:
             f"{tried.concurrency:>11} {human_bytes(tried.part_size):>10} {first.files:>6} "
             f"{human_bytes(first.bytes):>10} {tried.mb_per_s:>8.1f} "
             f"{f'{slowest:.0f}-{fastest:.0f}':>13} "
-            f"{ms(tried.median(lambda t: t.first_byte_ms), 'ms'):>11} "
-            f"{ms(tried.median(lambda t: t.connection_mb_s), 'MB/s'):>11} "
-            f"{tried.median(lambda t: t.cpu_seconds) or 0:>6.2f} {tried.failed:>6}"
+            f"{ms(tried.first_byte_ms, 'ms'):>11} {ms(tried.connection_mb_s, 'MB/s'):>11} "
+            f"{tried.cpu_seconds:>6.2f} {tried.failed:>6}"
         )
     return lines
 
