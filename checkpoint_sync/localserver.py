@@ -179,6 +179,11 @@ class Faults:
     # File listings that never end: "stuck" hands back the page_token it was given, "repeat"
     # hands out ever larger tokens and repeats the last page once the files run out.
     endless_listing: str | None = None
+    # How many entries a page of a file listing holds, from its offset and the page_size asked
+    # for (None: as many as asked), as an API that caps page_size or ends pages where it likes.
+    page_length: Callable[[int, int], int] | None = None
+    # File listing tokens that count pages, not entries (NOTES.md says they are offsets).
+    page_numbers: bool = False
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -458,9 +463,15 @@ class LocalServer:
             return _unprocessable("page_size and page_token must be integers")
         if page_size < 1 or token < 0:
             return _unprocessable("page_size must be >= 1 and page_token >= 0")
-        page = entries[token : token + page_size]
-        following = token + page_size
-        next_token = following if following < len(entries) else None
+        offset = token * page_size if self.faults.page_numbers else token
+        length = (
+            page_size
+            if self.faults.page_length is None
+            else self.faults.page_length(offset, page_size)
+        )
+        page = entries[offset : offset + length]
+        following = token + 1 if self.faults.page_numbers else offset + length
+        next_token = following if offset + length < len(entries) else None
         if self.faults.endless_listing == "stuck":
             next_token = token
         elif self.faults.endless_listing == "repeat":
@@ -831,8 +842,8 @@ def tree_catalog(
     )
 
 
-async def _serve(catalog: Catalog, host: str, port: int) -> None:
-    async with LocalServer(catalog, host=host, port=port) as server:
+async def _serve(catalog: Catalog, host: str, port: int, faults: Faults) -> None:
+    async with LocalServer(catalog, host=host, port=port, faults=faults) as server:
         print(f"ready {server.url}", flush=True)
         await asyncio.Event().wait()
 
@@ -844,6 +855,13 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--project", default="bench")
     common.add_argument("--job", default="job")
     common.add_argument("--api-key", default="bench", help="the key clients must send")
+    common.add_argument(
+        "--api-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="answer every API request this much later, as a far API would",
+    )
     parser = argparse.ArgumentParser(prog="python -m checkpoint_sync.localserver")
     commands = parser.add_subparsers(dest="command", required=True)
     tree = commands.add_parser(
@@ -881,7 +899,7 @@ def main(argv: list[str] | None = None) -> None:
         catalog = Catalog(api_key=args.api_key, jobs=[job])
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(catalog, args.host, args.port))
+            asyncio.run(_serve(catalog, args.host, args.port, Faults(api_delay=args.api_delay)))
     except OSError as exc:  # the port is taken, or the host is not ours
         parser.exit(1, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {exc.strerror}\n")
 

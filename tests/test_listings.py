@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,9 +17,10 @@ import anyio
 import pytest
 
 from checkpoint_sync.localserver import ServedFile
-from checkpoint_sync.models import Unreadable
+from checkpoint_sync.models import CheckpointFile, Unreadable
 from checkpoint_sync.net import url_problem
-from checkpoint_sync.sources.baseten_pages import file_pages
+from checkpoint_sync.sources.base import PageRef
+from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD, file_pages
 
 from .conftest import JOB, PROJECT, job_args, sync_args
 from .support import (
@@ -30,6 +31,8 @@ from .support import (
     mirrored,
     run_cli,
 )
+
+Page = tuple[PageRef, list[CheckpointFile | Unreadable]]
 
 
 def landed(server: ServerThread, dest: Path, ignored: ServedFile | None = None) -> list[ServedFile]:
@@ -460,7 +463,7 @@ def test_an_unusable_api_url_is_a_usage_error_at_once(dest: Path, api_url: str) 
 
 
 @asynccontextmanager
-async def job_files(server: ServerThread) -> AsyncIterator[AsyncGenerator[object, None]]:
+async def job_files(server: ServerThread) -> AsyncIterator[AsyncGenerator[Page, None]]:
     """The test job's file listing, four files a page, read straight from its source module."""
     async with api_client(server.url) as api:
         listing = f"/v1/training_projects/{PROJECT}/jobs/{JOB}/checkpoint_files"
@@ -524,6 +527,58 @@ async def test_a_page_asked_for_ahead_that_gave_up_before_it_was_wanted_is_asked
         await read_ahead_settled()
         assert len([page async for page in pages]) == 7
     assert server.traffic.api_requests == 9  # 8 pages, one of them asked for twice
+
+
+@pytest.mark.anyio
+async def test_the_pages_after_this_one_are_asked_for_at_once_at_the_offsets_they_will_name(
+    server: ServerThread,
+) -> None:
+    for n in range(30):  # 60 files, 4 a page: 15 pages
+        add_file(server, f"checkpoint-10/more-{n}.bin", 10)
+    async with job_files(server) as pages:
+        await anext(pages)
+        # A far API's latency is paid once for all of them, not page after page.
+        await api_requests_reach(server, 1 + PAGES_AHEAD)
+        await read_ahead_settled()
+        assert server.traffic.api_requests == 1 + PAGES_AHEAD  # never more than that ahead
+        await anext(pages)
+        await api_requests_reach(server, 2 + PAGES_AHEAD)
+        rest = [page async for page in pages]
+    assert len(rest) == 13
+    assert server.traffic.api_requests == 15  # each page asked for once
+
+
+@pytest.mark.parametrize(
+    ("page_length", "page_numbers", "requests"),
+    [
+        # An API that caps page_size: the tokens are still offsets, three apart.
+        (lambda offset, size: min(size, 3), False, 10),
+        # Pages that end where the server likes: a guessed offset is sometimes wrong.
+        (lambda offset, size: min(size, 7 - offset % 7), False, None),
+        # Tokens that count pages: no offset is guessed at all.
+        (None, True, 8),
+    ],
+    ids=["capped", "uneven", "page-numbers"],
+)
+@pytest.mark.anyio
+async def test_the_pages_handed_on_are_those_the_tokens_name_whatever_was_guessed(
+    server: ServerThread,
+    page_length: Callable[[int, int], int] | None,
+    page_numbers: bool,
+    requests: int | None,
+) -> None:
+    server.faults.page_length = page_length
+    server.faults.page_numbers = page_numbers
+    async with job_files(server) as pages:
+        listed = [
+            (entry.node_rank, entry.relative_file_name)
+            async for _, page in pages
+            for entry in page
+            if isinstance(entry, CheckpointFile)
+        ]
+    assert listed == [(f.node_rank, f.name) for f in server.catalog.files()]
+    if requests is not None:  # where the tokens are as guessed, no request goes to waste
+        assert server.traffic.api_requests == requests
 
 
 # Python keeps the bytes of an argument that is not valid UTF-8 as lone surrogates.

@@ -20,6 +20,7 @@ import pytest
 from checkpoint_sync.cli import main
 from checkpoint_sync.localserver import Faults, ServedFile
 from checkpoint_sync.progress import human_bytes
+from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD
 
 from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
 from .support import (
@@ -916,7 +917,7 @@ def test_a_malformed_proxy_url_is_a_configuration_error_not_retried(
 
 def test_the_listing_is_read_only_as_far_as_the_workers_need(dest: Path) -> None:
     # 100 files on pages of 5, and every object stalls: the 2 workers hold a file each and the
-    # queue 2 more, so a few pages are read, not all 20.
+    # queue 2 more, so a page or two are read, and those asked for ahead, not all 20.
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=50)
     stalled = Faults(hook=lambda *_: "stall", stall_seconds=3.0)
     with ServerThread(catalog, stalled) as server:
@@ -933,7 +934,7 @@ def test_the_listing_is_read_only_as_far_as_the_workers_need(dest: Path) -> None
         finally:
             process.kill()
             process.communicate()
-    assert api_requests <= 3, api_requests  # the checkpoints, then a page or two: not 20
+    assert api_requests <= 3 + PAGES_AHEAD, api_requests  # the checkpoints, 2 pages, 8 ahead
 
 
 @pytest.mark.parametrize("how", ["flag", "env", "config"])

@@ -4,13 +4,20 @@ how a checkpoint list entry off the schema is kept."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import replace
 
 from ..api import ApiClient
 from ..errors import FileError, MalformedResponseError, TransientError
 from ..models import CheckpointFile, CheckpointFilesPage, Unreadable
 from .base import PageRef, Relisted, RemoteFile, UnreadableCheckpoint
+
+# How many pages a listing keeps asked for ahead of the one being planned: a far API's latency
+# per page (0.1 s added to the built-in server's: a no-op re-sync of 100,000 files 12.4 s with one
+# page ahead) is then paid about once per this many pages.
+PAGES_AHEAD = 8
 
 
 async def file_pages(
@@ -18,18 +25,24 @@ async def file_pages(
 ) -> AsyncGenerator[tuple[PageRef, list[CheckpointFile | Unreadable]], None]:
     """Every page of ``listing``, stopping on a null token or an empty page (NOTES.md).
 
-    The next page is asked for before this one is handed on, so that the server prepares it
-    while the caller plans this one's files (a no-op re-sync of 100,000 files: 2.5 s -> 1.8-2.1 s).
-    A page that cannot be read fails where it would have otherwise: after the pages before it.
+    The pages after this one are asked for before it is handed on, so that the server prepares
+    them while the caller plans this one's files. Only the page that this one's token names is
+    ever handed on next: while the tokens are the offsets NOTES.md says they are, the pages after
+    it are asked for at the offsets they will name (up to ``total_count``), a guess that each
+    page's own token confirms or cancels. A page that cannot be read fails where it would have
+    otherwise: after the pages before it.
 
     A token that does not move forward, or more entries than ``total_count`` announced, means
     the server would keep us listing forever: that is reported, not followed.
     """
     seen = 0
-    ref = PageRef(listing=listing, page_token=0, page_size=page_size)
-    asked = _ask(api, ref, what)
+    first = PageRef(listing=listing, page_token=0, page_size=page_size)
+    ahead: deque[tuple[PageRef, asyncio.Task[CheckpointFilesPage]]] = deque(
+        [(first, _ask(api, first, what))]
+    )
     try:
         while True:
+            ref, asked = ahead.popleft()
             page = await _wanted(asked, api, ref, what)
             if not page.presigned_urls:
                 return
@@ -41,17 +54,47 @@ async def file_pages(
                 if runaway is not None:
                     raise runaway
                 return
-            asked_ref = PageRef(listing=listing, page_token=following, page_size=page_size)
-            asked = _ask(api, asked_ref, what)
+            _ask_ahead(ahead, api, ref, page, following, what)
             # Planning a page of files already mirrored never waits: without this yield the
-            # request would go out only once the caller asked for the page.
+            # requests would go out only once the caller asked for the next page.
             await asyncio.sleep(0)
             yield ref, page.presigned_urls
-            ref = asked_ref
     finally:
-        # The caller stopped early: the page asked for ahead is not wanted. A task cancelled
+        # The caller stopped early: the pages asked for ahead are not wanted. A task cancelled
         # once done does not report its error as "never retrieved" either.
-        asked.cancel()
+        _cancel(ahead)
+
+
+def _ask_ahead(
+    ahead: deque[tuple[PageRef, asyncio.Task[CheckpointFilesPage]]],
+    api: ApiClient,
+    ref: PageRef,
+    page: CheckpointFilesPage,
+    following: int,
+    what: str,
+) -> None:
+    """Keep the pages after ``page`` (read at ``ref``) asked for: first the one its token
+    names, then, while the tokens go up by the page's length, those at the offsets that follow."""
+    if ahead and ahead[0][0].page_token != following:
+        _cancel(ahead)  # a guess went wrong: from here, what the tokens say
+    if not ahead:
+        named = replace(ref, page_token=following)
+        ahead.append((named, _ask(api, named, what)))
+    stride = following - ref.page_token
+    if stride != len(page.presigned_urls):
+        while len(ahead) > 1:  # not offsets: only the page named is known to come next
+            ahead.pop()[1].cancel()
+        return
+    token = ahead[-1][0].page_token + stride
+    while len(ahead) < PAGES_AHEAD and token < page.total_count:
+        guess = replace(ref, page_token=token)
+        ahead.append((guess, _ask(api, guess, what)))
+        token += stride
+
+
+def _cancel(ahead: deque[tuple[PageRef, asyncio.Task[CheckpointFilesPage]]]) -> None:
+    while ahead:
+        ahead.popleft()[1].cancel()
 
 
 def _ask(api: ApiClient, ref: PageRef, what: str) -> asyncio.Task[CheckpointFilesPage]:
