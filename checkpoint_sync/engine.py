@@ -308,7 +308,7 @@ async def _delete_removed(
     upstream go (a dry run only says which). A file that cannot be deleted fails alone; more
     files than ``max_delete`` hold every deletion back, as a failure."""
     stats.delete_held_back = held_back(manifest, whole_lists)
-    pruner = Pruner(str(options.dest), manifest)
+    pruner = Pruner(str(options.dest), manifest, fsync=options.transfer.fsync)
     decided: list[tuple[Deletion, bool]] = []
     for doomed in deletions(manifest, options.files, whole_lists):
         try:

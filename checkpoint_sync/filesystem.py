@@ -1,4 +1,5 @@
-"""Which filesystem the mirror is on, and so whether reserving a file's space up front pays.
+"""Which filesystem the mirror is on, and so whether reserving a file's space up front pays;
+and making a directory's changed entries durable (``--fsync``).
 
 On a disk filesystem ``fallocate`` reserves extents without writing them: a full disk shows
 before gigabytes are fetched, and the file is laid out in one piece. On tmpfs it zero-fills
@@ -48,3 +49,12 @@ def filesystem_type(mountinfo: str, path: str) -> str | None:
         if len(point) >= longest and is_within(point, path):
             found, longest = fstype, len(point)
     return found
+
+
+def fsync_directory(path: str) -> None:
+    """Make the entries ``path`` gained or lost (a rename, an unlink, a rmdir) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator, Mapping
-from contextlib import suppress
 from dataclasses import dataclass
 
-from .errors import FileError
+from .errors import FileError, LocalIOError
+from .filesystem import fsync_directory
 from .layout import mirror_path_parts
 from .manifest import Manifest
 from .plan import FileFilter, removed_upstream
@@ -60,8 +60,9 @@ def held_back(manifest: Manifest, whole_lists: Mapping[str, frozenset[str]]) -> 
 class Pruner:
     """Deletes mirrored files under ``dest`` and the directories they leave empty."""
 
-    def __init__(self, dest: str, manifest: Manifest) -> None:
+    def __init__(self, dest: str, manifest: Manifest, *, fsync: bool = False) -> None:
         self._dest = dest
+        self._fsync = fsync
         self._real_dest = os.path.realpath(dest)
         self._manifest = manifest
         self._emptied: set[str] = set()
@@ -102,18 +103,37 @@ class Pruner:
 
     def remove_empty_directories(self) -> None:
         """Remove the directories that deleting left empty, up to the checkpoint's own; a
-        directory still holding anything stays. Only then are the dropped records committed: a
-        run killed before leaves them, and so the directories, to the next."""
+        directory still holding anything stays. With ``fsync``, each directory that lost entries
+        and stays is then synced, once. Only then are the dropped records committed: a run
+        killed (or a power loss) before leaves them, and so the files and directories, to the
+        next."""
         directories: set[str] = set()
         for directory in self._emptied:
             # "<run>/<checkpoint>/<rank>/..." up to "<run>/<checkpoint>"
             while directory.count("/") >= 1:
                 directories.add(directory)
                 directory = os.path.dirname(directory)
+        lost, gone = set(self._emptied), set[str]()
         for directory in sorted(directories, key=lambda d: d.count("/"), reverse=True):
-            # Not empty (a user's file, a file the run did not take), or gone: it stays.
-            with suppress(OSError):
+            try:
                 os.rmdir(f"{self._dest}/{directory}")
+            except FileNotFoundError:
+                pass  # removed by a run killed before its sync: its parent's is still owed
+            except OSError:
+                continue  # not empty (a user's file, a file the run did not take): it stays
+            gone.add(directory)
+            lost.add(os.path.dirname(directory))
+        if self._fsync:
+            for directory in sorted(lost - gone):
+                path = f"{self._dest}/{directory}"
+                try:
+                    fsync_directory(path)
+                except FileNotFoundError:
+                    pass  # removed by hand: nothing of the mirror's is left to come back
+                except OSError as exc:
+                    raise LocalIOError(
+                        f"cannot make the deletions in {path} durable: {exc.strerror or exc}"
+                    ) from exc
         self._manifest.commit()
 
     def _as_laid_out(self, directory: str) -> bool:

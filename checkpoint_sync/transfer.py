@@ -45,7 +45,7 @@ from .errors import (
     UrlExpiredError,
     most_severe,
 )
-from .filesystem import preallocation_pays
+from .filesystem import fsync_directory, preallocation_pays
 from .layout import STATE_DIR, is_within, mirror_path_parts, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
@@ -134,7 +134,7 @@ class Transfers:
             # DEST, its state directory and the staging area may all have been made just now:
             # each one's entry lives in its parent.
             for directory in (dest.parent, dest, dest / STATE_DIR, self._staging_dir):
-                _os_call(directory, partial(_fsync_directory, str(directory)))
+                _os_call(directory, partial(fsync_directory, str(directory)))
         self._reserves = preallocation_pays(str(self._staging_dir))
 
     async def fetch(self, file: RemoteFile, relative: str, *, replaces: bool = True) -> None:
@@ -220,7 +220,7 @@ class Transfers:
         try:
             if multipart and not keep:
                 if self._settings.fsync:  # its parts are recorded: its name must be durable
-                    _os_call(staging, lambda: _fsync_directory(str(self._staging_dir)))
+                    _os_call(staging, lambda: fsync_directory(str(self._staging_dir)))
                 self._manifest.begin_staging(
                     key, file.size, file.last_modified, self._settings.part_size
                 )
@@ -354,7 +354,7 @@ class Transfers:
             directory = parent
             while directory != existing:
                 directory = os.path.dirname(directory)
-                self._in_mirror_call(directory, partial(_fsync_directory, directory))
+                self._in_mirror_call(directory, partial(fsync_directory, directory))
         self._prepared_dirs.add(parent)
 
     def _in_mirror_call(self, path: str, call: Callable[[], T]) -> T:
@@ -372,7 +372,7 @@ class Transfers:
     def _publish(self, staging: str, final: str) -> None:
         self._in_mirror_call(final, lambda: os.replace(staging, final))
         if self._settings.fsync:
-            _os_call(final, lambda: _fsync_directory(os.path.dirname(final)))
+            _os_call(final, lambda: fsync_directory(os.path.dirname(final)))
 
     async def _fetch_parts(
         self, staged: _Staged, file: RemoteFile, parts: list[Part]
@@ -767,15 +767,6 @@ def _read_digests(fd: int, file: RemoteFile) -> _Digests:
     if total != file.size:
         raise IntegrityError(f"mirrored file is {total} bytes, expected {file.size}")
     return digests
-
-
-def _fsync_directory(path: str) -> None:
-    """Make a rename in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _size_of(path: str) -> int | None:

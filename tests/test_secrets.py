@@ -114,19 +114,25 @@ def test_a_key_with_a_control_character_is_a_usage_error_that_hides_it(
     assert "Traceback" not in result.stderr
 
 
-def _fsync_calls(server: ServerThread, dest: Path, *extra: str) -> dict[str, int]:
-    """How often the CLI, run under strace, called fsync and fdatasync, and fdatasync on
-    staging files (``parts``: one per part recorded as done)."""
+def _strace(server: ServerThread, dest: Path, calls: str, *extra: str) -> str:
+    """The trace of the system ``calls`` (strace's ``-e trace=``) of a CLI sync into ``dest``;
+    `subprocess.CalledProcessError` if it failed."""
     trace = dest.parent / f"trace-{dest.name}"
     subprocess.run(
         [
-            *("strace", "-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o", str(trace)),
+            *("strace", "-f", "-qq", "-y", "-e", f"trace={calls}", "-o", str(trace)),
             *(sys.executable, "-m", "checkpoint_sync", *sync_args(server, dest, *extra)),
         ],
         check=True,
         capture_output=True,
     )
-    text = trace.read_text()
+    return trace.read_text()
+
+
+def _fsync_calls(server: ServerThread, dest: Path, *extra: str) -> dict[str, int]:
+    """How often the CLI, run under strace, called fsync and fdatasync, and fdatasync on
+    staging files (``parts``: one per part recorded as done)."""
+    text = _strace(server, dest, "fsync,fdatasync", *extra)
     calls = re.findall(r"\b(fsync|fdatasync)\(", text)
     counts = {name: calls.count(name) for name in ("fsync", "fdatasync")}
     counts["parts"] = len(re.findall(r"\bfdatasync\(\d+<[^>]*/staging/", text))
@@ -170,6 +176,62 @@ def test_every_part_recorded_as_done_was_made_durable(server: ServerThread, tmp_
 
     assert clean["parts"] > 0
     assert broken["parts"] == clean["parts"]
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
+@pytest.mark.parametrize("killed", [False, True], ids=["deleting", "after-a-killed-run"])
+def test_fsync_makes_deletions_durable_before_their_records_go(
+    tmp_path: Path, killed: bool
+) -> None:
+    # A file --delete deleted must not come back after a power loss once its record is gone: it
+    # would stay for ever, taken for a user's. Each directory that lost an entry (a file
+    # deleted, a directory removed) and is still there is synced once, before that commit;
+    # also where a run killed before its sync and commit removed them.
+    plain, durable = tmp_path / "plain", tmp_path / "durable"
+    with ServerThread(job_catalog()) as server:
+        for dest in (plain, durable):
+            assert run_cli(*sync_args(server, dest)).code == 0
+            # A user's file keeps its directory, and so the checkpoint's.
+            (dest / JOB / "checkpoint-20" / "1" / "mine").write_text("mine")
+        if killed:
+            shutil.rmtree(durable / JOB / "checkpoint-10")
+        job = server.catalog.jobs[0]
+        kept = [
+            c for c in job.checkpoints if c.checkpoint_id not in ("checkpoint-10", "checkpoint-20")
+        ]
+        server.call(lambda: setattr(job, "checkpoints", kept))
+        try:
+            without = _strace(server, plain, "fsync,fdatasync", "--delete")
+        except subprocess.CalledProcessError as exc:
+            pytest.skip(f"strace cannot trace here: {exc.stderr.decode()[-200:]}")
+        text = _strace(
+            server, durable, "unlink,unlinkat,rmdir,fsync,fdatasync", "--delete", "--fsync"
+        )
+
+    assert "fsync(" not in without  # by default the page cache is trusted
+    assert not (durable / JOB / "checkpoint-10").exists()
+    removals: list[tuple[int, str]] = []  # (line, directory that lost an entry), in order
+    syncs: list[tuple[int, str]] = []  # (line, file or directory synced)
+    for number, line in enumerate(text.splitlines()):
+        if not line.endswith(" = 0"):
+            continue  # failed: a directory that is not empty stays
+        if removal := re.search(
+            r'\b(?:unlink|rmdir)(?:at)?\((?:AT_FDCWD<[^>]*>, )?"([^"]+)"', line
+        ):
+            if Path(removal[1]).is_relative_to(durable / JOB):
+                removals.append((number, str(Path(removal[1]).parent)))
+        elif sync := re.search(r"\bf(?:data)?sync\(\d+<([^>]*)>", line):
+            syncs.append((number, sync[1]))
+    assert removals
+    # The commit that drops the records: the manifest's first sync after the deletions.
+    commit = min(n for n, path in syncs if n > removals[-1][0] and path.endswith("-wal"))
+    lost = {str(durable / d) for d in (JOB, f"{JOB}/checkpoint-20", f"{JOB}/checkpoint-20/1")}
+    assert {directory for _, directory in removals if Path(directory).is_dir()} <= lost
+    for directory in lost:
+        synced = [n for n, path in syncs if path == directory]
+        assert len(synced) == 1, directory  # once, not once a file
+        removed = [n for n, where in removals if where == directory]
+        assert max(removed, default=-1) < synced[0] < commit, directory
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
