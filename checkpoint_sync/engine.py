@@ -113,7 +113,12 @@ async def sync(
     def waiting(holder: str) -> None:
         stats.waiting_for = holder
 
-    async with mirror_lock(options.dest / STATE_DIR, wait=options.wait_lock, on_wait=waiting):
+    async with mirror_lock(
+        options.dest / STATE_DIR,
+        wait=options.wait_lock,
+        on_wait=waiting,
+        durable=options.transfer.fsync,
+    ):
         if stats.waiting_for is not None:
             # Time and rate count from here: the wait is the other run's, not this one's.
             stats.waiting_for, stats.started = None, time.monotonic()

@@ -9,24 +9,35 @@ import fcntl
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from itertools import takewhile
 from pathlib import Path
 
 import anyio
 
 from .errors import LocalIOError, LockHeldError
+from .filesystem import fsync_directory
 
 POLL_SECONDS = 0.25
 
 
 @asynccontextmanager
 async def mirror_lock(
-    state_dir: Path, *, wait: bool, on_wait: Callable[[str], None] | None = None
+    state_dir: Path,
+    *,
+    wait: bool,
+    on_wait: Callable[[str], None] | None = None,
+    durable: bool = False,
 ) -> AsyncIterator[None]:
     """Hold the mirror's lock; `LockHeldError` if another run has it and ``wait`` is off, else
-    ``on_wait(holder's pid)`` once, and the wait."""
+    ``on_wait(holder's pid)`` once, and the wait. ``durable``: the directories made on the way
+    (DEST, its parents) survive power loss, as their entries are synced."""
     path = state_dir / "lock"
     try:
+        made = list(takewhile(lambda d: not d.exists(), (state_dir, *state_dir.parents)))
         state_dir.mkdir(parents=True, exist_ok=True)
+        if durable:
+            for directory in made:  # each new directory is an entry of its parent
+                fsync_directory(str(directory.parent))
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror}") from exc

@@ -131,9 +131,9 @@ class Transfers:
         self._settings = settings
         _os_call(self._staging_dir, lambda: self._staging_dir.mkdir(parents=True, exist_ok=True))
         if settings.fsync:
-            # DEST, its state directory and the staging area may all have been made just now:
-            # each one's entry lives in its parent.
-            for directory in (dest.parent, dest, dest / STATE_DIR, self._staging_dir):
+            # The staging area may have been made just now (the lock made the directories
+            # above it): its entry lives in the state directory.
+            for directory in (dest / STATE_DIR, self._staging_dir):
                 _os_call(directory, partial(fsync_directory, str(directory)))
         self._reserves = preallocation_pays(str(self._staging_dir))
 

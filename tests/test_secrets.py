@@ -235,11 +235,12 @@ def test_fsync_makes_deletions_durable_before_their_records_go(
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed")
-def test_fsync_makes_the_directories_it_creates_durable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dest_under", ["", "new/newer"], ids=["dest", "dest-and-parents"])
+def test_fsync_makes_the_directories_it_creates_durable(tmp_path: Path, dest_under: str) -> None:
     # A file survives power loss only if the names leading to it do: each directory made by
-    # the run is an entry in its parent, which must be synced; so is a staging file's name
-    # before its parts are recorded.
-    dest = tmp_path / "mirror"
+    # the run (DEST's missing parents too) is an entry in its parent, which must be synced; so
+    # is a staging file's name before its parts are recorded.
+    dest = tmp_path / dest_under / "mirror"
     trace = tmp_path / "trace"
     with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
         done = subprocess.run(
@@ -255,11 +256,11 @@ def test_fsync_makes_the_directories_it_creates_durable(tmp_path: Path) -> None:
         for file in server.files():
             assert_exact(mirrored(dest, JOB, file), file)
     text = trace.read_text()
-    made = re.findall(r'mkdir(?:at)?\((?:AT_FDCWD<[^>]*>, )?"([^"]+)"', text)
+    made = re.findall(r'mkdir(?:at)?\((?:AT_FDCWD<[^>]*>, )?"([^"]+)".*\) = 0$', text, re.M)
     synced = set(re.findall(r"\bf(?:data)?sync\(\d+<([^>]*)>", text))
-    mirror_dirs = [d for d in made if Path(d).is_relative_to(dest / JOB)]
-    assert mirror_dirs
-    needed = {str(Path(d).parent) for d in mirror_dirs} | {str(dest / ".checkpoint-sync/staging")}
+    assert str(dest) in made
+    assert any(Path(d).is_relative_to(dest / JOB) for d in made)
+    needed = {str(Path(d).parent) for d in made} | {str(dest / ".checkpoint-sync/staging")}
     assert sorted(needed - synced) == []
 
 
