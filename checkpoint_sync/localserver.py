@@ -176,6 +176,9 @@ class Faults:
     # ("308", "401", "404", "422", "429", "500"...), a broken body ("not-json", "truncated"),
     # or None for the real answer.
     api_faults: list[str | None] = field(default_factory=list)
+    # As ``api_faults``, for the file listing page at a page_token (once each): pages asked for
+    # at once reach the server in no set order.
+    page_faults: dict[int, str] = field(default_factory=dict)
     # File listings that never end: "stuck" hands back the page_token it was given, "repeat"
     # hands out ever larger tokens and repeats the last page once the files run out.
     endless_listing: str | None = None
@@ -184,6 +187,9 @@ class Faults:
     page_length: Callable[[int, int], int] | None = None
     # File listing tokens that count pages, not entries (NOTES.md says they are offsets).
     page_numbers: bool = False
+    # Loops checkpoints (by id) still in the checkpoint list whose file listing answers 404, as
+    # it does for one deleted after the list was read.
+    files_gone: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -387,6 +393,9 @@ class LocalServer:
                 await asyncio.sleep(self.faults.api_delay)
             if self.faults.api_faults and (kind := self.faults.api_faults.pop(0)) is not None:
                 return await _api_fault(kind, handler, request)
+            token = request.query.get("page_token", "")
+            if token.isdigit() and (kind := self.faults.page_faults.pop(int(token), None)):
+                return await _api_fault(kind, handler, request)
             scheme, _, key = request.headers.get("Authorization", "").partition(" ")
             if scheme not in ("Bearer", "Api-Key") or not hmac.compare_digest(
                 key.encode(), self.catalog.api_key.encode()
@@ -532,7 +541,7 @@ class LocalServer:
     async def _loops_files(self, request: web.Request) -> web.StreamResponse:
         wanted = request.match_info["checkpoint_id"]
         for c in self.catalog.loops:
-            if c.id == wanted:
+            if c.id == wanted and wanted not in self.faults.files_gone:
                 return self.file_page(request, c.checkpoint.files)
         return web.json_response({"detail": "Checkpoint not found"}, status=404)
 

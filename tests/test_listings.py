@@ -5,7 +5,6 @@ Nothing is ever written outside DEST, and the files the listing did describe wel
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -13,7 +12,6 @@ from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import anyio
 import pytest
 
 from checkpoint_sync.localserver import ServedFile
@@ -26,9 +24,11 @@ from .conftest import JOB, PROJECT, job_args, sync_args
 from .support import (
     ServerThread,
     api_client,
+    api_requests_reach,
     assert_exact,
     job_listing_checkpoints,
     mirrored,
+    read_ahead_settled,
     run_cli,
 )
 
@@ -330,23 +330,23 @@ def test_an_unusable_presigned_url_fails_its_file_alone(
 @pytest.mark.parametrize(
     ("faults", "endless", "message", "pages_landed"),
     [
-        ([None, "not-json"], None, "the API answered with something not JSON", 0),
-        ([None, None, None, "truncated"], None, "unexpected API answer (body: Invalid JSON", 2),
-        ([], "stuck", "next_page_token 0 does not advance past 0", 1),
-        ([], "repeat", "the listing goes on past its total_count", 8),
+        ({0: "not-json"}, None, "the API answered with something not JSON", 0),
+        ({8: "truncated"}, None, "unexpected API answer (body: Invalid JSON", 2),
+        ({}, "stuck", "next_page_token 0 does not advance past 0", 1),
+        ({}, "repeat", "the listing goes on past its total_count", 8),
     ],
 )
 def test_a_broken_listing_stops_the_run_after_the_files_it_did_list(
     server: ServerThread,
     dest: Path,
     monkeypatch: pytest.MonkeyPatch,
-    faults: list[str | None],
+    faults: dict[int, str],
     endless: str | None,
     message: str,
     pages_landed: int,
 ) -> None:
     monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
-    server.faults.api_faults = faults
+    server.faults.page_faults = faults
     server.faults.endless_listing = endless
 
     result = run_cli(*sync_args(server, dest))
@@ -469,24 +469,6 @@ async def job_files(server: ServerThread) -> AsyncIterator[AsyncGenerator[Page, 
         listing = f"/v1/training_projects/{PROJECT}/jobs/{JOB}/checkpoint_files"
         async with aclosing(file_pages(api, listing, 4, "the job")) as pages:
             yield pages
-
-
-async def api_requests_reach(server: ServerThread, count: int) -> None:
-    with anyio.fail_after(10):
-        # The server counts on a thread of its own: there is no event of this loop to wait on.
-        while server.traffic.api_requests < count:  # noqa: ASYNC110
-            await anyio.sleep(0.01)
-
-
-async def read_ahead_settled() -> None:
-    """Until no page is being read: the one asked for ahead has its answer, or its error."""
-    with anyio.fail_after(10):
-        # Only the task itself tells when it is done: the server has answered long before.
-        while any(  # noqa: ASYNC110
-            getattr(task.get_coro(), "__qualname__", None) == "read_page"
-            for task in asyncio.all_tasks()
-        ):
-            await anyio.sleep(0.01)
 
 
 @pytest.mark.anyio

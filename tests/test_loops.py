@@ -21,9 +21,26 @@ from checkpoint_sync.localserver import (
     synthetic_loops_run,
 )
 from checkpoint_sync.models import LoopsTarget
-from checkpoint_sync.sources.baseten_loops import LoopsUri, checkpoint_dir, parse_bt_uri
+from checkpoint_sync.sources.base import Checkpoint, RemoteFile
+from checkpoint_sync.sources.baseten_loops import (
+    LoopsSource,
+    LoopsUri,
+    checkpoint_dir,
+    parse_bt_uri,
+)
+from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD
 
-from .support import API_KEY, ServerThread, assert_exact, leave_in_parts, run_cli, staged
+from .support import (
+    API_KEY,
+    ServerThread,
+    api_client,
+    api_requests_reach,
+    assert_exact,
+    leave_in_parts,
+    read_ahead_settled,
+    run_cli,
+    staged,
+)
 
 RUN = "k4q95w5"
 OTHER_RUN = "p7zq2m1"  # another base model
@@ -285,9 +302,9 @@ def test_a_checkpoint_of_a_target_the_pages_do_not_name_fails_alone(dest: Path) 
 def test_a_checkpoint_deleted_after_the_list_was_read_fails_alone(
     server: ServerThread, dest: Path
 ) -> None:
-    # The checkpoint list is read, then the first checkpoint's files; the second checkpoint's
-    # file listing answers 404, as it does once the checkpoint is deleted.
-    server.faults.api_faults = [None, None, "404"]
+    # The checkpoint list is read, then the checkpoints' files; the second checkpoint's file
+    # listing answers 404, as it does once the checkpoint is deleted.
+    server.faults.files_gone = {f"lc-{RUN}-sampler-step-10"}
     result = run_cli(*sync(server, dest, "--loops-run", RUN, "--json"))
 
     # It exited 4, as for an unknown run, and the checkpoints after it were never listed.
@@ -305,8 +322,9 @@ def test_a_checkpoint_deleted_after_the_list_was_read_fails_alone(
                 assert_exact(landed(dest, checkpoint, file), file)
 
     # `list` shows it as the mirror holds it: once mirrored, no longer listed.
+    server.faults.files_gone = set()
     assert run_cli(*sync(server, dest, "--loops-run", RUN)).code == 0
-    server.faults.api_faults = [None, None, "404"]
+    server.faults.files_gone = {f"lc-{RUN}-sampler-step-10"}
     listed = run_cli("list", "--api-url", server.url, "--loops-run", RUN, "--dest", dest, "--json")
     assert listed.code == 0, listed.stderr
     assert {c["checkpoint"]: c["local"] for c in json.loads(listed.stdout)["checkpoints"]} == {
@@ -546,3 +564,34 @@ def test_an_unknown_checkpoint_exits_4(server: ServerThread, dest: Path) -> None
 
     assert result.code == 4
     assert f"Loops checkpoint {uri}: no checkpoints found" in result.stderr
+
+
+@pytest.mark.anyio
+async def test_the_next_checkpoints_listings_are_asked_for_while_one_is_planned() -> None:
+    names = tuple(f"step-{n}" for n in range(1, 8))  # a trainer and a sampler each: 14
+    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, names=names))
+    with ServerThread(catalog) as server:
+        async with api_client(server.url) as api:
+            source = LoopsSource(api, ("run_id", RUN), f"Loops run {RUN}")
+            selected = [c for c in await source.checkpoints() if isinstance(c, Checkpoint)]
+            pages = source.file_pages(selected)
+            first = await anext(pages)
+            # The checkpoint list, then the first 8 checkpoints' listings, this one's among them:
+            # a far API's latency is paid once for them all.
+            await api_requests_reach(server, 1 + PAGES_AHEAD)
+            await read_ahead_settled()
+            assert server.traffic.api_requests == 1 + PAGES_AHEAD  # never more ahead
+            rest = [page async for page in pages]
+        listed = [
+            (f.checkpoint, f.node_rank, f.path)
+            for page in [first, *rest]
+            for f in page
+            if isinstance(f, RemoteFile)
+        ]
+        assert server.traffic.api_requests == 1 + 14  # each listing asked for once
+    # Each checkpoint's files, in the order of the checkpoints, as if listed one after another.
+    assert listed == [
+        (checkpoint_dir(LoopsTarget(c.target), c.checkpoint.checkpoint_id), f.node_rank, f.name)
+        for c in sorted(catalog.loops, key=lambda c: c.checkpoint.created_at)
+        for f in c.checkpoint.files
+    ]

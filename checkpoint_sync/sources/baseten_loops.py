@@ -12,16 +12,28 @@ admit (a target the pages do not name, say) has no such directory: it is reporte
 from __future__ import annotations
 
 import argparse
+import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
+from itertools import islice
 
 from ..api import ApiClient, path_segment
 from ..errors import NotFoundError, UsageError
-from ..models import LoopsCheckpoint, LoopsCheckpoints, LoopsTarget, Unreadable
+from ..models import (
+    CheckpointFile,
+    CheckpointFilesPage,
+    LoopsCheckpoint,
+    LoopsCheckpoints,
+    LoopsTarget,
+    Unreadable,
+)
 from .base import (
     Available,
     Checkpoint,
     Listed,
+    PageRef,
     Relisted,
     RemoteFile,
     Source,
@@ -34,7 +46,14 @@ from .base import (
     known_by,
     whole_list,
 )
-from .baseten_pages import file_pages, relist, remote_file, unreadable_checkpoint
+from .baseten_pages import (
+    PAGES_AHEAD,
+    file_pages,
+    first_page,
+    relist,
+    remote_file,
+    unreadable_checkpoint,
+)
 
 URI_PREFIX = "bt://loops:"
 URI_FORM = "bt://loops:RUN_ID/weights/NAME or bt://loops:RUN_ID/sampler_weights/NAME"
@@ -152,37 +171,57 @@ class LoopsSource:
         return self._listed_whole
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
-        for checkpoint in selected:
-            listing = f"/v1/loops/checkpoints/{path_segment(checkpoint.key)}/files"
-            what = _what(checkpoint.run, checkpoint.name)
-            try:
-                async for ref, entries in file_pages(self._api, listing, self._page_size, what):
-                    # Names are relative to the checkpoint itself (NOTES.md).
+        # The first pages of the next checkpoints' listings are asked for while this one's are
+        # planned: a run of many small checkpoints does not pay a far API's latency for each.
+        asked: deque[tuple[Checkpoint, asyncio.Task[CheckpointFilesPage]]] = deque()
+        waiting = iter(selected)
+        try:
+            while True:
+                for checkpoint in islice(waiting, PAGES_AHEAD - len(asked)):
+                    first = first_page(self._api, *self._listing(checkpoint))
+                    asked.append((checkpoint, first))
+                if not asked:
+                    return
+                checkpoint, first = asked[0]
+                try:
+                    pages = file_pages(self._api, *self._listing(checkpoint), first)
+                    async with aclosing(pages):
+                        async for ref, entries in pages:
+                            yield [_listed(checkpoint, ref, entry) for entry in entries]
+                except NotFoundError as exc:
+                    # The run's other checkpoints are still there: this one fails alone.
                     yield [
-                        UnreadableEntry(
-                            checkpoint.run,
-                            checkpoint.name,
-                            entry.get("node_rank", int),
-                            entry.get("relative_file_name", str),
-                            entry.reason,
-                        )
-                        if isinstance(entry, Unreadable)
-                        else remote_file(
-                            entry,
-                            ref,
-                            run=checkpoint.run,
-                            checkpoint=checkpoint.name,
-                            path=entry.relative_file_name,
-                        )
-                        for entry in entries
+                        VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))
                     ]
-            except NotFoundError as exc:
-                # The run's other checkpoints are still there: this one fails alone.
-                yield [VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))]
+                asked.popleft()
+        finally:
+            for _, task in asked:
+                task.cancel()
+
+    def _listing(self, checkpoint: Checkpoint) -> tuple[str, int, str]:
+        """Where its files are listed, the page size, and how messages name it."""
+        listing = f"/v1/loops/checkpoints/{path_segment(checkpoint.key)}/files"
+        return listing, self._page_size, _what(checkpoint.run, checkpoint.name)
 
     async def relist(self, file: RemoteFile) -> Relisted:
         what = _what(file.run, file.checkpoint)
         return await relist(self._api, file.origin, what, file.path, file.node_rank)
+
+
+def _listed(checkpoint: Checkpoint, ref: PageRef, entry: CheckpointFile | Unreadable) -> Listed:
+    """A file listing entry of ``checkpoint``; names are relative to the checkpoint itself
+    (NOTES.md)."""
+    if isinstance(entry, Unreadable):
+        return UnreadableEntry(
+            checkpoint.run,
+            checkpoint.name,
+            entry.get("node_rank", int),
+            entry.get("relative_file_name", str),
+            entry.reason,
+        )
+    return remote_file(
+        entry, ref, run=checkpoint.run, checkpoint=checkpoint.name, path=entry.relative_file_name
+    )
 
 
 def _unreadable(entry: Unreadable, position: int) -> UnreadableCheckpoint:

@@ -21,7 +21,11 @@ PAGES_AHEAD = 8
 
 
 async def file_pages(
-    api: ApiClient, listing: str, page_size: int, what: str
+    api: ApiClient,
+    listing: str,
+    page_size: int,
+    what: str,
+    first: asyncio.Task[CheckpointFilesPage] | None = None,
 ) -> AsyncGenerator[tuple[PageRef, list[CheckpointFile | Unreadable]], None]:
     """Every page of ``listing``, stopping on a null token or an empty page (NOTES.md).
 
@@ -34,11 +38,13 @@ async def file_pages(
 
     A token that does not move forward, or more entries than ``total_count`` announced, means
     the server would keep us listing forever: that is reported, not followed.
+
+    ``first``: the first page, asked for already (`first_page`).
     """
     seen = 0
-    first = PageRef(listing=listing, page_token=0, page_size=page_size)
+    start = PageRef(listing=listing, page_token=0, page_size=page_size)
     ahead: deque[tuple[PageRef, asyncio.Task[CheckpointFilesPage]]] = deque(
-        [(first, _ask(api, first, what))]
+        [(start, first or _ask(api, start, what))]
     )
     try:
         while True:
@@ -95,6 +101,13 @@ def _ask_ahead(
 def _cancel(ahead: deque[tuple[PageRef, asyncio.Task[CheckpointFilesPage]]]) -> None:
     while ahead:
         ahead.popleft()[1].cancel()
+
+
+def first_page(
+    api: ApiClient, listing: str, page_size: int, what: str
+) -> asyncio.Task[CheckpointFilesPage]:
+    """Ask for the first page of ``listing`` now, for `file_pages` to walk it from later."""
+    return _ask(api, PageRef(listing=listing, page_token=0, page_size=page_size), what)
 
 
 def _ask(api: ApiClient, ref: PageRef, what: str) -> asyncio.Task[CheckpointFilesPage]:
