@@ -1028,7 +1028,13 @@ async def _bench_target(
     if any(spec.given(args) for spec in SOURCES):
         yield _recipe(settings, args, _chosen_source(args))
         return
-    command = [sys.executable, "-m", "checkpoint_sync.localserver", "serve-synthetic"]
+    command = [
+        sys.executable,
+        "-m",
+        "checkpoint_sync.localserver",
+        "serve-synthetic",
+        "--until-stdin-closes",  # so it ends with bench, even a bench killed with SIGKILL
+    ]
     async with await anyio.open_process(command) as server:
         assert server.stdout is not None
         ready = (await server.stdout.receive()).decode().split()

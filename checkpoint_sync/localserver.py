@@ -25,6 +25,7 @@ import hmac
 import random
 import re
 import ssl
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -851,10 +852,22 @@ def tree_catalog(
     )
 
 
-async def _serve(catalog: Catalog, host: str, port: int, faults: Faults) -> None:
+async def _serve(
+    catalog: Catalog, host: str, port: int, faults: Faults, until_stdin_closes: bool
+) -> None:
     async with LocalServer(catalog, host=host, port=port, faults=faults) as server:
         print(f"ready {server.url}", flush=True)
-        await asyncio.Event().wait()
+        if not until_stdin_closes:
+            await asyncio.Event().wait()
+            return
+        # The process holding the pipe's other end (`bench`) closes it however it ends, even
+        # by SIGKILL, which runs none of its code that would stop this server.
+        stdin = asyncio.StreamReader()
+        await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin
+        )
+        while await stdin.read(1 << 16):
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -870,6 +883,9 @@ def main(argv: list[str] | None = None) -> None:
         default=0.0,
         metavar="SECONDS",
         help="answer every API request this much later, as a far API would",
+    )
+    common.add_argument(
+        "--until-stdin-closes", action="store_true", help="stop when standard input closes"
     )
     parser = argparse.ArgumentParser(prog="python -m checkpoint_sync.localserver")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -908,7 +924,8 @@ def main(argv: list[str] | None = None) -> None:
         catalog = Catalog(api_key=args.api_key, jobs=[job])
     try:
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(catalog, args.host, args.port, Faults(api_delay=args.api_delay)))
+            faults = Faults(api_delay=args.api_delay)
+            asyncio.run(_serve(catalog, args.host, args.port, faults, args.until_stdin_closes))
     except OSError as exc:  # the port is taken, or the host is not ours
         parser.exit(1, f"{parser.prog}: cannot listen on {args.host}:{args.port}: {exc.strerror}\n")
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,8 @@ from checkpoint_sync.bench import Setting, Trial, grid, recommend, request_media
 from checkpoint_sync.localserver import Faults
 
 from .conftest import job_args, job_catalog, sync_args
-from .support import ServerThread, run_cli
+from .support import ServerThread, run_cli, run_subprocess
+from .test_kill import wait_for
 from .test_local_errors import immutable
 
 
@@ -373,3 +377,37 @@ def test_rounds_must_be_a_whole_number_of_at_least_one(server: ServerThread, rou
 
     assert result.code == 2
     assert result.stderr.splitlines()[-1].startswith("checkpoint-sync: error: argument --rounds: ")
+
+
+def test_the_built_in_server_goes_when_bench_is_killed(tmp_path: Path) -> None:
+    # SIGKILL (the OOM killer, say) runs no `finally`: the server bench started kept running,
+    # a process holding a port that nobody would stop.
+    bench = run_subprocess("bench", "--scratch", tmp_path, "--concurrency", "4", "--rounds", "9")
+    server = None
+    try:
+        wait_for(bench, lambda: any(tmp_path.iterdir()))  # a trial is fetching from it
+        (server,) = children(bench.pid)
+        bench.kill()
+        bench.communicate()
+        deadline = time.monotonic() + 10
+        while running(server):
+            assert time.monotonic() < deadline, "the built-in server outlived bench"
+            time.sleep(0.05)
+    finally:
+        bench.kill()
+        bench.communicate()
+        if server is not None and running(server):
+            os.kill(server, signal.SIGKILL)
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def running(pid: int) -> bool:
+    """Neither gone nor a zombie (an orphan waits for whoever adopted it to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
