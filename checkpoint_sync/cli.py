@@ -938,12 +938,13 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     received = _run(measure)
     if received is not None:
         return _stopped(received, out)
-    if not any(t.files for t in trials):
+    # Empty files fetched measure nothing: every setting would tie at 0 MB/s.
+    if not any(t.files and t.bytes for t in trials):
         failure = next((t.first_failure for t in trials if t.first_failure), None)
         if failure is not None:
             # Files were there, every one failed: that is not an empty selection (exit 4).
             return out.failed(f"no file could be fetched; the first: {failure}", EXIT_FILES_FAILED)
-        raise NotFoundError("nothing to measure: no file of the selection was fetched")
+        raise NotFoundError("nothing to measure: the selection has no file, or only empty ones")
     settings_tried = settings_of(trials)
     best = recommend(settings_tried)
     if out.as_json:

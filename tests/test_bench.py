@@ -292,6 +292,20 @@ def test_a_slow_listing_is_not_counted_in_the_trials_seconds(tmp_path: Path) -> 
     assert trials[0]["files"] == trials[1]["files"]  # and both trials fetched the same files
 
 
+def test_a_selection_of_empty_files_is_nothing_to_measure(tmp_path: Path) -> None:
+    catalog = job_catalog(checkpoints=1)
+    for file in catalog.jobs[0].checkpoints[0].files:
+        file.size = 0
+    with ServerThread(catalog) as server:
+        args = ["--concurrency", "2,4", "--part-size", "256KiB"]
+        result = run_cli(*job_args(server, "bench", *args, "--scratch", tmp_path))
+
+    # It showed 0.0 MB/s for each setting and recommended the first (0 MB/s), exit 0.
+    assert result.code == 4, result.stdout
+    assert "recommended" not in result.stdout
+    assert "nothing to measure: the selection has no file, or only empty ones" in result.stderr
+
+
 def test_a_bench_whose_every_file_fails_says_why_and_is_exit_1(tmp_path: Path) -> None:
     with ServerThread(job_catalog()) as server:
         server.faults.denied = {f.name for f in server.files()}  # every download answers 403
