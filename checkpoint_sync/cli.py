@@ -967,7 +967,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                 )
         out.answer(
             f"recommended: --concurrency {best.concurrency} --part-size "
-            f"{format_size(best.part_size)} ({best.mb_per_s:.0f} MB/s)"
+            f"{format_size(best.part_size)} ({best.mb_per_s:.1f} MB/s)"
         )
     return EXIT_FILES_FAILED if any(t.failed for t in trials) else EXIT_OK
 
@@ -1014,7 +1014,7 @@ def _bench_table(settings_tried: list[Setting]) -> list[str]:
         lines.append(
             f"{tried.concurrency:>11} {human_bytes(tried.part_size):>10} {first.files:>6} "
             f"{human_bytes(first.bytes):>10} {tried.mb_per_s:>8.1f} "
-            f"{f'{slowest:.0f}-{fastest:.0f}':>13} "
+            f"{f'{slowest:.1f}-{fastest:.1f}':>13} "
             f"{ms(tried.first_byte_ms, 'ms'):>11} {ms(tried.connection_mb_s, 'MB/s'):>11} "
             f"{tried.cpu_seconds:>6.2f} {tried.failed:>6}"
         )

@@ -249,6 +249,20 @@ def test_the_recommended_part_size_is_the_one_measured(server: ServerThread) -> 
     assert "recommended: --concurrency 2 --part-size 1000000 " in result.stdout
 
 
+def test_the_recommended_rate_is_the_one_its_row_shows(tmp_path: Path) -> None:
+    # A link under 1 MB/s: 0.2 MB/s a response, one file of 3,000 bytes at a time.
+    with ServerThread(job_catalog(checkpoints=1), faults=Faults(throttle=200_000)) as server:
+        args = ["--include", "extra/*", "--concurrency", "1", "--part-size", "1MiB"]
+        result = run_cli(*job_args(server, "bench", *args, "--rounds", "1", "--scratch", tmp_path))
+
+    assert result.code == 0, result.stderr
+    row, recommended = result.stdout.splitlines()[2:4]
+    rate, spread = row.split()[6:8]
+    # The row said 0.2 MB/s, its range "0-0" and the recommendation "(0 MB/s)".
+    assert spread == f"{rate}-{rate}", row  # one round: its slowest and fastest
+    assert recommended.endswith(f"({rate} MB/s)"), recommended
+
+
 def test_bench_into_a_scratch_directory_that_refuses_writes_is_exit_6(
     server: ServerThread, tmp_path: Path
 ) -> None:
@@ -375,8 +389,8 @@ def test_each_setting_is_tried_once_a_round_and_shown_by_its_median_and_range(
     assert "2 settings, each tried 3 times in turn" in result.stdout
     header, *rows = result.stdout.splitlines()[1:4]
     assert "range" in header.split()
-    for row in rows:  # "... 1.0 MiB   812.3   790-845 ..."
-        assert re.search(r" [0-9.]+ +[0-9]+-[0-9]+ ", row), row
+    for row in rows:  # "... 1.0 MiB   812.3   790.1-845.0 ..."
+        assert re.search(r" [0-9.]+ +[0-9.]+-[0-9.]+ ", row), row
     report = json.loads(as_json.stdout)
     assert report["rounds"] == 2
     for setting in report["trials"]:
