@@ -33,11 +33,11 @@ async def mirror_lock(
     (DEST, its parents) survive power loss, as their entries are synced."""
     path = state_dir / "lock"
     try:
-        made = list(takewhile(lambda d: not d.exists(), (state_dir, *state_dir.parents)))
+        ancestry = (state_dir, *state_dir.parents)
+        made = list(takewhile(lambda d: not d.exists(), ancestry)) if durable else []
         state_dir.mkdir(parents=True, exist_ok=True)
-        if durable:
-            for directory in made:  # each new directory is an entry of its parent
-                fsync_directory(str(directory.parent))
+        for directory in made:  # each new directory is an entry of its parent
+            fsync_directory(str(directory.parent))
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror}") from exc
