@@ -56,6 +56,8 @@ STREAMS_PER_FILE = 8
 SPLIT_SIZE = "64M"
 # The training job the listing server serves: checkpoint-sync mirrors under a directory of its name.
 CS_JOB = "job"
+# Seconds the far API's listing server waits before each answer (`many`'s third case).
+FAR_API_DELAY = 0.1
 HF_CHUNK_SIZE = 10 * MiB  # huggingface_hub's DOWNLOAD_CHUNK_SIZE
 HF_MAX_FILES = STREAMS_PER_FILE  # open handles == parallel range requests per file
 
@@ -549,6 +551,7 @@ class Job:
     ca: Path
     workdir: Path
     api_url: str = ""  # checkpoint-sync management API (set once its server runs)
+    far_api_url: str = ""  # the same, answering every request FAR_API_DELAY s late
 
     @property
     def key(self) -> str:
@@ -844,9 +847,12 @@ def _drain(fd: int, sink: IO[bytes]) -> None:
 
 
 @contextlib.contextmanager
-def cs_localserver(job: Job, settings: Settings, timeout: float) -> Iterator[str]:
-    """Run `python -m checkpoint_sync.localserver serve-tree` for job; yields its API URL."""
-    log = settings.logs / f"localserver-{job.key}.log"
+def cs_localserver(
+    job: Job, settings: Settings, timeout: float, api_delay: float = 0.0
+) -> Iterator[str]:
+    """Run `python -m checkpoint_sync.localserver serve-tree` for job, answering every API request
+    ``api_delay`` s late; yields its API URL."""
+    log = settings.logs / f"localserver-{job.key}{'-far' if api_delay else ''}.log"
     argv = [
         server_python(),
         "-m",
@@ -864,6 +870,8 @@ def cs_localserver(job: Job, settings: Settings, timeout: float) -> Iterator[str
         "bench",
         "--job",
         CS_JOB,
+        "--api-delay",
+        str(api_delay),
     ]
     with log.open("wb", buffering=0) as sink:
         proc = subprocess.Popen(
@@ -949,6 +957,7 @@ class Case:
     tool: Tool
     fresh: bool = True  # False: re-run into the previous case's destination
     moves_bytes: bool = True
+    far_api: bool = False  # listed by the API that answers FAR_API_DELAY s late
 
 
 @dataclass
@@ -1002,6 +1011,8 @@ def _run_case(
     if flush:
         os.sync()
     log = settings.logs / f"{tag}-{case.label.replace(' ', '_')}.log"
+    if case.far_api:
+        job = dataclasses.replace(job, api_url=job.far_api_url)
     sample = run_measured(case.tool.command(job, dest), log, settings.timeout, settings.gnu_time)
     if flush:  # disk destination: count the write-back too
         start = time.perf_counter()
@@ -1277,7 +1288,10 @@ METHOD_NOTES = [
     ),
     (
         "`many`: checkpoint-sync runs a first sync, then the same command again into the same "
-        "destination (no-op re-sync: seconds only). curl is the only peer, for reference: rclone "
+        "destination (no-op re-sync: seconds only), then again against a listing server that "
+        f"answers every API request {FAR_API_DELAY} s late, as a far API would (the full "
+        "profile's 100 pages of 1,000 files, asked for one after another, would wait 10 s). curl "
+        "is the only peer, for reference: rclone "
         "would crawl 100k files through HTML autoindex pages plus a HEAD each, and "
         "aria2c/hf_transfer have nothing to split in few-byte files."
     ),
@@ -1372,6 +1386,13 @@ def cases_for(profile: Profile, tools: Sequence[Tool]) -> list[Case]:
             cases += [
                 Case(f"{tool.name} (first sync)", tool),
                 Case(f"{tool.name} (no-op re-sync)", tool, fresh=False, moves_bytes=False),
+                Case(
+                    f"{tool.name} (no-op re-sync, API {FAR_API_DELAY} s late)",
+                    tool,
+                    fresh=False,
+                    moves_bytes=False,
+                    far_api=True,
+                ),
             ]
         elif tool.name == "curl":
             cases.append(Case(tool.name, tool))
@@ -1391,6 +1412,9 @@ def job_with_api(
         try:
             api_url = stack.enter_context(cs_localserver(job, settings, timeout=120))
             job = dataclasses.replace(job, api_url=api_url)
+            if any(case.far_api for case in cases_for(job.profile, tools)):
+                far = cs_localserver(job, settings, timeout=120, api_delay=FAR_API_DELAY)
+                job = dataclasses.replace(job, far_api_url=stack.enter_context(far))
         except BenchError as exc:
             problems[CheckpointSync.name] = f"localserver: {exc}"
         yield job, problems
