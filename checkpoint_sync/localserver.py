@@ -553,6 +553,8 @@ class LocalServer:
 
         async def guarded(request: web.Request) -> web.StreamResponse:
             self.traffic.api_requests += 1
+            if self.faults.api_delay:
+                await asyncio.sleep(self.faults.api_delay)
             key = self.catalog.wandb_api_key
             if scheme == "Basic":
                 key = base64.b64encode(f"api:{key}".encode()).decode()

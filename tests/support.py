@@ -214,7 +214,7 @@ def http_serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
 
 @asynccontextmanager
 async def api_client(
-    url: str, key: str = API_KEY, key_hint: str = "BASETEN_API_KEY"
+    url: str, key: str = API_KEY, key_hint: str = "BASETEN_API_KEY", scheme: str = "Bearer"
 ) -> AsyncIterator[ApiClient]:
     """A client of the API at ``url``, on connections of its own, that does not retry: what a
     source module asks of it is answered once."""
@@ -223,7 +223,7 @@ async def api_client(
             http,
             url,
             api_key=key,
-            auth_scheme="Bearer",
+            auth_scheme=scheme,
             key_hint=key_hint,
             retry=RetryPolicy(attempts=1),
         )

@@ -21,14 +21,13 @@ from checkpoint_sync.localserver import (
     synthetic_loops_run,
 )
 from checkpoint_sync.models import LoopsTarget
-from checkpoint_sync.sources.base import Checkpoint, RemoteFile
+from checkpoint_sync.sources.base import LISTINGS_AHEAD, Checkpoint, RemoteFile
 from checkpoint_sync.sources.baseten_loops import (
     LoopsSource,
     LoopsUri,
     checkpoint_dir,
     parse_bt_uri,
 )
-from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD
 
 from .support import (
     API_KEY,
@@ -578,9 +577,9 @@ async def test_the_next_checkpoints_listings_are_asked_for_while_one_is_planned(
             first = await anext(pages)
             # The checkpoint list, then the first 8 checkpoints' listings, this one's among them:
             # a far API's latency is paid once for them all.
-            await api_requests_reach(server, 1 + PAGES_AHEAD)
+            await api_requests_reach(server, 1 + LISTINGS_AHEAD)
             await read_ahead_settled()
-            assert server.traffic.api_requests == 1 + PAGES_AHEAD  # never more ahead
+            assert server.traffic.api_requests == 1 + LISTINGS_AHEAD  # never more ahead
             rest = [page async for page in pages]
         listed = [
             (f.checkpoint, f.node_rank, f.path)

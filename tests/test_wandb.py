@@ -21,17 +21,29 @@ from checkpoint_sync.localserver import (
 )
 from checkpoint_sync.models import WandbCheckpoint
 from checkpoint_sync.plan import select_checkpoints
-from checkpoint_sync.sources.base import Checkpoint, SyncState, UnreadableCheckpoint
+from checkpoint_sync.sources.base import (
+    LISTINGS_AHEAD,
+    Checkpoint,
+    RemoteFile,
+    SyncState,
+    UnreadableCheckpoint,
+)
 from checkpoint_sync.sources.wandb import WandbSource, best_checkpoint
-from checkpoint_sync.sources.wandb_artifacts import ArtifactPath, parse_artifact_path
+from checkpoint_sync.sources.wandb_artifacts import (
+    ArtifactFiles,
+    ArtifactPath,
+    parse_artifact_path,
+)
 
 from .support import (
     API_KEY,
     ServerThread,
     api_client,
+    api_requests_reach,
     assert_exact,
     http_serving,
     leave_in_parts,
+    read_ahead_settled,
     run_cli,
     staged,
 )
@@ -697,3 +709,34 @@ def test_the_parts_of_a_checkpoint_deleted_upstream_go(
     assert result.code == 0, result.stderr
     left = {10, 20, 30, 40} if unreadable else {20, 30, 40}
     assert staged(dest) == {f"{MODEL}/step-{step}" for step in left}
+
+
+@pytest.mark.anyio
+async def test_the_next_checkpoints_artifact_files_are_asked_for_while_one_is_planned() -> None:
+    metrics: dict[int, dict[str, float | None]] = {step: {} for step in range(10, 130, 10)}
+    catalog = Catalog(wandb_api_key=WANDB_KEY, wandb_models=[synthetic_wandb_model(MODEL, metrics)])
+    basic = base64.b64encode(f"api:{WANDB_KEY}".encode()).decode()
+    with ServerThread(catalog) as server:
+        async with (
+            api_client(server.url, WANDB_KEY, "WANDB_API_KEY") as api,
+            api_client(server.url, basic, "WANDB_API_KEY", scheme="Basic") as graphql,
+        ):
+            artifacts = ArtifactFiles(graphql, parse_artifact_path(ARTIFACT))
+            source = WandbSource(api, MODEL, artifacts=artifacts)
+            selected = [c for c in await source.checkpoints() if isinstance(c, Checkpoint)]
+            listed = server.traffic.api_requests  # the checkpoint list
+            pages = source.file_pages(selected)
+            first = await anext(pages)
+            # The first 8 checkpoints' artifact files, this one's among them: a far API's
+            # latency is paid once for them all.
+            await api_requests_reach(server, listed + LISTINGS_AHEAD)
+            await read_ahead_settled()
+            assert server.traffic.api_requests == listed + LISTINGS_AHEAD  # never more ahead
+            rest = [page async for page in pages]
+        assert server.traffic.api_requests == listed + 12  # each version's files asked once
+    # Each checkpoint's files, in the order of the checkpoints.
+    listed = [
+        (f.checkpoint, f.path) for page in [first, *rest] for f in page if isinstance(f, RemoteFile)
+    ]
+    served = catalog.wandb_models[0].checkpoints
+    assert listed == [(f"step-{c.step}", f.name) for c in served for f in c.files]

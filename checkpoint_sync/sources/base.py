@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from itertools import islice
+from typing import Protocol, TypeVar
 
 from ..api import ApiClient
 from ..config import Settings
@@ -103,6 +106,36 @@ def whole_list(run: str, directories: Iterable[str | None]) -> dict[str, frozens
     if None in listed:
         return {}
     return {run: frozenset(d for d in listed if d is not None)}
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# How many checkpoints' file listings a source that lists each checkpoint apart (Loops, W&B)
+# keeps asked for: their first pages are read while the checkpoint before them is planned, so a
+# far API's latency is not paid once per checkpoint.
+LISTINGS_AHEAD = 8
+
+
+def started_ahead(
+    items: Iterable[T], start: Callable[[T], asyncio.Task[R]], count: int = LISTINGS_AHEAD
+) -> Generator[tuple[T, asyncio.Task[R]], None, None]:
+    """``items`` in order, each with the task ``start`` made for it, the tasks of the items after
+    it (``count`` in all) started before it is handed on. Those not yet done when the walk stops
+    are cancelled: close it (``contextlib.closing``)."""
+    started: deque[tuple[T, asyncio.Task[R]]] = deque()
+    waiting = iter(items)
+    try:
+        while True:
+            for item in islice(waiting, count - len(started)):
+                started.append((item, start(item)))
+            if not started:
+                return
+            yield started[0]
+            started.popleft()
+    finally:
+        for _, task in started:
+            task.cancel()
 
 
 @dataclass(frozen=True, slots=True)

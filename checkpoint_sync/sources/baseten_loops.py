@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, closing
 from dataclasses import dataclass
-from itertools import islice
 
 from ..api import ApiClient, path_segment
 from ..errors import NotFoundError, UsageError
@@ -44,10 +42,10 @@ from .base import (
     VanishedCheckpoint,
     flags_given,
     known_by,
+    started_ahead,
     whole_list,
 )
 from .baseten_pages import (
-    PAGES_AHEAD,
     file_pages,
     first_page,
     relist,
@@ -171,20 +169,13 @@ class LoopsSource:
         return self._listed_whole
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
-        # The first pages of the next checkpoints' listings are asked for while this one's are
-        # planned: a run of many small checkpoints does not pay a far API's latency for each.
-        asked: deque[tuple[Checkpoint, asyncio.Task[CheckpointFilesPage]]] = deque()
-        waiting = iter(selected)
-        try:
-            while True:
-                for checkpoint in islice(waiting, PAGES_AHEAD - len(asked)):
-                    first = first_page(self._api, *self._listing(checkpoint))
-                    asked.append((checkpoint, first))
-                if not asked:
-                    return
-                checkpoint, first = asked[0]
+        def first(checkpoint: Checkpoint) -> asyncio.Task[CheckpointFilesPage]:
+            return first_page(self._api, *self._listing(checkpoint))
+
+        with closing(started_ahead(selected, first)) as walk:
+            for checkpoint, asked in walk:
                 try:
-                    pages = file_pages(self._api, *self._listing(checkpoint), first)
+                    pages = file_pages(self._api, *self._listing(checkpoint), asked)
                     async with aclosing(pages):
                         async for ref, entries in pages:
                             yield [_listed(checkpoint, ref, entry) for entry in entries]
@@ -193,10 +184,6 @@ class LoopsSource:
                     yield [
                         VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))
                     ]
-                asked.popleft()
-        finally:
-            for _, task in asked:
-                task.cancel()
 
     def _listing(self, checkpoint: Checkpoint) -> tuple[str, int, str]:
         """Where its files are listed, the page size, and how messages name it."""

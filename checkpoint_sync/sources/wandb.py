@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import aclosing, closing
 from typing import TYPE_CHECKING
 
 from ..api import ApiClient, path_segment
@@ -31,12 +32,13 @@ from .base import (
     flags_given,
     known_by,
     left_out,
+    started_ahead,
     whole_list,
 )
 from .cursors import advance
 
 if TYPE_CHECKING:
-    from .wandb_artifacts import ArtifactFiles
+    from .wandb_artifacts import ArtifactFile, ArtifactFiles
 
 MAX_LIMIT = 100  # the API's ceiling for ``limit``
 
@@ -150,28 +152,35 @@ class WandbSource:
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         artifacts = self._artifacts_or_fail()
-        for checkpoint in selected:
-            alias = f"step{checkpoint.step}"
-            # A URL is refreshed by walking the version's files from the start: a LoRA artifact
-            # holds a handful, and a GraphQL cursor cannot be rebuilt from a page number.
-            ref = PageRef(listing=alias, page_token=0, page_size=self._page_size)
-            async for files in artifacts.pages(alias, self._page_size):
-                yield [
-                    UnreadableEntry(self._model, checkpoint.name, 0, f.get("name", str), f.reason)
-                    if isinstance(f, Unreadable)
-                    else RemoteFile(
-                        run=self._model,
-                        checkpoint=checkpoint.name,
-                        node_rank=0,
-                        path=f.name,
-                        size=f.size_bytes,
-                        last_modified=_version(f.md5),
-                        url=f.direct_url,
-                        origin=ref,
-                        md5=f.md5,
-                    )
-                    for f in files
-                ]
+        walk = started_ahead(
+            selected, lambda checkpoint: artifacts.first_page(_alias(checkpoint), self._page_size)
+        )
+        with closing(walk):
+            for checkpoint, first in walk:
+                alias = _alias(checkpoint)
+                # A URL is refreshed by walking the version's files from the start: a LoRA
+                # artifact holds a handful, and a GraphQL cursor cannot be rebuilt from a page
+                # number.
+                ref = PageRef(listing=alias, page_token=0, page_size=self._page_size)
+                pages = artifacts.pages(alias, self._page_size, first)
+                async with aclosing(pages):
+                    async for files in pages:
+                        yield [self._listed(checkpoint, ref, f) for f in files]
+
+    def _listed(self, checkpoint: Checkpoint, ref: PageRef, f: ArtifactFile | Unreadable) -> Listed:
+        if isinstance(f, Unreadable):
+            return UnreadableEntry(self._model, checkpoint.name, 0, f.get("name", str), f.reason)
+        return RemoteFile(
+            run=self._model,
+            checkpoint=checkpoint.name,
+            node_rank=0,
+            path=f.name,
+            size=f.size_bytes,
+            last_modified=_version(f.md5),
+            url=f.direct_url,
+            origin=ref,
+            md5=f.md5,
+        )
 
     async def relist(self, file: RemoteFile) -> Relisted:
         artifacts = self._artifacts_or_fail()
@@ -249,6 +258,11 @@ def _unreadable(model: str, entry: Unreadable, position: int) -> UnreadableCheck
     key, step = entry.get("id", str), entry.get("step", int)
     where = f"{model}/step-{'?' if step is None else step} ({known_by(key, position)})"
     return UnreadableCheckpoint(key, where, entry.reason, step=step)
+
+
+def _alias(checkpoint: Checkpoint) -> str:
+    """The artifact version that holds the checkpoint's weights (NOTES.md)."""
+    return f"step{checkpoint.step}"
 
 
 def _version(md5: str) -> str:

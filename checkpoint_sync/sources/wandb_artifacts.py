@@ -9,7 +9,8 @@ as the SDK sends it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -114,24 +115,24 @@ class ArtifactFiles:
     api: ApiClient
     path: ArtifactPath
 
+    def first_page(self, alias: str, page_size: int) -> asyncio.Task[_Answer]:
+        """Ask for the first page of version ``alias``'s files now, for `pages` to walk them
+        from later."""
+        return asyncio.create_task(self._page(alias, page_size, None))
+
     async def pages(
-        self, alias: str, page_size: int
-    ) -> AsyncIterator[list[ArtifactFile | Unreadable]]:
-        """Every page of the files of version ``alias``; `NotFoundError` if there is none."""
-        what = f"W&B artifact {self.path}:{alias}"
+        self, alias: str, page_size: int, first: asyncio.Task[_Answer] | None = None
+    ) -> AsyncGenerator[list[ArtifactFile | Unreadable], None]:
+        """Every page of the files of version ``alias`` (``first``: its first page, asked for
+        already); `NotFoundError` if there is none."""
+        what = _what(self.path, alias)
         cursor: str | None = None
         seen: set[str] = set()
         while True:
-            variables = {
-                "entityName": self.path.entity,
-                "projectName": self.path.project,
-                "name": f"{self.path.name}:{alias}",
-                "cursor": cursor,
-                "perPage": page_size,
-            }
-            answer = await self.api.post(
-                GRAPHQL_PATH, _Answer, what=what, payload={"query": QUERY, "variables": variables}
-            )
+            if first is not None:
+                answer, first = await first, None
+            else:
+                answer = await self._page(alias, page_size, cursor)
             files = _files(answer, self.path, what)
             if not files.edges:
                 return
@@ -139,6 +140,25 @@ class ArtifactFiles:
             if not files.page_info.has_next_page:
                 return
             cursor = advance(files.page_info.end_cursor, seen, what)
+
+    async def _page(self, alias: str, page_size: int, cursor: str | None) -> _Answer:
+        variables = {
+            "entityName": self.path.entity,
+            "projectName": self.path.project,
+            "name": f"{self.path.name}:{alias}",
+            "cursor": cursor,
+            "perPage": page_size,
+        }
+        return await self.api.post(
+            GRAPHQL_PATH,
+            _Answer,
+            what=_what(self.path, alias),
+            payload={"query": QUERY, "variables": variables},
+        )
+
+
+def _what(artifact: ArtifactPath, alias: str) -> str:
+    return f"W&B artifact {artifact}:{alias}"
 
 
 def _files(answer: _Answer, artifact: ArtifactPath, what: str) -> _Files:
