@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_sync.cli import main
+from checkpoint_sync.layout import staging_name
 from checkpoint_sync.localserver import Faults, ServedFile
 from checkpoint_sync.progress import human_bytes
 from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD
@@ -1125,6 +1126,28 @@ def test_a_file_left_in_parts_and_then_removed_upstream_leaves_no_staging_behind
 
     assert list(staging.iterdir()) == []
     assert [c["local"] for c in json.loads(listed.stdout)["checkpoints"]] == ["mirrored"]
+
+
+def test_a_staging_file_no_record_leads_to_goes_and_files_in_parts_keep_theirs(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run killed while it fetched files in one piece leaves their staging files, which no
+    # record of parts leads to: nothing would resume them, and a file not fetched again (its
+    # checkpoint deleted, another --node-rank) kept its room for ever.
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        left_in_parts(server, dest, monkeypatch, "--node-rank", "0")
+        staging = dest / ".checkpoint-sync" / "staging"
+        (resumable,) = staging.iterdir()
+        killed = staging / staging_name(f"{JOB}/checkpoint-10/1/gone.bin")
+        killed.write_bytes(b"x" * 300_000)
+
+        result = run_cli(*sync_args(server, dest, "--node-rank", "1"))
+
+        assert result.code == 0, result.stderr
+        assert list(staging.iterdir()) == [resumable]  # rank 0's parts: another run's to resume
+        assert staged(dest) == {f"{JOB}/checkpoint-10"}
+        assert run_cli(*sync_args(server, dest)).code == 0
+    assert list(staging.iterdir()) == []
 
 
 def test_the_parts_of_a_checkpoint_deleted_upstream_go_whatever_a_later_run_selects(
