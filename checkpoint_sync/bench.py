@@ -250,6 +250,12 @@ async def run_trials(
                 await sync(listed, selection, http, options, stats)
                 # Read before the connections close and the scratch files go: not the trial's.
                 seconds, cpu_seconds = stats.seconds, time.process_time() - cpu
+        except LocalIOError as exc:
+            # It names a path in the trial's directory, gone by the time it is read.
+            raise LocalIOError(
+                f"{exc} (each bench trial writes up to --max-bytes, at least one whole file, "
+                f"into {scratch})"
+            ) from exc
         finally:
             shutil.rmtree(dest, ignore_errors=True)
         first_byte, per_connection = request_medians(stats.timings)

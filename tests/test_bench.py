@@ -17,7 +17,7 @@ from checkpoint_sync.localserver import Faults
 from .conftest import job_args, job_catalog, sync_args
 from .support import ServerThread, run_cli, run_subprocess
 from .test_kill import wait_for
-from .test_local_errors import immutable
+from .test_local_errors import immutable, mounted
 
 
 def trial(concurrency: int, part_size: int, mb: float, failed: int = 0) -> Trial:
@@ -182,6 +182,23 @@ def test_bench_refuses_settings_sync_would_refuse(
     assert result.code == 2
     assert message in result.stderr
     assert "internal error" not in result.stderr
+
+
+def test_a_scratch_too_small_for_a_trial_says_what_bench_writes_there(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    # The trial's path that the error names is gone with its directory once it is read: the
+    # user must learn what to change, --max-bytes or the place.
+    with mounted(tmp_path / "small", "tmpfs", "size=1m") as small:
+        result = run_cli(*job_args(server, "bench", "--scratch", small, "--rounds", "1"))
+        assert list(small.iterdir()) == []
+
+    assert result.code == 6
+    (line,) = result.stderr.splitlines()
+    assert "not enough space for" in line
+    assert line.endswith(
+        f"(each bench trial writes up to --max-bytes, at least one whole file, into {small})"
+    )
 
 
 def test_bench_refuses_discard_with_a_scratch_directory(
