@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -62,10 +63,20 @@ class ApiClient:
         self._redact = Redactor([api_key, *secrets])
 
     async def get(
-        self, path: str, model: type[M], *, what: str, params: Mapping[str, str | int] | None = None
+        self,
+        path: str,
+        model: type[M],
+        *,
+        what: str,
+        params: Mapping[str, str | int] | None = None,
+        retried: bool = True,
     ) -> M:
-        """GET ``path`` and parse it as ``model``; ``what`` names the request in errors."""
-        return await self._request("GET", path, model, what, params=params)
+        """GET ``path`` and parse it as ``model``; ``what`` names the request in errors.
+
+        ``retried=False``: one attempt, for a request asked for ahead that its caller asks for
+        again, with retries, once it is wanted.
+        """
+        return await self._request("GET", path, model, what, params=params, retried=retried)
 
     async def post(self, path: str, model: type[M], *, what: str, payload: Mapping[str, Any]) -> M:
         """POST ``payload`` as JSON and parse the answer as ``model``.
@@ -83,6 +94,7 @@ class ApiClient:
         *,
         params: Mapping[str, str | int] | None = None,
         payload: Mapping[str, Any] | None = None,
+        retried: bool = True,
     ) -> M:
         url = f"{self._base_url}{path}"
         if params:
@@ -105,7 +117,7 @@ class ApiClient:
                 raise MalformedResponseError(f"{what}: the answer is larger than 64 MiB")
             return _parse(answer, model, what)
 
-        return await retrying(self._retry, attempt)
+        return await retrying(self._retry if retried else replace(self._retry, attempts=1), attempt)
 
     def _raise_for_status(
         self, status: int, headers: Mapping[str, str], body: bytes, what: str

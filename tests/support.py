@@ -214,10 +214,15 @@ def http_serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
 
 @asynccontextmanager
 async def api_client(
-    url: str, key: str = API_KEY, key_hint: str = "BASETEN_API_KEY", scheme: str = "Bearer"
+    url: str,
+    key: str = API_KEY,
+    key_hint: str = "BASETEN_API_KEY",
+    scheme: str = "Bearer",
+    *,
+    attempts: int = 1,
 ) -> AsyncIterator[ApiClient]:
-    """A client of the API at ``url``, on connections of its own, that does not retry: what a
-    source module asks of it is answered once."""
+    """A client of the API at ``url``, on connections of its own, that by default does not
+    retry: what a source module asks of it is answered once (retried at once, ``attempts``)."""
     async with HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http:
         yield ApiClient(
             http,
@@ -225,7 +230,7 @@ async def api_client(
             api_key=key,
             auth_scheme=scheme,
             key_hint=key_hint,
-            retry=RetryPolicy(attempts=1),
+            retry=RetryPolicy(attempts=attempts, initial_delay=0),
         )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_sync.errors import TransientError
 from checkpoint_sync.localserver import ServedFile
 from checkpoint_sync.models import CheckpointFile, Unreadable
 from checkpoint_sync.net import url_problem
@@ -463,9 +464,12 @@ def test_an_unusable_api_url_is_a_usage_error_at_once(dest: Path, api_url: str) 
 
 
 @asynccontextmanager
-async def job_files(server: ServerThread) -> AsyncIterator[AsyncGenerator[Page, None]]:
-    """The test job's file listing, four files a page, read straight from its source module."""
-    async with api_client(server.url) as api:
+async def job_files(
+    server: ServerThread, *, attempts: int = 1
+) -> AsyncIterator[AsyncGenerator[Page, None]]:
+    """The test job's file listing, four files a page, read straight from its source module by a
+    client that makes ``attempts`` at each request."""
+    async with api_client(server.url, attempts=attempts) as api:
         listing = f"/v1/training_projects/{PROJECT}/jobs/{JOB}/checkpoint_files"
         async with aclosing(file_pages(api, listing, 4, "the job")) as pages:
             yield pages
@@ -509,6 +513,22 @@ async def test_a_page_asked_for_ahead_that_gave_up_before_it_was_wanted_is_asked
         await read_ahead_settled()
         assert len([page async for page in pages]) == 7
     assert server.traffic.api_requests == 9  # 8 pages, one of them asked for twice
+
+
+@pytest.mark.anyio
+async def test_pages_asked_for_ahead_are_retried_only_once_they_are_wanted(
+    server: ServerThread,
+) -> None:
+    # An API that refuses every page but the first (429): the pages asked for ahead do not each
+    # retry meanwhile, multiplying the requests of a walk that will stop at the first of them.
+    server.faults.api_faults = [None] + ["429"] * 100
+    async with job_files(server, attempts=3) as pages:
+        await anext(pages)
+        await read_ahead_settled()
+        assert server.traffic.api_requests == 1 + 7  # 30 files, 4 a page: each other page once
+        with pytest.raises(TransientError, match="HTTP 429 from the API"):
+            await anext(pages)
+    assert server.traffic.api_requests == 1 + 7 + 3  # the page wanted, with retries of its own
 
 
 @pytest.mark.anyio

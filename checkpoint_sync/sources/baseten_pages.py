@@ -111,19 +111,23 @@ def first_page(
 
 
 def _ask(api: ApiClient, ref: PageRef, what: str) -> asyncio.Task[CheckpointFilesPage]:
-    """Read the page at ``ref`` in the background; awaiting the task gives it, or its error."""
-    return asyncio.create_task(read_page(api, ref, what))
+    """Read the page at ``ref`` in the background, in one attempt (`_wanted` retries it);
+    awaiting the task gives it, or its error."""
+    return asyncio.create_task(read_page(api, ref, what, retried=False))
 
 
 async def _wanted(
     asked: asyncio.Task[CheckpointFilesPage], api: ApiClient, ref: PageRef, what: str
 ) -> CheckpointFilesPage:
-    """The page at ``ref``, now that the caller wants it. Asked for ahead, it may have given up
-    retrying before then: it is asked for again, with retries of its own, as it would have been
-    without the read-ahead (the API may be back, and the outage did not matter until now)."""
-    if asked.done() and not asked.cancelled() and isinstance(asked.exception(), TransientError):
+    """The page at ``ref``, now that the caller wants it. Asked for ahead, it was tried once: a
+    transient failure is asked for again now, with retries of its own, as it would have been
+    without the read-ahead (the API may be back, and the outage did not matter until now). The
+    pages kept ahead retrying meanwhile would each send a walk's worth of retries to an API that
+    refuses them (429), and use up their retries before they were wanted."""
+    try:
+        return await asked
+    except TransientError:
         return await read_page(api, ref, what)
-    return await asked
 
 
 def _runaway(
@@ -143,12 +147,15 @@ def _runaway(
     return None
 
 
-async def read_page(api: ApiClient, ref: PageRef, what: str) -> CheckpointFilesPage:
+async def read_page(
+    api: ApiClient, ref: PageRef, what: str, *, retried: bool = True
+) -> CheckpointFilesPage:
     return await api.get(
         ref.listing,
         CheckpointFilesPage,
         what=what,
         params={"page_size": ref.page_size, "page_token": ref.page_token},
+        retried=retried,
     )
 
 
