@@ -28,7 +28,7 @@ import ssl
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -203,6 +203,9 @@ class Traffic:
     object_requests: int = 0
     object_bytes_sent: int = 0
     api_requests: int = 0
+    # API requests being answered now, and the most there ever were at once.
+    api_in_flight: int = 0
+    api_in_flight_most: int = 0
     ranges: list[tuple[str, int, int]] = field(default_factory=list)
     # How often each object fault was injected.
     faults: dict[str, int] = field(default_factory=dict)
@@ -389,9 +392,10 @@ class LocalServer:
 
     def _api(self, handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            self.traffic.api_requests += 1
-            if self.faults.api_delay:
-                await asyncio.sleep(self.faults.api_delay)
+            async with self._api_request():
+                return await answer(request)
+
+        async def answer(request: web.Request) -> web.StreamResponse:
             if self.faults.api_faults and (kind := self.faults.api_faults.pop(0)) is not None:
                 return await _api_fault(kind, handler, request)
             token = request.query.get("page_token", "")
@@ -405,6 +409,20 @@ class LocalServer:
             return await handler(request)
 
         return guarded
+
+    @contextlib.asynccontextmanager
+    async def _api_request(self) -> AsyncIterator[None]:
+        """An API request counted while it is answered, `Faults.api_delay` late."""
+        traffic = self.traffic
+        traffic.api_requests += 1
+        traffic.api_in_flight += 1
+        traffic.api_in_flight_most = max(traffic.api_in_flight_most, traffic.api_in_flight)
+        try:
+            if self.faults.api_delay:
+                await asyncio.sleep(self.faults.api_delay)
+            yield
+        finally:
+            traffic.api_in_flight -= 1
 
     def _find_job(self, request: web.Request) -> ServedJob:
         job = self.catalog.job(request.match_info["project"], request.match_info["job"])
@@ -552,9 +570,10 @@ class LocalServer:
         """W&B's Training API takes ``Bearer <key>``; its GraphQL API ``Basic api:<key>``."""
 
         async def guarded(request: web.Request) -> web.StreamResponse:
-            self.traffic.api_requests += 1
-            if self.faults.api_delay:
-                await asyncio.sleep(self.faults.api_delay)
+            async with self._api_request():
+                return await answer(request)
+
+        async def answer(request: web.Request) -> web.StreamResponse:
             key = self.catalog.wandb_api_key
             if scheme == "Basic":
                 key = base64.b64encode(f"api:{key}".encode()).decode()

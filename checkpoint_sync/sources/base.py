@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from itertools import islice
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from ..api import ApiClient
 from ..config import Settings
@@ -111,26 +112,75 @@ def whole_list(run: str, directories: Iterable[str | None]) -> dict[str, frozens
 T = TypeVar("T")
 R = TypeVar("R")
 
-# How many checkpoints' file listings a source that lists each checkpoint apart (Loops, W&B)
-# keeps asked for: their first pages are read while the checkpoint before them is planned, so a
-# far API's latency is not paid once per checkpoint.
+# At most how many checkpoints' file listings a source that lists each checkpoint apart (Loops,
+# W&B) keeps asked for ahead of the one being planned (`Lookahead`).
 LISTINGS_AHEAD = 8
 
 
+class Lookahead:
+    """How many requests a walk keeps asked for ahead, from 1 to ``most``: as many as are
+    answered in the time the walk takes to use one answer. A walk faster than the API (a far
+    one) then pays its latency once for them all; one held up elsewhere (by the downloads) keeps
+    one ahead, as answers kept waiting only age, their presigned URLs with them."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.size = 1
+        self._latency: float | None = None  # of the latest answer
+        self._answered_at: dict[asyncio.Future[Any], float] = {}
+        self._handed: tuple[float, asyncio.Future[Any]] | None = None
+
+    def asked(self, request: asyncio.Future[Any]) -> None:
+        """Time the answer to ``request``, asked for now."""
+        loop = asyncio.get_running_loop()
+        asked_at = loop.time()
+
+        def answered(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled():
+                self._answered_at[done] = loop.time()
+                self._latency = loop.time() - asked_at
+
+        request.add_done_callback(answered)
+
+    def handed_on(self, request: asyncio.Future[Any]) -> None:
+        """The walk goes on with the answer to ``request`` (there, or awaited next)."""
+        self._handed = (asyncio.get_running_loop().time(), request)
+
+    def wanted(self) -> None:
+        """The walk wants its next answer: the time it used the last one (from having it to
+        now) sets how many to keep asked for."""
+        if self._handed is None or self._latency is None:
+            return
+        handed_at, request = self._handed
+        had_it = max(handed_at, self._answered_at.pop(request, handed_at))
+        using = max(asyncio.get_running_loop().time() - had_it, 0.001)
+        self.size = min(self.most, max(1, math.ceil(self._latency / using)))
+
+
 def started_ahead(
-    items: Iterable[T], start: Callable[[T], asyncio.Task[R]], count: int = LISTINGS_AHEAD
+    items: Iterable[T], start: Callable[[T], asyncio.Task[R]], most: int = LISTINGS_AHEAD
 ) -> Generator[tuple[T, asyncio.Task[R]], None, None]:
     """``items`` in order, each with the task ``start`` made for it, the tasks of the items after
-    it (``count`` in all) started before it is handed on. Those not yet done when the walk stops
-    are cancelled: close it (``contextlib.closing``)."""
+    it (as many as a `Lookahead` keeps) started before it is handed on. Those not yet done when
+    the walk stops are cancelled: close it (``contextlib.closing``)."""
+    lookahead = Lookahead(most)
     started: deque[tuple[T, asyncio.Task[R]]] = deque()
     waiting = iter(items)
+
+    def top_up() -> None:
+        # Kept when the lookahead shrinks: those started already go on.
+        for item in islice(waiting, max(0, 1 + lookahead.size - len(started))):
+            task = start(item)
+            lookahead.asked(task)
+            started.append((item, task))
+
     try:
         while True:
-            for item in islice(waiting, count - len(started)):
-                started.append((item, start(item)))
+            lookahead.wanted()
+            top_up()
             if not started:
                 return
+            lookahead.handed_on(started[0][1])
             yield started[0]
             started.popleft()
     finally:

@@ -12,11 +12,11 @@ from dataclasses import replace
 from ..api import ApiClient
 from ..errors import FileError, MalformedResponseError, TransientError
 from ..models import CheckpointFile, CheckpointFilesPage, Unreadable
-from .base import PageRef, Relisted, RemoteFile, UnreadableCheckpoint
+from .base import Lookahead, PageRef, Relisted, RemoteFile, UnreadableCheckpoint
 
-# How many pages a listing keeps asked for ahead of the one being planned: a far API's latency
-# per page (0.1 s added to the built-in server's: a no-op re-sync of 100,000 files 12.4 s with one
-# page ahead) is then paid about once per this many pages.
+# At most how many pages a listing keeps asked for ahead of the one being planned (`Lookahead`):
+# a far API's latency per page (0.1 s added to the built-in server's: a no-op re-sync of 100,000
+# files 12.4 s with one page ahead) is then paid about once per this many pages.
 PAGES_AHEAD = 8
 
 
@@ -29,12 +29,12 @@ async def file_pages(
 ) -> AsyncGenerator[tuple[PageRef, list[CheckpointFile | Unreadable]], None]:
     """Every page of ``listing``, stopping on a null token or an empty page (NOTES.md).
 
-    The pages after this one are asked for before it is handed on, so that the server prepares
-    them while the caller plans this one's files. Only the page that this one's token names is
-    ever handed on next: while the tokens are the offsets NOTES.md says they are, the pages after
-    it are asked for at the offsets they will name (up to ``total_count``), a guess that each
-    page's own token confirms or cancels. A page that cannot be read fails where it would have
-    otherwise: after the pages before it.
+    The pages after this one (as many as a `Lookahead` keeps) are asked for before it is handed
+    on, so that the server prepares them while the caller plans this one's files. Only the page
+    that this one's token names is ever handed on next: while the tokens are the offsets NOTES.md
+    says they are, the pages after it are asked for at the offsets they will name (up to
+    ``total_count``), a guess that each page's own token confirms or cancels. A page that cannot
+    be read fails where it would have otherwise: after the pages before it.
 
     A token that does not move forward, or more entries than ``total_count`` announced, means
     the server would keep us listing forever: that is reported, not followed.
@@ -43,12 +43,14 @@ async def file_pages(
     """
     seen = 0
     start = PageRef(listing=listing, page_token=0, page_size=page_size)
+    lookahead = Lookahead(PAGES_AHEAD)
     ahead: deque[tuple[PageRef, asyncio.Task[CheckpointFilesPage]]] = deque(
-        [(start, first or _ask(api, start, what))]
+        [(start, first or _ask(api, start, what, lookahead))]
     )
     try:
         while True:
             ref, asked = ahead.popleft()
+            lookahead.wanted()
             page = await _wanted(asked, api, ref, what)
             if not page.presigned_urls:
                 return
@@ -60,10 +62,11 @@ async def file_pages(
                 if runaway is not None:
                     raise runaway
                 return
-            _ask_ahead(ahead, api, ref, page, following, what)
+            _ask_ahead(ahead, api, ref, page, following, what, lookahead)
             # Planning a page of files already mirrored never waits: without this yield the
             # requests would go out only once the caller asked for the next page.
             await asyncio.sleep(0)
+            lookahead.handed_on(asked)
             yield ref, page.presigned_urls
     finally:
         # The caller stopped early: the pages asked for ahead are not wanted. A task cancelled
@@ -78,23 +81,25 @@ def _ask_ahead(
     page: CheckpointFilesPage,
     following: int,
     what: str,
+    lookahead: Lookahead,
 ) -> None:
-    """Keep the pages after ``page`` (read at ``ref``) asked for: first the one its token
-    names, then, while the tokens go up by the page's length, those at the offsets that follow."""
+    """Keep the pages after ``page`` (read at ``ref``) asked for, as many as ``lookahead`` says:
+    first the one its token names, then, while the tokens go up by the page's length, those at
+    the offsets that follow."""
     if ahead and ahead[0][0].page_token != following:
         _cancel(ahead)  # a guess went wrong: from here, what the tokens say
     if not ahead:
         named = replace(ref, page_token=following)
-        ahead.append((named, _ask(api, named, what)))
+        ahead.append((named, _ask(api, named, what, lookahead)))
     stride = following - ref.page_token
     if stride != len(page.presigned_urls):
         while len(ahead) > 1:  # not offsets: only the page named is known to come next
             ahead.pop()[1].cancel()
         return
     token = ahead[-1][0].page_token + stride
-    while len(ahead) < PAGES_AHEAD and token < page.total_count:
+    while len(ahead) < lookahead.size and token < page.total_count:
         guess = replace(ref, page_token=token)
-        ahead.append((guess, _ask(api, guess, what)))
+        ahead.append((guess, _ask(api, guess, what, lookahead)))
         token += stride
 
 
@@ -110,10 +115,15 @@ def first_page(
     return _ask(api, PageRef(listing=listing, page_token=0, page_size=page_size), what)
 
 
-def _ask(api: ApiClient, ref: PageRef, what: str) -> asyncio.Task[CheckpointFilesPage]:
-    """Read the page at ``ref`` in the background, in one attempt (`_wanted` retries it);
-    awaiting the task gives it, or its error."""
-    return asyncio.create_task(read_page(api, ref, what, retried=False))
+def _ask(
+    api: ApiClient, ref: PageRef, what: str, lookahead: Lookahead | None = None
+) -> asyncio.Task[CheckpointFilesPage]:
+    """Read the page at ``ref`` in the background, in one attempt (`_wanted` retries it), timed
+    for ``lookahead``; awaiting the task gives it, or its error."""
+    task = asyncio.create_task(read_page(api, ref, what, retried=False))
+    if lookahead is not None:
+        lookahead.asked(task)
+    return task
 
 
 async def _wanted(
