@@ -267,7 +267,13 @@ def _plan(
     except FileError as exc:
         stats.fail(f"{file.run}/{file.checkpoint}/{file.node_rank}", str(exc))
         return None
-    if not manifest.first_listing(relative):
+    first = manifest.first_listing(relative, f"{file.size} {file.last_modified}")
+    if first is None:
+        # The same entry again, as pages read while files are added or removed list it (their
+        # offsets shift): not another file.
+        stats.files_listed -= 1
+        return None
+    if not first:
         stats.fail(relative, "listed more than once; only its first entry is mirrored")
         return None
     try:

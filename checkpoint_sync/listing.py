@@ -137,9 +137,12 @@ def removed_upstream(
 
 
 def _note(files: dict[str, Recorded], path: str, entry: Recorded) -> None:
-    """Add a listed entry. As in `sync`, the first entry of a path is the one mirrored and a
-    repeat fails: the repeat counts as a missing file, under a key no manifest path has (a NUL)."""
+    """Add a listed entry. As in `sync`, the first entry of a path is the one mirrored, a repeat
+    of the same file (size and last_modified) counts once, and another repeat fails: it counts
+    as a missing file, under a key no manifest path has (a NUL)."""
     if path in files:
+        if entry is not _UNREADABLE and files[path] == entry:
+            return
         files[f"{path}\0{len(files)}"] = _UNREADABLE
     else:
         files[path] = entry

@@ -102,7 +102,7 @@ class Manifest:
             self._any_staging = (
                 self._db.execute("SELECT 1 FROM staging LIMIT 1").fetchone() is not None
             )
-            self._db.execute("CREATE TEMP TABLE listed (path TEXT PRIMARY KEY)")
+            self._db.execute("CREATE TEMP TABLE listed (path TEXT PRIMARY KEY, version TEXT)")
             self._db.execute("BEGIN")
         except BaseException as exc:
             if db is not None:
@@ -176,10 +176,17 @@ class Manifest:
 
     # --- writing (batched) -----------------------------------------------------------------------
 
-    def first_listing(self, path: str) -> bool:
-        """Whether this run sees ``path`` for the first time (a listing may repeat a path)."""
+    def first_listing(self, path: str, version: str | None = None) -> bool | None:
+        """Whether this run sees ``path`` for the first time (a listing may repeat a path); None
+        where the listing repeats it as it listed it before, in the same ``version``."""
         # A write too (a temporary table, spilled to a temporary file past the page cache).
-        return self._write("INSERT OR IGNORE INTO listed (path) VALUES (?)", (path,)).rowcount == 1
+        inserted = self._write(
+            "INSERT OR IGNORE INTO listed (path, version) VALUES (?, ?)", (path, version)
+        )
+        if inserted.rowcount == 1:
+            return True
+        row = self._db.execute("SELECT version FROM listed WHERE path = ?", (path,)).fetchone()
+        return None if version is not None and (version,) == row else False
 
     def _write(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
         """One write into the open transaction; another program's lock or a full disk is ours."""

@@ -114,6 +114,23 @@ def test_a_path_listed_twice_is_mirrored_once_from_its_first_entry(
     assert len(landed(server, dest, ignored=second)) == len(list(server.catalog.files())) - 1
 
 
+def test_a_path_listed_twice_as_the_same_file_is_mirrored_once_without_a_word(
+    server: ServerThread, dest: Path
+) -> None:
+    # Pages read while files are added or removed upstream: their offsets shift, and an entry
+    # may come twice. The same size and last_modified: the same file, not a conflict.
+    first = server.catalog.jobs[0].checkpoints[0].files[1]
+    again = ServedFile(first.node_rank, first.name, first.size, first.last_modified, first.seed)
+    server.catalog.jobs[0].checkpoints[0].files.append(again)
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)["files"]
+    assert summary["listed"] == summary["fetched"] == len(list(server.catalog.files())) - 1
+    assert_exact(mirrored(dest, JOB, first), first)
+
+
 def test_a_refused_name_is_shown_once_escaped_and_given_whole_in_json(
     server: ServerThread, dest: Path
 ) -> None:
