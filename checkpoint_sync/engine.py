@@ -267,7 +267,8 @@ def _plan(
     except FileError as exc:
         stats.fail(f"{file.run}/{file.checkpoint}/{file.node_rank}", str(exc))
         return None
-    first = manifest.first_listing(relative, f"{file.size} {file.last_modified}")
+    # Within the run, the hash tells one version of a file from another (a temporary table).
+    first = manifest.first_listing(relative, hash((file.size, file.last_modified)))
     if first is None:
         # The same entry again, as pages read while files are added or removed list it (their
         # offsets shift): not another file.

@@ -102,7 +102,7 @@ class Manifest:
             self._any_staging = (
                 self._db.execute("SELECT 1 FROM staging LIMIT 1").fetchone() is not None
             )
-            self._db.execute("CREATE TEMP TABLE listed (path TEXT PRIMARY KEY, version TEXT)")
+            self._db.execute("CREATE TEMP TABLE listed (path TEXT PRIMARY KEY, version INTEGER)")
             self._db.execute("BEGIN")
         except BaseException as exc:
             if db is not None:
@@ -176,7 +176,7 @@ class Manifest:
 
     # --- writing (batched) -----------------------------------------------------------------------
 
-    def first_listing(self, path: str, version: str | None = None) -> bool | None:
+    def first_listing(self, path: str, version: int | None = None) -> bool | None:
         """Whether this run sees ``path`` for the first time (a listing may repeat a path); None
         where the listing repeats it as it listed it before, in the same ``version``."""
         # A write too (a temporary table, spilled to a temporary file past the page cache).
