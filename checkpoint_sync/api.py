@@ -78,12 +78,21 @@ class ApiClient:
         """
         return await self._request("GET", path, model, what, params=params, retried=retried)
 
-    async def post(self, path: str, model: type[M], *, what: str, payload: Mapping[str, Any]) -> M:
+    async def post(
+        self,
+        path: str,
+        model: type[M],
+        *,
+        what: str,
+        payload: Mapping[str, Any],
+        retried: bool = True,
+    ) -> M:
         """POST ``payload`` as JSON and parse the answer as ``model``.
 
-        Only for reads that travel by POST (GraphQL queries): like a GET, it is retried.
+        Only for reads that travel by POST (GraphQL queries): like a GET, it is retried (unless
+        ``retried=False``, as for `get`).
         """
-        return await self._request("POST", path, model, what, payload=payload)
+        return await self._request("POST", path, model, what, payload=payload, retried=retried)
 
     async def _request(
         self,

@@ -396,8 +396,8 @@ class LocalServer:
                 return await answer(request)
 
         async def answer(request: web.Request) -> web.StreamResponse:
-            if self.faults.api_faults and (kind := self.faults.api_faults.pop(0)) is not None:
-                return await _api_fault(kind, handler, request)
+            if (injected := await self._injected(handler, request)) is not None:
+                return injected
             token = request.query.get("page_token", "")
             if token.isdigit() and (kind := self.faults.page_faults.pop(int(token), None)):
                 return await _api_fault(kind, handler, request)
@@ -409,6 +409,12 @@ class LocalServer:
             return await handler(request)
 
         return guarded
+
+    async def _injected(self, handler: Handler, request: web.Request) -> web.StreamResponse | None:
+        """The answer `Faults.api_faults` has next for an API request instead of the real one."""
+        if self.faults.api_faults and (kind := self.faults.api_faults.pop(0)) is not None:
+            return await _api_fault(kind, handler, request)
+        return None
 
     @contextlib.asynccontextmanager
     async def _api_request(self) -> AsyncIterator[None]:
@@ -574,6 +580,8 @@ class LocalServer:
                 return await answer(request)
 
         async def answer(request: web.Request) -> web.StreamResponse:
+            if (injected := await self._injected(handler, request)) is not None:
+                return injected
             key = self.catalog.wandb_api_key
             if scheme == "Basic":
                 key = base64.b64encode(f"api:{key}".encode()).decode()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.errors import NotFoundError, UsageError
+from checkpoint_sync.errors import NotFoundError, TransientError, UsageError
 from checkpoint_sync.localserver import (
     Catalog,
     Faults,
@@ -733,3 +733,22 @@ async def test_the_next_checkpoints_artifact_files_are_asked_for_while_one_is_pl
     files = [(f.checkpoint, f.path) for page in pages for f in page if isinstance(f, RemoteFile)]
     served = catalog.wandb_models[0].checkpoints
     assert files == [(f"step-{c.step}", f.name) for c in served for f in c.files]
+
+
+@pytest.mark.anyio
+async def test_a_version_asked_for_ahead_is_tried_once_and_retried_once_it_is_wanted() -> None:
+    # As for Baseten's pages: a query asked for ahead that the API refuses (429) does not retry
+    # on its own, sending a walk's worth of retries for each version kept ahead.
+    catalog = Catalog(wandb_api_key=WANDB_KEY, wandb_models=[synthetic_wandb_model(MODEL, METRICS)])
+    basic = base64.b64encode(f"api:{WANDB_KEY}".encode()).decode()
+    with ServerThread(catalog) as server:
+        server.faults.api_faults = ["429"] * 10
+        async with api_client(server.url, basic, "WANDB_API_KEY", "Basic", attempts=3) as graphql:
+            artifacts = ArtifactFiles(graphql, parse_artifact_path(ARTIFACT))
+            first = artifacts.first_page("step10", 100)
+            with pytest.raises(TransientError):
+                await first
+            assert server.traffic.api_requests == 1  # asked for ahead: once
+            with pytest.raises(TransientError, match="HTTP 429"):
+                await anext(artifacts.pages("step10", 100, first))
+        assert server.traffic.api_requests == 1 + 3  # then wanted, with retries of its own

@@ -6,7 +6,15 @@ import argparse
 import asyncio
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -16,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from ..api import ApiClient
 from ..config import Settings
-from ..errors import AuthError
+from ..errors import AuthError, TransientError
 from ..net import NetSettings
 from ..retry import RetryPolicy
 from ..wire import HttpClient
@@ -155,6 +163,18 @@ class Lookahead:
         had_it = max(handed_at, self._answered_at.pop(request, handed_at))
         using = max(asyncio.get_running_loop().time() - had_it, 0.001)
         self.size = min(self.most, max(1, math.ceil(self._latency / using)))
+
+
+async def wanted(asked: asyncio.Task[R], again: Callable[[], Awaitable[R]]) -> R:
+    """The answer to a request asked for ahead, in one attempt, now that the walk wants it. One
+    that failed on a transient error is asked for ``again`` now, with retries of its own, as it
+    would have been without the read-ahead (the API may be back, and the outage did not matter
+    until now). Requests kept ahead retrying meanwhile would each send a walk's worth of retries
+    to an API that refuses them (429), and use up their retries before they were wanted."""
+    try:
+        return await asked
+    except TransientError:
+        return await again()
 
 
 def started_ahead(

@@ -8,11 +8,12 @@ from collections import deque
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import replace
+from functools import partial
 
 from ..api import ApiClient
-from ..errors import FileError, MalformedResponseError, TransientError
+from ..errors import FileError, MalformedResponseError
 from ..models import CheckpointFile, CheckpointFilesPage, Unreadable
-from .base import Lookahead, PageRef, Relisted, RemoteFile, UnreadableCheckpoint
+from .base import Lookahead, PageRef, Relisted, RemoteFile, UnreadableCheckpoint, wanted
 
 # At most how many pages a listing keeps asked for ahead of the one being planned (`Lookahead`):
 # a far API's latency per page (0.1 s added to the built-in server's: a no-op re-sync of 100,000
@@ -51,7 +52,7 @@ async def file_pages(
         while True:
             ref, asked = ahead.popleft()
             lookahead.wanted()
-            page = await _wanted(asked, api, ref, what)
+            page = await wanted(asked, partial(read_page, api, ref, what))
             if not page.presigned_urls:
                 return
             seen += len(page.presigned_urls)
@@ -118,26 +119,12 @@ def first_page(
 def _ask(
     api: ApiClient, ref: PageRef, what: str, lookahead: Lookahead | None = None
 ) -> asyncio.Task[CheckpointFilesPage]:
-    """Read the page at ``ref`` in the background, in one attempt (`_wanted` retries it), timed
+    """Read the page at ``ref`` in the background, in one attempt (`wanted` asks again), timed
     for ``lookahead``; awaiting the task gives it, or its error."""
     task = asyncio.create_task(read_page(api, ref, what, retried=False))
     if lookahead is not None:
         lookahead.asked(task)
     return task
-
-
-async def _wanted(
-    asked: asyncio.Task[CheckpointFilesPage], api: ApiClient, ref: PageRef, what: str
-) -> CheckpointFilesPage:
-    """The page at ``ref``, now that the caller wants it. Asked for ahead, it was tried once: a
-    transient failure is asked for again now, with retries of its own, as it would have been
-    without the read-ahead (the API may be back, and the outage did not matter until now). The
-    pages kept ahead retrying meanwhile would each send a walk's worth of retries to an API that
-    refuses them (429), and use up their retries before they were wanted."""
-    try:
-        return await asked
-    except TransientError:
-        return await read_page(api, ref, what)
 
 
 def _runaway(

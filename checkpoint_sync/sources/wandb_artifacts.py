@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict
@@ -20,6 +21,7 @@ from pydantic.alias_generators import to_camel
 from ..api import ApiClient
 from ..errors import ApiError, NotFoundError, UsageError
 from ..models import OR_UNREADABLE, Unreadable
+from .base import wanted
 from .cursors import advance
 
 GRAPHQL_PATH = "/graphql"
@@ -116,9 +118,9 @@ class ArtifactFiles:
     path: ArtifactPath
 
     def first_page(self, alias: str, page_size: int) -> asyncio.Task[_Answer]:
-        """Ask for the first page of version ``alias``'s files now, for `pages` to walk them
-        from later."""
-        return asyncio.create_task(self._page(alias, page_size, None))
+        """Ask for the first page of version ``alias``'s files now, in one attempt, for `pages`
+        to walk them from later (`wanted` asks again)."""
+        return asyncio.create_task(self._page(alias, page_size, None, retried=False))
 
     async def pages(
         self, alias: str, page_size: int, first: asyncio.Task[_Answer] | None = None
@@ -130,7 +132,8 @@ class ArtifactFiles:
         seen: set[str] = set()
         while True:
             if first is not None:
-                answer, first = await first, None
+                answer = await wanted(first, partial(self._page, alias, page_size, None))
+                first = None
             else:
                 answer = await self._page(alias, page_size, cursor)
             files = _files(answer, self.path, what)
@@ -141,7 +144,9 @@ class ArtifactFiles:
                 return
             cursor = advance(files.page_info.end_cursor, seen, what)
 
-    async def _page(self, alias: str, page_size: int, cursor: str | None) -> _Answer:
+    async def _page(
+        self, alias: str, page_size: int, cursor: str | None, *, retried: bool = True
+    ) -> _Answer:
         variables = {
             "entityName": self.path.entity,
             "projectName": self.path.project,
@@ -154,6 +159,7 @@ class ArtifactFiles:
             _Answer,
             what=_what(self.path, alias),
             payload={"query": QUERY, "variables": variables},
+            retried=retried,
         )
 
 
