@@ -5,6 +5,7 @@ Nothing is ever written outside DEST, and the files the listing did describe wel
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -613,6 +614,35 @@ async def test_the_pages_handed_on_are_those_the_tokens_name_whatever_was_guesse
     assert listed == [(f.node_rank, f.name) for f in server.catalog.files()]
     if requests is not None:  # where the tokens are as guessed, no request goes to waste
         assert server.traffic.api_requests == requests
+
+
+def pages_held() -> int:
+    """How many page requests (done or not) anything still holds, and so their pages."""
+    gc.collect()
+    return sum(
+        isinstance(thing, asyncio.Task)
+        and getattr(thing.get_coro(), "__qualname__", None) == "read_page"
+        for thing in gc.get_objects()
+    )
+
+
+@pytest.mark.anyio
+async def test_guesses_answered_then_cancelled_are_not_held_for_the_rest_of_the_walk(
+    server: ServerThread,
+) -> None:
+    # A far API whose pages end where it likes: guesses answered before their token proved
+    # them wrong are let go, not kept (with their pages) as long as the listing is walked.
+    for n in range(300):
+        add_file(server, f"checkpoint-10/more-{n}.bin", 10)
+    server.faults.page_length = lambda offset, size: min(size, 7 - offset % 7)
+    server.faults.api_delay = 0.01
+    async with job_files(server) as pages:
+        walked = 0
+        async for _ in pages:
+            walked += 1
+            if walked == 80:
+                # Those kept ahead, the one handed on, those cancelled and still winding down.
+                assert pages_held() <= 2 * PAGES_AHEAD + 1
 
 
 # Python keeps the bytes of an argument that is not valid UTF-8 as lone surrogates.

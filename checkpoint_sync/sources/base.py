@@ -21,6 +21,7 @@ from datetime import datetime
 from enum import StrEnum
 from itertools import islice
 from typing import Any, Protocol, TypeVar
+from weakref import WeakKeyDictionary
 
 from ..api import ApiClient
 from ..config import Settings
@@ -135,7 +136,9 @@ class Lookahead:
         self.most = most
         self.size = 1
         self._latency: float | None = None  # of the latest answer
-        self._answered_at: dict[asyncio.Future[Any], float] = {}
+        # Weak: a request answered and then let go unused (a guess proved wrong) must not stay
+        # held, its answer with it, for the rest of the walk.
+        self._answered_at: WeakKeyDictionary[asyncio.Future[Any], float] = WeakKeyDictionary()
         self._handed: tuple[float, asyncio.Future[Any]] | None = None
 
     def asked(self, request: asyncio.Future[Any]) -> None:
