@@ -45,6 +45,7 @@ async def file_pages(
     seen = 0
     start = PageRef(listing=listing, page_token=0, page_size=page_size)
     lookahead = Lookahead(PAGES_AHEAD)
+    guessing = True  # until a guess goes wrong
     ahead: deque[tuple[PageRef, asyncio.Task[CheckpointFilesPage]]] = deque(
         [(start, first or _ask(api, start, what, lookahead))]
     )
@@ -63,7 +64,7 @@ async def file_pages(
                 if runaway is not None:
                     raise runaway
                 return
-            _ask_ahead(ahead, api, ref, page, following, what, lookahead)
+            guessing = _ask_ahead(ahead, api, ref, page, following, what, lookahead, guessing)
             # Planning a page of files already mirrored never waits: without this yield the
             # requests would go out only once the caller asked for the next page.
             await asyncio.sleep(0)
@@ -83,25 +84,29 @@ def _ask_ahead(
     following: int,
     what: str,
     lookahead: Lookahead,
-) -> None:
+    guessing: bool,
+) -> bool:
     """Keep the pages after ``page`` (read at ``ref``) asked for, as many as ``lookahead`` says:
-    first the one its token names, then, while the tokens go up by the page's length, those at
-    the offsets that follow."""
+    first the one its token names, then, while ``guessing`` and the tokens go up by the page's
+    length, those at the offsets that follow. Whether to go on guessing: not once a guess went
+    wrong, as pages of uneven lengths would waste nearly every guess."""
     if ahead and ahead[0][0].page_token != following:
-        _cancel(ahead)  # a guess went wrong: from here, what the tokens say
+        _cancel(ahead)  # from here, what the tokens say
+        guessing = False
     if not ahead:
         named = replace(ref, page_token=following)
         ahead.append((named, _ask(api, named, what, lookahead)))
     stride = following - ref.page_token
-    if stride != len(page.presigned_urls):
+    if not guessing or stride != len(page.presigned_urls):
         while len(ahead) > 1:  # not offsets: only the page named is known to come next
             ahead.pop()[1].cancel()
-        return
+        return guessing
     token = ahead[-1][0].page_token + stride
     while len(ahead) < lookahead.size and token < page.total_count:
         guess = replace(ref, page_token=token)
         ahead.append((guess, _ask(api, guess, what, lookahead)))
         token += stride
+    return guessing
 
 
 def _cancel(ahead: deque[tuple[PageRef, asyncio.Task[CheckpointFilesPage]]]) -> None:
