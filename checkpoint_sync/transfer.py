@@ -144,10 +144,12 @@ class Transfers:
         or between dropping a record and its file, left them, and no run would resume them.
         Before, one stayed until a run fetched the same file again: for ever, were it gone."""
         kept = {staging_name(path) for path in self._manifest.staged_under("")}
-        for entry in _os_call(self._staging_dir, partial(_listdir, self._staging_dir)):
-            if entry.name not in kept and entry.is_file(follow_symlinks=False):
-                with suppress(OSError):  # as any staging file dropped: only its room is at stake
-                    os.unlink(entry.path)
+        # Best effort, as for any staging file dropped: only their room is at stake.
+        with suppress(OSError), os.scandir(self._staging_dir) as entries:
+            for entry in entries:
+                if entry.name not in kept and entry.is_file(follow_symlinks=False):
+                    with suppress(OSError):
+                        os.unlink(entry.path)
 
     async def fetch(self, file: RemoteFile, relative: str, *, replaces: bool = True) -> None:
         """Mirror ``file`` at ``DEST/relative``; `FileError` if this file failed.
@@ -795,11 +797,6 @@ def _local_error(exc: OSError, path: str | Path, needed: int | None = None) -> C
         space = f"; {needed} more bytes are needed" if needed and exc.errno == errno.ENOSPC else ""
         return LocalIOError(f"cannot write {path}: {reason}{space}")
     return FileError(f"cannot write {path}: {reason}")
-
-
-def _listdir(directory: Path) -> list[os.DirEntry[str]]:
-    with os.scandir(directory) as entries:
-        return list(entries)
 
 
 def _os_call(path: str | Path, call: Callable[[], T]) -> T:
