@@ -168,7 +168,7 @@ class Lookahead:
         self.size = min(self.most, max(1, math.ceil(self._latency / using)))
 
 
-async def wanted(asked: asyncio.Task[R], again: Callable[[], Awaitable[R]]) -> R:
+async def answer_when_wanted(asked: asyncio.Task[R], again: Callable[[], Awaitable[R]]) -> R:
     """The answer to a request asked for ahead, in one attempt, now that the walk wants it. One
     that failed on a transient error is asked for ``again`` now, with retries of its own, as it
     would have been without the read-ahead (the API may be back, and the outage did not matter

@@ -13,7 +13,14 @@ from functools import partial
 from ..api import ApiClient
 from ..errors import FileError, MalformedResponseError
 from ..models import CheckpointFile, CheckpointFilesPage, Unreadable
-from .base import Lookahead, PageRef, Relisted, RemoteFile, UnreadableCheckpoint, wanted
+from .base import (
+    Lookahead,
+    PageRef,
+    Relisted,
+    RemoteFile,
+    UnreadableCheckpoint,
+    answer_when_wanted,
+)
 
 # At most how many pages a listing keeps asked for ahead of the one being planned (`Lookahead`):
 # a far API's latency per page (0.1 s added to the built-in server's: a no-op re-sync of 100,000
@@ -53,7 +60,7 @@ async def file_pages(
         while True:
             ref, asked = ahead.popleft()
             lookahead.wanted()
-            page = await wanted(asked, partial(read_page, api, ref, what))
+            page = await answer_when_wanted(asked, partial(read_page, api, ref, what))
             if not page.presigned_urls:
                 return
             seen += len(page.presigned_urls)
@@ -124,8 +131,8 @@ def first_page(
 def _ask(
     api: ApiClient, ref: PageRef, what: str, lookahead: Lookahead | None = None
 ) -> asyncio.Task[CheckpointFilesPage]:
-    """Read the page at ``ref`` in the background, in one attempt (`wanted` asks again), timed
-    for ``lookahead``; awaiting the task gives it, or its error."""
+    """Read the page at ``ref`` in the background, in one attempt (`answer_when_wanted` asks
+    again), timed for ``lookahead``; awaiting the task gives it, or its error."""
     task = asyncio.create_task(read_page(api, ref, what, retried=False))
     if lookahead is not None:
         lookahead.asked(task)

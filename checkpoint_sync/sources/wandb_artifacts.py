@@ -21,7 +21,7 @@ from pydantic.alias_generators import to_camel
 from ..api import ApiClient
 from ..errors import ApiError, NotFoundError, UsageError
 from ..models import OR_UNREADABLE, Unreadable
-from .base import wanted
+from .base import answer_when_wanted
 from .cursors import advance
 
 GRAPHQL_PATH = "/graphql"
@@ -119,7 +119,7 @@ class ArtifactFiles:
 
     def first_page(self, alias: str, page_size: int) -> asyncio.Task[_Answer]:
         """Ask for the first page of version ``alias``'s files now, in one attempt, for `pages`
-        to walk them from later (`wanted` asks again)."""
+        to walk them from later (`answer_when_wanted` asks again)."""
         return asyncio.create_task(self._page(alias, page_size, None, retried=False))
 
     async def pages(
@@ -132,7 +132,9 @@ class ArtifactFiles:
         seen: set[str] = set()
         while True:
             if first is not None:
-                answer = await wanted(first, partial(self._page, alias, page_size, None))
+                answer = await answer_when_wanted(
+                    first, partial(self._page, alias, page_size, None)
+                )
                 first = None
             else:
                 answer = await self._page(alias, page_size, cursor)
