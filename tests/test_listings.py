@@ -616,21 +616,6 @@ async def test_the_pages_handed_on_are_those_the_tokens_name_whatever_was_guesse
         assert server.traffic.api_requests == requests
 
 
-@pytest.mark.anyio
-async def test_a_listing_whose_guesses_go_wrong_is_walked_by_its_tokens_alone(
-    server: ServerThread,
-) -> None:
-    # A far API whose pages end where it likes: nearly every guess at an offset would be wrong,
-    # each wrong one cancelled and replaced by up to 7 more, 7.6 requests a page in all.
-    for n in range(300):
-        add_file(server, f"checkpoint-10/more-{n}.bin", 10)
-    server.faults.page_length = lambda offset, size: min(size, 7 - offset % 7)
-    server.faults.api_delay = 0.01
-    async with job_files(server) as pages:
-        walked = len([page async for page in pages])
-    assert server.traffic.api_requests <= walked + PAGES_AHEAD  # the guesses before one failed
-
-
 def pages_held() -> int:
     """How many page requests (done or not) anything still holds, and so their pages."""
     gc.collect()
@@ -642,11 +627,13 @@ def pages_held() -> int:
 
 
 @pytest.mark.anyio
-async def test_guesses_answered_then_cancelled_are_not_held_for_the_rest_of_the_walk(
+async def test_a_listing_whose_guesses_go_wrong_is_walked_by_its_tokens_alone(
     server: ServerThread,
 ) -> None:
-    # A far API whose pages end where it likes: guesses answered before their token proved
-    # them wrong are let go, not kept (with their pages) as long as the listing is walked.
+    # A far API whose pages end where it likes: nearly every guess at an offset would be wrong,
+    # each wrong one cancelled and replaced by up to 7 more (7.6 requests a page), and the
+    # guesses answered before their token proved them wrong were held, with their pages, as
+    # long as the listing was walked.
     for n in range(300):
         add_file(server, f"checkpoint-10/more-{n}.bin", 10)
     server.faults.page_length = lambda offset, size: min(size, 7 - offset % 7)
@@ -658,6 +645,7 @@ async def test_guesses_answered_then_cancelled_are_not_held_for_the_rest_of_the_
             if walked == 80:
                 # Those kept ahead, the one handed on, those cancelled and still winding down.
                 assert pages_held() <= 2 * PAGES_AHEAD + 1
+    assert server.traffic.api_requests <= walked + PAGES_AHEAD  # the guesses before one failed
 
 
 # Python keeps the bytes of an argument that is not valid UTF-8 as lone surrogates.
