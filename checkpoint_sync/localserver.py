@@ -398,9 +398,6 @@ class LocalServer:
         async def answer(request: web.Request) -> web.StreamResponse:
             if (injected := await self._injected(handler, request)) is not None:
                 return injected
-            token = request.query.get("page_token", "")
-            if token.isdigit() and (kind := self.faults.page_faults.pop(int(token), None)):
-                return await _api_fault(kind, handler, request)
             scheme, _, key = request.headers.get("Authorization", "").partition(" ")
             if scheme not in ("Bearer", "Api-Key") or not hmac.compare_digest(
                 key.encode(), self.catalog.api_key.encode()
@@ -411,8 +408,12 @@ class LocalServer:
         return guarded
 
     async def _injected(self, handler: Handler, request: web.Request) -> web.StreamResponse | None:
-        """The answer `Faults.api_faults` has next for an API request instead of the real one."""
+        """The answer `Faults.api_faults` (or `Faults.page_faults`, for the page_token asked
+        for) has next for an API request instead of the real one."""
         if self.faults.api_faults and (kind := self.faults.api_faults.pop(0)) is not None:
+            return await _api_fault(kind, handler, request)
+        token = request.query.get("page_token", "")
+        if token.isdigit() and (kind := self.faults.page_faults.pop(int(token), None)):
             return await _api_fault(kind, handler, request)
         return None
 
