@@ -25,7 +25,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
-import anyio
 import pytest
 
 from checkpoint_sync.api import ApiClient
@@ -232,24 +231,6 @@ async def api_client(
             key_hint=key_hint,
             retry=RetryPolicy(attempts=attempts, initial_delay=0),
         )
-
-
-async def api_requests_reach(server: ServerThread, count: int) -> None:
-    with anyio.fail_after(10):
-        # The server counts on a thread of its own: there is no event of this loop to wait on.
-        while server.traffic.api_requests < count:  # noqa: ASYNC110
-            await anyio.sleep(0.01)
-
-
-async def read_ahead_settled() -> None:
-    """Until no page is being read: the one asked for ahead has its answer, or its error."""
-    with anyio.fail_after(10):
-        # Only the task itself tells when it is done: the server has answered long before.
-        while any(  # noqa: ASYNC110
-            getattr(task.get_coro(), "__qualname__", None) == "read_page"
-            for task in asyncio.all_tasks()
-        ):
-            await anyio.sleep(0.01)
 
 
 @contextmanager

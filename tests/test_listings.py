@@ -27,11 +27,9 @@ from .conftest import JOB, PROJECT, job_args, sync_args
 from .support import (
     ServerThread,
     api_client,
-    api_requests_reach,
     assert_exact,
     job_listing_checkpoints,
     mirrored,
-    read_ahead_settled,
     run_cli,
 )
 
@@ -492,6 +490,24 @@ async def job_files(
         listing = f"/v1/training_projects/{PROJECT}/jobs/{JOB}/checkpoint_files"
         async with aclosing(file_pages(api, listing, 4, "the job")) as pages:
             yield pages
+
+
+async def api_requests_reach(server: ServerThread, count: int) -> None:
+    with anyio.fail_after(10):
+        # The server counts on a thread of its own: there is no event of this loop to wait on.
+        while server.traffic.api_requests < count:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def read_ahead_settled() -> None:
+    """Until no page is being read: the one asked for ahead has its answer, or its error."""
+    with anyio.fail_after(10):
+        # Only the task itself tells when it is done: the server has answered long before.
+        while any(  # noqa: ASYNC110
+            getattr(task.get_coro(), "__qualname__", None) == "read_page"
+            for task in asyncio.all_tasks()
+        ):
+            await anyio.sleep(0.01)
 
 
 @pytest.mark.anyio
