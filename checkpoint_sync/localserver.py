@@ -191,6 +191,10 @@ class Faults:
     # Loops checkpoints (by id) still in the checkpoint list whose file listing answers 404, as
     # it does for one deleted after the list was read.
     files_gone: set[str] = field(default_factory=set)
+    # Called with the offset of every file listing page once it is answered, on the server's
+    # loop: a test changes the catalog there, as uploads and deletions upstream do while a
+    # listing is walked (the pages after it see the change).
+    on_page: Callable[[int], None] | None = None
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -511,7 +515,7 @@ class LocalServer:
             next_token = token
         elif self.faults.endless_listing == "repeat":
             page, next_token = page or entries[-page_size:], following
-        return web.json_response(
+        answer = web.json_response(
             {
                 "presigned_urls": [
                     {
@@ -527,6 +531,9 @@ class LocalServer:
                 "total_count": len(entries),
             }
         )
+        if self.faults.on_page is not None:
+            self.faults.on_page(offset)
+        return answer
 
     # --- Baseten Loops ---------------------------------------------------------------------------
 
