@@ -17,7 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +203,9 @@ class _Listed:
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         for page in self._pages:
             yield page
+
+    def moved_while_listed(self) -> Set[tuple[str, str]]:
+        return self._source.moved_while_listed()  # the walk that listed the pages
 
     async def relist(self, file: RemoteFile) -> Relisted:
         return await self._source.relist(file)  # a URL that expired since: counted, as in sync

@@ -202,7 +202,13 @@ async def _run(
     if listing_failed:
         raise listing_failed[0]
     # A file whose entry did not tell its path may have parts; only its listing could say which.
-    listed = {(c.run, c.name) for c in selection.checkpoints} if paths_told == [True] else set()
+    # So may one that a listing changed while it was walked did not show: a later walk tells.
+    moved = source.moved_while_listed()
+    listed = (
+        {(c.run, c.name) for c in selection.checkpoints if (c.run, c.name) not in moved}
+        if paths_told == [True]
+        else set()
+    )
     transfers.drop_unlisted(listed, options.files, source.listed_whole())
 
 

@@ -18,10 +18,10 @@ import pytest
 
 from checkpoint_sync.errors import TransientError
 from checkpoint_sync.localserver import ServedFile
-from checkpoint_sync.models import CheckpointFile, Unreadable
+from checkpoint_sync.models import CheckpointFile, CheckpointFilesPage, Unreadable
 from checkpoint_sync.net import url_problem
 from checkpoint_sync.sources.base import PageRef
-from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD, file_pages
+from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD, Walked, file_pages, walked
 
 from .conftest import JOB, PROJECT, job_args, sync_args
 from .support import (
@@ -630,6 +630,62 @@ async def test_the_pages_handed_on_are_those_the_tokens_name_whatever_was_guesse
     assert listed == [(f.node_rank, f.name) for f in server.catalog.files()]
     if requests is not None:  # where the tokens are as guessed, no request goes to waste
         assert server.traffic.api_requests == requests
+
+
+UNREADABLE = Unreadable({"relative_file_name": "u"}, "size_bytes: not an integer")
+
+
+def listed_page(total: int, *entries: str | tuple[str, int] | Unreadable) -> CheckpointFilesPage:
+    """A page announcing ``total`` files, of these entries: a name (rank 0), name and rank, or
+    one off the schema."""
+    files = [(e, 0) if isinstance(e, str) else e for e in entries]
+    return CheckpointFilesPage(
+        presigned_urls=[
+            e
+            if isinstance(e, Unreadable)
+            else CheckpointFile(
+                url="u", relative_file_name=e[0], node_rank=e[1], size_bytes=1, last_modified="t"
+            )
+            for e in files
+        ],
+        total_count=total,
+    )
+
+
+@pytest.mark.parametrize(
+    ("pages", "held_still"),
+    [
+        ([listed_page(2, "a", "b")], True),
+        ([listed_page(4, "a", "b"), listed_page(4, "c", "d")], True),
+        # "a" removed after the first page: "c" moved onto it, and was never shown.
+        ([listed_page(4, "a", "b"), listed_page(3, "d")], False),
+        # One added before "b" and one removed past it: the second page starts at "b" again.
+        ([listed_page(4, "a", "b"), listed_page(4, "b", "c")], False),
+        ([listed_page(4, "a", "b"), listed_page(4, "c", "b")], False),  # anywhere on it
+        # The same name of another rank is another file.
+        ([listed_page(4, "a", "b"), listed_page(4, ("b", 1), "c")], True),
+        # Fewer entries than announced.
+        ([listed_page(3, "a", "b")], False),
+        ([listed_page(3, "a", "b"), listed_page(3)], False),
+        # An empty page ends the walk: its count counts too.
+        ([listed_page(2, "a", "b"), listed_page(2)], True),
+        ([listed_page(2, "a", "b"), listed_page(1)], False),
+        # An entry off the schema is listed all the same; the last file before it comes again.
+        ([listed_page(4, "a", UNREADABLE), listed_page(4, "c", "d")], True),
+        ([listed_page(4, "a", UNREADABLE), listed_page(4, "a", "c")], False),
+        # A change once seen stays seen.
+        ([listed_page(6, "a", "b"), listed_page(5, "d", "e"), listed_page(5, "f")], False),
+        # Not told: "a" removed as "e" is added, between the same two pages ("c" unseen).
+        ([listed_page(4, "a", "b"), listed_page(4, "d", "e")], True),
+    ],
+)
+def test_a_walk_tells_whether_the_listing_held_still(
+    pages: list[CheckpointFilesPage], held_still: bool
+) -> None:
+    walk = Walked()
+    for page in pages:
+        walk = walked(walk, page)
+    assert walk.held_still is held_still
 
 
 def pages_held() -> int:

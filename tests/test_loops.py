@@ -399,6 +399,40 @@ def test_a_checkpoint_left_out_as_unreadable_is_one_listed_entry_of_a_run_that_s
     assert json.loads(locked.stdout)["failures"] == []
 
 
+def test_a_file_a_changing_listing_did_not_show_keeps_its_parts_for_the_next_run(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file deleted upstream after the listing's first page: the second page starts one entry
+    # too far, and the file that moved up onto the first one is never shown.
+    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, size=200_000))
+    with ServerThread(catalog) as server:
+        uri = f"bt://loops:{RUN}/weights/step-10"
+        args = sync(server, dest, "--loops-checkpoint", uri, "--part-size", "64KiB")
+        leave_in_parts(server, monkeypatch, args, from_byte=128 << 10)
+        files = of_run(server, RUN)[0].checkpoint.files
+        monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "1")
+        deleted, missed = files[0], files[1]
+
+        def delete(offset: int) -> None:
+            server.faults.on_page = None
+            files.remove(deleted)
+
+        server.faults.on_page = delete
+        changed = run_cli(*args)
+        assert changed.code == 0, changed.stderr
+        assert staged(dest) == {f"{RUN}/weights-step-10"}
+        server.traffic.ranges.clear()
+        stable = run_cli(*args)
+
+    assert stable.code == 0, stable.stderr
+    assert_exact(landed(dest, of_run(server, RUN)[0], missed), missed)
+    # Its two parts fetched in the first run are not fetched again.
+    assert sorted((name, start) for name, start, _ in server.traffic.ranges) == [
+        (missed.name, start) for start in range(128 << 10, missed.size, 64 << 10)
+    ]
+    assert staged(dest) == set()
+
+
 @pytest.mark.parametrize("unreadable", [False, True], ids=["readable", "a-target-unnamed"])
 def test_the_parts_of_a_checkpoint_deleted_upstream_go_and_no_other_ones(
     dest: Path, monkeypatch: pytest.MonkeyPatch, unreadable: bool

@@ -1128,6 +1128,39 @@ def test_a_file_left_in_parts_and_then_removed_upstream_leaves_no_staging_behind
     assert [c["local"] for c in json.loads(listed.stdout)["checkpoints"]] == ["mirrored"]
 
 
+def test_a_file_a_changing_listing_did_not_show_keeps_its_parts_for_the_next_run(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file deleted upstream while the listing is walked moves the ones after it a place up:
+    # the page after it starts one entry too far, and the file then first on it is never shown.
+    # Its parts must not go as removed upstream, to be fetched again from byte 0.
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        left_in_parts(server, dest, monkeypatch)
+        checkpoint = server.catalog.jobs[0].checkpoints[0]
+        # Two pages: rank 0's shard and small file, then rank 1's.
+        monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+        deleted, missed = checkpoint.files[1], checkpoint.files[2]
+
+        def delete(offset: int) -> None:
+            server.faults.on_page = None
+            checkpoint.files.remove(deleted)
+
+        server.faults.on_page = delete
+        changed = run_cli(*sync_args(server, dest))
+        assert changed.code == 0, changed.stderr
+        assert staged(dest) == {f"{JOB}/checkpoint-10"}
+        server.traffic.ranges.clear()
+        stable = run_cli(*sync_args(server, dest))
+
+    assert stable.code == 0, stable.stderr
+    assert_exact(mirrored(dest, JOB, missed), missed)
+    # Its two parts fetched in the first run are not fetched again.
+    assert sorted((name, start) for name, start, _ in server.traffic.ranges) == [
+        (missed.name, start) for start in range(512 << 10, missed.size, 256 << 10)
+    ]
+    assert staged(dest) == set()
+
+
 def test_a_staging_file_no_record_leads_to_goes_and_files_in_parts_keep_theirs(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,6 +14,7 @@ from collections.abc import (
     Iterable,
     Mapping,
     Sequence,
+    Set,
 )
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -306,6 +307,11 @@ class Source(Protocol):
 
     def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
         """The files of the selected checkpoints, one listing page at a time."""
+        ...
+
+    def moved_while_listed(self) -> Set[tuple[str, str]]:
+        """After `file_pages`: the checkpoints (run, directory) whose file listing changed while
+        it was walked, so that a file of theirs it did not show may still be there."""
         ...
 
     async def relist(self, file: RemoteFile) -> Relisted:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from contextlib import aclosing, closing
 from dataclasses import dataclass
+from functools import partial
 
 from ..api import ApiClient, path_segment
 from ..errors import NotFoundError, UsageError
@@ -123,6 +124,7 @@ class LoopsSource:
         self._page_size = page_size
         self.description = description
         self._listed_whole: dict[str, frozenset[str]] = {}
+        self._moved: set[tuple[str, str]] = set()
 
     async def checkpoints(self) -> list[Available]:
         answer = await self._api.get(
@@ -172,10 +174,12 @@ class LoopsSource:
         def first(checkpoint: Checkpoint) -> asyncio.Task[CheckpointFilesPage]:
             return first_page(self._api, *self._listing(checkpoint))
 
+        self._moved = set()
         with closing(started_ahead(selected, first)) as walk:
             for checkpoint, asked in walk:
+                moved = partial(self._moved.add, (checkpoint.run, checkpoint.name))
                 try:
-                    pages = file_pages(self._api, *self._listing(checkpoint), asked)
+                    pages = file_pages(self._api, *self._listing(checkpoint), asked, moved=moved)
                     async with aclosing(pages):
                         async for ref, entries in pages:
                             yield [_listed(checkpoint, ref, entry) for entry in entries]
@@ -184,6 +188,9 @@ class LoopsSource:
                     yield [
                         VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))
                     ]
+
+    def moved_while_listed(self) -> Set[tuple[str, str]]:
+        return self._moved
 
     def _listing(self, checkpoint: Checkpoint) -> tuple[str, int, str]:
         """Where its files are listed, the page size, and how messages name it."""

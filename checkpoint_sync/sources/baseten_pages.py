@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from contextlib import aclosing
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 from ..api import ApiClient
@@ -34,8 +34,12 @@ async def file_pages(
     page_size: int,
     what: str,
     first: asyncio.Task[CheckpointFilesPage] | None = None,
+    *,
+    moved: Callable[[], None] | None = None,
 ) -> AsyncGenerator[tuple[PageRef, list[CheckpointFile | Unreadable]], None]:
-    """Every page of ``listing``, stopping on a null token or an empty page (NOTES.md).
+    """Every page of ``listing``, stopping on a null token or an empty page (NOTES.md); once
+    the last is handed on, ``moved`` is called if the listing did not hold still meanwhile
+    (`Walked.held_still`): a file it did not show may still be there.
 
     The pages after this one (as many as a `Lookahead` keeps) are asked for before it is handed
     on, so that the server prepares them while the caller plans this one's files. Only the page
@@ -49,7 +53,7 @@ async def file_pages(
 
     ``first``: the first page, asked for already (`first_page`).
     """
-    seen = 0
+    walk = Walked()
     start = PageRef(listing=listing, page_token=0, page_size=page_size)
     lookahead = Lookahead(PAGES_AHEAD)
     guessing = True  # until a guess goes wrong
@@ -61,15 +65,17 @@ async def file_pages(
             ref, asked = ahead.popleft()
             lookahead.wanted()
             page = await answer_when_wanted(asked, partial(read_page, api, ref, what))
+            walk = walked(walk, page)
             if not page.presigned_urls:
+                _tell(walk, moved)
                 return
-            seen += len(page.presigned_urls)
             following = page.next_page_token
-            runaway = None if following is None else _runaway(page, following, ref, seen, what)
+            runaway = None if following is None else _runaway(page, following, ref, walk.seen, what)
             if following is None or runaway is not None:
                 yield ref, page.presigned_urls
                 if runaway is not None:
                     raise runaway
+                _tell(walk, moved)
                 return
             guessing = _ask_ahead(ahead, api, ref, page, following, what, lookahead, guessing)
             # Planning a page of files already mirrored never waits: without this yield the
@@ -137,6 +143,64 @@ def _ask(
     if lookahead is not None:
         lookahead.asked(task)
     return task
+
+
+@dataclass(frozen=True, slots=True)
+class Walked:
+    """What the pages of a listing walked so far tell of whether it held still meanwhile: the
+    size of one entry, however long the listing.
+
+    Its tokens are offsets (NOTES.md): a file removed upstream before the offset reached moves
+    the files after it a place up, and the one the next page would have started with is never
+    shown; a file added there moves them a place down, and the next page lists the last file of
+    the one before again.
+    """
+
+    seen: int = 0  # entries listed, repeats included
+    total: int | None = None  # total_count, as the latest page announced it
+    last: tuple[str, int] | None = None  # the latest page's last file: name and node rank
+    # A page announced another total_count than the one before, or listed that page's last
+    # file again.
+    moved: bool = False
+
+    @property
+    def held_still(self) -> bool:
+        """Whether the listing held still while walked, as far as its pages can tell: they all
+        announced one total_count and held that many entries, and none listed the last file of
+        the page before again. Not told: a file removed before the offset reached while another
+        is added past it, between the same two pages (the count stays, and nothing comes
+        twice)."""
+        return not self.moved and self.seen == self.total
+
+
+def walked(walk: Walked, page: CheckpointFilesPage) -> Walked:
+    """``walk`` with the next page of the listing (the one the last page's token named)."""
+    entries = page.presigned_urls
+    last = next((e for e in reversed(entries) if isinstance(e, CheckpointFile)), None)
+    return Walked(
+        seen=walk.seen + len(entries),
+        total=page.total_count,
+        last=None if last is None else (last.relative_file_name, last.node_rank),
+        moved=walk.moved
+        or walk.total not in (None, page.total_count)
+        or _lists(entries, walk.last),
+    )
+
+
+def _lists(entries: list[CheckpointFile | Unreadable], file: tuple[str, int] | None) -> bool:
+    """Whether ``entries`` list ``file`` (its name and node rank)."""
+    if file is None:
+        return False
+    name, rank = file
+    return any(
+        isinstance(e, CheckpointFile) and e.relative_file_name == name and e.node_rank == rank
+        for e in entries
+    )
+
+
+def _tell(walk: Walked, moved: Callable[[], None] | None) -> None:
+    if moved is not None and not walk.held_still:
+        moved()
 
 
 def _runaway(

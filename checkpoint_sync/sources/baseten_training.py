@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence, Set
 
 from ..api import ApiClient, path_segment
 from ..errors import UsageError
@@ -38,6 +38,7 @@ class TrainingJobSource:
         self._base = f"/v1/training_projects/{path_segment(project)}/jobs/{path_segment(job)}"
         self.description = f"training job {job} of project {project}"
         self._listed_whole: dict[str, frozenset[str]] = {}
+        self._moved: set[tuple[str, str]] = set()
 
     async def checkpoints(self) -> list[Available]:
         answer = await self._api.get(
@@ -79,11 +80,18 @@ class TrainingJobSource:
         return unreadable_checkpoint(entry, key, where)
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
+        self._moved = set()
         wanted = {c.name for c in selected}
         if not wanted:
             return  # the listing is the whole job's: walked for no checkpoint, it costs requests
         listing = f"{self._base}/checkpoint_files"
-        async for ref, entries in file_pages(self._api, listing, self._page_size, self.description):
+
+        def moved() -> None:
+            # One listing for the whole job: a file of any checkpoint may have gone unseen.
+            self._moved = {(self._job, name) for name in wanted}
+
+        pages = file_pages(self._api, listing, self._page_size, self.description, moved=moved)
+        async for ref, entries in pages:
             files: list[Listed] = []
             for entry in entries:
                 if isinstance(entry, Unreadable):
@@ -96,6 +104,9 @@ class TrainingJobSource:
                         remote_file(entry, ref, run=self._job, checkpoint=checkpoint, path=rest)
                     )
             yield files
+
+    def moved_while_listed(self) -> Set[tuple[str, str]]:
+        return self._moved
 
     def _unreadable(self, entry: Unreadable, wanted: set[str]) -> list[Listed]:
         """The entry as a failure, unless its name shows it belongs to a checkpoint not wanted."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence, Set
 from contextlib import aclosing, closing
 from typing import TYPE_CHECKING
 
@@ -166,6 +166,12 @@ class WandbSource:
                 async with aclosing(pages):
                     async for files in pages:
                         yield [self._listed(checkpoint, ref, f) for f in files]
+
+    def moved_while_listed(self) -> Set[tuple[str, str]]:
+        # A version's files are paged by a cursor, not by an offset that a file added or removed
+        # ahead of it would shift, and they do not change once the version is committed (an
+        # upload makes a new one).
+        return frozenset()
 
     def _listed(self, checkpoint: Checkpoint, ref: PageRef, f: ArtifactFile | Unreadable) -> Listed:
         if isinstance(f, Unreadable):
