@@ -30,6 +30,7 @@ from .retry import RetryPolicy
 from .sources.base import (
     Available,
     Checkpoint,
+    FileKey,
     Listed,
     Relisted,
     RemoteFile,
@@ -207,7 +208,7 @@ class _Listed:
     def moved_while_listed(self) -> Set[tuple[str, str]]:
         return self._source.moved_while_listed()  # the walk that listed the pages
 
-    async def relist(self, file: RemoteFile) -> Relisted:
+    async def relist(self, file: RemoteFile) -> dict[FileKey, Relisted]:
         return await self._source.relist(file)  # a URL that expired since: counted, as in sync
 
 

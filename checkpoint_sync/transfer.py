@@ -53,7 +53,7 @@ from .plan import FileFilter, Part, check_listed_url, parts_to_keep, split_parts
 from .progress import Stats, human_bytes
 from .redact import redact_url
 from .retry import RetryPolicy, retrying
-from .sources.base import RemoteFile, Source
+from .sources.base import RemoteFile, Source, file_key
 from .wire import HttpClient, Response
 
 T = TypeVar("T")
@@ -317,12 +317,14 @@ class Transfers:
         """A fresh presigned URL for ``file``, checked like a listed one; `FileError` if the
         listing now shows another version of it, whose bytes must not join the old one's."""
         try:
-            now = await self._source.relist(file)
+            now = (await self._source.relist(file)).get(file_key(file))
         except AuthError:
             raise  # every other file would be refused too: the run stops
         except (ApiError, TransientError) as exc:
             # Retried already; the job or checkpoint may be gone. Files in flight go on.
             raise FileError(f"its URL expired and a fresh one could not be listed ({exc})") from exc
+        if now is None:
+            raise FileError("its URL expired and it is no longer listed")
         if (now.size, now.last_modified) != (file.size, file.last_modified):
             raise FileError(
                 f"changed while it was being fetched (now {now.size} bytes, last modified "

@@ -275,6 +275,13 @@ class VanishedCheckpoint(UnreadableEntry):
 # What a listing page holds.
 Listed = RemoteFile | UnreadableEntry
 
+# A file of a run, as `file_key` names it: (checkpoint, node_rank, path).
+FileKey = tuple[str, int, str]
+
+
+def file_key(file: RemoteFile) -> FileKey:
+    return file.checkpoint, file.node_rank, file.path
+
 
 @dataclass(frozen=True, slots=True)
 class Relisted:
@@ -314,8 +321,10 @@ class Source(Protocol):
         it was walked, so that a file of theirs it did not show may still be there."""
         ...
 
-    async def relist(self, file: RemoteFile) -> Relisted:
-        """``file`` as listed now (a fresh presigned URL), by listing its page again."""
+    async def relist(self, file: RemoteFile) -> dict[FileKey, Relisted]:
+        """The files of ``file``'s listing page as listed now (fresh presigned URLs), by
+        `file_key`, read again for ``file``: where it is not on that page any more, the listing
+        is looked through for it, and its entry added if found."""
         ...
 
 

@@ -31,6 +31,7 @@ from ..models import (
 from .base import (
     Available,
     Checkpoint,
+    FileKey,
     Listed,
     PageRef,
     Relisted,
@@ -197,9 +198,10 @@ class LoopsSource:
         listing = f"/v1/loops/checkpoints/{path_segment(checkpoint.key)}/files"
         return listing, self._page_size, _what(checkpoint.run, checkpoint.name)
 
-    async def relist(self, file: RemoteFile) -> Relisted:
+    async def relist(self, file: RemoteFile) -> dict[FileKey, Relisted]:
+        # A checkpoint's own listing: its names are paths in it.
         what = _what(file.run, file.checkpoint)
-        return await relist(self._api, file.origin, what, file.path, file.node_rank)
+        return await relist(self._api, file, what, lambda name: (file.checkpoint, name))
 
 
 def _listed(checkpoint: Checkpoint, ref: PageRef, entry: CheckpointFile | Unreadable) -> Listed:

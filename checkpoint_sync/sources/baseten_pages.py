@@ -11,15 +11,17 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 from ..api import ApiClient
-from ..errors import FileError, MalformedResponseError
+from ..errors import MalformedResponseError
 from ..models import CheckpointFile, CheckpointFilesPage, Unreadable
 from .base import (
+    FileKey,
     Lookahead,
     PageRef,
     Relisted,
     RemoteFile,
     UnreadableCheckpoint,
     answer_when_wanted,
+    file_key,
 )
 
 # At most how many pages a listing keeps asked for ahead of the one being planned (`Lookahead`):
@@ -233,29 +235,33 @@ async def read_page(
 
 
 async def relist(
-    api: ApiClient, ref: PageRef, what: str, relative_file_name: str, node_rank: int
-) -> Relisted:
-    """One entry as listed now: its own page first, the whole listing if it moved."""
+    api: ApiClient, file: RemoteFile, what: str, placed: Callable[[str], tuple[str, str]]
+) -> dict[FileKey, Relisted]:
+    """The entries of ``file``'s page as listed now, by `file_key` (``placed``: the checkpoint
+    and path a listed name stands for); the whole listing is looked through for ``file`` if it
+    moved off its page."""
 
-    def find(entries: list[CheckpointFile | Unreadable]) -> Relisted | None:
-        for entry in entries:
-            if (
-                isinstance(entry, CheckpointFile)
-                and entry.relative_file_name == relative_file_name
-                and entry.node_rank == node_rank
-            ):
-                return Relisted(entry.url, entry.size_bytes, entry.last_modified)
-        return None
-
-    found = find((await read_page(api, ref, what)).presigned_urls)
-    if found is not None:
+    def entries(listed: list[CheckpointFile | Unreadable]) -> dict[FileKey, Relisted]:
+        found = {}
+        for entry in listed:
+            if isinstance(entry, CheckpointFile):
+                checkpoint, path = placed(entry.relative_file_name)
+                found[checkpoint, entry.node_rank, path] = Relisted(
+                    entry.url, entry.size_bytes, entry.last_modified
+                )
         return found
+
+    ref = file.origin
+    page = entries((await read_page(api, ref, what)).presigned_urls)
+    key = file_key(file)
+    if key in page:
+        return page
     async with aclosing(file_pages(api, ref.listing, ref.page_size, what)) as pages:
-        async for _, entries in pages:
-            found = find(entries)
-            if found is not None:
-                return found
-    raise FileError(f"{relative_file_name} (rank {node_rank}) is no longer listed")
+        async for _, listed in pages:
+            if (moved := entries(listed).get(key)) is not None:
+                page[key] = moved
+                break
+    return page
 
 
 def remote_file(

@@ -11,6 +11,7 @@ from ..models import TrainingJobCheckpoint, TrainingJobCheckpoints, Unreadable
 from .base import (
     Available,
     Checkpoint,
+    FileKey,
     Listed,
     Relisted,
     RemoteFile,
@@ -97,8 +98,7 @@ class TrainingJobSource:
                 if isinstance(entry, Unreadable):
                     files.extend(self._unreadable(entry, wanted))
                     continue
-                # Job-level names start with the checkpoint id: "checkpoint-10/adapter.bin".
-                checkpoint, _, rest = entry.relative_file_name.partition("/")
+                checkpoint, rest = _placed(entry.relative_file_name)
                 if checkpoint in wanted:
                     files.append(
                         remote_file(entry, ref, run=self._job, checkpoint=checkpoint, path=rest)
@@ -119,9 +119,15 @@ class TrainingJobSource:
             return []
         return [UnreadableEntry(self._job, checkpoint, rank, rest, entry.reason)]
 
-    async def relist(self, file: RemoteFile) -> Relisted:
-        name = f"{file.checkpoint}/{file.path}"
-        return await relist(self._api, file.origin, self.description, name, file.node_rank)
+    async def relist(self, file: RemoteFile) -> dict[FileKey, Relisted]:
+        return await relist(self._api, file, self.description, _placed)
+
+
+def _placed(name: str) -> tuple[str, str]:
+    """The checkpoint and path a job-level name stands for: it starts with the checkpoint id,
+    "checkpoint-10/adapter.bin"."""
+    checkpoint, _, rest = name.partition("/")
+    return checkpoint, rest
 
 
 class TrainingJobs:

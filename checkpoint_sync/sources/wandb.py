@@ -15,11 +15,12 @@ from contextlib import aclosing, closing
 from typing import TYPE_CHECKING
 
 from ..api import ApiClient, path_segment
-from ..errors import FileError, NotFoundError, UsageError
+from ..errors import NotFoundError, UsageError
 from ..models import Unreadable, WandbCheckpoint, WandbCheckpointPage
 from .base import (
     Available,
     Checkpoint,
+    FileKey,
     Listed,
     PageRef,
     Relisted,
@@ -29,6 +30,7 @@ from .base import (
     SyncState,
     UnreadableCheckpoint,
     UnreadableEntry,
+    file_key,
     flags_given,
     known_by,
     left_out,
@@ -188,13 +190,20 @@ class WandbSource:
             md5=f.md5,
         )
 
-    async def relist(self, file: RemoteFile) -> Relisted:
+    async def relist(self, file: RemoteFile) -> dict[FileKey, Relisted]:
+        # Walked from the start up to the file's page: each file it shows was listed before it.
         artifacts = self._artifacts_or_fail()
-        async for files in artifacts.pages(file.origin.listing, self._page_size):
-            for found in files:
-                if not isinstance(found, Unreadable) and found.name == file.path:
-                    return Relisted(found.direct_url, found.size_bytes, _version(found.md5))
-        raise FileError(f"{file.path} is no longer in {artifacts.path}:{file.origin.listing}")
+        found: dict[FileKey, Relisted] = {}
+        key = file_key(file)
+        async with aclosing(artifacts.pages(file.origin.listing, self._page_size)) as pages:
+            async for files in pages:
+                for f in files:
+                    if not isinstance(f, Unreadable):
+                        entry = Relisted(f.direct_url, f.size_bytes, _version(f.md5))
+                        found[file.checkpoint, 0, f.name] = entry
+                if key in found:
+                    break
+        return found
 
     def _artifacts_or_fail(self) -> ArtifactFiles:
         if self._artifacts is None:
