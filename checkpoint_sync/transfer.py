@@ -33,8 +33,6 @@ import anyio.to_thread
 import xxhash
 
 from .errors import (
-    ApiError,
-    AuthError,
     CheckpointSyncError,
     DownloadDeniedError,
     FileError,
@@ -49,11 +47,12 @@ from .filesystem import fsync_directory, preallocation_pays
 from .layout import STATE_DIR, is_within, mirror_path_parts, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
-from .plan import FileFilter, Part, check_listed_url, parts_to_keep, split_parts, unlisted_parts_go
+from .plan import FileFilter, Part, parts_to_keep, split_parts, unlisted_parts_go
 from .progress import Stats, human_bytes
 from .redact import redact_url
+from .rereads import LISTED, FreshUrl, PageRereads
 from .retry import RetryPolicy, retrying
-from .sources.base import RemoteFile, Source, file_key
+from .sources.base import RemoteFile, Source
 from .wire import HttpClient, Response
 
 T = TypeVar("T")
@@ -95,14 +94,19 @@ class _CurrentUrl:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.generation = LISTED  # as `FreshUrl`'s
+        self.reread = False
         self._lock: anyio.Lock | None = None  # made when needed: most URLs never expire
 
-    async def refresh(self, expired: str, relist: Callable[[], Awaitable[str]]) -> None:
+    def take(self, fresh: FreshUrl) -> None:
+        self.url, self.generation, self.reread = fresh.url, fresh.generation, fresh.reread
+
+    async def refresh(self, expired: str, fresh: Callable[[int], Awaitable[FreshUrl]]) -> None:
         if self._lock is None:
             self._lock = anyio.Lock()
         async with self._lock:
             if self.url == expired:
-                self.url = await relist()
+                self.take(await fresh(self.generation))
 
 
 class Transfers:
@@ -126,6 +130,7 @@ class Transfers:
         self._in_flight: set[_Staged] = set()
         self._manifest = manifest
         self._source = source
+        self._rereads = PageRereads(source)
         self._connections = connections
         self._stats = stats
         self._settings = settings
@@ -313,26 +318,6 @@ class Transfers:
         with suppress(OSError):
             os.unlink(staging)
 
-    async def _relist(self, file: RemoteFile) -> str:
-        """A fresh presigned URL for ``file``, checked like a listed one; `FileError` if the
-        listing now shows another version of it, whose bytes must not join the old one's."""
-        try:
-            now = (await self._source.relist(file)).get(file_key(file))
-        except AuthError:
-            raise  # every other file would be refused too: the run stops
-        except (ApiError, TransientError) as exc:
-            # Retried already; the job or checkpoint may be gone. Files in flight go on.
-            raise FileError(f"its URL expired and a fresh one could not be listed ({exc})") from exc
-        if now is None:
-            raise FileError("its URL expired and it is no longer listed")
-        if (now.size, now.last_modified) != (file.size, file.last_modified):
-            raise FileError(
-                f"changed while it was being fetched (now {now.size} bytes, last modified "
-                f"{now.last_modified}): the next run fetches the new version"
-            )
-        check_listed_url(now.url)
-        return now.url
-
     def _check_space(self, size: int, final: str) -> None:
         """Stop with a clear message before the disk is full, not with ENOSPC half way."""
         try:
@@ -397,6 +382,11 @@ class Transfers:
         if not parts or file.size == 0:
             return None
         url = _CurrentUrl(file.url)
+        if (fresh := self._rereads.taken(file)) is not None:
+            # Its page was read again for another file's expired URL: its own URL, signed with
+            # that one, has likely expired too.
+            self._stats.url_refreshes += 1
+            url.take(fresh)
         whole = Part(0, 0, file.size)
         if parts == [whole]:
             return await self._fetch_part(staged, file, whole, url)
@@ -463,8 +453,8 @@ class Transfers:
                         ) from exc
                     if listed == url.url:
                         self._stats.url_refreshes += 1
-                        await url.refresh(listed, lambda: self._relist(file))
-                        state.relisted, state.url_worked = True, False
+                        await url.refresh(listed, partial(self._rereads.fresh, file))
+                        state.relisted, state.url_worked = url.reread, False
 
         async with self._connections:
             try:

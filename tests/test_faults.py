@@ -368,6 +368,78 @@ def test_a_fresh_url_that_worked_and_then_expired_too_is_refreshed_again(dest: P
         assert_exact(mirrored(dest, JOB, file), file)
 
 
+def test_one_re_read_of_a_page_serves_every_file_whose_url_expired(dest: Path) -> None:
+    # 80 small files on one listing page. The first four answers stall until every listed URL
+    # has expired: the four retries find theirs refused at about the same time, while the API
+    # takes 0.3 s to answer. One read of the page serves them, and the 76 files after them.
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=40)
+    answers: list[str] = []
+
+    def first_four_stall(name: str, start: int, end: int) -> str | None:
+        answers.append(name)
+        return "stall" if len(answers) <= 4 else None
+
+    faults = Faults(url_ttl=1.0, hook=first_four_stall, stall_seconds=1.2, api_delay=0.3)
+    with ServerThread(catalog, faults) as server:
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+        assert result.code == 0, result.stderr
+        files = server.files()
+        for file in files:
+            assert_exact(mirrored(dest, JOB, file), file)
+        # The checkpoint list and the page, then the page read again: once, not once per file.
+        assert server.traffic.api_requests == 2 + 1
+        assert server.traffic.api_in_flight_most == 1
+        # Counted per file, as when each file read the page itself.
+        assert json.loads(result.stdout)["url_refreshes"] == len(files)
+
+
+def test_fresh_urls_kept_from_a_re_read_that_expired_too_are_refreshed_not_denied(
+    dest: Path,
+) -> None:
+    # A slow link: 40 small files at 0.1 s each, two at a time, take 2 s; URLs live 0.4 s. The
+    # URLs a read of the page brought for the files after expire before the last of them start:
+    # refused, they lead to the page read again, not to "denied even with a fresh URL".
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=20)
+    with ServerThread(catalog, Faults(url_ttl=0.4, throttle=32_000)) as server:
+        result = run_cli(*sync_args(server, dest, "--concurrency", "2", "--json"))
+
+        assert result.code == 0, result.stdout
+        files = server.files()
+        for file in files:
+            assert_exact(mirrored(dest, JOB, file), file)
+        rereads = server.traffic.api_requests - 2  # after the checkpoint list and the page
+        # More than one: URLs kept from a read expired. About one per URL lifetime, not one for
+        # every file that started after the first URLs expired.
+        assert 2 <= rereads <= 10
+
+
+def test_a_url_kept_from_a_re_read_for_another_file_and_refused_leads_to_a_re_read(
+    dest: Path,
+) -> None:
+    # Two files of one page. The second's first answer stalls; meanwhile the first's URL is
+    # refused, and the page read again for it. The second's URL is refused next: it takes the
+    # one that read brought, refused too (it may have expired on a slow link). That is no
+    # denial: the page is read again, and the file lands.
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=2)
+    first, second = (f for f in catalog.files() if f.node_rank == 0)
+    answers = {first.name: ["403"], second.name: ["stall", "403", "403"]}
+
+    def scripted(name: str, start: int, end: int) -> str | None:
+        return answers[name].pop(0) if answers[name] else None
+
+    with ServerThread(catalog, Faults(hook=scripted, stall_seconds=0.5)) as server:
+        args = sync_args(server, dest, "--node-rank", "0", "--concurrency", "2", "--json")
+        result = run_cli(*args)
+
+        assert result.code == 0, result.stdout
+        for file in (first, second):
+            assert_exact(mirrored(dest, JOB, file), file)
+        # The checkpoint list and the page, then the page read for the first, then for the second.
+        assert server.traffic.api_requests == 2 + 2
+        assert json.loads(result.stdout)["url_refreshes"] == 1 + 2
+
+
 def test_a_408_request_timeout_is_retried(dest: Path) -> None:
     # What a server may send on a kept-alive connection it is about to close as idle.
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=1)

@@ -507,6 +507,33 @@ def test_expired_urls_are_refreshed_through_the_checkpoints_own_listing(dest: Pa
         )
 
 
+def test_each_page_of_a_checkpoints_listing_is_read_again_once_for_its_files(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 40 files on two pages of 20. The first four answers stall until every listed URL has
+    # expired: one read of each page again serves all its files.
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "20")
+    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-1",), files=40))
+    answers: list[str] = []
+
+    def first_four_stall(name: str, start: int, end: int) -> str | None:
+        answers.append(name)
+        return "stall" if len(answers) <= 4 else None
+
+    faults = Faults(url_ttl=1.0, hook=first_four_stall, stall_seconds=1.5, api_delay=0.3)
+    with ServerThread(catalog, faults) as server:
+        uri = f"bt://loops:{RUN}/weights/step-1"
+
+        result = run_cli(*sync(server, dest, "--loops-checkpoint", uri, "--json"))
+
+        assert result.code == 0, result.stderr
+        (trainer,) = [c for c in catalog.loops if c.uri == uri]
+        for file in trainer.checkpoint.files:
+            assert_exact(landed(dest, trainer, file), file)
+        # The checkpoint list and the two pages, then each page once again.
+        assert server.traffic.api_requests == 1 + 2 + 2
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
