@@ -8,6 +8,8 @@ that slows down for a while weighs on every setting alike; a setting is judged b
 The files are listed before each trial, outside its clock, which runs only while it fetches: a
 listing made once for all would hand later trials presigned URLs expired since.
 Requests are timed on the way (`Stats.timed`): time to first byte, and each connection's rate.
+A trial that ends with an error is one the table shows as failed, unless the error ends every
+trial to come (`stops_bench`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import SyncOptions, sync
-from .errors import LocalIOError
+from .errors import (
+    AuthError,
+    CheckpointSyncError,
+    LocalIOError,
+    NotFoundError,
+    RequestRejectedError,
+    UsageError,
+)
 from .net import NetSettings
 from .plan import FileFilter, Selection, Tally
 from .progress import Stats
@@ -66,10 +75,21 @@ class Trial:
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One (concurrency, part size) pair and its trials, one a round: a row of the table."""
+class FailedTrial:
+    """A trial that an error ended (the listing's retries used up, a full scratch disk): it
+    measured nothing."""
 
-    trials: tuple[Trial, ...]
+    concurrency: int
+    part_size: int
+    error: CheckpointSyncError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One (concurrency, part size) pair and its trials, one a round: a row of the table. Its
+    figures are of the rounds measured (None where none was)."""
+
+    trials: tuple[Trial | FailedTrial, ...]
 
     @property
     def concurrency(self) -> int:
@@ -80,41 +100,50 @@ class Setting:
         return self.trials[0].part_size
 
     @property
-    def mb_per_s(self) -> float:
-        return statistics.median(t.mb_per_s for t in self.trials)
+    def measured(self) -> tuple[Trial, ...]:
+        return tuple(t for t in self.trials if isinstance(t, Trial))
 
     @property
-    def spread(self) -> tuple[float, float]:
+    def errors(self) -> list[tuple[int, CheckpointSyncError]]:
+        """The rounds (from 1) that an error ended, and the error."""
+        return [(n, t.error) for n, t in enumerate(self.trials, 1) if isinstance(t, FailedTrial)]
+
+    @property
+    def mb_per_s(self) -> float | None:
+        return _median_of_known(t.mb_per_s for t in self.measured)
+
+    @property
+    def spread(self) -> tuple[float, float] | None:
         """The slowest and the fastest round's MB/s."""
-        rates = [t.mb_per_s for t in self.trials]
-        return min(rates), max(rates)
+        rates = [t.mb_per_s for t in self.measured]
+        return (min(rates), max(rates)) if rates else None
 
     @property
-    def failed(self) -> int:
+    def failed(self) -> int | None:
         """Files that failed in its worst round (each round fetches the same files)."""
-        return max(t.failed for t in self.trials)
+        return max((t.failed for t in self.measured), default=None)
 
     @property
     def first_failure(self) -> str | None:
-        return next((t.first_failure for t in self.trials if t.first_failure), None)
+        return next((t.first_failure for t in self.measured if t.first_failure), None)
 
     # The other figures of its row, each a median over the rounds.
 
     @property
-    def seconds(self) -> float:
-        return statistics.median(t.seconds for t in self.trials)
+    def seconds(self) -> float | None:
+        return _median_of_known(t.seconds for t in self.measured)
 
     @property
-    def cpu_seconds(self) -> float:
-        return statistics.median(t.cpu_seconds for t in self.trials)
+    def cpu_seconds(self) -> float | None:
+        return _median_of_known(t.cpu_seconds for t in self.measured)
 
     @property
     def first_byte_ms(self) -> float | None:
-        return _median_of_known(t.first_byte_ms for t in self.trials)
+        return _median_of_known(t.first_byte_ms for t in self.measured)
 
     @property
     def connection_mb_s(self) -> float | None:
-        return _median_of_known(t.connection_mb_s for t in self.trials)
+        return _median_of_known(t.connection_mb_s for t in self.measured)
 
 
 def _median_of_known(values: Iterable[float | None]) -> float | None:
@@ -124,25 +153,36 @@ def _median_of_known(values: Iterable[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
+def stops_bench(error: CheckpointSyncError) -> bool:
+    """Whether ``error``, ending one trial, makes every trial after it pointless: the key is
+    refused, the source or the selection is not there, the API or the configuration refuses
+    what every trial would ask. Anything else (retries used up, a full scratch disk, an answer
+    off the API's schema) may be that trial's alone: the others go on."""
+    return isinstance(error, AuthError | NotFoundError | RequestRejectedError | UsageError)
+
+
 def grid(concurrencies: Sequence[int], part_sizes: Sequence[int]) -> list[tuple[int, int]]:
     """Every (concurrency, part size) pair, once, in a stable order."""
     return list(dict.fromkeys((c, p) for p in part_sizes for c in concurrencies))
 
 
-def settings_of(trials: Sequence[Trial]) -> list[Setting]:
+def settings_of(trials: Sequence[Trial | FailedTrial]) -> list[Setting]:
     """``trials`` grouped by setting, in the order the settings were first tried."""
-    grouped: dict[tuple[int, int], list[Trial]] = {}
+    grouped: dict[tuple[int, int], list[Trial | FailedTrial]] = {}
     for trial in trials:
         grouped.setdefault((trial.concurrency, trial.part_size), []).append(trial)
     return [Setting(tuple(group)) for group in grouped.values()]
 
 
-def recommend(settings: Sequence[Setting]) -> Setting:
-    """The fastest clean setting (by median); of those within `TIE` of it, the fewest
-    connections and parts."""
-    clean = [s for s in settings if not s.failed] or list(settings)
-    best = max(s.mb_per_s for s in clean)
-    close = [s for s in clean if s.mb_per_s >= best * (1 - TIE)]
+def recommend(settings: Sequence[Setting]) -> Setting | None:
+    """Of the settings whose every trial ended (none if none did), the fastest clean one (by
+    median); of those within `TIE` of it, the fewest connections and parts."""
+    ended = [(rate, s) for s in settings if not s.errors and (rate := s.mb_per_s) is not None]
+    clean = [(rate, s) for rate, s in ended if not s.failed] or ended
+    if not clean:
+        return None
+    best = max(rate for rate, _ in clean)
+    close = [s for rate, s in clean if rate >= best * (1 - TIE)]
     return min(close, key=lambda s: (s.concurrency, -s.part_size))
 
 
@@ -223,58 +263,86 @@ async def run_trials(
     net: NetSettings,
     retry: RetryPolicy,
     wanted: FileFilter,
-) -> list[Trial]:
+) -> list[Trial | FailedTrial]:
     """One sync per (concurrency, part size) a round, each on fresh connections into a fresh
-    directory."""
-    trials = []
+    directory; a trial that an error ends is a `FailedTrial`, unless the error `stops_bench`."""
+    trials: list[Trial | FailedTrial] = []
     for concurrency, part_size in [pair for _ in range(rounds) for pair in pairs]:
-        # Listed outside the trial's clock: a listing that takes a second (a slow API, many
-        # pages) made a trial of a 20 ms transfer read 1 MB/s. And listed for each trial, not
-        # once for all: presigned URLs expire, and a later trial would count the listing again
-        # in its seconds, one file at a time, as each expired URL is refused and replaced.
-        listed = _Listed(
-            source, await budgeted_pages(source, selection.checkpoints, budget, wanted)
-        )
         try:
-            dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
-        except OSError as exc:
-            raise LocalIOError(f"cannot write into {scratch}: {exc.strerror or exc}") from exc
-        options = SyncOptions(
-            dest=dest,
-            concurrency=concurrency,
-            files=wanted,
-            complete_listing=False,  # cut at the budget
-            transfer=TransferSettings(part_size=part_size, retry=retry),
-            net=net,
-        )
-        cpu = time.process_time()
-        try:
-            async with HttpClient(dataclasses.replace(net, connections=concurrency)) as http:
-                stats = Stats()  # the clock starts once the client is open
-                await sync(listed, selection, http, options, stats)
-                # Read before the connections close and the scratch files go: not the trial's.
-                seconds, cpu_seconds = stats.seconds, time.process_time() - cpu
-        except LocalIOError as exc:
-            # It names a path in the trial's directory, gone by the time it is read.
-            raise LocalIOError(
-                f"{exc} (each bench trial writes up to --max-bytes, at least one whole file, "
-                f"into {scratch})"
-            ) from exc
-        finally:
-            shutil.rmtree(dest, ignore_errors=True)
-        first_byte, per_connection = request_medians(stats.timings)
-        trials.append(
-            Trial(
-                concurrency=concurrency,
-                part_size=part_size,
-                files=stats.files_fetched,
-                failed=stats.files_failed,
-                bytes=stats.bytes_fetched,
-                seconds=seconds,
-                cpu_seconds=cpu_seconds,
-                first_byte_ms=first_byte,
-                connection_mb_s=per_connection,
-                first_failure=": ".join(stats.failures[0]) if stats.failures else None,
+            trials.append(
+                await _trial(
+                    source,
+                    selection,
+                    concurrency,
+                    part_size,
+                    budget=budget,
+                    scratch=scratch,
+                    net=net,
+                    retry=retry,
+                    wanted=wanted,
+                )
             )
-        )
+        except CheckpointSyncError as exc:
+            if stops_bench(exc):
+                raise
+            trials.append(FailedTrial(concurrency, part_size, exc))
     return trials
+
+
+async def _trial(
+    source: Source,
+    selection: Selection,
+    concurrency: int,
+    part_size: int,
+    *,
+    budget: int,
+    scratch: Path,
+    net: NetSettings,
+    retry: RetryPolicy,
+    wanted: FileFilter,
+) -> Trial:
+    # Listed outside the trial's clock: a listing that takes a second (a slow API, many
+    # pages) made a trial of a 20 ms transfer read 1 MB/s. And listed for each trial, not
+    # once for all: presigned URLs expire, and a later trial would count the listing again
+    # in its seconds, one file at a time, as each expired URL is refused and replaced.
+    listed = _Listed(source, await budgeted_pages(source, selection.checkpoints, budget, wanted))
+    try:
+        dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
+    except OSError as exc:
+        raise LocalIOError(f"cannot write into {scratch}: {exc.strerror or exc}") from exc
+    options = SyncOptions(
+        dest=dest,
+        concurrency=concurrency,
+        files=wanted,
+        complete_listing=False,  # cut at the budget
+        transfer=TransferSettings(part_size=part_size, retry=retry),
+        net=net,
+    )
+    cpu = time.process_time()
+    try:
+        async with HttpClient(dataclasses.replace(net, connections=concurrency)) as http:
+            stats = Stats()  # the clock starts once the client is open
+            await sync(listed, selection, http, options, stats)
+            # Read before the connections close and the scratch files go: not the trial's.
+            seconds, cpu_seconds = stats.seconds, time.process_time() - cpu
+    except LocalIOError as exc:
+        # It names a path in the trial's directory, gone by the time it is read.
+        raise LocalIOError(
+            f"{exc} (each bench trial writes up to --max-bytes, at least one whole file, "
+            f"into {scratch})"
+        ) from exc
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+    first_byte, per_connection = request_medians(stats.timings)
+    return Trial(
+        concurrency=concurrency,
+        part_size=part_size,
+        files=stats.files_fetched,
+        failed=stats.files_failed,
+        bytes=stats.bytes_fetched,
+        seconds=seconds,
+        cpu_seconds=cpu_seconds,
+        first_byte_ms=first_byte,
+        connection_mb_s=per_connection,
+        first_failure=": ".join(stats.failures[0]) if stats.failures else None,
+    )

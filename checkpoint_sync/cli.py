@@ -1,9 +1,9 @@
 """The command line: the only module that prints or chooses an exit code.
 
-Exit codes: 0 everything present and verified (also "nothing to do"), 1 some files failed,
-2 usage or configuration error, 3 authentication refused, 4 not found, 5 another run holds the
-mirror, 6 the destination cannot be written, 130/143 stopped by SIGINT/SIGTERM, 141 standard
-output closed by its reader.
+Exit codes: 0 everything present and verified (also "nothing to do"), 1 some files failed
+(`bench`: or some trials), 2 usage or configuration error, 3 authentication refused, 4 not
+found, 5 another run holds the mirror, 6 the destination cannot be written, 130/143 stopped by
+SIGINT/SIGTERM, 141 standard output closed by its reader.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
 import anyio
 from pydantic import SecretStr
@@ -49,12 +49,14 @@ from .transfer import TransferSettings
 from .wire import HttpClient
 
 if TYPE_CHECKING:
-    from .bench import Setting, Trial
+    from .bench import FailedTrial, Setting, Trial
     from .listing import Row
 
 EXIT_OK = 0
 EXIT_FILES_FAILED = 1
 FAILURES_SHOWN = 20
+
+T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,9 +261,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="checkpoint-sync",
         description="Mirror ML training checkpoints to local disk: fast, resumable, verified.",
-        epilog="Exit codes: 0 ok, 1 some files failed, 2 usage, 3 auth, 4 not found, "
-        "5 mirror locked by another run, 6 destination not writable, 130/143 interrupted, "
-        "141 output closed by its reader.",
+        epilog="Exit codes: 0 ok, 1 some files (or bench trials) failed, 2 usage, 3 auth, "
+        "4 not found, 5 mirror locked by another run, 6 destination not writable, "
+        "130/143 interrupted, 141 output closed by its reader.",
     )
     parser.add_argument(
         "--version", action=_Version, nargs=0, help="show the version, and the TLS library's"
@@ -891,7 +893,7 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _bench_command(args: argparse.Namespace, out: _Output) -> int:
-    from .bench import grid, recommend, run_trials, settings_of
+    from .bench import FailedTrial, Trial, grid, recommend, run_trials, settings_of
 
     # What the link can do is measured: a limit_rate from the config would measure the limit.
     settings = _settings(args, out).model_copy(update={"limit_rate": 0})
@@ -907,7 +909,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
         if scratch.exists():
             raise UsageError(f"scratch {scratch} is not a directory")
         raise UsageError(f"scratch directory {scratch} does not exist")
-    trials: list[Trial] = []
+    trials: list[Trial | FailedTrial] = []
 
     async def measure() -> None:
         wanted = _Selection(tuple(args.checkpoint), args.latest)
@@ -938,9 +940,13 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     received = _run(measure)
     if received is not None:
         return _stopped(received, out)
+    measured = [t for t in trials if isinstance(t, Trial)]
+    if not measured:
+        # A table of rows that all failed would only say it again, trial after trial.
+        raise next(t.error for t in trials if isinstance(t, FailedTrial))
     # Empty files fetched measure nothing: every setting would tie at 0 MB/s.
-    if not any(t.files and t.bytes for t in trials):
-        failure = next((t.first_failure for t in trials if t.first_failure), None)
+    if not any(t.files and t.bytes for t in measured):
+        failure = next((t.first_failure for t in measured if t.first_failure), None)
         if failure is not None:
             # Files were there, every one failed: that is not an empty selection (exit 4).
             return out.failed(f"no file could be fetched; the first: {failure}", EXIT_FILES_FAILED)
@@ -952,45 +958,70 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
             {
                 "rounds": args.rounds,
                 "trials": [_bench_row(s) for s in settings_tried],
-                "recommended": {"concurrency": best.concurrency, "part_size": best.part_size},
+                "recommended": None
+                if best is None
+                else {"concurrency": best.concurrency, "part_size": best.part_size},
             }
         )
     else:
         for line in _bench_table(settings_tried):
             out.answer(line)
         for tried in settings_tried:
+            trial = (
+                f"trial --concurrency {tried.concurrency} --part-size "
+                f"{format_size(tried.part_size)}"
+            )
+            for round_, error in tried.errors:
+                out.error(f"{trial} failed in round {round_}: {error}")
             if tried.first_failure is not None:
-                out.error(
-                    f"trial --concurrency {tried.concurrency} --part-size "
-                    f"{format_size(tried.part_size)}: {tried.failed} failed, the first: "
-                    f"{tried.first_failure}"
-                )
-        out.answer(
-            f"recommended: --concurrency {best.concurrency} --part-size "
-            f"{format_size(best.part_size)} ({best.mb_per_s:.1f} MB/s)"
-        )
-    return EXIT_FILES_FAILED if any(t.failed for t in trials) else EXIT_OK
+                out.error(f"{trial}: {tried.failed} failed, the first: {tried.first_failure}")
+        if best is None:
+            out.answer("recommended: none (a trial of every setting failed)")
+        else:
+            out.answer(
+                f"recommended: --concurrency {best.concurrency} --part-size "
+                f"{format_size(best.part_size)} ({best.mb_per_s:.1f} MB/s)"
+            )
+    # Not a clean run: a trial that failed, or a file in one.
+    failed = len(measured) < len(trials) or any(t.failed for t in measured)
+    return EXIT_FILES_FAILED if failed else EXIT_OK
 
 
 def _bench_row(tried: Setting) -> dict[str, Any]:
     """A setting for ``--json``: medians over its rounds, the range, and each round."""
-    slowest, fastest = tried.spread
+    slowest, fastest = tried.spread or (None, None)
     return {
         "concurrency": tried.concurrency,
         "part_size": tried.part_size,
-        "files": tried.trials[0].files,
-        "bytes": tried.trials[0].bytes,
+        "files": tried.measured[0].files if tried.measured else None,
+        "bytes": tried.measured[0].bytes if tried.measured else None,
         "failed": tried.failed,
         "first_failure": tried.first_failure,
-        "mb_per_s": round(tried.mb_per_s, 1),
-        "mb_per_s_min": round(slowest, 1),
-        "mb_per_s_max": round(fastest, 1),
+        "mb_per_s": _rounded(tried.mb_per_s),
+        "mb_per_s_min": _rounded(slowest),
+        "mb_per_s_max": _rounded(fastest),
         "seconds": tried.seconds,
         "cpu_seconds": tried.cpu_seconds,
         "first_byte_ms": tried.first_byte_ms,
         "connection_mb_s": tried.connection_mb_s,
-        "rounds": [{**asdict(t), "mb_per_s": round(t.mb_per_s, 1)} for t in tried.trials],
+        "rounds": [_bench_round(t) for t in tried.trials],
     }
+
+
+def _bench_round(trial: Trial | FailedTrial) -> dict[str, Any]:
+    from .bench import FailedTrial
+
+    if isinstance(trial, FailedTrial):
+        return {
+            "concurrency": trial.concurrency,
+            "part_size": trial.part_size,
+            "error": str(trial.error),
+        }
+    return {**asdict(trial), "mb_per_s": round(trial.mb_per_s, 1), "error": None}
+
+
+def _rounded(mb_per_s: float | None) -> float | None:
+    return None if mb_per_s is None else round(mb_per_s, 1)
 
 
 # RAM-backed on Linux: --discard measures the network, not the disk.
@@ -998,27 +1029,31 @@ _SHM = Path("/dev/shm")  # noqa: S108
 
 
 def _bench_table(settings_tried: list[Setting]) -> list[str]:
-    """One row a setting: medians over its rounds, and the range of its MB/s."""
-
-    def ms(value: float | None, unit: str) -> str:
-        return f"{value:.1f} {unit}" if value is not None else "-"
-
+    """One row a setting: medians over its rounds, and the range of its MB/s; "-" for what no
+    round measured."""
     lines = [
         # The bytes too: a first file larger than --max-bytes is fetched whole.
         f"{'concurrency':>11} {'part size':>10} {'files':>6} {'bytes':>10} {'MB/s':>8} "
         f"{'range':>13} {'first byte':>11} {'per conn.':>11} {'CPU s':>6} {'failed':>6}"
     ]
     for tried in settings_tried:
-        first = tried.trials[0]
-        slowest, fastest = tried.spread
+        files, size = (
+            (tried.measured[0].files, tried.measured[0].bytes) if tried.measured else (None, None)
+        )
         lines.append(
-            f"{tried.concurrency:>11} {human_bytes(tried.part_size):>10} {first.files:>6} "
-            f"{human_bytes(first.bytes):>10} {tried.mb_per_s:>8.1f} "
-            f"{f'{slowest:.1f}-{fastest:.1f}':>13} "
-            f"{ms(tried.first_byte_ms, 'ms'):>11} {ms(tried.connection_mb_s, 'MB/s'):>11} "
-            f"{tried.cpu_seconds:>6.2f} {tried.failed:>6}"
+            f"{tried.concurrency:>11} {human_bytes(tried.part_size):>10} "
+            f"{_shown(files, str):>6} {_shown(size, human_bytes):>10} "
+            f"{_shown(tried.mb_per_s, '{:.1f}'.format):>8} "
+            f"{_shown(tried.spread, lambda r: f'{r[0]:.1f}-{r[1]:.1f}'):>13} "
+            f"{_shown(tried.first_byte_ms, '{:.1f} ms'.format):>11} "
+            f"{_shown(tried.connection_mb_s, '{:.1f} MB/s'.format):>11} "
+            f"{_shown(tried.cpu_seconds, '{:.2f}'.format):>6} {_shown(tried.failed, str):>6}"
         )
     return lines
+
+
+def _shown(value: T | None, show: Callable[[T], str]) -> str:
+    return "-" if value is None else show(value)
 
 
 @asynccontextmanager

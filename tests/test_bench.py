@@ -11,7 +11,29 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.bench import Setting, Trial, grid, recommend, request_medians, settings_of
+from checkpoint_sync.bench import (
+    FailedTrial,
+    Setting,
+    Trial,
+    grid,
+    recommend,
+    request_medians,
+    settings_of,
+    stops_bench,
+)
+from checkpoint_sync.errors import (
+    ApiError,
+    AuthError,
+    CheckpointSyncError,
+    IntegrityError,
+    LocalIOError,
+    LockHeldError,
+    MalformedResponseError,
+    NotFoundError,
+    RequestRejectedError,
+    TransientError,
+    UsageError,
+)
 from checkpoint_sync.localserver import Faults
 
 from .conftest import job_args, job_catalog, sync_args
@@ -22,6 +44,10 @@ from .test_local_errors import immutable, mounted
 
 def trial(concurrency: int, part_size: int, mb: float, failed: int = 0) -> Trial:
     return Trial(concurrency, part_size, 1, failed, int(mb * 1e6), 1.0, 0.1, None, None)
+
+
+def failed_trial(concurrency: int, part_size: int) -> FailedTrial:
+    return FailedTrial(concurrency, part_size, TransientError("HTTP 503 from the API"))
 
 
 def test_grid_tries_every_pair_once() -> None:
@@ -42,11 +68,17 @@ def test_grid_tries_every_pair_once() -> None:
             [trial(4, 1, 100), trial(8, 1, 200), trial(4, 1, 100), trial(8, 1, 200, failed=1)],
             (4, 1),
         ),
+        # A trial an error ended makes its setting one that did not work, however fast its
+        # other rounds: it is recommended on no account, not even over failed files.
+        ([trial(4, 1, 100), trial(8, 1, 300), failed_trial(8, 1)], (4, 1)),
+        ([trial(4, 1, 100, failed=1), failed_trial(8, 1), trial(8, 1, 300)], (4, 1)),
+        ([trial(4, 1, 100), failed_trial(8, 1), failed_trial(4, 1), trial(8, 1, 300)], None),
+        ([failed_trial(4, 1)], None),
     ],
 )
-def test_recommend(trials: list[Trial], chosen: tuple[int, int]) -> None:
+def test_recommend(trials: list[Trial | FailedTrial], chosen: tuple[int, int] | None) -> None:
     best = recommend(settings_of(trials))
-    assert (best.concurrency, best.part_size) == chosen
+    assert (best and (best.concurrency, best.part_size)) == chosen
 
 
 def test_a_setting_is_its_rounds_median_and_range() -> None:
@@ -56,6 +88,42 @@ def test_a_setting_is_its_rounds_median_and_range() -> None:
     assert setting.mb_per_s == pytest.approx(150)
     assert setting.spread == pytest.approx((100, 300))
     assert setting.failed == 2  # the files of its worst round
+
+
+def test_a_setting_is_the_rounds_it_measured_and_names_those_that_failed() -> None:
+    error = failed_trial(4, 1)
+    (setting,) = settings_of([error, trial(4, 1, 100), trial(4, 1, 300)])
+    assert setting.errors == [(1, error.error)]
+    assert setting.mb_per_s == pytest.approx(200)  # the round that failed is no 0 MB/s
+    assert setting.spread == pytest.approx((100, 300))
+    assert setting.failed == 0
+
+    (none_measured,) = settings_of([error, error])
+    assert none_measured.errors == [(1, error.error), (2, error.error)]
+    assert (none_measured.mb_per_s, none_measured.spread, none_measured.failed) == (None,) * 3
+
+
+@pytest.mark.parametrize(
+    ("error", "stops"),
+    [
+        # Every trial after it would fail alike.
+        (AuthError("HTTP 401 from the API"), True),
+        (NotFoundError("training job job-1 not found"), True),
+        (RequestRejectedError("page_size: too large"), True),
+        (UsageError("the proxy asks for credentials"), True),
+        # May be this trial's alone: the API or the link down for a while, a disk filled by
+        # something else meanwhile, one answer off the schema.
+        (TransientError("HTTP 503 from the API"), False),
+        (MalformedResponseError("the API answered with something not JSON"), False),
+        (ApiError("HTTP 400 from the API"), False),
+        (LocalIOError("not enough space"), False),
+        (LockHeldError("held by pid 7"), False),
+        (IntegrityError("length does not match"), False),
+        (CheckpointSyncError("anything else"), False),
+    ],
+)
+def test_stops_bench(error: CheckpointSyncError, stops: bool) -> None:
+    assert stops_bench(error) is stops
 
 
 @pytest.mark.parametrize(
@@ -456,3 +524,64 @@ def running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+# The bench lists the checkpoints once, then each trial lists the files of the one checkpoint in
+# one request: the third API request is the second trial's.
+ONE_CHECKPOINT_TRIALS = ["--concurrency", "2,4", "--part-size", "256KiB", "--max-bytes", "1MiB"]
+
+
+@pytest.mark.parametrize(
+    ("faults", "error"),
+    [
+        (["not-json"], "the API answered with something not JSON"),
+        # The page asked for ahead, in one attempt, then again with its retries.
+        (["503"] * 3, "HTTP 503 from the API"),
+    ],
+)
+def test_a_trial_that_fails_is_shown_failed_and_the_others_still_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, faults: list[str], error: str
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "2")
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        server.faults.api_faults = [None, None, *faults]  # the listing of the second trial
+        bench = job_args(server, "bench", *ONE_CHECKPOINT_TRIALS)
+        result = run_cli(*bench, "--rounds", "1", "--scratch", tmp_path)
+        server.faults.api_faults = [None, None, *faults]
+        as_json = run_cli(*bench, "--rounds", "2", "--json")
+
+    # The bench ended with the second trial's error: the first trial's figures were lost.
+    assert result.code == as_json.code == 1, result.stderr + as_json.stderr
+    measured, failed, recommended = result.stdout.splitlines()[2:5]
+    assert measured.split()[:3] == ["2", "256.0", "KiB"]
+    assert float(measured.split()[6]) > 0  # MB/s
+    assert failed.split() == ["4", "256.0", "KiB", *["-"] * 8]  # nothing measured
+    assert result.stderr.splitlines() == [
+        "checkpoint-sync: error: trial --concurrency 4 --part-size 256KiB failed in round 1: "
+        f"training job job-1 of project proj: {error}"
+    ]
+    assert recommended.startswith("recommended: --concurrency 2 --part-size 256KiB (")
+    assert list(tmp_path.iterdir()) == []
+    # Its second round measured the setting: still, the one with no failed trial is chosen.
+    report = json.loads(as_json.stdout)
+    twos, fours = report["trials"]
+    assert [r["error"] for r in twos["rounds"]] == [None, None]
+    assert fours["rounds"][0]["error"] == f"training job job-1 of project proj: {error}"
+    assert fours["rounds"][1]["error"] is None
+    assert fours["mb_per_s"] == fours["rounds"][1]["mb_per_s"] > 0  # of the round measured
+    assert report["recommended"] == {"concurrency": 2, "part_size": 256 << 10}
+
+
+@pytest.mark.parametrize(("status", "code"), [("401", 3), ("404", 4)])
+def test_an_error_no_later_trial_could_pass_stops_the_bench_at_once(status: str, code: int) -> None:
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        # The second trial fails on its own; the third is refused (a key revoked meanwhile, the
+        # job deleted).
+        server.faults.api_faults = [None, None, "not-json", status]
+        result = run_cli(*job_args(server, "bench", *ONE_CHECKPOINT_TRIALS, "--rounds", "3"))
+        requests = server.traffic.api_requests
+
+    assert result.code == code, result.stderr
+    assert requests == 4  # no trial after it listed
+    assert "recommended" not in result.stdout
+    assert "trial --concurrency" not in result.stderr
