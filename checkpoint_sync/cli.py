@@ -993,8 +993,8 @@ def _bench_row(tried: Setting) -> dict[str, Any]:
     return {
         "concurrency": tried.concurrency,
         "part_size": tried.part_size,
-        "files": tried.measured[0].files if tried.measured else None,
-        "bytes": tried.measured[0].bytes if tried.measured else None,
+        "files": tried.files,
+        "bytes": tried.bytes,
         "failed": tried.failed,
         "first_failure": tried.first_failure,
         "mb_per_s": _rounded(tried.mb_per_s),
@@ -1029,20 +1029,19 @@ _SHM = Path("/dev/shm")  # noqa: S108
 
 
 def _bench_table(settings_tried: list[Setting]) -> list[str]:
-    """One row a setting: medians over its rounds, and the range of its MB/s; "-" for what no
-    round measured."""
+    """One row a setting: medians over its rounds, and the range of its MB/s; its files and
+    bytes, or their range where its rounds fetched different amounts; "-" for what no round
+    measured."""
     lines = [
         # The bytes too: a first file larger than --max-bytes is fetched whole.
         f"{'concurrency':>11} {'part size':>10} {'files':>6} {'bytes':>10} {'MB/s':>8} "
         f"{'range':>13} {'first byte':>11} {'per conn.':>11} {'CPU s':>6} {'failed':>6}"
     ]
     for tried in settings_tried:
-        files, size = (
-            (tried.measured[0].files, tried.measured[0].bytes) if tried.measured else (None, None)
-        )
         lines.append(
             f"{tried.concurrency:>11} {human_bytes(tried.part_size):>10} "
-            f"{_shown(files, str):>6} {_shown(size, human_bytes):>10} "
+            f"{_range([t.files for t in tried.measured], str):>6} "
+            f"{_range([t.bytes for t in tried.measured], human_bytes):>10} "
             f"{_shown(tried.mb_per_s, '{:.1f}'.format):>8} "
             f"{_shown(tried.spread, lambda r: f'{r[0]:.1f}-{r[1]:.1f}'):>13} "
             f"{_shown(tried.first_byte_ms, '{:.1f} ms'.format):>11} "
@@ -1054,6 +1053,14 @@ def _bench_table(settings_tried: list[Setting]) -> list[str]:
 
 def _shown(value: T | None, show: Callable[[T], str]) -> str:
     return "-" if value is None else show(value)
+
+
+def _range(rounds: list[int], show: Callable[[int], str]) -> str:
+    """The value of the rounds, or the fewest and the most where they show different."""
+    if not rounds:
+        return "-"
+    fewest, most = show(min(rounds)), show(max(rounds))
+    return fewest if fewest == most else f"{fewest}-{most}"
 
 
 @asynccontextmanager

@@ -35,6 +35,7 @@ from checkpoint_sync.errors import (
     UsageError,
 )
 from checkpoint_sync.localserver import Faults
+from checkpoint_sync.progress import human_bytes
 
 from .conftest import job_args, job_catalog, sync_args
 from .support import ServerThread, run_cli, run_subprocess
@@ -88,6 +89,7 @@ def test_a_setting_is_its_rounds_median_and_range() -> None:
     assert setting.mb_per_s == pytest.approx(150)
     assert setting.spread == pytest.approx((100, 300))
     assert setting.failed == 2  # the files of its worst round
+    assert setting.bytes == int(150e6)  # those of the round in the middle, as its MB/s
 
 
 def test_a_setting_is_the_rounds_it_measured_and_names_those_that_failed() -> None:
@@ -585,3 +587,40 @@ def test_an_error_no_later_trial_could_pass_stops_the_bench_at_once(status: str,
     assert requests == 4  # no trial after it listed
     assert "recommended" not in result.stdout
     assert "trial --concurrency" not in result.stderr
+
+
+def test_a_setting_whose_rounds_fetched_different_amounts_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        small = next(f for f in server.files() if f.size < 1 << 20)
+        refused: list[str] = []
+
+        def first_trial_only(name: str, start: int, end: int) -> str | None:
+            if name == small.name and not refused:  # a file fails in the first round alone
+                refused.append(name)
+                return "500"
+            return None
+
+        bench = job_args(server, "bench", "--concurrency", "2", "--part-size", "256KiB")
+        server.faults.hook = first_trial_only
+        result = run_cli(*bench, "--rounds", "3", "--scratch", tmp_path)
+        refused.clear()
+        as_json = run_cli(*bench, "--rounds", "3", "--json")
+        all_files, all_bytes = len(server.files()), server.data_size()
+
+    assert result.code == as_json.code == 1, result.stderr + as_json.stderr
+    # The row took its files and bytes from the first round: 9 files, with the MB/s of rounds
+    # that fetched 10.
+    row = result.stdout.splitlines()[2].split()
+    assert row[3] == f"{all_files - 1}-{all_files}"
+    assert row[4:6] == human_bytes(all_bytes).split()  # 3,000 bytes fewer shows the same
+    (only,) = json.loads(as_json.stdout)["trials"]
+    assert [(r["files"], r["bytes"], r["failed"]) for r in only["rounds"]] == [
+        (all_files - 1, all_bytes - small.size, 1),
+        (all_files, all_bytes, 0),
+        (all_files, all_bytes, 0),
+    ]
+    assert (only["files"], only["bytes"], only["failed"]) == (all_files, all_bytes, 1)
+    assert only["mb_per_s"] == sorted(r["mb_per_s"] for r in only["rounds"])[1]
