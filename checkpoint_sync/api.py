@@ -62,6 +62,11 @@ class ApiClient:
         # quotes across the cut would no longer match it, and its start would be shown.
         self._redact = Redactor([api_key, *secrets])
 
+    @property
+    def retry(self) -> RetryPolicy:
+        """How its requests are retried: for a caller that asks again itself."""
+        return self._retry
+
     async def get(
         self,
         path: str,

@@ -23,6 +23,7 @@ messages carry no secret: URLs are redacted before they reach a message.
 
 from __future__ import annotations
 
+import time
 from typing import ClassVar
 
 
@@ -82,6 +83,9 @@ class TransientError(CheckpointSyncError):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        # When it happened (`time.monotonic`): a ``Retry-After`` counts from there, and a failure
+        # may be acted on long after (`sources.base.answer_when_wanted`).
+        self.at = time.monotonic()
 
 
 class FileError(CheckpointSyncError):

@@ -164,7 +164,7 @@ class Faults:
     # A new weak ETag on every answer (W/"..."): weak validators say nothing about the bytes.
     weak_etags: bool = False
     stall_seconds: float = 30.0
-    # The Retry-After header of an injected 429.
+    # The Retry-After header of an injected 429 (of an object or of the API).
     retry_after: str = "0"
     # Decides a fault for one request from (name, start, end), before `fail_rate` is drawn;
     # besides `fail_kinds`, "unterminated": the whole body, chunked, without its last chunk;
@@ -415,10 +415,10 @@ class LocalServer:
         """The answer `Faults.api_faults` (or `Faults.page_faults`, for the page_token asked
         for) has next for an API request instead of the real one."""
         if self.faults.api_faults and (kind := self.faults.api_faults.pop(0)) is not None:
-            return await _api_fault(kind, handler, request)
+            return await _api_fault(kind, handler, request, self.faults.retry_after)
         token = request.query.get("page_token", "")
         if token.isdigit() and (kind := self.faults.page_faults.pop(int(token), None)):
-            return await _api_fault(kind, handler, request)
+            return await _api_fault(kind, handler, request, self.faults.retry_after)
         return None
 
     @contextlib.asynccontextmanager
@@ -819,7 +819,9 @@ def _md5(file: ServedFile) -> str:
     return base64.b64encode(digest).decode()
 
 
-async def _api_fault(kind: str, handler: Handler, request: web.Request) -> web.StreamResponse:
+async def _api_fault(
+    kind: str, handler: Handler, request: web.Request, retry_after: str
+) -> web.StreamResponse:
     if kind == "not-json":
         return web.Response(
             text="<html><body>502 Bad Gateway</body></html>", content_type="text/html"
@@ -835,7 +837,7 @@ async def _api_fault(kind: str, handler: Handler, request: web.Request) -> web.S
         return web.Response(status=status, headers={"Location": moved})
     if status == 422:
         return _unprocessable(f"page_size is out of range for this listing (injected {kind})")
-    headers = {"Retry-After": "0"} if status == 429 else None
+    headers = {"Retry-After": retry_after} if status == 429 else None
     return web.json_response({"detail": f"injected HTTP {kind}"}, status=status, headers=headers)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
@@ -548,6 +549,29 @@ async def test_a_page_asked_for_ahead_that_gave_up_before_it_was_wanted_is_asked
         await read_ahead_settled()
         assert len([page async for page in pages]) == 7
     assert server.traffic.api_requests == 9  # 8 pages, one of them asked for twice
+
+
+@pytest.mark.parametrize("busy", [0.0, 1.0])
+@pytest.mark.anyio
+async def test_a_page_asked_for_ahead_is_asked_for_again_once_its_retry_after_has_gone_by(
+    server: ServerThread, busy: float
+) -> None:
+    # The page kept ahead was refused (429, Retry-After: 1): asked for again at once, it would
+    # be refused again. A walk busy for that second meanwhile has waited enough.
+    server.faults.api_faults = [None, "429"]
+    server.faults.retry_after = "1"
+    async with job_files(server) as pages:
+        started = time.monotonic()
+        await anext(pages)
+        await read_ahead_settled()
+        await anyio.sleep(busy)
+        await anext(pages)
+        took = time.monotonic() - started
+    # The 429 came after `started`, the page asked for again a second after it at least; a walk
+    # busy for that second has it at once.
+    assert took >= 1.0
+    if busy:
+        assert took < busy + 0.5
 
 
 @pytest.mark.anyio

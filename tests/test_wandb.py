@@ -6,8 +6,9 @@ import base64
 import http.server
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -752,3 +753,20 @@ async def test_a_version_asked_for_ahead_is_tried_once_and_retried_once_it_is_wa
             with pytest.raises(TransientError, match="HTTP 429"):
                 await anext(artifacts.pages("step10", 100, first))
         assert server.traffic.api_requests == 1 + 3  # then wanted, with retries of its own
+
+
+@pytest.mark.anyio
+async def test_a_version_asked_for_ahead_is_asked_for_again_after_its_retry_after() -> None:
+    catalog = Catalog(wandb_api_key=WANDB_KEY, wandb_models=[synthetic_wandb_model(MODEL, METRICS)])
+    basic = base64.b64encode(f"api:{WANDB_KEY}".encode()).decode()
+    with ServerThread(catalog, Faults(api_faults=["429"], retry_after="1")) as server:
+        async with api_client(server.url, basic, "WANDB_API_KEY", "Basic") as graphql:
+            artifacts = ArtifactFiles(graphql, parse_artifact_path(ARTIFACT))
+            started = time.monotonic()
+            first = artifacts.first_page("step10", 100)
+            with pytest.raises(TransientError):
+                await first
+            async with aclosing(artifacts.pages("step10", 100, first)) as pages:
+                assert await anext(pages)
+            # Asked for again at once, it would have been refused again (429, Retry-After: 1).
+            assert time.monotonic() - started >= 1.0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import random
+import time
 from collections import deque
 from collections.abc import (
     AsyncIterator,
@@ -23,6 +25,8 @@ from enum import StrEnum
 from itertools import islice
 from typing import Any, Protocol, TypeVar
 from weakref import WeakKeyDictionary
+
+import anyio
 
 from ..api import ApiClient
 from ..config import Settings
@@ -169,15 +173,21 @@ class Lookahead:
         self.size = min(self.most, max(1, math.ceil(self._latency / using)))
 
 
-async def answer_when_wanted(asked: asyncio.Task[R], again: Callable[[], Awaitable[R]]) -> R:
+async def answer_when_wanted(
+    asked: asyncio.Task[R], again: Callable[[], Awaitable[R]], policy: RetryPolicy
+) -> R:
     """The answer to a request asked for ahead, in one attempt, now that the walk wants it. One
-    that failed on a transient error is asked for ``again`` now, with retries of its own, as it
+    that failed on a transient error is asked for ``again``, with retries of its own, as it
     would have been without the read-ahead (the API may be back, and the outage did not matter
-    until now). Requests kept ahead retrying meanwhile would each send a walk's worth of retries
-    to an API that refuses them (429), and use up their retries before they were wanted."""
+    until now): once the wait ``policy`` asks after that failure (its ``Retry-After``) has gone
+    by since it came. Requests kept ahead retrying meanwhile would each send a walk's worth of
+    retries to an API that refuses them (429), and use up their retries before they were
+    wanted."""
     try:
         return await asked
-    except TransientError:
+    except TransientError as exc:
+        waited = time.monotonic() - exc.at
+        await anyio.sleep(max(0.0, policy.delay(1, exc.retry_after, random.random()) - waited))
         return await again()
 
 

@@ -66,7 +66,7 @@ async def file_pages(
         while True:
             ref, asked = ahead.popleft()
             lookahead.wanted()
-            page = await answer_when_wanted(asked, partial(read_page, api, ref, what))
+            page = await answer_when_wanted(asked, partial(read_page, api, ref, what), api.retry)
             walk = walked(walk, page)
             if not page.presigned_urls:
                 _tell(walk, moved)

@@ -133,7 +133,7 @@ class ArtifactFiles:
         while True:
             if first is not None:
                 answer = await answer_when_wanted(
-                    first, partial(self._page, alias, page_size, None)
+                    first, partial(self._page, alias, page_size, None), self.api.retry
                 )
                 first = None
             else:
