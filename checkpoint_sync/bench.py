@@ -19,7 +19,8 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from .sources.base import (
     Available,
     Checkpoint,
     FileKey,
+    FilePages,
     Listed,
     Relisted,
     RemoteFile,
@@ -219,20 +221,23 @@ async def budgeted_pages(
     pages: list[list[Listed]] = []
     taken = 0
     tally = Tally(wanted)
-    async for page in source.file_pages(selected):
-        kept: list[Listed] = []
-        pages.append(kept)
-        for file in page:
-            if isinstance(file, UnreadableEntry):
-                if tally.takes(file.node_rank, file.name):
-                    kept.append(file)  # no bytes: it fails as a file in the trial
-                continue
-            if not tally.takes(file.node_rank, file.path):
-                continue
-            if taken and taken + file.size > budget:
-                return pages
-            kept.append(file)
-            taken += file.size
+    # Closed once the budget is spent: the pages asked for ahead go then, not along with the
+    # trial that follows.
+    async with aclosing(source.file_pages(selected)) as listing:
+        async for page in listing:
+            kept: list[Listed] = []
+            pages.append(kept)
+            for file in page:
+                if isinstance(file, UnreadableEntry):
+                    if tally.takes(file.node_rank, file.name):
+                        kept.append(file)  # no bytes: it fails as a file in the trial
+                    continue
+                if not tally.takes(file.node_rank, file.path):
+                    continue
+                if taken and taken + file.size > budget:
+                    return pages
+                kept.append(file)
+                taken += file.size
     # Read to its end: a rank asked for that no file has is named with those there are, as
     # `sync` names it (a trial measures whichever of the ranks asked for are there).
     tally.check(each=False)
@@ -255,7 +260,7 @@ class _Listed:
     def listed_whole(self) -> Mapping[str, frozenset[str]]:
         return self._source.listed_whole()
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
         for page in self._pages:
             yield page
 

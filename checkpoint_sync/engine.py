@@ -12,6 +12,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -234,27 +235,32 @@ async def _produce(
         stats.files_listed += 1
         stats.fail(checkpoint.where, checkpoint.problem)
     try:
-        async for page in source.file_pages(selection.checkpoints):
-            for file in page:
-                path = file.name if isinstance(file, UnreadableEntry) else file.path
-                if not tally.takes(file.node_rank, path):
-                    continue  # another node's, or a path left out: neither counted nor failed
-                stats.files_listed += 1
-                if isinstance(file, UnreadableEntry):
-                    if None in (file.checkpoint, file.node_rank, file.name):
-                        paths_told = False
-                    else:
-                        manifest.first_listing(file.where)
-                    stats.fail(file.where, file.problem)
-                    continue
-                planned = _plan(file, options, manifest, stats, inside)
-                if planned is None:
-                    continue
-                relative, action, recorded = planned
-                if on_plan is not None:
-                    on_plan(PlannedFile(relative, file.size, action))
-                if action != "skip" and jobs is not None:
-                    await jobs.put(_Job(file, relative, recorded is not None, action == "check"))
+        # Closed however the walk ends (an error while planning, a stop): the pages asked for
+        # ahead go then, not whenever whatever holds the walk (a traceback) lets go of it.
+        async with aclosing(source.file_pages(selection.checkpoints)) as pages:
+            async for page in pages:
+                for file in page:
+                    path = file.name if isinstance(file, UnreadableEntry) else file.path
+                    if not tally.takes(file.node_rank, path):
+                        continue  # another node's, or a path left out: neither counted nor failed
+                    stats.files_listed += 1
+                    if isinstance(file, UnreadableEntry):
+                        if None in (file.checkpoint, file.node_rank, file.name):
+                            paths_told = False
+                        else:
+                            manifest.first_listing(file.where)
+                        stats.fail(file.where, file.problem)
+                        continue
+                    planned = _plan(file, options, manifest, stats, inside)
+                    if planned is None:
+                        continue
+                    relative, action, recorded = planned
+                    if on_plan is not None:
+                        on_plan(PlannedFile(relative, file.size, action))
+                    if action != "skip" and jobs is not None:
+                        await jobs.put(
+                            _Job(file, relative, recorded is not None, action == "check")
+                        )
         stats.listing_done = True
         tally.check(each=options.complete_listing)
     finally:

@@ -233,6 +233,16 @@ async def api_client(
         )
 
 
+def pages_being_read() -> int:
+    """How many listing pages are still being asked for, not yet answered or let go."""
+    return sum(
+        not task.done()
+        and not task.cancelling()
+        and getattr(task.get_coro(), "__qualname__", None) == "read_page"
+        for task in asyncio.all_tasks()
+    )
+
+
 @contextmanager
 def job_listing_checkpoints(job: str, entries: Sequence[Mapping[str, object]]) -> Iterator[str]:
     """A training job API whose checkpoint list is ``entries``, as given (off the schema if

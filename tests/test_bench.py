@@ -15,6 +15,7 @@ from checkpoint_sync.bench import (
     FailedTrial,
     Setting,
     Trial,
+    budgeted_pages,
     grid,
     recommend,
     request_medians,
@@ -35,10 +36,12 @@ from checkpoint_sync.errors import (
     UsageError,
 )
 from checkpoint_sync.localserver import Faults
+from checkpoint_sync.plan import FileFilter, select_checkpoints
 from checkpoint_sync.progress import human_bytes
+from checkpoint_sync.sources.baseten_training import TrainingJobSource
 
-from .conftest import job_args, job_catalog, sync_args
-from .support import ServerThread, run_cli, run_subprocess
+from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
+from .support import ServerThread, api_client, pages_being_read, run_cli, run_subprocess
 from .test_kill import wait_for
 from .test_local_errors import immutable, mounted
 
@@ -624,3 +627,16 @@ def test_a_setting_whose_rounds_fetched_different_amounts_says_so(
     ]
     assert (only["files"], only["bytes"], only["failed"]) == (all_files, all_bytes, 1)
     assert only["mb_per_s"] == sorted(r["mb_per_s"] for r in only["rounds"])[1]
+
+
+@pytest.mark.anyio
+async def test_the_pages_asked_for_ahead_of_the_budget_are_let_go_once_it_is_spent() -> None:
+    # A far API: when the budget is spent on the first page, the pages after it are still being
+    # read. They are not wanted, and the trial that follows must not share the API with them.
+    with ServerThread(job_catalog(), faults=Faults(api_delay=0.2)) as server:
+        async with api_client(server.url) as api:
+            source = TrainingJobSource(api, PROJECT, JOB, page_size=2)
+            selection = select_checkpoints(await source.checkpoints())
+            pages = await budgeted_pages(source, selection.checkpoints, 1, FileFilter())
+            assert [len(page) for page in pages] == [1]
+            assert pages_being_read() == 0

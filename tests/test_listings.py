@@ -17,12 +17,17 @@ from pathlib import Path
 import anyio
 import pytest
 
+from checkpoint_sync.engine import PlannedFile, SyncOptions, sync
 from checkpoint_sync.errors import TransientError
 from checkpoint_sync.localserver import ServedFile
 from checkpoint_sync.models import CheckpointFile, CheckpointFilesPage, Unreadable
-from checkpoint_sync.net import url_problem
+from checkpoint_sync.net import NetSettings, url_problem
+from checkpoint_sync.plan import select_checkpoints
+from checkpoint_sync.progress import Stats
 from checkpoint_sync.sources.base import PageRef
 from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD, Walked, file_pages, walked
+from checkpoint_sync.sources.baseten_training import TrainingJobSource
+from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, PROJECT, job_args, sync_args
 from .support import (
@@ -31,6 +36,7 @@ from .support import (
     assert_exact,
     job_listing_checkpoints,
     mirrored,
+    pages_being_read,
     run_cli,
 )
 
@@ -593,6 +599,31 @@ async def test_pages_asked_for_ahead_are_retried_only_once_they_are_wanted(
 def add_pages(server: ServerThread) -> None:
     for n in range(30):  # 60 files, 4 a page: 15 pages
         add_file(server, f"checkpoint-10/more-{n}.bin", 10)
+
+
+@pytest.mark.anyio
+async def test_a_dry_run_stopped_by_its_output_lets_go_of_the_pages_asked_for_ahead(
+    server: ServerThread, dest: Path
+) -> None:
+    # `sync --dry-run | head -1`: printing the first planned file raises BrokenPipeError. The
+    # next page is asked for then, and a far API is still answering it: it is not wanted, even
+    # while something (a traceback) still holds the stopped walk.
+    add_pages(server)
+    server.faults.api_delay = 0.5
+
+    def reader_gone(planned: PlannedFile) -> None:
+        raise BrokenPipeError
+
+    async with (
+        api_client(server.url) as api,
+        HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http,
+    ):
+        source = TrainingJobSource(api, PROJECT, JOB, page_size=4)
+        selection = select_checkpoints(await source.checkpoints())
+        options = SyncOptions(dest=dest, dry_run=True)
+        with pytest.raises(BrokenPipeError):
+            await sync(source, selection, http, options, Stats(), reader_gone)
+        assert pages_being_read() == 0
 
 
 @pytest.mark.anyio

@@ -9,6 +9,7 @@ import random
 import time
 from collections import deque
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterator,
     Awaitable,
     Callable,
@@ -284,6 +285,9 @@ class VanishedCheckpoint(UnreadableEntry):
 
 # What a listing page holds.
 Listed = RemoteFile | UnreadableEntry
+# A source's listing pages: a caller that stops early closes them (``contextlib.aclosing``), which
+# lets go of the requests asked for ahead.
+FilePages = AsyncGenerator[list[Listed], None]
 
 # A file of a run, as `file_key` names it: (checkpoint, node_rank, path).
 FileKey = tuple[str, int, str]
@@ -322,7 +326,7 @@ class Source(Protocol):
         checkpoint list it read, selected or not (see `whole_list`)."""
         ...
 
-    def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
+    def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
         """The files of the selected checkpoints, one listing page at a time."""
         ...
 

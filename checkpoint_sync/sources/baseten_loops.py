@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from contextlib import aclosing, closing
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +32,7 @@ from .base import (
     Available,
     Checkpoint,
     FileKey,
+    FilePages,
     Listed,
     PageRef,
     Relisted,
@@ -171,7 +172,7 @@ class LoopsSource:
     def listed_whole(self) -> Mapping[str, frozenset[str]]:
         return self._listed_whole
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
         def first(checkpoint: Checkpoint) -> asyncio.Task[CheckpointFilesPage]:
             return first_page(self._api, *self._listing(checkpoint))
 

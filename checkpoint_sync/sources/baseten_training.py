@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import AsyncIterator, Mapping, Sequence, Set
+from collections.abc import Mapping, Sequence, Set
+from contextlib import aclosing
 
 from ..api import ApiClient, path_segment
 from ..errors import UsageError
@@ -12,6 +13,7 @@ from .base import (
     Available,
     Checkpoint,
     FileKey,
+    FilePages,
     Listed,
     Relisted,
     RemoteFile,
@@ -80,7 +82,7 @@ class TrainingJobSource:
         where = f"{self._job}/{key}" if key else f"{self._job}/? ({known_by(key, position)})"
         return unreadable_checkpoint(entry, key, where)
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
         self._moved = set()
         wanted = {c.name for c in selected}
         if not wanted:
@@ -92,18 +94,19 @@ class TrainingJobSource:
             self._moved = {(self._job, name) for name in wanted}
 
         pages = file_pages(self._api, listing, self._page_size, self.description, moved=moved)
-        async for ref, entries in pages:
-            files: list[Listed] = []
-            for entry in entries:
-                if isinstance(entry, Unreadable):
-                    files.extend(self._unreadable(entry, wanted))
-                    continue
-                checkpoint, rest = _placed(entry.relative_file_name)
-                if checkpoint in wanted:
-                    files.append(
-                        remote_file(entry, ref, run=self._job, checkpoint=checkpoint, path=rest)
-                    )
-            yield files
+        async with aclosing(pages):
+            async for ref, entries in pages:
+                files: list[Listed] = []
+                for entry in entries:
+                    if isinstance(entry, Unreadable):
+                        files.extend(self._unreadable(entry, wanted))
+                        continue
+                    checkpoint, rest = _placed(entry.relative_file_name)
+                    if checkpoint in wanted:
+                        files.append(
+                            remote_file(entry, ref, run=self._job, checkpoint=checkpoint, path=rest)
+                        )
+                yield files
 
     def moved_while_listed(self) -> Set[tuple[str, str]]:
         return self._moved

@@ -21,6 +21,7 @@ from .base import (
     Available,
     Checkpoint,
     FileKey,
+    FilePages,
     Listed,
     PageRef,
     Relisted,
@@ -152,7 +153,7 @@ class WandbSource:
             last_id = last.get("id", str) if isinstance(last, Unreadable) else last.id
             params["after"] = advance(page.last_id or last_id, seen, self.description)
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> AsyncIterator[list[Listed]]:
+    async def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
         artifacts = self._artifacts_or_fail()
         walk = started_ahead(
             selected, lambda checkpoint: artifacts.first_page(_alias(checkpoint), self._page_size)
