@@ -106,7 +106,9 @@ class Pruner:
         directory still holding anything stays. With ``fsync``, each directory that lost entries
         and stays is then synced, once. Only then are the dropped records committed: a run
         killed (or a power loss) before leaves them, and so the files and directories, to the
-        next."""
+        next, as does a directory that cannot be synced (`LocalIOError`): its deletions may
+        not be durable, so their records are rolled back (the drops are all the run has
+        written yet: it deletes before it lists)."""
         directories: set[str] = set()
         for directory in self._emptied:
             # "<run>/<checkpoint>/<rank>/..." up to "<run>/<checkpoint>"
@@ -131,6 +133,7 @@ class Pruner:
                 except FileNotFoundError:
                     pass  # removed by hand: nothing of the mirror's is left to come back
                 except OSError as exc:
+                    self._manifest.rollback()
                     raise LocalIOError(
                         f"cannot make the deletions in {path} durable: {exc.strerror or exc}"
                     ) from exc

@@ -5,16 +5,24 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from checkpoint_sync.engine import manifest_path
+from checkpoint_sync.errors import LocalIOError
 from checkpoint_sync.localserver import ServedCheckpoint, ServedFile
+from checkpoint_sync.manifest import Manifest
+from checkpoint_sync.plan import FileFilter
+from checkpoint_sync.prune import Pruner, deletions
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import (
@@ -259,6 +267,49 @@ def test_a_deletion_cut_short_before_its_records_went_is_finished_by_the_next_ru
     assert json.loads(result.stdout)["files"]["deleted"] == 0
     assert DELETED not in recorded_checkpoints(dest)
     assert not (dest / JOB / DELETED).exists()
+
+
+@contextmanager
+def no_file_descriptor_left() -> Iterator[None]:
+    """Every file opened meanwhile fails (EMFILE): the limit is the lowest free descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowest = os.open(os.devnull, os.O_RDONLY)
+    os.close(lowest)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_deletions_that_cannot_be_made_durable_keep_their_records_for_the_next_run(
+    dest: Path,
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        mirror_then_remove_upstream(server, dest)
+        listed = {JOB: frozenset(c.checkpoint_id for c in server.catalog.jobs[0].checkpoints)}
+        # `--delete --fsync`, whose run directory, which lost the checkpoint's, cannot be
+        # opened to be synced. Its deletions may not survive a power loss: were their records
+        # dropped, files that came back would stay for ever, as files of your own.
+        manifest = Manifest(manifest_path(dest), durable=True)
+        try:
+            pruner = Pruner(str(dest), manifest, fsync=True)
+            for doomed in list(deletions(manifest, FileFilter(), listed)):
+                pruner.delete(doomed, goes=pruner.goes(doomed))
+            with (
+                no_file_descriptor_left(),
+                pytest.raises(LocalIOError, match=f"deletions in {dest}/{JOB} durable: Too many"),
+            ):
+                pruner.remove_empty_directories()
+        finally:
+            manifest.close()
+        assert not (dest / JOB / DELETED).exists()
+        assert DELETED in recorded_checkpoints(dest)
+
+        result = run_cli(*sync_args(server, dest, "--delete", "--fsync"))
+
+    assert result.code == 0, result.stderr
+    assert DELETED not in recorded_checkpoints(dest)
 
 
 # The CLI, killed (SIGKILL) when it first removes a directory: every file of the checkpoint
