@@ -37,7 +37,13 @@ async def mirror_lock(
         made = list(takewhile(lambda d: not d.exists(), ancestry)) if durable else []
         state_dir.mkdir(parents=True, exist_ok=True)
         for directory in made:  # each new directory is an entry of its parent
-            fsync_directory(str(directory.parent))
+            try:
+                fsync_directory(str(directory.parent))
+            except OSError as exc:  # not the lock's fault: the lock could be made
+                raise LocalIOError(
+                    f"cannot sync {directory.parent} to make the new {directory} durable: "
+                    f"{exc.strerror}"
+                ) from exc
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror}") from exc

@@ -14,6 +14,7 @@ import shutil
 import sqlite3
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -455,6 +456,35 @@ def test_a_filesystem_that_refuses_locks_exits_6_naming_the_lock(
         == f"checkpoint-sync: error: cannot lock {state / 'lock'}: No locks available\n"
     )
     assert server.traffic.object_requests == 0
+
+
+def test_a_parent_of_dest_that_cannot_be_synced_is_named_not_the_lock(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    # --fsync syncs the parent of each directory it makes. One that can be written to but not
+    # read (write and search only): as root, only without the capabilities that override modes.
+    parent = tmp_path / "write-only"
+    parent.mkdir()
+    parent.chmod(0o333)
+    dest = parent / "mirror"
+    command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m"]
+    try:
+        run = subprocess.run(
+            [*command, "checkpoint_sync", *sync_args(server, dest, "--fsync")],
+            capture_output=True,
+            timeout=60,
+        )
+    except FileNotFoundError:
+        pytest.skip("no setpriv here")
+    if b"setpriv:" in run.stderr:
+        pytest.skip(f"cannot drop capabilities here ({run.stderr.decode().strip()})")
+
+    assert run.returncode == 6
+    assert run.stderr.decode() == (
+        f"checkpoint-sync: error: cannot sync {parent} to make the new {dest} durable: "
+        "Permission denied\n"
+    )
+    assert (dest / ".checkpoint-sync").is_dir()  # made: only the sync failed
 
 
 def test_a_first_run_onto_a_full_disk_is_exit_6_not_an_internal_error(
