@@ -742,6 +742,11 @@ def _print_summary(
         out.info(f"left out, still syncing: {name} ({syncing_hint})")
     for name, status in stats.status_left_out:
         out.info(f"left out, status {status}: {name} (neither complete nor still syncing)")
+    for name in stats.listings_changed:
+        out.info(
+            f"the file listing of {name} kept changing while it was read: a file removed "
+            "upstream meanwhile may have hidden another, which the next run mirrors"
+        )
     for where, message in stats.failures[:FAILURES_SHOWN]:
         out.error(f"{where}: {message}")
     if stats.files_failed > FAILURES_SHOWN:

@@ -205,6 +205,7 @@ async def _run(
     # A file whose entry did not tell its path may have parts; only its listing could say which.
     # So may one that a listing changed while it was walked did not show: a later walk tells.
     moved = source.moved_while_listed()
+    stats.listings_changed = sorted(f"{run}/{name}" for run, name in moved)
     listed = (
         {(c.run, c.name) for c in selection.checkpoints if (c.run, c.name) not in moved}
         if paths_told == [True]
@@ -247,8 +248,9 @@ async def _produce(
                     if isinstance(file, UnreadableEntry):
                         if None in (file.checkpoint, file.node_rank, file.name):
                             paths_told = False
-                        else:
-                            manifest.first_listing(file.where)
+                        elif manifest.first_listing(file.where) is False:
+                            stats.files_listed -= 1  # failed already (a listing walked again)
+                            continue
                         stats.fail(file.where, file.problem)
                         continue
                     planned = _plan(file, options, manifest, stats, inside)

@@ -53,6 +53,9 @@ class Stats:
     # Unreadable checkpoints --latest passed over that may be newer than the one it took:
     # (where, problem).
     passed_over: list[tuple[str, str]] = field(default_factory=list)
+    # Checkpoints ("<run>/<checkpoint>") whose file listing kept changing while it was walked,
+    # each time it was: a file removed upstream meanwhile may have hidden another.
+    listings_changed: list[str] = field(default_factory=list)
     # Per request, the first MAX_TIMINGS_KEPT: (seconds to first byte, body bytes, body seconds).
     timings: list[tuple[float, int, float]] = field(default_factory=list)
 
@@ -110,6 +113,7 @@ def summary(stats: Stats) -> dict[str, Any]:
         "passed_over": [
             {"checkpoint": where, "error": error} for where, error in stats.passed_over
         ],
+        "listings_changed": stats.listings_changed,
         "failures": [{"path": path, "error": error} for path, error in stats.failures],
     }
 

@@ -1128,37 +1128,78 @@ def test_a_file_left_in_parts_and_then_removed_upstream_leaves_no_staging_behind
     assert [c["local"] for c in json.loads(listed.stdout)["checkpoints"]] == ["mirrored"]
 
 
-def test_a_file_a_changing_listing_did_not_show_keeps_its_parts_for_the_next_run(
+def test_a_file_a_changing_listing_did_not_show_is_found_by_walking_it_again(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A file deleted upstream while the listing is walked moves the ones after it a place up:
-    # the page after it starts one entry too far, and the file then first on it is never shown.
-    # Its parts must not go as removed upstream, to be fetched again from byte 0.
+    # the page after it starts one entry too far, and the file then first on it is not shown by
+    # that walk. The run walks the listing again, and resumes the file from its parts.
     with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
-        left_in_parts(server, dest, monkeypatch)
+        # One connection: the parts before the failing one are all done when it fails.
+        left_in_parts(server, dest, monkeypatch, "--concurrency", "1")
         checkpoint = server.catalog.jobs[0].checkpoints[0]
         # Two pages: rank 0's shard and small file, then rank 1's.
         monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
-        deleted, missed = checkpoint.files[1], checkpoint.files[2]
+        shard, deleted, missed = checkpoint.files[:3]
 
         def delete(offset: int) -> None:
             server.faults.on_page = None
             checkpoint.files.remove(deleted)
 
         server.faults.on_page = delete
-        changed = run_cli(*sync_args(server, dest))
-        assert changed.code == 0, changed.stderr
-        assert staged(dest) == {f"{JOB}/checkpoint-10"}
         server.traffic.ranges.clear()
-        stable = run_cli(*sync_args(server, dest))
+        requests = server.traffic.api_requests
+        changed = run_cli(*sync_args(server, dest, "--json"))
+        requests = server.traffic.api_requests - requests
 
-    assert stable.code == 0, stable.stderr
+    assert changed.code == 0, changed.stderr
+    assert json.loads(changed.stdout)["listings_changed"] == []
     assert_exact(mirrored(dest, JOB, missed), missed)
-    # Its two parts fetched in the first run are not fetched again.
-    assert sorted((name, start) for name, start, _ in server.traffic.ranges) == [
-        (missed.name, start) for start in range(512 << 10, missed.size, 256 << 10)
-    ]
+    # The parts the first run fetched of it (and of rank 0's shard) are not fetched again.
+    assert sorted((name, start) for name, start, _ in server.traffic.ranges) == sorted(
+        (large.name, start)
+        for large in (shard, missed)
+        for start in range(512 << 10, large.size, 256 << 10)
+    )
     assert staged(dest) == set()
+    # The checkpoint list, then two walks of two pages (three entries left: 2 + 1).
+    assert requests == 1 + 2 * 2
+
+
+def test_a_listing_that_keeps_changing_is_walked_three_times_and_said_so(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files uploaded all the while the listing is walked: every walk sees total_count grow. The
+    # run does not walk it for ever; it mirrors what it saw, and says that the listing moved.
+    with ServerThread(job_catalog(checkpoints=1, large_files=0, small_files=2)) as server:
+        checkpoint = server.catalog.jobs[0].checkpoints[0]
+        stamp = checkpoint.files[0].last_modified
+        monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+
+        def upload(offset: int) -> None:
+            n = len(checkpoint.files)
+            checkpoint.files.append(
+                ServedFile(0, f"checkpoint-10/new-{n}.bin", 100, stamp, 9000 + n)
+            )
+
+        server.faults.on_page = upload
+        unreadable = checkpoint.files[0]
+        server.faults.unreadable = {unreadable.name}
+        requests = server.traffic.api_requests
+        told = run_cli(*sync_args(server, dest))
+        requests = server.traffic.api_requests - requests
+        as_json = run_cli(*sync_args(server, dest, "--json"))
+
+    assert told.code == as_json.code == 1, told.stderr + as_json.stderr
+    assert f"the file listing of {JOB}/checkpoint-10 kept changing while it was read" in told.stdout
+    summary = json.loads(as_json.stdout)
+    assert summary["listings_changed"] == [f"{JOB}/checkpoint-10"]
+    # Once each, not once a walk (the name is each rank's).
+    path = unreadable.name.removeprefix("checkpoint-10/")
+    assert sorted(f["path"] for f in summary["failures"]) == [
+        f"{JOB}/checkpoint-10/{rank}/{path}" for rank in (0, 1)
+    ]
+    assert requests >= 1 + 3 * 2  # the checkpoint list, then three walks of two pages or more
 
 
 def test_a_staging_file_no_record_leads_to_goes_and_files_in_parts_keep_theirs(

@@ -28,9 +28,46 @@ from .base import (
 # a far API's latency per page (0.1 s added to the built-in server's: a no-op re-sync of 100,000
 # files 12.4 s with one page ahead) is then paid about once per this many pages.
 PAGES_AHEAD = 8
+# How many times a listing that did not hold still while walked is walked again (`file_pages`).
+# Each walk is one more read of every page; a listing that keeps moving (files uploaded all the
+# while) is left to the next run.
+REWALKS = 2
 
 
 async def file_pages(
+    api: ApiClient,
+    listing: str,
+    page_size: int,
+    what: str,
+    first: asyncio.Task[CheckpointFilesPage] | None = None,
+    *,
+    moved: Callable[[], None] | None = None,
+) -> AsyncGenerator[tuple[PageRef, list[CheckpointFile | Unreadable]], None]:
+    """Every page of ``listing`` (`walk_once`), walked again while it did not hold still (up to
+    `REWALKS` times): a file removed upstream meanwhile may have hidden another, which the next
+    walk shows. The entries of the walks before come again; the caller counts a repeat once.
+    ``moved`` is called if the last walk did not hold still either.
+
+    ``first``: the first page, asked for already (`first_page`).
+    """
+    for walks in range(REWALKS + 1):
+        held_still = True
+
+        def changed() -> None:
+            nonlocal held_still
+            held_still = False
+
+        pages = walk_once(api, listing, page_size, what, None if walks else first, moved=changed)
+        async with aclosing(pages):
+            async for page in pages:
+                yield page
+        if held_still:
+            return
+    if moved is not None:
+        moved()
+
+
+async def walk_once(
     api: ApiClient,
     listing: str,
     page_size: int,
