@@ -176,6 +176,18 @@ def leave_in_parts(
     server.faults.hook = None
 
 
+def first_answers(count: int, fault: str) -> Callable[[str, int, int], str | None]:
+    """A `Faults.hook` that gives the first ``count`` object answers ``fault``, and no other."""
+    answered = 0
+
+    def hook(name: str, start: int, end: int) -> str | None:
+        nonlocal answered
+        answered += 1
+        return fault if answered <= count else None
+
+    return hook
+
+
 def staged(dest: Path) -> set[str]:
     """``<run>/<checkpoint>`` of every file the mirror's manifest holds in parts; each has its
     staging file."""

@@ -17,7 +17,7 @@ from checkpoint_sync.localserver import Faults, ServedFile, content
 from checkpoint_sync.transfer import content_range_end
 
 from .conftest import JOB, job_catalog, sync_args
-from .support import ServerThread, assert_exact, mirrored, new_version, run_cli
+from .support import ServerThread, assert_exact, first_answers, mirrored, new_version, run_cli
 
 PART = 256 << 10
 # The faults that break a body half way; the others are answered before any byte.
@@ -351,14 +351,8 @@ def test_a_fresh_url_that_worked_and_then_expired_too_is_refreshed_again(dest: P
     # half way for 0.8 s: each URL sent bytes, then expired before its retry went out. The 403
     # on the fresh URL is an expiry like the first, not "denied even with a fresh URL".
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=1)
-    answers: list[str] = []
-
-    def first_two_stall(name: str, start: int, end: int) -> str | None:
-        answers.append(name)
-        return "stall" if len(answers) <= 2 else None
-
     with ServerThread(
-        catalog, Faults(url_ttl=0.6, hook=first_two_stall, stall_seconds=0.8)
+        catalog, Faults(url_ttl=0.6, hook=first_answers(2, "stall"), stall_seconds=0.8)
     ) as server:
         result = run_cli(*sync_args(server, dest, "--node-rank", "0", "--json"))
 
@@ -373,13 +367,7 @@ def test_one_re_read_of_a_page_serves_every_file_whose_url_expired(dest: Path) -
     # has expired: the four retries find theirs refused at about the same time, while the API
     # takes 0.3 s to answer. One read of the page serves them, and the 76 files after them.
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=40)
-    answers: list[str] = []
-
-    def first_four_stall(name: str, start: int, end: int) -> str | None:
-        answers.append(name)
-        return "stall" if len(answers) <= 4 else None
-
-    faults = Faults(url_ttl=1.0, hook=first_four_stall, stall_seconds=1.2, api_delay=0.3)
+    faults = Faults(url_ttl=1.0, hook=first_answers(4, "stall"), stall_seconds=1.2, api_delay=0.3)
     with ServerThread(catalog, faults) as server:
         result = run_cli(*sync_args(server, dest, "--json"))
 
@@ -443,13 +431,7 @@ def test_a_url_kept_from_a_re_read_for_another_file_and_refused_leads_to_a_re_re
 def test_a_408_request_timeout_is_retried(dest: Path) -> None:
     # What a server may send on a kept-alive connection it is about to close as idle.
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=1)
-    answers: list[str] = []
-
-    def first_times_out(name: str, start: int, end: int) -> str | None:
-        answers.append(name)
-        return "408" if len(answers) == 1 else None
-
-    with ServerThread(catalog, Faults(hook=first_times_out)) as server:
+    with ServerThread(catalog, Faults(hook=first_answers(1, "408"))) as server:
         result = run_cli(*sync_args(server, dest, "--node-rank", "0", "--json"))
 
         assert result.code == 0, result.stdout

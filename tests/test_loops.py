@@ -35,6 +35,7 @@ from .support import (
     ServerThread,
     api_client,
     assert_exact,
+    first_answers,
     leave_in_parts,
     run_cli,
     staged,
@@ -516,13 +517,7 @@ def test_each_page_of_a_checkpoints_listing_is_read_again_once_for_its_files(
     # expired: one read of each page again serves all its files.
     monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "20")
     catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-1",), files=40))
-    answers: list[str] = []
-
-    def first_four_stall(name: str, start: int, end: int) -> str | None:
-        answers.append(name)
-        return "stall" if len(answers) <= 4 else None
-
-    faults = Faults(url_ttl=1.0, hook=first_four_stall, stall_seconds=1.5, api_delay=0.3)
+    faults = Faults(url_ttl=1.0, hook=first_answers(4, "stall"), stall_seconds=1.5, api_delay=0.3)
     with ServerThread(catalog, faults) as server:
         uri = f"bt://loops:{RUN}/weights/step-1"
 
