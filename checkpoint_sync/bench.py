@@ -270,6 +270,9 @@ class _Listed:
     async def relist(self, file: RemoteFile) -> dict[FileKey, Relisted]:
         return await self._source.relist(file)  # a URL that expired since: counted, as in sync
 
+    async def look_for(self, file: RemoteFile) -> Relisted | None:
+        return await self._source.look_for(file)
+
 
 async def run_trials(
     source: Source,

@@ -71,7 +71,8 @@ class PageRereads:
     async def fresh(self, file: RemoteFile, than: int) -> FreshUrl:
         """A URL for ``file`` newer than its own of generation ``than``, which was refused:
         one an earlier read of its page brought, else from its page read again now (or by the
-        read in flight). `FileError` if the listing now shows another version of it, whose bytes
+        read in flight), else, where the page no longer shows it, from its listing looked through
+        for it alone. `FileError` if the listing now shows another version of it, whose bytes
         must not join the old one's, or no longer shows it, or cannot be read."""
         if (earlier := self.taken(file, than)) is not None:
             return earlier
@@ -79,8 +80,10 @@ class PageRereads:
         try:
             page = await self._read_shared(file)
             entry = self._take(file.origin, page, key)
-            if entry is None:  # not on its page any more: a read of its own looks for it
-                entry = (await self._source.relist(file)).get(key)
+            if entry is None:
+                # Not on its page any more: looked for alone, so that the files the page shows
+                # neither wait for that walk nor fail with it.
+                entry = await self._source.look_for(file)
         except AuthError:
             raise  # every other file would be refused too: the run stops
         except (ApiError, TransientError) as exc:

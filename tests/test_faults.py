@@ -428,6 +428,41 @@ def test_a_url_kept_from_a_re_read_for_another_file_and_refused_leads_to_a_re_re
         assert json.loads(result.stdout)["url_refreshes"] == 1 + 2
 
 
+def test_a_file_looked_for_past_its_page_fails_alone_not_with_the_files_that_shared_its_read(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two files on one page of two. The first is deleted upstream once its URL is refused; the
+    # page is read again for it, and the second's URL is refused while that read is in flight.
+    # The page shows the second: it lands. The first is looked for in the rest of the listing,
+    # which cannot be read (404): that fails the first alone, and the second did not wait for it.
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=2)
+    (checkpoint,) = catalog.jobs[0].checkpoints
+    deleted, kept = (f for f in catalog.files() if f.node_rank == 0)
+    server_faults = Faults(stall_seconds=0.3)
+    # Stalls first, so that the first listing is over before anything changes.
+    answers = {deleted.name: ["stall", "403"], kept.name: ["stall", "stall", "403"]}
+
+    def scripted(name: str, start: int, end: int) -> str | None:
+        fault = answers[name].pop(0) if answers[name] else None
+        if name == deleted.name and fault == "403":
+            checkpoint.files.remove(deleted)
+            server_faults.page_faults[2] = "404"
+            server_faults.api_delay = 1.0
+        return fault
+
+    server_faults.hook = scripted
+    with ServerThread(catalog, server_faults) as server:
+        args = sync_args(server, dest, "--node-rank", "0", "--concurrency", "2", "--json")
+        result = run_cli(*args)
+
+    assert result.code == 1, result.stderr
+    assert_exact(mirrored(dest, JOB, kept), kept)
+    (failure,) = json.loads(result.stdout)["failures"]
+    assert failure["path"] == f"{JOB}/{deleted.name.replace('/', '/0/', 1)}"
+    assert "could not be listed" in failure["error"]
+
+
 def test_a_408_request_timeout_is_retried(dest: Path) -> None:
     # What a server may send on a kept-alive connection it is about to close as idle.
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=1)

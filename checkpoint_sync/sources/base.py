@@ -337,8 +337,12 @@ class Source(Protocol):
 
     async def relist(self, file: RemoteFile) -> dict[FileKey, Relisted]:
         """The files of ``file``'s listing page as listed now (fresh presigned URLs), by
-        `file_key`, read again for ``file``: where it is not on that page any more, the listing
-        is looked through for it, and its entry added if found."""
+        `file_key`: the page read again for ``file``, and shared with the other files on it."""
+        ...
+
+    async def look_for(self, file: RemoteFile) -> Relisted | None:
+        """``file`` as listed now wherever its listing shows it (None: nowhere), for a file that
+        its page read again no longer shows: a walk for it alone, whose failure is its own."""
         ...
 
 

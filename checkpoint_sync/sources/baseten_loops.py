@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from contextlib import aclosing, closing
 from dataclasses import dataclass
 from functools import partial
@@ -51,6 +51,7 @@ from .base import (
 from .baseten_pages import (
     file_pages,
     first_page,
+    look_for,
     relist,
     remote_file,
     unreadable_checkpoint,
@@ -200,9 +201,16 @@ class LoopsSource:
         return listing, self._page_size, _what(checkpoint.run, checkpoint.name)
 
     async def relist(self, file: RemoteFile) -> dict[FileKey, Relisted]:
-        # A checkpoint's own listing: its names are paths in it.
-        what = _what(file.run, file.checkpoint)
-        return await relist(self._api, file, what, lambda name: (file.checkpoint, name))
+        return await relist(self._api, file.origin, *_relisting(file))
+
+    async def look_for(self, file: RemoteFile) -> Relisted | None:
+        return await look_for(self._api, file, *_relisting(file))
+
+
+def _relisting(file: RemoteFile) -> tuple[str, Callable[[str], tuple[str, str]]]:
+    """How messages name ``file``'s listing, and where a name listed in it lands: a
+    checkpoint's own listing, its names are paths in it."""
+    return _what(file.run, file.checkpoint), lambda name: (file.checkpoint, name)
 
 
 def _listed(checkpoint: Checkpoint, ref: PageRef, entry: CheckpointFile | Unreadable) -> Listed:

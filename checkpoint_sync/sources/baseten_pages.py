@@ -272,33 +272,38 @@ async def read_page(
 
 
 async def relist(
-    api: ApiClient, file: RemoteFile, what: str, placed: Callable[[str], tuple[str, str]]
+    api: ApiClient, ref: PageRef, what: str, placed: Callable[[str], tuple[str, str]]
 ) -> dict[FileKey, Relisted]:
-    """The entries of ``file``'s page as listed now, by `file_key` (``placed``: the checkpoint
-    and path a listed name stands for); the whole listing is looked through for ``file`` if it
-    moved off its page."""
+    """The entries of the page at ``ref`` as listed now, by `file_key` (``placed``: the
+    checkpoint and path a listed name stands for)."""
+    return _relisted((await read_page(api, ref, what)).presigned_urls, placed)
 
-    def entries(listed: list[CheckpointFile | Unreadable]) -> dict[FileKey, Relisted]:
-        found = {}
-        for entry in listed:
-            if isinstance(entry, CheckpointFile):
-                checkpoint, path = placed(entry.relative_file_name)
-                found[checkpoint, entry.node_rank, path] = Relisted(
-                    entry.url, entry.size_bytes, entry.last_modified
-                )
-        return found
 
-    ref = file.origin
-    page = entries((await read_page(api, ref, what)).presigned_urls)
+async def look_for(
+    api: ApiClient, file: RemoteFile, what: str, placed: Callable[[str], tuple[str, str]]
+) -> Relisted | None:
+    """``file`` as its listing shows it now, wherever that is (None: nowhere), for one its page
+    no longer shows: files added or removed before it move it to another page."""
     key = file_key(file)
-    if key in page:
-        return page
+    ref = file.origin
     async with aclosing(file_pages(api, ref.listing, ref.page_size, what)) as pages:
         async for _, listed in pages:
-            if (moved := entries(listed).get(key)) is not None:
-                page[key] = moved
-                break
-    return page
+            if (found := _relisted(listed, placed).get(key)) is not None:
+                return found
+    return None
+
+
+def _relisted(
+    listed: list[CheckpointFile | Unreadable], placed: Callable[[str], tuple[str, str]]
+) -> dict[FileKey, Relisted]:
+    found = {}
+    for entry in listed:
+        if isinstance(entry, CheckpointFile):
+            checkpoint, path = placed(entry.relative_file_name)
+            found[checkpoint, entry.node_rank, path] = Relisted(
+                entry.url, entry.size_bytes, entry.last_modified
+            )
+    return found
 
 
 def remote_file(

@@ -26,7 +26,7 @@ from .base import (
     known_by,
     whole_list,
 )
-from .baseten_pages import file_pages, relist, remote_file, unreadable_checkpoint
+from .baseten_pages import file_pages, look_for, relist, remote_file, unreadable_checkpoint
 
 
 class TrainingJobSource:
@@ -123,7 +123,10 @@ class TrainingJobSource:
         return [UnreadableEntry(self._job, checkpoint, rank, rest, entry.reason)]
 
     async def relist(self, file: RemoteFile) -> dict[FileKey, Relisted]:
-        return await relist(self._api, file, self.description, _placed)
+        return await relist(self._api, file.origin, self.description, _placed)
+
+    async def look_for(self, file: RemoteFile) -> Relisted | None:
+        return await look_for(self._api, file, self.description, _placed)
 
 
 def _placed(name: str) -> tuple[str, str]:

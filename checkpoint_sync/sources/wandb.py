@@ -206,6 +206,10 @@ class WandbSource:
                     break
         return found
 
+    async def look_for(self, file: RemoteFile) -> Relisted | None:
+        # Its page is the walk up to it: one made for another file may have stopped before it.
+        return (await self.relist(file)).get(file_key(file))
+
     def _artifacts_or_fail(self) -> ArtifactFiles:
         if self._artifacts is None:
             raise UsageError(
