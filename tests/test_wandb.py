@@ -584,6 +584,38 @@ def test_expired_artifact_urls_are_refreshed(dest: Path, monkeypatch: pytest.Mon
         server.__exit__(None, None, None)
 
 
+def test_a_file_past_where_the_walk_for_another_stopped_finds_its_url_by_a_walk_of_its_own(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two pages of two files. The first page's files are refused first: the version's files are
+    # walked again up to them (one page), slowly. The second page's, refused while that walk is
+    # in flight, are not on it: each is looked for further on. (Stalls first: the listing is
+    # over before anything is refused.)
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    server = serve(wandb_catalog(files=4), monkeypatch)
+    try:
+        files = checkpoints_of(server)[50].files
+        answers = {f.name: ["stall", "403"] for f in files[:2]}
+        answers |= {f.name: ["stall", "stall", "403"] for f in files[2:]}
+
+        def scripted(name: str, start: int, end: int) -> str | None:
+            fault = answers[name].pop(0) if answers[name] else None
+            if fault == "403":
+                server.faults.api_delay = 1.0
+            return fault
+
+        server.faults.hook, server.faults.stall_seconds = scripted, 0.25
+
+        result = run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--json"))
+
+        assert result.code == 0, result.stdout
+        for file in files:
+            assert_exact(landed(dest, 50, file), file)
+        assert json.loads(result.stdout)["url_refreshes"] == 4
+    finally:
+        server.__exit__(None, None, None)
+
+
 @pytest.mark.parametrize("part_size", ["1MiB", "64KiB"], ids=["one stream", "in parts"])
 def test_bytes_that_do_not_match_the_listed_md5_never_reach_the_mirror(
     dest: Path, monkeypatch: pytest.MonkeyPatch, part_size: str
