@@ -169,10 +169,12 @@ def leave_in_parts(
     server: ServerThread, monkeypatch: pytest.MonkeyPatch, args: list[str], *, from_byte: int
 ) -> None:
     """A sync (``args``) whose files fail from byte ``from_byte`` on, with no retry: each file
-    in parts is left in parts, and the run ends with exit 1."""
+    in parts is left in parts, those before ``from_byte`` recorded, and the run ends with exit
+    1. On one connection: side by side, a part failing at once would cancel those before it
+    while they still streamed."""
     monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
     server.faults.hook = lambda name, start, end: "500" if start >= from_byte else None
-    assert run_cli(*args).code == 1
+    assert run_cli(*args, "--concurrency", "1").code == 1
     server.faults.hook = None
 
 
