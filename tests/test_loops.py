@@ -409,10 +409,7 @@ def test_a_file_a_changing_listing_did_not_show_is_found_by_walking_it_again(
     catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, size=200_000))
     with ServerThread(catalog) as server:
         uri = f"bt://loops:{RUN}/weights/step-10"
-        # One connection: the parts before the failing one are all done when it fails.
-        args = sync(
-            server, dest, "--loops-checkpoint", uri, "--part-size", "64KiB", "--concurrency", "1"
-        )
+        args = sync(server, dest, "--loops-checkpoint", uri, "--part-size", "64KiB")
         leave_in_parts(server, monkeypatch, args, from_byte=128 << 10)
         files = of_run(server, RUN)[0].checkpoint.files
         monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "1")

@@ -1135,8 +1135,7 @@ def test_a_file_a_changing_listing_did_not_show_is_found_by_walking_it_again(
     # the page after it starts one entry too far, and the file then first on it is not shown by
     # that walk. The run walks the listing again, and resumes the file from its parts.
     with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
-        # One connection: the parts before the failing one are all done when it fails.
-        left_in_parts(server, dest, monkeypatch, "--concurrency", "1")
+        left_in_parts(server, dest, monkeypatch)
         checkpoint = server.catalog.jobs[0].checkpoints[0]
         # Two pages: rank 0's shard and small file, then rank 1's.
         monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
