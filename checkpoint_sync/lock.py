@@ -42,11 +42,11 @@ async def mirror_lock(
             except OSError as exc:  # not the lock's fault: the lock could be made
                 raise LocalIOError(
                     f"cannot sync {directory.parent} to make the new {directory} durable: "
-                    f"{exc.strerror}"
+                    f"{exc.strerror or exc}"
                 ) from exc
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise LocalIOError(f"cannot create the lock {path}: {exc.strerror}") from exc
+        raise LocalIOError(f"cannot create the lock {path}: {exc.strerror or exc}") from exc
     try:
         while True:
             try:
@@ -68,7 +68,7 @@ async def mirror_lock(
                     on_wait = None
                 await anyio.sleep(POLL_SECONDS)
             except OSError as exc:  # ENOLCK on some NFS and FUSE mounts: no run is safe there
-                raise LocalIOError(f"cannot lock {path}: {exc.strerror}") from exc
+                raise LocalIOError(f"cannot lock {path}: {exc.strerror or exc}") from exc
         # Only names the holder to a second run: a full disk must not stop this one here (it
         # says what it needs once it knows).
         with suppress(OSError):

@@ -314,7 +314,7 @@ def test_deletions_that_cannot_be_made_durable_keep_their_records_for_the_next_r
 
 # The CLI, killed (SIGKILL) when it first removes a directory: every file of the checkpoint
 # removed upstream is unlinked, each taking {unlink_seconds} s (a slow disk: past the 0.2 s of a
-# batch of records, the records dropped so far are committed).
+# batch of records, which must not commit the records dropped so far before the directories go).
 KILLED_AT_FIRST_RMDIR = """
 import os, signal, sys, time
 unlink = os.unlink
