@@ -19,7 +19,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence, Set
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence, Set
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,30 +285,29 @@ async def run_trials(
     net: NetSettings,
     retry: RetryPolicy,
     wanted: FileFilter,
-) -> list[Trial | FailedTrial]:
+) -> AsyncGenerator[Trial | FailedTrial, None]:
     """One sync per (concurrency, part size) a round, each on fresh connections into a fresh
-    directory; a trial that an error ends is a `FailedTrial`, unless the error `stops_bench`."""
-    trials: list[Trial | FailedTrial] = []
+    directory, each handed on as it ends (a bench stopped later still shows it); a trial that an
+    error ends is a `FailedTrial`, unless the error `stops_bench`."""
     for concurrency, part_size in [pair for _ in range(rounds) for pair in pairs]:
+        trial: Trial | FailedTrial
         try:
-            trials.append(
-                await _trial(
-                    source,
-                    selection,
-                    concurrency,
-                    part_size,
-                    budget=budget,
-                    scratch=scratch,
-                    net=net,
-                    retry=retry,
-                    wanted=wanted,
-                )
+            trial = await _trial(
+                source,
+                selection,
+                concurrency,
+                part_size,
+                budget=budget,
+                scratch=scratch,
+                net=net,
+                retry=retry,
+                wanted=wanted,
             )
         except CheckpointSyncError as exc:
             if stops_bench(exc):
                 raise
-            trials.append(FailedTrial(concurrency, part_size, exc))
-    return trials
+            trial = FailedTrial(concurrency, part_size, exc)
+        yield trial
 
 
 async def _trial(

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
@@ -898,7 +898,7 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _bench_command(args: argparse.Namespace, out: _Output) -> int:
-    from .bench import FailedTrial, Trial, grid, recommend, run_trials, settings_of
+    from .bench import FailedTrial, Trial, grid, run_trials
 
     # What the link can do is measured: a limit_rate from the config would measure the limit.
     settings = _settings(args, out).model_copy(update={"limit_rate": 0})
@@ -928,22 +928,31 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                 f"benchmarking {source.description}: {settings_count}, each tried "
                 f"{'once' if args.rounds == 1 else f'{args.rounds} times in turn'}"
             )
-            trials.extend(
-                await run_trials(
-                    source,
-                    selection,
-                    pairs,
-                    rounds=args.rounds,
-                    budget=args.max_bytes,
-                    scratch=scratch,
-                    net=recipe.net,
-                    retry=recipe.retry,
-                    wanted=_file_filter(args),
-                )
+            trials_run = run_trials(
+                source,
+                selection,
+                pairs,
+                rounds=args.rounds,
+                budget=args.max_bytes,
+                scratch=scratch,
+                net=recipe.net,
+                retry=recipe.retry,
+                wanted=_file_filter(args),
             )
+            async with aclosing(trials_run):
+                async for trial in trials_run:
+                    trials.append(trial)
 
-    received = _run(measure)
+    try:
+        received = _run(measure)
+    except CheckpointSyncError as exc:
+        # One no later trial could escape: the trials measured before it are still shown.
+        if any(isinstance(t, Trial) for t in trials):
+            _bench_report(trials, args.rounds, out, stopped=str(exc))
+        raise
     if received is not None:
+        if any(isinstance(t, Trial) for t in trials):
+            _bench_report(trials, args.rounds, out, stopped=signal.Signals(received).name)
         return _stopped(received, out)
     measured = [t for t in trials if isinstance(t, Trial)]
     if not measured:
@@ -956,16 +965,27 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
             # Files were there, every one failed: that is not an empty selection (exit 4).
             return out.failed(f"no file could be fetched; the first: {failure}", EXIT_FILES_FAILED)
         raise NotFoundError("nothing to measure: the selection has no file, or only empty ones")
+    return _bench_report(trials, args.rounds, out)
+
+
+def _bench_report(
+    trials: list[Trial | FailedTrial], rounds: int, out: _Output, *, stopped: str | None = None
+) -> int:
+    """The table (or ``--json``'s document) of ``trials`` and the settings recommended, none if
+    the bench ``stopped`` (why) before its end; the exit code of a bench that ended."""
+    from .bench import Trial, recommend, settings_of
+
     settings_tried = settings_of(trials)
-    best = recommend(settings_tried)
+    best = None if stopped else recommend(settings_tried)
     if out.as_json:
         out.json(
             {
-                "rounds": args.rounds,
+                "rounds": rounds,
                 "trials": [_bench_row(s) for s in settings_tried],
                 "recommended": None
                 if best is None
                 else {"concurrency": best.concurrency, "part_size": best.part_size},
+                "stopped": stopped,
             }
         )
     else:
@@ -980,7 +1000,9 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                 out.error(f"{trial} failed in round {round_}: {error}")
             if tried.first_failure is not None:
                 out.error(f"{trial}: {tried.failed} failed, the first: {tried.first_failure}")
-        if best is None:
+        if stopped:
+            out.answer("recommended: none (the bench stopped before its end)")
+        elif best is None:
             out.answer("recommended: none (a trial of every setting failed)")
         else:
             out.answer(
@@ -988,6 +1010,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                 f"{format_size(best.part_size)} ({best.mb_per_s:.1f} MB/s)"
             )
     # Not a clean run: a trial that failed, or a file in one.
+    measured = [t for t in trials if isinstance(t, Trial)]
     failed = len(measured) < len(trials) or any(t.failed for t in measured)
     return EXIT_FILES_FAILED if failed else EXIT_OK
 

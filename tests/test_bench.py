@@ -583,13 +583,48 @@ def test_an_error_no_later_trial_could_pass_stops_the_bench_at_once(status: str,
         # The second trial fails on its own; the third is refused (a key revoked meanwhile, the
         # job deleted).
         server.faults.api_faults = [None, None, "not-json", status]
-        result = run_cli(*job_args(server, "bench", *ONE_CHECKPOINT_TRIALS, "--rounds", "3"))
+        bench = job_args(server, "bench", *ONE_CHECKPOINT_TRIALS, "--rounds", "3")
+        result = run_cli(*bench)
         requests = server.traffic.api_requests
+        server.faults.api_faults = [None, None, "not-json", status]
+        as_json = run_cli(*bench, "--json")
 
-    assert result.code == code, result.stderr
+    assert result.code == as_json.code == code, result.stderr
     assert requests == 4  # no trial after it listed
-    assert "recommended" not in result.stdout
-    assert "trial --concurrency" not in result.stderr
+    # The trials before it are shown, with no recommendation: the grid was not tried through.
+    measured, failed, recommended = result.stdout.splitlines()[2:5]
+    assert measured.split()[:3] == ["2", "256.0", "KiB"]
+    assert failed.split() == ["4", "256.0", "KiB", *["-"] * 8]
+    assert recommended == "recommended: none (the bench stopped before its end)"
+    first, stop = result.stderr.splitlines()
+    assert first.startswith("checkpoint-sync: error: trial --concurrency 4 --part-size 256KiB")
+    assert f"HTTP {status}" in stop
+    report = json.loads(as_json.stdout)
+    assert [len(row["rounds"]) for row in report["trials"]] == [1, 1]
+    assert report["recommended"] is None
+    assert f"HTTP {status}" in report["stopped"]
+
+
+def test_a_bench_interrupted_shows_the_trials_it_measured(tmp_path: Path) -> None:
+    # Each trial lists its files first. Once the first trial's page is answered, the API
+    # answers 30 s late: the SIGINT comes while the second trial waits for its page.
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        server.faults.on_page = lambda offset: setattr(server.faults, "api_delay", 30)
+        bench = job_args(server, "bench", *ONE_CHECKPOINT_TRIALS, "--scratch", tmp_path)
+        process = run_subprocess(*bench, "--json")
+        wait_for(process, lambda: server.traffic.api_requests >= 3)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr
+    report = json.loads(stdout)
+    assert report["stopped"] == "SIGINT"
+    assert report["recommended"] is None
+    (row,) = report["trials"]
+    assert row["concurrency"] == 2
+    assert row["mb_per_s"] > 0
+    assert stderr.decode().splitlines()[-1] == "checkpoint-sync: error: stopped by SIGINT"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_setting_whose_rounds_fetched_different_amounts_says_so(
