@@ -19,7 +19,7 @@ from typing import Literal
 
 import anyio
 
-from .errors import ApiError, FileError, LocalIOError, TransientError, most_severe
+from .errors import ApiError, FileError, LocalIOError, TransientError, UsageError, most_severe
 from .layout import STATE_DIR, is_within, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
@@ -174,7 +174,7 @@ async def _run(
         # checkpoint list, read whole already, decides what goes.
         await _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
     jobs = _Jobs(options.concurrency)
-    listing_failed: list[ApiError | TransientError] = []
+    listing_failed: list[ApiError | TransientError | UsageError] = []
     paths_told: list[bool] = []
     stop = _Stop()
 
@@ -184,8 +184,9 @@ async def _run(
                 paths_told.append(
                     await _produce(source, selection, options, manifest, stats, on_plan, jobs)
                 )
-            except (ApiError, TransientError) as exc:
-                # The files already queued are good: let them land, then report the listing.
+            except (ApiError, TransientError, UsageError) as exc:
+                # The files already queued are good: let them land, then report the listing (a
+                # later page the API redirected included: the key goes to no other host).
                 listing_failed.append(exc)
 
     try:

@@ -383,6 +383,20 @@ def test_a_broken_listing_stops_the_run_after_the_files_it_did_list(
     assert server.traffic.api_requests < 20
 
 
+def test_a_later_page_the_api_redirects_stops_the_run_after_the_files_listed_before_it(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
+    server.faults.page_faults = {8: "308"}
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 2
+    assert "the API redirected (HTTP 308)" in result.stderr.splitlines()[-1]
+    # The two pages before it are mirrored in full, not cancelled half way.
+    assert len(landed(server, dest)) == 8
+
+
 @pytest.mark.parametrize(
     ("status", "code", "message"),
     [
