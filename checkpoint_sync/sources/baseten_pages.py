@@ -43,42 +43,36 @@ async def file_pages(
     *,
     moved: Callable[[], None] | None = None,
 ) -> AsyncGenerator[tuple[PageRef, list[CheckpointFile | Unreadable]], None]:
-    """Every page of ``listing`` (`walk_once`), walked again while it did not hold still (up to
-    `REWALKS` times): a file removed upstream meanwhile may have hidden another, which the next
-    walk shows. The entries of the walks before come again; the caller counts a repeat once.
-    ``moved`` is called if the last walk did not hold still either.
+    """Every page of ``listing`` (`_walk_once`), walked again while it did not hold still (up
+    to `REWALKS` times): a file removed upstream meanwhile may have hidden another, which the
+    next walk shows. The entries of the walks before come again; the caller counts a repeat
+    once. ``moved`` is called if the last walk did not hold still either.
 
     ``first``: the first page, asked for already (`first_page`).
     """
-    for walks in range(REWALKS + 1):
-        held_still = True
-
-        def changed() -> None:
-            nonlocal held_still
-            held_still = False
-
-        pages = walk_once(api, listing, page_size, what, None if walks else first, moved=changed)
+    start = PageRef(listing=listing, page_token=0, page_size=page_size)
+    walks: list[Walked] = []
+    for rewalk in range(REWALKS + 1):
+        pages = _walk_once(api, start, what, None if rewalk else first, walks.append)
         async with aclosing(pages):
             async for page in pages:
                 yield page
-        if held_still:
+        if walks[-1].held_still:
             return
     if moved is not None:
         moved()
 
 
-async def walk_once(
+async def _walk_once(
     api: ApiClient,
-    listing: str,
-    page_size: int,
+    start: PageRef,
     what: str,
-    first: asyncio.Task[CheckpointFilesPage] | None = None,
-    *,
-    moved: Callable[[], None] | None = None,
+    first: asyncio.Task[CheckpointFilesPage] | None,
+    ended: Callable[[Walked], None],
 ) -> AsyncGenerator[tuple[PageRef, list[CheckpointFile | Unreadable]], None]:
-    """Every page of ``listing``, stopping on a null token or an empty page (NOTES.md); once
-    the last is handed on, ``moved`` is called if the listing did not hold still meanwhile
-    (`Walked.held_still`): a file it did not show may still be there.
+    """Every page of the listing from ``start``, stopping on a null token or an empty page
+    (NOTES.md); once the last is handed on, ``ended`` gets what the walk saw (`Walked`): whether
+    the listing held still meanwhile.
 
     The pages after this one (as many as a `Lookahead` keeps) are asked for before it is handed
     on, so that the server prepares them while the caller plans this one's files. Only the page
@@ -93,7 +87,6 @@ async def walk_once(
     ``first``: the first page, asked for already (`first_page`).
     """
     walk = Walked()
-    start = PageRef(listing=listing, page_token=0, page_size=page_size)
     lookahead = Lookahead(PAGES_AHEAD)
     guessing = True  # until a guess goes wrong
     ahead: deque[tuple[PageRef, asyncio.Task[CheckpointFilesPage]]] = deque(
@@ -106,7 +99,7 @@ async def walk_once(
             page = await answer_when_wanted(asked, partial(read_page, api, ref, what), api.retry)
             walk = walked(walk, page)
             if not page.presigned_urls:
-                _tell(walk, moved)
+                ended(walk)
                 return
             following = page.next_page_token
             runaway = None if following is None else _runaway(page, following, ref, walk.seen, what)
@@ -114,7 +107,7 @@ async def walk_once(
                 yield ref, page.presigned_urls
                 if runaway is not None:
                     raise runaway
-                _tell(walk, moved)
+                ended(walk)
                 return
             guessing = _ask_ahead(ahead, api, ref, page, following, what, lookahead, guessing)
             # Planning a page of files already mirrored never waits: without this yield the
@@ -235,11 +228,6 @@ def _lists(entries: list[CheckpointFile | Unreadable], file: tuple[str, int] | N
         isinstance(e, CheckpointFile) and e.relative_file_name == name and e.node_rank == rank
         for e in entries
     )
-
-
-def _tell(walk: Walked, moved: Callable[[], None] | None) -> None:
-    if moved is not None and not walk.held_still:
-        moved()
 
 
 def _runaway(
