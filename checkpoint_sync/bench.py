@@ -102,8 +102,8 @@ class Setting:
         return self.trials[0].part_size
 
     @property
-    def measured(self) -> tuple[Trial, ...]:
-        return tuple(t for t in self.trials if isinstance(t, Trial))
+    def measured(self) -> list[Trial]:
+        return measured(self.trials)
 
     @property
     def errors(self) -> list[tuple[int, CheckpointSyncError]]:
@@ -155,6 +155,11 @@ class Setting:
     @property
     def connection_mb_s(self) -> float | None:
         return _median_of_known(t.connection_mb_s for t in self.measured)
+
+
+def measured(trials: Iterable[Trial | FailedTrial]) -> list[Trial]:
+    """The trials that ended with figures."""
+    return [t for t in trials if isinstance(t, Trial)]
 
 
 def _median_of_known(values: Iterable[float | None]) -> float | None:

@@ -898,7 +898,7 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _bench_command(args: argparse.Namespace, out: _Output) -> int:
-    from .bench import FailedTrial, Trial, grid, run_trials
+    from .bench import FailedTrial, grid, measured, run_trials
 
     # What the link can do is measured: a limit_rate from the config would measure the limit.
     settings = _settings(args, out).model_copy(update={"limit_rate": 0})
@@ -943,24 +943,26 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                 async for trial in trials_run:
                     trials.append(trial)
 
+    def stopped(why: str) -> None:
+        # The trials measured before the bench stopped are still shown.
+        if measured(trials):
+            _bench_report(trials, args.rounds, out, stopped=why)
+
     try:
         received = _run(measure)
-    except CheckpointSyncError as exc:
-        # One no later trial could escape: the trials measured before it are still shown.
-        if any(isinstance(t, Trial) for t in trials):
-            _bench_report(trials, args.rounds, out, stopped=str(exc))
+    except CheckpointSyncError as exc:  # one no later trial could escape
+        stopped(str(exc))
         raise
     if received is not None:
-        if any(isinstance(t, Trial) for t in trials):
-            _bench_report(trials, args.rounds, out, stopped=signal.Signals(received).name)
+        stopped(signal.Signals(received).name)
         return _stopped(received, out)
-    measured = [t for t in trials if isinstance(t, Trial)]
-    if not measured:
+    ended = measured(trials)
+    if not ended:
         # A table of rows that all failed would only say it again, trial after trial.
         raise next(t.error for t in trials if isinstance(t, FailedTrial))
     # Empty files fetched measure nothing: every setting would tie at 0 MB/s.
-    if not any(t.files and t.bytes for t in measured):
-        failure = next((t.first_failure for t in measured if t.first_failure), None)
+    if not any(t.files and t.bytes for t in ended):
+        failure = next((t.first_failure for t in ended if t.first_failure), None)
         if failure is not None:
             # Files were there, every one failed: that is not an empty selection (exit 4).
             return out.failed(f"no file could be fetched; the first: {failure}", EXIT_FILES_FAILED)
@@ -973,7 +975,7 @@ def _bench_report(
 ) -> int:
     """The table (or ``--json``'s document) of ``trials`` and the settings recommended, none if
     the bench ``stopped`` (why) before its end; the exit code of a bench that ended."""
-    from .bench import Trial, recommend, settings_of
+    from .bench import measured, recommend, settings_of
 
     settings_tried = settings_of(trials)
     best = None if stopped else recommend(settings_tried)
@@ -1010,8 +1012,8 @@ def _bench_report(
                 f"{format_size(best.part_size)} ({best.mb_per_s:.1f} MB/s)"
             )
     # Not a clean run: a trial that failed, or a file in one.
-    measured = [t for t in trials if isinstance(t, Trial)]
-    failed = len(measured) < len(trials) or any(t.failed for t in measured)
+    ended = measured(trials)
+    failed = len(ended) < len(trials) or any(t.failed for t in ended)
     return EXIT_FILES_FAILED if failed else EXIT_OK
 
 
