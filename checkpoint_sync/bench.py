@@ -47,6 +47,7 @@ from .sources.base import (
     RemoteFile,
     Source,
     UnreadableEntry,
+    file_key,
 )
 from .transfer import TransferSettings
 from .wire import HttpClient
@@ -222,10 +223,13 @@ async def budgeted_pages(
     source: Source, selected: Sequence[Checkpoint], budget: int, wanted: FileFilter
 ) -> list[list[Listed]]:
     """The listing of ``selected`` cut to its first ``budget`` bytes of the files ``wanted``
-    (at least one file)."""
+    (at least one file), each file once: its first entry, the one `sync` mirrors."""
     pages: list[list[Listed]] = []
     taken = 0
     tally = Tally(wanted)
+    # By its place in the mirror, as `sync` tells a file (`Manifest.first_listing`): a listing
+    # walked again shows the files of the walks before it again, and each is fetched once.
+    seen: set[tuple[str, FileKey]] = set()
     # Closed once the budget is spent: the pages asked for ahead go then, not along with the
     # trial that follows.
     async with aclosing(source.file_pages(selected)) as listing:
@@ -239,6 +243,10 @@ async def budgeted_pages(
                     continue
                 if not tally.takes(file.node_rank, file.path):
                     continue
+                key = file.run, file_key(file)
+                if key in seen:
+                    continue
+                seen.add(key)
                 if taken and taken + file.size > budget:
                     return pages
                 kept.append(file)

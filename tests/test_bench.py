@@ -35,7 +35,7 @@ from checkpoint_sync.errors import (
     TransientError,
     UsageError,
 )
-from checkpoint_sync.localserver import Faults
+from checkpoint_sync.localserver import Faults, ServedFile
 from checkpoint_sync.plan import FileFilter, select_checkpoints
 from checkpoint_sync.progress import human_bytes
 from checkpoint_sync.sources.baseten_training import TrainingJobSource
@@ -380,6 +380,39 @@ def test_a_budget_that_ends_before_a_wanted_rank_is_listed_is_no_missing_rank(
     assert result.code == 0, result.stderr
     (only,) = json.loads(result.stdout)["trials"]
     assert only["files"] > 0
+
+
+def test_a_listing_walked_again_spends_the_budget_on_each_file_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file uploaded ahead of the others once the first page is read moves them a place down:
+    # the walk shows one of them twice, and is walked again, which shows them all once more.
+    # Each repeat took its bytes from the budget: the files listed last were left out.
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=3)
+    checkpoint = catalog.jobs[0].checkpoints[0]
+    first = checkpoint.files[0]
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    with ServerThread(catalog) as server:
+
+        def upload(offset: int) -> None:
+            server.faults.on_page = None
+            new = ServedFile(0, "checkpoint-10/uploaded.bin", first.size, first.last_modified, 9)
+            checkpoint.files.insert(0, new)
+
+        server.faults.on_page = upload
+        every_file = sum(f.size for f in checkpoint.files) + first.size  # and the one uploaded
+        args = ["--concurrency", "2", "--part-size", "256KiB", "--rounds", "1"]
+        result = run_cli(
+            *job_args(server, "bench", *args, "--max-bytes", str(every_file), "--json"),
+            "--scratch",
+            tmp_path,
+        )
+        fetched = sorted(name for name, _, _ in server.traffic.ranges)
+
+    assert result.code == 0, result.stderr
+    (only,) = json.loads(result.stdout)["trials"]
+    assert (only["files"], only["bytes"]) == (len(checkpoint.files), every_file)
+    assert fetched == sorted(f.name for f in checkpoint.files)  # each once
 
 
 def test_a_slow_listing_is_not_counted_in_the_trials_seconds(tmp_path: Path) -> None:
