@@ -112,8 +112,14 @@ class Setting:
         return [(n, t.error) for n, t in enumerate(self.trials, 1) if isinstance(t, FailedTrial)]
 
     @property
+    def middle(self) -> Trial | None:
+        """The round whose figures its row shows: `middle_round`."""
+        return middle_round(self.measured)
+
+    @property
     def mb_per_s(self) -> float | None:
-        return _median_of_known(t.mb_per_s for t in self.measured)
+        middle = self.middle
+        return None if middle is None else middle.mb_per_s
 
     @property
     def spread(self) -> tuple[float, float] | None:
@@ -130,49 +136,21 @@ class Setting:
     def first_failure(self) -> str | None:
         return next((t.first_failure for t in self.measured if t.first_failure), None)
 
-    # The other figures of its row, each a median over the rounds. The files and bytes are a
-    # round's (of the two in the middle, the lower): a round where a file failed fetched fewer.
-
-    @property
-    def files(self) -> int | None:
-        return _median_low(t.files for t in self.measured)
-
-    @property
-    def bytes(self) -> int | None:
-        return _median_low(t.bytes for t in self.measured)
-
-    @property
-    def seconds(self) -> float | None:
-        return _median_of_known(t.seconds for t in self.measured)
-
-    @property
-    def cpu_seconds(self) -> float | None:
-        return _median_of_known(t.cpu_seconds for t in self.measured)
-
-    @property
-    def first_byte_ms(self) -> float | None:
-        return _median_of_known(t.first_byte_ms for t in self.measured)
-
-    @property
-    def connection_mb_s(self) -> float | None:
-        return _median_of_known(t.connection_mb_s for t in self.measured)
-
 
 def measured(trials: Iterable[Trial | FailedTrial]) -> list[Trial]:
     """The trials that ended with figures."""
     return [t for t in trials if isinstance(t, Trial)]
 
 
-def _median_of_known(values: Iterable[float | None]) -> float | None:
-    """The median of the rounds that tell a value (a trial with no request of 1 MiB tells no
-    connection rate)."""
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
+def middle_round(trials: Sequence[Trial]) -> Trial | None:
+    """The round of median MB/s (of the two in the middle, the slower), None of none.
 
-
-def _median_low(values: Iterable[int]) -> int | None:
-    rounds = list(values)
-    return statistics.median_low(rounds) if rounds else None
+    A setting's row shows this one round's figures, its files and bytes with its MB/s: medians
+    taken figure by figure can pair the files of one round with the bytes of another, a round
+    that never was. By MB/s, not seconds: a round where a file failed fetched fewer bytes in
+    fewer seconds, and MB/s is what settings are ranked by."""
+    by_rate = sorted(trials, key=lambda t: t.mb_per_s)
+    return by_rate[(len(by_rate) - 1) // 2] if by_rate else None
 
 
 def stops_bench(error: CheckpointSyncError) -> bool:

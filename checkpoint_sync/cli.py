@@ -343,8 +343,8 @@ def _parser() -> argparse.ArgumentParser:
         "--rounds",
         type=_at_least(1),
         default=3,
-        help="times each setting is tried, in turns; the table shows the median and the range "
-        "(default 3)",
+        help="times each setting is tried, in turns; the table shows the round of median MB/s "
+        "and the range (default 3)",
     )
     bench.add_argument(
         "--max-bytes",
@@ -1018,22 +1018,24 @@ def _bench_report(
 
 
 def _bench_row(tried: Setting) -> dict[str, Any]:
-    """A setting for ``--json``: medians over its rounds, the range, and each round."""
+    """A setting for ``--json``: the figures of its middle round, its failures, the range of its
+    MB/s, and each round."""
     slowest, fastest = tried.spread or (None, None)
+    middle: dict[str, Any] = asdict(tried.middle) if tried.middle else {}
     return {
         "concurrency": tried.concurrency,
         "part_size": tried.part_size,
-        "files": tried.files,
-        "bytes": tried.bytes,
+        "files": middle.get("files"),
+        "bytes": middle.get("bytes"),
         "failed": tried.failed,
         "first_failure": tried.first_failure,
         "mb_per_s": _rounded(tried.mb_per_s),
         "mb_per_s_min": _rounded(slowest),
         "mb_per_s_max": _rounded(fastest),
-        "seconds": tried.seconds,
-        "cpu_seconds": tried.cpu_seconds,
-        "first_byte_ms": tried.first_byte_ms,
-        "connection_mb_s": tried.connection_mb_s,
+        "seconds": middle.get("seconds"),
+        "cpu_seconds": middle.get("cpu_seconds"),
+        "first_byte_ms": middle.get("first_byte_ms"),
+        "connection_mb_s": middle.get("connection_mb_s"),
         "rounds": [_bench_round(t) for t in tried.trials],
     }
 
@@ -1059,24 +1061,26 @@ _SHM = Path("/dev/shm")  # noqa: S108
 
 
 def _bench_table(settings_tried: list[Setting]) -> list[str]:
-    """One row a setting: medians over its rounds, and the range of its MB/s; its files and
-    bytes, or their range where its rounds fetched different amounts; "-" for what no round
-    measured."""
+    """One row a setting, as in ``--json``: the figures of its middle round, the range of its
+    MB/s, its failures; after its files and bytes, their range where its rounds fetched
+    different amounts; "-" for what no round measured."""
     lines = [
         # The bytes too: a first file larger than --max-bytes is fetched whole.
         f"{'concurrency':>11} {'part size':>10} {'files':>6} {'bytes':>10} {'MB/s':>8} "
         f"{'range':>13} {'first byte':>11} {'per conn.':>11} {'CPU s':>6} {'failed':>6}"
     ]
     for tried in settings_tried:
+        row = _bench_row(tried)
+        rounds = tried.measured
         lines.append(
             f"{tried.concurrency:>11} {human_bytes(tried.part_size):>10} "
-            f"{_range([t.files for t in tried.measured], str):>6} "
-            f"{_range([t.bytes for t in tried.measured], human_bytes):>10} "
+            f"{_amount(row['files'], [t.files for t in rounds], str):>6} "
+            f"{_amount(row['bytes'], [t.bytes for t in rounds], human_bytes):>10} "
             f"{_shown(tried.mb_per_s, '{:.1f}'.format):>8} "
             f"{_shown(tried.spread, lambda r: f'{r[0]:.1f}-{r[1]:.1f}'):>13} "
-            f"{_shown(tried.first_byte_ms, '{:.1f} ms'.format):>11} "
-            f"{_shown(tried.connection_mb_s, '{:.1f} MB/s'.format):>11} "
-            f"{_shown(tried.cpu_seconds, '{:.2f}'.format):>6} {_shown(tried.failed, str):>6}"
+            f"{_shown(row['first_byte_ms'], '{:.1f} ms'.format):>11} "
+            f"{_shown(row['connection_mb_s'], '{:.1f} MB/s'.format):>11} "
+            f"{_shown(row['cpu_seconds'], '{:.2f}'.format):>6} {_shown(tried.failed, str):>6}"
         )
     return lines
 
@@ -1085,12 +1089,13 @@ def _shown(value: T | None, show: Callable[[T], str]) -> str:
     return "-" if value is None else show(value)
 
 
-def _range(rounds: list[int], show: Callable[[int], str]) -> str:
-    """The value of the rounds, or the fewest and the most where they show different."""
-    if not rounds:
+def _amount(middle: int | None, rounds: list[int], show: Callable[[int], str]) -> str:
+    """The middle round's files or bytes, and the fewest and the most of its rounds where they
+    show different ("9 (9-10)")."""
+    if middle is None:
         return "-"
     fewest, most = show(min(rounds)), show(max(rounds))
-    return fewest if fewest == most else f"{fewest}-{most}"
+    return show(middle) if fewest == most else f"{show(middle)} ({fewest}-{most})"
 
 
 @asynccontextmanager

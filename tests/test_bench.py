@@ -17,6 +17,7 @@ from checkpoint_sync.bench import (
     Trial,
     budgeted_pages,
     grid,
+    middle_round,
     recommend,
     request_medians,
     settings_of,
@@ -92,12 +93,12 @@ def test_a_setting_is_its_rounds_median_and_range() -> None:
     assert setting.mb_per_s == pytest.approx(150)
     assert setting.spread == pytest.approx((100, 300))
     assert setting.failed == 2  # the files of its worst round
-    assert setting.bytes == int(150e6)  # those of the round in the middle, as its MB/s
+    assert setting.middle == rounds[2]  # the round its MB/s is, whose files and bytes it shows
 
 
 def test_a_setting_is_the_rounds_it_measured_and_names_those_that_failed() -> None:
     error = failed_trial(4, 1)
-    (setting,) = settings_of([error, trial(4, 1, 100), trial(4, 1, 300)])
+    (setting,) = settings_of([error, trial(4, 1, 100), trial(4, 1, 300), trial(4, 1, 200)])
     assert setting.errors == [(1, error.error)]
     assert setting.mb_per_s == pytest.approx(200)  # the round that failed is no 0 MB/s
     assert setting.spread == pytest.approx((100, 300))
@@ -106,6 +107,27 @@ def test_a_setting_is_the_rounds_it_measured_and_names_those_that_failed() -> No
     (none_measured,) = settings_of([error, error])
     assert none_measured.errors == [(1, error.error), (2, error.error)]
     assert (none_measured.mb_per_s, none_measured.spread, none_measured.failed) == (None,) * 3
+
+
+def round_of(files: int, size: int, seconds: float) -> Trial:
+    return Trial(4, 1, files, 0, size, seconds, 0.1, None, None)
+
+
+@pytest.mark.parametrize(
+    ("rounds", "middle"),
+    [
+        ([], None),
+        ([round_of(3, 30, 1)], 0),
+        # Medians figure by figure said 4 files and 20 bytes: no round fetched that.
+        ([round_of(3, 30, 1), round_of(4, 10, 1), round_of(5, 20, 1)], 2),
+        # By MB/s, not seconds: the round of median seconds (0.8 s) is the fastest.
+        ([round_of(5, 50, 0.5), round_of(10, 100, 2), round_of(10, 100, 0.8)], 0),
+        # Of two in the middle, the slower: a real round, not the mean of two.
+        ([round_of(1, 100, 1), round_of(1, 300, 1), round_of(1, 200, 1), round_of(1, 400, 1)], 2),
+    ],
+)
+def test_middle_round(rounds: list[Trial], middle: int | None) -> None:
+    assert middle_round(rounds) is (None if middle is None else rounds[middle])
 
 
 @pytest.mark.parametrize(
@@ -683,18 +705,25 @@ def test_a_setting_whose_rounds_fetched_different_amounts_says_so(
 
     assert result.code == as_json.code == 1, result.stderr + as_json.stderr
     # The row took its files and bytes from the first round: 9 files, with the MB/s of rounds
-    # that fetched 10.
+    # that fetched 10. Now they are those of the round its MB/s is, and the range follows.
     row = result.stdout.splitlines()[2].split()
-    assert row[3] == f"{all_files - 1}-{all_files}"
-    assert row[4:6] == human_bytes(all_bytes).split()  # 3,000 bytes fewer shows the same
+    assert row[3] in (str(all_files - 1), str(all_files))
+    assert row[4] == f"({all_files - 1}-{all_files})"
+    assert row[5:7] == human_bytes(all_bytes).split()  # 3,000 bytes fewer shows the same
     (only,) = json.loads(as_json.stdout)["trials"]
     assert [(r["files"], r["bytes"], r["failed"]) for r in only["rounds"]] == [
         (all_files - 1, all_bytes - small.size, 1),
         (all_files, all_bytes, 0),
         (all_files, all_bytes, 0),
     ]
-    assert (only["files"], only["bytes"], only["failed"]) == (all_files, all_bytes, 1)
+    (middle,) = [r for r in only["rounds"] if r["seconds"] == only["seconds"]]
+    assert (only["files"], only["bytes"], only["mb_per_s"]) == (
+        middle["files"],
+        middle["bytes"],
+        middle["mb_per_s"],
+    )
     assert only["mb_per_s"] == sorted(r["mb_per_s"] for r in only["rounds"])[1]
+    assert only["failed"] == 1  # of its worst round
 
 
 @pytest.mark.anyio
