@@ -898,7 +898,7 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
 
 
 def _bench_command(args: argparse.Namespace, out: _Output) -> int:
-    from .bench import FailedTrial, grid, measured, run_trials
+    from .bench import FailedTrial, grid, measured, run_trials, settings_of
 
     # What the link can do is measured: a limit_rate from the config would measure the limit.
     settings = _settings(args, out).model_copy(update={"limit_rate": 0})
@@ -962,10 +962,23 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
         raise next(t.error for t in trials if isinstance(t, FailedTrial))
     # Empty files fetched measure nothing: every setting would tie at 0 MB/s.
     if not any(t.files and t.bytes for t in ended):
+        # No table names the trials that failed: these lines do.
+        for tried in settings_of(trials):
+            for line in _failed_rounds(tried):
+                out.error(line)
         failure = next((t.first_failure for t in ended if t.first_failure), None)
         if failure is not None:
             # Files were there, every one failed: that is not an empty selection (exit 4).
             return out.failed(f"no file could be fetched; the first: {failure}", EXIT_FILES_FAILED)
+        if len(ended) < len(trials):
+            # Exit 1, as for any trial that failed: the trials that failed never showed what
+            # the selection holds, and exit 4 would send the user to change a selection that
+            # may be right, and tell a script that a rerun is pointless.
+            return out.failed(
+                f"nothing measured: {len(trials) - len(ended)} of {len(trials)} trials failed; "
+                "the others fetched no file, or only empty ones",
+                EXIT_FILES_FAILED,
+            )
         raise NotFoundError("nothing to measure: the selection has no file, or only empty ones")
     return _bench_report(trials, args.rounds, out)
 
@@ -994,14 +1007,13 @@ def _bench_report(
         for line in _bench_table(settings_tried):
             out.answer(line)
         for tried in settings_tried:
-            trial = (
-                f"trial --concurrency {tried.concurrency} --part-size "
-                f"{format_size(tried.part_size)}"
-            )
-            for round_, error in tried.errors:
-                out.error(f"{trial} failed in round {round_}: {error}")
+            for line in _failed_rounds(tried):
+                out.error(line)
             if tried.first_failure is not None:
-                out.error(f"{trial}: {tried.failed} failed, the first: {tried.first_failure}")
+                out.error(
+                    f"{_trial_flags(tried)}: {tried.failed} failed, the first: "
+                    f"{tried.first_failure}"
+                )
         if stopped:
             out.answer("recommended: none (the bench stopped before its end)")
         elif best is None:
@@ -1015,6 +1027,15 @@ def _bench_report(
     ended = measured(trials)
     failed = len(ended) < len(trials) or any(t.failed for t in ended)
     return EXIT_FILES_FAILED if failed else EXIT_OK
+
+
+def _trial_flags(tried: Setting) -> str:
+    return f"trial --concurrency {tried.concurrency} --part-size {format_size(tried.part_size)}"
+
+
+def _failed_rounds(tried: Setting) -> list[str]:
+    """A line for each round of ``tried`` that an error ended."""
+    return [f"{_trial_flags(tried)} failed in round {n}: {error}" for n, error in tried.errors]
 
 
 def _bench_row(tried: Setting) -> dict[str, Any]:

@@ -632,6 +632,48 @@ def test_a_trial_that_fails_is_shown_failed_and_the_others_still_count(
     assert report["recommended"] == {"concurrency": 2, "part_size": 256 << 10}
 
 
+@pytest.mark.parametrize(
+    ("files", "outcome"),
+    [
+        (
+            "empty",
+            "nothing measured: 1 of 2 trials failed; the others fetched no file, or only "
+            "empty ones",
+        ),
+        ("denied", "no file could be fetched; the first: "),
+    ],
+)
+def test_trials_that_failed_where_nothing_was_measured_are_named_and_exit_1(
+    files: str, outcome: str
+) -> None:
+    catalog = job_catalog(checkpoints=1)
+    if files == "empty":
+        for file in catalog.jobs[0].checkpoints[0].files:
+            file.size = 0
+    with ServerThread(catalog) as server:
+        if files == "denied":  # every download answers 403
+            server.faults.denied = {f.name for f in server.files()}
+        bench = job_args(server, "bench", *ONE_CHECKPOINT_TRIALS, "--rounds", "1")
+        server.faults.api_faults = [None, "not-json"]  # the listing of the first trial
+        result = run_cli(*bench)
+        server.faults.api_faults = [None, "not-json"]
+        as_json = run_cli(*bench, "--json")
+
+    # Of empty files, it said "nothing to measure: the selection has no file, or only empty
+    # ones", exit 4; neither outcome named the trial that failed.
+    assert result.code == as_json.code == 1, result.stderr + as_json.stderr
+    trial_failed = (
+        "checkpoint-sync: error: trial --concurrency 2 --part-size 256KiB failed in round 1: "
+        "training job job-1 of project proj: the API answered with something not JSON"
+    )
+    named, told = result.stderr.splitlines()
+    assert named == trial_failed
+    assert told.startswith(f"checkpoint-sync: error: {outcome}")
+    assert "recommended" not in result.stdout
+    assert as_json.stderr.splitlines()[0] == trial_failed
+    assert json.loads(as_json.stdout)["error"].startswith(outcome)
+
+
 @pytest.mark.parametrize(("status", "code"), [("401", 3), ("404", 4)])
 def test_an_error_no_later_trial_could_pass_stops_the_bench_at_once(status: str, code: int) -> None:
     with ServerThread(job_catalog(checkpoints=1)) as server:
