@@ -18,7 +18,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
@@ -77,15 +77,21 @@ def _main(argv: list[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
     except _BadArguments as bad:
-        bad.parser.print_usage(sys.stderr)
         given = sys.argv[1:] if argv is None else argv
         # The argument quoted may be a key the config file holds, or names the variable of:
         # read what of the file can be read (argparse stopped before anything read it).
         for secret in known_secrets(_config_given(given)):
             redact.add(secret)
         wants_json = any(_spelled(token, "--json", 4) for token in given)
-        return _Output(redact, as_json=wants_json).failed(bad.message, UsageError.exit_code)
+        refused = _Output(redact, as_json=wants_json)
+        refused.lines([bad.parser.format_usage()])
+        return refused.finish(refused.failed(bad.message, UsageError.exit_code))
     out = _Output(redact, quiet=getattr(args, "quiet", False), as_json=getattr(args, "json", False))
+    return out.finish(_handled(args, out))
+
+
+def _handled(args: argparse.Namespace, out: _Output) -> int:
+    """The command's exit code, its errors reported."""
     try:
         code: int = args.handler(args, out)
     except CheckpointSyncError as exc:
@@ -115,6 +121,8 @@ class _Output:
     quiet: bool = False
     as_json: bool = False
     json_printed: bool = False
+    # Why standard output could not be written (/dev/full, closed), once it could not.
+    stdout_lost: str | None = None
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
 
@@ -128,13 +136,43 @@ class _Output:
         not progress or a summary, so shown under ``--quiet`` too; ``--json`` has its own
         document."""
         if not self.as_json:
-            print(self._shown(text), file=self.stdout, flush=True)
+            self._print(self._shown(text))
 
     def status(self, text: str) -> None:
-        print(self._shown(text), file=self.stderr, flush=True)
+        self._print_error(self._shown(text))
 
     def error(self, text: str) -> None:
-        print(f"checkpoint-sync: error: {self._shown(text)}", file=self.stderr, flush=True)
+        self._print_error(f"checkpoint-sync: error: {self._shown(text)}")
+
+    def _print(self, text: str) -> None:
+        """A line to stdout; one it cannot take does not stop the run, whose work is done or
+        still to do, but its exit code (`finish`). A reader gone (`| head`) does (`main`)."""
+        if self.stdout_lost is not None:
+            return
+        try:
+            print(text, file=self.stdout, flush=True)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self.stdout_lost = exc.strerror or str(exc)
+            # What the stream still holds is flushed at exit, which would fail again and make
+            # the exit code 120: let /dev/null take it.
+            with suppress(OSError, ValueError):  # a stream with no descriptor (tests)
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, self.stdout.fileno())
+                os.close(null)
+
+    def _print_error(self, text: str) -> None:
+        with suppress(OSError):  # stderr cannot be written: nowhere left to say so
+            print(text, file=self.stderr, flush=True)
+
+    def finish(self, code: int) -> int:
+        """The command's exit code, once it is said that stdout lost what it was given: a run
+        whose plan, table or document was not printed did not do what it was asked."""
+        if self.stdout_lost is None:
+            return code
+        self.error(f"cannot write standard output: {self.stdout_lost}")
+        return code or EXIT_FILES_FAILED
 
     def lines(self, chunks: Iterable[str]) -> None:
         """Text of several lines (a traceback) to stderr, each line shown as one."""
@@ -153,7 +191,7 @@ class _Output:
         # (ensure_ascii, its default), so a name's control, bidirectional or invisible characters
         # reach no terminal this way either: keep that default.
         text = json.dumps(self._redacted(payload), indent=2, allow_nan=False)
-        print(text, file=self.stdout, flush=True)
+        self._print(text)
         self.json_printed = True
 
     def _redacted(self, value: Any) -> Any:

@@ -1,0 +1,58 @@
+"""A real ``python -m checkpoint_sync`` whose standard streams cannot be written
+(``> /dev/full``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import sync_args
+from .support import ServerThread, assert_exact, assert_no_secret, mirrored
+
+pytestmark = pytest.mark.slow
+
+LOST = "checkpoint-sync: error: cannot write standard output: "
+
+
+def run_with(
+    argv: list[str], *, stdout: int | None = None, stderr: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI with ``stdout``/``stderr`` (a descriptor; the default: captured)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "checkpoint_sync", *argv],
+        stdout=subprocess.PIPE if stdout is None else stdout,
+        stderr=subprocess.PIPE if stderr is None else stderr,
+        text=True,
+        timeout=120,
+    )
+    assert_no_secret((done.stdout or "") + (done.stderr or ""))
+    return done
+
+
+@pytest.mark.parametrize("flags", [[], ["--json"], ["--dry-run"]], ids=["text", "json", "plan"])
+def test_a_full_stdout_is_one_line_and_exit_1(
+    server: ServerThread, dest: Path, flags: list[str]
+) -> None:
+    with open("/dev/full", "w") as full:
+        done = run_with(sync_args(server, dest, *flags), stdout=full.fileno())
+
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"{LOST}No space left on device\n"
+    if not flags:  # what the run was for is done
+        for file in server.files():
+            assert_exact(mirrored(dest, "job-1", file), file)
+
+
+def test_a_full_stderr_keeps_the_exit_code_and_stdout_clean(
+    server: ServerThread, dest: Path
+) -> None:
+    argv = sync_args(server, dest, "--checkpoint", "no-such", "--json")
+    with open("/dev/full", "w") as full:
+        done = run_with(argv, stderr=full.fileno())
+
+    assert done.returncode == 4
+    assert json.loads(done.stdout)["exit_code"] == 4
