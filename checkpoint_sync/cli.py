@@ -60,6 +60,7 @@ T = TypeVar("T")
 
 
 def main(argv: list[str] | None = None) -> int:
+    _hold_standard_streams()
     try:
         return _main(argv)
     # Caught around everything, not just the command: `--version`, or the error document of a
@@ -108,6 +109,24 @@ def _handled(args: argparse.Namespace, out: _Output) -> int:
             EXIT_FILES_FAILED,
         )
     return code
+
+
+def _hold_standard_streams() -> None:
+    """Take the numbers of the standard streams the caller closed (`>&-`, `2>&-`, as cron jobs
+    and daemons may) with /dev/null. Left free, the next file opened gets one (the event loop's,
+    a socket, the manifest, a mirrored file): a print would write into it, and uvloop aborts the
+    process when it closes it. Stdout is held read-only, so that what was asked for is not lost
+    unsaid (`_Output.finish`); a closed stderr has no reader to tell."""
+    for fd, flags in ((0, os.O_RDONLY), (1, os.O_RDONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, flags)  # the lowest free number: the lower ones are held
+    # Python has no stream for a number that was closed when it started.
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 -- lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 -- lives as long as the process
 
 
 # --- output ---------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""A real ``python -m checkpoint_sync`` whose standard streams cannot be written
-(``> /dev/full``)."""
+"""A real ``python -m checkpoint_sync`` whose standard streams are as cron jobs, scripts and
+daemons leave them: closed (``>&-``) or full (``> /dev/full``)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ LOST = "checkpoint-sync: error: cannot write standard output: "
 
 
 def run_with(
-    argv: list[str], *, stdout: int | None = None, stderr: int | None = None
+    argv: list[str], *, stdout: int | None = None, stderr: int | None = None, closed: str = ""
 ) -> subprocess.CompletedProcess[str]:
-    """The CLI with ``stdout``/``stderr`` (a descriptor; the default: captured)."""
+    """The CLI with ``stdout``/``stderr`` (a descriptor; the default: captured), and the streams
+    named in ``closed`` ("1", "2") closed, as a shell's ``>&-`` leaves them."""
+    script = "".join(f"exec {fd}>&-; " for fd in closed) + 'exec "$@"'
     done = subprocess.run(
-        [sys.executable, "-m", "checkpoint_sync", *argv],
+        ["sh", "-c", script, "sh", sys.executable, "-m", "checkpoint_sync", *argv],
         stdout=subprocess.PIPE if stdout is None else stdout,
         stderr=subprocess.PIPE if stderr is None else stderr,
         text=True,
@@ -47,12 +49,41 @@ def test_a_full_stdout_is_one_line_and_exit_1(
             assert_exact(mirrored(dest, "job-1", file), file)
 
 
-def test_a_full_stderr_keeps_the_exit_code_and_stdout_clean(
+def test_a_closed_stdout_neither_aborts_nor_writes_into_the_mirror(
     server: ServerThread, dest: Path
 ) -> None:
+    done = run_with(sync_args(server, dest), closed="1")
+
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"{LOST}Bad file descriptor\n"
+    for file in server.files():
+        assert_exact(mirrored(dest, "job-1", file), file)
+    again = run_with(sync_args(server, dest, "--verify", "--json"))
+    assert json.loads(again.stdout)["files"]["damaged"] == 0
+
+
+@pytest.mark.parametrize("closed", ["0", "2", "012"])
+def test_a_closed_stdin_or_stderr_is_no_failure(
+    server: ServerThread, dest: Path, closed: str
+) -> None:
+    # --quiet prints nothing on stdout: nothing is lost when it is closed too.
+    done = run_with(sync_args(server, dest, "--quiet"), closed=closed)
+
+    assert done.returncode == 0, done.stderr
+    for file in server.files():
+        assert_exact(mirrored(dest, "job-1", file), file)
+
+
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "full"])
+def test_an_unwritable_stderr_keeps_the_exit_code_and_stdout_clean(
+    server: ServerThread, dest: Path, closed: bool
+) -> None:
     argv = sync_args(server, dest, "--checkpoint", "no-such", "--json")
-    with open("/dev/full", "w") as full:
-        done = run_with(argv, stderr=full.fileno())
+    if closed:
+        done = run_with(argv, closed="2")
+    else:
+        with open("/dev/full", "w") as full:
+            done = run_with(argv, stderr=full.fileno())
 
     assert done.returncode == 4
     assert json.loads(done.stdout)["exit_code"] == 4
