@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import json
 import math
 import os
@@ -61,6 +62,12 @@ T = TypeVar("T")
 
 def main(argv: list[str] | None = None) -> int:
     _hold_standard_streams()
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            # A name the output's encoding lacks (a Chinese one under PYTHONIOENCODING=ascii
+            # or a Latin-1 locale) is written as the escape `printable` writes for a control
+            # character, not raised as an error that ends the run.
+            stream.reconfigure(errors="backslashreplace")
     try:
         return _main(argv)
     # Caught around everything, not just the command: `--version`, or the error document of a

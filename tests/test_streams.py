@@ -4,14 +4,19 @@ daemons leave them: closed (``>&-``) or full (``> /dev/full``)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from .conftest import sync_args
-from .support import ServerThread, assert_exact, assert_no_secret, mirrored
+from checkpoint_sync.localserver import Catalog, ServedCheckpoint, ServedFile, ServedJob
+
+from .conftest import JOB, PROJECT, job_args, sync_args
+from .support import API_KEY, ServerThread, assert_exact, assert_no_secret, mirrored
 
 pytestmark = pytest.mark.slow
 
@@ -19,15 +24,22 @@ LOST = "checkpoint-sync: error: cannot write standard output: "
 
 
 def run_with(
-    argv: list[str], *, stdout: int | None = None, stderr: int | None = None, closed: str = ""
+    argv: list[str],
+    *,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    closed: str = "",
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """The CLI with ``stdout``/``stderr`` (a descriptor; the default: captured), and the streams
-    named in ``closed`` ("1", "2") closed, as a shell's ``>&-`` leaves them."""
+    """The CLI with ``stdout``/``stderr`` (a descriptor; the default: captured), the streams
+    named in ``closed`` ("1", "2") closed, as a shell's ``>&-`` leaves them, and ``env`` added
+    to the environment."""
     script = "".join(f"exec {fd}>&-; " for fd in closed) + 'exec "$@"'
     done = subprocess.run(
         ["sh", "-c", script, "sh", sys.executable, "-m", "checkpoint_sync", *argv],
         stdout=subprocess.PIPE if stdout is None else stdout,
         stderr=subprocess.PIPE if stderr is None else stderr,
+        env={**os.environ, **(env or {})},
         text=True,
         timeout=120,
     )
@@ -87,3 +99,44 @@ def test_an_unwritable_stderr_keeps_the_exit_code_and_stdout_clean(
 
     assert done.returncode == 4
     assert json.loads(done.stdout)["exit_code"] == 4
+
+
+@pytest.fixture
+def named_in_chinese() -> Iterator[ServerThread]:
+    """A checkpoint and a file whose names are Chinese, and one with an emoji."""
+    files = [
+        ServedFile(0, "检查点-1/模型.bin", 1000, "2026-11-01T00:00:00+00:00", seed=1),
+        ServedFile(0, "检查点-1/🚀.json", 10, "2026-11-01T00:00:00+00:00", seed=2),
+    ]
+    checkpoint = ServedCheckpoint("检查点-1", datetime(2026, 11, 1, tzinfo=UTC), files=files)
+    with ServerThread(Catalog(API_KEY, [ServedJob(PROJECT, JOB, [checkpoint])])) as running:
+        yield running
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+@pytest.mark.parametrize(
+    ("command", "code", "escaped"),
+    [
+        # The summary names the mirror, 镜像.
+        (["sync"], 0, "\\u955c\\u50cf"),
+        (["sync", "--dry-run"], 0, "\\u6a21\\u578b.bin"),  # 模型.bin
+        (["sync", "--dry-run"], 0, "\\U0001f680.json"),  # 🚀.json
+        (["list"], 0, "\\u68c0\\u67e5\\u70b9-1"),  # 检查点-1
+        (["sync", "--checkpoint", "模型"], 4, "\\u68c0\\u67e5\\u70b9-1"),  # it has: ...
+    ],
+    ids=["summary", "plan", "emoji", "list", "error"],
+)
+def test_names_the_output_cannot_encode_are_shown_escaped(
+    named_in_chinese: ServerThread,
+    tmp_path: Path,
+    encoding: str,
+    command: list[str],
+    code: int,
+    escaped: str,
+) -> None:
+    dest = tmp_path / "镜像"
+    argv = [str(a) for a in job_args(named_in_chinese, *command, "--dest", dest)]
+    done = run_with(argv, env={"PYTHONIOENCODING": encoding})
+
+    assert done.returncode == code, done.stderr
+    assert escaped in done.stdout + done.stderr
