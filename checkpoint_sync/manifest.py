@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from .errors import LocalIOError
@@ -124,30 +125,28 @@ class Manifest:
     # --- reading ---------------------------------------------------------------------------------
 
     def recorded(self, path: str) -> Recorded | None:
-        row = self._db.execute(
-            "SELECT size, last_modified FROM files WHERE path = ?", (path,)
-        ).fetchone()
+        row = self._row("SELECT size, last_modified FROM files WHERE path = ?", (path,))
         return Recorded(row[0], row[1]) if row else None
 
     def digest(self, path: str) -> str | None:
-        row = self._db.execute("SELECT digest FROM files WHERE path = ?", (path,)).fetchone()
+        row = self._row("SELECT digest FROM files WHERE path = ?", (path,))
         return row[0] if row else None
 
     def staged(self, path: str, bytes_on_disk: int | None) -> Staged | None:
-        row = self._db.execute(
+        row = self._row(
             "SELECT size, last_modified, part_size, etag FROM staging "
             "LEFT JOIN staging_etags USING (path) WHERE path = ?",
             (path,),
-        ).fetchone()
+        )
         if row is None:
             return None
         done = frozenset(
-            part for (part,) in self._db.execute("SELECT part FROM parts WHERE path = ?", (path,))
+            part for (part,) in self._rows("SELECT part FROM parts WHERE path = ?", (path,))
         )
         return Staged(row[0], row[1], row[2], done, bytes_on_disk, row[3])
 
     def files_in(self, run: str, checkpoint: str) -> Iterator[VerifiedFile]:
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT path, source, run, checkpoint, node_rank, size, last_modified, digest "
             "FROM files WHERE run = ? AND checkpoint = ?",
             (run, checkpoint),
@@ -157,22 +156,35 @@ class Manifest:
 
     def checkpoints_of(self, run: str) -> list[str]:
         """The checkpoint directories of ``run`` that hold recorded files."""
-        rows = self._db.execute("SELECT DISTINCT checkpoint FROM files WHERE run = ?", (run,))
+        rows = self._rows("SELECT DISTINCT checkpoint FROM files WHERE run = ?", (run,))
         return [checkpoint for (checkpoint,) in rows]
 
     def staged_not_listed(self) -> list[str]:
         """Paths of files left in parts that this run's listing did not show."""
-        rows = self._db.execute(
-            "SELECT path FROM staging WHERE path NOT IN (SELECT path FROM listed)"
-        )
+        rows = self._rows("SELECT path FROM staging WHERE path NOT IN (SELECT path FROM listed)")
         return [path for (path,) in rows]
 
     def staged_under(self, prefix: str) -> list[str]:
         """Paths under ``prefix`` of files left in parts."""
-        rows = self._db.execute(
+        rows = self._rows(
             "SELECT path FROM staging WHERE substr(path, 1, ?) = ?", (len(prefix), prefix)
         )
         return [path for (path,) in rows]
+
+    def _rows(self, sql: str, parameters: tuple[object, ...] = ()) -> Iterator[Any]:
+        """The rows of a query, as they are read; a manifest damaged where they lie (random
+        bytes on a page that opening it did not touch) is an error of ours, not SQLite's."""
+        try:
+            # Not `yield from`: this generator left unfinished (its reader stopped on an error)
+            # would close the cursor when it is collected, after the database was closed.
+            for row in self._db.execute(sql, parameters):  # noqa: UP028
+                yield row
+        except sqlite3.DatabaseError as exc:
+            raise _unusable(self.path, exc) from exc
+
+    def _row(self, sql: str, parameters: tuple[object, ...]) -> Any:
+        """The first row of a query, or None."""
+        return next(self._rows(sql, parameters), None)
 
     # --- writing (batched) -----------------------------------------------------------------------
 
@@ -185,15 +197,16 @@ class Manifest:
         )
         if inserted.rowcount == 1:
             return True
-        row = self._db.execute("SELECT version FROM listed WHERE path = ?", (path,)).fetchone()
+        row = self._row("SELECT version FROM listed WHERE path = ?", (path,))
         return None if version is not None and (version,) == row else False
 
     def _write(self, sql: str, parameters: tuple[object, ...]) -> sqlite3.Cursor:
-        """One write into the open transaction; another program's lock or a full disk is ours."""
+        """One write into the open transaction; another program's lock, a full disk or a damaged
+        page is ours."""
         try:
             return self._db.execute(sql, parameters)
-        except sqlite3.OperationalError as exc:
-            raise LocalIOError(f"cannot write the manifest {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise _unusable(self.path, exc) from exc
 
     def begin_staging(self, path: str, size: int, last_modified: str, part_size: int) -> None:
         """Start a new record of ``path``'s parts, forgetting the old one now (committed): it
@@ -277,13 +290,15 @@ class Manifest:
         try:
             self._db.execute(statement)
             self._db.execute("BEGIN")
-        except sqlite3.OperationalError as exc:
-            raise LocalIOError(f"cannot write the manifest {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:
+            raise _unusable(self.path, exc) from exc
 
     def close(self) -> None:
-        self.commit()
-        self._db.execute("COMMIT")
-        self._db.close()
+        try:
+            self.commit()
+            self._write("COMMIT", ())
+        finally:
+            self._db.close()
 
 
 def _unusable(db_path: Path, exc: sqlite3.DatabaseError | OSError) -> LocalIOError:

@@ -8,8 +8,10 @@ run as root in CI); the test is skipped, saying why, where mounting is not allow
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
+import random
 import shutil
 import sqlite3
 import struct
@@ -24,8 +26,9 @@ import pytest
 
 from checkpoint_sync.filesystem import preallocation_pays
 from checkpoint_sync.localserver import Faults
+from checkpoint_sync.manifest import Manifest, VerifiedFile
 
-from .conftest import JOB, job_catalog, sync_args
+from .conftest import JOB, job_args, job_catalog, sync_args
 from .support import ServerThread, assert_exact, mirrored, new_version, run_cli
 from .test_kill import assert_records_true
 
@@ -511,3 +514,50 @@ def test_a_damaged_manifest_is_exit_6_with_the_way_out(server: ServerThread, des
 
     assert result.code == 6, result.stderr
     assert "move it aside to rebuild it" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--dry-run"], ["--verify"], ["--delete"], ["list"]],
+    ids=["sync", "dry-run", "verify", "delete", "list"],
+)
+def test_a_manifest_damaged_past_its_first_page_is_exit_6_with_the_way_out(
+    server: ServerThread, dest: Path, flags: list[str]
+) -> None:
+    # Random bytes on its second and third pages (tables'): opening it reads only the first,
+    # whose schema is intact, so the damage shows when a table is read or written, mid-run.
+    assert run_cli(*sync_args(server, dest)).code == 0
+    manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
+    with manifest.open("r+b") as damaged:
+        damaged.seek(4096)
+        damaged.write(random.Random(5).randbytes(8192))
+
+    if flags == ["list"]:
+        result = run_cli(*job_args(server, "list", "--dest", dest))
+    else:
+        result = run_cli(*sync_args(server, dest, *flags))
+
+    assert result.code == 6, result.stderr
+    assert "internal error" not in result.stderr
+    assert "move it aside to rebuild it" in result.stderr
+    for file in server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_a_manifest_read_left_unfinished_is_quiet_once_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As `list --dest` leaves one when a mirrored file cannot be looked up: the rows' reader
+    # goes, the manifest is closed, and the reader is collected after.
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    manifest = Manifest(tmp_path / "manifest.sqlite3")
+    for name in ("a", "b"):
+        manifest.record_verified(VerifiedFile(f"r/c/0/{name}", "s", "r", "c", 0, 1, "t", "d"))
+    rows = manifest.files_in("r", "c")
+    next(rows)
+    manifest.close()
+    del rows
+    gc.collect()
+
+    assert unraisable == []
