@@ -7,6 +7,7 @@ pathlib objects cost several times more on listings of a million entries.
 from __future__ import annotations
 
 import os
+import sys
 
 import xxhash
 
@@ -18,6 +19,10 @@ STATE_DIR = ".checkpoint-sync"
 # only fail at the rename into place, after its whole download.
 NAME_MAX = 255
 
+
+# How this process names files on disk: the locale's encoding. UTF-8 under a UTF-8 locale, and
+# under C or POSIX too (Python coerces them); Latin-1 under LANG=en_US.ISO-8859-1, say.
+FILE_NAME_ENCODING = sys.getfilesystemencoding()
 
 # No character takes more than 4 bytes in UTF-8: a name this short needs no encoding to know
 # that it fits (listings of a million entries check every one).
@@ -62,8 +67,9 @@ def safe_relative_path(path: str, what: str = "file name") -> str:
 MAX_NODE_RANK = (1 << 63) - 1
 
 
-def mirror_path(file: RemoteFile) -> str:
-    """``<run>/<checkpoint>/<node_rank>/<path>``, relative to DEST, or `UnsafePathError`."""
+def mirror_path(file: RemoteFile, encoding: str = FILE_NAME_ENCODING) -> str:
+    """``<run>/<checkpoint>/<node_rank>/<path>``, relative to DEST, or `UnsafePathError`; also
+    where file names in ``encoding`` cannot hold it."""
     run = safe_segment(file.run, "run")
     if run == STATE_DIR:
         raise UnsafePathError(f"run '{run}' would overwrite checkpoint-sync's own state")
@@ -72,7 +78,18 @@ def mirror_path(file: RemoteFile) -> str:
     if file.node_rank > MAX_NODE_RANK:
         raise UnsafePathError(f"node rank {file.node_rank} is out of range")
     checkpoint = safe_segment(file.checkpoint, "checkpoint")
-    return f"{run}/{checkpoint}/{file.node_rank}/{safe_relative_path(file.path)}"
+    relative = f"{run}/{checkpoint}/{file.node_rank}/{safe_relative_path(file.path)}"
+    if encoding != "utf-8":  # which writes any name a listing can give
+        try:
+            relative.encode(encoding)
+        except UnicodeEncodeError as exc:
+            # Else the run would end at the first such file, not fail it alone.
+            lacking = relative[exc.start]
+            raise UnsafePathError(
+                f"'{relative}' cannot be a file name under this locale: its encoding "
+                f"({encoding}) has no '{lacking}'; run with a UTF-8 one (LANG=C.UTF-8)"
+            ) from None
+    return relative
 
 
 def mirror_path_parts(relative: str) -> tuple[str, str, int, str]:

@@ -103,3 +103,24 @@ def test_staging_names_are_flat_and_distinct() -> None:
     assert a != b
     assert "/" not in a
     assert a.endswith(".part")
+
+
+@pytest.mark.parametrize(
+    ("path", "encoding", "lacking"),
+    [
+        ("模型.bin", "latin-1", "模"),
+        ("sub/🚀", "iso8859-1", "🚀"),
+        ("café.json", "ascii", "é"),
+    ],
+)
+def test_a_name_the_locale_cannot_write_fails_alone(path: str, encoding: str, lacking: str) -> None:
+    with pytest.raises(UnsafePathError, match=f"its encoding \\({encoding}\\) has no '{lacking}'"):
+        mirror_path(listed(path), encoding)
+
+
+@pytest.mark.parametrize(
+    ("path", "encoding"),
+    [("café.json", "latin-1"), ("模型.bin", "utf-8"), ("plain.bin", "ascii")],
+)
+def test_a_name_the_locale_can_write_is_mirrored_as_listed(path: str, encoding: str) -> None:
+    assert mirror_path(listed(path), encoding) == f"job/checkpoint-10/0/{path}"

@@ -1,5 +1,6 @@
 """A real ``python -m checkpoint_sync`` whose standard streams are as cron jobs, scripts and
-daemons leave them: closed (``>&-``) or full (``> /dev/full``)."""
+daemons leave them: closed (``>&-``) or full (``> /dev/full``), and under locales whose
+encoding lacks the characters of names."""
 
 from __future__ import annotations
 
@@ -140,3 +141,31 @@ def test_names_the_output_cannot_encode_are_shown_escaped(
 
     assert done.returncode == code, done.stderr
     assert escaped in done.stdout + done.stderr
+
+
+@pytest.fixture
+def latin1_locale(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of a Latin-1 locale, as older systems' cron jobs have, compiled here."""
+    where = tmp_path_factory.mktemp("locales")
+    try:
+        subprocess.run(
+            ["localedef", "-i", "en_US", "-f", "ISO-8859-1", str(where / "en_US.ISO-8859-1")],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("localedef cannot compile a Latin-1 locale here")
+    return {"LOCPATH": str(where), "LANG": "en_US.ISO-8859-1", "LC_ALL": "en_US.ISO-8859-1"}
+
+
+def test_a_name_a_latin1_locale_cannot_write_fails_alone(
+    named_in_chinese: ServerThread, dest: Path, latin1_locale: dict[str, str]
+) -> None:
+    done = run_with(sync_args(named_in_chinese, dest, "--json"), env=latin1_locale)
+
+    assert done.returncode == 1, done.stderr
+    failures = json.loads(done.stdout)["failures"]
+    assert len(failures) == 2
+    assert all("LANG=C.UTF-8" in failure["error"] for failure in failures)
+    assert "internal error" not in done.stderr
