@@ -50,6 +50,8 @@ from .transfer import TransferSettings
 from .wire import HttpClient
 
 if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
+
     from .bench import FailedTrial, Setting, Trial
     from .listing import Row
 
@@ -94,6 +96,11 @@ def _main(argv: list[str] | None) -> int:
         refused = _Output(redact, as_json=wants_json)
         refused.lines([bad.parser.format_usage()])
         return refused.finish(refused.failed(bad.message, UsageError.exit_code))
+    except BrokenPipeError:  # `main` ends the run quietly
+        raise
+    except OSError as exc:  # `--help` or `--version` into a stdout that cannot take it
+        _silence_stdout(sys.stdout)
+        return _Output(redact, stdout_lost=exc.strerror or str(exc)).finish(EXIT_OK)
     out = _Output(redact, quiet=getattr(args, "quiet", False), as_json=getattr(args, "json", False))
     return out.finish(_handled(args, out))
 
@@ -139,6 +146,15 @@ def _hold_standard_streams() -> None:
 # --- output ---------------------------------------------------------------------------------------
 
 
+def _silence_stdout(stdout: TextIO) -> None:
+    """Let /dev/null take what ``stdout`` still holds, once it could not be written: its flush
+    at exit would fail again and make the exit code 120."""
+    with suppress(OSError, ValueError):  # a stream with no descriptor (tests)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, stdout.fileno())
+        os.close(null)
+
+
 @dataclass
 class _Output:
     """Every line the program prints passes through here, and through the redactor."""
@@ -181,12 +197,7 @@ class _Output:
             raise
         except OSError as exc:
             self.stdout_lost = exc.strerror or str(exc)
-            # What the stream still holds is flushed at exit, which would fail again and make
-            # the exit code 120: let /dev/null take it.
-            with suppress(OSError, ValueError):  # a stream with no descriptor (tests)
-                null = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(null, self.stdout.fileno())
-                os.close(null)
+            _silence_stdout(self.stdout)
 
     def _print_error(self, text: str) -> None:
         with suppress(OSError):  # stderr cannot be written: nowhere left to say so
@@ -262,10 +273,18 @@ class _BadArguments(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """argparse's, but an argument it cannot use goes back to `main`, which reports it like any
-    other usage error (with ``--json``, as a document too)."""
+    other usage error (with ``--json``, as a document too), and so does a help text that
+    stdout cannot take (argparse drops it and exits 0)."""
 
     def error(self, message: str) -> NoReturn:
         raise _BadArguments(self, message)
+
+    def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
+        if message:
+            stream = file or sys.stderr
+            stream.write(message)
+            if isinstance(stream, io.IOBase):  # now, so that a stdout that fails says so
+                stream.flush()
 
 
 def _spelled(token: str, option: str, shortest: int) -> bool:
@@ -317,7 +336,7 @@ class _Version(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
         from .tls import openssl_version
 
-        print(f"checkpoint-sync {__version__} (HTTPS: {openssl_version()})")
+        print(f"checkpoint-sync {__version__} (HTTPS: {openssl_version()})", flush=True)
         parser.exit()
 
 

@@ -62,6 +62,18 @@ def test_a_full_stdout_is_one_line_and_exit_1(
             assert_exact(mirrored(dest, "job-1", file), file)
 
 
+@pytest.mark.parametrize(
+    "argv", [["--version"], ["--help"], ["sync", "--help"]], ids=["version", "help", "sync-help"]
+)
+def test_help_or_version_into_a_full_stdout_is_one_line_and_exit_1(argv: list[str]) -> None:
+    # argparse prints these itself, before the output of a command exists.
+    with open("/dev/full", "w") as full:
+        done = run_with(argv, stdout=full.fileno())
+
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == f"{LOST}No space left on device\n"
+
+
 def test_a_closed_stdout_neither_aborts_nor_writes_into_the_mirror(
     server: ServerThread, dest: Path
 ) -> None:
