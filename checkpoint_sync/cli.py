@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -298,7 +299,7 @@ def _config_given(tokens: list[str]) -> Path | None:
     """The config file of arguments argparse refused: the last ``--config F`` (or ``--conf F``,
     ``--config=F``), as argparse takes it."""
     given = None
-    for token, following in zip(tokens, [*tokens[1:], ""], strict=True):
+    for token, following in itertools.pairwise([*tokens, ""]):
         if _spelled(token, "--config", 6):
             given = token.partition("=")[2] if "=" in token else following
     return Path(given).expanduser() if given else None

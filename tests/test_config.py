@@ -290,6 +290,25 @@ def test_a_bad_url_is_refused_without_its_password() -> None:
     assert "hunter2" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["sync", "--config"], "argument --config: expected one argument"),
+        (["sync", "--conf=x.toml", "--bogus"], "unrecognized arguments: --bogus"),
+        (["--json"], "the following arguments are required: COMMAND"),
+    ],
+    ids=["nothing", "config-without-file", "config-and-bogus", "json-alone"],
+)
+def test_arguments_argparse_refuses_are_usage_errors(argv: list[str], message: str) -> None:
+    # The config file named among them is read for keys to redact: even when nothing is named.
+    result = run_cli(*argv)
+
+    assert result.code == 2
+    assert result.stderr.startswith("usage: checkpoint-sync")
+    assert result.stderr.endswith(f"checkpoint-sync: error: {message}\n")
+
+
 def test_missing_config_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="does not exist"):
         load_settings(tmp_path / "nope.toml", {}, {})
