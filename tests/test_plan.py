@@ -34,9 +34,11 @@ from checkpoint_sync.sources.base import (
 )
 
 
-def checkpoint(name: str, hour: int, state: SyncState = SyncState.COMPLETE) -> Checkpoint:
+def checkpoint(
+    name: str, hour: int, state: SyncState = SyncState.COMPLETE, key: str | None = None
+) -> Checkpoint:
     return Checkpoint(
-        key=name,
+        key=key or name,
         name=name,
         run="run",
         created_at=datetime(2026, 1, 1, hour, tzinfo=UTC),
@@ -81,6 +83,25 @@ def test_select_checkpoints(
     chosen = select_checkpoints(RUN, names=names, latest=latest, include_syncing=include_syncing)
     assert [c.name for c in chosen.checkpoints] == selected
     assert [c.name for c in chosen.syncing] == syncing
+
+
+# Loops: a checkpoint's id is not its name; --checkpoint takes either (README).
+BY_ID = [checkpoint("step-1", 1, key="id-1"), checkpoint("step-2", 2, key="id-2")]
+
+
+@pytest.mark.parametrize(
+    ("names", "selected"),
+    [
+        (("id-1",), ["step-1"]),
+        (("step-2",), ["step-2"]),
+        (("id-1", "step-2"), ["step-1", "step-2"]),
+    ],
+)
+def test_a_checkpoint_is_named_by_its_id_or_its_name(
+    names: tuple[str, ...], selected: list[str]
+) -> None:
+    chosen = select_checkpoints(BY_ID, names=names)
+    assert [c.name for c in chosen.checkpoints] == selected
 
 
 @pytest.mark.parametrize("include_syncing", [False, True])
@@ -128,6 +149,23 @@ def test_latest_names_a_newer_checkpoint_of_another_status_it_did_not_take(
     )
     assert [c.name for c in chosen.checkpoints] == ["c4" if include_syncing else "c3"]
     assert chosen.other_status == [newer_failed]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        # No older one than the c3 it took, nor one as old: they are not newer.
+        checkpoint("s2", 2, SyncState.SYNCING),
+        checkpoint("s3", 3, SyncState.SYNCING),
+        checkpoint("f3", 3, SyncState.OTHER),
+    ],
+)
+def test_latest_names_no_checkpoint_that_is_not_newer_than_the_one_it_took(
+    extra: Checkpoint,
+) -> None:
+    chosen = select_checkpoints([*RUN, extra], latest=True)
+    assert [c.name for c in chosen.checkpoints] == ["c3"]
+    assert ([c.name for c in chosen.syncing], chosen.other_status) == (["c4"], [])
 
 
 UNREADABLE = UnreadableCheckpoint(
@@ -218,6 +256,30 @@ def test_latest_names_a_newer_unreadable_checkpoint_it_passed_over(
     assert chosen.passed_over == ([unreadable] if passed_over else [])
 
 
+def at_step(step: int) -> Checkpoint:
+    """A W&B checkpoint: its list tells no times, only steps."""
+    return Checkpoint(f"v{step}", f"step-{step}", "model", None, 1, SyncState.COMPLETE, step)
+
+
+@pytest.mark.parametrize(
+    ("step", "passed_over"),
+    [
+        (40, True),  # a higher step than the one taken: said
+        (25, False),
+        (None, True),  # its step unknown: it may be newer
+    ],
+)
+def test_latest_of_a_run_that_tells_no_times_goes_by_step(
+    step: int | None, passed_over: bool
+) -> None:
+    # README (W&B): --latest takes the highest step, and tells an unreadable entry newer than
+    # it by its step.
+    unreadable = UnreadableCheckpoint("u-id", "model/u", "...", step=step)
+    chosen = select_checkpoints([at_step(10), at_step(30), at_step(20), unreadable], latest=True)
+    assert [c.name for c in chosen.checkpoints] == ["step-30"]
+    assert chosen.passed_over == ([unreadable] if passed_over else [])
+
+
 @pytest.mark.parametrize(
     ("status", "state"),
     [
@@ -236,6 +298,12 @@ def test_sync_status_spellings(status: str | None, state: SyncState) -> None:
     ("available", "names", "latest", "message"),
     [
         (RUN, ("nope",), False, r"checkpoint nope not found in the run \(it has: c1, c3"),
+        (
+            [],
+            ("nope", "nada"),
+            False,
+            r"checkpoint nope, nada not found in the run \(it has: none\)",
+        ),
         (RUN, ("c4",), True, "no complete checkpoint"),
         ([checkpoint("s", 1, SyncState.SYNCING)], (), True, "no complete checkpoint"),
         # A status the pages do not name is not "none reported": never taken as the latest.
@@ -275,6 +343,7 @@ def test_skip_rule(recorded: Recorded | None, local_size: int | None, current: b
     ("size", "part_size", "parts"),
     [
         (0, 10, [Part(0, 0, 0)]),
+        (1, 10, [Part(0, 0, 1)]),
         (5, 10, [Part(0, 0, 5)]),
         (10, 10, [Part(0, 0, 10)]),
         (25, 10, [Part(0, 0, 10), Part(1, 10, 20), Part(2, 20, 25)]),
@@ -395,6 +464,12 @@ LISTING = [(0, "model.safetensors"), (0, "optimizer.pt"), (1, "model.safetensors
         (FileFilter(include=("*.pt",)), [False, True, False, True], None),
         (FileFilter(frozenset({1}), ("*.pt",)), [False, False, False, True], None),
         (FileFilter(frozenset({7})), [False, False, False, True], "no file of node rank 7"),
+        # A mistyped rank beside a good one (`list`, and a sync of complete listings).
+        (
+            FileFilter(frozenset({0, 7})),
+            [True, True, False, True],
+            r"no file of node rank 7 in the selected checkpoints \(they have ranks 0, 1\)",
+        ),
         (FileFilter(exclude=("*",)), [False, False, False, True], None),  # the unreadable entry
     ],
 )
@@ -414,8 +489,11 @@ def test_a_tally_counts_what_a_filter_takes_of_a_listing(
 def test_a_tally_of_patterns_that_took_nothing_is_not_found() -> None:
     tally = Tally(FileFilter(include=("*.bin",)))
     assert not any(tally.takes(rank, path) for rank, path in LISTING[:3])
-    with pytest.raises(NotFoundError, match=r"no listed file matches --include '\*\.bin'"):
+    with pytest.raises(NotFoundError) as caught:
         tally.check()
+    assert str(caught.value) == (
+        "no listed file matches --include '*.bin' in the selected checkpoints (3 left out)"
+    )
 
 
 WHOLE = {"job": frozenset({"c1", "c2"})}
@@ -476,6 +554,10 @@ def test_whole_list(directories: list[str | None], whole: dict[str, frozenset[st
 def test_implausible_sizes_are_refused(size: int) -> None:
     with pytest.raises(IntegrityError, match="not a plausible file size"):
         check_listed_size(remote(size=size))
+
+
+def test_an_empty_file_is_a_plausible_size() -> None:
+    check_listed_size(remote(size=0))
 
 
 @pytest.mark.parametrize(
