@@ -36,6 +36,21 @@ def test_mirror_path(path: str, expected: str) -> None:
     assert mirror_path_parts(expected) == ("job", "checkpoint-10", 0, path)
 
 
+@pytest.mark.parametrize(
+    ("run", "checkpoint", "rank"),
+    [
+        # Names up to 255 bytes, whatever their length in characters (254 bytes here).
+        ("r" * 255, "c", 0),
+        ("job", "é" * 127, 0),
+        ("job", "c", (1 << 63) - 1),  # the highest rank the manifest can keep
+    ],
+)
+def test_names_and_ranks_up_to_their_limits_are_mirrored(
+    run: str, checkpoint: str, rank: int
+) -> None:
+    assert mirror_path(listed("f", run, checkpoint, rank)) == f"{run}/{checkpoint}/{rank}/f"
+
+
 def test_mirror_path_parts_read_back_what_mirror_path_wrote() -> None:
     relative = mirror_path(listed("sub/7/a.bin", "run-1", "weights-step-3", 12))
     assert mirror_path_parts(relative) == ("run-1", "weights-step-3", 12, "sub/7/a.bin")
@@ -55,6 +70,7 @@ def test_mirror_path_parts_read_back_what_mirror_path_wrote() -> None:
         ("a//b", "empty"),
         ("./a", "'.'"),
         ("a/", "empty"),
+        ("a/./b", "file name 'a/./b' has an empty or '.' segment"),
         ("d/" + "n" * 256, "longer than 255 bytes"),
         ("é" * 128 + "/f", "longer than 255 bytes"),  # 256 bytes in UTF-8
     ],
@@ -70,6 +86,8 @@ def test_unsafe_relative_paths(path: str, reason: str) -> None:
         ("..", "c", 0, "not a usable name"),
         ("a/b", "c", 0, "slash"),
         ("job", "", 0, "not a usable name"),
+        ("job", ".", 0, "checkpoint '.' is not a usable name"),  # the run's own directory
+        ("a\0b", "c", 0, "run 'a\0b' contains a NUL byte"),
         ("job", "c\\d", 0, "backslash"),
         (".checkpoint-sync", "c", 0, "own state"),
         ("job", "c", -1, "negative"),
