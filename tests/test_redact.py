@@ -23,6 +23,8 @@ from .support import run_cli
         # refuses, is cut by hand.
         ("https://user:pw@host:99999/p?sig=1", "https://host:99999/p?<redacted>"),
         ("http://[::1/objects/1?X-Amz-Signature=s", "http://[::1/objects/1?<redacted>"),
+        ("https://user:pw@[::1/o#frag", "https://[::1/o"),
+        ("http://[::1/o?sig=s?more=t", "http://[::1/o?<redacted>"),  # all after the first "?"
     ],
 )
 def test_redact_url(url: str, shown: str) -> None:
@@ -39,14 +41,16 @@ def test_redactor_removes_keys_and_query_strings_once() -> None:
 def test_short_strings_are_not_treated_as_secrets() -> None:
     redact = Redactor(["ab"])
     redact.add("")
+    redact.add("abc")
     assert redact("abc") == "abc"
 
 
 def test_a_secret_containing_another_is_removed_whole() -> None:
-    for secrets in (["abcd", "abcdefgh"], ["abcdefgh", "abcd"]):
+    # Longest first, whichever way they are given or would sort ("abcdefgh" before "bcde").
+    for secrets in (["bcde", "abcdefgh"], ["abcdefgh", "bcde"]):
         redact = Redactor(secrets)
         assert redact("key abcdefgh") == "key <redacted>"
-    grown = Redactor(["abcd"])
+    grown = Redactor(["bcde"])
     grown.add("abcdefgh")
     assert grown("key abcdefgh") == "key <redacted>"
 
