@@ -159,6 +159,9 @@ def test_stops_bench(error: CheckpointSyncError, stops: bool) -> None:
         ([], None, None),
         ([(0.001, 100, 0.1)], 1.0, None),  # too small to tell a rate
         ([(0.001, 2_000_000, 1.0), (0.003, 4_000_000, 1.0), (0.002, 10, 1.0)], 2.0, 3.0),
+        ([(0.002, 1 << 20, 0.5)], 2.0, 2.097152),  # 1 MiB, the least that tells a rate
+        # A request timed at no time at all (a coarse clock) tells no rate.
+        ([(0.001, 2_000_000, 0.0), (0.003, 4_000_000, 2.0)], 2.0, 2.0),
     ],
 )
 def test_request_medians(
