@@ -181,7 +181,9 @@ class Faults:
     # at once reach the server in no set order.
     page_faults: dict[int, str] = field(default_factory=dict)
     # File listings that never end: "stuck" hands back the page_token it was given, "repeat"
-    # hands out ever larger tokens and repeats the last page once the files run out.
+    # hands out ever larger tokens and repeats the last page once the files run out, "empty"
+    # hands out ever larger tokens and empty pages once they run out (NOTES.md: a client stops
+    # on an empty page).
     endless_listing: str | None = None
     # How many entries a page of a file listing holds, from its offset and the page_size asked
     # for (None: as many as asked), as an API that caps page_size or ends pages where it likes.
@@ -515,6 +517,8 @@ class LocalServer:
             next_token = token
         elif self.faults.endless_listing == "repeat":
             page, next_token = page or entries[-page_size:], following
+        elif self.faults.endless_listing == "empty":
+            next_token = following
         answer = web.json_response(
             {
                 "presigned_urls": [

@@ -668,6 +668,23 @@ async def test_a_walk_held_up_elsewhere_keeps_one_page_ahead(server: ServerThrea
     assert ahead == [*[1] * 14, 0]
 
 
+@pytest.mark.anyio
+async def test_a_listing_whose_tokens_run_on_past_its_files_ends_at_the_empty_page(
+    server: ServerThread,
+) -> None:
+    # NOTES.md: a client stops on an empty page. The token after the last file is not a listing
+    # that goes on past its total_count.
+    server.faults.endless_listing = "empty"
+    async with job_files(server) as pages:
+        listed = [
+            (entry.node_rank, entry.relative_file_name)
+            async for _, page in pages
+            for entry in page
+            if isinstance(entry, CheckpointFile)
+        ]
+    assert listed == [(f.node_rank, f.name) for f in server.catalog.files()]
+
+
 @pytest.mark.parametrize(
     ("page_length", "page_numbers", "requests"),
     [
