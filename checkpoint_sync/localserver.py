@@ -203,15 +203,32 @@ class Faults:
 
 
 @dataclass
+class InFlight:
+    """Requests being answered now, and the most there ever were at once."""
+
+    now: int = 0
+    most: int = 0
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            yield
+        finally:
+            self.now -= 1
+
+
+@dataclass
 class Traffic:
     """What clients asked for, for tests to assert on."""
 
     object_requests: int = 0
     object_bytes_sent: int = 0
+    # Object bodies being sent (what a client's connection count shows).
+    objects_in_flight: InFlight = field(default_factory=InFlight)
     api_requests: int = 0
-    # API requests being answered now, and the most there ever were at once.
-    api_in_flight: int = 0
-    api_in_flight_most: int = 0
+    api_in_flight: InFlight = field(default_factory=InFlight)
     ranges: list[tuple[str, int, int]] = field(default_factory=list)
     # How often each object fault was injected.
     faults: dict[str, int] = field(default_factory=dict)
@@ -426,16 +443,11 @@ class LocalServer:
     @contextlib.asynccontextmanager
     async def _api_request(self) -> AsyncIterator[None]:
         """An API request counted while it is answered, `Faults.api_delay` late."""
-        traffic = self.traffic
-        traffic.api_requests += 1
-        traffic.api_in_flight += 1
-        traffic.api_in_flight_most = max(traffic.api_in_flight_most, traffic.api_in_flight)
-        try:
+        self.traffic.api_requests += 1
+        with self.traffic.api_in_flight.counted():
             if self.faults.api_delay:
                 await asyncio.sleep(self.faults.api_delay)
             yield
-        finally:
-            traffic.api_in_flight -= 1
 
     def _find_job(self, request: web.Request) -> ServedJob:
         job = self.catalog.job(request.match_info["project"], request.match_info["job"])
@@ -751,7 +763,7 @@ class LocalServer:
             response.headers["Content-Range"] = f"bytes {start + shift}-{end - 1 + shift}/{total}"
         # A client that goes away (`demo` stopped by Ctrl-C) is no error of ours: aiohttp would
         # log it, and with no logging set up Python prints that traceback on stderr.
-        with contextlib.suppress(ConnectionResetError):
+        with contextlib.suppress(ConnectionResetError), self.traffic.objects_in_flight.counted():
             await response.prepare(request)
             await self._send_body(request, response, file, start, end, fault)
         return response

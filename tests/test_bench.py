@@ -356,6 +356,25 @@ def test_bench_measures_the_link_not_the_configured_rate_limit(
     assert trial["mb_per_s"] > 0.1  # a hundred times the limit
 
 
+@pytest.mark.parametrize(("concurrency", "part_size"), [(1, 256 << 10), (3, 512 << 10)])
+def test_a_trial_fetches_with_its_own_concurrency_and_part_size(
+    tmp_path: Path, concurrency: int, part_size: int
+) -> None:
+    # Throttled, so that a trial's requests overlap as far as its concurrency lets them: a
+    # trial run on the defaults (16, 64 MiB) would be measured under another setting's name.
+    catalog = job_catalog(checkpoints=1, small_files=0)  # two files of 1 MiB and a bit
+    with ServerThread(catalog, faults=Faults(throttle=2_000_000)) as server:
+        flags = ["--concurrency", str(concurrency), "--part-size", str(part_size), "--rounds", "1"]
+        result = run_cli(*job_args(server, "bench", *flags, "--scratch", tmp_path, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert server.traffic.objects_in_flight.most == concurrency
+    assert max(end - start for _, start, end in server.traffic.ranges) == part_size
+    # The trial's own CPU time, not the process's since it started (a second and more here).
+    (row,) = json.loads(result.stdout)["trials"]
+    assert 0 < row["cpu_seconds"] <= row["seconds"] * (os.cpu_count() or 1) + 0.2
+
+
 def test_the_recommended_part_size_is_the_one_measured(server: ServerThread) -> None:
     args = ["--concurrency", "2", "--part-size", "1000000", "--max-bytes", "2MiB"]
     result = run_cli(*job_args(server, "bench", *args))

@@ -377,7 +377,7 @@ def test_one_re_read_of_a_page_serves_every_file_whose_url_expired(dest: Path) -
             assert_exact(mirrored(dest, JOB, file), file)
         # The checkpoint list and the page, then the page read again: once, not once per file.
         assert server.traffic.api_requests == 2 + 1
-        assert server.traffic.api_in_flight_most == 1
+        assert server.traffic.api_in_flight.most == 1
         # Counted per file, as when each file read the page itself.
         assert json.loads(result.stdout)["url_refreshes"] == len(files)
 

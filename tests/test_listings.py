@@ -650,7 +650,7 @@ async def test_a_walk_that_waits_for_its_pages_asks_for_up_to_8_at_once(
     server.faults.api_delay = 0.05
     async with job_files(server) as pages:
         assert len([page async for page in pages]) == 15
-    assert server.traffic.api_in_flight_most == PAGES_AHEAD
+    assert server.traffic.api_in_flight.most == PAGES_AHEAD
     assert server.traffic.api_requests == 15  # each page asked for once, at the offset it had
 
 

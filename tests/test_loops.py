@@ -630,7 +630,7 @@ async def test_the_next_checkpoints_listings_are_asked_for_while_one_is_planned(
             pages = [page async for page in source.file_pages(selected)]
         # Its latency is paid once for 8 listings, not checkpoint after checkpoint.
         # 8 ahead, and the one being walked if its answer is still to come.
-        assert LISTINGS_AHEAD <= server.traffic.api_in_flight_most <= 1 + LISTINGS_AHEAD
+        assert LISTINGS_AHEAD <= server.traffic.api_in_flight.most <= 1 + LISTINGS_AHEAD
         assert server.traffic.api_requests == 1 + 14  # each listing asked for once
     # Each checkpoint's files, in the order of the checkpoints, as if listed one after another.
     listed = [

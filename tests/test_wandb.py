@@ -760,7 +760,7 @@ async def test_the_next_checkpoints_artifact_files_are_asked_for_while_one_is_pl
             pages = [page async for page in source.file_pages(selected)]
         # Its latency is paid once for 8 versions' files, not checkpoint after checkpoint.
         # 8 ahead, and the one being walked if its answer is still to come.
-        assert LISTINGS_AHEAD <= server.traffic.api_in_flight_most <= 1 + LISTINGS_AHEAD
+        assert LISTINGS_AHEAD <= server.traffic.api_in_flight.most <= 1 + LISTINGS_AHEAD
         assert server.traffic.api_requests == listed + 12  # each version's files asked once
     # Each checkpoint's files, in the order of the checkpoints.
     files = [(f.checkpoint, f.path) for page in pages for f in page if isinstance(f, RemoteFile)]
