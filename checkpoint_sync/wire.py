@@ -509,18 +509,19 @@ class _Connection(asyncio.BufferedProtocol, Body):
             # dropped by the next request, whose answer the rest of them would have begun.
             raise ValueError("bytes past the answer")
         self._answered = True
-        end = self._buffer.find(b"\r\n\r\n", max(0, start - 3), self._filled)
-        if end < 0:
-            if self._filled > MAX_HEAD:
+        while True:
+            # The head begins at _base: past the interim answers (100, 103) before it, whose
+            # bytes count towards MAX_HEAD too, so that a server sending them without end
+            # neither grows the buffer nor keeps us parsing.
+            end = self._buffer.find(b"\r\n\r\n", max(self._base, start - 3), self._filled)
+            if end < 0 and self._filled <= MAX_HEAD:
+                return  # the rest of the head is still to come
+            if end < 0 or end > MAX_HEAD:
                 raise ValueError("response head too large")
-            return
-        status, headers = _parse_head(bytes(self._view[:end]))
-        if 100 <= status < 200:  # an interim answer: the real one follows
-            rest = bytes(self._view[end + 4 : self._filled])
-            self._view[: len(rest)] = rest
-            self._filled = len(rest)
-            self._head_arrived(0)
-            return
+            status, headers = _parse_head(bytes(self._view[self._base : end]))
+            if not 100 <= status < 200:
+                break
+            self._base = end + 4  # an interim answer: the real one follows
         self._keep_alive = headers.get("connection", "").lower() != "close"
         if status in (204, 304):
             self._remaining = 0

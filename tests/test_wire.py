@@ -107,13 +107,26 @@ CHUNKED = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
         + [CHUNKED[i : i + 1] for i in range(len(CHUNKED))],
         # An interim 100 answer before the real one.
         [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhello world"],
+        [
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </b>\r\n\r\nHTTP/1.1 200 OK\r\n",
+            b"Content-Length: 11\r\n\r\nhello world",
+        ],
         # The head itself cut in pieces.
         [b"HTTP/1.1 200 OK\r", b"\nContent-Le", b"ngth: 11\r\n\r", b"\nhello world"],
         # One length said twice (a proxy adding its own), as browsers and RFC 9110 accept it.
         [b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Length: 11\r\n\r\nhello world"],
         [b"HTTP/1.1 200 OK\r\nContent-Length: 11, 11\r\n\r\nhello world"],
     ],
-    ids=["content-length", "chunked", "interim-100", "split-head", "twice", "listed-twice"],
+    ids=[
+        "content-length",
+        "chunked",
+        "interim-100",
+        "interim-103-twice",
+        "split-head",
+        "twice",
+        "listed-twice",
+    ],
 )
 async def test_bodies_arrive_exactly(answer: list[bytes]) -> None:
     server = Server(lambda _: answer)
@@ -260,6 +273,9 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         # The bytes past the size were taken for the CRLF that ends the chunk, and dropped.
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX: " + b"y" * (70 << 10),
+        # Each was parsed by a call of its own: a RecursionError, and memory and time without
+        # bound for a server that never stops sending them.
+        b"HTTP/1.1 100 Continue\r\n\r\n" * 5000 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
     ],
     ids=[
         "status-line",
@@ -271,6 +287,7 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         "0x-chunk",
         "chunk-longer-than-its-size",
         "head-too-large",
+        "interim-answers-without-end",
     ],
 )
 async def test_a_malformed_answer_is_a_transient_error(answer: bytes) -> None:
