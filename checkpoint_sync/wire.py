@@ -741,6 +741,7 @@ class _Chunked:
         self._left = 0  # bytes of the current chunk still to come
         self._after_chunk = False  # its CRLF still to come
         self._in_trailers = False  # after the last chunk: header lines up to an empty one
+        self._trailers = 0  # bytes of them read
         self.done = False
 
     @property
@@ -760,8 +761,12 @@ class _Chunked:
                 self._after_chunk = self._left == 0
                 continue
             line_end = self._buffer.find(b"\r\n")
-            if line_end < 0:
+            # A line (a size, a trailer) bounded as a head is: one without end would hold ever
+            # more memory while the bytes keep the connection from counting as stalled.
+            if line_end < 0 and len(self._buffer) <= MAX_HEAD:
                 break
+            if line_end < 0 or line_end > MAX_HEAD:
+                raise ValueError("chunk line too long")
             line, self._buffer = self._buffer[:line_end], self._buffer[line_end + 2 :]
             if self._after_chunk:
                 if line:  # more data than the chunk's size: its size is wrong, not the data
@@ -771,6 +776,9 @@ class _Chunked:
             if self._in_trailers:
                 # Not needed, but read to the end: left over, they would be taken for the
                 # head of the next answer on this connection.
+                self._trailers += line_end + 2
+                if self._trailers > MAX_HEAD:
+                    raise ValueError("chunk trailers too large")
                 self.done = not line
                 continue
             size = _chunk_size(line)

@@ -276,6 +276,9 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         # Each was parsed by a call of its own: a RecursionError, and memory and time without
         # bound for a server that never stops sending them.
         b"HTTP/1.1 100 Continue\r\n\r\n" * 5000 + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+        # Kept whole until it ended, or read on for as long as the server kept sending.
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;" + b"x" * (70 << 10),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X: y\r\n" * 12000,
     ],
     ids=[
         "status-line",
@@ -288,6 +291,8 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         "chunk-longer-than-its-size",
         "head-too-large",
         "interim-answers-without-end",
+        "chunk-line-without-end",
+        "trailers-without-end",
     ],
 )
 async def test_a_malformed_answer_is_a_transient_error(answer: bytes) -> None:
