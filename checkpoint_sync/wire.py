@@ -525,8 +525,13 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._keep_alive = headers.get("connection", "").lower() != "close"
         if status in (204, 304):
             self._remaining = 0
-        elif "chunked" in headers.get("transfer-encoding", "").lower():
+        elif "transfer-encoding" in headers:
+            _only_chunked(headers["transfer-encoding"])
             self._chunks = _Chunked()
+            if "content-length" in headers:
+                # Chunked wins (RFC 9112 §6.3), but an answer framed both ways may be an
+                # attempt at response splitting: its connection is not trusted with another.
+                self._keep_alive = False
         elif "content-length" in headers:
             self._remaining = _content_length(headers["content-length"])
         else:
@@ -789,6 +794,13 @@ class _Chunked:
             self._left = size
         self.surplus = self.done and at < len(data)
         return pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
+
+
+def _only_chunked(value: str) -> None:
+    """Refuse a Transfer-Encoding other than plain chunked: a body gzip-coded as well would be
+    handed on still compressed, and one not chunked last is not chunked at all."""
+    if [coding.strip().lower() for coding in value.split(",")] != ["chunked"]:
+        raise ValueError(f"unsupported Transfer-Encoding {value[:40]!r}")
 
 
 def _chunk_size(line: bytes) -> int:

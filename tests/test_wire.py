@@ -95,6 +95,7 @@ async def fetch(http: HttpClient, url: str) -> tuple[int, bytes]:
 
 
 CHUNKED = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
 @pytest.mark.parametrize(
@@ -279,6 +280,11 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         # Kept whole until it ended, or read on for as long as the server kept sending.
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;" + b"x" * (70 << 10),
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X: y\r\n" * 12000,
+        # Any "chunked" in it was taken for chunked alone: these bodies were handed on as the
+        # gzip stream they are, or cut where a chunk size was guessed.
+        CHUNKED_HEAD.replace(b"chunked", b"gzip, chunked") + b"3\r\n\x1f\x8b\x08\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\nContent-Length: 5\r\n\r\nhello",
     ],
     ids=[
         "status-line",
@@ -293,6 +299,9 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         "interim-answers-without-end",
         "chunk-line-without-end",
         "trailers-without-end",
+        "gzip-then-chunked",
+        "chunked-not-last",
+        "not-chunked",
     ],
 )
 async def test_a_malformed_answer_is_a_transient_error(answer: bytes) -> None:
@@ -849,9 +858,6 @@ async def test_hosts_no_proxy_names_are_reached_directly(
     assert len(server.requests) == direct
 
 
-CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-
-
 async def test_bodies_behind_a_proxy_arrive_whole_however_they_are_cut(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -867,6 +873,24 @@ async def test_bodies_behind_a_proxy_arrive_whole_however_they_are_cut(
         async with http.request(url, {}) as response:
             assert await response.read(1000) == b"helloworld"  # up to the limit, not one read
     assert seen
+
+
+async def test_an_answer_framed_by_chunks_and_length_is_read_chunked_and_not_reused() -> None:
+    # RFC 9112 §6.3: chunked wins, and such an answer may be an attempt at response splitting.
+    server = Server(
+        lambda n: (
+            [
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n"
+            ]
+            if n == 1
+            else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+        )
+    )
+    async with serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, b"hello")
+        assert await fetch(http, url) == (200, b"ok")
+    assert server.connections == 2
 
 
 async def test_chunk_trailers_are_read_before_the_connection_is_reused() -> None:
