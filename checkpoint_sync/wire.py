@@ -20,6 +20,7 @@ import asyncio
 import fcntl
 import functools
 import os
+import re
 import select
 import socket
 from collections.abc import Callable, Mapping
@@ -812,12 +813,18 @@ def _chunk_size(line: bytes) -> int:
     return int(digits, 16)
 
 
+# Three digits, then a reason or nothing (RFC 9112 §4). The first three characters after the
+# version were taken for the status: "HTTP/1.1 2" was a 2, "-20" a -20, "099" a 99, all below
+# 300 and so a success to the API client; "2000" was a 200.
+_STATUS_LINE = re.compile(r"(HTTP/1\.[0-9]) ([1-9][0-9][0-9])(?: .*)?")
+
+
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    version, _, rest = status_line.partition(" ")
-    if not version.startswith("HTTP/1."):
-        raise ValueError(f"not an HTTP/1.x answer: {status_line[:40]!r}")
-    status = int(rest[:3])
+    match = _STATUS_LINE.fullmatch(status_line)
+    if match is None:
+        raise ValueError(f"not an HTTP/1.x status line: {status_line[:40]!r}")
+    version, status = match[1], int(match[2])
     headers: dict[str, str] = {}
     for line in header_lines:
         name, _, value = line.partition(":")

@@ -118,6 +118,9 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         # One length said twice (a proxy adding its own), as browsers and RFC 9110 accept it.
         [b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Length: 11\r\n\r\nhello world"],
         [b"HTTP/1.1 200 OK\r\nContent-Length: 11, 11\r\n\r\nhello world"],
+        # No reason phrase, with or without its space; a later minor version.
+        [b"HTTP/1.1 200\r\nContent-Length: 11\r\n\r\nhello world"],
+        [b"HTTP/1.2 200 \r\nContent-Length: 11\r\n\r\nhello world"],
     ],
     ids=[
         "content-length",
@@ -127,6 +130,8 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         "split-head",
         "twice",
         "listed-twice",
+        "no-reason",
+        "no-reason-but-its-space",
     ],
 )
 async def test_bodies_arrive_exactly(answer: list[bytes]) -> None:
@@ -285,6 +290,12 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         CHUNKED_HEAD.replace(b"chunked", b"gzip, chunked") + b"3\r\n\x1f\x8b\x08\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: xchunked\r\nContent-Length: 5\r\n\r\nhello",
+        # Statuses that were taken for a 2, a -20, a 99 (all successes to the API client), a 200.
+        b"HTTP/1.1 2\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 -20 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 099 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1200 OK\r\nContent-Length: 2\r\n\r\nok",
     ],
     ids=[
         "status-line",
@@ -302,6 +313,11 @@ async def test_a_request_given_up_while_waiting_for_its_answer_closes_its_connec
         "gzip-then-chunked",
         "chunked-not-last",
         "not-chunked",
+        "one-digit-status",
+        "negative-status",
+        "status-below-100",
+        "four-digit-status",
+        "no-space-after-version",
     ],
 )
 async def test_a_malformed_answer_is_a_transient_error(answer: bytes) -> None:
