@@ -514,15 +514,15 @@ class _Connection(asyncio.BufferedProtocol, Body):
             # The head begins at _base: past the interim answers (100, 103) before it, whose
             # bytes count towards MAX_HEAD too, so that a server sending them without end
             # neither grows the buffer nor keeps us parsing.
-            end = self._buffer.find(b"\r\n\r\n", max(self._base, start - 3), self._filled)
-            if end < 0 and self._filled <= MAX_HEAD:
+            end = _HEAD_END.search(self._buffer, max(self._base, start - 3), self._filled)
+            if end is None and self._filled <= MAX_HEAD:
                 return  # the rest of the head is still to come
-            if end < 0 or end > MAX_HEAD:
+            if end is None or end.start() > MAX_HEAD:
                 raise ValueError("response head too large")
-            status, headers = _parse_head(bytes(self._view[self._base : end]))
+            status, headers = _parse_head(bytes(self._view[self._base : end.start()]))
             if not 100 <= status < 200:
                 break
-            self._base = end + 4  # an interim answer: the real one follows
+            self._base = end.end()  # an interim answer: the real one follows
         self._keep_alive = headers.get("connection", "").lower() != "close"
         if status in (204, 304):
             self._remaining = 0
@@ -540,7 +540,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._in_body = True
         assert self._head_done is not None
         self._head_done.set_result(Response(status, headers, self))
-        self._base = end + 4
+        self._base = end.end()
         if self._chunks is not None:
             self._feed_chunks(bytes(self._take_buffered()))
         else:
@@ -813,6 +813,9 @@ def _chunk_size(line: bytes) -> int:
     return int(digits, 16)
 
 
+# The blank line that ends a head. Lines may end in a bare LF, as curl, h11 and browsers accept
+# (RFC 9112 §2.2): waiting for a CRLF that never came timed out every request to such a server.
+_HEAD_END = re.compile(rb"\n\r?\n")
 # Three digits, then a reason or nothing (RFC 9112 §4). The first three characters after the
 # version were taken for the status: "HTTP/1.1 2" was a 2, "-20" a -20, "099" a 99, all below
 # 300 and so a success to the API client; "2000" was a 200.
@@ -820,7 +823,9 @@ _STATUS_LINE = re.compile(r"(HTTP/1\.[0-9]) ([1-9][0-9][0-9])(?: .*)?")
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status_line, *header_lines = (
+        line.removesuffix("\r") for line in head.decode("latin-1").split("\n")
+    )
     match = _STATUS_LINE.fullmatch(status_line)
     if match is None:
         raise ValueError(f"not an HTTP/1.x status line: {status_line[:40]!r}")

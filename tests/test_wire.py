@@ -121,6 +121,9 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         # No reason phrase, with or without its space; a later minor version.
         [b"HTTP/1.1 200\r\nContent-Length: 11\r\n\r\nhello world"],
         [b"HTTP/1.2 200 \r\nContent-Length: 11\r\n\r\nhello world"],
+        # Lines ended by a bare LF (RFC 9112 §2.2), all or some, the blank line cut in two.
+        [b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200\nContent-Length: 11\n", b"\nhello world"],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 11\n\r", b"\nhello world"],
     ],
     ids=[
         "content-length",
@@ -132,6 +135,8 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         "listed-twice",
         "no-reason",
         "no-reason-but-its-space",
+        "lf-line-ends",
+        "some-lf-line-ends",
     ],
 )
 async def test_bodies_arrive_exactly(answer: list[bytes]) -> None:
