@@ -410,7 +410,9 @@ class _Connection(asyncio.BufferedProtocol, Body):
         if self._head_done is not None and not self._head_done.done():
             _settle(
                 self._head_done,
-                _StaleConnection() if not self._answered else ConnectionResetError(),
+                _StaleConnection()
+                if not self._answered
+                else ConnectionResetError("connection closed in the middle of an answer's head"),
             )
         elif self._in_body and self._remaining is None and self._chunks is None and exc is None:
             try:

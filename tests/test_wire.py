@@ -186,6 +186,18 @@ async def test_a_body_cut_short_is_a_transient_error_without_the_query() -> None
     assert "X-Amz-Signature" not in str(caught.value)
 
 
+async def test_a_head_cut_short_is_a_transient_error_that_says_so() -> None:
+    # The error had no text of its own: "download:  (http://...)".
+    server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Le"], close_after_each=True)
+    async with serving(server) as url, client() as http:
+        with pytest.raises(TransientError) as caught:
+            await fetch(http, url)
+    assert str(caught.value) == (
+        "download: connection closed in the middle of an answer's head "
+        f"({url.partition('?')[0]}?<redacted>)"
+    )
+
+
 async def test_what_came_before_a_body_was_cut_short_reaches_the_sink() -> None:
     # Less than a buffer's worth, which is handed over only at its end: the break is its end.
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
