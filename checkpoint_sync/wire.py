@@ -833,7 +833,13 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
         raise ValueError(f"not an HTTP/1.x status line: {status_line[:40]!r}")
     version, status = match[1], int(match[2])
     headers: dict[str, str] = {}
+    name = ""
     for line in header_lines:
+        if line[:1] in (" ", "\t") and name in headers:
+            # A line folded onto the next (obs-fold): read as one with a space (RFC 9112 §5.2).
+            # Taken for a header of its own, it left a folded Content-Length empty.
+            headers[name] = f"{headers[name]} {line.strip()}".strip()
+            continue
         name, _, value = line.partition(":")
         name = name.strip().lower()
         headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()

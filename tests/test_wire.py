@@ -124,6 +124,8 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         # Lines ended by a bare LF (RFC 9112 §2.2), all or some, the blank line cut in two.
         [b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200\nContent-Length: 11\n", b"\nhello world"],
         [b"HTTP/1.1 200 OK\r\nContent-Length: 11\n\r", b"\nhello world"],
+        # A header folded over lines (obs-fold), as RFC 9112 §5.2 has a client unfold it.
+        [b"HTTP/1.1 200 OK\r\nContent-Length:\r\n \t11\r\n\r\nhello world"],
     ],
     ids=[
         "content-length",
@@ -137,6 +139,7 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         "no-reason-but-its-space",
         "lf-line-ends",
         "some-lf-line-ends",
+        "folded-header",
     ],
 )
 async def test_bodies_arrive_exactly(answer: list[bytes]) -> None:
