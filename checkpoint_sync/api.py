@@ -159,6 +159,9 @@ class ApiClient:
 
 
 def _parse(body: bytes, model: type[M], what: str) -> M:
+    # RFC 8259 lets a parser ignore a UTF-8 byte order mark, as Python's json, requests and httpx
+    # do; pydantic's parser takes it for a character that is not JSON.
+    body = body.removeprefix(b"\xef\xbb\xbf")
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:

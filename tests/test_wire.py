@@ -984,6 +984,23 @@ async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.Monkey
     assert b"Authorization: Api-Key secret-key" in head
 
 
+@pytest.mark.parametrize(
+    "head",
+    [b"Content-Type: application/json; charset=utf-8\r\n", b"Content-Type: text/plain\r\n"],
+    ids=["json", "text-plain"],
+)
+async def test_an_api_answer_that_starts_with_a_byte_order_mark_is_json(head: bytes) -> None:
+    answer = b'\xef\xbb\xbf{"training_job": {"id": "job-1"}, "checkpoints": []}'
+    server = Server(
+        lambda _: [
+            b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (head, len(answer), answer)
+        ]
+    )
+    async with serving(server) as url, client() as http:
+        got = await api_client(http, url).get("/v1/jobs", TrainingJobCheckpoints, what="job")
+    assert got.training_job.id == "job-1"
+
+
 @asynccontextmanager
 async def compressing_server(body: bytes) -> AsyncIterator[str]:
     """An aiohttp server that gzips its answers to clients that accept gzip, as nginx's or a
