@@ -317,7 +317,14 @@ def _origin(origin: str) -> _Origin:
 def _request_bytes(
     authority: str, target: str, headers: Mapping[str, str], method: str, body: bytes
 ) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: {authority}", f"User-Agent: {USER_AGENT}"]
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        f"Host: {authority}",
+        f"User-Agent: {USER_AGENT}",
+        # Without it any coding is acceptable (RFC 9110 §12.5.3), and the bytes must land as
+        # stored: a server free to gzip them sent what was neither the object nor its length.
+        "Accept-Encoding: identity",
+    ]
     for name, value in headers.items():
         if "\r" in value or "\n" in value or not value.isascii():
             # A key pasted with its line break would end the head early, or add a header.

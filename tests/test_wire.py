@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import socket
 import ssl
@@ -1039,6 +1040,25 @@ async def test_bodies_arrive_as_stored_from_a_server_that_compresses_on_request(
         assert await fetch(http, url) == (200, answer)
         got = await api_client(http, url).get("/v1/jobs", TrainingJobCheckpoints, what="job")
     assert got.training_job.id == "job-1"
+
+
+async def test_bodies_arrive_as_stored_from_a_server_free_to_compress_them() -> None:
+    # A request without Accept-Encoding accepts any coding (RFC 9110 §12.5.3): this server
+    # gzips unless told not to, as it may.
+    stored = b"hello world" * 100
+
+    def answer(n: int) -> list[bytes]:
+        if b"\r\nAccept-Encoding: identity\r\n" in server.requests[n - 1]:
+            return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(stored), stored)]
+        packed = gzip.compress(stored)
+        return [
+            b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(packed), packed)
+        ]
+
+    server = Server(answer)
+    async with serving(server) as url, client() as http:
+        assert await fetch(http, url) == (200, stored)
 
 
 async def test_an_api_error_page_nested_too_deep_to_parse_is_still_a_clear_error() -> None:
