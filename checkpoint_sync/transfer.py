@@ -536,6 +536,14 @@ class Transfers:
             stop = content_range_end(content_range, state.offset, state.end, file.size)
         else:
             await _raise_for_file_status(resp, url)
+        coding = resp.headers.get("content-encoding", "identity").lower()
+        if coding != "identity" and resp.headers.get("content-length") != str(stop - state.offset):
+            # Coded on the way despite our Accept-Encoding, they are not the object's bytes (an
+            # object stored coded, which S3 serves with its Content-Encoding, has its length).
+            raise FileError(
+                f"{redact_url(url)} sent the object compressed (Content-Encoding: "
+                f"{coding[:20]}), not as stored"
+            )
         first = staged.same_object(resp.headers.get("etag"))
         if first is not None and part.length < file.size:
             # Recorded with the parts, for the run that resumes them (a one-part file has none).

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from checkpoint_sync.localserver import ServedFile
+from checkpoint_sync.localserver import ServedFile, content
 
 from .conftest import JOB, sync_args
 from .support import ServerThread, assert_exact, http_serving, mirrored, run_cli
@@ -81,4 +82,44 @@ def test_a_redirect_to_a_location_that_cannot_be_parsed_fails_its_file_alone(
     (failure,) = json.loads(result.stdout)["failures"]
     assert failure["error"] == "redirected to http://[::1/x?<redacted>, which is not a valid URL"
     for file in others:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_an_object_compressed_on_the_way_fails_alone_and_one_stored_compressed_lands(
+    server: ServerThread, dest: Path
+) -> None:
+    # Despite "Accept-Encoding: identity": the gzip stream is not the object's bytes. An object
+    # stored gzip-coded (S3 keeps its Content-Encoding) is served as stored, at its length.
+    packed, stored, *others = server.files()
+
+    class Compressing(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            file = packed if self.path.startswith("/packed") else stored
+            body = content(file.seed, 0, file.size)
+            if file is packed:
+                body = gzip.compress(body[:1000] * (file.size // 1000))  # smaller than listed
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with http_serving(Compressing) as origin:
+        packed.external_url = f"{origin}/packed?X-Amz-Signature=s"
+        stored.external_url = f"{origin}/stored?X-Amz-Signature=s"
+
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1, result.stderr
+    summary = json.loads(result.stdout)
+    (failure,) = summary["failures"]
+    assert failure["error"] == (
+        f"{origin}/packed?<redacted> sent the object compressed (Content-Encoding: gzip), "
+        "not as stored"
+    )
+    assert summary["retries"] == 0  # it would come compressed again
+    assert not mirrored(dest, JOB, packed).exists()
+    for file in [stored, *others]:
         assert_exact(mirrored(dest, JOB, file), file)
