@@ -535,8 +535,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._keep_alive = headers.get("connection", "").lower() != "close"
         if status in (204, 304):
             self._remaining = 0
-        elif "transfer-encoding" in headers:
-            _only_chunked(headers["transfer-encoding"])
+        elif _chunked(headers.get("transfer-encoding", "")):
             self._chunks = _Chunked()
             if "content-length" in headers:
                 # Chunked wins (RFC 9112 §6.3), but an answer framed both ways may be an
@@ -806,11 +805,15 @@ class _Chunked:
         return pieces[0] if len(pieces) == 1 else memoryview(b"".join(pieces))
 
 
-def _only_chunked(value: str) -> None:
-    """Refuse a Transfer-Encoding other than plain chunked: a body gzip-coded as well would be
-    handed on still compressed, and one not chunked last is not chunked at all."""
-    if [coding.strip().lower() for coding in value.split(",")] != ["chunked"]:
+def _chunked(value: str) -> bool:
+    """Whether a Transfer-Encoding says chunked. Any other coding is refused: a body gzip-coded
+    as well would be handed on still compressed, and one not chunked last is not chunked at
+    all. ``identity`` (RFC 2616's no-op, which older servers send) changes nothing."""
+    codings = [coding.strip().lower() for coding in value.split(",")]
+    codings = [coding for coding in codings if coding not in ("", "identity")]
+    if codings not in ([], ["chunked"]):
         raise ValueError(f"unsupported Transfer-Encoding {value[:40]!r}")
+    return bool(codings)
 
 
 def _chunk_size(line: bytes) -> int:

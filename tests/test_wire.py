@@ -119,6 +119,11 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         # One length said twice (a proxy adding its own), as browsers and RFC 9110 accept it.
         [b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nContent-Length: 11\r\n\r\nhello world"],
         [b"HTTP/1.1 200 OK\r\nContent-Length: 11, 11\r\n\r\nhello world"],
+        # RFC 2616's Transfer-Encoding that changes nothing.
+        [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\nContent-Length: 11\r\n\r\n",
+            b"hello world",
+        ],
         # No reason phrase, with or without its space; a later minor version.
         [b"HTTP/1.1 200\r\nContent-Length: 11\r\n\r\nhello world"],
         [b"HTTP/1.2 200 \r\nContent-Length: 11\r\n\r\nhello world"],
@@ -136,6 +141,7 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         "split-head",
         "twice",
         "listed-twice",
+        "identity-transfer-encoding",
         "no-reason",
         "no-reason-but-its-space",
         "lf-line-ends",
