@@ -132,6 +132,7 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         [b"HTTP/1.1 200 OK\r\nContent-Length: 11\n\r", b"\nhello world"],
         # A header folded over lines (obs-fold), as RFC 9112 §5.2 has a client unfold it.
         [b"HTTP/1.1 200 OK\r\nContent-Length:\r\n \t11\r\n\r\nhello world"],
+        [b"HTTP/1.1 200 OK\nContent-Length:\n 11\n\nhello world"],
     ],
     ids=[
         "content-length",
@@ -147,6 +148,7 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         "lf-line-ends",
         "some-lf-line-ends",
         "folded-header",
+        "folded-header-lf-line-ends",
     ],
 )
 async def test_bodies_arrive_exactly(answer: list[bytes]) -> None:
