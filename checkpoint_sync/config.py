@@ -133,7 +133,7 @@ class Settings(BaseModel):
     def _home(cls, value: Path | None) -> Path | None:
         # As the shell would: a quoted `~/x`, or one in the file or the environment, is no
         # directory named ~ (every path option is expanded alike, in cli._path).
-        return value.expanduser() if value is not None else None
+        return expand_home(value) if value is not None else None
 
     @field_validator("api_url", "wandb_api_url", "wandb_base_url")
     @classmethod
@@ -172,6 +172,15 @@ class Settings(BaseModel):
         """Every form of a key that may travel, and so must never be shown."""
         forms = (self.baseten_key(), self.wandb_key(), self.wandb_basic_credentials())
         return [form for form in forms if form]
+
+
+def expand_home(path: Path) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; `ValueError` if it names no home
+    directory (Path.expanduser raises RuntimeError, which no caller expects of a user's typo)."""
+    try:
+        return path.expanduser()
+    except RuntimeError:
+        raise ValueError(f"{path.parts[0]} is no user's home directory (in {path})") from None
 
 
 def check_setting(name: str, value: Any) -> None:

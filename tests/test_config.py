@@ -247,6 +247,32 @@ def test_a_path_setting_from_anywhere_expands_a_tilde(
     assert getattr(settings, name) == tmp_path / "there"
 
 
+@pytest.mark.parametrize("name", ["dest", "ca_bundle"])
+@pytest.mark.parametrize(
+    ("where", "named"),
+    [("file", "in "), ("environment", "from CHECKPOINT_SYNC_"), ("flag", "from --")],
+)
+def test_a_path_setting_under_no_users_home_is_a_usage_error(
+    tmp_path: Path, name: str, where: str, named: str
+) -> None:
+    # Found by test_cli_inputs.py: `ca_bundle = "~no-such-user/x"` ended in "internal error
+    # (RuntimeError: Could not determine home directory.)", exit 1.
+    config = tmp_path / "c.toml"
+    config.write_text(f'{name} = "~no-such-user/x"\n' if where == "file" else "")
+    environ = (
+        {f"CHECKPOINT_SYNC_{name.upper()}": "~no-such-user/x"} if where == "environment" else {}
+    )
+    flags = {name: Path("~no-such-user/x")} if where == "flag" else {}
+
+    with pytest.raises(UsageError) as refused:
+        load_settings(config, flags, environ)
+
+    assert str(refused.value).startswith(f"bad setting {name} {named}")
+    assert str(refused.value).endswith(
+        "~no-such-user is no user's home directory (in ~no-such-user/x)"
+    )
+
+
 @pytest.mark.parametrize(
     ("command", "option"),
     [("sync", "--dest"), ("sync", "--config"), ("bench", "--scratch"), ("list", "--config")],
