@@ -32,6 +32,7 @@ from . import __version__
 from .config import (
     Settings,
     check_setting,
+    expand_home,
     format_size,
     known_secrets,
     load_settings,
@@ -302,7 +303,10 @@ def _config_given(tokens: list[str]) -> Path | None:
     for token, following in itertools.pairwise([*tokens, ""]):
         if _spelled(token, "--config", 6):
             given = token.partition("=")[2] if "=" in token else following
-    return Path(given).expanduser() if given else None
+    try:
+        return _path(given) if given else None
+    except argparse.ArgumentTypeError:  # no file to read keys from: argparse's error is the one
+        return None
 
 
 def _path(text: str) -> Path:
@@ -310,7 +314,10 @@ def _path(text: str) -> Path:
     variable in a script) is not the current directory."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
-    return Path(text).expanduser()
+    try:
+        return expand_home(Path(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _pattern(text: str) -> str:

@@ -323,8 +323,24 @@ def test_a_bad_url_is_refused_without_its_password() -> None:
         (["sync", "--config"], "argument --config: expected one argument"),
         (["sync", "--conf=x.toml", "--bogus"], "unrecognized arguments: --bogus"),
         (["--json"], "the following arguments are required: COMMAND"),
+        # Found by test_cli_inputs.py: each ended in a RuntimeError traceback (Path.expanduser).
+        (
+            ["sync", "--dest", "~no-such-user/mirror"],
+            "argument --dest: ~no-such-user is no user's home directory (in ~no-such-user/mirror)",
+        ),
+        (
+            ["sync", "--concurrency", "x", "--config", "~no-such-user/c.toml"],
+            "argument --concurrency: 'x' is not an integer",
+        ),
     ],
-    ids=["nothing", "config-without-file", "config-and-bogus", "json-alone"],
+    ids=[
+        "nothing",
+        "config-without-file",
+        "config-and-bogus",
+        "json-alone",
+        "dest-of-no-user",
+        "config-of-no-user-after-a-refused-one",
+    ],
 )
 def test_arguments_argparse_refuses_are_usage_errors(argv: list[str], message: str) -> None:
     # The config file named among them is read for keys to redact: even when nothing is named.
