@@ -7,6 +7,7 @@ one never pays for importing aiohttp.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 
@@ -109,6 +110,14 @@ def _converting_aiohttp_errors(url: str, proxy: str, what: str) -> Iterator[None
         raise exc.certificate_error from exc  # `converting_errors` explains distrust
     except aiohttp.ClientPayloadError as exc:
         raise TransientError(f"{what}: connection closed mid-body ({redact_url(url)})") from exc
+    except aiohttp.ClientProxyConnectionError as exc:
+        # Named by its class and the URL asked for, it read as the API or the store being down.
+        # asyncio's strerror is "Connect call failed (address)": the errno says why.
+        errno = exc.os_error.errno
+        raise TransientError(
+            f"{what}: cannot connect to the proxy {redact_url(proxy)} (HTTP_PROXY/HTTPS_PROXY): "
+            f"{os.strerror(errno) if errno else exc.os_error}"
+        ) from exc
     except aiohttp.ClientError as exc:
         # The proxy's answer to CONNECT: one it would give again (its access rules, 403) is no
         # transient fault.

@@ -852,6 +852,26 @@ def test_a_proxy_that_refuses_us_is_a_configuration_error_not_retried(
     assert "proxy-password" not in result.stderr
 
 
+@pytest.mark.parametrize(("variable", "scheme"), [("HTTP_PROXY", "http"), ("HTTPS_PROXY", "https")])
+def test_a_proxy_that_cannot_be_reached_is_named(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, variable: str, scheme: str
+) -> None:
+    # Found by test_cli_inputs.py: "ClientProxyConnectionError talking to <the API's URL>", which
+    # blamed the API and did not say why.
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        closed = f"http://someone:proxy-password@127.0.0.1:{listener.getsockname()[1]}"
+    with proxy_named(monkeypatch, variable, closed):
+        result = sync_past_proxy(scheme, dest)
+
+    assert result.code == 1
+    assert result.stderr == (
+        f"checkpoint-sync: error: training job {JOB} of project {PROJECT}: cannot connect to the "
+        f"proxy {closed.replace('someone:proxy-password@', '')} (HTTP_PROXY/HTTPS_PROXY): "
+        "Connection refused\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("variable", "scheme", "proxy_scheme"),
     [
