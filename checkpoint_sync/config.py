@@ -112,10 +112,14 @@ class Settings(BaseModel):
 
     @field_validator("dest", "ca_bundle", mode="before")
     @classmethod
-    def _non_empty_path(cls, value: Any) -> Any:
+    def _usable_path(cls, value: Any) -> Any:
         # Path("") is the current directory: an empty value is a mistake, not a place.
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty")
+        # TOML can write one ("\u0000"); every file call would raise ValueError on it, a bug's
+        # "internal error".
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain a NUL character")
         return value
 
     @field_validator("api_key_env", "wandb_api_key_env")
