@@ -266,9 +266,10 @@ def load_settings(
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"
         source = origin.get(str(first["loc"][0])) if first["loc"] else None
-        raise UsageError(
-            f"bad setting {where}{f' {source}' if source else ''}: {first['msg']}"
-        ) from None
+        # pydantic's "Extra inputs are not permitted" for a mistyped key, or a [table]'s name.
+        unknown = "no such setting (config.example.toml lists them; none is in a [table])"
+        why = unknown if first["type"] == "extra_forbidden" else first["msg"]
+        raise UsageError(f"bad setting {where}{f' {source}' if source else ''}: {why}") from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

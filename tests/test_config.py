@@ -102,7 +102,10 @@ def test_api_key_comes_from_the_named_variable() -> None:
         ("concurrency = [", "not valid TOML"),
         ('dest = "\xff"', "not valid TOML"),  # not UTF-8
         ("api_key_env = 5", "api_key_env"),
-        # Found by test_cli_inputs.py: an internal error (ValueError: embedded null byte).
+        # Found by test_cli_inputs.py: pydantic's "Extra inputs are not permitted".
+        ("concurency = 4", "concurency in .*: no such setting"),
+        ("[network]\nretries = 2", "network in .*: no such setting .*none is in a \\[table\\]"),
+        # Each was an internal error (ValueError: embedded null byte).
         ('dest = "a\\u0000b"', "dest in .*: Value error, must not contain a NUL character"),
         ('ca_bundle = "a\\u0000b"', "ca_bundle in .*: Value error, must not contain a NUL"),
     ],
