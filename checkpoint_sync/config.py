@@ -113,6 +113,10 @@ class Settings(BaseModel):
     @field_validator("dest", "ca_bundle", mode="before")
     @classmethod
     def _usable_path(cls, value: Any) -> Any:
+        # TOML's `dest = 0`: pydantic's own words were "Input is not a valid path for <class
+        # 'pathlib.Path'>". A ValueError: pydantic reports no TypeError as the value's fault.
+        if not isinstance(value, str | Path):
+            raise ValueError("should be a path (a string)")  # noqa: TRY004
         # Path("") is the current directory: an empty value is a mistake, not a place.
         if isinstance(value, str) and not value.strip():
             raise ValueError("must not be empty")

@@ -105,6 +105,9 @@ def test_api_key_comes_from_the_named_variable() -> None:
         # Found by test_cli_inputs.py: pydantic's "Extra inputs are not permitted".
         ("concurency = 4", "concurency in .*: no such setting"),
         ("[network]\nretries = 2", "network in .*: no such setting .*none is in a \\[table\\]"),
+        # Found by test_cli_inputs.py: "Input is not a valid path for <class 'pathlib.Path'>".
+        ("dest = 0", r"dest in .*: Value error, should be a path \(a string\)$"),
+        ("ca_bundle = true", r"ca_bundle in .*: Value error, should be a path \(a string\)$"),
         # Each was an internal error (ValueError: embedded null byte).
         ('dest = "a\\u0000b"', "dest in .*: Value error, must not contain a NUL character"),
         ('ca_bundle = "a\\u0000b"', "ca_bundle in .*: Value error, must not contain a NUL"),
