@@ -264,6 +264,12 @@ def load_settings(
         env_name = values.get(env_field, Settings.model_fields[env_field].default)
         if isinstance(env_name, str) and environ.get(env_name):
             take(key_field, environ[env_name], f"from {env_name}")
+    for name, value in values.items():
+        if isinstance(value, str) and not _is_utf8(value):
+            # Bytes of another encoding (Python keeps them as lone surrogates): pydantic raised
+            # UnicodeEncodeError on them (an internal error), or put U+FFFD in their place, and
+            # `dest` named another directory. Not shown: the value may be a key.
+            raise UsageError(f"bad setting {name} {origin[name]}: not UTF-8 text")
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
@@ -274,6 +280,14 @@ def load_settings(
         unknown = "no such setting (config.example.toml lists them; none is in a [table])"
         why = unknown if first["type"] == "extra_forbidden" else first["msg"]
         raise UsageError(f"bad setting {where}{f' {source}' if source else ''}: {why}") from None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -256,6 +256,41 @@ def test_a_path_setting_from_anywhere_expands_a_tilde(
     assert getattr(settings, name) == tmp_path / "there"
 
 
+@pytest.mark.parametrize(
+    ("environ", "flags", "named"),
+    [
+        ({"CHECKPOINT_SYNC_PART_SIZE": "\udcff"}, {}, "part_size from CHECKPOINT_SYNC_PART_SIZE"),
+        ({"CHECKPOINT_SYNC_API_URL": "http://\udcff"}, {}, "api_url from CHECKPOINT_SYNC_API_URL"),
+        # pydantic put U+FFFD in its place: another directory.
+        ({"CHECKPOINT_SYNC_DEST": "/data/\udcffx"}, {}, "dest from CHECKPOINT_SYNC_DEST"),
+        ({"BASETEN_API_KEY": "key\udcff"}, {}, "api_key from BASETEN_API_KEY"),
+        ({}, {"api_url": "http://\udcff"}, "api_url from --api-url"),
+    ],
+)
+def test_a_setting_that_is_not_utf8_is_refused_where_it_was_set(
+    environ: dict[str, str], flags: dict[str, str], named: str
+) -> None:
+    # Bytes of a Latin-1 environment or command line reach Python as lone surrogates.
+    with pytest.raises(UsageError) as refused:
+        load_settings(None, flags, environ)
+
+    assert str(refused.value) == f"bad setting {named}: not UTF-8 text"
+
+
+def test_a_setting_that_is_not_utf8_is_exit_2_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by test_cli_inputs.py: "internal error (UnicodeEncodeError: 'utf-8' codec can't
+    # encode character '\udcff' ...)", exit 1.
+    monkeypatch.setenv("CHECKPOINT_SYNC_PART_SIZE", "\udcff")
+
+    result = run_cli("bench", "--project", "proj", "--job", "job-1", "--rounds", "1")
+
+    assert (result.code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "checkpoint-sync: error: bad setting part_size from CHECKPOINT_SYNC_PART_SIZE: "
+        "not UTF-8 text\n"
+    )
+
+
 @pytest.mark.parametrize("name", ["dest", "ca_bundle"])
 @pytest.mark.parametrize(
     ("where", "named"),
