@@ -835,7 +835,9 @@ _STATUS_LINE = re.compile(r"(HTTP/1\.[0-9]) ([1-9][0-9][0-9])(?: .*)?")
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
-    text = head.decode("latin-1")
+    """Status and headers of ``head``, which ends where `_HEAD_END` begins."""
+    # Without the CR of its last line: on a status line alone, "HTTP/1.1 100", it was refused.
+    text = head.decode("latin-1").removesuffix("\r")
     lines = text.split("\r\n")
     # The odd heads are told by searches in C, so that a usual one costs little more than it did
     # before they were read (each file is one answer at least: 100,000 files, 100,000 heads).

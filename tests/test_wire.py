@@ -127,6 +127,8 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         # No reason phrase, with or without its space; a later minor version.
         [b"HTTP/1.1 200\r\nContent-Length: 11\r\n\r\nhello world"],
         [b"HTTP/1.2 200 \r\nContent-Length: 11\r\n\r\nhello world"],
+        # A head of its status line alone, with no reason phrase: its CR was read with it.
+        [b"HTTP/1.1 100\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\nhello world"],
         # Lines ended by a bare LF (RFC 9112 §2.2), all or some, the blank line cut in two.
         [b"HTTP/1.1 100 Continue\n\nHTTP/1.1 200\nContent-Length: 11\n", b"\nhello world"],
         [b"HTTP/1.1 200 OK\r\nContent-Length: 11\n\r", b"\nhello world"],
@@ -145,6 +147,7 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         "identity-transfer-encoding",
         "no-reason",
         "no-reason-but-its-space",
+        "status-line-alone-no-reason",
         "lf-line-ends",
         "some-lf-line-ends",
         "folded-header",
