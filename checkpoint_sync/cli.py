@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     # Caught around everything, not just the command: `--version`, or the error document of a
     # run that failed, written to a reader already gone, raised it past every other handler.
     except BrokenPipeError:  # the reader went away (`| head`): nothing left to say
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 -- silences the flush at exit
+        _silence_stdout(sys.stdout)
         return 128 + signal.SIGPIPE
 
 
