@@ -513,6 +513,17 @@ async def job_files(
             yield pages
 
 
+async def files_walked(server: ServerThread) -> list[tuple[int, str]]:
+    """The rank and name of each file one walk of the test job's listing hands on, in order."""
+    async with job_files(server) as pages:
+        return [
+            (entry.node_rank, entry.relative_file_name)
+            async for _, page in pages
+            for entry in page
+            if isinstance(entry, CheckpointFile)
+        ]
+
+
 async def api_requests_reach(server: ServerThread, count: int) -> None:
     with anyio.fail_after(10):
         # The server counts on a thread of its own: there is no event of this loop to wait on.
@@ -675,14 +686,7 @@ async def test_a_listing_whose_tokens_run_on_past_its_files_ends_at_the_empty_pa
     # NOTES.md: a client stops on an empty page. The token after the last file is not a listing
     # that goes on past its total_count.
     server.faults.endless_listing = "empty"
-    async with job_files(server) as pages:
-        listed = [
-            (entry.node_rank, entry.relative_file_name)
-            async for _, page in pages
-            for entry in page
-            if isinstance(entry, CheckpointFile)
-        ]
-    assert listed == [(f.node_rank, f.name) for f in server.catalog.files()]
+    assert await files_walked(server) == [(f.node_rank, f.name) for f in server.catalog.files()]
 
 
 @pytest.mark.parametrize(
@@ -706,14 +710,7 @@ async def test_the_pages_handed_on_are_those_the_tokens_name_whatever_was_guesse
 ) -> None:
     server.faults.page_length = page_length
     server.faults.page_numbers = page_numbers
-    async with job_files(server) as pages:
-        listed = [
-            (entry.node_rank, entry.relative_file_name)
-            async for _, page in pages
-            for entry in page
-            if isinstance(entry, CheckpointFile)
-        ]
-    assert listed == [(f.node_rank, f.name) for f in server.catalog.files()]
+    assert await files_walked(server) == [(f.node_rank, f.name) for f in server.catalog.files()]
     if requests is not None:  # where the tokens are as guessed, no request goes to waste
         assert server.traffic.api_requests == requests
 

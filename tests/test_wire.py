@@ -923,36 +923,33 @@ async def test_bodies_behind_a_proxy_arrive_whole_however_they_are_cut(
     assert seen
 
 
-async def test_an_answer_framed_by_chunks_and_length_is_read_chunked_and_not_reused() -> None:
-    # RFC 9112 §6.3: chunked wins, and such an answer may be an attempt at response splitting.
-    server = Server(
-        lambda n: (
+@pytest.mark.parametrize(
+    ("first", "connections"),
+    [
+        # Its trailers are read before the connection is used again.
+        ([CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n", 0.05, b"X-Checksum: 1\r\n\r\n"], 1),
+        # Framed by chunks and a length: chunked wins (RFC 9112 §6.3), and such an answer may be
+        # an attempt at response splitting, so its connection is not used again.
+        (
             [
                 b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"5\r\nhello\r\n0\r\n\r\n"
-            ]
-            if n == 1
-            else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
-        )
-    )
-    async with serving(server) as url, client() as http:
-        assert await fetch(http, url) == (200, b"hello")
-        assert await fetch(http, url) == (200, b"ok")
-    assert server.connections == 2
-
-
-async def test_chunk_trailers_are_read_before_the_connection_is_reused() -> None:
+            ],
+            2,
+        ),
+    ],
+    ids=["trailers", "chunks-and-length"],
+)
+async def test_a_chunked_answer_is_read_to_its_end_before_its_connection_serves_again(
+    first: list[bytes | float], connections: int
+) -> None:
     server = Server(
-        lambda n: (
-            [CHUNKED_HEAD + b"5\r\nhello\r\n0\r\n", 0.05, b"X-Checksum: 1\r\n\r\n"]
-            if n == 1
-            else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
-        )
+        lambda n: first if n == 1 else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
     )
     async with serving(server) as url, client() as http:
         assert await fetch(http, url) == (200, b"hello")
         assert await fetch(http, url) == (200, b"ok")
-    assert server.connections == 1
+    assert server.connections == connections
 
 
 async def test_a_body_of_many_tiny_chunks_is_read_in_time_linear_in_its_size() -> None:
