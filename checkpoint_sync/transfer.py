@@ -18,6 +18,7 @@ import hashlib
 import mmap
 import os
 import re
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import suppress
@@ -162,6 +163,8 @@ class Transfers:
         ``replaces``: the manifest may hold a record of an older file at that path.
         """
         final = f"{self._dest}/{relative}"
+        if replaces:
+            _refuse_a_directory_in_place(final, relative)
         self._prepare_parent(os.path.dirname(final))
         staging = f"{self._staging_dir}/{staging_name(relative)}"
         key = relative
@@ -788,6 +791,18 @@ def _size_of(path: str) -> int | None:
         return os.stat(path).st_size
     except OSError:
         return None
+
+
+def _refuse_a_directory_in_place(final: str, relative: str) -> None:
+    """`FileError` if a directory stands where a mirrored file was (the operator's): its rename
+    onto it would fail the file, after all its bytes were fetched. Looked for only where the
+    manifest had a file: a lookup for each file new to the mirror costs a first sync."""
+    try:
+        mode = os.lstat(final).st_mode
+    except OSError:
+        return  # nothing there, or nothing this can tell: the rename will say
+    if stat.S_ISDIR(mode):
+        raise FileError(f"cannot write {relative}: a directory is in its place")
 
 
 def _local_error(exc: OSError, path: str | Path, needed: int | None = None) -> CheckpointSyncError:

@@ -132,6 +132,28 @@ def test_locally_damaged_file_is_restored(server: ServerThread, dest: Path, dama
     assert_exact(path, victim)
 
 
+def test_a_file_replaced_by_a_directory_fails_before_its_bytes_are_fetched(
+    server: ServerThread, dest: Path
+) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    largest = max(server.files(), key=lambda f: f.size)
+    path = mirrored(dest, JOB, largest)
+    path.unlink()
+    path.mkdir()  # the operator's, where a mirrored file was
+    (path / "notes.txt").write_text("mine")
+    sent = server.traffic.object_bytes_sent
+
+    second = run_cli(*sync_args(server, dest, "--json"))
+
+    assert second.code == 1
+    # Its rename was bound to fail: its megabyte was fetched for nothing.
+    assert server.traffic.object_bytes_sent == sent
+    summary = json.loads(second.stdout)
+    assert summary["files"]["failed"] == 1
+    assert "a directory is in its place" in summary["failures"][0]["error"]
+    assert (path / "notes.txt").read_text() == "mine"
+
+
 def flip_byte(path: Path, offset: int) -> None:
     """Damage a mirrored file in place, keeping its size: its record in the manifest still fits."""
     with path.open("r+b") as f:
