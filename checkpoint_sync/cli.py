@@ -918,6 +918,10 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
     if settings.dest is not None and not settings.dest.is_dir():
         # Else a mistyped --dest reads as a mirror holding nothing. No error: a sync creates it.
         out.status(f"no mirror at {settings.dest.absolute()}: no such directory")
+    for note in [r.unreachable for r in rows] + [k.unreachable for k in kept]:
+        if note is not None:
+            out.status(note)
+    kept = [k for k in kept if k.files]  # one holding only files it could not look up
     if out.as_json:
         payload = {"source": spec.name, "description": description}
         left_out = [

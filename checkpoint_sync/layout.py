@@ -79,6 +79,12 @@ def mirror_path(file: RemoteFile, encoding: str = FILE_NAME_ENCODING) -> str:
         raise UnsafePathError(f"node rank {file.node_rank} is out of range")
     checkpoint = safe_segment(file.checkpoint, "checkpoint")
     relative = f"{run}/{checkpoint}/{file.node_rank}/{safe_relative_path(file.path)}"
+    return nameable(relative, encoding)
+
+
+def nameable(relative: str, encoding: str = FILE_NAME_ENCODING) -> str:
+    """``relative`` if file names in ``encoding`` can hold it, else `UnsafePathError`: a path
+    the manifest recorded under another locale is checked so too, before it is looked up."""
     if encoding != "utf-8":  # which writes any name a listing can give
         try:
             relative.encode(encoding)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC
 from enum import StrEnum
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from .engine import InsideDest, local_size, manifest_path
-from .errors import FileError
-from .layout import mirror_path_parts
+from .errors import FileError, UnsafePathError
+from .layout import mirror_path_parts, nameable
 from .manifest import Manifest
 from .plan import FileFilter, Recorded, Tally
 from .progress import human_bytes
@@ -58,6 +57,9 @@ class Row:
     checkpoint: Checkpoint
     size_bytes: int | None
     local: LocalState | None  # None: no mirror to compare with
+    # Why some recorded files could not be looked up (this locale cannot name them): they count
+    # as missing, as a sync under this locale would fail them.
+    unreachable: str | None = None
 
 
 async def survey(
@@ -88,21 +90,27 @@ async def survey(
         rows = []
         for c in checkpoints:
             files = listed[c.run, c.name]
-            recorded = {
-                v.path: Recorded(v.size, v.last_modified)
-                for v in manifest.files_in(c.run, c.name)
-                if wanted.takes(v.node_rank, mirror_path_parts(v.path)[3])
+            recorded: dict[str, Recorded] = {}
+            refused: list[UnsafePathError] = []
+            for v in manifest.files_in(c.run, c.name):
+                if not wanted.takes(v.node_rank, mirror_path_parts(v.path)[3]):
+                    continue
+                try:
+                    final = f"{dest}/{nameable(v.path)}"
+                except UnsafePathError as exc:
+                    refused.append(exc)
+                    continue
                 # A file deleted or cut short since, or reached through a directory swapped for
                 # a symlink out of DEST, is missing, as `sync` would find it.
-                and local_size(f"{dest}/{v.path}") == v.size
-                and inside(os.path.dirname(f"{dest}/{v.path}"))
-            }
+                if local_size(final) == v.size and inside(os.path.dirname(final)):
+                    recorded[v.path] = Recorded(v.size, v.last_modified)
             staging = any(
                 wanted.takes(*mirror_path_parts(path)[2:])
                 for path in manifest.staged_under(f"{c.run}/{c.name}/")
             )
             size = c.size_bytes if c.size_bytes is not None else sum(f.size for f in files.values())
-            rows.append(Row(c, size, local_state(files, recorded, staging)))
+            state = local_state(files, recorded, staging)
+            rows.append(Row(c, size, state, _unnamed(f"{c.run}/{c.name}", refused)))
         return rows
     finally:
         manifest.close()
@@ -114,8 +122,9 @@ class RemovedUpstream:
     from, and what `sync --delete` would delete."""
 
     where: str  # "<run>/<checkpoint>"
-    files: int
+    files: int  # none where every file is `unreachable`
     size_bytes: int
+    unreachable: str | None = None  # as `Row`'s: these are not counted
 
 
 def removed_upstream(
@@ -126,14 +135,32 @@ def removed_upstream(
     manifest = Manifest(manifest_path(dest), read_only=True)
     try:
         held: dict[str, list[int]] = {}
+        refused: dict[str, list[UnsafePathError]] = {}
         pruner = Pruner(str(dest), manifest)
         for doomed in deletions(manifest, wanted, whole_lists):
-            with suppress(FileError):  # one it cannot even look at: not counted
+            try:
                 if pruner.goes(doomed):
                     held.setdefault(doomed.checkpoint, []).append(doomed.size)
+            except UnsafePathError as exc:
+                refused.setdefault(doomed.checkpoint, []).append(exc)
+            except FileError:  # one it cannot even look at: not counted
+                pass
     finally:
         manifest.close()
-    return [RemovedUpstream(where, len(sizes), sum(sizes)) for where, sizes in held.items()]
+    removed = []
+    for where in dict.fromkeys([*held, *refused]):
+        sizes = held.get(where, [])
+        removed.append(
+            RemovedUpstream(where, len(sizes), sum(sizes), _unnamed(where, refused.get(where, [])))
+        )
+    return removed
+
+
+def _unnamed(where: str, refused: Sequence[UnsafePathError]) -> str | None:
+    """What to say of a checkpoint some of whose recorded files this locale cannot name."""
+    if not refused:
+        return None
+    return f"cannot look up {len(refused)} mirrored files of {where}: {refused[0]}"
 
 
 def _note(files: dict[str, Recorded], path: str, entry: Recorded) -> None:

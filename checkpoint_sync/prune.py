@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .errors import FileError, LocalIOError
 from .filesystem import fsync_directory
-from .layout import mirror_path_parts
+from .layout import mirror_path_parts, nameable
 from .manifest import Manifest
 from .plan import FileFilter, removed_upstream
 
@@ -72,7 +72,9 @@ class Pruner:
         """Whether the file at ``doomed``'s place is the mirror's, to delete (`FileError` if it
         cannot be looked at). What is there and is no regular file of the recorded size (a
         user's, or changed by hand), or lies under a symlink (where it may be another
-        checkpoint's file), is not the mirror's; nor is a file gone already."""
+        checkpoint's file), is not the mirror's; nor is a file gone already. One this locale
+        cannot name is `UnsafePathError`: kept, as one that cannot be looked at."""
+        nameable(doomed.path)
         if not self._as_laid_out(os.path.dirname(doomed.path)):
             return False
         final = f"{self._dest}/{doomed.path}"

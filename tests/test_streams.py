@@ -181,3 +181,53 @@ def test_a_name_a_latin1_locale_cannot_write_fails_alone(
     assert len(failures) == 2
     assert all("LANG=C.UTF-8" in failure["error"] for failure in failures)
     assert "internal error" not in done.stderr
+
+
+def test_a_mirror_read_under_a_latin1_locale_keeps_what_it_cannot_name(
+    dest: Path, latin1_locale: dict[str, str]
+) -> None:
+    # Mirrored under UTF-8, then listed and pruned by a Latin-1 cron job.
+    chinese = ServedCheckpoint(
+        "检查点-1",
+        datetime(2026, 11, 1, tzinfo=UTC),
+        files=[
+            ServedFile(0, "检查点-1/模型.bin", 1000, "2026-11-01T00:00:00+00:00", seed=1),
+            ServedFile(0, "检查点-1/🚀.json", 10, "2026-11-01T00:00:00+00:00", seed=2),
+        ],
+    )
+    plain = ServedCheckpoint(
+        "checkpoint-2",
+        datetime(2026, 11, 2, tzinfo=UTC),
+        files=[ServedFile(0, "checkpoint-2/a.bin", 100, "2026-11-02T00:00:00+00:00", seed=3)],
+    )
+    with ServerThread(Catalog(API_KEY, [ServedJob(PROJECT, JOB, [chinese, plain])])) as server:
+        assert run_with(sync_args(server, dest)).returncode == 0
+        list_args = [str(a) for a in job_args(server, "list", "--dest", dest)]
+        listed = run_with(list_args, env=latin1_locale)
+        job = server.catalog.jobs[0]
+        server.call(lambda: job.checkpoints.remove(chinese))
+        listed_removed = run_with([*list_args, "--json"], env=latin1_locale)
+        kept = run_with(sync_args(server, dest, "--delete", "--json"), env=latin1_locale)
+        for file in chinese.files:
+            assert_exact(mirrored(dest, JOB, file), file)
+        # A UTF-8 run deletes them: the Latin-1 one kept their records.
+        deleted = run_with(sync_args(server, dest, "--delete", "--json"))
+
+    unnamed = "cannot look up 2 mirrored files of job-1/\\u68c0\\u67e5\\u70b9-1: "
+    for done in (listed, listed_removed):
+        assert done.returncode == 0, done.stderr
+        (note,) = [line for line in done.stderr.splitlines() if line.startswith(unnamed)]
+        assert note.endswith("; run with a UTF-8 one (LANG=C.UTF-8)")
+    states = {line.split()[1]: line.split()[-1] for line in listed.stdout.splitlines()[1:]}
+    assert states == {"\\u68c0\\u67e5\\u70b9-1": "absent", "checkpoint-2": "mirrored"}
+    # Not counted as still mirrored, nor as deleted.
+    assert json.loads(listed_removed.stdout)["removed_upstream"] == []
+
+    assert kept.returncode == 1, kept.stderr
+    summary = json.loads(kept.stdout)
+    assert summary["files"]["deleted"] == 0
+    assert len(summary["failures"]) == 2
+    assert all("LANG=C.UTF-8" in failure["error"] for failure in summary["failures"])
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(deleted.stdout)["files"]["deleted"] == 2
+    assert not (dest / JOB / "检查点-1").exists()
