@@ -180,13 +180,13 @@ class _Output:
         not progress or a summary, so shown under ``--quiet`` too; ``--json`` has its own
         document."""
         if not self.as_json:
-            self._print(self._shown(text))
+            self._print(self.shown(text))
 
     def status(self, text: str) -> None:
-        self._print_error(self._shown(text))
+        self._print_error(self.shown(text))
 
     def error(self, text: str) -> None:
-        self._print_error(f"checkpoint-sync: error: {self._shown(text)}")
+        self._print_error(f"checkpoint-sync: error: {self.shown(text)}")
 
     def _print(self, text: str) -> None:
         """A line to stdout; one it cannot take does not stop the run, whose work is done or
@@ -218,7 +218,7 @@ class _Output:
         for line in "".join(chunks).splitlines():
             self.status(line)
 
-    def _shown(self, text: str) -> str:
+    def shown(self, text: str) -> str:
         """Text fit for a terminal (JSON has escapes of its own)."""
         return printable(self.redact(text))
 
@@ -938,7 +938,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         )
         return EXIT_OK
     if rows:
-        for line in table(rows):
+        for line in table(rows, out.shown):
             out.answer(line)
     elif not unreadable:
         out.answer(f"no checkpoints in {description}")

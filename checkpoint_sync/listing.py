@@ -8,6 +8,7 @@ the recorded size (one `lstat` each); contents are not read.
 from __future__ import annotations
 
 import os
+import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -194,8 +195,9 @@ def row_json(row: Row) -> dict[str, Any]:
 Column = tuple[str, Callable[[Row], str]]
 
 
-def table(rows: Sequence[Row]) -> list[str]:
-    """The rows as aligned text, with only the columns some row has a value for."""
+def table(rows: Sequence[Row], shown: Callable[[str], str]) -> list[str]:
+    """The rows as text aligned once each line is ``shown`` (escaped, redacted), with only the
+    columns some row has a value for."""
 
     def some(has: Callable[[Checkpoint], object]) -> bool:
         return any(has(r.checkpoint) for r in rows)
@@ -215,14 +217,24 @@ def table(rows: Sequence[Row]) -> list[str]:
         columns.append(("LOCAL", lambda r: _text(r.local)))
     if some(lambda c: c.metrics):
         columns.append(("METRICS", _metrics))
-    cells = [[cell(r) for _, cell in columns] for r in rows]
-    widths = [
-        max([len(title), *(len(line[i]) for line in cells)]) for i, (title, _) in enumerate(columns)
-    ]
+    lines = [[title for title, _ in columns], *([cell(r) for _, cell in columns] for r in rows)]
+    # What a terminal shows: an escape (ESC as \x1b) is wider than the name, a CJK one is twice.
+    shown_widths = [[_terminal_width(shown(text)) for text in line] for line in lines]
+    widths = [max(column) for column in zip(*shown_widths, strict=True)]
     return [
-        "  ".join(text.ljust(width) for text, width in zip(line, widths, strict=True)).rstrip()
-        for line in [[title for title, _ in columns], *cells]
+        "  ".join(
+            text + " " * (width - taken)
+            for text, taken, width in zip(line, taken_widths, widths, strict=True)
+        ).rstrip()
+        for line, taken_widths in zip(lines, shown_widths, strict=True)
     ]
+
+
+def _terminal_width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: two for each East Asian wide character."""
+    if text.isascii():  # most names: no look-up per character
+        return len(text)
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def _text(value: object) -> str:

@@ -12,6 +12,7 @@ from checkpoint_sync.listing import LocalState, Row, local_state, table
 from checkpoint_sync.localserver import ServedFile
 from checkpoint_sync.plan import Recorded
 from checkpoint_sync.progress import human_bytes
+from checkpoint_sync.redact import printable
 from checkpoint_sync.sources.base import Checkpoint, SyncState
 
 from .conftest import JOB, job_args, job_catalog, sync_args
@@ -79,7 +80,33 @@ def row(name: str, *, step: int | None = None, local: LocalState | None = None) 
     ],
 )
 def test_table_shows_only_the_columns_some_row_fills(rows: list[Row], lines: list[str]) -> None:
-    assert table(rows) == lines
+    assert table(rows, printable) == lines
+
+
+@pytest.mark.parametrize(
+    ("names", "lines"),
+    [
+        (  # ESC is shown as the four characters \x1b
+            ["c-10\x1b[2J", "c-2"],
+            [
+                "RUN    CHECKPOINT   CREATED               SIZE     STATUS",
+                "run-1  c-10\\x1b[2J  2026-11-01 09:30 UTC  2.0 KiB  complete",
+                "run-1  c-2          2026-11-01 09:30 UTC  2.0 KiB  complete",
+            ],
+        ),
+        (  # each of 检查点 takes two columns
+            ["检查点-检查点", "c-2"],
+            [
+                "RUN    CHECKPOINT     CREATED               SIZE     STATUS",
+                "run-1  检查点-检查点  2026-11-01 09:30 UTC  2.0 KiB  complete",
+                "run-1  c-2            2026-11-01 09:30 UTC  2.0 KiB  complete",
+            ],
+        ),
+    ],
+    ids=["escaped", "wide"],
+)
+def test_table_columns_line_up_as_shown(names: list[str], lines: list[str]) -> None:
+    assert [printable(line) for line in table([row(n) for n in names], printable)] == lines
 
 
 # --- over HTTP ------------------------------------------------------------------------------------
