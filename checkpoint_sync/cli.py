@@ -40,6 +40,7 @@ from .config import (
 )
 from .engine import PlannedFile, SyncOptions, sync
 from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
+from .layout import quoted
 from .net import NetSettings, loop_options
 from .plan import FileFilter, Selection, select_checkpoints
 from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_bytes, summary
@@ -839,7 +840,7 @@ def _print_summary(
             "upstream meanwhile may have hidden another, which the next run mirrors"
         )
     for where, message in stats.failures[:FAILURES_SHOWN]:
-        out.error(f"{where}: {message}")
+        out.error(f"{quoted(where)}: {message}")  # --json has the whole path
     if stats.files_failed > FAILURES_SHOWN:
         out.error(f"... and {stats.files_failed - FAILURES_SHOWN} more failures (see --json)")
 

@@ -63,6 +63,21 @@ def safe_relative_path(path: str, what: str = "file name") -> str:
     return path
 
 
+# A path quoted in a message is cut past this length: one deeper than the OS takes (PATH_MAX,
+# 4096 bytes) would make a failure line of several kilobytes, naming it twice.
+_QUOTED_WHOLE = 255
+_QUOTED_ENDS = 60
+
+
+def quoted(path: str | os.PathLike[str]) -> str:
+    """``path`` as a message quotes it: whole, or its start and end around "..." when long
+    (``--json`` keeps the whole path of a failed file under its own key)."""
+    text = os.fspath(path)
+    if len(text) <= _QUOTED_WHOLE:
+        return text
+    return f"{text[:_QUOTED_ENDS]}...{text[-_QUOTED_ENDS:]}"
+
+
 # The manifest keeps ranks as SQLite integers (64-bit signed).
 MAX_NODE_RANK = (1 << 63) - 1
 
@@ -92,7 +107,7 @@ def nameable(relative: str, encoding: str = FILE_NAME_ENCODING) -> str:
             # Else the run would end at the first such file, not fail it alone.
             lacking = relative[exc.start]
             raise UnsafePathError(
-                f"'{relative}' cannot be a file name under this locale: its encoding "
+                f"'{quoted(relative)}' cannot be a file name under this locale: its encoding "
                 f"({encoding}) has no '{lacking}'; run with a UTF-8 one (LANG=C.UTF-8)"
             ) from None
     return relative

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from .errors import FileError, LocalIOError
 from .filesystem import fsync_directory
-from .layout import mirror_path_parts, nameable
+from .layout import mirror_path_parts, nameable, quoted
 from .manifest import Manifest
 from .plan import FileFilter, removed_upstream
 
@@ -83,7 +83,7 @@ class Pruner:
         except FileNotFoundError:
             return False  # a run killed after deleting it, before dropping its record
         except OSError as exc:
-            raise FileError(f"cannot delete {final}: {exc.strerror or exc}") from exc
+            raise FileError(f"cannot delete {quoted(final)}: {exc.strerror or exc}") from exc
         return stat.S_ISREG(info.st_mode) and info.st_size == doomed.size
 
     def delete(self, doomed: Deletion, *, goes: bool) -> None:
@@ -97,7 +97,7 @@ class Pruner:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise FileError(f"cannot delete {final}: {exc.strerror or exc}") from exc
+                raise FileError(f"cannot delete {quoted(final)}: {exc.strerror or exc}") from exc
         if self._as_laid_out(directory):
             # Also where it was gone already: that run may have been killed before the rmdirs.
             self._emptied.add(directory)

@@ -45,7 +45,7 @@ from .errors import (
     most_severe,
 )
 from .filesystem import fsync_directory, preallocation_pays
-from .layout import STATE_DIR, is_within, mirror_path_parts, staging_name
+from .layout import STATE_DIR, is_within, mirror_path_parts, quoted, staging_name
 from .manifest import Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
 from .plan import FileFilter, Part, parts_to_keep, split_parts, unlisted_parts_go
@@ -348,10 +348,10 @@ class Transfers:
         while not os.path.lexists(existing):
             existing = os.path.dirname(existing)
         if not is_within(self._real_dest, os.path.realpath(existing)):
-            raise UnsafePathError(f"{existing} leads outside the destination (a symlink?)")
+            raise UnsafePathError(f"{quoted(existing)} leads outside the destination (a symlink?)")
         self._in_mirror_call(parent, lambda: os.makedirs(parent, exist_ok=True))
         if not is_within(self._real_dest, os.path.realpath(parent)):
-            raise UnsafePathError(f"{parent} leads outside the destination (a symlink?)")
+            raise UnsafePathError(f"{quoted(parent)} leads outside the destination (a symlink?)")
         if self._settings.fsync:
             # Each directory made just now is an entry in the one above it, down from the one
             # that was there.
@@ -370,7 +370,7 @@ class Transfers:
         except OSError as exc:
             refused_by = os.path.dirname(str(exc.filename2 or exc.filename or path))
             if exc.errno in (errno.EACCES, errno.EPERM) and refused_by != str(self._dest):
-                raise FileError(f"cannot write {path}: {exc.strerror}") from exc
+                raise FileError(f"cannot write {quoted(path)}: {exc.strerror}") from exc
             raise _local_error(exc, path) from exc
 
     def _publish(self, staging: str, final: str) -> None:
@@ -810,8 +810,8 @@ def _local_error(exc: OSError, path: str | Path, needed: int | None = None) -> C
     reason = exc.strerror or str(exc)
     if exc.errno in _FATAL_ERRNOS:
         space = f"; {needed} more bytes are needed" if needed and exc.errno == errno.ENOSPC else ""
-        return LocalIOError(f"cannot write {path}: {reason}{space}")
-    return FileError(f"cannot write {path}: {reason}")
+        return LocalIOError(f"cannot write {quoted(path)}: {reason}{space}")
+    return FileError(f"cannot write {quoted(path)}: {reason}")
 
 
 def _os_call(path: str | Path, call: Callable[[], T]) -> T:

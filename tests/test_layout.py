@@ -9,6 +9,7 @@ from checkpoint_sync.layout import (
     is_within,
     mirror_path,
     mirror_path_parts,
+    quoted,
     safe_relative_path,
     staging_name,
 )
@@ -113,6 +114,20 @@ def test_unsafe_run_checkpoint_or_rank(run: str, checkpoint: str, rank: int, rea
 )
 def test_is_within(root: str, candidate: str, inside: bool) -> None:
     assert is_within(root, candidate) is inside
+
+
+@pytest.mark.parametrize(
+    ("path", "shown"),
+    [
+        ("/m/job/c/0/a.bin", "/m/job/c/0/a.bin"),
+        ("/m/" + "a" * 252, "/m/" + "a" * 252),  # 255 characters: whole
+        ("/m/" + "a" * 253, "/m/" + "a" * 57 + "..." + "a" * 60),
+        ("/m/" + "d/" * 3000 + "x.bin", "/m/" + "d/" * 28 + "d..." + "/d" * 27 + "/x.bin"),
+    ],
+    ids=["short", "longest-whole", "cut", "past-path-max"],
+)
+def test_a_long_path_is_quoted_by_its_start_and_end(path: str, shown: str) -> None:
+    assert quoted(path) == shown
 
 
 def test_staging_names_are_flat_and_distinct() -> None:

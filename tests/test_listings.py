@@ -154,6 +154,30 @@ def test_a_refused_name_is_shown_once_escaped_and_given_whole_in_json(
     assert failure["error"] == f"file name '{name}' contains a backslash"
 
 
+def test_a_path_deeper_than_the_os_takes_fails_alone_on_a_short_line(
+    server: ServerThread, dest: Path
+) -> None:
+    # 25 names of 200 characters: each one fits, the whole is past PATH_MAX (4096 bytes).
+    deep = add_file(server, "checkpoint-10/" + "/".join(["d" * 200] * 25) + "/x.bin", 10)
+
+    shown = run_cli(*sync_args(server, dest))
+    as_json = run_cli(*sync_args(server, dest, "--json"))
+
+    assert shown.code == as_json.code == 1
+    (line,) = shown.stderr.splitlines()
+    start = f"checkpoint-sync: error: {JOB}/checkpoint-10/0/dddd"
+    assert line.startswith(start)
+    assert line.endswith("ddd: File name too long")
+    assert len(line) < 400
+    (failure,) = json.loads(as_json.stdout)["failures"]
+    assert failure["path"] == f"{JOB}/{deep.name.replace('/', '/0/', 1)}"  # whole
+    assert failure["error"].startswith(f"cannot write {str(dest)[:40]}")
+    assert failure["error"].endswith("ddd: File name too long")
+    assert "..." in failure["error"]
+    assert len(failure["error"]) < 200
+    assert len(landed(server, dest, ignored=deep)) == len(list(server.catalog.files())) - 1
+
+
 def test_an_entry_off_the_schema_fails_that_file_and_the_rest_of_its_page_lands(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
