@@ -309,8 +309,9 @@ def _unusable(db_path: Path, exc: sqlite3.DatabaseError | OSError) -> LocalIOErr
             f"manifest {db_path} cannot be used ({exc}); move it aside to rebuild it "
             "(every file is then fetched again)"
         )
-    # A full disk, a read-only mount, an I/O error: the manifest itself is fine.
-    return LocalIOError(f"cannot write the manifest {db_path}: {exc}")
+    # A full disk, a read-only mount, an I/O error, met writing or reading: the manifest
+    # itself is fine.
+    return LocalIOError(f"cannot use the manifest {db_path}: {exc}")
 
 
 def _connect_read_only(db_path: Path) -> sqlite3.Connection:

@@ -435,7 +435,7 @@ def test_a_manifest_locked_by_another_program_exits_6_naming_it(
 
     assert result.code == 6
     assert result.stderr.count("\n") == 1
-    assert "cannot write the manifest" in result.stderr
+    assert "cannot use the manifest" in result.stderr
     assert "database is locked" in result.stderr
 
     again = run_cli(*sync_args(server, dest, "--json"))
