@@ -802,7 +802,7 @@ def _refuse_a_directory_in_place(final: str, relative: str) -> None:
     except OSError:
         return  # nothing there, or nothing this can tell: the rename will say
     if stat.S_ISDIR(mode):
-        raise FileError(f"cannot write {relative}: a directory is in its place")
+        raise FileError(f"cannot write {quoted(relative)}: a directory is in its place")
 
 
 def _local_error(exc: OSError, path: str | Path, needed: int | None = None) -> CheckpointSyncError:
