@@ -51,7 +51,11 @@ class ProxiedClient:
                 if response.status == 407:  # the proxy's own answer, to a plain-HTTP request
                     raise _refused_by(proxy, 407, what)
                 lowered = {name.lower(): value for name, value in response.headers.items()}
-                yield Response(response.status, lowered, _AiohttpBody(response, self._limit))
+                # What aiohttp framed the body by (it refuses a length said twice, or chunked).
+                length = response.content_length
+                yield Response(
+                    response.status, lowered, _AiohttpBody(response, self._limit), length
+                )
 
     async def close(self) -> None:
         if self._session is not None:

@@ -86,11 +86,16 @@ class FileTarget(Protocol):
 
 
 class Response:
-    """Status and headers (lower-case names) of an answer whose body is still to be read."""
+    """Status and headers (lower-case names) of an answer whose body is still to be read, and
+    the body's length as its framing says (a Content-Length said once or repeated; 0 for a 204
+    or 304), or None when it is not told before the end (chunked, or until the close)."""
 
-    def __init__(self, status: int, headers: dict[str, str], body: Body) -> None:
+    def __init__(
+        self, status: int, headers: dict[str, str], body: Body, length: int | None
+    ) -> None:
         self.status = status
         self.headers = headers
+        self.length = length
         self._body = body
 
     async def stream_to(self, sink: Sink, file: FileTarget | None = None) -> None:
@@ -547,7 +552,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
             self._keep_alive = False  # the body ends with the connection
         self._in_body = True
         assert self._head_done is not None
-        self._head_done.set_result(Response(status, headers, self))
+        self._head_done.set_result(Response(status, headers, self, self._remaining))
         self._base = end.end()
         if self._chunks is not None:
             self._feed_chunks(bytes(self._take_buffered()))

@@ -924,6 +924,44 @@ async def test_bodies_behind_a_proxy_arrive_whole_however_they_are_cut(
 
 
 @pytest.mark.parametrize(
+    ("framing", "length", "proxied"),
+    [
+        (b"Content-Length: 11\r\n", 11, False),
+        (b"Content-Length: 11\r\n", 11, True),
+        # Said twice, on one line and on two (aiohttp refuses either).
+        (b"Content-Length: 11, 11\r\nContent-Length: 11\r\n", 11, False),
+        (b"Transfer-Encoding: chunked\r\n", None, False),
+        (b"Transfer-Encoding: chunked\r\n", None, True),
+        (b"Connection: close\r\n", None, False),  # the body ends with the connection
+        (b"Connection: close\r\n", None, True),
+    ],
+    ids=[
+        "length",
+        "length-proxied",
+        "length-twice",
+        "chunked",
+        "chunked-proxied",
+        "until-close",
+        "until-close-proxied",
+    ],
+)
+async def test_an_answer_tells_the_length_of_its_body_as_its_framing_gives_it(
+    monkeypatch: pytest.MonkeyPatch, framing: bytes, length: int | None, proxied: bool
+) -> None:
+    body = CHUNKED if b"chunked" in framing else b"hello world"
+    answer = [b"HTTP/1.1 200 OK\r\n" + framing + b"\r\n" + body]
+    server = Server(lambda _: answer, close_after_each=True)
+    async with AsyncExitStack() as stack:
+        if proxied:
+            await stack.enter_async_context(proxy_in_env(monkeypatch))
+        url = await stack.enter_async_context(serving(server))
+        http = await stack.enter_async_context(client())
+        async with http.request(url, {}) as response:
+            assert response.length == length
+            assert await response.read(100) == b"hello world"
+
+
+@pytest.mark.parametrize(
     ("first", "connections"),
     [
         # Its trailers are read before the connection is used again.
