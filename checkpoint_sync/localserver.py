@@ -168,7 +168,8 @@ class Faults:
     retry_after: str = "0"
     # Decides a fault for one request from (name, start, end), before `fail_rate` is drawn;
     # besides `fail_kinds`, "unterminated": the whole body, chunked, without its last chunk;
-    # "empty": the head as for the range, with Content-Length 0 and no body.
+    # "chunked": the whole body, chunked; "empty": the head as for the range, and a chunked
+    # body without a byte.
     hook: Callable[[str, int, int], str | None] | None = None
     seed: int = 7
     # Seconds every API request waits before it is answered (a slow listing).
@@ -744,10 +745,8 @@ class LocalServer:
             end = min(end, start + self.faults.range_cap)
         response = web.StreamResponse(status=206 if ranged else 200)
         extra = self.faults.overlong_body
-        if fault == "unterminated":
-            response.enable_chunked_encoding()  # every byte, then no last chunk
-        elif fault == "empty":
-            response.content_length = 0
+        if fault in ("unterminated", "chunked", "empty"):
+            response.enable_chunked_encoding()  # "unterminated": every byte, then no last chunk
         else:
             response.content_length = end - start + extra
         response.headers["Accept-Ranges"] = "bytes"
@@ -801,7 +800,7 @@ class LocalServer:
             position += len(chunk)
             if self.faults.throttle:
                 await asyncio.sleep(len(chunk) / self.faults.throttle)
-        if fault is None and self.faults.overlong_body:
+        if fault in (None, "chunked") and self.faults.overlong_body:
             await response.write(b"\0" * self.faults.overlong_body)
         if fault == "stall":
             await asyncio.sleep(self.faults.stall_seconds)

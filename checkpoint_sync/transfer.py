@@ -547,6 +547,8 @@ class Transfers:
                 f"{redact_url(url)} sent the object compressed (Content-Encoding: "
                 f"{coding[:20]}), not as stored"
             )
+        if refused := wrong_length(resp.status, resp.headers, resp.length, stop - state.offset):
+            raise refused
         first = staged.same_object(resp.headers.get("etag"))
         if first is not None and part.length < file.size:
             # Recorded with the parts, for the run that resumes them (a one-part file has none).
@@ -703,6 +705,27 @@ def content_range_end(header: str | None, offset: int, end: int, size: int) -> i
             f"Content-Range {header!r} does not match the requested bytes {offset}-{end - 1}/{size}"
         )
     return last + 1
+
+
+def wrong_length(
+    status: int, headers: Mapping[str, str], length: int | None, expected: int
+) -> IntegrityError | None:
+    """Why an object's `200` or `206` answer whose head frames a body of ``length`` bytes (None:
+    not told) is refused before its body is read, if it is: it should carry ``expected`` bytes
+    (the listed size for a `200`, its Content-Range's length for a `206`). Not retried: the same
+    request would be answered the same way."""
+    if length is None or length == expected:
+        return None  # a body without a length is checked as it is read
+    if status == 200:
+        # The object's length now (RFC 9110 §8.6): another version than the one listed, which
+        # the next run lists; read, it would end short, or wait for bytes that never come.
+        return IntegrityError(
+            f"the server says the object has {length} bytes; the listing says {expected}"
+        )
+    return IntegrityError(
+        f"a body of {length} bytes does not match its Content-Range "
+        f"{headers.get('content-range')!r} ({expected} bytes)"
+    )
 
 
 async def _raise_for_file_status(resp: Response, url: str) -> NoReturn:

@@ -19,7 +19,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager, redirect_stderr, redirect_stdout
+from contextlib import (
+    asynccontextmanager,
+    contextmanager,
+    redirect_stderr,
+    redirect_stdout,
+    suppress,
+)
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -215,6 +221,10 @@ def http_serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     class Quiet(handler):  # type: ignore[valid-type,misc]  # a class given at run time
         def log_message(self, *args: object) -> None:
             pass
+
+        def handle(self) -> None:
+            with suppress(ConnectionError):  # a client that gave up on an answer dropped it
+                super().handle()
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -14,7 +14,7 @@ import trustme
 
 from checkpoint_sync.errors import IntegrityError
 from checkpoint_sync.localserver import Faults, ServedFile, content
-from checkpoint_sync.transfer import content_range_end
+from checkpoint_sync.transfer import content_range_end, wrong_length
 
 from .conftest import JOB, job_catalog, sync_args
 from .support import ServerThread, assert_exact, first_answers, mirrored, new_version, run_cli
@@ -210,10 +210,23 @@ def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
     assert_mirrored(server, dest)  # no shifted part was taken as done
 
 
-def test_a_body_longer_than_its_range_fails_the_file(server: ServerThread, dest: Path) -> None:
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        # Its Content-Length counts the bytes past the range: refused as soon as the head came.
+        (None, "a body of "),
+        ("chunked", "server sent more than the range it answered with"),  # found while read
+    ],
+)
+def test_a_body_longer_than_its_range_fails_the_file(
+    server: ServerThread, dest: Path, fault: str | None, reason: str
+) -> None:
     server.faults.overlong_body = 100  # after the range, with a Content-Range that matches it
+    server.faults.hook = lambda name, start, end: fault
 
-    every_file_fails(server, dest, "server sent more than the")
+    summary = every_file_fails(server, dest, reason)
+
+    assert summary["retries"] == 0
 
 
 # Asked for bytes 100-199 of a 1000-byte object: where the answer's bytes end, or why not.
@@ -244,6 +257,34 @@ def test_a_content_range_is_taken_whole_or_short_or_refused(
     else:
         with pytest.raises(IntegrityError, match=outcome):
             content_range_end(header, 100, 200, 1000)
+
+
+# An object listed with 1000 bytes, asked for whole (200) or for bytes 100-199 (206): whether the
+# length an answer's head gives is refused at once, and why.
+@pytest.mark.parametrize(
+    ("status", "length", "expected", "outcome"),
+    [
+        (200, 1000, 1000, None),
+        (200, None, 1000, None),  # chunked, or until the close: counted as it is read
+        (200, 1001, 1000, "the server says the object has 1001 bytes; the listing says 1000"),
+        (200, 999, 1000, "the server says the object has 999 bytes; the listing says 1000"),
+        (200, 0, 1000, "has 0 bytes"),
+        (206, 100, 100, None),
+        (206, None, 100, None),
+        (206, 101, 100, "a body of 101 bytes does not match its Content-Range "),
+        (206, 0, 100, "a body of 0 bytes does not match its Content-Range 'bytes 100-199/1000' "),
+    ],
+)
+def test_an_answer_whose_length_is_not_the_one_asked_for_is_refused(
+    status: int, length: int | None, expected: int, outcome: str | None
+) -> None:
+    headers = {"content-range": "bytes 100-199/1000"} if status == 206 else {}
+    refused = wrong_length(status, headers, length, expected)
+    if outcome is None:
+        assert refused is None
+    else:
+        assert isinstance(refused, IntegrityError)
+        assert outcome in str(refused)
 
 
 def parts_asked(size: int, part: int, cap: int) -> list[tuple[int, int]]:
@@ -286,7 +327,7 @@ def test_a_short_answer_longer_than_its_range_fails_the_file(dest: Path, spliced
     catalog = job_catalog(checkpoints=1, large_size=size, small_files=0)
     with ServerThread(catalog, Faults(range_cap=cap, overlong_body=100)) as server:
         summary = every_file_fails(
-            server, dest, "server sent more than the range it answered with", "--part-size", part
+            server, dest, "does not match its Content-Range", "--part-size", part
         )
 
         assert summary["retries"] == 0  # refused at once, not written and then found short

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+import pytest
 
 from checkpoint_sync.localserver import ServedFile, content
 
@@ -157,4 +161,104 @@ def test_an_object_stored_compressed_lands_when_fetched_in_parts(
     assert result.code == 0, result.stderr
     assert len(ranges) > 1
     for file in server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_an_object_whose_length_is_not_the_listed_one_fails_at_once(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 200's Content-Length is the object's length now (RFC 9110 §8.6): another version than
+    # the one listed, which no retry brings back. Longer, from a server that holds the
+    # connection open once the listed bytes are sent, the rest was waited for until
+    # read_timeout, on every retry; shorter, the body was retried as one cut short.
+    monkeypatch.setenv("CHECKPOINT_SYNC_READ_TIMEOUT", "30")
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "2")
+    longer, shorter = server.files()[0], server.files()[1]  # the first in parts, from byte 0
+    said = {longer.name: longer.size + 1000, shorter.name: shorter.size - 1000}
+    asked: list[str] = []
+    hold = threading.Event()
+
+    class Misstating(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            file = longer if self.path.startswith("/longer") else shorter
+            asked.append(file.name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(said[file.name]))
+            self.end_headers()
+            self.wfile.write(content(file.seed, 0, min(file.size, said[file.name])))
+            self.wfile.flush()
+            hold.wait(60)  # the connection stays open, and nothing more comes
+
+    try:
+        with http_serving(Misstating) as origin:
+            longer.external_url = f"{origin}/longer?X-Amz-Signature=s"
+            shorter.external_url = f"{origin}/shorter?X-Amz-Signature=s"
+            started = time.monotonic()
+
+            result = run_cli(*sync_args(server, dest, "--json"))
+
+            took = time.monotonic() - started
+    finally:
+        hold.set()
+
+    assert result.code == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert sorted(failure["error"] for failure in summary["failures"]) == sorted(
+        f"the server says the object has {said[file.name]} bytes; the listing says {file.size}"
+        for file in (longer, shorter)
+    )
+    assert summary["retries"] == 0
+    assert sorted(asked) == sorted([longer.name, shorter.name])  # each asked for once
+    assert took < 10  # not read_timeout (30 s) for the bytes that never come
+    assert not mirrored(dest, JOB, longer).exists()
+    assert not mirrored(dest, JOB, shorter).exists()
+    for file in server.files()[2:]:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+@pytest.mark.parametrize("off_by", [-1000, 1000])
+def test_a_range_answer_whose_length_is_not_its_content_ranges_fails_at_once(
+    server: ServerThread, dest: Path, off_by: int
+) -> None:
+    # Which of the two is wrong cannot be told: neither is written, and the same request
+    # would be answered the same way.
+    large = server.files()[0]
+    assert large.size > 256 << 10  # in parts of 256 KiB
+    asked: list[str] = []
+
+    class Misstating(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            ranged = self.headers["Range"].removeprefix("bytes=")
+            asked.append(ranged)
+            first, _, last = ranged.partition("-")
+            start, end = int(first), int(last) + 1
+            body = content(large.seed, start, end - start) + b"\0" * max(0, off_by)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{end - 1}/{large.size}")
+            self.send_header("Content-Length", str(end - start + off_by))
+            self.end_headers()
+            self.wfile.write(body[: end - start + off_by])
+
+    with http_serving(Misstating) as origin:
+        large.external_url = f"{origin}/large?X-Amz-Signature=s"
+
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1, result.stderr
+    summary = json.loads(result.stdout)
+    (failure,) = summary["failures"]
+    part = 256 << 10
+    assert failure["error"] == (
+        f"a body of {part + off_by} bytes does not match its Content-Range "
+        f"'bytes 0-{part - 1}/{large.size}' ({part} bytes)"
+    )
+    assert summary["retries"] == 0
+    assert asked == [f"0-{part - 1}"]  # the first part's answer, and nothing after it
+    for staged in (dest / ".checkpoint-sync" / "staging").iterdir():
+        assert not staged.read_bytes().strip(b"\0")  # never written
+    for file in server.files()[1:]:
         assert_exact(mirrored(dest, JOB, file), file)
