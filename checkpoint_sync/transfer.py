@@ -539,15 +539,8 @@ class Transfers:
             stop = content_range_end(content_range, state.offset, state.end, file.size)
         else:
             await _raise_for_file_status(resp, url)
-        coding = resp.headers.get("content-encoding", "identity").lower()
-        if coding != "identity" and resp.headers.get("content-length") != str(stop - state.offset):
-            # Coded on the way despite our Accept-Encoding, they are not the object's bytes (an
-            # object stored coded, which S3 serves with its Content-Encoding, has its length).
-            raise FileError(
-                f"{redact_url(url)} sent the object compressed (Content-Encoding: "
-                f"{coding[:20]}), not as stored"
-            )
-        if refused := wrong_length(resp.status, resp.headers, resp.length, stop - state.offset):
+        expected = stop - state.offset
+        if refused := refused_answer(resp.status, resp.headers, resp.length, expected, url):
             raise refused
         first = staged.same_object(resp.headers.get("etag"))
         if first is not None and part.length < file.size:
@@ -707,13 +700,21 @@ def content_range_end(header: str | None, offset: int, end: int, size: int) -> i
     return last + 1
 
 
-def wrong_length(
-    status: int, headers: Mapping[str, str], length: int | None, expected: int
-) -> IntegrityError | None:
-    """Why an object's `200` or `206` answer whose head frames a body of ``length`` bytes (None:
-    not told) is refused before its body is read, if it is: it should carry ``expected`` bytes
-    (the listed size for a `200`, its Content-Range's length for a `206`). Not retried: the same
-    request would be answered the same way."""
+def refused_answer(
+    status: int, headers: Mapping[str, str], length: int | None, expected: int, url: str
+) -> FileError | None:
+    """Why an object's `200` or `206` answer with ``headers``, whose head frames a body of
+    ``length`` bytes (None: not told), is refused before its body is read, if it is: it should
+    carry ``expected`` bytes (the listed size for a `200`, its Content-Range's length for a
+    `206`). Not retried: the same request would be answered the same way."""
+    coding = headers.get("content-encoding", "identity").lower()
+    if coding != "identity" and length != expected:
+        # Coded on the way despite our Accept-Encoding, they are not the object's bytes (an
+        # object stored coded, which S3 serves with its Content-Encoding, has its length).
+        return FileError(
+            f"{redact_url(url)} sent the object compressed (Content-Encoding: "
+            f"{coding[:20]}), not as stored"
+        )
     if length is None or length == expected:
         return None  # a body without a length is checked as it is read
     if status == 200:

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import trustme
 
-from checkpoint_sync.errors import IntegrityError
+from checkpoint_sync.errors import FileError, IntegrityError
 from checkpoint_sync.localserver import Faults, ServedFile, content
-from checkpoint_sync.transfer import content_range_end, wrong_length
+from checkpoint_sync.transfer import content_range_end, refused_answer
 
 from .conftest import JOB, job_catalog, sync_args
 from .support import ServerThread, assert_exact, first_answers, mirrored, new_version, run_cli
@@ -259,31 +259,43 @@ def test_a_content_range_is_taken_whole_or_short_or_refused(
             content_range_end(header, 100, 200, 1000)
 
 
+COMPRESSED = "http://h/o?<redacted> sent the object compressed (Content-Encoding: gzip), not as"
+
+
 # An object listed with 1000 bytes, asked for whole (200) or for bytes 100-199 (206): whether the
-# length an answer's head gives is refused at once, and why.
+# length and the coding an answer's head gives are refused at once, and why.
 @pytest.mark.parametrize(
-    ("status", "length", "expected", "outcome"),
+    ("status", "coding", "length", "expected", "outcome"),
     [
-        (200, 1000, 1000, None),
-        (200, None, 1000, None),  # chunked, or until the close: counted as it is read
-        (200, 1001, 1000, "the server says the object has 1001 bytes; the listing says 1000"),
-        (200, 999, 1000, "the server says the object has 999 bytes; the listing says 1000"),
-        (200, 0, 1000, "has 0 bytes"),
-        (206, 100, 100, None),
-        (206, None, 100, None),
-        (206, 101, 100, "a body of 101 bytes does not match its Content-Range "),
-        (206, 0, 100, "a body of 0 bytes does not match its Content-Range 'bytes 100-199/1000' "),
+        (200, "gzip", 1000, 1000, None),  # stored compressed: served at its length
+        (206, "GZIP", 100, 100, None),
+        (200, "identity", 1000, 1000, None),
+        (200, "gzip", 400, 1000, COMPRESSED),  # not "the server says the object has 400 bytes"
+        (200, "gzip", None, 1000, COMPRESSED),  # chunked: its length cannot be told first
+        (206, "gzip", 40, 100, COMPRESSED),
+        (200, None, 1000, 1000, None),
+        (200, None, None, 1000, None),  # chunked, or until the close: counted as it is read
+        (200, None, 1001, 1000, "the server says the object has 1001 bytes; the listing says 1000"),
+        (200, None, 999, 1000, "the server says the object has 999 bytes; the listing says 1000"),
+        (200, None, 0, 1000, "has 0 bytes"),
+        (206, None, 100, 100, None),
+        (206, None, None, 100, None),
+        (206, None, 101, 100, "a body of 101 bytes does not match its Content-Range "),
+        (206, None, 0, 100, "a body of 0 bytes does not match its Content-Range 'bytes 100-199/"),
     ],
 )
-def test_an_answer_whose_length_is_not_the_one_asked_for_is_refused(
-    status: int, length: int | None, expected: int, outcome: str | None
+def test_an_answer_whose_length_or_coding_is_not_the_objects_is_refused(
+    status: int, coding: str | None, length: int | None, expected: int, outcome: str | None
 ) -> None:
     headers = {"content-range": "bytes 100-199/1000"} if status == 206 else {}
-    refused = wrong_length(status, headers, length, expected)
+    if coding is not None:
+        headers["content-encoding"] = coding
+    refused = refused_answer(status, headers, length, expected, "http://h/o?X-Amz-Signature=s")
     if outcome is None:
         assert refused is None
     else:
-        assert isinstance(refused, IntegrityError)
+        # Compressed, the file failed, but not for its length: the listing may well be right.
+        assert type(refused) is (FileError if outcome == COMPRESSED else IntegrityError)
         assert outcome in str(refused)
 
 

@@ -164,6 +164,50 @@ def test_an_object_stored_compressed_lands_when_fetched_in_parts(
         assert_exact(mirrored(dest, JOB, file), file)
 
 
+def test_a_compressed_answer_is_told_by_the_length_its_head_frames(
+    server: ServerThread, dest: Path
+) -> None:
+    # A Content-Length said twice (a proxy adding its copy) is one length: an object stored
+    # compressed still lands. One answered in chunks cannot show its length before its body:
+    # it is refused as compressed, as it was.
+    repeated, chunked, *others = server.files()
+
+    class StoredGzip(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            file = repeated if self.path.startswith("/repeated") else chunked
+            body = content(file.seed, 0, file.size)
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            if file is repeated:
+                self.send_header("Content-Length", f"{file.size}, {file.size}")
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+
+    with http_serving(StoredGzip) as origin:
+        repeated.external_url = f"{origin}/repeated?X-Amz-Signature=s"
+        chunked.external_url = f"{origin}/chunked?X-Amz-Signature=s"
+
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1, result.stderr
+    summary = json.loads(result.stdout)
+    (failure,) = summary["failures"]
+    assert failure["error"] == (
+        f"{origin}/chunked?<redacted> sent the object compressed (Content-Encoding: gzip), "
+        "not as stored"
+    )
+    assert summary["retries"] == 0
+    assert not mirrored(dest, JOB, chunked).exists()
+    for file in [repeated, *others]:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
 def test_an_object_whose_length_is_not_the_listed_one_fails_at_once(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
