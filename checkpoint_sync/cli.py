@@ -223,6 +223,12 @@ class _Output:
         """Text fit for a terminal (JSON has escapes of its own)."""
         return printable(self.redact(text))
 
+    def as_written(self, text: str) -> str:
+        """``text`` as it reaches standard output: shown, with each character its encoding
+        lacks as the escape the stream writes for it (`main`), for `list` to measure."""
+        encoding = getattr(self.stdout, "encoding", None) or "utf-8"
+        return self.shown(text).encode(encoding, "backslashreplace").decode(encoding)
+
     def json(self, payload: dict[str, Any]) -> None:
         # Each string is redacted before it is encoded: cutting a query string out of the
         # encoded text could take an escape with it and leave JSON that does not parse. The
@@ -939,7 +945,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         )
         return EXIT_OK
     if rows:
-        for line in table(rows, out.shown):
+        for line in table(rows, out.as_written):
             out.answer(line)
     elif not unreadable:
         out.answer(f"no checkpoints in {description}")

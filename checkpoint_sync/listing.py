@@ -196,8 +196,8 @@ Column = tuple[str, Callable[[Row], str]]
 
 
 def table(rows: Sequence[Row], shown: Callable[[str], str]) -> list[str]:
-    """The rows as text aligned once each line is ``shown`` (escaped, redacted), with only the
-    columns some row has a value for."""
+    """The rows as text aligned once each line is ``shown`` (escaped, redacted, encoded), with
+    only the columns some row has a value for."""
 
     def some(has: Callable[[Checkpoint], object]) -> bool:
         return any(has(r.checkpoint) for r in rows)

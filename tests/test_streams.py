@@ -231,3 +231,26 @@ def test_a_mirror_read_under_a_latin1_locale_keeps_what_it_cannot_name(
     assert deleted.returncode == 0, deleted.stderr
     assert json.loads(deleted.stdout)["files"]["deleted"] == 2
     assert not (dest / JOB / "检查点-1").exists()
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_list_columns_line_up_when_the_output_escapes_names(tmp_path: Path, encoding: str) -> None:
+    # 检查点-1 is written as \u68c0\u67e5\u70b9-1, twenty columns, not the eight it takes on a
+    # UTF-8 terminal: the columns after it moved by twelve.
+    checkpoints = [
+        ServedCheckpoint(
+            name,
+            datetime(2026, 11, day, tzinfo=UTC),
+            files=[ServedFile(0, f"{name}/a.bin", 10, "2026-11-01T00:00:00+00:00", seed=day)],
+        )
+        for day, name in enumerate(["检查点-1", "c-2"], start=1)
+    ]
+    with ServerThread(Catalog(API_KEY, [ServedJob(PROJECT, JOB, checkpoints)])) as server:
+        argv = [str(a) for a in job_args(server, "list", "--dest", tmp_path)]
+        done = run_with(argv, env={"PYTHONIOENCODING": encoding})
+
+    assert done.returncode == 0, done.stderr
+    header, *lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    assert "\\u68c0\\u67e5\\u70b9-1" in done.stdout
+    assert {line.index("2026-11-") for line in lines} == {header.index("CREATED")}
