@@ -33,36 +33,6 @@ def _too_long(name: str) -> bool:
     return len(name.encode("utf-8", "surrogateescape")) > NAME_MAX
 
 
-def safe_segment(name: str, what: str) -> str:
-    """``name`` if it can stand as one directory or file name, else `UnsafePathError`."""
-    if name in ("", ".", ".."):
-        raise UnsafePathError(f"{what} '{name}' is not a usable name")
-    for bad, label in (("/", "a slash"), ("\\", "a backslash"), ("\0", "a NUL byte")):
-        if bad in name:
-            raise UnsafePathError(f"{what} '{name}' contains {label}")
-    if len(name) > _SURELY_SHORT and _too_long(name):
-        raise UnsafePathError(f"{what} '{name[:40]}...' is longer than {NAME_MAX} bytes")
-    return name
-
-
-def safe_relative_path(path: str, what: str = "file name") -> str:
-    """A listed relative path, refused if absolute, climbing (``..``) or otherwise odd."""
-    if path.startswith("/"):
-        raise UnsafePathError(f"{what} '{path}' is absolute")
-    if "\\" in path:
-        raise UnsafePathError(f"{what} '{path}' contains a backslash")
-    if "\0" in path:
-        raise UnsafePathError(f"{what} '{path}' contains a NUL byte")
-    segments = path.split("/")
-    if ".." in segments:
-        raise UnsafePathError(f"{what} '{path}' climbs out with '..'")
-    if any(segment in ("", ".") for segment in segments):
-        raise UnsafePathError(f"{what} '{path}' has an empty or '.' segment")
-    if len(path) > _SURELY_SHORT and any(_too_long(segment) for segment in segments):
-        raise UnsafePathError(f"{what} '{path[:40]}...' has a name longer than {NAME_MAX} bytes")
-    return path
-
-
 # A path quoted in a message is cut past this length: one deeper than the OS takes (PATH_MAX,
 # 4096 bytes) would make a failure line of several kilobytes, naming it twice.
 _QUOTED_WHOLE = 255
@@ -76,6 +46,36 @@ def quoted(path: str | os.PathLike[str]) -> str:
     if len(text) <= _QUOTED_WHOLE:
         return text
     return f"{text[:_QUOTED_ENDS]}...{text[-_QUOTED_ENDS:]}"
+
+
+def safe_segment(name: str, what: str) -> str:
+    """``name`` if it can stand as one directory or file name, else `UnsafePathError`."""
+    if name in ("", ".", ".."):
+        raise UnsafePathError(f"{what} '{name}' is not a usable name")
+    for bad, label in (("/", "a slash"), ("\\", "a backslash"), ("\0", "a NUL byte")):
+        if bad in name:
+            raise UnsafePathError(f"{what} '{quoted(name)}' contains {label}")
+    if len(name) > _SURELY_SHORT and _too_long(name):
+        raise UnsafePathError(f"{what} '{name[:40]}...' is longer than {NAME_MAX} bytes")
+    return name
+
+
+def safe_relative_path(path: str, what: str = "file name") -> str:
+    """A listed relative path, refused if absolute, climbing (``..``) or otherwise odd."""
+    if path.startswith("/"):
+        raise UnsafePathError(f"{what} '{quoted(path)}' is absolute")
+    if "\\" in path:
+        raise UnsafePathError(f"{what} '{quoted(path)}' contains a backslash")
+    if "\0" in path:
+        raise UnsafePathError(f"{what} '{quoted(path)}' contains a NUL byte")
+    segments = path.split("/")
+    if ".." in segments:
+        raise UnsafePathError(f"{what} '{quoted(path)}' climbs out with '..'")
+    if any(segment in ("", ".") for segment in segments):
+        raise UnsafePathError(f"{what} '{quoted(path)}' has an empty or '.' segment")
+    if len(path) > _SURELY_SHORT and any(_too_long(segment) for segment in segments):
+        raise UnsafePathError(f"{what} '{path[:40]}...' has a name longer than {NAME_MAX} bytes")
+    return path
 
 
 # The manifest keeps ranks as SQLite integers (64-bit signed).

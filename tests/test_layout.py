@@ -157,3 +157,31 @@ def test_a_name_the_locale_cannot_write_fails_alone(path: str, encoding: str, la
 )
 def test_a_name_the_locale_can_write_is_mirrored_as_listed(path: str, encoding: str) -> None:
     assert mirror_path(listed(path), encoding) == f"job/checkpoint-10/0/{path}"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/" + "d/" * 3000 + "x.bin",
+        "d/" * 3000 + "../x.bin",
+        "d/" * 3000 + "a\\b",
+        "d/" * 3000 + "a\0b",
+        "d/" * 3000 + "/x.bin",
+    ],
+    ids=["absolute", "climbing", "backslash", "nul", "empty-segment"],
+)
+def test_a_long_refused_path_is_quoted_by_its_start_and_end(path: str) -> None:
+    # Whole, a listed path past PATH_MAX made a failure line of kilobytes.
+    with pytest.raises(UnsafePathError) as refused:
+        safe_relative_path(path)
+    assert quoted(path) in str(refused.value)
+    assert len(str(refused.value)) < 200
+
+
+@pytest.mark.parametrize(("run", "checkpoint"), [("r/" * 3000, "c"), ("job", "c\\" * 3000)])
+def test_a_long_refused_run_or_checkpoint_is_quoted_by_its_start_and_end(
+    run: str, checkpoint: str
+) -> None:
+    with pytest.raises(UnsafePathError) as refused:
+        mirror_path(listed("f", run, checkpoint, 0))
+    assert len(str(refused.value)) < 200
