@@ -231,10 +231,17 @@ def table(rows: Sequence[Row], shown: Callable[[str], str]) -> list[str]:
 
 
 def _terminal_width(text: str) -> int:
-    """The columns ``text`` takes on a terminal: two for each East Asian wide character."""
+    """The columns ``text`` takes on a terminal: two for each East Asian wide character, none
+    for a combining mark (the accent of an "é" written as two characters)."""
     if text.isascii():  # most names: no look-up per character
         return len(text)
-    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+    return sum(_char_width(char) for char in text)
+
+
+def _char_width(char: str) -> int:
+    if unicodedata.category(char) in ("Mn", "Me"):  # drawn over the character before it
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 1
 
 
 def _text(value: object) -> str:

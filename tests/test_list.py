@@ -102,8 +102,16 @@ def test_table_shows_only_the_columns_some_row_fills(rows: list[Row], lines: lis
                 "run-1  c-2            2026-11-01 09:30 UTC  2.0 KiB  complete",
             ],
         ),
+        (  # U+0301 combines with the e before it: no column of its own
+            ["cafe\u0301-1", "c-2"],
+            [
+                "RUN    CHECKPOINT  CREATED               SIZE     STATUS",
+                "run-1  cafe\u0301-1      2026-11-01 09:30 UTC  2.0 KiB  complete",
+                "run-1  c-2         2026-11-01 09:30 UTC  2.0 KiB  complete",
+            ],
+        ),
     ],
-    ids=["escaped", "wide"],
+    ids=["escaped", "wide", "combining"],
 )
 def test_table_columns_line_up_as_shown(names: list[str], lines: list[str]) -> None:
     assert [printable(line) for line in table([row(n) for n in names], printable)] == lines
