@@ -36,6 +36,15 @@ def redirecting(locations: dict[str, str]) -> Iterator[str]:
         yield origin
 
 
+def range_asked(request: BaseHTTPRequestHandler, asked: list[str]) -> tuple[int, int]:
+    """The bytes ``request`` asks for (``Range: bytes=a-b``), from and to (exclusive), noted as
+    asked ("a-b") in ``asked``."""
+    ranged = request.headers["Range"].removeprefix("bytes=")
+    asked.append(ranged)
+    first, _, last = ranged.partition("-")
+    return int(first), int(last) + 1
+
+
 def presigned(server: ServerThread, file: ServedFile) -> str:
     """The built-in server's own URL for ``file``, whatever URL the listing gives for it."""
     return server.call(lambda: server.server.presign(file))
@@ -142,10 +151,7 @@ def test_an_object_stored_compressed_lands_when_fetched_in_parts(
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            asked = self.headers["Range"].removeprefix("bytes=")
-            ranges.append(asked)
-            first, _, last = asked.partition("-")
-            start, end = int(first), int(last) + 1
+            start, end = range_asked(self, ranges)
             self.send_response(206)
             self.send_header("Content-Encoding", "gzip")
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{large.size}")
@@ -276,10 +282,7 @@ def test_a_range_answer_whose_length_is_not_its_content_ranges_fails_at_once(
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            ranged = self.headers["Range"].removeprefix("bytes=")
-            asked.append(ranged)
-            first, _, last = ranged.partition("-")
-            start, end = int(first), int(last) + 1
+            start, end = range_asked(self, asked)
             body = content(large.seed, start, end - start) + b"\0" * max(0, off_by)
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{large.size}")
