@@ -481,7 +481,11 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool = True) -> None:
     group = parser.add_argument_group("selection")
     group.add_argument(
-        "--checkpoint", action="append", default=[], metavar="ID", help="only this checkpoint"
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="only this checkpoint (repeat for several)",
     )
     group.add_argument("--latest", action="store_true", help="only the newest complete checkpoint")
     group.add_argument(
@@ -491,7 +495,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool =
         type=_at_least(0),
         default=[],
         metavar="N",
-        help="only this rank",
+        help="only this rank (repeat for several)",
     )
     group.add_argument(
         "--include",
@@ -499,7 +503,10 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool =
         type=_pattern,
         default=[],
         metavar="PATTERN",
-        help="only files whose path within their rank matches, e.g. '*.safetensors' (* matches /)",
+        help=(
+            "only files whose path within their rank matches, e.g. '*.safetensors' (* matches /;"
+            " repeat for several: any may match)"
+        ),
     )
     group.add_argument(
         "--exclude",
@@ -507,7 +514,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool =
         type=_pattern,
         default=[],
         metavar="PATTERN",
-        help="leave out files whose path within their rank matches",
+        help="leave out files whose path within their rank matches (repeat for several)",
     )
     if syncing:
         group.add_argument(

@@ -91,6 +91,24 @@ def test_api_key_comes_from_the_named_variable() -> None:
 
 
 @pytest.mark.parametrize(
+    ("toml", "environ", "key"),
+    [
+        ('api_key = "file"', {}, "file"),
+        ('api_key = "file"', {"CHECKPOINT_SYNC_API_KEY": "prefixed"}, "prefixed"),
+        ('api_key = "file"', {"CHECKPOINT_SYNC_API_KEY": "prefixed", "BASETEN_API_KEY": "b"}, "b"),
+        ("", {"CHECKPOINT_SYNC_API_KEY": "prefixed", "BASETEN_API_KEY": ""}, "prefixed"),
+        ('api_key_env = "MINE"', {"BASETEN_API_KEY": "b", "MINE": "mine"}, "mine"),
+    ],
+)
+def test_the_key_in_the_named_variable_wins(
+    tmp_path: Path, toml: str, environ: dict[str, str], key: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(toml)
+    assert load_settings(config, {}, environ).baseten_key() == key
+
+
+@pytest.mark.parametrize(
     ("toml", "message"),
     [
         ("concurrency = 0", "concurrency"),
