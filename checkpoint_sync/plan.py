@@ -211,9 +211,10 @@ def unlisted_parts_go(
     listings did not show are dropped, as removed upstream: the files of its checkpoint were
     listed whole (``listed``) and the run took its rank and path (``files``), or its run's
     checkpoint list was read whole (``whole_lists``: run -> directories) and no longer has its
-    checkpoint."""
+    checkpoint. An empty list drops none: as for ``--delete`` (`prune.held_back`), it is more
+    likely the API's bad moment than a run emptied on purpose."""
     run, checkpoint, rank, path = place
-    if removed_upstream(run, checkpoint, whole_lists):
+    if whole_lists.get(run) and removed_upstream(run, checkpoint, whole_lists):
         return True
     return (run, checkpoint) in listed and files.takes(rank, path)
 

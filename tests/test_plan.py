@@ -511,6 +511,7 @@ WHOLE = {"job": frozenset({"c1", "c2"})}
         (("job", "c2", 0, "a"), set(), FileFilter(), WHOLE, False),  # still in it, not selected
         (("other", "c3", 0, "a"), set(), FileFilter(), WHOLE, False),  # another run's list
         (("job", "c2", 0, "a"), {("job", "c2")}, FileFilter(), WHOLE, True),
+        (("job", "c1", 0, "a"), set(), FileFilter(), {"job": frozenset()}, False),  # empty list
     ],
 )
 def test_unlisted_parts_go(

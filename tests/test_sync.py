@@ -1293,6 +1293,35 @@ def test_the_parts_of_a_checkpoint_deleted_upstream_go_whatever_a_later_run_sele
             assert_exact(mirrored(dest, JOB, file), file)
 
 
+def test_a_checkpoint_list_empty_for_one_run_keeps_the_parts_of_its_files(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An empty list is more likely the API's bad moment than a job emptied on purpose: --delete
+    # holds back on it, and the parts of a shard half fetched must not go on its word either.
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        left_in_parts(server, dest, monkeypatch)
+        job = server.catalog.jobs[0]
+        listed = list(job.checkpoints)
+        server.call(job.checkpoints.clear)
+
+        empty = run_cli(*sync_args(server, dest))
+        assert empty.code == 0, empty.stderr
+        assert staged(dest) == {f"{JOB}/checkpoint-10"}
+        server.call(lambda: job.checkpoints.extend(listed))
+        server.traffic.ranges.clear()
+        again = run_cli(*sync_args(server, dest))
+
+    assert again.code == 0, again.stderr
+    # Only the parts the first run had not fetched of each shard.
+    assert sorted((name, start) for name, start, _ in server.traffic.ranges) == sorted(
+        (large.name, start)
+        for large in listed[0].files
+        if large.size >= 1 << 20
+        for start in range(512 << 10, large.size, 256 << 10)
+    )
+    assert staged(dest) == set()
+
+
 def test_a_name_refused_on_every_run_does_not_stop_the_parts_of_removed_files_going(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
