@@ -537,7 +537,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
             if not 100 <= status < 200:
                 break
             self._base = end.end()  # an interim answer: the real one follows
-        self._keep_alive = headers.get("connection", "").lower() != "close"
+        self._keep_alive = not _closes(headers.get("connection", ""))
         if status in (204, 304):
             self._remaining = 0
         elif _chunked(headers.get("transfer-encoding", "")):
@@ -821,6 +821,15 @@ def _chunked(value: str) -> bool:
     if codings not in ([], ["chunked"]):
         raise ValueError(f"unsupported Transfer-Encoding {value[:40]!r}")
     return bool(codings)
+
+
+def _closes(value: str) -> bool:
+    """Whether a Connection header has the ``close`` option. It is a list of tokens, in any
+    case (RFC 9110 §7.6.1): taken for close only when it was all of it, "keep-alive, close" kept
+    the connection, and the next request went out on it and waited for the server to close."""
+    if "," not in value:  # one token or none: all but a few answers, told without a list
+        return value.strip().lower() == "close"
+    return "close" in [token.strip() for token in value.lower().split(",")]
 
 
 def _chunk_size(line: bytes) -> int:

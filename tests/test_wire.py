@@ -168,8 +168,13 @@ async def test_a_body_delimited_by_the_end_of_the_connection() -> None:
         assert await fetch(http, url) == (200, b"hello world")
 
 
-async def test_connections_are_kept_alive_and_reused() -> None:
-    server = Server(lambda n: [b"HTTP/1.1 206 Partial\r\nContent-Length: 1\r\n\r\n%d" % n])
+@pytest.mark.parametrize(
+    "options", [b"", b"Connection: Keep-Alive\r\n", b"Connection: x-close, a\r\n"]
+)
+async def test_connections_are_kept_alive_and_reused(options: bytes) -> None:
+    server = Server(
+        lambda n: [b"HTTP/1.1 206 Partial\r\n%sContent-Length: 1\r\n\r\n%d" % (options, n)]
+    )
     async with serving(server) as url, client() as http:
         assert [await fetch(http, url) for _ in range(3)] == [
             (206, b"1"),
@@ -245,8 +250,13 @@ async def test_a_body_given_up_on_gets_nothing_more_into_its_sink() -> None:
     [
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
         b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n",  # closes unless it says otherwise
+        # A list of options, in any case (RFC 9110 §7.6.1): close is one of them.
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close, close\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, close\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: Close ,x\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x\r\nConnection: CLOSE\r\n\r\n",
     ],
-    ids=["connection-close", "http-1.0"],
+    ids=["connection-close", "http-1.0", "close-twice", "keep-alive-close", "close-x", "two-lines"],
 )
 async def test_a_connection_the_server_will_close_is_not_reused(head: bytes) -> None:
     # The server says it closes, but is slow to: reusing the connection would race its close.
