@@ -139,9 +139,16 @@ class ApiClient:
         if status < 300:
             return
         if status < 400:
-            moved = f" to {redact_url(headers['location'])}" if "location" in headers else ""
-            # Redirects are not followed (the key would go along): the configured URL is wrong.
-            raise UsageError(f"{what}: the API redirected (HTTP {status}){moved}; check its URL")
+            if status != 304 and (location := headers.get("location")):
+                # Redirects are not followed (the key would go along): the configured URL is
+                # wrong.
+                raise UsageError(
+                    f"{what}: the API redirected (HTTP {status}) to {redact_url(location)}; "
+                    "check its URL"
+                )
+            # A 304 answers a conditional request, which we never send, and a 3xx without a
+            # Location leads nowhere: neither says the URL is wrong.
+            raise ApiError(f"{what}: unexpected answer (HTTP {status}) from the API")
         if status in (401, 403):
             raise AuthError(
                 f"{what}: the API refused the key (HTTP {status}); check {self._key_hint}"

@@ -175,8 +175,8 @@ class Faults:
     # Seconds every API request waits before it is answered (a slow listing).
     api_delay: float = 0.0
     # Answers for the next API requests, one each, instead of the real one: an HTTP status
-    # ("308", "401", "404", "422", "429", "500"...), a broken body ("not-json", "truncated"),
-    # or None for the real answer.
+    # ("308", "401", "404", "422", "429", "500"...; a 3xx but 304 with a Location), a broken
+    # body ("not-json", "truncated"), or None for the real answer.
     api_faults: list[str | None] = field(default_factory=list)
     # As ``api_faults``, for the file listing page at a page_token (once each): pages asked for
     # at once reach the server in no set order.
@@ -847,6 +847,8 @@ async def _api_fault(
         assert isinstance(body, bytes)
         return web.Response(body=body[: len(body) // 2], content_type="application/json")
     status = int(kind)
+    if status == 304:
+        return web.Response(status=status)
     if 300 <= status < 400:
         moved = "https://elsewhere.example/v1/training_projects?token=moved-secret"
         return web.Response(status=status, headers={"Location": moved})

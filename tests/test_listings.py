@@ -434,6 +434,8 @@ def test_a_later_page_the_api_redirects_stops_the_run_after_the_files_listed_bef
             "the API redirected (HTTP 308) to https://elsewhere.example/v1/training_projects?"
             "<redacted>; check its URL",
         ),
+        # Not a redirect (we ask nothing conditional), nor a wrong URL.
+        ("304", 1, "unexpected answer (HTTP 304) from the API"),
     ],
 )
 @pytest.mark.parametrize("failing", ["checkpoints", "files"])

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from checkpoint_sync.api import ApiClient
 from checkpoint_sync.errors import (
+    ApiError,
     CheckpointSyncError,
     IntegrityError,
     LocalIOError,
@@ -1056,6 +1057,30 @@ async def test_an_api_answer_that_starts_with_a_byte_order_mark_is_json(head: by
     async with serving(server) as url, client() as http:
         got = await api_client(http, url).get("/v1/jobs", TrainingJobCheckpoints, what="job")
     assert got.training_job.id == "job-1"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 304 Not Modified\r\n\r\n",
+        b"HTTP/1.1 304 Not Modified\r\nLocation: /v2/jobs\r\n\r\n",  # still no redirect
+        b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 300 Multiple Choices\r\nLocation:\r\nContent-Length: 0\r\n\r\n",
+    ],
+    ids=["304", "304-location", "302-nowhere", "300-empty-location"],
+)
+async def test_an_api_answer_of_3xx_that_leads_nowhere_is_unexpected_not_a_redirect(
+    head: bytes,
+) -> None:
+    # "The API redirected; check its URL" (exit 2) sent the operator after a URL that was right.
+    server = Server(lambda _: [head])
+    async with serving(server) as url, client() as http:
+        with pytest.raises(ApiError) as caught:
+            await api_client(http, url).get("/v1/jobs", TrainingJobCheckpoints, what="job")
+    status = head[9:12].decode()
+    assert str(caught.value) == f"job: unexpected answer (HTTP {status}) from the API"
+    assert caught.value.exit_code == 1
+    assert len(server.requests) == 1  # it would answer the same again
 
 
 @asynccontextmanager
