@@ -542,23 +542,35 @@ class Transfers:
         expected = stop - state.offset
         if refused := refused_answer(resp.status, resp.headers, resp.length, expected, url):
             raise refused
+        # Told no length before its body, a coded answer is judged by it: the object stored
+        # coded if its bytes come to the length asked for, else coded on the way.
+        coded = _compressed(resp.headers, url) if resp.length is None else None
         first = staged.same_object(resp.headers.get("etag"))
         if first is not None and part.length < file.size:
             # Recorded with the parts, for the run that resumes them (a one-part file has none).
             self._manifest.staging_etag(staged.key, first)
         started_at = state.offset
-        writer = _PartWriter(staged, state, stop, self._stats, self._dest)
+        writer = _PartWriter(staged, state, stop, self._stats, self._dest, coded)
         # A part hashed on the way cannot skip Python; the others may be spliced.
         await resp.stream_to(writer.take, writer if state.digests is None else None)
+        if coded is not None and state.offset != stop:
+            raise coded  # not a body cut short: the same request would be answered the same way
         return started_at, stop
 
 
 class _PartWriter:
     """Writes an answer's body at its offset as it arrives, up to ``stop`` (where the range it
-    answered with ends), hashing it if it is the whole file."""
+    answered with ends), hashing it if it is the whole file. Past ``stop``, the bytes of an
+    answer whose head told a coding and no length fail it as ``coded``."""
 
     def __init__(
-        self, staged: _Staged, state: _PartState, stop: int, stats: Stats, dest: Path
+        self,
+        staged: _Staged,
+        state: _PartState,
+        stop: int,
+        stats: Stats,
+        dest: Path,
+        coded: FileError | None = None,
     ) -> None:
         self.fd = staged.fd
         self._staged = staged
@@ -566,6 +578,7 @@ class _PartWriter:
         self._stop = stop
         self._stats = stats
         self._dest = dest
+        self._coded = coded
 
     @property
     def offset(self) -> int:
@@ -590,7 +603,7 @@ class _PartWriter:
         self._stats.bytes_fetched += size
         state = self._state
         if state.offset + size > self._stop:
-            raise IntegrityError(
+            raise self._coded or IntegrityError(
                 f"server sent more than the range it answered with, up to byte {self._stop - 1}"
             )
         # On the loop, not in a thread: a write into the page cache takes microseconds, and
@@ -707,16 +720,12 @@ def refused_answer(
     ``length`` bytes (None: not told), is refused before its body is read, if it is: it should
     carry ``expected`` bytes (the listed size for a `200`, its Content-Range's length for a
     `206`). Not retried: the same request would be answered the same way."""
-    coding = headers.get("content-encoding", "identity").lower()
-    if coding != "identity" and length != expected:
+    if length is None or length == expected:
+        return None  # a body without a length is checked as it is read, a coded one too
+    if coded := _compressed(headers, url):
         # Coded on the way despite our Accept-Encoding, they are not the object's bytes (an
         # object stored coded, which S3 serves with its Content-Encoding, has its length).
-        return FileError(
-            f"{redact_url(url)} sent the object compressed (Content-Encoding: "
-            f"{coding[:20]}), not as stored"
-        )
-    if length is None or length == expected:
-        return None  # a body without a length is checked as it is read
+        return coded
     if status == 200:
         # The object's length now (RFC 9110 §8.6): another version than the one listed, which
         # the next run lists; read, it would end short, or wait for bytes that never come.
@@ -726,6 +735,18 @@ def refused_answer(
     return IntegrityError(
         f"a body of {length} bytes does not match its Content-Range "
         f"{headers.get('content-range')!r} ({expected} bytes)"
+    )
+
+
+def _compressed(headers: Mapping[str, str], url: str) -> FileError | None:
+    """The `FileError` of an answer with a Content-Encoding, for when its bytes are found not to
+    be the object's (their length is not that of the bytes asked for); None for one sent as is."""
+    coding = headers.get("content-encoding", "identity").lower()
+    if coding == "identity":
+        return None
+    return FileError(
+        f"{redact_url(url)} sent the object compressed (Content-Encoding: {coding[:20]}), "
+        "not as stored"
     )
 
 

@@ -271,7 +271,9 @@ COMPRESSED = "http://h/o?<redacted> sent the object compressed (Content-Encoding
         (206, "GZIP", 100, 100, None),
         (200, "identity", 1000, 1000, None),
         (200, "gzip", 400, 1000, COMPRESSED),  # not "the server says the object has 400 bytes"
-        (200, "gzip", None, 1000, COMPRESSED),  # chunked: its length cannot be told first
+        # Chunked: its length cannot be told first, the bytes it brings are (`_PartWriter`).
+        (200, "gzip", None, 1000, None),
+        (206, "gzip", None, 100, None),
         (206, "gzip", 40, 100, COMPRESSED),
         (200, None, 1000, 1000, None),
         (200, None, None, 1000, None),  # chunked, or until the close: counted as it is read

@@ -138,11 +138,18 @@ def test_an_object_compressed_on_the_way_fails_alone_and_one_stored_compressed_l
         assert_exact(mirrored(dest, JOB, file), file)
 
 
+def chunked(body: bytes) -> bytes:
+    """``body`` framed as one chunk and the last one."""
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
 def test_an_object_stored_compressed_lands_when_fetched_in_parts(
-    server: ServerThread, dest: Path
+    server: ServerThread, dest: Path, framing: str
 ) -> None:
-    # Its Content-Encoding comes with each ranged answer, whose length is the range's: the
-    # check against coding on the way must not take those for it.
+    # Its Content-Encoding comes with each ranged answer, whose length is the range's (told by
+    # its head, or by the bytes its chunks bring): the check against coding on the way must
+    # not take those for it.
     large = max(server.files(), key=lambda file: file.size)
     assert large.size > 256 << 10  # in parts of 256 KiB
     ranges: list[str] = []
@@ -152,12 +159,17 @@ def test_an_object_stored_compressed_lands_when_fetched_in_parts(
 
         def do_GET(self) -> None:
             start, end = range_asked(self, ranges)
+            body = content(large.seed, start, end - start)
             self.send_response(206)
             self.send_header("Content-Encoding", "gzip")
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{large.size}")
-            self.send_header("Content-Length", str(end - start))
+            if framing == "length":
+                self.send_header("Content-Length", str(end - start))
+            else:
+                self.send_header("Transfer-Encoding", "chunked")
+                body = chunked(body)
             self.end_headers()
-            self.wfile.write(content(large.seed, start, end - start))
+            self.wfile.write(body)
 
     with http_serving(StoredGzip) as origin:
         large.external_url = f"{origin}/stored?X-Amz-Signature=s"
@@ -170,47 +182,103 @@ def test_an_object_stored_compressed_lands_when_fetched_in_parts(
         assert_exact(mirrored(dest, JOB, file), file)
 
 
-def test_a_compressed_answer_is_told_by_the_length_its_head_frames(
+def test_an_object_stored_compressed_lands_however_its_answer_is_framed(
     server: ServerThread, dest: Path
 ) -> None:
-    # A Content-Length said twice (a proxy adding its copy) is one length: an object stored
-    # compressed still lands. One answered in chunks cannot show its length before its body:
-    # it is refused as compressed, as it was.
-    repeated, chunked, *others = server.files()
+    # A Content-Length said twice (a proxy adding its copy) is one length. An answer in chunks,
+    # or ended by the close, cannot show its length before its body: it is judged by the bytes
+    # it brings, which are the object as stored (S3 serves one uploaded gzip-coded with that
+    # coding, and may send it chunked). It was refused as compressed.
+    whole_chunked, repeated, closed, *others = server.files()
+    assert whole_chunked.size > 1 << 20  # more than a receive buffer: handed over in pieces
+    served = {"/chunked": whole_chunked, "/repeated": repeated, "/closed": closed}
 
     class StoredGzip(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            file = repeated if self.path.startswith("/repeated") else chunked
+            file = served[self.path.partition("?")[0]]
             body = content(file.seed, 0, file.size)
             self.send_response(200)
             self.send_header("Content-Encoding", "gzip")
             if file is repeated:
                 self.send_header("Content-Length", f"{file.size}, {file.size}")
-                self.end_headers()
-                self.wfile.write(body)
-                return
-            self.send_header("Transfer-Encoding", "chunked")
+            elif file is closed:
+                self.send_header("Connection", "close")  # the body ends with the connection
+            else:
+                self.send_header("Transfer-Encoding", "chunked")
+                body = chunked(body)
             self.end_headers()
-            self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+            self.wfile.write(body)
 
     with http_serving(StoredGzip) as origin:
-        repeated.external_url = f"{origin}/repeated?X-Amz-Signature=s"
-        chunked.external_url = f"{origin}/chunked?X-Amz-Signature=s"
+        for path, file in served.items():
+            file.external_url = f"{origin}{path}?X-Amz-Signature=s"
+
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["retries"] == 0
+    for file in [*served.values(), *others]:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+@pytest.mark.parametrize("packed", ["smaller", "larger"])
+def test_an_object_compressed_on_the_way_without_a_length_fails_alone_at_once(
+    server: ServerThread, dest: Path, framing: str, packed: str
+) -> None:
+    # Gzip-coded on the fly, as a whole (200) or by range (206), in chunks or up to the close:
+    # the head cannot tell, the body does, by not coming to the length asked for (longer, for
+    # bytes that do not compress; shorter, for bytes that do). Not retried: the next answer
+    # would come compressed again; and nothing of it is published.
+    large, small, *others = server.files()
+    assert large.size > 256 << 10 > small.size  # in parts, and in one
+    asked: dict[str, list[str]] = {"/large": [], "/small": []}
+
+    class Compressing(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            path = self.path.partition("?")[0]
+            file = large if path == "/large" else small
+            start, end = range_asked(self, asked[path])
+            stored = content(file.seed, start, end - start)
+            body = gzip.compress(stored if packed == "larger" else bytes(len(stored)))
+            assert (len(body) > len(stored)) == (packed == "larger")
+            if file is large:
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{large.size}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            if framing == "close":
+                self.send_header("Connection", "close")
+            else:
+                self.send_header("Transfer-Encoding", "chunked")
+                body = chunked(body)
+            self.end_headers()
+            self.wfile.write(body)
+
+    with http_serving(Compressing) as origin:
+        large.external_url = f"{origin}/large?X-Amz-Signature=s"
+        small.external_url = f"{origin}/small?X-Amz-Signature=s"
 
         result = run_cli(*sync_args(server, dest, "--json"))
 
     assert result.code == 1, result.stderr
     summary = json.loads(result.stdout)
-    (failure,) = summary["failures"]
-    assert failure["error"] == (
-        f"{origin}/chunked?<redacted> sent the object compressed (Content-Encoding: gzip), "
+    assert sorted(failure["error"] for failure in summary["failures"]) == [
+        f"{origin}{path}?<redacted> sent the object compressed (Content-Encoding: gzip), "
         "not as stored"
-    )
+        for path in ("/large", "/small")
+    ]
     assert summary["retries"] == 0
-    assert not mirrored(dest, JOB, chunked).exists()
-    for file in [repeated, *others]:
+    assert len(asked["/small"]) == 1
+    assert len(asked["/large"]) <= -(-large.size // (256 << 10))  # each part asked once at most
+    assert not mirrored(dest, JOB, large).exists()
+    assert not mirrored(dest, JOB, small).exists()
+    for file in others:
         assert_exact(mirrored(dest, JOB, file), file)
 
 
