@@ -334,8 +334,8 @@ class Transfers:
         if size > free - unseen:
             promised = f", {human_bytes(unseen)} of it to files being fetched" if unseen else ""
             raise LocalIOError(
-                f"not enough space for {final}: it needs {human_bytes(size)}, "
-                f"{human_bytes(max(free, 0))} is free on {self._dest}{promised} "
+                f"not enough space for {quoted(final)}: it needs {human_bytes(size)}, "
+                f"{human_bytes(max(free, 0))} is free on {quoted(self._dest)}{promised} "
                 f"(keeping {human_bytes(SPACE_RESERVE)} for the manifest)"
             )
 

@@ -191,6 +191,23 @@ def test_a_full_disk_stops_with_the_path_and_the_space_needed_and_the_rerun_resu
     assert server.traffic.object_bytes_sent <= total + 4 * (256 << 10)
 
 
+def test_a_long_path_that_does_not_fit_is_quoted_by_its_start_and_end(
+    server: ServerThread, disk: Path
+) -> None:
+    dest = disk / ("d" * 120) / ("e" * 120) / "mirror"  # its files' paths: past 280 characters
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 6
+    (line,) = result.stderr.splitlines()
+    assert line.startswith(f"checkpoint-sync: error: not enough space for {str(dest)[:60]}...")
+    assert f"is free on {str(dest)[:60]}...{str(dest)[-60:]}" in line
+    assert len(line) < 450  # its two paths whole made it about 730
+    summary = json.loads(result.stdout)
+    assert summary["error"] in line
+    assert summary["dest"] == str(dest)  # whole where the document names it
+
+
 def test_files_in_flight_count_against_free_space_before_they_land(disk: Path) -> None:
     """tmpfs staging files are sparse (reserving them would zero-fill memory), so the space two
     files will take only shows as used once they are fetched: each must count it before."""
