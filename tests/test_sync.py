@@ -110,26 +110,34 @@ def test_changed_remote_file_is_fetched_again(server: ServerThread, dest: Path) 
     assert_exact(mirrored(dest, JOB, changed), changed)
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate", "symlink"])
+@pytest.mark.parametrize("damage", ["delete", "truncate", "symlink", "symlink-to-directory"])
 def test_locally_damaged_file_is_restored(server: ServerThread, dest: Path, damage: str) -> None:
     assert run_cli(*sync_args(server, dest)).code == 0
     victim = server.files()[1]
     path = mirrored(dest, JOB, victim)
+    elsewhere = dest.parent / "elsewhere"
     if damage == "delete":
         path.unlink()
     elif damage == "truncate":
         path.write_bytes(path.read_bytes()[:10])
-    else:  # a link to other bytes of the same size is not the mirrored file
-        elsewhere = dest.parent / "elsewhere"
+    elif damage == "symlink":  # a link to other bytes of the same size is not the mirrored file
         elsewhere.write_bytes(b"x" * victim.size)
+        path.unlink()
+        path.symlink_to(elsewhere)
+    else:  # a directory outside DEST: the link is replaced, nothing is written through it
+        elsewhere.mkdir()
+        (elsewhere / "notes.txt").write_text("mine")
         path.unlink()
         path.symlink_to(elsewhere)
 
     second = run_cli(*sync_args(server, dest, "--json"))
 
-    assert second.code == 0
+    assert second.code == 0, second.stderr
     assert json.loads(second.stdout)["files"]["fetched"] == 1
     assert_exact(path, victim)
+    if damage == "symlink-to-directory":
+        assert [p.name for p in elsewhere.iterdir()] == ["notes.txt"]
+        assert (elsewhere / "notes.txt").read_text() == "mine"
 
 
 def test_a_file_replaced_by_a_directory_fails_before_its_bytes_are_fetched(
