@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -206,7 +207,17 @@ class Manifest:
         try:
             return self._db.execute(sql, parameters)
         except sqlite3.DatabaseError as exc:
-            raise _unusable(self.path, exc) from exc
+            raise self._failed(exc) from exc
+
+    def _failed(self, exc: sqlite3.DatabaseError) -> LocalIOError:
+        """The error for a failed statement. On a full disk SQLite rolls the open transaction
+        back: the next is opened, or the writes after it (a file in flight that lands) would each
+        commit alone, and the closing commit would fail with "no transaction is active", in
+        place of the error that stopped the run."""
+        if not self._db.in_transaction:
+            with suppress(sqlite3.DatabaseError):
+                self._db.execute("BEGIN")
+        return _unusable(self.path, exc)
 
     def begin_staging(self, path: str, size: int, last_modified: str, part_size: int) -> None:
         """Start a new record of ``path``'s parts, forgetting the old one now (committed): it
@@ -291,7 +302,7 @@ class Manifest:
             self._db.execute(statement)
             self._db.execute("BEGIN")
         except sqlite3.DatabaseError as exc:
-            raise _unusable(self.path, exc) from exc
+            raise self._failed(exc) from exc
 
     def close(self) -> None:
         try:

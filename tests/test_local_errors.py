@@ -31,6 +31,7 @@ from checkpoint_sync.manifest import Manifest, VerifiedFile
 from .conftest import JOB, job_args, job_catalog, sync_args
 from .support import ServerThread, assert_exact, mirrored, new_version, run_cli
 from .test_kill import assert_records_true
+from .test_sync import flip_byte
 
 
 @contextmanager
@@ -507,13 +508,20 @@ def test_a_parent_of_dest_that_cannot_be_synced_is_named_not_the_lock(
     assert (dest / ".checkpoint-sync").is_dir()  # made: only the sync failed
 
 
+def fill(disk: Path, leaving: int = 0) -> None:
+    """Fill ``disk`` with another program's file, but for ``leaving`` bytes."""
+    filler = disk / "filler"
+    with suppress(OSError), filler.open("wb") as out:
+        while True:
+            out.write(bytes(1 << 20))  # until the disk is full
+    os.truncate(filler, max(filler.stat().st_size - leaving, 0))
+
+
 def test_a_first_run_onto_a_full_disk_is_exit_6_not_an_internal_error(
     server: ServerThread, tmp_path: Path
 ) -> None:
     with mounted(tmp_path / "disk", "tmpfs", "size=8m") as full:
-        with suppress(OSError), (full / "filler").open("wb") as filler:
-            while True:
-                filler.write(bytes(1 << 20))  # until the disk is full
+        fill(full)
 
         result = run_cli(*sync_args(server, full / "mirror"))
 
@@ -578,3 +586,34 @@ def test_a_manifest_read_left_unfinished_is_quiet_once_closed(
     gc.collect()
 
     assert unraisable == []
+
+
+def test_a_manifest_that_cannot_grow_stops_the_run_saying_the_disk_is_full(
+    server: ServerThread, disk: Path
+) -> None:
+    dest = mirrored_whole(server, disk)
+    damaged = [f for f in server.files() if f.size < 1 << 20][:4]
+    for file in damaged:
+        flip_byte(mirrored(dest, JOB, file), 0)
+    # Room for SQLite's WAL index (32 KiB), not for the WAL to record the damaged files forgotten.
+    fill(disk, leaving=36 << 10)
+
+    result = run_cli(*sync_args(server, dest, "--verify"))
+
+    assert result.code == 6
+    assert result.stderr.count("\n") == 1
+    # SQLite rolled its transaction back: the closing commit said "no transaction is active".
+    assert "database or disk is full" in result.stderr, result.stderr
+    for file in server.files():
+        if file not in damaged:
+            assert_exact(mirrored(dest, JOB, file), file)
+    assert run_cli(*job_args(server, "list", "--dest", dest)).code == 0
+
+    (disk / "filler").unlink()
+    again = run_cli(*sync_args(server, dest, "--verify", "--json"))
+
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["files"]["damaged"] == len(damaged)
+    for file in server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+    assert_records_true(dest)
