@@ -9,6 +9,7 @@ the manifest never claims a file that is not there.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -21,8 +22,12 @@ from urllib.parse import quote
 
 from .errors import LocalIOError
 from .plan import Recorded, Staged
+from .progress import human_bytes
 
 SCHEMA_VERSION = 1
+# Left free on the destination, so that when the data has filled the disk the manifest can still
+# record what was done (its WAL grows by up to ~4 MiB between checkpoints).
+SPACE_RESERVE = 4 << 20
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY,
@@ -322,7 +327,20 @@ def _unusable(db_path: Path, exc: sqlite3.DatabaseError | OSError) -> LocalIOErr
         )
     # A full disk, a read-only mount, an I/O error, met writing or reading: the manifest
     # itself is fine.
-    return LocalIOError(f"cannot use the manifest {db_path}: {exc}")
+    return LocalIOError(f"cannot use the manifest {db_path}: {exc}{_space_left(db_path.parent)}")
+
+
+def _space_left(directory: Path) -> str:
+    """A note of the space left where it is short of what the manifest is kept: opened on a full
+    disk, SQLite says only "disk I/O error" (its WAL index cannot grow)."""
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return ""
+    free = info.f_bavail * info.f_frsize
+    if info.f_blocks == 0 or free >= SPACE_RESERVE:
+        return ""  # no capacity reported (ramfs), or room enough: the error is another
+    return f" ({human_bytes(free)} is free on its disk)"
 
 
 def _connect_read_only(db_path: Path) -> sqlite3.Connection:

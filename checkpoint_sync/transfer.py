@@ -46,7 +46,7 @@ from .errors import (
 )
 from .filesystem import fsync_directory, preallocation_pays
 from .layout import STATE_DIR, is_within, mirror_path_parts, quoted, staging_name
-from .manifest import Manifest, VerifiedFile
+from .manifest import SPACE_RESERVE, Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
 from .plan import FileFilter, Part, parts_to_keep, split_parts, unlisted_parts_go
 from .progress import Stats, human_bytes
@@ -63,9 +63,6 @@ HASH_WINDOW = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 # Errors that no other file could escape either: the run stops.
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-# Left free on the destination, so that when the data has filled the disk the manifest can still
-# record what was done (its WAL grows by up to ~4 MiB between checkpoints).
-SPACE_RESERVE = 4 << 20
 # Object URLs may redirect (S3's 307 to a regional endpoint, a CDN's 302 to its origin): only a
 # Range header goes along. API URLs never are followed: their key would.
 MAX_REDIRECTS = 5

@@ -617,3 +617,31 @@ def test_a_manifest_that_cannot_grow_stops_the_run_saying_the_disk_is_full(
     for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
     assert_records_true(dest)
+
+
+def test_a_run_on_a_disk_filled_since_says_so_and_the_mirror_stays(
+    server: ServerThread, disk: Path
+) -> None:
+    dest = mirrored_whole(server, disk)
+    changed = server.files()[0]
+    server.call(lambda: new_version(changed))
+    fill(disk)
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 6
+    assert result.stderr.count("\n") == 1
+    # Opening the manifest, SQLite says only "disk I/O error": its WAL index cannot grow.
+    assert "cannot use the manifest" in result.stderr
+    assert "(0 B is free on its disk)" in result.stderr, result.stderr
+    for file in server.files():
+        if file is not changed:
+            assert_exact(mirrored(dest, JOB, file), file)
+
+    (disk / "filler").unlink()
+    assert_records_true(dest)
+    again = run_cli(*sync_args(server, dest, "--json"))
+
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["files"]["fetched"] == 1
+    assert_exact(mirrored(dest, JOB, changed), changed)
