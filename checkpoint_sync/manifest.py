@@ -346,13 +346,18 @@ def _space_left(directory: Path) -> str:
 def _connect_read_only(db_path: Path) -> sqlite3.Connection:
     """For --dry-run and list: reads that leave the mirror as it was.
 
-    With no WAL file beside the database, no writer has it open, and it is opened immutable:
-    nothing is created next to it (a WAL reader would add -wal and -shm files), and a mirror on
-    a read-only mount can be read at all.
+    With no WAL file beside the database, or an empty one, every commit is in the database file,
+    and it is opened immutable: nothing is created next to it (a WAL reader would add -wal and
+    -shm files), a mirror on a read-only mount can be read at all, and so can one on a full
+    disk where a run that could not open the manifest left an empty WAL (a WAL reader's index
+    could not grow there either).
     """
     if not db_path.exists():
         return sqlite3.connect(":memory:", isolation_level=None)
-    writer_around = Path(f"{db_path}-wal").exists()
+    try:
+        writer_around = os.stat(f"{db_path}-wal").st_size > 0
+    except OSError:
+        writer_around = False
     mode = "ro" if writer_around else "ro&immutable=1"
     uri = f"file:{quote(str(db_path))}?mode={mode}"
     db = sqlite3.connect(uri, uri=True, isolation_level=None)

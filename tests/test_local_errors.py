@@ -637,6 +637,14 @@ def test_a_run_on_a_disk_filled_since_says_so_and_the_mirror_stays(
     for file in server.files():
         if file is not changed:
             assert_exact(mirrored(dest, JOB, file), file)
+    # The failed opening left an empty WAL: the mirror can still be read, the disk still full.
+    listed = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+    assert listed.code == 0, listed.stderr
+    local = [c["local"] for c in json.loads(listed.stdout)["checkpoints"]]
+    assert local == ["changed remotely", "mirrored"]
+    planned = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
+    assert planned.code == 0, planned.stderr
+    assert json.loads(planned.stdout)["files"]["to_fetch"] == 1
 
     (disk / "filler").unlink()
     assert_records_true(dest)
