@@ -20,7 +20,8 @@ from typing import Literal
 import anyio
 
 from .errors import ApiError, FileError, LocalIOError, TransientError, UsageError, most_severe
-from .layout import STATE_DIR, is_within, mirror_path
+from .filesystem import Places
+from .layout import STATE_DIR, mirror_path
 from .lock import mirror_lock
 from .manifest import Manifest
 from .net import NetSettings
@@ -227,7 +228,7 @@ async def _produce(
     """Plan every listed file of the ranks and paths asked for, queueing those to fetch. Every
     such path, usable or not, is noted in the manifest (a file that fails this run is still
     there); the result says whether every entry told its path."""
-    inside = InsideDest(options.dest)
+    places = Places(options.dest)
     paths_told = True
     tally = Tally(options.files)
     # Unlike a checkpoint still syncing, no rerun or flag will mirror it: it fails as one listed
@@ -254,7 +255,7 @@ async def _produce(
                             continue
                         stats.fail(file.where, file.problem)
                         continue
-                    planned = _plan(file, options, manifest, stats, inside)
+                    planned = _plan(file, options, manifest, stats, places)
                     if planned is None:
                         continue
                     relative, action, recorded = planned
@@ -273,7 +274,7 @@ async def _produce(
 
 
 def _plan(
-    file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats, inside: InsideDest
+    file: RemoteFile, options: SyncOptions, manifest: Manifest, stats: Stats, places: Places
 ) -> tuple[str, Literal["fetch", "skip", "check"], Recorded | None] | None:
     """Where ``file`` goes, whether it must be fetched (or, with ``--verify``, read back to
     tell), and what the manifest has there; None if it is not to be mirrored."""
@@ -300,12 +301,12 @@ def _plan(
     recorded = manifest.recorded(relative)
     final = f"{options.dest}/{relative}"
     # A file the manifest does not know is fetched, whatever is on disk: no stat for it. A
-    # directory swapped for a symlink out of DEST: what is there is not the mirror's (and a
-    # fetch fails it as unsafe).
+    # directory swapped for a symlink: what is there is not the mirror's (and a fetch fails it
+    # as unsafe).
     if (
         recorded is not None
         and is_current(file, recorded, local_size(final))
-        and inside(os.path.dirname(final))
+        and places.own(os.path.dirname(relative))
     ):
         if options.verify:
             stats.files_to_check += 1
@@ -463,20 +464,6 @@ async def _commit_periodically(manifest: Manifest) -> None:
     while True:
         await anyio.sleep(COMMIT_SECONDS)
         manifest.commit()
-
-
-class InsideDest:
-    """Whether a directory of the mirror resolves inside DEST: once per directory."""
-
-    def __init__(self, dest: Path) -> None:
-        self._root = os.path.realpath(dest)
-        self._known: dict[str, bool] = {}
-
-    def __call__(self, directory: str) -> bool:
-        known = self._known.get(directory)
-        if known is None:
-            known = self._known[directory] = is_within(self._root, os.path.realpath(directory))
-        return known
 
 
 def local_size(path: str) -> int | None:

@@ -1,5 +1,6 @@
 """Which filesystem the mirror is on, and so whether reserving a file's space up front pays;
-and making a directory's changed entries durable (``--fsync``).
+whether its directories are its own (`Places`); and making a directory's changed entries
+durable (``--fsync``).
 
 On a disk filesystem ``fallocate`` reserves extents without writing them: a full disk shows
 before gigabytes are fetched, and the file is laid out in one piece. On tmpfs it zero-fills
@@ -12,8 +13,9 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
-from .layout import is_within
+from .layout import is_within, quoted
 
 MOUNTINFO = "/proc/self/mountinfo"
 # Filesystems where a reservation is a write of zeros into memory.
@@ -49,6 +51,43 @@ def filesystem_type(mountinfo: str, path: str) -> str | None:
         if len(point) >= longest and is_within(point, path):
             found, longest = fstype, len(point)
     return found
+
+
+class Places:
+    """Whether the directories of the mirror at ``dest`` lead where their names say. Through a
+    symlink, a file would land outside DEST, or in another checkpoint's place, whose record
+    would then vouch for other bytes. One `realpath` a directory: the mirror is ours while its
+    lock is held."""
+
+    def __init__(self, dest: str | Path) -> None:
+        self._dest = str(dest)
+        self._real_dest = os.path.realpath(dest)
+        self._resolved: dict[str, str] = {}
+
+    def own(self, directory: str) -> bool:
+        """Whether ``directory`` (relative to DEST; "" for DEST) resolves to its own place."""
+        return self._resolve(directory) == self._place(directory)
+
+    def elsewhere(self, directory: str) -> str | None:
+        """Where ``directory`` leads instead of its own place, as a message; None if it does
+        not."""
+        resolved = self._resolve(directory)
+        if resolved == self._place(directory):
+            return None
+        if not is_within(self._real_dest, resolved):
+            return "leads outside the destination (a symlink?)"
+        other = os.path.relpath(resolved, self._real_dest)
+        return f"leads to {quoted(other)} in the mirror, not to its own place (a symlink?)"
+
+    def _resolve(self, directory: str) -> str:
+        resolved = self._resolved.get(directory)
+        if resolved is None:
+            path = f"{self._dest}/{directory}" if directory else self._dest
+            resolved = self._resolved[directory] = os.path.realpath(path)
+        return resolved
+
+    def _place(self, directory: str) -> str:
+        return f"{self._real_dest}/{directory}" if directory else self._real_dest
 
 
 def fsync_directory(path: str) -> None:

@@ -17,8 +17,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .engine import InsideDest, local_size, manifest_path
+from .engine import local_size, manifest_path
 from .errors import FileError, UnsafePathError
+from .filesystem import Places
 from .layout import mirror_path_parts, nameable
 from .manifest import Manifest
 from .plan import FileFilter, Recorded, Tally
@@ -86,7 +87,7 @@ async def survey(
                 )
     tally.check()  # as `sync` does: a mistyped rank or pattern is no state
     manifest = Manifest(manifest_path(dest), read_only=True)
-    inside = InsideDest(dest)
+    places = Places(dest)
     try:
         rows = []
         for c in checkpoints:
@@ -102,8 +103,8 @@ async def survey(
                     refused.append(exc)
                     continue
                 # A file deleted or cut short since, or reached through a directory swapped for
-                # a symlink out of DEST, is missing, as `sync` would find it.
-                if local_size(final) == v.size and inside(os.path.dirname(final)):
+                # a symlink, is missing, as `sync` would find it.
+                if local_size(final) == v.size and places.own(os.path.dirname(v.path)):
                     recorded[v.path] = Recorded(v.size, v.last_modified)
             staging = any(
                 wanted.takes(*mirror_path_parts(path)[2:])

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .errors import FileError, LocalIOError
-from .filesystem import fsync_directory
+from .filesystem import Places, fsync_directory
 from .layout import mirror_path_parts, nameable, quoted
 from .manifest import Manifest
 from .plan import FileFilter, removed_upstream
@@ -63,10 +63,9 @@ class Pruner:
     def __init__(self, dest: str, manifest: Manifest, *, fsync: bool = False) -> None:
         self._dest = dest
         self._fsync = fsync
-        self._real_dest = os.path.realpath(dest)
         self._manifest = manifest
         self._emptied: set[str] = set()
-        self._where_it_was: dict[str, bool] = {}
+        self._places = Places(dest)
 
     def goes(self, doomed: Deletion) -> bool:
         """Whether the file at ``doomed``'s place is the mirror's, to delete (`FileError` if it
@@ -75,7 +74,7 @@ class Pruner:
         checkpoint's file), is not the mirror's; nor is a file gone already. One this locale
         cannot name is `UnsafePathError`: kept, as one that cannot be looked at."""
         nameable(doomed.path)
-        if not self._as_laid_out(os.path.dirname(doomed.path)):
+        if not self._places.own(os.path.dirname(doomed.path)):
             return False
         final = f"{self._dest}/{doomed.path}"
         try:
@@ -98,7 +97,7 @@ class Pruner:
                 pass
             except OSError as exc:
                 raise FileError(f"cannot delete {quoted(final)}: {exc.strerror or exc}") from exc
-        if self._as_laid_out(directory):
+        if self._places.own(directory):
             # Also where it was gone already: that run may have been killed before the rmdirs.
             self._emptied.add(directory)
         self._manifest.drop_record(doomed.path)
@@ -140,11 +139,3 @@ class Pruner:
                         f"cannot make the deletions in {path} durable: {exc.strerror or exc}"
                     ) from exc
         self._manifest.commit()
-
-    def _as_laid_out(self, directory: str) -> bool:
-        """Whether ``directory`` (relative to DEST) resolves to itself: no symlink on the way."""
-        known = self._where_it_was.get(directory)
-        if known is None:
-            resolved = os.path.realpath(f"{self._dest}/{directory}")
-            known = self._where_it_was[directory] = resolved == f"{self._real_dest}/{directory}"
-        return known

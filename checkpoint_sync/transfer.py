@@ -44,8 +44,8 @@ from .errors import (
     UrlExpiredError,
     most_severe,
 )
-from .filesystem import fsync_directory, preallocation_pays
-from .layout import STATE_DIR, is_within, mirror_path_parts, quoted, staging_name
+from .filesystem import Places, fsync_directory, preallocation_pays
+from .layout import STATE_DIR, mirror_path_parts, quoted, staging_name
 from .manifest import SPACE_RESERVE, Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
 from .plan import FileFilter, Part, parts_to_keep, split_parts, unlisted_parts_go
@@ -122,7 +122,7 @@ class Transfers:
     ) -> None:
         self._http = http
         self._dest = dest
-        self._real_dest = os.path.realpath(dest)
+        self._places = Places(dest)
         self._staging_dir = dest / STATE_DIR / "staging"
         self._prepared_dirs: set[str] = set()
         self._in_flight: set[_Staged] = set()
@@ -162,7 +162,7 @@ class Transfers:
         final = f"{self._dest}/{relative}"
         if replaces:
             _refuse_a_directory_in_place(final, relative)
-        self._prepare_parent(os.path.dirname(final))
+        self._prepare_parent(os.path.dirname(relative))
         staging = f"{self._staging_dir}/{staging_name(relative)}"
         key = relative
         part_size = self._settings.part_size
@@ -336,27 +336,32 @@ class Transfers:
                 f"(keeping {human_bytes(SPACE_RESERVE)} for the manifest)"
             )
 
-    def _prepare_parent(self, parent: str) -> None:
-        """Create the file's directory, refusing one that a symlink leads out of DEST."""
-        if parent in self._prepared_dirs:
+    def _prepare_parent(self, directory: str) -> None:
+        """Create the file's ``directory`` (relative to DEST), refusing one that a symlink
+        leads elsewhere."""
+        if directory in self._prepared_dirs:
             return  # the mirror is ours while we hold its lock: one check per directory
         # Checked before mkdir too, which would follow the symlink and create directories there.
-        existing = parent
-        while not os.path.lexists(existing):
+        existing = directory
+        while existing and not os.path.lexists(f"{self._dest}/{existing}"):
             existing = os.path.dirname(existing)
-        if not is_within(self._real_dest, os.path.realpath(existing)):
-            raise UnsafePathError(f"{quoted(existing)} leads outside the destination (a symlink?)")
+        self._refuse_elsewhere(existing)
+        parent = f"{self._dest}/{directory}"
         self._in_mirror_call(parent, lambda: os.makedirs(parent, exist_ok=True))
-        if not is_within(self._real_dest, os.path.realpath(parent)):
-            raise UnsafePathError(f"{quoted(parent)} leads outside the destination (a symlink?)")
+        self._refuse_elsewhere(directory)
+        existing = f"{self._dest}/{existing}" if existing else str(self._dest)
         if self._settings.fsync:
             # Each directory made just now is an entry in the one above it, down from the one
             # that was there.
-            directory = parent
-            while directory != existing:
-                directory = os.path.dirname(directory)
-                self._in_mirror_call(directory, partial(fsync_directory, directory))
-        self._prepared_dirs.add(parent)
+            made = parent
+            while made != existing:
+                made = os.path.dirname(made)
+                self._in_mirror_call(made, partial(fsync_directory, made))
+        self._prepared_dirs.add(directory)
+
+    def _refuse_elsewhere(self, directory: str) -> None:
+        if elsewhere := self._places.elsewhere(directory):
+            raise UnsafePathError(f"{quoted(f'{self._dest}/{directory}')} {elsewhere}")
 
     def _in_mirror_call(self, path: str, call: Callable[[], T]) -> T:
         """An OS call on a file's own place in the mirror: a directory below DEST that refuses

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
+import shutil
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
@@ -104,6 +106,41 @@ def test_a_mirrored_directory_replaced_by_a_symlink_out_is_not_taken_as_current(
     assert len(summary["failures"]) == len(moved)
     assert all("leads outside the destination" in f["error"] for f in summary["failures"])
     assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
+
+
+def test_a_symlink_to_another_place_in_the_mirror_is_refused(
+    server: ServerThread, dest: Path
+) -> None:
+    # Checkpoints of a job share their file names and sizes: through the link, checkpoint-20's
+    # files would land on checkpoint-10's, and its records vouch for checkpoint-10's bytes.
+    assert run_cli(*sync_args(server, dest)).code == 0
+    ckpt10, ckpt20 = dest / JOB / "checkpoint-10", dest / JOB / "checkpoint-20"
+    before = {p: p.read_bytes() for p in ckpt10.rglob("*") if p.is_file()}
+    shutil.rmtree(ckpt20)
+    ckpt20.symlink_to(ckpt10)
+    misled = [f for f in server.catalog.files() if f.name.startswith("checkpoint-20/")]
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    summary = json.loads(result.stdout)
+    assert summary["files"]["skipped"] == len(list(server.catalog.files())) - len(misled)
+    assert len(summary["failures"]) == len(misled)
+    for failure in summary["failures"]:
+        directory = os.path.dirname(failure["path"])  # each one there, through the link
+        other = directory.replace("checkpoint-20", "checkpoint-10")
+        assert failure["error"].endswith(
+            f"/{directory} leads to {other} in the mirror, not to its own place (a symlink?)"
+        )
+    assert {p: p.read_bytes() for p in ckpt10.rglob("*") if p.is_file()} == before
+    # `list --dest` finds them missing too, as the sync did.
+    listed = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+    local = {row["checkpoint"]: row["local"] for row in json.loads(listed.stdout)["checkpoints"]}
+    assert local == {
+        "checkpoint-10": "mirrored",
+        "checkpoint-20": "absent",
+        "checkpoint-30": "mirrored",
+    }
 
 
 def test_a_path_listed_twice_is_mirrored_once_from_its_first_entry(
