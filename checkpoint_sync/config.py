@@ -93,7 +93,7 @@ class Settings(BaseModel):
     retry_max_delay: float = Field(default=30.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     retry_deadline: float = Field(default=600.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     ca_bundle: Path | None = None
-    proxies: bool = True  # false: ignore HTTP(S)_PROXY and connect directly
+    proxies: bool = True  # false: ignore HTTP(S)_PROXY and ALL_PROXY, connect directly
 
     @field_validator("*", mode="before")
     @classmethod

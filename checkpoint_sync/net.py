@@ -30,7 +30,7 @@ class NetSettings:
     # A connection that sends no byte for this long is dropped and retried.
     read_timeout: float = 60.0
     ca_bundle: Path | None = None
-    proxies: bool = True  # through the proxy HTTP(S)_PROXY names, if any
+    proxies: bool = True  # through the proxy HTTP(S)_PROXY or ALL_PROXY names, if any
     limit_rate: int | None = None  # bytes per second over all connections (None: no limit)
 
 
@@ -68,8 +68,14 @@ def trust_error(ca_bundle: str | None, reason: str) -> UsageError:
     return UsageError(f"{what} cannot be used ({reason})")
 
 
+@dataclass(frozen=True)
+class Proxy:
+    url: str
+    variable: str  # the environment variable that named it, for messages
+
+
 @functools.cache
-def proxy_for_host(scheme: str, host: str, port: int) -> str | None:
+def proxy_for_host(scheme: str, host: str, port: int) -> Proxy | None:
     # Most runs name no proxy at all, and then need not load urllib.request (and http.client).
     if not any(name.lower().endswith("_proxy") for name in os.environ):
         return None
@@ -80,16 +86,21 @@ def proxy_for_host(scheme: str, host: str, port: int) -> str | None:
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if urllib.request.proxy_bypass(authority) or urllib.request.proxy_bypass(host):
         return None
-    named = urllib.request.getproxies().get(scheme)
+    # ALL_PROXY serves a scheme whose own variable is unset, as to curl and httpx. Of an upper-
+    # and a lower-case variable, urllib takes the lower-case one.
+    proxies = urllib.request.getproxies()
+    key = scheme if scheme in proxies else "all"
+    named = proxies.get(key)
     if named is None:
         return None
+    variable = _proxy_variable(key, named)
     # "proxy.corp:3128" is an HTTP proxy to curl, urllib and requests; aiohttp refuses it.
     proxy = named if "://" in named else f"http://{named}"
     proxy_scheme = proxy.partition("://")[0]
     if proxy_scheme.lower() not in ("http", "https"):
         # aiohttp would speak HTTP to it (a SOCKS proxy, say): every request would fail.
         raise UsageError(
-            f"{_proxy_variable(scheme, named)} names a {proxy_scheme}:// proxy; "
+            f"{variable} names a {proxy_scheme}:// proxy; "
             "only http:// and https:// proxies are supported"
         )
     if (problem := url_problem(proxy)) is not None:
@@ -97,16 +108,15 @@ def proxy_for_host(scheme: str, host: str, port: int) -> str | None:
         # proxy URL has no path: all before its last "@" is credentials, even a password's "/",
         # "?" or "#", which `redact_url` would take for the end of the host.
         shown = redact_url(f"{proxy_scheme}://{proxy.partition('://')[2].rpartition('@')[2]}")
-        raise UsageError(f"{_proxy_variable(scheme, named)} is {problem}: {shown}")
-    return proxy
+        raise UsageError(f"{variable} is {problem}: {shown}")
+    return Proxy(proxy, variable)
 
 
-def _proxy_variable(scheme: str, proxy: str) -> str:
-    """The environment variable urllib took ``proxy`` from, to name it in a message."""
-    names = (
-        n for n, value in os.environ.items() if n.lower() == f"{scheme}_proxy" and value == proxy
-    )
-    return next(names, f"{scheme.upper()}_PROXY")
+def _proxy_variable(key: str, proxy: str) -> str:
+    """The environment variable urllib took ``proxy`` from (``key`` is "http", "https" or "all"),
+    to name it in a message."""
+    names = (n for n, value in os.environ.items() if n.lower() == f"{key}_proxy" and value == proxy)
+    return next(names, f"{key.upper()}_PROXY")
 
 
 # A request line carries the URL as it is: these would break it, or smuggle in a header.

@@ -1,7 +1,7 @@
 """Requests through an HTTP(S) proxy, on aiohttp: the rare path, kept out of `wire.py`.
 
-Imported only when ``HTTP(S)_PROXY`` names a proxy for a URL being fetched, so that a run without
-one never pays for importing aiohttp.
+Imported only when ``HTTP(S)_PROXY`` or ``ALL_PROXY`` names a proxy for a URL being fetched, so
+that a run without one never pays for importing aiohttp.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager, contextmanager
 import aiohttp
 
 from .errors import TransientError, UsageError
-from .net import USER_AGENT, NetSettings, converting_errors, ssl_context, transient_status
+from .net import USER_AGENT, NetSettings, Proxy, converting_errors, ssl_context, transient_status
 from .rate import RateLimit
 from .redact import redact_url
 from .wire import Body, FileTarget, Response, Sink
@@ -32,7 +32,7 @@ class ProxiedClient:
     async def request(
         self,
         url: str,
-        proxy: str,
+        proxy: Proxy,
         headers: Mapping[str, str],
         method: str,
         body: bytes,
@@ -45,7 +45,7 @@ class ProxiedClient:
                 url,
                 headers=headers,
                 data=body or None,
-                proxy=proxy,
+                proxy=proxy.url,
                 allow_redirects=False,  # as on the direct path
             ) as response:
                 if response.status == 407:  # the proxy's own answer, to a plain-HTTP request
@@ -107,7 +107,7 @@ class _AiohttpBody(Body):
 
 
 @contextmanager
-def _converting_aiohttp_errors(url: str, proxy: str, what: str) -> Iterator[None]:
+def _converting_aiohttp_errors(url: str, proxy: Proxy, what: str) -> Iterator[None]:
     try:
         yield
     except aiohttp.ClientConnectorCertificateError as exc:
@@ -119,7 +119,7 @@ def _converting_aiohttp_errors(url: str, proxy: str, what: str) -> Iterator[None
         # asyncio's strerror is "Connect call failed (address)": the errno says why.
         errno = exc.os_error.errno
         raise TransientError(
-            f"{what}: cannot connect to the proxy {redact_url(proxy)} (HTTP_PROXY/HTTPS_PROXY): "
+            f"{what}: cannot connect to the proxy {redact_url(proxy.url)} ({proxy.variable}): "
             f"{os.strerror(errno) if errno else exc.os_error}"
         ) from exc
     except aiohttp.ClientError as exc:
@@ -130,10 +130,10 @@ def _converting_aiohttp_errors(url: str, proxy: str, what: str) -> Iterator[None
         raise TransientError(f"{what}: {type(exc).__name__} talking to {redact_url(url)}") from exc
 
 
-def _refused_by(proxy: str, status: int, what: str) -> UsageError:
+def _refused_by(proxy: Proxy, status: int, what: str) -> UsageError:
     """The proxy refused us: its settings are wrong, and no retry can change that."""
     if status == 407:
         problem = "asked for credentials (HTTP 407); check the user and password in its URL"
     else:
         problem = f"refused the connection (HTTP {status}); check its URL and NO_PROXY"
-    return UsageError(f"{what}: the proxy {redact_url(proxy)} {problem} (HTTP_PROXY/HTTPS_PROXY)")
+    return UsageError(f"{what}: the proxy {redact_url(proxy.url)} {problem} ({proxy.variable})")

@@ -152,8 +152,8 @@ def mirrored(dest: Path, run: str, file: ServedFile) -> Path:
 
 @contextmanager
 def proxy_named(monkeypatch: pytest.MonkeyPatch, variable: str, url: str) -> Iterator[None]:
-    """``variable`` (HTTP_PROXY or HTTPS_PROXY) names ``url``, nothing bypasses it (NO_PROXY),
-    and the proxy looked up per host is forgotten before and after."""
+    """``variable`` (HTTP_PROXY, HTTPS_PROXY or ALL_PROXY, in either case) names ``url``, nothing
+    bypasses it (NO_PROXY), and the proxy looked up per host is forgotten before and after."""
     for name in (variable.lower(), "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv(variable, url)

@@ -371,7 +371,7 @@ def _environment(draw: st.DrawFn, place: Place, work: Path) -> dict[str, str | N
             "ü",
         ]
     )
-    for name in ("HTTP_PROXY", "HTTPS_PROXY"):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         env[name] = draw(st.none() | proxies)
     env["NO_PROXY"] = draw(st.none() | st.sampled_from(["", "*", "127.0.0.1", ",,"]))
     certs = st.sampled_from(["", str(work / "missing.pem"), str(work / "a-file"), str(work)])

@@ -882,7 +882,10 @@ def test_a_proxy_that_refuses_us_is_a_configuration_error_not_retried(
     assert "proxy-password" not in result.stderr
 
 
-@pytest.mark.parametrize(("variable", "scheme"), [("HTTP_PROXY", "http"), ("HTTPS_PROXY", "https")])
+@pytest.mark.parametrize(
+    ("variable", "scheme"),
+    [("HTTP_PROXY", "http"), ("HTTPS_PROXY", "https"), ("ALL_PROXY", "https")],
+)
 def test_a_proxy_that_cannot_be_reached_is_named(
     dest: Path, monkeypatch: pytest.MonkeyPatch, variable: str, scheme: str
 ) -> None:
@@ -897,7 +900,7 @@ def test_a_proxy_that_cannot_be_reached_is_named(
     assert result.code == 1
     assert result.stderr == (
         f"checkpoint-sync: error: training job {JOB} of project {PROJECT}: cannot connect to the "
-        f"proxy {closed.replace('someone:proxy-password@', '')} (HTTP_PROXY/HTTPS_PROXY): "
+        f"proxy {closed.replace('someone:proxy-password@', '')} ({variable}): "
         "Connection refused\n"
     )
 
@@ -908,6 +911,8 @@ def test_a_proxy_that_cannot_be_reached_is_named(
         ("HTTP_PROXY", "http", "socks5"),
         ("HTTPS_PROXY", "https", "socks5h"),
         ("http_proxy", "http", "SOCKS4"),
+        ("ALL_PROXY", "http", "socks5"),
+        ("all_proxy", "https", "socks5h"),
     ],
 )
 def test_a_socks_proxy_is_refused_before_any_request(
@@ -926,6 +931,21 @@ def test_a_socks_proxy_is_refused_before_any_request(
     assert result.code == 2
     assert result.stderr == (
         f"checkpoint-sync: error: {variable} names a {proxy_scheme}:// proxy; "
+        "only http:// and https:// proxies are supported\n"
+    )
+
+
+def test_of_all_proxy_and_all_proxy_the_lower_case_one_counts(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As urllib (and so curl's users' scripts) decide it; the message names the one taken.
+    with proxy_named(monkeypatch, "all_proxy", "socks5://someone:proxy-password@127.0.0.1:1"):
+        monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:1")
+        result = sync_past_proxy("https", dest)
+
+    assert result.code == 2
+    assert result.stderr == (
+        "checkpoint-sync: error: all_proxy names a socks5:// proxy; "
         "only http:// and https:// proxies are supported\n"
     )
 
@@ -955,15 +975,16 @@ def test_a_socks_proxy_is_refused_before_any_request(
         ("someone:proxy#password@proxy.corp:3128", "http://proxy.corp:3128", "not a valid URL"),
     ],
 )
+@pytest.mark.parametrize("variable", ["HTTPS_PROXY", "ALL_PROXY"])
 def test_a_malformed_proxy_url_is_a_configuration_error_not_retried(
-    dest: Path, monkeypatch: pytest.MonkeyPatch, proxy: str, shown: str, problem: str
+    dest: Path, monkeypatch: pytest.MonkeyPatch, proxy: str, shown: str, problem: str, variable: str
 ) -> None:
     # aiohttp's InvalidURL was retried as a transient fault, and named the API's URL (exit 1).
-    with proxy_named(monkeypatch, "HTTPS_PROXY", proxy):
+    with proxy_named(monkeypatch, variable, proxy):
         result = sync_past_proxy("https", dest)
 
     assert result.code == 2
-    assert result.stderr == f"checkpoint-sync: error: HTTPS_PROXY is {problem}: {shown}\n"
+    assert result.stderr == f"checkpoint-sync: error: {variable} is {problem}: {shown}\n"
 
 
 def test_the_listing_is_read_only_as_far_as_the_workers_need(dest: Path) -> None:

@@ -809,9 +809,9 @@ async def test_cancelling_a_stalled_splice_returns_at_once(tmp_path: Path) -> No
 
 @asynccontextmanager
 async def proxy_in_env(
-    monkeypatch: pytest.MonkeyPatch, scheme: str = "http://"
+    monkeypatch: pytest.MonkeyPatch, scheme: str = "http://", variable: str = "HTTP_PROXY"
 ) -> AsyncIterator[list[bytes]]:
-    """A minimal HTTP proxy named by HTTP_PROXY (as ``{scheme}127.0.0.1:PORT``); yields the
+    """A minimal HTTP proxy named by ``variable`` (as ``{scheme}127.0.0.1:PORT``); yields the
     request heads it forwarded."""
     seen: list[bytes] = []
 
@@ -836,7 +836,7 @@ async def proxy_in_env(
     proxy = await asyncio.start_server(forward, "127.0.0.1", 0)
     url = f"{scheme}127.0.0.1:{proxy.sockets[0].getsockname()[1]}"
     try:
-        with proxy_named(monkeypatch, "HTTP_PROXY", url):
+        with proxy_named(monkeypatch, variable, url):
             yield seen
     finally:
         proxy.close()
@@ -844,21 +844,48 @@ async def proxy_in_env(
 
 # A proxy named without a scheme ("proxy.corp:3128") is an HTTP proxy, as curl, urllib and
 # requests take it; aiohttp refused it as an invalid URL, and every request failed its retries.
-@pytest.mark.parametrize("scheme", ["http://", ""], ids=["http", "no-scheme"])
+# ALL_PROXY was ignored: curl, httpx and urllib use it for a scheme with no proxy of its own.
+@pytest.mark.parametrize(
+    ("variable", "scheme"),
+    [
+        ("HTTP_PROXY", "http://"),
+        ("HTTP_PROXY", ""),
+        ("ALL_PROXY", "http://"),
+        ("all_proxy", ""),
+    ],
+)
 async def test_urls_behind_a_proxy_go_through_it(
-    monkeypatch: pytest.MonkeyPatch, scheme: str
+    monkeypatch: pytest.MonkeyPatch, variable: str, scheme: str
 ) -> None:
     server = Server(
         lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nproxy"]
     )
     async with (
-        proxy_in_env(monkeypatch, scheme) as seen,
+        proxy_in_env(monkeypatch, scheme, variable) as seen,
         serving(server) as url,
         client() as http,
     ):
         assert await fetch(http, url) == (200, b"proxy")
     assert seen
     assert seen[0].startswith(b"GET http://127.0.0.1:")
+
+
+@pytest.mark.parametrize(
+    ("variable", "unused"),
+    [
+        ("HTTP_PROXY", "all_proxy"),  # the scheme's own variable before ALL_PROXY
+        ("all_proxy", "ALL_PROXY"),  # the lower-case one, as urllib takes it
+    ],
+)
+async def test_which_proxy_variable_counts(
+    monkeypatch: pytest.MonkeyPatch, variable: str, unused: str
+) -> None:
+    server = Server(lambda _: [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nproxy"])
+    async with proxy_in_env(monkeypatch, variable=variable) as seen, serving(server) as url:
+        monkeypatch.setenv(unused, "socks5://127.0.0.1:9")  # refused, were it taken
+        async with client() as http:
+            assert await fetch(http, url) == (200, b"proxy")
+    assert len(seen) == 1
 
 
 async def test_a_proxy_that_never_answers_connect_is_a_transient_error(
@@ -894,8 +921,9 @@ async def test_a_proxy_that_never_answers_connect_is_a_transient_error(
         ("::1", "[::1]:{port}", True),
     ],
 )
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY"])
 async def test_hosts_no_proxy_names_are_reached_directly(
-    monkeypatch: pytest.MonkeyPatch, host: str, no_proxy: str, direct: bool
+    monkeypatch: pytest.MonkeyPatch, host: str, no_proxy: str, direct: bool, variable: str
 ) -> None:
     # The proxy was looked up by the host alone: NO_PROXY entries with a port, or an IPv6
     # address in brackets, never matched, and their requests went to the proxy.
@@ -904,7 +932,7 @@ async def test_hosts_no_proxy_names_are_reached_directly(
     port = listener.sockets[0].getsockname()[1]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/x"
     try:
-        with proxy_named(monkeypatch, "HTTP_PROXY", "http://127.0.0.1:9"):  # nobody listens
+        with proxy_named(monkeypatch, variable, "http://127.0.0.1:9"):  # nobody listens
             monkeypatch.setenv("NO_PROXY", no_proxy.format(port=port, other=port + 1))
             async with client() as http:
                 if direct:
