@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 
@@ -127,6 +128,13 @@ def _converting_aiohttp_errors(url: str, proxy: Proxy, what: str) -> Iterator[No
         # transient fault.
         if isinstance(exc, aiohttp.ClientHttpProxyError) and not transient_status(exc.status):
             raise _refused_by(proxy, exc.status, what) from exc
+        # The same answer would come again: each retry only waited for it.
+        if isinstance(exc, aiohttp.ClientResponseError) and (said := refused_length(exc.message)):
+            raise UsageError(
+                f"{what}: the answer through the proxy {redact_url(proxy.url)} ({proxy.variable}) "
+                f"had {said}, which aiohttp (the client of proxied requests) refuses; have the "
+                "proxy send it once, or reach the host directly (NO_PROXY)"
+            ) from exc
         raise TransientError(f"{what}: {type(exc).__name__} talking to {redact_url(url)}") from exc
 
 
@@ -137,3 +145,23 @@ def _refused_by(proxy: Proxy, status: int, what: str) -> UsageError:
     else:
         problem = f"refused the connection (HTTP {status}); check its URL and NO_PROXY"
     return UsageError(f"{what}: the proxy {redact_url(proxy.url)} {problem} ({proxy.variable})")
+
+
+# llhttp's message quotes the header line it stopped at.
+_LENGTH_LINE = re.compile(r"b'(content-length:[^'\n]{0,60})'", re.IGNORECASE)
+
+
+def refused_length(message: str) -> str | None:
+    """What an answer's Content-Length was, if that is why aiohttp's parser refused the answer
+    with ``message``: it refuses a length said twice (a proxy adding its copy), which RFC 9110
+    lets a client take as the one length, as `wire.py` does."""
+    # llhttp, aiohttp's C parser: to a second header line, and to "N, N" on one.
+    if message.startswith("Duplicate Content-Length"):
+        return "Content-Length twice"
+    if message.startswith("Invalid character in Content-Length"):
+        line = _LENGTH_LINE.search(message)
+        return f'"{line[1]}"' if line else "an unreadable Content-Length"
+    # The pure-Python parser (AIOHTTP_NO_EXTENSIONS=1), to "N, N" (of two lines it takes the first).
+    if message == "Invalid HTTP header: 'Content-Length'":
+        return "an unreadable Content-Length"
+    return None

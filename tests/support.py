@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import selectors
 import socket
 import socketserver
@@ -291,14 +292,18 @@ def job_listing_checkpoints(job: str, entries: Sequence[Mapping[str, object]]) -
 
 
 class TunnelProxy(socketserver.ThreadingTCPServer):
-    """An HTTPS proxy: ``CONNECT host:port``, then bytes both ways; ``tunnels`` lists targets."""
+    """An HTTP(S) proxy: ``CONNECT host:port``, then bytes both ways (``tunnels`` lists targets);
+    a plain-HTTP request is sent on, and its answer's head passed through ``answer_head`` on the
+    way back (``forwarded`` lists their targets)."""
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
+    def __init__(self, answer_head: Callable[[str, bytes], bytes] = lambda _, head: head) -> None:
         super().__init__(("127.0.0.1", 0), _Tunnel)
+        self.answer_head = answer_head
         self.tunnels: list[str] = []
+        self.forwarded: list[str] = []
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
@@ -316,32 +321,58 @@ class _Tunnel(socketserver.BaseRequestHandler):
     request: socket.socket
 
     def handle(self) -> None:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.request.recv(4096)
-            if not chunk:
+        with suppress(ConnectionError):
+            head, body = _message(self.request)
+            method, target, rest = head.split(b" ", 2)
+            if method != b"CONNECT":
+                self._forward(method, target.decode(), rest, body)
                 return
-            head += chunk
-        method, target, _ = head.split(b" ", 2)
-        if method != b"CONNECT":
-            self.request.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-            return
-        host, port = target.decode().rsplit(":", 1)
-        self.server.tunnels.append(target.decode())
+            host, port = target.decode().rsplit(":", 1)
+            self.server.tunnels.append(target.decode())
+            with socket.create_connection((host, int(port))) as upstream:
+                self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                ends = {self.request: upstream, upstream: self.request}
+                with selectors.DefaultSelector() as selector:
+                    for end in ends:
+                        selector.register(end, selectors.EVENT_READ)
+                    while True:  # until either side closes
+                        for key, _ in selector.select():
+                            source = key.fileobj
+                            assert isinstance(source, socket.socket)
+                            data = source.recv(1 << 16)
+                            if not data:
+                                return
+                            ends[source].sendall(data)
+
+    def _forward(self, method: bytes, target: str, rest: bytes, body: bytes) -> None:
+        """One request, its target in origin form; the answer ends the connection."""
+        self.server.forwarded.append(target)
+        authority, _, path = target.removeprefix("http://").partition("/")
+        host, port = authority.rsplit(":", 1)
         with socket.create_connection((host, int(port))) as upstream:
-            self.request.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            ends = {self.request: upstream, upstream: self.request}
-            with selectors.DefaultSelector() as selector:
-                for end in ends:
-                    selector.register(end, selectors.EVENT_READ)
-                while True:  # until either side closes
-                    for key, _ in selector.select():
-                        source = key.fileobj
-                        assert isinstance(source, socket.socket)
-                        data = source.recv(1 << 16)
-                        if not data:
-                            return
-                        ends[source].sendall(data)
+            upstream.sendall(b"%s /%s %s\r\n\r\n%s" % (method, path.encode(), rest, body))
+            head, answer = _message(upstream)
+        kept = [line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection")]
+        head = self.server.answer_head(target, b"\r\n".join([*kept, b"Connection: close"]))
+        self.request.sendall(head + b"\r\n\r\n" + answer)
+
+
+def _message(sock: socket.socket) -> tuple[bytes, bytes]:
+    """An HTTP message's head (without its blank line) and body, framed by its Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += _received(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?im)^content-length: *(\d+)", head)
+    while length is not None and len(body) < int(length[1]):
+        body += _received(sock)
+    return head, body
+
+
+def _received(sock: socket.socket) -> bytes:
+    if not (data := sock.recv(1 << 16)):
+        raise ConnectionError("closed mid-message")
+    return data
 
 
 def least_seconds(size: int, rate: int, connections: int, read: int = READ_SIZE) -> float:

@@ -28,6 +28,7 @@ from .support import (
     API_KEY,
     Result,
     ServerThread,
+    TunnelProxy,
     assert_exact,
     http_serving,
     leave_in_parts,
@@ -948,6 +949,50 @@ def test_of_all_proxy_and_all_proxy_the_lower_case_one_counts(
         "checkpoint-sync: error: all_proxy names a socks5:// proxy; "
         "only http:// and https:// proxies are supported\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("repeated", "said"),
+    [
+        (rb"\1: \2, \2", '"Content-Length: {n}, {n}"'),
+        (rb"\1: \2\r\n\1: \2", "Content-Length twice"),
+    ],
+    ids=["N, N", "two lines"],
+)
+@pytest.mark.parametrize("where", ["/v1/", "/objects/"])
+def test_a_length_said_twice_through_a_proxy_stops_the_run_in_one_line(
+    server: ServerThread,
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    repeated: bytes,
+    said: str,
+    where: str,
+) -> None:
+    # aiohttp refuses it, where the direct path takes the one length: each answer was retried 8
+    # times (43 s at the default delays), then "ClientResponseError talking to <URL>", exit 1.
+    lengths: list[int] = []
+
+    def repeat(target: str, head: bytes) -> bytes:
+        if where not in target:
+            return head
+        lengths.append(int(re.findall(rb"(?im)^content-length: *(\d+)", head)[0]))
+        return re.sub(rb"(?im)^(content-length): *(\d+)", repeated, head)
+
+    proxy = TunnelProxy(repeat)
+    with proxy, proxy_named(monkeypatch, "HTTP_PROXY", proxy.url.replace("://", "://u:proxy-pw@")):
+        result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 2
+    assert result.stderr.count("\n") == 1
+    message = (
+        f": the answer through the proxy {proxy.url} (HTTP_PROXY) had {{said}}, which aiohttp "
+        "(the client of proxied requests) refuses; have the proxy send it once, or reach the host "
+        "directly (NO_PROXY)\n"
+    )
+    assert any(message.format(said=said.format(n=n)) in result.stderr for n in lengths)
+    assert "proxy-pw" not in result.stderr
+    asked = [target for target in proxy.forwarded if where in target]
+    assert len(asked) == len(set(asked)) >= 1  # none asked again
 
 
 @pytest.mark.parametrize(

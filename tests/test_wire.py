@@ -31,6 +31,7 @@ from checkpoint_sync.errors import (
 )
 from checkpoint_sync.models import TrainingJobCheckpoints
 from checkpoint_sync.net import NetSettings
+from checkpoint_sync.proxied import refused_length
 from checkpoint_sync.retry import RetryPolicy
 from checkpoint_sync.wire import HttpClient, split_url
 
@@ -886,6 +887,31 @@ async def test_which_proxy_variable_counts(
         async with client() as http:
             assert await fetch(http, url) == (200, b"proxy")
     assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        (  # llhttp (aiohttp's C parser), as aiohttp 3.14 words it
+            "Invalid character in Content-Length:\n\n  b'Content-Length: 5, 5'\n      ^",
+            '"Content-Length: 5, 5"',
+        ),
+        (
+            "Invalid character in Content-Length:\n\n  b'content-length: 5,6'",
+            '"content-length: 5,6"',
+        ),
+        ("Invalid character in Content-Length", "an unreadable Content-Length"),
+        ("Duplicate Content-Length:\n\n  b'Content-Length: 5'\n      ^", "Content-Length twice"),
+        ("Invalid HTTP header: 'Content-Length'", "an unreadable Content-Length"),  # pure Python
+        ("Content-Length can't be present with Transfer-Encoding", None),
+        ("Invalid HTTP header: 'Content-Type'", None),
+        ("Bad status line 'HTTP/1.1 abc'", None),
+    ],
+)
+def test_a_content_length_aiohttp_refuses_is_told_by_its_message(
+    message: str, said: str | None
+) -> None:
+    assert refused_length(message) == said
 
 
 async def test_a_proxy_that_never_answers_connect_is_a_transient_error(
