@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import os
+import re
 import shutil
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -88,59 +88,65 @@ def test_symlinks_in_the_mirror_leading_outside_are_refused(
     assert len(landed(server, dest)) == len(list(server.catalog.files())) - len(misled)
 
 
-def test_a_mirrored_directory_replaced_by_a_symlink_out_is_not_taken_as_current(
-    server: ServerThread, dest: Path, tmp_path: Path
+@pytest.mark.parametrize("leads_to", ["outside", "another checkpoint"])
+def test_a_mirrored_directory_replaced_by_a_symlink_is_not_taken_as_current(
+    server: ServerThread, dest: Path, tmp_path: Path, leads_to: str
 ) -> None:
+    # Checkpoints of a job share their file names and sizes: through a link to checkpoint-10,
+    # checkpoint-20's files would land on its files, and their records vouch for its bytes.
     assert run_cli(*sync_args(server, dest)).code == 0
-    outside = tmp_path / "outside"
-    (dest / JOB / "checkpoint-10").rename(outside)  # same names, same sizes, now elsewhere
-    (dest / JOB / "checkpoint-10").symlink_to(outside)
-    before = {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()}
-    moved = [f for f in server.catalog.files() if f.name.startswith("checkpoint-10/")]
-
-    result = run_cli(*sync_args(server, dest, "--json"))
-
-    assert result.code == 1
-    summary = json.loads(result.stdout)
-    assert summary["files"]["skipped"] == len(list(server.catalog.files())) - len(moved)
-    assert len(summary["failures"]) == len(moved)
-    assert all("leads outside the destination" in f["error"] for f in summary["failures"])
-    assert {p: p.read_bytes() for p in outside.rglob("*") if p.is_file()} == before
-
-
-def test_a_symlink_to_another_place_in_the_mirror_is_refused(
-    server: ServerThread, dest: Path
-) -> None:
-    # Checkpoints of a job share their file names and sizes: through the link, checkpoint-20's
-    # files would land on checkpoint-10's, and its records vouch for checkpoint-10's bytes.
-    assert run_cli(*sync_args(server, dest)).code == 0
-    ckpt10, ckpt20 = dest / JOB / "checkpoint-10", dest / JOB / "checkpoint-20"
-    before = {p: p.read_bytes() for p in ckpt10.rglob("*") if p.is_file()}
-    shutil.rmtree(ckpt20)
-    ckpt20.symlink_to(ckpt10)
+    replaced = dest / JOB / "checkpoint-20"
+    if leads_to == "outside":
+        target = tmp_path / "outside"
+        replaced.rename(target)  # same names, same sizes, now elsewhere
+        error = "leads outside the destination (a symlink?)"
+    else:
+        target = dest / JOB / "checkpoint-10"
+        shutil.rmtree(replaced)
+        error = "in the mirror, not to its own place (a symlink?)"
+    replaced.symlink_to(target)
+    before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
     misled = [f for f in server.catalog.files() if f.name.startswith("checkpoint-20/")]
 
     result = run_cli(*sync_args(server, dest, "--json"))
+    listed = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
 
     assert result.code == 1
     summary = json.loads(result.stdout)
     assert summary["files"]["skipped"] == len(list(server.catalog.files())) - len(misled)
     assert len(summary["failures"]) == len(misled)
-    for failure in summary["failures"]:
-        directory = os.path.dirname(failure["path"])  # each one there, through the link
-        other = directory.replace("checkpoint-20", "checkpoint-10")
-        assert failure["error"].endswith(
-            f"/{directory} leads to {other} in the mirror, not to its own place (a symlink?)"
-        )
-    assert {p: p.read_bytes() for p in ckpt10.rglob("*") if p.is_file()} == before
-    # `list --dest` finds them missing too, as the sync did.
-    listed = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+    assert all(f["error"].endswith(error) for f in summary["failures"]), summary["failures"]
+    assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    # `list --dest` finds them missing, as the sync did.
     local = {row["checkpoint"]: row["local"] for row in json.loads(listed.stdout)["checkpoints"]}
     assert local == {
         "checkpoint-10": "mirrored",
         "checkpoint-20": "absent",
         "checkpoint-30": "mirrored",
     }
+
+
+def test_a_symlink_to_another_place_in_the_mirror_is_named_where_it_leads(
+    server: ServerThread, dest: Path
+) -> None:
+    (dest / JOB / "checkpoint-10").mkdir(parents=True)
+    (dest / JOB / "checkpoint-20").symlink_to(dest / JOB / "checkpoint-10")
+    misled = [f for f in server.catalog.files() if f.name.startswith("checkpoint-20/")]
+
+    result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1
+    failures = json.loads(result.stdout)["failures"]
+    assert len(failures) == len(misled)
+    # Named from the deepest directory there, which checkpoint-10's own files may have made.
+    where = re.compile(
+        rf".*/{JOB}/checkpoint-20(/.+)? leads to {JOB}/checkpoint-10(/.+)? in the mirror, not to "
+        r"its own place \(a symlink\?\)"
+    )
+    assert all(where.fullmatch(f["error"]) for f in failures), failures
+    for file in server.catalog.files():
+        if file not in misled:  # checkpoint-10's own, which checkpoint-20's did not overwrite
+            assert_exact(mirrored(dest, JOB, file), file)
 
 
 def test_a_path_listed_twice_is_mirrored_once_from_its_first_entry(
