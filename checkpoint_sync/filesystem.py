@@ -87,7 +87,9 @@ class Places:
         return resolved
 
     def _place(self, directory: str) -> str:
-        return f"{self._real_dest}/{directory}" if directory else self._real_dest
+        if not directory:
+            return self._real_dest
+        return f"{self._real_dest.rstrip(os.sep)}/{directory}"  # DEST may be "/"
 
 
 def fsync_directory(path: str) -> None:

@@ -1,10 +1,14 @@
-"""Which filesystem a path is on, read from mountinfo text: a table of cases."""
+"""Which filesystem a path is on, read from mountinfo text: a table of cases; and whether a
+directory of the mirror leads to its own place, on a tree of real directories and symlinks."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from checkpoint_sync.filesystem import filesystem_type
+from checkpoint_sync.filesystem import Places, filesystem_type
 
 MOUNTINFO = "\n".join(
     [
@@ -41,3 +45,45 @@ def test_the_filesystem_of_a_path_is_its_deepest_mount(path: str, expected: str)
 
 def test_no_mount_line_means_no_answer() -> None:
     assert filesystem_type("garbage\n\n1 2 3", "/anything") is None
+
+
+@pytest.mark.parametrize(
+    ("dest", "directory", "elsewhere"),
+    [
+        ("mirror", "", None),
+        ("mirror", "run/a", None),
+        ("mirror", "run/not-made-yet", None),
+        ("./mirror/", "run/a", None),  # as a user may spell it
+        ("link-to-mirror", "run/a", None),  # DEST itself reached through a symlink
+        ("mirror", "run/b", "leads to run/a in the mirror, not to its own place (a symlink?)"),
+        ("mirror", "run/b/0", "leads to run/a/0 in the mirror, not to its own place (a symlink?)"),
+        ("mirror", "run/out", "leads outside the destination (a symlink?)"),
+        (
+            "link-to-mirror",
+            "run/b",
+            "leads to run/a in the mirror, not to its own place (a symlink?)",
+        ),
+    ],
+)
+def test_a_directory_of_the_mirror_leads_to_its_own_place(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    dest: str,
+    directory: str,
+    elsewhere: str | None,
+) -> None:
+    (tmp_path / "mirror" / "run" / "a" / "0").mkdir(parents=True)
+    (tmp_path / "mirror" / "run" / "b").symlink_to(tmp_path / "mirror" / "run" / "a")
+    (tmp_path / "mirror" / "run" / "out").symlink_to(tmp_path)
+    (tmp_path / "link-to-mirror").symlink_to(tmp_path / "mirror")
+    monkeypatch.chdir(tmp_path)
+    places = Places(Path(dest))
+
+    assert places.elsewhere(directory) == elsewhere
+    assert places.own(directory) is (elsewhere is None)
+
+
+def test_the_root_directory_as_dest_has_its_directories_in_place(tmp_path: Path) -> None:
+    places = Places(Path("/"))
+    assert places.own("")
+    assert places.own(os.path.relpath(os.path.realpath(tmp_path), "/"))
