@@ -346,19 +346,37 @@ def _space_left(directory: Path) -> str:
 def _connect_read_only(db_path: Path) -> sqlite3.Connection:
     """For --dry-run and list: reads that leave the mirror as it was.
 
-    With no WAL file beside the database, or an empty one, every commit is in the database file,
-    and it is opened immutable: nothing is created next to it (a WAL reader would add -wal and
-    -shm files), a mirror on a read-only mount can be read at all, and so can one on a full
-    disk where a run that could not open the manifest left an empty WAL (a WAL reader's index
-    could not grow there either).
+    With no WAL file beside the database, no writer has it open, and it is opened immutable:
+    nothing is created next to it (a WAL reader would add -wal and -shm files), and a mirror on
+    a read-only mount can be read at all. With one, even empty (a sync that just opened the
+    manifest has one until it commits), it is read through the WAL: read immutable, pages that
+    sync then writes back into the database file would look damaged. Only where a WAL reader
+    cannot open it (on a full disk its index cannot grow: a run that could not open the
+    manifest there left an empty WAL) is an empty WAL, which holds no commit, passed over.
     """
     if not db_path.exists():
         return sqlite3.connect(":memory:", isolation_level=None)
     try:
-        writer_around = os.stat(f"{db_path}-wal").st_size > 0
+        wal_size: int | None = os.stat(f"{db_path}-wal").st_size
     except OSError:
-        writer_around = False
-    mode = "ro" if writer_around else "ro&immutable=1"
+        wal_size = None
+    try:
+        db, version = _open_read_only(db_path, "ro&immutable=1" if wal_size is None else "ro")
+    except sqlite3.OperationalError:
+        if wal_size != 0:
+            raise
+        db, version = _open_read_only(db_path, "ro&immutable=1")
+    if version == 0:
+        # No schema yet: a run was killed while it created the manifest, so nothing is recorded.
+        # Read as a new one, or creating the schema would fail on this read-only connection.
+        db.close()
+        return sqlite3.connect(":memory:", isolation_level=None)
+    return db
+
+
+def _open_read_only(db_path: Path, mode: str) -> tuple[sqlite3.Connection, int]:
+    """The database opened in ``mode``, and its schema version (read: the first read is where
+    a WAL reader's index is made)."""
     uri = f"file:{quote(str(db_path))}?mode={mode}"
     db = sqlite3.connect(uri, uri=True, isolation_level=None)
     try:
@@ -366,9 +384,4 @@ def _connect_read_only(db_path: Path) -> sqlite3.Connection:
     except BaseException:
         db.close()
         raise
-    if version == 0:
-        # No schema yet: a run was killed while it created the manifest, so nothing is recorded.
-        # Read as a new one, or creating the schema would fail on this read-only connection.
-        db.close()
-        return sqlite3.connect(":memory:", isolation_level=None)
-    return db
+    return db, version

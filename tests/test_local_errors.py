@@ -588,6 +588,35 @@ def test_a_manifest_read_left_unfinished_is_quiet_once_closed(
     assert unraisable == []
 
 
+def test_a_manifest_read_while_a_sync_that_just_opened_it_writes_is_not_taken_for_damaged(
+    tmp_path: Path,
+) -> None:
+    def record(manifest: Manifest, numbers: range) -> None:
+        for n in numbers:
+            checkpoint = f"c{n % 20}"
+            path = f"r/{checkpoint}/0/{n:06d}-{'x' * 60}"
+            manifest.record_verified(VerifiedFile(path, "s", "r", checkpoint, 0, n, "t", "d" * 64))
+
+    def held(manifest: Manifest) -> int:
+        return sum(len(list(manifest.files_in("r", f"c{c}"))) for c in range(20))
+
+    path = tmp_path / "manifest.sqlite3"
+    earlier = Manifest(path)
+    record(earlier, range(1000))
+    earlier.close()  # its WAL checkpointed and removed
+    sync = Manifest(path)  # its WAL is empty until its first commit
+    # `list --dest` or `--dry-run` meanwhile, which reads on while the sync commits, and writes
+    # its WAL back into the database file as it closes.
+    reader = Manifest(path, read_only=True)
+    assert len(list(reader.files_in("r", "c0"))) == 50
+    record(sync, range(1000, 6000))
+    sync.close()
+
+    assert held(reader) == 1000  # what was committed when it began reading, whole
+    reader.close()
+    assert held(Manifest(path, read_only=True)) == 6000
+
+
 def test_a_manifest_that_cannot_grow_stops_the_run_saying_the_disk_is_full(
     server: ServerThread, disk: Path
 ) -> None:
