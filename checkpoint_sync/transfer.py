@@ -349,14 +349,15 @@ class Transfers:
         parent = f"{self._dest}/{directory}"
         self._in_mirror_call(parent, lambda: os.makedirs(parent, exist_ok=True))
         self._refuse_elsewhere(directory)
-        existing = f"{self._dest}/{existing}" if existing else str(self._dest)
         if self._settings.fsync:
             # Each directory made just now is an entry in the one above it, down from the one
-            # that was there.
-            made = parent
+            # that was there. Walked by relative names: `dirname` of an absolute path stops at
+            # "//" under a DEST of "/", never reaching it.
+            made = directory
             while made != existing:
                 made = os.path.dirname(made)
-                self._in_mirror_call(made, partial(fsync_directory, made))
+                above = f"{self._dest}/{made}" if made else str(self._dest)
+                self._in_mirror_call(above, partial(fsync_directory, above))
         self._prepared_dirs.add(directory)
 
     def _refuse_elsewhere(self, directory: str) -> None:
