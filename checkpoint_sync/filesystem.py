@@ -77,7 +77,8 @@ class Places:
         if not is_within(self._real_dest, resolved):
             return "leads outside the destination (a symlink?)"
         other = os.path.relpath(resolved, self._real_dest)
-        return f"leads to {quoted(other)} in the mirror, not to its own place (a symlink?)"
+        to = "DEST itself" if other == "." else f"{quoted(other)} in the mirror"
+        return f"leads to {to}, not to its own place (a symlink?)"
 
     def _resolve(self, directory: str) -> str:
         resolved = self._resolved.get(directory)

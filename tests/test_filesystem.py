@@ -58,6 +58,7 @@ def test_no_mount_line_means_no_answer() -> None:
         ("mirror", "run/b", "leads to run/a in the mirror, not to its own place (a symlink?)"),
         ("mirror", "run/b/0", "leads to run/a/0 in the mirror, not to its own place (a symlink?)"),
         ("mirror", "run/out", "leads outside the destination (a symlink?)"),
+        ("mirror", "run/up", "leads to DEST itself, not to its own place (a symlink?)"),
         (
             "link-to-mirror",
             "run/b",
@@ -75,6 +76,7 @@ def test_a_directory_of_the_mirror_leads_to_its_own_place(
     (tmp_path / "mirror" / "run" / "a" / "0").mkdir(parents=True)
     (tmp_path / "mirror" / "run" / "b").symlink_to(tmp_path / "mirror" / "run" / "a")
     (tmp_path / "mirror" / "run" / "out").symlink_to(tmp_path)
+    (tmp_path / "mirror" / "run" / "up").symlink_to(tmp_path / "mirror")
     (tmp_path / "link-to-mirror").symlink_to(tmp_path / "mirror")
     monkeypatch.chdir(tmp_path)
     places = Places(Path(dest))
