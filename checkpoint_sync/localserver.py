@@ -396,7 +396,10 @@ class LocalServer:
             self._wandb(self._wandb_checkpoints, "Bearer"),
         )
         app.router.add_post("/graphql", self._wandb(self._wandb_graphql, "Basic"))
-        app.router.add_get("/objects/{file_id}", self._object)
+        # Presigned URLs are signed for GET only (NOTES.md): aiohttp's add_get would also run
+        # `_object` for a HEAD, and its body would follow the head.
+        app.router.add_get("/objects/{file_id}", self._object, allow_head=False)
+        app.router.add_head("/objects/{file_id}", self._object_head)
         return app
 
     async def __aenter__(self) -> LocalServer:
@@ -766,6 +769,11 @@ class LocalServer:
             await response.prepare(request)
             await self._send_body(request, response, file, start, end, fault)
         return response
+
+    async def _object_head(self, request: web.Request) -> web.StreamResponse:
+        """A HEAD on a URL signed for GET: refused, as S3 answers one (403, no body)."""
+        self.traffic.object_requests += 1
+        return web.Response(status=403)
 
     def _pick_fault(self, name: str, start: int, end: int) -> str | None:
         if self.faults.hook is not None and (chosen := self.faults.hook(name, start, end)):
