@@ -463,7 +463,8 @@ class LocalServer:
 
     async def _job_checkpoints(self, request: web.Request) -> web.StreamResponse:
         job = self._find_job(request)
-        stamp = job.checkpoints[0].created_at.isoformat() if job.checkpoints else ""
+        # Required date-times (TrainingJobV1), a job without checkpoints too.
+        stamp = (job.checkpoints[0].created_at if job.checkpoints else _JOB_CREATED).isoformat()
         return web.json_response(
             {
                 "training_job": {
@@ -832,6 +833,8 @@ def _requested_range(header: str | None, size: int) -> tuple[int | None, int, bo
     return start, end, True
 
 
+# When a training job without checkpoints was created and last updated.
+_JOB_CREATED = datetime(2026, 11, 1, tzinfo=UTC)
 _LOOPS_FILTERS = ("run_id", "base_model", "checkpoint_path")
 _BT_URI = re.compile(r"bt://loops:[^/]+/(weights|sampler_weights)/[^/]+")
 

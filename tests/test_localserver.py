@@ -10,13 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
-from checkpoint_sync.localserver import tree_catalog
+from checkpoint_sync.localserver import Catalog, ServedJob, tree_catalog
 
 from .conftest import JOB, PROJECT
 from .support import API_KEY, ServerThread
@@ -152,3 +153,14 @@ def test_demo_stopped_by_ctrl_c_mid_transfer_prints_no_server_traceback(tmp_path
         demo.send_signal(signal.SIGINT)
         _, err = demo.communicate(timeout=60)
         assert "Traceback" not in err, err
+
+
+def test_a_job_without_checkpoints_is_listed_with_the_times_its_page_requires() -> None:
+    # TrainingJobV1's created_at and updated_at are required date-times; both were "" here.
+    with ServerThread(Catalog(api_key=API_KEY, jobs=[ServedJob(PROJECT, "new-job")])) as server:
+        answer = _get_json(server, f"/v1/training_projects/{PROJECT}/jobs/new-job/checkpoints")
+
+    assert answer["checkpoints"] == []
+    job = answer["training_job"]
+    for key in ("created_at", "updated_at"):
+        assert datetime.fromisoformat(job[key]).tzinfo is not None, key
