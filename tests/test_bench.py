@@ -528,21 +528,24 @@ def test_a_first_file_larger_than_the_budget_is_fetched_whole_and_the_table_says
 
 def test_later_trials_do_not_fetch_through_urls_expired_since_the_listing(tmp_path: Path) -> None:
     # Each trial takes about a second (1 MiB/s per response); URLs work for 1.6 s after they are
-    # listed, and listing one again takes the API a second.
+    # listed.
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=8, small_size=256 << 10)
-    faults = Faults(url_ttl=1.6, throttle=1 << 20, api_delay=1.0)
+    faults = Faults(url_ttl=1.6, throttle=1 << 20)
     with ServerThread(catalog, faults=faults) as server:
         result = run_cli(
             *job_args(server, "bench", "--concurrency", "4", "--part-size", "1MiB"),
             *("--rounds", "3", "--max-bytes", "8MiB", "--scratch", tmp_path, "--json"),
         )
+        # Every request the server answers with bytes is in `ranges`; the others were refused.
+        refused = server.traffic.object_requests - len(server.traffic.ranges)
 
     assert result.code == 0, result.stderr
     (only,) = json.loads(result.stdout)["trials"]
-    seconds = [t["seconds"] for t in only["rounds"]]
-    # Listed once before the first trial, the third trial's URLs had all expired: each of its
-    # files was refused and listed again inside its clock, a second more for the same bytes.
-    assert max(seconds) < min(seconds) + 0.6, seconds
+    assert [t["files"] for t in only["rounds"]] == [len(catalog.jobs[0].checkpoints[0].files)] * 3
+    # Listed once before the first trial, the later trials' URLs had expired: each of their
+    # files was refused and listed again inside the trial's clock (by a second each, against an
+    # API that takes one to answer). Counted, not timed: a busy machine stretches every trial.
+    assert refused == 0
 
 
 def test_each_setting_is_tried_once_a_round_and_shown_by_its_median_and_range(
