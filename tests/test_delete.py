@@ -10,7 +10,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -533,13 +532,15 @@ def test_a_signal_while_deleting_stops_the_run_at_once_and_the_next_run_finishes
         assert deleting.stderr is not None
         assert deleting.stderr.readline() == b"unlinking\n"
         deleting.send_signal(signal.SIGTERM)
-        stopped = time.monotonic()
         _, err = deleting.communicate(timeout=60)
-        took = time.monotonic() - stopped
         result = run_cli(*sync_args(server, dest, "--delete", "--json"))
 
     assert deleting.returncode == 143, err
-    assert took < 2, f"{len(removed.files)} files deleted before the signal was heeded"
+    # The unlink under way when the signal came, and the two begun while it went through the
+    # loop (its handler, then the task that stops the run); not every file. Counted, not timed:
+    # on a busy machine those 1.5 s of unlinks and the exit took over the 2 s once allowed.
+    unlinks = 1 + err.count(b"unlinking\n")  # the first was read already
+    assert unlinks <= 3 < len(removed.files), err
     assert result.code == 0, result.stderr
     assert not (dest / JOB / DELETED).exists()
     assert DELETED not in recorded_checkpoints(dest)
