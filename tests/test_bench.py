@@ -543,8 +543,8 @@ def test_later_trials_do_not_fetch_through_urls_expired_since_the_listing(tmp_pa
     (only,) = json.loads(result.stdout)["trials"]
     assert [t["files"] for t in only["rounds"]] == [len(catalog.jobs[0].checkpoints[0].files)] * 3
     # Listed once before the first trial, the later trials' URLs had expired: each of their
-    # files was refused and listed again inside the trial's clock (by a second each, against an
-    # API that takes one to answer). Counted, not timed: a busy machine stretches every trial.
+    # files was refused and listed again inside the trial's clock. Counted, not timed: a busy
+    # machine stretches every trial.
     assert refused == 0
 
 
