@@ -251,6 +251,7 @@ async def test_a_body_given_up_on_gets_nothing_more_into_its_sink() -> None:
     "head",
     [
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: Close\r\n\r\n",
         b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n",  # closes unless it says otherwise
         # A list of options, in any case (RFC 9110 §7.6.1): close is one of them.
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close, close\r\n\r\n",
@@ -258,7 +259,15 @@ async def test_a_body_given_up_on_gets_nothing_more_into_its_sink() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: Close ,x\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: x\r\nConnection: CLOSE\r\n\r\n",
     ],
-    ids=["connection-close", "http-1.0", "close-twice", "keep-alive-close", "close-x", "two-lines"],
+    ids=[
+        "connection-close",
+        "Close",
+        "http-1.0",
+        "close-twice",
+        "keep-alive-close",
+        "close-x",
+        "two-lines",
+    ],
 )
 async def test_a_connection_the_server_will_close_is_not_reused(head: bytes) -> None:
     # The server says it closes, but is slow to: reusing the connection would race its close.
