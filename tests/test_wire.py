@@ -1131,8 +1131,10 @@ async def test_an_api_answer_that_starts_with_a_byte_order_mark_is_json(head: by
         b"HTTP/1.1 304 Not Modified\r\nLocation: /v2/jobs\r\n\r\n",  # still no redirect
         b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n",
         b"HTTP/1.1 300 Multiple Choices\r\nLocation:\r\nContent-Length: 0\r\n\r\n",
+        # A code not registered is read as the x00 of its class (RFC 9110 §15): a 300.
+        b"HTTP/1.1 399 Unknown\r\nContent-Length: 0\r\n\r\n",
     ],
-    ids=["304", "304-location", "302-nowhere", "300-empty-location"],
+    ids=["304", "304-location", "302-nowhere", "300-empty-location", "399-unregistered"],
 )
 async def test_an_api_answer_of_3xx_that_leads_nowhere_is_unexpected_not_a_redirect(
     head: bytes,
