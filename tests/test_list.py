@@ -208,7 +208,10 @@ def test_a_directory_swapped_for_a_symlink_out_makes_its_checkpoint_partial(
     assert states(result.stdout)["checkpoint-10"] == "partial"
 
 
-def test_a_remote_change_shows_and_list_writes_nothing(dest: Path) -> None:
+# Read by a URI, the manifest's path is quoted: "#", "?" and "%" in it are names there.
+@pytest.mark.parametrize("name", ["mirror", "mirror #2?%41"], ids=["plain", "uri-characters"])
+def test_a_remote_change_shows_and_list_writes_nothing(tmp_path: Path, name: str) -> None:
+    dest = tmp_path / name
     with ServerThread(job_catalog()) as server:
         assert sync_job(server, dest, "--checkpoint", "checkpoint-10") == 0
         manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
