@@ -884,15 +884,22 @@ def test_a_proxy_that_refuses_us_is_a_configuration_error_not_retried(
 
 
 @pytest.mark.parametrize(
-    ("variable", "scheme"),
-    [("HTTP_PROXY", "http"), ("HTTPS_PROXY", "https"), ("ALL_PROXY", "https")],
+    ("variable", "scheme", "all_proxy"),
+    [
+        ("HTTP_PROXY", "http", None),
+        ("HTTPS_PROXY", "https", None),
+        ("ALL_PROXY", "https", None),
+        ("HTTPS_PROXY", "https", "socks5://127.0.0.1:1"),  # a scheme's own wins over ALL_PROXY
+    ],
 )
 def test_a_proxy_that_cannot_be_reached_is_named(
-    dest: Path, monkeypatch: pytest.MonkeyPatch, variable: str, scheme: str
+    dest: Path, monkeypatch: pytest.MonkeyPatch, variable: str, scheme: str, all_proxy: str | None
 ) -> None:
     # Found by test_cli_inputs.py: "ClientProxyConnectionError talking to <the API's URL>", which
     # blamed the API and did not say why.
     monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    if all_proxy is not None:
+        monkeypatch.setenv("ALL_PROXY", all_proxy)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         closed = f"http://someone:proxy-password@127.0.0.1:{listener.getsockname()[1]}"
     with proxy_named(monkeypatch, variable, closed):
@@ -912,6 +919,7 @@ def test_a_proxy_that_cannot_be_reached_is_named(
         ("HTTP_PROXY", "http", "socks5"),
         ("HTTPS_PROXY", "https", "socks5h"),
         ("http_proxy", "http", "SOCKS4"),
+        ("Https_Proxy", "https", "socks5"),  # urllib takes a name in any case
         ("ALL_PROXY", "http", "socks5"),
         ("all_proxy", "https", "socks5h"),
     ],
@@ -936,10 +944,14 @@ def test_a_socks_proxy_is_refused_before_any_request(
     )
 
 
+@pytest.mark.parametrize("upper_first", [False, True], ids=["lower-first", "upper-first"])
 def test_of_all_proxy_and_all_proxy_the_lower_case_one_counts(
-    dest: Path, monkeypatch: pytest.MonkeyPatch
+    dest: Path, monkeypatch: pytest.MonkeyPatch, upper_first: bool
 ) -> None:
-    # As urllib (and so curl's users' scripts) decide it; the message names the one taken.
+    # As urllib (and so curl's users' scripts) decide it; the message names the one taken,
+    # whichever was set first.
+    if upper_first:
+        monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:1")
     with proxy_named(monkeypatch, "all_proxy", "socks5://someone:proxy-password@127.0.0.1:1"):
         monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:1")
         result = sync_past_proxy("https", dest)
