@@ -909,6 +909,11 @@ async def test_which_proxy_variable_counts(
             "Invalid character in Content-Length:\n\n  b'content-length: 5,6'",
             '"content-length: 5,6"',
         ),
+        (  # a long one, quoted whole
+            "Invalid character in Content-Length:\n\n  b'Content-Length: 1099511627776, "
+            "1099511627776'",
+            '"Content-Length: 1099511627776, 1099511627776"',
+        ),
         ("Invalid character in Content-Length", "an unreadable Content-Length"),
         ("Duplicate Content-Length:\n\n  b'Content-Length: 5'\n      ^", "Content-Length twice"),
         ("Invalid HTTP header: 'Content-Length'", "an unreadable Content-Length"),  # pure Python
