@@ -816,8 +816,7 @@ def _chunked(value: str) -> bool:
     all. ``identity`` (RFC 2616's no-op, which older servers send) changes nothing."""
     if value in ("", "chunked"):  # all but a few answers: told without the lists below
         return bool(value)
-    codings = [coding.strip().lower() for coding in value.split(",")]
-    codings = [coding for coding in codings if coding not in ("", "identity")]
+    codings = [coding for coding in _tokens(value) if coding not in ("", "identity")]
     if codings not in ([], ["chunked"]):
         raise ValueError(f"unsupported Transfer-Encoding {value[:40]!r}")
     return bool(codings)
@@ -829,7 +828,12 @@ def _closes(value: str) -> bool:
     the connection, and the next request went out on it and waited for the server to close."""
     if "," not in value:  # one token or none: all but a few answers, told without a list
         return value.strip().lower() == "close"
-    return "close" in [token.strip() for token in value.lower().split(",")]
+    return "close" in _tokens(value)
+
+
+def _tokens(value: str) -> list[str]:
+    """The items of a header that is a comma-separated list (RFC 9110 §5.6.1), in lower case."""
+    return [token.strip().lower() for token in value.split(",")]
 
 
 def _chunk_size(line: bytes) -> int:
