@@ -761,28 +761,41 @@ def _run_and_report(
     job: Callable[[], Awaitable[None]], stats: Stats, options: SyncOptions, out: _Output
 ) -> int:
     """Run ``job`` with signal handling; print the summary (the text one only if the run got as
-    far as listing files, or ``--delete`` did something first: before that, a line of zeros
-    would read like an empty success)."""
+    far as listing files, or ``--delete`` did something first, and never if it ended still
+    waiting for the lock: a line of zeros would read like an empty success)."""
     error: CheckpointSyncError | None = None
     try:
         received = _run(job)
     except CheckpointSyncError as exc:
         error, received = exc, None
     code = _exit_code(stats, received, error)
+    holder = stats.waiting_for  # still set: the run ended before it had the lock (--wait-lock)
     if out.as_json:
         payload = summary(stats)
         payload["dest"] = str(options.dest)
         payload["dry_run"] = options.dry_run
+        payload["waiting_for_lock"] = (
+            None if holder is None else {"pid": int(holder) if holder.isdigit() else None}
+        )
         payload["exit_code"] = code
         if error is not None:
             payload["error"] = str(error)
         out.json(payload)
-    elif error is None or stats.files_listed or stats.files_to_delete or stats.files_failed:
+    elif holder is None and (
+        error is None or stats.files_listed or stats.files_to_delete or stats.files_failed
+    ):
         _print_summary(stats, options, out)
     if error is not None:
         raise error
     if received is not None:
-        out.error(f"stopped by {signal.Signals(received).name}; rerun to resume")
+        name = signal.Signals(received).name
+        if holder is None:
+            out.error(f"stopped by {name}; rerun to resume")
+        else:
+            out.error(
+                f"stopped by {name} while waiting for the lock of another run (pid {holder}) "
+                "on this mirror; this run did nothing"
+            )
     return code
 
 

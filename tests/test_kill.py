@@ -368,6 +368,38 @@ def test_wait_lock_waits_for_the_other_run_then_finds_nothing_to_do(
         assert_exact(mirrored(dest, JOB, file), file)
 
 
+@pytest.mark.parametrize(
+    ("signum", "as_json"), [(signal.SIGINT, False), (signal.SIGTERM, True)], ids=["text", "json"]
+)
+def test_a_run_stopped_while_waiting_for_the_lock_says_so_not_a_summary_of_zeros(
+    server: ServerThread, dest: Path, signum: signal.Signals, as_json: bool
+) -> None:
+    holder = start(server, dest)
+    lock = dest / ".checkpoint-sync" / "lock"
+    wait_for(holder, lambda: lock.exists() and lock.read_text().strip() == str(holder.pid))
+    server.call(lambda: setattr(server.faults, "throttle", 1024))  # it holds the lock till killed
+    waiting = start(server, dest, "--wait-lock", *(["--json"] if as_json else []))
+    # The lock open is the wait begun: nothing awaits between its open and the first try.
+    wait_for(waiting, lambda: str(lock) in open_files(waiting.pid))
+
+    waiting.send_signal(signum)
+    out, err = waiting.communicate(timeout=20)
+    holder.kill()
+    holder.communicate()
+
+    assert waiting.returncode == 128 + signum, err
+    assert err.decode().splitlines() == [
+        f"checkpoint-sync: error: stopped by {signum.name} while waiting for the lock of another "
+        f"run (pid {holder.pid}) on this mirror; this run did nothing"
+    ]
+    if as_json:
+        document = json.loads(out)
+        assert document["waiting_for_lock"] == {"pid": holder.pid}
+        assert document["exit_code"] == 128 + signum
+    else:
+        assert out == b""
+
+
 def test_the_lock_of_a_killed_run_does_not_block(server: ServerThread, dest: Path) -> None:
     holder = start(server, dest)
     lock = dest / ".checkpoint-sync" / "lock"
