@@ -83,7 +83,7 @@ def select_checkpoints(
             raise NotFoundError(
                 f"no complete checkpoint in {what} to take as --latest{left_out(unreadable)}"
             )
-        newest = max(pool, key=_age_key)
+        newest = max(pool, key=_latest_key)
         # A newer one still uploading is named: a restore should know what it did not take.
         newer = [c for c in syncing if c not in pool and _age_key(c) > _age_key(newest)]
         # So is an unreadable one newer than that, or of an age its entry does not tell: the run
@@ -120,6 +120,20 @@ def _may_be_newer(entry: UnreadableCheckpoint, taken: Checkpoint) -> bool:
 def _age_key(checkpoint: Checkpoint) -> tuple[float, int]:
     created = checkpoint.created_at.timestamp() if checkpoint.created_at else float("-inf")
     return created, checkpoint.step or 0
+
+
+def _latest_key(checkpoint: Checkpoint) -> tuple[float, int, tuple[str | int, ...], str, str]:
+    """What --latest takes the greatest of: the age, and of checkpoints of one age the last by
+    name (numbers in it as numbers), then by id. Never the API's order, which may change between
+    runs: a restore must take the same checkpoint each time. Only the age makes one "newer"."""
+    name = checkpoint.name
+    return *_age_key(checkpoint), _natural(name), name, checkpoint.key
+
+
+def _natural(name: str) -> tuple[str | int, ...]:
+    """``name`` to order by, its digit runs as numbers: checkpoint-10 after checkpoint-9. Text
+    and numbers alternate from a text (maybe empty), so the two meet only at like places."""
+    return tuple(int(run) if i % 2 else run for i, run in enumerate(re.split(r"([0-9]+)", name)))
 
 
 def check_listed_size(file: RemoteFile) -> None:

@@ -264,6 +264,27 @@ def test_syncing_left_out_and_latest_checkpoint_node_rank_select(dest: Path) -> 
     assert [p.name for p in (dest / "d" / RUN / "sampler_weights-step-10").iterdir()] == ["1"]
 
 
+@pytest.mark.parametrize("listed", ["as-saved", "reversed"])
+def test_latest_of_twins_saved_at_one_instant_takes_the_trainer_whatever_the_api_order(
+    dest: Path, listed: str
+) -> None:
+    # README: of checkpoints made at one instant, --latest takes the last by name: of step-20's
+    # trainer and sampler twins, the trainer (weights-step-20), whichever the API lists first.
+    catalog = loops_catalog()
+    trainer, sampler = (
+        c for c in catalog.loops if c.run_id == RUN and c.checkpoint.checkpoint_id == "step-20"
+    )
+    sampler.checkpoint.created_at = trainer.checkpoint.created_at
+    if listed == "reversed":
+        catalog.loops.reverse()
+    with ServerThread(catalog) as server:
+        latest = run_cli(*sync(server, dest, "--loops-run", RUN, "--latest"))
+
+    assert latest.code == 0, latest.stderr
+    assert [p.name for p in (dest / RUN).iterdir()] == ["weights-step-20"]
+    assert files_under(dest / RUN) == {landed(dest, trainer, f) for f in trainer.checkpoint.files}
+
+
 def test_a_checkpoint_of_a_target_the_pages_do_not_name_fails_alone(dest: Path) -> None:
     catalog = loops_catalog()
     future = with_future_target(catalog)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from pydantic import TypeAdapter
 
 from checkpoint_sync.errors import IntegrityError, NotFoundError, UsageError
+from checkpoint_sync.models import Moment
 from checkpoint_sync.plan import (
     FileFilter,
     Part,
@@ -278,6 +280,57 @@ def test_latest_of_a_run_that_tells_no_times_goes_by_step(
     chosen = select_checkpoints([at_step(10), at_step(30), at_step(20), unreadable], latest=True)
     assert [c.name for c in chosen.checkpoints] == ["step-30"]
     assert chosen.passed_over == ([unreadable] if passed_over else [])
+
+
+def made(name: str, created_at: str, key: str | None = None) -> Checkpoint:
+    """A checkpoint whose list entry gives ``created_at`` as written, read as the API's is."""
+    moment = TypeAdapter(Moment).validate_python(created_at)
+    return Checkpoint(key or name, name, "run", moment, 1, SyncState.COMPLETE)
+
+
+T0 = "2026-01-01T00:00:00"
+
+
+@pytest.mark.parametrize(
+    ("entries", "taken"),
+    [
+        # One instant, in one spelling or several: the last by name, numbers as numbers.
+        ([("checkpoint-9", f"{T0}Z"), ("checkpoint-10", f"{T0}Z")], "checkpoint-10"),
+        ([("checkpoint-9", f"{T0}Z"), ("checkpoint-10", f"{T0}+00:00")], "checkpoint-10"),
+        (
+            [("checkpoint-9", f"{T0}Z"), ("checkpoint-10", "2026-01-01T01:00:00+01:00")],
+            "checkpoint-10",
+        ),
+        ([("checkpoint-9", f"{T0}.000Z"), ("checkpoint-10", T0)], "checkpoint-10"),  # no zone: UTC
+        ([("step-2", f"{T0}Z"), ("step-10", f"{T0}Z"), ("step-1", f"{T0}Z")], "step-10"),
+        ([("b", f"{T0}Z"), ("a10", f"{T0}Z"), ("10", f"{T0}Z")], "b"),
+        ([("step-10", f"{T0}Z"), ("step-010", f"{T0}Z")], "step-10"),  # one number, then as text
+        # A trainer and a sampler checkpoint of one name (NOTES.md), saved at one instant.
+        ([("sampler_weights-step-20", f"{T0}Z"), ("weights-step-20", f"{T0}Z")], "weights-step-20"),
+        # Sub-second precision: the later instant, whatever the names.
+        ([("checkpoint-10", f"{T0}Z"), ("checkpoint-9", f"{T0}.5Z")], "checkpoint-9"),
+        ([("checkpoint-10", f"{T0}.000001Z"), ("checkpoint-9", f"{T0}.000002Z")], "checkpoint-9"),
+        (
+            [("checkpoint-10", f"{T0}.999999Z"), ("checkpoint-9", "2026-01-01T00:00:01Z")],
+            "checkpoint-9",
+        ),
+    ],
+)
+def test_latest_takes_one_checkpoint_of_those_made_at_once_whatever_the_api_order(
+    entries: list[tuple[str, str]], taken: str
+) -> None:
+    # README: of checkpoints created at one instant, --latest takes the last by name; a restore
+    # rerun must take the same one, whichever order the API lists them in this time.
+    run = [made(name, created_at) for name, created_at in entries]
+    for order in (run, run[::-1]):
+        assert [c.name for c in select_checkpoints(order, latest=True).checkpoints] == [taken]
+
+
+def test_latest_takes_the_greatest_id_of_checkpoints_of_one_name_made_at_once() -> None:
+    # Two runs of one base model (Loops --base-model, say) can each save step-20 at one instant.
+    run = [made("step-20", f"{T0}Z", "lc-b"), made("step-20", f"{T0}+00:00", "lc-a")]
+    for order in (run, run[::-1]):
+        assert [c.key for c in select_checkpoints(order, latest=True).checkpoints] == ["lc-b"]
 
 
 @pytest.mark.parametrize(
