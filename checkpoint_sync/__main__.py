@@ -1,17 +1,20 @@
 """``python -m checkpoint_sync``, and the installed ``checkpoint-sync`` command (`run`)."""
 
-import signal
 import sys
 
 
 def run() -> int:
     """`cli.main`, imported here rather than at the top: a Ctrl-C while its modules load (the
-    first tenth of a second of a run) ended in a traceback of the import machinery, not 130."""
+    first tenth of a second of a run) ended in a traceback of the import machinery, not 130.
+    Nothing else is imported before this guard, `signal` included: its import was such a window
+    too (``sys`` is built in, loaded before any module)."""
     try:
         from .cli import main
 
         return main()
     except KeyboardInterrupt:  # before main() took over: nothing was started, nothing to say
+        import signal
+
         return 128 + signal.SIGINT
 
 
