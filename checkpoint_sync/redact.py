@@ -8,9 +8,21 @@ import unicodedata
 from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
-# A query string inside any text (a URL in a message, a traceback, a repr).
 REDACTED = "<redacted>"
-_QUERY_IN_TEXT = re.compile(rf"(https?://[^\s?#'\"<>]+)\?(?!{REDACTED})[^\s#'\"<>]*", re.IGNORECASE)
+# A URL inside any text (a message, a traceback, a repr): its userinfo (a proxy's or a
+# basic-auth password; all before the authority's last "@"), its query string (presigned
+# signatures) and its fragment (tokens handed to browsers) go, as in `redact_url`.
+# Punctuation that ends the text around a URL rather than the URL, "(see http://h/p#t)." (a
+# query or fragment never ends with one that matters): it stays.
+_TEXT_GOES_ON = r"[)\]}.,;:!?]*(?:[\s'\"<>]|$)"
+_URL_IN_TEXT = re.compile(
+    r"(https?://)"  # kept
+    r"(?:[^\s/?#'\"<>]*@)?"  # userinfo: dropped
+    r"([^\s?#'\"<>]*)"  # host, port and path: kept
+    rf"(\?(?:{REDACTED}|[^\s#'\"<>]*?(?=#|{_TEXT_GOES_ON})))?"  # query: redacted, once
+    rf"(?:#[^\s'\"<>]*?(?={_TEXT_GOES_ON}))?",  # fragment: dropped
+    re.IGNORECASE,
+)
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 # What a listed name must not bring to the terminal as it is, by Unicode category: control
 # characters (C0 and C1; a tab is kept) could move the cursor, rewrite the line, retitle the
@@ -59,7 +71,8 @@ def redact_url(url: str) -> str:
 
 
 class Redactor:
-    """Scrubs known secrets and any URL query string out of text before it is shown."""
+    """Scrubs known secrets, and any URL's userinfo, query string and fragment, out of text
+    before it is shown."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         # Longest first, so a secret that contains another is removed whole.
@@ -72,4 +85,9 @@ class Redactor:
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, REDACTED)
-        return _QUERY_IN_TEXT.sub(rf"\1?{REDACTED}", text)
+        return _URL_IN_TEXT.sub(_bare_url, text)
+
+
+def _bare_url(match: re.Match[str]) -> str:
+    scheme, rest, query = match.groups()
+    return f"{scheme}{rest}{f'?{REDACTED}' if query is not None else ''}"

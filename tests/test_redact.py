@@ -67,6 +67,34 @@ def test_query_strings_are_redacted_whatever_the_scheme_case(text: str) -> None:
 @pytest.mark.parametrize(
     ("text", "shown"),
     [
+        # An internal error's text, or a traceback's, may quote any URL: its userinfo and
+        # fragment go as its query string does; its host, port and path stay.
+        ("boom http://u:pw-123@proxy.corp:3128 x", "boom http://proxy.corp:3128 x"),
+        ("(https://user:p@ss@h/p)", "(https://h/p)"),  # all before the last "@" is userinfo
+        ("'http://u:pw@h:8/a/b?sig=1#tok=2'", "'http://h:8/a/b?<redacted>'"),
+        ("see https://h/p#access_token=abc.", "see https://h/p."),
+        # Punctuation that ends the text around the URL stays; within its query or fragment,
+        # it goes with them.
+        ("boom http://u:pw@h/p#tok=x); rerun", "boom http://h/p); rerun"),
+        ("(http://h/o?sig=1), and", "(http://h/o?<redacted>), and"),
+        ("http://h/o?sig=a)b#c)d e", "http://h/o?<redacted> e"),
+        ("http://h/o?a=1#f", "http://h/o?<redacted>"),
+        ("HTTP://U:PW@H/P", "HTTP://H/P"),
+        # An "@" or "#" past the authority, outside any URL, and a status code stay.
+        ("http://h/models/a@b/x 404", "http://h/models/a@b/x 404"),
+        ("user@example.com #3 HTTP 500", "user@example.com #3 HTTP 500"),
+        ("http://[::1]:8080/x?<redacted>", "http://[::1]:8080/x?<redacted>"),
+    ],
+)
+def test_urls_in_text_lose_their_userinfo_query_and_fragment(text: str, shown: str) -> None:
+    redact = Redactor()
+    assert redact(text) == shown
+    assert redact(shown) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
         ("plain/name.bin", "plain/name.bin"),
         ("a tab\tkept", "a tab\tkept"),
         ("name\ncheckpoint-sync: error: forged", "name\\x0acheckpoint-sync: error: forged"),

@@ -392,3 +392,19 @@ def test_the_keys_of_a_config_file_named_with_a_tilde_are_redacted_too(
 
     assert result.code == 2
     assert "unrecognized arguments: --api-key <redacted>" in result.stderr
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_a_password_in_a_refused_url_argument_is_not_shown(dest: Path, as_json: bool) -> None:
+    # `--proxy "$HTTPS_PROXY"`, a flag there is not: argparse quotes the URL, credentials and
+    # all, and no setting names that password. Its host is what the user needs to see.
+    proxy = "http://user:pw-0a1b2c3d@proxy.corp:3128/#token=t-9f8e7d6c"
+    args = ["list", "--project", "p", "--job", "j", "--proxy", proxy, *["--json"] * as_json]
+
+    result = run_cli(*args)
+
+    assert result.code == 2
+    assert "unrecognized arguments: --proxy http://proxy.corp:3128/\n" in result.stderr
+    output = result.stdout + result.stderr
+    assert "pw-0a1b2c3d" not in output
+    assert "t-9f8e7d6c" not in output
