@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from .errors import UsageError
-from .net import url_problem
+from .net import proxy_credentials, url_problem
 from .redact import redact_url
 
 ENV_PREFIX = "CHECKPOINT_SYNC_"
@@ -177,9 +177,10 @@ class Settings(BaseModel):
         return base64.b64encode(f"api:{key}".encode()).decode() if key else None
 
     def secrets(self) -> list[str]:
-        """Every form of a key that may travel, and so must never be shown."""
+        """Every form of a key, or of a proxy's password, that may travel, and so must never be
+        shown."""
         forms = (self.baseten_key(), self.wandb_key(), self.wandb_basic_credentials())
-        return [form for form in forms if form]
+        return [*(form for form in forms if form), *proxy_credentials()]
 
 
 def expand_home(path: Path) -> Path:

@@ -6,16 +6,17 @@ so none (whose text could carry a presigned URL) escapes the package unconverted
 
 from __future__ import annotations
 
+import base64
 import functools
 import os
 import re
 import ssl
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from .errors import TransientError, UsageError
 from .redact import redact_url
@@ -110,6 +111,26 @@ def proxy_for_host(scheme: str, host: str, port: int) -> Proxy | None:
         shown = redact_url(f"{proxy_scheme}://{proxy.partition('://')[2].rpartition('@')[2]}")
         raise UsageError(f"{variable} is {problem}: {shown}")
     return Proxy(proxy, variable)
+
+
+def proxy_credentials(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """Every form in which the credentials of the proxies ``environ`` names may travel, and so
+    come back quoted (a proxy's error page echoing the request): the password as written and
+    percent-decoded, and the ``Proxy-Authorization`` Basic credentials aiohttp makes of them."""
+    found = []
+    for name, value in environ.items():
+        if not name.lower().endswith("_proxy") or name.lower() == "no_proxy":
+            continue
+        # A proxy URL has no path: all before its last "@" is credentials (as `proxy_for_host`).
+        userinfo = value.partition("://")[2 if "://" in value else 0].rpartition("@")[0]
+        if not userinfo:
+            continue
+        raw_user, _, raw_password = userinfo.partition(":")
+        user, password = unquote(raw_user), unquote(raw_password)
+        found += [raw_password, password]
+        with suppress(UnicodeEncodeError):  # aiohttp encodes them as Latin-1, or fails
+            found.append(base64.b64encode(f"{user}:{password}".encode("latin-1")).decode())
+    return [form for form in dict.fromkeys(found) if form]
 
 
 def _proxy_variable(key: str, proxy: str) -> str:

@@ -6,6 +6,7 @@ signature was printed; the tests here drive the paths most likely to leak them.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_sync.net import proxy_credentials
+
 from .conftest import JOB, job_catalog, sync_args
 from .support import (
     API_KEY,
@@ -28,6 +31,7 @@ from .support import (
     assert_no_secret,
     http_serving,
     mirrored,
+    proxy_named,
     run_cli,
 )
 
@@ -408,3 +412,67 @@ def test_a_password_in_a_refused_url_argument_is_not_shown(dest: Path, as_json: 
     output = result.stdout + result.stderr
     assert "pw-0a1b2c3d" not in output
     assert "t-9f8e7d6c" not in output
+
+
+def _basic(credentials: str) -> str:
+    return base64.b64encode(credentials.encode("latin-1")).decode()
+
+
+@pytest.mark.parametrize(
+    ("environ", "forms"),
+    [
+        ({"HTTPS_PROXY": "http://user:pw-1234@proxy:3128"}, ["pw-1234", _basic("user:pw-1234")]),
+        # Written percent-encoded, sent decoded: both are secrets.
+        (
+            {"http_proxy": "http://u%40corp:p%2Fss-1@proxy:3128/"},
+            ["p%2Fss-1", "p/ss-1", _basic("u@corp:p/ss-1")],
+        ),
+        # All before the last "@" is credentials, even a "@", "/" or "#" left as it is.
+        ({"ALL_PROXY": "https://u:a@b/c#d@proxy"}, ["a@b/c#d", _basic("u:a@b/c#d")]),
+        ({"all_proxy": "u:pw-5678@proxy:3128"}, ["pw-5678", _basic("u:pw-5678")]),  # no scheme
+        ({"HTTP_PROXY": "http://token-only@proxy"}, [_basic("token-only:")]),
+        ({"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "a@b", "MY_KEY": "x:y@z"}, []),
+    ],
+)
+def test_the_credentials_of_proxies_are_secrets(environ: dict[str, str], forms: list[str]) -> None:
+    assert proxy_credentials(environ) == forms
+
+
+@contextmanager
+def proxy_quoting_the_request(status: int) -> Iterator[str]:
+    """A proxy answering ``status`` to a plain-HTTP request, with a long ``detail`` that ends
+    quoting its Proxy-Authorization header, as some proxies' error pages do; yields its origin."""
+
+    class Quoting(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            # The credentials start a little before the 300th character, where messages are cut.
+            detail = "refused by the proxy".ljust(260, ".") + (
+                f" Proxy-Authorization: {self.headers['Proxy-Authorization']}"
+            )
+            body = json.dumps({"detail": detail}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with http_serving(Quoting) as origin:
+        yield origin
+
+
+@pytest.mark.parametrize(("status", "code"), [(400, 1), (422, 2)])
+def test_a_proxy_password_the_proxy_quotes_back_is_not_shown(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, status: int, code: int
+) -> None:
+    with proxy_quoting_the_request(status) as proxy:
+        url = proxy.replace("http://", "http://user:p%40ss-0a1b2c3d@")
+        with proxy_named(monkeypatch, "HTTP_PROXY", url):
+            result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == code
+    assert "refused by the proxy" in result.stderr
+    output = result.stdout + result.stderr
+    for form in ("ss-0a1b2c3d", _basic("user:p@ss-0a1b2c3d")[:8]):
+        assert form not in output, "a part of the proxy's credentials was printed"
