@@ -75,17 +75,33 @@ class Redactor:
     before it is shown."""
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        # Longest first, so a secret that contains another is removed whole.
-        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._secrets: list[str] = []
+        self._pattern: re.Pattern[str] | None = None
+        for secret in secrets:
+            self.add(secret)
 
     def add(self, secret: str | None) -> None:
         if secret and len(secret) >= 4 and secret not in self._secrets:
+            # Longest first, so a secret that contains another is removed whole.
             self._secrets = sorted([*self._secrets, secret], key=len, reverse=True)
+            self._pattern = re.compile("|".join(map(_spelled_any_way, self._secrets)))
 
     def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, REDACTED)
+        if self._pattern is not None:
+            text = self._pattern.sub(REDACTED, text)
         return _URL_IN_TEXT.sub(_bare_url, text)
+
+
+def _spelled_any_way(secret: str) -> str:
+    """A pattern of ``secret`` with any of its characters percent-encoded (in either case of
+    hex digits), as a URL, a form or an error page quoting a request may spell it."""
+    return "".join(f"(?:{re.escape(char)}|(?i:{_percent_encoded(char)}))" for char in secret)
+
+
+def _percent_encoded(char: str) -> str:
+    # A key read from the environment before it is checked may hold a lone surrogate (bytes of
+    # another encoding): it is spelled somehow, not raised.
+    return "".join(f"%{byte:02x}" for byte in char.encode("utf-8", "surrogatepass"))
 
 
 def _bare_url(match: re.Match[str]) -> str:

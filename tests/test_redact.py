@@ -186,3 +186,26 @@ def test_usage_errors_quote_the_text_given_as_it_is(flags: list[str], quoted: st
     assert shown.code == as_json.code == 2
     assert printable(quoted) in shown.stderr
     assert quoted in json.loads(as_json.stdout)["error"]
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("key SECRET%4DARKER123.", "key <redacted>."),
+        ("key SECRET%4dARKER123", "key <redacted>"),  # either case of hex digit
+        ("%53%45%43%52%45%54%4D%41%52%4B%45%52%31%32%33", "<redacted>"),  # every character
+        ("Bearer%20k3y%2Fw%2Bth%3D", "Bearer%20<redacted>"),  # as quote(safe="") writes it
+        ("caf%C3%A9-key-%c3%a9", "<redacted>"),  # a character beyond ASCII, as UTF-8 bytes
+        # A lone surrogate (bytes of another encoding, in a key not yet checked) is no error.
+        ("h\udcfflf-key", "<redacted>"),
+        # Decoded, these are not a secret: they stay.
+        (
+            "SECRET%4EARKER123 SECRET%4DARKER12 SECRET%4",
+            "SECRET%4EARKER123 SECRET%4DARKER12 SECRET%4",
+        ),
+        ("k3y%2Fw%2Bth", "k3y%2Fw%2Bth"),
+    ],
+)
+def test_a_secret_is_removed_however_it_is_percent_encoded(text: str, shown: str) -> None:
+    redact = Redactor(["SECRETMARKER123", "k3y/w+th=", "café-key-é", "h\udcfflf-key"])
+    assert redact(text) == shown

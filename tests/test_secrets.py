@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler
@@ -476,3 +477,32 @@ def test_a_proxy_password_the_proxy_quotes_back_is_not_shown(
     output = result.stdout + result.stderr
     for form in ("ss-0a1b2c3d", _basic("user:p@ss-0a1b2c3d")[:8]):
         assert form not in output, "a part of the proxy's credentials was printed"
+
+
+def test_a_key_the_api_quotes_percent_encoded_is_not_shown(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A key of base64's alphabet, quoted back as a URL or form would spell it ("/" as %2F).
+    key = "k3y/0a1b+2c3d/4e5f=="
+    monkeypatch.setenv("BASETEN_API_KEY", key)
+
+    class Quoting(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            quoted = urllib.parse.quote(self.headers["Authorization"], safe="")
+            body = json.dumps({"detail": f"refused: authorization={quoted}"}).encode()
+            self.send_response(400)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with http_serving(Quoting) as api:
+        result = run_cli("list", "--api-url", api, "--project", "p", "--job", "j", "--json")
+
+    assert result.code == 1
+    assert "refused: authorization=Bearer%20<redacted>" in result.stderr
+    output = result.stdout + result.stderr
+    for part in key.split("/"):
+        assert part[:4] not in output, "a part of the key was printed"
