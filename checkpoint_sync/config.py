@@ -27,7 +27,7 @@ from pydantic import (
 )
 
 from .errors import UsageError
-from .net import proxy_credentials, url_problem
+from .net import origin_end, proxy_credentials, url_problem
 from .redact import redact_url
 
 ENV_PREFIX = "CHECKPOINT_SYNC_"
@@ -148,6 +148,13 @@ class Settings(BaseModel):
     def _http_url(cls, value: str) -> str:
         if problem := url_problem(value):
             raise ValueError(f"'{redact_url(value)}' is {problem}")
+        if "@" in value[: origin_end(value)]:
+            # Never sent (the APIs take their keys in headers): dropped without a word, or through
+            # a proxy an internal error of aiohttp's, which will not send both.
+            raise ValueError(
+                f"'{redact_url(value)}' holds a user name or password, which is not sent: "
+                "the API's key goes in its variable or the config"
+            )
         return value
 
     @field_validator("api_key", "wandb_api_key", mode="before")

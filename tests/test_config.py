@@ -372,10 +372,24 @@ def test_one_trust_store_per_ca_bundle_whatever_the_other_settings() -> None:
     assert ssl_context(NetSettings(read_timeout=1)) is ssl_context(NetSettings())
 
 
-def test_a_bad_url_is_refused_without_its_password() -> None:
-    with pytest.raises(UsageError, match="not a valid URL") as caught:
-        load_settings(None, {"api_url": "https://user:hunter2@api.example.com:99999/"}, {})
+@pytest.mark.parametrize(
+    ("field", "url", "message"),
+    [
+        ("api_url", "https://user:hunter2@api.example.com:99999/", "is not a valid URL"),
+        ("api_url", "https://user:hunter2@api.example.com/", "holds a user name or password"),
+        ("api_url", "https://hunter2@api.example.com", "holds a user name or password"),
+        ("wandb_api_url", "http://u:hunter2@127.0.0.1:8000/v1", "holds a user name or password"),
+    ],
+)
+def test_a_bad_url_is_refused_without_its_password(field: str, url: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message) as caught:
+        load_settings(None, {field: url}, {})
     assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["https://api.example.com/a@b", "http://127.0.0.1:8000/?at=@"])
+def test_an_at_sign_past_the_host_is_no_password(url: str) -> None:
+    assert load_settings(None, {"api_url": url}, {}).api_url == url
 
 
 @pytest.mark.parametrize(
