@@ -11,18 +11,21 @@ from urllib.parse import urlsplit, urlunsplit
 REDACTED = "<redacted>"
 # A URL inside any text (a message, a traceback, a repr): its userinfo (a proxy's or a
 # basic-auth password; all before the authority's last "@"), its query string (presigned
-# signatures) and its fragment (tokens handed to browsers) go, as in `redact_url`.
-# Punctuation that ends the text around a URL rather than the URL, "(see http://h/p#t)." (a
-# query or fragment never ends with one that matters): it stays.
-_TEXT_GOES_ON = r"[)\]}.,;:!?]*(?:[\s'\"<>]|$)"
+# signatures) and its fragment (tokens handed to browsers) go, as in `redact_url`. Each part is
+# taken whole, up to a space or a quote, so that a text is scanned once: a lazy match that
+# looked ahead for where the text goes on took time quadratic in the length of a run of
+# punctuation, and an error page of the API is redacted whole (up to 64 MiB) before it is cut.
 _URL_IN_TEXT = re.compile(
     r"(https?://)"  # kept
     r"(?:[^\s/?#'\"<>]*@)?"  # userinfo: dropped
     r"([^\s?#'\"<>]*)"  # host, port and path: kept
-    rf"(\?(?:{REDACTED}|[^\s#'\"<>]*?(?=#|{_TEXT_GOES_ON})))?"  # query: redacted, once
-    rf"(?:#[^\s'\"<>]*?(?={_TEXT_GOES_ON}))?",  # fragment: dropped
+    rf"(\?(?:{REDACTED}|[^\s#'\"<>]*))?"  # query: redacted, once
+    r"(#[^\s'\"<>]*)?",  # fragment: dropped
     re.IGNORECASE,
 )
+# Punctuation that ends the text around a URL rather than the URL, "(see http://h/p#t).": given
+# back from the end of a query or fragment (neither ends with one that matters).
+_TEXT_GOES_ON = ")]}.,;:!?"
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 # What a listed name must not bring to the terminal as it is, by Unicode category: control
 # characters (C0 and C1; a tab is kept) could move the cursor, rewrite the line, retitle the
@@ -105,5 +108,7 @@ def _percent_encoded(char: str) -> str:
 
 
 def _bare_url(match: re.Match[str]) -> str:
-    scheme, rest, query = match.groups()
-    return f"{scheme}{rest}{f'?{REDACTED}' if query is not None else ''}"
+    scheme, rest, query, fragment = match.groups()
+    last = (fragment if fragment is not None else query or "")[1:]
+    goes_on = last[len(last.rstrip(_TEXT_GOES_ON)) :]
+    return f"{scheme}{rest}{f'?{REDACTED}' if query is not None else ''}{goes_on}"
