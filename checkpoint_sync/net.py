@@ -110,7 +110,30 @@ def proxy_for_host(scheme: str, host: str, port: int) -> Proxy | None:
         # "?" or "#", which `redact_url` would take for the end of the host.
         shown = redact_url(f"{proxy_scheme}://{proxy.partition('://')[2].rpartition('@')[2]}")
         raise UsageError(f"{variable} is {problem}: {shown}")
+    if (problem := credentials_problem(proxy)) is not None:
+        raise UsageError(f"{variable}: the proxy's {problem}")
     return Proxy(proxy, variable)
+
+
+def credentials_problem(proxy: str) -> str | None:
+    """Why aiohttp, which talks to proxies, would not send the user name and password of the
+    proxy URL ``proxy`` as written, or None."""
+    authority = proxy[proxy.find("://") + 3 : origin_end(proxy)]
+    userinfo = authority.rpartition("@")[0]
+    if "@" in proxy[origin_end(proxy) :]:
+        # A proxy URL has no path: its credentials hold a "/", "?" or "#" as it is. aiohttp took
+        # all before that mark for the host ("user" of "user:123/pw@host", port 123), and named
+        # the API's URL in its error.
+        return (
+            'password holds a "/", "?" or "#" (and maybe "@"): write them percent-encoded '
+            "(%2F, %3F, %23, %40)"
+        )
+    try:
+        unquote(userinfo, errors="strict").encode("latin-1")
+    except UnicodeError:
+        # aiohttp sends Basic credentials in Latin-1 only: an internal error otherwise.
+        return "user name or password, decoded, is not Latin-1 text, which aiohttp cannot send"
+    return None
 
 
 def proxy_credentials(environ: Mapping[str, str] = os.environ) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.net import proxy_credentials
+from checkpoint_sync.net import credentials_problem, proxy_credentials
 
 from .conftest import JOB, job_catalog, sync_args
 from .support import (
@@ -437,6 +437,26 @@ def _basic(credentials: str) -> str:
 )
 def test_the_credentials_of_proxies_are_secrets(environ: dict[str, str], forms: list[str]) -> None:
     assert proxy_credentials(environ) == forms
+
+
+@pytest.mark.parametrize(
+    ("proxy", "problem"),
+    [
+        ("http://proxy:3128", None),
+        ("http://user:pw@proxy:3128/", None),
+        ("http://u%40corp:p%2Fss@proxy:3128", None),  # percent-encoded, as it should be
+        ("http://%C3%A9t%C3%A9:pw@proxy", None),  # decodes to Latin-1 text
+        ("http://user:123/pw@proxy", "password holds"),  # aiohttp: host "user", port 123
+        ("http://u:p?w@proxy", "password holds"),
+        ("http://u:p#w@proxy", "password holds"),
+        ("https://u:a@b/c#d@proxy", "password holds"),  # aiohttp: host "b"
+        ("http://u:%E2%82%AC@proxy", "not Latin-1"),
+        ("http://u:%FF@proxy", "not Latin-1"),  # not even UTF-8
+    ],
+)
+def test_proxy_credentials_aiohttp_can_send(proxy: str, problem: str | None) -> None:
+    found = credentials_problem(proxy)
+    assert found is None if problem is None else problem in (found or "")
 
 
 @contextmanager

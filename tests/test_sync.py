@@ -944,6 +944,38 @@ def test_a_socks_proxy_is_refused_before_any_request(
     )
 
 
+@pytest.mark.parametrize(
+    ("password", "problem"),
+    [
+        # aiohttp sends Basic credentials in Latin-1 only: "internal error (UnicodeEncodeError)".
+        (
+            "%E2%82%AC-pw",
+            "user name or password, decoded, is not Latin-1 text, which aiohttp cannot send",
+        ),
+        # aiohttp took "someone" for the host and 123 for its port, and named the API's URL.
+        (
+            "123/pw",
+            'password holds a "/", "?" or "#" (and maybe "@"): write them percent-encoded '
+            "(%2F, %3F, %23, %40)",
+        ),
+    ],
+)
+def test_proxy_credentials_aiohttp_cannot_send_are_refused_before_any_request(
+    dest: Path, monkeypatch: pytest.MonkeyPatch, password: str, problem: str
+) -> None:
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.setblocking(False)
+        proxy = f"http://someone:{password}@127.0.0.1:{listener.getsockname()[1]}"
+        with proxy_named(monkeypatch, "HTTP_PROXY", proxy):
+            result = sync_past_proxy("http", dest)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing connected to it
+
+    assert result.code == 2
+    assert result.stderr == f"checkpoint-sync: error: HTTP_PROXY: the proxy's {problem}\n"
+
+
 @pytest.mark.parametrize("upper_first", [False, True], ids=["lower-first", "upper-first"])
 def test_of_all_proxy_and_all_proxy_the_lower_case_one_counts(
     dest: Path, monkeypatch: pytest.MonkeyPatch, upper_first: bool
