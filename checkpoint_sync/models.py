@@ -1,7 +1,10 @@
 """Pydantic models of the providers' API answers, as documented in ``shared/api``.
 
-Fields the engine relies on are required; the rest are optional so that a provider adding or
-dropping a descriptive field does not stop a mirror. Unknown fields are ignored. An entry of a
+Only the fields the engine reads are modelled: those it relies on required, the others optional.
+The pages' descriptive fields (a job's status, a checkpoint's type or base model, a LoRA config)
+are not, so that a provider changing or dropping one does not stop a mirror: a Loops checkpoint
+whose `lora_adapter_config` came as a string was unreadable, and not mirrored, for a field
+nothing reads. Unknown fields are ignored. An entry of a
 file listing (or of a checkpoint list: a Loops target the pages do not name, a W&B null step, a
 checkpoint's size that is neither a number nor null) that does not match its model is kept as
 `Unreadable` rather than failing its page: that one file (or checkpoint) fails, and the rest of
@@ -131,25 +134,14 @@ class CheckpointFilesPage(ApiModel):
 # --- Baseten: training jobs ----------------------------------------------------------------------
 
 
-class TrainingJob(ApiModel):
-    id: str
-    current_status: str | None = None
-    name: str | None = None
-    training_project_id: str | None = None
-
-
 class TrainingJobCheckpoint(ApiModel):
     checkpoint_id: str
     created_at: Moment
-    checkpoint_type: str | None = None
-    base_model: str | None = None
     size_bytes: int | None = None  # null or absent: not told (`list` shows "-"), not 0 B
     sync_status: str | None = None
-    training_job_id: str | None = None
 
 
 class TrainingJobCheckpoints(ApiModel):
-    training_job: TrainingJob
     # An entry off the schema fails alone, not the job's listing, as in Loops and W&B.
     checkpoints: Annotated[list[TrainingJobCheckpoint | Unreadable], OR_UNREADABLE]
 
@@ -168,9 +160,6 @@ class LoopsCheckpoint(ApiModel):
     run_id: str
     target: LoopsTarget
     created_at: Moment
-    checkpoint_type: str | None = None
-    base_model: str | None = None
-    lora_adapter_config: dict[str, Any] | None = None
     size_bytes: int | None = None  # null or absent: not told (`list` shows "-"), not 0 B
     sync_status: str | None = None
 
@@ -203,5 +192,4 @@ class WandbCheckpointPage(ApiModel):
     # An entry off the schema (a null step, say) fails alone, not its page: the listing goes on.
     data: Annotated[list[WandbCheckpoint | Unreadable], OR_UNREADABLE]
     has_more: bool
-    first_id: str = ""
     last_id: str = ""

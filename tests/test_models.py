@@ -100,3 +100,32 @@ def test_a_checkpoints_size_not_told_is_unknown(listed: dict[str, object], size:
     for (entry,) in (training.checkpoints, loops.checkpoints):
         read = entry.reason.split(",")[0] if isinstance(entry, Unreadable) else entry.size_bytes
         assert read == size
+
+
+@pytest.mark.parametrize(
+    "described",
+    [
+        {"checkpoint_type": 5},
+        {"base_model": {"name": "Qwen"}},
+        {"lora_adapter_config": "r=16"},  # the page says an object
+        {"training_job_id": ["j"]},
+        {"current_status": 3, "training_project_id": None},
+    ],
+)
+def test_a_descriptive_field_of_another_type_does_not_stop_a_checkpoint(
+    described: dict[str, object],
+) -> None:
+    # Nothing reads them: they were modelled, and such a checkpoint was unreadable (not mirrored).
+    training = TrainingJobCheckpoints.model_validate(
+        {"training_job": described, "checkpoints": [{**CHECKPOINT, **described}]}
+    )
+    loops = LoopsCheckpoints.model_validate({"checkpoints": [{**LOOPS_CHECKPOINT, **described}]})
+    for (entry,) in (training.checkpoints, loops.checkpoints):
+        assert not isinstance(entry, Unreadable)
+        assert entry.checkpoint_id == "checkpoint-1"
+
+
+def test_a_job_listing_without_its_job_is_read() -> None:
+    # The page requires `training_job`; nothing reads it, and its absence loses nothing.
+    listed = TrainingJobCheckpoints.model_validate({"checkpoints": [CHECKPOINT]})
+    assert [getattr(c, "checkpoint_id", None) for c in listed.checkpoints] == ["checkpoint-1"]

@@ -1093,8 +1093,18 @@ def api_client(http: HttpClient, url: str) -> ApiClient:
     )
 
 
+JOB_ANSWER = (
+    b'{"training_job": {"id": "job-1"}, '
+    b'"checkpoints": [{"checkpoint_id": "c-1", "created_at": "2026-11-22T10:00:00Z"}]}'
+)
+
+
+def checkpoint_ids(listed: TrainingJobCheckpoints) -> list[str]:
+    return [getattr(checkpoint, "checkpoint_id", "unreadable") for checkpoint in listed.checkpoints]
+
+
 async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    answer = b'{"training_job": {"id": "job-1"}, "checkpoints": []}'
+    answer = JOB_ANSWER
     server = Server(
         lambda _: [
             b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
@@ -1105,7 +1115,7 @@ async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.Monkey
         got = await api_client(http, url).get(
             "/v1/jobs", TrainingJobCheckpoints, what="job", params={"a": "b c"}
         )
-    assert got.training_job.id == "job-1"
+    assert checkpoint_ids(got) == ["c-1"]
     (head,) = seen
     assert head.startswith(b"GET http://127.0.0.1:")
     assert b"/v1/jobs?a=b%20c HTTP/1.1" in head
@@ -1118,7 +1128,7 @@ async def test_api_calls_behind_a_proxy_go_through_it(monkeypatch: pytest.Monkey
     ids=["json", "text-plain"],
 )
 async def test_an_api_answer_that_starts_with_a_byte_order_mark_is_json(head: bytes) -> None:
-    answer = b'\xef\xbb\xbf{"training_job": {"id": "job-1"}, "checkpoints": []}'
+    answer = b"\xef\xbb\xbf" + JOB_ANSWER
     server = Server(
         lambda _: [
             b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (head, len(answer), answer)
@@ -1126,7 +1136,7 @@ async def test_an_api_answer_that_starts_with_a_byte_order_mark_is_json(head: by
     )
     async with serving(server) as url, client() as http:
         got = await api_client(http, url).get("/v1/jobs", TrainingJobCheckpoints, what="job")
-    assert got.training_job.id == "job-1"
+    assert checkpoint_ids(got) == ["c-1"]
 
 
 @pytest.mark.parametrize(
@@ -1184,7 +1194,7 @@ async def test_bodies_arrive_as_stored_from_a_server_that_compresses_on_request(
 ) -> None:
     # The proxied path sent aiohttp's default "Accept-Encoding: gzip, deflate" and kept the
     # compressed bytes: every API answer was "not JSON", every file the wrong length.
-    answer = b'{"training_job": {"id": "job-1"}, "checkpoints": []}' + b" " * 4000
+    answer = JOB_ANSWER + b" " * 4000
     async with AsyncExitStack() as stack:
         if proxied:
             await stack.enter_async_context(proxy_in_env(monkeypatch))
@@ -1192,7 +1202,7 @@ async def test_bodies_arrive_as_stored_from_a_server_that_compresses_on_request(
         http = await stack.enter_async_context(client())
         assert await fetch(http, url) == (200, answer)
         got = await api_client(http, url).get("/v1/jobs", TrainingJobCheckpoints, what="job")
-    assert got.training_job.id == "job-1"
+    assert checkpoint_ids(got) == ["c-1"]
 
 
 async def test_bodies_arrive_as_stored_from_a_server_free_to_compress_them() -> None:
