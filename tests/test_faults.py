@@ -17,7 +17,15 @@ from checkpoint_sync.localserver import Faults, ServedFile, content
 from checkpoint_sync.transfer import content_range_end, refused_answer
 
 from .conftest import JOB, job_catalog, sync_args
-from .support import ServerThread, assert_exact, first_answers, mirrored, new_version, run_cli
+from .support import (
+    ServerThread,
+    assert_exact,
+    first_answers,
+    leave_in_parts,
+    mirrored,
+    new_version,
+    run_cli,
+)
 
 PART = 256 << 10
 # The faults that break a body half way; the others are answered before any byte.
@@ -176,6 +184,24 @@ def test_a_server_ignoring_range_is_read_as_one_stream(server: ServerThread, des
     # The whole body that answered the first ranged request is the file: nothing is asked twice.
     assert server.traffic.object_requests == len(server.files())
     assert server.traffic.object_bytes_sent == server.data_size()
+
+
+def test_a_file_resumed_from_a_server_now_ignoring_range_is_fetched_whole(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left in parts, then resumed through a host that answers its first missing part with the
+    # whole object (a CDN put in front, say): the parts go, and the file comes as one stream.
+    leave_in_parts(server, monkeypatch, sync_args(server, dest), from_byte=2 * PART)
+    resumed = [f for f in server.files() if f.size > 2 * PART]
+    server.faults.ignore_range = True
+    server.traffic.ranges.clear()
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 0, result.stderr
+    assert_mirrored(server, dest)  # and no parts left
+    # Asked for from its first missing part (answered whole, and dropped), then whole.
+    assert {name for name, _, _ in server.traffic.ranges} == {f.name for f in resumed}
 
 
 def every_file_fails(server: ServerThread, dest: Path, reason: str, *extra: str) -> Any:
