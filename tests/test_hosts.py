@@ -82,18 +82,34 @@ def test_redirected_object_urls_are_followed_and_named_without_their_query(
     assert sum(end - start for _, start, end in ranges) == copies * multipart.size
 
 
-def test_a_redirect_to_a_location_that_cannot_be_parsed_fails_its_file_alone(
-    server: ServerThread, dest: Path
+@pytest.mark.parametrize(
+    ("location", "error"),
+    [
+        ("http://[::1/x?X-Amz-Signature=bad", "http://[::1/x?<redacted>, which is not a valid URL"),
+        (
+            "ftp://127.0.0.1/x?X-Amz-Signature=bad",
+            "ftp://127.0.0.1/x?<redacted>, which is not an http(s) URL",
+        ),
+        (
+            "http://127.0.0.1/a b?X-Amz-Signature=bad",
+            "http://127.0.0.1/a b?<redacted>, which is not a valid URL"
+            " (spaces, control or non-ASCII characters)",
+        ),
+    ],
+    ids=["unparsed", "not-http", "space"],
+)
+def test_a_redirect_to_a_location_that_cannot_be_fetched_fails_its_file_alone(
+    server: ServerThread, dest: Path, location: str, error: str
 ) -> None:
     victim, *others = server.files()
-    with redirecting({"/a": "http://[::1/x?X-Amz-Signature=bad"}) as origin:
+    with redirecting({"/a": location}) as origin:
         victim.external_url = f"{origin}/a?X-Amz-Signature=first"
 
         result = run_cli(*sync_args(server, dest, "--json"))
 
     assert result.code == 1, result.stderr
     (failure,) = json.loads(result.stdout)["failures"]
-    assert failure["error"] == "redirected to http://[::1/x?<redacted>, which is not a valid URL"
+    assert failure["error"] == f"redirected to {error}"
     for file in others:
         assert_exact(mirrored(dest, JOB, file), file)
 
