@@ -756,6 +756,51 @@ def test_json_summary_counts_bytes_and_rate(server: ServerThread, dest: Path) ->
     assert API_KEY not in result.stdout
 
 
+def test_parts_spliced_into_their_file_land_exact_and_are_counted(dest: Path) -> None:
+    # Plain HTTP parts of 8 MiB, sent slowly enough that most of each body is still to come when
+    # its file is ready: the kernel moves it into the file, and the run counts what it moved.
+    catalog = job_catalog(checkpoints=1, large_size=12 << 20, small_files=0)
+    with ServerThread(catalog, faults=Faults(throttle=64 << 20)) as server:
+        files = server.files()
+        result = run_cli(*sync_args(server, dest, "--part-size", "8MiB", "--json"))
+
+    assert result.code == 0, result.stderr
+    for file in files:
+        assert_exact(mirrored(dest, JOB, file), file)
+    summary = json.loads(result.stdout)
+    total = sum(f.size for f in files)
+    assert summary["bytes"]["fetched"] == summary["bytes"]["published"] == total
+
+
+def test_a_file_deleted_upstream_before_its_refused_url_is_listed_again_fails_alone(
+    dest: Path,
+) -> None:
+    # Its URL refused (as an expired one is), the file is looked for on its page and then in the
+    # whole listing: gone from both, it fails with that said, and the other files land.
+    with ServerThread(job_catalog(checkpoints=1, large_files=0, small_files=3)) as server:
+        checkpoint = server.catalog.jobs[0].checkpoints[0]
+        name = checkpoint.files[0].name  # each rank's
+        victims = [f for f in checkpoint.files if f.name == name]
+        kept = [f for f in checkpoint.files if f.name != name]
+        server.faults.denied = {name}
+
+        def delete(offset: int) -> None:
+            server.faults.on_page = None
+            checkpoint.files = list(kept)
+
+        server.faults.on_page = delete
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1, result.stderr
+    failures = json.loads(result.stdout)["failures"]
+    assert sorted(f["path"] for f in failures) == sorted(
+        mirrored(dest, JOB, f).relative_to(dest).as_posix() for f in victims
+    )
+    assert {f["error"] for f in failures} == {"its URL expired and it is no longer listed"}
+    for file in kept:
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
 def test_demo_mirrors_then_skips_everything_in_one_json_summary(tmp_path: Path) -> None:
     result = run_cli("demo", "--dest", tmp_path / "demo", "--json")
 
