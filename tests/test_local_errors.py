@@ -548,6 +548,28 @@ def test_a_damaged_manifest_is_exit_6_with_the_way_out(server: ServerThread, des
     assert "move it aside to rebuild it" in result.stderr
 
 
+def test_a_manifest_of_a_newer_schema_is_exit_6_and_left_as_it_is(
+    server: ServerThread, dest: Path
+) -> None:
+    # A mirror a newer checkpoint-sync kept, synced by an older one: that one cannot tell what
+    # the newer tables mean, so it writes nothing rather than guess.
+    assert run_cli(*sync_args(server, dest)).code == 0
+    manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
+    db = sqlite3.connect(manifest)
+    db.execute("PRAGMA user_version = 999")
+    db.close()
+    before = manifest.read_bytes()
+
+    result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 6, result.stderr
+    assert result.stderr == (
+        f"checkpoint-sync: error: manifest {manifest} was written by a newer checkpoint-sync "
+        "(schema 999)\n"
+    )
+    assert manifest.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "flags",
     [[], ["--dry-run"], ["--verify"], ["--delete"], ["list"]],
