@@ -12,6 +12,7 @@ from checkpoint_sync.models import (
     LoopsCheckpoints,
     TrainingJobCheckpoints,
     Unreadable,
+    WandbCheckpointPage,
     describe,
 )
 
@@ -129,3 +130,24 @@ def test_a_job_listing_without_its_job_is_read() -> None:
     # The page requires `training_job`; nothing reads it, and its absence loses nothing.
     listed = TrainingJobCheckpoints.model_validate({"checkpoints": [CHECKPOINT]})
     assert [getattr(c, "checkpoint_id", None) for c in listed.checkpoints] == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize(
+    ("metrics", "read"),
+    [
+        ({"reward": 0.5, "loss": None}, {"reward": 0.5}),  # null: not logged at that step
+        (None, {}),
+        ({}, {}),
+        ([0.5], "metrics: Input should be a valid dictionary"),
+        (
+            {"reward": "high"},
+            "metrics.reward: Input should be a valid number, unable to parse string as a number",
+        ),
+    ],
+)
+def test_a_wandb_checkpoints_metrics_are_those_logged(metrics: object, read: object) -> None:
+    page = WandbCheckpointPage.model_validate(
+        {"data": [{"id": "c", "step": 1, "metrics": metrics}], "has_more": False}
+    )
+    (entry,) = page.data
+    assert (entry.reason if isinstance(entry, Unreadable) else entry.metrics) == read
