@@ -801,6 +801,24 @@ def test_a_file_deleted_upstream_before_its_refused_url_is_listed_again_fails_al
         assert_exact(mirrored(dest, JOB, file), file)
 
 
+def test_past_20_failures_stderr_names_the_first_20_and_counts_the_rest(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 26 files, each failing: a terminal gets 20 lines of them and a count; --json has all.
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    with ServerThread(job_catalog(checkpoints=1, small_files=12)) as server:
+        server.faults.hook = lambda name, start, end: "500"
+        result = run_cli(*sync_args(server, dest))
+        as_json = run_cli(*sync_args(server, dest, "--json"))
+        files = len(server.files())
+
+    assert result.code == as_json.code == 1
+    named = [line for line in result.stderr.splitlines() if "gave up after retrying" in line]
+    assert len(named) == 20
+    assert result.stderr.endswith(f"... and {files - 20} more failures (see --json)\n")
+    assert len(json.loads(as_json.stdout)["failures"]) == files
+
+
 def test_demo_mirrors_then_skips_everything_in_one_json_summary(tmp_path: Path) -> None:
     result = run_cli("demo", "--dest", tmp_path / "demo", "--json")
 
