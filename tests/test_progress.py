@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from checkpoint_sync.progress import LogLines, Stats, status_line, summary
+from checkpoint_sync.progress import LogLines, Stats, human_bytes, status_line, summary
 
 
 @pytest.mark.anyio
@@ -43,3 +43,19 @@ def test_a_verify_run_shows_how_far_its_read_back_is() -> None:
     stats = Stats(files_skipped=3, files_to_check=10, files_checked=4, listing_done=True)
     assert "files 0 done, 3 skipped, 0 failed, 4 of 10 checked" in status_line(stats)
     assert "checked" not in status_line(Stats(files_skipped=3))
+
+
+@pytest.mark.parametrize(
+    ("n", "shown"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        (1536 << 20, "1.5 GiB"),
+        (1023 << 30, "1023.0 GiB"),
+        (5 << 40, "5.0 TiB"),
+        (3 << 50, "3072.0 TiB"),  # no unit past TiB
+    ],
+)
+def test_human_bytes(n: int, shown: str) -> None:
+    assert human_bytes(n) == shown
