@@ -122,7 +122,9 @@ def _age_key(checkpoint: Checkpoint) -> tuple[float, int]:
     return created, checkpoint.step or 0
 
 
-def _latest_key(checkpoint: Checkpoint) -> tuple[float, int, tuple[str | int, ...], str, str]:
+def _latest_key(
+    checkpoint: Checkpoint,
+) -> tuple[float, int, tuple[str | tuple[int, str], ...], str, str]:
     """What --latest takes the greatest of: the age, and of checkpoints of one age the last by
     name (numbers in it as numbers), then by id. Never the API's order, which may change between
     runs: a restore must take the same checkpoint each time. Only the age makes one "newer"."""
@@ -130,10 +132,20 @@ def _latest_key(checkpoint: Checkpoint) -> tuple[float, int, tuple[str | int, ..
     return *_age_key(checkpoint), _natural(name), name, checkpoint.key
 
 
-def _natural(name: str) -> tuple[str | int, ...]:
+def _natural(name: str) -> tuple[str | tuple[int, str], ...]:
     """``name`` to order by, its digit runs as numbers: checkpoint-10 after checkpoint-9. Text
     and numbers alternate from a text (maybe empty), so the two meet only at like places."""
-    return tuple(int(run) if i % 2 else run for i, run in enumerate(re.split(r"([0-9]+)", name)))
+    return tuple(
+        _number(run) if i % 2 else run for i, run in enumerate(re.split(r"([0-9]+)", name))
+    )
+
+
+def _number(digits: str) -> tuple[int, str]:
+    """A run of ASCII digits as it orders as a number: by its length without leading zeros, then
+    digit by digit. Not `int`, which refuses a run of over 4300 digits (a name the API gives may
+    hold one) and takes time quadratic in its length."""
+    significant = digits.lstrip("0")
+    return len(significant), significant
 
 
 def check_listed_size(file: RemoteFile) -> None:

@@ -333,6 +333,26 @@ def test_latest_takes_the_greatest_id_of_checkpoints_of_one_name_made_at_once() 
         assert [c.key for c in select_checkpoints(order, latest=True).checkpoints] == ["lc-b"]
 
 
+HUGE = 5000  # digits: more than `int` reads from text (4300)
+
+
+@pytest.mark.parametrize(
+    ("names", "taken"),
+    [
+        (["step-" + "9" * HUGE, "step-1" + "0" * HUGE], "step-1" + "0" * HUGE),
+        (["step-" + "0" * HUGE + "9", "step-10"], "step-10"),  # leading zeros count for nothing
+        (["step-" + "9" * HUGE + "-a", "step-" + "9" * HUGE + "-b"], "step-" + "9" * HUGE + "-b"),
+    ],
+    ids=["longer", "leading-zeros", "equal"],
+)
+def test_latest_orders_names_with_numbers_of_any_length(names: list[str], taken: str) -> None:
+    # A name is the API's text, of any length: a number in it too long for `int` must order as
+    # a number still, not end the run in an internal error.
+    run = [made(name, f"{T0}Z") for name in names]
+    for order in (run, run[::-1]):
+        assert [c.name for c in select_checkpoints(order, latest=True).checkpoints] == [taken]
+
+
 @pytest.mark.parametrize(
     ("status", "state"),
     [
