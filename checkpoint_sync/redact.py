@@ -90,9 +90,10 @@ class Redactor:
             self._pattern = re.compile("|".join(map(_spelled_any_way, self._secrets)))
 
     def __call__(self, text: str) -> str:
-        if self._pattern is not None:
-            text = self._pattern.sub(REDACTED, text)
-        return _URL_IN_TEXT.sub(_bare_url, text)
+        # URLs first: a secret replaced in one (a proxy's password in its userinfo, a key in its
+        # query) would end it at the "<" of REDACTED, and its rest would be shown as it is.
+        text = _URL_IN_TEXT.sub(_bare_url, text)
+        return text if self._pattern is None else self._pattern.sub(REDACTED, text)
 
 
 def _spelled_any_way(secret: str) -> str:

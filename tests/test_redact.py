@@ -92,6 +92,24 @@ def test_urls_in_text_lose_their_userinfo_query_and_fragment(text: str, shown: s
     assert redact(shown) == shown
 
 
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # A known secret inside a URL does not end it: its user, query and fragment go still.
+        ("via http://bob:pw-0a1b2c3d@proxy:3128/x?sig=abc#t", "via http://proxy:3128/x?<redacted>"),
+        ("GET http://h/p?token=pw-0a1b2c3d&sig=abc ok", "GET http://h/p?<redacted> ok"),
+        ("GET http://h/p?token=pw%2D0a1b2c3d&sig=abc ok", "GET http://h/p?<redacted> ok"),
+        ("http://bob:pw-0a1b2c3d@h/p#tok", "http://h/p"),
+        # In the part of a URL that stays, the secret alone goes.
+        ("http://h/pw-0a1b2c3d/x?sig=abc", "http://h/<redacted>/x?<redacted>"),
+    ],
+)
+def test_a_secret_in_a_url_leaves_the_rest_of_it_redacted(text: str, shown: str) -> None:
+    redact = Redactor(["pw-0a1b2c3d"])
+    assert redact(text) == shown
+    assert redact(shown) == shown
+
+
 # An API error page is redacted whole before it is cut short, and may be 64 MiB. Each of these
 # took minutes at 1 MiB where a lazy match looked ahead over the run of punctuation at every
 # character; the suite's timeout fails a return to that.
