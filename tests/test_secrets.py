@@ -445,6 +445,7 @@ def test_the_credentials_of_proxies_are_secrets(environ: dict[str, str], forms: 
         ("http://proxy:3128", None),
         ("http://user:pw@proxy:3128/", None),
         ("http://u%40corp:p%2Fss@proxy:3128", None),  # percent-encoded, as it should be
+        ("http://u:p@ss@proxy:3128", None),  # aiohttp takes all before the last "@" (README)
         ("http://%C3%A9t%C3%A9:pw@proxy", None),  # decodes to Latin-1 text
         ("http://user:123/pw@proxy", "password holds"),  # aiohttp: host "user", port 123
         ("http://u:p?w@proxy", "password holds"),
