@@ -1,5 +1,6 @@
-"""Keep secrets out of every message (API keys and presigned URL query strings), and the
-control and invisible formatting characters of names a listing gives out of the terminal."""
+"""Keep secrets out of every message (API keys, proxy passwords, and the userinfo, query string
+and fragment of URLs), and the control and invisible formatting characters of names a listing
+gives out of the terminal."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def _escape(match: re.Match[str]) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL without its query string and userinfo: presigned signatures live there."""
+    """The URL without its userinfo, query string and fragment: passwords, presigned signatures
+    and tokens live there."""
     try:
         parts = urlsplit(url)
     except ValueError:  # a broken IPv6 literal: cut the same parts out by hand
