@@ -124,10 +124,7 @@ def credentials_problem(proxy: str) -> str | None:
         # A proxy URL has no path: its credentials hold a "/", "?" or "#" as it is. aiohttp took
         # all before that mark for the host ("user" of "user:123/pw@host", port 123), and named
         # the API's URL in its error.
-        return (
-            'password holds a "/", "?" or "#" (and maybe "@"): write them percent-encoded '
-            "(%2F, %3F, %23, %40)"
-        )
+        return 'password holds a "/", "?" or "#": write them percent-encoded (%2F, %3F, %23)'
     try:
         unquote(userinfo, errors="strict").encode("latin-1")
     except UnicodeError:
