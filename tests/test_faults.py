@@ -25,6 +25,7 @@ from .support import (
     mirrored,
     new_version,
     run_cli,
+    staged,
 )
 
 PART = 256 << 10
@@ -226,8 +227,8 @@ def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
     server.call(lambda: setattr(server.faults, fault, 1))
 
     every_file_fails(server, dest, "does not match the requested bytes")
-    for staged in (dest / ".checkpoint-sync" / "staging").iterdir():
-        assert staged.read_bytes().count(0) == staged.stat().st_size  # never written
+    for staging in (dest / ".checkpoint-sync" / "staging").iterdir():
+        assert staging.read_bytes().count(0) == staging.stat().st_size  # never written
 
     server.call(lambda: setattr(server.faults, fault, 0))
     again = run_cli(*sync_args(server, dest))
@@ -721,3 +722,43 @@ def test_an_object_replaced_between_runs_while_its_url_still_works_is_not_resume
         assert final.code == 0, final.stderr
         for file in server.files():
             assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_an_object_shrunk_past_the_parts_left_to_fetch_fails_on_its_416_and_lands_next_run(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first run leaves a file in parts, two of four done. The next run's listing is read,
+    and then the object is replaced by one that ends before the parts left to fetch: the store
+    answers their ranges 416. The file fails, nothing lands at its path; the run after that
+    lists the new size and lands it exact."""
+    catalog = job_catalog(checkpoints=1, large_size=4 * PART, small_files=0)
+    with ServerThread(catalog) as server:
+        args = sync_args(server, dest, "--node-rank", "0", "--json")
+        leave_in_parts(server, monkeypatch, args, from_byte=2 * PART)
+        (file,) = [f for f in server.files() if f.node_rank == 0]
+
+        def shrink(offset: int) -> None:
+            server.faults.on_page = None  # once: the pages of the next run show the change
+            new_version(file)
+            file.size = 2 * PART - 100
+
+        server.faults.on_page = shrink
+        shrunk = run_cli(*args, "--concurrency", "1")
+
+        assert shrunk.code == 1, shrunk.stderr
+        (failure,) = json.loads(shrunk.stdout)["failures"]
+        assert failure["path"] == f"{JOB}/{_relative(file)}"
+        assert "HTTP 416 from " in failure["error"]
+        assert "the object is smaller than listed" in failure["error"]
+        assert not mirrored(dest, JOB, file).exists()
+        # Its parts are kept: the listing that would tell the object changed is the next one.
+        assert staged(dest) == {f"{JOB}/{file.name.partition('/')[0]}"}
+
+        before = len(server.traffic.ranges)
+        again = run_cli(*args)
+
+        assert again.code == 0, again.stderr
+        assert_exact(mirrored(dest, JOB, file), file)
+        assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
+        # Fetched anew, both its parts: none of the old version's was taken.
+        assert sorted(start for _, start, _ in server.traffic.ranges[before:]) == [0, PART]
