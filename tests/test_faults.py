@@ -762,3 +762,37 @@ def test_an_object_shrunk_past_the_parts_left_to_fetch_fails_on_its_416_and_land
         assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
         # Fetched anew, both its parts: none of the old version's was taken.
         assert sorted(start for _, start, _ in server.traffic.ranges[before:]) == [0, PART]
+
+
+def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_further_on_and_lands(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Four files on two pages of two. The last file's URL is refused (403) once the listing was
+    # walked, and a file is added at the listing's start meanwhile: its page, read again, no
+    # longer shows it. It is looked for in the whole listing, found on the next page with a
+    # fresh URL, and lands.
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=2)
+    (checkpoint,) = catalog.jobs[0].checkpoints
+    pushed = checkpoint.files[-1]
+    added = ServedFile(0, f"{checkpoint.checkpoint_id}/added.json", 100, pushed.last_modified, 99)
+
+    def refuse_once(name: str, start: int, end: int) -> str | None:
+        if name != pushed.name or added in checkpoint.files:
+            return None
+        checkpoint.files.insert(0, added)
+        return "403"
+
+    with ServerThread(catalog, Faults(hook=refuse_once)) as server:
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+        assert result.code == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["url_refreshes"] == 1
+        assert summary["files"]["fetched"] == 4
+        for file in server.files():
+            if file is not added:  # listed after the walk: the next run's
+                assert_exact(mirrored(dest, JOB, file), file)
+        # The checkpoint list and two pages; the refused file's page; then the listing from
+        # its start up to the page that shows it.
+        assert server.traffic.api_requests == 1 + 2 + 1 + 3

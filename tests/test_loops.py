@@ -549,6 +549,41 @@ def test_each_page_of_a_checkpoints_listing_is_read_again_once_for_its_files(
         assert server.traffic.api_requests == 1 + 2 + 2
 
 
+def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_further_on_and_lands(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for a training job (test_faults.py): four files on two pages of two; the last one's URL
+    # is refused once the listing was walked, and a file is added at its start meanwhile. The
+    # checkpoint's own listing, looked through, shows it on the next page with a fresh URL.
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-1",), files=4))
+    uri = f"bt://loops:{RUN}/weights/step-1"
+    (trainer,) = [c for c in catalog.loops if c.uri == uri]
+    files = trainer.checkpoint.files
+    pushed = files[-1]
+    added = ServedFile(0, "adapter/added.json", 100, pushed.last_modified, 190_500)
+
+    def refuse_once(name: str, start: int, end: int) -> str | None:
+        if name != pushed.name or added in files:
+            return None
+        files.insert(0, added)
+        return "403"
+
+    with ServerThread(catalog, Faults(hook=refuse_once)) as server:
+        result = run_cli(*sync(server, dest, "--loops-checkpoint", uri, "--json"))
+
+        assert result.code == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["url_refreshes"] == 1
+        assert summary["files"]["fetched"] == 4
+        for file in files:
+            if file is not added:  # listed after the walk: the next run's
+                assert_exact(landed(dest, trainer, file), file)
+        # The checkpoint list and two pages; the refused file's page; then the listing from
+        # its start up to the page that shows it.
+        assert server.traffic.api_requests == 1 + 2 + 1 + 3
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
