@@ -148,6 +148,9 @@ class Faults:
     # checkpoint in a checkpoint list, its id (a Loops checkpoint's `id`, a training job's
     # `checkpoint_id`).
     unreadable: set[str] = field(default_factory=set)
+    # Names listed without their relative_file_name in a Baseten file listing: an entry off the
+    # schema that does not tell which checkpoint it is of.
+    nameless: set[str] = field(default_factory=set)
     # Checkpoints (by id, as for `unreadable`) listed with a null size_bytes, which the pages do
     # not allow.
     sizeless: set[str] = field(default_factory=set)
@@ -512,6 +515,18 @@ class LocalServer:
             return None
         return "unknown" if key in self.faults.unreadable else size
 
+    def _file_entry(self, file: ServedFile) -> dict[str, object]:
+        entry: dict[str, object] = {
+            "url": self.presign(file),
+            "relative_file_name": file.name,
+            "node_rank": file.node_rank,
+            "size_bytes": self._listed_size(file.name, file.size),
+            "last_modified": file.last_modified,
+        }
+        if file.name in self.faults.nameless:
+            del entry["relative_file_name"]
+        return entry
+
     def file_page(self, request: web.Request, entries: list[ServedFile]) -> web.StreamResponse:
         """One page of a Baseten file listing, with freshly signed URLs."""
         try:
@@ -538,16 +553,7 @@ class LocalServer:
             next_token = following
         answer = web.json_response(
             {
-                "presigned_urls": [
-                    {
-                        "url": self.presign(f),
-                        "relative_file_name": f.name,
-                        "node_rank": f.node_rank,
-                        "size_bytes": self._listed_size(f.name, f.size),
-                        "last_modified": f.last_modified,
-                    }
-                    for f in page
-                ],
+                "presigned_urls": [self._file_entry(f) for f in page],
                 "next_page_token": next_token,
                 "total_count": len(entries),
             }

@@ -259,6 +259,51 @@ def test_an_entry_off_the_schema_fails_that_file_and_the_rest_of_its_page_lands(
     assert states[checkpoint.checkpoint_id] == "partial"
 
 
+def test_an_unreadable_entry_that_tells_no_name_fails_whatever_checkpoint_is_selected(
+    server: ServerThread, dest: Path
+) -> None:
+    # checkpoint-10's second file is listed without its relative_file_name (both ranks' copies):
+    # it may be of any checkpoint, so it fails under --checkpoint checkpoint-20 too.
+    unnamed = server.catalog.jobs[0].checkpoints[0].files[1]
+    server.faults.nameless = {unnamed.name}
+    where = [f"{JOB}/?/{rank}/(unnamed entry)" for rank in (0, 1)]
+
+    whole = run_cli(*sync_args(server, dest / "a", "--json"))
+    named = run_cli(*sync_args(server, dest / "b", "--checkpoint", "checkpoint-20"))
+
+    assert whole.code == 1, whole.stderr
+    failures = json.loads(whole.stdout)["failures"]
+    assert sorted(f["path"] for f in failures) == where
+    for failure in failures:
+        assert failure["error"].startswith(
+            "its listing entry is unreadable (relative_file_name: Field required"
+        )
+    assert landed(server, dest / "a", unnamed) == [
+        f for f in server.catalog.files() if f.name != unnamed.name
+    ]
+    assert named.code == 1
+    assert all(f"{path}: its listing entry is unreadable" in named.stderr for path in where)
+    assert [p.name for p in (dest / "b" / JOB).iterdir()] == ["checkpoint-20"]
+
+
+def test_an_unreadable_entry_of_a_checkpoint_not_selected_is_passed_over_without_a_word(
+    server: ServerThread, dest: Path
+) -> None:
+    # Its name tells its checkpoint, which --checkpoint leaves out, as it does its other files.
+    unreadable = server.catalog.jobs[0].checkpoints[0].files[1]
+    server.faults.unreadable = {unreadable.name}
+
+    result = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-20", "--json"))
+
+    assert result.code == 0, result.stdout
+    summary = json.loads(result.stdout)
+    assert summary["failures"] == []
+    in_20 = [f for f in server.catalog.files() if f.name.startswith("checkpoint-20/")]
+    assert summary["files"]["listed"] == summary["files"]["fetched"] == len(in_20)
+    assert result.stderr == ""
+    assert landed(server, dest) == in_20
+
+
 def test_a_checkpoint_off_the_schema_fails_alone_and_the_rest_of_the_job_lands(
     server: ServerThread, dest: Path
 ) -> None:
