@@ -699,6 +699,93 @@ def test_trials_that_failed_where_nothing_was_measured_are_named_and_exit_1(
     assert json.loads(as_json.stdout)["error"].startswith(outcome)
 
 
+def test_a_listing_entry_off_the_schema_fails_as_a_file_in_every_trial(tmp_path: Path) -> None:
+    # No bytes to fetch: it fails in each trial as in sync (rank 0's copy, in the budget), the
+    # other files are measured, and the settings are still ranked (each had a failed file).
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        unreadable = server.files()[1]
+        server.faults.unreadable = {unreadable.name}
+        bench = job_args(server, "bench", *ONE_CHECKPOINT_TRIALS, "--rounds", "1")
+        result = run_cli(*bench, "--scratch", tmp_path)
+        as_json = run_cli(*bench, "--json")
+
+    assert result.code == as_json.code == 1, result.stderr + as_json.stderr
+    where = f"{JOB}/{unreadable.name.replace('/', '/0/', 1)}"
+    assert result.stderr.splitlines() == [
+        f"checkpoint-sync: error: trial --concurrency {c} --part-size 256KiB: 1 failed, the "
+        f"first: {where}: its listing entry is unreadable (size_bytes: Input should be a valid "
+        "integer, unable to parse string as an integer)"
+        for c in (2, 4)
+    ]
+    assert result.stdout.splitlines()[-1].startswith("recommended: --concurrency ")
+    report = json.loads(as_json.stdout)
+    assert [t["failed"] for t in report["trials"]] == [1, 1]
+    assert all(t["first_failure"].startswith(f"{where}: ") for t in report["trials"])
+    assert all(t["files"] > 0 and t["mb_per_s"] > 0 for t in report["trials"])
+    assert report["recommended"] is not None
+
+
+def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_and_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As in sync (test_faults.py): four files on two pages of two; the last one's URL is
+    # refused in the trial, and a file added at the listing's start meanwhile. The trial looks
+    # for it through the listing, finds it on the next page, and fetches it.
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=2)
+    (checkpoint,) = catalog.jobs[0].checkpoints
+    pushed = checkpoint.files[-1]
+    added = ServedFile(0, f"{checkpoint.checkpoint_id}/added.json", 100, pushed.last_modified, 99)
+
+    def refuse_once(name: str, start: int, end: int) -> str | None:
+        if name != pushed.name or added in checkpoint.files:
+            return None
+        checkpoint.files.insert(0, added)
+        return "403"
+
+    with ServerThread(catalog, Faults(hook=refuse_once)) as server:
+        bench = ["--concurrency", "2", "--part-size", "256KiB", "--rounds", "1", "--json"]
+        result = run_cli(*job_args(server, "bench", *bench, "--scratch", tmp_path))
+
+        assert result.code == 0, result.stderr
+        (row,) = json.loads(result.stdout)["trials"]
+        assert (row["files"], row["failed"]) == (4, 0)
+        assert row["bytes"] == sum(f.size for f in server.files() if f is not added)
+        # The checkpoint list and two pages; the refused file's page; then the listing from
+        # its start up to the page that shows it.
+        assert server.traffic.api_requests == 1 + 2 + 1 + 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_trial_of_every_setting_failed_recommends_none_and_is_exit_1(tmp_path: Path) -> None:
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        bench = job_args(server, "bench", *ONE_CHECKPOINT_TRIALS, "--rounds", "2")
+        # The listings of the first round's two trials; the second round's are answered.
+        server.faults.api_faults = [None, "not-json", "not-json"]
+        result = run_cli(*bench, "--scratch", tmp_path)
+        server.faults.api_faults = [None, "not-json", "not-json"]
+        as_json = run_cli(*bench, "--json")
+
+    assert result.code == as_json.code == 1, result.stderr + as_json.stderr
+    *_, twos, fours, recommended = result.stdout.splitlines()
+    for row, concurrency in ((twos, "2"), (fours, "4")):
+        assert row.split()[:4] == [concurrency, "256.0", "KiB", "1"]  # its second round's
+        assert float(row.split()[6]) > 0  # MB/s
+    assert recommended == "recommended: none (a trial of every setting failed)"
+    assert result.stderr.splitlines() == [
+        f"checkpoint-sync: error: trial --concurrency {c} --part-size 256KiB failed in round 1: "
+        "training job job-1 of project proj: the API answered with something not JSON"
+        for c in (2, 4)
+    ]
+    report = json.loads(as_json.stdout)
+    assert report["recommended"] is None
+    assert report["stopped"] is None
+    assert [[r["error"] is None for r in t["rounds"]] for t in report["trials"]] == [
+        [False, True],
+        [False, True],
+    ]
+
+
 @pytest.mark.parametrize(("status", "code"), [("401", 3), ("404", 4)])
 def test_an_error_no_later_trial_could_pass_stops_the_bench_at_once(status: str, code: int) -> None:
     with ServerThread(job_catalog(checkpoints=1)) as server:
