@@ -397,6 +397,30 @@ def test_two_unreadable_checkpoints_without_an_id_are_told_apart(dest: Path) -> 
     ]
 
 
+def test_unreadable_checkpoints_left_out_by_checkpoint_are_passed_over_without_a_word(
+    dest: Path,
+) -> None:
+    # One without an id and one of another id: --checkpoint names a readable one, which neither
+    # can be; they fail only in a run of the whole job.
+    stamp = "2026-11-01T00:00:00Z"
+    readable = {"checkpoint_id": "checkpoint-10", "created_at": stamp}
+    unreadable = [{"created_at": stamp, "size_bytes": "?"}, {"checkpoint_id": "checkpoint-20"}]
+    with job_listing_checkpoints(JOB, [readable, *unreadable]) as api:
+        args: list[str | Path] = ["sync", "--api-url", api, "--project", PROJECT, "--job", JOB]
+        named = run_cli(*args, "--dest", dest, "--json", "--checkpoint", "checkpoint-10")
+        whole = run_cli(*args, "--dest", dest, "--json")
+
+    assert named.code == 0, named.stdout
+    assert named.stderr == ""
+    summary = json.loads(named.stdout)
+    assert (summary["failures"], summary["passed_over"]) == ([], [])
+    assert whole.code == 1
+    assert [f["path"] for f in json.loads(whole.stdout)["failures"]] == [
+        f"{JOB}/? (entry 2 of the checkpoint list)",
+        f"{JOB}/checkpoint-20",
+    ]
+
+
 def test_latest_passes_over_an_older_unreadable_checkpoint_without_a_word(
     server: ServerThread, dest: Path
 ) -> None:
