@@ -135,8 +135,9 @@ def credentials_problem(proxy: str) -> str | None:
 
 def proxy_credentials(environ: Mapping[str, str] = os.environ) -> list[str]:
     """Every form in which the credentials of the proxies ``environ`` names may travel, and so
-    come back quoted (a proxy's error page echoing the request): the password as written and
-    percent-decoded, and the ``Proxy-Authorization`` Basic credentials aiohttp makes of them."""
+    come back quoted (a proxy's error page echoing the request): the password (or a user name
+    given alone) as written and percent-decoded, and the ``Proxy-Authorization`` Basic
+    credentials aiohttp makes of them."""
     found = []
     for name, value in environ.items():
         if not name.lower().endswith("_proxy") or name.lower() == "no_proxy":
@@ -147,7 +148,8 @@ def proxy_credentials(environ: Mapping[str, str] = os.environ) -> list[str]:
             continue
         raw_user, _, raw_password = userinfo.partition(":")
         user, password = unquote(raw_user), unquote(raw_password)
-        found += [raw_password, password]
+        # Without a password, the user name is the credential (a token, as some proxies take).
+        found += [raw_password, password] if raw_password else [raw_user, user]
         with suppress(UnicodeEncodeError):  # aiohttp encodes them as Latin-1, or fails
             found.append(base64.b64encode(f"{user}:{password}".encode("latin-1")).decode())
     return [form for form in dict.fromkeys(found) if form]

@@ -431,7 +431,9 @@ def _basic(credentials: str) -> str:
         # All before the last "@" is credentials, even a "@", "/" or "#" left as it is.
         ({"ALL_PROXY": "https://u:a@b/c#d@proxy"}, ["a@b/c#d", _basic("u:a@b/c#d")]),
         ({"all_proxy": "u:pw-5678@proxy:3128"}, ["pw-5678", _basic("u:pw-5678")]),  # no scheme
-        ({"HTTP_PROXY": "http://token-only@proxy"}, [_basic("token-only:")]),
+        # A user name given alone is the credential: a token, as some proxies take.
+        ({"HTTP_PROXY": "http://token-only@proxy"}, ["token-only", _basic("token-only:")]),
+        ({"HTTP_PROXY": "http://tok%2Fen@proxy"}, ["tok%2Fen", "tok/en", _basic("tok/en:")]),
         ({"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "a@b", "MY_KEY": "x:y@z"}, []),
     ],
 )
