@@ -898,6 +898,13 @@ def _run(job: Callable[[], Awaitable[None]]) -> int | None:
         anyio.run(main, backend_options=loop_options())
     except ExceptionGroup as group:
         raise most_severe(group) from None
+    finally:
+        if received is not None:
+            # Past the receiver, up to the process's exit (the summary, the interpreter's
+            # shutdown: tens of milliseconds), a second signal would still kill it (-SIGTERM,
+            # or a KeyboardInterrupt traceback) instead of its exit 130/143.
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
     return received
 
 

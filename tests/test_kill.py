@@ -466,6 +466,38 @@ def test_a_second_sigint_while_the_run_winds_down_changes_nothing(
     assert_completes_unthrottled(server, dest)
 
 
+# The CLI, sent SIGINT once its first part is recorded, and SIGNAL once the run is over, before
+# the process has exited (the interpreter's shutdown takes tens of milliseconds): Ctrl-C pressed
+# twice, or a scheduler's SIGTERM after its SIGINT.
+SIGNAL_AFTER_THE_RUN = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as for a run started from a shell
+from checkpoint_sync.manifest import Manifest
+part_done = Manifest.part_done
+def interrupt_once_a_part_is_done(self, path, part):
+    part_done(self, path, part)
+    Manifest.part_done = part_done
+    os.kill(os.getpid(), signal.SIGINT)
+Manifest.part_done = interrupt_once_a_part_is_done
+from checkpoint_sync.cli import main
+code = main(sys.argv[1:])
+os.kill(os.getpid(), signal.SIGNAL)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("second", ["SIGINT", "SIGTERM"])
+def test_a_second_signal_after_the_run_changes_nothing(
+    server: ServerThread, dest: Path, second: str
+) -> None:
+    interrupted = run_scripted(SIGNAL_AFTER_THE_RUN.replace("SIGNAL", second), server, dest)
+
+    err = interrupted.stderr.decode()
+    assert interrupted.returncode == 130, err  # not killed by the second signal
+    assert "Traceback" not in err
+    assert "stopped by SIGINT; rerun to resume" in err
+
+
 # Ctrl-C while the CLI's modules are still loading (the first tenth of a second of a run), as
 # MODULE is first imported. `_signal`, not `signal`: the wrapper must not load a module the CLI
 # loads itself, or the Ctrl-C could never come while that one loads.
