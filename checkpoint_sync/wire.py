@@ -3,7 +3,8 @@
 aiohttp spends about 150 us of Python per request and an ``await`` per received chunk; a
 checkpoint is thousands of objects and gigabytes of chunks, and importing aiohttp costs a run
 about 70 ms of start-up. Here each received chunk goes from the protocol callback straight to a
-sink (the transfer's positional write), connections are kept alive per host, and only what
+sink (the transfer's positional write; a large part's body is spliced into its file, or over
+HTTPS written by a worker thread), connections are kept alive per host, and only what
 object stores and JSON APIs send is understood: a status line, headers, and a body framed by
 Content-Length, chunked encoding or the end of the connection. Redirects are not followed here
 (`transfer.py` follows those of object URLs).
@@ -17,6 +18,7 @@ expected become `TransientError` naming the URL without its query string.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import functools
 import os
@@ -59,8 +61,9 @@ FLUSH_AT = RECV_BUFFER - (256 << 10)
 # A body complete by then waits in the receive buffer itself.
 MAX_PENDING = 1 << 20
 IDLE_PER_HOST = 32
-# Bodies at least this long (plain HTTP) are spliced from the socket into their file.
-SPLICE_MIN = 4 << 20
+# Bodies at least this long go into their file without the sink: spliced from the socket (plain
+# HTTP), or decrypted on the loop and written by a worker thread (HTTPS).
+LARGE_BODY = 4 << 20
 PIPE_SIZE = 1 << 20
 
 
@@ -101,9 +104,10 @@ class Response:
     async def stream_to(self, sink: Sink, file: FileTarget | None = None) -> None:
         """Hand every body byte to ``sink``, in order, until the body ends.
 
-        With ``file``, a large body on a plain-HTTP connection may instead be moved from the
-        socket into the file by the kernel (``splice``), in a worker thread: no copy through
-        Python, and several connections on several cores.
+        With ``file``, a large body may instead go into the file without the sink: on a plain-HTTP
+        connection moved from the socket by the kernel (``splice``) in a worker thread, with no
+        copy through Python; over HTTPS decrypted on the loop and written by a worker thread.
+        Either way several connections' writes run on several cores.
         """
         await self._body.stream_to(sink, file)
 
@@ -375,6 +379,10 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._paused = False
+        # A large HTTPS body goes to `_write_behind`, not the sink: a buffer's worth at a time
+        # (`_writing` while one waits or is written, reading paused meanwhile).
+        self._behind = False
+        self._writing = False
         self._head_done: asyncio.Future[Response] | None = None
         self._body_done: asyncio.Future[None] | None = None
         self._closed = False
@@ -468,6 +476,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._pending, self._pending_size = [], 0
         self._body_done = None
         self._base = self._filled = 0
+        self._behind = self._writing = False
         self.reusable = False
 
     def drop_unread(self) -> bool:
@@ -574,6 +583,9 @@ class _Connection(asyncio.BufferedProtocol, Body):
                 self._keep_alive = False  # more than announced: do not trust the connection
                 self._filled = start + self._remaining
             self._remaining -= self._filled - start
+            if self._behind and (self._remaining == 0 or self._filled >= FLUSH_AT):
+                self._batch_ready()
+                return
             if self._remaining == 0:
                 self._hand_over()
                 self._finish()
@@ -585,6 +597,14 @@ class _Connection(asyncio.BufferedProtocol, Body):
             # not delivered when the server closed; `tls.py`, which replaced it, leaves them in
             # the socket.
             self._deliver(self._take_buffered())
+
+    def _batch_ready(self) -> None:
+        """The buffer's body bytes wait for `_write_behind`: nothing more is read meanwhile."""
+        self._writing = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+        if self._body_done is not None and not self._body_done.done():
+            self._body_done.set_result(None)
 
     def _hand_over(self) -> None:
         """Hand the body bytes in the buffer to the sink. Before the caller has given one, a
@@ -618,9 +638,13 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._read_on()
 
     def _read_on(self) -> None:
-        """Resume reading once neither reason to pause stands: a body waiting for its sink
-        (`_paused`) and the rate limit's hold (`_held`) each keep it paused."""
-        if not (self._paused or self._held or self._closed) and self._transport is not None:
+        """Resume reading once no reason to pause stands: a body waiting for its sink
+        (`_paused`), the rate limit's hold (`_held`) and a buffer waiting to be written
+        (`_writing`) each keep it paused."""
+        if (
+            not (self._paused or self._held or self._writing or self._closed)
+            and self._transport is not None
+        ):
             self._transport.resume_reading()
 
     def stalled(self, now: float, timeout: float) -> bool:
@@ -666,24 +690,28 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._sink = sink
         if self._paused:
             self._hand_over()  # what the buffer held for want of a sink
-        if file is not None and self._splicing_pays(file):
-            await self._splice_into(file)
+        if file is not None and self.key[0] == "http" and self._large_body_for(file):
+            await self._splice_into(file)  # TLS bytes must be decrypted by us
             return
         if self._paused:
             self._resume()
+        if file is not None and self._large_body_for(file):
+            await self._write_behind(file)  # HTTPS
+            return
         if self._body_done is None:
             self._body_done = self._loop.create_future()
         await self._body_done
 
-    def _splicing_pays(self, file: FileTarget) -> bool:
+    def _large_body_for(self, file: FileTarget) -> bool:
+        """Whether the rest of the body goes into ``file`` without the sink."""
         return (
-            self.key[0] == "http"  # TLS bytes must be decrypted by us
-            and self._limit is None  # the kernel's copy takes no account of a rate
+            self._limit is None  # a rate paces reading by the sink's calls, not the kernel's
             and self._in_body
             and self._chunks is None
             and self._remaining is not None
-            and self._remaining >= SPLICE_MIN
-            # What arrived with the head goes to the sink first, the rest is spliced after it.
+            and self._remaining >= LARGE_BODY
+            # What arrived with the head goes to the sink first (a splice), or with the first
+            # buffer written (HTTPS): it counts against the file's room too.
             and self._remaining + (self._filled - self._base) <= file.room
             and self._transport is not None
             # A connection that failed or closed before the sink came has no socket to splice
@@ -718,6 +746,41 @@ class _Connection(asyncio.BufferedProtocol, Body):
             self._keep_alive = False  # more than the body came: the next answer cannot be told
         self._resume()
         self._finish()
+
+    async def _write_behind(self, file: FileTarget) -> None:
+        """Decrypt the rest of the body on the loop, and have a worker thread write each
+        buffer of it into ``file`` while the loop decrypts the other connections' bytes: the
+        copy into the page cache was up to half of the CPU of a large HTTPS body. This connection
+        reads on once its buffer is written."""
+        self._behind = True
+        while True:
+            if not self._writing:
+                self._body_done = self._loop.create_future()
+                self._read_on()
+                await self._body_done  # a buffer's worth, the body's end, or a failure
+            piece = self._take_buffered()
+            # Failed meanwhile (the server closing), the connection fails the wait after it.
+            self._body_done = self._loop.create_future()
+            self.waiting = False  # the disk's time, not the server's silence
+            written = self._loop.run_in_executor(None, _write_all, file.fd, piece, file.offset)
+            try:
+                # A cancellation waits for the write (milliseconds): the file may be closed
+                # right after. The loop's executor, not anyio's worker threads, which took 6%
+                # longer in alternating runs of big files over HTTPS (benchmarks/FINDINGS.md).
+                with anyio.CancelScope(shield=True):
+                    await written
+            except OSError as exc:
+                self.fail(exc, abort=True)
+                raise file.write_failed(exc) from exc
+            file.took(len(piece))
+            if self._body_done.done():
+                self._body_done.result()  # the connection's failure, raised
+            self._writing = False
+            self.waiting, self.last_activity = True, self._loop.time()
+            if self._remaining == 0:
+                self._finish()
+                self._read_on()  # as after any answer: the server's close is seen
+                return
 
     async def read(self, limit: int) -> bytes:
         got = bytearray()
@@ -960,6 +1023,16 @@ async def _splice_in_thread(
             os.close(wake_read)
             os.close(wake_write)
     return result
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    """``data`` into ``fd`` at ``offset``: a short write (the disk filling up) is followed by
+    one that raises why."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        if not written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        data, offset = data[written:], offset + written
 
 
 def _splice(

@@ -77,6 +77,37 @@ def test_a_job_over_https_is_mirrored_byte_exact_with_the_configured_ca(
         assert_exact(mirrored(dest, JOB, file), file)
 
 
+def test_large_parts_over_https_cut_mid_body_land_exact_refetching_only_what_was_cut(
+    ca: trustme.CA, dest: Path, ca_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parts of 8 MiB: decrypted on the loop and written by worker threads, a buffer at a time.
+    # Each part's first answer is cut half way, reset or short: what landed before the cut stays.
+    monkeypatch.setenv("CHECKPOINT_SYNC_CA_BUNDLE", str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    catalog = job_catalog(checkpoints=1, large_size=20 << 20, small_files=1)
+    cut: dict[tuple[str, int], str] = {}
+
+    def cut_each_part_once(name: str, start: int, end: int) -> str | None:
+        if end - start < 4 << 20 or (name, start) in cut:
+            return None
+        cut[name, start] = "reset" if len(cut) % 2 else "short"
+        return cut[name, start]
+
+    with ServerThread(catalog, tls=context) as server:
+        server.faults.hook = cut_each_part_once
+        result = run_cli(*sync_args(server, dest, "--part-size", "8MiB", "--json"))
+        files = server.files()
+        sent = server.traffic.object_bytes_sent
+
+    assert result.code == 0, result.stderr
+    assert cut  # every large part was cut once
+    for file in files:
+        assert_exact(mirrored(dest, JOB, file), file)
+    # A part resumes where its bytes stopped landing: no more than the data and one part again.
+    assert sent <= sum(f.size for f in files) + (8 << 20)
+
+
 @pytest.mark.parametrize("through_proxy", [False, True], ids=["direct", "proxy"])
 def test_a_job_over_https_keeps_to_the_rate_limit(
     https_server: ServerThread,
