@@ -379,3 +379,21 @@ def least_seconds(size: int, rate: int, connections: int, read: int = READ_SIZE)
     """The shortest a transfer of ``size`` bytes may take under ``--limit-rate`` ``rate``: all
     but the bucket and one ``read`` per connection (taken before it waits) go at the rate."""
     return (size - max(rate / 10, READ_SIZE) - connections * read) / rate
+
+
+def pushed_off_its_page(
+    files: list[ServedFile], name: str, file_id: int
+) -> tuple[ServedFile, Callable[[str, int, int], str | None]]:
+    """A file ``name`` to add at the start of ``files``, and a fault hook that adds it and then
+    refuses (403) the URL of the last of ``files``, once: with pages of two, that file's page,
+    read again, no longer shows it (it was pushed to the next one)."""
+    pushed = files[-1]
+    added = ServedFile(0, name, 100, pushed.last_modified, file_id)
+
+    def refuse_once(name: str, start: int, end: int) -> str | None:
+        if name != pushed.name or added in files:
+            return None
+        files.insert(0, added)
+        return "403"
+
+    return added, refuse_once

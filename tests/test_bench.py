@@ -42,7 +42,14 @@ from checkpoint_sync.progress import human_bytes
 from checkpoint_sync.sources.baseten_training import TrainingJobSource
 
 from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
-from .support import ServerThread, api_client, pages_being_read, run_cli, run_subprocess
+from .support import (
+    ServerThread,
+    api_client,
+    pages_being_read,
+    pushed_off_its_page,
+    run_cli,
+    run_subprocess,
+)
 from .test_kill import wait_for
 from .test_local_errors import immutable, mounted
 
@@ -734,14 +741,9 @@ def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_and_measured(
     monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=2)
     (checkpoint,) = catalog.jobs[0].checkpoints
-    pushed = checkpoint.files[-1]
-    added = ServedFile(0, f"{checkpoint.checkpoint_id}/added.json", 100, pushed.last_modified, 99)
-
-    def refuse_once(name: str, start: int, end: int) -> str | None:
-        if name != pushed.name or added in checkpoint.files:
-            return None
-        checkpoint.files.insert(0, added)
-        return "403"
+    added, refuse_once = pushed_off_its_page(
+        checkpoint.files, f"{checkpoint.checkpoint_id}/added.json", 99
+    )
 
     with ServerThread(catalog, Faults(hook=refuse_once)) as server:
         bench = ["--concurrency", "2", "--part-size", "256KiB", "--rounds", "1", "--json"]

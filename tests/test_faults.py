@@ -24,6 +24,7 @@ from .support import (
     leave_in_parts,
     mirrored,
     new_version,
+    pushed_off_its_page,
     run_cli,
     staged,
 )
@@ -774,14 +775,9 @@ def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_further_on_and_lan
     monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=2)
     (checkpoint,) = catalog.jobs[0].checkpoints
-    pushed = checkpoint.files[-1]
-    added = ServedFile(0, f"{checkpoint.checkpoint_id}/added.json", 100, pushed.last_modified, 99)
-
-    def refuse_once(name: str, start: int, end: int) -> str | None:
-        if name != pushed.name or added in checkpoint.files:
-            return None
-        checkpoint.files.insert(0, added)
-        return "403"
+    added, refuse_once = pushed_off_its_page(
+        checkpoint.files, f"{checkpoint.checkpoint_id}/added.json", 99
+    )
 
     with ServerThread(catalog, Faults(hook=refuse_once)) as server:
         result = run_cli(*sync_args(server, dest, "--json"))

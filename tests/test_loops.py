@@ -37,6 +37,7 @@ from .support import (
     assert_exact,
     first_answers,
     leave_in_parts,
+    pushed_off_its_page,
     run_cli,
     staged,
 )
@@ -560,14 +561,7 @@ def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_further_on_and_lan
     uri = f"bt://loops:{RUN}/weights/step-1"
     (trainer,) = [c for c in catalog.loops if c.uri == uri]
     files = trainer.checkpoint.files
-    pushed = files[-1]
-    added = ServedFile(0, "adapter/added.json", 100, pushed.last_modified, 190_500)
-
-    def refuse_once(name: str, start: int, end: int) -> str | None:
-        if name != pushed.name or added in files:
-            return None
-        files.insert(0, added)
-        return "403"
+    added, refuse_once = pushed_off_its_page(files, "adapter/added.json", 190_500)
 
     with ServerThread(catalog, Faults(hook=refuse_once)) as server:
         result = run_cli(*sync(server, dest, "--loops-checkpoint", uri, "--json"))

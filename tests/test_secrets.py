@@ -304,18 +304,17 @@ def test_a_key_quoted_in_a_refused_argument_is_not_shown(
 
 
 @contextmanager
-def gateway_quoting_the_key(status: int) -> Iterator[str]:
-    """An API answering ``status`` with a long ``detail`` that ends quoting the request's
-    Authorization header, as some gateways and debug pages do; yields its origin."""
+def server_quoting(header: str, status: int, who: str) -> Iterator[str]:
+    """A server answering ``status`` with a long ``detail`` that ends quoting the request's
+    ``header``, as some gateways' debug pages and proxies' error pages do; yields its origin."""
 
     class Quoting(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            # The key starts a little before the 300th character, where messages are cut.
-            detail = "refused by the gateway".ljust(260, ".") + (
-                f" Authorization: {self.headers['Authorization']}"
-            )
+            # The header's value starts a little before the 300th character, where messages are
+            # cut.
+            detail = f"refused by the {who}".ljust(260, ".") + f" {header}: {self.headers[header]}"
             body = json.dumps({"detail": detail}).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -331,7 +330,7 @@ def gateway_quoting_the_key(status: int) -> Iterator[str]:
 def test_a_key_the_api_quotes_where_its_message_is_cut_shows_no_part(
     dest: Path, status: int, code: int
 ) -> None:
-    with gateway_quoting_the_key(status) as api:
+    with server_quoting("Authorization", status, "gateway") as api:
         args: list[str | Path] = ["sync", "--api-url", api, "--project", "p", "--job", "j"]
         result = run_cli(*args, "--dest", dest, "--json")
 
@@ -462,35 +461,11 @@ def test_proxy_credentials_aiohttp_can_send(proxy: str, problem: str | None) -> 
     assert found is None if problem is None else problem in (found or "")
 
 
-@contextmanager
-def proxy_quoting_the_request(status: int) -> Iterator[str]:
-    """A proxy answering ``status`` to a plain-HTTP request, with a long ``detail`` that ends
-    quoting its Proxy-Authorization header, as some proxies' error pages do; yields its origin."""
-
-    class Quoting(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_GET(self) -> None:
-            # The credentials start a little before the 300th character, where messages are cut.
-            detail = "refused by the proxy".ljust(260, ".") + (
-                f" Proxy-Authorization: {self.headers['Proxy-Authorization']}"
-            )
-            body = json.dumps({"detail": detail}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    with http_serving(Quoting) as origin:
-        yield origin
-
-
 @pytest.mark.parametrize(("status", "code"), [(400, 1), (422, 2)])
 def test_a_proxy_password_the_proxy_quotes_back_is_not_shown(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, status: int, code: int
 ) -> None:
-    with proxy_quoting_the_request(status) as proxy:
+    with server_quoting("Proxy-Authorization", status, "proxy") as proxy:
         url = proxy.replace("http://", "http://user:p%40ss-0a1b2c3d@")
         with proxy_named(monkeypatch, "HTTP_PROXY", url):
             result = run_cli(*sync_args(server, dest, "--json"))
