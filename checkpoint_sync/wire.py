@@ -690,13 +690,16 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._sink = sink
         if self._paused:
             self._hand_over()  # what the buffer held for want of a sink
-        if file is not None and self.key[0] == "http" and self._large_body_for(file):
-            await self._splice_into(file)  # TLS bytes must be decrypted by us
+        # Where the rest of a large body goes around the sink (judged once: resuming below
+        # changes nothing it looks at).
+        around = file if file is not None and self._large_body_for(file) else None
+        if around is not None and self.key[0] == "http":
+            await self._splice_into(around)  # TLS bytes must be decrypted by us
             return
         if self._paused:
             self._resume()
-        if file is not None and self._large_body_for(file):
-            await self._write_behind(file)  # HTTPS
+        if around is not None:
+            await self._write_behind(around)  # HTTPS
             return
         if self._body_done is None:
             self._body_done = self._loop.create_future()
