@@ -105,10 +105,10 @@ def proxy_for_host(scheme: str, host: str, port: int) -> Proxy | None:
             "only http:// and https:// proxies are supported"
         )
     if (problem := url_problem(proxy)) is not None:
-        # aiohttp's InvalidURL would be retried, and name the URL asked for, not the proxy. A
-        # proxy URL has no path: all before its last "@" is credentials, even a password's "/",
-        # "?" or "#", which `redact_url` would take for the end of the host.
-        shown = redact_url(f"{proxy_scheme}://{proxy.partition('://')[2].rpartition('@')[2]}")
+        # aiohttp's InvalidURL would be retried, and name the URL asked for, not the proxy. Its
+        # credentials are cut off first: `redact_url` would take a "/", "?" or "#" left in a
+        # password for the end of the host.
+        shown = redact_url(f"{proxy_scheme}://{_split_credentials(proxy)[1]}")
         raise UsageError(f"{variable} is {problem}: {shown}")
     if (problem := credentials_problem(proxy)) is not None:
         raise UsageError(f"{variable}: the proxy's {problem}")
@@ -142,8 +142,7 @@ def proxy_credentials(environ: Mapping[str, str] = os.environ) -> list[str]:
     for name, value in environ.items():
         if not name.lower().endswith("_proxy") or name.lower() == "no_proxy":
             continue
-        # A proxy URL has no path: all before its last "@" is credentials (as `proxy_for_host`).
-        userinfo = value.partition("://")[2 if "://" in value else 0].rpartition("@")[0]
+        userinfo = _split_credentials(value)[0]
         if not userinfo:
             continue
         raw_user, _, raw_password = userinfo.partition(":")
@@ -153,6 +152,15 @@ def proxy_credentials(environ: Mapping[str, str] = os.environ) -> list[str]:
         with suppress(UnicodeEncodeError):  # aiohttp encodes them as Latin-1, or fails
             found.append(base64.b64encode(f"{user}:{password}".encode("latin-1")).decode())
     return [form for form in dict.fromkeys(found) if form]
+
+
+def _split_credentials(proxy: str) -> tuple[str, str]:
+    """A proxy URL's credentials, and what follows them (with or without a scheme before). A
+    proxy URL has no path: all before its last "@" is credentials, even a "/", "?" or "#" left
+    as it is in a password (which aiohttp would not send: `credentials_problem`)."""
+    rest = proxy.partition("://")[2] if "://" in proxy else proxy
+    credentials, _, host = rest.rpartition("@")
+    return credentials, host
 
 
 def _proxy_variable(key: str, proxy: str) -> str:
