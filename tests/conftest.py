@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.localserver import Catalog, synthetic_job
+from checkpoint_sync.localserver import Catalog, Faults, ServedFile, synthetic_job
 
-from .support import API_KEY, ServerThread
+from .support import API_KEY, ServerThread, pushed_off_its_page
 
 PROJECT = "proj"
 JOB = "job-1"
@@ -85,3 +86,21 @@ def unusable_ca_bundle(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
     elif isinstance(request.param, bytes):
         bundle.write_bytes(request.param)
     return bundle
+
+
+@contextmanager
+def job_with_a_file_pushed_off_its_page(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[ServerThread, ServedFile]]:
+    """A training job of four files on two pages of two, served: the last file's URL is refused
+    (403) once the listing was walked, and a file added at the listing's start meanwhile, so its
+    page, read again, no longer shows it. Yields the server and the added file (listed after the
+    walk: the next run's)."""
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=2)
+    (checkpoint,) = catalog.jobs[0].checkpoints
+    added, refuse_once = pushed_off_its_page(
+        checkpoint.files, f"{checkpoint.checkpoint_id}/added.json", 99
+    )
+    with ServerThread(catalog, Faults(hook=refuse_once)) as server:
+        yield server, added

@@ -381,6 +381,12 @@ def least_seconds(size: int, rate: int, connections: int, read: int = READ_SIZE)
     return (size - max(rate / 10, READ_SIZE) - connections * read) / rate
 
 
+# API requests of a run whose file was pushed off its page (`pushed_off_its_page`): the checkpoint
+# list and two pages; the refused file's page; then the listing from its start up to the page
+# that shows it.
+PUSHED_OFF_REQUESTS = 1 + 2 + 1 + 3
+
+
 def pushed_off_its_page(
     files: list[ServedFile], name: str, file_id: int
 ) -> tuple[ServedFile, Callable[[str, int, int], str | None]]:

@@ -41,12 +41,19 @@ from checkpoint_sync.plan import FileFilter, select_checkpoints
 from checkpoint_sync.progress import human_bytes
 from checkpoint_sync.sources.baseten_training import TrainingJobSource
 
-from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
+from .conftest import (
+    JOB,
+    PROJECT,
+    job_args,
+    job_catalog,
+    job_with_a_file_pushed_off_its_page,
+    sync_args,
+)
 from .support import (
+    PUSHED_OFF_REQUESTS,
     ServerThread,
     api_client,
     pages_being_read,
-    pushed_off_its_page,
     run_cli,
     run_subprocess,
 )
@@ -735,17 +742,9 @@ def test_a_listing_entry_off_the_schema_fails_as_a_file_in_every_trial(tmp_path:
 def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_and_measured(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # As in sync (test_faults.py): four files on two pages of two; the last one's URL is
-    # refused in the trial, and a file added at the listing's start meanwhile. The trial looks
-    # for it through the listing, finds it on the next page, and fetches it.
-    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
-    catalog = job_catalog(checkpoints=1, large_files=0, small_files=2)
-    (checkpoint,) = catalog.jobs[0].checkpoints
-    added, refuse_once = pushed_off_its_page(
-        checkpoint.files, f"{checkpoint.checkpoint_id}/added.json", 99
-    )
-
-    with ServerThread(catalog, Faults(hook=refuse_once)) as server:
+    # As in sync (test_faults.py): the trial looks for the refused file through the listing,
+    # finds it on the next page, and fetches it.
+    with job_with_a_file_pushed_off_its_page(monkeypatch) as (server, added):
         bench = ["--concurrency", "2", "--part-size", "256KiB", "--rounds", "1", "--json"]
         result = run_cli(*job_args(server, "bench", *bench, "--scratch", tmp_path))
 
@@ -753,9 +752,7 @@ def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_and_measured(
         (row,) = json.loads(result.stdout)["trials"]
         assert (row["files"], row["failed"]) == (4, 0)
         assert row["bytes"] == sum(f.size for f in server.files() if f is not added)
-        # The checkpoint list and two pages; the refused file's page; then the listing from
-        # its start up to the page that shows it.
-        assert server.traffic.api_requests == 1 + 2 + 1 + 3
+        assert server.traffic.api_requests == PUSHED_OFF_REQUESTS
     assert list(tmp_path.iterdir()) == []
 
 

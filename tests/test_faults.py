@@ -16,15 +16,15 @@ from checkpoint_sync.errors import FileError, IntegrityError
 from checkpoint_sync.localserver import Faults, ServedFile, content
 from checkpoint_sync.transfer import content_range_end, refused_answer
 
-from .conftest import JOB, job_catalog, sync_args
+from .conftest import JOB, job_catalog, job_with_a_file_pushed_off_its_page, sync_args
 from .support import (
+    PUSHED_OFF_REQUESTS,
     ServerThread,
     assert_exact,
     first_answers,
     leave_in_parts,
     mirrored,
     new_version,
-    pushed_off_its_page,
     run_cli,
     staged,
 )
@@ -768,18 +768,9 @@ def test_an_object_shrunk_past_the_parts_left_to_fetch_fails_on_its_416_and_land
 def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_further_on_and_lands(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Four files on two pages of two. The last file's URL is refused (403) once the listing was
-    # walked, and a file is added at the listing's start meanwhile: its page, read again, no
-    # longer shows it. It is looked for in the whole listing, found on the next page with a
-    # fresh URL, and lands.
-    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
-    catalog = job_catalog(checkpoints=1, large_files=0, small_files=2)
-    (checkpoint,) = catalog.jobs[0].checkpoints
-    added, refuse_once = pushed_off_its_page(
-        checkpoint.files, f"{checkpoint.checkpoint_id}/added.json", 99
-    )
-
-    with ServerThread(catalog, Faults(hook=refuse_once)) as server:
+    # The refused file is looked for in the whole listing, found on the next page with a fresh
+    # URL, and lands.
+    with job_with_a_file_pushed_off_its_page(monkeypatch) as (server, added):
         result = run_cli(*sync_args(server, dest, "--json"))
 
         assert result.code == 0, result.stderr
@@ -789,6 +780,4 @@ def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_further_on_and_lan
         for file in server.files():
             if file is not added:  # listed after the walk: the next run's
                 assert_exact(mirrored(dest, JOB, file), file)
-        # The checkpoint list and two pages; the refused file's page; then the listing from
-        # its start up to the page that shows it.
-        assert server.traffic.api_requests == 1 + 2 + 1 + 3
+        assert server.traffic.api_requests == PUSHED_OFF_REQUESTS
