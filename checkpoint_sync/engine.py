@@ -103,10 +103,10 @@ async def sync(
     stats.passed_over = [(c.where, c.problem) for c in selection.passed_over]
     if options.dry_run:
         _refuse_what_is_no_directory(options.dest)
+        if options.delete:
+            await _delete_removed(source.listed_whole(), options, stats, on_plan)
         manifest = Manifest(manifest_path(options.dest), read_only=True)
         try:
-            if options.delete:
-                await _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
             await _produce(source, selection, options, manifest, stats, on_plan, None)
         finally:
             manifest.close()
@@ -128,6 +128,11 @@ async def sync(
             # meanwhile: with --delete they would go as removed upstream, and their parts
             # would be dropped. What is removed upstream is told by a list read now.
             await source.checkpoints()
+        if options.delete:
+            # First: the room they hold may be what the new checkpoints need, or, on a disk
+            # another program filled, what opening the manifest to be written needs. Nothing
+            # but the checkpoint list, read whole already, decides what goes.
+            await _delete_removed(source.listed_whole(), options, stats, on_plan)
         manifest = Manifest(
             manifest_path(options.dest),
             durable=options.transfer.fsync,
@@ -170,10 +175,6 @@ async def _run(
         stats,
         replace(options.transfer, resume=False) if options.verify else options.transfer,
     )
-    if options.delete:
-        # First: the room they hold may be what the new checkpoints need. Nothing but the
-        # checkpoint list, read whole already, decides what goes.
-        await _delete_removed(source.listed_whole(), options, manifest, stats, on_plan)
     jobs = _Jobs(options.concurrency)
     listing_failed: list[ApiError | TransientError | UsageError] = []
     paths_told: list[bool] = []
@@ -328,38 +329,24 @@ def _plan(
 async def _delete_removed(
     whole_lists: Mapping[str, frozenset[str]],
     options: SyncOptions,
-    manifest: Manifest,
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None,
 ) -> None:
-    """``--delete``, before the run fetches anything: the mirrored files of checkpoints removed
-    upstream go (a dry run only says which). A file that cannot be deleted fails alone; more
-    files than ``max_delete`` hold every deletion back, as a failure."""
-    stats.delete_held_back = held_back(manifest, whole_lists)
-    pruner = Pruner(str(options.dest), manifest, fsync=options.transfer.fsync)
-    decided: list[tuple[Deletion, bool]] = []
-    for doomed in deletions(manifest, options.files, whole_lists):
-        try:
-            decided.append((doomed, pruner.goes(doomed)))
-        except FileError as exc:
-            stats.fail(doomed.path, str(exc))
-    going = [doomed for doomed, goes in decided if goes]
-    if options.max_delete is not None and len(going) > options.max_delete:
-        stats.fail(
-            "--delete",
-            f"{len(going)} files would go, more than --max-delete {options.max_delete}: none was "
-            "deleted",
-        )
+    """``--delete``, before the run opens the manifest: the mirrored files of checkpoints
+    removed upstream go (a dry run only says which). What goes is decided from the manifest
+    read only; it is opened to be written, to drop their records, once they are gone: on a disk
+    another program filled, that needs room (SQLite's WAL index) which only they free. A file
+    that cannot be deleted fails alone; more files than ``max_delete`` hold every deletion
+    back, as a failure."""
+    path = manifest_path(options.dest)
+    manifest = Manifest(path, read_only=True)
+    try:
+        decided = _decide_deletions(whole_lists, options, manifest, stats, on_plan)
+    finally:
+        manifest.close()
+    if options.dry_run or not decided:
         return
-    for doomed in going:
-        stats.files_to_delete += 1
-        stats.bytes_to_delete += doomed.size
-        if doomed.checkpoint not in stats.removed_upstream:
-            stats.removed_upstream.append(doomed.checkpoint)
-        if on_plan is not None:
-            on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
-    if options.dry_run:
-        return
+    pruner = Pruner(str(options.dest), fsync=options.transfer.fsync)
     try:
         for doomed, goes in decided:
             # A signal is heeded between files: many of them, or a slow disk, take a while.
@@ -374,7 +361,46 @@ async def _delete_removed(
                 stats.bytes_deleted += doomed.size
     finally:
         # Stopped or not: the files deleted so far leave no empty directory and no record.
-        pruner.remove_empty_directories()
+        manifest = Manifest(path, durable=options.transfer.fsync)
+        try:
+            pruner.finish(manifest)
+        finally:
+            manifest.close()
+
+
+def _decide_deletions(
+    whole_lists: Mapping[str, frozenset[str]],
+    options: SyncOptions,
+    manifest: Manifest,
+    stats: Stats,
+    on_plan: Callable[[PlannedFile], None] | None,
+) -> list[tuple[Deletion, bool]]:
+    """The recorded files to forget, each with whether its file goes (is the mirror's); none
+    where more than ``max_delete`` would go."""
+    stats.delete_held_back = held_back(manifest, whole_lists)
+    pruner = Pruner(str(options.dest))
+    decided: list[tuple[Deletion, bool]] = []
+    for doomed in deletions(manifest, options.files, whole_lists):
+        try:
+            decided.append((doomed, pruner.goes(doomed)))
+        except FileError as exc:
+            stats.fail(doomed.path, str(exc))
+    going = [doomed for doomed, goes in decided if goes]
+    if options.max_delete is not None and len(going) > options.max_delete:
+        stats.fail(
+            "--delete",
+            f"{len(going)} files would go, more than --max-delete {options.max_delete}: none was "
+            "deleted",
+        )
+        return []
+    for doomed in going:
+        stats.files_to_delete += 1
+        stats.bytes_to_delete += doomed.size
+        if doomed.checkpoint not in stats.removed_upstream:
+            stats.removed_upstream.append(doomed.checkpoint)
+        if on_plan is not None:
+            on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
+    return decided
 
 
 class _Stop:

@@ -138,7 +138,7 @@ def removed_upstream(
     try:
         held: dict[str, list[int]] = {}
         refused: dict[str, list[UnsafePathError]] = {}
-        pruner = Pruner(str(dest), manifest)
+        pruner = Pruner(str(dest))
         for doomed in deletions(manifest, wanted, whole_lists):
             try:
                 if pruner.goes(doomed):

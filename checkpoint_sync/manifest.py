@@ -294,20 +294,13 @@ class Manifest:
             self.commit()
 
     def commit(self) -> None:
-        self._end("COMMIT")
-        self._last_commit = time.monotonic()
-
-    def rollback(self) -> None:
-        """Undo the writes since the last commit."""
-        self._end("ROLLBACK")
-
-    def _end(self, statement: str) -> None:
-        """End the open transaction with ``statement``, and open the next."""
+        """Commit the open transaction, and open the next."""
         try:
-            self._db.execute(statement)
+            self._db.execute("COMMIT")
             self._db.execute("BEGIN")
         except sqlite3.DatabaseError as exc:
             raise self._failed(exc) from exc
+        self._last_commit = time.monotonic()
 
     def close(self) -> None:
         try:

@@ -58,13 +58,15 @@ def held_back(manifest: Manifest, whole_lists: Mapping[str, frozenset[str]]) -> 
 
 
 class Pruner:
-    """Deletes mirrored files under ``dest`` and the directories they leave empty."""
+    """Deletes mirrored files under ``dest``, then the directories they leave empty and their
+    records: the files first, as on a disk another program filled the manifest cannot be
+    opened to be written (SQLite's WAL index needs room) until they are gone."""
 
-    def __init__(self, dest: str, manifest: Manifest, *, fsync: bool = False) -> None:
+    def __init__(self, dest: str, *, fsync: bool = False) -> None:
         self._dest = dest
         self._fsync = fsync
-        self._manifest = manifest
         self._emptied: set[str] = set()
+        self._dropped: list[str] = []
         self._places = Places(dest)
 
     def goes(self, doomed: Deletion) -> bool:
@@ -86,8 +88,8 @@ class Pruner:
         return stat.S_ISREG(info.st_mode) and info.st_size == doomed.size
 
     def delete(self, doomed: Deletion, *, goes: bool) -> None:
-        """Drop ``doomed``'s record, and delete its file if it ``goes`` (`FileError` if it
-        cannot be)."""
+        """Delete ``doomed``'s file if it ``goes`` (`FileError` if it cannot be), and its record
+        with `finish`."""
         directory = os.path.dirname(doomed.path)
         if goes:
             final = f"{self._dest}/{doomed.path}"
@@ -100,16 +102,16 @@ class Pruner:
         if self._places.own(directory):
             # Also where it was gone already: that run may have been killed before the rmdirs.
             self._emptied.add(directory)
-        self._manifest.drop_record(doomed.path)
+        self._dropped.append(doomed.path)
 
-    def remove_empty_directories(self) -> None:
+    def finish(self, manifest: Manifest) -> None:
         """Remove the directories that deleting left empty, up to the checkpoint's own; a
         directory still holding anything stays. With ``fsync``, each directory that lost entries
-        and stays is then synced, once. Only then are the dropped records committed: a run
-        killed (or a power loss) before leaves them, and so the files and directories, to the
-        next, as does a directory that cannot be synced (`LocalIOError`): its deletions may
-        not be durable, so their records are rolled back (the drops are all the run has
-        written yet: it deletes before it lists)."""
+        and stays is then synced, once. Only then are the records of the deleted files dropped
+        from ``manifest``, and committed: a run killed (or a power loss) before leaves them, and
+        so the files and directories, to the next (a recorded file found gone is dropped then),
+        as does a directory that cannot be synced (`LocalIOError`), as its deletions may not be
+        durable."""
         directories: set[str] = set()
         for directory in self._emptied:
             # "<run>/<checkpoint>/<rank>/..." up to "<run>/<checkpoint>"
@@ -134,8 +136,9 @@ class Pruner:
                 except FileNotFoundError:
                     pass  # removed by hand: nothing of the mirror's is left to come back
                 except OSError as exc:
-                    self._manifest.rollback()
                     raise LocalIOError(
                         f"cannot make the deletions in {path} durable: {exc.strerror or exc}"
                     ) from exc
-        self._manifest.commit()
+        for path in self._dropped:
+            manifest.drop_record(path)
+        manifest.commit()

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -34,8 +35,8 @@ from .support import (
     run_subprocess,
     staged,
 )
-from .test_kill import open_files, wait_for
-from .test_local_errors import mounted
+from .test_kill import assert_records_true, manifest_rows, open_files, wait_for
+from .test_local_errors import fill, mounted
 
 DELETED = "checkpoint-10"
 
@@ -292,14 +293,14 @@ def test_deletions_that_cannot_be_made_durable_keep_their_records_for_the_next_r
         # dropped, files that came back would stay for ever, as files of your own.
         manifest = Manifest(manifest_path(dest), durable=True)
         try:
-            pruner = Pruner(str(dest), manifest, fsync=True)
+            pruner = Pruner(str(dest), fsync=True)
             for doomed in list(deletions(manifest, FileFilter(), listed)):
                 pruner.delete(doomed, goes=pruner.goes(doomed))
             with (
                 no_file_descriptor_left(),
                 pytest.raises(LocalIOError, match=f"deletions in {dest}/{JOB} durable: Too many"),
             ):
-                pruner.remove_empty_directories()
+                pruner.finish(manifest)
         finally:
             manifest.close()
         assert not (dest / JOB / DELETED).exists()
@@ -446,6 +447,68 @@ def test_a_mirror_whose_disk_the_removed_checkpoint_fills_makes_room_for_the_new
         assert not (dest / JOB / DELETED).exists()
         for file in still_listed(server):  # the disk goes with the block
             assert_exact(mirrored(dest, JOB, file), file)
+
+
+@contextmanager
+def filled_after_mirroring(tmp_path: Path) -> Iterator[tuple[ServerThread, Path, ServedCheckpoint]]:
+    """Two checkpoints mirrored on a 10 MiB tmpfs, the older then removed upstream, and the disk
+    filled to its last byte by another program. Yields the server, the mirror, the removed."""
+    catalog = job_catalog(checkpoints=2)
+    with mounted(tmp_path / "disk", "tmpfs", "size=10m") as disk, ServerThread(catalog) as server:
+        dest = disk / "mirror"
+        removed = mirror_then_remove_upstream(server, dest)
+        fill(disk)
+        assert shutil.disk_usage(disk).free == 0
+        yield server, dest, removed
+
+
+def assert_only_the_kept_checkpoint_mirrored(server: ServerThread, dest: Path) -> None:
+    assert not (dest / JOB / DELETED).exists()
+    kept = still_listed(server)
+    for file in kept:
+        assert_exact(mirrored(dest, JOB, file), file)
+    assert len(manifest_rows(dest)) == len(kept)
+    assert_records_true(dest)
+
+
+def test_a_disk_another_program_filled_is_freed_by_delete(tmp_path: Path) -> None:
+    # Opening the manifest to be written needs room (SQLite's WAL index): only once the files
+    # of the removed checkpoint are gone is there any.
+    with filled_after_mirroring(tmp_path) as (server, dest, removed):
+        planned = run_cli(*sync_args(server, dest, "--delete", "--dry-run"))
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+        again = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+        assert planned.code == 0, planned.stderr
+        assert f"would delete {len(removed.files)} mirrored files" in planned.stdout
+        assert result.code == 0, result.stderr
+        assert json.loads(result.stdout)["files"]["deleted"] == len(removed.files)
+        assert_only_the_kept_checkpoint_mirrored(server, dest)
+        assert again.code == 0, again.stderr
+        files = json.loads(again.stdout)["files"]
+        assert (files["to_delete"], files["fetched"]) == (0, 0)
+        assert files["skipped"] == len(still_listed(server))
+
+
+def test_a_run_killed_between_freeing_a_full_disk_and_dropping_the_records_is_repaired(
+    tmp_path: Path,
+) -> None:
+    script = KILLED_AT_FIRST_RMDIR.format(unlink_seconds=0)
+    with filled_after_mirroring(tmp_path) as (server, dest, removed):
+        killed = subprocess.run(
+            [sys.executable, "-c", script, *sync_args(server, dest, "--delete")],
+            capture_output=True,
+            timeout=60,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        # The files are gone, their records not yet: the next run drops them.
+        assert not any(mirrored(dest, JOB, file).exists() for file in removed.files)
+        assert DELETED in recorded_checkpoints(dest)
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+        assert result.code == 0, result.stderr
+        assert json.loads(result.stdout)["files"]["fetched"] == 0
+        assert_only_the_kept_checkpoint_mirrored(server, dest)
 
 
 @pytest.mark.parametrize("max_delete", [[], ["--max-delete", "9"]], ids=["deleted", "held-back"])
