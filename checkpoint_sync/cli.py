@@ -829,6 +829,10 @@ def _print_summary(
         + f"; skipped {stats.files_skipped} unchanged ({human_bytes(stats.bytes_skipped)}); "
         f"{stats.files_failed} failed"
     )
+    if len(stats.taken) == 1:
+        # A restore's one checkpoint: where the trainer is to find it.
+        ((where, _, path),) = stats.taken
+        out.info(f"checkpoint {where}" + (f" in {path}" if path else ""))
     if options.dry_run and stats.files_to_check:
         out.info(
             f"would check {stats.files_to_check} mirrored files "

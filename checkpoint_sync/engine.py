@@ -19,9 +19,17 @@ from typing import Literal
 
 import anyio
 
-from .errors import ApiError, FileError, LocalIOError, TransientError, UsageError, most_severe
+from .errors import (
+    ApiError,
+    FileError,
+    LocalIOError,
+    TransientError,
+    UnsafePathError,
+    UsageError,
+    most_severe,
+)
 from .filesystem import Places
-from .layout import STATE_DIR, mirror_path
+from .layout import STATE_DIR, checkpoint_path, mirror_path, nameable
 from .lock import mirror_lock
 from .manifest import Manifest
 from .net import NetSettings
@@ -36,7 +44,7 @@ from .plan import (
 )
 from .progress import Stats
 from .prune import Deletion, Pruner, deletions, held_back
-from .sources.base import RemoteFile, Source, UnreadableEntry
+from .sources.base import Checkpoint, RemoteFile, Source, UnreadableEntry
 from .transfer import Transfers, TransferSettings
 from .wire import HttpClient
 
@@ -98,6 +106,9 @@ async def sync(
     Raises only for what stops the whole run (auth, lock, disk full...): a file's own failure is
     recorded and the others go on.
     """
+    stats.taken = [
+        (f"{c.run}/{c.name}", c.key, _directory(options.dest, c)) for c in selection.checkpoints
+    ]
     stats.syncing_left_out = [f"{c.run}/{c.name}" for c in selection.syncing]
     stats.status_left_out = [(f"{c.run}/{c.name}", c.status) for c in selection.other_status]
     stats.passed_over = [(c.where, c.problem) for c in selection.passed_over]
@@ -142,6 +153,15 @@ async def sync(
             await _run(source, selection, http, options, manifest, stats, on_plan)
         finally:
             manifest.close()
+
+
+def _directory(dest: Path, checkpoint: Checkpoint) -> str | None:
+    """Where ``checkpoint``'s node ranks land: what a script restoring it hands on; None where
+    its name cannot be a directory (its files fail, saying why)."""
+    try:
+        return f"{dest}/{nameable(checkpoint_path(checkpoint.run, checkpoint.name))}"
+    except UnsafePathError:
+        return None
 
 
 def _refuse_what_is_no_directory(dest: Path) -> None:

@@ -85,16 +85,21 @@ MAX_NODE_RANK = (1 << 63) - 1
 def mirror_path(file: RemoteFile, encoding: str = FILE_NAME_ENCODING) -> str:
     """``<run>/<checkpoint>/<node_rank>/<path>``, relative to DEST, or `UnsafePathError`; also
     where file names in ``encoding`` cannot hold it."""
-    run = safe_segment(file.run, "run")
-    if run == STATE_DIR:
-        raise UnsafePathError(f"run '{run}' would overwrite checkpoint-sync's own state")
     if file.node_rank < 0:
         raise UnsafePathError(f"node rank {file.node_rank} is negative")
     if file.node_rank > MAX_NODE_RANK:
         raise UnsafePathError(f"node rank {file.node_rank} is out of range")
-    checkpoint = safe_segment(file.checkpoint, "checkpoint")
-    relative = f"{run}/{checkpoint}/{file.node_rank}/{safe_relative_path(file.path)}"
+    checkpoint = checkpoint_path(file.run, file.checkpoint)
+    relative = f"{checkpoint}/{file.node_rank}/{safe_relative_path(file.path)}"
     return nameable(relative, encoding)
+
+
+def checkpoint_path(run: str, checkpoint: str) -> str:
+    """``<run>/<checkpoint>``, the directory of a checkpoint's node ranks relative to DEST, or
+    `UnsafePathError`."""
+    if safe_segment(run, "run") == STATE_DIR:
+        raise UnsafePathError(f"run '{run}' would overwrite checkpoint-sync's own state")
+    return f"{run}/{safe_segment(checkpoint, 'checkpoint')}"
 
 
 def nameable(relative: str, encoding: str = FILE_NAME_ENCODING) -> str:

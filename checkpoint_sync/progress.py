@@ -47,6 +47,9 @@ class Stats:
     # The pid of another run whose lock this one waits for (--wait-lock), while it waits.
     waiting_for: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
+    # The checkpoints the run took (by --latest, say): (where, the provider's id, their
+    # directory under DEST, or None where its name cannot be one).
+    taken: list[tuple[str, str, str | None]] = field(default_factory=list)
     syncing_left_out: list[str] = field(default_factory=list)
     # Checkpoints left out for a status neither complete nor syncing: (where, status).
     status_left_out: list[tuple[str, str | None]] = field(default_factory=list)
@@ -104,6 +107,9 @@ def summary(stats: Stats) -> dict[str, Any]:
         "mb_per_s": round(stats.mb_per_s(), 1),
         "retries": stats.retries,
         "url_refreshes": stats.url_refreshes,
+        "checkpoints": [
+            {"checkpoint": where, "id": key, "path": path} for where, key, path in stats.taken
+        ],
         "removed_upstream": stats.removed_upstream,
         "delete_held_back": stats.delete_held_back,
         "syncing_left_out": stats.syncing_left_out,

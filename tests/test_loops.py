@@ -266,6 +266,20 @@ def test_syncing_left_out_and_latest_checkpoint_node_rank_select(dest: Path) -> 
     assert [p.name for p in (dest / "d" / RUN / "sampler_weights-step-10").iterdir()] == ["1"]
 
 
+def test_a_restore_of_a_trainer_checkpoint_names_its_directory_and_unique_id(
+    server: ServerThread, dest: Path
+) -> None:
+    args = ("--loops-run", RUN, "--latest", "--target", "trainer", "--json")
+    result = run_cli(*sync(server, dest, *args))
+
+    assert result.code == 0, result.stderr
+    path = f"{dest}/{RUN}/weights-step-20"
+    assert json.loads(result.stdout)["checkpoints"] == [
+        {"checkpoint": f"{RUN}/weights-step-20", "id": f"lc-{RUN}-trainer-step-20", "path": path}
+    ]
+    assert sorted(p.name for p in Path(path).iterdir()) == ["0", "1"]
+
+
 @pytest.mark.parametrize("listed", ["as-saved", "reversed"])
 def test_latest_of_twins_saved_at_one_instant_takes_the_trainer_whatever_the_api_order(
     dest: Path, listed: str

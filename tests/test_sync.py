@@ -31,6 +31,7 @@ from .support import (
     TunnelProxy,
     assert_exact,
     http_serving,
+    job_listing_checkpoints,
     leave_in_parts,
     mirrored,
     new_version,
@@ -345,6 +346,40 @@ def test_latest_takes_only_the_newest_complete_checkpoint(dest: Path) -> None:
     assert included.code == 0, included.stderr
     assert "left out" not in included.stdout
     assert (dest / JOB / "checkpoint-30").is_dir()
+
+
+def test_a_restore_says_which_checkpoint_it_took_and_where_it_landed(dest: Path) -> None:
+    # A script resuming training passes that directory on: --json gives it, the text names it.
+    with ServerThread(job_catalog(syncing_last=True)) as server:
+        as_json = run_cli(*sync_args(server, dest, "--latest", "--node-rank", "1", "--json"))
+        as_text = run_cli(*sync_args(server, dest, "--latest", "--node-rank", "1"))
+        everything = run_cli(*sync_args(server, dest, "--json"))
+
+    assert as_json.code == as_text.code == everything.code == 0, as_json.stderr
+    taken = json.loads(as_json.stdout)["checkpoints"]
+    path = f"{dest}/{JOB}/checkpoint-20"
+    assert taken == [{"checkpoint": f"{JOB}/checkpoint-20", "id": "checkpoint-20", "path": path}]
+    assert sorted(p.name for p in Path(path, "1").rglob("*") if p.is_file()) == [
+        "model-00001-of-00001.safetensors",
+        *(f"state_{i:04d}.json" for i in range(4)),
+    ]
+    assert f"\ncheckpoint {JOB}/checkpoint-20 in {path}\n" in as_text.stdout
+    # A mirror of several names each; the text, made for one, names none.
+    assert [c["path"] for c in json.loads(everything.stdout)["checkpoints"]] == [
+        f"{dest}/{JOB}/checkpoint-10",
+        path,
+    ]
+
+
+def test_a_checkpoint_whose_name_is_no_directory_has_no_path(dest: Path) -> None:
+    entry = {"checkpoint_id": "..", "created_at": "2026-11-01T00:00:00Z", "sync_status": None}
+    with job_listing_checkpoints(JOB, [entry]) as origin:
+        args = ("--api-url", origin, "--project", PROJECT, "--job", JOB, "--dest", dest)
+        result = run_cli("sync", *args, "--json")
+
+    assert result.code == 0, result.stderr
+    taken = json.loads(result.stdout)["checkpoints"]
+    assert taken == [{"checkpoint": f"{JOB}/..", "id": "..", "path": None}]
 
 
 def test_checkpoint_and_node_rank_narrow_the_mirror(server: ServerThread, dest: Path) -> None:
