@@ -829,6 +829,11 @@ def _print_summary(
         + f"; skipped {stats.files_skipped} unchanged ({human_bytes(stats.bytes_skipped)}); "
         f"{stats.files_failed} failed"
     )
+    if stats.files_resumed:
+        out.info(
+            f"resumed {stats.files_resumed} files from the parts an earlier run left "
+            f"({human_bytes(stats.bytes_resumed)} kept, not fetched again)"
+        )
     if len(stats.taken) == 1:
         # A restore's one checkpoint: where the trainer is to find it.
         ((where, _, path),) = stats.taken

@@ -29,6 +29,8 @@ class Stats:
     files_checked: int = 0  # ... read back
     files_damaged: int = 0  # ... whose bytes no longer matched it
     files_restored: int = 0  # ... of those, fetched again (the others failed, or the run stopped)
+    files_resumed: int = 0  # files left in parts by an earlier run, taken up from those parts
+    bytes_resumed: int = 0  # ... the bytes of their parts kept, not fetched again
     bytes_to_fetch: int = 0
     bytes_to_check: int = 0
     bytes_fetched: int = 0  # as received over the wire, retries included
@@ -93,6 +95,7 @@ def summary(stats: Stats) -> dict[str, Any]:
             "damaged": stats.files_damaged,
             "to_delete": stats.files_to_delete,
             "deleted": stats.files_deleted,
+            "resumed": stats.files_resumed,
         },
         "bytes": {
             "to_fetch": stats.bytes_to_fetch,
@@ -102,6 +105,7 @@ def summary(stats: Stats) -> dict[str, Any]:
             "skipped": stats.bytes_skipped,
             "to_delete": stats.bytes_to_delete,
             "deleted": stats.bytes_deleted,
+            "resumed": stats.bytes_resumed,
         },
         "seconds": round(stats.seconds, 3),
         "mb_per_s": round(stats.mb_per_s(), 1),

@@ -176,6 +176,9 @@ class Transfers:
             keep = parts_to_keep(file, part_size, staged)
             # The parts kept came from that version of the object: the others must too.
             etag = staged.etag if keep and staged is not None else None
+            if keep:
+                self._stats.files_resumed += 1
+                self._stats.bytes_resumed += sum(p.length for p in parts if p.index in keep)
         todo = [p for p in parts if p.index not in keep]
         reserve = multipart and self._reserves
         if reserve:

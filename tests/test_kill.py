@@ -26,6 +26,7 @@ from checkpoint_sync.manifest import Manifest, VerifiedFile
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import (
+    Result,
     ServerThread,
     assert_exact,
     assert_no_secret,
@@ -126,14 +127,15 @@ def assert_consistent(server: ServerThread, dest: Path) -> None:
             assert_exact(path, listed[path])
 
 
-def assert_completes_unthrottled(server: ServerThread, dest: Path) -> None:
+def assert_completes_unthrottled(server: ServerThread, dest: Path, *extra: str) -> Result:
     """A run at full speed after the interrupted ones ends with every file exact (no stale lock
-    either: each stop freed it)."""
+    either: each stop freed it); its output."""
     server.call(lambda: setattr(server.faults, "throttle", None))
-    final = run_cli(*args(server, dest))
+    final = run_cli(*args(server, dest), *extra)
     assert final.code == 0, final.stderr
     for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
+    return final
 
 
 def test_killed_at_any_moment_the_next_run_finishes_with_little_fetched_twice(
@@ -274,9 +276,15 @@ def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
     assert f"stopped by {signum.name}; rerun to resume" in err.decode()
     assert_consistent(server, dest)
 
-    assert_completes_unthrottled(server, dest)
+    sent = server.traffic.object_bytes_sent
+    rerun = json.loads(assert_completes_unthrottled(server, dest, "--json").stdout)
     # Only the parts in flight when the signal came are fetched again.
     assert server.traffic.object_bytes_sent <= total + CONCURRENCY * PART
+    # The rerun says what it took up from the parts left: none of their bytes came again.
+    assert rerun["files"]["resumed"] >= 1
+    assert 0 < rerun["bytes"]["resumed"] < rerun["bytes"]["to_fetch"]
+    assert rerun["bytes"]["fetched"] == rerun["bytes"]["to_fetch"] - rerun["bytes"]["resumed"]
+    assert server.traffic.object_bytes_sent - sent == rerun["bytes"]["fetched"]
 
 
 def test_a_signal_stops_a_verify_run_in_the_middle_of_reading_back_a_large_file(

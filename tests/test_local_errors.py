@@ -259,6 +259,7 @@ def test_files_in_flight_when_the_disk_fills_still_land_and_the_rerun_fetches_th
             "damaged": 0,
             "to_delete": 0,
             "deleted": 0,
+            "resumed": 0,
         }
 
 
@@ -327,6 +328,7 @@ def test_a_dry_run_leaves_the_mirror_untouched_and_works_on_a_read_only_one(
         "damaged": 0,
         "to_delete": 0,
         "deleted": 0,
+        "resumed": 0,
     }
 
 

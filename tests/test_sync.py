@@ -1354,6 +1354,19 @@ def left_in_parts(
     leave_in_parts(server, monkeypatch, sync_args(server, dest, *flags), from_byte=512 << 10)
 
 
+def test_a_rerun_says_it_took_up_the_parts_an_earlier_run_left(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        left_in_parts(server, dest, monkeypatch, "--node-rank", "0")
+        rerun = run_cli(*sync_args(server, dest, "--node-rank", "0"))
+
+    assert rerun.code == 0, rerun.stderr
+    # The large file's first two 256 KiB parts came in the run that failed.
+    kept = human_bytes(512 << 10)
+    assert f"\nresumed 1 files from the parts an earlier run left ({kept} kept, " in rerun.stdout
+
+
 def remove_large_files(server: ServerThread) -> None:
     """Take the files of over 1 MiB out of the job's first checkpoint (removed upstream)."""
     checkpoint = server.catalog.jobs[0].checkpoints[0]
