@@ -38,6 +38,7 @@ from .plan import (
     Recorded,
     Selection,
     Tally,
+    check_files_listed,
     check_listed_size,
     check_listed_url,
     is_current,
@@ -288,6 +289,7 @@ async def _produce(
                         )
         stats.listing_done = True
         tally.check(each=options.complete_listing)
+        check_files_listed(selection, tally)
     finally:
         if jobs is not None:
             jobs.close()

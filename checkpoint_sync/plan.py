@@ -35,6 +35,8 @@ class Selection:
     # Left out because their status is neither complete, syncing nor null (FAILED, say), as
     # --latest leaves them out; named in the output with their status.
     other_status: list[Checkpoint] = field(default_factory=list)
+    # Asked for, by --latest or --checkpoint: a restore, which listing no file fails to do.
+    asked: bool = False
 
 
 def select_checkpoints(
@@ -93,7 +95,7 @@ def select_checkpoints(
         other = [
             c for c in candidates if c.state is SyncState.OTHER and _age_key(c) > _age_key(newest)
         ]
-        return Selection([newest], newer, passed_over=passed_over, other_status=other)
+        return Selection([newest], newer, passed_over=passed_over, other_status=other, asked=True)
     if every_status:
         return Selection(candidates, unreadable=unreadable)
     taken = {SyncState.COMPLETE, SyncState.UNKNOWN} | (
@@ -104,6 +106,7 @@ def select_checkpoints(
         [c for c in candidates if c.state is SyncState.SYNCING and not include_syncing],
         unreadable,
         other_status=[c for c in candidates if c.state is SyncState.OTHER],
+        asked=bool(wanted),
     )
 
 
@@ -266,6 +269,15 @@ def check_ranks_listed(wanted: frozenset[int], listed: set[int], *, each: bool =
         )
 
 
+def check_files_listed(selection: Selection, tally: Tally) -> None:
+    """`NotFoundError` where the checkpoints asked for (`--latest`, `--checkpoint`) list no file
+    at all (`tally` walked them): a restore of a checkpoint whose files are not there must not
+    end as a success that mirrored nothing, naming nothing."""
+    if selection.asked and selection.checkpoints and not tally.listed_any:
+        names = ", ".join(f"{c.run}/{c.name}" for c in selection.checkpoints)
+        raise NotFoundError(f"no file is listed in {names}: there is nothing to mirror")
+
+
 class Tally:
     """A walk of a listing through a `FileFilter`: the ranks it showed, and how many files the
     filter's patterns took and left out; `check` then tells a choice that took nothing."""
@@ -291,6 +303,11 @@ class Tally:
             return False
         self.taken += 1
         return True
+
+    @property
+    def listed_any(self) -> bool:
+        """Whether the walk showed any entry, taken or not."""
+        return bool(self.ranks_listed or self.taken or self.left_out_by_path)
 
     def check(self, *, each: bool = True) -> None:
         """`NotFoundError` for a rank or patterns that took nothing (see `check_ranks_listed`

@@ -410,8 +410,12 @@ def test_unreadable_checkpoints_left_out_by_checkpoint_are_passed_over_without_a
         named = run_cli(*args, "--dest", dest, "--json", "--checkpoint", "checkpoint-10")
         whole = run_cli(*args, "--dest", dest, "--json")
 
-    assert named.code == 0, named.stdout
-    assert named.stderr == ""
+    # The checkpoint named lists no file here (exit 4, saying only that): nothing else is said.
+    assert named.code == 4, named.stdout
+    assert named.stderr == (
+        f"checkpoint-sync: error: no file is listed in {JOB}/checkpoint-10: there is nothing to "
+        "mirror\n"
+    )
     summary = json.loads(named.stdout)
     assert (summary["failures"], summary["passed_over"]) == ([], [])
     assert whole.code == 1

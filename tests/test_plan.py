@@ -15,6 +15,7 @@ from checkpoint_sync.plan import (
     Recorded,
     Staged,
     Tally,
+    check_files_listed,
     check_listed_size,
     check_paths_matched,
     check_ranks_listed,
@@ -632,6 +633,36 @@ def test_implausible_sizes_are_refused(size: int) -> None:
 
 def test_an_empty_file_is_a_plausible_size() -> None:
     check_listed_size(remote(size=0))
+
+
+@pytest.mark.parametrize(
+    ("names", "latest", "entries", "empty"),
+    [
+        ((), True, [], True),  # --latest took one that lists nothing
+        (("c1",), False, [], True),
+        (("c1", "c2"), False, [], True),
+        ((), False, [], False),  # a mirror of the whole run: empty checkpoints are no restore
+        ((), True, [(0, "a")], False),
+        ((), True, [(1, "a")], False),  # another rank's file: --node-rank 0 names the ranks
+        ((), True, [(0, "b")], False),  # one left out by a pattern: --include says so
+        ((), True, [(None, None)], False),  # an unreadable entry: it fails as a file
+        (("c3",), False, [], False),  # named but still syncing: left out, and named so
+    ],
+)
+def test_checkpoints_asked_for_that_list_no_file_are_not_found(
+    names: tuple[str, ...], latest: bool, entries: list[tuple[int | None, str | None]], empty: bool
+) -> None:
+    available = [checkpoint("c1", 1), checkpoint("c2", 2), checkpoint("c3", 3, SyncState.SYNCING)]
+    selection = select_checkpoints(available, names=names, latest=latest)
+    tally = Tally(FileFilter(ranks=frozenset({0}), include=("a",)))
+    for rank, path in entries:
+        tally.takes(rank, path)
+    if not empty:
+        check_files_listed(selection, tally)
+        return
+    named = ", ".join(f"run/{c.name}" for c in selection.checkpoints)
+    with pytest.raises(NotFoundError, match=f"^no file is listed in {named}: there is nothing"):
+        check_files_listed(selection, tally)
 
 
 @pytest.mark.parametrize(

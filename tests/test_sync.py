@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 
 from checkpoint_sync.cli import main
 from checkpoint_sync.layout import staging_name
-from checkpoint_sync.localserver import Faults, ServedFile
+from checkpoint_sync.localserver import Faults, ServedCheckpoint, ServedFile
 from checkpoint_sync.progress import human_bytes
 from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD
 
@@ -380,6 +381,31 @@ def test_a_checkpoint_whose_name_is_no_directory_has_no_path(dest: Path) -> None
     assert result.code == 0, result.stderr
     taken = json.loads(result.stdout)["checkpoints"]
     assert taken == [{"checkpoint": f"{JOB}/..", "id": "..", "path": None}]
+
+
+def test_a_restore_of_a_checkpoint_that_lists_no_file_is_not_found(dest: Path) -> None:
+    # Complete by its status, yet with no file (not uploaded, or gone): a restore that took it
+    # would otherwise end 0, with nothing for the trainer and no word of which it took.
+    catalog = job_catalog()
+    (job,) = catalog.jobs
+    newest = ServedCheckpoint("checkpoint-40", job.checkpoints[-1].created_at + timedelta(hours=1))
+    job.checkpoints.append(newest)
+    with ServerThread(catalog) as server:
+        latest = run_cli(*sync_args(server, dest, "--latest", "--node-rank", "0"))
+        named = run_cli(*sync_args(server, dest, "--checkpoint", "checkpoint-40", "--json"))
+        beside = run_cli(
+            *sync_args(
+                server, dest, "--checkpoint", "checkpoint-40", "--checkpoint", "checkpoint-30"
+            )
+        )
+        whole = run_cli(*sync_args(server, dest))
+
+    message = f"no file is listed in {JOB}/checkpoint-40: there is nothing to mirror"
+    assert (latest.code, named.code) == (4, 4)
+    assert latest.stderr == f"checkpoint-sync: error: {message}\n"
+    assert json.loads(named.stdout)["error"] == message
+    # Beside one with files, or in a mirror of the whole job, it is one checkpoint among others.
+    assert beside.code == whole.code == 0, beside.stderr + whole.stderr
 
 
 def test_checkpoint_and_node_rank_narrow_the_mirror(server: ServerThread, dest: Path) -> None:

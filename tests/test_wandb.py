@@ -535,7 +535,9 @@ def test_empty_pages_end_an_artifact_listing_whatever_they_promise(
     with graphql_answering(empty_page, monkeypatch) as served:
         result = run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--json"))
 
-    assert result.code == 0, result.stderr
+    # The checkpoint --latest took then lists no file: a restore of nothing is not found.
+    assert result.code == 4, result.stderr
+    assert f"no file is listed in {MODEL}/step-50" in result.stderr
     assert json.loads(result.stdout)["files"]["listed"] == 0
     assert served == [1]
 
