@@ -136,14 +136,30 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def bytes_done(stats: Stats) -> int:
+    """Bytes of the files to fetch that are in: received, or kept from an earlier run's parts."""
+    return min(stats.bytes_fetched + stats.bytes_resumed, stats.bytes_to_fetch)
+
+
+def _rate(stats: Stats) -> float:
+    """Bytes received a second: skipped and resumed files moved none."""
+    return stats.bytes_fetched / max(stats.seconds, 1e-9)
+
+
+def _eta(stats: Stats) -> str | None:
+    """Seconds left at the rate so far, once the listing has told how much there is."""
+    rate = _rate(stats)
+    remaining = stats.bytes_to_fetch - bytes_done(stats)
+    return f"ETA {remaining / rate:.0f}s" if rate > 0 and stats.listing_done and remaining else None
+
+
 def status_line(stats: Stats) -> str:
     if stats.waiting_for is not None:
         return waiting_line(stats.waiting_for)
-    rate = stats.bytes_fetched / max(stats.seconds, 1e-9)
-    remaining = max(stats.bytes_to_fetch - stats.bytes_published, 0)
-    eta = f", ETA {remaining / rate:.0f}s" if rate > 0 and stats.listing_done and remaining else ""
+    eta = _eta(stats)
     return (
-        f"{human_bytes(stats.bytes_fetched)} fetched at {human_bytes(rate)}/s{eta}; files "
+        f"{human_bytes(stats.bytes_fetched)} fetched at {human_bytes(_rate(stats))}/s"
+        f"{'' if eta is None else f', {eta}'}; files "
         f"{files_line(stats)}{'' if stats.listing_done else ' (still listing)'}"
     )
 

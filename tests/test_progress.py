@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import anyio
 import pytest
 
@@ -23,6 +25,34 @@ def test_status_line_gives_an_eta_once_the_listing_is_done() -> None:
     stats = Stats(bytes_fetched=10 << 20, bytes_to_fetch=20 << 20, listing_done=True)
     assert "ETA" in status_line(stats)
     assert "still listing" not in status_line(stats)
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("counts", "eta"),
+    [
+        # A large file half in: its bytes count before it is published.
+        ({"bytes_fetched": 40 * MiB}, "ETA 15s"),
+        ({"bytes_fetched": 40 * MiB, "bytes_published": 40 * MiB}, "ETA 15s"),
+        # Parts kept from an earlier run are done; they are no bytes a second.
+        ({"bytes_fetched": 40 * MiB, "bytes_resumed": 40 * MiB}, "ETA 5s"),
+        # Skipped files neither.
+        ({"bytes_fetched": 40 * MiB, "bytes_skipped": 1000 * MiB}, "ETA 15s"),
+        # Bytes received twice (a retry) do not make the rest negative.
+        ({"bytes_fetched": 110 * MiB}, None),
+    ],
+)
+def test_the_eta_counts_what_is_in_at_the_rate_received(
+    counts: dict[str, int], eta: str | None
+) -> None:
+    stats = Stats(bytes_to_fetch=100 * MiB, listing_done=True)
+    for name, count in counts.items():
+        setattr(stats, name, count)
+    stats.started = time.monotonic() - 10  # 4 MiB/s for the 40 MiB
+    shown = status_line(stats)
+    assert (eta in shown) if eta else "ETA" not in shown
 
 
 def test_summary_keeps_failures_and_left_out_checkpoints() -> None:

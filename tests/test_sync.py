@@ -491,6 +491,22 @@ def test_a_file_in_parts_that_a_pattern_leaves_out_keeps_its_parts(
             assert_exact(mirrored(dest, JOB, file), file)
 
 
+def test_parts_kept_from_an_earlier_run_count_as_done_not_as_fetched(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The progress counts them done (or a resumed run's bar stops short, its ETA too long); the
+    # rate counts only what came over the wire.
+    with ServerThread(job_catalog(checkpoints=1, small_files=1)) as server:
+        left_in_parts(server, dest, monkeypatch)
+        again = run_cli(*sync_args(server, dest, "--json"))
+
+    assert again.code == 0
+    counted = json.loads(again.stdout)["bytes"]
+    # The first two 256 KiB parts of each rank's large file.
+    assert counted["resumed"] == 2 * (512 << 10)
+    assert counted["fetched"] + counted["resumed"] == counted["to_fetch"]
+
+
 def test_list_tells_the_state_of_the_files_a_pattern_selects(
     server: ServerThread, dest: Path
 ) -> None:
