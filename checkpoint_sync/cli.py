@@ -43,7 +43,15 @@ from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
 from .layout import quoted
 from .net import NetSettings, loop_options
 from .plan import FileFilter, Selection, select_checkpoints
-from .progress import Display, LogLines, NoDisplay, ProgressBar, Stats, human_bytes, summary
+from .progress import (
+    Display,
+    LogLines,
+    NoDisplay,
+    Stats,
+    TerminalLine,
+    human_bytes,
+    summary,
+)
 from .redact import Redactor, printable
 from .retry import RetryPolicy
 from .sources import SOURCES, Source, SourceRecipe, SourceSpec
@@ -170,6 +178,9 @@ class _Output:
     stdout_lost: str | None = None
     stdout: TextIO = field(default_factory=lambda: sys.stdout)
     stderr: TextIO = field(default_factory=lambda: sys.stderr)
+    # The progress line on stderr's terminal: erased before any line is printed, on stdout too
+    # (the same terminal, most often), so that no line starts after half of it.
+    live: TerminalLine | None = None
 
     def info(self, text: str) -> None:
         """Progress and summaries: not under ``--quiet``."""
@@ -194,6 +205,7 @@ class _Output:
         still to do, but its exit code (`finish`). A reader gone (`| head`) does (`main`)."""
         if self.stdout_lost is not None:
             return
+        self._clear_live()
         try:
             print(text, file=self.stdout, flush=True)
         except BrokenPipeError:
@@ -203,8 +215,13 @@ class _Output:
             _silence_stdout(self.stdout)
 
     def _print_error(self, text: str) -> None:
+        self._clear_live()
         with suppress(OSError):  # stderr cannot be written: nowhere left to say so
             print(text, file=self.stderr, flush=True)
+
+    def _clear_live(self) -> None:
+        if self.live is not None:
+            self.live.clear()
 
     def finish(self, code: int) -> int:
         """The command's exit code, once it is said that stdout lost what it was given: a run
@@ -265,8 +282,10 @@ class _Output:
     def display(self) -> Display:
         if self.quiet or self.as_json:
             return NoDisplay()
-        if self.stderr.isatty():
-            return ProgressBar(self.stderr)
+        # A dumb terminal (TERM=dumb: Emacs' shell, some CI consoles) may not erase a line.
+        if self.stderr.isatty() and os.environ.get("TERM") != "dumb":
+            self.live = TerminalLine(self.stderr)
+            return self.live
         return LogLines(self.status)
 
 

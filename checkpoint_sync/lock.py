@@ -53,8 +53,8 @@ async def mirror_lock(
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                # A pid, or nothing said: whatever else the file holds (escapes, rich markup)
-                # must not reach the progress bar, which shows it as it is.
+                # A pid, or nothing said: whatever else the file holds (escapes) must not reach
+                # the progress line, which shows it as it is.
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
                 if not (holder.isascii() and holder.isdigit()):
                     holder = "unknown"

@@ -1,13 +1,15 @@
 """Counters the engine updates, the summary made of them, and the two ways of showing them live.
 
-The engine only increments `Stats`; a display polls it. On a terminal that is a rich progress
-bar, elsewhere (cron mail, CI logs) a plain line every few seconds.
+The engine only increments `Stats`; a display polls it. On a terminal that is one line redrawn in
+place, elsewhere (cron mail, CI logs) a plain line every few seconds.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 
@@ -164,6 +166,51 @@ def status_line(stats: Stats) -> str:
     )
 
 
+# The shortest progress bar worth drawing, and the longest.
+BAR_WIDTHS = (10, 30)
+
+
+def terminal_line(stats: Stats, width: int) -> str:
+    """The progress line for a terminal ``width`` columns wide: a bar and the share done, bytes
+    done (of how many, once listed), rate, ETA and files, less what does not fit the width less
+    one column, dropped in that order but the bytes (a terminal may wrap a line that fills its
+    last column, and a wrapped line is not redrawn in place). Only ASCII: every encoding has
+    it, and each character takes one column."""
+    room = max(width - 1, 1)
+    if stats.waiting_for is not None:
+        return _cut(waiting_line(stats.waiting_for), room)
+    total = stats.bytes_to_fetch if stats.listing_done else None
+    done = bytes_done(stats) if total else stats.bytes_fetched
+    # Each piece as (which is dropped first, what precedes it unless it leads, its text).
+    pieces: list[tuple[int, str, str]] = [
+        (0, " ", human_bytes(done) + (f" of {human_bytes(total)}" if total else " fetched")),
+        (1, ", ", f"{human_bytes(_rate(stats))}/s"),
+        (3, "; ", f"files {files_line(stats)}{'' if total is not None else ' (still listing)'}"),
+    ]
+    if (eta := _eta(stats)) is not None:
+        pieces.insert(2, (2, ", ", eta))
+    if total:
+        pieces.insert(0, (4, "", f"{done / total:.0%}"))
+    kept = list(pieces)
+    while len(kept) > 1 and len(_joined(kept)) > room:
+        kept.remove(max(kept))
+    line = _joined(kept)
+    if total and len(kept) == len(pieces):
+        bar = min(room - len(line) - 3, BAR_WIDTHS[1])  # "[", "]" and a space
+        if bar >= BAR_WIDTHS[0]:
+            filled = bar * done // total
+            line = f"[{'#' * filled}{'-' * (bar - filled)}] {line}"
+    return _cut(line, room)
+
+
+def _joined(pieces: list[tuple[int, str, str]]) -> str:
+    return pieces[0][2] + "".join(sep + text for _, sep, text in pieces[1:])
+
+
+def _cut(text: str, room: int) -> str:
+    return text if len(text) <= room else text[: max(room - 3, 0)] + "..."[:room]
+
+
 def files_line(stats: Stats) -> str:
     """Files done, skipped and failed; and with ``--verify``, how far the read-back is (which
     moves no bytes over the network, so a long one would look stuck)."""
@@ -198,45 +245,47 @@ class LogLines:
             self._emit(status_line(stats))
 
 
-class ProgressBar:
-    """A rich progress bar: bytes, rate, ETA, files done/skipped/failed."""
+class TerminalLine:
+    """One line on a terminal, redrawn in place every ``interval`` seconds (`terminal_line`),
+    fitted to the terminal's width as it is now, and erased when it stops, or by `clear` before
+    another line is printed: no line is ever written after half of it."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, interval: float = 0.2) -> None:
         self._stream = stream
+        self._interval = interval
+        self._drawn = False
 
     async def run(self, stats: Stats) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[files]}"),
-        )
-        console = Console(file=self._stream)
-        with Progress(*columns, console=console, transient=True) as bar:
-            # The total is known once the listing is walked, which goes on beside the transfers.
-            task = bar.add_task("syncing", total=None, files="")
+        try:
             while True:
-                waiting = stats.waiting_for
-                bar.update(
-                    task,
-                    description="syncing" if waiting is None else waiting_line(waiting),
-                    completed=stats.bytes_fetched,
-                    total=stats.bytes_to_fetch if stats.listing_done else None,
-                    files=files_line(stats),
-                )
-                await anyio.sleep(0.2)
+                self._write(f"\r{terminal_line(stats, terminal_width(self._stream))}\x1b[K")
+                self._drawn = True
+                await anyio.sleep(self._interval)
+        finally:  # cancelled at the end of the run, or by Ctrl-C
+            self.clear()
+
+    def clear(self) -> None:
+        """Erase the line, if drawn; the next redraw draws it again, below what was printed."""
+        if self._drawn:
+            self._write("\r\x1b[K")
+            self._drawn = False
+
+    def _write(self, text: str) -> None:
+        with suppress(OSError):  # stderr cannot be written: nowhere left to say so
+            self._stream.write(text)
+            self._stream.flush()
+
+
+def terminal_width(stream: TextIO) -> int:
+    """The columns of the terminal ``stream`` writes to: COLUMNS if set, as for other programs,
+    else what the terminal says (asked each time: it may be resized), else 80."""
+    with suppress(ValueError):
+        if (columns := int(os.environ.get("COLUMNS", ""))) > 0:
+            return columns
+    with suppress(OSError, ValueError):  # no descriptor, or not a terminal's
+        if (columns := os.get_terminal_size(stream.fileno()).columns) > 0:
+            return columns
+    return 80
 
 
 class NoDisplay:

@@ -1342,8 +1342,8 @@ class _Terminal(io.StringIO):
 def test_what_the_lock_file_holds_never_reaches_the_terminal(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The lock file names its holder; what it holds is shown while waiting, in the progress bar
-    # (rich, which passes ESC on and reads [markup]).
+    # The lock file names its holder; what it holds is shown while waiting, in the progress line
+    # (which passes ESC on).
     monkeypatch.setenv("COLUMNS", "200")  # the whole line, not cut to 80
     lock = dest / ".checkpoint-sync" / "lock"
     lock.parent.mkdir(parents=True)
