@@ -63,6 +63,16 @@ CREATE TABLE IF NOT EXISTS staging_etags (
     etag TEXT NOT NULL
 )
 """
+# How far a part that stopped unfinished got (a stop, a network that kept failing): the next
+# run asks only for the rest. Made in place too, as `_ETAGS`.
+_REACHED = """
+CREATE TABLE IF NOT EXISTS parts_reached (
+    path TEXT NOT NULL REFERENCES staging (path) ON DELETE CASCADE,
+    part INTEGER NOT NULL,
+    reached INTEGER NOT NULL,
+    PRIMARY KEY (path, part)
+)
+"""
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,7 @@ class Manifest:
             self._migrate()
             if not read_only:
                 self._db.execute(_ETAGS)
+                self._db.execute(_REACHED)
             # Most mirrors have no file in parts: then recording a file need not clear its parts.
             self._any_staging = (
                 self._db.execute("SELECT 1 FROM staging LIMIT 1").fetchone() is not None
@@ -149,7 +160,10 @@ class Manifest:
         done = frozenset(
             part for (part,) in self._rows("SELECT part FROM parts WHERE path = ?", (path,))
         )
-        return Staged(row[0], row[1], row[2], done, bytes_on_disk, row[3])
+        reached = dict(
+            self._rows("SELECT part, reached FROM parts_reached WHERE path = ?", (path,))
+        )
+        return Staged(row[0], row[1], row[2], done, bytes_on_disk, row[3], reached)
 
     def files_in(self, run: str, checkpoint: str) -> Iterator[VerifiedFile]:
         rows = self._rows(
@@ -239,6 +253,13 @@ class Manifest:
     def part_done(self, path: str, part: int) -> None:
         self._write("INSERT OR IGNORE INTO parts (path, part) VALUES (?, ?)", (path, part))
         self.maybe_commit()
+
+    def part_reached(self, path: str, part: int, reached: int) -> None:
+        """Part ``part`` of ``path`` stopped unfinished, its bytes before ``reached`` written."""
+        self._write(
+            "INSERT OR REPLACE INTO parts_reached (path, part, reached) VALUES (?, ?, ?)",
+            (path, part, reached),
+        )
 
     def staging_etag(self, path: str, etag: str) -> None:
         """The ETag of the object whose parts of ``path`` are being recorded (none is kept for a

@@ -357,14 +357,19 @@ class Staged:
     done: frozenset[int]
     bytes_on_disk: int | None  # size of the staging file, None if it is gone
     etag: str | None = None  # the object's strong ETag when its parts were fetched, if known
+    # Parts it stopped in (stopped, or out of retries): the byte each had reached, by index.
+    reached: Mapping[int, int] = field(default_factory=dict)
 
 
-def parts_to_keep(file: RemoteFile, part_size: int, staged: Staged | None) -> frozenset[int]:
-    """Finished parts an interrupted transfer left that are still valid for ``file``.
+def parts_to_fetch(file: RemoteFile, part_size: int, staged: Staged | None) -> list[Part]:
+    """The parts of ``part_size`` still to fetch of ``file`` after an interrupted transfer:
+    all but those it finished, each from the byte it reached in it.
 
-    They count only if the remote file is unchanged, the parts were cut the same way and the
-    preallocated staging file is still there at full size.
+    What it left counts only if the remote file is unchanged, the parts were cut the same way
+    and the preallocated staging file is still there at full size. A byte reached outside its
+    part (a part cut otherwise, a damaged record) counts for nothing.
     """
+    parts = split_parts(file.size, part_size)
     if (
         staged is None
         or staged.size != file.size
@@ -372,5 +377,12 @@ def parts_to_keep(file: RemoteFile, part_size: int, staged: Staged | None) -> fr
         or staged.part_size != part_size
         or staged.bytes_on_disk != file.size
     ):
-        return frozenset()
-    return staged.done
+        return parts
+    todo = []
+    for part in parts:
+        if part.index in staged.done:
+            continue
+        reached = staged.reached.get(part.index, part.start)
+        start = reached if part.start < reached < part.end else part.start
+        todo.append(Part(part.index, start, part.end))
+    return todo

@@ -48,7 +48,7 @@ from .filesystem import Places, fsync_directory, preallocation_pays
 from .layout import STATE_DIR, mirror_path_parts, quoted, staging_name
 from .manifest import SPACE_RESERVE, Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
-from .plan import FileFilter, Part, parts_to_keep, split_parts, unlisted_parts_go
+from .plan import FileFilter, Part, parts_to_fetch, split_parts, unlisted_parts_go
 from .progress import Stats, human_bytes
 from .redact import redact_url
 from .rereads import LISTED, FreshUrl, PageRereads
@@ -169,22 +169,21 @@ class Transfers:
         parts = split_parts(file.size, part_size)
         # A one-part file has no progress worth recording: it is simply fetched again.
         multipart = len(parts) > 1
-        keep = frozenset[int]()
-        etag = None
+        todo, etag = parts, None
         if multipart and self._settings.resume:
             staged = self._manifest.staged(key, _size_of(staging))
-            keep = parts_to_keep(file, part_size, staged)
-            # The parts kept came from that version of the object: the others must too.
-            etag = staged.etag if keep and staged is not None else None
-            if keep:
+            todo = parts_to_fetch(file, part_size, staged)
+            if resumed := file.size - sum(part.length for part in todo):
+                # The bytes kept came from that version of the object: the others must too.
+                etag = staged.etag if staged is not None else None
                 self._stats.files_resumed += 1
-                self._stats.bytes_resumed += sum(p.length for p in parts if p.index in keep)
-        todo = [p for p in parts if p.index not in keep]
+                self._stats.bytes_resumed += resumed
+        resumes = todo != parts
         reserve = multipart and self._reserves
         if reserve:
             # The staging file holds all its space (reserved now, or by the run that left parts
             # to keep), and the disk shows it as used.
-            needed, unseen = (0 if keep else file.size), 0
+            needed, unseen = (0 if resumes else file.size), 0
         else:
             needed = unseen = sum(part.length for part in todo)
         self._check_space(needed, final)
@@ -195,7 +194,7 @@ class Transfers:
                 staging,
                 todo,
                 multipart=multipart,
-                keep=keep,
+                resumes=resumes,
                 reserve=reserve,
                 unseen=unseen,
                 etag=etag,
@@ -230,7 +229,7 @@ class Transfers:
         todo: list[Part],
         *,
         multipart: bool,
-        keep: frozenset[int],
+        resumes: bool,
         reserve: bool,
         unseen: int,
         etag: str | None,
@@ -240,13 +239,13 @@ class Transfers:
         staged = _Staged(fd, key, unseen, etag)
         self._in_flight.add(staged)
         try:
-            if multipart and not keep:
+            if multipart and not resumes:
                 if self._settings.fsync:  # its parts are recorded: its name must be durable
                     _os_call(staging, lambda: fsync_directory(str(self._staging_dir)))
                 self._manifest.begin_staging(
                     key, file.size, file.last_modified, self._settings.part_size
                 )
-            if not keep:
+            if not resumes:
                 _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
             try:
                 digests = await self._fetch_parts(staged, file, todo)
@@ -472,7 +471,11 @@ class Transfers:
                 await retrying(self._settings.retry, attempt, lambda: state.offset >> 20)
             except TransientError as exc:
                 # Out of retries: this file fails, the run goes on.
+                self._keep_reached(staged, part, state)
                 raise FileError(f"gave up after retrying: {exc}") from exc
+            except anyio.get_cancelled_exc_class():
+                self._keep_reached(staged, part, state)
+                raise
             finally:
                 if answered is not None:
                     answered.set()
@@ -483,6 +486,20 @@ class Transfers:
             await anyio.to_thread.run_sync(_os_call, staging, partial(os.fdatasync, staged.fd))
         self._manifest.part_done(staged.key, part.index)
         return None
+
+    def _keep_reached(self, staged: _Staged, part: Part, state: _PartState) -> None:
+        """Record how far a part of a file in parts got, stopped or out of retries, so that the
+        next run asks only for the rest: as a retry of this run would, it trusts the bytes
+        written (another failure, such as bytes not of the range asked for, records nothing).
+        A part hashed on the way (the whole file) has no record to resume from."""
+        if state.digests is not None or not part.start < state.offset < state.end:
+            return
+        if self._settings.fsync:
+            # On the loop: this is the end of the part, and the record must not vouch for bytes
+            # a power loss could take.
+            staging = f"{self._staging_dir}/{staging_name(staged.key)}"
+            _os_call(staging, partial(os.fdatasync, staged.fd))
+        self._manifest.part_reached(staged.key, part.index, state.offset)
 
     async def _request_range(
         self,

@@ -703,7 +703,19 @@ class _Connection(asyncio.BufferedProtocol, Body):
             return
         if self._body_done is None:
             self._body_done = self._loop.create_future()
-        await self._body_done
+        try:
+            await self._body_done
+        except anyio.get_cancelled_exc_class():
+            self._keep_received(self._deliver)
+            raise
+
+    def _keep_received(self, write: Callable[[memoryview], None]) -> None:
+        """Stopped in the middle of a body: ``write`` the bytes of it received but not yet
+        written (held until the buffer fills), so that a stopped part keeps them for the next
+        run, as on a broken connection. Failing to is not what the stop raises."""
+        if self._in_body and self._chunks is None and self._filled > self._base:
+            with suppress(Exception):
+                write(self._take_buffered())
 
     def _large_body_for(self, file: FileTarget) -> bool:
         """Whether the rest of the body goes into ``file`` without the sink."""
@@ -760,7 +772,11 @@ class _Connection(asyncio.BufferedProtocol, Body):
             if not self._writing:
                 self._body_done = self._loop.create_future()
                 self._read_on()
-                await self._body_done  # a buffer's worth, the body's end, or a failure
+                try:
+                    await self._body_done  # a buffer's worth, the body's end, or a failure
+                except anyio.get_cancelled_exc_class():
+                    self._keep_received(functools.partial(_write_into, file))
+                    raise
             piece = self._take_buffered()
             # Failed meanwhile (the server closing), the connection fails the wait after it.
             self._body_done = self._loop.create_future()
@@ -1026,6 +1042,11 @@ async def _splice_in_thread(
             os.close(wake_read)
             os.close(wake_write)
     return result
+
+
+def _write_into(file: FileTarget, data: memoryview) -> None:
+    _write_all(file.fd, data, file.offset)
+    file.took(len(data))
 
 
 def _write_all(fd: int, data: memoryview, offset: int) -> None:

@@ -30,6 +30,7 @@ from .support import (
     ServerThread,
     assert_exact,
     assert_no_secret,
+    first_answers,
     mirrored,
     new_version,
     run_cli,
@@ -278,13 +279,38 @@ def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
 
     sent = server.traffic.object_bytes_sent
     rerun = json.loads(assert_completes_unthrottled(server, dest, "--json").stdout)
-    # Only the parts in flight when the signal came are fetched again.
+    # Little is fetched again: the files of one part in flight when the signal came (a part
+    # of a larger file goes on from where it got), and what the server had sent unread.
     assert server.traffic.object_bytes_sent <= total + CONCURRENCY * PART
     # The rerun says what it took up from the parts left: none of their bytes came again.
     assert rerun["files"]["resumed"] >= 1
     assert 0 < rerun["bytes"]["resumed"] < rerun["bytes"]["to_fetch"]
     assert rerun["bytes"]["fetched"] == rerun["bytes"]["to_fetch"] - rerun["bytes"]["resumed"]
     assert server.traffic.object_bytes_sent - sent == rerun["bytes"]["fetched"]
+
+
+def test_a_signal_keeps_how_far_the_part_in_flight_got(dest: Path) -> None:
+    """A part whose answer stalls half way when the run is stopped: the rerun asks for the rest
+    of that part only, and the file is exact."""
+    catalog = job_catalog(checkpoints=1, large_size=(2 << 20) + 4321, small_files=1)
+    with ServerThread(catalog, Faults(stall_seconds=20)) as server:
+        stall = first_answers(1, "stall")
+        server.faults.hook = lambda name, start, end: (
+            stall(name, start, end) if start == 5 * PART else None
+        )
+        process = start(server, dest)
+        wait_for(process, lambda: server.traffic.faults.get("stall") == 1)
+        (name, _, end) = next(r for r in server.traffic.ranges if r[1] == 5 * PART)
+        # The half before the stall is received, the rest of the run is done meanwhile.
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=10)
+        assert process.returncode == 130, err
+        asked = len(server.traffic.ranges)
+
+        assert_completes_unthrottled(server, dest)
+
+        assert server.traffic.ranges[asked:] == [(name, 5 * PART + PART // 2, end)]
 
 
 def test_a_signal_stops_a_verify_run_in_the_middle_of_reading_back_a_large_file(

@@ -20,7 +20,7 @@ from checkpoint_sync.plan import (
     check_paths_matched,
     check_ranks_listed,
     is_current,
-    parts_to_keep,
+    parts_to_fetch,
     removed_upstream,
     select_checkpoints,
     split_parts,
@@ -429,22 +429,37 @@ def test_split_parts(size: int, part_size: int, parts: list[Part]) -> None:
 
 
 DONE = frozenset({0, 2})
+# Parts of 10 bytes of a 35-byte file: 0-9, 10-19, 20-29, 30-34.
+ALL = split_parts(35, 10)
+UNDONE = [Part(1, 10, 20), Part(3, 30, 35)]
 
 
 @pytest.mark.parametrize(
-    ("staged", "kept"),
+    ("staged", "todo"),
     [
-        (None, frozenset()),
-        (Staged(100, "t1", 10, DONE, 100), DONE),
-        (Staged(100, "t0", 10, DONE, 100), frozenset()),  # remote changed since
-        (Staged(90, "t1", 10, DONE, 100), frozenset()),
-        (Staged(100, "t1", 20, DONE, 100), frozenset()),  # parts cut differently
-        (Staged(100, "t1", 10, DONE, None), frozenset()),  # staging file gone
-        (Staged(100, "t1", 10, DONE, 50), frozenset()),  # staging file truncated
+        (None, ALL),
+        (Staged(35, "t1", 10, DONE, 35), UNDONE),
+        (Staged(35, "t0", 10, DONE, 35), ALL),  # remote changed since
+        (Staged(30, "t1", 10, DONE, 35), ALL),
+        (Staged(35, "t1", 20, DONE, 35), ALL),  # parts cut differently
+        (Staged(35, "t1", 10, DONE, None), ALL),  # staging file gone
+        (Staged(35, "t1", 10, DONE, 30), ALL),  # staging file truncated
+        # Parts stopped part way: each from the byte it reached.
+        (Staged(35, "t1", 10, DONE, 35, None, {1: 14, 3: 34}), [Part(1, 14, 20), Part(3, 34, 35)]),
+        (Staged(35, "t1", 10, frozenset(), 35, None, {0: 1}), [Part(0, 1, 10), *ALL[1:]]),
+        # A byte reached outside its part, or at its very start or end, counts for nothing.
+        (Staged(35, "t1", 10, DONE, 35, None, {1: 25}), UNDONE),
+        (Staged(35, "t1", 10, DONE, 35, None, {1: 5}), UNDONE),
+        (Staged(35, "t1", 10, DONE, 35, None, {1: 10, 3: 35}), UNDONE),
+        (Staged(35, "t1", 10, DONE, 35, None, {1: -3}), UNDONE),
+        # A finished part is not fetched again, whatever a record of how far it got says.
+        (Staged(35, "t1", 10, DONE, 35, None, {2: 25}), UNDONE),
+        # Nothing reached counts where the remote file changed.
+        (Staged(35, "t0", 10, DONE, 35, None, {1: 14}), ALL),
     ],
 )
-def test_parts_to_keep(staged: Staged | None, kept: frozenset[int]) -> None:
-    assert parts_to_keep(remote(), 10, staged) == kept
+def test_parts_to_fetch(staged: Staged | None, todo: list[Part]) -> None:
+    assert parts_to_fetch(remote(35), 10, staged) == todo
 
 
 @pytest.mark.parametrize(

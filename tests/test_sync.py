@@ -31,6 +31,7 @@ from .support import (
     ServerThread,
     TunnelProxy,
     assert_exact,
+    first_answers,
     http_serving,
     job_listing_checkpoints,
     leave_in_parts,
@@ -1407,6 +1408,37 @@ def test_a_rerun_says_it_took_up_the_parts_an_earlier_run_left(
     # The large file's first two 256 KiB parts came in the run that failed.
     kept = human_bytes(512 << 10)
     assert f"\nresumed 1 files from the parts an earlier run left ({kept} kept, " in rerun.stdout
+
+
+def test_a_part_out_of_retries_keeps_the_bytes_it_got_for_the_next_run(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its third part's answer ends half way, with no retry left: the rerun asks for that
+    part's second half only, and for the parts after it."""
+    part = 256 << 10
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    with ServerThread(job_catalog(checkpoints=1, small_files=0)) as server:
+        (large,) = [f for f in server.files() if f.node_rank == 0]
+        cut = first_answers(1, "short")
+        server.faults.hook = lambda name, start, end: (
+            cut(name, start, end) if start == 2 * part else None
+        )
+        args = sync_args(server, dest, "--node-rank", "0", "--concurrency", "1")
+        assert run_cli(*args).code == 1
+        server.faults.hook = None
+        asked = len(server.traffic.ranges)
+
+        rerun = run_cli(*args, "--json")
+
+        assert rerun.code == 0, rerun.stderr
+        reached = 2 * part + part // 2
+        assert server.traffic.ranges[asked:] == [
+            (large.name, reached, 3 * part),
+            (large.name, 3 * part, 4 * part),
+            (large.name, 4 * part, large.size),
+        ]
+        assert json.loads(rerun.stdout)["bytes"]["resumed"] == reached
+        assert_exact(mirrored(dest, JOB, large), large)
 
 
 def remove_large_files(server: ServerThread) -> None:
