@@ -172,7 +172,7 @@ class Faults:
     # Decides a fault for one request from (name, start, end), before `fail_rate` is drawn;
     # besides `fail_kinds`, "unterminated": the whole body, chunked, without its last chunk;
     # "chunked": the whole body, chunked; "empty": the head as for the range, and a chunked
-    # body without a byte.
+    # body without a byte; "late": the answer as it should be, after ``stall_seconds``.
     hook: Callable[[str, int, int], str | None] | None = None
     seed: int = 7
     # Seconds every API request waits before it is answered (a slow listing).
@@ -751,6 +751,8 @@ class LocalServer:
             return web.Response(status=429, headers={"Retry-After": retry_after}, text="slow down")
         if fault is not None and fault.isdigit():
             return web.Response(status=int(fault), text="injected failure")
+        if fault == "late":
+            await asyncio.sleep(self.faults.stall_seconds)
         if ranged and self.faults.range_cap:
             end = min(end, start + self.faults.range_cap)
         response = web.StreamResponse(status=206 if ranged else 200)

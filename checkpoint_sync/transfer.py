@@ -412,10 +412,14 @@ class Transfers:
         first = _PartState.of(parts[0], file)
         try:
             async with anyio.create_task_group() as tg:
-                # The first part's answer tells whether Range is honoured before the rest go out.
-                first_answered = anyio.Event()
-                tg.start_soon(self._fetch_part, staged, file, parts[0], url, first_answered, first)
-                await first_answered.wait()
+                # The first part's answer tells whether Range is honoured: the rest go out once
+                # it was taken (a 206 as asked for, or a 200 as the whole file), not merely once
+                # it came. Woken by a first part that failed (a 200 to a later part), this would
+                # start them before the group's cancellation reached it, and one of them would
+                # send its request on a connection left idle. A failure cancels this wait.
+                first_taken = anyio.Event()
+                tg.start_soon(self._fetch_part, staged, file, parts[0], url, first_taken, first)
+                await first_taken.wait()
                 if first.digests is None:
                     for part in parts[1:]:
                         tg.start_soon(self._fetch_part, staged, file, part, url)
@@ -429,10 +433,11 @@ class Transfers:
         file: RemoteFile,
         part: Part,
         url: _CurrentUrl,
-        answered: anyio.Event | None = None,
+        taken: anyio.Event | None = None,
         state: _PartState | None = None,
     ) -> _Digests | None:
-        """Fetch one part, retrying; the digests when the part is (or became) the whole file."""
+        """Fetch one part, retrying; the digests when the part is (or became) the whole file.
+        ``taken`` is set once an answer's head was taken, before its body is read."""
         state = state or _PartState.of(part, file)
 
         async def attempt() -> None:
@@ -448,7 +453,7 @@ class Transfers:
                 listed = url.url
                 try:
                     while state.offset < state.end:
-                        await self._request_range(staged, file, part, listed, state, answered)
+                        await self._request_range(staged, file, part, listed, state, taken)
                     return
                 except TransientError:
                     self._stats.retries += 1
@@ -476,9 +481,6 @@ class Transfers:
             except anyio.get_cancelled_exc_class():
                 self._keep_reached(staged, part, state)
                 raise
-            finally:
-                if answered is not None:
-                    answered.set()
         if state.digests is not None:
             return state.digests  # made durable with the whole file, before it is published
         if self._settings.fsync:  # durable before the manifest vouches for it
@@ -508,7 +510,7 @@ class Transfers:
         part: Part,
         url: str,
         state: _PartState,
-        answered: anyio.Event | None,
+        taken: anyio.Event | None,
     ) -> None:
         """One request for the part's bytes from ``state.offset`` on, its redirects followed."""
         headers = {"Range": f"bytes={state.offset}-{state.end - 1}"}
@@ -519,9 +521,9 @@ class Transfers:
                 location = resp.headers.get("location") if resp.status in _REDIRECTS else None
                 if location is None:
                     answered_at = time.monotonic()
-                    if answered is not None:
-                        answered.set()
-                    started_at, stop = await self._take_answer(resp, staged, file, part, url, state)
+                    started_at, stop = await self._take_answer(
+                        resp, staged, file, part, url, state, taken
+                    )
                     break
             try:
                 url = urljoin(url, location)
@@ -547,6 +549,7 @@ class Transfers:
         part: Part,
         url: str,
         state: _PartState,
+        taken: anyio.Event | None,
     ) -> tuple[int, int]:
         """Write the body of a part's (final) answer at its place; the offsets it started at and
         should end at."""
@@ -572,6 +575,8 @@ class Transfers:
         if first is not None and part.length < file.size:
             # Recorded with the parts, for the run that resumes them (a one-part file has none).
             self._manifest.staging_etag(staged.key, first)
+        if taken is not None:
+            taken.set()
         started_at = state.offset
         writer = _PartWriter(staged, state, stop, self._stats, self._dest, coded)
         # A part hashed on the way cannot skip Python; the others may be spliced.

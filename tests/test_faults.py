@@ -206,6 +206,39 @@ def test_a_file_resumed_from_a_server_now_ignoring_range_is_fetched_whole(
     assert {name for name, _, _ in server.traffic.ranges} == {f.name for f in resumed}
 
 
+def test_a_resumed_file_answered_whole_sends_no_other_part_before_it_is_fetched_whole(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its first missing part is answered whole, late: by then a small file fetched meanwhile
+    # left its connection idle, on which another part would go out at once if the rest started
+    # before that answer was judged. Two requests in all: the one answered whole, whose body is
+    # not taken (only an answer to a request from byte 0 is), then the file as one stream.
+    catalog = job_catalog(checkpoints=1, large_size=6 * PART, small_files=1)
+    with ServerThread(catalog) as server:
+        args = sync_args(server, dest, "--node-rank", "0")
+        leave_in_parts(server, monkeypatch, args, from_byte=2 * PART)
+        large, small = sorted(
+            (f for f in server.files() if f.node_rank == 0), key=lambda f: -f.size
+        )
+        server.call(lambda: new_version(small))  # fetched again beside it
+        server.faults.ignore_range = True
+        server.faults.stall_seconds = 0.3
+        server.faults.hook = lambda name, start, end: (
+            "late" if name == large.name and not server.traffic.faults else None
+        )
+        server.traffic.faults.clear()
+        server.traffic.ranges.clear()
+
+        result = run_cli(*args)
+
+        assert result.code == 0, result.stderr
+        assert_exact(mirrored(dest, JOB, large), large)
+        assert server.traffic.faults == {"late": 1}
+        assert [r for r in server.traffic.ranges if r[0] == large.name] == [
+            (large.name, 0, large.size)
+        ] * 2
+
+
 def every_file_fails(server: ServerThread, dest: Path, reason: str, *extra: str) -> Any:
     """A run fails every file for ``reason``, and publishes none; its JSON summary."""
     result = run_cli(*sync_args(server, dest, "--json", *extra))
