@@ -61,6 +61,8 @@ T = TypeVar("T")
 # A multiple of the page size: mapping offsets must be.
 HASH_WINDOW = 4 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+# A 416's: the object's length now (RFC 9110 §14.4, §15.5.17).
+_UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 # Errors that no other file could escape either: the run stops.
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # Object URLs may redirect (S3's 307 to a regional endpoint, a CDN's 302 to its origin): only a
@@ -564,7 +566,7 @@ class Transfers:
             content_range = resp.headers.get("content-range")
             stop = content_range_end(content_range, state.offset, state.end, file.size)
         else:
-            await _raise_for_file_status(resp, url)
+            await _raise_for_file_status(resp, url, file.size)
         expected = stop - state.offset
         if refused := refused_answer(resp.status, resp.headers, resp.length, expected, url):
             raise refused
@@ -758,9 +760,7 @@ def refused_answer(
     if status == 200:
         # The object's length now (RFC 9110 §8.6): another version than the one listed, which
         # the next run lists; read, it would end short, or wait for bytes that never come.
-        return IntegrityError(
-            f"the server says the object has {length} bytes; the listing says {expected}"
-        )
+        return IntegrityError(_sizes(length, expected))
     return IntegrityError(
         f"a body of {length} bytes does not match its Content-Range "
         f"{headers.get('content-range')!r} ({expected} bytes)"
@@ -779,7 +779,13 @@ def _compressed(headers: Mapping[str, str], url: str) -> FileError | None:
     )
 
 
-async def _raise_for_file_status(resp: Response, url: str) -> NoReturn:
+def _sizes(length: int, listed: int) -> str:
+    return f"the server says the object has {length} bytes; the listing says {listed}"
+
+
+async def _raise_for_file_status(resp: Response, url: str, size: int) -> NoReturn:
+    """The error of an object's answer that carries no bytes of it, for an object listed with
+    ``size`` bytes."""
     status = resp.status
     where = redact_url(url)
     if status == 403:
@@ -791,6 +797,11 @@ async def _raise_for_file_status(resp: Response, url: str) -> NoReturn:
             f"HTTP {status} from {where}", retry_after=retry_after_seconds(resp.headers)
         )
     if status == 416:
+        # Only bytes within the listed size are asked for: the object shrank, and another
+        # version is there, which the next run lists.
+        match = _UNSATISFIED_RANGE.fullmatch(resp.headers.get("content-range", ""))
+        if match is not None and int(match[1]) != size:
+            raise IntegrityError(f"HTTP 416 from {where}: {_sizes(int(match[1]), size)}")
         raise IntegrityError(f"HTTP 416 from {where}: the object is smaller than listed")
     raise FileError(f"HTTP {status} from {where}")
 

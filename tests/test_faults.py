@@ -782,8 +782,12 @@ def test_an_object_shrunk_past_the_parts_left_to_fetch_fails_on_its_416_and_land
         assert shrunk.code == 1, shrunk.stderr
         (failure,) = json.loads(shrunk.stdout)["failures"]
         assert failure["path"] == f"{JOB}/{_relative(file)}"
+        # Its Content-Range (bytes */N) tells the object's size now.
         assert "HTTP 416 from " in failure["error"]
-        assert "the object is smaller than listed" in failure["error"]
+        assert (
+            f"the server says the object has {file.size} bytes; the listing says {4 * PART}"
+            in failure["error"]
+        )
         assert not mirrored(dest, JOB, file).exists()
         # Its parts are kept: the listing that would tell the object changed is the next one.
         assert staged(dest) == {f"{JOB}/{file.name.partition('/')[0]}"}
@@ -796,6 +800,17 @@ def test_an_object_shrunk_past_the_parts_left_to_fetch_fails_on_its_416_and_land
         assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
         # Fetched anew, both its parts: none of the old version's was taken.
         assert sorted(start for _, start, _ in server.traffic.ranges[before:]) == [0, PART]
+
+
+def test_a_416_without_the_objects_size_says_it_is_smaller_than_listed(
+    server: ServerThread, dest: Path
+) -> None:
+    server.faults.hook = lambda name, start, end: "416"  # no Content-Range: bytes */N
+
+    summary = every_file_fails(server, dest, "the object is smaller than listed")
+
+    assert not any("the server says" in f["error"] for f in summary["failures"])
+    assert summary["retries"] == 0  # asked again, it would be answered the same way
 
 
 def test_a_refused_url_of_a_file_pushed_off_its_page_is_found_further_on_and_lands(
