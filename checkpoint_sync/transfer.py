@@ -730,13 +730,18 @@ def content_range_end(header: str | None, offset: int, end: int, size: int) -> i
     object of ``size`` bytes end (exclusive): ``end``, or before it when the server sent less
     than asked for, as RFC 9110 lets it. `IntegrityError` for any range that does not start at
     ``offset``, ends past ``end - 1``, is empty, or names another size: those bytes are not
-    the ones asked for, or not of the listed object."""
+    the ones asked for, or not of the listed object (whose size then is said)."""
     match = _CONTENT_RANGE.fullmatch(header or "")
     # A last byte before the first is an invalid range (RFC 9110 §14.4), not an empty one.
     if match is None or int(match[2]) < int(match[1]):
         raise IntegrityError(f"206 without a valid Content-Range ({header!r})")
     start, last = int(match[1]), int(match[2])
     total = int(match[3]) if match[3] != "*" else size
+    if total != size and total > last:
+        # The object's length now: it was replaced since it was listed (a one-part file that
+        # shrank answers its whole range with all it has), not a server gone wrong. A length
+        # the range does not fit in (invalid, RFC 9110 §14.4) tells nothing.
+        raise IntegrityError(_sizes(total, size))
     if start != offset or last >= end or total != size:
         raise IntegrityError(
             f"Content-Range {header!r} does not match the requested bytes {offset}-{end - 1}/{size}"

@@ -252,15 +252,21 @@ def every_file_fails(server: ServerThread, dest: Path, reason: str, *extra: str)
     return summary
 
 
-@pytest.mark.parametrize("fault", ["shift_content_range", "misstate_total"])
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("shift_content_range", "does not match the requested bytes"),
+        ("misstate_total", "the server says the object has "),
+    ],
+)
 def test_a_mismatched_content_range_fails_the_file_and_writes_nothing(
-    server: ServerThread, dest: Path, fault: str
+    server: ServerThread, dest: Path, fault: str, reason: str
 ) -> None:
     # Shifted, the bytes are not the ones asked for; with another total, not of the listed
     # object (Baseten lists no checksum to tell two versions apart).
     server.call(lambda: setattr(server.faults, fault, 1))
 
-    every_file_fails(server, dest, "does not match the requested bytes")
+    every_file_fails(server, dest, reason)
     for staging in (dest / ".checkpoint-sync" / "staging").iterdir():
         assert staging.read_bytes().count(0) == staging.stat().st_size  # never written
 
@@ -303,7 +309,13 @@ def test_a_body_longer_than_its_range_fails_the_file(
         ("bytes 0-99/1000", "does not match"),  # the same bytes again: no progress
         ("bytes 101-199/1000", "does not match"),  # a gap
         ("bytes 100-200/1000", "does not match"),  # past the range asked for
-        ("bytes 100-149/999", "does not match"),  # another object
+        # Another version of the object, whatever the range: its size is said.
+        ("bytes 100-149/999", "the server says the object has 999 bytes; the listing says 1000"),
+        ("bytes 100-199/1001", "the server says the object has 1001 bytes; the listing says"),
+        ("bytes 0-99/150", "the server says the object has 150 bytes; the listing says 1000"),
+        # A length the range does not fit in is invalid: no size to believe.
+        ("bytes 100-149/149", "does not match the requested bytes 100-199/1000"),
+        ("bytes 100-149/0", "does not match"),
         ("bytes 100-99/1000", "without a valid Content-Range"),  # empty
         ("bytes */1000", "without a valid Content-Range"),
         ("bytes 100-149", "without a valid Content-Range"),
@@ -800,6 +812,43 @@ def test_an_object_shrunk_past_the_parts_left_to_fetch_fails_on_its_416_and_land
         assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
         # Fetched anew, both its parts: none of the old version's was taken.
         assert sorted(start for _, start, _ in server.traffic.ranges[before:]) == [0, PART]
+
+
+# A one-part file of 3000 bytes asked for whole (bytes 0-2999), its object replaced after the
+# listing: by a shorter one (206 bytes 0-999/1000), a longer one (206 bytes 0-2999/5000), an
+# empty one (416 bytes */0).
+@pytest.mark.parametrize("now", [1000, 5000, 0])
+def test_a_one_part_file_whose_object_changed_size_says_so_and_lands_next_run(
+    dest: Path, now: int
+) -> None:
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=1)
+    with ServerThread(catalog) as server:
+        args = sync_args(server, dest, "--node-rank", "0", "--json")
+        (file,) = [f for f in server.files() if f.node_rank == 0]
+        listed = file.size
+
+        def resize(offset: int) -> None:
+            server.faults.on_page = None  # once: the next run's listing shows the change
+            new_version(file)
+            file.size = now
+
+        server.faults.on_page = resize
+        changed = run_cli(*args)
+
+        assert changed.code == 1, changed.stderr
+        summary = json.loads(changed.stdout)
+        (failure,) = summary["failures"]
+        # An IntegrityError as before: exit 1, not retried (the same answer would come).
+        assert failure["error"].endswith(
+            f"the server says the object has {now} bytes; the listing says {listed}"
+        )
+        assert summary["retries"] == 0
+        assert not mirrored(dest, JOB, file).exists()
+
+        again = run_cli(*args)
+
+        assert again.code == 0, again.stderr
+        assert_exact(mirrored(dest, JOB, file), file)
 
 
 def test_a_416_without_the_objects_size_says_it_is_smaller_than_listed(
