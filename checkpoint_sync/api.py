@@ -183,14 +183,14 @@ def _parse(body: bytes, model: type[M], what: str) -> M:
 
 def _detail(body: bytes, redact: Redactor) -> str:
     """The server's own explanation, from FastAPI-style ``detail`` or any short text, its
-    secrets removed before it is cut short."""
+    secrets removed from as much of it as is shown."""
     try:
         payload: Any = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
-        return redact(body.decode("utf-8", "replace").strip())[:_MAX_SHOWN] or "(no message)"
+        return redact.head(body.decode("utf-8", "replace").strip(), _MAX_SHOWN) or "(no message)"
     detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
     if isinstance(detail, list):
         detail = "; ".join(
             str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail
         )
-    return redact(str(detail))[:_MAX_SHOWN]
+    return redact.head(str(detail), _MAX_SHOWN)

@@ -110,9 +110,9 @@ def test_a_secret_in_a_url_leaves_the_rest_of_it_redacted(text: str, shown: str)
     assert redact(shown) == shown
 
 
-# An API error page is redacted whole before it is cut short, and may be 64 MiB. Each of these
-# took minutes at 1 MiB where a lazy match looked ahead over the run of punctuation at every
-# character; the suite's timeout fails a return to that.
+# An API error page may be 64 MiB, and one run without a space that `Redactor.head` scans whole.
+# Each of these took minutes at 1 MiB where a lazy match looked ahead over the run of
+# punctuation at every character; the suite's timeout fails a return to that.
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize(
     ("text", "shown"),
@@ -124,6 +124,56 @@ def test_a_secret_in_a_url_leaves_the_rest_of_it_redacted(text: str, shown: str)
 )
 def test_a_long_run_of_punctuation_in_a_url_is_redacted_in_one_scan(text: str, shown: str) -> None:
     assert Redactor(["sekrit-key"])(text) == shown
+
+
+SECRET = "SECRETMARKER123"
+ENCODED = "".join(f"%{b:02X}" for b in SECRET.encode())  # its longest spelling: 45 characters
+
+
+# `head` redacts a text only as far as its first 300 characters shown need. Before them the
+# text is shrunk by redaction (percent-encoded secrets, long queries) or grown (short queries):
+# a secret, a URL's userinfo or query is placed at every place before, across and after where
+# the text is cut for each pass, and what is shown is what redacting it whole would show.
+@pytest.mark.parametrize(
+    "filler",
+    [
+        "word ",
+        f"{ENCODED} ",  # 46 characters shown as 11: a cut must look further on
+        f"{SECRET}-",  # 16 as 11
+        "http://h/?a ",  # a query grows 1 character to 10
+        "http://h/p?" + "q" * 700 + " ",  # and 700 to 10
+        "'http://u:p@h/p#f' ",
+    ],
+)
+@pytest.mark.parametrize(
+    "placed",
+    [
+        SECRET,
+        ENCODED,
+        f"http://user:{SECRET}@host/p?sig=abc#t",
+        f"http://host/p?token={ENCODED}&sig=abc",
+        "http://bob:pw-LONGPASSWORD@proxy:3128/x",
+        "HTTPS://" + "u" * 400 + ":pw-LONGPASSWORD@proxy/p",  # userinfo longer than shown
+    ],
+)
+def test_the_head_of_a_long_text_is_redacted_as_the_whole_text_would_be(
+    filler: str, placed: str
+) -> None:
+    redact = Redactor([SECRET])
+    for at in range(0, 3000, 5):
+        before = filler * (at // len(filler)) + "y" * (at % len(filler))
+        text = before + placed + " " + filler * 40
+        shown = redact.head(text, 300)
+        assert shown == redact(text)[:300], at
+        for part in (SECRET[:4], ENCODED[:6], "LONGPASS"):
+            assert part not in shown, at
+
+
+def test_the_head_of_a_text_without_secrets_or_shorter_than_it() -> None:
+    redact = Redactor()
+    assert redact.head("short http://h/p?sig=1", 300) == "short http://h/p?<redacted>"
+    assert redact.head("x" * 1000, 300) == "x" * 300
+    assert redact.head("", 300) == ""
 
 
 @pytest.mark.parametrize(

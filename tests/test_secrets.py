@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -504,3 +505,32 @@ def test_a_key_the_api_quotes_percent_encoded_is_not_shown(
     output = result.stdout + result.stderr
     for part in key.split("/"):
         assert part[:4] not in output, "a part of the key was printed"
+
+
+def test_a_huge_error_page_is_shown_by_its_start_without_holding_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 64 MiB of near misses of a key of one repeated character: redacted whole before its start
+    # was shown, the page took 13 s of the event loop (and more on a slower machine).
+    key = "a" * 64
+    monkeypatch.setenv("BASETEN_API_KEY", key)
+    page = (b"a" * 63 + b"b ") * ((64 << 20) // 65)
+
+    class Huge(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page)
+
+    with http_serving(Huge) as api:
+        started = time.perf_counter()
+        result = run_cli("list", "--api-url", api, "--project", "p", "--job", "j", "--json")
+        took = time.perf_counter() - started
+
+    assert result.code == 1
+    assert ": HTTP 400 from the API: " + "a" * 63 + "b a" in json.loads(result.stdout)["error"]
+    assert key not in result.stdout + result.stderr
+    assert took < 5, f"{took:.1f} s"
