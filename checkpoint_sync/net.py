@@ -16,7 +16,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from .errors import TransientError, UsageError
 from .redact import redact_url
@@ -126,11 +126,28 @@ def credentials_problem(proxy: str) -> str | None:
         # the API's URL in its error.
         return 'password holds a "/", "?" or "#": write them percent-encoded (%2F, %3F, %23)'
     try:
-        unquote(userinfo, errors="strict").encode("latin-1")
+        as_sent(userinfo).encode("latin-1")
     except UnicodeError:
         # aiohttp sends Basic credentials in Latin-1 only: an internal error otherwise.
         return "user name or password, decoded, is not Latin-1 text, which aiohttp cannot send"
     return None
+
+
+# A run of percent-escapes in a proxy URL's credentials.
+_ESCAPES = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # a byte that `surrogateescape` kept
+
+
+def as_sent(credentials: str) -> str:
+    """A proxy URL's user name or password (or both) decoded as aiohttp sends it (yarl
+    decodes it): each run of percent-escapes as UTF-8, but an escape of a byte that is no part
+    of a UTF-8 character stays as written, its hex digits in capitals ("p%ff" goes as "p%FF")."""
+
+    def decoded(run: re.Match[str]) -> str:
+        text = bytes.fromhex(run[0].replace("%", "")).decode("utf-8", "surrogateescape")
+        return _NOT_UTF8.sub(lambda byte: f"%{ord(byte[0]) - 0xDC00:02X}", text)
+
+    return _ESCAPES.sub(decoded, credentials)
 
 
 def proxy_credentials(environ: Mapping[str, str] = os.environ) -> list[str]:
@@ -146,7 +163,7 @@ def proxy_credentials(environ: Mapping[str, str] = os.environ) -> list[str]:
         if not userinfo:
             continue
         raw_user, _, raw_password = userinfo.partition(":")
-        user, password = unquote(raw_user), unquote(raw_password)
+        user, password = as_sent(raw_user), as_sent(raw_password)
         # Without a password, the user name is the credential (a token, as some proxies take).
         found += [raw_password, password] if raw_password else [raw_user, user]
         with suppress(UnicodeEncodeError):  # aiohttp encodes them as Latin-1, or fails

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.net import credentials_problem, proxy_credentials
+from checkpoint_sync.net import as_sent, credentials_problem, proxy_credentials
 
 from .conftest import JOB, job_catalog, sync_args
 from .support import (
@@ -434,6 +434,8 @@ def _basic(credentials: str) -> str:
         # A user name given alone is the credential: a token, as some proxies take.
         ({"HTTP_PROXY": "http://token-only@proxy"}, ["token-only", _basic("token-only:")]),
         ({"HTTP_PROXY": "http://tok%2Fen@proxy"}, ["tok%2Fen", "tok/en", _basic("tok/en:")]),
+        # An escape of no UTF-8 character goes as written, in capitals (see `as_sent`).
+        ({"HTTP_PROXY": "http://u:p%ff-1@proxy"}, ["p%ff-1", "p%FF-1", _basic("u:p%FF-1")]),
         ({"HTTP_PROXY": "http://proxy:3128", "NO_PROXY": "a@b", "MY_KEY": "x:y@z"}, []),
     ],
 )
@@ -454,12 +456,56 @@ def test_the_credentials_of_proxies_are_secrets(environ: dict[str, str], forms: 
         ("http://u:p#w@proxy", "password holds"),
         ("https://u:a@b/c#d@proxy", "password holds"),  # aiohttp: host "b"
         ("http://u:%E2%82%AC@proxy", "not Latin-1"),
-        ("http://u:%FF@proxy", "not Latin-1"),  # not even UTF-8
+        ("http://u:%FF@proxy", None),  # no UTF-8: sent as "%FF"
+        ("http://u:%E2%82@proxy", None),
+        ("http://u:%FF%E2%82%AC@proxy", "not Latin-1"),  # "%FF€"
     ],
 )
 def test_proxy_credentials_aiohttp_can_send(proxy: str, problem: str | None) -> None:
     found = credentials_problem(proxy)
     assert found is None if problem is None else problem in (found or "")
+
+
+@pytest.mark.parametrize(
+    "written",
+    ["p%FF", "p%ff%fe", "%C3%A9t%C3%A9", "p%C3", "p%C3%28", "%E2%82%AC%FF", "%ED%A0%80", "p%2541"],
+)
+def test_proxy_credentials_are_decoded_as_aiohttp_decodes_them(written: str) -> None:
+    yarl = pytest.importorskip("yarl")  # aiohttp's URLs
+    assert as_sent(written) == yarl.URL(f"http://u:{written}@proxy").password
+
+
+def test_a_proxy_password_holding_an_escape_of_no_character_is_sent_and_is_a_secret(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "%ff" decodes to no UTF-8 character: aiohttp sends it as written, "%FF", in the
+    # Proxy-Authorization it makes. It was refused as "not Latin-1".
+    seen: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            credentials = self.headers["Proxy-Authorization"]
+            seen.append(credentials)
+            decoded = base64.b64decode(credentials.removeprefix("Basic ")).decode("latin-1")
+            body = json.dumps({"detail": f"refused {credentials} ({decoded})"}).encode()
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with http_serving(Proxy) as proxy:
+        url = proxy.replace("http://", "http://user:p%ffss-0a1b2c3d@")
+        with proxy_named(monkeypatch, "HTTP_PROXY", url):
+            result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert set(seen) == {f"Basic {_basic('user:p%FFss-0a1b2c3d')}"}
+    assert result.code == 1
+    assert "refused Basic <redacted> (user:<redacted>)" in json.loads(result.stdout)["error"]
+    output = result.stdout + result.stderr
+    for form in ("ss-0a1b2c3d", _basic("user:p%FFss-0a1b2c3d")[:8]):
+        assert form not in output, "a part of the proxy's credentials was printed"
 
 
 @pytest.mark.parametrize(("status", "code"), [(400, 1), (422, 2)])
