@@ -125,6 +125,10 @@ def credentials_problem(proxy: str) -> str | None:
         # all before that mark for the host ("user" of "user:123/pw@host", port 123), and named
         # the API's URL in its error.
         return 'password holds a "/", "?" or "#": write them percent-encoded (%2F, %3F, %23)'
+    if ":" in as_sent(userinfo.partition(":")[0]):
+        # Basic authentication ends the user name at its first ":" (RFC 7617): aiohttp refuses
+        # one that holds a "%3A", with an internal error.
+        return 'user name holds a ":" (written %3A), which Basic authentication cannot send'
     try:
         as_sent(userinfo).encode("latin-1")
     except UnicodeError:

@@ -459,6 +459,9 @@ def test_the_credentials_of_proxies_are_secrets(environ: dict[str, str], forms: 
         ("http://u:%FF@proxy", None),  # no UTF-8: sent as "%FF"
         ("http://u:%E2%82@proxy", None),
         ("http://u:%FF%E2%82%AC@proxy", "not Latin-1"),  # "%FF€"
+        ("http://u%3Ax:pw@proxy", 'user name holds a ":"'),
+        ("http://u%3ax@proxy", 'user name holds a ":"'),  # a user name alone, as a token
+        ("http://u:p%3Aw@proxy", None),  # a password may hold one
     ],
 )
 def test_proxy_credentials_aiohttp_can_send(proxy: str, problem: str | None) -> None:
