@@ -581,8 +581,16 @@ class Transfers:
             taken.set()
         started_at = state.offset
         writer = _PartWriter(staged, state, stop, self._stats, self._dest, coded)
-        # A part hashed on the way cannot skip Python; the others may be spliced.
-        await resp.stream_to(writer.take, writer if state.digests is None else None)
+        try:
+            # A part hashed on the way cannot skip Python; the others may be spliced.
+            await resp.stream_to(writer.take, writer if state.digests is None else None)
+        except BaseException:
+            if coded is not None:
+                # Its bytes are the object's only once they come to the length asked for: cut
+                # short (or stopped), they may be a stream compressed on the way. Neither a
+                # retry nor the record of how far the part got may go on from them.
+                state.rewind(started_at, file)
+            raise
         if coded is not None and state.offset != stop:
             raise coded  # not a body cut short: the same request would be answered the same way
         return started_at, stop
@@ -699,6 +707,14 @@ class _PartState:
     def take_whole(self, file: RemoteFile) -> None:
         """Receive the whole file from byte 0 on: a server that ignores Range sent it."""
         self.offset, self.end, self.digests = 0, file.size, _Digests(file)
+
+    def rewind(self, offset: int, file: RemoteFile) -> None:
+        """Forget the bytes written from ``offset`` on, to ask for them again; a part hashed on
+        the way (the whole file) starts over, as its hash cannot be taken back."""
+        if self.digests is None:
+            self.offset = offset
+        else:
+            self.take_whole(file)
 
 
 class _Digests:
