@@ -478,10 +478,10 @@ class Transfers:
                 await retrying(self._settings.retry, attempt, lambda: state.offset >> 20)
             except TransientError as exc:
                 # Out of retries: this file fails, the run goes on.
-                self._keep_reached(staged, part, state)
+                await self._keep_reached(staged, part, state)
                 raise FileError(f"gave up after retrying: {exc}") from exc
             except anyio.get_cancelled_exc_class():
-                self._keep_reached(staged, part, state)
+                await self._keep_reached(staged, part, state)
                 raise
         if state.digests is not None:
             return state.digests  # made durable with the whole file, before it is published
@@ -491,7 +491,7 @@ class Transfers:
         self._manifest.part_done(staged.key, part.index)
         return None
 
-    def _keep_reached(self, staged: _Staged, part: Part, state: _PartState) -> None:
+    async def _keep_reached(self, staged: _Staged, part: Part, state: _PartState) -> None:
         """Record how far a part of a file in parts got, stopped or out of retries, so that the
         next run asks only for the rest: as a retry of this run would, it trusts the bytes
         written (another failure, such as bytes not of the range asked for, records nothing).
@@ -499,10 +499,11 @@ class Transfers:
         if state.digests is not None or not part.start < state.offset < state.end:
             return
         if self._settings.fsync:
-            # On the loop: this is the end of the part, and the record must not vouch for bytes
-            # a power loss could take.
+            # The record must not vouch for bytes a power loss could take. In a thread, as a
+            # finished part's flush is, and waited for even by a stop: the file is closed next.
             staging = f"{self._staging_dir}/{staging_name(staged.key)}"
-            _os_call(staging, partial(os.fdatasync, staged.fd))
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_os_call, staging, partial(os.fdatasync, staged.fd))
         self._manifest.part_reached(staged.key, part.index, state.offset)
 
     async def _request_range(

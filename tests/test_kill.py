@@ -289,7 +289,8 @@ def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
     assert server.traffic.object_bytes_sent - sent == rerun["bytes"]["fetched"]
 
 
-def test_a_signal_keeps_how_far_the_part_in_flight_got(dest: Path) -> None:
+@pytest.mark.parametrize("flags", [[], ["--fsync"]], ids=["", "fsync"])
+def test_a_signal_keeps_how_far_the_part_in_flight_got(dest: Path, flags: list[str]) -> None:
     """A part whose answer stalls half way when the run is stopped: the rerun asks for the rest
     of that part only, and the file is exact."""
     catalog = job_catalog(checkpoints=1, large_size=(2 << 20) + 4321, small_files=1)
@@ -298,7 +299,7 @@ def test_a_signal_keeps_how_far_the_part_in_flight_got(dest: Path) -> None:
         server.faults.hook = lambda name, start, end: (
             stall(name, start, end) if start == 5 * PART else None
         )
-        process = start(server, dest)
+        process = start(server, dest, *flags)
         wait_for(process, lambda: server.traffic.faults.get("stall") == 1)
         (name, _, end) = next(r for r in server.traffic.ranges if r[1] == 5 * PART)
         # The half before the stall is received, the rest of the run is done meanwhile.
