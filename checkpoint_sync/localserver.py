@@ -114,6 +114,9 @@ class ServedWandbCheckpoint:
     step: int | None  # None: served as null, which the OpenAPI page does not allow
     metrics: dict[str, float | None]  # None: served as null, as W&B does for one not logged
     files: list[ServedFile] = field(default_factory=list)
+    # False: listed by the Training API, but its artifact has no such version (the weights not
+    # uploaded yet, or deleted).
+    uploaded: bool = True
 
 
 @dataclass
@@ -688,7 +691,7 @@ class LocalServer:
             ),
             None,
         )
-        if version is None:
+        if version is None or not version.uploaded:
             return web.json_response({"data": {"project": {"artifact": None}}})
         page = version.files[offset : offset + per_page]
         end = offset + len(page)

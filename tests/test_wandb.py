@@ -684,6 +684,31 @@ def test_an_unknown_artifact_exits_4(
     assert message in result.stderr
 
 
+def test_a_checkpoint_whose_artifact_version_is_missing_fails_alone(
+    server: ServerThread, dest: Path
+) -> None:
+    """Listed, but its weights not uploaded yet (or deleted): the model's other checkpoints are
+    mirrored, and it is named; alone, it is not found."""
+    checkpoints = checkpoints_of(server)
+    missing = min(checkpoints)
+    checkpoints[missing].uploaded = False
+
+    result = run_cli(*synced(dest, "--wandb-artifact", ARTIFACT, "--json"))
+
+    assert result.code == 1, result.stderr
+    (failure,) = json.loads(result.stdout)["failures"]
+    assert failure["path"] == f"{MODEL}/step-{missing}"
+    assert f"{ARTIFACT}:step{missing}: not found" in failure["error"]
+    for step, checkpoint in checkpoints.items():
+        for file in checkpoint.files:
+            assert landed(dest, step, file).exists() == (step != missing)
+            if step != missing:
+                assert_exact(landed(dest, step, file), file)
+    alone = run_cli(*synced(dest, "--checkpoint", f"step-{missing}", "--wandb-artifact", ARTIFACT))
+    assert alone.code == 4
+    assert f"{ARTIFACT}:step{missing}: not found" in alone.stderr
+
+
 @pytest.mark.parametrize("more_promised", [False, True], ids=["whole", "ended-on-a-promise"])
 def test_delete_removes_a_checkpoint_removed_upstream_once_the_list_was_read_whole(
     dest: Path, monkeypatch: pytest.MonkeyPatch, more_promised: bool

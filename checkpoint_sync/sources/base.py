@@ -271,8 +271,10 @@ class UnreadableEntry:
 
 @dataclass(frozen=True, slots=True)
 class VanishedCheckpoint(UnreadableEntry):
-    """A selected checkpoint whose file listing answered 404: deleted after the checkpoint list
-    was read. Like an entry that tells no path, it fails alone, and the others are listed on."""
+    """A selected checkpoint whose files are not there to list (a Loops listing answering 404,
+    as for one deleted after the checkpoint list was read; a W&B artifact version missing),
+    ``reason`` saying which. Like an entry that tells no path, it fails alone, and the others
+    are listed on."""
 
     @property
     def where(self) -> str:
@@ -280,7 +282,7 @@ class VanishedCheckpoint(UnreadableEntry):
 
     @property
     def problem(self) -> str:
-        return f"deleted after the checkpoint list was read: {self.reason}"
+        return self.reason
 
 
 # What a listing page holds.

@@ -188,9 +188,8 @@ class LoopsSource:
                             yield [_listed(checkpoint, ref, entry) for entry in entries]
                 except NotFoundError as exc:
                     # The run's other checkpoints are still there: this one fails alone.
-                    yield [
-                        VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))
-                    ]
+                    gone = f"deleted after the checkpoint list was read: {exc}"
+                    yield [VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, gone)]
 
     def moved_while_listed(self) -> Set[tuple[str, str]]:
         return self._moved

@@ -31,6 +31,7 @@ from .base import (
     SyncState,
     UnreadableCheckpoint,
     UnreadableEntry,
+    VanishedCheckpoint,
     file_key,
     flags_given,
     known_by,
@@ -154,10 +155,16 @@ class WandbSource:
             params["after"] = advance(page.last_id or last_id, seen, self.description)
 
     async def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
+        from .wandb_artifacts import VersionMissing  # loaded with `ArtifactFiles` already
+
         artifacts = self._artifacts_or_fail()
         walk = started_ahead(
             selected, lambda checkpoint: artifacts.first_page(_alias(checkpoint), self._page_size)
         )
+        # A checkpoint whose version is missing (its weights not uploaded yet, or deleted) fails
+        # alone once another's was found; where none is, the artifact path is likely wrong, and
+        # the run stops at the first as not found.
+        missing: list[tuple[Checkpoint, VersionMissing]] = []
         with closing(walk):
             for checkpoint, first in walk:
                 alias = _alias(checkpoint)
@@ -166,9 +173,19 @@ class WandbSource:
                 # number.
                 ref = PageRef(listing=alias, page_token=0, page_size=self._page_size)
                 pages = artifacts.pages(alias, self._page_size, first)
-                async with aclosing(pages):
-                    async for files in pages:
-                        yield [self._listed(checkpoint, ref, f) for f in files]
+                try:
+                    async with aclosing(pages):
+                        async for files in pages:
+                            yield [self._listed(checkpoint, ref, f) for f in files]
+                except VersionMissing as exc:
+                    missing.append((checkpoint, exc))
+        if missing and len(missing) == len(selected):
+            raise missing[0][1]
+        if missing:
+            yield [
+                VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))
+                for checkpoint, exc in missing
+            ]
 
     def moved_while_listed(self) -> Set[tuple[str, str]]:
         # A version's files are paged by a cursor, not by an offset that a file added or removed

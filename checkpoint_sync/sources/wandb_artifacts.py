@@ -165,6 +165,11 @@ class ArtifactFiles:
         )
 
 
+class VersionMissing(NotFoundError):
+    """The artifact has no version of that alias: a checkpoint W&B lists whose weights are not
+    uploaded yet, or were deleted (or an artifact path that names no artifact at all)."""
+
+
 def _what(artifact: ArtifactPath, alias: str) -> str:
     return f"W&B artifact {artifact}:{alias}"
 
@@ -179,5 +184,5 @@ def _files(answer: _Answer, artifact: ArtifactPath, what: str) -> _Files:
             "--wandb-artifact, and that the W&B key may read it)"
         )
     if answer.data.project.artifact is None:
-        raise NotFoundError(f"{what}: not found (check --wandb-artifact)")
+        raise VersionMissing(f"{what}: not found (check --wandb-artifact)")
     return answer.data.project.artifact.files
