@@ -1,11 +1,13 @@
 """Counters the engine updates, the summary made of them, and the two ways of showing them live.
 
 The engine only increments `Stats`; a display polls it. On a terminal that is one line redrawn in
-place, elsewhere (cron mail, CI logs) a plain line every few seconds.
+place, elsewhere (cron mail, CI logs) a plain line at intervals that grow with the run
+(`log_interval`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -232,16 +234,35 @@ class Display(Protocol):
         """Show ``stats`` until cancelled."""
 
 
-class LogLines:
-    """A plain status line every ``interval`` seconds, handed to ``emit``: readable in cron mail."""
+# How often a plain status line is written, by how long the display has run: (until, every)
+# seconds. Cron mails every line: a 3-hour run gets about 100 of them, not 1,000.
+LOG_SCHEDULE: tuple[tuple[float, float], ...] = (
+    (60, 10),
+    (600, 30),
+    (3600, 60),
+    (math.inf, 300),
+)
 
-    def __init__(self, emit: Callable[[str], None], interval: float = 10.0) -> None:
+
+def log_interval(elapsed: float) -> float:
+    """Seconds from a plain status line to the next, ``elapsed`` seconds into the display."""
+    return next(every for until, every in LOG_SCHEDULE if elapsed < until)
+
+
+class LogLines:
+    """A plain status line handed to ``emit`` at intervals that grow with the run
+    (``interval`` of the seconds it has run): readable in cron mail."""
+
+    def __init__(
+        self, emit: Callable[[str], None], interval: Callable[[float], float] = log_interval
+    ) -> None:
         self._emit = emit
         self._interval = interval
 
     async def run(self, stats: Stats) -> None:
+        started = time.monotonic()
         while True:
-            await anyio.sleep(self._interval)
+            await anyio.sleep(self._interval(time.monotonic() - started))
             self._emit(status_line(stats))
 
 

@@ -7,7 +7,14 @@ import time
 import anyio
 import pytest
 
-from checkpoint_sync.progress import LogLines, Stats, human_bytes, status_line, summary
+from checkpoint_sync.progress import (
+    LogLines,
+    Stats,
+    human_bytes,
+    log_interval,
+    status_line,
+    summary,
+)
 
 
 @pytest.mark.anyio
@@ -15,10 +22,36 @@ async def test_log_lines_report_counts_at_each_interval() -> None:
     stats = Stats(files_fetched=3, files_skipped=2, files_failed=1, bytes_fetched=5 << 20)
     lines: list[str] = []
     with anyio.move_on_after(0.2):
-        await LogLines(lines.append, interval=0.05).run(stats)
+        await LogLines(lines.append, interval=lambda elapsed: 0.05).run(stats)
     assert len(lines) >= 2
     assert "5.0 MiB fetched" in lines[0]
     assert "files 3 done, 2 skipped, 1 failed (still listing)" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "interval"),
+    [
+        (0, 10),
+        (59.9, 10),
+        (60, 30),
+        (599, 30),
+        (600, 60),
+        (3599, 60),
+        (3600, 300),
+        (86_400, 300),
+    ],
+)
+def test_plain_status_lines_come_less_often_as_the_run_goes_on(
+    elapsed: float, interval: float
+) -> None:
+    assert log_interval(elapsed) == interval
+
+
+def test_a_three_hour_run_writes_about_a_hundred_plain_status_lines() -> None:
+    at, lines = 0.0, 0
+    while (at := at + log_interval(at)) <= 3 * 3600:
+        lines += 1
+    assert lines == 6 + 18 + 50 + 24  # not 1,080, one every 10 seconds
 
 
 def test_status_line_gives_an_eta_once_the_listing_is_done() -> None:
