@@ -251,7 +251,9 @@ class _Listed:
     def listed_whole(self) -> Mapping[str, frozenset[str]]:
         return self._source.listed_whole()
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
+    async def file_pages(
+        self, selected: Sequence[Checkpoint], *, counting: bool = False
+    ) -> FilePages:
         for page in self._pages:
             yield page
 

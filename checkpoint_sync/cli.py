@@ -21,7 +21,7 @@ import tempfile
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import aclosing, asynccontextmanager, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, TypeVar
 
@@ -732,12 +732,13 @@ async def _mirror(
         _selected(recipe, wanted, out) as (http, source, selection),
         anyio.create_task_group() as tg,
     ):
-        tg.start_soon(out.display().run, stats)
+        display = out.display()
+        tg.start_soon(display.run, stats)
         await sync(
             source,
             selection,
             http,
-            options,
+            replace(options, count_ahead=display.estimates),
             stats,
             show_plan if options.dry_run else None,
         )

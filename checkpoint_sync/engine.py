@@ -2,7 +2,9 @@
 
 The producer decides, file by file, whether the mirror already holds it (`plan.is_current`), so
 only files to fetch enter the queue. The queue is bounded, so memory stays flat however long
-the listing is, and the first download starts while the listing is still being walked.
+the listing is, and the first download starts while the listing is still being walked. A run the
+queue holds up may walk the listing a second time beside it, only to count the bytes to come, for
+a progress display's total (`_count_ahead`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class SyncOptions:
     # Whether the listing shows every file of the selection: a bench trial's stops at its byte
     # budget, before later ranks show, so there only asking for no listed rank at all is exit 4.
     complete_listing: bool = True
+    # Once the queue holds the planning up, walk the listing again ahead of it, only to count
+    # the bytes of its files: a progress display's total before the listing has been planned
+    # (`progress.bytes_total`), at the cost of a second read of the listing's pages.
+    count_ahead: bool = False
     transfer: TransferSettings = field(default_factory=TransferSettings)
     net: NetSettings = field(default_factory=NetSettings)
 
@@ -200,6 +206,7 @@ async def _run(
     listing_failed: list[ApiError | TransientError | UsageError] = []
     paths_told: list[bool] = []
     stop = _Stop()
+    counting = anyio.CancelScope()
 
     async def produce() -> None:
         with stop.listing:
@@ -211,12 +218,23 @@ async def _run(
                 # The files already queued are good: let them land, then report the listing (a
                 # later page the API redirected included: the key goes to no other host).
                 listing_failed.append(exc)
+            finally:
+                counting.cancel()  # planned whole, or not at all: a count tells no more
+
+    async def count() -> None:
+        with counting:
+            await jobs.held_up.wait()  # a listing never held up is planned soon enough
+            await _count_ahead(source, selection, options.files, stats)
 
     try:
         async with anyio.create_task_group() as outer:
             outer.start_soon(_commit_periodically, manifest)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(produce)
+                # --verify fetches only the files it finds damaged: the listing's bytes say
+                # nothing of how many those are.
+                if options.count_ahead and not options.verify:
+                    tg.start_soon(count)
                 for _ in range(options.concurrency):
                     tg.start_soon(_work, jobs, transfers, stats, stop)
             outer.cancel_scope.cancel()
@@ -277,6 +295,7 @@ async def _produce(
                             continue
                         stats.fail(file.where, file.problem)
                         continue
+                    stats.bytes_walked += file.size
                     planned = _plan(file, options, manifest, stats, places)
                     if planned is None:
                         continue
@@ -294,6 +313,27 @@ async def _produce(
         if jobs is not None:
             jobs.close()
     return paths_told
+
+
+async def _count_ahead(
+    source: Source, selection: Selection, files: FileFilter, stats: Stats
+) -> None:
+    """Walk the listing only to count the bytes of the files ``files`` takes, as the planning
+    walk counts them (`Stats.bytes_walked`): summed page by page, not kept, so memory stays flat
+    however long the listing is. A listing that cannot be read leaves no count; the planning
+    walk reports it."""
+    counted = 0
+    try:
+        async with aclosing(source.file_pages(selection.checkpoints, counting=True)) as pages:
+            async for page in pages:
+                counted += sum(
+                    f.size
+                    for f in page
+                    if isinstance(f, RemoteFile) and files.takes(f.node_rank, f.path)
+                )
+    except (ApiError, TransientError, UsageError):
+        return
+    stats.bytes_counted = counted
 
 
 def _plan(
@@ -449,9 +489,13 @@ class _Jobs:
     def __init__(self, size: int) -> None:
         self._room = asyncio.Semaphore(size)
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue()  # bounded by _room
+        # Set once a job waited for room: the downloads are behind, and hold the listing up.
+        self.held_up = asyncio.Event()
 
     async def put(self, job: _Job) -> None:
         await asyncio.sleep(0)
+        if self._room.locked():
+            self.held_up.set()
         await self._room.acquire()
         self._queue.put_nowait(job)
 

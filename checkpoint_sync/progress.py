@@ -45,6 +45,10 @@ class Stats:
     files_deleted: int = 0
     bytes_to_delete: int = 0
     bytes_deleted: int = 0
+    # The bytes of the listed files the planning walk took so far, repeats included; and, once
+    # a walk ahead counted the whole listing alike, its count (`bytes_total`).
+    bytes_walked: int = 0
+    bytes_counted: int | None = None
     removed_upstream: list[str] = field(default_factory=list)  # their "<run>/<checkpoint>"
     delete_held_back: list[str] = field(default_factory=list)  # runs listed with no checkpoint
     retries: int = 0
@@ -150,11 +154,25 @@ def _rate(stats: Stats) -> float:
     return stats.bytes_fetched / max(stats.seconds, 1e-9)
 
 
+def bytes_total(stats: Stats) -> tuple[int, str] | None:
+    """The bytes to fetch, with "" once the listing has been walked; before, where a walk ahead
+    counted the listing, an estimate marked "~": those planned so far, and all those the
+    planning walk has not reached, as if none of them were mirrored already. None: not known."""
+    if stats.listing_done:
+        return stats.bytes_to_fetch, ""
+    if stats.bytes_counted is None:
+        return None
+    return stats.bytes_to_fetch + max(stats.bytes_counted - stats.bytes_walked, 0), "~"
+
+
 def _eta(stats: Stats) -> str | None:
-    """Seconds left at the rate so far, once the listing has told how much there is."""
-    rate = _rate(stats)
-    remaining = stats.bytes_to_fetch - bytes_done(stats)
-    return f"ETA {remaining / rate:.0f}s" if rate > 0 and stats.listing_done and remaining else None
+    """Seconds left at the rate so far, once the total is known (or estimated: "~")."""
+    rate, total = _rate(stats), bytes_total(stats)
+    if total is None or rate <= 0:
+        return None
+    whole, mark = total
+    left = whole - bytes_done(stats)
+    return f"ETA {mark}{left / rate:.0f}s" if left > 0 else None
 
 
 def status_line(stats: Stats) -> str:
@@ -174,20 +192,20 @@ BAR_WIDTHS = (10, 30)
 
 def terminal_line(stats: Stats, width: int) -> str:
     """The progress line for a terminal ``width`` columns wide: a bar and the share done, bytes
-    done (of how many, once listed), rate, ETA and files, less what does not fit the width less
-    one column, dropped in that order but the bytes (a terminal may wrap a line that fills its
-    last column, and a wrapped line is not redrawn in place). Only ASCII: every encoding has
-    it, and each character takes one column."""
+    done (of how many, once listed or estimated: `bytes_total`), rate, ETA and files, less what
+    does not fit the width less one column, dropped in that order but the bytes (a terminal may
+    wrap a line that fills its last column, and a wrapped line is not redrawn in place). Only
+    ASCII: every encoding has it, and each character takes one column."""
     room = max(width - 1, 1)
     if stats.waiting_for is not None:
         return _cut(waiting_line(stats.waiting_for), room)
-    total = stats.bytes_to_fetch if stats.listing_done else None
+    total, mark = bytes_total(stats) or (0, "")
     done = bytes_done(stats) if total else stats.bytes_fetched
     # Each piece as (which is dropped first, what precedes it unless it leads, its text).
     pieces: list[tuple[int, str, str]] = [
-        (0, " ", human_bytes(done) + (f" of {human_bytes(total)}" if total else " fetched")),
+        (0, " ", human_bytes(done) + (f" of {mark}{human_bytes(total)}" if total else " fetched")),
         (1, ", ", f"{human_bytes(_rate(stats))}/s"),
-        (3, "; ", f"files {files_line(stats)}{'' if total is not None else ' (still listing)'}"),
+        (3, "; ", f"files {files_line(stats)}{'' if stats.listing_done else ' (still listing)'}"),
     ]
     if (eta := _eta(stats)) is not None:
         pieces.insert(2, (2, ", ", eta))
@@ -230,6 +248,10 @@ def waiting_line(holder: str) -> str:
 
 
 class Display(Protocol):
+    # Whether it shows the bytes to fetch before the listing has been walked (`bytes_total`):
+    # only then does a run walk its listing ahead to count them.
+    estimates: bool
+
     async def run(self, stats: Stats) -> None:
         """Show ``stats`` until cancelled."""
 
@@ -253,6 +275,8 @@ class LogLines:
     """A plain status line handed to ``emit`` at intervals that grow with the run
     (``interval`` of the seconds it has run): readable in cron mail."""
 
+    estimates = True
+
     def __init__(
         self, emit: Callable[[str], None], interval: Callable[[float], float] = log_interval
     ) -> None:
@@ -270,6 +294,8 @@ class TerminalLine:
     """One line on a terminal, redrawn in place every ``interval`` seconds (`terminal_line`),
     fitted to the terminal's width as it is now, and erased when it stops, or by `clear` before
     another line is printed: no line is ever written after half of it."""
+
+    estimates = True
 
     def __init__(self, stream: TextIO, interval: float = 0.2) -> None:
         self._stream = stream
@@ -310,5 +336,7 @@ def terminal_width(stream: TextIO) -> int:
 
 
 class NoDisplay:
+    estimates = False
+
     async def run(self, stats: Stats) -> None:
         await anyio.sleep_forever()

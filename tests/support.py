@@ -21,6 +21,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import (
+    aclosing,
     asynccontextmanager,
     contextmanager,
     redirect_stderr,
@@ -40,6 +41,7 @@ from checkpoint_sync.localserver import Catalog, Faults, LocalServer, ServedFile
 from checkpoint_sync.net import NetSettings, proxy_for_host
 from checkpoint_sync.rate import READ_SIZE
 from checkpoint_sync.retry import RetryPolicy
+from checkpoint_sync.sources.base import FilePages
 from checkpoint_sync.wire import HttpClient
 
 T = TypeVar("T")
@@ -256,6 +258,13 @@ async def api_client(
             key_hint=key_hint,
             retry=RetryPolicy(attempts=attempts, initial_delay=0),
         )
+
+
+async def walk_through(pages: FilePages) -> None:
+    """Read a source's listing to its end, keeping nothing."""
+    async with aclosing(pages):
+        async for _ in pages:
+            pass
 
 
 def pages_being_read() -> int:

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -40,6 +41,7 @@ from .support import (
     mirrored,
     pages_being_read,
     run_cli,
+    walk_through,
 )
 
 Page = tuple[PageRef, list[CheckpointFile | Unreadable]]
@@ -578,7 +580,8 @@ def test_api_errors_exit_with_their_code_and_a_one_line_message(
 def test_api_5xx_and_429_are_retried(server: ServerThread, dest: Path, status: str) -> None:
     server.faults.api_faults = [status, None, status, status]
 
-    result = run_cli(*sync_args(server, dest))
+    # Quiet: a progress display's walk ahead to count the files would take some of the faults.
+    result = run_cli(*sync_args(server, dest, "--quiet"))
 
     assert result.code == 0, result.stderr
     assert server.traffic.api_requests == 2 + 3
@@ -766,6 +769,28 @@ async def test_pages_asked_for_ahead_are_retried_only_once_they_are_wanted(
         with pytest.raises(TransientError, match="HTTP 429 from the API"):
             await anext(pages)
     assert server.traffic.api_requests == 1 + 1 + 3  # the page wanted, with retries of its own
+
+
+@pytest.mark.parametrize("moving", [False, True], ids=["planning-walk", "counting-walk"])
+@pytest.mark.anyio
+async def test_what_moved_is_told_of_the_walk_that_plans_not_of_one_only_to_count(
+    server: ServerThread, moving: bool
+) -> None:
+    # The listing grows while one of the two walks reads it (a walk only to count is a progress
+    # display's, beside the one that plans): whether the run says it moved is the planning's.
+
+    def upload(offset: int) -> None:
+        add_file(server, f"checkpoint-10/new-{offset}.bin", 10)
+
+    async with api_client(server.url) as api:
+        source = TrainingJobSource(api, PROJECT, JOB, page_size=4)
+        selected = select_checkpoints(await source.checkpoints()).checkpoints
+        for counting in (False, True):
+            grows = upload if counting == moving else None
+            server.call(partial(setattr, server.faults, "on_page", grows))
+            await walk_through(source.file_pages(selected, counting=counting))
+    told = {(JOB, c.name) for c in selected} if not moving else set()
+    assert source.moved_while_listed() == told
 
 
 def add_pages(server: ServerThread) -> None:

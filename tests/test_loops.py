@@ -8,6 +8,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ from .support import (
     pushed_off_its_page,
     run_cli,
     staged,
+    walk_through,
 )
 
 RUN = "k4q95w5"
@@ -680,6 +682,32 @@ def test_an_unknown_checkpoint_exits_4(server: ServerThread, dest: Path) -> None
 
     assert result.code == 4
     assert f"Loops checkpoint {uri}: no checkpoints found" in result.stderr
+
+
+@pytest.mark.parametrize("moving", [False, True], ids=["planning-walk", "counting-walk"])
+@pytest.mark.anyio
+async def test_what_moved_is_told_of_the_walk_that_plans_not_of_one_only_to_count(
+    moving: bool,
+) -> None:
+    # The trainer checkpoint's listing grows while one of the two walks reads it (a walk only to
+    # count is a progress display's, beside the one that plans): whether the run says it moved
+    # is the planning's.
+    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-10",)))
+    files = catalog.loops[0].checkpoint.files  # the trainer's
+    stamp = files[0].last_modified
+
+    def upload(offset: int) -> None:
+        files.append(ServedFile(0, f"new-{len(files)}.bin", 10, stamp, 9000 + len(files)))
+
+    with ServerThread(catalog) as server:
+        async with api_client(server.url) as api:
+            source = LoopsSource(api, ("run_id", RUN), f"Loops run {RUN}", page_size=2)
+            selected = [c for c in await source.checkpoints() if isinstance(c, Checkpoint)]
+            for counting in (False, True):
+                grows = upload if counting == moving else None
+                server.call(partial(setattr, server.faults, "on_page", grows))
+                await walk_through(source.file_pages(selected, counting=counting))
+    assert source.moved_while_listed() == (set() if moving else {(RUN, "weights-step-10")})
 
 
 @pytest.mark.anyio

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import anyio
 import pytest
 
+from checkpoint_sync.engine import SyncOptions, sync
+from checkpoint_sync.localserver import Faults
+from checkpoint_sync.net import NetSettings
+from checkpoint_sync.plan import FileFilter, select_checkpoints
 from checkpoint_sync.progress import (
     LogLines,
     Stats,
+    bytes_total,
     human_bytes,
     log_interval,
     status_line,
     summary,
 )
+from checkpoint_sync.sources.baseten_training import TrainingJobSource
+from checkpoint_sync.wire import HttpClient
+
+from .conftest import JOB, PROJECT, job_catalog
+from .support import ServerThread, api_client
 
 
 @pytest.mark.anyio
@@ -54,10 +65,75 @@ def test_a_three_hour_run_writes_about_a_hundred_plain_status_lines() -> None:
     assert lines == 6 + 18 + 50 + 24  # not 1,080, one every 10 seconds
 
 
+@pytest.mark.parametrize(
+    ("counts", "total"),
+    [
+        # Not listed whole, nothing counted ahead: not known.
+        ({"bytes_to_fetch": 60, "bytes_walked": 100}, None),
+        # Counted ahead: what is planned, and all the planning has not reached, as to fetch.
+        ({"bytes_to_fetch": 60, "bytes_walked": 100, "bytes_counted": 300}, (260, "~")),
+        # Planned as far as counted (or further: the listing grew meanwhile).
+        ({"bytes_to_fetch": 60, "bytes_walked": 100, "bytes_counted": 100}, (60, "~")),
+        ({"bytes_to_fetch": 60, "bytes_walked": 120, "bytes_counted": 100}, (60, "~")),
+        # Listed whole: what was planned, whatever was counted.
+        ({"bytes_to_fetch": 60, "bytes_counted": 300, "listing_done": True}, (60, "")),
+        ({"listing_done": True}, (0, "")),
+    ],
+)
+def test_the_bytes_to_fetch_are_estimated_until_the_listing_is_done(
+    counts: dict[str, int], total: tuple[int, str] | None
+) -> None:
+    stats = Stats()
+    for name, count in counts.items():
+        setattr(stats, name, count)
+    assert bytes_total(stats) == total
+
+
+@pytest.mark.anyio
+async def test_a_restore_held_up_by_its_downloads_knows_its_total_while_still_listing(
+    dest: Path,
+) -> None:
+    # Rank 0 of a checkpoint of 1 MiB files, two a page from an API 0.1 s late, two downloads
+    # at a time and slow: the queue holds the listing up until the last two files start.
+    catalog = job_catalog(checkpoints=1, large_files=6, large_size=1 << 20, small_files=0)
+    rank_0 = sum(f.size for f in catalog.files() if f.node_rank == 0)
+    with ServerThread(catalog, Faults(api_delay=0.1, throttle=256 << 10)) as server:
+        async with (
+            api_client(server.url) as api,
+            HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http,
+        ):
+            source = TrainingJobSource(api, PROJECT, JOB, page_size=2)
+            selection = select_checkpoints(await source.checkpoints())
+            files = FileFilter(ranks=frozenset({0}))
+            options = SyncOptions(dest=dest, concurrency=2, files=files, count_ahead=True)
+            stats = Stats()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sync, source, selection, http, options, stats)
+                with anyio.fail_after(20):
+                    while (total := bytes_total(stats)) is None:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                still_listing = not stats.listing_done
+                server.call(lambda: setattr(server.faults, "throttle", None))
+
+    assert still_listing
+    assert total == (rank_0, "~")  # none of them mirrored yet: the estimate is the whole
+    assert bytes_total(stats) == (rank_0, "")
+    assert (stats.files_to_fetch, stats.files_fetched) == (6, 6)
+    assert stats.listings_changed == []
+
+
 def test_status_line_gives_an_eta_once_the_listing_is_done() -> None:
     stats = Stats(bytes_fetched=10 << 20, bytes_to_fetch=20 << 20, listing_done=True)
     assert "ETA" in status_line(stats)
     assert "still listing" not in status_line(stats)
+
+
+def test_status_line_gives_an_estimated_eta_while_still_listing() -> None:
+    stats = Stats(bytes_fetched=40 * MiB, bytes_to_fetch=60 * MiB, bytes_walked=100 * MiB)
+    stats.bytes_counted = 300 * MiB
+    stats.started = time.monotonic() - 10
+    assert ", ETA ~55s; " in status_line(stats)
+    assert status_line(stats).endswith("(still listing)")
 
 
 MiB = 1 << 20

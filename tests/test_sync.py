@@ -78,6 +78,23 @@ def test_walks_every_page_of_the_listing(
     assert server.traffic.api_requests == 1 + -(-len(files) // 4)
 
 
+@pytest.mark.parametrize("extra", [[], ["--verify"]], ids=["re-sync", "verify"])
+def test_a_run_with_nothing_to_fetch_walks_its_listing_once_even_with_progress_shown(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str]
+) -> None:
+    # The plain status lines show an estimated total where the downloads hold the listing up,
+    # from a second walk that only counts. A re-sync is never held up; --verify's read-backs
+    # are, but the listing's bytes say nothing of what it will fetch.
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
+    assert run_cli(*sync_args(server, dest, "--quiet")).code == 0
+    requests = server.traffic.api_requests
+
+    result = run_cli(*sync_args(server, dest, "--concurrency", "1", *extra))
+
+    assert result.code == 0, result.stderr
+    assert server.traffic.api_requests - requests == 1 + -(-len(server.files()) // 4)
+
+
 def test_large_files_arrive_as_ranged_parts_assembled_byte_exact(
     server: ServerThread, dest: Path
 ) -> None:
@@ -1218,12 +1235,14 @@ def test_a_malformed_proxy_url_is_a_configuration_error_not_retried(
 
 def test_the_listing_is_read_only_as_far_as_the_workers_need(dest: Path) -> None:
     # 100 files on pages of 5, and every object stalls: the 2 workers hold a file each and the
-    # queue 2 more, so a page or two are read, and those asked for ahead, not all 20.
+    # queue 2 more, so a page or two are read, and those asked for ahead, not all 20. (Quiet: a
+    # progress display has every page read once more, only to count the files.)
     catalog = job_catalog(checkpoints=1, large_files=0, small_files=50)
     stalled = Faults(hook=lambda *_: "stall", stall_seconds=3.0)
     with ServerThread(catalog, stalled) as server:
         process = run_subprocess(
-            *sync_args(server, dest, "--concurrency", "2"), env={"CHECKPOINT_SYNC_PAGE_SIZE": "5"}
+            *sync_args(server, dest, "--concurrency", "2", "--quiet"),
+            env={"CHECKPOINT_SYNC_PAGE_SIZE": "5"},
         )
         try:
             deadline = time.monotonic() + 10

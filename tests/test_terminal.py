@@ -210,6 +210,12 @@ def _stats(**counts: int | bool) -> Stats:
 
 
 LISTED = {"bytes_to_fetch": 100 * MiB, "listing_done": True, "files_fetched": 3}
+ESTIMATED = {
+    "bytes_to_fetch": 60 * MiB,
+    "bytes_walked": 100 * MiB,
+    "bytes_counted": 300 * MiB,
+    "files_fetched": 3,
+}
 
 
 @pytest.mark.parametrize(
@@ -258,6 +264,14 @@ LISTED = {"bytes_to_fetch": 100 * MiB, "listing_done": True, "files_fetched": 3}
             100,
             "40.0 MiB fetched, 4.0 MiB/s; files 3 done, 0 skipped, 0 failed (still listing)",
         ),
+        # Still listing, the listing counted ahead: 60 MiB planned, 200 MiB not reached yet.
+        (
+            {**ESTIMATED, "bytes_fetched": 40 * MiB},
+            120,
+            "[##----------------] 15% 40.0 MiB of ~260.0 MiB, 4.0 MiB/s, ETA ~55s; "
+            "files 3 done, 0 skipped, 0 failed (still listing)",
+        ),
+        ({**ESTIMATED, "bytes_fetched": 40 * MiB}, 40, "40.0 MiB of ~260.0 MiB, 4.0 MiB/s"),
         # Nothing to fetch: no share of nothing.
         (
             {"listing_done": True, "files_skipped": 5},

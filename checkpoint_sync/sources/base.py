@@ -328,8 +328,10 @@ class Source(Protocol):
         checkpoint list it read, selected or not (see `whole_list`)."""
         ...
 
-    def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
-        """The files of the selected checkpoints, one listing page at a time."""
+    def file_pages(self, selected: Sequence[Checkpoint], *, counting: bool = False) -> FilePages:
+        """The files of the selected checkpoints, one listing page at a time. ``counting``: a
+        walk beside another only to count them, which leaves `moved_while_listed` to the
+        other."""
         ...
 
     def moved_while_listed(self) -> Set[tuple[str, str]]:

@@ -173,14 +173,21 @@ class LoopsSource:
     def listed_whole(self) -> Mapping[str, frozenset[str]]:
         return self._listed_whole
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
+    async def file_pages(
+        self, selected: Sequence[Checkpoint], *, counting: bool = False
+    ) -> FilePages:
         def first(checkpoint: Checkpoint) -> asyncio.Task[CheckpointFilesPage]:
             return first_page(self._api, *self._listing(checkpoint))
 
-        self._moved = set()
+        if not counting:
+            self._moved = set()
         with closing(started_ahead(selected, first)) as walk:
             for checkpoint, asked in walk:
-                moved = partial(self._moved.add, (checkpoint.run, checkpoint.name))
+                moved = (
+                    None
+                    if counting
+                    else partial(self._moved.add, (checkpoint.run, checkpoint.name))
+                )
                 try:
                     pages = file_pages(self._api, *self._listing(checkpoint), asked, moved=moved)
                     async with aclosing(pages):

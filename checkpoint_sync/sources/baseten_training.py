@@ -82,8 +82,11 @@ class TrainingJobSource:
         where = f"{self._job}/{key}" if key else f"{self._job}/? ({known_by(key, position)})"
         return unreadable_checkpoint(entry, key, where)
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
-        self._moved = set()
+    async def file_pages(
+        self, selected: Sequence[Checkpoint], *, counting: bool = False
+    ) -> FilePages:
+        if not counting:
+            self._moved = set()
         wanted = {c.name for c in selected}
         if not wanted:
             return  # the listing is the whole job's: walked for no checkpoint, it costs requests
@@ -93,7 +96,9 @@ class TrainingJobSource:
             # One listing for the whole job: a file of any checkpoint may have gone unseen.
             self._moved = {(self._job, name) for name in wanted}
 
-        pages = file_pages(self._api, listing, self._page_size, self.description, moved=moved)
+        pages = file_pages(
+            self._api, listing, self._page_size, self.description, moved=None if counting else moved
+        )
         async with aclosing(pages):
             async for ref, entries in pages:
                 files: list[Listed] = []

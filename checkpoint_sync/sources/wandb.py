@@ -154,7 +154,10 @@ class WandbSource:
             last_id = last.get("id", str) if isinstance(last, Unreadable) else last.id
             params["after"] = advance(page.last_id or last_id, seen, self.description)
 
-    async def file_pages(self, selected: Sequence[Checkpoint]) -> FilePages:
+    async def file_pages(
+        self, selected: Sequence[Checkpoint], *, counting: bool = False
+    ) -> FilePages:
+        # Nothing to leave to another walk: what moved_while_listed tells never changes.
         from .wandb_artifacts import VersionMissing  # loaded with `ArtifactFiles` already
 
         artifacts = self._artifacts_or_fail()
