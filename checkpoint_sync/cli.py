@@ -197,6 +197,12 @@ class _Output:
     def status(self, text: str) -> None:
         self._print_error(self.shown(text))
 
+    def progress(self, text: str) -> None:
+        """A line of progress on stderr, as `LogLines` writes: not under ``--quiet`` or
+        ``--json``, which show no progress."""
+        if not (self.quiet or self.as_json):
+            self.status(text)
+
     def error(self, text: str) -> None:
         self._print_error(f"checkpoint-sync: error: {self.shown(text)}")
 
@@ -1082,9 +1088,11 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
             _selected(recipe, wanted, out) as (_, source, selection),
         ):
             settings_count = f"{len(pairs)} setting{'s' if len(pairs) > 1 else ''}"
+            total = len(pairs) * args.rounds
             out.info(
                 f"benchmarking {source.description}: {settings_count}, each tried "
-                f"{'once' if args.rounds == 1 else f'{args.rounds} times in turn'}"
+                f"{'once' if args.rounds == 1 else f'{args.rounds} times in turn'}: "
+                f"{total} trial{'s' if total > 1 else ''}"
             )
             trials_run = run_trials(
                 source,
@@ -1100,6 +1108,8 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
             async with aclosing(trials_run):
                 async for trial in trials_run:
                     trials.append(trial)
+                    # As each ends: a bench takes minutes, and a silent one looks hung.
+                    out.progress(_trial_done(trial, len(trials), total, len(pairs)))
 
     def stopped(why: str) -> None:
         # The trials measured before the bench stopped are still shown.
@@ -1177,18 +1187,30 @@ def _bench_report(
         elif best is None:
             out.answer("recommended: none (a trial of every setting failed)")
         else:
-            out.answer(
-                f"recommended: --concurrency {best.concurrency} --part-size "
-                f"{format_size(best.part_size)} ({best.mb_per_s:.1f} MB/s)"
-            )
+            out.answer(f"recommended: {_flags(best)} ({best.mb_per_s:.1f} MB/s)")
     # Not a clean run: a trial that failed, or a file in one.
     ended = measured(trials)
     failed = len(ended) < len(trials) or any(t.failed for t in ended)
     return EXIT_FILES_FAILED if failed else EXIT_OK
 
 
+def _flags(tried: Setting | Trial | FailedTrial) -> str:
+    """The flags that ask for ``tried``'s setting, as they can be passed back."""
+    return f"--concurrency {tried.concurrency} --part-size {format_size(tried.part_size)}"
+
+
 def _trial_flags(tried: Setting) -> str:
-    return f"trial --concurrency {tried.concurrency} --part-size {format_size(tried.part_size)}"
+    return f"trial {_flags(tried)}"
+
+
+def _trial_done(trial: Trial | FailedTrial, done: int, total: int, settings: int) -> str:
+    """The progress line of the ``done``-th of ``total`` trials, ``settings`` a round."""
+    from .bench import FailedTrial
+
+    where = f"trial {done} of {total} (round {(done - 1) // settings + 1}): {_flags(trial)}"
+    if isinstance(trial, FailedTrial):
+        return f"{where}: failed: {trial.error}"
+    return f"{where}: {trial.mb_per_s:.1f} MB/s, {trial.failed} failed"
 
 
 def _failed_rounds(tried: Setting) -> list[str]:

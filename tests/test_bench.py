@@ -61,6 +61,11 @@ from .test_kill import wait_for
 from .test_local_errors import immutable, mounted
 
 
+def errors(stderr: str) -> list[str]:
+    """The error lines of ``stderr``, without the line each trial's end adds."""
+    return [line for line in stderr.splitlines() if line.startswith("checkpoint-sync: error: ")]
+
+
 def trial(concurrency: int, part_size: int, mb: float, failed: int = 0) -> Trial:
     return Trial(concurrency, part_size, 1, failed, int(mb * 1e6), 1.0, 0.1, None, None)
 
@@ -306,7 +311,7 @@ def test_a_scratch_too_small_for_a_trial_says_what_bench_writes_there(
         assert list(small.iterdir()) == []
 
     assert result.code == 6
-    (line,) = result.stderr.splitlines()
+    (line,) = errors(result.stderr)
     assert "not enough space for" in line
     assert line.endswith(
         f"(each bench trial writes up to --max-bytes, at least one whole file, into {small})"
@@ -583,6 +588,78 @@ def test_each_setting_is_tried_once_a_round_and_shown_by_its_median_and_range(
         assert (setting["mb_per_s_min"], setting["mb_per_s_max"]) == (min(rates), max(rates))
 
 
+def test_each_trial_is_told_on_stderr_as_it_ends_in_order(
+    server: ServerThread, tmp_path: Path
+) -> None:
+    args = ["--concurrency", "2,4", "--part-size", "256KiB", "--max-bytes", "1MiB"]
+    result = run_cli(*job_args(server, "bench", *args, "--rounds", "2", "--scratch", tmp_path))
+
+    assert result.code == 0, result.stderr
+    assert result.stdout.splitlines()[0].endswith(
+        ": 2 settings, each tried 2 times in turn: 4 trials"
+    )
+    told = result.stderr.splitlines()
+    assert [re.sub(r": [0-9.]+ MB/s, ", ": * MB/s, ", line) for line in told] == [
+        f"trial {n} of 4 (round {round}): --concurrency {c} --part-size 256KiB: * MB/s, 0 failed"
+        for n, (round, c) in enumerate([(1, 2), (1, 4), (2, 2), (2, 4)], 1)
+    ]
+    # The MB/s told is the trial's own, the one the table's range is made of.
+    rounds = [float(line.split(": ")[2].split()[0]) for line in told]
+    for row, measured in zip(
+        result.stdout.splitlines()[2:4], (rounds[::2], rounds[1::2]), strict=True
+    ):
+        assert row.split()[7] == f"{min(measured):.1f}-{max(measured):.1f}", row
+
+
+def test_a_trial_told_as_it_ends_comes_before_the_next_trial_ends(tmp_path: Path) -> None:
+    # Once the first trial's page is answered, the API answers 30 s late: the second trial
+    # waits for its page while the first one's line is read.
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        server.faults.on_page = lambda offset: setattr(server.faults, "api_delay", 30)
+        bench = job_args(server, "bench", *ONE_CHECKPOINT_TRIALS, "--scratch", tmp_path)
+        process = run_subprocess(*bench)
+        try:
+            assert process.stderr is not None
+            first = process.stderr.readline().decode()
+            assert process.poll() is None
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.communicate(timeout=60)
+
+    assert first.startswith("trial 1 of 6 (round 1): --concurrency 2 --part-size 256KiB: ")
+    assert first.endswith(" MB/s, 0 failed\n")
+
+
+@pytest.mark.parametrize("flag", ["--quiet", "--json"])
+def test_no_trial_is_told_with_quiet_or_json(server: ServerThread, flag: str) -> None:
+    args = ["--concurrency", "2,4", "--part-size", "256KiB", "--max-bytes", "1MiB", "--rounds", "1"]
+    result = run_cli(*job_args(server, "bench", *args, flag))
+
+    assert result.code == 0, result.stderr
+    assert result.stderr == ""
+    if flag == "--json":
+        assert len(json.loads(result.stdout)["trials"]) == 2
+    else:  # the table and the settings recommended, as asked for
+        assert len(result.stdout.splitlines()) == 4
+        assert result.stdout.splitlines()[-1].startswith("recommended: --concurrency ")
+
+
+def test_a_trial_that_an_error_ends_is_told_failed_as_it_ends(tmp_path: Path) -> None:
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        server.faults.api_faults = [None, None, "not-json"]  # the listing of the second trial
+        bench = job_args(server, "bench", *ONE_CHECKPOINT_TRIALS, "--rounds", "1")
+        result = run_cli(*bench, "--scratch", tmp_path)
+
+    assert result.code == 1, result.stderr
+    told = [line for line in result.stderr.splitlines() if line not in errors(result.stderr)]
+    assert len(told) == 2
+    assert told[0].startswith("trial 1 of 2 (round 1): --concurrency 2 --part-size 256KiB: ")
+    assert told[1] == (
+        "trial 2 of 2 (round 1): --concurrency 4 --part-size 256KiB: failed: training job "
+        "job-1 of project proj: the API answered with something not JSON"
+    )
+
+
 @pytest.mark.parametrize("rounds", ["0", "-1", "x"])
 def test_rounds_must_be_a_whole_number_of_at_least_one(server: ServerThread, rounds: str) -> None:
     result = run_cli(*job_args(server, "bench", "--rounds", rounds))
@@ -655,7 +732,7 @@ def test_a_trial_that_fails_is_shown_failed_and_the_others_still_count(
     assert measured.split()[:3] == ["2", "256.0", "KiB"]
     assert float(measured.split()[6]) > 0  # MB/s
     assert failed.split() == ["4", "256.0", "KiB", *["-"] * 8]  # nothing measured
-    assert result.stderr.splitlines() == [
+    assert errors(result.stderr) == [
         "checkpoint-sync: error: trial --concurrency 4 --part-size 256KiB failed in round 1: "
         f"training job job-1 of project proj: {error}"
     ]
@@ -705,7 +782,7 @@ def test_trials_that_failed_where_nothing_was_measured_are_named_and_exit_1(
         "checkpoint-sync: error: trial --concurrency 2 --part-size 256KiB failed in round 1: "
         "training job job-1 of project proj: the API answered with something not JSON"
     )
-    named, told = result.stderr.splitlines()
+    named, told = errors(result.stderr)
     assert named == trial_failed
     assert told.startswith(f"checkpoint-sync: error: {outcome}")
     assert "recommended" not in result.stdout
@@ -725,7 +802,7 @@ def test_a_listing_entry_off_the_schema_fails_as_a_file_in_every_trial(tmp_path:
 
     assert result.code == as_json.code == 1, result.stderr + as_json.stderr
     where = f"{JOB}/{unreadable.name.replace('/', '/0/', 1)}"
-    assert result.stderr.splitlines() == [
+    assert errors(result.stderr) == [
         f"checkpoint-sync: error: trial --concurrency {c} --part-size 256KiB: 1 failed, the "
         f"first: {where}: its listing entry is unreadable (size_bytes: Input should be a valid "
         "integer, unable to parse string as an integer)"
@@ -771,7 +848,7 @@ def test_a_trial_of_every_setting_failed_recommends_none_and_is_exit_1(tmp_path:
         assert row.split()[:4] == [concurrency, "256.0", "KiB", "1"]  # its second round's
         assert float(row.split()[6]) > 0  # MB/s
     assert recommended == "recommended: none (a trial of every setting failed)"
-    assert result.stderr.splitlines() == [
+    assert errors(result.stderr) == [
         f"checkpoint-sync: error: trial --concurrency {c} --part-size 256KiB failed in round 1: "
         "training job job-1 of project proj: the API answered with something not JSON"
         for c in (2, 4)
@@ -804,7 +881,7 @@ def test_an_error_no_later_trial_could_pass_stops_the_bench_at_once(status: str,
     assert measured.split()[:3] == ["2", "256.0", "KiB"]
     assert failed.split() == ["4", "256.0", "KiB", *["-"] * 8]
     assert recommended == "recommended: none (the bench stopped before its end)"
-    first, stop = result.stderr.splitlines()
+    first, stop = errors(result.stderr)
     assert first.startswith("checkpoint-sync: error: trial --concurrency 4 --part-size 256KiB")
     assert f"HTTP {status}" in stop
     report = json.loads(as_json.stdout)
