@@ -171,21 +171,18 @@ class Transfers:
         parts = split_parts(file.size, part_size)
         # A one-part file has no progress worth recording: it is simply fetched again.
         multipart = len(parts) > 1
-        todo, etag = parts, None
+        todo, etag, resumed = parts, None, 0
         if multipart and self._settings.resume:
             staged = self._manifest.staged(key, _size_of(staging))
             todo = parts_to_fetch(file, part_size, staged)
             if resumed := file.size - sum(part.length for part in todo):
                 # The bytes kept came from that version of the object: the others must too.
                 etag = staged.etag if staged is not None else None
-                self._stats.files_resumed += 1
-                self._stats.bytes_resumed += resumed
-        resumes = todo != parts
         reserve = multipart and self._reserves
         if reserve:
             # The staging file holds all its space (reserved now, or by the run that left parts
             # to keep), and the disk shows it as used.
-            needed, unseen = (0 if resumes else file.size), 0
+            needed, unseen = (0 if resumed else file.size), 0
         else:
             needed = unseen = sum(part.length for part in todo)
         self._check_space(needed, final)
@@ -196,7 +193,7 @@ class Transfers:
                 staging,
                 todo,
                 multipart=multipart,
-                resumes=resumes,
+                resumed=resumed,
                 reserve=reserve,
                 unseen=unseen,
                 etag=etag,
@@ -231,28 +228,34 @@ class Transfers:
         todo: list[Part],
         *,
         multipart: bool,
-        resumes: bool,
+        resumed: int,
         reserve: bool,
         unseen: int,
         etag: str | None,
     ) -> str:
-        """Fetch ``todo`` into the staging file and verify it whole; its xxh3 digest."""
+        """Fetch ``todo`` into the staging file and verify it whole; its xxh3 digest.
+        ``resumed``: the bytes of the parts an earlier run left, kept."""
         fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
-        staged = _Staged(fd, key, unseen, etag)
+        staged = _Staged(fd, key, unseen, etag, resumed)
         self._in_flight.add(staged)
+        # Counted as done (by the progress and its ETA too) only once the space was there and
+        # the staging file opened; taken back if the parts are dropped (`_drop_parts`).
+        if resumed:
+            self._stats.files_resumed += 1
+            self._stats.bytes_resumed += resumed
         try:
-            if multipart and not resumes:
+            if multipart and not resumed:
                 if self._settings.fsync:  # its parts are recorded: its name must be durable
                     _os_call(staging, lambda: fsync_directory(str(self._staging_dir)))
                 self._manifest.begin_staging(
                     key, file.size, file.last_modified, self._settings.part_size
                 )
-            if not resumes:
+            if not resumed:
                 _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
             try:
                 digests = await self._fetch_parts(staged, file, todo)
             except _ObjectChanged:
-                self._manifest.drop_staging(key)  # parts of the old version must not be kept
+                self._drop_parts(staged)  # parts of the old version must not be kept
                 raise
             if digests is not None:
                 _check_length(fd, file.size)
@@ -262,7 +265,7 @@ class Transfers:
                 digest = digests.verified()
             except IntegrityError:
                 # Some part is wrong and nothing tells which: the next attempt starts over.
-                self._manifest.drop_staging(key)
+                self._drop_parts(staged)
                 raise
             if self._settings.fsync:
                 # In a thread, as a part's is: flushing a large file takes seconds of the disk,
@@ -272,6 +275,15 @@ class Transfers:
         finally:
             os.close(fd)
             self._in_flight.discard(staged)
+
+    def _drop_parts(self, staged: _Staged) -> None:
+        """Forget the parts recorded of ``staged``: those an earlier run left were not kept
+        after all, and count as resumed no more."""
+        self._manifest.drop_staging(staged.key)
+        if staged.resumed:
+            self._stats.files_resumed -= 1
+            self._stats.bytes_resumed -= staged.resumed
+            staged.resumed = 0
 
     async def still_recorded(self, file: RemoteFile, relative: str) -> bool:
         """Whether the mirrored file at ``relative`` still has the xxh3 digest recorded when it
@@ -404,7 +416,7 @@ class Transfers:
             return await self._fetch_concurrently(staged, file, parts, url)
         except _RangeIgnored:
             # Fetch it as one stream instead, and forget parts that will be written over.
-            self._manifest.drop_staging(staged.key)
+            self._drop_parts(staged)
             return await self._fetch_part(staged, file, whole, url)
 
     async def _fetch_concurrently(
@@ -671,6 +683,8 @@ class _Staged:
     unseen: int
     # The object's strong ETag as the first answer gave it: every part must come from it.
     etag: str | None = None
+    # The bytes of the parts an earlier run left, counted as resumed while they are kept.
+    resumed: int = 0
 
     def landed(self, size: int) -> None:
         self.unseen = max(0, self.unseen - size)

@@ -204,6 +204,7 @@ def test_a_file_resumed_from_a_server_now_ignoring_range_is_fetched_whole(
     assert_mirrored(server, dest)  # and no parts left
     # Asked for from its first missing part (answered whole, and dropped), then whole.
     assert {name for name, _, _ in server.traffic.ranges} == {f.name for f in resumed}
+    assert "parts an earlier run left" not in result.stdout  # they were written over, not kept
 
 
 def test_a_resumed_file_answered_whole_sends_no_other_part_before_it_is_fetched_whole(
@@ -762,6 +763,9 @@ def test_an_object_replaced_between_runs_while_its_url_still_works_is_not_resume
         failures = json.loads(again.stdout)["failures"]
         assert len(failures) == len(server.files())  # both ranks' copies were left in parts
         assert all("changed while it was being fetched (ETag" in f["error"] for f in failures)
+        # Their parts were dropped: none was resumed, nor counted done by the progress.
+        assert json.loads(again.stdout)["files"]["resumed"] == 0
+        assert json.loads(again.stdout)["bytes"]["resumed"] == 0
 
         final = run_cli(*sync_args(server, dest))
 

@@ -26,10 +26,10 @@ import pytest
 
 from checkpoint_sync.filesystem import preallocation_pays
 from checkpoint_sync.localserver import Faults
-from checkpoint_sync.manifest import Manifest, VerifiedFile
+from checkpoint_sync.manifest import SPACE_RESERVE, Manifest, VerifiedFile
 
 from .conftest import JOB, job_args, job_catalog, sync_args
-from .support import ServerThread, assert_exact, mirrored, new_version, run_cli
+from .support import ServerThread, assert_exact, leave_in_parts, mirrored, new_version, run_cli
 from .test_kill import assert_records_true
 from .test_sync import flip_byte
 
@@ -190,6 +190,34 @@ def test_a_full_disk_stops_with_the_path_and_the_space_needed_and_the_rerun_resu
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
     # What was published is not fetched again; at most the parts cut short by the stop are.
     assert server.traffic.object_bytes_sent <= total + 4 * (256 << 10)
+
+
+def test_parts_kept_from_an_earlier_run_count_as_resumed_only_once_the_rest_fits(
+    server: ServerThread, disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each 3 MiB file is left with its first MiB; then there is room for one more MiB only.
+    remount(disk, "size=32m")
+    dest = disk / "mirror"
+    leave_in_parts(server, monkeypatch, sync_args(server, dest), from_byte=1 << 20)
+    fill(disk, leaving=SPACE_RESERVE + (1 << 20))
+
+    full = run_cli(*sync_args(server, dest, "--json"))
+
+    assert full.code == 6, full.stderr
+    assert "it needs 2.0 MiB" in full.stderr
+    summary = json.loads(full.stdout)
+    # It counted each large file resumed (its MiB kept) before refusing it for want of space.
+    assert (summary["files"]["resumed"], summary["bytes"]["resumed"]) == (0, 0)
+
+    (disk / "filler").unlink()
+    again = run_cli(*sync_args(server, dest, "--json"))
+
+    assert again.code == 0, again.stderr
+    summary = json.loads(again.stdout)
+    large = [f for f in server.files() if f.size > 1 << 20]
+    assert summary["files"]["resumed"] == len(large)  # the parts were kept for this run
+    assert summary["bytes"]["resumed"] == len(large) << 20
+    assert len(published(server, dest)) == len(server.files())
 
 
 def test_a_long_path_that_does_not_fit_is_quoted_by_its_start_and_end(

@@ -645,6 +645,29 @@ def test_bytes_that_do_not_match_the_listed_md5_never_reach_the_mirror(
         server.__exit__(None, None, None)
 
 
+def test_a_file_resumed_whose_md5_does_not_match_is_not_counted_resumed(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both files are left with their first two 64 KiB parts; then one's other parts come wrong.
+    server = serve(wandb_catalog(files=2, size=200_000), monkeypatch)
+    try:
+        args = synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--part-size", "64KiB")
+        leave_in_parts(server, monkeypatch, args, from_byte=128 << 10)
+        damaged, _ = checkpoints_of(server)[50].files
+        server.faults.corrupt = {damaged.name}
+
+        result = run_cli(*args, "--json")
+    finally:
+        server.__exit__(None, None, None)
+
+    assert result.code == 1
+    summary = json.loads(result.stdout)
+    (failure,) = summary["failures"]
+    assert "MD5 of the bytes received is" in failure["error"]
+    # Its parts were dropped with it, to be fetched again: only the other file's were kept.
+    assert (summary["files"]["resumed"], summary["bytes"]["resumed"]) == (1, 128 << 10)
+
+
 def test_an_artifact_file_off_the_schema_fails_alone(server: ServerThread, dest: Path) -> None:
     unreadable, *readable = checkpoints_of(server)[50].files
     server.faults.unreadable = {unreadable.name}
