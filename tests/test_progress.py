@@ -147,6 +147,8 @@ MiB = 1 << 20
         ({"bytes_fetched": 40 * MiB, "bytes_published": 40 * MiB}, "ETA 15s"),
         # Parts kept from an earlier run are done; they are no bytes a second.
         ({"bytes_fetched": 40 * MiB, "bytes_resumed": 40 * MiB}, "ETA 5s"),
+        # Nothing received yet: no rate to tell it by.
+        ({"bytes_resumed": 40 * MiB}, None),
         # Skipped files neither.
         ({"bytes_fetched": 40 * MiB, "bytes_skipped": 1000 * MiB}, "ETA 15s"),
         # Bytes received twice (a retry) do not make the rest negative.

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_sync.localserver import Faults
-from checkpoint_sync.progress import Stats, terminal_line
+from checkpoint_sync.progress import Stats, terminal_line, terminal_width
 
 from .conftest import job_catalog, sync_args
 from .support import ServerThread, assert_no_secret
@@ -238,8 +238,36 @@ ESTIMATED = {
             60,
             "40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s",
         ),
+        # Each cut at the edge: a bar of the shortest width fills the line to the last column
+        # but one, and one column less leaves it out; so does a piece that would reach it.
+        (
+            {**LISTED, "bytes_fetched": 40 * MiB},
+            94,
+            "[####------] 40% 40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s; "
+            "files 3 done, 0 skipped, 0 failed",
+        ),
+        (
+            {**LISTED, "bytes_fetched": 40 * MiB},
+            93,
+            "40% 40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s; files 3 done, 0 skipped, 0 failed",
+        ),
+        ({**LISTED, "bytes_fetched": 40 * MiB}, 42, "40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s"),
         ({**LISTED, "bytes_fetched": 40 * MiB}, 40, "40.0 MiB of 100.0 MiB, 4.0 MiB/s"),
+        ({**LISTED, "bytes_fetched": 40 * MiB}, 30, "40.0 MiB of 100.0 MiB"),
         ({**LISTED, "bytes_fetched": 40 * MiB}, 20, "40.0 MiB of 100...."),
+        # Nothing received yet: no rate, so no ETA.
+        (
+            LISTED,
+            80,
+            "[---------------] 0% 0 B of 100.0 MiB, 0 B/s; files 3 done, 0 skipped, 0 failed",
+        ),
+        # The bar is full only once all is in.
+        (
+            {**LISTED, "bytes_fetched": 99 * MiB},
+            120,
+            "[#############################-] 99% 99.0 MiB of 100.0 MiB, 9.9 MiB/s, ETA 0s; "
+            "files 3 done, 0 skipped, 0 failed",
+        ),
         # Parts kept from an earlier run are done, though this one moved none of their bytes.
         (
             {**LISTED, "bytes_fetched": 40 * MiB, "bytes_resumed": 40 * MiB},
@@ -272,6 +300,17 @@ ESTIMATED = {
             "files 3 done, 0 skipped, 0 failed (still listing)",
         ),
         ({**ESTIMATED, "bytes_fetched": 40 * MiB}, 40, "40.0 MiB of ~260.0 MiB, 4.0 MiB/s"),
+        # Still listing, nor are parts kept from an earlier run "fetched".
+        (
+            {
+                "bytes_fetched": 40 * MiB,
+                "bytes_resumed": 40 * MiB,
+                "bytes_to_fetch": 60 * MiB,
+                "files_fetched": 3,
+            },
+            100,
+            "40.0 MiB fetched, 4.0 MiB/s; files 3 done, 0 skipped, 0 failed (still listing)",
+        ),
         # Nothing to fetch: no share of nothing.
         (
             {"listing_done": True, "files_skipped": 5},
@@ -293,3 +332,31 @@ def test_a_run_waiting_for_the_lock_says_so_on_the_terminal_too() -> None:
         "waiting for the mirror's lock, held by another run (pid 4242)"
     )
     assert terminal_line(stats, 30) == "waiting for the mirror's l..."
+
+
+@pytest.mark.parametrize(
+    ("columns", "terminal", "width"),
+    [
+        ("100", 50, 100),  # COLUMNS first, as for other programs
+        ("100", None, 100),
+        (None, 50, 50),
+        ("", 50, 50),
+        ("wide", 50, 50),
+        ("0", 50, 50),  # no width
+        ("-3", 50, 50),
+        (None, 0, 80),  # a terminal that does not tell its size (a serial console)
+        (None, None, 80),  # not a terminal
+    ],
+)
+def test_terminal_width(
+    monkeypatch: pytest.MonkeyPatch, columns: str | None, terminal: int | None, width: int
+) -> None:
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    reader, writer = os.openpty() if terminal is not None else os.pipe()
+    if terminal is not None:
+        fcntl.ioctl(writer, termios.TIOCSWINSZ, struct.pack("HHHH", 20, terminal, 0, 0))
+    with os.fdopen(reader, "rb"), os.fdopen(writer, "w") as stream:
+        assert terminal_width(stream) == width
