@@ -660,6 +660,7 @@ def test_an_empty_file_is_a_plausible_size() -> None:
         ((), True, [(0, "a")], False),
         ((), True, [(1, "a")], False),  # another rank's file: --node-rank 0 names the ranks
         ((), True, [(0, "b")], False),  # one left out by a pattern: --include says so
+        ((), True, [(None, "b")], False),  # ... though its entry tells no rank
         ((), True, [(None, None)], False),  # an unreadable entry: it fails as a file
         (("c3",), False, [], False),  # named but still syncing: left out, and named so
     ],
