@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -167,6 +168,39 @@ def test_the_head_of_a_long_text_is_redacted_as_the_whole_text_would_be(
         assert shown == redact(text)[:300], at
         for part in (SECRET[:4], ENCODED[:6], "LONGPASS"):
             assert part not in shown, at
+
+
+def test_the_head_of_a_text_shrunk_by_as_much_as_redaction_can_shrink_it() -> None:
+    # A key whose longest spelling (30 characters) is three redactions long, spelled so back to
+    # back before the first 300 characters shown: one more spelling, a character or more on,
+    # straddles the least of the text that decides them.
+    redact = Redactor(["ABCDEFGHIJ"])
+    spelled = "%41%42%43%44%45%46%47%48%49%4A"
+    for gap in range(12):
+        text = spelled * 29 + "x" * gap + spelled + " " + "y" * 40
+        shown = redact.head(text, 300)
+        assert shown == redact(text)[:300], gap
+        assert "%41" not in shown, gap
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "http://h/p?sig=1 ",  # URLs: only those before the cut are looked at
+        "http://h/p?" + "q" * 700 + " ",  # shown 32 times shorter: the cut goes on, doubling
+        "a" * 63 + "b",  # near misses of the key, no break: the key is looked for in the head only
+    ],
+)
+def test_the_head_of_a_huge_text_takes_no_time_whatever_it_holds(unit: str) -> None:
+    # An API's error page of 64 MiB: redacted whole (or its URLs by one more each time, or its
+    # near misses of the key whole), it held the event loop for 5 to 13 s.
+    redact = Redactor(["a" * 64])
+    text = unit * ((64 << 20) // len(unit))
+    started = time.perf_counter()
+    shown = redact.head(text, 2048)
+    took = time.perf_counter() - started
+    assert shown == redact(text[: 1 << 20])[:2048]
+    assert took < 3, f"{took:.1f} s"
 
 
 def test_the_head_of_a_text_without_secrets_or_shorter_than_it() -> None:
