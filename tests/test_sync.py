@@ -390,15 +390,26 @@ def test_a_restore_says_which_checkpoint_it_took_and_where_it_landed(dest: Path)
     ]
 
 
-def test_a_checkpoint_whose_name_is_no_directory_has_no_path(dest: Path) -> None:
-    entry = {"checkpoint_id": "..", "created_at": "2026-11-01T00:00:00Z", "sync_status": None}
+@pytest.mark.parametrize(
+    ("name", "env"),
+    [
+        ("..", {}),
+        # A name that file names cannot hold under the locale: ASCII, as POSIX's is.
+        ("caf\u00e9", {"LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}),
+    ],
+)
+def test_a_checkpoint_whose_name_is_no_directory_has_no_path(
+    dest: Path, name: str, env: dict[str, str]
+) -> None:
+    entry = {"checkpoint_id": name, "created_at": "2026-11-01T00:00:00Z", "sync_status": None}
     with job_listing_checkpoints(JOB, [entry]) as origin:
         args = ("--api-url", origin, "--project", PROJECT, "--job", JOB, "--dest", dest)
-        result = run_cli("sync", *args, "--json")
+        process = run_subprocess("sync", *args, "--json", env=env)
+        out, err = process.communicate(timeout=60)
 
-    assert result.code == 0, result.stderr
-    taken = json.loads(result.stdout)["checkpoints"]
-    assert taken == [{"checkpoint": f"{JOB}/..", "id": "..", "path": None}]
+    assert process.returncode == 0, err
+    taken = json.loads(out)["checkpoints"]
+    assert taken == [{"checkpoint": f"{JOB}/{name}", "id": name, "path": None}]
 
 
 def test_a_restore_of_a_checkpoint_that_lists_no_file_is_not_found(dest: Path) -> None:
