@@ -172,7 +172,9 @@ def _eta(stats: Stats) -> str | None:
         return None
     whole, mark = total
     left = whole - bytes_done(stats)
-    return f"ETA {mark}{left / rate:.0f}s" if left > 0 else None
+    # At least a second while anything is left, as the share is rounded down: neither says the
+    # run is done before it is.
+    return f"ETA {mark}{max(round(left / rate), 1)}s" if left > 0 else None
 
 
 def status_line(stats: Stats) -> str:
@@ -210,7 +212,7 @@ def terminal_line(stats: Stats, width: int) -> str:
     if (eta := _eta(stats)) is not None:
         pieces.insert(2, (2, ", ", eta))
     if total:
-        pieces.insert(0, (4, "", f"{done / total:.0%}"))
+        pieces.insert(0, (4, "", f"{done * 100 // total}%"))
     kept = list(pieces)
     while len(kept) > 1 and len(_joined(kept)) > room:
         kept.remove(max(kept))

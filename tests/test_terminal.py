@@ -26,6 +26,7 @@ from .conftest import job_catalog, sync_args
 from .support import ServerThread, assert_no_secret
 
 MiB = 1 << 20
+KiB = 1 << 10
 
 
 @pytest.fixture
@@ -261,11 +262,17 @@ ESTIMATED = {
             80,
             "[---------------] 0% 0 B of 100.0 MiB, 0 B/s; files 3 done, 0 skipped, 0 failed",
         ),
-        # The bar is full only once all is in.
+        # The bar, the share and the ETA say all is in only once it is.
         (
             {**LISTED, "bytes_fetched": 99 * MiB},
             120,
-            "[#############################-] 99% 99.0 MiB of 100.0 MiB, 9.9 MiB/s, ETA 0s; "
+            "[#############################-] 99% 99.0 MiB of 100.0 MiB, 9.9 MiB/s, ETA 1s; "
+            "files 3 done, 0 skipped, 0 failed",
+        ),
+        (
+            {**LISTED, "bytes_fetched": 100 * MiB - 100 * KiB},
+            120,
+            "[#############################-] 99% 99.9 MiB of 100.0 MiB, 10.0 MiB/s, ETA 1s; "
             "files 3 done, 0 skipped, 0 failed",
         ),
         # Parts kept from an earlier run are done, though this one moved none of their bytes.
