@@ -793,6 +793,33 @@ async def test_what_moved_is_told_of_the_walk_that_plans_not_of_one_only_to_coun
     assert source.moved_while_listed() == told
 
 
+@pytest.mark.parametrize("counting", [False, True], ids=["planning-walk", "counting-walk"])
+@pytest.mark.anyio
+async def test_a_walk_only_to_count_reads_a_listing_that_keeps_changing_once(
+    server: ServerThread, counting: bool
+) -> None:
+    # A file uploaded with each page read: the planning walk walks the listing three times and
+    # counts each file once itself; the walk that counts the progress's total cannot tell a
+    # repeat, and walked again would count most files three times over.
+    uploaded = iter(range(1000))
+
+    def upload(offset: int) -> None:
+        add_file(server, f"checkpoint-10/new-{next(uploaded)}.bin", 10)
+
+    async def entries() -> int:
+        pages = source.file_pages(selected, counting=counting)
+        async with aclosing(pages):
+            return sum([len(page) async for page in pages])
+
+    async with api_client(server.url) as api:
+        source = TrainingJobSource(api, PROJECT, JOB, page_size=4)
+        selected = select_checkpoints(await source.checkpoints()).checkpoints
+        still = await entries()
+        server.call(partial(setattr, server.faults, "on_page", upload))
+        changing = await entries()
+    assert (changing < 2 * still) == counting
+
+
 def add_pages(server: ServerThread) -> None:
     for n in range(30):  # 60 files, 4 a page: 15 pages
         add_file(server, f"checkpoint-10/more-{n}.bin", 10)

@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import aclosing
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -708,6 +709,36 @@ async def test_what_moved_is_told_of_the_walk_that_plans_not_of_one_only_to_coun
                 server.call(partial(setattr, server.faults, "on_page", grows))
                 await walk_through(source.file_pages(selected, counting=counting))
     assert source.moved_while_listed() == (set() if moving else {(RUN, "weights-step-10")})
+
+
+@pytest.mark.parametrize("counting", [False, True], ids=["planning-walk", "counting-walk"])
+@pytest.mark.anyio
+async def test_a_walk_only_to_count_reads_a_listing_that_keeps_changing_once(
+    counting: bool,
+) -> None:
+    # A file uploaded with each page read: walked again, the walk that counts the progress's
+    # total would count the trainer checkpoint's files three times over (it cannot tell a repeat).
+    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-10",)))
+    files = catalog.loops[0].checkpoint.files  # the trainer's
+    stamp = files[0].last_modified
+
+    def upload(offset: int) -> None:
+        files.append(ServedFile(0, f"new-{len(files)}.bin", 10, stamp, 9000 + len(files)))
+
+    with ServerThread(catalog) as server:
+        async with api_client(server.url) as api:
+            source = LoopsSource(api, ("run_id", RUN), f"Loops run {RUN}", page_size=2)
+            selected = [c for c in await source.checkpoints() if isinstance(c, Checkpoint)]
+
+            async def entries() -> int:
+                pages = source.file_pages(selected, counting=counting)
+                async with aclosing(pages):
+                    return sum([len(page) async for page in pages])
+
+            still = await entries()
+            server.call(partial(setattr, server.faults, "on_page", upload))
+            changing = await entries()
+    assert (changing < 2 * still) == counting
 
 
 @pytest.mark.anyio

@@ -331,7 +331,7 @@ class Source(Protocol):
     def file_pages(self, selected: Sequence[Checkpoint], *, counting: bool = False) -> FilePages:
         """The files of the selected checkpoints, one listing page at a time. ``counting``: a
         walk beside another only to count them, which leaves `moved_while_listed` to the
-        other."""
+        other, and shows each file once (a listing that changed is not walked again)."""
         ...
 
     def moved_while_listed(self) -> Set[tuple[str, str]]:

@@ -189,7 +189,9 @@ class LoopsSource:
                     else partial(self._moved.add, (checkpoint.run, checkpoint.name))
                 )
                 try:
-                    pages = file_pages(self._api, *self._listing(checkpoint), asked, moved=moved)
+                    pages = file_pages(
+                        self._api, *self._listing(checkpoint), asked, moved=moved, once=counting
+                    )
                     async with aclosing(pages):
                         async for ref, entries in pages:
                             yield [_listed(checkpoint, ref, entry) for entry in entries]

@@ -42,17 +42,19 @@ async def file_pages(
     first: asyncio.Task[CheckpointFilesPage] | None = None,
     *,
     moved: Callable[[], None] | None = None,
+    once: bool = False,
 ) -> AsyncGenerator[tuple[PageRef, list[CheckpointFile | Unreadable]], None]:
     """Every page of ``listing`` (`_walk_once`), walked again while it did not hold still (up
     to `REWALKS` times): a file removed upstream meanwhile may have hidden another, which the
     next walk shows. The entries of the walks before come again; the caller counts a repeat
     once. ``moved`` is called if the last walk did not hold still either.
 
-    ``first``: the first page, asked for already (`first_page`).
+    ``first``: the first page, asked for already (`first_page`). ``once``: walked once however
+    it moved, for a walk only to count its files, which has no way to count a repeat once.
     """
     start = PageRef(listing=listing, page_token=0, page_size=page_size)
     walks: list[Walked] = []
-    for rewalk in range(REWALKS + 1):
+    for rewalk in range(1 if once else REWALKS + 1):
         pages = _walk_once(api, start, what, None if rewalk else first, walks.append)
         async with aclosing(pages):
             async for page in pages:

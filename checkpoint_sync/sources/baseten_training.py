@@ -97,7 +97,12 @@ class TrainingJobSource:
             self._moved = {(self._job, name) for name in wanted}
 
         pages = file_pages(
-            self._api, listing, self._page_size, self.description, moved=None if counting else moved
+            self._api,
+            listing,
+            self._page_size,
+            self.description,
+            moved=None if counting else moved,
+            once=counting,
         )
         async with aclosing(pages):
             async for ref, entries in pages:
