@@ -6,8 +6,9 @@ import fcntl
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -685,6 +686,32 @@ def test_an_unknown_checkpoint_exits_4(server: ServerThread, dest: Path) -> None
     assert f"Loops checkpoint {uri}: no checkpoints found" in result.stderr
 
 
+@dataclass
+class Growing:
+    source: LoopsSource
+    selected: list[Checkpoint]
+    grow: Callable[[int], None]
+
+
+@asynccontextmanager
+async def a_trainer_listing_that_can_grow() -> AsyncIterator[tuple[ServerThread, Growing]]:
+    """A Loops run of one trainer and one sampler checkpoint, its source reading pages of 2 and
+    its checkpoints selected; and `grow`, a `Faults.on_page` that uploads a file to the trainer
+    checkpoint with each page of a listing read."""
+    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-10",)))
+    files = catalog.loops[0].checkpoint.files  # the trainer's
+    stamp = files[0].last_modified
+
+    def grow(offset: int) -> None:
+        files.append(ServedFile(0, f"new-{len(files)}.bin", 10, stamp, 9000 + len(files)))
+
+    with ServerThread(catalog) as server:
+        async with api_client(server.url) as api:
+            source = LoopsSource(api, ("run_id", RUN), f"Loops run {RUN}", page_size=2)
+            selected = [c for c in await source.checkpoints() if isinstance(c, Checkpoint)]
+            yield server, Growing(source, selected, grow)
+
+
 @pytest.mark.parametrize("moving", [False, True], ids=["planning-walk", "counting-walk"])
 @pytest.mark.anyio
 async def test_what_moved_is_told_of_the_walk_that_plans_not_of_one_only_to_count(
@@ -693,22 +720,12 @@ async def test_what_moved_is_told_of_the_walk_that_plans_not_of_one_only_to_coun
     # The trainer checkpoint's listing grows while one of the two walks reads it (a walk only to
     # count is a progress display's, beside the one that plans): whether the run says it moved
     # is the planning's.
-    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-10",)))
-    files = catalog.loops[0].checkpoint.files  # the trainer's
-    stamp = files[0].last_modified
-
-    def upload(offset: int) -> None:
-        files.append(ServedFile(0, f"new-{len(files)}.bin", 10, stamp, 9000 + len(files)))
-
-    with ServerThread(catalog) as server:
-        async with api_client(server.url) as api:
-            source = LoopsSource(api, ("run_id", RUN), f"Loops run {RUN}", page_size=2)
-            selected = [c for c in await source.checkpoints() if isinstance(c, Checkpoint)]
-            for counting in (False, True):
-                grows = upload if counting == moving else None
-                server.call(partial(setattr, server.faults, "on_page", grows))
-                await walk_through(source.file_pages(selected, counting=counting))
-    assert source.moved_while_listed() == (set() if moving else {(RUN, "weights-step-10")})
+    async with a_trainer_listing_that_can_grow() as (server, run):
+        for counting in (False, True):
+            grows = run.grow if counting == moving else None
+            server.call(partial(setattr, server.faults, "on_page", grows))
+            await walk_through(run.source.file_pages(run.selected, counting=counting))
+    assert run.source.moved_while_listed() == (set() if moving else {(RUN, "weights-step-10")})
 
 
 @pytest.mark.parametrize("counting", [False, True], ids=["planning-walk", "counting-walk"])
@@ -718,26 +735,16 @@ async def test_a_walk_only_to_count_reads_a_listing_that_keeps_changing_once(
 ) -> None:
     # A file uploaded with each page read: walked again, the walk that counts the progress's
     # total would count the trainer checkpoint's files three times over (it cannot tell a repeat).
-    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, names=("step-10",)))
-    files = catalog.loops[0].checkpoint.files  # the trainer's
-    stamp = files[0].last_modified
+    async with a_trainer_listing_that_can_grow() as (server, run):
 
-    def upload(offset: int) -> None:
-        files.append(ServedFile(0, f"new-{len(files)}.bin", 10, stamp, 9000 + len(files)))
+        async def entries() -> int:
+            pages = run.source.file_pages(run.selected, counting=counting)
+            async with aclosing(pages):
+                return sum([len(page) async for page in pages])
 
-    with ServerThread(catalog) as server:
-        async with api_client(server.url) as api:
-            source = LoopsSource(api, ("run_id", RUN), f"Loops run {RUN}", page_size=2)
-            selected = [c for c in await source.checkpoints() if isinstance(c, Checkpoint)]
-
-            async def entries() -> int:
-                pages = source.file_pages(selected, counting=counting)
-                async with aclosing(pages):
-                    return sum([len(page) async for page in pages])
-
-            still = await entries()
-            server.call(partial(setattr, server.faults, "on_page", upload))
-            changing = await entries()
+        still = await entries()
+        server.call(partial(setattr, server.faults, "on_page", run.grow))
+        changing = await entries()
     assert (changing < 2 * still) == counting
 
 
