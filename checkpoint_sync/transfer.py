@@ -498,10 +498,15 @@ class Transfers:
         if state.digests is not None:
             return state.digests  # made durable with the whole file, before it is published
         if self._settings.fsync:  # durable before the manifest vouches for it
-            staging = f"{self._staging_dir}/{staging_name(staged.key)}"
-            await anyio.to_thread.run_sync(_os_call, staging, partial(os.fdatasync, staged.fd))
+            await self._flush(staged)
         self._manifest.part_done(staged.key, part.index)
         return None
+
+    async def _flush(self, staged: _Staged) -> None:
+        """Make the bytes written into ``staged`` durable: in a thread, as flushing a large
+        file takes seconds of the disk, which on the loop would stall every other transfer."""
+        staging = f"{self._staging_dir}/{staging_name(staged.key)}"
+        await anyio.to_thread.run_sync(_os_call, staging, partial(os.fdatasync, staged.fd))
 
     async def _keep_reached(self, staged: _Staged, part: Part, state: _PartState) -> None:
         """Record how far a part of a file in parts got, stopped or out of retries, so that the
@@ -511,11 +516,10 @@ class Transfers:
         if state.digests is not None or not part.start < state.offset < state.end:
             return
         if self._settings.fsync:
-            # The record must not vouch for bytes a power loss could take. In a thread, as a
-            # finished part's flush is, and waited for even by a stop: the file is closed next.
-            staging = f"{self._staging_dir}/{staging_name(staged.key)}"
+            # The record must not vouch for bytes a power loss could take; the flush is waited
+            # for even by a stop, as the file is closed next.
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_os_call, staging, partial(os.fdatasync, staged.fd))
+                await self._flush(staged)
         self._manifest.part_reached(staged.key, part.index, state.offset)
 
     async def _request_range(
