@@ -217,6 +217,18 @@ def assert_exact(path: Path, file: ServedFile) -> None:
     assert data == content(file.seed, 0, file.size), f"{path}: content differs"
 
 
+def send_answer(
+    handler: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str | None = None
+) -> None:
+    """Answer ``handler``'s request with ``status`` and ``body``, its length told."""
+    handler.send_response(status)
+    if content_type is not None:
+        handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 @contextmanager
 def http_serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
     """``handler`` answering on 127.0.0.1, on threads of its own, quietly; yields its origin."""
@@ -289,12 +301,7 @@ def job_listing_checkpoints(job: str, entries: Sequence[Mapping[str, object]]) -
             answer: dict[str, object] = {"presigned_urls": [], "total_count": 0}
             if self.path.endswith("/checkpoints"):
                 answer = {"training_job": {"id": job}, "checkpoints": entries}
-            body = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_answer(self, 200, json.dumps(answer).encode(), "application/json")
 
     with http_serving(Answers) as origin:
         yield origin

@@ -34,6 +34,7 @@ from .support import (
     mirrored,
     proxy_named,
     run_cli,
+    send_answer,
 )
 
 
@@ -315,12 +316,7 @@ def server_quoting(header: str, status: int, who: str) -> Iterator[str]:
             # The header's value starts a little before the 300th character, where messages are
             # cut.
             detail = f"refused by the {who}".ljust(260, ".") + f" {header}: {self.headers[header]}"
-            body = json.dumps({"detail": detail}).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_answer(self, status, json.dumps({"detail": detail}).encode(), "application/json")
 
     with http_serving(Quoting) as origin:
         yield origin
@@ -491,11 +487,9 @@ def test_a_proxy_password_holding_an_escape_of_no_character_is_sent_and_is_a_sec
             credentials = self.headers["Proxy-Authorization"]
             seen.append(credentials)
             decoded = base64.b64decode(credentials.removeprefix("Basic ")).decode("latin-1")
-            body = json.dumps({"detail": f"refused {credentials} ({decoded})"}).encode()
-            self.send_response(400)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_answer(
+                self, 400, json.dumps({"detail": f"refused {credentials} ({decoded})"}).encode()
+            )
 
     with http_serving(Proxy) as proxy:
         url = proxy.replace("http://", "http://user:p%ffss-0a1b2c3d@")
@@ -539,11 +533,7 @@ def test_a_key_the_api_quotes_percent_encoded_is_not_shown(
         def do_GET(self) -> None:
             quoted = urllib.parse.quote(self.headers["Authorization"], safe="")
             body = json.dumps({"detail": f"refused: authorization={quoted}"}).encode()
-            self.send_response(400)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_answer(self, 400, body, "application/json")
 
     with http_serving(Quoting) as api:
         result = run_cli("list", "--api-url", api, "--project", "p", "--job", "j", "--json")
@@ -569,10 +559,7 @@ def test_a_huge_error_page_is_shown_by_its_start_redacted(
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            self.send_response(400)
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
+            send_answer(self, 400, page)
 
     with http_serving(Huge) as api:
         result = run_cli("list", "--api-url", api, "--project", "p", "--job", "j", "--json")

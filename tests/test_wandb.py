@@ -45,6 +45,7 @@ from .support import (
     http_serving,
     leave_in_parts,
     run_cli,
+    send_answer,
     staged,
 )
 
@@ -487,11 +488,7 @@ def graphql_answering(
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
             served.append(len(served) + 1)
-            status, body = answer(served[-1], self)
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_answer(self, *answer(served[-1], self))
 
     with http_serving(Handler) as origin:
         monkeypatch.setenv("CHECKPOINT_SYNC_WANDB_BASE_URL", origin)
