@@ -44,6 +44,7 @@ from .plan import (
     check_listed_size,
     check_listed_url,
     is_current,
+    walked_whole,
 )
 from .progress import Stats
 from .prune import Deletion, Pruner, deletions, held_back
@@ -204,14 +205,14 @@ async def _run(
     )
     jobs = _Jobs(options.concurrency)
     listing_failed: list[ApiError | TransientError | UsageError] = []
-    paths_told: list[bool] = []
+    untold: list[set[tuple[str, str | None]]] = []
     stop = _Stop()
     counting = anyio.CancelScope()
 
     async def produce() -> None:
         with stop.listing:
             try:
-                paths_told.append(
+                untold.append(
                     await _produce(source, selection, options, manifest, stats, on_plan, jobs)
                 )
             except (ApiError, TransientError, UsageError) as exc:
@@ -244,15 +245,14 @@ async def _run(
         raise stop.error
     if listing_failed:
         raise listing_failed[0]
-    # A file whose entry did not tell its path may have parts; only its listing could say which.
-    # So may one that a listing changed while it was walked did not show: a later walk tells.
+    # A file whose entry did not tell its path may have parts, in its checkpoint (any of its
+    # run's, where the entry did not tell which), as may the files of a checkpoint not there to
+    # list: only their listing could say which. So may one that a listing changed while it was
+    # walked did not show: a later walk tells. The other checkpoints' parts still go.
     moved = source.moved_while_listed()
     stats.listings_changed = sorted(f"{run}/{name}" for run, name in moved)
-    listed = (
-        {(c.run, c.name) for c in selection.checkpoints if (c.run, c.name) not in moved}
-        if paths_told == [True]
-        else set()
-    )
+    selected = [(c.run, c.name) for c in selection.checkpoints]
+    listed = walked_whole(selected, moved, untold[0]) if untold else set()
     transfers.drop_unlisted(listed, options.files, source.listed_whole())
 
 
@@ -264,12 +264,13 @@ async def _produce(
     stats: Stats,
     on_plan: Callable[[PlannedFile], None] | None,
     jobs: _Jobs | None,
-) -> bool:
+) -> set[tuple[str, str | None]]:
     """Plan every listed file of the ranks and paths asked for, queueing those to fetch. Every
     such path, usable or not, is noted in the manifest (a file that fails this run is still
-    there); the result says whether every entry told its path."""
+    there); the result holds the (run, checkpoint) of each entry that did not tell its path
+    (`plan.walked_whole`)."""
     places = Places(options.dest)
-    paths_told = True
+    untold: set[tuple[str, str | None]] = set()
     tally = Tally(options.files)
     # Unlike a checkpoint still syncing, no rerun or flag will mirror it: it fails as one listed
     # entry, as a file whose listing entry is unreadable does (exit 1), once the run has started
@@ -289,7 +290,7 @@ async def _produce(
                     stats.files_listed += 1
                     if isinstance(file, UnreadableEntry):
                         if None in (file.checkpoint, file.node_rank, file.name):
-                            paths_told = False
+                            untold.add((file.run, file.checkpoint))
                         elif manifest.first_listing(file.where) is False:
                             stats.files_listed -= 1  # failed already (a listing walked again)
                             continue
@@ -312,7 +313,7 @@ async def _produce(
     finally:
         if jobs is not None:
             jobs.close()
-    return paths_told
+    return untold
 
 
 async def _count_ahead(

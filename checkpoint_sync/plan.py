@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -246,6 +246,24 @@ def unlisted_parts_go(
     if whole_lists.get(run) and removed_upstream(run, checkpoint, whole_lists):
         return True
     return (run, checkpoint) in listed and files.takes(rank, path)
+
+
+def walked_whole(
+    selected: Iterable[tuple[str, str]],
+    moved: Set[tuple[str, str]],
+    untold: Set[tuple[str, str | None]],
+) -> set[tuple[str, str]]:
+    """Of the ``selected`` checkpoints (run, directory), those whose file listing showed every
+    file they hold, where the parts of a file it did not show go (`unlisted_parts_go`): not one
+    whose listing changed while it was walked (``moved``), nor one that an entry which did not
+    tell its path may be of (``untold``; (run, None): the entry did not tell its checkpoint
+    either). A checkpoint whose files were not there to list (`VanishedCheckpoint`) is such an
+    entry: they may be back later, parts and all. The others' parts still go."""
+    return {
+        (run, checkpoint)
+        for run, checkpoint in selected
+        if (run, checkpoint) not in moved and not {(run, checkpoint), (run, None)} & untold
+    }
 
 
 def removed_upstream(run: str, checkpoint: str, whole_lists: Mapping[str, frozenset[str]]) -> bool:

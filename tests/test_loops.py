@@ -507,6 +507,30 @@ def test_the_parts_of_a_checkpoint_deleted_upstream_go_and_no_other_ones(
     assert staged(dest) == kept | ({f"{RUN}/weights-step-10"} if unreadable else set())
 
 
+def test_a_checkpoint_deleted_after_the_list_was_read_keeps_its_parts_not_the_others_removed(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its files were not there to list: their parts stay, until a list read whole no longer has
+    # it. The others' listings were walked whole: the parts of a file removed from one go.
+    catalog = Catalog(api_key=API_KEY, loops=synthetic_loops_run(RUN, BASE_MODEL, size=200_000))
+    with ServerThread(catalog) as server:
+        args = sync(server, dest, "--loops-run", RUN, "--part-size", "64KiB")
+        leave_in_parts(server, monkeypatch, args, from_byte=128 << 10)
+        staging = dest / ".checkpoint-sync" / "staging"
+        assert len(list(staging.iterdir())) == 3 * 4
+        by_id = {c.id: c for c in of_run(server, RUN)}
+        server.faults.files_gone = {f"lc-{RUN}-sampler-step-10"}
+        server.call(by_id[f"lc-{RUN}-trainer-step-20"].checkpoint.files.pop)
+
+        result = run_cli(*args, "--json")
+
+    assert result.code == 1, result.stderr
+    (failure,) = json.loads(result.stdout)["failures"]
+    assert failure["path"] == f"{RUN}/sampler_weights-step-10"
+    assert staged(dest) == {f"{RUN}/sampler_weights-step-10"}
+    assert len(list(staging.iterdir())) == 3
+
+
 def test_delete_removes_a_trainer_checkpoint_removed_upstream_not_its_sampler_twin(
     dest: Path,
 ) -> None:

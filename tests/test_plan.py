@@ -25,6 +25,7 @@ from checkpoint_sync.plan import (
     select_checkpoints,
     split_parts,
     unlisted_parts_go,
+    walked_whole,
 )
 from checkpoint_sync.sources.base import (
     Available,
@@ -611,6 +612,27 @@ def test_unlisted_parts_go(
     goes: bool,
 ) -> None:
     assert unlisted_parts_go(place, listed, files, whole_lists) is goes
+
+
+SELECTED = [("job", "c1"), ("job", "c2"), ("other", "c1")]
+
+
+@pytest.mark.parametrize(
+    ("moved", "untold", "walked"),
+    [
+        (set(), set(), set(SELECTED)),
+        ({("job", "c1")}, set(), {("job", "c2"), ("other", "c1")}),  # changed while walked
+        # An entry of c2 without its rank or name, or a checkpoint whose files were not there.
+        (set(), {("job", "c2")}, {("job", "c1"), ("other", "c1")}),
+        (set(), {("job", None)}, {("other", "c1")}),  # an entry of any of the run's checkpoints
+        (set(), {("job", "c9")}, set(SELECTED)),  # a checkpoint not selected
+        ({("other", "c1")}, {("job", None)}, set()),
+    ],
+)
+def test_walked_whole(
+    moved: set[tuple[str, str]], untold: set[tuple[str, str | None]], walked: set[tuple[str, str]]
+) -> None:
+    assert walked_whole(SELECTED, moved, untold) == walked
 
 
 @pytest.mark.parametrize(

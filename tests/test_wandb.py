@@ -790,6 +790,45 @@ def test_the_parts_of_a_checkpoint_deleted_upstream_go(
     assert staged(dest) == {f"{MODEL}/step-{step}" for step in left}
 
 
+def test_a_missing_version_keeps_its_parts_and_does_not_keep_those_the_others_no_longer_list(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A checkpoint whose version is missing tells nothing of its files, which may be back (an
+    # upload late): their parts stay. The other checkpoints were listed whole: the parts of a
+    # file their listing no longer shows go, as they would in a run with every version there.
+    catalog = wandb_catalog(files=2, size=200_000)
+    server = serve(catalog, monkeypatch)
+    try:
+        args = synced(dest, "--wandb-artifact", ARTIFACT, "--part-size", "64KiB")
+        leave_in_parts(server, monkeypatch, args, from_byte=128 << 10)
+        staging = dest / ".checkpoint-sync" / "staging"
+        assert len(list(staging.iterdir())) == 2 * len(METRICS)
+        checkpoints = checkpoints_of(server)
+        checkpoints[10].uploaded = False
+        server.call(checkpoints[20].files.pop)  # removed upstream
+
+        missing = run_cli(*args, "--json")
+        assert missing.code == 1, missing.stderr
+        assert staged(dest) == {f"{MODEL}/step-10"}
+        assert len(list(staging.iterdir())) == 2
+        checkpoints[10].uploaded = True
+        server.traffic.ranges.clear()
+        back = run_cli(*args)
+    finally:
+        server.__exit__(None, None, None)
+
+    (failure,) = json.loads(missing.stdout)["failures"]
+    assert failure["path"] == f"{MODEL}/step-10"
+    assert back.code == 0, back.stderr
+    for file in checkpoints[10].files:
+        assert_exact(landed(dest, 10, file), file)
+    # Resumed from its parts, not fetched again.
+    assert sorted(start for _, start, _ in server.traffic.ranges) == sorted(
+        start for _ in checkpoints[10].files for start in range(128 << 10, 200_000, 64 << 10)
+    )
+    assert list(staging.iterdir()) == []
+
+
 @pytest.mark.anyio
 async def test_the_next_checkpoints_artifact_files_are_asked_for_while_one_is_planned() -> None:
     metrics: dict[int, dict[str, float | None]] = {step: {} for step in range(10, 130, 10)}
