@@ -200,9 +200,9 @@ class Faults:
     # Loops checkpoints (by id) still in the checkpoint list whose file listing answers 404, as
     # it does for one deleted after the list was read.
     files_gone: set[str] = field(default_factory=set)
-    # Called with the offset of every file listing page once it is answered, on the server's
-    # loop: a test changes the catalog there, as uploads and deletions upstream do while a
-    # listing is walked (the pages after it see the change).
+    # Called with the offset of every file listing page (a W&B artifact version's too) once it
+    # is answered, on the server's loop: a test changes the catalog there, as uploads and
+    # deletions upstream do while a listing is walked (the pages after it see the change).
     on_page: Callable[[int], None] | None = None
 
     def __post_init__(self) -> None:
@@ -554,13 +554,18 @@ class LocalServer:
             page, next_token = page or entries[-page_size:], following
         elif self.faults.endless_listing == "empty":
             next_token = following
-        answer = web.json_response(
+        return self._page_answered(
+            offset,
             {
                 "presigned_urls": [self._file_entry(f) for f in page],
                 "next_page_token": next_token,
                 "total_count": len(entries),
-            }
+            },
         )
+
+    def _page_answered(self, offset: int, body: dict[str, object]) -> web.Response:
+        """The answer of a file listing page at ``offset``, once `Faults.on_page` has seen it."""
+        answer = web.json_response(body)
         if self.faults.on_page is not None:
             self.faults.on_page(offset)
         return answer
@@ -709,7 +714,7 @@ class LocalServer:
                 for f in page
             ],
         }
-        return web.json_response({"data": {"project": {"artifact": {"files": files}}}})
+        return self._page_answered(offset, {"data": {"project": {"artifact": {"files": files}}}})
 
     # --- presigned objects -----------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from checkpoint_sync.sources.wandb_artifacts import (
 
 from .support import (
     API_KEY,
+    Result,
     ServerThread,
     api_client,
     assert_exact,
@@ -727,6 +728,35 @@ def test_a_checkpoint_whose_artifact_version_is_missing_fails_alone(
     alone = run_cli(*synced(dest, "--checkpoint", f"step-{missing}", "--wandb-artifact", ARTIFACT))
     assert alone.code == 4
     assert f"{ARTIFACT}:step{missing}: not found" in alone.stderr
+
+
+def test_a_version_deleted_while_its_files_are_listed_fails_alone_saying_so(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found on its first page, gone when the second is asked for: the artifact path was right,
+    # so the run does not stop as for a version never found (exit 4), though it is the only one.
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "1")
+    latest = checkpoints_of(server)[50]
+    first, *others = latest.files
+
+    def deleted_while_listed(*flags: str) -> Result:
+        def delete(offset: int) -> None:
+            server.faults.on_page = None
+            latest.uploaded = False
+
+        latest.uploaded = True
+        server.faults.on_page = delete
+        return run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT, *flags))
+
+    text = deleted_while_listed()
+    summary = deleted_while_listed("--json")
+
+    gone = f"W&B artifact {ARTIFACT}:step50: deleted after its first page of files was read"
+    assert text.code == summary.code == 1, text.stderr
+    assert text.stderr == f"checkpoint-sync: error: {MODEL}/step-50: {gone}\n"
+    assert json.loads(summary.stdout)["failures"] == [{"path": f"{MODEL}/step-50", "error": gone}]
+    assert_exact(landed(dest, 50, first), first)
+    assert not any(landed(dest, 50, file).exists() for file in others)
 
 
 @pytest.mark.parametrize("more_promised", [False, True], ids=["whole", "ended-on-a-promise"])

@@ -158,7 +158,7 @@ class WandbSource:
         self, selected: Sequence[Checkpoint], *, counting: bool = False
     ) -> FilePages:
         # Nothing to leave to another walk: what moved_while_listed tells never changes.
-        from .wandb_artifacts import VersionMissing  # loaded with `ArtifactFiles` already
+        from .wandb_artifacts import VersionGone, VersionMissing  # loaded with `ArtifactFiles`
 
         artifacts = self._artifacts_or_fail()
         walk = started_ahead(
@@ -166,7 +166,7 @@ class WandbSource:
         )
         # A checkpoint whose version is missing (its weights not uploaded yet, or deleted) fails
         # alone once another's was found; where none is, the artifact path is likely wrong, and
-        # the run stops at the first as not found.
+        # the run stops at the first as not found. One found, then gone, shows the path right.
         missing: list[tuple[Checkpoint, VersionMissing]] = []
         with closing(walk):
             for checkpoint, first in walk:
@@ -182,13 +182,12 @@ class WandbSource:
                             yield [self._listed(checkpoint, ref, f) for f in files]
                 except VersionMissing as exc:
                     missing.append((checkpoint, exc))
+                except VersionGone as exc:
+                    yield [_vanished(checkpoint, exc)]
         if missing and len(missing) == len(selected):
             raise missing[0][1]
         if missing:
-            yield [
-                VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))
-                for checkpoint, exc in missing
-            ]
+            yield [_vanished(checkpoint, exc) for checkpoint, exc in missing]
 
     def moved_while_listed(self) -> Set[tuple[str, str]]:
         # A version's files are paged by a cursor, not by an offset that a file added or removed
@@ -298,6 +297,10 @@ def _unreadable(model: str, entry: Unreadable, position: int) -> UnreadableCheck
     key, step = entry.get("id", str), entry.get("step", int)
     where = f"{model}/step-{'?' if step is None else step} ({known_by(key, position)})"
     return UnreadableCheckpoint(key, where, entry.reason, step=step)
+
+
+def _vanished(checkpoint: Checkpoint, exc: NotFoundError) -> VanishedCheckpoint:
+    return VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))
 
 
 def _alias(checkpoint: Checkpoint) -> str:

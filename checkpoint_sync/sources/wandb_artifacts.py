@@ -126,7 +126,8 @@ class ArtifactFiles:
         self, alias: str, page_size: int, first: asyncio.Task[_Answer] | None = None
     ) -> AsyncGenerator[list[ArtifactFile | Unreadable], None]:
         """Every page of the files of version ``alias`` (``first``: its first page, asked for
-        already); `NotFoundError` if there is none."""
+        already); `VersionMissing` if there is none, `VersionGone` if it went after its first
+        page."""
         what = _what(self.path, alias)
         cursor: str | None = None
         seen: set[str] = set()
@@ -138,7 +139,7 @@ class ArtifactFiles:
                 first = None
             else:
                 answer = await self._page(alias, page_size, cursor)
-            files = _files(answer, self.path, what)
+            files = _files(answer, self.path, what, later=cursor is not None)
             if not files.edges:
                 return
             yield [edge.node for edge in files.edges]
@@ -170,11 +171,17 @@ class VersionMissing(NotFoundError):
     uploaded yet, or were deleted (or an artifact path that names no artifact at all)."""
 
 
+class VersionGone(NotFoundError):
+    """The version was there for its first page of files, and not for a later one: deleted (or
+    its alias taken off) while its files were listed. The artifact path is right."""
+
+
 def _what(artifact: ArtifactPath, alias: str) -> str:
     return f"W&B artifact {artifact}:{alias}"
 
 
-def _files(answer: _Answer, artifact: ArtifactPath, what: str) -> _Files:
+def _files(answer: _Answer, artifact: ArtifactPath, what: str, *, later: bool) -> _Files:
+    """The files of a page of the version's (``later``: a page after its first)."""
     # GraphQL reports failures inside a 200 answer.
     if answer.errors:
         raise ApiError(f"{what}: W&B answered: {answer.errors[0].message}")
@@ -184,5 +191,7 @@ def _files(answer: _Answer, artifact: ArtifactPath, what: str) -> _Files:
             "--wandb-artifact, and that the W&B key may read it)"
         )
     if answer.data.project.artifact is None:
+        if later:
+            raise VersionGone(f"{what}: deleted after its first page of files was read")
         raise VersionMissing(f"{what}: not found (check --wandb-artifact)")
     return answer.data.project.artifact.files
