@@ -789,12 +789,12 @@ def _run_and_report(
     """Run ``job`` with signal handling; print the summary (the text one only if the run got as
     far as listing files, or ``--delete`` did something first, and never if it ended still
     waiting for the lock: a line of zeros would read like an empty success)."""
-    error: CheckpointSyncError | None = None
     try:
-        received = _run(job)
+        stopped = _run(job)
+        error = None if stopped is None else stopped.error
     except CheckpointSyncError as exc:
-        error, received = exc, None
-    code = _exit_code(stats, received, error)
+        error, stopped = exc, None
+    code = _exit_code(stats, stopped, error)
     holder = stats.waiting_for  # still set: the run ended before it had the lock (--wait-lock)
     if out.as_json:
         payload = summary(stats)
@@ -811,25 +811,26 @@ def _run_and_report(
         error is None or stats.files_listed or stats.files_to_delete or stats.files_failed
     ):
         _print_summary(stats, options, out)
-    if error is not None:
-        raise error
-    if received is not None:
-        name = signal.Signals(received).name
-        if holder is None:
-            out.error(f"stopped by {name}; rerun to resume")
-        else:
-            out.error(
-                f"stopped by {name} while waiting for the lock of another run (pid {holder}) "
-                "on this mirror; this run did nothing"
-            )
+    if stopped is None:
+        if error is not None:
+            raise error
+        return code
+    stopped.say_error(out)
+    if holder is None:
+        out.error(f"stopped by {stopped.name}; rerun to resume")
+    else:
+        out.error(
+            f"stopped by {stopped.name} while waiting for the lock of another run (pid {holder}) "
+            "on this mirror; this run did nothing"
+        )
     return code
 
 
-def _exit_code(stats: Stats, received: int | None, error: CheckpointSyncError | None) -> int:
+def _exit_code(stats: Stats, stopped: _Stopped | None, error: CheckpointSyncError | None) -> int:
+    if stopped is not None:
+        return stopped.code
     if error is not None:
         return error.exit_code
-    if received is not None:
-        return 128 + received
     return EXIT_FILES_FAILED if stats.files_failed else EXIT_OK
 
 
@@ -906,8 +907,32 @@ def _print_summary(
         out.error(f"... and {stats.files_failed - FAILURES_SHOWN} more failures (see --json)")
 
 
-def _run(job: Callable[[], Awaitable[None]]) -> int | None:
-    """Run ``job`` on an event loop (uvloop when installed); the signal that stopped it, if any."""
+@dataclass(frozen=True)
+class _Stopped:
+    """A command stopped by a signal, and the error stopping met, if any (a manifest that could
+    not record how far a part got). Its exit code is the signal's whatever that error: a user
+    who pressed Ctrl-C, or a script that sent SIGTERM, is told by 130 or 143 that the stop was
+    theirs; the error is still said."""
+
+    signum: int
+    error: CheckpointSyncError | None = None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def code(self) -> int:
+        return 128 + self.signum
+
+    def say_error(self, out: _Output) -> None:
+        if self.error is not None:
+            out.error(str(self.error))
+
+
+def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
+    """Run ``job`` on an event loop (uvloop when installed); how a signal stopped it, if one did.
+    An error it ended with is raised, but for one met once a signal came (`_Stopped`)."""
     received: int | None = None
 
     async def main() -> None:
@@ -930,9 +955,14 @@ def _run(job: Callable[[], Awaitable[None]]) -> int | None:
                 tg.cancel_scope.cancel()
 
     try:
-        anyio.run(main, backend_options=loop_options())
-    except ExceptionGroup as group:
-        raise most_severe(group) from None
+        try:
+            anyio.run(main, backend_options=loop_options())
+        except ExceptionGroup as group:
+            raise most_severe(group) from None
+    except CheckpointSyncError as exc:
+        if received is None:
+            raise
+        return _Stopped(received, exc)
     finally:
         if received is not None:
             # Past the receiver, up to the process's exit (the summary, the interpreter's
@@ -940,12 +970,13 @@ def _run(job: Callable[[], Awaitable[None]]) -> int | None:
             # or a KeyboardInterrupt traceback) instead of its exit 130/143.
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)
-    return received
+    return None if received is None else _Stopped(received)
 
 
-def _stopped(received: int, out: _Output) -> int:
+def _stopped(stopped: _Stopped, out: _Output) -> int:
     """`list` and `bench` stopped by a signal: they have nothing to resume."""
-    return out.failed(f"stopped by {signal.Signals(received).name}", 128 + received)
+    stopped.say_error(out)
+    return out.failed(f"stopped by {stopped.name}", stopped.code)
 
 
 # --- list -----------------------------------------------------------------------------------------
@@ -981,9 +1012,9 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
             # --latest passed these over, as stderr says; a program reading --json is told too.
             passed_over.extend(selection.passed_over)
 
-    received = _run(survey_source)
-    if received is not None:
-        return _stopped(received, out)
+    stopped = _run(survey_source)
+    if stopped is not None:
+        return _stopped(stopped, out)
     if settings.dest is not None and not settings.dest.is_dir():
         # Else a mistyped --dest reads as a mirror holding nothing. No error: a sync creates it.
         out.status(f"no mirror at {settings.dest.absolute()}: no such directory")
@@ -1051,11 +1082,14 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
                 if not out.as_json:
                     _print_summary(stats, options, out, _DEMO_SYNCING_HINT)
 
-    received = _run(run_twice)
+    stopped = _run(run_twice)
     if out.as_json:
         out.json({"dest": str(dest), "runs": runs})
     out.info(f"the mirror is in {dest}")
-    return 128 + received if received is not None else max(codes, default=EXIT_OK)
+    if stopped is None:
+        return max(codes, default=EXIT_OK)
+    stopped.say_error(out)
+    return stopped.code
 
 
 # --- bench ----------------------------------------------------------------------------------------
@@ -1117,13 +1151,13 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
             _bench_report(trials, args.rounds, out, stopped=why)
 
     try:
-        received = _run(measure)
+        signalled = _run(measure)
     except CheckpointSyncError as exc:  # one no later trial could escape
         stopped(str(exc))
         raise
-    if received is not None:
-        stopped(signal.Signals(received).name)
-        return _stopped(received, out)
+    if signalled is not None:
+        stopped(signalled.name)
+        return _stopped(signalled, out)
     ended = measured(trials)
     if not ended:
         # A table of rows that all failed would only say it again, trial after trial.

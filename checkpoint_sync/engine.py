@@ -241,6 +241,12 @@ async def _run(
             outer.cancel_scope.cancel()
     except ExceptionGroup as group:
         raise most_severe(group) from None
+    except anyio.get_cancelled_exc_class():
+        # Stopped from outside (a signal): an error met meanwhile, or by a part being stopped
+        # (the manifest could not record how far it got), is still the caller's to say.
+        if stop.error is not None:
+            raise stop.error from None
+        raise
     if stop.error is not None:
         raise stop.error
     if listing_failed:

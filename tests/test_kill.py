@@ -314,6 +314,40 @@ def test_a_signal_keeps_how_far_the_part_in_flight_got(dest: Path, flags: list[s
         assert server.traffic.ranges[asked:] == [(name, 5 * PART + PART // 2, end)]
 
 
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_manifest_that_cannot_record_how_far_a_stopped_part_got_leaves_the_signals_exit(
+    dest: Path, signum: signal.Signals, code: int
+) -> None:
+    """Stopped while a part stalls half way, and another program holds the manifest then: the
+    stop cannot record how far the part got. Said in one line, yet the exit is the signal's."""
+    catalog = job_catalog(checkpoints=1, large_size=(2 << 20) + 4321, small_files=1)
+    with ServerThread(catalog, Faults(stall_seconds=30)) as server:
+        stall = first_answers(1, "stall")
+        server.faults.hook = lambda name, start, end: (
+            stall(name, start, end) if start == 5 * PART else None
+        )
+        process = start(server, dest, "--json")
+        wait_for(process, lambda: server.traffic.faults.get("stall") == 1)
+        time.sleep(0.5)  # the rest of the run is done and committed meanwhile
+        other = sqlite3.connect(manifest_path(dest), isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # say, someone editing it with the sqlite3 shell
+            process.send_signal(signum)
+            out, err = process.communicate(timeout=30)  # SQLite waits 5 s for the lock
+        finally:
+            other.close()
+
+        assert process.returncode == code, err
+        manifest = f"cannot use the manifest {manifest_path(dest)}: database is locked"
+        assert err.decode().splitlines() == [
+            f"checkpoint-sync: error: {manifest}",
+            f"checkpoint-sync: error: stopped by {signum.name}; rerun to resume",
+        ]
+        summary = json.loads(out)
+        assert (summary["exit_code"], summary["error"]) == (code, manifest)
+        assert_completes_unthrottled(server, dest)
+
+
 def test_a_signal_stops_a_verify_run_in_the_middle_of_reading_back_a_large_file(
     dest: Path,
 ) -> None:
