@@ -1123,7 +1123,8 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
         ):
             settings_count = f"{len(pairs)} setting{'s' if len(pairs) > 1 else ''}"
             total = len(pairs) * args.rounds
-            out.info(
+            # Progress, as the trials' lines are: stdout holds only the results.
+            out.progress(
                 f"benchmarking {source.description}: {settings_count}, each tried "
                 f"{'once' if args.rounds == 1 else f'{args.rounds} times in turn'}: "
                 f"{total} trial{'s' if total > 1 else ''}"

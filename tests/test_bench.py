@@ -409,7 +409,7 @@ def test_the_recommended_rate_is_the_one_its_row_shows(tmp_path: Path) -> None:
         result = run_cli(*job_args(server, "bench", *args, "--rounds", "1", "--scratch", tmp_path))
 
     assert result.code == 0, result.stderr
-    row, recommended = result.stdout.splitlines()[2:4]
+    row, recommended = result.stdout.splitlines()[1:3]
     rate, spread = row.split()[6:8]
     # The row said 0.2 MB/s, its range "0-0" and the recommendation "(0 MB/s)".
     assert spread == f"{rate}-{rate}", row  # one round: its slowest and fastest
@@ -540,7 +540,7 @@ def test_a_first_file_larger_than_the_budget_is_fetched_whole_and_the_table_says
 
     # 8 MiB fetched for a budget of 1 MiB, and nothing on the table said so.
     assert result.code == 0, result.stderr
-    header, row = result.stdout.splitlines()[1:3]
+    header, row = result.stdout.splitlines()[0:2]
     assert "bytes" in header.split()
     assert "8.0 MiB" in row
 
@@ -575,8 +575,8 @@ def test_each_setting_is_tried_once_a_round_and_shown_by_its_median_and_range(
     as_json = run_cli(*job_args(server, "bench", *args, "--rounds", "2", "--json"))
 
     assert result.code == as_json.code == 0, result.stderr + as_json.stderr
-    assert "2 settings, each tried 3 times in turn" in result.stdout
-    header, *rows = result.stdout.splitlines()[1:4]
+    assert "2 settings, each tried 3 times in turn" in result.stderr
+    header, *rows = result.stdout.splitlines()[0:3]
     assert "range" in header.split()
     for row in rows:  # "... 1.0 MiB   812.3   790.1-845.0 ..."
         assert re.search(r" [0-9.]+ +[0-9.]+-[0-9.]+ ", row), row
@@ -588,17 +588,18 @@ def test_each_setting_is_tried_once_a_round_and_shown_by_its_median_and_range(
         assert (setting["mb_per_s_min"], setting["mb_per_s_max"]) == (min(rates), max(rates))
 
 
-def test_each_trial_is_told_on_stderr_as_it_ends_in_order(
+def test_the_trials_to_come_and_each_as_it_ends_are_told_on_stderr_in_order(
     server: ServerThread, tmp_path: Path
 ) -> None:
     args = ["--concurrency", "2,4", "--part-size", "256KiB", "--max-bytes", "1MiB"]
     result = run_cli(*job_args(server, "bench", *args, "--rounds", "2", "--scratch", tmp_path))
 
     assert result.code == 0, result.stderr
-    assert result.stdout.splitlines()[0].endswith(
-        ": 2 settings, each tried 2 times in turn: 4 trials"
-    )
-    told = result.stderr.splitlines()
+    # Progress, as every command's: stdout holds the results alone, the table first.
+    assert result.stdout.splitlines()[0].split()[:3] == ["concurrency", "part", "size"]
+    assert len(result.stdout.splitlines()) == 4  # its header, a row a setting, the settings
+    announced, *told = result.stderr.splitlines()
+    assert announced.endswith(": 2 settings, each tried 2 times in turn: 4 trials")
     assert [re.sub(r": [0-9.]+ MB/s, ", ": * MB/s, ", line) for line in told] == [
         f"trial {n} of 4 (round {round}): --concurrency {c} --part-size 256KiB: * MB/s, 0 failed"
         for n, (round, c) in enumerate([(1, 2), (1, 4), (2, 2), (2, 4)], 1)
@@ -606,7 +607,7 @@ def test_each_trial_is_told_on_stderr_as_it_ends_in_order(
     # The MB/s told is the trial's own, the one the table's range is made of.
     rounds = [float(line.split(": ")[2].split()[0]) for line in told]
     for row, measured in zip(
-        result.stdout.splitlines()[2:4], (rounds[::2], rounds[1::2]), strict=True
+        result.stdout.splitlines()[1:3], (rounds[::2], rounds[1::2]), strict=True
     ):
         assert row.split()[7] == f"{min(measured):.1f}-{max(measured):.1f}", row
 
@@ -620,6 +621,7 @@ def test_a_trial_told_as_it_ends_comes_before_the_next_trial_ends(tmp_path: Path
         process = run_subprocess(*bench)
         try:
             assert process.stderr is not None
+            process.stderr.readline()  # how many trials there are
             first = process.stderr.readline().decode()
             assert process.poll() is None
         finally:
@@ -651,7 +653,7 @@ def test_a_trial_that_an_error_ends_is_told_failed_as_it_ends(tmp_path: Path) ->
         result = run_cli(*bench, "--scratch", tmp_path)
 
     assert result.code == 1, result.stderr
-    told = [line for line in result.stderr.splitlines() if line not in errors(result.stderr)]
+    told = [line for line in result.stderr.splitlines() if line not in errors(result.stderr)][1:]
     assert len(told) == 2
     assert told[0].startswith("trial 1 of 2 (round 1): --concurrency 2 --part-size 256KiB: ")
     assert told[1] == (
@@ -728,7 +730,7 @@ def test_a_trial_that_fails_is_shown_failed_and_the_others_still_count(
 
     # The bench ended with the second trial's error: the first trial's figures were lost.
     assert result.code == as_json.code == 1, result.stderr + as_json.stderr
-    measured, failed, recommended = result.stdout.splitlines()[2:5]
+    measured, failed, recommended = result.stdout.splitlines()[1:4]
     assert measured.split()[:3] == ["2", "256.0", "KiB"]
     assert float(measured.split()[6]) > 0  # MB/s
     assert failed.split() == ["4", "256.0", "KiB", *["-"] * 8]  # nothing measured
@@ -877,7 +879,7 @@ def test_an_error_no_later_trial_could_pass_stops_the_bench_at_once(status: str,
     assert result.code == as_json.code == code, result.stderr
     assert requests == 4  # no trial after it listed
     # The trials before it are shown, with no recommendation: the grid was not tried through.
-    measured, failed, recommended = result.stdout.splitlines()[2:5]
+    measured, failed, recommended = result.stdout.splitlines()[1:4]
     assert measured.split()[:3] == ["2", "256.0", "KiB"]
     assert failed.split() == ["4", "256.0", "KiB", *["-"] * 8]
     assert recommended == "recommended: none (the bench stopped before its end)"
@@ -936,7 +938,7 @@ def test_a_setting_whose_rounds_fetched_different_amounts_says_so(
     assert result.code == as_json.code == 1, result.stderr + as_json.stderr
     # The row took its files and bytes from the first round: 9 files, with the MB/s of rounds
     # that fetched 10. Now they are those of the round its MB/s is, and the range follows.
-    row = result.stdout.splitlines()[2].split()
+    row = result.stdout.splitlines()[1].split()
     assert row[3] in (str(all_files - 1), str(all_files))
     assert row[4] == f"({all_files - 1}-{all_files})"
     assert row[5:7] == human_bytes(all_bytes).split()  # 3,000 bytes fewer shows the same
