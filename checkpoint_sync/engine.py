@@ -219,6 +219,7 @@ async def _run(
                 # The files already queued are good: let them land, then report the listing (a
                 # later page the API redirected included: the key goes to no other host).
                 listing_failed.append(exc)
+                stats.listing_failed = True
             finally:
                 counting.cancel()  # planned whole, or not at all: a count tells no more
 

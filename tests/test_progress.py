@@ -9,6 +9,7 @@ import anyio
 import pytest
 
 from checkpoint_sync.engine import SyncOptions, sync
+from checkpoint_sync.errors import NotFoundError
 from checkpoint_sync.localserver import Faults
 from checkpoint_sync.net import NetSettings
 from checkpoint_sync.plan import FileFilter, select_checkpoints
@@ -20,6 +21,7 @@ from checkpoint_sync.progress import (
     log_interval,
     status_line,
     summary,
+    terminal_line,
 )
 from checkpoint_sync.sources.baseten_training import TrainingJobSource
 from checkpoint_sync.wire import HttpClient
@@ -77,6 +79,17 @@ def test_a_three_hour_run_writes_about_a_hundred_plain_status_lines() -> None:
         ({"bytes_to_fetch": 60, "bytes_walked": 120, "bytes_counted": 100}, (60, "~")),
         # Listed whole: what was planned, whatever was counted.
         ({"bytes_to_fetch": 60, "bytes_counted": 300, "listing_done": True}, (60, "")),
+        # The listing failed part way: what was planned is all the run fetches.
+        ({"bytes_to_fetch": 60, "bytes_walked": 100, "listing_failed": True}, (60, "")),
+        (
+            {
+                "bytes_to_fetch": 60,
+                "bytes_walked": 100,
+                "bytes_counted": 300,
+                "listing_failed": True,
+            },
+            (60, ""),
+        ),
         ({"listing_done": True}, (0, "")),
     ],
 )
@@ -120,6 +133,54 @@ async def test_a_restore_held_up_by_its_downloads_knows_its_total_while_still_li
     assert bytes_total(stats) == (rank_0, "")
     assert (stats.files_to_fetch, stats.files_fetched) == (6, 6)
     assert stats.listings_changed == []
+
+
+@pytest.mark.anyio
+async def test_a_listing_that_fails_after_it_was_counted_shows_what_was_planned(
+    dest: Path,
+) -> None:
+    # As above, both ranks: 40 files on 20 pages. Once the count is in, the API refuses the
+    # rest of the listing (the job deleted): the files queued still land, and the line shows
+    # them as all there is to fetch.
+    catalog = job_catalog(checkpoints=1, large_files=20, large_size=256 << 10, small_files=0)
+    with ServerThread(catalog, Faults(api_delay=0.1, throttle=512 << 10)) as server:
+        async with (
+            api_client(server.url) as api,
+            HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http,
+        ):
+            source = TrainingJobSource(api, PROJECT, JOB, page_size=2)
+            selection = select_checkpoints(await source.checkpoints())
+            options = SyncOptions(dest=dest, concurrency=2, count_ahead=True)
+            stats = Stats()
+            failed: list[NotFoundError] = []
+
+            async def run() -> None:
+                try:
+                    await sync(source, selection, http, options, stats)
+                except NotFoundError as exc:
+                    failed.append(exc)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                with anyio.fail_after(20):
+                    while bytes_total(stats) is None:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                    server.call(lambda: server.faults.api_faults.extend(["404"] * 20))
+                    while not stats.listing_failed:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                shown = status_line(stats), terminal_line(stats, 200)
+                landing = stats.files_fetched < stats.files_to_fetch
+                server.call(lambda: setattr(server.faults, "throttle", None))
+
+    assert len(failed) == 1  # the listing, reported once the files queued landed
+    assert landing  # the line was taken while queued files were still coming
+    assert 0 < stats.files_to_fetch == stats.files_fetched < 40
+    planned = human_bytes(stats.bytes_to_fetch)
+    plain, terminal = shown
+    assert f" of {planned}, " in terminal  # not "of ~10.0 MiB", the count's
+    assert "~" not in plain + terminal
+    assert plain.endswith(" (listing failed)")
+    assert terminal.endswith(" (listing failed)")
 
 
 def test_status_line_gives_an_eta_once_the_listing_is_done() -> None:

@@ -307,6 +307,14 @@ ESTIMATED = {
             "files 3 done, 0 skipped, 0 failed (still listing)",
         ),
         ({**ESTIMATED, "bytes_fetched": 40 * MiB}, 40, "40.0 MiB of ~260.0 MiB, 4.0 MiB/s"),
+        # The listing failed part way: the 60 MiB planned are all the run fetches, whatever
+        # was counted ahead; the files are still landing.
+        (
+            {**ESTIMATED, "bytes_fetched": 40 * MiB, "listing_failed": True},
+            120,
+            "[##############-------] 66% 40.0 MiB of 60.0 MiB, 4.0 MiB/s, ETA 5s; "
+            "files 3 done, 0 skipped, 0 failed (listing failed)",
+        ),
         # Still listing, nor are parts kept from an earlier run "fetched".
         (
             {
