@@ -1,10 +1,10 @@
 """The local manifest: an embedded SQLite database under ``DEST/.checkpoint-sync/``.
 
 It records every verified file (source, run, checkpoint, rank, size, last_modified, digest, when)
-and the finished parts of transfers still under way. Writes go into an open transaction that is
-committed in batches (`maybe_commit`, `commit`): a crash loses at most the last batch, which only
-means some work is done again. A file is recorded only after it was verified and published, so
-the manifest never claims a file that is not there.
+and, of transfers still under way, the parts finished and how far the others got. Writes go into
+an open transaction that is committed in batches (`maybe_commit`, `commit`): a crash loses at
+most the last batch, which only means some work is done again. A file is recorded only after it
+was verified and published, so the manifest never claims a file that is not there.
 """
 
 from __future__ import annotations
@@ -255,10 +255,13 @@ class Manifest:
         self.maybe_commit()
 
     def part_reached(self, path: str, part: int, reached: int) -> None:
-        """Part ``part`` of ``path`` stopped unfinished, its bytes before ``reached`` written."""
+        """Part ``part`` of ``path`` got as far as ``reached``, its bytes before that written
+        (none is kept for a file that has no staging record: its parts were dropped while the
+        part was under way)."""
         self._write(
-            "INSERT OR REPLACE INTO parts_reached (path, part, reached) VALUES (?, ?, ?)",
-            (path, part, reached),
+            "INSERT OR REPLACE INTO parts_reached (path, part, reached) "
+            "SELECT path, ?, ? FROM staging WHERE path = ?",
+            (part, reached, path),
         )
 
     def staging_etag(self, path: str, etag: str) -> None:

@@ -348,6 +348,23 @@ def test_a_manifest_that_cannot_record_how_far_a_stopped_part_got_leaves_the_sig
         assert_completes_unthrottled(server, dest)
 
 
+def test_how_far_a_part_got_is_kept_only_for_a_file_still_in_parts(tmp_path: Path) -> None:
+    # A record of how far a part got may come once its file's parts were dropped (an object
+    # replaced, a file that failed its check): with --fsync, the record of the parts in flight
+    # waits for their files' flush meanwhile. It must neither fail the run nor outlive them.
+    manifest = Manifest(tmp_path / "manifest.sqlite3")
+    manifest.begin_staging("r/c/0/a", 30, "t", 10)
+    manifest.part_reached("r/c/0/a", 1, 15)
+    manifest.drop_staging("r/c/0/a")
+    manifest.part_reached("r/c/0/a", 2, 25)
+    manifest.begin_staging("r/c/0/a", 30, "t", 10)
+    staged = manifest.staged("r/c/0/a", 30)
+    manifest.close()
+
+    assert staged is not None
+    assert staged.reached == {}
+
+
 def test_a_signal_stops_a_verify_run_in_the_middle_of_reading_back_a_large_file(
     dest: Path,
 ) -> None:
