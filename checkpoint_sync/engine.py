@@ -231,6 +231,7 @@ async def _run(
     try:
         async with anyio.create_task_group() as outer:
             outer.start_soon(_commit_periodically, manifest)
+            outer.start_soon(transfers.record_reached_periodically)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(produce)
                 # --verify fetches only the files it finds damaged: the listing's bytes say

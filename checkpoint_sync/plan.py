@@ -379,6 +379,17 @@ class Staged:
     reached: Mapping[int, int] = field(default_factory=dict)
 
 
+def reach_to_record(part: Part, written: int, recorded: int, *, hashed: bool) -> int | None:
+    """The byte to record as reached in ``part``, whose bytes before ``written`` are in the
+    staging file and whose record says ``recorded`` (its start where it has none); None when
+    there is nothing to record: the part is hashed on the way (the whole file, which has no
+    record to resume from), reached nothing or its end (its record of being done says that),
+    or its record says as much already."""
+    if hashed or not part.start < written < part.end or written == recorded:
+        return None
+    return written
+
+
 def parts_to_fetch(file: RemoteFile, part_size: int, staged: Staged | None) -> list[Part]:
     """The parts of ``part_size`` still to fetch of ``file`` after an interrupted transfer:
     all but those it finished, each from the byte it reached in it.

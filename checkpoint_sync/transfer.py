@@ -3,7 +3,8 @@
 A file is fetched into a staging file under ``DEST/.checkpoint-sync/staging`` (same filesystem,
 so the final rename is atomic), reserved at full size where that pays (`filesystem.py`). Large
 files are cut into parts fetched concurrently with ``Range`` requests; each finished part is
-recorded in the manifest so an interrupted run resumes with only the missing ones. The file
+recorded in the manifest, and every second how far each part in flight got, so that a run
+interrupted, even killed, costs the next little more than the bytes it did not write. The file
 reaches its final path only after its length was checked and its xxh3-128 digest computed (with
 the MD5 the listing gives, if it gives one: W&B): over the bytes as they were written for a file
 that came as one stream, else by reading the assembled file back from disk.
@@ -48,7 +49,14 @@ from .filesystem import Places, fsync_directory, preallocation_pays
 from .layout import STATE_DIR, mirror_path_parts, quoted, staging_name
 from .manifest import SPACE_RESERVE, Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
-from .plan import FileFilter, Part, parts_to_fetch, split_parts, unlisted_parts_go
+from .plan import (
+    FileFilter,
+    Part,
+    parts_to_fetch,
+    reach_to_record,
+    split_parts,
+    unlisted_parts_go,
+)
 from .progress import Stats, human_bytes
 from .redact import redact_url
 from .rereads import LISTED, FreshUrl, PageRereads
@@ -69,6 +77,11 @@ _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 # Range header goes along. API URLs never are followed: their key would.
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# How often the parts in flight have how far they got recorded: a run killed (SIGKILL, the OOM
+# killer) costs the next about this much of each one's transfer, not whole parts. Each time is
+# one transaction of at most --concurrency rows (and with --fsync a flush of each file being
+# fetched, of bytes it must write anyway): a cost per second, whatever the rate.
+REACHED_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -484,6 +497,7 @@ class Transfers:
                         state.relisted, state.url_worked = url.reread, False
 
         async with self._connections:
+            staged.parts[part.index] = (part, state)  # its progress is recorded meanwhile
             try:
                 # Progress in whole MiB: a server that sends a few bytes before every drop runs
                 # out of attempts, as one that sends none does.
@@ -495,6 +509,8 @@ class Transfers:
             except anyio.get_cancelled_exc_class():
                 await self._keep_reached(staged, part, state)
                 raise
+            finally:
+                del staged.parts[part.index]
         if state.digests is not None:
             return state.digests  # made durable with the whole file, before it is published
         if self._settings.fsync:  # durable before the manifest vouches for it
@@ -511,16 +527,66 @@ class Transfers:
     async def _keep_reached(self, staged: _Staged, part: Part, state: _PartState) -> None:
         """Record how far a part of a file in parts got, stopped or out of retries, so that the
         next run asks only for the rest: as a retry of this run would, it trusts the bytes
-        written (another failure, such as bytes not of the range asked for, records nothing).
-        A part hashed on the way (the whole file) has no record to resume from."""
-        if state.digests is not None or not part.start < state.offset < state.end:
+        written (another failure, such as bytes not of the range asked for, records nothing
+        more than the periodic records did). A part hashed on the way (the whole file) has no
+        record to resume from."""
+        reached = reach_to_record(
+            part, state.written(), state.recorded, hashed=state.digests is not None
+        )
+        if reached is None:
             return
         if self._settings.fsync:
             # The record must not vouch for bytes a power loss could take; the flush is waited
             # for even by a stop, as the file is closed next.
             with anyio.CancelScope(shield=True):
                 await self._flush(staged)
-        self._manifest.part_reached(staged.key, part.index, state.offset)
+        self._manifest.part_reached(staged.key, part.index, reached)
+        state.recorded = reached
+
+    async def record_reached_periodically(self) -> None:
+        """Every `REACHED_SECONDS`, record how far each part in flight got, in one transaction:
+        a run killed then leaves the next only the rest of each to fetch. A part records the
+        bytes in its file, not those its connection holds unwritten, nor those of an answer
+        perhaps compressed on the way (`_PartState.written`)."""
+        while True:
+            await anyio.sleep(REACHED_SECONDS)
+            due = [
+                (staged, part, state, reached, state.recorded)
+                for staged in self._in_flight
+                for part, state in staged.parts.values()
+                if (
+                    reached := reach_to_record(
+                        part, state.written(), state.recorded, hashed=state.digests is not None
+                    )
+                )
+                is not None
+            ]
+            if self._settings.fsync and due:
+                # No record may vouch for bytes a power loss could take: those written before
+                # the flush began are durable after it.
+                synced = await self._flushed({staged for staged, *_ in due})
+                due = [entry for entry in due if entry[0] in synced]
+            for staged, part, state, reached, recorded in due:
+                if state.recorded == recorded:  # else the part's stop recorded it meanwhile
+                    self._manifest.part_reached(staged.key, part.index, reached)
+                    state.recorded = reached
+            if due:
+                self._manifest.commit()
+
+    async def _flushed(self, files: set[_Staged]) -> set[_Staged]:
+        """Those of ``files`` whose written bytes were made durable, in one worker thread. A
+        copy of each descriptor is flushed, as a file may finish and close its own meanwhile;
+        one that cannot be flushed now is recorded next time (or its part's own flush says
+        why)."""
+        copies: dict[_Staged, int] = {}
+        try:
+            for staged in files:
+                with suppress(OSError):  # out of descriptors, say
+                    copies[staged] = os.dup(staged.fd)
+            return await anyio.to_thread.run_sync(_data_synced, copies)
+        finally:
+            for fd in copies.values():
+                os.close(fd)
 
     async def _request_range(
         self,
@@ -597,6 +663,7 @@ class Transfers:
         if taken is not None:
             taken.set()
         started_at = state.offset
+        state.unsure_from = started_at if coded is not None else None
         writer = _PartWriter(staged, state, stop, self._stats, self._dest, coded)
         try:
             # A part hashed on the way cannot skip Python; the others may be spliced.
@@ -610,6 +677,7 @@ class Transfers:
             raise
         if coded is not None and state.offset != stop:
             raise coded  # not a body cut short: the same request would be answered the same way
+        state.unsure_from = None
         return started_at, stop
 
 
@@ -647,7 +715,11 @@ class _PartWriter:
         """``size`` bytes were spliced into the file at ``offset``."""
         self._stats.bytes_fetched += size
         self._state.offset += size
+        self._state.spliced = 0
         self._staged.landed(size)
+
+    def splicing(self, size: int) -> None:
+        self._state.spliced = size
 
     def write_failed(self, error: OSError) -> CheckpointSyncError:
         return _local_error(error, self._dest, self._state.end - self._state.offset)
@@ -689,6 +761,8 @@ class _Staged:
     etag: str | None = None
     # The bytes of the parts an earlier run left, counted as resumed while they are kept.
     resumed: int = 0
+    # The parts being fetched, by index, whose progress is recorded every `REACHED_SECONDS`.
+    parts: dict[int, tuple[Part, _PartState]] = field(default_factory=dict)
 
     def landed(self, size: int) -> None:
         self.unseen = max(0, self.unseen - size)
@@ -715,13 +789,27 @@ class _PartState:
     end: int
     # Digest of bytes [0, offset) when the part is the whole file: hashed as written, in order.
     digests: _Digests | None
+    # Where the manifest's record of how far the part got points (its start where none does).
+    recorded: int
     relisted: bool = False  # this part asked for a fresh URL
     url_worked: bool = False  # a request since then was answered with something else than 403
+    # Bytes a splice under way has put into the file past ``offset``, set by its thread.
+    spliced: int = 0
+    # Where the body being read began, while it may be compressed on the way: its bytes are
+    # the object's only once they all came.
+    unsure_from: int | None = None
 
     @classmethod
     def of(cls, part: Part, file: RemoteFile) -> _PartState:
         whole = part.length == file.size
-        return cls(part.start, part.end, _Digests(file) if whole else None)
+        return cls(part.start, part.end, _Digests(file) if whole else None, part.start)
+
+    def written(self) -> int:
+        """Where the bytes known to be the object's end, written in order from the part's
+        start: how far a record of the part may say it got."""
+        if self.unsure_from is not None:
+            return self.unsure_from
+        return self.offset + self.spliced
 
     def take_whole(self, file: RemoteFile) -> None:
         """Receive the whole file from byte 0 on: a server that ignores Range sent it."""
@@ -864,6 +952,16 @@ def _prepare_staging(fd: int, size: int, path: str, *, reserve: bool) -> None:
         os.ftruncate(fd, size)  # sparse: tmpfs, and filesystems without fallocate
     except OSError as exc:
         raise _local_error(exc, path, size) from exc
+
+
+def _data_synced(fds: Mapping[T, int]) -> set[T]:
+    """The keys of ``fds`` whose descriptor's data `fdatasync` made durable."""
+    synced = set()
+    for key, fd in fds.items():
+        with suppress(OSError):
+            os.fdatasync(fd)
+            synced.add(key)
+    return synced
 
 
 def _check_length(fd: int, size: int) -> None:

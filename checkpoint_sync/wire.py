@@ -84,6 +84,11 @@ class FileTarget(Protocol):
     def took(self, size: int) -> None:
         """``size`` more bytes were written at ``offset`` behind the sink's back."""
 
+    def splicing(self, size: int) -> None:
+        """Called by the thread of a splice under way after each move into the file: ``size``
+        bytes of it are there past ``offset`` so far (``took`` counts them once it ended). It
+        runs for every move, in another thread than the loop: it only notes the number."""
+
     def write_failed(self, error: OSError) -> Exception:
         """What to raise when writing into the file failed (a full disk is not the network's)."""
 
@@ -745,9 +750,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
         self._transport.pause_reading()
         self.waiting = False  # the thread watches for stalls itself
         sock = self._transport.get_extra_info("socket").fileno()
-        moved, error = await _splice_in_thread(
-            sock, file.fd, file.offset, self._remaining, self._read_timeout
-        )
+        moved, error = await _splice_in_thread(sock, file, self._remaining, self._read_timeout)
         file.took(moved)
         self._remaining -= moved
         if error is not None:
@@ -1009,7 +1012,7 @@ class _Woken(Exception):
 
 
 async def _splice_in_thread(
-    sock: int, fd: int, offset: int, length: int, read_timeout: float
+    sock: int, file: FileTarget, length: int, read_timeout: float
 ) -> tuple[int, Exception | None]:
     """`_splice` in a worker thread, which a cancellation wakes at once (a thread cannot be
     cancelled, and a stalled socket would keep it, and the run, waiting ``read_timeout``)."""
@@ -1030,11 +1033,12 @@ async def _splice_in_thread(
                 result = await anyio.to_thread.run_sync(
                     _splice,
                     sock,
-                    fd,
-                    offset,
+                    file.fd,
+                    file.offset,
                     length,
                     read_timeout,
                     wake_read,
+                    file.splicing,
                     limiter=anyio.CapacityLimiter(1),  # the pool's place is held already
                 )
                 tasks.cancel_scope.cancel()
@@ -1060,11 +1064,17 @@ def _write_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def _splice(
-    sock: int, fd: int, offset: int, length: int, timeout: float, wake: int
+    sock: int,
+    fd: int,
+    offset: int,
+    length: int,
+    timeout: float,
+    wake: int,
+    landed: Callable[[int], None],
 ) -> tuple[int, Exception | None]:
     """Move ``length`` bytes from ``sock`` into ``fd`` at ``offset`` through a pipe, in the
-    kernel; how many bytes landed, and what stopped it short if anything did (``wake`` turning
-    readable: `_Woken`)."""
+    kernel, telling ``landed`` how many are in the file after each move; how many bytes landed,
+    and what stopped it short if anything did (``wake`` turning readable: `_Woken`)."""
     read_end, write_end = os.pipe()
     with suppress(OSError):
         fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
@@ -1103,6 +1113,7 @@ def _splice(
                 except OSError as exc:
                     return moved + got - left, _WriteFailed(exc)
             moved += got
+            landed(moved)
         return moved, None
     except OSError as exc:
         return moved, exc

@@ -12,17 +12,20 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import suppress
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import xxhash
 
 from checkpoint_sync.engine import manifest_path
-from checkpoint_sync.localserver import Faults
+from checkpoint_sync.localserver import Faults, content
 from checkpoint_sync.manifest import Manifest, VerifiedFile
+from checkpoint_sync.wire import RECV_BUFFER
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import (
@@ -31,11 +34,13 @@ from .support import (
     assert_exact,
     assert_no_secret,
     first_answers,
+    http_serving,
     mirrored,
     new_version,
     run_cli,
     run_subprocess,
 )
+from .test_hosts import range_asked
 from .test_sync import left_in_parts
 
 pytestmark = pytest.mark.slow
@@ -79,13 +84,16 @@ def start(server: ServerThread, dest: Path, *extra: str) -> subprocess.Popen[byt
     return run_subprocess(*args(server, dest), *extra, env=ENV)
 
 
-def wait_for(process: subprocess.Popen[bytes], condition: Callable[[], bool]) -> None:
-    """Poll ``condition`` until it holds; the run must still be going then."""
+def wait_for(
+    process: subprocess.Popen[bytes], condition: Callable[[], bool], every: float = 0.001
+) -> None:
+    """Poll ``condition`` every ``every`` seconds until it holds; the run must still be going
+    then."""
     deadline = time.monotonic() + 30
     while not condition():
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, "the condition never came"
-        time.sleep(0.001)
+        time.sleep(every)
 
 
 def kill_when(
@@ -346,6 +354,157 @@ def test_a_manifest_that_cannot_record_how_far_a_stopped_part_got_leaves_the_sig
         summary = json.loads(out)
         assert (summary["exit_code"], summary["error"]) == (code, manifest)
         assert_completes_unthrottled(server, dest)
+
+
+def parts_left(dest: Path) -> tuple[set[int], dict[int, int]]:
+    """The parts of the one file a run holds in parts: those done, and how far others got."""
+    db = sqlite3.connect(manifest_path(dest))
+    try:
+        done = {part for (part,) in db.execute("SELECT part FROM parts")}
+        reached = dict(db.execute("SELECT part, reached FROM parts_reached"))
+        return done, reached
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    ("part", "unwritten", "flags"),
+    [
+        (8 << 20, 0, []),
+        (8 << 20, 0, ["--fsync"]),
+        (3 << 20, RECV_BUFFER, []),
+    ],
+    ids=["spliced", "spliced-fsync", "through-the-sink"],
+)
+def test_a_kill_costs_the_rerun_only_what_each_part_in_flight_had_not_written(
+    dest: Path, part: int, unwritten: int, flags: list[str]
+) -> None:
+    """Two parts stall half way while the rest of the run is done: killed with SIGKILL then,
+    the run has recorded how far each got, and the rerun asks for the rest of each only. A
+    part of 8 MiB is spliced into its file, one of 3 MiB goes through the sink, whose
+    connection holds up to ``unwritten`` bytes it received and did not write yet."""
+    catalog = job_catalog(checkpoints=1, large_size=4 * part + 4321, small_files=1)
+    stalled = {part, 2 * part}
+    with ServerThread(catalog, Faults(stall_seconds=60)) as server:
+        hook = first_answers(2, "stall")
+        server.faults.hook = lambda name, start, end: (
+            hook(name, start, end) if start in stalled else None
+        )
+        one_rank = ("--node-rank", "0", "--concurrency", "3", *flags)
+        # Not given up for silence, and fetched again whole, before the kill.
+        patient = {"CHECKPOINT_SYNC_READ_TIMEOUT": "60"}
+        process = run_subprocess(
+            *sync_args(server, dest, "--part-size", str(part), *one_rank), env=patient
+        )
+
+        def only_the_stalled_parts_left() -> bool:
+            if server.traffic.faults.get("stall") != 2 or not manifest_path(dest).exists():
+                return False
+            done, reached = parts_left(dest)
+            # Done, but for the two stalled, each recorded once it wrote all it could.
+            return done == {0, 3, 4} and all(
+                reached.get(start // part, 0) >= start + part // 2 - unwritten for start in stalled
+            )
+
+        wait_for(process, only_the_stalled_parts_left, every=0.05)
+        process.kill()
+        process.communicate()
+        _, reached = parts_left(dest)
+        (name,) = {name for name, start, _ in server.traffic.ranges if start in stalled}
+        asked, sent = len(server.traffic.ranges), server.traffic.object_bytes_sent
+        final = run_cli(*sync_args(server, dest, "--part-size", str(part), *one_rank))
+
+        assert final.code == 0, final.stderr
+        # A record never claims a byte not written: the half sent before the stall at most.
+        for start in stalled:
+            assert reached[start // part] <= start + part // 2
+        rest = [(name, reached[start // part], start + part) for start in sorted(stalled)]
+        assert sorted(server.traffic.ranges[asked:]) == rest
+        assert server.traffic.object_bytes_sent - sent == sum(end - at for _, at, end in rest)
+        for file in server.files():
+            if file.node_rank == 0:
+                assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_a_kill_leaves_no_record_into_an_answer_perhaps_compressed_on_the_way(
+    dest: Path,
+) -> None:
+    """An answer that says Content-Encoding and no length brings the object's bytes only if
+    they come to the length asked for: while it is read, how far its part got is not recorded
+    (cut short, the part rewinds to where it began). Killed while that part and a plain one
+    stall half way, the run has recorded the plain one only, in a record made after the coded
+    part's bytes were written; the rerun asks for the coded part whole."""
+    part = 3 << 20
+    catalog = job_catalog(checkpoints=1, large_size=4 * part + 4321, small_files=0)
+    coded, plain = part, 2 * part
+    released = threading.Event()  # until set, answers to both parts stall half way
+    plain_goes = threading.Event()
+    asked: list[str] = []
+    with ServerThread(catalog) as server:
+        (large,) = (file for file in server.files() if file.node_rank == 0)
+
+        class Stalling(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                start, end = range_asked(self, asked)
+                stalls = not released.is_set() and start in (coded, plain)
+                if stalls and start == plain:
+                    plain_goes.wait(60)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{large.size}")
+                if stalls and start == coded:
+                    self.send_header("Content-Encoding", "gzip")
+                    self.send_header("Connection", "close")  # no length: the body tells
+                else:
+                    self.send_header("Content-Length", str(end - start))
+                self.end_headers()
+                cut = start + (end - start) // 2 if stalls else end
+                self.wfile.write(content(large.seed, start, cut - start))
+                self.wfile.flush()
+                if stalls:
+                    released.wait(60)
+
+        with http_serving(Stalling) as origin:
+            large.external_url = f"{origin}/large?X-Amz-Signature=s"
+            in_parts = ("--part-size", str(part), "--node-rank", "0", "--concurrency", "3")
+            process = run_subprocess(
+                *sync_args(server, dest, *in_parts), env={"CHECKPOINT_SYNC_READ_TIMEOUT": "60"}
+            )
+            staging = dest / ".checkpoint-sync" / "staging"
+            first = content(large.seed, coded, 4096)
+
+            def coded_bytes_written() -> bool:
+                files = list(staging.iterdir()) if staging.exists() else []
+                if len(files) != 1:
+                    return False
+                with files[0].open("rb") as staged:
+                    staged.seek(coded)
+                    return staged.read(4096) == first
+
+            wait_for(process, coded_bytes_written, every=0.05)
+            plain_goes.set()
+
+            def plain_recorded() -> bool:
+                done, reached = parts_left(dest)
+                threshold = plain + part // 2 - RECV_BUFFER
+                return done == {0, 3, 4} and reached.get(plain // part, 0) >= threshold
+
+            wait_for(process, plain_recorded, every=0.05)
+            process.kill()
+            process.communicate()
+            released.set()
+            _, reached = parts_left(dest)
+            before = len(asked)
+            final = run_cli(*sync_args(server, dest, *in_parts))
+
+        assert final.code == 0, final.stderr
+        assert list(reached) == [plain // part]
+        assert sorted(asked[before:]) == [
+            f"{coded}-{coded + part - 1}",
+            f"{reached[plain // part]}-{plain + part - 1}",
+        ]
+        assert_exact(mirrored(dest, JOB, large), large)
 
 
 def test_how_far_a_part_got_is_kept_only_for_a_file_still_in_parts(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from checkpoint_sync.plan import (
     check_ranks_listed,
     is_current,
     parts_to_fetch,
+    reach_to_record,
     removed_upstream,
     select_checkpoints,
     split_parts,
@@ -461,6 +462,23 @@ UNDONE = [Part(1, 10, 20), Part(3, 30, 35)]
 )
 def test_parts_to_fetch(staged: Staged | None, todo: list[Part]) -> None:
     assert parts_to_fetch(remote(35), 10, staged) == todo
+
+
+@pytest.mark.parametrize(
+    ("written", "recorded", "hashed", "record"),
+    [
+        (14, 10, False, 14),
+        (14, 12, False, 14),  # further than an earlier record
+        (14, 14, False, None),  # no further: nothing new to say
+        (12, 14, False, 12),  # a record ahead of the bytes written is taken back
+        (10, 10, False, None),  # nothing written yet
+        (20, 14, False, None),  # done: its record of being done says so
+        (25, 10, False, None),  # outside the part: a record no run would trust
+        (14, 10, True, None),  # hashed on the way: the whole file starts over
+    ],
+)
+def test_reach_to_record(written: int, recorded: int, hashed: bool, record: int | None) -> None:
+    assert reach_to_record(Part(1, 10, 20), written, recorded, hashed=hashed) == record
 
 
 @pytest.mark.parametrize(

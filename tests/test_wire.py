@@ -646,6 +646,7 @@ class FileTarget:
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self.offset = 0
         self.behind_sink = 0
+        self.spliced = 0  # as a splice under way last told
         self.size = size
 
     @property
@@ -660,6 +661,9 @@ class FileTarget:
     def took(self, size: int) -> None:
         self.offset += size
         self.behind_sink += size
+
+    def splicing(self, size: int) -> None:
+        self.spliced = size
 
     def write_failed(self, error: OSError) -> Exception:
         return LocalIOError(f"cannot write the part: {error.strerror}")
@@ -838,6 +842,34 @@ async def test_splices_waiting_for_a_thread_hold_no_descriptors(tmp_path: Path) 
                 assert _pipes_open() - before <= 4 * threads
     for target in targets:
         os.close(target.fd)
+
+
+async def test_a_splice_under_way_tells_how_far_it_got_with_those_bytes_in_the_file(
+    tmp_path: Path,
+) -> None:
+    # Read from the loop while the splice waits for the rest, as the transfer's record of how
+    # far a part got is: a run killed then keeps them.
+    came = 3 << 20
+    head = b"HTTP/1.1 206 Partial\r\nContent-Length: %d\r\n\r\n" % len(BIG)
+    server = Server(lambda _: [head, 0.05, BIG[:came], 30.0, BIG[came:]])
+    target = FileTarget(tmp_path / "part")
+    async with (
+        serving(server) as url,
+        client(read_timeout=60) as http,
+        http.request(url, {}) as response,
+        anyio.create_task_group() as tasks,
+    ):
+        tasks.start_soon(response.stream_to, target.take, target)
+        with anyio.fail_after(20):  # never told: the splice ends only with the body
+            while target.offset + target.spliced < came:  # noqa: ASYNC110 (set by a thread)
+                await anyio.sleep(0.01)
+        reached = target.offset + target.spliced
+        landed = (tmp_path / "part").read_bytes()
+        tasks.cancel_scope.cancel()
+    os.close(target.fd)
+    assert target.spliced > 0
+    assert reached == came
+    assert landed == BIG[:came]
 
 
 @SCHEMES
