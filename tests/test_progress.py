@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -12,7 +14,7 @@ from checkpoint_sync.engine import SyncOptions, sync
 from checkpoint_sync.errors import NotFoundError
 from checkpoint_sync.localserver import Faults
 from checkpoint_sync.net import NetSettings
-from checkpoint_sync.plan import FileFilter, select_checkpoints
+from checkpoint_sync.plan import FileFilter, Selection, select_checkpoints
 from checkpoint_sync.progress import (
     LogLines,
     Stats,
@@ -102,6 +104,19 @@ def test_the_bytes_to_fetch_are_estimated_until_the_listing_is_done(
     assert bytes_total(stats) == total
 
 
+@asynccontextmanager
+async def two_files_a_page(
+    server: ServerThread,
+) -> AsyncIterator[tuple[TrainingJobSource, Selection, HttpClient]]:
+    """The job's listing, two files a page, its checkpoints selected, and a client for files."""
+    async with (
+        api_client(server.url) as api,
+        HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http,
+    ):
+        source = TrainingJobSource(api, PROJECT, JOB, page_size=2)
+        yield source, select_checkpoints(await source.checkpoints()), http
+
+
 @pytest.mark.anyio
 async def test_a_restore_held_up_by_its_downloads_knows_its_total_while_still_listing(
     dest: Path,
@@ -111,12 +126,7 @@ async def test_a_restore_held_up_by_its_downloads_knows_its_total_while_still_li
     catalog = job_catalog(checkpoints=1, large_files=6, large_size=1 << 20, small_files=0)
     rank_0 = sum(f.size for f in catalog.files() if f.node_rank == 0)
     with ServerThread(catalog, Faults(api_delay=0.1, throttle=256 << 10)) as server:
-        async with (
-            api_client(server.url) as api,
-            HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http,
-        ):
-            source = TrainingJobSource(api, PROJECT, JOB, page_size=2)
-            selection = select_checkpoints(await source.checkpoints())
+        async with two_files_a_page(server) as (source, selection, http):
             files = FileFilter(ranks=frozenset({0}))
             options = SyncOptions(dest=dest, concurrency=2, files=files, count_ahead=True)
             stats = Stats()
@@ -144,12 +154,7 @@ async def test_a_listing_that_fails_after_it_was_counted_shows_what_was_planned(
     # them as all there is to fetch.
     catalog = job_catalog(checkpoints=1, large_files=20, large_size=256 << 10, small_files=0)
     with ServerThread(catalog, Faults(api_delay=0.1, throttle=512 << 10)) as server:
-        async with (
-            api_client(server.url) as api,
-            HttpClient(NetSettings(connect_timeout=5, read_timeout=5)) as http,
-        ):
-            source = TrainingJobSource(api, PROJECT, JOB, page_size=2)
-            selection = select_checkpoints(await source.checkpoints())
+        async with two_files_a_page(server) as (source, selection, http):
             options = SyncOptions(dest=dest, concurrency=2, count_ahead=True)
             stats = Stats()
             failed: list[NotFoundError] = []
