@@ -88,6 +88,25 @@ def test_the_files_of_a_checkpoint_removed_upstream_go_with_their_directories(
     assert json.loads(again.stdout)["files"]["fetched"] == 0
 
 
+def test_a_runs_directory_stays_when_its_last_mirrored_checkpoint_goes(dest: Path) -> None:
+    # The job deleted its mirrored checkpoints while its newest is still uploading: the
+    # directories go up to each checkpoint's own, not the run's (made by a user, say, with the
+    # owner and mode its mirror should have).
+    with ServerThread(job_catalog(syncing_last=True)) as server:
+        assert run_cli(*sync_args(server, dest)).code == 0
+        job = server.catalog.jobs[0]
+        uploading = job.checkpoints[-1:]
+        server.call(lambda: setattr(job, "checkpoints", uploading))
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["removed_upstream"] == [f"{JOB}/checkpoint-10", f"{JOB}/checkpoint-20"]
+    assert summary["files"]["fetched"] == 0
+    assert (dest / JOB).is_dir()
+    assert list((dest / JOB).iterdir()) == []
+
+
 def test_without_delete_a_checkpoint_removed_upstream_stays_mirrored(dest: Path) -> None:
     with ServerThread(job_catalog()) as server:
         removed = mirror_then_remove_upstream(server, dest)
