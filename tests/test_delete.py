@@ -171,14 +171,21 @@ def test_files_the_manifest_does_not_record_stay_and_so_do_their_directories(
         swapped = mirrored(dest, JOB, removed.files[0])  # rank 0's weights
         swapped.unlink()
         swapped.symlink_to(notes)
+        # And one for a link as long as the file was (a link's size is its target's length):
+        # only its type tells it from the file. Its extra slashes lead to the same notes.
+        small = mirrored(dest, JOB, removed.files[1])  # rank 0's first small file
+        target = "." + "/" * (small.stat().st_size - len("./../notes.txt")) + "/../notes.txt"
+        small.unlink()
+        small.symlink_to(target)
         result = run_cli(*sync_args(server, dest, "--delete", "--json"))
 
     assert result.code == 0, result.stderr
-    assert json.loads(result.stdout)["files"]["deleted"] == len(removed.files) - 1
-    assert notes.read_text() == "mine"
+    assert json.loads(result.stdout)["files"]["deleted"] == len(removed.files) - 2
+    assert notes.read_text() == small.read_text() == "mine"
     assert swapped.is_symlink()
     left = {p.relative_to(dest) for p in (dest / JOB / DELETED).rglob("*")}
-    assert left == {Path(JOB, DELETED, "0"), notes.relative_to(dest), swapped.relative_to(dest)}
+    kept = (notes, swapped, small.parent, small)
+    assert left == {Path(JOB, DELETED, "0"), *(path.relative_to(dest) for path in kept)}
 
 
 def test_nothing_is_deleted_through_a_symlink_to_another_checkpoint(dest: Path) -> None:
@@ -199,6 +206,30 @@ def test_nothing_is_deleted_through_a_symlink_to_another_checkpoint(dest: Path) 
     assert DELETED not in recorded_checkpoints(dest)
     for file in kept:
         assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_a_checkpoint_moved_elsewhere_and_linked_back_is_left_whole(
+    dest: Path, tmp_path: Path
+) -> None:
+    # A user who moved the old checkpoint to other storage, linked it back, and emptied a
+    # directory of it there: nothing under the link is the mirror's, an empty directory neither.
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        archive = tmp_path / "archive"
+        archive.mkdir()
+        shutil.move(dest / JOB / DELETED, archive)
+        (dest / JOB / DELETED).symlink_to(archive / DELETED)
+        for file in removed.files:
+            if "/extra/" in file.name and file.node_rank == 0:
+                mirrored(dest, JOB, file).unlink()
+        before = sorted(archive.rglob("*"))
+        result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["files"]["deleted"] == 0
+    assert DELETED not in recorded_checkpoints(dest)
+    assert sorted(archive.rglob("*")) == before
+    assert (archive / DELETED / "0" / "extra").is_dir()
 
 
 def test_another_jobs_mirror_in_the_same_directory_is_left_alone(dest: Path) -> None:
