@@ -327,6 +327,25 @@ def test_a_deletion_cut_short_before_its_records_went_is_finished_by_the_next_ru
     assert not (dest / JOB / DELETED).exists()
 
 
+def test_a_run_directory_removed_by_hand_leaves_fsync_nothing_to_make_durable(
+    dest: Path,
+) -> None:
+    # `rm -rf` of a run's mirror, then a checkpoint of it removed upstream: its records go with
+    # nothing to delete, and the run's directory, gone, has no deletion to sync.
+    with ServerThread(job_catalog()) as server:
+        mirror_then_remove_upstream(server, dest)
+        kept = still_listed(server)
+        shutil.rmtree(dest / JOB)
+        result = run_cli(*sync_args(server, dest, "--delete", "--fsync", "--json"))
+
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["files"]["deleted"] == 0
+    assert summary["files"]["fetched"] == len(kept)
+    assert DELETED not in recorded_checkpoints(dest)
+    assert not (dest / JOB / DELETED).exists()
+
+
 @contextmanager
 def no_file_descriptor_left() -> Iterator[None]:
     """Every file opened meanwhile fails (EMFILE): the limit is the lowest free descriptor."""
