@@ -210,8 +210,9 @@ def test_fsync_makes_deletions_durable_before_their_records_go(
     with ServerThread(job_catalog()) as server:
         for dest in (plain, durable):
             assert run_cli(*sync_args(server, dest)).code == 0
-            # A user's file keeps its directory, and so the checkpoint's.
-            (dest / JOB / "checkpoint-20" / "1" / "mine").write_text("mine")
+            # A user's file keeps its directory, which lost only files, and so the rank's and
+            # the checkpoint's.
+            (dest / JOB / "checkpoint-20" / "1" / "extra" / "mine").write_text("mine")
         if killed:
             shutil.rmtree(durable / JOB / "checkpoint-10")
         job = server.catalog.jobs[0]
@@ -241,7 +242,10 @@ def test_fsync_makes_deletions_durable_before_their_records_go(
     assert removals
     # The commit that drops the records: the manifest's first sync after the deletions.
     commit = min(n for n, path in syncs if n > removals[-1][0] and path.endswith("-wal"))
-    lost = {str(durable / d) for d in (JOB, f"{JOB}/checkpoint-20", f"{JOB}/checkpoint-20/1")}
+    # Of the directories that stay: those that lost a directory (the run's, checkpoint-20's,
+    # which lost rank 0's) and those that lost only files (rank 1's and its extra/).
+    stay = ("", "/checkpoint-20", "/checkpoint-20/1", "/checkpoint-20/1/extra")
+    lost = {f"{durable}/{JOB}{d}" for d in stay}
     assert {directory for _, directory in removals if Path(directory).is_dir()} <= lost
     for directory in lost:
         synced = [n for n, path in syncs if path == directory]
