@@ -925,13 +925,21 @@ async def _raise_for_file_status(resp: Response, url: str, size: int) -> NoRetur
             f"HTTP {status} from {where}", retry_after=retry_after_seconds(resp.headers)
         )
     if status == 416:
-        # Only bytes within the listed size are asked for: the object shrank, and another
-        # version is there, which the next run lists.
-        match = _UNSATISFIED_RANGE.fullmatch(resp.headers.get("content-range", ""))
-        if match is not None and int(match[1]) != size:
-            raise IntegrityError(f"HTTP 416 from {where}: {_sizes(int(match[1]), size)}")
-        raise IntegrityError(f"HTTP 416 from {where}: the object is smaller than listed")
+        unsatisfied = range_not_satisfiable(resp.headers.get("content-range"), size)
+        raise IntegrityError(f"HTTP 416 from {where}: {unsatisfied}")
     raise FileError(f"HTTP {status} from {where}")
+
+
+def range_not_satisfiable(header: str | None, size: int) -> str:
+    """What a 416 with Content-Range ``header`` says of an object listed with ``size`` bytes.
+    Only bytes within the listed size are asked for: the object shrank, and another version is
+    there, which the next run lists. Its size now when the header gives one (``bytes */N``, RFC
+    9110 §15.5.17); a server that names the listed size, or spells it otherwise, contradicts
+    itself and tells no size."""
+    match = _UNSATISFIED_RANGE.fullmatch(header or "")
+    if match is not None and int(match[1]) != size:
+        return _sizes(int(match[1]), size)
+    return "the object is smaller than listed"
 
 
 def _prepare_staging(fd: int, size: int, path: str, *, reserve: bool) -> None:

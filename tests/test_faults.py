@@ -14,7 +14,7 @@ import trustme
 
 from checkpoint_sync.errors import FileError, IntegrityError
 from checkpoint_sync.localserver import Faults, ServedFile, content
-from checkpoint_sync.transfer import content_range_end, refused_answer
+from checkpoint_sync.transfer import content_range_end, range_not_satisfiable, refused_answer
 
 from .conftest import JOB, job_catalog, job_with_a_file_pushed_off_its_page, sync_args
 from .support import (
@@ -331,6 +331,26 @@ def test_a_content_range_is_taken_whole_or_short_or_refused(
     else:
         with pytest.raises(IntegrityError, match=outcome):
             content_range_end(header, 100, 200, 1000)
+
+
+# A 416 to a request for bytes of an object listed with 1000: what its Content-Range tells.
+@pytest.mark.parametrize(
+    ("header", "said"),
+    [
+        ("bytes */600", "the server says the object has 600 bytes; the listing says 1000"),
+        ("bytes */1001", "the server says the object has 1001 bytes; the listing says 1000"),
+        (None, "the object is smaller than listed"),
+        # A server gone wrong tells no size: not "has 1000 bytes; the listing says 1000".
+        ("bytes */1000", "the object is smaller than listed"),
+        ("bytes */600, bytes */700", "the object is smaller than listed"),
+        ("bytes */", "the object is smaller than listed"),
+        ("bytes 0-99/600", "the object is smaller than listed"),
+    ],
+)
+def test_a_416_says_the_objects_size_only_when_it_gives_another(
+    header: str | None, said: str
+) -> None:
+    assert range_not_satisfiable(header, 1000) == said
 
 
 COMPRESSED = "http://h/o?<redacted> sent the object compressed (Content-Encoding: gzip), not as"
