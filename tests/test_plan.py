@@ -261,15 +261,16 @@ def test_latest_names_a_newer_unreadable_checkpoint_it_passed_over(
     assert chosen.passed_over == ([unreadable] if passed_over else [])
 
 
-def at_step(step: int) -> Checkpoint:
+def at_step(step: int, state: SyncState = SyncState.COMPLETE) -> Checkpoint:
     """A W&B checkpoint: its list tells no times, only steps."""
-    return Checkpoint(f"v{step}", f"step-{step}", "model", None, 1, SyncState.COMPLETE, step)
+    return Checkpoint(f"v{step}", f"step-{step}", "model", None, 1, state, step)
 
 
 @pytest.mark.parametrize(
     ("step", "passed_over"),
     [
         (40, True),  # a higher step than the one taken: said
+        (30, False),  # the step taken: not newer
         (25, False),
         (None, True),  # its step unknown: it may be newer
     ],
@@ -283,6 +284,34 @@ def test_latest_of_a_run_that_tells_no_times_goes_by_step(
     chosen = select_checkpoints([at_step(10), at_step(30), at_step(20), unreadable], latest=True)
     assert [c.name for c in chosen.checkpoints] == ["step-30"]
     assert chosen.passed_over == ([unreadable] if passed_over else [])
+
+
+def test_latest_of_a_run_that_tells_no_times_names_newer_ones_by_step() -> None:
+    # A checkpoint of a higher step than the one taken, still uploading or of another status
+    # (FAILED, say), is newer: named, as where the list tells times.
+    uploading, failed = at_step(40, SyncState.SYNCING), at_step(50, SyncState.OTHER)
+    older = [at_step(20, SyncState.SYNCING), at_step(25, SyncState.OTHER)]
+    chosen = select_checkpoints([at_step(10), at_step(30), uploading, failed, *older], latest=True)
+    assert [c.name for c in chosen.checkpoints] == ["step-30"]
+    assert (chosen.syncing, chosen.other_status) == ([uploading], [failed])
+
+
+@pytest.mark.parametrize(
+    ("entry", "passed_over"),
+    [
+        # Made at the instant of the c3 taken: only the age makes one newer.
+        (UnreadableCheckpoint("u-id", "run/u", "...", created_at=RUN[1].created_at), False),
+        # A step of its own tells nothing against a checkpoint taken by its time.
+        (UnreadableCheckpoint("u-id", "run/u", "...", step=20), True),
+    ],
+)
+def test_latest_names_an_unreadable_checkpoint_only_when_it_may_be_newer(
+    entry: UnreadableCheckpoint, passed_over: bool
+) -> None:
+    taken = Checkpoint("c3", "c3", "run", RUN[1].created_at, 1, SyncState.COMPLETE, step=30)
+    chosen = select_checkpoints([RUN[0], taken, entry], latest=True)
+    assert chosen.checkpoints == [taken]
+    assert chosen.passed_over == ([entry] if passed_over else [])
 
 
 def made(name: str, created_at: str, key: str | None = None) -> Checkpoint:
@@ -686,8 +715,9 @@ def test_implausible_sizes_are_refused(size: int) -> None:
         check_listed_size(remote(size=size))
 
 
-def test_an_empty_file_is_a_plausible_size() -> None:
-    check_listed_size(remote(size=0))
+@pytest.mark.parametrize("size", [0, 1 << 50])  # empty, and the largest taken
+def test_plausible_sizes_are_taken(size: int) -> None:
+    check_listed_size(remote(size=size))
 
 
 @pytest.mark.parametrize(
