@@ -95,6 +95,7 @@ def test_unsafe_relative_paths(path: str, reason: str) -> None:
         ("job", "c", 1 << 63, "out of range"),
         ("r" * 256, "c", 0, "longer than 255 bytes"),
         ("job", "c" * 256, 0, "longer than 255 bytes"),
+        ("job", "\U0001f642" * 64, 0, "longer than 255 bytes"),  # 64 characters, 256 bytes
     ],
 )
 def test_unsafe_run_checkpoint_or_rank(run: str, checkpoint: str, rank: int, reason: str) -> None:
