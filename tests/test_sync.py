@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import io
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -1370,16 +1371,25 @@ class _Terminal(io.StringIO):
         return True
 
 
+@pytest.mark.parametrize(
+    ("holds", "pid"),
+    [
+        ("\x1b]0;owned\x1b\\[blink]x", "unknown"),
+        ("4194303\n", "4194303"),  # the highest pid Linux gives (pid_max 2**22): read whole
+        ("\u0664\u0662\n", "unknown"),  # digits, but not ASCII ones: no pid
+    ],
+    ids=["escapes", "pid", "other-digits"],
+)
 def test_what_the_lock_file_holds_never_reaches_the_terminal(
-    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, holds: str, pid: str
 ) -> None:
     # The lock file names its holder; what it holds is shown while waiting, in the progress line
-    # (which passes ESC on).
+    # (which passes ESC on), if it is a pid.
     monkeypatch.setenv("COLUMNS", "200")  # the whole line, not cut to 80
     lock = dest / ".checkpoint-sync" / "lock"
     lock.parent.mkdir(parents=True)
     with lock.open("w") as held:
-        held.write("\x1b]0;owned\x1b\\[blink]x")
+        held.write(holds)
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX)
         threading.Timer(1.0, fcntl.flock, (held, fcntl.LOCK_UN)).start()
@@ -1388,8 +1398,10 @@ def test_what_the_lock_file_holds_never_reaches_the_terminal(
 
     assert code == 0
     shown = terminal.getvalue()
-    assert "waiting for the mirror's lock, held by another run (pid unknown)" in shown
+    assert f"waiting for the mirror's lock, held by another run (pid {pid})" in shown
     assert "\x1b]" not in shown
+    # Then it holds the lock, and names itself alone: nothing is left of what it held before.
+    assert lock.read_text() == f"{os.getpid()}\n"
 
 
 def test_an_error_in_the_settings_still_prints_a_json_document(
