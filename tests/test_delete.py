@@ -35,7 +35,7 @@ from .support import (
     run_subprocess,
     staged,
 )
-from .test_kill import assert_records_true, manifest_rows, open_files, wait_for
+from .test_kill import asleep, assert_records_true, manifest_rows, open_files, wait_for
 from .test_local_errors import fill, mounted
 
 DELETED = "checkpoint-10"
@@ -624,7 +624,9 @@ def test_a_run_that_waited_for_the_lock_keeps_what_another_run_mirrored_meanwhil
         fcntl.flock(held, fcntl.LOCK_EX)
         flags = ["--delete"] if delete else []
         waiting = run_subprocess(*sync_args(server, dest, *flags, "--wait-lock", "--json"))
-        wait_for(waiting, lambda: str(lock) in open_files(waiting.pid))
+        # Stopped between the lock's open and its first try, it would take the lock at once
+        # when let go, not having waited: so not before it sleeps in its wait.
+        wait_for(waiting, lambda: str(lock) in open_files(waiting.pid) and asleep(waiting.pid))
         # It has read its list (without the newest) and waits; the later run gets the lock first.
         waiting.send_signal(signal.SIGSTOP)
         os.close(held)

@@ -575,6 +575,15 @@ def open_files(pid: int) -> set[str]:
     return found
 
 
+def asleep(pid: int) -> bool:
+    """Whether process ``pid``'s main thread sleeps (waits on something), as opposed to running
+    or ready to run: once it has opened the lock, the first sleep is its wait's."""
+    with suppress(FileNotFoundError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] == "S"
+    return False
+
+
 def test_a_second_run_on_the_same_mirror_exits_5_at_once(server: ServerThread, dest: Path) -> None:
     holder = start(server, dest)
     lock = dest / ".checkpoint-sync" / "lock"
