@@ -73,6 +73,10 @@ class Stats:
     listings_changed: list[str] = field(default_factory=list)
     # Per request, the first MAX_TIMINGS_KEPT: (seconds to first byte, body bytes, body seconds).
     timings: list[tuple[float, int, float]] = field(default_factory=list)
+    # Bytes that bodies under way have put into their files and ``bytes_fetched`` counts only
+    # once each body is in (a large plain-HTTP part, moved by the kernel): for a display, so
+    # that a 64 MiB part on a slow link shows as it comes. Set by the run's transfers.
+    bytes_landing: Callable[[], int] = field(default=lambda: 0, repr=False)
 
     def fail(self, where: str, message: str) -> None:
         self.files_failed += 1
@@ -146,14 +150,19 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _received(stats: Stats) -> int:
+    """Bytes received so far, those of bodies still coming included."""
+    return stats.bytes_fetched + stats.bytes_landing()
+
+
 def bytes_done(stats: Stats) -> int:
     """Bytes of the files to fetch that are in: received, or kept from an earlier run's parts."""
-    return min(stats.bytes_fetched + stats.bytes_resumed, stats.bytes_to_fetch)
+    return min(_received(stats) + stats.bytes_resumed, stats.bytes_to_fetch)
 
 
 def _rate(stats: Stats) -> float:
     """Bytes received a second: skipped and resumed files moved none."""
-    return stats.bytes_fetched / max(stats.seconds, 1e-9)
+    return _received(stats) / max(stats.seconds, 1e-9)
 
 
 def bytes_total(stats: Stats) -> tuple[int, str] | None:
@@ -186,7 +195,7 @@ def status_line(stats: Stats) -> str:
         return waiting_line(stats.waiting_for)
     eta = _eta(stats)
     return (
-        f"{human_bytes(stats.bytes_fetched)} fetched at {human_bytes(_rate(stats))}/s"
+        f"{human_bytes(_received(stats))} fetched at {human_bytes(_rate(stats))}/s"
         f"{'' if eta is None else f', {eta}'}; files {files_line(stats)}{_listing(stats)}"
     )
 
@@ -213,7 +222,7 @@ def terminal_line(stats: Stats, width: int) -> str:
     if stats.waiting_for is not None:
         return _cut(waiting_line(stats.waiting_for), room)
     total, mark = bytes_total(stats) or (0, "")
-    done = bytes_done(stats) if total else stats.bytes_fetched
+    done = bytes_done(stats) if total else _received(stats)
     # Each piece as (which is dropped first, what precedes it unless it leads, its text).
     pieces: list[tuple[int, str, str]] = [
         (0, " ", human_bytes(done) + (f" of {mark}{human_bytes(total)}" if total else " fetched")),

@@ -155,6 +155,13 @@ class Transfers:
                 _os_call(directory, partial(fsync_directory, str(directory)))
         self._reserves = preallocation_pays(str(self._staging_dir))
         self._sweep_staging()
+        stats.bytes_landing = self._spliced
+
+    def _spliced(self) -> int:
+        """Bytes the splices under way have moved into their files so far (`Stats`)."""
+        return sum(
+            state.spliced for staged in self._in_flight for _, state in staged.parts.values()
+        )
 
     def _sweep_staging(self) -> None:
         """Remove the staging files that no record of parts leads to, before this run stages

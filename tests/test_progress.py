@@ -18,6 +18,7 @@ from checkpoint_sync.plan import FileFilter, Selection, select_checkpoints
 from checkpoint_sync.progress import (
     LogLines,
     Stats,
+    bytes_done,
     bytes_total,
     human_bytes,
     log_interval,
@@ -26,10 +27,11 @@ from checkpoint_sync.progress import (
     terminal_line,
 )
 from checkpoint_sync.sources.baseten_training import TrainingJobSource
+from checkpoint_sync.transfer import TransferSettings
 from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, PROJECT, job_catalog
-from .support import ServerThread, api_client
+from .support import ServerThread, api_client, first_answers
 
 
 @pytest.mark.anyio
@@ -186,6 +188,36 @@ async def test_a_listing_that_fails_after_it_was_counted_shows_what_was_planned(
     assert "~" not in plain + terminal
     assert plain.endswith(" (listing failed)")
     assert terminal.endswith(" (listing failed)")
+
+
+@pytest.mark.anyio
+async def test_large_parts_spliced_into_their_files_show_as_they_come(dest: Path) -> None:
+    # Two 8 MiB parts over plain HTTP, which the kernel moves from the socket into the file:
+    # each stalls half way. The display counts the halves in, before either body has ended.
+    part = 8 << 20
+    catalog = job_catalog(checkpoints=1, large_files=1, large_size=2 * part, small_files=0)
+    with ServerThread(catalog, Faults(stall_seconds=30)) as server:
+        server.faults.hook = first_answers(2, "stall")
+        async with two_files_a_page(server) as (source, selection, http):
+            options = SyncOptions(
+                dest=dest,
+                files=FileFilter(ranks=frozenset({0})),
+                transfer=TransferSettings(part_size=part),
+            )
+            stats = Stats()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sync, source, selection, http, options, stats)
+                with anyio.fail_after(20):
+                    while bytes_done(stats) < part:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                shown = status_line(stats), terminal_line(stats, 200)
+                fetched = stats.bytes_fetched
+                tg.cancel_scope.cancel()
+
+    # Counted as received: only what came with each answer's head, before the splice began.
+    assert fetched < part // 2
+    assert shown[0].startswith("8.0 MiB fetched at ")
+    assert " 8.0 MiB of 16.0 MiB, " in shown[1]
 
 
 def test_status_line_gives_an_eta_once_the_listing_is_done() -> None:
