@@ -228,6 +228,7 @@ async def _run(
             await jobs.held_up.wait()  # a listing never held up is planned soon enough
             await _count_ahead(source, selection, options.files, stats)
 
+    cancelled: BaseException | None = None
     try:
         async with anyio.create_task_group() as outer:
             outer.start_soon(_commit_periodically, manifest)
@@ -243,16 +244,15 @@ async def _run(
             outer.cancel_scope.cancel()
     except ExceptionGroup as group:
         raise most_severe(group) from None
-    except anyio.get_cancelled_exc_class():
-        # Stopped from outside (a signal): an error met meanwhile, or by a part being stopped
-        # (the manifest could not record how far it got), is still the caller's to say.
-        if stop.error is not None:
-            raise stop.error from None
-        raise
-    if stop.error is not None:
-        raise stop.error
-    if listing_failed:
-        raise listing_failed[0]
+    except anyio.get_cancelled_exc_class() as exc:
+        cancelled = exc
+    # Stopped from outside (a signal), the run still raises an error met before (a listing that
+    # failed while the files it listed landed) or meanwhile (a manifest that could not record
+    # how far a stopped part got): it is the caller's to say.
+    if (error := stop.error or next(iter(listing_failed), None)) is not None:
+        raise error
+    if cancelled is not None:
+        raise cancelled
     # A file whose entry did not tell its path may have parts, in its checkpoint (any of its
     # run's, where the entry did not tell which), as may the files of a checkpoint not there to
     # list: only their listing could say which. So may one that a listing changed while it was

@@ -356,6 +356,34 @@ def test_a_manifest_that_cannot_record_how_far_a_stopped_part_got_leaves_the_sig
         assert_completes_unthrottled(server, dest)
 
 
+def test_a_listing_that_failed_before_the_stop_is_still_said(dest: Path) -> None:
+    """The listing's second page cannot be read while a part of a file from its first stalls:
+    the run waits for the files listed, and is stopped then. The listing's error is said and is
+    the summary's, yet the exit is the signal's."""
+    catalog = job_catalog(checkpoints=1, large_size=(2 << 20) + 4321, small_files=1)
+    # Four files, three a page (ENV): a large one is on the first page.
+    with ServerThread(catalog, Faults(stall_seconds=30, page_faults={3: "not-json"})) as server:
+        stall = first_answers(1, "stall")
+        server.faults.hook = lambda name, start, end: (
+            stall(name, start, end) if start == 5 * PART else None
+        )
+        process = start(server, dest, "--json")
+        wait_for(
+            process,
+            lambda: server.traffic.faults.get("stall") == 1 and not server.faults.page_faults,
+        )
+        time.sleep(0.5)  # the rest of the files listed land meanwhile
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+
+    assert process.returncode == 130, err
+    (said, stopped) = err.decode().removeprefix("checkpoint-sync: error: ").splitlines()
+    assert said.endswith(": the API answered with something not JSON"), said
+    assert stopped == "checkpoint-sync: error: stopped by SIGINT; rerun to resume"
+    summary = json.loads(out)
+    assert (summary["exit_code"], summary["error"]) == (130, said)
+
+
 def parts_left(dest: Path) -> tuple[set[int], dict[int, int]]:
     """The parts of the one file a run holds in parts: those done, and how far others got."""
     db = sqlite3.connect(manifest_path(dest))
