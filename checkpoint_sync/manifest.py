@@ -63,8 +63,9 @@ CREATE TABLE IF NOT EXISTS staging_etags (
     etag TEXT NOT NULL
 )
 """
-# How far a part that stopped unfinished got (a stop, a network that kept failing): the next
-# run asks only for the rest. Made in place too, as `_ETAGS`.
+# How far an unfinished part got, recorded every second while it is in flight and when it
+# stops (a stop, a network that kept failing): the next run asks only for the rest. Made in
+# place too, as `_ETAGS`.
 _REACHED = """
 CREATE TABLE IF NOT EXISTS parts_reached (
     path TEXT NOT NULL REFERENCES staging (path) ON DELETE CASCADE,

@@ -375,7 +375,8 @@ class Staged:
     done: frozenset[int]
     bytes_on_disk: int | None  # size of the staging file, None if it is gone
     etag: str | None = None  # the object's strong ETag when its parts were fetched, if known
-    # Parts it stopped in (stopped, or out of retries): the byte each had reached, by index.
+    # Parts it left unfinished (in flight, stopped, or out of retries): the byte each had
+    # reached, by index.
     reached: Mapping[int, int] = field(default_factory=dict)
 
 
