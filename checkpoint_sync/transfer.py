@@ -534,9 +534,9 @@ class Transfers:
     async def _keep_reached(self, staged: _Staged, part: Part, state: _PartState) -> None:
         """Record how far a part of a file in parts got, stopped or out of retries, so that the
         next run asks only for the rest: as a retry of this run would, it trusts the bytes
-        written (another failure, such as bytes not of the range asked for, records nothing
-        more than the periodic records did). A part hashed on the way (the whole file) has no
-        record to resume from."""
+        written (another failure, such as bytes not of the range asked for, records nothing, nor
+        did the periodic records: `_PartState.written`). A part hashed on the way (the whole
+        file) has no record to resume from."""
         reached = reach_to_record(
             part, state.written(), state.recorded, hashed=state.digests is not None
         )
@@ -553,8 +553,8 @@ class Transfers:
     async def record_reached_periodically(self) -> None:
         """Every `REACHED_SECONDS`, record how far each part in flight got, in one transaction:
         a run killed then leaves the next only the rest of each to fetch. A part records the
-        bytes in its file, not those its connection holds unwritten, nor those of an answer
-        perhaps compressed on the way (`_PartState.written`)."""
+        bytes in its file, not those its connection holds unwritten, nor those of an answer told
+        no length while it is read (`_PartState.written`)."""
         while True:
             await anyio.sleep(REACHED_SECONDS)
             due = [
@@ -670,17 +670,24 @@ class Transfers:
         if taken is not None:
             taken.set()
         started_at = state.offset
-        state.unsure_from = started_at if coded is not None else None
+        # Told no length, an answer may yet prove longer than its range (not the bytes asked
+        # for), or coded on the way: no record of how far the part got goes past its start
+        # while it is read.
+        state.unsure_from = started_at if resp.length is None else None
         writer = _PartWriter(staged, state, stop, self._stats, self._dest, coded)
         try:
             # A part hashed on the way cannot skip Python; the others may be spliced.
             await resp.stream_to(writer.take, writer if state.digests is None else None)
-        except BaseException:
+        except BaseException as exc:
             if coded is not None:
                 # Its bytes are the object's only once they come to the length asked for: cut
                 # short (or stopped), they may be a stream compressed on the way. Neither a
                 # retry nor the record of how far the part got may go on from them.
                 state.rewind(started_at, file)
+            elif not isinstance(exc, IntegrityError):
+                # Cut short or stopped, not longer than its range: its bytes are trusted, as a
+                # retry trusts them.
+                state.unsure_from = None
             raise
         if coded is not None and state.offset != stop:
             raise coded  # not a body cut short: the same request would be answered the same way
@@ -802,8 +809,8 @@ class _PartState:
     url_worked: bool = False  # a request since then was answered with something else than 403
     # Bytes a splice under way has put into the file past ``offset``, set by its thread.
     spliced: int = 0
-    # Where the body being read began, while it may be compressed on the way: its bytes are
-    # the object's only once they all came.
+    # Where the body being read began, while it may prove longer than its range or coded on
+    # the way (it was told no length): its bytes are the object's only once they all came.
     unsure_from: int | None = None
 
     @classmethod

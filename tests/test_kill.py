@@ -535,6 +535,44 @@ def test_a_kill_leaves_no_record_into_an_answer_perhaps_compressed_on_the_way(
         assert_exact(mirrored(dest, JOB, large), large)
 
 
+def test_no_record_vouches_for_an_answer_that_proved_longer_than_its_range(dest: Path) -> None:
+    """An answer told no length may prove longer than its range once read: its bytes are not
+    the ones asked for, and its file fails. Read for seconds before that shows, how far its part
+    got is not recorded meanwhile: a later run asks for the part from its start."""
+    part = 3 << 20  # past the receive buffer: its bytes are written while it is read
+    catalog = job_catalog(checkpoints=1, large_size=2 * part, small_files=0)
+
+    faults = Faults(throttle=3 << 19)  # 2 s a part: a record is made while the second is read
+
+    def second_part_longer(name: str, start: int, end: int) -> str | None:
+        # One answer at a time (--concurrency 1): the first part's is as asked for.
+        longer = start == part
+        faults.overlong_body = 100 if longer else 0
+        return "chunked" if longer else None
+
+    def plain() -> None:
+        faults.hook, faults.overlong_body = None, 0
+
+    faults.hook = second_part_longer
+    with ServerThread(catalog, faults) as server:
+        one = ("--part-size", str(part), "--node-rank", "0", "--concurrency", "1", "--json")
+        result = run_cli(*sync_args(server, dest, *one))
+
+        assert result.code == 1, result.stderr
+        (failure,) = json.loads(result.stdout)["failures"]
+        assert "server sent more than the range it answered with" in failure["error"]
+        done, reached = parts_left(dest)
+        assert done == {0}
+        assert 1 not in reached
+        server.call(plain)
+        asked = len(server.traffic.ranges)
+        assert run_cli(*sync_args(server, dest, *one)).code == 0
+
+        (large,) = (file for file in server.files() if file.node_rank == 0)
+        assert server.traffic.ranges[asked:] == [(large.name, part, 2 * part)]
+        assert_exact(mirrored(dest, JOB, large), large)
+
+
 def test_how_far_a_part_got_is_kept_only_for_a_file_still_in_parts(tmp_path: Path) -> None:
     # A record of how far a part got may come once its file's parts were dropped (an object
     # replaced, a file that failed its check): with --fsync, the record of the parts in flight
