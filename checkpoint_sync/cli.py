@@ -38,9 +38,10 @@ from .config import (
     load_settings,
     parse_size,
 )
-from .engine import PlannedFile, SyncOptions, sync
+from .engine import PlannedFile, SyncOptions, lock_path, sync
 from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
 from .layout import quoted
+from .lock import LockSeen
 from .net import NetSettings, loop_options
 from .plan import FileFilter, Selection, select_checkpoints
 from .progress import (
@@ -734,6 +735,9 @@ async def _mirror(
     def show_plan(planned: PlannedFile) -> None:
         out.answer(f"{planned.action:6} {planned.path} ({human_bytes(planned.size)})")
 
+    # Before the list is read: a run that takes the lock after another held it since reads the
+    # list again (what that run mirrored is not removed upstream).
+    seen = LockSeen.of(lock_path(options.dest))
     async with (
         _selected(recipe, wanted, out) as (http, source, selection),
         anyio.create_task_group() as tg,
@@ -744,7 +748,7 @@ async def _mirror(
             source,
             selection,
             http,
-            replace(options, count_ahead=display.estimates),
+            replace(options, count_ahead=display.estimates, lock_seen=seen),
             stats,
             show_plan if options.dry_run else None,
         )

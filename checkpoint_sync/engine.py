@@ -32,7 +32,7 @@ from .errors import (
 )
 from .filesystem import Places
 from .layout import STATE_DIR, checkpoint_path, mirror_path, nameable
-from .lock import mirror_lock
+from .lock import LOCK_NAME, LockSeen, mirror_lock
 from .manifest import Manifest
 from .net import NetSettings
 from .plan import (
@@ -71,6 +71,9 @@ class SyncOptions:
     delete: bool = False
     max_delete: int | None = None
     wait_lock: bool = False
+    # The lock file as found before the checkpoint list was read: None, not looked at (then
+    # only a wait for the lock tells that another run may have mirrored since).
+    lock_seen: LockSeen | None = None
     # Whether the listing shows every file of the selection: a bench trial's stops at its byte
     # budget, before later ranks show, so there only asking for no listed rank at all is exit 4.
     complete_listing: bool = True
@@ -99,6 +102,10 @@ class PlannedFile:
 
 def manifest_path(dest: Path) -> Path:
     return dest / STATE_DIR / MANIFEST_NAME
+
+
+def lock_path(dest: Path) -> Path:
+    return dest / STATE_DIR / LOCK_NAME
 
 
 async def sync(
@@ -139,13 +146,15 @@ async def sync(
         wait=options.wait_lock,
         on_wait=waiting,
         durable=options.transfer.fsync,
-    ):
+        seen=options.lock_seen,
+    ) as held_since:
         if stats.waiting_for is not None:
             # Time and rate count from here: the wait is the other run's, not this one's.
             stats.waiting_for, stats.started = None, time.monotonic()
-            # The list read before the wait may lack checkpoints the other run mirrored
-            # meanwhile: with --delete they would go as removed upstream, and their parts
-            # would be dropped. What is removed upstream is told by a list read now.
+        if held_since:
+            # The list read before may lack checkpoints another run mirrored since (it waited
+            # for it, or was held up): with --delete they would go as removed upstream, and
+            # their parts would be dropped. What is removed upstream is told by a list read now.
             await source.checkpoints()
         if options.delete:
             # First: the room they hold may be what the new checkpoints need, or, on a disk

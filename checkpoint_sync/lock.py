@@ -9,6 +9,7 @@ import fcntl
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
 from itertools import takewhile
 from pathlib import Path
 
@@ -18,6 +19,26 @@ from .errors import LocalIOError, LockHeldError
 from .filesystem import fsync_directory
 
 POLL_SECONDS = 0.25
+LOCK_NAME = "lock"
+
+
+@dataclass(frozen=True)
+class LockSeen:
+    """The mirror's lock file as a run found it before it read the lists it acts on: its inode,
+    modification time and size, or None where there was none. Every run that takes the lock
+    writes its pid into it, so a file found otherwise once the lock is taken tells that another
+    run held it since, and may have mirrored what those lists lack (`mirror_lock`)."""
+
+    file: tuple[int, int, int] | None
+
+    @classmethod
+    def of(cls, file: Path | int) -> LockSeen:
+        """The lock file at a path, or open."""
+        try:
+            info = os.stat(file)
+        except OSError:  # none there; an open one that cannot be read differs from any seen
+            return cls(None)
+        return cls((info.st_ino, info.st_mtime_ns, info.st_size))
 
 
 @asynccontextmanager
@@ -27,11 +48,13 @@ async def mirror_lock(
     wait: bool,
     on_wait: Callable[[str], None] | None = None,
     durable: bool = False,
-) -> AsyncIterator[None]:
+    seen: LockSeen | None = None,
+) -> AsyncIterator[bool]:
     """Hold the mirror's lock; `LockHeldError` if another run has it and ``wait`` is off, else
     ``on_wait(holder's pid)`` once, and the wait. ``durable``: the directories made on the way
-    (DEST, its parents) survive power loss, as their entries are synced."""
-    path = state_dir / "lock"
+    (DEST, its parents) survive power loss, as their entries are synced. Yields whether another
+    run held the lock since the file was ``seen`` (or, not seen, while this one waited)."""
+    path = state_dir / LOCK_NAME
     try:
         ancestry = (state_dir, *state_dir.parents)
         made = list(takewhile(lambda d: not d.exists(), ancestry)) if durable else []
@@ -44,9 +67,13 @@ async def mirror_lock(
                     f"cannot sync {directory.parent} to make the new {directory} durable: "
                     f"{exc.strerror or exc}"
                 ) from exc
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            fd, created = os.open(path, os.O_RDWR), False
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror or exc}") from exc
+    waited = False
     try:
         while True:
             try:
@@ -63,17 +90,20 @@ async def mirror_lock(
                         f"another checkpoint-sync run (pid {holder}) is mirroring into "
                         f"{state_dir.parent}; pass --wait-lock to wait for it"
                     ) from None
-                if on_wait is not None:
+                if on_wait is not None and not waited:
                     on_wait(holder)
-                    on_wait = None
+                waited = True
                 await anyio.sleep(POLL_SECONDS)
             except OSError as exc:  # ENOLCK on some NFS and FUSE mounts: no run is safe there
                 raise LocalIOError(f"cannot lock {path}: {exc.strerror or exc}") from exc
+        # Made here, the file had no holder before; else it shows any since it was seen (a run
+        # held up between reading its lists and taking the lock may find one that came and went).
+        held_since = waited or (seen is not None and not created and seen != LockSeen.of(fd))
         # Only names the holder to a second run: a full disk must not stop this one here (it
         # says what it needs once it knows).
         with suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield held_since
     finally:
         os.close(fd)

@@ -607,38 +607,70 @@ def test_a_run_whose_listing_then_fails_still_says_what_its_deletions_did(
         assert f"of checkpoints removed upstream: {JOB}/{DELETED}" in result.stdout
 
 
+# The CLI held up just before it opens the lock (swapped out, say): it says so, then goes on
+# once the file named by GO exists.
+HELD_UP_AT_THE_LOCK = """
+import os, sys, time
+open_ = os.open
+def held_up_open(path, flags, *args, **kwargs):
+    if str(path).endswith("/.checkpoint-sync/lock"):
+        print("at the lock", file=sys.stderr, flush=True)
+        while not os.path.exists(os.environ["GO"]):
+            time.sleep(0.01)
+    return open_(path, flags, *args, **kwargs)
+os.open = held_up_open
+from checkpoint_sync.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("held_up", [False, True], ids=["waiting", "held-up-before-the-lock"])
 @pytest.mark.parametrize("delete", [True, False], ids=["its-files", "its-parts"])
-def test_a_run_that_waited_for_the_lock_keeps_what_another_run_mirrored_meanwhile(
-    dest: Path, monkeypatch: pytest.MonkeyPatch, delete: bool
+def test_a_run_that_took_the_lock_after_another_keeps_what_that_one_mirrored_meanwhile(
+    dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delete: bool, held_up: bool
 ) -> None:
-    # A cron run with --wait-lock reads the checkpoint list, then waits; a later run, whose list
-    # has a checkpoint new since, takes the lock first and mirrors it (or leaves it in parts).
-    # The provider still lists it: the waiting run must not take it for one removed upstream.
+    # A cron run reads the checkpoint list; a later run, whose list has a checkpoint new since,
+    # takes the lock first and mirrors it (or leaves it in parts), while the first waits for
+    # the lock (--wait-lock), or, held up before it tried the lock, never waits. The provider
+    # still lists that checkpoint: the first run must not take it for one removed upstream.
     with ServerThread(job_catalog()) as server:
         job = server.catalog.jobs[0]
         newest = job.checkpoints[-1]
         server.call(lambda: job.checkpoints.remove(newest))
         assert run_cli(*sync_args(server, dest)).code == 0
-        lock = dest / ".checkpoint-sync" / "lock"
-        held = os.open(lock, os.O_RDWR)
-        fcntl.flock(held, fcntl.LOCK_EX)
-        flags = ["--delete"] if delete else []
-        waiting = run_subprocess(*sync_args(server, dest, *flags, "--wait-lock", "--json"))
-        # Stopped between the lock's open and its first try, it would take the lock at once
-        # when let go, not having waited: so not before it sleeps in its wait.
-        wait_for(waiting, lambda: str(lock) in open_files(waiting.pid) and asleep(waiting.pid))
-        # It has read its list (without the newest) and waits; the later run gets the lock first.
-        waiting.send_signal(signal.SIGSTOP)
-        os.close(held)
+        flags = ["--delete", "--json"] if delete else ["--json"]
+        go = tmp_path / "go"
+        if held_up:
+            first = subprocess.Popen(
+                [sys.executable, "-c", HELD_UP_AT_THE_LOCK, *sync_args(server, dest, *flags)],
+                env={**os.environ, "GO": str(go)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            assert first.stderr is not None
+            assert first.stderr.readline() == b"at the lock\n"  # its list read
+        else:
+            lock = dest / ".checkpoint-sync" / "lock"
+            held = os.open(lock, os.O_RDWR)
+            fcntl.flock(held, fcntl.LOCK_EX)
+            first = run_subprocess(*sync_args(server, dest, *flags, "--wait-lock"))
+            # Stopped between the lock's open and its first try, it would take the lock at once
+            # when let go, not having waited: so not before it sleeps in its wait.
+            wait_for(first, lambda: str(lock) in open_files(first.pid) and asleep(first.pid))
+            first.send_signal(signal.SIGSTOP)  # the later run gets the lock first
+            os.close(held)
         server.call(lambda: job.checkpoints.append(newest))
         if delete:
             assert run_cli(*sync_args(server, dest)).code == 0
         else:
             leave_in_parts(server, monkeypatch, sync_args(server, dest), from_byte=512 << 10)
-        waiting.send_signal(signal.SIGCONT)
-        out, err = waiting.communicate(timeout=60)
+        if held_up:
+            go.touch()
+        else:
+            first.send_signal(signal.SIGCONT)
+        out, err = first.communicate(timeout=60)
 
-    assert waiting.returncode == 0, err
+    assert first.returncode == 0, err
     assert json.loads(out)["files"]["to_delete"] == 0
     if delete:
         for file in newest.files:
