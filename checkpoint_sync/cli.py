@@ -933,6 +933,11 @@ class _Stopped:
         if self.error is not None:
             out.error(str(self.error))
 
+    def fail(self, out: _Output) -> int:
+        """For `list` and `bench`, which have nothing to resume: say so, and the exit code."""
+        self.say_error(out)
+        return out.failed(f"stopped by {self.name}", self.code)
+
 
 def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
     """Run ``job`` on an event loop (uvloop when installed); how a signal stopped it, if one did.
@@ -977,12 +982,6 @@ def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
     return None if received is None else _Stopped(received)
 
 
-def _stopped(stopped: _Stopped, out: _Output) -> int:
-    """`list` and `bench` stopped by a signal: they have nothing to resume."""
-    stopped.say_error(out)
-    return out.failed(f"stopped by {stopped.name}", stopped.code)
-
-
 # --- list -----------------------------------------------------------------------------------------
 
 
@@ -1018,7 +1017,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
 
     stopped = _run(survey_source)
     if stopped is not None:
-        return _stopped(stopped, out)
+        return stopped.fail(out)
     if settings.dest is not None and not settings.dest.is_dir():
         # Else a mistyped --dest reads as a mirror holding nothing. No error: a sync creates it.
         out.status(f"no mirror at {settings.dest.absolute()}: no such directory")
@@ -1162,7 +1161,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
         raise
     if signalled is not None:
         stopped(signalled.name)
-        return _stopped(signalled, out)
+        return signalled.fail(out)
     ended = measured(trials)
     if not ended:
         # A table of rows that all failed would only say it again, trial after trial.
