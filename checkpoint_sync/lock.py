@@ -68,9 +68,12 @@ async def mirror_lock(
                     f"{exc.strerror or exc}"
                 ) from exc
         try:
-            fd, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            # Made where a symlink there points (O_EXCL alone would not follow it, dangling),
+            # to know that no run held it before.
+            real = os.path.realpath(path)
+            fd, created = os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
         except FileExistsError:
-            fd, created = os.open(path, os.O_RDWR), False
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror or exc}") from exc
     waited = False
