@@ -72,7 +72,8 @@ class SyncOptions:
     max_delete: int | None = None
     wait_lock: bool = False
     # The lock file as found before the checkpoint list was read: None, not looked at (then
-    # only a wait for the lock tells that another run may have mirrored since).
+    # only a wait for the lock, or a lock file this run made, tells that another run may have
+    # mirrored since: `lock.held_since`).
     lock_seen: LockSeen | None = None
     # Whether the listing shows every file of the selection: a bench trial's stops at its byte
     # budget, before later ranks show, so there only asking for no listed rank at all is exit 4.

@@ -20,25 +20,52 @@ from .filesystem import fsync_directory
 
 POLL_SECONDS = 0.25
 LOCK_NAME = "lock"
+# Enough of the lock file for any pid (Linux gives up to 4194303), and then some.
+HOLDER_BYTES = 32
 
 
 @dataclass(frozen=True)
 class LockSeen:
     """The mirror's lock file as a run found it before it read the lists it acts on: its inode,
-    modification time and size, or None where there was none. Every run that takes the lock
-    writes its pid into it, so a file found otherwise once the lock is taken tells that another
-    run held it since, and may have mirrored what those lists lack (`mirror_lock`)."""
+    modification time, size and first bytes (the pid of the run that last held it), or None
+    where there was none. Every run that takes the lock writes its pid into it, so a file found
+    otherwise once the lock is taken tells that another run held it since, and may have mirrored
+    what those lists lack (`held_since`). The pid tells where the time cannot: a filesystem
+    that keeps whole seconds gives two holders in one second the same time."""
 
-    file: tuple[int, int, int] | None
+    file: tuple[int, int, int, bytes] | None
 
     @classmethod
     def of(cls, file: Path | int) -> LockSeen:
         """The lock file at a path, or open."""
         try:
-            info = os.stat(file)
+            if isinstance(file, int):
+                return cls._of_open(file)
+            # Not blocking: whatever is there (a FIFO, say) must not hold the run up.
+            fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                return cls._of_open(fd)
+            finally:
+                os.close(fd)
         except OSError:  # none there; an open one that cannot be read differs from any seen
             return cls(None)
-        return cls((info.st_ino, info.st_mtime_ns, info.st_size))
+
+    @classmethod
+    def _of_open(cls, fd: int) -> LockSeen:
+        info = os.fstat(fd)
+        return cls((info.st_ino, info.st_mtime_ns, info.st_size, os.pread(fd, HOLDER_BYTES, 0)))
+
+
+def held_since(seen: LockSeen | None, now: LockSeen, *, created: bool, waited: bool) -> bool:
+    """Whether another run may have held the lock since the run that now has it read its lists:
+    it waited for it, or the file is ``now`` otherwise than ``seen`` (None: not looked at). A
+    file this run made was empty then: a run that took the lock before this one named itself
+    in it, whatever this run saw before it made it."""
+    if waited:
+        return True
+    if created:
+        return now.file is None or now.file[2] > 0
+    return seen is not None and seen != now
 
 
 @asynccontextmanager
@@ -53,7 +80,7 @@ async def mirror_lock(
     """Hold the mirror's lock; `LockHeldError` if another run has it and ``wait`` is off, else
     ``on_wait(holder's pid)`` once, and the wait. ``durable``: the directories made on the way
     (DEST, its parents) survive power loss, as their entries are synced. Yields whether another
-    run held the lock since the file was ``seen`` (or, not seen, while this one waited)."""
+    run may have held the lock since the file was ``seen`` (`held_since`)."""
     path = state_dir / LOCK_NAME
     try:
         ancestry = (state_dir, *state_dir.parents)
@@ -85,7 +112,7 @@ async def mirror_lock(
             except BlockingIOError:
                 # A pid, or nothing said: whatever else the file holds (escapes) must not reach
                 # the progress line, which shows it as it is.
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                holder = os.pread(fd, HOLDER_BYTES, 0).decode(errors="replace").strip()
                 if not (holder.isascii() and holder.isdigit()):
                     holder = "unknown"
                 if not wait:
@@ -99,14 +126,14 @@ async def mirror_lock(
                 await anyio.sleep(POLL_SECONDS)
             except OSError as exc:  # ENOLCK on some NFS and FUSE mounts: no run is safe there
                 raise LocalIOError(f"cannot lock {path}: {exc.strerror or exc}") from exc
-        # Made here, the file had no holder before; else it shows any since it was seen (a run
-        # held up between reading its lists and taking the lock may find one that came and went).
-        held_since = waited or (seen is not None and not created and seen != LockSeen.of(fd))
+        # A run held up between reading its lists and taking the lock may find that another
+        # came and went meanwhile.
+        another = held_since(seen, LockSeen.of(fd), created=created, waited=waited)
         # Only names the holder to a second run: a full disk must not stop this one here (it
         # says what it needs once it knows).
         with suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield held_since
+        yield another
     finally:
         os.close(fd)

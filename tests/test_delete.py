@@ -607,32 +607,41 @@ def test_a_run_whose_listing_then_fails_still_says_what_its_deletions_did(
         assert f"of checkpoints removed upstream: {JOB}/{DELETED}" in result.stdout
 
 
-# The CLI held up just before it opens the lock (swapped out, say): it says so, then goes on
-# once the file named by GO exists.
+# The CLI held up (swapped out, say) where HOLD says: just before it opens the lock to take it
+# ("before-the-lock"), or just after it made the lock file ("after-making-the-lock"). It says
+# so, then goes on once the file named by GO exists.
 HELD_UP_AT_THE_LOCK = """
 import os, sys, time
 open_ = os.open
+def held_up():
+    print("at the lock", file=sys.stderr, flush=True)
+    while not os.path.exists(os.environ["GO"]):
+        time.sleep(0.01)
 def held_up_open(path, flags, *args, **kwargs):
-    if str(path).endswith("/.checkpoint-sync/lock"):
-        print("at the lock", file=sys.stderr, flush=True)
-        while not os.path.exists(os.environ["GO"]):
-            time.sleep(0.01)
-    return open_(path, flags, *args, **kwargs)
+    taking = str(path).endswith("/.checkpoint-sync/lock") and flags & os.O_RDWR
+    if taking and os.environ["HOLD"] == "before-the-lock":
+        held_up()
+    fd = open_(path, flags, *args, **kwargs)
+    if taking and flags & os.O_EXCL and os.environ["HOLD"] == "after-making-the-lock":
+        held_up()
+    return fd
 os.open = held_up_open
 from checkpoint_sync.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("held_up", [False, True], ids=["waiting", "held-up-before-the-lock"])
+@pytest.mark.parametrize("held_up", ["waiting", "before-the-lock", "after-making-the-lock"])
 @pytest.mark.parametrize("delete", [True, False], ids=["its-files", "its-parts"])
 def test_a_run_that_took_the_lock_after_another_keeps_what_that_one_mirrored_meanwhile(
-    dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delete: bool, held_up: bool
+    dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, delete: bool, held_up: str
 ) -> None:
     # A cron run reads the checkpoint list; a later run, whose list has a checkpoint new since,
     # takes the lock first and mirrors it (or leaves it in parts), while the first waits for
-    # the lock (--wait-lock), or, held up before it tried the lock, never waits. The provider
-    # still lists that checkpoint: the first run must not take it for one removed upstream.
+    # the lock (--wait-lock), or, held up before it tried the lock, never waits. So too where
+    # there was no lock file (two runs started together, or it was removed): the first made it,
+    # and was held up before it tried it. The provider still lists that checkpoint: the first
+    # run must not take it for one removed upstream.
     with ServerThread(job_catalog()) as server:
         job = server.catalog.jobs[0]
         newest = job.checkpoints[-1]
@@ -640,10 +649,12 @@ def test_a_run_that_took_the_lock_after_another_keeps_what_that_one_mirrored_mea
         assert run_cli(*sync_args(server, dest)).code == 0
         flags = ["--delete", "--json"] if delete else ["--json"]
         go = tmp_path / "go"
-        if held_up:
+        if held_up != "waiting":
+            if held_up == "after-making-the-lock":
+                (dest / ".checkpoint-sync" / "lock").unlink()
             first = subprocess.Popen(
                 [sys.executable, "-c", HELD_UP_AT_THE_LOCK, *sync_args(server, dest, *flags)],
-                env={**os.environ, "GO": str(go)},
+                env={**os.environ, "GO": str(go), "HOLD": held_up},
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
             )
@@ -664,7 +675,7 @@ def test_a_run_that_took_the_lock_after_another_keeps_what_that_one_mirrored_mea
             assert run_cli(*sync_args(server, dest)).code == 0
         else:
             leave_in_parts(server, monkeypatch, sync_args(server, dest), from_byte=512 << 10)
-        if held_up:
+        if held_up != "waiting":
             go.touch()
         else:
             first.send_signal(signal.SIGCONT)

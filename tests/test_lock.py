@@ -8,10 +8,63 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.lock import LOCK_NAME
+from checkpoint_sync import lock
+from checkpoint_sync.lock import LOCK_NAME, LockSeen, mirror_lock
 
 from .conftest import sync_args
 from .support import ServerThread, run_cli
+
+# Nanoseconds of a whole second: all a filesystem keeping whole seconds records.
+SECOND = 1_700_000_000 * 10**9
+
+
+def file(inode: int = 7, mtime: int = SECOND, holder: bytes = b"1111\n") -> LockSeen:
+    """A lock file as `LockSeen` notes it, holding ``holder`` alone."""
+    return LockSeen((inode, mtime, len(holder), holder))
+
+
+@pytest.mark.parametrize(
+    ("seen", "now", "created", "waited", "expected"),
+    [
+        (file(), file(), False, False, False),  # nothing happened in between
+        (file(), file(), False, True, True),  # it waited: the other run may have mirrored
+        (None, file(), False, False, False),  # not looked at (bench): only a wait tells
+        (LockSeen(None), file(), False, False, True),  # another run made it since
+        # Another holder, as long a pid, within the same second.
+        (file(), file(holder=b"2222\n"), False, False, True),
+        (file(), file(mtime=SECOND + 1), False, False, True),
+        (file(), file(inode=8), False, False, True),
+        # Made by this run, so empty then, whatever it saw before: unless a run that took the
+        # lock before this one named itself in it.
+        (LockSeen(None), file(holder=b""), True, False, False),
+        (None, file(holder=b""), True, False, False),
+        (LockSeen(None), file(holder=b"2222\n"), True, False, True),
+        (LockSeen(None), LockSeen(None), True, False, True),  # cannot tell: read again
+    ],
+)
+def test_whether_another_run_may_have_held_the_lock_since(
+    seen: LockSeen | None, now: LockSeen, created: bool, waited: bool, expected: bool
+) -> None:
+    assert lock.held_since(seen, now, created=created, waited=waited) is expected
+
+
+@pytest.mark.anyio
+async def test_a_holder_in_the_same_second_as_the_one_before_is_seen(tmp_path: Path) -> None:
+    # A filesystem that keeps whole seconds: the run seen last and the one that held the lock
+    # since wrote their pids (as long) within one second. The file's time and size are the same.
+    state = tmp_path / ".checkpoint-sync"
+    state.mkdir()
+    path = state / LOCK_NAME
+    path.write_text("1111\n")
+    os.utime(path, ns=(SECOND, SECOND))
+    seen = LockSeen.of(path)
+    path.write_text("2222\n")
+    os.utime(path, ns=(SECOND, SECOND))
+
+    async with mirror_lock(state, wait=False, seen=seen) as another:
+        assert another
+    async with mirror_lock(state, wait=False, seen=LockSeen.of(path)) as another:
+        assert not another
 
 
 def requests_of(server: ServerThread, args: list[str]) -> int:
