@@ -54,8 +54,10 @@ Sink = Callable[[memoryview], None]
 MAX_HEAD = 64 << 10
 # Each connection receives straight into a buffer of its own; a body is handed over from it in
 # pieces of at least FLUSH_AT bytes, so one positional write follows several socket reads
-# without a copy in between.
-RECV_BUFFER = 1 << 20
+# without a copy in between. 2 MiB, not 1: a large HTTPS body then goes to its writing thread
+# in half as many hand-offs (big over HTTPS about 5% faster in alternating runs, for up to
+# 32 MiB more peak RSS).
+RECV_BUFFER = 2 << 20
 FLUSH_AT = RECV_BUFFER - (256 << 10)
 # Body bytes copied out before the caller hands over its sink; past this the socket is paused.
 # A body complete by then waits in the receive buffer itself.

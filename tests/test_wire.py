@@ -33,7 +33,7 @@ from checkpoint_sync.models import TrainingJobCheckpoints
 from checkpoint_sync.net import NetSettings
 from checkpoint_sync.proxied import refused_length
 from checkpoint_sync.retry import RetryPolicy
-from checkpoint_sync.wire import HttpClient, split_url
+from checkpoint_sync.wire import FLUSH_AT, RECV_BUFFER, HttpClient, split_url
 
 from .support import proxy_named
 
@@ -569,7 +569,7 @@ async def tls_closing_server(
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {"use_uvloop": True})], ids=["uvloop"])
 @pytest.mark.parametrize(
     "head",
-    [b"HTTP/1.0 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 900000\r\n\r\n"],
+    [b"HTTP/1.0 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"],
     ids=["until-close", "content-length"],
 )
 async def test_a_body_that_arrives_before_it_is_read_survives_the_server_closing(
@@ -577,8 +577,14 @@ async def test_a_body_that_arrives_before_it_is_read_survives_the_server_closing
 ) -> None:
     # uvloop's TLS transport drops what it has not delivered when the server closes while
     # reading is paused: the body ended short (until-close: silently) or failed the request.
-    body = os.urandom(900_000)  # past FLUSH_AT, within the receive buffer
-    pieces: list[bytes | float] = [head + body[:850_000], 0.1, body[850_000:]]
+    body = os.urandom(FLUSH_AT + 100_000)  # past FLUSH_AT, within the receive buffer
+    assert len(body) < RECV_BUFFER
+    cut = FLUSH_AT + 50_000
+    pieces: list[bytes | float] = [
+        head.replace(b"%d", str(len(body)).encode()) + body[:cut],
+        0.1,
+        body[cut:],
+    ]
     async with tls_closing_server(pieces) as (http, url), http.request(url, {}) as response:
         await asyncio.sleep(0.3)  # all of it, and the close, arrive before it is read
         got = bytearray()
