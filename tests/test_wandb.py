@@ -719,7 +719,11 @@ def test_a_checkpoint_whose_artifact_version_is_missing_fails_alone(
     assert result.code == 1, result.stderr
     (failure,) = json.loads(result.stdout)["failures"]
     assert failure["path"] == f"{MODEL}/step-{missing}"
-    assert f"{ARTIFACT}:step{missing}: not found" in failure["error"]
+    # The path is right, as the others' were found: not "check --wandb-artifact".
+    assert failure["error"] == (
+        f"W&B artifact {ARTIFACT}:step{missing}: not there (its weights not uploaded yet, "
+        "or deleted)"
+    )
     for step, checkpoint in checkpoints.items():
         for file in checkpoint.files:
             assert landed(dest, step, file).exists() == (step != missing)

@@ -183,11 +183,11 @@ class WandbSource:
                 except VersionMissing as exc:
                     missing.append((checkpoint, exc))
                 except VersionGone as exc:
-                    yield [_vanished(checkpoint, exc)]
+                    yield [_vanished(checkpoint, str(exc))]
         if missing and len(missing) == len(selected):
             raise missing[0][1]
         if missing:
-            yield [_vanished(checkpoint, exc) for checkpoint, exc in missing]
+            yield [_vanished(checkpoint, exc.beside_found) for checkpoint, exc in missing]
 
     def moved_while_listed(self) -> Set[tuple[str, str]]:
         # A version's files are paged by a cursor, not by an offset that a file added or removed
@@ -299,8 +299,8 @@ def _unreadable(model: str, entry: Unreadable, position: int) -> UnreadableCheck
     return UnreadableCheckpoint(key, where, entry.reason, step=step)
 
 
-def _vanished(checkpoint: Checkpoint, exc: NotFoundError) -> VanishedCheckpoint:
-    return VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, str(exc))
+def _vanished(checkpoint: Checkpoint, problem: str) -> VanishedCheckpoint:
+    return VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, problem)
 
 
 def _alias(checkpoint: Checkpoint) -> str:

@@ -170,6 +170,11 @@ class VersionMissing(NotFoundError):
     """The artifact has no version of that alias: a checkpoint W&B lists whose weights are not
     uploaded yet, or were deleted (or an artifact path that names no artifact at all)."""
 
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what}: not found (check --wandb-artifact)")
+        # Where another version was found, the path is right: said without blaming it.
+        self.beside_found = f"{what}: not there (its weights not uploaded yet, or deleted)"
+
 
 class VersionGone(NotFoundError):
     """The version was there for its first page of files, and not for a later one: deleted (or
@@ -193,5 +198,5 @@ def _files(answer: _Answer, artifact: ArtifactPath, what: str, *, later: bool) -
     if answer.data.project.artifact is None:
         if later:
             raise VersionGone(f"{what}: deleted after its first page of files was read")
-        raise VersionMissing(f"{what}: not found (check --wandb-artifact)")
+        raise VersionMissing(what)
     return answer.data.project.artifact.files
