@@ -537,9 +537,7 @@ class Transfers:
         written (another failure, such as bytes not of the range asked for, records nothing, nor
         did the periodic records: `_PartState.written`). A part hashed on the way (the whole
         file) has no record to resume from."""
-        reached = reach_to_record(
-            part, state.written(), state.recorded, hashed=state.digests is not None
-        )
+        reached = state.to_record(part)
         if reached is None:
             return
         if self._settings.fsync:
@@ -547,6 +545,9 @@ class Transfers:
             # for even by a stop, as the file is closed next.
             with anyio.CancelScope(shield=True):
                 await self._flush(staged)
+        self._record_reached(staged, part, state, reached)
+
+    def _record_reached(self, staged: _Staged, part: Part, state: _PartState, reached: int) -> None:
         self._manifest.part_reached(staged.key, part.index, reached)
         state.recorded = reached
 
@@ -561,12 +562,7 @@ class Transfers:
                 (staged, part, state, reached, state.recorded)
                 for staged in self._in_flight
                 for part, state in staged.parts.values()
-                if (
-                    reached := reach_to_record(
-                        part, state.written(), state.recorded, hashed=state.digests is not None
-                    )
-                )
-                is not None
+                if (reached := state.to_record(part)) is not None
             ]
             if self._settings.fsync and due:
                 # No record may vouch for bytes a power loss could take: those written before
@@ -575,8 +571,7 @@ class Transfers:
                 due = [entry for entry in due if entry[0] in synced]
             for staged, part, state, reached, recorded in due:
                 if state.recorded == recorded:  # else the part's stop recorded it meanwhile
-                    self._manifest.part_reached(staged.key, part.index, reached)
-                    state.recorded = reached
+                    self._record_reached(staged, part, state, reached)
             if due:
                 self._manifest.commit()
 
@@ -824,6 +819,10 @@ class _PartState:
         if self.unsure_from is not None:
             return self.unsure_from
         return self.offset + self.spliced
+
+    def to_record(self, part: Part) -> int | None:
+        """The byte to record as reached in ``part`` now; None: nothing (`reach_to_record`)."""
+        return reach_to_record(part, self.written(), self.recorded, hashed=self.digests is not None)
 
     def take_whole(self, file: RemoteFile) -> None:
         """Receive the whole file from byte 0 on: a server that ignores Range sent it."""
