@@ -43,7 +43,7 @@ from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
 from .layout import quoted
 from .lock import LockSeen
 from .net import NetSettings, loop_options
-from .plan import FileFilter, Selection, select_checkpoints
+from .plan import FileFilter, Selection, is_newer, select_checkpoints
 from .progress import (
     Display,
     LogLines,
@@ -714,12 +714,13 @@ async def _selected(
             every_status=every_status,
             what=source.description,
         )
-        # Said on stderr, under --quiet and --json too, yet no failure (the exit code stands):
-        # unlike one still syncing, no rerun will mirror it, and a restore that took an older
-        # checkpoint should know.
+        # Said on stderr, under --quiet and --json too, yet no failure (the exit code stands): a
+        # restore that took an older checkpoint should know, all the more as no rerun will
+        # mirror one unreadable, unlike one still syncing.
         for skipped in selection.passed_over:
             (taken,) = selection.checkpoints
-            newer = "a newer checkpoint" if skipped.created_at else "a checkpoint that may be newer"
+            told = is_newer(skipped, taken)
+            newer = "a newer checkpoint" if told else "a checkpoint that may be newer"
             out.status(
                 f"--latest took {taken.run}/{taken.name}; {newer} was left out: "
                 f"{skipped.where}: {skipped.problem}"

@@ -237,6 +237,9 @@ class Traffic:
     api_requests: int = 0
     api_in_flight: InFlight = field(default_factory=InFlight)
     ranges: list[tuple[str, int, int]] = field(default_factory=list)
+    # The W&B artifact versions (``NAME:ALIAS``) whose files the GraphQL query asked for, a page
+    # each, in the order asked.
+    versions_asked: list[str] = field(default_factory=list)
     # How often each object fault was injected.
     faults: dict[str, int] = field(default_factory=dict)
 
@@ -683,6 +686,7 @@ class LocalServer:
             known = False
         if not known:
             return web.json_response({"errors": [{"message": "unsupported query"}]}, status=400)
+        self.traffic.versions_asked.append(variables["name"])
         models = [m for m in self.catalog.wandb_models if (m.entity, m.project) == place]
         if not models:
             return web.json_response({"data": {"project": None}})

@@ -11,6 +11,7 @@ from functools import cached_property
 from .errors import FileError, IntegrityError, NotFoundError, UsageError
 from .net import url_problem
 from .sources.base import (
+    AbsentCheckpoint,
     Available,
     Checkpoint,
     RemoteFile,
@@ -30,7 +31,8 @@ class Selection:
     syncing: list[Checkpoint] = field(default_factory=list)
     # Left out because their listing entry is unreadable; each fails as one entry.
     unreadable: list[UnreadableCheckpoint] = field(default_factory=list)
-    # Unreadable, and passed over by --latest although they may be newer than the one it took.
+    # Unreadable, or their files not there (`AbsentCheckpoint`), and passed over by --latest
+    # although they may be newer than the one it took.
     passed_over: list[UnreadableCheckpoint] = field(default_factory=list)
     # Left out because their status is neither complete, syncing nor null (FAILED, say), as
     # --latest leaves them out; named in the output with their status.
@@ -54,13 +56,16 @@ def select_checkpoints(
     A checkpoint whose entry is unreadable is never selected: named (by its id or another of
     its names), it is a usage error; a selection of the whole run carries it as unreadable, and
     `--latest`, which asks for one checkpoint, passes it over, noting it where it may be newer
-    than the one taken.
+    than the one taken. So it does one whose files a source found not there
+    (`AbsentCheckpoint`), which, named, is one of those named.
     """
     wanted = list(dict.fromkeys(names))
     candidates = [c for c in available if isinstance(c, Checkpoint)]
     unreadable = [c for c in available if isinstance(c, UnreadableCheckpoint)]
     if wanted:
         by_name = {c.name for c in candidates} | {c.key for c in candidates}
+        absent = [c for c in unreadable if isinstance(c, AbsentCheckpoint)]
+        by_name |= {n for c in absent for n in (c.key, *c.names) if n is not None}
         for entry in unreadable:
             # A name a readable checkpoint has too is that one's: it can be mirrored.
             if any(n in wanted and n not in by_name for n in (entry.key, *entry.names)):
@@ -72,7 +77,7 @@ def select_checkpoints(
                 f"checkpoint {', '.join(missing)} not found in {what} (it has: {known})"
             )
         candidates = [c for c in candidates if c.name in wanted or c.key in wanted]
-        unreadable = []
+        unreadable = [c for c in absent if any(n in wanted for n in (c.key, *c.names))]
     if latest:
         # Where the API reports no checkpoint as complete but leaves some statuses null (it
         # may: NOTES.md), the newest of those, as a plain sync would mirror them too.
@@ -88,9 +93,9 @@ def select_checkpoints(
         newest = max(pool, key=_latest_key)
         # A newer one still uploading is named: a restore should know what it did not take.
         newer = [c for c in syncing if c not in pool and _age_key(c) > _age_key(newest)]
-        # So is an unreadable one newer than that, or of an age its entry does not tell: the run
-        # has a newer checkpoint than the one restored, which no rerun will mirror.
-        passed_over = [c for c in unreadable if _may_be_newer(c, newest)]
+        # So is an unreadable one newer than that, or of an age its entry does not tell, and one
+        # whose files were not there: the run has a newer checkpoint than the one restored.
+        passed_over = [c for c in unreadable if is_newer(c, newest) is not False]
         # And one of another status (FAILED, say), which no rerun will mirror either.
         other = [
             c for c in candidates if c.state is SyncState.OTHER and _age_key(c) > _age_key(newest)
@@ -110,14 +115,15 @@ def select_checkpoints(
     )
 
 
-def _may_be_newer(entry: UnreadableCheckpoint, taken: Checkpoint) -> bool:
-    """Whether an unreadable checkpoint may be newer than the one ``taken``: by the time its
-    entry tells, else by its step where neither tells a time (W&B), else it may be."""
+def is_newer(entry: UnreadableCheckpoint, taken: Checkpoint) -> bool | None:
+    """Whether a checkpoint passed over is newer than the one ``taken``: by the time its entry
+    tells, else by its step where neither tells a time (W&B); None where nothing tells (it may
+    be)."""
     if entry.created_at is not None:
         return entry.created_at.timestamp() > _age_key(taken)[0]
     if taken.created_at is None and entry.step is not None and taken.step is not None:
         return entry.step > taken.step
-    return True
+    return None
 
 
 def _age_key(checkpoint: Checkpoint) -> tuple[float, int]:

@@ -20,6 +20,7 @@ from checkpoint_sync.plan import (
     check_paths_matched,
     check_ranks_listed,
     is_current,
+    is_newer,
     parts_to_fetch,
     reach_to_record,
     removed_upstream,
@@ -29,6 +30,7 @@ from checkpoint_sync.plan import (
     walked_whole,
 )
 from checkpoint_sync.sources.base import (
+    AbsentCheckpoint,
     Available,
     Checkpoint,
     PageRef,
@@ -312,6 +314,59 @@ def test_latest_names_an_unreadable_checkpoint_only_when_it_may_be_newer(
     chosen = select_checkpoints([RUN[0], taken, entry], latest=True)
     assert chosen.checkpoints == [taken]
     assert chosen.passed_over == ([entry] if passed_over else [])
+
+
+def absent_at(step: int) -> AbsentCheckpoint:
+    """A W&B checkpoint whose artifact version --latest found not there."""
+    return AbsentCheckpoint(
+        f"v{step}", f"model/step-{step}", "not there", (f"step-{step}",), step=step
+    )
+
+
+STEPS = [at_step(10), at_step(20), at_step(30)]
+
+
+@pytest.mark.parametrize(
+    ("absent", "names", "selected", "passed_over"),
+    [
+        ([40], (), "step-30", [40]),  # the newest absent: the next one taken, and it named
+        ([50, 40], (), "step-30", [50, 40]),
+        ([40], ("step-20", "step-40"), "step-20", [40]),  # named, it is passed over alike
+        ([40], ("step-20", "v40"), "step-20", [40]),  # named by its id too
+        ([40], ("step-10", "step-20"), "step-20", []),  # not among those named
+        ([5], (), "step-30", []),  # older than the one taken: nothing to say
+    ],
+)
+def test_latest_passes_over_checkpoints_whose_files_are_absent(
+    absent: list[int], names: tuple[str, ...], selected: str, passed_over: list[int]
+) -> None:
+    entries = {step: absent_at(step) for step in absent}
+    chosen = select_checkpoints([*STEPS, *entries.values()], names=names, latest=True)
+    assert [c.name for c in chosen.checkpoints] == [selected]
+    assert chosen.passed_over == [entries[step] for step in passed_over]
+
+
+def test_a_checkpoint_named_whose_files_are_absent_is_no_usage_error_nor_unknown() -> None:
+    # An unreadable entry named is a usage error; one --latest found absent is a checkpoint
+    # listed, named as any: with all those named absent, none is there to take.
+    with pytest.raises(NotFoundError, match="no complete checkpoint in the run"):
+        select_checkpoints([*STEPS, absent_at(40)], names=("step-40",), latest=True)
+
+
+@pytest.mark.parametrize(
+    ("entry", "taken", "newer"),
+    [
+        (unreadable_at(5), RUN[1], True),  # its time tells
+        (unreadable_at(2), RUN[1], False),
+        (unreadable_at(None), RUN[1], None),  # nothing tells: it may be newer
+        (UnreadableCheckpoint("u", "run/u", "...", step=40), at_step(30), True),  # no times: steps
+        (UnreadableCheckpoint("u", "run/u", "...", step=20), at_step(30), False),
+        (UnreadableCheckpoint("u", "run/u", "...", step=40), RUN[1], None),  # a step, a time
+        (absent_at(40), at_step(30), True),
+    ],
+)
+def test_is_newer(entry: UnreadableCheckpoint, taken: Checkpoint, newer: bool | None) -> None:
+    assert is_newer(entry, taken) is newer
 
 
 def made(name: str, created_at: str, key: str | None = None) -> Checkpoint:

@@ -763,6 +763,152 @@ def test_a_version_deleted_while_its_files_are_listed_fails_alone_saying_so(
     assert not any(landed(dest, 50, file).exists() for file in others)
 
 
+def not_there(step: int) -> str:
+    return (
+        f"W&B artifact {ARTIFACT}:step{step}: not there (its weights not uploaded yet, or deleted)"
+    )
+
+
+def passed_over(taken: int, *newer: int) -> str:
+    """What --latest says on stderr of the newer checkpoints whose weights are not there."""
+    return "".join(
+        f"--latest took {MODEL}/step-{taken}; a newer checkpoint was left out: "
+        f"{MODEL}/step-{step}: {not_there(step)}\n"
+        for step in newer
+    )
+
+
+def asked(*steps: int) -> list[str]:
+    """The GraphQL queries for the files of these versions, one each, in this order."""
+    return [f"agent-001:step{step}" for step in steps]
+
+
+@pytest.mark.parametrize(("missing", "taken"), [((), 50), ((50,), 40), ((50, 40), 30)])
+def test_latest_takes_the_newest_checkpoint_whose_weights_are_there(
+    server: ServerThread, dest: Path, missing: tuple[int, ...], taken: int
+) -> None:
+    """The Training API lists a checkpoint once it is saved, and its weights come after: a
+    restore right then takes the newest one that can be restored, and says what it passed over."""
+    checkpoints = checkpoints_of(server)
+    for step in missing:
+        checkpoints[step].uploaded = False
+    args = synced(dest, "--latest", "--wandb-artifact", ARTIFACT)
+
+    text = run_cli(*args)
+    quiet = run_cli(*args, "--quiet")
+    server.traffic.versions_asked.clear()
+    summary = run_cli(*args, "--json")
+
+    assert text.code == quiet.code == summary.code == 0, text.stderr
+    # Named in the list's order, as checkpoints passed over for other reasons are.
+    note = passed_over(taken, *sorted(missing))
+    assert quiet.stderr == summary.stderr == note
+    assert text.stderr.startswith(note)
+    document = json.loads(summary.stdout)
+    assert [c["checkpoint"] for c in document["checkpoints"]] == [f"{MODEL}/step-{taken}"]
+    assert document["passed_over"] == [
+        {"checkpoint": f"{MODEL}/step-{step}", "error": not_there(step)} for step in sorted(missing)
+    ]
+    assert [p.name for p in (dest / MODEL).iterdir()] == [f"step-{taken}"]
+    for file in checkpoints[taken].files:
+        assert_exact(landed(dest, taken, file), file)
+    # Newest first, one at a time, up to the first there: its one page of files, asked for
+    # once, is what the walk mirrors it from.
+    assert server.traffic.versions_asked == asked(*missing, taken)
+
+
+def test_latest_where_no_version_is_there_stops_as_not_found_after_a_few(
+    server: ServerThread, dest: Path
+) -> None:
+    # None there of those --latest looks at: the path is more likely wrong (exit 4, as before),
+    # and a long model must not cost a request per checkpoint.
+    for checkpoint in checkpoints_of(server).values():
+        checkpoint.uploaded = False
+
+    every = run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--json"))
+    every_asked = list(server.traffic.versions_asked)
+    server.traffic.versions_asked.clear()
+    named = ["--checkpoint", "step-10", "--checkpoint", "step-20"]
+    both = run_cli(*synced(dest, "--latest", *named, "--wandb-artifact", ARTIFACT))
+
+    assert every.code == both.code == 4, every.stderr
+    not_found = f"W&B artifact {ARTIFACT}:step50: not found (check --wandb-artifact)"
+    assert json.loads(every.stdout)["error"] == not_found
+    assert every_asked == asked(50, 40, 30, 20)  # MOST_LOOKED_FOR
+    assert both.stderr == (
+        f"checkpoint-sync: error: W&B artifact {ARTIFACT}:step20: not found (check "
+        "--wandb-artifact)\n"
+    )
+    assert server.traffic.versions_asked == asked(20, 10)
+    assert not dest.exists() or not (dest / MODEL).exists()
+
+
+def test_latest_of_those_named_takes_the_newest_whose_weights_are_there(
+    server: ServerThread, dest: Path
+) -> None:
+    checkpoints_of(server)[40].uploaded = False
+    named = ["--checkpoint", "step-20", "--checkpoint", checkpoints_of(server)[40].id]
+
+    result = run_cli(*synced(dest, "--latest", *named, "--wandb-artifact", ARTIFACT))
+
+    assert result.code == 0, result.stderr
+    assert result.stderr.startswith(passed_over(20, 40))
+    assert [p.name for p in (dest / MODEL).iterdir()] == ["step-20"]
+    assert server.traffic.versions_asked == asked(40, 20)
+
+
+def test_delete_keeps_the_checkpoint_latest_passed_over(server: ServerThread, dest: Path) -> None:
+    # Its version is missing (deleted, or a new upload under way), but the Training API still
+    # lists it: it is not removed upstream, and what the mirror holds of it stays.
+    assert run_cli(*synced(dest, "--wandb-artifact", ARTIFACT)).code == 0
+    newest = checkpoints_of(server)[50]
+    newest.uploaded = False
+
+    result = run_cli(*synced(dest, "--latest", "--delete", "--wandb-artifact", ARTIFACT, "--json"))
+
+    assert result.code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["removed_upstream"] == []
+    assert document["files"]["deleted"] == 0
+    assert [c["checkpoint"] for c in document["checkpoints"]] == [f"{MODEL}/step-40"]
+    assert document["passed_over"] == [{"checkpoint": f"{MODEL}/step-50", "error": not_there(50)}]
+    for file in newest.files:
+        assert_exact(landed(dest, 50, file), file)
+
+
+def test_list_latest_shows_the_checkpoint_sync_latest_takes(
+    server: ServerThread, dest: Path
+) -> None:
+    newest = checkpoints_of(server)[50]
+    newest.uploaded = False
+    dest.mkdir()  # a mirror not synced yet
+
+    looked = run_cli(*listed("--latest", "--wandb-artifact", ARTIFACT))
+    as_json = run_cli(*listed("--latest", "--wandb-artifact", ARTIFACT, "--json"))
+    server.traffic.versions_asked.clear()
+    compared = run_cli(*listed("--latest", "--wandb-artifact", ARTIFACT, "--dest", str(dest)))
+    compared_asked = list(server.traffic.versions_asked)
+    server.traffic.versions_asked.clear()
+    unlooked = run_cli(*listed("--latest", "--json"))
+
+    assert looked.code == as_json.code == compared.code == unlooked.code == 0, looked.stderr
+    _, row = looked.stdout.splitlines()
+    assert row.split()[:2] == [MODEL, "step-40"]
+    assert looked.stderr == as_json.stderr == compared.stderr == passed_over(40, 50)
+    document = json.loads(as_json.stdout)
+    assert [c["step"] for c in document["checkpoints"]] == [40]
+    assert document["left_out"] == [
+        {"checkpoint": f"{MODEL}/step-50", "id": newest.id, "error": not_there(50)}
+    ]
+    # With --dest, the version found serves the comparison with its one page of files.
+    assert "absent" in compared.stdout.splitlines()[1].split()
+    assert compared_asked == asked(50, 40)
+    # Without the artifact path, the versions cannot be looked for: the highest step is shown,
+    # and no GraphQL request is made.
+    assert [c["step"] for c in json.loads(unlooked.stdout)["checkpoints"]] == [50]
+    assert server.traffic.versions_asked == []
+
+
 @pytest.mark.parametrize("more_promised", [False, True], ids=["whole", "ended-on-a-promise"])
 def test_delete_removes_a_checkpoint_removed_upstream_once_the_list_was_read_whole(
     dest: Path, monkeypatch: pytest.MonkeyPatch, more_promised: bool

@@ -95,6 +95,18 @@ class UnreadableCheckpoint:
         return f"its listing entry is unreadable ({self.reason}), so it cannot be mirrored"
 
 
+@dataclass(frozen=True, slots=True)
+class AbsentCheckpoint(UnreadableCheckpoint):
+    """A checkpoint listed whose files are not there (a W&B artifact version not uploaded yet,
+    or deleted), ``reason`` saying so. Only `--latest` looks for them before listing: it passes
+    over such a one for the newest whose files are there, and names it. Named by `--checkpoint`,
+    it is a checkpoint as any other, not an unreadable entry."""
+
+    @property
+    def problem(self) -> str:
+        return self.reason
+
+
 # What a checkpoint list holds.
 Available = Checkpoint | UnreadableCheckpoint
 

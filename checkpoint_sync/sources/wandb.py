@@ -1,9 +1,10 @@
 """W&B Training: a model's checkpoints (step and metrics), the pick of one, and its weights.
 
 ``GET /v1/preview/models/{model_id}/checkpoints`` lists the checkpoints with cursor pagination; it
-is what picks *which* checkpoint (``--latest``: the highest step; ``--best METRIC``). The weights
-are W&B artifacts (`wandb_artifacts`), found through ``--wandb-artifact ENTITY/PROJECT/NAME`` and
-mirrored under ``<model_id>/step-<N>/0/...``: an artifact has no node ranks, so all of it is rank 0.
+is what picks *which* checkpoint (``--latest``: the highest step whose weights are there;
+``--best METRIC``). The weights are W&B artifacts (`wandb_artifacts`), found through
+``--wandb-artifact ENTITY/PROJECT/NAME`` and mirrored under ``<model_id>/step-<N>/0/...``: an
+artifact has no node ranks, so all of it is rank 0.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..api import ApiClient, path_segment
 from ..errors import NotFoundError, UsageError
 from ..models import Unreadable, WandbCheckpoint, WandbCheckpointPage
 from .base import (
+    AbsentCheckpoint,
     Available,
     Checkpoint,
     FileKey,
@@ -42,9 +44,13 @@ from .base import (
 from .cursors import advance
 
 if TYPE_CHECKING:
-    from .wandb_artifacts import ArtifactFile, ArtifactFiles
+    from .wandb_artifacts import ArtifactFile, ArtifactFiles, FirstPage
 
 MAX_LIMIT = 100  # the API's ceiling for ``limit``
+# How many artifact versions --latest asks for, from the newest down, before it takes none there
+# for a wrong path: a checkpoint's weights are uploaded soon after it is saved, so more than a
+# few newer ones missing is unlikely, and a wrong path must not cost a request per checkpoint.
+MOST_LOOKED_FOR = 4
 
 
 def best_checkpoint(
@@ -73,7 +79,9 @@ def best_checkpoint(
 
 
 class WandbSource:
-    """A W&B Training model's checkpoints, narrowed to the best one when ``best`` is given."""
+    """A W&B Training model's checkpoints, narrowed to the best one when ``best`` is given; with
+    ``latest`` (of those ``names`` names, if any) and ``artifacts``, those newer than the newest
+    whose weights are there as `AbsentCheckpoint`."""
 
     name = "wandb-training"
 
@@ -84,15 +92,24 @@ class WandbSource:
         *,
         artifacts: ArtifactFiles | None,
         best: tuple[str, bool] | None = None,
+        latest: bool = False,
+        names: Sequence[str] = (),
         page_size: int = MAX_LIMIT,
     ) -> None:
         self._api = api
         self._model = model_id
         self._artifacts = artifacts
         self._best = best
+        self._latest = latest
+        self._names = tuple(names)
         self._page_size = page_size
         self.description = f"W&B Training model {model_id}"
         self._listed_whole: dict[str, frozenset[str]] = {}
+        # What --latest found, by checkpoint key: looked for once a run (a list read again, after
+        # a wait for the mirror's lock, only tells what was removed upstream).
+        self._absent: dict[str, AbsentCheckpoint] | None = None
+        # The first page of files of the version --latest found, for the walk that comes first.
+        self._found: dict[str, FirstPage] = {}
 
     async def checkpoints(self) -> list[Available]:
         pages = [page async for page in self._pages()]
@@ -133,7 +150,51 @@ class WandbSource:
                 found, metric, minimize=minimize, what=self.description, unreadable=unreadable
             )
             return [best]
-        return [*found, *unreadable]
+        available: list[Available] = [*found, *unreadable]
+        if self._latest and self._artifacts is not None:
+            if self._absent is None:
+                self._absent = await self._absent_newest(self._artifacts, available)
+            available = _marked(available, self._absent)
+        return available
+
+    async def _absent_newest(
+        self, artifacts: ArtifactFiles, available: list[Available]
+    ) -> dict[str, AbsentCheckpoint]:
+        """The checkpoints --latest would take before the newest whose weights are there, by
+        key. The Training API lists a checkpoint once it is saved, and its weights are uploaded
+        after: their versions are asked for one at a time, from the newest down, up to the first
+        there. Where none of `MOST_LOOKED_FOR` is, the artifact path is more likely wrong: the
+        first not found stops the run, as it would alone."""
+        # Loaded here: plan imports the sources, and `wandb_artifacts` waits for --wandb-artifact.
+        from ..plan import select_checkpoints
+        from .wandb_artifacts import VersionMissing
+
+        absent: dict[str, AbsentCheckpoint] = {}
+        missing: list[VersionMissing] = []
+        while len(missing) < MOST_LOOKED_FOR:
+            try:
+                selection = select_checkpoints(
+                    _marked(available, absent),
+                    names=self._names,
+                    latest=True,
+                    what=self.description,
+                )
+            except NotFoundError:
+                if not missing:  # a checkpoint named that is not listed, say
+                    raise
+                break  # every checkpoint --latest could take is absent
+            (taken,) = selection.checkpoints
+            alias = _alias(taken)
+            try:
+                self._found[alias] = await artifacts.first_page_found(alias, self._page_size)
+                return absent
+            except VersionMissing as exc:
+                missing.append(exc)
+                where = f"{taken.run}/{taken.name}"
+                absent[taken.key] = AbsentCheckpoint(
+                    taken.key, where, exc.beside_found, names=(taken.name,), step=taken.step
+                )
+        raise missing[0]
 
     def listed_whole(self) -> Mapping[str, frozenset[str]]:
         return self._listed_whole
@@ -161,9 +222,13 @@ class WandbSource:
         from .wandb_artifacts import VersionGone, VersionMissing  # loaded with `ArtifactFiles`
 
         artifacts = self._artifacts_or_fail()
-        walk = started_ahead(
-            selected, lambda checkpoint: artifacts.first_page(_alias(checkpoint), self._page_size)
-        )
+
+        def first_page(checkpoint: Checkpoint) -> FirstPage:
+            alias = _alias(checkpoint)
+            found = self._found.pop(alias, None)
+            return artifacts.first_page(alias, self._page_size) if found is None else found
+
+        walk = started_ahead(selected, first_page)
         # A checkpoint whose version is missing (its weights not uploaded yet, or deleted) fails
         # alone once another's was found; where none is, the artifact path is likely wrong, and
         # the run stops at the first as not found. One found, then gone, shows the path right.
@@ -288,6 +353,8 @@ class WandbTraining:
             args.wandb_model,
             artifacts=artifacts,
             best=None if args.best is None else (args.best, args.minimize),
+            latest=args.latest,
+            names=args.checkpoint,
             page_size=context.settings.page_size,
         )
 
@@ -297,6 +364,13 @@ def _unreadable(model: str, entry: Unreadable, position: int) -> UnreadableCheck
     key, step = entry.get("id", str), entry.get("step", int)
     where = f"{model}/step-{'?' if step is None else step} ({known_by(key, position)})"
     return UnreadableCheckpoint(key, where, entry.reason, step=step)
+
+
+def _marked(
+    available: Sequence[Available], absent: Mapping[str, AbsentCheckpoint]
+) -> list[Available]:
+    """``available``, each checkpoint in ``absent`` (by key) replaced by its entry there."""
+    return [absent.get(c.key, c) if isinstance(c, Checkpoint) else c for c in available]
 
 
 def _vanished(checkpoint: Checkpoint, problem: str) -> VanishedCheckpoint:

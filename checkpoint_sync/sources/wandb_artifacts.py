@@ -110,6 +110,10 @@ class _Answer(_GraphModel):
     errors: list[_Error] | None = None
 
 
+# A version's first page of files, asked for: what `ArtifactFiles.pages` takes as ``first``.
+FirstPage = asyncio.Task[_Answer]
+
+
 @dataclass(frozen=True)
 class ArtifactFiles:
     """Where a model's checkpoint artifacts are, and the API that lists their files."""
@@ -117,13 +121,20 @@ class ArtifactFiles:
     api: ApiClient
     path: ArtifactPath
 
-    def first_page(self, alias: str, page_size: int) -> asyncio.Task[_Answer]:
+    def first_page(self, alias: str, page_size: int) -> FirstPage:
         """Ask for the first page of version ``alias``'s files now, in one attempt, for `pages`
         to walk them from later (`answer_when_wanted` asks again)."""
         return asyncio.create_task(self._page(alias, page_size, None, retried=False))
 
+    async def first_page_found(self, alias: str, page_size: int) -> FirstPage:
+        """The first page of version ``alias``'s files, asked for now (with retries), as a task
+        done; `VersionMissing` if there is no such version."""
+        task = asyncio.create_task(self._page(alias, page_size, None))
+        _files(await task, self.path, _what(self.path, alias), later=False)
+        return task
+
     async def pages(
-        self, alias: str, page_size: int, first: asyncio.Task[_Answer] | None = None
+        self, alias: str, page_size: int, first: FirstPage | None = None
     ) -> AsyncGenerator[list[ArtifactFile | Unreadable], None]:
         """Every page of the files of version ``alias`` (``first``: its first page, asked for
         already); `VersionMissing` if there is none, `VersionGone` if it went after its first
