@@ -9,8 +9,16 @@ def run() -> int:
     Nothing else is imported before this guard, `signal` included: its import was such a window
     too (``sys`` is built in, loaded before any module)."""
     try:
-        from .cli import main
+        import signal
 
+        # Held back while the modules load, a Ctrl-C comes as KeyboardInterrupt once they are:
+        # raised inside an extension's own import (pydantic-core's Rust code loading
+        # `datetime`), it ended in the extension's panic and its traceback.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            from .cli import main
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         return main()
     except KeyboardInterrupt:  # before main() took over: nothing was started, nothing to say
         import signal

@@ -848,6 +848,8 @@ sys.meta_path.insert(0, CtrlCWhenItLoads())
         "signal",  # the first module the entry point needs, besides the built-in `sys`
         "checkpoint_sync.cli",  # the first thing `run` does
         "anyio",  # in the middle of the CLI's imports
+        # Loaded by pydantic-core's Rust code as it loads: an interrupt there was its panic.
+        "datetime",
     ],
 )
 @pytest.mark.parametrize(
