@@ -232,6 +232,7 @@ async def _run(
                 stats.listing_failed = True
             finally:
                 counting.cancel()  # planned whole, or not at all: a count tells no more
+        stats.listing_stopped = stop.listing.cancelled_caught
 
     async def count() -> None:
         with counting:

@@ -56,6 +56,9 @@ class Stats:
     listing_done: bool = False
     # The planning walk stopped on an error: no file is planned after those, which still land.
     listing_failed: bool = False
+    # The planning walk was cut short as the run stops (a full disk): no file is planned or
+    # started after those, and the files in flight finish.
+    listing_stopped: bool = False
     # The pid of another run whose lock this one waits for (--wait-lock), while it waits.
     waiting_for: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -166,12 +169,13 @@ def _rate(stats: Stats) -> float:
 
 
 def bytes_total(stats: Stats) -> tuple[int, str] | None:
-    """The bytes to fetch, with "" once the listing has been walked, or its walk failed (what
-    was planned is then all the run fetches: a count ahead no longer tells anything); before,
+    """The bytes to fetch, with "" once the listing has been walked, or its walk failed or was
+    stopped (what was planned is then all the run fetches, at most: a count ahead no longer
+    tells anything); before,
     where a walk ahead counted the listing, an estimate marked "~": those planned so far, and
     all those the planning walk has not reached, as if none of them were mirrored already.
     None: not known."""
-    if stats.listing_done or stats.listing_failed:
+    if stats.listing_done or stats.listing_failed or stats.listing_stopped:
         return stats.bytes_to_fetch, ""
     if stats.bytes_counted is None:
         return None
@@ -196,16 +200,19 @@ def status_line(stats: Stats) -> str:
     eta = _eta(stats)
     return (
         f"{human_bytes(_received(stats))} fetched at {human_bytes(_rate(stats))}/s"
-        f"{'' if eta is None else f', {eta}'}; files {files_line(stats)}{_listing(stats)}"
+        f"{'' if eta is None else f', {eta}'}; files {files_line(stats)}{listing_note(stats)}"
     )
 
 
-def _listing(stats: Stats) -> str:
-    """The note on the files while the listing is not planned whole: its walk goes on, or
-    failed (its error is reported at the end; the files planned before it still land)."""
+def listing_note(stats: Stats) -> str:
+    """The note on the files while the listing is not planned whole: its walk goes on, failed
+    (its error is reported at the end; the files planned before it still land), or was stopped
+    with the run (a full disk: the files in flight finish, then the run ends)."""
     if stats.listing_done:
         return ""
-    return " (listing failed)" if stats.listing_failed else " (still listing)"
+    if stats.listing_failed:
+        return " (listing failed)"
+    return " (listing stopped)" if stats.listing_stopped else " (still listing)"
 
 
 # The shortest progress bar worth drawing, and the longest.
@@ -227,7 +234,7 @@ def terminal_line(stats: Stats, width: int) -> str:
     pieces: list[tuple[int, str, str]] = [
         (0, " ", human_bytes(done) + (f" of {mark}{human_bytes(total)}" if total else " fetched")),
         (1, ", ", f"{human_bytes(_rate(stats))}/s"),
-        (3, "; ", f"files {files_line(stats)}{_listing(stats)}"),
+        (3, "; ", f"files {files_line(stats)}{listing_note(stats)}"),
     ]
     if (eta := _eta(stats)) is not None:
         pieces.insert(2, (2, ", ", eta))

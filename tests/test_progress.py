@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from checkpoint_sync.engine import SyncOptions, sync
-from checkpoint_sync.errors import NotFoundError
+from checkpoint_sync.errors import LocalIOError, NotFoundError
 from checkpoint_sync.localserver import Faults
 from checkpoint_sync.net import NetSettings
 from checkpoint_sync.plan import FileFilter, Selection, select_checkpoints
@@ -21,6 +21,7 @@ from checkpoint_sync.progress import (
     bytes_done,
     bytes_total,
     human_bytes,
+    listing_note,
     log_interval,
     status_line,
     summary,
@@ -32,6 +33,7 @@ from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, PROJECT, job_catalog
 from .support import ServerThread, api_client, first_answers
+from .test_local_errors import fill, mounted
 
 
 @pytest.mark.anyio
@@ -95,6 +97,16 @@ def test_a_three_hour_run_writes_about_a_hundred_plain_status_lines() -> None:
             (60, ""),
         ),
         ({"listing_done": True}, (0, "")),
+        # Stopped with the run (a full disk): no file is planned after those.
+        (
+            {
+                "bytes_to_fetch": 60,
+                "bytes_walked": 100,
+                "bytes_counted": 300,
+                "listing_stopped": True,
+            },
+            (60, ""),
+        ),
     ],
 )
 def test_the_bytes_to_fetch_are_estimated_until_the_listing_is_done(
@@ -104,6 +116,24 @@ def test_the_bytes_to_fetch_are_estimated_until_the_listing_is_done(
     for name, count in counts.items():
         setattr(stats, name, count)
     assert bytes_total(stats) == total
+
+
+@pytest.mark.parametrize(
+    ("done", "failed", "stopped", "note"),
+    [
+        (False, False, False, " (still listing)"),
+        (True, False, False, ""),
+        (False, True, False, " (listing failed)"),
+        (False, False, True, " (listing stopped)"),
+        # A listing that failed was not walking when the run stopped.
+        (False, True, True, " (listing failed)"),
+    ],
+)
+def test_the_note_on_the_files_says_how_the_listing_stands(
+    done: bool, failed: bool, stopped: bool, note: str
+) -> None:
+    stats = Stats(listing_done=done, listing_failed=failed, listing_stopped=stopped)
+    assert listing_note(stats) == note
 
 
 @asynccontextmanager
@@ -188,6 +218,29 @@ async def test_a_listing_that_fails_after_it_was_counted_shows_what_was_planned(
     assert "~" not in plain + terminal
     assert plain.endswith(" (listing failed)")
     assert terminal.endswith(" (listing failed)")
+
+
+@pytest.mark.anyio
+async def test_a_listing_cut_short_by_a_full_disk_is_not_shown_as_still_listing(
+    tmp_path: Path,
+) -> None:
+    # Two files a page from an API 0.1 s late: the first file queued finds no room (less than
+    # the manifest's reserve is free) while the next page is awaited. The run stops; its line
+    # must not promise more files.
+    catalog = job_catalog(checkpoints=1, large_files=4, large_size=256 << 10, small_files=0)
+    with (
+        mounted(tmp_path / "disk", "tmpfs", "size=8m") as disk,
+        ServerThread(catalog, Faults(api_delay=0.1)) as server,
+    ):
+        fill(disk, leaving=2 << 20)
+        async with two_files_a_page(server) as (source, selection, http):
+            stats = Stats()
+            with pytest.raises(LocalIOError, match="not enough space"):
+                await sync(source, selection, http, SyncOptions(dest=disk / "mirror"), stats)
+
+    assert 0 < stats.files_listed < len(list(catalog.files()))  # cut short
+    assert status_line(stats).endswith(" (listing stopped)")
+    assert terminal_line(stats, 200).endswith(" (listing stopped)")
 
 
 @pytest.mark.anyio
