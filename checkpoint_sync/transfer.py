@@ -147,6 +147,10 @@ class Transfers:
         self._connections = connections
         self._stats = stats
         self._settings = settings
+        # The periodic record's flush (--fsync) has a thread of its own: in the pool's, it
+        # would wait behind the splices of large parts, which may hold every place for
+        # minutes (40 connections splicing: anyio's default), and no part would be recorded.
+        self._record_flusher = anyio.CapacityLimiter(1)
         _os_call(self._staging_dir, lambda: self._staging_dir.mkdir(parents=True, exist_ok=True))
         if settings.fsync:
             # The staging area may have been made just now (the lock made the directories
@@ -576,16 +580,18 @@ class Transfers:
                 self._manifest.commit()
 
     async def _flushed(self, files: set[_Staged]) -> set[_Staged]:
-        """Those of ``files`` whose written bytes were made durable, in one worker thread. A
-        copy of each descriptor is flushed, as a file may finish and close its own meanwhile;
-        one that cannot be flushed now is recorded next time (or its part's own flush says
-        why)."""
+        """Those of ``files`` whose written bytes were made durable, in a worker thread of the
+        periodic record's own. A copy of each descriptor is flushed, as a file may finish and
+        close its own meanwhile; one that cannot be flushed now is recorded next time (or its
+        part's own flush says why)."""
         copies: dict[_Staged, int] = {}
         try:
             for staged in files:
                 with suppress(OSError):  # out of descriptors, say
                     copies[staged] = os.dup(staged.fd)
-            return await anyio.to_thread.run_sync(_data_synced, copies)
+            return await anyio.to_thread.run_sync(
+                _data_synced, copies, limiter=self._record_flusher
+            )
         finally:
             for fd in copies.values():
                 os.close(fd)

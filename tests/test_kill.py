@@ -19,18 +19,26 @@ from contextlib import suppress
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import pytest
 import xxhash
 
-from checkpoint_sync.engine import manifest_path
+from checkpoint_sync.engine import SyncOptions, manifest_path, sync
 from checkpoint_sync.localserver import Faults, content
 from checkpoint_sync.manifest import Manifest, VerifiedFile
-from checkpoint_sync.wire import FLUSH_AT, LARGE_BODY, RECV_BUFFER
+from checkpoint_sync.net import NetSettings
+from checkpoint_sync.plan import FileFilter, select_checkpoints
+from checkpoint_sync.progress import Stats
+from checkpoint_sync.sources.baseten_training import TrainingJobSource
+from checkpoint_sync.transfer import TransferSettings
+from checkpoint_sync.wire import FLUSH_AT, LARGE_BODY, RECV_BUFFER, HttpClient
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import (
     Result,
     ServerThread,
+    api_client,
     assert_exact,
     assert_no_secret,
     first_answers,
@@ -393,6 +401,53 @@ def parts_left(dest: Path) -> tuple[set[int], dict[int, int]]:
         return done, reached
     finally:
         db.close()
+
+
+@pytest.mark.anyio
+async def test_with_fsync_parts_in_flight_are_recorded_while_splices_hold_every_thread(
+    dest: Path,
+) -> None:
+    # Every place in the worker threads' pool is held by a splice stalled half way, as 40
+    # connections' large parts over plain HTTP hold anyio's 40 (here the pool is made 2, and
+    # so are the connections). How far each got is still recorded every second, flushed first.
+    part = 8 << 20
+    catalog = job_catalog(checkpoints=1, large_files=1, large_size=2 * part, small_files=0)
+    with ServerThread(catalog, Faults(stall_seconds=30)) as server:
+        server.faults.hook = first_answers(2, "stall")
+        async with (
+            api_client(server.url) as api,
+            HttpClient(NetSettings(connect_timeout=5, read_timeout=60)) as http,
+        ):
+            source = TrainingJobSource(api, PROJECT, JOB)
+            selection = select_checkpoints(await source.checkpoints())
+            options = SyncOptions(
+                dest=dest,
+                concurrency=2,
+                files=FileFilter(ranks=frozenset({0})),
+                transfer=TransferSettings(part_size=part, fsync=True),
+            )
+            pool = anyio.to_thread.current_default_thread_limiter()
+            places, pool.total_tokens = pool.total_tokens, 2
+
+            def stalled_holding_the_pool() -> bool:
+                return server.traffic.faults.get("stall") == 2 and not pool.available_tokens
+
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(sync, source, selection, http, options, Stats())
+                    with anyio.fail_after(20):  # the stalls end after 30 s
+                        while not stalled_holding_the_pool():  # noqa: ASYNC110
+                            await anyio.sleep(0.01)
+                        while len(recorded := parts_left(dest)[1]) < 2:  # noqa: ASYNC110
+                            await anyio.sleep(0.05)
+                    held = pool.available_tokens == 0  # the splices still had every place
+                    tg.cancel_scope.cancel()
+            finally:
+                pool.total_tokens = places
+
+    assert held
+    assert 0 < recorded[0] <= part // 2
+    assert part < recorded[1] <= part + part // 2
 
 
 # A part that goes through the sink (shorter than a body spliced or written behind), half of
