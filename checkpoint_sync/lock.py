@@ -128,12 +128,29 @@ async def mirror_lock(
                 raise LocalIOError(f"cannot lock {path}: {exc.strerror or exc}") from exc
         # A run held up between reading its lists and taking the lock may find that another
         # came and went meanwhile.
-        another = held_since(seen, LockSeen.of(fd), created=created, waited=waited)
-        # Only names the holder to a second run: a full disk must not stop this one here (it
-        # says what it needs once it knows).
-        with suppress(OSError):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        found = LockSeen.of(fd)
+        another = held_since(seen, found, created=created, waited=waited)
+        _name_holder(fd, found)
         yield another
     finally:
         os.close(fd)
+
+
+def _name_holder(fd: int, found: LockSeen) -> None:
+    """Write this run's pid into the lock file, as `LockSeen` expects of every holder. Where it
+    cannot be written (a full disk), the file is left `unnamed_size` bytes long instead, which
+    needs no room (a hole), so that a run that noted it before still sees that another held the
+    lock since. Neither stops this run: it says what it needs once it knows."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        with suppress(OSError):
+            os.ftruncate(fd, unnamed_size(found))
+
+
+def unnamed_size(found: LockSeen) -> int:
+    """The size a holder that cannot write its pid leaves the lock file at, ``found`` as it
+    took it: another than it had there, as its bytes (none, or zeros) and its time (within the
+    same second) may not tell."""
+    return (0 if found.file is None else found.file[2]) + 1

@@ -13,6 +13,7 @@ from checkpoint_sync.lock import LOCK_NAME, LockSeen, mirror_lock
 
 from .conftest import sync_args
 from .support import ServerThread, run_cli
+from .test_local_errors import fill, mounted
 
 # Nanoseconds of a whole second: all a filesystem keeping whole seconds records.
 SECOND = 1_700_000_000 * 10**9
@@ -40,6 +41,11 @@ def file(inode: int = 7, mtime: int = SECOND, holder: bytes = b"1111\n") -> Lock
         (None, file(holder=b""), True, False, False),
         (LockSeen(None), file(holder=b"2222\n"), True, False, True),
         (LockSeen(None), LockSeen(None), True, False, True),  # cannot tell: read again
+        # A holder that could not write its pid (a full disk) left the file a byte longer
+        # (`unnamed_size`), whether it was empty or named another, or this run had just made it.
+        (file(holder=b""), file(holder=b"\0"), False, False, True),
+        (file(), file(holder=b"\0" * 6), False, False, True),
+        (LockSeen(None), file(holder=b"\0"), True, False, True),
     ],
 )
 def test_whether_another_run_may_have_held_the_lock_since(
@@ -65,6 +71,35 @@ async def test_a_holder_in_the_same_second_as_the_one_before_is_seen(tmp_path: P
         assert another
     async with mirror_lock(state, wait=False, seen=LockSeen.of(path)) as another:
         assert not another
+
+
+@pytest.mark.parametrize(
+    ("found", "size"),
+    [(LockSeen(None), 1), (file(holder=b""), 1), (file(), 6), (file(holder=b"\0"), 2)],
+)
+def test_a_holder_that_cannot_write_its_pid_leaves_another_size(found: LockSeen, size: int) -> None:
+    assert lock.unnamed_size(found) == size
+
+
+@pytest.mark.anyio
+async def test_a_holder_that_cannot_write_its_pid_is_still_seen(tmp_path: Path) -> None:
+    # A full disk, on a filesystem that keeps whole seconds: the lock file was empty when a run
+    # noted it (made by a run that could not write its pid either), and the run that held the
+    # lock since could not write its own.
+    with mounted(tmp_path / "disk", "tmpfs", "size=1m") as disk:
+        state = disk / ".checkpoint-sync"
+        state.mkdir()
+        path = state / LOCK_NAME
+        path.touch()
+        os.utime(path, ns=(SECOND, SECOND))
+        seen = LockSeen.of(path)
+        fill(disk)
+        async with mirror_lock(state, wait=False):
+            pass
+        os.utime(path, ns=(SECOND, SECOND))
+
+        async with mirror_lock(state, wait=False, seen=seen) as another:
+            assert another
 
 
 def requests_of(server: ServerThread, args: list[str]) -> int:
