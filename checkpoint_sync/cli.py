@@ -801,6 +801,7 @@ def _run_and_report(
         error, stopped = exc, None
     code = _exit_code(stats, stopped, error)
     holder = stats.waiting_for  # still set: the run ended before it had the lock (--wait-lock)
+    payload: dict[str, Any] | None = None
     if out.as_json:
         payload = summary(stats)
         payload["dest"] = str(options.dest)
@@ -811,23 +812,23 @@ def _run_and_report(
         payload["exit_code"] = code
         if error is not None:
             payload["error"] = str(error)
-        out.json(payload)
     elif holder is None and (
         error is None or stats.files_listed or stats.files_to_delete or stats.files_failed
     ):
         _print_summary(stats, options, out)
-    if stopped is None:
-        if error is not None:
-            raise error
-        return code
-    stopped.say_error(out)
-    if holder is None:
-        out.error(f"stopped by {stopped.name}; rerun to resume")
-    else:
-        out.error(
-            f"stopped by {stopped.name} while waiting for the lock of another run (pid {holder}) "
-            "on this mirror; this run did nothing"
+    if stopped is not None:
+        if holder is None:
+            return stopped.end(out, payload, "; rerun to resume")
+        return stopped.end(
+            out,
+            payload,
+            f" while waiting for the lock of another run (pid {holder}) on this mirror; "
+            "this run did nothing",
         )
+    if payload is not None:
+        out.json(payload)
+    if error is not None:
+        raise error
     return code
 
 
@@ -930,14 +931,19 @@ class _Stopped:
     def code(self) -> int:
         return 128 + self.signum
 
-    def say_error(self, out: _Output) -> None:
+    def end(self, out: _Output, document: dict[str, Any] | None = None, then: str = "") -> int:
+        """End the command stopped, as every command does (README, Exit codes: 130/143); its
+        exit code. With ``--json``, its ``document`` (by default one of `exit_code` and
+        `error` alone, as for any error) is printed, the error met as its `error`. On stderr,
+        that error in its line, then `stopped by SIG...` and ``then``."""
+        met = {} if self.error is None else {"error": str(self.error)}
+        if out.as_json:
+            stop = {"exit_code": self.code, "error": f"stopped by {self.name}"}
+            out.json((stop if document is None else document) | met)
         if self.error is not None:
             out.error(str(self.error))
-
-    def fail(self, out: _Output) -> int:
-        """For `list` and `bench`, which have nothing to resume: say so, and the exit code."""
-        self.say_error(out)
-        return out.failed(f"stopped by {self.name}", self.code)
+        out.error(f"stopped by {self.name}{then}")
+        return self.code
 
 
 def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
@@ -1018,7 +1024,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
 
     stopped = _run(survey_source)
     if stopped is not None:
-        return stopped.fail(out)
+        return stopped.end(out)
     if settings.dest is not None and not settings.dest.is_dir():
         # Else a mistyped --dest reads as a mirror holding nothing. No error: a sync creates it.
         out.status(f"no mirror at {settings.dest.absolute()}: no such directory")
@@ -1087,13 +1093,13 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
                     _print_summary(stats, options, out, _DEMO_SYNCING_HINT)
 
     stopped = _run(run_twice)
-    if out.as_json:
-        out.json({"dest": str(dest), "runs": runs})
+    document = {"dest": str(dest), "runs": runs}
     out.info(f"the mirror is in {dest}")
-    if stopped is None:
-        return max(codes, default=EXIT_OK)
-    stopped.say_error(out)
-    return stopped.code
+    if stopped is not None:
+        return stopped.end(out, document)
+    if out.as_json:
+        out.json(document)
+    return max(codes, default=EXIT_OK)
 
 
 # --- bench ----------------------------------------------------------------------------------------
@@ -1150,19 +1156,19 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                     # As each ends: a bench takes minutes, and a silent one looks hung.
                     out.progress(_trial_done(trial, len(trials), total, len(pairs)))
 
-    def stopped(why: str) -> None:
-        # The trials measured before the bench stopped are still shown.
-        if measured(trials):
-            _bench_report(trials, args.rounds, out, stopped=why)
-
     try:
         signalled = _run(measure)
     except CheckpointSyncError as exc:  # one no later trial could escape
-        stopped(str(exc))
+        # The trials measured before the bench stopped are still shown.
+        if measured(trials):
+            _bench_report(trials, args.rounds, out, stopped=str(exc))
         raise
     if signalled is not None:
-        stopped(signalled.name)
-        return signalled.fail(out)
+        if not measured(trials):
+            return signalled.end(out)
+        if not out.as_json:
+            _bench_report(trials, args.rounds, out, stopped=signalled.name)
+        return signalled.end(out, _bench_document(trials, args.rounds, signalled.name))
     ended = measured(trials)
     if not ended:
         # A table of rows that all failed would only say it again, trial after trial.
@@ -1197,20 +1203,11 @@ def _bench_report(
     the bench ``stopped`` (why) before its end; the exit code of a bench that ended."""
     from .bench import measured, recommend, settings_of
 
-    settings_tried = settings_of(trials)
-    best = None if stopped else recommend(settings_tried)
     if out.as_json:
-        out.json(
-            {
-                "rounds": rounds,
-                "trials": [_bench_row(s) for s in settings_tried],
-                "recommended": None
-                if best is None
-                else {"concurrency": best.concurrency, "part_size": best.part_size},
-                "stopped": stopped,
-            }
-        )
+        out.json(_bench_document(trials, rounds, stopped))
     else:
+        settings_tried = settings_of(trials)
+        best = None if stopped else recommend(settings_tried)
         for line in _bench_table(settings_tried):
             out.answer(line)
         for tried in settings_tried:
@@ -1231,6 +1228,24 @@ def _bench_report(
     ended = measured(trials)
     failed = len(ended) < len(trials) or any(t.failed for t in ended)
     return EXIT_FILES_FAILED if failed else EXIT_OK
+
+
+def _bench_document(
+    trials: list[Trial | FailedTrial], rounds: int, stopped: str | None
+) -> dict[str, Any]:
+    """``--json``'s document of ``trials`` (`_bench_report`)."""
+    from .bench import recommend, settings_of
+
+    settings_tried = settings_of(trials)
+    best = None if stopped else recommend(settings_tried)
+    return {
+        "rounds": rounds,
+        "trials": [_bench_row(s) for s in settings_tried],
+        "recommended": None
+        if best is None
+        else {"concurrency": best.concurrency, "part_size": best.part_size},
+        "stopped": stopped,
+    }
 
 
 def _flags(tried: Setting | Trial | FailedTrial) -> str:

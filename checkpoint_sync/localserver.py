@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 from aiohttp import web
 
 # Content is a prime-length random block read at a per-file rotation, so no two parts of a
@@ -422,7 +423,11 @@ class LocalServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            # Shielded: in a scope a signal cancelled, the cleanup would raise the cancellation
+            # in place of the error the code it served stopped with (`demo` would not say it).
+            # Bounded: the stopped process must not wait long on a client that lingers.
+            with anyio.move_on_after(5, shield=True):
+                await self._runner.cleanup()
 
     # --- the management API ----------------------------------------------------------------------
 

@@ -811,7 +811,40 @@ def test_list_json_stopped_by_a_signal_still_prints_one_document(
         out, err = process.communicate(timeout=20)
 
     assert process.returncode == code, err
-    assert json.loads(out)["exit_code"] == code
+    assert json.loads(out) == {"exit_code": code, "error": f"stopped by {signum.name}"}
+    assert err.decode().splitlines() == [f"checkpoint-sync: error: stopped by {signum.name}"]
+
+
+def test_demo_json_stopped_after_an_error_names_it_as_sync_does(tmp_path: Path) -> None:
+    """As `sync`'s: stopped while another program holds the manifest, the stop cannot record
+    how far the parts in flight got. Said in its line before the stop's, and the document's
+    `error`, yet the exit is the signal's."""
+    dest = tmp_path / "mirror"
+    # An 8 MiB part of the first shard at 256 KiB/s: it fills its connection's buffer (written
+    # at FLUSH_AT) only after seconds, so nothing records how far it got until the stop writes
+    # what it received.
+    process = run_subprocess(
+        *("demo", "--dest", dest, "--json", "--concurrency", "1"),
+        *("--part-size", "8MiB", "--limit-rate", "256KiB"),
+    )
+    staging = dest / ".checkpoint-sync" / "staging"
+    wait_for(process, lambda: staging.is_dir() and any(staging.iterdir()))
+    time.sleep(0.5)  # the first answers are in, and what they told committed
+    other = sqlite3.connect(manifest_path(dest), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)  # SQLite waits 5 s for the lock
+    finally:
+        other.close()
+
+    assert process.returncode == 130, err
+    manifest = f"cannot use the manifest {manifest_path(dest)}: database is locked"
+    assert err.decode().splitlines() == [
+        f"checkpoint-sync: error: {manifest}",
+        "checkpoint-sync: error: stopped by SIGINT",
+    ]
+    assert json.loads(out) == {"dest": str(dest), "runs": [], "error": manifest}
 
 
 # The CLI, sent SIGINT once its first part is recorded, and again while it winds down (the
