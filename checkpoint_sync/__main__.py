@@ -13,12 +13,14 @@ def run() -> int:
 
         # Held back while the modules load, a Ctrl-C comes as KeyboardInterrupt once they are:
         # raised inside an extension's own import (pydantic-core's Rust code loading
-        # `datetime`), it ended in the extension's panic and its traceback.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # `datetime`), it ended in the extension's panic and its traceback. The mask is then
+        # given back as it came: one that a parent blocked SIGINT in (inherited across exec)
+        # keeps it blocked.
+        inherited = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             from .cli import main
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_SETMASK, inherited)
         return main()
     except KeyboardInterrupt:  # before main() took over: nothing was started, nothing to say
         import signal

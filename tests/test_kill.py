@@ -964,6 +964,34 @@ def test_sigint_while_the_modules_load_is_exit_130_without_a_traceback(
     assert not dest.exists()
 
 
+# A supervisor that starts the CLI with SIGINT blocked: the mask survives exec.
+EXEC_WITH_SIGINT_BLOCKED = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+os.execv(sys.executable, [sys.executable, "-m", "checkpoint_sync", *sys.argv[1:]])
+"""
+
+
+def test_sigint_blocked_by_the_parent_stays_blocked() -> None:
+    # The entry point holds SIGINT back while its modules load; it must give back the mask it
+    # was started with, not unblock a signal its parent chose to keep from it.
+    with ServerThread(job_catalog(), Faults(api_delay=1.0)) as slow:
+        listing = ["list", "--json", "--api-url", slow.url, "--project", PROJECT, "--job", JOB]
+        process = subprocess.Popen(
+            [sys.executable, "-c", EXEC_WITH_SIGINT_BLOCKED, *listing],
+            env={**os.environ, **ENV},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        wait_for(process, lambda: slow.traffic.api_requests > 0)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=30)
+
+    assert process.returncode == 0, err
+    assert err == b""
+    assert json.loads(out)["checkpoints"]
+
+
 # The CLI, killed (SIGKILL) once it has created the manifest, before it wrote the schema into it.
 CRASH_BEFORE_THE_SCHEMA = """
 import os, signal, sys
