@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import http.server
 import json
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import aclosing, contextmanager
@@ -874,6 +877,30 @@ def test_delete_keeps_the_checkpoint_latest_passed_over(server: ServerThread, de
     assert document["passed_over"] == [{"checkpoint": f"{MODEL}/step-50", "error": not_there(50)}]
     for file in newest.files:
         assert_exact(landed(dest, 50, file), file)
+
+
+def test_latest_asks_again_for_the_page_it_found_once_it_waited_for_the_lock(
+    server: ServerThread, dest: Path
+) -> None:
+    # The page of files found while looking is read before the lock: after a wait for another
+    # run, its URLs may have expired, and each file would cost a refresh.
+    checkpoints_of(server)[50].uploaded = False
+    server.faults.url_ttl = 0.5
+    (dest / ".checkpoint-sync").mkdir(parents=True)
+    other_run = os.open(dest / ".checkpoint-sync" / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other_run, fcntl.LOCK_EX)
+    threading.Timer(1.0, os.close, [other_run]).start()
+
+    result = run_cli(
+        *synced(dest, "--latest", "--wandb-artifact", ARTIFACT, "--wait-lock", "--json")
+    )
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["url_refreshes"] == 0
+    for file in checkpoints_of(server)[40].files:
+        assert_exact(landed(dest, 40, file), file)
+    # Looked for before the wait, its first page asked for again after it.
+    assert server.traffic.versions_asked == asked(50, 40, 40)
 
 
 def test_list_latest_shows_the_checkpoint_sync_latest_takes(

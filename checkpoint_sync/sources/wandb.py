@@ -108,7 +108,8 @@ class WandbSource:
         # What --latest found, by checkpoint key: looked for once a run (a list read again, after
         # a wait for the mirror's lock, only tells what was removed upstream).
         self._absent: dict[str, AbsentCheckpoint] | None = None
-        # The first page of files of the version --latest found, for the walk that comes first.
+        # The first page of files of the version --latest found, for the walk that comes first
+        # (unless the list is read again first).
         self._found: dict[str, FirstPage] = {}
 
     async def checkpoints(self) -> list[Available]:
@@ -154,6 +155,10 @@ class WandbSource:
         if self._latest and self._artifacts is not None:
             if self._absent is None:
                 self._absent = await self._absent_newest(self._artifacts, available)
+            else:
+                # Read again once the mirror's lock was taken, maybe after a long wait: the page
+                # found before may hold URLs expired since, each a refresh; the walk asks anew.
+                self._found.clear()
             available = _marked(available, self._absent)
         return available
 
