@@ -964,27 +964,37 @@ def test_sigint_while_the_modules_load_is_exit_130_without_a_traceback(
     assert not dest.exists()
 
 
-# A supervisor that starts the CLI with SIGINT blocked: the mask survives exec.
-EXEC_WITH_SIGINT_BLOCKED = """
+# A parent that starts the CLI with SIGNAL blocked, or ignored (`cmd &` in a script ignores
+# SIGINT): the mask and the ignored signals survive exec.
+EXEC_WITH_SIGNAL_KEPT = """
 import os, signal, sys
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+signum, how = getattr(signal, sys.argv.pop(1)), sys.argv.pop(1)
+if how == "blocked":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+else:
+    signal.signal(signum, signal.SIG_IGN)
 os.execv(sys.executable, [sys.executable, "-m", "checkpoint_sync", *sys.argv[1:]])
 """
 
 
-def test_sigint_blocked_by_the_parent_stays_blocked() -> None:
+@pytest.mark.parametrize(
+    ("name", "how"), [("SIGINT", "blocked"), ("SIGINT", "ignored"), ("SIGTERM", "ignored")]
+)
+def test_a_signal_the_parent_kept_from_the_run_does_not_stop_it(name: str, how: str) -> None:
     # The entry point holds SIGINT back while its modules load; it must give back the mask it
-    # was started with, not unblock a signal its parent chose to keep from it.
+    # was started with, not unblock a signal its parent chose to keep from it. Nor may the run
+    # listen for one its parent had it ignore: a Ctrl-C in the terminal is not for a job that
+    # a script started in the background.
     with ServerThread(job_catalog(), Faults(api_delay=1.0)) as slow:
         listing = ["list", "--json", "--api-url", slow.url, "--project", PROJECT, "--job", JOB]
         process = subprocess.Popen(
-            [sys.executable, "-c", EXEC_WITH_SIGINT_BLOCKED, *listing],
+            [sys.executable, "-c", EXEC_WITH_SIGNAL_KEPT, name, how, *listing],
             env={**os.environ, **ENV},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
         wait_for(process, lambda: slow.traffic.api_requests > 0)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(getattr(signal, name))
         out, err = process.communicate(timeout=30)
 
     assert process.returncode == 0, err
