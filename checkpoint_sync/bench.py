@@ -9,12 +9,13 @@ The files are listed before each trial, outside its clock, which runs only while
 listing made once for all would hand later trials presigned URLs expired since.
 Requests are timed on the way (`Stats.timed`): time to first byte, and each connection's rate.
 A trial that ends with an error is one the table shows as failed, unless the error ends every
-trial to come (`stops_bench`).
+trial to come (`stops_bench`) or came as a signal stopped the bench.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import statistics
 import tempfile
@@ -23,6 +24,8 @@ from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence, Set
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+
+import anyio
 
 from .engine import SyncOptions, sync
 from .errors import (
@@ -281,7 +284,8 @@ async def run_trials(
 ) -> AsyncGenerator[Trial | FailedTrial, None]:
     """One sync per (concurrency, part size) a round, each on fresh connections into a fresh
     directory, each handed on as it ends (a bench stopped later still shows it); a trial that an
-    error ends is a `FailedTrial`, unless the error `stops_bench`."""
+    error ends is a `FailedTrial`, unless the error `stops_bench` or came as the bench was
+    stopped."""
     for concurrency, part_size in [pair for _ in range(rounds) for pair in pairs]:
         trial: Trial | FailedTrial
         try:
@@ -297,7 +301,9 @@ async def run_trials(
                 wanted=wanted,
             )
         except CheckpointSyncError as exc:
-            if stops_bench(exc):
+            # One met as a signal stopped the bench (a manifest that could not record how far
+            # a part got) is no trial's failure: the stop's to say, as `sync` says it.
+            if stops_bench(exc) or anyio.current_effective_deadline() == -math.inf:
                 raise
             trial = FailedTrial(concurrency, part_size, exc)
         yield trial

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from checkpoint_sync.bench import (
     settings_of,
     stops_bench,
 )
+from checkpoint_sync.engine import manifest_path
 from checkpoint_sync.errors import (
     ApiError,
     AuthError,
@@ -911,6 +913,51 @@ def test_a_bench_interrupted_shows_the_trials_it_measured(tmp_path: Path) -> Non
     assert row["concurrency"] == 2
     assert row["mb_per_s"] > 0
     assert stderr.decode().splitlines()[-1] == "checkpoint-sync: error: stopped by SIGINT"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bench_json_stopped_after_an_error_names_it_as_sync_does(tmp_path: Path) -> None:
+    """As `sync`'s: stopped while a part of the second trial stalls half way and another
+    program holds that trial's manifest, the stop cannot record how far the part got. That is
+    no failed trial: the error is said in its line before the stop's and is the document's
+    `error`, beside the trial measured before; the exit is the signal's."""
+    part = 256 << 10
+    asked = 0
+
+    def stall_in_the_second_trial(name: str, start: int, end: int) -> str | None:
+        nonlocal asked
+        if start == 4 * part:
+            asked += 1  # once a rank in each trial
+            return "stall" if asked == 3 else None
+        return None
+
+    catalog = job_catalog(checkpoints=1, large_size=(2 << 20) + 4321, small_files=1)
+    with ServerThread(catalog, Faults(stall_seconds=30)) as server:
+        server.faults.hook = stall_in_the_second_trial
+        bench = job_args(server, "bench", "--concurrency", "2", "--part-size", "256KiB")
+        process = run_subprocess(*bench, "--rounds", "2", "--scratch", tmp_path, "--json")
+        wait_for(process, lambda: server.traffic.faults.get("stall") == 1)
+        time.sleep(0.5)  # the rest of the trial is done and committed meanwhile
+        (trial,) = tmp_path.iterdir()  # the first trial's directory is removed
+        other = sqlite3.connect(manifest_path(trial), isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=30)  # SQLite waits 5 s for the lock
+        finally:
+            other.close()
+
+    assert process.returncode == 130, err
+    (said, stopped) = err.decode().splitlines()
+    manifest = f"cannot use the manifest {manifest_path(trial)}: database is locked"
+    assert said.startswith(f"checkpoint-sync: error: {manifest} "), said
+    assert stopped == "checkpoint-sync: error: stopped by SIGINT"
+    report = json.loads(out)
+    assert report["error"] == said.removeprefix("checkpoint-sync: error: ")
+    assert report["stopped"] == "SIGINT"
+    (row,) = report["trials"]
+    assert [r["error"] for r in row["rounds"]] == [None]  # the first, measured
+    assert row["mb_per_s"] > 0
     assert list(tmp_path.iterdir()) == []
 
 
