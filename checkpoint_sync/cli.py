@@ -946,20 +946,23 @@ class _Stopped:
         return self.code
 
 
+# The stop signals, but one the process was started ignoring: a script's `cmd &` ignores SIGINT
+# so that a Ctrl-C in its terminal is not for that job, as `nohup`-like supervisors ignore what
+# they choose. Noted as the CLI loads, before `_run` ignores them itself once one has come.
+_HEEDED = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+
+
 def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
     """Run ``job`` on an event loop (uvloop when installed); how a signal stopped it, if one did.
     An error it ended with is raised, but for one met once a signal came (`_Stopped`)."""
     received: int | None = None
-    # Not one the run was started ignoring: a script's `cmd &` ignores SIGINT so that a Ctrl-C
-    # in its terminal is not for that job, as `nohup`-like supervisors ignore what they choose.
-    heeded = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
 
     async def main() -> None:
         nonlocal received
         # Caught until the job has wound down, not just until the first: a second Ctrl-C while
         # it commits its progress and closes the manifest would raise KeyboardInterrupt in the
         # middle of that (progress lost, a traceback, exit 1).
-        with anyio.open_signal_receiver(*heeded) as signals:
+        with anyio.open_signal_receiver(*_HEEDED) as signals:
             async with anyio.create_task_group() as tg:
 
                 async def watch_signals() -> None:
