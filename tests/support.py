@@ -12,6 +12,7 @@ import json
 import os
 import re
 import selectors
+import signal
 import socket
 import socketserver
 import sqlite3
@@ -145,6 +146,21 @@ def run_subprocess(*args: str | Path, env: dict[str, str] | None = None) -> subp
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def stop_while_the_manifest_is_held(
+    process: subprocess.Popen[bytes], manifest: Path, signum: int = signal.SIGINT
+) -> tuple[bytes, bytes]:
+    """Send ``signum`` to ``process`` while another program holds ``manifest`` (say, someone
+    editing it with the sqlite3 shell), so that the stop cannot record what it would; its
+    stdout and stderr once it ended (SQLite waits 5 s for the lock)."""
+    other = sqlite3.connect(manifest, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        process.send_signal(signum)
+        return process.communicate(timeout=30)
+    finally:
+        other.close()
 
 
 def mirrored(dest: Path, run: str, file: ServedFile) -> Path:

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
@@ -58,6 +57,7 @@ from .support import (
     pages_being_read,
     run_cli,
     run_subprocess,
+    stop_while_the_manifest_is_held,
 )
 from .test_kill import wait_for
 from .test_local_errors import immutable, mounted
@@ -939,13 +939,7 @@ def test_a_bench_json_stopped_after_an_error_names_it_as_sync_does(tmp_path: Pat
         wait_for(process, lambda: server.traffic.faults.get("stall") == 1)
         time.sleep(0.5)  # the rest of the trial is done and committed meanwhile
         (trial,) = tmp_path.iterdir()  # the first trial's directory is removed
-        other = sqlite3.connect(manifest_path(trial), isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            process.send_signal(signal.SIGINT)
-            out, err = process.communicate(timeout=30)  # SQLite waits 5 s for the lock
-        finally:
-            other.close()
+        out, err = stop_while_the_manifest_is_held(process, manifest_path(trial))
 
     assert process.returncode == 130, err
     (said, stopped) = err.decode().splitlines()

@@ -47,6 +47,7 @@ from .support import (
     new_version,
     run_cli,
     run_subprocess,
+    stop_while_the_manifest_is_held,
 )
 from .test_hosts import range_asked
 from .test_sync import left_in_parts
@@ -345,13 +346,7 @@ def test_a_manifest_that_cannot_record_how_far_a_stopped_part_got_leaves_the_sig
         process = start(server, dest, "--json")
         wait_for(process, lambda: server.traffic.faults.get("stall") == 1)
         time.sleep(0.5)  # the rest of the run is done and committed meanwhile
-        other = sqlite3.connect(manifest_path(dest), isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")  # say, someone editing it with the sqlite3 shell
-            process.send_signal(signum)
-            out, err = process.communicate(timeout=30)  # SQLite waits 5 s for the lock
-        finally:
-            other.close()
+        out, err = stop_while_the_manifest_is_held(process, manifest_path(dest), signum)
 
         assert process.returncode == code, err
         manifest = f"cannot use the manifest {manifest_path(dest)}: database is locked"
@@ -830,13 +825,7 @@ def test_demo_json_stopped_after_an_error_names_it_as_sync_does(tmp_path: Path) 
     staging = dest / ".checkpoint-sync" / "staging"
     wait_for(process, lambda: staging.is_dir() and any(staging.iterdir()))
     time.sleep(0.5)  # the first answers are in, and what they told committed
-    other = sqlite3.connect(manifest_path(dest), isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)  # SQLite waits 5 s for the lock
-    finally:
-        other.close()
+    out, err = stop_while_the_manifest_is_held(process, manifest_path(dest))
 
     assert process.returncode == 130, err
     manifest = f"cannot use the manifest {manifest_path(dest)}: database is locked"
