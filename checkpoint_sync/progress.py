@@ -171,10 +171,9 @@ def _rate(stats: Stats) -> float:
 def bytes_total(stats: Stats) -> tuple[int, str] | None:
     """The bytes to fetch, with "" once the listing has been walked, or its walk failed or was
     stopped (what was planned is then all the run fetches, at most: a count ahead no longer
-    tells anything); before,
-    where a walk ahead counted the listing, an estimate marked "~": those planned so far, and
-    all those the planning walk has not reached, as if none of them were mirrored already.
-    None: not known."""
+    tells anything); before, where a walk ahead counted the listing, an estimate marked "~":
+    those planned so far, and all those the planning walk has not reached, as if none of them
+    were mirrored already. None: not known."""
     if stats.listing_done or stats.listing_failed or stats.listing_stopped:
         return stats.bytes_to_fetch, ""
     if stats.bytes_counted is None:
