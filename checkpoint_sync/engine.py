@@ -46,7 +46,7 @@ from .plan import (
     is_current,
     walked_whole,
 )
-from .progress import Stats
+from .progress import Listing, Stats
 from .prune import Deletion, Pruner, deletions, held_back
 from .sources.base import Checkpoint, RemoteFile, Source, UnreadableEntry
 from .transfer import Transfers, TransferSettings
@@ -229,10 +229,11 @@ async def _run(
                 # The files already queued are good: let them land, then report the listing (a
                 # later page the API redirected included: the key goes to no other host).
                 listing_failed.append(exc)
-                stats.listing_failed = True
+                stats.end_listing(Listing.FAILED)
             finally:
                 counting.cancel()  # planned whole, or not at all: a count tells no more
-        stats.listing_stopped = stop.listing.cancelled_caught
+        if stop.listing.cancelled_caught:
+            stats.end_listing(Listing.STOPPED)
 
     async def count() -> None:
         with counting:
@@ -326,7 +327,7 @@ async def _produce(
                         await jobs.put(
                             _Job(file, relative, recorded is not None, action == "check")
                         )
-        stats.listing_done = True
+        stats.end_listing(Listing.DONE)
         tally.check(each=options.complete_listing)
         check_files_listed(selection, tally)
     finally:

@@ -13,12 +13,25 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol, TextIO
 
 import anyio
 
 MAX_FAILURES_KEPT = 1000
 MAX_TIMINGS_KEPT = 10_000
+
+
+class Listing(Enum):
+    """How the planning walk of the listing stands."""
+
+    WALKING = "walking"
+    DONE = "done"
+    # Stopped on an error: no file is planned after those, which still land.
+    FAILED = "failed"
+    # Cut short as the run stops (a full disk): no file is planned or started after those, and
+    # the files in flight finish.
+    STOPPED = "stopped"
 
 
 @dataclass
@@ -53,12 +66,7 @@ class Stats:
     delete_held_back: list[str] = field(default_factory=list)  # runs listed with no checkpoint
     retries: int = 0
     url_refreshes: int = 0
-    listing_done: bool = False
-    # The planning walk stopped on an error: no file is planned after those, which still land.
-    listing_failed: bool = False
-    # The planning walk was cut short as the run stops (a full disk): no file is planned or
-    # started after those, and the files in flight finish.
-    listing_stopped: bool = False
+    listing: Listing = Listing.WALKING
     # The pid of another run whose lock this one waits for (--wait-lock), while it waits.
     waiting_for: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
@@ -80,6 +88,12 @@ class Stats:
     # once each body is in (a large plain-HTTP part, moved by the kernel): for a display, so
     # that a 64 MiB part on a slow link shows as it comes. Set by the run's transfers.
     bytes_landing: Callable[[], int] = field(default=lambda: 0, repr=False)
+
+    def end_listing(self, how: Listing) -> None:
+        """The walk ends once, and the first way it ended stands: a listing that failed was not
+        walking when the run stopped, nor one walked whole whose checks then failed."""
+        if self.listing is Listing.WALKING:
+            self.listing = how
 
     def fail(self, where: str, message: str) -> None:
         self.files_failed += 1
@@ -174,7 +188,7 @@ def bytes_total(stats: Stats) -> tuple[int, str] | None:
     tells anything); before, where a walk ahead counted the listing, an estimate marked "~":
     those planned so far, and all those the planning walk has not reached, as if none of them
     were mirrored already. None: not known."""
-    if stats.listing_done or stats.listing_failed or stats.listing_stopped:
+    if stats.listing is not Listing.WALKING:
         return stats.bytes_to_fetch, ""
     if stats.bytes_counted is None:
         return None
@@ -207,11 +221,15 @@ def listing_note(stats: Stats) -> str:
     """The note on the files while the listing is not planned whole: its walk goes on, failed
     (its error is reported at the end; the files planned before it still land), or was stopped
     with the run (a full disk: the files in flight finish, then the run ends)."""
-    if stats.listing_done:
-        return ""
-    if stats.listing_failed:
-        return " (listing failed)"
-    return " (listing stopped)" if stats.listing_stopped else " (still listing)"
+    return _LISTING_NOTES[stats.listing]
+
+
+_LISTING_NOTES = {
+    Listing.WALKING: " (still listing)",
+    Listing.DONE: "",
+    Listing.FAILED: " (listing failed)",
+    Listing.STOPPED: " (listing stopped)",
+}
 
 
 # The shortest progress bar worth drawing, and the longest.

@@ -16,6 +16,7 @@ from checkpoint_sync.localserver import Faults
 from checkpoint_sync.net import NetSettings
 from checkpoint_sync.plan import FileFilter, Selection, select_checkpoints
 from checkpoint_sync.progress import (
+    Listing,
     LogLines,
     Stats,
     bytes_done,
@@ -84,33 +85,33 @@ def test_a_three_hour_run_writes_about_a_hundred_plain_status_lines() -> None:
         ({"bytes_to_fetch": 60, "bytes_walked": 100, "bytes_counted": 100}, (60, "~")),
         ({"bytes_to_fetch": 60, "bytes_walked": 120, "bytes_counted": 100}, (60, "~")),
         # Listed whole: what was planned, whatever was counted.
-        ({"bytes_to_fetch": 60, "bytes_counted": 300, "listing_done": True}, (60, "")),
+        ({"bytes_to_fetch": 60, "bytes_counted": 300, "listing": Listing.DONE}, (60, "")),
         # The listing failed part way: what was planned is all the run fetches.
-        ({"bytes_to_fetch": 60, "bytes_walked": 100, "listing_failed": True}, (60, "")),
+        ({"bytes_to_fetch": 60, "bytes_walked": 100, "listing": Listing.FAILED}, (60, "")),
         (
             {
                 "bytes_to_fetch": 60,
                 "bytes_walked": 100,
                 "bytes_counted": 300,
-                "listing_failed": True,
+                "listing": Listing.FAILED,
             },
             (60, ""),
         ),
-        ({"listing_done": True}, (0, "")),
+        ({"listing": Listing.DONE}, (0, "")),
         # Stopped with the run (a full disk): no file is planned after those.
         (
             {
                 "bytes_to_fetch": 60,
                 "bytes_walked": 100,
                 "bytes_counted": 300,
-                "listing_stopped": True,
+                "listing": Listing.STOPPED,
             },
             (60, ""),
         ),
     ],
 )
 def test_the_bytes_to_fetch_are_estimated_until_the_listing_is_done(
-    counts: dict[str, int], total: tuple[int, str] | None
+    counts: dict[str, int | Listing], total: tuple[int, str] | None
 ) -> None:
     stats = Stats()
     for name, count in counts.items():
@@ -119,21 +120,34 @@ def test_the_bytes_to_fetch_are_estimated_until_the_listing_is_done(
 
 
 @pytest.mark.parametrize(
-    ("done", "failed", "stopped", "note"),
+    ("listing", "note"),
     [
-        (False, False, False, " (still listing)"),
-        (True, False, False, ""),
-        (False, True, False, " (listing failed)"),
-        (False, False, True, " (listing stopped)"),
-        # A listing that failed was not walking when the run stopped.
-        (False, True, True, " (listing failed)"),
+        (Listing.WALKING, " (still listing)"),
+        (Listing.DONE, ""),
+        (Listing.FAILED, " (listing failed)"),
+        (Listing.STOPPED, " (listing stopped)"),
     ],
 )
-def test_the_note_on_the_files_says_how_the_listing_stands(
-    done: bool, failed: bool, stopped: bool, note: str
-) -> None:
-    stats = Stats(listing_done=done, listing_failed=failed, listing_stopped=stopped)
-    assert listing_note(stats) == note
+def test_the_note_on_the_files_says_how_the_listing_stands(listing: Listing, note: str) -> None:
+    assert listing_note(Stats(listing=listing)) == note
+
+
+@pytest.mark.parametrize(
+    ("ends", "listing"),
+    [
+        ([], Listing.WALKING),
+        ([Listing.STOPPED], Listing.STOPPED),
+        # A listing that failed was not walking when the run stopped.
+        ([Listing.FAILED, Listing.STOPPED], Listing.FAILED),
+        # One walked whole whose checks then failed was walked whole.
+        ([Listing.DONE, Listing.FAILED], Listing.DONE),
+    ],
+)
+def test_the_listing_ends_the_first_way_it_ended(ends: list[Listing], listing: Listing) -> None:
+    stats = Stats()
+    for how in ends:
+        stats.end_listing(how)
+    assert stats.listing is listing
 
 
 @asynccontextmanager
@@ -167,7 +181,7 @@ async def test_a_restore_held_up_by_its_downloads_knows_its_total_while_still_li
                 with anyio.fail_after(20):
                     while (total := bytes_total(stats)) is None:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
-                still_listing = not stats.listing_done
+                still_listing = stats.listing is Listing.WALKING
                 server.call(lambda: setattr(server.faults, "throttle", None))
 
     assert still_listing
@@ -203,7 +217,7 @@ async def test_a_listing_that_fails_after_it_was_counted_shows_what_was_planned(
                     while bytes_total(stats) is None:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
                     server.call(lambda: server.faults.api_faults.extend(["404"] * 20))
-                    while not stats.listing_failed:  # noqa: ASYNC110
+                    while stats.listing is not Listing.FAILED:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
                 shown = status_line(stats), terminal_line(stats, 200)
                 landing = stats.files_fetched < stats.files_to_fetch
@@ -274,7 +288,7 @@ async def test_large_parts_spliced_into_their_files_show_as_they_come(dest: Path
 
 
 def test_status_line_gives_an_eta_once_the_listing_is_done() -> None:
-    stats = Stats(bytes_fetched=10 << 20, bytes_to_fetch=20 << 20, listing_done=True)
+    stats = Stats(bytes_fetched=10 << 20, bytes_to_fetch=20 << 20, listing=Listing.DONE)
     assert "ETA" in status_line(stats)
     assert "still listing" not in status_line(stats)
 
@@ -309,7 +323,7 @@ MiB = 1 << 20
 def test_the_eta_counts_what_is_in_at_the_rate_received(
     counts: dict[str, int], eta: str | None
 ) -> None:
-    stats = Stats(bytes_to_fetch=100 * MiB, listing_done=True)
+    stats = Stats(bytes_to_fetch=100 * MiB, listing=Listing.DONE)
     for name, count in counts.items():
         setattr(stats, name, count)
     stats.started = time.monotonic() - 10  # 4 MiB/s for the 40 MiB
@@ -332,7 +346,7 @@ def test_a_run_waiting_for_the_lock_says_so_and_whose() -> None:
 
 
 def test_a_verify_run_shows_how_far_its_read_back_is() -> None:
-    stats = Stats(files_skipped=3, files_to_check=10, files_checked=4, listing_done=True)
+    stats = Stats(files_skipped=3, files_to_check=10, files_checked=4, listing=Listing.DONE)
     assert "files 0 done, 3 skipped, 0 failed, 4 of 10 checked" in status_line(stats)
     assert "checked" not in status_line(Stats(files_skipped=3))
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_sync.localserver import Faults
-from checkpoint_sync.progress import Stats, terminal_line, terminal_width
+from checkpoint_sync.progress import Listing, Stats, terminal_line, terminal_width
 
 from .conftest import job_catalog, sync_args
 from .support import ServerThread, assert_no_secret
@@ -202,7 +202,7 @@ def test_a_dumb_terminal_gets_plain_lines_and_no_escapes(server: ServerThread, d
     assert played.lines[0].startswith("fetched 28 files")
 
 
-def _stats(**counts: int | bool) -> Stats:
+def _stats(**counts: int | Listing) -> Stats:
     """Counters 10 seconds into a run."""
     stats = Stats(started=time.monotonic() - 10)
     for name, count in counts.items():
@@ -210,7 +210,7 @@ def _stats(**counts: int | bool) -> Stats:
     return stats
 
 
-LISTED = {"bytes_to_fetch": 100 * MiB, "listing_done": True, "files_fetched": 3}
+LISTED = {"bytes_to_fetch": 100 * MiB, "listing": Listing.DONE, "files_fetched": 3}
 ESTIMATED = {
     "bytes_to_fetch": 60 * MiB,
     "bytes_walked": 100 * MiB,
@@ -310,7 +310,7 @@ ESTIMATED = {
         # The listing failed part way: the 60 MiB planned are all the run fetches, whatever
         # was counted ahead; the files are still landing.
         (
-            {**ESTIMATED, "bytes_fetched": 40 * MiB, "listing_failed": True},
+            {**ESTIMATED, "bytes_fetched": 40 * MiB, "listing": Listing.FAILED},
             120,
             "[##############-------] 66% 40.0 MiB of 60.0 MiB, 4.0 MiB/s, ETA 5s; "
             "files 3 done, 0 skipped, 0 failed (listing failed)",
@@ -328,14 +328,14 @@ ESTIMATED = {
         ),
         # Nothing to fetch: no share of nothing.
         (
-            {"listing_done": True, "files_skipped": 5},
+            {"listing": Listing.DONE, "files_skipped": 5},
             80,
             "0 B fetched, 0 B/s; files 0 done, 5 skipped, 0 failed",
         ),
         ({"bytes_fetched": 5}, 2, "."),
     ],
 )
-def test_terminal_line(counts: dict[str, int | bool], width: int, shown: str) -> None:
+def test_terminal_line(counts: dict[str, int | Listing], width: int, shown: str) -> None:
     line = terminal_line(_stats(**counts), width)
     assert line == shown
     assert len(line) < width
