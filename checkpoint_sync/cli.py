@@ -643,7 +643,7 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
 
 
 def _recipe(settings: Settings, args: argparse.Namespace, spec: SourceSpec) -> SourceRecipe:
-    return SourceRecipe(
+    return SourceRecipe.build(
         functools.partial(spec.build, args), settings, _net(settings), _retry(settings)
     )
 

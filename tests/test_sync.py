@@ -792,6 +792,31 @@ def test_usage_errors_exit_2_in_one_line(args: list[str], message: str) -> None:
     assert result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--project", PROJECT], 2, "--project and --job go together"),
+        (["--loops-checkpoint", "bt://loops:run/weights"], 2, "expected 3"),
+        (["--wandb-model", "m", "--minimize"], 2, "--minimize goes with --best"),
+        (["--project", PROJECT, "--job", JOB], 3, "no API key: set BASETEN_API_KEY"),
+    ],
+)
+def test_a_source_refused_before_the_run_prints_only_exit_code_and_error(
+    args: list[str], code: int, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for any error found before the run starts (README): no summary of a run that never
+    # began, as `list` and `bench` print none either.
+    monkeypatch.delenv("BASETEN_API_KEY", raising=False)
+    result = run_cli("sync", *args, "--dest", tmp_path / "mirror", "--json")
+
+    assert result.code == code
+    document = json.loads(result.stdout)
+    assert document.keys() == {"exit_code", "error"}
+    assert document["exit_code"] == code
+    assert message in document["error"]
+    assert not (tmp_path / "mirror").exists()
+
+
 def test_config_file_env_and_flags_apply_in_that_order(
     server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

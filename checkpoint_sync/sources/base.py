@@ -416,17 +416,32 @@ class SourceContext:
 
 @dataclass(frozen=True)
 class SourceRecipe:
-    """How to reach a source: its builder, and the settings to talk to it with."""
+    """A source built from the flags, the client it talks through (opened once, by `open`),
+    and the settings it was built with."""
 
-    build: Callable[[SourceContext], Source]
+    http: HttpClient
+    source: Source
     settings: Settings
     net: NetSettings
     retry: RetryPolicy
 
+    @classmethod
+    def build(
+        cls,
+        build: Callable[[SourceContext], Source],
+        settings: Settings,
+        net: NetSettings,
+        retry: RetryPolicy,
+    ) -> SourceRecipe:
+        """Built before the run starts: flags that do not go together, or a missing key, are
+        refused as the settings are, not as a run that failed."""
+        http = HttpClient(net)
+        return cls(http, build(SourceContext(http, settings, retry)), settings, net, retry)
+
     @asynccontextmanager
     async def open(self) -> AsyncIterator[tuple[HttpClient, Source]]:
-        async with HttpClient(self.net) as http:
-            yield http, self.build(SourceContext(http, self.settings, self.retry))
+        async with self.http:
+            yield self.http, self.source
 
 
 def flags_given(values: Mapping[str, object]) -> list[str]:
