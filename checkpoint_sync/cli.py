@@ -454,14 +454,14 @@ def _parser() -> argparse.ArgumentParser:
         dest="concurrencies",
         type=_list_of(_integer),
         default=[4, 8, 16, 32],
-        help="connection counts to try, e.g. 4,8,16,32",
+        help="connection counts to try (default 4,8,16,32)",
     )
     bench.add_argument(
         "--part-size",
         dest="part_sizes",
         type=_list_of(parse_size),
         default=[16 << 20, 64 << 20],
-        help="part sizes to try, e.g. 16MiB,64MiB",
+        help="part sizes to try (default 16MiB,64MiB)",
     )
     bench.add_argument(
         "--rounds",
@@ -553,8 +553,19 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool =
 
 def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("transfer")
-    group.add_argument("--concurrency", type=_integer, help="files and connections in flight (16)")
-    group.add_argument("--part-size", type=_size_arg, help="ranged part size, e.g. 64MiB")
+    # The defaults are the settings' (a flag left out leaves the config's value, or that).
+    defaults = Settings.model_fields
+    group.add_argument(
+        "--concurrency",
+        type=_integer,
+        help=f"files and connections in flight (default {defaults['concurrency'].default})",
+    )
+    group.add_argument(
+        "--part-size",
+        type=_size_arg,
+        help="files larger than this go as concurrent ranged parts of this size "
+        f"(default {format_size(defaults['part_size'].default)})",
+    )
     group.add_argument(
         "--limit-rate",
         type=_size_arg,

@@ -1006,6 +1006,29 @@ def test_the_help_says_what_a_dry_run_and_list_dest_show_of_delete(command: str,
     assert said in " ".join(result.stdout.split())
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        # It said "ranged part size, e.g. 64MiB": the default, given as an example.
+        (
+            "sync",
+            "--part-size PART_SIZE files larger than this go as concurrent ranged parts "
+            "of this size (default 64MiB)",
+        ),
+        ("sync", "--concurrency CONCURRENCY files and connections in flight (default 16)"),
+        ("demo", "(default 64MiB)"),
+        # It said "e.g. 4,8,16,32" and "e.g. 16MiB,64MiB", the settings bench tries by default.
+        ("bench", "--concurrency CONCURRENCIES connection counts to try (default 4,8,16,32)"),
+        ("bench", "--part-size PART_SIZES part sizes to try (default 16MiB,64MiB)"),
+    ],
+)
+def test_the_help_names_the_transfer_defaults(command: str, said: str) -> None:
+    result = run_cli(command, "--help")
+
+    assert result.code == 0, result.stderr
+    assert said in " ".join(result.stdout.split())
+
+
 @pytest.fixture
 def dead_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """HTTP_PROXY names a port nobody listens on: a request sent there fails."""
