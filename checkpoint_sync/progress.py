@@ -84,9 +84,10 @@ class Stats:
     listings_changed: list[str] = field(default_factory=list)
     # Per request, the first MAX_TIMINGS_KEPT: (seconds to first byte, body bytes, body seconds).
     timings: list[tuple[float, int, float]] = field(default_factory=list)
-    # Bytes that bodies under way have put into their files and ``bytes_fetched`` counts only
-    # once each body is in (a large plain-HTTP part, moved by the kernel): for a display, so
-    # that a 64 MiB part on a slow link shows as it comes. Set by the run's transfers.
+    # Bytes of bodies under way that ``bytes_fetched`` counts only later: received and held
+    # until a buffer's worth (up to 2 MiB a connection) is written, or moved into their files
+    # by the kernel (a large plain-HTTP part) until the move ends. For a display, so that a
+    # body on a slow link shows as it comes. Set by the run's transfers.
     bytes_landing: Callable[[], int] = field(default=lambda: 0, repr=False)
 
     def end_listing(self, how: Listing) -> None:

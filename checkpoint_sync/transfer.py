@@ -159,12 +159,15 @@ class Transfers:
                 _os_call(directory, partial(fsync_directory, str(directory)))
         self._reserves = preallocation_pays(str(self._staging_dir))
         self._sweep_staging()
-        stats.bytes_landing = self._spliced
+        stats.bytes_landing = self._landing
 
-    def _spliced(self) -> int:
-        """Bytes the splices under way have moved into their files so far (`Stats`)."""
+    def _landing(self) -> int:
+        """Bytes the bodies under way have received and not yet handed on, or moved into their
+        files by a splice so far (`Stats`)."""
         return sum(
-            state.spliced for staged in self._in_flight for _, state in staged.parts.values()
+            state.spliced + state.held()
+            for staged in self._in_flight
+            for _, state in staged.parts.values()
         )
 
     def _sweep_staging(self) -> None:
@@ -678,6 +681,7 @@ class Transfers:
         writer = _PartWriter(staged, state, stop, self._stats, self._dest, coded)
         try:
             # A part hashed on the way cannot skip Python; the others may be spliced.
+            state.held = resp.held
             await resp.stream_to(writer.take, writer if state.digests is None else None)
         except BaseException as exc:
             if coded is not None:
@@ -690,6 +694,8 @@ class Transfers:
                 # retry trusts them.
                 state.unsure_from = None
             raise
+        finally:
+            state.held = _nothing_held
         if coded is not None and state.offset != stop:
             raise coded  # not a body cut short: the same request would be answered the same way
         state.unsure_from = None
@@ -798,6 +804,10 @@ class _Staged:
         return None
 
 
+def _nothing_held() -> int:
+    return 0
+
+
 @dataclass
 class _PartState:
     offset: int  # next byte to request and write; survives retries of the part
@@ -810,6 +820,8 @@ class _PartState:
     url_worked: bool = False  # a request since then was answered with something else than 403
     # Bytes a splice under way has put into the file past ``offset``, set by its thread.
     spliced: int = 0
+    # Bytes the answer being read holds, received and not yet written (`wire.Response.held`).
+    held: Callable[[], int] = field(default=_nothing_held, repr=False)
     # Where the body being read began, while it may prove longer than its range or coded on
     # the way (it was told no length): its bytes are the object's only once they all came.
     unsure_from: int | None = None

@@ -122,6 +122,11 @@ class Response:
         """Up to ``limit`` bytes of the body (error pages); the rest is not read."""
         return await self._body.read(limit)
 
+    def held(self) -> int:
+        """Body bytes received and not yet handed on: for a display, which would otherwise see
+        a slow body move only a buffer's worth at a time."""
+        return self._body.held()
+
 
 class Body:
     """How a response's body is read: from our own connection, or through a proxy."""
@@ -131,6 +136,9 @@ class Body:
 
     async def read(self, limit: int) -> bytes:
         raise NotImplementedError
+
+    def held(self) -> int:
+        return 0
 
 
 class HttpClient:
@@ -689,6 +697,11 @@ class _Connection(asyncio.BufferedProtocol, Body):
             self._body_done.set_result(None)
 
     # --- the body, for the caller ------------------------------------------------------------
+
+    def held(self) -> int:
+        # A complete body waiting for its sink is held after the answer ended (`_paused`).
+        in_buffer = self._chunks is None and (self._in_body or self._paused)
+        return self._pending_size + (self._filled - self._base if in_buffer else 0)
 
     async def stream_to(self, sink: Sink, file: FileTarget | None = None) -> None:
         pending, self._pending, self._pending_size = self._pending, [], 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+import trustme
 
 from checkpoint_sync.engine import SyncOptions, sync
 from checkpoint_sync.errors import LocalIOError, NotFoundError
@@ -161,6 +163,41 @@ async def two_files_a_page(
     ):
         source = TrainingJobSource(api, PROJECT, JOB, page_size=2)
         yield source, select_checkpoints(await source.checkpoints()), http
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_the_bytes_of_a_body_still_coming_count_before_a_buffer_of_them_is_written(
+    scheme: str, dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Half of a 1 MiB file comes, then the server stalls: far less than the receive buffer
+    # hands on at once, so none of it is written yet, yet the line must not stand at nothing.
+    catalog = job_catalog(checkpoints=1, large_files=1, large_size=1 << 20, small_files=0)
+    tls = None
+    if scheme == "https":
+        ca = trustme.CA()
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(tls)
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    with ServerThread(catalog, Faults(hook=lambda *_: "stall"), tls=tls) as server:
+        async with (
+            api_client(server.url) as api,
+            HttpClient(NetSettings(read_timeout=60)) as http,
+        ):
+            source = TrainingJobSource(api, PROJECT, JOB)
+            selection = select_checkpoints(await source.checkpoints())
+            files = FileFilter(ranks=frozenset({0}))
+            stats = Stats()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sync, source, selection, http, SyncOptions(dest, files=files), stats)
+                with anyio.fail_after(20):
+                    while bytes_done(stats) < 512 << 10:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                done, written = bytes_done(stats), stats.bytes_fetched
+                tg.cancel_scope.cancel()
+
+    assert (done, written) == (512 << 10, 0)
 
 
 @pytest.mark.anyio
