@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -100,8 +100,10 @@ class Settings(BaseModel):
     def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
         # TOML's `read_timeout = true` is a bool, which Python counts as the int 1 and pydantic's
         # lax mode took as 1 second. Strict mode would also refuse the environment's strings.
-        name = info.field_name
-        if isinstance(value, bool) and name and cls.model_fields[name].annotation in (int, float):
+        # An optional number is one too: `max_delete = false`, meant as no limit, was taken as 0
+        # and held back every deletion.
+        kind = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if isinstance(value, bool) and {int, float} & {kind, *get_args(kind)}:
             raise ValueError(f"should be a number, not {str(value).lower()}")
         return value
 

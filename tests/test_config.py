@@ -189,7 +189,15 @@ def test_a_duration_that_is_no_number_of_seconds_is_named_so(name: str, text: st
         load_settings(None, {}, {variable: text})
 
 
-NUMBERS = ["page_size", "concurrency", "part_size", "limit_rate", "retries", *DURATIONS]
+NUMBERS = [
+    "page_size",
+    "concurrency",
+    "part_size",
+    "limit_rate",
+    "retries",
+    "max_delete",
+    *DURATIONS,
+]
 
 
 @pytest.mark.parametrize("name", NUMBERS)
