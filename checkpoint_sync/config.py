@@ -157,6 +157,13 @@ class Settings(BaseModel):
                 f"'{redact_url(value)}' holds a user name or password, which is not sent: "
                 "the API's key goes in its variable or the config"
             )
+        if "?" in value or "#" in value:
+            # The API's paths are appended to it: they went into the query or the fragment, and
+            # every request asked for another path, answered "not found" (exit 4).
+            raise ValueError(
+                f"'{redact_url(value)}' has a query string or fragment, which the API's paths "
+                "would follow"
+            )
         return value
 
     @field_validator("api_key", "wandb_api_key", mode="before")

@@ -19,7 +19,7 @@ from checkpoint_sync.config import (
 from checkpoint_sync.errors import UsageError
 from checkpoint_sync.net import NetSettings, ssl_context
 
-from .conftest import JOB, job_args
+from .conftest import JOB, PROJECT, job_args
 from .support import API_KEY, ServerThread, run_cli
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
@@ -387,6 +387,8 @@ def test_one_trust_store_per_ca_bundle_whatever_the_other_settings() -> None:
         ("api_url", "https://user:hunter2@api.example.com/", "holds a user name or password"),
         ("api_url", "https://hunter2@api.example.com", "holds a user name or password"),
         ("wandb_api_url", "http://u:hunter2@127.0.0.1:8000/v1", "holds a user name or password"),
+        ("api_url", "https://api.example.com/?token=hunter2", "has a query string or fragment"),
+        ("wandb_base_url", "https://api.example.com#hunter2", "has a query string or fragment"),
     ],
 )
 def test_a_bad_url_is_refused_without_its_password(field: str, url: str, message: str) -> None:
@@ -395,7 +397,7 @@ def test_a_bad_url_is_refused_without_its_password(field: str, url: str, message
     assert "hunter2" not in str(caught.value)
 
 
-@pytest.mark.parametrize("url", ["https://api.example.com/a@b", "http://127.0.0.1:8000/?at=@"])
+@pytest.mark.parametrize("url", ["https://api.example.com/a@b", "http://127.0.0.1:8000/p/@"])
 def test_an_at_sign_past_the_host_is_no_password(url: str) -> None:
     assert load_settings(None, {"api_url": url}, {}).api_url == url
 
@@ -451,6 +453,17 @@ def test_example_config_documents_every_key_with_its_default() -> None:
 def test_every_service_url_must_be_http(name: str) -> None:
     with pytest.raises(UsageError, match=name):
         load_settings(None, {name: "ftp://example"}, {})
+
+
+@pytest.mark.parametrize("tail", ["/?x=1", "#top"])
+def test_an_api_url_with_a_query_or_fragment_is_a_usage_error_not_a_job_not_found(
+    server: ServerThread, tail: str
+) -> None:
+    # The paths were appended after the query or the fragment: every request asked for another
+    # path, and the job was reported not found (exit 4).
+    result = run_cli("list", "--api-url", server.url + tail, "--project", PROJECT, "--job", JOB)
+    assert result.code == 2
+    assert "has a query string or fragment" in result.stderr
 
 
 @pytest.mark.parametrize(
