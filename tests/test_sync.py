@@ -236,7 +236,7 @@ def test_verify_says_what_it_found_and_a_dry_run_only_lists_the_checks(
     assert result.code == 0, result.stderr
     assert (
         f"checked {len(server.files())} mirrored files against their recorded digests: "
-        "1 no longer matched and were fetched again"
+        "1 no longer matched and was fetched again"
     ) in result.stdout
     assert_exact(mirrored(dest, JOB, victim), victim)
 
@@ -1497,7 +1497,7 @@ def test_a_rerun_says_it_took_up_the_parts_an_earlier_run_left(
     assert rerun.code == 0, rerun.stderr
     # The large file's first two 256 KiB parts came in the run that failed.
     kept = human_bytes(512 << 10)
-    assert f"\nresumed 1 files from the parts an earlier run left ({kept} kept, " in rerun.stdout
+    assert f"\nresumed 1 file from the parts an earlier run left ({kept} kept, " in rerun.stdout
 
 
 def test_a_part_out_of_retries_keeps_the_bytes_it_got_for_the_next_run(
