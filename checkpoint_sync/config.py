@@ -154,8 +154,8 @@ class Settings(BaseModel):
             # Never sent (the APIs take their keys in headers): dropped without a word, or through
             # a proxy an internal error of aiohttp's, which will not send both.
             raise ValueError(
-                f"'{redact_url(value)}' holds a user name or password, which is not sent: "
-                "the API's key goes in its variable or the config"
+                f"'{redact_url(value)}' holds a user name or password (not shown), which is not "
+                "sent: the API's key goes in its variable or the config"
             )
         if "?" in value or "#" in value:
             # The API's paths are appended to it: they went into the query or the fragment, and
