@@ -243,13 +243,17 @@ class Manifest:
         """Start a new record of ``path``'s parts, forgetting the old one now (committed): it
         must be gone before its staging file is reset, or a crash in between leaves it vouching
         for parts that are no longer there."""
+        self.stage(path, size, last_modified, part_size)
+        self.commit()
+
+    def stage(self, path: str, size: int, last_modified: str, part_size: int) -> None:
+        """A new record of ``path``'s parts in place of any old one, with the caller's commit."""
         self._write("DELETE FROM staging WHERE path = ?", (path,))
         self._any_staging = True
         self._write(
             "INSERT INTO staging (path, size, last_modified, part_size) VALUES (?, ?, ?, ?)",
             (path, size, last_modified, part_size),
         )
-        self.commit()
 
     def part_done(self, path: str, part: int) -> None:
         self._write("INSERT OR IGNORE INTO parts (path, part) VALUES (?, ?)", (path, part))

@@ -386,13 +386,14 @@ class Staged:
     reached: Mapping[int, int] = field(default_factory=dict)
 
 
-def reach_to_record(part: Part, written: int, recorded: int, *, hashed: bool) -> int | None:
+def reach_to_record(part: Part, written: int, recorded: int, *, answered_whole: bool) -> int | None:
     """The byte to record as reached in ``part``, whose bytes before ``written`` are in the
     staging file and whose record says ``recorded`` (its start where it has none); None when
-    there is nothing to record: the part is hashed on the way (the whole file, which has no
-    record to resume from), reached nothing or its end (its record of being done says that),
-    or its record says as much already."""
-    if hashed or not part.start < written < part.end or written == recorded:
+    there is nothing to record: the part of a file in parts was ``answered_whole`` (a server
+    that ignores Range sent the whole file in its place: a run that resumes asks for it from
+    byte 0, to take it whole again), reached nothing or its end (its record of being done says
+    that), or its record says as much already."""
+    if answered_whole or not part.start < written < part.end or written == recorded:
         return None
     return written
 
@@ -402,8 +403,10 @@ def parts_to_fetch(file: RemoteFile, part_size: int, staged: Staged | None) -> l
     all but those it finished, each from the byte it reached in it.
 
     What it left counts only if the remote file is unchanged, the parts were cut the same way
-    and the preallocated staging file is still there at full size. A byte reached outside its
-    part (a part cut otherwise, a damaged record) counts for nothing.
+    and the staging file still holds the bytes kept: for a file in parts, preallocated, it is
+    at full size; for a file of one part, written in order and not preallocated, it reaches at
+    least the byte recorded (the file's end, once done) and not past the file's size. A byte
+    reached outside its part (a part cut otherwise, a damaged record) counts for nothing.
     """
     parts = split_parts(file.size, part_size)
     if (
@@ -411,7 +414,6 @@ def parts_to_fetch(file: RemoteFile, part_size: int, staged: Staged | None) -> l
         or staged.size != file.size
         or staged.last_modified != file.last_modified
         or staged.part_size != part_size
-        or staged.bytes_on_disk != file.size
     ):
         return parts
     todo = []
@@ -421,4 +423,10 @@ def parts_to_fetch(file: RemoteFile, part_size: int, staged: Staged | None) -> l
         reached = staged.reached.get(part.index, part.start)
         start = reached if part.start < reached < part.end else part.start
         todo.append(Part(part.index, start, part.end))
-    return todo
+    on_disk = staged.bytes_on_disk
+    if len(parts) > 1:
+        holds = on_disk == file.size
+    else:
+        kept = todo[0].start if todo else file.size
+        holds = on_disk is not None and kept <= on_disk <= file.size
+    return todo if holds else parts

@@ -4,10 +4,11 @@ A file is fetched into a staging file under ``DEST/.checkpoint-sync/staging`` (s
 so the final rename is atomic), reserved at full size where that pays (`filesystem.py`). Large
 files are cut into parts fetched concurrently with ``Range`` requests; each finished part is
 recorded in the manifest, and every second how far each part in flight got, so that a run
-interrupted, even killed, costs the next little more than the bytes it did not write. The file
-reaches its final path only after its length was checked and its xxh3-128 digest computed (with
-the MD5 the listing gives, if it gives one: W&B): over the bytes as they were written for a file
-that came as one stream, else by reading the assembled file back from disk.
+interrupted, even killed, costs the next little more than the bytes it did not write; a file
+of one part is recorded so only once in flight for a second, or stopped (most finish sooner).
+The file reaches its final path only after its length was checked and its xxh3-128 digest
+computed (with the MD5 the listing gives, if it gives one: W&B): over the bytes as they were
+written for a file that came as one stream, else by reading the assembled file back from disk.
 """
 
 from __future__ import annotations
@@ -158,6 +159,13 @@ class Transfers:
             for directory in (dest / STATE_DIR, self._staging_dir):
                 _os_call(directory, partial(fsync_directory, str(directory)))
         self._reserves = preallocation_pays(str(self._staging_dir))
+        # The files that may have a record of parts although fetched as one part: left by an
+        # earlier run, or recorded in flight by this one. Only theirs is looked up, not every
+        # small file's.
+        self._may_be_staged = set(self._manifest.staged_under(""))
+        # Periodic records of how far parts got so far: a one-part file is recorded once it was
+        # in flight at two in a row (`_Staged.since`).
+        self._rounds = 0
         self._sweep_staging()
         stats.bytes_landing = self._landing
 
@@ -172,10 +180,10 @@ class Transfers:
 
     def _sweep_staging(self) -> None:
         """Remove the staging files that no record of parts leads to, before this run stages
-        anything: a run killed while it fetched a file in one piece (which has no such record),
-        or between dropping a record and its file, left them, and no run would resume them.
+        anything: a run killed while it fetched a file in one piece before it was recorded, or
+        between dropping a record and its file, left them, and no run would resume them.
         Before, one stayed until a run fetched the same file again: for ever, were it gone."""
-        kept = {staging_name(path) for path in self._manifest.staged_under("")}
+        kept = {staging_name(path) for path in self._may_be_staged}
         # Best effort, as for any staging file dropped: only their room is at stake.
         with suppress(OSError), os.scandir(self._staging_dir) as entries:
             for entry in entries:
@@ -196,10 +204,9 @@ class Transfers:
         key = relative
         part_size = self._settings.part_size
         parts = split_parts(file.size, part_size)
-        # A one-part file has no progress worth recording: it is simply fetched again.
         multipart = len(parts) > 1
         todo, etag, resumed = parts, None, 0
-        if multipart and self._settings.resume:
+        if self._settings.resume and (multipart or key in self._may_be_staged):
             staged = self._manifest.staged(key, _size_of(staging))
             todo = parts_to_fetch(file, part_size, staged)
             if resumed := file.size - sum(part.length for part in todo):
@@ -263,7 +270,8 @@ class Transfers:
         """Fetch ``todo`` into the staging file and verify it whole; its xxh3 digest.
         ``resumed``: the bytes of the parts an earlier run left, kept."""
         fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
-        staged = _Staged(fd, key, unseen, etag, resumed)
+        unstaged = None if multipart or resumed else file
+        staged = _Staged(fd, key, unseen, etag, resumed, unstaged, self._rounds)
         self._in_flight.add(staged)
         # Counted as done (by the progress and its ETA too) only once the space was there and
         # the staging file opened; taken back if the parts are dropped (`_drop_parts`).
@@ -271,13 +279,17 @@ class Transfers:
             self._stats.files_resumed += 1
             self._stats.bytes_resumed += resumed
         try:
-            if multipart and not resumed:
-                if self._settings.fsync:  # its parts are recorded: its name must be durable
-                    _os_call(staging, lambda: fsync_directory(str(self._staging_dir)))
-                self._manifest.begin_staging(
-                    key, file.size, file.last_modified, self._settings.part_size
-                )
             if not resumed:
+                if multipart:
+                    if self._settings.fsync:  # its parts are recorded: its name must be durable
+                        _os_call(staging, lambda: fsync_directory(str(self._staging_dir)))
+                    self._manifest.begin_staging(
+                        key, file.size, file.last_modified, self._settings.part_size
+                    )
+                elif key in self._may_be_staged:
+                    # A record left of it, not taken up: gone before its staging file is reset.
+                    self._manifest.drop_staging(key)
+                    self._manifest.commit()
                 _prepare_staging(fd, file.size if multipart else 0, staging, reserve=reserve)
             try:
                 digests = await self._fetch_parts(staged, file, todo)
@@ -355,8 +367,10 @@ class Transfers:
 
     def _discard_useless_staging(self, key: str, staging: str, multipart: bool) -> None:
         """After a failure, remove a staging file that no record lets a later run resume from
-        (a one-part file's, or one whose parts were dropped): it would only hold disk space."""
-        if multipart and self._manifest.staged(key, None) is not None:
+        (a one-part file's not recorded in flight, or one whose parts were dropped): it would
+        only hold disk space."""
+        may_be_staged = multipart or key in self._may_be_staged
+        if may_be_staged and self._manifest.staged(key, None) is not None:
             return
         with suppress(OSError):
             os.unlink(staging)
@@ -539,11 +553,11 @@ class Transfers:
         await anyio.to_thread.run_sync(_os_call, staging, partial(os.fdatasync, staged.fd))
 
     async def _keep_reached(self, staged: _Staged, part: Part, state: _PartState) -> None:
-        """Record how far a part of a file in parts got, stopped or out of retries, so that the
-        next run asks only for the rest: as a retry of this run would, it trusts the bytes
-        written (another failure, such as bytes not of the range asked for, records nothing, nor
-        did the periodic records: `_PartState.written`). A part hashed on the way (the whole
-        file) has no record to resume from."""
+        """Record how far a part got, stopped or out of retries, so that the next run asks
+        only for the rest: as a retry of this run would, it trusts the bytes written (another
+        failure, such as bytes not of the range asked for, records nothing, nor did the
+        periodic records: `_PartState.written`). A one-part file gets its record of parts now,
+        however long it was in flight."""
         reached = state.to_record(part)
         if reached is None:
             return
@@ -555,6 +569,14 @@ class Transfers:
         self._record_reached(staged, part, state, reached)
 
     def _record_reached(self, staged: _Staged, part: Part, state: _PartState, reached: int) -> None:
+        if (file := staged.unstaged) is not None:
+            # A one-part file's record of parts is made only now: most finish within a second.
+            part_size = self._settings.part_size
+            self._manifest.stage(staged.key, file.size, file.last_modified, part_size)
+            if staged.etag is not None:
+                self._manifest.staging_etag(staged.key, staged.etag)
+            self._may_be_staged.add(staged.key)
+            staged.unstaged = None
         self._manifest.part_reached(staged.key, part.index, reached)
         state.recorded = reached
 
@@ -565,9 +587,12 @@ class Transfers:
         no length while it is read (`_PartState.written`)."""
         while True:
             await anyio.sleep(REACHED_SECONDS)
+            self._rounds += 1
             due = [
                 (staged, part, state, reached, state.recorded)
                 for staged in self._in_flight
+                # A one-part file only once in flight for a second: most finish sooner.
+                if staged.unstaged is None or self._rounds - staged.since > 1
                 for part, state in staged.parts.values()
                 if (reached := state.to_record(part)) is not None
             ]
@@ -577,7 +602,9 @@ class Transfers:
                 synced = await self._flushed({staged for staged, *_ in due})
                 due = [entry for entry in due if entry[0] in synced]
             for staged, part, state, reached, recorded in due:
-                if state.recorded == recorded:  # else the part's stop recorded it meanwhile
+                # Else the part's stop recorded it meanwhile, or (after a flush) the file was
+                # done with: a one-part file's record made now would outlive it.
+                if state.recorded == recorded and staged in self._in_flight:
                     self._record_reached(staged, part, state, reached)
             if due:
                 self._manifest.commit()
@@ -669,7 +696,8 @@ class Transfers:
         coded = _compressed(resp.headers, url) if resp.length is None else None
         first = staged.same_object(resp.headers.get("etag"))
         if first is not None and part.length < file.size:
-            # Recorded with the parts, for the run that resumes them (a one-part file has none).
+            # Recorded with the parts, for the run that resumes them (a one-part file's goes
+            # with its record, if one is made: `_record_reached`).
             self._manifest.staging_etag(staged.key, first)
         if taken is not None:
             taken.set()
@@ -782,6 +810,11 @@ class _Staged:
     etag: str | None = None
     # The bytes of the parts an earlier run left, counted as resumed while they are kept.
     resumed: int = 0
+    # A one-part file that has no record of parts yet: one is made with the first record of
+    # how far it got.
+    unstaged: RemoteFile | None = None
+    # The periodic records made before it started (`Transfers._rounds`).
+    since: int = 0
     # The parts being fetched, by index, whose progress is recorded every `REACHED_SECONDS`.
     parts: dict[int, tuple[Part, _PartState]] = field(default_factory=dict)
 
@@ -840,7 +873,9 @@ class _PartState:
 
     def to_record(self, part: Part) -> int | None:
         """The byte to record as reached in ``part`` now; None: nothing (`reach_to_record`)."""
-        return reach_to_record(part, self.written(), self.recorded, hashed=self.digests is not None)
+        # Only `take_whole` moves the end of a part: the whole file came in its place.
+        whole = self.end != part.end
+        return reach_to_record(part, self.written(), self.recorded, answered_whole=whole)
 
     def take_whole(self, file: RemoteFile) -> None:
         """Receive the whole file from byte 0 on: a server that ignores Range sent it."""

@@ -25,7 +25,7 @@ import pytest
 import xxhash
 
 from checkpoint_sync.engine import SyncOptions, manifest_path, sync
-from checkpoint_sync.localserver import Faults, content
+from checkpoint_sync.localserver import Faults, ServedFile, content
 from checkpoint_sync.manifest import Manifest, VerifiedFile
 from checkpoint_sync.net import NetSettings
 from checkpoint_sync.plan import FileFilter, select_checkpoints
@@ -296,8 +296,8 @@ def test_a_signal_stops_promptly_keeps_progress_and_the_rerun_resumes(
 
     sent = server.traffic.object_bytes_sent
     rerun = json.loads(assert_completes_unthrottled(server, dest, "--json").stdout)
-    # Little is fetched again: the files of one part in flight when the signal came (a part
-    # of a larger file goes on from where it got), and what the server had sent unread.
+    # Little is fetched again: what the server had sent unread (a file of one part in flight
+    # when the signal came goes on from where it got, as a part of a larger file does).
     assert server.traffic.object_bytes_sent <= total + CONCURRENCY * PART
     # The rerun says what it took up from the parts left: none of their bytes came again.
     assert rerun["files"]["resumed"] >= 1
@@ -590,6 +590,138 @@ def test_a_kill_leaves_no_record_into_an_answer_perhaps_compressed_on_the_way(
             f"{reached[plain // part]}-{plain + part - 1}",
         ]
         assert_exact(mirrored(dest, JOB, large), large)
+
+
+# A file of one part (6 MiB, of an 8 MiB --part-size), hashed as it arrives: half of it
+# fills a connection's buffer past the mark where it is written.
+ONE_PART = (6 << 20) + 4321
+assert FLUSH_AT < ONE_PART // 2
+
+
+@pytest.fixture
+def one_part_server() -> Iterator[ServerThread]:
+    """Per rank a file of one part, whose first answer stalls half way, and a small file."""
+    catalog = job_catalog(checkpoints=1, large_size=ONE_PART, small_files=1)
+    with ServerThread(catalog, Faults(stall_seconds=60)) as server:
+        (large,) = (f for f in server.files() if f.size == ONE_PART and f.node_rank == 0)
+        stall = first_answers(1, "stall")
+        server.faults.hook = lambda name, start, end: (
+            stall(name, start, end) if name == large.name else None
+        )
+        yield server
+
+
+def one_part_args(server: ServerThread, dest: Path, *extra: str) -> list[str]:
+    return sync_args(server, dest, "--part-size", "8MiB", "--node-rank", "0", *extra)
+
+
+def stop_a_one_part_file_half_way(
+    server: ServerThread, dest: Path, signum: signal.Signals, *flags: str
+) -> int:
+    """A run stopped by ``signum`` while the one-part file's answer stalls half way (the rest of
+    the run done): SIGKILL once a periodic record said how far it got. That byte, recorded."""
+    process = run_subprocess(
+        *one_part_args(server, dest, *flags), env={"CHECKPOINT_SYNC_READ_TIMEOUT": "60"}
+    )
+
+    def recorded() -> bool:
+        if server.traffic.faults.get("stall") != 1 or not manifest_path(dest).exists():
+            return False
+        return parts_left(dest)[1].get(0, 0) >= ONE_PART // 2 - RECV_BUFFER
+
+    if signum == signal.SIGKILL:
+        wait_for(process, recorded, every=0.05)
+    else:
+        wait_for(process, lambda: server.traffic.faults.get("stall") == 1)
+        time.sleep(0.5)  # the half before the stall is received
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == (-signum if signum == signal.SIGKILL else 128 + signum), err
+    done, reached = parts_left(dest)
+    assert done == set()
+    return reached[0]
+
+
+@pytest.mark.parametrize(
+    ("signum", "flags"),
+    [(signal.SIGTERM, []), (signal.SIGKILL, []), (signal.SIGKILL, ["--fsync"])],
+    ids=["sigterm", "sigkill", "sigkill-fsync"],
+)
+def test_a_one_part_file_stopped_half_way_resumes_with_the_rest_only(
+    one_part_server: ServerThread, dest: Path, signum: signal.Signals, flags: list[str]
+) -> None:
+    """As a part of a large file does: stopped, it keeps what it wrote (all that came, by a
+    signal; by a kill, what the record made every second says); the rerun asks for the rest
+    and verifies the whole file read back."""
+    server = one_part_server
+    (large,) = (f for f in server.files() if f.size == ONE_PART and f.node_rank == 0)
+    reached = stop_a_one_part_file_half_way(server, dest, signum, *flags)
+    asked, sent = len(server.traffic.ranges), server.traffic.object_bytes_sent
+
+    rerun = run_cli(*one_part_args(server, dest, "--json"))
+
+    assert rerun.code == 0, rerun.stderr
+    if signum == signal.SIGTERM:
+        assert reached == ONE_PART // 2
+    # A record never claims a byte not written: the half sent before the stall at most.
+    assert FLUSH_AT <= reached <= ONE_PART // 2
+    assert server.traffic.ranges[asked:] == [(large.name, reached, ONE_PART)]
+    assert server.traffic.object_bytes_sent - sent == ONE_PART - reached
+    summary = json.loads(rerun.stdout)
+    assert (summary["files"]["resumed"], summary["bytes"]["resumed"]) == (1, reached)
+    assert_exact(mirrored(dest, JOB, large), large)
+    assert parts_left(dest) == (set(), {})
+    assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
+
+
+def replace_bytes(file: ServedFile) -> None:
+    """The object replaced, its listing unchanged: only its ETag tells."""
+    file.seed += 1000
+
+
+@pytest.mark.parametrize("change", ["new-version", "new-etag", "ignores-range", "verify"], ids=str)
+def test_a_one_part_file_left_half_way_is_not_resumed_into_another_object(
+    one_part_server: ServerThread, dest: Path, change: str
+) -> None:
+    """Left half way by a stop, then: a new version listed (another last_modified), the object
+    replaced under the same listing (its ETag, recorded with the half, differs), a server that
+    now ignores Range, or a --verify run, which resumes nothing. The file lands exact from one
+    object, its first half never stitched onto another's second."""
+    server = one_part_server
+    (large,) = (f for f in server.files() if f.size == ONE_PART and f.node_rank == 0)
+    stop_a_one_part_file_half_way(server, dest, signal.SIGTERM)
+    asked = len(server.traffic.ranges)
+    whole = (large.name, 0, ONE_PART)
+    extra = ["--verify"] if change == "verify" else []
+    if change == "new-version":
+        server.call(lambda: new_version(large))
+    elif change == "new-etag":
+        server.call(lambda: replace_bytes(large))
+    elif change == "ignores-range":
+        server.faults.ignore_range = True
+
+    rerun = run_cli(*one_part_args(server, dest, "--json", *extra))
+
+    summary = json.loads(rerun.stdout)
+    assert (summary["files"]["resumed"], summary["bytes"]["resumed"]) == (0, 0)
+    if change == "new-etag":
+        # As for the parts of a large file: it fails, its half dropped; the next run starts over.
+        assert rerun.code == 1, rerun.stderr
+        (failure,) = summary["failures"]
+        assert "changed while it was being fetched (ETag" in failure["error"]
+        assert server.traffic.ranges[asked:] == [(large.name, ONE_PART // 2, ONE_PART)]
+        assert parts_left(dest) == (set(), {})
+        asked = len(server.traffic.ranges)
+        rerun = run_cli(*one_part_args(server, dest))
+        assert server.traffic.ranges[asked:] == [whole]
+    elif change == "ignores-range":
+        # Asked for from the half (answered whole, not taken), then whole: two requests.
+        assert server.traffic.ranges[asked:] == [whole, whole]
+    else:
+        assert server.traffic.ranges[asked:] == [whole]
+    assert rerun.code == 0, rerun.stderr
+    assert_exact(mirrored(dest, JOB, large), large)
+    assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
 
 
 def test_no_record_vouches_for_an_answer_that_proved_longer_than_its_range(dest: Path) -> None:

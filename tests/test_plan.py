@@ -549,7 +549,7 @@ def test_parts_to_fetch(staged: Staged | None, todo: list[Part]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("written", "recorded", "hashed", "record"),
+    ("written", "recorded", "whole", "record"),
     [
         (14, 10, False, 14),
         (14, 12, False, 14),  # further than an earlier record
@@ -558,11 +558,37 @@ def test_parts_to_fetch(staged: Staged | None, todo: list[Part]) -> None:
         (10, 10, False, None),  # nothing written yet
         (20, 14, False, None),  # done: its record of being done says so
         (25, 10, False, None),  # outside the part: a record no run would trust
-        (14, 10, True, None),  # hashed on the way: the whole file starts over
+        (14, 10, True, None),  # the whole file came instead: resumed, it is asked for whole
     ],
 )
-def test_reach_to_record(written: int, recorded: int, hashed: bool, record: int | None) -> None:
-    assert reach_to_record(Part(1, 10, 20), written, recorded, hashed=hashed) == record
+def test_reach_to_record(written: int, recorded: int, whole: bool, record: int | None) -> None:
+    assert reach_to_record(Part(1, 10, 20), written, recorded, answered_whole=whole) == record
+
+
+# A file of 8 bytes in one part of 10: its staging file is not preallocated, only written in
+# order, so it holds the bytes recorded if it reaches as far (and no further than the file).
+ONE_PART = [Part(0, 0, 8)]
+
+
+@pytest.mark.parametrize(
+    ("staged", "todo"),
+    [
+        (Staged(8, "t1", 10, frozenset(), 4, None, {0: 4}), [Part(0, 4, 8)]),
+        (Staged(8, "t1", 10, frozenset(), 6, None, {0: 4}), [Part(0, 4, 8)]),  # written on
+        (Staged(8, "t1", 10, frozenset(), 8, None, {0: 4}), [Part(0, 4, 8)]),
+        (Staged(8, "t1", 10, frozenset(), 3, None, {0: 4}), ONE_PART),  # truncated since
+        (Staged(8, "t1", 10, frozenset(), 9, None, {0: 4}), ONE_PART),  # longer than the file
+        (Staged(8, "t1", 10, frozenset(), None, None, {0: 4}), ONE_PART),  # gone
+        (Staged(8, "t0", 10, frozenset(), 4, None, {0: 4}), ONE_PART),  # remote changed since
+        (Staged(8, "t1", 20, frozenset(), 4, None, {0: 4}), ONE_PART),  # --part-size changed
+        (Staged(8, "t1", 10, frozenset(), 0, None), ONE_PART),  # nothing reached
+        # Done, killed before it was published: read back if all of it is there.
+        (Staged(8, "t1", 10, frozenset({0}), 8, None, {0: 4}), []),
+        (Staged(8, "t1", 10, frozenset({0}), 7, None, {0: 4}), ONE_PART),
+    ],
+)
+def test_parts_to_fetch_of_a_file_of_one_part(staged: Staged, todo: list[Part]) -> None:
+    assert parts_to_fetch(remote(8), 10, staged) == todo
 
 
 @pytest.mark.parametrize(
