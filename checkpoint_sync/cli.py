@@ -396,7 +396,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sync_cmd = commands.add_parser("sync", help="mirror checkpoints into a local directory")
     _add_source_arguments(sync_cmd)
-    _add_selection_arguments(sync_cmd)
+    _add_selection_arguments(
+        sync_cmd, "also mirror checkpoints still uploading (their file list is not final)"
+    )
     sync_cmd.add_argument("--dest", type=_path, help="mirror directory (or `dest` in the config)")
     _add_transfer_arguments(sync_cmd)
     sync_cmd.add_argument(
@@ -432,7 +434,9 @@ def _parser() -> argparse.ArgumentParser:
         "list", help="show checkpoints: created or step, size, status, and the mirror's state"
     )
     _add_source_arguments(list_cmd)
-    _add_selection_arguments(list_cmd, syncing=False)
+    _add_selection_arguments(
+        list_cmd, "with --latest, take a checkpoint still uploading, as sync would with it"
+    )
     list_cmd.add_argument(
         "--dest",
         type=_path,
@@ -448,7 +452,7 @@ def _parser() -> argparse.ArgumentParser:
         "(of a source, or of the built-in server)",
     )
     _add_source_arguments(bench)
-    _add_selection_arguments(bench, syncing=False)
+    _add_selection_arguments(bench, "also measure checkpoints still uploading")
     bench.add_argument(
         "--concurrency",
         dest="concurrencies",
@@ -504,7 +508,7 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--auth-scheme", choices=["Bearer", "Api-Key"], help="default: Bearer")
 
 
-def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool = True) -> None:
+def _add_selection_arguments(parser: argparse.ArgumentParser, syncing_help: str) -> None:
     group = parser.add_argument_group("selection")
     group.add_argument(
         "--checkpoint",
@@ -542,13 +546,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, *, syncing: bool =
         metavar="PATTERN",
         help="leave out files whose path within their rank matches (repeat for several)",
     )
-    if syncing:
-        group.add_argument(
-            "--include-syncing",
-            action="store_true",
-            default=None,
-            help="also mirror checkpoints still uploading (their file list is not final)",
-        )
+    group.add_argument("--include-syncing", action="store_true", default=None, help=syncing_help)
 
 
 def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:

@@ -266,14 +266,21 @@ def test_bench_node_rank_fetches_and_budgets_only_that_rank(tmp_path: Path) -> N
     )
 
 
-@pytest.mark.parametrize(("config", "taken"), [("", "checkpoint-20"), ("true", "checkpoint-30")])
+@pytest.mark.parametrize(
+    ("config", "flags", "taken"),
+    [
+        ("", [], "checkpoint-20"),
+        ("true", [], "checkpoint-30"),
+        ("", ["--include-syncing"], "checkpoint-30"),
+    ],
+)
 def test_bench_latest_takes_the_checkpoint_sync_latest_would(
-    tmp_path: Path, config: str, taken: str
+    tmp_path: Path, config: str, flags: list[str], taken: str
 ) -> None:
     settings = tmp_path / "cs.toml"
     settings.write_text(f"include_syncing = {config}\n" if config else "")
     with ServerThread(job_catalog(syncing_last=True)) as server:  # checkpoint-30 is syncing
-        args = ["--latest", "--concurrency", "2", "--part-size", "256KiB"]
+        args = ["--latest", "--concurrency", "2", "--part-size", "256KiB", *flags]
         result = run_cli(*job_args(server, "bench", *args, "--config", settings))
         fetched = {name.partition("/")[0] for name, _, _ in server.traffic.ranges}
 

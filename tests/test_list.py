@@ -387,18 +387,23 @@ def test_list_with_node_rank_ignores_files_of_other_ranks_left_in_parts(
     assert [c["local"] for c in json.loads(every_rank.stdout)["checkpoints"]] == ["partial"]
 
 
-def test_list_latest_shows_what_sync_latest_takes_with_include_syncing_in_the_config(
-    dest: Path, tmp_path: Path
+@pytest.mark.parametrize("given", ["config", "flag"])
+def test_list_latest_shows_what_sync_latest_takes_with_include_syncing(
+    dest: Path, tmp_path: Path, given: str
 ) -> None:
     config = tmp_path / "c.toml"
-    config.write_text("include_syncing = true\n")
+    config.write_text("include_syncing = true\n" if given == "config" else "")
+    flags = ["--latest", "--config", str(config)]
+    if given == "flag":
+        flags.append("--include-syncing")
     with ServerThread(job_catalog(syncing_last=True)) as server:
-        synced = run_cli(*sync_args(server, dest, "--latest", "--config", str(config), "--json"))
-        listed = run_cli(*job_args(server, "list", "--latest", "--config", config, "--json"))
+        synced = run_cli(*sync_args(server, dest, *flags, "--json"))
+        listed = run_cli(*job_args(server, "list", *flags, "--json"))
 
     assert synced.code == 0, synced.stderr
     assert sorted(p.name for p in (dest / "job-1").iterdir()) == ["checkpoint-30"]
-    # list --latest showed checkpoint-20: the config's include_syncing was not read there.
+    # list --latest showed checkpoint-20: the config's include_syncing was not read there, and
+    # list refused the flag that sync takes.
     assert [c["checkpoint"] for c in json.loads(listed.stdout)["checkpoints"]] == ["checkpoint-30"]
 
 
