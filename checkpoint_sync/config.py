@@ -254,6 +254,10 @@ def _key(secret: SecretStr | None) -> str | None:
     return secret.get_secret_value() if secret else None
 
 
+# The settings that name a place on disk.
+_PATHS = ("dest", "ca_bundle")
+
+
 def load_settings(
     config_file: Path | None,
     flags: Mapping[str, Any],
@@ -268,6 +272,10 @@ def load_settings(
 
     if config_file is not None:
         for name, value in _read_toml(config_file).items():
+            if name in _PATHS and isinstance(value, str) and value and value[0] != "~":
+                # Read where the file is, not where the run started: a cron job's working
+                # directory is not the one the file was written in. An absolute one stays.
+                value = os.path.join(config_file.parent, value)
             take(name, value, f"in {config_file}")
     for name in Settings.model_fields:
         env_value = environ.get(ENV_PREFIX + name.upper())

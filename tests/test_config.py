@@ -282,6 +282,38 @@ def test_a_path_setting_from_anywhere_expands_a_tilde(
     assert getattr(settings, name) == tmp_path / "there"
 
 
+@pytest.mark.parametrize("name", ["dest", "ca_bundle"])
+@pytest.mark.parametrize(
+    ("where", "value", "taken"),
+    [
+        # A cron job starts elsewhere: the file's relative path was taken from there.
+        ("file", "mirror", "etc/mirror"),
+        ("file", "../mirror", "etc/../mirror"),
+        ("file", "/srv/mirror", "/srv/mirror"),
+        ("environment", "mirror", "mirror"),
+        ("flag", "mirror", "mirror"),
+    ],
+)
+def test_a_relative_path_in_the_file_is_taken_from_the_files_directory(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    where: str,
+    value: str,
+    taken: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "etc").mkdir()
+    config = Path("etc/c.toml")
+    config.write_text(f'{name} = "{value}"\n' if where == "file" else "")
+    environ = {f"CHECKPOINT_SYNC_{name.upper()}": value} if where == "environment" else {}
+    flags = {name: Path(value)} if where == "flag" else {}
+
+    settings = load_settings(config, flags, environ)
+
+    assert getattr(settings, name) == Path(taken)
+
+
 @pytest.mark.parametrize(
     ("environ", "flags", "named"),
     [
