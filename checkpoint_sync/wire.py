@@ -138,6 +138,7 @@ class Body:
         raise NotImplementedError
 
     def held(self) -> int:
+        """What `Response.held` says: none, for a body handed on as it arrives (a proxy's)."""
         return 0
 
 
