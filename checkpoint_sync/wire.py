@@ -796,7 +796,9 @@ class _Connection(asyncio.BufferedProtocol, Body):
                 except anyio.get_cancelled_exc_class():
                     self._keep_received(functools.partial(_write_into, file))
                     raise
-            piece = self._take_buffered()
+            # Left in the buffer (reading is paused) until the file took it: `held` counts it
+            # meanwhile, or a progress display would see the count drop by a buffer's worth.
+            piece = self._view[self._base : self._filled]
             # Failed meanwhile (the server closing), the connection fails the wait after it.
             self._body_done = self._loop.create_future()
             self.waiting = False  # the disk's time, not the server's silence
@@ -811,6 +813,7 @@ class _Connection(asyncio.BufferedProtocol, Body):
                 self.fail(exc, abort=True)
                 raise file.write_failed(exc) from exc
             file.took(len(piece))
+            self._base = self._filled = 0
             if self._body_done.done():
                 self._body_done.result()  # the connection's failure, raised
             self._writing = False

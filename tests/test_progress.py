@@ -6,9 +6,11 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from itertools import pairwise
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 import trustme
 
@@ -165,6 +167,16 @@ async def two_files_a_page(
         yield source, select_checkpoints(await source.checkpoints()), http
 
 
+def trusted_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """The server's TLS context, its certificate from a CA this process trusts."""
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    return tls
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_the_bytes_of_a_body_still_coming_count_before_a_buffer_of_them_is_written(
@@ -173,13 +185,7 @@ async def test_the_bytes_of_a_body_still_coming_count_before_a_buffer_of_them_is
     # Half of a 1 MiB file comes, then the server stalls: far less than the receive buffer
     # hands on at once, so none of it is written yet, yet the line must not stand at nothing.
     catalog = job_catalog(checkpoints=1, large_files=1, large_size=1 << 20, small_files=0)
-    tls = None
-    if scheme == "https":
-        ca = trustme.CA()
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(tls)
-        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    tls = trusted_tls(tmp_path, monkeypatch) if scheme == "https" else None
     with ServerThread(catalog, Faults(hook=lambda *_: "stall"), tls=tls) as server:
         async with (
             api_client(server.url) as api,
@@ -198,6 +204,41 @@ async def test_the_bytes_of_a_body_still_coming_count_before_a_buffer_of_them_is
                 tg.cancel_scope.cancel()
 
     assert (done, written) == (512 << 10, 0)
+
+
+@pytest.mark.anyio
+async def test_the_bytes_done_never_go_back_while_a_buffer_is_written_behind(
+    dest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Parts of 8 MiB over HTTPS are decrypted on the loop and written a buffer at a time by a
+    # worker thread: while a buffer is written, its bytes must still count, as they did while
+    # they were held, until the file has taken them.
+    catalog = job_catalog(checkpoints=1, large_files=1, large_size=32 << 20, small_files=0)
+    with ServerThread(catalog, tls=trusted_tls(tmp_path, monkeypatch)) as server:
+        async with api_client(server.url) as api, HttpClient(NetSettings()) as http:
+            source = TrainingJobSource(api, PROJECT, JOB)
+            selection = select_checkpoints(await source.checkpoints())
+            options = SyncOptions(
+                dest,
+                files=FileFilter(ranks=frozenset({0})),
+                transfer=TransferSettings(part_size=8 << 20),
+            )
+            stats = Stats()
+            readings: list[int] = []
+
+            async def watch() -> None:
+                while True:
+                    readings.append(bytes_done(stats))
+                    await anyio.lowlevel.checkpoint()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch)
+                await sync(source, selection, http, options, stats)
+                tg.cancel_scope.cancel()
+
+    assert stats.files_fetched == 1
+    assert readings[-1] == 32 << 20
+    assert [(a, b) for a, b in pairwise(readings) if b < a] == []
 
 
 @pytest.mark.anyio
