@@ -271,7 +271,7 @@ class Transfers:
         ``resumed``: the bytes of the parts an earlier run left, kept."""
         fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
         unstaged = None if multipart or resumed else file
-        staged = _Staged(fd, key, unseen, etag, resumed, unstaged, self._rounds)
+        staged = _Staged(fd, key, unseen, etag, resumed, unstaged)
         self._in_flight.add(staged)
         # Counted as done (by the progress and its ETA too) only once the space was there and
         # the staging file opened; taken back if the parts are dropped (`_drop_parts`).
@@ -525,6 +525,9 @@ class Transfers:
                         state.relisted, state.url_worked = url.reread, False
 
         async with self._connections:
+            # A one-part file is in flight from here: the wait for a connection (another file's
+            # parts may hold them all for minutes) is no transfer to resume.
+            staged.since = self._rounds
             staged.parts[part.index] = (part, state)  # its progress is recorded meanwhile
             try:
                 # Progress in whole MiB: a server that sends a few bytes before every drop runs
@@ -813,7 +816,7 @@ class _Staged:
     # A one-part file that has no record of parts yet: one is made with the first record of
     # how far it got.
     unstaged: RemoteFile | None = None
-    # The periodic records made before it started (`Transfers._rounds`).
+    # The periodic records made before its part took a connection (`Transfers._rounds`).
     since: int = 0
     # The parts being fetched, by index, whose progress is recorded every `REACHED_SECONDS`.
     parts: dict[int, tuple[Part, _PartState]] = field(default_factory=dict)

@@ -39,6 +39,7 @@ import pytest
 from checkpoint_sync.api import ApiClient
 from checkpoint_sync.cli import main
 from checkpoint_sync.localserver import Catalog, Faults, LocalServer, ServedFile, content
+from checkpoint_sync.manifest import Manifest
 from checkpoint_sync.net import NetSettings, proxy_for_host
 from checkpoint_sync.rate import READ_SIZE
 from checkpoint_sync.retry import RetryPolicy
@@ -225,6 +226,34 @@ def staged(dest: Path) -> set[str]:
         db.close()
     assert len(list((dest / ".checkpoint-sync" / "staging").iterdir())) == len(paths)
     return {"/".join(path.split("/", 2)[:2]) for path in paths}
+
+
+def note_staging_writes(manifest: Path) -> None:
+    """Have the manifest at ``manifest`` (made now) note every row added to its tables of files
+    in parts, for `staging_writes`."""
+    Manifest(manifest).close()
+    db = sqlite3.connect(manifest, isolation_level=None)
+    try:
+        db.executescript(
+            """
+            CREATE TABLE staging_writes (tab TEXT);
+            CREATE TRIGGER staged AFTER INSERT ON staging
+                BEGIN INSERT INTO staging_writes VALUES ('staging'); END;
+            CREATE TRIGGER reached AFTER INSERT ON parts_reached
+                BEGIN INSERT INTO staging_writes VALUES ('parts_reached'); END;
+            """
+        )
+    finally:
+        db.close()
+
+
+def staging_writes(manifest: Path) -> list[str]:
+    """The tables of files in parts written since `note_staging_writes`, a row each."""
+    db = sqlite3.connect(manifest)
+    try:
+        return [tab for (tab,) in db.execute("SELECT tab FROM staging_writes")]
+    finally:
+        db.close()
 
 
 def assert_exact(path: Path, file: ServedFile) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import io
 import json
@@ -17,15 +18,23 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import anyio
 import pytest
 
 from checkpoint_sync.cli import main
-from checkpoint_sync.layout import staging_name
+from checkpoint_sync.engine import manifest_path
+from checkpoint_sync.layout import mirror_path, staging_name
 from checkpoint_sync.localserver import Faults, ServedCheckpoint, ServedFile
 from checkpoint_sync.manifest import Manifest
-from checkpoint_sync.progress import human_bytes
+from checkpoint_sync.net import NetSettings
+from checkpoint_sync.plan import select_checkpoints
+from checkpoint_sync.progress import Stats, human_bytes
+from checkpoint_sync.retry import RetryPolicy
+from checkpoint_sync.sources.base import RemoteFile
 from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD
-from checkpoint_sync.transfer import REACHED_SECONDS
+from checkpoint_sync.sources.baseten_training import TrainingJobSource
+from checkpoint_sync.transfer import REACHED_SECONDS, Transfers, TransferSettings
+from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
 from .support import (
@@ -33,6 +42,7 @@ from .support import (
     Result,
     ServerThread,
     TunnelProxy,
+    api_client,
     assert_exact,
     first_answers,
     http_serving,
@@ -40,10 +50,12 @@ from .support import (
     leave_in_parts,
     mirrored,
     new_version,
+    note_staging_writes,
     proxy_named,
     run_cli,
     run_subprocess,
     staged,
+    staging_writes,
 )
 
 
@@ -1812,28 +1824,58 @@ def test_files_of_one_part_that_finish_within_a_second_never_touch_the_staging_t
     time over 2 s or more of a run: some are part written at every record."""
     catalog = job_catalog(checkpoints=1, large_files=10, large_size=6 << 20, small_files=8)
     manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
-    Manifest(manifest).close()
-    db = sqlite3.connect(manifest, isolation_level=None)
-    try:
-        db.executescript(
-            """
-            CREATE TABLE staging_writes (tab TEXT);
-            CREATE TRIGGER staged AFTER INSERT ON staging
-                BEGIN INSERT INTO staging_writes VALUES ('staging'); END;
-            CREATE TRIGGER reached AFTER INSERT ON parts_reached
-                BEGIN INSERT INTO staging_writes VALUES ('parts_reached'); END;
-            """
-        )
-    finally:
-        db.close()
+    note_staging_writes(manifest)
     with ServerThread(catalog, Faults(throttle=12 << 20)) as server:
         args = ("--part-size", "8MiB", "--concurrency", "4", "--json")
         result = run_cli(*sync_args(server, dest, *args))
 
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["seconds"] >= 2 * REACHED_SECONDS
-    db = sqlite3.connect(manifest)
-    try:
-        assert db.execute("SELECT tab FROM staging_writes").fetchall() == []
-    finally:
-        db.close()
+    assert staging_writes(manifest) == []
+
+
+@pytest.mark.anyio
+async def test_a_file_of_one_part_that_waited_for_a_connection_is_timed_from_its_first_request(
+    dest: Path,
+) -> None:
+    """A file of one part waits while another file's parts hold every connection: that wait is
+    no transfer to resume. Held for over two periodic records, then fetched in under a second
+    (half of it, a stall of 0.8 s across the third record, the rest), it is never recorded."""
+    catalog = job_catalog(checkpoints=1, large_files=1, large_size=6 << 20, small_files=0)
+    manifest = manifest_path(dest)
+    note_staging_writes(manifest)
+    with ServerThread(catalog, Faults(stall_seconds=0.8)) as server:
+        (file,) = (f for f in server.files() if f.node_rank == 0)
+        server.faults.hook = first_answers(1, "stall")
+        async with api_client(server.url) as api, HttpClient(NetSettings()) as http:
+            source = TrainingJobSource(api, PROJECT, JOB)
+            checkpoints = select_checkpoints(await source.checkpoints()).checkpoints
+            (listed,) = [
+                f
+                async for page in source.file_pages(checkpoints)
+                for f in page
+                if isinstance(f, RemoteFile) and f.node_rank == 0
+            ]
+            connections = asyncio.Semaphore(1)
+            settings = TransferSettings(part_size=8 << 20, retry=RetryPolicy(initial_delay=0))
+            opened = Manifest(manifest)
+            try:
+                transfers = Transfers(http, dest, opened, source, connections, Stats(), settings)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(transfers.record_reached_periodically)
+                    begun = anyio.current_time()
+                    # Another file's parts hold every connection.
+                    async with anyio.create_task_group() as fetching, connections:
+                        fetching.start_soon(transfers.fetch, listed, mirror_path(listed))
+                        await anyio.sleep_until(begun + 2.5 * REACHED_SECONDS)
+                    tg.cancel_scope.cancel()
+            finally:
+                opened.close()
+
+    assert server.traffic.faults == {"stall": 1}
+    assert server.traffic.ranges == [
+        (file.name, 0, file.size),
+        (file.name, file.size // 2, file.size),
+    ]
+    assert_exact(mirrored(dest, JOB, file), file)
+    assert staging_writes(manifest) == []
