@@ -160,9 +160,10 @@ class Settings(BaseModel):
         if "?" in value or "#" in value:
             # The API's paths are appended to it: they went into the query or the fragment, and
             # every request asked for another path, answered "not found" (exit 4).
+            # Shown without them, as they may hold a token: a fragment leaves no trace.
             raise ValueError(
-                f"'{redact_url(value)}' has a query string or fragment, which the API's paths "
-                "would follow"
+                f"'{redact_url(value)}' has a query string or fragment (not shown), which the "
+                "API's paths would follow"
             )
         return value
 
