@@ -50,6 +50,7 @@ from .progress import (
     NoDisplay,
     Stats,
     TerminalLine,
+    counted_files,
     human_bytes,
     summary,
 )
@@ -859,8 +860,9 @@ def _print_summary(
     stats: Stats, options: SyncOptions, out: _Output, syncing_hint: str = _SYNC_SYNCING_HINT
 ) -> None:
     verb = "would fetch" if options.dry_run else "fetched"
+    fetched = stats.files_to_fetch if options.dry_run else stats.files_fetched
     out.info(
-        f"{verb} {_files(stats.files_to_fetch if options.dry_run else stats.files_fetched)} "
+        f"{verb} {counted_files(fetched)} "
         f"({human_bytes(stats.bytes_to_fetch if options.dry_run else stats.bytes_fetched)}) "
         f"into {options.dest} in {stats.seconds:.1f}s"
         + (
@@ -873,7 +875,7 @@ def _print_summary(
     )
     if stats.files_resumed:
         out.info(
-            f"resumed {_files(stats.files_resumed)} from the parts an earlier run left "
+            f"resumed {counted_files(stats.files_resumed)} from the parts an earlier run left "
             f"({human_bytes(stats.bytes_resumed)} kept, not fetched again)"
         )
     if len(stats.taken) == 1:
@@ -882,13 +884,13 @@ def _print_summary(
         out.info(f"checkpoint {where}" + (f" in {path}" if path else ""))
     if options.dry_run and stats.files_to_check:
         out.info(
-            f"would check {_files(stats.files_to_check, 'mirrored ')} "
+            f"would check {counted_files(stats.files_to_check, 'mirrored ')} "
             f"({human_bytes(stats.bytes_to_check)}) against their recorded digests"
         )
     if stats.files_checked:
         found = (
-            f"checked {_files(stats.files_checked, 'mirrored ')} against their recorded digests: "
-            f"{stats.files_damaged} no longer matched"
+            f"checked {counted_files(stats.files_checked, 'mirrored ')} against their recorded "
+            f"digests: {stats.files_damaged} no longer matched"
         )
         if stats.files_restored == stats.files_damaged > 0:
             found += f" and {'was' if stats.files_damaged == 1 else 'were'} fetched again"
@@ -896,9 +898,11 @@ def _print_summary(
             found += f", {stats.files_restored} of them fetched again"
         out.info(found)
     if stats.files_to_delete:
-        deleted = stats.files_to_delete if options.dry_run else stats.files_deleted
+        deleted = counted_files(
+            stats.files_to_delete if options.dry_run else stats.files_deleted, "mirrored "
+        )
         out.info(
-            f"{'would delete' if options.dry_run else 'deleted'} {_files(deleted, 'mirrored ')} "
+            f"{'would delete' if options.dry_run else 'deleted'} {deleted} "
             f"({human_bytes(stats.bytes_to_delete if options.dry_run else stats.bytes_deleted)}) "
             f"of checkpoints removed upstream: {', '.join(stats.removed_upstream)}"
         )
@@ -920,11 +924,6 @@ def _print_summary(
         out.error(f"{quoted(where)}: {message}")  # --json has the whole path
     if stats.files_failed > FAILURES_SHOWN:
         out.error(f"... and {stats.files_failed - FAILURES_SHOWN} more failures (see --json)")
-
-
-def _files(count: int, kind: str = "") -> str:
-    """``count`` files, as said of one or of several: "1 file", "3 mirrored files"."""
-    return f"{count} {kind}file{'' if count == 1 else 's'}"
 
 
 @dataclass(frozen=True)
@@ -1077,7 +1076,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         out.answer(f"left out: {checkpoint.where}: {checkpoint.problem}")
     for k in kept:
         out.answer(
-            f"removed upstream, still mirrored: {k.where} ({_files(k.files)}, "
+            f"removed upstream, still mirrored: {k.where} ({counted_files(k.files)}, "
             f"{human_bytes(k.size_bytes)}; sync --delete would delete them)"
         )
     return EXIT_OK

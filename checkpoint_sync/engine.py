@@ -46,7 +46,7 @@ from .plan import (
     is_current,
     walked_whole,
 )
-from .progress import Listing, Stats
+from .progress import Listing, Stats, counted_files
 from .prune import Deletion, Pruner, deletions, held_back
 from .sources.base import Checkpoint, RemoteFile, Source, UnreadableEntry
 from .transfer import Transfers, TransferSettings
@@ -472,8 +472,8 @@ def _decide_deletions(
     if options.max_delete is not None and len(going) > options.max_delete:
         stats.fail(
             "--delete",
-            f"{len(going)} files would go, more than --max-delete {options.max_delete}: none was "
-            "deleted",
+            f"{counted_files(len(going))} would go, more than --max-delete {options.max_delete}: "
+            "none was deleted",
         )
         return []
     for doomed in going:

@@ -23,7 +23,7 @@ from .filesystem import Places
 from .layout import mirror_path_parts, nameable
 from .manifest import Manifest
 from .plan import FileFilter, Recorded, Tally
-from .progress import human_bytes
+from .progress import counted_files, human_bytes
 from .prune import Pruner, deletions
 from .sources.base import Checkpoint, Source, UnreadableEntry
 
@@ -162,7 +162,7 @@ def _unnamed(where: str, refused: Sequence[UnsafePathError]) -> str | None:
     """What to say of a checkpoint some of whose recorded files this locale cannot name."""
     if not refused:
         return None
-    return f"cannot look up {len(refused)} mirrored files of {where}: {refused[0]}"
+    return f"cannot look up {counted_files(len(refused), 'mirrored ')} of {where}: {refused[0]}"
 
 
 def _note(files: dict[str, Recorded], path: str, entry: Recorded) -> None:

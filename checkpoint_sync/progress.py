@@ -168,6 +168,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def counted_files(count: int, kind: str = "") -> str:
+    """``count`` files, as said of one or of several: "1 file", "3 mirrored files"."""
+    return f"{count} {kind}file{'' if count == 1 else 's'}"
+
+
 def _received(stats: Stats) -> int:
     """Bytes received so far, those of bodies still coming included."""
     return stats.bytes_fetched + stats.bytes_landing()

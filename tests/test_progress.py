@@ -25,6 +25,7 @@ from checkpoint_sync.progress import (
     Stats,
     bytes_done,
     bytes_total,
+    counted_files,
     human_bytes,
     listing_note,
     log_interval,
@@ -443,3 +444,16 @@ def test_a_verify_run_shows_how_far_its_read_back_is() -> None:
 )
 def test_human_bytes(n: int, shown: str) -> None:
     assert human_bytes(n) == shown
+
+
+@pytest.mark.parametrize(
+    ("count", "kind", "said"),
+    [
+        (0, "", "0 files"),
+        (1, "", "1 file"),
+        (2, "", "2 files"),
+        (1, "mirrored ", "1 mirrored file"),
+    ],
+)
+def test_a_count_of_files_is_said_of_one_or_of_several(count: int, kind: str, said: str) -> None:
+    assert counted_files(count, kind) == said
