@@ -550,10 +550,14 @@ class Transfers:
         return None
 
     async def _flush(self, staged: _Staged) -> None:
-        """Make the bytes written into ``staged`` durable: in a thread, as flushing a large
-        file takes seconds of the disk, which on the loop would stall every other transfer."""
+        """Make the bytes written into ``staged`` durable, and its name if it is to be recorded
+        for the first time (a one-part file): in a thread, as flushing a large file takes
+        seconds of the disk, which on the loop would stall every other transfer."""
         staging = f"{self._staging_dir}/{staging_name(staged.key)}"
         await anyio.to_thread.run_sync(_os_call, staging, partial(os.fdatasync, staged.fd))
+        if staged.unstaged is not None:
+            directory = str(self._staging_dir)
+            await anyio.to_thread.run_sync(_os_call, directory, partial(fsync_directory, directory))
 
     async def _keep_reached(self, staged: _Staged, part: Part, state: _PartState) -> None:
         """Record how far a part got, stopped or out of retries, so that the next run asks
@@ -618,12 +622,17 @@ class Transfers:
         close its own meanwhile; one that cannot be flushed now is recorded next time (or its
         part's own flush says why)."""
         copies: dict[_Staged, int] = {}
+        # The names of files recorded for the first time (one-part ones) must last too.
+        named = any(staged.unstaged is not None for staged in files)
         try:
             for staged in files:
                 with suppress(OSError):  # out of descriptors, say
                     copies[staged] = os.dup(staged.fd)
             return await anyio.to_thread.run_sync(
-                _data_synced, copies, limiter=self._record_flusher
+                _data_synced,
+                copies,
+                str(self._staging_dir) if named else None,
+                limiter=self._record_flusher,
             )
         finally:
             for fd in copies.values():
@@ -1031,13 +1040,19 @@ def _prepare_staging(fd: int, size: int, path: str, *, reserve: bool) -> None:
         raise _local_error(exc, path, size) from exc
 
 
-def _data_synced(fds: Mapping[T, int]) -> set[T]:
-    """The keys of ``fds`` whose descriptor's data `fdatasync` made durable."""
+def _data_synced(fds: Mapping[T, int], directory: str | None) -> set[T]:
+    """The keys of ``fds`` whose descriptor's data `fdatasync` made durable; with
+    ``directory``, none unless its entries were made durable too."""
     synced = set()
     for key, fd in fds.items():
         with suppress(OSError):
             os.fdatasync(fd)
             synced.add(key)
+    if directory is not None:
+        try:
+            fsync_directory(directory)
+        except OSError:
+            return set()
     return synced
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_sync.localserver import Faults
 from checkpoint_sync.net import as_sent, credentials_problem, proxy_credentials
 
 from .conftest import JOB, job_catalog, sync_args
@@ -308,6 +309,41 @@ def test_fsync_makes_the_directories_it_creates_durable(
             unsynced.append(directory)
     assert unsynced == []
     assert any(path == str(dest / ".checkpoint-sync/staging") for _, path in syncs)
+
+
+@pytest.mark.usefixtures("strace")
+def test_fsync_makes_a_one_part_files_staging_name_durable_before_it_is_recorded(
+    tmp_path: Path,
+) -> None:
+    # A file of one part gets its record of parts only once in flight for over a second (3 MiB
+    # at 1 MiB/s): that record must not vouch for a staging file whose name a power loss could
+    # take. One file of one part only, so no file in parts has the staging directory synced on
+    # its behalf.
+    catalog = job_catalog(checkpoints=1, large_files=0, small_files=1, small_size=3 << 20)
+    dest = tmp_path / "mirror"
+    one_part = ["--node-rank", "0", "--part-size", "64MiB"]
+    with ServerThread(catalog, Faults(throttle=1 << 20)) as server:
+        trace = _strace(server, dest, "openat,fsync,fdatasync", "--fsync", *one_part)
+        (file,) = [f for f in server.files() if f.node_rank == 0]
+        assert_exact(mirrored(dest, JOB, file), file)
+    staging = re.escape(str(dest / ".checkpoint-sync" / "staging"))
+    lines = trace.splitlines()
+
+    def first(after: int, pattern: str) -> int | None:
+        return next(
+            (n for n, line in enumerate(lines) if n > after and re.search(pattern, line)), None
+        )
+
+    opened = first(-1, rf'"{staging}/[^"]+", O_RDWR')
+    assert opened is not None
+    flushed = first(opened, rf"\bfdatasync\(\d+<{staging}/")  # its bytes, before its record
+    assert flushed is not None
+    # The staging directory, synced as the run began, again once the file's name is in it; and
+    # before the manifest's commit that holds the record.
+    named = first(opened, rf"\bfsync\(\d+<{staging}>")
+    committed = first(flushed, r"sync\(\d+<[^>]*manifest\.sqlite3")
+    assert named is not None
+    assert committed is None or named < committed
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
