@@ -1046,7 +1046,8 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         return stopped.end(out)
     if settings.dest is not None and not settings.dest.is_dir():
         # Else a mistyped --dest reads as a mirror holding nothing. No error: a sync creates it.
-        out.status(f"no mirror at {settings.dest.absolute()}: no such directory")
+        what = "not a directory" if settings.dest.exists() else "no such directory"
+        out.status(f"no mirror at {settings.dest.absolute()}: {what}")
     for note in [r.unreachable for r in rows] + [k.unreachable for k in kept]:
         if note is not None:
             out.status(note)

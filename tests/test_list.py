@@ -230,10 +230,11 @@ def test_a_remote_change_shows_and_list_writes_nothing(tmp_path: Path, name: str
 
 
 @pytest.mark.parametrize(
-    ("made", "noted"), [("nothing", True), ("a file", True), ("an empty directory", False)]
+    ("made", "noted"),
+    [("nothing", "no such directory"), ("a file", "not a directory"), ("an empty directory", "")],
 )
 def test_list_at_a_dest_that_is_no_directory_says_there_is_no_mirror(
-    dest: Path, made: str, noted: bool
+    dest: Path, made: str, noted: str
 ) -> None:
     # A mistyped --dest showed every checkpoint absent, and nothing more. An empty directory is
     # a mirror not synced yet.
@@ -248,7 +249,7 @@ def test_list_at_a_dest_that_is_no_directory_says_there_is_no_mirror(
     assert result.code == as_json.code == 0
     assert [line.split()[-1] for line in result.stdout.splitlines()[1:]] == ["absent"] * 3
     assert set(states(as_json.stdout).values()) == {"absent"}
-    note = [f"no mirror at {dest}: no such directory"] if noted else []
+    note = [f"no mirror at {dest}: {noted}"] if noted else []
     assert result.stderr.splitlines() == as_json.stderr.splitlines() == note
 
 
