@@ -180,6 +180,10 @@ class Settings(BaseModel):
                 raise ValueError("must not be empty")
             if any(ord(c) < 32 or ord(c) == 127 for c in value):
                 raise ValueError("the key contains a control character")
+            if not value.isascii():
+                # A header carries ASCII: our client refused it at its first request, while
+                # through a proxy aiohttp sent it as UTF-8 and the refusal read as a wrong key.
+                raise ValueError("the key contains a non-ASCII character")
         return value
 
     def baseten_key(self) -> str | None:

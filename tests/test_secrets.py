@@ -16,7 +16,7 @@ import subprocess
 import sys
 import urllib.parse
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -29,6 +29,7 @@ from .conftest import JOB, job_catalog, sync_args
 from .support import (
     API_KEY,
     ServerThread,
+    TunnelProxy,
     assert_exact,
     assert_no_secret,
     http_serving,
@@ -108,6 +109,24 @@ def test_a_key_read_with_a_trailing_newline_works(
 
     assert result.code == 0, result.stderr
     assert_exact(mirrored(dest, JOB, server.files()[0]), server.files()[0])
+
+
+@pytest.mark.parametrize("proxied", [False, True], ids=["direct", "through-a-proxy"])
+def test_a_key_with_a_non_ascii_character_is_a_usage_error_before_any_request(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, proxied: bool
+) -> None:
+    # Through a proxy it was sent as UTF-8, and the server's refusal read as a wrong key (3).
+    monkeypatch.setenv("BASETEN_API_KEY", "\u043a\u043b\u044e\u0447-key")
+    with TunnelProxy() as proxy:
+        named = proxy_named(monkeypatch, "HTTP_PROXY", proxy.url) if proxied else nullcontext()
+        with named:
+            result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 2, result.stderr
+    assert "the key contains a non-ASCII character" in result.stderr
+    assert "\u043a" not in result.stderr
+    assert server.traffic.api_requests == 0
+    assert proxy.forwarded == []
 
 
 def test_a_key_with_a_control_character_is_a_usage_error_that_hides_it(
