@@ -1820,12 +1820,13 @@ def test_files_of_one_part_that_finish_within_a_second_never_touch_the_staging_t
 ) -> None:
     """A file of one part gets a record of how far it got only once in flight at two periodic
     records in a row: the many that finish sooner cost the manifest nothing more. Files of
-    6 MiB, written from their first 2 MiB on (a connection's buffer), 0.5 s each, four at a
-    time over 2 s or more of a run: some are part written at every record."""
-    catalog = job_catalog(checkpoints=1, large_files=10, large_size=6 << 20, small_files=8)
+    6 MiB, written from their first 2 MiB on (a connection's buffer), 0.25 s each (a busy
+    machine may take four times that), four at a time over 2 s or more of a run: some are part
+    written at every record."""
+    catalog = job_catalog(checkpoints=1, large_files=20, large_size=6 << 20, small_files=8)
     manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
     note_staging_writes(manifest)
-    with ServerThread(catalog, Faults(throttle=12 << 20)) as server:
+    with ServerThread(catalog, Faults(throttle=24 << 20)) as server:
         args = ("--part-size", "8MiB", "--concurrency", "4", "--json")
         result = run_cli(*sync_args(server, dest, *args))
 
@@ -1839,12 +1840,13 @@ async def test_a_file_of_one_part_that_waited_for_a_connection_is_timed_from_its
     dest: Path,
 ) -> None:
     """A file of one part waits while another file's parts hold every connection: that wait is
-    no transfer to resume. Held for over two periodic records, then fetched in under a second
-    (half of it, a stall of 0.8 s across the third record, the rest), it is never recorded."""
+    no transfer to resume. Held for two and a half periodic records, then fetched in about a
+    second (half of it, a stall of 1 s across the third record, the rest: half a second from
+    each record), it is never recorded."""
     catalog = job_catalog(checkpoints=1, large_files=1, large_size=6 << 20, small_files=0)
     manifest = manifest_path(dest)
     note_staging_writes(manifest)
-    with ServerThread(catalog, Faults(stall_seconds=0.8)) as server:
+    with ServerThread(catalog, Faults(stall_seconds=1.0)) as server:
         (file,) = (f for f in server.files() if f.node_rank == 0)
         server.faults.hook = first_answers(1, "stall")
         async with api_client(server.url) as api, HttpClient(NetSettings()) as http:
