@@ -61,6 +61,10 @@ def parse_size(text: str | int) -> int:
     return int(size)
 
 
+# The settings that name a place on disk.
+_PATHS = ("dest", "ca_bundle")
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -112,7 +116,7 @@ class Settings(BaseModel):
     def _size(cls, value: Any) -> Any:
         return parse_size(value) if isinstance(value, str) else value
 
-    @field_validator("dest", "ca_bundle", mode="before")
+    @field_validator(*_PATHS, mode="before")
     @classmethod
     def _usable_path(cls, value: Any) -> Any:
         # TOML's `dest = 0`: pydantic's own words were "Input is not a valid path for <class
@@ -138,7 +142,7 @@ class Settings(BaseModel):
             raise ValueError("should name an environment variable (letters, digits and _)")
         return value
 
-    @field_validator("dest", "ca_bundle")
+    @field_validator(*_PATHS)
     @classmethod
     def _home(cls, value: Path | None) -> Path | None:
         # As the shell would: a quoted `~/x`, or one in the file or the environment, is no
@@ -257,10 +261,6 @@ def known_secrets(
 
 def _key(secret: SecretStr | None) -> str | None:
     return secret.get_secret_value() if secret else None
-
-
-# The settings that name a place on disk.
-_PATHS = ("dest", "ca_bundle")
 
 
 def load_settings(
