@@ -178,6 +178,10 @@ class Transfers:
             for _, state in staged.parts.values()
         )
 
+    def _may_have_record(self, key: str, multipart: bool) -> bool:
+        """Whether the manifest may hold a record of parts of ``key``: looked up only then."""
+        return multipart or key in self._may_be_staged
+
     def _sweep_staging(self) -> None:
         """Remove the staging files that no record of parts leads to, before this run stages
         anything: a run killed while it fetched a file in one piece before it was recorded, or
@@ -206,7 +210,7 @@ class Transfers:
         parts = split_parts(file.size, part_size)
         multipart = len(parts) > 1
         todo, etag, resumed = parts, None, 0
-        if self._settings.resume and (multipart or key in self._may_be_staged):
+        if self._settings.resume and self._may_have_record(key, multipart):
             staged = self._manifest.staged(key, _size_of(staging))
             todo = parts_to_fetch(file, part_size, staged)
             if resumed := file.size - sum(part.length for part in todo):
@@ -369,8 +373,7 @@ class Transfers:
         """After a failure, remove a staging file that no record lets a later run resume from
         (a one-part file's not recorded in flight, or one whose parts were dropped): it would
         only hold disk space."""
-        may_be_staged = multipart or key in self._may_be_staged
-        if may_be_staged and self._manifest.staged(key, None) is not None:
+        if self._may_have_record(key, multipart) and self._manifest.staged(key, None) is not None:
             return
         with suppress(OSError):
             os.unlink(staging)
@@ -554,10 +557,14 @@ class Transfers:
         for the first time (a one-part file): in a thread, as flushing a large file takes
         seconds of the disk, which on the loop would stall every other transfer."""
         staging = f"{self._staging_dir}/{staging_name(staged.key)}"
-        await anyio.to_thread.run_sync(_os_call, staging, partial(os.fdatasync, staged.fd))
-        if staged.unstaged is not None:
-            directory = str(self._staging_dir)
-            await anyio.to_thread.run_sync(_os_call, directory, partial(fsync_directory, directory))
+        directory = str(self._staging_dir) if staged.unstaged is not None else None
+
+        def flush() -> None:
+            _os_call(staging, partial(os.fdatasync, staged.fd))
+            if directory is not None:
+                _os_call(directory, partial(fsync_directory, directory))
+
+        await anyio.to_thread.run_sync(flush)
 
     async def _keep_reached(self, staged: _Staged, part: Part, state: _PartState) -> None:
         """Record how far a part got, stopped or out of retries, so that the next run asks
