@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import trustme
 
 from checkpoint_sync.api import ApiClient
 from checkpoint_sync.cli import main
@@ -254,6 +255,17 @@ def staging_writes(manifest: Path) -> list[str]:
         return [tab for (tab,) in db.execute("SELECT tab FROM staging_writes")]
     finally:
         db.close()
+
+
+def trusted_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str) -> ssl.SSLContext:
+    """A server's TLS context, its certificate from a CA that the environment ``variable``
+    (SSL_CERT_FILE, CHECKPOINT_SYNC_CA_BUNDLE) tells the client to trust."""
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv(variable, str(tmp_path / "ca.pem"))
+    return tls
 
 
 def assert_exact(path: Path, file: ServedFile) -> None:

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import trustme
 
 from checkpoint_sync.errors import FileError, IntegrityError
 from checkpoint_sync.localserver import Faults, ServedFile, content
@@ -27,6 +25,7 @@ from .support import (
     new_version,
     run_cli,
     staged,
+    trusted_tls,
 )
 
 PART = 256 << 10
@@ -42,11 +41,7 @@ def server(
     catalog = job_catalog(checkpoints=2, large_files=2, small_files=20)
     context = None
     if getattr(request, "param", "http") == "https":  # with a CA the client is told to trust
-        ca = trustme.CA()
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ca.issue_cert("127.0.0.1").configure_cert(context)
-        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-        monkeypatch.setenv("CHECKPOINT_SYNC_CA_BUNDLE", str(tmp_path / "ca.pem"))
+        context = trusted_tls(tmp_path, monkeypatch, "CHECKPOINT_SYNC_CA_BUNDLE")
     with ServerThread(catalog, tls=context) as running:
         yield running
 

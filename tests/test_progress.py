@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +11,6 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
-import trustme
 
 from checkpoint_sync.engine import SyncOptions, sync
 from checkpoint_sync.errors import LocalIOError, NotFoundError
@@ -38,7 +36,7 @@ from checkpoint_sync.transfer import TransferSettings
 from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, PROJECT, job_catalog
-from .support import ServerThread, api_client, first_answers
+from .support import ServerThread, api_client, first_answers, trusted_tls
 from .test_local_errors import fill, mounted
 
 
@@ -168,16 +166,6 @@ async def two_files_a_page(
         yield source, select_checkpoints(await source.checkpoints()), http
 
 
-def trusted_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
-    """The server's TLS context, its certificate from a CA this process trusts."""
-    ca = trustme.CA()
-    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(tls)
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
-    return tls
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_the_bytes_of_a_body_still_coming_count_before_a_buffer_of_them_is_written(
@@ -186,7 +174,7 @@ async def test_the_bytes_of_a_body_still_coming_count_before_a_buffer_of_them_is
     # Half of a 1 MiB file comes, then the server stalls: far less than the receive buffer
     # hands on at once, so none of it is written yet, yet the line must not stand at nothing.
     catalog = job_catalog(checkpoints=1, large_files=1, large_size=1 << 20, small_files=0)
-    tls = trusted_tls(tmp_path, monkeypatch) if scheme == "https" else None
+    tls = trusted_tls(tmp_path, monkeypatch, "SSL_CERT_FILE") if scheme == "https" else None
     with ServerThread(catalog, Faults(hook=lambda *_: "stall"), tls=tls) as server:
         async with (
             api_client(server.url) as api,
@@ -215,7 +203,7 @@ async def test_the_bytes_done_never_go_back_while_a_buffer_is_written_behind(
     # worker thread: while a buffer is written, its bytes must still count, as they did while
     # they were held, until the file has taken them.
     catalog = job_catalog(checkpoints=1, large_files=1, large_size=32 << 20, small_files=0)
-    with ServerThread(catalog, tls=trusted_tls(tmp_path, monkeypatch)) as server:
+    with ServerThread(catalog, tls=trusted_tls(tmp_path, monkeypatch, "SSL_CERT_FILE")) as server:
         async with api_client(server.url) as api, HttpClient(NetSettings()) as http:
             source = TrainingJobSource(api, PROJECT, JOB)
             selection = select_checkpoints(await source.checkpoints())
