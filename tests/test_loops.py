@@ -375,6 +375,51 @@ def test_a_checkpoint_deleted_after_the_list_was_read_fails_alone(
     }
 
 
+def test_latest_passes_over_a_checkpoint_deleted_after_the_list_was_read(
+    server: ServerThread, dest: Path
+) -> None:
+    # The newest trainer checkpoint is deleted once the checkpoint list was read: a rerun,
+    # reading the list anew, would restore the one before it, and so does this run.
+    server.faults.files_gone = {f"lc-{RUN}-trainer-step-20"}
+    restore = ["--loops-run", RUN, "--target", "trainer", "--latest"]
+    result = run_cli(*sync(server, dest, *restore, "--node-rank", "1", "--json"))
+    requests = server.traffic.api_requests
+    listed = run_cli("list", "--api-url", server.url, *restore, "--json")
+    server.faults.files_gone.add(f"lc-{RUN}-trainer-step-10")
+    none_left = run_cli(*sync(server, dest / "b", *restore))
+
+    gone = (
+        f"deleted after the checkpoint list was read: Loops checkpoint {RUN}/weights-step-20: "
+        "not found (HTTP 404)"
+    )
+    note = (
+        f"--latest took {RUN}/weights-step-10; a newer checkpoint was left out: "
+        f"{RUN}/weights-step-20: {gone}\n"
+    )
+    assert result.code == listed.code == 0, result.stderr
+    assert result.stderr == listed.stderr == note
+    document = json.loads(result.stdout)
+    assert document["failures"] == []
+    assert document["passed_over"] == [{"checkpoint": f"{RUN}/weights-step-20", "error": gone}]
+    (taken,) = document["checkpoints"]
+    assert taken["checkpoint"] == f"{RUN}/weights-step-10"
+    older = next(c for c in of_run(server, RUN) if c.id == f"lc-{RUN}-trainer-step-10")
+    rank_1 = [f for f in older.checkpoint.files if f.node_rank == 1]
+    assert files_under(Path(taken["path"])) == {landed(dest, older, f) for f in rank_1}
+    for file in rank_1:
+        assert_exact(landed(dest, older, file), file)
+    # The checkpoint list, the deleted one's listing, and the first page of the one taken,
+    # read once: looked at first, then mirrored from.
+    assert requests == 3
+    shown = json.loads(listed.stdout)
+    assert [c["checkpoint"] for c in shown["checkpoints"]] == ["weights-step-10"]
+    assert [c["checkpoint"] for c in shown["left_out"]] == [f"{RUN}/weights-step-20"]
+    # With none left, it is not found, naming the newest and why.
+    assert none_left.code == 4
+    assert none_left.stderr == f"checkpoint-sync: error: {RUN}/weights-step-20: {gone}\n"
+    assert not (dest / "b" / RUN).exists()
+
+
 def test_an_unreadable_checkpoint_named_by_its_name_is_the_usage_error_its_id_is(
     dest: Path,
 ) -> None:

@@ -111,6 +111,13 @@ class AbsentCheckpoint(UnreadableCheckpoint):
 Available = Checkpoint | UnreadableCheckpoint
 
 
+def marked(
+    available: Sequence[Available], absent: Mapping[str, AbsentCheckpoint]
+) -> list[Available]:
+    """``available``, each checkpoint in ``absent`` (by key) replaced by its entry there."""
+    return [absent.get(c.key, c) if isinstance(c, Checkpoint) else c for c in available]
+
+
 def known_by(key: str | None, position: int) -> str:
     """How a report tells an unreadable checkpoint list entry: by its id, or where it gives none,
     by its place in the list (1 the first), as two such entries would otherwise read alike."""

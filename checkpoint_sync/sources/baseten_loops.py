@@ -29,6 +29,7 @@ from ..models import (
     Unreadable,
 )
 from .base import (
+    AbsentCheckpoint,
     Available,
     Checkpoint,
     FileKey,
@@ -45,6 +46,7 @@ from .base import (
     VanishedCheckpoint,
     flags_given,
     known_by,
+    marked,
     started_ahead,
     whole_list,
 )
@@ -52,6 +54,7 @@ from .baseten_pages import (
     file_pages,
     first_page,
     look_for,
+    read_page,
     relist,
     remote_file,
     unreadable_checkpoint,
@@ -119,15 +122,28 @@ class LoopsSource:
         description: str,
         *,
         target: LoopsTarget | None = None,
+        latest: bool = False,
+        names: Sequence[str] = (),
+        include_syncing: bool = False,
         page_size: int = 1000,
     ) -> None:
         self._api = api
         self._query = query
         self._target = target
+        # What --latest chooses from (`_deleted_newest`), as the run's selection does.
+        self._latest = latest
+        self._names = tuple(names)
+        self._include_syncing = include_syncing
         self._page_size = page_size
         self.description = description
         self._listed_whole: dict[str, frozenset[str]] = {}
         self._moved: set[tuple[str, str]] = set()
+        # What --latest found deleted, by key: looked for once a run (a list read again, after a
+        # wait for the mirror's lock, only tells what was removed upstream).
+        self._deleted: dict[str, AbsentCheckpoint] | None = None
+        # The first page of files of the checkpoint --latest found, for the walk that comes
+        # first (unless the list is read again first).
+        self._found: dict[str, asyncio.Task[CheckpointFilesPage]] = {}
 
     async def checkpoints(self) -> list[Available]:
         answer = await self._api.get(
@@ -168,7 +184,52 @@ class LoopsSource:
             ]
             directories += [_directory(e) for e in answer.checkpoints if isinstance(e, Unreadable)]
             self._listed_whole = whole_list(value, directories)
+        if self._latest:
+            if self._deleted is None:
+                self._deleted = await self._deleted_newest(found)
+            else:
+                # Read again once the mirror's lock was taken, maybe after a long wait: the page
+                # found before may hold URLs expired since; the walk asks anew.
+                self._found.clear()
+            found = marked(found, self._deleted)
         return found
+
+    async def _deleted_newest(self, available: list[Available]) -> dict[str, AbsentCheckpoint]:
+        """The checkpoints --latest would take before the newest whose files are still listed,
+        by key: each deleted after the list was read (its file listing answers 404), which a
+        rerun, reading the list anew, would not see either. The first page of files of the one
+        found is kept for the walk."""
+        from ..plan import select_checkpoints  # loaded here: plan imports the sources
+
+        deleted: dict[str, AbsentCheckpoint] = {}
+        while True:
+            try:
+                selection = select_checkpoints(
+                    marked(available, deleted),
+                    names=self._names,
+                    latest=True,
+                    include_syncing=self._include_syncing,
+                    what=self.description,
+                )
+            except NotFoundError:
+                if not deleted:
+                    raise
+                # Every checkpoint --latest could take was deleted: the newest says why.
+                newest = next(iter(deleted.values()))
+                raise NotFoundError(f"{newest.where}: {newest.reason}") from None
+            (taken,) = selection.checkpoints
+            listing, page_size, what = self._listing(taken)
+            page = asyncio.create_task(read_page(self._api, PageRef(listing, 0, page_size), what))
+            try:
+                await page
+            except NotFoundError as exc:
+                where = f"{taken.run}/{taken.name}"
+                deleted[taken.key] = AbsentCheckpoint(
+                    taken.key, where, _gone(exc), names=(taken.name,), created_at=taken.created_at
+                )
+                continue
+            self._found[taken.key] = page
+            return deleted
 
     def listed_whole(self) -> Mapping[str, frozenset[str]]:
         return self._listed_whole
@@ -177,7 +238,8 @@ class LoopsSource:
         self, selected: Sequence[Checkpoint], *, counting: bool = False
     ) -> FilePages:
         def first(checkpoint: Checkpoint) -> asyncio.Task[CheckpointFilesPage]:
-            return first_page(self._api, *self._listing(checkpoint))
+            found = self._found.pop(checkpoint.key, None)
+            return first_page(self._api, *self._listing(checkpoint)) if found is None else found
 
         if not counting:
             self._moved = set()
@@ -197,7 +259,7 @@ class LoopsSource:
                             yield [_listed(checkpoint, ref, entry) for entry in entries]
                 except NotFoundError as exc:
                     # The run's other checkpoints are still there: this one fails alone.
-                    gone = f"deleted after the checkpoint list was read: {exc}"
+                    gone = _gone(exc)
                     yield [VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, gone)]
 
     def moved_while_listed(self) -> Set[tuple[str, str]]:
@@ -261,6 +323,11 @@ def _directory(entry: Unreadable) -> str | None:
 
 def _what(run: str, checkpoint: str) -> str:
     return f"Loops checkpoint {run}/{checkpoint}"
+
+
+def _gone(not_found: NotFoundError) -> str:
+    """Why a checkpoint whose file listing answered ``not_found`` (404) cannot be mirrored."""
+    return f"deleted after the checkpoint list was read: {not_found}"
 
 
 class LoopsRuns:
@@ -327,5 +394,8 @@ class LoopsRuns:
             (query, value),
             description,
             target=target,
+            latest=args.latest,
+            names=args.checkpoint,
+            include_syncing=context.settings.include_syncing,
             page_size=context.settings.page_size,
         )

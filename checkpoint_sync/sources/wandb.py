@@ -38,6 +38,7 @@ from .base import (
     flags_given,
     known_by,
     left_out,
+    marked,
     started_ahead,
     whole_list,
 )
@@ -159,7 +160,7 @@ class WandbSource:
                 # Read again once the mirror's lock was taken, maybe after a long wait: the page
                 # found before may hold URLs expired since, each a refresh; the walk asks anew.
                 self._found.clear()
-            available = _marked(available, self._absent)
+            available = marked(available, self._absent)
         return available
 
     async def _absent_newest(
@@ -179,7 +180,7 @@ class WandbSource:
         while len(missing) < MOST_LOOKED_FOR:
             try:
                 selection = select_checkpoints(
-                    _marked(available, absent),
+                    marked(available, absent),
                     names=self._names,
                     latest=True,
                     what=self.description,
@@ -369,13 +370,6 @@ def _unreadable(model: str, entry: Unreadable, position: int) -> UnreadableCheck
     key, step = entry.get("id", str), entry.get("step", int)
     where = f"{model}/step-{'?' if step is None else step} ({known_by(key, position)})"
     return UnreadableCheckpoint(key, where, entry.reason, step=step)
-
-
-def _marked(
-    available: Sequence[Available], absent: Mapping[str, AbsentCheckpoint]
-) -> list[Available]:
-    """``available``, each checkpoint in ``absent`` (by key) replaced by its entry there."""
-    return [absent.get(c.key, c) if isinstance(c, Checkpoint) else c for c in available]
 
 
 def _vanished(checkpoint: Checkpoint, problem: str) -> VanishedCheckpoint:
