@@ -835,7 +835,14 @@ def test_latest_where_no_version_is_there_stops_as_not_found_after_a_few(
     both = run_cli(*synced(dest, "--latest", *named, "--wandb-artifact", ARTIFACT))
 
     assert every.code == both.code == 4, every.stderr
-    not_found = f"W&B artifact {ARTIFACT}:step50: not found (check --wandb-artifact)"
+    # Older ones were not looked for: where the path is right, the newest are still uploading,
+    # which the message says too, naming those looked for.
+    not_found = (
+        f"W&B artifact {ARTIFACT}:step50: not found (check --wandb-artifact); nor are step40, "
+        "step30 and step20, and older versions were not looked for: where the path is right, "
+        "the weights of these 4 newest checkpoints are not uploaded yet, and --checkpoint takes "
+        "an older one"
+    )
     assert json.loads(every.stdout)["error"] == not_found
     assert every_asked == asked(50, 40, 30, 20)  # MOST_LOOKED_FOR
     assert both.stderr == (

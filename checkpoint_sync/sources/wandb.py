@@ -170,14 +170,15 @@ class WandbSource:
         key. The Training API lists a checkpoint once it is saved, and its weights are uploaded
         after: their versions are asked for one at a time, from the newest down, up to the first
         there. Where none of `MOST_LOOKED_FOR` is, the artifact path is more likely wrong: the
-        first not found stops the run, as it would alone."""
+        first not found stops the run, as it would alone, saying which others were not there
+        where older ones were left unlooked for (their weights may still be uploading)."""
         # Loaded here: plan imports the sources, and `wandb_artifacts` waits for --wandb-artifact.
         from ..plan import select_checkpoints
         from .wandb_artifacts import VersionMissing
 
         absent: dict[str, AbsentCheckpoint] = {}
-        missing: list[VersionMissing] = []
-        while len(missing) < MOST_LOOKED_FOR:
+        missing: list[tuple[str, VersionMissing]] = []
+        while True:
             try:
                 selection = select_checkpoints(
                     marked(available, absent),
@@ -188,19 +189,20 @@ class WandbSource:
             except NotFoundError:
                 if not missing:  # a checkpoint named that is not listed, say
                     raise
-                break  # every checkpoint --latest could take is absent
+                raise missing[0][1] from None  # every checkpoint --latest could take is absent
             (taken,) = selection.checkpoints
+            if len(missing) == MOST_LOOKED_FOR:
+                raise _newest_missing(missing)
             alias = _alias(taken)
             try:
                 self._found[alias] = await artifacts.first_page_found(alias, self._page_size)
                 return absent
             except VersionMissing as exc:
-                missing.append(exc)
+                missing.append((alias, exc))
                 where = f"{taken.run}/{taken.name}"
                 absent[taken.key] = AbsentCheckpoint(
                     taken.key, where, exc.beside_found, names=(taken.name,), step=taken.step
                 )
-        raise missing[0]
 
     def listed_whole(self) -> Mapping[str, frozenset[str]]:
         return self._listed_whole
@@ -370,6 +372,19 @@ def _unreadable(model: str, entry: Unreadable, position: int) -> UnreadableCheck
     key, step = entry.get("id", str), entry.get("step", int)
     where = f"{model}/step-{'?' if step is None else step} ({known_by(key, position)})"
     return UnreadableCheckpoint(key, where, entry.reason, step=step)
+
+
+def _newest_missing(missing: Sequence[tuple[str, NotFoundError]]) -> NotFoundError:
+    """The versions of the newest checkpoints, newest first (alias, error), all missing, with
+    older ones not looked for: the path is more likely wrong, but where it is right, their
+    weights are not uploaded yet, and the message must not leave the user checking it alone."""
+    (_, first), *rest, (last, _) = missing  # `MOST_LOOKED_FOR` of them
+    nor = ", ".join(alias for alias, _ in rest)
+    return NotFoundError(
+        f"{first}; nor are {nor} and {last}, and older versions were not looked for: where the "
+        f"path is right, the weights of these {len(missing)} newest checkpoints are not uploaded "
+        "yet, and --checkpoint takes an older one"
+    )
 
 
 def _vanished(checkpoint: Checkpoint, problem: str) -> VanishedCheckpoint:
