@@ -328,7 +328,7 @@ async def _produce(
                             _Job(file, relative, recorded is not None, action == "check")
                         )
         stats.end_listing(Listing.DONE)
-        tally.check(each=options.complete_listing)
+        tally.check(each=options.complete_listing, named=selection.named)
         check_files_listed(selection, tally)
     finally:
         if jobs is not None:

@@ -40,6 +40,12 @@ class Selection:
     # Asked for, by --latest or --checkpoint: a restore, which listing no file fails to do.
     asked: bool = False
 
+    @property
+    def named(self) -> tuple[str, ...]:
+        """The checkpoints asked for (`asked`), as ``run/name``, for a message that they took
+        nothing: a restore with --latest may not know which one it took. Empty otherwise."""
+        return tuple(f"{c.run}/{c.name}" for c in self.checkpoints) if self.asked else ()
+
 
 def select_checkpoints(
     available: Sequence[Available],
@@ -223,17 +229,22 @@ def _any_of(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in whole))
 
 
-def check_paths_matched(files: FileFilter, left_out: int, taken: int) -> None:
+def check_paths_matched(
+    files: FileFilter, left_out: int, taken: int, named: Sequence[str] = ()
+) -> None:
     """`NotFoundError` if ``--include``/``--exclude`` left out every file of the wanted ranks
     (``left_out`` of them, none ``taken``): a restore with a mistyped pattern must not end as a
-    success that mirrored nothing."""
+    success that mirrored nothing. ``named``: the checkpoints to name (`Selection.named`)."""
     if left_out and not taken:
         patterns = [f"--include '{p}'" for p in files.include]
         patterns += [f"--exclude '{p}'" for p in files.exclude]
         raise NotFoundError(
-            f"no listed file matches {' '.join(patterns)} in the selected checkpoints "
-            f"({left_out} left out)"
+            f"no listed file matches {' '.join(patterns)} in {_where(named)} ({left_out} left out)"
         )
+
+
+def _where(named: Sequence[str]) -> str:
+    return ", ".join(named) or "the selected checkpoints"
 
 
 def unlisted_parts_go(
@@ -280,16 +291,20 @@ def removed_upstream(run: str, checkpoint: str, whole_lists: Mapping[str, frozen
     return run in whole_lists and checkpoint not in whole_lists[run]
 
 
-def check_ranks_listed(wanted: frozenset[int], listed: set[int], *, each: bool = True) -> None:
+def check_ranks_listed(
+    wanted: frozenset[int], listed: set[int], *, each: bool = True, named: Sequence[str] = ()
+) -> None:
     """`NotFoundError` if ``--node-rank`` asked for a rank no listed file has (``each``; else
     only if it has none of them): a restore with a mistyped rank, alone or beside good ones,
-    must not end as a success with that rank missing (the ranks that are there still land)."""
+    must not end as a success with that rank missing (the ranks that are there still land).
+    ``named``: the checkpoints to name (`Selection.named`)."""
     missing = wanted - listed
     if listed and missing and (each or missing == wanted):
         asked = ", ".join(map(str, sorted(missing)))
         there = ", ".join(map(str, sorted(listed)))
+        have = "it has" if len(named) == 1 else "they have"
         raise NotFoundError(
-            f"no file of node rank {asked} in the selected checkpoints (they have ranks {there})"
+            f"no file of node rank {asked} in {_where(named)} ({have} ranks {there})"
         )
 
 
@@ -297,8 +312,8 @@ def check_files_listed(selection: Selection, tally: Tally) -> None:
     """`NotFoundError` where the checkpoints asked for (`--latest`, `--checkpoint`) list no file
     at all (`tally` walked them): a restore of a checkpoint whose files are not there must not
     end as a success that mirrored nothing, naming nothing."""
-    if selection.asked and selection.checkpoints and not tally.listed_any:
-        names = ", ".join(f"{c.run}/{c.name}" for c in selection.checkpoints)
+    if selection.named and not tally.listed_any:
+        names = ", ".join(selection.named)
         raise NotFoundError(f"no file is listed in {names}: there is nothing to mirror")
 
 
@@ -333,11 +348,11 @@ class Tally:
         """Whether the walk showed any entry, taken or not."""
         return bool(self.ranks_listed or self.taken or self.left_out_by_path)
 
-    def check(self, *, each: bool = True) -> None:
+    def check(self, *, each: bool = True, named: Sequence[str] = ()) -> None:
         """`NotFoundError` for a rank or patterns that took nothing (see `check_ranks_listed`
-        for ``each``)."""
-        check_ranks_listed(self.files.ranks, self.ranks_listed, each=each)
-        check_paths_matched(self.files, self.left_out_by_path, self.taken)
+        for ``each`` and ``named``)."""
+        check_ranks_listed(self.files.ranks, self.ranks_listed, each=each, named=named)
+        check_paths_matched(self.files, self.left_out_by_path, self.taken, named)
 
 
 def is_current(file: RemoteFile, recorded: Recorded | None, local_size: int | None) -> bool:

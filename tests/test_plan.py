@@ -856,6 +856,22 @@ def test_a_node_rank_no_listed_file_has_is_not_found(
 
 
 @pytest.mark.parametrize(
+    ("named", "where"),
+    [
+        ((), "the selected checkpoints (they have ranks 0)"),  # a mirror of the whole run
+        (("job/c30",), "job/c30 (it has ranks 0)"),  # the one --latest took
+        (("job/c20", "job/c30"), "job/c20, job/c30 (they have ranks 0)"),  # --checkpoint twice
+    ],
+)
+def test_a_node_rank_no_listed_file_has_names_the_checkpoints_asked_for(
+    named: tuple[str, ...], where: str
+) -> None:
+    with pytest.raises(NotFoundError) as raised:
+        check_ranks_listed(frozenset({1}), {0}, named=named)
+    assert str(raised.value) == f"no file of node rank 1 in {where}"
+
+
+@pytest.mark.parametrize(
     ("available", "message"),
     [
         ([], "no complete checkpoint in the run to take as --latest"),

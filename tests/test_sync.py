@@ -1782,6 +1782,23 @@ def test_a_node_rank_no_file_has_is_not_found_and_names_the_ranks_there(
     assert server.traffic.object_requests == 0
 
 
+def test_latest_whose_checkpoint_lacks_the_rank_names_the_checkpoint_it_took(dest: Path) -> None:
+    # The newest checkpoint has no file of rank 1: the restore stops, not found, rather than
+    # take an older one (the other nodes would restore the newest), and says which checkpoint
+    # --latest took, as no summary is printed to tell it.
+    with ServerThread(job_catalog(checkpoints=3, small_files=1)) as server:
+        newest = server.catalog.jobs[0].checkpoints[-1]
+        newest.files = [f for f in newest.files if f.node_rank == 0]
+        result = run_cli(*sync_args(server, dest, "--latest", "--node-rank", "1"))
+
+    assert result.code == 4, result.stderr
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"checkpoint-sync: error: no file of node rank 1 in {JOB}/checkpoint-30 (it has ranks 0)\n"
+    )
+    assert not (dest / JOB).exists()
+
+
 def test_one_node_rank_no_file_has_among_several_is_not_found_too(
     server: ServerThread, dest: Path
 ) -> None:
