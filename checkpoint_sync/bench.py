@@ -201,10 +201,10 @@ def request_medians(
 
 
 async def budgeted_pages(
-    source: Source, selected: Sequence[Checkpoint], budget: int, wanted: FileFilter
+    source: Source, selection: Selection, budget: int, wanted: FileFilter
 ) -> list[list[Listed]]:
-    """The listing of ``selected`` cut to its first ``budget`` bytes of the files ``wanted``
-    (at least one file), each file once: its first entry, the one `sync` mirrors."""
+    """The listing of the selected checkpoints cut to its first ``budget`` bytes of the files
+    ``wanted`` (at least one file), each file once: its first entry, the one `sync` mirrors."""
     pages: list[list[Listed]] = []
     taken = 0
     tally = Tally(wanted)
@@ -213,7 +213,7 @@ async def budgeted_pages(
     seen: set[tuple[str, FileKey]] = set()
     # Closed once the budget is spent: the pages asked for ahead go then, not along with the
     # trial that follows.
-    async with aclosing(source.file_pages(selected)) as listing:
+    async with aclosing(source.file_pages(selection.checkpoints)) as listing:
         async for page in listing:
             kept: list[Listed] = []
             pages.append(kept)
@@ -234,7 +234,7 @@ async def budgeted_pages(
                 taken += file.size
     # Read to its end: a rank asked for that no file has is named with those there are, as
     # `sync` names it (a trial measures whichever of the ranks asked for are there).
-    tally.check(each=False)
+    tally.check(each=False, named=selection.named)
     return pages
 
 
@@ -325,7 +325,7 @@ async def _trial(
     # pages) made a trial of a 20 ms transfer read 1 MB/s. And listed for each trial, not
     # once for all: presigned URLs expire, and a later trial would count the listing again
     # in its seconds, one file at a time, as each expired URL is refused and replaced.
-    listed = _Listed(source, await budgeted_pages(source, selection.checkpoints, budget, wanted))
+    listed = _Listed(source, await budgeted_pages(source, selection, budget, wanted))
     try:
         dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
     except OSError as exc:

@@ -1034,7 +1034,7 @@ def _list_command(args: argparse.Namespace, out: _Output) -> int:
         async with opened as (_, source, selection):
             description = source.description
             dest = settings.dest.absolute() if settings.dest else None
-            rows.extend(await survey(source, selection.checkpoints, dest, _file_filter(args)))
+            rows.extend(await survey(source, selection, dest, _file_filter(args)))
             if dest is not None:
                 kept.extend(removed_upstream(dest, source.listed_whole(), _file_filter(args)))
             unreadable.extend(selection.unreadable)

@@ -22,7 +22,7 @@ from .errors import FileError, UnsafePathError
 from .filesystem import Places
 from .layout import mirror_path_parts, nameable
 from .manifest import Manifest
-from .plan import FileFilter, Recorded, Tally
+from .plan import FileFilter, Recorded, Selection, Tally
 from .progress import counted_files, human_bytes
 from .prune import Pruner, deletions
 from .sources.base import Checkpoint, Source, UnreadableEntry
@@ -65,9 +65,11 @@ class Row:
 
 
 async def survey(
-    source: Source, checkpoints: Sequence[Checkpoint], dest: Path | None, wanted: FileFilter
+    source: Source, selection: Selection, dest: Path | None, wanted: FileFilter
 ) -> list[Row]:
-    """A row per checkpoint; with ``dest``, the files are listed to tell each one's local state."""
+    """A row per selected checkpoint; with ``dest``, the files are listed to tell each one's
+    local state."""
+    checkpoints = selection.checkpoints
     if dest is None:
         return [Row(c, c.size_bytes, None) for c in checkpoints]
     listed: dict[tuple[str, str], dict[str, Recorded]] = defaultdict(dict)
@@ -85,7 +87,7 @@ async def survey(
                 _note(
                     listed[file.run, file.checkpoint], path, Recorded(file.size, file.last_modified)
                 )
-    tally.check()  # as `sync` does: a mistyped rank or pattern is no state
+    tally.check(named=selection.named)  # as `sync` does: a mistyped rank or pattern is no state
     manifest = Manifest(manifest_path(dest), read_only=True)
     places = Places(dest)
     try:

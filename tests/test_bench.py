@@ -341,13 +341,17 @@ def test_bench_refuses_discard_with_a_scratch_directory(
     ]
 
 
-def test_bench_of_a_rank_no_file_has_names_the_ranks_there_are(server: ServerThread) -> None:
-    result = run_cli(*job_args(server, "bench", "--node-rank", "7", "--concurrency", "2"))
+@pytest.mark.parametrize(
+    ("chosen", "where"),
+    [((), "the selected checkpoints (they have"), (("--latest",), f"{JOB}/checkpoint-30 (it has")],
+)
+def test_bench_of_a_rank_no_file_has_names_the_ranks_there_are(
+    server: ServerThread, chosen: tuple[str, ...], where: str
+) -> None:
+    result = run_cli(*job_args(server, "bench", "--node-rank", "7", "--concurrency", "2", *chosen))
 
     assert result.code == 4
-    assert "no file of node rank 7 in the selected checkpoints (they have ranks 0, 1)" in (
-        result.stderr
-    )
+    assert f"no file of node rank 7 in {where} ranks 0, 1)" in result.stderr
 
 
 def test_bench_measures_only_the_files_a_pattern_selects(server: ServerThread) -> None:
@@ -1014,6 +1018,6 @@ async def test_the_pages_asked_for_ahead_of_the_budget_are_let_go_once_it_is_spe
         async with api_client(server.url) as api:
             source = TrainingJobSource(api, PROJECT, JOB, page_size=2)
             selection = select_checkpoints(await source.checkpoints())
-            pages = await budgeted_pages(source, selection.checkpoints, 1, FileFilter())
+            pages = await budgeted_pages(source, selection, 1, FileFilter())
             assert [len(page) for page in pages] == [1]
             assert pages_being_read() == 0

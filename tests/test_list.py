@@ -360,6 +360,17 @@ def test_list_of_a_node_rank_no_listed_file_has_is_not_found_as_in_sync(dest: Pa
     assert json.loads(result.stdout)["exit_code"] == 4
 
 
+def test_list_latest_of_a_node_rank_no_listed_file_has_names_the_checkpoint(dest: Path) -> None:
+    # As `sync --latest` names it: the user is not otherwise told which checkpoint was looked at.
+    with ServerThread(job_catalog(checkpoints=2)) as server:
+        assert sync_job(server, dest) == 0
+        args = ("list", "--dest", dest, "--latest", "--node-rank", "9")
+        result = run_cli(*job_args(server, *args))
+
+    assert result.code == 4, result.stdout
+    assert f"no file of node rank 9 in {JOB}/checkpoint-20 (it has ranks 0, 1)" in result.stderr
+
+
 def test_without_a_mirror_node_rank_changes_nothing(dest: Path) -> None:
     # README: without --dest no file is listed, so --node-rank changes nothing (not even a rank
     # no file has is noticed).
