@@ -71,12 +71,18 @@ def redact_url(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:  # a broken IPv6 literal: cut the same parts out by hand
-        bare = _USERINFO.sub(r"\1", url).partition("#")[0]
-        bare, question, _ = bare.partition("?")
-        return bare + (f"?{REDACTED}" if question else "")
+        return without_query(_USERINFO.sub(r"\1", url).partition("#")[0])
     query = REDACTED if parts.query else ""
     host = parts.netloc.rpartition("@")[2]  # as written: an IPv6 address keeps its brackets
     return urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
+def without_query(text: str) -> str:
+    """``text`` with all after its first "?" redacted: for text that may hold a request's
+    target without its scheme and host, as an answer echoing the request line does
+    (``GET /o?X-Amz-Signature=... HTTP/1.1``), where no URL marks the query string."""
+    bare, question, _ = text.partition("?")
+    return bare + (f"?{REDACTED}" if question else "")
 
 
 class Redactor:

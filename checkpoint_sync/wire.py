@@ -44,7 +44,7 @@ from .net import (
     proxy_for_host,
 )
 from .rate import READ_SIZE, RateLimit
-from .redact import redact_url
+from .redact import redact_url, without_query
 
 if TYPE_CHECKING:
     from .proxied import ProxiedClient
@@ -973,7 +973,9 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     lines = [line.removesuffix("\r") for line in text.split("\n")] if odd else text.split("\r\n")
     status_line, *header_lines = lines
     if _STATUS_LINE.fullmatch(status_line) is None:
-        raise ValueError(f"not an HTTP/1.x status line: {status_line[:40]!r}")
+        # It may be our request sent back (a server that echoes): the query string of its
+        # target is a presigned signature.
+        raise ValueError(f"not an HTTP/1.x status line: {without_query(status_line[:40])!r}")
     status = int(status_line[9:12])  # where the pattern has it: a slice costs less than a group
     if odd:
         header_lines = _unfolded(header_lines)

@@ -6,7 +6,7 @@ from typing import SupportsIndex
 
 import pytest
 
-from checkpoint_sync.redact import Redactor, printable, redact_url
+from checkpoint_sync.redact import Redactor, printable, redact_url, without_query
 
 from .support import run_cli
 
@@ -30,6 +30,20 @@ from .support import run_cli
 )
 def test_redact_url(url: str, shown: str) -> None:
     assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # A request line sent back: its target has no scheme or host to mark it as a URL.
+        ("GET /o?X-Amz-Signature=abc HTTP/1.1", "GET /o?<redacted>"),
+        ("GET /b/k?", "GET /b/k?<redacted>"),
+        ("SSH-2.0-OpenSSH_9.6", "SSH-2.0-OpenSSH_9.6"),
+        ("", ""),
+    ],
+)
+def test_without_query(text: str, shown: str) -> None:
+    assert without_query(text) == shown
 
 
 def test_redactor_removes_keys_and_query_strings_once() -> None:

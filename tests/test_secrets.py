@@ -89,6 +89,30 @@ def test_failures_under_debug_name_urls_without_their_query(
     assert not re.search(r"https?://[^\s\"']*\?(?!<redacted>)", output)
 
 
+def test_a_host_that_sends_the_request_back_is_not_shown_its_query(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A port that answers with what it was sent (an echo service, a misrouted balancer): the
+    # answer's first line, quoted as it is no status line, is the request line, whose target
+    # holds the presigned signature with no scheme or host before it.
+    class Echoing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.wfile.write(f"{self.requestline}\r\n\r\n".encode())
+
+    monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+    with http_serving(Echoing) as echo:
+        server.files()[0].external_url = f"{echo}/o?X-Amz-Signature=s3cr3t&X-Amz-Date=1"
+        shown = run_cli(*sync_args(server, dest))
+        as_json = run_cli(*sync_args(server, dest, "--json"))
+
+    assert shown.code == as_json.code == 1
+    assert "not an HTTP/1.x status line: 'GET /o?<redacted>'" in shown.stderr
+    (failure,) = json.loads(as_json.stdout)["failures"]
+    assert "not an HTTP/1.x status line: 'GET /o?<redacted>'" in failure["error"]
+    for result in (shown, as_json):
+        assert "s3cr3t" not in result.stdout + result.stderr
+
+
 def test_a_refused_key_is_not_shown_even_under_debug(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
