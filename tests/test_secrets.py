@@ -498,6 +498,30 @@ def test_the_keys_of_a_config_file_named_with_a_tilde_are_redacted_too(
     assert "unrecognized arguments: --api-key <redacted>" in result.stderr
 
 
+@pytest.mark.parametrize("setting", ["api_key", "wandb_api_key", "api_key_env"])
+def test_a_key_from_the_config_file_quoted_in_a_refused_setting_is_not_shown(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    # The key given to --api-url, taken for --api-key: the setting is refused quoting its value
+    # before the settings, and so the file's keys, are read.
+    monkeypatch.delenv("BASETEN_API_KEY")
+    config = dest.parent / "c.toml"
+    if setting == "api_key_env":
+        monkeypatch.setenv("MY_KEY", API_KEY)
+        config.write_text('api_key_env = "MY_KEY"\n')
+    else:
+        config.write_text(f'{setting} = "{API_KEY}"\n')
+    args = [*sync_args(server, dest, "--config", str(config)), "--api-url", API_KEY]
+
+    shown = run_cli(*args)
+    as_json = run_cli(*args, "--json")
+
+    refused = "bad setting api_url from --api-url: Value error, '<redacted>' is not an http(s) URL"
+    assert shown.code == as_json.code == 2
+    assert refused in shown.stderr
+    assert json.loads(as_json.stdout)["error"] == refused
+
+
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_a_password_in_a_refused_url_argument_is_not_shown(dest: Path, as_json: bool) -> None:
     # `--proxy "$HTTPS_PROXY"`, a flag there is not: argparse quotes the URL, credentials and
