@@ -441,6 +441,21 @@ def test_a_key_the_api_quotes_where_its_message_is_cut_shows_no_part(
     assert API_KEY[:8] not in output, "a part of the key was printed"
 
 
+def _config_holding_the_key(
+    where: Path, setting: str, monkeypatch: pytest.MonkeyPatch, key: str
+) -> Path:
+    """A config file that gives ``key`` by ``setting``; for ``api_key_env``, in a variable the
+    file names. No key comes from the environment otherwise."""
+    monkeypatch.delenv("BASETEN_API_KEY")
+    config = where / "c.toml"
+    if setting == "api_key_env":
+        monkeypatch.setenv("MY_KEY", key)
+        config.write_text('api_key_env = "MY_KEY"\n')
+    else:
+        config.write_text(f"{setting} = {json.dumps(key)}\n")  # a TOML basic string too
+    return config
+
+
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 @pytest.mark.parametrize("setting", ["api_key", "wandb_api_key", "api_key_env"])
 def test_a_key_from_the_config_file_quoted_in_a_refused_argument_is_not_shown(
@@ -448,13 +463,7 @@ def test_a_key_from_the_config_file_quoted_in_a_refused_argument_is_not_shown(
 ) -> None:
     # The key is in the file, or in a variable only the file names: argparse refuses the
     # argument before the settings are read.
-    monkeypatch.delenv("BASETEN_API_KEY")
-    config = dest.parent / "c.toml"
-    if setting == "api_key_env":
-        monkeypatch.setenv("MY_KEY", API_KEY)
-        config.write_text('api_key_env = "MY_KEY"\n')
-    else:
-        config.write_text(f'{setting} = "{API_KEY}\\n"\n')
+    config = _config_holding_the_key(dest.parent, setting, monkeypatch, f"{API_KEY}\n")
 
     result = run_cli(
         *sync_args(
@@ -504,13 +513,7 @@ def test_a_key_from_the_config_file_quoted_in_a_refused_setting_is_not_shown(
 ) -> None:
     # The key given to --api-url, taken for --api-key: the setting is refused quoting its value
     # before the settings, and so the file's keys, are read.
-    monkeypatch.delenv("BASETEN_API_KEY")
-    config = dest.parent / "c.toml"
-    if setting == "api_key_env":
-        monkeypatch.setenv("MY_KEY", API_KEY)
-        config.write_text('api_key_env = "MY_KEY"\n')
-    else:
-        config.write_text(f'{setting} = "{API_KEY}"\n')
+    config = _config_holding_the_key(dest.parent, setting, monkeypatch, API_KEY)
     args = [*sync_args(server, dest, "--config", str(config)), "--api-url", API_KEY]
 
     shown = run_cli(*args)
