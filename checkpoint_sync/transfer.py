@@ -152,7 +152,11 @@ class Transfers:
         # would wait behind the splices of large parts, which may hold every place for
         # minutes (40 connections splicing: anyio's default), and no part would be recorded.
         self._record_flusher = anyio.CapacityLimiter(1)
-        _os_call(self._staging_dir, lambda: self._staging_dir.mkdir(parents=True, exist_ok=True))
+        try:
+            self._staging_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # every file is fetched into it: none could be
+            reason = "a file is in its place" if isinstance(exc, FileExistsError) else exc.strerror
+            raise LocalIOError(f"cannot create {quoted(self._staging_dir)}: {reason}") from exc
         if settings.fsync:
             # The staging area may have been made just now (the lock made the directories
             # above it): its entry lives in the state directory.

@@ -468,6 +468,26 @@ def test_a_destination_that_refuses_writes_stops_the_run(server: ServerThread, d
     assert "Operation not permitted" in result.stderr
 
 
+def test_a_staging_area_that_cannot_be_made_stops_the_run(server: ServerThread, dest: Path) -> None:
+    # Every file is fetched into it: this is the mirror refusing writes, not one file failing.
+    assert run_cli(*sync_args(server, dest)).code == 0
+    staging = dest / ".checkpoint-sync" / "staging"
+    staging.rmdir()
+    staging.write_text("a file of someone else's\n")
+    changed = server.files()[0]
+    server.call(lambda: new_version(changed))
+    requests = server.traffic.object_requests
+    result = run_cli(*sync_args(server, dest, "--json"))
+    assert result.code == 6, result.stderr
+    assert result.stderr == (
+        f"checkpoint-sync: error: cannot create {staging}: a file is in its place\n"
+    )
+    assert json.loads(result.stdout)["exit_code"] == 6
+    assert server.traffic.object_requests == requests  # nothing fetched to be thrown away
+    assert staging.read_text() == "a file of someone else's\n"
+    assert_records_true(dest)
+
+
 # Locked with room to spare on its disk, and with a little more than the manifest's reserve:
 # neither is the disk's fault, and no space left is noted.
 @pytest.mark.parametrize("room", [None, 6 << 20], ids=["roomy", "6-MiB-free"])
