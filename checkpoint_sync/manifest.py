@@ -342,7 +342,12 @@ class Manifest:
 def _unusable(db_path: Path, exc: sqlite3.DatabaseError | OSError) -> LocalIOError:
     if isinstance(exc, OSError):
         return LocalIOError(f"cannot create {db_path.parent}: {exc.strerror}")
-    if getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+    damaged = getattr(exc, "sqlite_errorcode", None) in (
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_NOTADB,
+    )
+    # A table or column of ours missing: another program's database is in its place.
+    if damaged or str(exc).startswith(("no such table", "no such column")):
         return LocalIOError(
             f"manifest {db_path} cannot be used ({exc}); move it aside to rebuild it "
             "(every file is then fetched again)"

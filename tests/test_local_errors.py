@@ -598,6 +598,34 @@ def test_a_damaged_manifest_is_exit_6_with_the_way_out(server: ServerThread, des
     assert "move it aside to rebuild it" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("version", "command"), [(0, "sync"), (1, "sync"), (1, "list")], ids=["new", "v1", "list"]
+)
+def test_a_manifest_of_another_programs_schema_is_exit_6_with_the_way_out(
+    server: ServerThread, dest: Path, version: int, command: str
+) -> None:
+    # Another SQLite database in its place (its own `files` table): no table or column we read
+    # is there, so it cannot be used, as a damaged one cannot.
+    assert run_cli(*sync_args(server, dest)).code == 0
+    manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
+    manifest.unlink()
+    db = sqlite3.connect(manifest)
+    db.execute("CREATE TABLE files (name TEXT, owner TEXT)")
+    db.execute(f"PRAGMA user_version = {version}")
+    db.commit()
+    db.close()
+    if command == "list":
+        result = run_cli(*job_args(server, "list", "--dest", dest))
+    else:
+        result = run_cli(*sync_args(server, dest))
+    assert result.code == 6, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert f"manifest {manifest} cannot be used (no such " in result.stderr
+    assert "move it aside to rebuild it" in result.stderr
+    for file in server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
 def test_a_manifest_of_a_newer_schema_is_exit_6_and_left_as_it_is(
     server: ServerThread, dest: Path
 ) -> None:
