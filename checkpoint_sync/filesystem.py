@@ -11,6 +11,7 @@ check counts the bytes it has still to receive instead.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -91,6 +92,15 @@ class Places:
         if not directory:
             return self._real_dest
         return f"{self._real_dest.rstrip(os.sep)}/{directory}"  # DEST may be "/"
+
+
+def make_directories(path: str | Path) -> None:
+    """``os.makedirs``, saying what is wrong where a file is in the place of ``path``: makedirs
+    says "File exists" there, and "Not a directory" where the file is further up."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError as exc:
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from exc
 
 
 def fsync_directory(path: str) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import anyio
 
 from .errors import LocalIOError, LockHeldError
-from .filesystem import fsync_directory
+from .filesystem import fsync_directory, make_directories
 
 POLL_SECONDS = 0.25
 LOCK_NAME = "lock"
@@ -85,7 +85,7 @@ async def mirror_lock(
     try:
         ancestry = (state_dir, *state_dir.parents)
         made = list(takewhile(lambda d: not d.exists(), ancestry)) if durable else []
-        state_dir.mkdir(parents=True, exist_ok=True)
+        make_directories(state_dir)
         for directory in made:  # each new directory is an entry of its parent
             try:
                 fsync_directory(str(directory.parent))

@@ -46,7 +46,7 @@ from .errors import (
     UrlExpiredError,
     most_severe,
 )
-from .filesystem import Places, fsync_directory, preallocation_pays
+from .filesystem import Places, fsync_directory, make_directories, preallocation_pays
 from .layout import STATE_DIR, mirror_path_parts, quoted, staging_name
 from .manifest import SPACE_RESERVE, Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
@@ -153,10 +153,10 @@ class Transfers:
         # minutes (40 connections splicing: anyio's default), and no part would be recorded.
         self._record_flusher = anyio.CapacityLimiter(1)
         try:
-            self._staging_dir.mkdir(parents=True, exist_ok=True)
+            make_directories(self._staging_dir)
         except OSError as exc:  # every file is fetched into it: none could be
-            reason = "a file is in its place" if isinstance(exc, FileExistsError) else exc.strerror
-            raise LocalIOError(f"cannot create {quoted(self._staging_dir)}: {reason}") from exc
+            message = f"cannot create {quoted(self._staging_dir)}: {exc.strerror}"
+            raise LocalIOError(message) from exc
         if settings.fsync:
             # The staging area may have been made just now (the lock made the directories
             # above it): its entry lives in the state directory.
@@ -411,7 +411,7 @@ class Transfers:
             existing = os.path.dirname(existing)
         self._refuse_elsewhere(existing)
         parent = f"{self._dest}/{directory}"
-        self._in_mirror_call(parent, lambda: os.makedirs(parent, exist_ok=True))
+        self._in_mirror_call(parent, partial(make_directories, parent))
         self._refuse_elsewhere(directory)
         if self._settings.fsync:
             # Each directory made just now is an entry in the one above it, down from the one

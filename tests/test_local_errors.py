@@ -479,9 +479,7 @@ def test_a_staging_area_that_cannot_be_made_stops_the_run(server: ServerThread, 
     requests = server.traffic.object_requests
     result = run_cli(*sync_args(server, dest, "--json"))
     assert result.code == 6, result.stderr
-    assert result.stderr == (
-        f"checkpoint-sync: error: cannot create {staging}: a file is in its place\n"
-    )
+    assert result.stderr == f"checkpoint-sync: error: cannot create {staging}: Not a directory\n"
     assert json.loads(result.stdout)["exit_code"] == 6
     assert server.traffic.object_requests == requests  # nothing fetched to be thrown away
     assert staging.read_text() == "a file of someone else's\n"

@@ -128,3 +128,18 @@ def test_a_run_that_met_no_other_reads_the_checkpoint_list_once(
     assert requests_of(server, sync_args(server, dest, "--delete")) == once
     if link:
         assert target.read_text() == f"{os.getpid()}\n"
+
+
+def test_a_file_where_the_state_directory_goes_is_named_not_a_directory(
+    server: ServerThread, dest: Path
+) -> None:
+    # os.makedirs says "File exists" there, as if the lock were the problem.
+    dest.mkdir()
+    (dest / ".checkpoint-sync").write_text("mine")
+    result = run_cli(*sync_args(server, dest))
+    assert result.code == 6
+    assert result.stderr == (
+        f"checkpoint-sync: error: cannot create the lock {dest}/.checkpoint-sync/{LOCK_NAME}: "
+        "Not a directory\n"
+    )
+    assert (dest / ".checkpoint-sync").read_text() == "mine"

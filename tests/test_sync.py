@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import sqlite3
 import threading
@@ -196,6 +197,29 @@ def test_a_file_replaced_by_a_directory_fails_before_its_bytes_are_fetched(
     assert summary["files"]["failed"] == 1
     assert "a directory is in its place" in summary["failures"][0]["error"]
     assert (path / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_where_a_directory_of_the_mirror_goes_fails_its_files_saying_so(
+    server: ServerThread, dest: Path
+) -> None:
+    assert run_cli(*sync_args(server, dest)).code == 0
+    first = server.files()[0]
+    rank = mirrored(dest, JOB, first).parent
+    in_rank = [f for f in server.files() if mirrored(dest, JOB, f).is_relative_to(rank)]
+    shutil.rmtree(rank)
+    rank.write_text("mine")  # the operator's, where a rank's directory was
+
+    second = run_cli(*sync_args(server, dest, "--json"))
+
+    assert second.code == 1
+    summary = json.loads(second.stdout)
+    assert summary["files"]["failed"] == len(in_rank)
+    # Each names the file that is in the way of its directory (not "File exists", which
+    # makedirs says where that directory itself is one).
+    errors = {failure["error"] for failure in summary["failures"]}
+    assert f"cannot write {rank}: Not a directory" in errors
+    assert all(error.endswith(": Not a directory") for error in errors), errors
+    assert rank.read_text() == "mine"
 
 
 def flip_byte(path: Path, offset: int) -> None:
