@@ -6,7 +6,7 @@ are not, so that a provider changing or dropping one does not stop a mirror: a L
 whose `lora_adapter_config` came as a string was unreadable, and not mirrored, for a field
 nothing reads. Unknown fields are ignored. An entry of a
 file listing (or of a checkpoint list: a Loops target the pages do not name, a W&B null step, a
-checkpoint's size that is neither a number nor null) that does not match its model is kept as
+checkpoint's size that is neither an integer nor null) that does not match its model is kept as
 `Unreadable` rather than failing its page: that one file (or checkpoint) fails, and the rest of
 the listing is mirrored.
 """
@@ -24,6 +24,7 @@ from pydantic import (
     ConfigDict,
     Field,
     GetCoreSchemaHandler,
+    Strict,
     ValidationError,
     ValidatorFunctionWrapHandler,
 )
@@ -38,6 +39,30 @@ def _as_utc(moment: datetime) -> datetime:
 
 # A time without a zone is taken as UTC: naive and aware times cannot be compared or ordered.
 Moment = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class _JsonInteger:
+    """Marks an ``int`` read as the pages' JSON integer: a number with no fraction (``12``, or
+    ``12.0``, which JSON Schema counts as one), not ``true`` nor ``"12"``, which pydantic's lax
+    mode reads as 1 and 12 (a file of node rank 1 that is not). All in compiled code: an
+    integer is taken at the first step; only a float goes on to the second."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        whole_float = core_schema.chain_schema(
+            [core_schema.float_schema(strict=True), core_schema.int_schema()]
+        )
+        return core_schema.union_schema(
+            [core_schema.int_schema(strict=True), whole_float],
+            mode="left_to_right",
+            custom_error_type="int_type",
+        )
+
+
+Integer = Annotated[int, _JsonInteger()]
+# A JSON number: not ``true`` nor ``"0.5"``, which lax mode reads as 1.0 and 0.5.
+Number = Annotated[float, Strict()]
 
 
 class ApiModel(BaseModel):
@@ -118,8 +143,8 @@ OR_UNREADABLE = _OrUnreadable()
 class CheckpointFile(ApiModel):
     url: str
     relative_file_name: str
-    node_rank: int
-    size_bytes: int
+    node_rank: Integer
+    size_bytes: Integer
     last_modified: str
 
 
@@ -127,8 +152,8 @@ class CheckpointFilesPage(ApiModel):
     """`GetTrainingJobCheckpointFilesResponseV1` and `LoopsCheckpointFilesResponseV1`."""
 
     presigned_urls: Annotated[list[CheckpointFile | Unreadable], OR_UNREADABLE]
-    next_page_token: int | None = None
-    total_count: int
+    next_page_token: Integer | None = None
+    total_count: Integer
 
 
 # --- Baseten: training jobs ----------------------------------------------------------------------
@@ -137,7 +162,7 @@ class CheckpointFilesPage(ApiModel):
 class TrainingJobCheckpoint(ApiModel):
     checkpoint_id: str
     created_at: Moment
-    size_bytes: int | None = None  # null or absent: not told (`list` shows "-"), not 0 B
+    size_bytes: Integer | None = None  # null or absent: not told (`list` shows "-"), not 0 B
     sync_status: str | None = None
 
 
@@ -160,7 +185,7 @@ class LoopsCheckpoint(ApiModel):
     run_id: str
     target: LoopsTarget
     created_at: Moment
-    size_bytes: int | None = None  # null or absent: not told (`list` shows "-"), not 0 B
+    size_bytes: Integer | None = None  # null or absent: not told (`list` shows "-"), not 0 B
     sync_status: str | None = None
 
 
@@ -184,8 +209,8 @@ def _logged(metrics: Any) -> Any:
 
 class WandbCheckpoint(ApiModel):
     id: str
-    step: int
-    metrics: Annotated[dict[str, float], BeforeValidator(_logged)] = Field(default_factory=dict)
+    step: Integer
+    metrics: Annotated[dict[str, Number], BeforeValidator(_logged)] = Field(default_factory=dict)
 
 
 class WandbCheckpointPage(ApiModel):

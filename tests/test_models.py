@@ -32,11 +32,7 @@ NOT_A_FILE = "entry: Input should be a valid dictionary or instance of Checkpoin
         ([FILE, FILE], ["file", "file"]),
         (
             [FILE, {**FILE, "size_bytes": "3 bytes"}, FILE],
-            [
-                "file",
-                "size_bytes: Input should be a valid integer, unable to parse string as an integer",
-                "file",
-            ],
+            ["file", "size_bytes: Input should be a valid integer", "file"],
         ),
         ([FILE, 5], ["file", NOT_A_FILE]),
         ([None], [NOT_A_FILE]),
@@ -70,6 +66,14 @@ def test_each_entry_of_a_page_is_a_file_or_unreadable(
         ),
         ({"total_count": 1}, "presigned_urls: Field required"),
         ({"presigned_urls": [FILE]}, "total_count: Field required"),
+        (
+            {"presigned_urls": [], "total_count": True},
+            "total_count: Input should be a valid integer",
+        ),
+        (
+            {"presigned_urls": [], "total_count": 1, "next_page_token": "1000"},
+            "next_page_token: Input should be a valid integer",
+        ),
     ],
 )
 def test_a_page_off_the_schema_fails_with_its_first_problem(
@@ -82,6 +86,57 @@ def test_a_page_off_the_schema_fails_with_its_first_problem(
 
 CHECKPOINT = {"checkpoint_id": "checkpoint-1", "created_at": "2026-11-22T10:00:00Z"}
 LOOPS_CHECKPOINT = {**CHECKPOINT, "id": "lc-1", "run_id": "r", "target": "trainer"}
+
+
+NOT_AN_INTEGER = "Input should be a valid integer"
+
+
+@pytest.mark.parametrize(
+    ("listed", "read"),
+    [
+        (12, 12),
+        (12.0, 12),  # an integer to JSON Schema, which the pages' `type: integer` is
+        (True, NOT_AN_INTEGER),  # lax mode read it as 1: a file of node rank 1 that is not
+        (False, NOT_AN_INTEGER),
+        ("12", NOT_AN_INTEGER),
+        (12.5, NOT_AN_INTEGER),
+    ],
+)
+def test_what_the_pages_call_an_integer_is_a_json_integer(listed: object, read: object) -> None:
+    def named(entry: object, field: str) -> str:
+        return (
+            entry.reason if isinstance(entry, Unreadable) else f"{field}: {getattr(entry, field)}"
+        )
+
+    files = CheckpointFilesPage.model_validate_json(
+        json.dumps(
+            {
+                "presigned_urls": [
+                    {**FILE, "node_rank": listed},
+                    {**FILE, "size_bytes": listed},
+                    FILE,
+                ],
+                "total_count": 3,
+            }
+        )
+    ).presigned_urls
+    (training,) = TrainingJobCheckpoints.model_validate_json(
+        json.dumps({"checkpoints": [{**CHECKPOINT, "size_bytes": listed}]})
+    ).checkpoints
+    (loops,) = LoopsCheckpoints.model_validate_json(
+        json.dumps({"checkpoints": [{**LOOPS_CHECKPOINT, "size_bytes": listed}]})
+    ).checkpoints
+    (wandb,) = WandbCheckpointPage.model_validate_json(
+        json.dumps({"data": [{"id": "c", "step": listed}], "has_more": False})
+    ).data
+    assert [
+        named(files[0], "node_rank"),
+        named(files[1], "size_bytes"),
+        named(training, "size_bytes"),
+        named(loops, "size_bytes"),
+        named(wandb, "step"),
+    ] == [f"{field}: {read}" for field in ("node_rank", *["size_bytes"] * 3, "step")]
+    assert named(files[2], "node_rank") == "node_rank: 0"  # the rest of the page is read
 
 
 @pytest.mark.parametrize(
@@ -139,9 +194,10 @@ def test_a_job_listing_without_its_job_is_read() -> None:
         (None, {}),
         ({}, {}),
         ([0.5], "metrics: Input should be a valid dictionary"),
+        ({"reward": True}, "metrics.reward: Input should be a valid number"),  # not 1.0
         (
             {"reward": "high"},
-            "metrics.reward: Input should be a valid number, unable to parse string as a number",
+            "metrics.reward: Input should be a valid number",
         ),
     ],
 )
