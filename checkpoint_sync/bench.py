@@ -20,7 +20,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence, Set
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence, Set
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,11 +281,22 @@ async def run_trials(
     net: NetSettings,
     retry: RetryPolicy,
     wanted: FileFilter,
+    started: Callable[[], None],
 ) -> AsyncGenerator[Trial | FailedTrial, None]:
     """One sync per (concurrency, part size) a round, each on fresh connections into a fresh
     directory, each handed on as it ends (a bench stopped later still shows it); a trial that an
     error ends is a `FailedTrial`, unless the error `stops_bench` or came as the bench was
-    stopped."""
+    stopped. ``started`` is called once, when the first trial has its listing (or has failed
+    without one): a selection with nothing to measure ends the bench before it, as it ends
+    `sync` before anything is said."""
+    said = False
+
+    def start() -> None:
+        nonlocal said
+        if not said:
+            said = True
+            started()
+
     for concurrency, part_size in [pair for _ in range(rounds) for pair in pairs]:
         trial: Trial | FailedTrial
         try:
@@ -299,6 +310,7 @@ async def run_trials(
                 net=net,
                 retry=retry,
                 wanted=wanted,
+                listed=start,
             )
         except CheckpointSyncError as exc:
             # One met as a signal stopped the bench (a manifest that could not record how far
@@ -306,6 +318,7 @@ async def run_trials(
             if stops_bench(exc) or anyio.current_effective_deadline() == -math.inf:
                 raise
             trial = FailedTrial(concurrency, part_size, exc)
+        start()
         yield trial
 
 
@@ -320,12 +333,14 @@ async def _trial(
     net: NetSettings,
     retry: RetryPolicy,
     wanted: FileFilter,
+    listed: Callable[[], None],
 ) -> Trial:
     # Listed outside the trial's clock: a listing that takes a second (a slow API, many
     # pages) made a trial of a 20 ms transfer read 1 MB/s. And listed for each trial, not
     # once for all: presigned URLs expire, and a later trial would count the listing again
     # in its seconds, one file at a time, as each expired URL is refused and replaced.
-    listed = _Listed(source, await budgeted_pages(source, selection, budget, wanted))
+    pages = _Listed(source, await budgeted_pages(source, selection, budget, wanted))
+    listed()
     try:
         dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
     except OSError as exc:
@@ -342,7 +357,7 @@ async def _trial(
     try:
         async with HttpClient(dataclasses.replace(net, connections=concurrency)) as http:
             stats = Stats()  # the clock starts once the client is open
-            await sync(listed, selection, http, options, stats)
+            await sync(pages, selection, http, options, stats)
             # Read before the connections close and the scratch files go: not the trial's.
             seconds, cpu_seconds = stats.seconds, time.process_time() - cpu
     except LocalIOError as exc:

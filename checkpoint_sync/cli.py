@@ -1157,12 +1157,15 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
         ):
             settings_count = f"{len(pairs)} setting{'s' if len(pairs) > 1 else ''}"
             total = len(pairs) * args.rounds
-            # Progress, as the trials' lines are: stdout holds only the results.
-            out.progress(
-                f"benchmarking {source.description}: {settings_count}, each tried "
-                f"{'once' if args.rounds == 1 else f'{args.rounds} times in turn'}: "
-                f"{total} trial{'s' if total > 1 else ''}"
-            )
+
+            def started() -> None:
+                # Progress, as the trials' lines are: stdout holds only the results.
+                out.progress(
+                    f"benchmarking {source.description}: {settings_count}, each tried "
+                    f"{'once' if args.rounds == 1 else f'{args.rounds} times in turn'}: "
+                    f"{total} trial{'s' if total > 1 else ''}"
+                )
+
             trials_run = run_trials(
                 source,
                 selection,
@@ -1173,6 +1176,7 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
                 net=recipe.net,
                 retry=recipe.retry,
                 wanted=_file_filter(args),
+                started=started,
             )
             async with aclosing(trials_run):
                 async for trial in trials_run:

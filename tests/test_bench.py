@@ -351,7 +351,10 @@ def test_bench_of_a_rank_no_file_has_names_the_ranks_there_are(
     result = run_cli(*job_args(server, "bench", "--node-rank", "7", "--concurrency", "2", *chosen))
 
     assert result.code == 4
-    assert f"no file of node rank 7 in {where} ranks 0, 1)" in result.stderr
+    # Alone: no plan ("benchmarking ...: 2 trials") of a bench that never starts.
+    assert result.stderr.splitlines() == [
+        f"checkpoint-sync: error: no file of node rank 7 in {where} ranks 0, 1)"
+    ]
 
 
 def test_bench_measures_only_the_files_a_pattern_selects(server: ServerThread) -> None:
@@ -370,7 +373,22 @@ def test_bench_of_a_pattern_no_file_matches_is_not_found(server: ServerThread) -
     result = run_cli(*job_args(server, "bench", "--exclude", "*", "--concurrency", "2"))
 
     assert result.code == 4
-    assert "no listed file matches --exclude '*' in the selected checkpoints" in result.stderr
+    assert result.stderr.splitlines() == [
+        "checkpoint-sync: error: no listed file matches --exclude '*' in the selected "
+        f"checkpoints ({len(server.files())} left out)"
+    ]
+
+
+def test_bench_says_its_plan_before_its_first_trial_ends(server: ServerThread) -> None:
+    args = ("--concurrency", "2", "--part-size", "256KiB", "--rounds", "2")
+    result = run_cli(*job_args(server, "bench", "--include", "*.safetensors", *args))
+
+    assert result.code == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("benchmarking training job ")
+    assert lines[0].endswith(": 1 setting, each tried 2 times in turn: 2 trials")
+    assert sum(line.startswith("benchmarking") for line in lines) == 1
+    assert len(lines) == 3  # then each trial's line
 
 
 def test_bench_measures_the_link_not_the_configured_rate_limit(
