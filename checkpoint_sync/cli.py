@@ -34,6 +34,7 @@ from .config import (
     check_setting,
     expand_home,
     format_size,
+    from_flag,
     known_secrets,
     load_settings,
     parse_size,
@@ -593,13 +594,12 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _list_of(parse: Callable[[str], int]) -> Callable[[str], list[int]]:
     def parse_list(text: str) -> list[int]:
+        # One with no value is refused as the one-value flag of `sync` refuses it.
+        items = [item for item in text.split(",") if item.strip()] or [text]
         try:
-            values = [parse(item) for item in text.split(",") if item.strip()]
+            return [parse(item) for item in items]
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"no value in '{text}'")
-        return values
 
     return parse_list
 
@@ -1135,9 +1135,9 @@ def _bench_command(args: argparse.Namespace, out: _Output) -> int:
     # What the link can do is measured: a limit_rate from the config would measure the limit.
     settings = _settings(args, out).model_copy(update={"limit_rate": 0})
     for concurrency in args.concurrencies:
-        check_setting("concurrency", concurrency)
+        check_setting("concurrency", concurrency, from_flag("concurrency"))
     for part_size in args.part_sizes:
-        check_setting("part_size", part_size)
+        check_setting("part_size", part_size, from_flag("part_size"))
     pairs = grid(args.concurrencies, args.part_sizes)
     if args.discard and args.scratch:
         raise UsageError("--scratch and --discard each choose where trials write: choose one")

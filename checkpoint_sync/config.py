@@ -217,13 +217,25 @@ def expand_home(path: Path) -> Path:
         raise ValueError(f"{path.parts[0]} is no user's home directory (in {path})") from None
 
 
-def check_setting(name: str, value: Any) -> None:
-    """`UsageError` unless ``value`` is allowed for setting ``name`` (values tried one by one,
-    as `bench` does, obey the same limits as a setting)."""
+def check_setting(name: str, value: Any, origin: str) -> None:
+    """`UsageError` unless ``value`` (from ``origin``, as `from_flag` names it) is allowed for
+    setting ``name``: values tried one by one, as `bench` does, obey the same limits as a
+    setting, and are refused in the same words."""
     try:
         Settings.__pydantic_validator__.validate_assignment(Settings.model_construct(), name, value)
     except ValidationError as exc:
-        raise UsageError(f"bad {name} {value!r}: {exc.errors()[0]['msg']}") from None
+        raise _refused(name, origin, exc.errors()[0]["msg"]) from None
+
+
+def from_flag(name: str) -> str:
+    """Where a value of setting ``name`` came from when its flag gave it."""
+    return f"from --{name.replace('_', '-')}"
+
+
+def _refused(where: str, origin: str | None, why: str) -> UsageError:
+    """The one wording of a setting's value refused, whichever command reads it: where it came
+    from, not the value (it may be a key)."""
+    return UsageError(f"bad setting {where}{f' {origin}' if origin else ''}: {why}")
 
 
 def format_size(size: int) -> str:
@@ -288,7 +300,7 @@ def load_settings(
             take(name, env_value, f"from {ENV_PREFIX + name.upper()}")
     for name, value in flags.items():
         if value is not None:
-            take(name, value, f"from --{name.replace('_', '-')}")
+            take(name, value, from_flag(name))
     for key_field, env_field in _KEYS:
         # One that is no name (5, "") reads no key, and is refused with its origin below.
         env_name = values.get(env_field, Settings.model_fields[env_field].default)
@@ -299,7 +311,7 @@ def load_settings(
             # Bytes of another encoding (Python keeps them as lone surrogates): pydantic raised
             # UnicodeEncodeError on them (an internal error), or put U+FFFD in their place, and
             # `dest` named another directory. Not shown: the value may be a key.
-            raise UsageError(f"bad setting {name} {origin[name]}: not UTF-8 text")
+            raise _refused(name, origin[name], "not UTF-8 text")
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
@@ -309,7 +321,7 @@ def load_settings(
         # pydantic's "Extra inputs are not permitted" for a mistyped key, or a [table]'s name.
         unknown = "no such setting (config.example.toml lists them; none is in a [table])"
         why = unknown if first["type"] == "extra_forbidden" else first["msg"]
-        raise UsageError(f"bad setting {where}{f' {source}' if source else ''}: {why}") from None
+        raise _refused(where, source, why) from None
 
 
 def _is_utf8(text: str) -> bool:

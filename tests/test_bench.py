@@ -292,10 +292,12 @@ def test_bench_latest_takes_the_checkpoint_sync_latest_would(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--concurrency", ","], "no value in ','"),
-        (["--concurrency", "0"], "bad concurrency 0"),
-        (["--concurrency", "4,2000"], "bad concurrency 2000"),
-        (["--part-size", "1KiB"], "bad part_size 1024"),
+        (["--concurrency", ","], "argument --concurrency: ',' is not an integer"),
+        (
+            ["--concurrency", "4,2000"],
+            "bad setting concurrency from --concurrency: Input should be less than or equal to",
+        ),
+        (["--part-size", "1KiB"], "bad setting part_size from --part-size: Input should be"),
         (["--scratch", "/nonexistent/scratch"], "scratch directory /nonexistent/scratch"),
         (["--scratch", "/dev/null"], "scratch /dev/null is not a directory"),  # it exists
     ],
@@ -308,6 +310,34 @@ def test_bench_refuses_settings_sync_would_refuse(
     assert result.code == 2
     assert message in result.stderr
     assert "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--concurrency", "0"],
+        ["--concurrency", "2000"],
+        ["--part-size", "1KiB"],
+        ["--concurrency", ""],
+        ["--part-size", ""],
+        ["--part-size", "1x"],
+        ["--node-rank", "-1"],
+    ],
+)
+def test_bench_and_sync_refuse_a_bad_value_in_the_same_words(
+    server: ServerThread, tmp_path: Path, flags: list[str]
+) -> None:
+    # Each was worded twice: "bad concurrency 0: ..." beside sync's "bad setting concurrency
+    # from --concurrency: ...", and "no value in ''" beside "'' is not an integer".
+    said = []
+    for json_flag in ([], ["--json"]):
+        for command in (["bench"], ["sync", "--dest", str(tmp_path / "mirror")]):
+            result = run_cli(*job_args(server, *command, *flags, *json_flag))
+            assert result.code == 2, result.stderr
+            said.append(json.loads(result.stdout)["error"] if json_flag else errors(result.stderr))
+    bench, sync, bench_json, sync_json = said
+    assert bench == sync == [f"checkpoint-sync: error: {bench_json}"]
+    assert bench_json == sync_json
 
 
 def test_a_scratch_too_small_for_a_trial_says_what_bench_writes_there(

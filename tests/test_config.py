@@ -174,10 +174,10 @@ DURATIONS = ["connect_timeout", "read_timeout", "retry_max_delay", "retry_deadli
 )
 def test_every_duration_is_bounded(name: str, value: float, allowed: bool) -> None:
     if allowed:
-        check_setting(name, value)
+        check_setting(name, value, "in config.toml")
     else:
-        with pytest.raises(UsageError, match=f"bad {name} "):
-            check_setting(name, value)
+        with pytest.raises(UsageError, match=f"^bad setting {name} in config.toml: "):
+            check_setting(name, value, "in config.toml")
 
 
 @pytest.mark.parametrize("name", DURATIONS)

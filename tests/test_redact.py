@@ -291,7 +291,7 @@ ODD = "a\\b\x1b"
     [
         (["sync", "--dest", "d", "--part-size", f"1{ODD}"], f"'1{ODD}' is not a size"),
         (["bench", "--part-size", f"1MiB,{ODD}"], f"'{ODD}' is not a size"),
-        (["bench", "--concurrency", ",\x1f,\x1c"], "no value in ',\x1f,\x1c'"),
+        (["bench", "--concurrency", ",\x1f,\x1c"], "',\x1f,\x1c' is not an integer"),
         (["list", "--loops-checkpoint", f"bt:/{ODD}"], f"'bt:/{ODD}' is not a bt:// URI"),
         (["list", "--loops-checkpoint", f"bt://x{ODD}"], f"'bt://x{ODD}' is not a Loops"),
         (
