@@ -465,6 +465,9 @@ class Transfers:
         except _RangeIgnored:
             # Fetch it as one stream instead, and forget parts that will be written over.
             self._drop_parts(staged)
+            if file.size <= self._settings.part_size:
+                # A file of one part, resumed: recorded again as it comes, as if fetched afresh.
+                staged.unstaged = file
             return await self._fetch_part(staged, file, whole, url)
 
     async def _fetch_concurrently(

@@ -724,6 +724,39 @@ def test_a_one_part_file_left_half_way_is_not_resumed_into_another_object(
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
 
 
+def test_a_one_part_file_taken_whole_in_place_of_its_rest_is_recorded_as_it_comes(
+    one_part_server: ServerThread, dest: Path
+) -> None:
+    """Left half way, then asked for from the half by a run whose server now ignores Range: its
+    record of the half is dropped and the whole answer taken, which is recorded as it comes, as
+    a one-part file's first fetch is. Stopped half way again, the next run asks for the rest."""
+    server = one_part_server
+    (large,) = (f for f in server.files() if f.size == ONE_PART and f.node_rank == 0)
+    stop_a_one_part_file_half_way(server, dest, signal.SIGTERM)
+    server.faults.ignore_range = True
+    server.call(lambda: server.traffic.faults.pop("stall"))
+    answered: list[str] = []
+
+    def stall_the_second(name: str, start: int, end: int) -> str | None:
+        # The first, to the half's request, is the whole file, not taken; the second is taken.
+        answered.append(name)
+        return "stall" if len(answered) == 2 else None
+
+    server.faults.hook = stall_the_second
+
+    # Without that record, the run stopped here left nothing: the next started over.
+    assert stop_a_one_part_file_half_way(server, dest, signal.SIGTERM) == ONE_PART // 2
+    server.faults.ignore_range, server.faults.hook = False, None
+    asked = len(server.traffic.ranges)
+    rerun = run_cli(*one_part_args(server, dest, "--json"))
+
+    assert rerun.code == 0, rerun.stderr
+    assert server.traffic.ranges[asked:] == [(large.name, ONE_PART // 2, ONE_PART)]
+    summary = json.loads(rerun.stdout)
+    assert (summary["files"]["resumed"], summary["bytes"]["resumed"]) == (1, ONE_PART // 2)
+    assert_exact(mirrored(dest, JOB, large), large)
+
+
 def test_no_record_vouches_for_an_answer_that_proved_longer_than_its_range(dest: Path) -> None:
     """An answer told no length may prove longer than its range once read: its bytes are not
     the ones asked for, and its file fails. Read for seconds before that shows, how far its part
