@@ -147,7 +147,19 @@ class Settings(BaseModel):
     def _home(cls, value: Path | None) -> Path | None:
         # As the shell would: a quoted `~/x`, or one in the file or the environment, is no
         # directory named ~ (every path option is expanded alike, in cli._path).
-        return expand_home(value) if value is not None else None
+        if value is None:
+            return None
+        path = expand_home(value)
+        if not path.is_absolute():
+            # The working directory it is under may have been removed while the shell stood
+            # in it: every later use of the path (`Path.absolute`) was an internal error.
+            try:
+                os.getcwd()
+            except FileNotFoundError:
+                raise ValueError(
+                    "is relative, and the working directory was removed: give an absolute path"
+                ) from None
+        return path
 
     @field_validator("api_url", "wandb_api_url", "wandb_base_url")
     @classmethod

@@ -525,3 +525,47 @@ def test_an_api_url_with_a_query_or_fragment_is_a_usage_error_not_a_job_not_foun
 def test_format_size_reads_back_exactly(size: int, shown: str) -> None:
     assert format_size(size) == shown
     assert parse_size(shown) == size
+
+
+@pytest.mark.parametrize("name", ["dest", "ca_bundle"])
+@pytest.mark.parametrize("where", ["environment", "flag"])
+def test_a_relative_path_under_a_removed_working_directory_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, where: str
+) -> None:
+    # A shell whose directory was removed (`cd x; rm -r ../x`): taking the path from there
+    # ended in "internal error (FileNotFoundError ...)", exit 1.
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    environ = {f"CHECKPOINT_SYNC_{name.upper()}": "mirror"} if where == "environment" else {}
+    flags = {name: Path("mirror")} if where == "flag" else {}
+
+    with pytest.raises(UsageError) as refused:
+        load_settings(None, flags, environ)
+
+    assert str(refused.value).startswith(f"bad setting {name} ")
+    assert str(refused.value).endswith(
+        "is relative, and the working directory was removed: give an absolute path"
+    )
+    # An absolute one is still taken: the working directory is not needed for it.
+    assert getattr(load_settings(None, {name: tmp_path / "mirror"}), name) == tmp_path / "mirror"
+
+
+@pytest.mark.parametrize("command", ["sync", "demo"])
+def test_a_relative_dest_under_a_removed_working_directory_is_exit_2_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    source = ["--project", PROJECT, "--job", JOB, "--api-url", "http://127.0.0.1:9"]
+
+    result = run_cli(command, *(source if command == "sync" else []), "--dest", "mirror")
+
+    assert (result.code, result.stdout) == (2, "")
+    assert result.stderr == (
+        "checkpoint-sync: error: bad setting dest from --dest: Value error, is relative, and "
+        "the working directory was removed: give an absolute path\n"
+    )
