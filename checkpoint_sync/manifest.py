@@ -127,7 +127,7 @@ class Manifest:
             if db is not None:
                 db.close()  # now: a file left open keeps its filesystem busy
             if isinstance(exc, sqlite3.DatabaseError | OSError):
-                raise _unusable(db_path, exc) from exc
+                raise _unusable(db_path, exc, read_only=read_only) from exc
             raise
 
     def _migrate(self) -> None:
@@ -339,9 +339,13 @@ class Manifest:
             self._db.close()
 
 
-def _unusable(db_path: Path, exc: sqlite3.DatabaseError | OSError) -> LocalIOError:
+def _unusable(
+    db_path: Path, exc: sqlite3.DatabaseError | OSError, *, read_only: bool = False
+) -> LocalIOError:
     if isinstance(exc, OSError):
-        return LocalIOError(f"cannot create {db_path.parent}: {exc.strerror}")
+        # A dry run or `list --dest` creates nothing: a mirror it may not enter is not read.
+        doing = "read" if read_only else "create"
+        return LocalIOError(f"cannot {doing} {db_path.parent}: {exc.strerror}")
     damaged = getattr(exc, "sqlite_errorcode", None) in (
         sqlite3.SQLITE_CORRUPT,
         sqlite3.SQLITE_NOTADB,

@@ -150,6 +150,22 @@ def run_subprocess(*args: str | Path, env: dict[str, str] | None = None) -> subp
     )
 
 
+def run_without_dac_override(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
+    """``python -m checkpoint_sync ARGS`` as root without the capabilities that override file
+    modes, so that a mode keeps the run out as it keeps out a user; skipped where they cannot
+    be dropped."""
+    command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m"]
+    try:
+        run = subprocess.run(
+            [*command, "checkpoint_sync", *[str(a) for a in args]], capture_output=True, timeout=60
+        )
+    except FileNotFoundError:
+        pytest.skip("no setpriv here")
+    if b"setpriv:" in run.stderr:
+        pytest.skip(f"cannot drop capabilities here ({run.stderr.decode().strip()})")
+    return run
+
+
 def stop_while_the_manifest_is_held(
     process: subprocess.Popen[bytes], manifest: Path, signum: int = signal.SIGINT
 ) -> tuple[bytes, bytes]:

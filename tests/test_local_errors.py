@@ -29,7 +29,15 @@ from checkpoint_sync.localserver import Faults
 from checkpoint_sync.manifest import SPACE_RESERVE, Manifest, VerifiedFile
 
 from .conftest import JOB, job_args, job_catalog, sync_args
-from .support import ServerThread, assert_exact, leave_in_parts, mirrored, new_version, run_cli
+from .support import (
+    ServerThread,
+    assert_exact,
+    leave_in_parts,
+    mirrored,
+    new_version,
+    run_cli,
+    run_without_dac_override,
+)
 from .test_kill import assert_records_true
 from .test_sync import flip_byte
 
@@ -543,17 +551,7 @@ def test_a_parent_of_dest_that_cannot_be_synced_is_named_not_the_lock(
     parent.mkdir()
     parent.chmod(0o333)
     dest = parent / "mirror"
-    command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m"]
-    try:
-        run = subprocess.run(
-            [*command, "checkpoint_sync", *sync_args(server, dest, "--fsync")],
-            capture_output=True,
-            timeout=60,
-        )
-    except FileNotFoundError:
-        pytest.skip("no setpriv here")
-    if b"setpriv:" in run.stderr:
-        pytest.skip(f"cannot drop capabilities here ({run.stderr.decode().strip()})")
+    run = run_without_dac_override(*sync_args(server, dest, "--fsync"))
 
     assert run.returncode == 6
     assert run.stderr.decode() == (
@@ -561,6 +559,28 @@ def test_a_parent_of_dest_that_cannot_be_synced_is_named_not_the_lock(
         "Permission denied\n"
     )
     assert (dest / ".checkpoint-sync").is_dir()  # made: only the sync failed
+
+
+@pytest.mark.parametrize("command", ["dry-run", "list"])
+def test_a_mirror_that_cannot_be_entered_is_not_read_and_not_said_to_be_created(
+    server: ServerThread, tmp_path: Path, command: str
+) -> None:
+    # Another user's mirror (mode 700): a dry run and `list --dest` create nothing, yet said
+    # "cannot create DEST/.checkpoint-sync".
+    dest = tmp_path / "mirror"
+    dest.mkdir(mode=0o000)
+    args = (
+        sync_args(server, dest, "--dry-run")
+        if command == "dry-run"
+        else job_args(server, "list", "--dest", dest)
+    )
+
+    run = run_without_dac_override(*args)
+
+    assert run.returncode == 6
+    assert run.stderr.decode() == (
+        f"checkpoint-sync: error: cannot read {dest / '.checkpoint-sync'}: Permission denied\n"
+    )
 
 
 def fill(disk: Path, leaving: int = 0) -> None:
