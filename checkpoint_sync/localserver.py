@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import anyio
 from aiohttp import web
@@ -936,7 +937,7 @@ def tree_catalog(
                 size=info.st_size,
                 last_modified=stamp.isoformat(),
                 seed=0,
-                external_url=f"{base}/{rank}/{checkpoint_id}/{relative}",
+                external_url=f"{base}/{quote(f'{rank}/{checkpoint_id}/{relative}')}",
             )
         )
     return Catalog(

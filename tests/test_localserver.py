@@ -72,6 +72,19 @@ def test_serve_tree_lists_ranks_checkpoints_and_paths(tmp_path: Path) -> None:
     assert file.external_url == "http://files/1/ckpt-5/sub/w.bin"
 
 
+def test_serve_tree_quotes_the_urls_of_names_a_url_cannot_hold(tmp_path: Path) -> None:
+    # As a store's presigned URLs are: the client refuses a URL with spaces or non-ASCII
+    # characters, so every such file of the tree failed to mirror.
+    (tmp_path / "0" / "检查点").mkdir(parents=True)
+    (tmp_path / "0" / "检查点" / "a b#1%.bin").write_bytes(b"abc")
+
+    (job,) = tree_catalog(tmp_path, "http://files/", "p", "j", "k").jobs
+    (file,) = job.checkpoints[0].files
+
+    assert file.name == "检查点/a b#1%.bin"
+    assert file.external_url == "http://files/0/%E6%A3%80%E6%9F%A5%E7%82%B9/a%20b%231%25.bin"
+
+
 @pytest.mark.parametrize(
     ("layout", "problem"),
     [
