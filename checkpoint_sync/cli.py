@@ -2,8 +2,8 @@
 
 Exit codes: 0 everything present and verified (also "nothing to do"), 1 some files failed
 (`bench`: or some trials), 2 usage or configuration error, 3 authentication refused, 4 not
-found, 5 another run holds the mirror, 6 the destination cannot be written, 130/143 stopped by
-SIGINT/SIGTERM, 141 standard output closed by its reader.
+found, 5 another run holds the mirror, 6 the destination cannot be written, 129/130/143 stopped
+by SIGHUP/SIGINT/SIGTERM, 141 standard output closed by its reader.
 """
 
 from __future__ import annotations
@@ -389,7 +389,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Mirror ML training checkpoints to local disk: fast, resumable, verified.",
         epilog="Exit codes: 0 ok, 1 some files (or bench trials) failed, 2 usage, 3 auth, "
         "4 not found, 5 mirror locked by another run, 6 destination not writable, "
-        "130/143 interrupted, 141 output closed by its reader.",
+        "129/130/143 interrupted (SIGHUP/SIGINT/SIGTERM), 141 output closed by its reader.",
     )
     parser.add_argument(
         "--version", action=_Version, nargs=0, help="show the version, and the TLS library's"
@@ -963,10 +963,13 @@ class _Stopped:
         return self.code
 
 
+# SIGHUP too: a terminal closed or an ssh session dropped killed the run, which lost the last
+# second of each part in flight (and every file of one part a second old), as a SIGKILL does.
+_STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # The stop signals, but one the process was started ignoring: a script's `cmd &` ignores SIGINT
-# so that a Ctrl-C in its terminal is not for that job, as `nohup`-like supervisors ignore what
-# they choose. Noted as the CLI loads, before `_run` ignores them itself once one has come.
-_HEEDED = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) != signal.SIG_IGN]
+# so that a Ctrl-C in its terminal is not for that job, as `nohup` ignores SIGHUP. Noted as the
+# CLI loads, before `_run` ignores them itself once one has come.
+_HEEDED = [s for s in _STOPS if signal.getsignal(s) != signal.SIG_IGN]
 
 
 def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
@@ -1007,7 +1010,7 @@ def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
             # Past the receiver, up to the process's exit (the summary, the interpreter's
             # shutdown: tens of milliseconds), a second signal would still kill it (-SIGTERM,
             # or a KeyboardInterrupt traceback) instead of its exit 130/143.
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in _STOPS:
                 signal.signal(signum, signal.SIG_IGN)
     return None if received is None else _Stopped(received)
 

@@ -36,7 +36,7 @@ from .conftest import JOB, PROJECT, job_catalog
 from .support import API_KEY, ServerThread, run_cli
 
 # The exit codes the README documents.
-DOCUMENTED = {0, 1, 2, 3, 4, 5, 6, 130, 141, 143}
+DOCUMENTED = {0, 1, 2, 3, 4, 5, 6, 129, 130, 141, 143}
 LOOPS_RUN = "run-1"
 WANDB_MODEL = "model-1"
 WANDB_ARTIFACT = "team/agents/agent-001"
