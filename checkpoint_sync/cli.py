@@ -648,9 +648,7 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
     }
     # A setting refused may quote its value, which may be a key the file holds pasted into the
     # wrong place (`--api-url` for a key): its keys are secrets before the settings are read.
-    for secret in known_secrets(args.config):
-        out.redact.add(secret)
-    settings = load_settings(args.config, flags)
+    settings = load_settings(args.config, flags, on_secret=out.redact.add)
     for secret in settings.secrets():
         out.redact.add(secret)
     return settings

@@ -12,7 +12,7 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -272,6 +272,11 @@ def known_secrets(
     if config_file is not None:
         with contextlib.suppress(UsageError):
             config = _read_toml(config_file)
+    return _secrets_in(config, environ)
+
+
+def _secrets_in(config: Mapping[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """The API keys the environment and the settings of a config file (``config``) hold."""
     found = []
     for key_field, env_field in _KEYS:
         default = Settings.model_fields[env_field].default
@@ -291,16 +296,24 @@ def load_settings(
     config_file: Path | None,
     flags: Mapping[str, Any],
     environ: Mapping[str, str] = os.environ,
+    *,
+    on_secret: Callable[[str], None] = lambda _: None,
 ) -> Settings:
-    """Merge the config file, the environment and the flags (None means: flag not given)."""
+    """Merge the config file, the environment and the flags (None means: flag not given).
+    ``on_secret`` is given each API key they hold before any value is judged: one refused may
+    quote a key pasted into the wrong setting (`--api-url`)."""
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}  # where each value came from, to name it in an error
 
     def take(name: str, value: Any, where: str) -> None:
         values[name], origin[name] = value, where
 
+    # Read once: it may be a pipe (`--config <(...)`), which a second read finds empty.
+    config = _read_toml(config_file) if config_file is not None else {}
+    for secret in _secrets_in(config, environ):
+        on_secret(secret)
     if config_file is not None:
-        for name, value in _read_toml(config_file).items():
+        for name, value in config.items():
             if name in _PATHS and isinstance(value, str) and value and value[0] != "~":
                 # Read where the file is, not where the run started: a cron job's working
                 # directory is not the one the file was written in. An absolute one stays.

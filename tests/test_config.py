@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import tomllib
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from checkpoint_sync.errors import UsageError
 from checkpoint_sync.net import NetSettings, ssl_context
 
 from .conftest import JOB, PROJECT, job_args
-from .support import API_KEY, ServerThread, run_cli
+from .support import API_KEY, ServerThread, assert_exact, mirrored, run_cli
 
 EXAMPLE = Path(__file__).parent.parent / "config.example.toml"
 
@@ -569,3 +571,23 @@ def test_a_relative_dest_under_a_removed_working_directory_is_exit_2_in_one_line
         "checkpoint-sync: error: bad setting dest from --dest: Value error, is relative, and "
         "the working directory was removed: give an absolute path\n"
     )
+
+
+def test_a_config_file_that_can_be_read_only_once_gives_its_settings(
+    server: ServerThread, dest: Path
+) -> None:
+    # `--config <(vault read ...)`: a pipe, which keeps a key off the disk, reads once. Read for
+    # its keys (to redact) and then again for the settings, it gave them none: no dest (exit 2),
+    # or another API than its api_url, asked with the environment's key.
+    read, write = os.pipe()
+    os.write(write, f'dest = "{dest}"\n'.encode())
+    os.close(write)
+    try:
+        result = run_cli(*job_args(server, "sync", "--config", f"/dev/fd/{read}", "--json"))
+    finally:
+        os.close(read)
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["dest"] == str(dest)
+    for file in server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
