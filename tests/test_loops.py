@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -418,6 +420,34 @@ def test_latest_passes_over_a_checkpoint_deleted_after_the_list_was_read(
     assert none_left.code == 4
     assert none_left.stderr == f"checkpoint-sync: error: {RUN}/weights-step-20: {gone}\n"
     assert not (dest / "b" / RUN).exists()
+
+
+def test_latest_asks_again_for_the_page_it_looked_at_once_it_waited_for_the_lock(
+    server: ServerThread, dest: Path
+) -> None:
+    # The first page of files --latest read while looking is read before the lock: after a
+    # wait for another run, its URLs may have expired, and each file would cost a refresh.
+    server.faults.files_gone = {f"lc-{RUN}-trainer-step-20"}
+    server.faults.url_ttl = 0.5
+    (dest / ".checkpoint-sync").mkdir(parents=True)
+    other_run = os.open(dest / ".checkpoint-sync" / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(other_run, fcntl.LOCK_EX)
+    threading.Timer(1.0, os.close, [other_run]).start()
+    restore = ["--loops-run", RUN, "--target", "trainer", "--latest", "--wait-lock"]
+
+    result = run_cli(*sync(server, dest, *restore, "--json"))
+
+    assert result.code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["url_refreshes"] == 0
+    (taken,) = document["checkpoints"]
+    assert taken["checkpoint"] == f"{RUN}/weights-step-10"
+    older = next(c for c in of_run(server, RUN) if c.id == f"lc-{RUN}-trainer-step-10")
+    for file in older.checkpoint.files:
+        assert_exact(landed(dest, older, file), file)
+    # The list, the deleted one's listing and the page looked at, then, once the lock was
+    # taken, the list and that page again.
+    assert server.traffic.api_requests == 5
 
 
 def test_an_unreadable_checkpoint_named_by_its_name_is_the_usage_error_its_id_is(
