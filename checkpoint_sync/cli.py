@@ -932,8 +932,8 @@ def _print_summary(
 class _Stopped:
     """A command stopped by a signal, and the error stopping met, if any (a manifest that could
     not record how far a part got). Its exit code is the signal's whatever that error: a user
-    who pressed Ctrl-C, or a script that sent SIGTERM, is told by 130 or 143 that the stop was
-    theirs; the error is still said."""
+    who pressed Ctrl-C, a script that sent SIGTERM or a closed terminal, is told by 130, 143 or
+    129 that the stop was theirs; the error is still said."""
 
     signum: int
     error: CheckpointSyncError | None = None
@@ -947,7 +947,7 @@ class _Stopped:
         return 128 + self.signum
 
     def end(self, out: _Output, document: dict[str, Any] | None = None, then: str = "") -> int:
-        """End the command stopped, as every command does (README, Exit codes: 130/143); its
+        """End the command stopped, as every command does (README, Exit codes: 129/130/143); its
         exit code. With ``--json``, its ``document`` (by default one of `exit_code` and
         `error` alone, as for any error) is printed, the error met as its `error`. On stderr,
         that error in its line, then `stopped by SIG...` and ``then``."""
@@ -1007,7 +1007,7 @@ def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
         if received is not None:
             # Past the receiver, up to the process's exit (the summary, the interpreter's
             # shutdown: tens of milliseconds), a second signal would still kill it (-SIGTERM,
-            # or a KeyboardInterrupt traceback) instead of its exit 130/143.
+            # or a KeyboardInterrupt traceback) instead of its exit 129/130/143.
             for signum in _STOPS:
                 signal.signal(signum, signal.SIG_IGN)
     return None if received is None else _Stopped(received)
