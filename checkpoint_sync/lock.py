@@ -96,11 +96,12 @@ async def mirror_lock(
                 ) from exc
         try:
             # Made where a symlink there points (O_EXCL alone would not follow it, dangling),
-            # to know that no run held it before.
+            # to know that no run held it before. 0o666 before the umask, as every file of
+            # ours: a group's umask 002 lets another member of it run on the mirror.
             real = os.path.realpath(path)
-            fd, created = os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+            fd, created = os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
         except FileExistsError:
-            fd, created = os.open(path, os.O_RDWR | os.O_CREAT, 0o644), False
+            fd, created = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror or exc}") from exc
     waited = False

@@ -109,6 +109,7 @@ class Manifest:
                 db = self._db = _connect_read_only(db_path)
             else:
                 db_path.parent.mkdir(parents=True, exist_ok=True)
+                _create(db_path)
                 db = self._db = sqlite3.connect(db_path, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
@@ -337,6 +338,15 @@ class Manifest:
             self._write("COMMIT", ())
         finally:
             self._db.close()
+
+
+def _create(db_path: Path) -> None:
+    """Make a new manifest file 0o666 before the umask, as every file of ours: SQLite would
+    make it 0o644 whatever the umask, and its ``-wal`` and ``-shm`` files take the database
+    file's mode, so that another member of a group sharing the mirror (umask 002) could not
+    write them."""
+    with suppress(FileExistsError):
+        os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
 
 
 def _unusable(

@@ -277,7 +277,8 @@ class Transfers:
     ) -> str:
         """Fetch ``todo`` into the staging file and verify it whole; its xxh3 digest.
         ``resumed``: the bytes of the parts an earlier run left, kept."""
-        fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o644))
+        # The mode the published file keeps: 0o666 before the umask, as `cp` and `rclone` make.
+        fd = _os_call(staging, lambda: os.open(staging, os.O_RDWR | os.O_CREAT, 0o666))
         unstaged = None if multipart or resumed else file
         staged = _Staged(fd, key, unseen, etag, resumed, unstaged)
         self._in_flight.add(staged)

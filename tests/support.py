@@ -140,24 +140,34 @@ def assert_no_secret(text: str) -> None:
     assert "X-Amz-Signature" not in text, "a presigned URL's query string was printed"
 
 
-def run_subprocess(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """``python -m checkpoint_sync ARGS`` as a real process (for kills and signals)."""
+def run_subprocess(
+    *args: str | Path, env: dict[str, str] | None = None, umask: int = -1
+) -> subprocess.Popen[bytes]:
+    """``python -m checkpoint_sync ARGS`` as a real process (for kills and signals), with
+    ``umask`` if given (-1: this process's)."""
     return subprocess.Popen(
         [sys.executable, "-m", "checkpoint_sync", *[str(a) for a in args]],
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        umask=umask,
     )
 
 
-def run_without_dac_override(*args: str | Path) -> subprocess.CompletedProcess[bytes]:
+def run_without_dac_override(
+    *args: str | Path, umask: int = -1
+) -> subprocess.CompletedProcess[bytes]:
     """``python -m checkpoint_sync ARGS`` as root without the capabilities that override file
-    modes, so that a mode keeps the run out as it keeps out a user; skipped where they cannot
-    be dropped."""
+    modes, so that a mode keeps the run out as it keeps out a user (of the group of a file
+    that another uid owns); skipped where they cannot be dropped. ``umask`` as
+    `run_subprocess`'s."""
     command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m"]
     try:
         run = subprocess.run(
-            [*command, "checkpoint_sync", *[str(a) for a in args]], capture_output=True, timeout=60
+            [*command, "checkpoint_sync", *[str(a) for a in args]],
+            capture_output=True,
+            timeout=60,
+            umask=umask,
         )
     except FileNotFoundError:
         pytest.skip("no setpriv here")
