@@ -101,7 +101,10 @@ async def mirror_lock(
             real = os.path.realpath(path)
             fd, created = os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
         except FileExistsError:
-            fd, created = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
+            try:
+                fd, created = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False
+            except OSError as exc:  # it is there: its mode, or a directory in its place
+                raise LocalIOError(f"cannot open the lock {path}: {exc.strerror or exc}") from exc
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror or exc}") from exc
     waited = False

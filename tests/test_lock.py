@@ -12,7 +12,7 @@ from checkpoint_sync import lock
 from checkpoint_sync.lock import LOCK_NAME, LockSeen, mirror_lock
 
 from .conftest import sync_args
-from .support import ServerThread, run_cli
+from .support import ServerThread, run_cli, run_without_dac_override
 from .test_local_errors import fill, mounted
 
 # Nanoseconds of a whole second: all a filesystem keeping whole seconds records.
@@ -143,3 +143,23 @@ def test_a_file_where_the_state_directory_goes_is_named_not_a_directory(
         "Not a directory\n"
     )
     assert (dest / ".checkpoint-sync").read_text() == "mine"
+
+
+@pytest.mark.parametrize("found", ["directory", "unreadable"])
+def test_a_lock_there_that_cannot_be_opened_is_not_said_to_be_created(
+    server: ServerThread, dest: Path, found: str
+) -> None:
+    lock_file = dest / ".checkpoint-sync" / LOCK_NAME
+    lock_file.parent.mkdir(parents=True)
+    if found == "directory":
+        lock_file.mkdir()
+        result = run_cli(*sync_args(server, dest))
+        code, stderr, reason = result.code, result.stderr, "Is a directory"
+    else:
+        lock_file.touch(mode=0o000)  # another user's, say: as root, only without DAC override
+        run = run_without_dac_override(*sync_args(server, dest))
+        code, stderr, reason = run.returncode, run.stderr.decode(), "Permission denied"
+
+    assert code == 6
+    assert stderr == f"checkpoint-sync: error: cannot open the lock {lock_file}: {reason}\n"
+    assert server.traffic.object_requests == 0
