@@ -53,6 +53,7 @@ from .progress import (
     TerminalLine,
     counted_files,
     human_bytes,
+    incompleteness,
     summary,
 )
 from .redact import Redactor, printable
@@ -813,9 +814,12 @@ def _run_and_report(
         error, stopped = exc, None
     code = _exit_code(stats, stopped, error)
     holder = stats.waiting_for  # still set: the run ended before it had the lock (--wait-lock)
+    missing = incompleteness(
+        stopped=stopped is not None, error=error is not None, files_failed=stats.files_failed
+    )
     payload: dict[str, Any] | None = None
     if out.as_json:
-        payload = summary(stats)
+        payload = summary(stats, None if options.dry_run else missing is None)
         payload["dest"] = str(options.dest)
         payload["dry_run"] = options.dry_run
         payload["waiting_for_lock"] = (
@@ -827,7 +831,7 @@ def _run_and_report(
     elif holder is None and (
         error is None or stats.files_listed or stats.files_to_delete or stats.files_failed
     ):
-        _print_summary(stats, options, out)
+        _print_summary(stats, options, out, missing)
     if stopped is not None:
         if holder is None:
             return stopped.end(out, payload, "; rerun to resume")
@@ -859,8 +863,14 @@ _DEMO_SYNCING_HINT = "checkpoint-sync sync --include-syncing would mirror it"
 
 
 def _print_summary(
-    stats: Stats, options: SyncOptions, out: _Output, syncing_hint: str = _SYNC_SYNCING_HINT
+    stats: Stats,
+    options: SyncOptions,
+    out: _Output,
+    missing: str | None,
+    syncing_hint: str = _SYNC_SYNCING_HINT,
 ) -> None:
+    """The text summary; ``missing``: why the checkpoints taken may not be whole
+    (`incompleteness`)."""
     verb = "would fetch" if options.dry_run else "fetched"
     fetched = stats.files_to_fetch if options.dry_run else stats.files_fetched
     out.info(
@@ -881,9 +891,11 @@ def _print_summary(
             f"({human_bytes(stats.bytes_resumed)} kept, not fetched again)"
         )
     if len(stats.taken) == 1:
-        # A restore's one checkpoint: where the trainer is to find it.
+        # A restore's one checkpoint: where the trainer is to find it, unless it is not all
+        # there, which a script or a user reading only this line must not take for a restore.
         ((where, _, path),) = stats.taken
-        out.info(f"checkpoint {where}" + (f" in {path}" if path else ""))
+        short = f" is incomplete: {missing}" if missing and not options.dry_run else ""
+        out.info(f"checkpoint {where}" + (f" in {path}" if path else "") + short)
     if options.dry_run and stats.files_to_check:
         out.info(
             f"would check {counted_files(stats.files_to_check, 'mirrored ')} "
@@ -1113,9 +1125,12 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
                 recipe = _recipe(local, job_args, TrainingJobs())
                 await _mirror(recipe, _Selection(), options, stats, out)
                 codes.append(_exit_code(stats, None, None))
-                runs.append({"run": attempt + 1, **summary(stats)})
+                missing = incompleteness(
+                    stopped=False, error=False, files_failed=stats.files_failed
+                )
+                runs.append({"run": attempt + 1, **summary(stats, missing is None)})
                 if not out.as_json:
-                    _print_summary(stats, options, out, _DEMO_SYNCING_HINT)
+                    _print_summary(stats, options, out, missing, _DEMO_SYNCING_HINT)
 
     stopped = _run(run_twice)
     document = {"dest": str(dest), "runs": runs}

@@ -113,8 +113,21 @@ class Stats:
         return self.bytes_fetched / 1e6 / max(self.seconds, 1e-9)
 
 
-def summary(stats: Stats) -> dict[str, Any]:
-    """The machine-readable summary ``--json`` prints."""
+def incompleteness(*, stopped: bool, error: bool, files_failed: int) -> str | None:
+    """Why the checkpoints a run took may not be whole in the mirror as it ends; None where it
+    mirrored every file it set out to."""
+    if stopped:
+        return "the run was stopped"
+    if error:
+        return "the run stopped on an error"
+    if files_failed:
+        return f"{counted_files(files_failed)} failed"
+    return None
+
+
+def summary(stats: Stats, complete: bool | None) -> dict[str, Any]:
+    """The machine-readable summary ``--json`` prints; ``complete``: whether the run mirrored
+    the checkpoints it took whole (None: a dry run, which mirrors nothing)."""
     return {
         "files": {
             "listed": stats.files_listed,
@@ -144,7 +157,8 @@ def summary(stats: Stats) -> dict[str, Any]:
         "retries": stats.retries,
         "url_refreshes": stats.url_refreshes,
         "checkpoints": [
-            {"checkpoint": where, "id": key, "path": path} for where, key, path in stats.taken
+            {"checkpoint": where, "id": key, "path": path, "complete": complete}
+            for where, key, path in stats.taken
         ],
         "removed_upstream": stats.removed_upstream,
         "delete_held_back": stats.delete_held_back,

@@ -946,6 +946,39 @@ def test_a_run_stopped_while_waiting_for_the_lock_says_so_not_a_summary_of_zeros
         assert out == b""
 
 
+@pytest.mark.parametrize(
+    ("signum", "as_json"), [(signal.SIGINT, False), (signal.SIGTERM, True)], ids=["text", "json"]
+)
+def test_a_restore_stopped_half_way_does_not_read_as_restored(
+    server: ServerThread, dest: Path, signum: signal.Signals, as_json: bool
+) -> None:
+    # The summary named the checkpoint and its directory as a finished restore does: a script
+    # handing `.checkpoints[0].path` on, or a user reading the line, took it for one.
+    process = start(server, dest, "--latest", *(["--json"] if as_json else []))
+    staging = dest / ".checkpoint-sync" / "staging"
+    wait_for(process, lambda: staging.is_dir() and any(staging.iterdir()))
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=20)
+    again = run_cli(*args(server, dest), "--latest", "--json")
+
+    assert process.returncode == 128 + signum, err
+    where, path = f"{JOB}/checkpoint-20", f"{dest}/{JOB}/checkpoint-20"
+    if as_json:
+        (taken,) = json.loads(out)["checkpoints"]
+        assert taken == {
+            "checkpoint": where,
+            "id": "checkpoint-20",
+            "path": path,
+            "complete": False,
+        }
+    else:
+        assert f"\ncheckpoint {where} in {path} is incomplete: the run was stopped\n" in (
+            out.decode()
+        )
+    assert again.code == 0, again.stderr
+    assert json.loads(again.stdout)["checkpoints"][0]["complete"] is True
+
+
 def test_the_lock_of_a_killed_run_does_not_block(server: ServerThread, dest: Path) -> None:
     holder = start(server, dest)
     lock = dest / ".checkpoint-sync" / "lock"

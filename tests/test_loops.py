@@ -281,7 +281,12 @@ def test_a_restore_of_a_trainer_checkpoint_names_its_directory_and_unique_id(
     assert result.code == 0, result.stderr
     path = f"{dest}/{RUN}/weights-step-20"
     assert json.loads(result.stdout)["checkpoints"] == [
-        {"checkpoint": f"{RUN}/weights-step-20", "id": f"lc-{RUN}-trainer-step-20", "path": path}
+        {
+            "checkpoint": f"{RUN}/weights-step-20",
+            "id": f"lc-{RUN}-trainer-step-20",
+            "path": path,
+            "complete": True,
+        }
     ]
     assert sorted(p.name for p in Path(path).iterdir()) == ["0", "1"]
 

@@ -25,6 +25,7 @@ from checkpoint_sync.progress import (
     bytes_total,
     counted_files,
     human_bytes,
+    incompleteness,
     listing_note,
     log_interval,
     status_line,
@@ -401,7 +402,7 @@ def test_the_eta_counts_what_is_in_at_the_rate_received(
 def test_summary_keeps_failures_and_left_out_checkpoints() -> None:
     stats = Stats(syncing_left_out=["job/checkpoint-30"])
     stats.fail("job/c/0/a.bin", "HTTP 500")
-    report = summary(stats)
+    report = summary(stats, False)
     assert report["files"]["failed"] == 1
     assert report["failures"] == [{"path": "job/c/0/a.bin", "error": "HTTP 500"}]
     assert report["syncing_left_out"] == ["job/checkpoint-30"]
@@ -445,3 +446,21 @@ def test_human_bytes(n: int, shown: str) -> None:
 )
 def test_a_count_of_files_is_said_of_one_or_of_several(count: int, kind: str, said: str) -> None:
     assert counted_files(count, kind) == said
+
+
+@pytest.mark.parametrize(
+    ("stopped", "error", "files_failed", "missing"),
+    [
+        (False, False, 0, None),
+        (True, False, 0, "the run was stopped"),
+        (True, True, 2, "the run was stopped"),  # the stop was asked for: it is what is said
+        (False, True, 0, "the run stopped on an error"),
+        (False, True, 3, "the run stopped on an error"),
+        (False, False, 1, "1 file failed"),
+        (False, False, 2, "2 files failed"),
+    ],
+)
+def test_a_run_says_why_its_checkpoints_may_not_be_whole(
+    stopped: bool, error: bool, files_failed: int, missing: str | None
+) -> None:
+    assert incompleteness(stopped=stopped, error=error, files_failed=files_failed) == missing

@@ -409,14 +409,17 @@ def test_latest_takes_only_the_newest_complete_checkpoint(dest: Path) -> None:
 def test_a_restore_says_which_checkpoint_it_took_and_where_it_landed(dest: Path) -> None:
     # A script resuming training passes that directory on: --json gives it, the text names it.
     with ServerThread(job_catalog(syncing_last=True)) as server:
+        dry = run_cli(*sync_args(server, dest, "--latest", "--dry-run", "--json"))
         as_json = run_cli(*sync_args(server, dest, "--latest", "--node-rank", "1", "--json"))
         as_text = run_cli(*sync_args(server, dest, "--latest", "--node-rank", "1"))
         everything = run_cli(*sync_args(server, dest, "--json"))
 
-    assert as_json.code == as_text.code == everything.code == 0, as_json.stderr
+    assert dry.code == as_json.code == as_text.code == everything.code == 0, as_json.stderr
     taken = json.loads(as_json.stdout)["checkpoints"]
     path = f"{dest}/{JOB}/checkpoint-20"
-    assert taken == [{"checkpoint": f"{JOB}/checkpoint-20", "id": "checkpoint-20", "path": path}]
+    where = {"checkpoint": f"{JOB}/checkpoint-20", "id": "checkpoint-20", "path": path}
+    assert taken == [{**where, "complete": True}]
+    assert json.loads(dry.stdout)["checkpoints"] == [{**where, "complete": None}]  # not mirrored
     assert sorted(p.name for p in Path(path, "1").rglob("*") if p.is_file()) == [
         "model-00001-of-00001.safetensors",
         *(f"state_{i:04d}.json" for i in range(4)),
@@ -448,7 +451,7 @@ def test_a_checkpoint_whose_name_is_no_directory_has_no_path(
 
     assert process.returncode == 0, err
     taken = json.loads(out)["checkpoints"]
-    assert taken == [{"checkpoint": f"{JOB}/{name}", "id": name, "path": None}]
+    assert taken == [{"checkpoint": f"{JOB}/{name}", "id": name, "path": None, "complete": True}]
 
 
 def test_a_restore_of_a_checkpoint_that_lists_no_file_is_not_found(dest: Path) -> None:
