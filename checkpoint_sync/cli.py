@@ -356,9 +356,9 @@ def _path(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _pattern(text: str) -> str:
-    """An ``--include``/``--exclude`` pattern; an empty one (an unset variable in a script)
-    would match no file."""
+def _not_empty(text: str) -> str:
+    """A ``--checkpoint`` id or an ``--include``/``--exclude`` pattern; an empty one (an unset
+    variable in a script) would name no checkpoint and match no file."""
     if not text:
         raise argparse.ArgumentTypeError("must not be empty")
     return text
@@ -516,6 +516,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, syncing_help: str)
     group.add_argument(
         "--checkpoint",
         action="append",
+        type=_not_empty,
         default=[],
         metavar="ID",
         help="only this checkpoint (repeat for several)",
@@ -533,7 +534,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, syncing_help: str)
     group.add_argument(
         "--include",
         action="append",
-        type=_pattern,
+        type=_not_empty,
         default=[],
         metavar="PATTERN",
         help=(
@@ -544,7 +545,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, syncing_help: str)
     group.add_argument(
         "--exclude",
         action="append",
-        type=_pattern,
+        type=_not_empty,
         default=[],
         metavar="PATTERN",
         help="leave out files whose path within their rank matches (repeat for several)",

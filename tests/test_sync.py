@@ -541,6 +541,20 @@ def test_an_empty_pattern_is_a_usage_error(server: ServerThread, dest: Path) -> 
     assert "--exclude: must not be empty" in result.stderr
 
 
+@pytest.mark.parametrize("command", ["sync", "list", "bench"])
+def test_an_empty_checkpoint_id_is_a_usage_error_not_a_checkpoint_not_found(
+    server: ServerThread, dest: Path, command: str
+) -> None:
+    # `--checkpoint "$ID"` with ID unset: it asked for the job's checkpoints and said
+    # "checkpoint  not found" (exit 4).
+    mirror: list[str | Path] = [] if command == "bench" else ["--dest", dest]  # bench keeps none
+    result = run_cli(*job_args(server, command, *mirror, "--checkpoint", ""))
+
+    assert result.code == 2, result.stderr
+    assert "argument --checkpoint: must not be empty" in result.stderr
+    assert server.traffic.api_requests == 0
+
+
 def test_a_file_in_parts_that_a_pattern_leaves_out_keeps_its_parts(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
