@@ -9,6 +9,7 @@ was verified and published, so the manifest never claims a file that is not ther
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import time
@@ -366,9 +367,40 @@ def _unusable(
             f"manifest {db_path} cannot be used ({exc}); move it aside to rebuild it "
             "(every file is then fetched again)"
         )
+    # SQLite says only "unable to open database file" or "disk I/O error" where its file is a
+    # directory, or where it cannot make its -wal and -shm files beside it.
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_IOERR,
+    ):
+        if db_path.is_dir():
+            return LocalIOError(f"cannot use the manifest {db_path}: it is a directory")
+        if not read_only and (refused := _unwritable(db_path.parent)):
+            return LocalIOError(
+                f"cannot use the manifest {db_path}: {db_path.parent}, where SQLite makes its "
+                f"-wal and -shm files, cannot be written: {refused}"
+            )
     # A full disk, a read-only mount, an I/O error, met writing or reading: the manifest
     # itself is fine.
     return LocalIOError(f"cannot use the manifest {db_path}: {exc}{_space_left(db_path.parent)}")
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why no file can be made in ``directory``, or None where one can. `os.access` first: a
+    directory that takes files gets none of ours; one that does not is asked with a file it
+    refuses, for the reason (EPERM: an immutable flag, which as root is all that keeps one out).
+    """
+    if os.access(directory, os.W_OK):
+        return None
+    probe = directory / f".checkpoint-sync-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as exc:
+        immutable = " (an immutable directory? see lsattr -d)" if exc.errno == errno.EPERM else ""
+        return f"{exc.strerror}{immutable}"
+    with suppress(OSError):
+        os.unlink(probe)  # access() asks for the real uid, which may not be the effective
+    return None
 
 
 def _space_left(directory: Path) -> str:

@@ -583,6 +583,53 @@ def test_a_mirror_that_cannot_be_entered_is_not_read_and_not_said_to_be_created(
     )
 
 
+@pytest.mark.parametrize("command", ["sync", "dry-run", "list"])
+def test_a_directory_where_the_manifest_goes_is_named_not_sqlites_bare_error(
+    server: ServerThread, dest: Path, command: str
+) -> None:
+    # SQLite said "unable to open database file" (sync) or "disk I/O error" (read only).
+    manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
+    manifest.mkdir(parents=True)
+    args = (
+        job_args(server, "list", "--dest", dest)
+        if command == "list"
+        else sync_args(server, dest, *(["--dry-run"] if command == "dry-run" else []))
+    )
+
+    result = run_cli(*args)
+
+    assert result.code == 6
+    assert result.stderr == (
+        f"checkpoint-sync: error: cannot use the manifest {manifest}: it is a directory\n"
+    )
+    assert server.traffic.object_requests == 0
+
+
+def test_an_immutable_state_directory_is_named_not_sqlites_bare_error(
+    server: ServerThread, dest: Path
+) -> None:
+    # Where SQLite cannot make the manifest's -wal and -shm files it said only "unable to open
+    # database file".
+    assert run_cli(*sync_args(server, dest)).code == 0
+    state = dest / ".checkpoint-sync"
+    try:
+        subprocess.run(["chattr", "+i", str(state)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot make a directory immutable here ({exc})")
+    try:
+        result = run_cli(*sync_args(server, dest))
+    finally:
+        subprocess.run(["chattr", "-i", str(state)], check=True)
+
+    assert result.code == 6
+    assert result.stderr == (
+        f"checkpoint-sync: error: cannot use the manifest {state / 'manifest.sqlite3'}: "
+        f"{state}, where SQLite makes its -wal and -shm files, cannot be written: "
+        "Operation not permitted (an immutable directory? see lsattr -d)\n"
+    )
+    assert sorted(p.name for p in state.iterdir()) == ["lock", "manifest.sqlite3", "staging"]
+
+
 def fill(disk: Path, leaving: int = 0) -> None:
     """Fill ``disk`` with another program's file, but for ``leaving`` bytes."""
     filler = disk / "filler"
