@@ -815,12 +815,12 @@ def _run_and_report(
         error, stopped = exc, None
     code = _exit_code(stats, stopped, error)
     holder = stats.waiting_for  # still set: the run ended before it had the lock (--wait-lock)
-    missing = incompleteness(
-        stopped=stopped is not None, error=error is not None, files_failed=stats.files_failed
+    missing = functools.partial(
+        incompleteness, stats, stopped=stopped is not None, error=error is not None
     )
     payload: dict[str, Any] | None = None
     if out.as_json:
-        payload = summary(stats, None if options.dry_run else missing is None)
+        payload = summary(stats, None if options.dry_run else missing)
         payload["dest"] = str(options.dest)
         payload["dry_run"] = options.dry_run
         payload["waiting_for_lock"] = (
@@ -867,10 +867,10 @@ def _print_summary(
     stats: Stats,
     options: SyncOptions,
     out: _Output,
-    missing: str | None,
+    missing: Callable[[str], str | None],
     syncing_hint: str = _SYNC_SYNCING_HINT,
 ) -> None:
-    """The text summary; ``missing``: why the checkpoints taken may not be whole
+    """The text summary; ``missing``: why a checkpoint taken may not be whole
     (`incompleteness`)."""
     verb = "would fetch" if options.dry_run else "fetched"
     fetched = stats.files_to_fetch if options.dry_run else stats.files_fetched
@@ -895,7 +895,8 @@ def _print_summary(
         # A restore's one checkpoint: where the trainer is to find it, unless it is not all
         # there, which a script or a user reading only this line must not take for a restore.
         ((where, _, path),) = stats.taken
-        short = f" is incomplete: {missing}" if missing and not options.dry_run else ""
+        why = None if options.dry_run else missing(where)
+        short = f" is incomplete: {why}" if why else ""
         out.info(f"checkpoint {where}" + (f" in {path}" if path else "") + short)
     if options.dry_run and stats.files_to_check:
         out.info(
@@ -1126,10 +1127,8 @@ def _demo_command(args: argparse.Namespace, out: _Output) -> int:
                 recipe = _recipe(local, job_args, TrainingJobs())
                 await _mirror(recipe, _Selection(), options, stats, out)
                 codes.append(_exit_code(stats, None, None))
-                missing = incompleteness(
-                    stopped=False, error=False, files_failed=stats.files_failed
-                )
-                runs.append({"run": attempt + 1, **summary(stats, missing is None)})
+                missing = functools.partial(incompleteness, stats, stopped=False, error=False)
+                runs.append({"run": attempt + 1, **summary(stats, missing)})
                 if not out.as_json:
                     _print_summary(stats, options, out, missing, _DEMO_SYNCING_HINT)
 

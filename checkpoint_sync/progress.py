@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class Stats:
     # The checkpoints the run took (by --latest, say): (where, the provider's id, their
     # directory under DEST, or None where its name cannot be one).
     taken: list[tuple[str, str, str | None]] = field(default_factory=list)
+    # The files failed in each of those (by where): one checkpoint's failure leaves the others
+    # whole, and `failures` keeps only the first few.
+    failed_in: Counter[str] = field(default_factory=Counter)
     syncing_left_out: list[str] = field(default_factory=list)
     # Checkpoints left out for a status neither complete nor syncing: (where, status).
     status_left_out: list[tuple[str, str | None]] = field(default_factory=list)
@@ -98,6 +102,9 @@ class Stats:
 
     def fail(self, where: str, message: str) -> None:
         self.files_failed += 1
+        for checkpoint, _, _ in self.taken:
+            if where == checkpoint or where.startswith(f"{checkpoint}/"):
+                self.failed_in[checkpoint] += 1
         if len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append((where, message))
 
@@ -113,21 +120,22 @@ class Stats:
         return self.bytes_fetched / 1e6 / max(self.seconds, 1e-9)
 
 
-def incompleteness(*, stopped: bool, error: bool, files_failed: int) -> str | None:
-    """Why the checkpoints a run took may not be whole in the mirror as it ends; None where it
-    mirrored every file it set out to."""
+def incompleteness(stats: Stats, where: str, *, stopped: bool, error: bool) -> str | None:
+    """Why the checkpoint ``where``, one the run took, may not be whole in the mirror as the run
+    ends (``stopped`` by a signal, or by an ``error``); None where the run mirrored every file
+    of it that it set out to."""
     if stopped:
         return "the run was stopped"
     if error:
         return "the run stopped on an error"
-    if files_failed:
-        return f"{counted_files(files_failed)} failed"
+    if failed := stats.failed_in[where]:
+        return f"{counted_files(failed)} failed"
     return None
 
 
-def summary(stats: Stats, complete: bool | None) -> dict[str, Any]:
-    """The machine-readable summary ``--json`` prints; ``complete``: whether the run mirrored
-    the checkpoints it took whole (None: a dry run, which mirrors nothing)."""
+def summary(stats: Stats, missing: Callable[[str], str | None] | None) -> dict[str, Any]:
+    """The machine-readable summary ``--json`` prints; ``missing``: why a checkpoint the run
+    took may not be whole (`incompleteness`), None for a dry run, which mirrors nothing."""
     return {
         "files": {
             "listed": stats.files_listed,
@@ -157,7 +165,12 @@ def summary(stats: Stats, complete: bool | None) -> dict[str, Any]:
         "retries": stats.retries,
         "url_refreshes": stats.url_refreshes,
         "checkpoints": [
-            {"checkpoint": where, "id": key, "path": path, "complete": complete}
+            {
+                "checkpoint": where,
+                "id": key,
+                "path": path,
+                "complete": None if missing is None else missing(where) is None,
+            }
             for where, key, path in stats.taken
         ],
         "removed_upstream": stats.removed_upstream,

@@ -402,7 +402,7 @@ def test_the_eta_counts_what_is_in_at_the_rate_received(
 def test_summary_keeps_failures_and_left_out_checkpoints() -> None:
     stats = Stats(syncing_left_out=["job/checkpoint-30"])
     stats.fail("job/c/0/a.bin", "HTTP 500")
-    report = summary(stats, False)
+    report = summary(stats, None)
     assert report["files"]["failed"] == 1
     assert report["failures"] == [{"path": "job/c/0/a.bin", "error": "HTTP 500"}]
     assert report["syncing_left_out"] == ["job/checkpoint-30"]
@@ -449,18 +449,22 @@ def test_a_count_of_files_is_said_of_one_or_of_several(count: int, kind: str, sa
 
 
 @pytest.mark.parametrize(
-    ("stopped", "error", "files_failed", "missing"),
+    ("stopped", "error", "where", "missing"),
     [
-        (False, False, 0, None),
-        (True, False, 0, "the run was stopped"),
-        (True, True, 2, "the run was stopped"),  # the stop was asked for: it is what is said
-        (False, True, 0, "the run stopped on an error"),
-        (False, True, 3, "the run stopped on an error"),
-        (False, False, 1, "1 file failed"),
-        (False, False, 2, "2 files failed"),
+        (False, False, "job/c-30", None),
+        (False, False, "job/c-1", None),  # not c-10, whose name it begins
+        (True, False, "job/c-30", "the run was stopped"),
+        (True, True, "job/c-10", "the run was stopped"),  # the stop was asked for: it is said
+        (False, True, "job/c-30", "the run stopped on an error"),
+        (False, True, "job/c-10", "the run stopped on an error"),
+        (False, False, "job/c-20", "1 file failed"),
+        (False, False, "job/c-10", "2 files failed"),
     ],
 )
-def test_a_run_says_why_its_checkpoints_may_not_be_whole(
-    stopped: bool, error: bool, files_failed: int, missing: str | None
+def test_a_run_says_why_a_checkpoint_may_not_be_whole(
+    stopped: bool, error: bool, where: str, missing: str | None
 ) -> None:
-    assert incompleteness(stopped=stopped, error=error, files_failed=files_failed) == missing
+    stats = Stats(taken=[(c, c, None) for c in ("job/c-1", "job/c-10", "job/c-20", "job/c-30")])
+    for failed in ("job/c-10/0/a.bin", "job/c-10", "job/c-20/1/b.bin", "job/c-3/0/c.bin"):
+        stats.fail(failed, "HTTP 500")  # c-10's listing entry, and a checkpoint not taken
+    assert incompleteness(stats, where, stopped=stopped, error=error) == missing

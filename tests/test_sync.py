@@ -432,6 +432,17 @@ def test_a_restore_says_which_checkpoint_it_took_and_where_it_landed(dest: Path)
     ]
 
 
+def test_a_failed_file_leaves_only_its_own_checkpoint_incomplete(dest: Path) -> None:
+    with ServerThread(job_catalog(checkpoints=2)) as server:
+        (failing, *_) = server.catalog.jobs[0].checkpoints[0].files
+        server.faults.denied = {failing.name}  # a file of checkpoint-10 answers 403
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 1, result.stderr
+    complete = {c["checkpoint"]: c["complete"] for c in json.loads(result.stdout)["checkpoints"]}
+    assert complete == {f"{JOB}/checkpoint-10": False, f"{JOB}/checkpoint-20": True}
+
+
 @pytest.mark.parametrize(
     ("name", "env"),
     [
