@@ -351,6 +351,14 @@ def test_a_setting_that_is_not_utf8_is_exit_2_in_one_line(monkeypatch: pytest.Mo
     )
 
 
+def _given_by(where: str, name: str, value: str) -> tuple[dict[str, str], dict[str, Path]]:
+    """``value`` for setting ``name`` from the environment or a flag, as ``where`` says (the
+    environment and the flags to load the settings with)."""
+    environ = {f"CHECKPOINT_SYNC_{name.upper()}": value} if where == "environment" else {}
+    flags = {name: Path(value)} if where == "flag" else {}
+    return environ, flags
+
+
 @pytest.mark.parametrize("name", ["dest", "ca_bundle"])
 @pytest.mark.parametrize(
     ("where", "named"),
@@ -363,10 +371,7 @@ def test_a_path_setting_under_no_users_home_is_a_usage_error(
     # (RuntimeError: Could not determine home directory.)", exit 1.
     config = tmp_path / "c.toml"
     config.write_text(f'{name} = "~no-such-user/x"\n' if where == "file" else "")
-    environ = (
-        {f"CHECKPOINT_SYNC_{name.upper()}": "~no-such-user/x"} if where == "environment" else {}
-    )
-    flags = {name: Path("~no-such-user/x")} if where == "flag" else {}
+    environ, flags = _given_by(where, name, "~no-such-user/x")
 
     with pytest.raises(UsageError) as refused:
         load_settings(config, flags, environ)
@@ -540,8 +545,7 @@ def test_a_relative_path_under_a_removed_working_directory_is_a_usage_error(
     gone.mkdir()
     monkeypatch.chdir(gone)
     gone.rmdir()
-    environ = {f"CHECKPOINT_SYNC_{name.upper()}": "mirror"} if where == "environment" else {}
-    flags = {name: Path("mirror")} if where == "flag" else {}
+    environ, flags = _given_by(where, name, "mirror")
 
     with pytest.raises(UsageError) as refused:
         load_settings(None, flags, environ)
