@@ -894,7 +894,7 @@ def _print_summary(
     if len(stats.taken) == 1:
         # A restore's one checkpoint: where the trainer is to find it, unless it is not all
         # there, which a script or a user reading only this line must not take for a restore.
-        ((where, _, path),) = stats.taken
+        ((where, (_, path)),) = stats.taken.items()
         why = None if options.dry_run else missing(where)
         short = f" is incomplete: {why}" if why else ""
         out.info(f"checkpoint {where}" + (f" in {path}" if path else "") + short)

@@ -122,9 +122,9 @@ async def sync(
     Raises only for what stops the whole run (auth, lock, disk full...): a file's own failure is
     recorded and the others go on.
     """
-    stats.taken = [
-        (f"{c.run}/{c.name}", c.key, _directory(options.dest, c)) for c in selection.checkpoints
-    ]
+    stats.taken = {
+        f"{c.run}/{c.name}": (c.key, _directory(options.dest, c)) for c in selection.checkpoints
+    }
     stats.syncing_left_out = [f"{c.run}/{c.name}" for c in selection.syncing]
     stats.status_left_out = [(f"{c.run}/{c.name}", c.status) for c in selection.other_status]
     stats.passed_over = [(c.where, c.problem) for c in selection.passed_over]

@@ -71,9 +71,9 @@ class Stats:
     # The pid of another run whose lock this one waits for (--wait-lock), while it waits.
     waiting_for: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
-    # The checkpoints the run took (by --latest, say): (where, the provider's id, their
+    # The checkpoints the run took (by --latest, say), by where: (the provider's id, their
     # directory under DEST, or None where its name cannot be one).
-    taken: list[tuple[str, str, str | None]] = field(default_factory=list)
+    taken: dict[str, tuple[str, str | None]] = field(default_factory=dict)
     # The files failed in each of those (by where): one checkpoint's failure leaves the others
     # whole, and `failures` keeps only the first few.
     failed_in: Counter[str] = field(default_factory=Counter)
@@ -102,8 +102,10 @@ class Stats:
 
     def fail(self, where: str, message: str) -> None:
         self.files_failed += 1
-        for checkpoint, _, _ in self.taken:
-            if where == checkpoint or where.startswith(f"{checkpoint}/"):
+        # Looked up by each path leading to it: a run may take thousands of checkpoints.
+        leading = [where[:i] for i, char in enumerate(where) if char == "/"]
+        for checkpoint in (*leading, where):
+            if checkpoint in self.taken:
                 self.failed_in[checkpoint] += 1
         if len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append((where, message))
@@ -171,7 +173,7 @@ def summary(stats: Stats, missing: Callable[[str], str | None] | None) -> dict[s
                 "path": path,
                 "complete": None if missing is None else missing(where) is None,
             }
-            for where, key, path in stats.taken
+            for where, (key, path) in stats.taken.items()
         ],
         "removed_upstream": stats.removed_upstream,
         "delete_held_back": stats.delete_held_back,

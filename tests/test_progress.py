@@ -464,7 +464,7 @@ def test_a_count_of_files_is_said_of_one_or_of_several(count: int, kind: str, sa
 def test_a_run_says_why_a_checkpoint_may_not_be_whole(
     stopped: bool, error: bool, where: str, missing: str | None
 ) -> None:
-    stats = Stats(taken=[(c, c, None) for c in ("job/c-1", "job/c-10", "job/c-20", "job/c-30")])
+    stats = Stats(taken={c: (c, None) for c in ("job/c-1", "job/c-10", "job/c-20", "job/c-30")})
     for failed in ("job/c-10/0/a.bin", "job/c-10", "job/c-20/1/b.bin", "job/c-3/0/c.bin"):
         stats.fail(failed, "HTTP 500")  # c-10's listing entry, and a checkpoint not taken
     assert incompleteness(stats, where, stopped=stopped, error=error) == missing
