@@ -357,10 +357,8 @@ def _unusable(
         # A dry run or `list --dest` creates nothing: a mirror it may not enter is not read.
         doing = "read" if read_only else "create"
         return LocalIOError(f"cannot {doing} {db_path.parent}: {exc.strerror}")
-    damaged = getattr(exc, "sqlite_errorcode", None) in (
-        sqlite3.SQLITE_CORRUPT,
-        sqlite3.SQLITE_NOTADB,
-    )
+    code = getattr(exc, "sqlite_errorcode", 0)  # extended: its primary code is the low byte
+    damaged = code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
     # A table or column of ours missing: another program's database is in its place.
     if damaged or str(exc).startswith(("no such table", "no such column")):
         return LocalIOError(
@@ -369,10 +367,7 @@ def _unusable(
         )
     # SQLite says only "unable to open database file" or "disk I/O error" where its file is a
     # directory, or where it cannot make its -wal and -shm files beside it.
-    if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (
-        sqlite3.SQLITE_CANTOPEN,
-        sqlite3.SQLITE_IOERR,
-    ):
+    if code & 0xFF in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR):
         if db_path.is_dir():
             return LocalIOError(f"cannot use the manifest {db_path}: it is a directory")
         if not read_only and (refused := _unwritable(db_path.parent)):
