@@ -59,7 +59,7 @@ from .progress import (
 from .redact import Redactor, printable
 from .retry import RetryPolicy
 from .sources import SOURCES, Source, SourceRecipe, SourceSpec
-from .sources.base import UnreadableCheckpoint
+from .sources.base import UnreadableCheckpoint, not_empty
 from .sources.baseten_training import TrainingJobs
 from .transfer import TransferSettings
 from .wire import HttpClient
@@ -356,14 +356,6 @@ def _path(text: str) -> Path:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _not_empty(text: str) -> str:
-    """A ``--checkpoint`` id or an ``--include``/``--exclude`` pattern; an empty one (an unset
-    variable in a script) would name no checkpoint and match no file."""
-    if not text:
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
 def _file_filter(args: argparse.Namespace) -> FileFilter:
     """The files ``--node-rank``, ``--include`` and ``--exclude`` select (``demo`` has none)."""
     return FileFilter(
@@ -516,7 +508,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, syncing_help: str)
     group.add_argument(
         "--checkpoint",
         action="append",
-        type=_not_empty,
+        type=not_empty,
         default=[],
         metavar="ID",
         help="only this checkpoint (repeat for several)",
@@ -534,7 +526,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, syncing_help: str)
     group.add_argument(
         "--include",
         action="append",
-        type=_not_empty,
+        type=not_empty,
         default=[],
         metavar="PATTERN",
         help=(
@@ -545,7 +537,7 @@ def _add_selection_arguments(parser: argparse.ArgumentParser, syncing_help: str)
     group.add_argument(
         "--exclude",
         action="append",
-        type=_not_empty,
+        type=not_empty,
         default=[],
         metavar="PATTERN",
         help="leave out files whose path within their rank matches (repeat for several)",

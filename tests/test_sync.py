@@ -566,6 +566,33 @@ def test_an_empty_checkpoint_id_is_a_usage_error_not_a_checkpoint_not_found(
     assert server.traffic.api_requests == 0
 
 
+@pytest.mark.parametrize(
+    "source",
+    [
+        ("--project", "", "--job", "j"),
+        ("--project", "p", "--job", ""),
+        ("--loops-run", ""),
+        ("--loops-checkpoint", ""),
+        ("--base-model", ""),
+        ("--wandb-model", ""),
+        ("--wandb-model", "m", "--best", ""),
+        ("--wandb-model", "m", "--wandb-artifact", ""),
+    ],
+    ids=lambda flags: " ".join(flags),
+)
+def test_an_empty_source_id_is_a_usage_error_before_any_request(
+    server: ServerThread, dest: Path, source: tuple[str, ...]
+) -> None:
+    # `--loops-run "$RUN"` with RUN unset asked the API for the checkpoints of run "", and
+    # `--job ""` for a path with an empty segment: another request than meant.
+    flag = next(f for f, value in zip(source[::2], source[1::2], strict=True) if not value)
+    result = run_cli("sync", *source, "--dest", dest, "--api-url", server.url)
+
+    assert result.code == 2, result.stderr
+    assert f"argument {flag}: must not be empty" in result.stderr
+    assert server.traffic.api_requests == 0
+
+
 def test_a_file_in_parts_that_a_pattern_leaves_out_keeps_its_parts(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -451,6 +451,15 @@ class SourceRecipe:
             yield self.http, self.source
 
 
+def not_empty(text: str) -> str:
+    """The value of a flag that names something (an id, a URI, a metric, a pattern): an empty one
+    (an unset variable in a script) names nothing, and is refused before any request, rather
+    than sent as an empty path segment or filter, which asks the API something else."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def flags_given(values: Mapping[str, object]) -> list[str]:
     """Of a source's flags and their parsed values, those given on the command line (argparse
     leaves the others None)."""

@@ -47,6 +47,7 @@ from .base import (
     flags_given,
     known_by,
     marked,
+    not_empty,
     started_ahead,
     whole_list,
 )
@@ -336,14 +337,20 @@ class LoopsRuns:
     name = LoopsSource.name
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--loops-run", metavar="RUN_ID", help="every checkpoint of a Loops run")
+        group.add_argument(
+            "--loops-run", type=not_empty, metavar="RUN_ID", help="every checkpoint of a Loops run"
+        )
         group.add_argument(
             "--loops-checkpoint",
+            type=not_empty,
             metavar="URI",
             help="one Loops checkpoint: bt://loops:RUN_ID/(weights|sampler_weights)/NAME",
         )
         group.add_argument(
-            "--base-model", metavar="MODEL", help="Loops checkpoints of all runs of a base model"
+            "--base-model",
+            type=not_empty,
+            metavar="MODEL",
+            help="Loops checkpoints of all runs of a base model",
         )
         group.add_argument(
             "--target",
@@ -372,7 +379,7 @@ class LoopsRuns:
             )
             if value is not None
         ]
-        # Beyond a bt:// URI's form, the values are the API's to judge (an empty one too).
+        # Beyond a bt:// URI's form (and not being empty), the values are the API's to judge.
         if len(filters) != 1:
             raise UsageError("choose one of --loops-run, --loops-checkpoint and --base-model")
         query, value = filters[0]

@@ -24,6 +24,7 @@ from .base import (
     UnreadableEntry,
     flags_given,
     known_by,
+    not_empty,
     whole_list,
 )
 from .baseten_pages import file_pages, look_for, relist, remote_file, unreadable_checkpoint
@@ -152,8 +153,12 @@ class TrainingJobs:
     name = TrainingJobSource.name
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--project", metavar="PROJECT_ID", help="Baseten training project id")
-        group.add_argument("--job", metavar="JOB_ID", help="training job id (with --project)")
+        group.add_argument(
+            "--project", type=not_empty, metavar="PROJECT_ID", help="Baseten training project id"
+        )
+        group.add_argument(
+            "--job", type=not_empty, metavar="JOB_ID", help="training job id (with --project)"
+        )
 
     def given(self, args: argparse.Namespace) -> list[str]:
         return flags_given({"--project": args.project, "--job": args.job})

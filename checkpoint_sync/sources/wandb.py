@@ -39,6 +39,7 @@ from .base import (
     known_by,
     left_out,
     marked,
+    not_empty,
     started_ahead,
     whole_list,
 )
@@ -317,14 +318,20 @@ class WandbTraining:
     name = WandbSource.name
 
     def add_arguments(self, group: argparse._ArgumentGroup) -> None:
-        group.add_argument("--wandb-model", metavar="MODEL_ID", help="W&B Training model id")
+        group.add_argument(
+            "--wandb-model", type=not_empty, metavar="MODEL_ID", help="W&B Training model id"
+        )
         group.add_argument(
             "--wandb-artifact",
+            type=not_empty,
             metavar="ENTITY/PROJECT/NAME",
             help="the W&B model whose step<N> artifact versions hold the weights (to fetch them)",
         )
         group.add_argument(
-            "--best", metavar="METRIC", help="only the W&B checkpoint with the highest METRIC"
+            "--best",
+            type=not_empty,
+            metavar="METRIC",
+            help="only the W&B checkpoint with the highest METRIC",
         )
         group.add_argument(
             "--minimize", action="store_true", help="with --best: the lowest METRIC wins"
