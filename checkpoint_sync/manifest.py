@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .errors import LocalIOError
+from .filesystem import make_directories
 from .plan import Recorded, Staged
 from .progress import human_bytes
 
@@ -109,7 +110,7 @@ class Manifest:
             if read_only:
                 db = self._db = _connect_read_only(db_path)
             else:
-                db_path.parent.mkdir(parents=True, exist_ok=True)
+                make_directories(db_path.parent)
                 _create(db_path)
                 db = self._db = sqlite3.connect(db_path, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
