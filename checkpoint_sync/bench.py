@@ -74,6 +74,9 @@ class Trial:
     connection_mb_s: float | None  # median over requests of at least RATE_MIN_BYTES
     # "path: why" of the trial's first failed file: a count alone does not say what to fix.
     first_failure: str | None = None
+    # Requests that failed and were asked again: their waits are in the seconds, and a setting
+    # whose MB/s they lowered would otherwise look merely slow.
+    retries: int = 0
 
     @property
     def mb_per_s(self) -> float:
@@ -380,4 +383,5 @@ async def _trial(
         first_byte_ms=first_byte,
         connection_mb_s=per_connection,
         first_failure=": ".join(stats.failures[0]) if stats.failures else None,
+        retries=stats.retries,
     )

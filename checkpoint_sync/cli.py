@@ -1300,7 +1300,8 @@ def _trial_done(trial: Trial | FailedTrial, done: int, total: int, settings: int
     where = f"trial {done} of {total} (round {(done - 1) // settings + 1}): {_flags(trial)}"
     if isinstance(trial, FailedTrial):
         return f"{where}: failed: {trial.error}"
-    return f"{where}: {trial.mb_per_s:.1f} MB/s, {trial.failed} failed"
+    retried = f", {trial.retries} requests retried" if trial.retries else ""
+    return f"{where}: {trial.mb_per_s:.1f} MB/s, {trial.failed} failed{retried}"
 
 
 def _failed_rounds(tried: Setting) -> list[str]:
@@ -1327,6 +1328,7 @@ def _bench_row(tried: Setting) -> dict[str, Any]:
         "cpu_seconds": middle.get("cpu_seconds"),
         "first_byte_ms": middle.get("first_byte_ms"),
         "connection_mb_s": middle.get("connection_mb_s"),
+        "retries": middle.get("retries"),
         "rounds": [_bench_round(t) for t in tried.trials],
     }
 
@@ -1353,12 +1355,13 @@ _SHM = Path("/dev/shm")  # noqa: S108
 
 def _bench_table(settings_tried: list[Setting]) -> list[str]:
     """One row a setting, as in ``--json``: the figures of its middle round, the range of its
-    MB/s, its failures; after its files and bytes, their range where its rounds fetched
+    MB/s, its failures; after its files, bytes and retries, their range where its rounds had
     different amounts; "-" for what no round measured."""
     lines = [
         # The bytes too: a first file larger than --max-bytes is fetched whole.
         f"{'concurrency':>11} {'part size':>10} {'files':>6} {'bytes':>10} {'MB/s':>8} "
-        f"{'range':>13} {'first byte':>11} {'per conn.':>11} {'CPU s':>6} {'failed':>6}"
+        f"{'range':>13} {'first byte':>11} {'per conn.':>11} {'CPU s':>6} {'failed':>6} "
+        f"{'retries':>7}"
     ]
     for tried in settings_tried:
         row = _bench_row(tried)
@@ -1371,7 +1374,8 @@ def _bench_table(settings_tried: list[Setting]) -> list[str]:
             f"{_shown(tried.spread, lambda r: f'{r[0]:.1f}-{r[1]:.1f}'):>13} "
             f"{_shown(row['first_byte_ms'], '{:.1f} ms'.format):>11} "
             f"{_shown(row['connection_mb_s'], '{:.1f} MB/s'.format):>11} "
-            f"{_shown(row['cpu_seconds'], '{:.2f}'.format):>6} {_shown(tried.failed, str):>6}"
+            f"{_shown(row['cpu_seconds'], '{:.2f}'.format):>6} {_shown(tried.failed, str):>6} "
+            f"{_amount(row['retries'], [t.retries for t in rounds], str):>7}"
         )
     return lines
 
@@ -1381,8 +1385,8 @@ def _shown(value: T | None, show: Callable[[T], str]) -> str:
 
 
 def _amount(middle: int | None, rounds: list[int], show: Callable[[int], str]) -> str:
-    """The middle round's files or bytes, and the fewest and the most of its rounds where they
-    show different ("9 (9-10)")."""
+    """The middle round's files, bytes or retries, and the fewest and the most of its rounds
+    where they show different ("9 (9-10)")."""
     if middle is None:
         return "-"
     fewest, most = show(min(rounds)), show(max(rounds))

@@ -54,6 +54,7 @@ from .support import (
     PUSHED_OFF_REQUESTS,
     ServerThread,
     api_client,
+    first_answers,
     pages_being_read,
     run_cli,
     run_subprocess,
@@ -794,7 +795,7 @@ def test_a_trial_that_fails_is_shown_failed_and_the_others_still_count(
     measured, failed, recommended = result.stdout.splitlines()[1:4]
     assert measured.split()[:3] == ["2", "256.0", "KiB"]
     assert float(measured.split()[6]) > 0  # MB/s
-    assert failed.split() == ["4", "256.0", "KiB", *["-"] * 8]  # nothing measured
+    assert failed.split() == ["4", "256.0", "KiB", *["-"] * 9]  # nothing measured
     assert errors(result.stderr) == [
         "checkpoint-sync: error: trial --concurrency 4 --part-size 256KiB failed in round 1: "
         f"training job job-1 of project proj: {error}"
@@ -942,7 +943,7 @@ def test_an_error_no_later_trial_could_pass_stops_the_bench_at_once(status: str,
     # The trials before it are shown, with no recommendation: the grid was not tried through.
     measured, failed, recommended = result.stdout.splitlines()[1:4]
     assert measured.split()[:3] == ["2", "256.0", "KiB"]
-    assert failed.split() == ["4", "256.0", "KiB", *["-"] * 8]
+    assert failed.split() == ["4", "256.0", "KiB", *["-"] * 9]
     assert recommended == "recommended: none (the bench stopped before its end)"
     first, stop = errors(result.stderr)
     assert first.startswith("checkpoint-sync: error: trial --concurrency 4 --part-size 256KiB")
@@ -1056,6 +1057,30 @@ def test_a_setting_whose_rounds_fetched_different_amounts_says_so(
     )
     assert only["mb_per_s"] == sorted(r["mb_per_s"] for r in only["rounds"])[1]
     assert only["failed"] == 1  # of its worst round
+
+
+@pytest.mark.parametrize("fault", ["503", "reset"])
+def test_requests_retried_in_a_trial_are_counted_where_its_figures_are(
+    tmp_path: Path, fault: str
+) -> None:
+    with ServerThread(job_catalog(checkpoints=1)) as server:
+        bench = job_args(server, "bench", "--concurrency", "2", "--part-size", "256KiB")
+        server.faults.hook = first_answers(3, fault)  # in the first round alone
+        result = run_cli(*bench, "--rounds", "2", "--scratch", tmp_path)
+        server.faults.hook = first_answers(3, fault)
+        as_json = run_cli(*bench, "--rounds", "2", "--json")
+
+    # Every file came in the end: the 3 requests asked again showed nowhere, though their waits
+    # were in the round's seconds.
+    assert result.code == as_json.code == 0, result.stderr + as_json.stderr
+    header, row = result.stdout.splitlines()[0:2]
+    assert header.split()[-1] == "retries"
+    assert row.split()[-2:] in (["0", "(0-3)"], ["3", "(0-3)"])  # the middle round's, its range
+    assert result.stderr.count(", 3 requests retried\n") == 1
+    (only,) = json.loads(as_json.stdout)["trials"]
+    assert [r["retries"] for r in only["rounds"]] == [3, 0]
+    (middle,) = [r for r in only["rounds"] if r["seconds"] == only["seconds"]]
+    assert only["retries"] == middle["retries"]
 
 
 @pytest.mark.anyio
