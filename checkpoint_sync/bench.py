@@ -180,16 +180,30 @@ def settings_of(trials: Sequence[Trial | FailedTrial]) -> list[Setting]:
     return [Setting(tuple(group)) for group in grouped.values()]
 
 
+def _eligible(settings: Sequence[Setting]) -> list[tuple[float, Setting]]:
+    """The settings whose every trial ended, with their median MB/s; of them the clean ones,
+    where any is."""
+    ended = [(rate, s) for s in settings if not s.errors and (rate := s.mb_per_s) is not None]
+    return [(rate, s) for rate, s in ended if not s.failed] or ended
+
+
 def recommend(settings: Sequence[Setting]) -> Setting | None:
     """Of the settings whose every trial ended (none if none did), the fastest clean one (by
     median); of those within `TIE` of it, the fewest connections and parts."""
-    ended = [(rate, s) for s in settings if not s.errors and (rate := s.mb_per_s) is not None]
-    clean = [(rate, s) for rate, s in ended if not s.failed] or ended
-    if not clean:
+    eligible = _eligible(settings)
+    if not eligible:
         return None
-    best = max(rate for rate, _ in clean)
-    close = [s for rate, s in clean if rate >= best * (1 - TIE)]
+    best = max(rate for rate, _ in eligible)
+    close = [s for rate, s in eligible if rate >= best * (1 - TIE)]
     return min(close, key=lambda s: (s.concurrency, -s.part_size))
+
+
+def passed_over(settings: Sequence[Setting]) -> Setting | None:
+    """The fastest of the settings `recommend` chooses from, where it chose another within
+    `TIE` of it: a row faster than the one recommended, which the recommendation must explain."""
+    chosen = recommend(settings)
+    top = max(_eligible(settings), key=lambda entry: entry[0], default=(0.0, None))[1]
+    return None if top is chosen or top is None or chosen is None else top
 
 
 def request_medians(

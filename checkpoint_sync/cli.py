@@ -1237,7 +1237,7 @@ def _bench_report(
 ) -> int:
     """The table (or ``--json``'s document) of ``trials`` and the settings recommended, none if
     the bench ``stopped`` (why) before its end; the exit code of a bench that ended."""
-    from .bench import measured, recommend, settings_of
+    from .bench import TIE, measured, passed_over, recommend, settings_of
 
     if out.as_json:
         out.json(_bench_document(trials, rounds, stopped))
@@ -1259,7 +1259,14 @@ def _bench_report(
         elif best is None:
             out.answer("recommended: none (a trial of every setting failed)")
         else:
-            out.answer(f"recommended: {_flags(best)} ({best.mb_per_s:.1f} MB/s)")
+            faster = passed_over(settings_tried)
+            why = (
+                ""
+                if faster is None
+                else f"; within {TIE:.0%} of the fastest, {_flags(faster)} at "
+                f"{faster.mb_per_s:.1f} MB/s, with fewer connections or larger parts"
+            )
+            out.answer(f"recommended: {_flags(best)} ({best.mb_per_s:.1f} MB/s{why})")
     # Not a clean run: a trial that failed, or a file in one.
     ended = measured(trials)
     failed = len(ended) < len(trials) or any(t.failed for t in ended)

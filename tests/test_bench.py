@@ -18,6 +18,7 @@ from checkpoint_sync.bench import (
     budgeted_pages,
     grid,
     middle_round,
+    passed_over,
     recommend,
     request_medians,
     settings_of,
@@ -106,6 +107,25 @@ def test_grid_tries_every_pair_once() -> None:
 def test_recommend(trials: list[Trial | FailedTrial], chosen: tuple[int, int] | None) -> None:
     best = recommend(settings_of(trials))
     assert (best and (best.concurrency, best.part_size)) == chosen
+
+
+@pytest.mark.parametrize(
+    ("trials", "faster"),
+    [
+        ([trial(4, 1, 100), trial(8, 1, 200)], None),  # the fastest is recommended
+        # Within 5%: 4 connections recommended, the faster row named so that it says why.
+        ([trial(4, 1, 196), trial(8, 1, 200)], (8, 1)),
+        ([trial(4, 1, 200), trial(4, 2, 199)], (4, 1)),  # larger parts recommended
+        ([trial(4, 1, 200), trial(4, 2, 195), trial(8, 1, 201)], (8, 1)),
+        # A faster row with a failed file is no setting to choose: its failures say why.
+        ([trial(4, 1, 100), trial(8, 1, 300, failed=1)], None),
+        ([trial(4, 1, 100), trial(8, 1, 300), failed_trial(8, 1)], None),
+        ([failed_trial(4, 1)], None),
+    ],
+)
+def test_passed_over(trials: list[Trial | FailedTrial], faster: tuple[int, int] | None) -> None:
+    top = passed_over(settings_of(trials))
+    assert (top and (top.concurrency, top.part_size)) == faster
 
 
 def test_a_setting_is_its_rounds_median_and_range() -> None:
