@@ -198,7 +198,7 @@ def recommend(settings: Sequence[Setting]) -> Setting | None:
     return min(close, key=lambda s: (s.concurrency, -s.part_size))
 
 
-def passed_over(settings: Sequence[Setting]) -> Setting | None:
+def fastest_not_recommended(settings: Sequence[Setting]) -> Setting | None:
     """The fastest of the settings `recommend` chooses from, where it chose another within
     `TIE` of it: a row faster than the one recommended, which the recommendation must explain."""
     chosen = recommend(settings)

@@ -1237,7 +1237,7 @@ def _bench_report(
 ) -> int:
     """The table (or ``--json``'s document) of ``trials`` and the settings recommended, none if
     the bench ``stopped`` (why) before its end; the exit code of a bench that ended."""
-    from .bench import TIE, measured, passed_over, recommend, settings_of
+    from .bench import TIE, fastest_not_recommended, measured, recommend, settings_of
 
     if out.as_json:
         out.json(_bench_document(trials, rounds, stopped))
@@ -1259,7 +1259,7 @@ def _bench_report(
         elif best is None:
             out.answer("recommended: none (a trial of every setting failed)")
         else:
-            faster = passed_over(settings_tried)
+            faster = fastest_not_recommended(settings_tried)
             why = (
                 ""
                 if faster is None

@@ -16,9 +16,9 @@ from checkpoint_sync.bench import (
     Setting,
     Trial,
     budgeted_pages,
+    fastest_not_recommended,
     grid,
     middle_round,
-    passed_over,
     recommend,
     request_medians,
     settings_of,
@@ -123,8 +123,10 @@ def test_recommend(trials: list[Trial | FailedTrial], chosen: tuple[int, int] | 
         ([failed_trial(4, 1)], None),
     ],
 )
-def test_passed_over(trials: list[Trial | FailedTrial], faster: tuple[int, int] | None) -> None:
-    top = passed_over(settings_of(trials))
+def test_fastest_not_recommended(
+    trials: list[Trial | FailedTrial], faster: tuple[int, int] | None
+) -> None:
+    top = fastest_not_recommended(settings_of(trials))
     assert (top and (top.concurrency, top.part_size)) == faster
 
 
