@@ -47,7 +47,7 @@ from .plan import (
     walked_whole,
 )
 from .progress import Listing, Stats, counted_files
-from .prune import Deletion, Pruner, deletions, held_back
+from .prune import Deletion, Pruner, checkpoints_of, deletions, held_back
 from .sources.base import Checkpoint, RemoteFile, Source, UnreadableEntry
 from .transfer import Transfers, TransferSettings
 from .wire import HttpClient
@@ -479,10 +479,9 @@ def _decide_deletions(
     for doomed in going:
         stats.files_to_delete += 1
         stats.bytes_to_delete += doomed.size
-        if doomed.checkpoint not in stats.removed_upstream:
-            stats.removed_upstream.append(doomed.checkpoint)
         if on_plan is not None:
             on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
+    stats.removed_upstream = checkpoints_of(going)
     return decided
 
 

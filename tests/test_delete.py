@@ -22,7 +22,7 @@ from checkpoint_sync.errors import LocalIOError
 from checkpoint_sync.localserver import ServedCheckpoint, ServedFile
 from checkpoint_sync.manifest import Manifest
 from checkpoint_sync.plan import FileFilter
-from checkpoint_sync.prune import Pruner, deletions
+from checkpoint_sync.prune import Deletion, Pruner, checkpoints_of, deletions
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import (
@@ -729,3 +729,42 @@ def test_a_signal_while_deleting_stops_the_run_at_once_and_the_next_run_finishes
     assert result.code == 0, result.stderr
     assert not (dest / JOB / DELETED).exists()
     assert DELETED not in recorded_checkpoints(dest)
+
+
+class _Counted(str):
+    """A checkpoint name that counts how often it is compared with another."""
+
+    compared = 0
+
+    def __eq__(self, other: object) -> bool:
+        _Counted.compared += 1
+        return str.__eq__(self, other)
+
+    __hash__ = str.__hash__
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        ([], []),
+        (["j/c-10", "j/c-10", "j/c-20"], ["j/c-10", "j/c-20"]),
+        (["j/c-20", "j/c-10", "j/c-20"], ["j/c-20", "j/c-10"]),
+        (["a/c-10", "b/c-10"], ["a/c-10", "b/c-10"]),
+    ],
+)
+def test_the_checkpoints_removed_upstream_are_named_once_each_in_order(
+    names: list[str], expected: list[str]
+) -> None:
+    doomed = [Deletion(f"{name}/0/f{i}", 1, name) for i, name in enumerate(names)]
+    assert checkpoints_of(doomed) == expected
+
+
+def test_naming_the_checkpoints_removed_upstream_compares_each_file_once_at_most() -> None:
+    # A job that saved every 100 steps for weeks loses thousands of checkpoints at once: a
+    # walk of those named so far, for each file, would compare some 15,000 times here.
+    doomed = [
+        Deletion(f"j/c-{c}/0/f{i}", 1, _Counted(f"j/c-{c}")) for c in range(100) for i in range(3)
+    ]
+    _Counted.compared = 0
+    assert len(checkpoints_of(doomed)) == 100
+    assert _Counted.compared <= len(doomed)
