@@ -11,7 +11,7 @@ import os
 import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC
 from enum import StrEnum
 from pathlib import Path
@@ -38,18 +38,26 @@ class LocalState(StrEnum):
     CHANGED = "changed remotely"
 
 
-def local_state(
-    listed: Mapping[str, Recorded], recorded: Mapping[str, Recorded], staging: bool
-) -> LocalState:
-    """One checkpoint's state from its listed files and the manifest's records, both by path.
+@dataclass
+class Compared:
+    """One checkpoint's listed files against the manifest's records of files still on disk at
+    their recorded size (present), counted as the listing is walked: nothing is kept per file."""
 
-    ``staging`` says whether a transfer into the checkpoint was left unfinished.
-    """
-    if any(listed.get(path) != entry for path, entry in recorded.items()):
+    matched: int = 0  # listed as recorded, and present
+    missing: bool = False  # a listed file not present (or listed twice, differently)
+    changed: bool = False  # a present file listed otherwise, or no longer listed
+    size: int = 0  # of the listed files
+    # Why some recorded files could not be looked up (this locale cannot name them).
+    refused: list[UnsafePathError] = field(default_factory=list)
+
+
+def local_state(compared: Compared, staging: bool) -> LocalState:
+    """One checkpoint's state; ``staging`` says whether a transfer into it was left unfinished."""
+    if compared.changed:
         return LocalState.CHANGED
-    if not recorded and not staging:
+    if not compared.matched and not staging:
         return LocalState.ABSENT
-    if staging or listed.keys() - recorded.keys():
+    if staging or compared.missing:
         return LocalState.PARTIAL
     return LocalState.MIRRORED
 
@@ -68,53 +76,78 @@ async def survey(
     source: Source, selection: Selection, dest: Path | None, wanted: FileFilter
 ) -> list[Row]:
     """A row per selected checkpoint; with ``dest``, the files are listed to tell each one's
-    local state."""
+    local state. Each listed file is compared with its record as its page comes (memory stays
+    flat however long the listing is); the manifest's temporary table of paths listed tells
+    repeats, as in `sync`, and the records no longer listed."""
     checkpoints = selection.checkpoints
     if dest is None:
         return [Row(c, c.size_bytes, None) for c in checkpoints]
-    listed: dict[tuple[str, str], dict[str, Recorded]] = defaultdict(dict)
+    compared: dict[tuple[str, str], Compared] = defaultdict(Compared)
     tally = Tally(wanted)
-    async for page in source.file_pages(checkpoints):
-        for file in page:
-            if isinstance(file, UnreadableEntry):
-                # A file that cannot be mirrored is missing.
-                if tally.takes(file.node_rank, file.name) and file.checkpoint is not None:
-                    _note(listed[file.run, file.checkpoint], file.where, _UNREADABLE)
-            elif tally.takes(file.node_rank, file.path):
-                # The path `layout.mirror_path` gives a safe entry; an unsafe one matches nothing
-                # in the manifest, so it counts as missing.
-                path = f"{file.run}/{file.checkpoint}/{file.node_rank}/{file.path}"
-                _note(
-                    listed[file.run, file.checkpoint], path, Recorded(file.size, file.last_modified)
-                )
-    tally.check(named=selection.named)  # as `sync` does: a mistyped rank or pattern is no state
     manifest = Manifest(manifest_path(dest), read_only=True)
     places = Places(dest)
+
+    def present(path: str, size: int, seen: Compared) -> bool:
+        """Whether the recorded file at ``path`` is on disk at ``size``, as `sync` would find
+        it: not deleted or cut short since, nor reached through a directory swapped for a
+        symlink."""
+        try:
+            final = f"{dest}/{nameable(path)}"
+        except UnsafePathError as exc:
+            seen.refused.append(exc)
+            return False
+        return local_size(final) == size and places.own(os.path.dirname(path))
+
     try:
+        async for page in source.file_pages(checkpoints):
+            for file in page:
+                if isinstance(file, UnreadableEntry):
+                    # A file that cannot be mirrored is missing.
+                    if not tally.takes(file.node_rank, file.name) or file.checkpoint is None:
+                        continue
+                    seen = compared[file.run, file.checkpoint]
+                    path, entry, version = file.where, _UNREADABLE, None
+                elif tally.takes(file.node_rank, file.path):
+                    seen = compared[file.run, file.checkpoint]
+                    # The path `layout.mirror_path` gives a safe entry; an unsafe one matches
+                    # nothing in the manifest, so it counts as missing.
+                    path = f"{file.run}/{file.checkpoint}/{file.node_rank}/{file.path}"
+                    entry = Recorded(file.size, file.last_modified)
+                    version = hash((file.size, file.last_modified))
+                else:
+                    continue
+                # As in `sync`, the first entry of a path is the one mirrored, a repeat of the
+                # same file counts once, and another repeat fails: it counts as missing.
+                first = manifest.first_listing(path, version)
+                if first is None:
+                    continue
+                if not first:
+                    seen.missing = True
+                    continue
+                seen.size += entry.size
+                recorded = manifest.recorded(path)
+                if recorded is None or not present(path, recorded.size, seen):
+                    seen.missing = True
+                elif recorded == entry:
+                    seen.matched += 1
+                else:
+                    seen.changed = True
+        tally.check(named=selection.named)  # as `sync` does: a mistyped rank or pattern is no state
         rows = []
         for c in checkpoints:
-            files = listed[c.run, c.name]
-            recorded: dict[str, Recorded] = {}
-            refused: list[UnsafePathError] = []
-            for v in manifest.files_in(c.run, c.name):
-                if not wanted.takes(v.node_rank, mirror_path_parts(v.path)[3]):
-                    continue
-                try:
-                    final = f"{dest}/{nameable(v.path)}"
-                except UnsafePathError as exc:
-                    refused.append(exc)
-                    continue
-                # A file deleted or cut short since, or reached through a directory swapped for
-                # a symlink, is missing, as `sync` would find it.
-                if local_size(final) == v.size and places.own(os.path.dirname(v.path)):
-                    recorded[v.path] = Recorded(v.size, v.last_modified)
+            seen = compared[c.run, c.name]
+            for v in manifest.unlisted_in(c.run, c.name):
+                if wanted.takes(v.node_rank, mirror_path_parts(v.path)[3]) and present(
+                    v.path, v.size, seen
+                ):
+                    seen.changed = True
             staging = any(
                 wanted.takes(*mirror_path_parts(path)[2:])
                 for path in manifest.staged_under(f"{c.run}/{c.name}/")
             )
-            size = c.size_bytes if c.size_bytes is not None else sum(f.size for f in files.values())
-            state = local_state(files, recorded, staging)
-            rows.append(Row(c, size, state, _unnamed(f"{c.run}/{c.name}", refused)))
+            size = c.size_bytes if c.size_bytes is not None else seen.size
+            state = local_state(seen, staging)
+            rows.append(Row(c, size, state, _unnamed(f"{c.run}/{c.name}", seen.refused)))
         return rows
     finally:
         manifest.close()
@@ -165,18 +198,6 @@ def _unnamed(where: str, refused: Sequence[UnsafePathError]) -> str | None:
     if not refused:
         return None
     return f"cannot look up {counted_files(len(refused), 'mirrored ')} of {where}: {refused[0]}"
-
-
-def _note(files: dict[str, Recorded], path: str, entry: Recorded) -> None:
-    """Add a listed entry. As in `sync`, the first entry of a path is the one mirrored, a repeat
-    of the same file (size and last_modified) counts once, and another repeat fails: it counts
-    as a missing file, under a key no manifest path has (a NUL)."""
-    if path in files:
-        if entry is not _UNREADABLE and files[path] == entry:
-            return
-        files[f"{path}\0{len(files)}"] = _UNREADABLE
-    else:
-        files[path] = entry
 
 
 def row_json(row: Row) -> dict[str, Any]:

@@ -178,6 +178,18 @@ class Manifest:
         for row in rows:
             yield VerifiedFile(*row)
 
+    def unlisted_in(self, run: str, checkpoint: str) -> Iterator[VerifiedFile]:
+        """The records of a checkpoint whose paths this run's listing did not show
+        (`first_listing`)."""
+        rows = self._rows(
+            "SELECT path, source, run, checkpoint, node_rank, size, last_modified, digest "
+            "FROM files WHERE run = ? AND checkpoint = ? "
+            "AND path NOT IN (SELECT path FROM listed)",
+            (run, checkpoint),
+        )
+        for row in rows:
+            yield VerifiedFile(*row)
+
     def checkpoints_of(self, run: str) -> list[str]:
         """The checkpoint directories of ``run`` that hold recorded files."""
         rows = self._rows("SELECT DISTINCT checkpoint FROM files WHERE run = ?", (run,))
