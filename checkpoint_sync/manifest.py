@@ -13,7 +13,7 @@ import errno
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -77,6 +77,20 @@ CREATE TABLE IF NOT EXISTS parts_reached (
 )
 """
 
+# The tables and indexes a manifest makes. One without a schema version may hold some of them:
+# earlier releases made them one by one, and a run killed meanwhile left those it had made.
+OUR_NAMES = frozenset(
+    {"files", "files_by_checkpoint", "staging", "parts", "staging_etags", "parts_reached"}
+)
+
+
+def foreign_names(names: Iterable[str]) -> list[str]:
+    """Of the names in a database's schema, those no manifest makes (SQLite's own, ``sqlite_``,
+    are not another program's)."""
+    return sorted(
+        name for name in names if name not in OUR_NAMES and not name.startswith("sqlite_")
+    )
+
 
 @dataclass(frozen=True)
 class VerifiedFile:
@@ -113,11 +127,13 @@ class Manifest:
                 make_directories(db_path.parent)
                 _create(db_path)
                 db = self._db = sqlite3.connect(db_path, isolation_level=None)
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self._db.execute("PRAGMA foreign_keys=ON")
+            # Before WAL mode is set: that is a write too, which another program's database
+            # must not get.
             self._migrate()
             if not read_only:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 self._db.execute(_ETAGS)
                 self._db.execute(_REACHED)
             # Most mirrors have no file in parts: then recording a file need not clear its parts.
@@ -139,9 +155,14 @@ class Manifest:
             raise LocalIOError(
                 f"manifest {self.path} was written by a newer checkpoint-sync (schema {version})"
             )
+        if version == 0:
+            _refuse_foreign(self._db, self.path)
         if version < SCHEMA_VERSION:
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            # In one transaction: a table of ours that another program's has in another shape
+            # fails the script, which then leaves nothing behind.
+            self._db.executescript(
+                f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
+            )
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -374,10 +395,7 @@ def _unusable(
     damaged = code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
     # A table or column of ours missing: another program's database is in its place.
     if damaged or str(exc).startswith(("no such table", "no such column")):
-        return LocalIOError(
-            f"manifest {db_path} cannot be used ({exc}); move it aside to rebuild it "
-            "(every file is then fetched again)"
-        )
+        return _cannot_be_used(db_path, str(exc))
     # SQLite says only "unable to open database file" or "disk I/O error" where its file is a
     # directory, or where it cannot make its -wal and -shm files beside it.
     if code & 0xFF in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR):
@@ -391,6 +409,22 @@ def _unusable(
     # A full disk, a read-only mount, an I/O error, met writing or reading: the manifest
     # itself is fine.
     return LocalIOError(f"cannot use the manifest {db_path}: {exc}{_space_left(db_path.parent)}")
+
+
+def _cannot_be_used(db_path: Path, reason: str) -> LocalIOError:
+    return LocalIOError(
+        f"manifest {db_path} cannot be used ({reason}); move it aside to rebuild it "
+        "(every file is then fetched again)"
+    )
+
+
+def _refuse_foreign(db: sqlite3.Connection, db_path: Path) -> None:
+    """Refuse, before anything is written to it, a database without a schema version that holds
+    another program's tables: a new manifest is an empty file or database, or one a run killed
+    while it made the schema left."""
+    names = (name for (name,) in db.execute("SELECT name FROM sqlite_master"))
+    if foreign := foreign_names(names):
+        raise _cannot_be_used(db_path, f"another program's database: it holds {', '.join(foreign)}")
 
 
 def _unwritable(directory: Path) -> str | None:
@@ -450,7 +484,10 @@ def _connect_read_only(db_path: Path) -> sqlite3.Connection:
     if version == 0:
         # No schema yet: a run was killed while it created the manifest, so nothing is recorded.
         # Read as a new one, or creating the schema would fail on this read-only connection.
-        db.close()
+        try:
+            _refuse_foreign(db, db_path)
+        finally:
+            db.close()
         return sqlite3.connect(":memory:", isolation_level=None)
     return db
 

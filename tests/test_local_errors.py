@@ -26,7 +26,7 @@ import pytest
 
 from checkpoint_sync.filesystem import preallocation_pays
 from checkpoint_sync.localserver import Faults
-from checkpoint_sync.manifest import SPACE_RESERVE, Manifest, VerifiedFile
+from checkpoint_sync.manifest import OUR_NAMES, SPACE_RESERVE, Manifest, VerifiedFile, foreign_names
 
 from .conftest import JOB, job_args, job_catalog, sync_args
 from .support import (
@@ -689,6 +689,92 @@ def test_a_manifest_of_another_programs_schema_is_exit_6_with_the_way_out(
     assert "move it aside to rebuild it" in result.stderr
     for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
+
+
+@pytest.mark.parametrize(
+    ("names", "foreign"),
+    [
+        ([], []),
+        (["files", "sqlite_autoindex_files_1", "files_by_checkpoint"], []),  # a run killed
+        (sorted(OUR_NAMES), []),
+        (["sqlite_sequence", "sqlite_stat1"], []),  # SQLite's own
+        (["notes"], ["notes"]),
+        (["files", "notes", "by_owner"], ["by_owner", "notes"]),
+    ],
+)
+def test_foreign_names(names: list[str], foreign: list[str]) -> None:
+    assert foreign_names(names) == foreign
+
+
+@pytest.mark.parametrize(
+    ("schema", "reason", "command"),
+    [
+        ("CREATE TABLE notes (text TEXT)", "another program's database: it holds notes", c)
+        for c in ("sync", "dry-run", "list")
+    ]
+    # A table of ours in another shape: the schema, made in one transaction, fails whole. (A
+    # dry run or `list --dest` reads it as a new manifest, as they read one a kill left.)
+    + [("CREATE TABLE files (text TEXT)", "no such column: run", "sync")],
+    ids=["sync", "dry-run", "list", "a-table-of-ours-sync"],
+)
+def test_another_programs_database_without_a_schema_version_is_left_as_it_is(
+    server: ServerThread, dest: Path, schema: str, reason: str, command: str
+) -> None:
+    # Not taken for a new manifest (user_version 0): our tables were made in it, and its
+    # journal mode changed, before a run failed (or none did).
+    manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
+    manifest.parent.mkdir(parents=True)
+    db = sqlite3.connect(manifest)
+    db.execute(schema)
+    db.execute(f"INSERT INTO {schema.split()[2]} VALUES ('theirs')")
+    db.commit()
+    db.close()
+    before = manifest.read_bytes()
+
+    if command == "list":
+        result = run_cli(*job_args(server, "list", "--dest", dest))
+    else:
+        result = run_cli(*sync_args(server, dest, *(["--dry-run"] if command == "dry-run" else [])))
+
+    assert result.code == 6, result.stderr
+    assert result.stderr == (
+        f"checkpoint-sync: error: manifest {manifest} cannot be used ({reason}); move it aside "
+        "to rebuild it (every file is then fetched again)\n"
+    )
+    assert manifest.read_bytes() == before
+    assert not manifest.with_name("manifest.sqlite3-wal").exists()
+    assert server.traffic.object_requests == 0
+
+
+@pytest.mark.parametrize("made", ["empty-file", "empty-database", "killed-while-made"])
+def test_a_database_of_no_other_program_without_a_schema_version_is_a_new_manifest(
+    server: ServerThread, dest: Path, made: str
+) -> None:
+    manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
+    if made == "killed-while-made":
+        # What a run killed while it made the schema table by table left (before it was made
+        # in one transaction): some of our tables, and no schema version.
+        Manifest(manifest).close()
+        db = sqlite3.connect(manifest)
+        for table in ("parts_reached", "staging_etags", "parts", "staging"):
+            db.execute(f"DROP TABLE {table}")
+        db.execute("PRAGMA user_version = 0")
+        db.close()
+    else:
+        manifest.parent.mkdir(parents=True)
+        manifest.touch()
+        if made == "empty-database":
+            sqlite3.connect(manifest).execute("VACUUM").connection.close()
+            assert manifest.stat().st_size > 0
+
+    assert run_cli(*job_args(server, "list", "--dest", dest)).code == 0
+    assert run_cli(*sync_args(server, dest)).code == 0
+
+    for file in server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+    fetched = server.traffic.object_requests
+    assert run_cli(*sync_args(server, dest)).code == 0
+    assert server.traffic.object_requests == fetched  # all recorded in it
 
 
 def test_a_manifest_of_a_newer_schema_is_exit_6_and_left_as_it_is(
