@@ -15,6 +15,7 @@ import errno
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from .layout import is_within, quoted
 
@@ -24,18 +25,40 @@ ZERO_FILLING = frozenset({"tmpfs"})
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
+class Mount(NamedTuple):
+    point: str
+    type: str
+
+
 def preallocation_pays(path: str) -> bool:
     """Whether files under ``path`` should be reserved at full size before they are fetched."""
+    mountinfo = _mountinfo()
+    if mountinfo is None:
+        return True  # not Linux, or no /proc: reserve, as on any disk
+    mount = mount_of(mountinfo, os.path.realpath(path))
+    return mount is None or mount.type not in ZERO_FILLING
+
+
+def filesystem_named(path: str | Path, device: int) -> str:
+    """The filesystem ``path`` is on, for a message: its type and mount point, or where they
+    cannot be read, its device number."""
+    mountinfo = _mountinfo()
+    mount = mount_of(mountinfo, os.path.realpath(path)) if mountinfo is not None else None
+    if mount is None:
+        return f"device {os.major(device)}:{os.minor(device)}"
+    return f"{mount.type} at {mount.point}"
+
+
+def _mountinfo() -> str | None:
     try:
         with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as mounts:
-            mountinfo = mounts.read()
+            return mounts.read()
     except OSError:
-        return True  # not Linux, or no /proc: reserve, as on any disk
-    return filesystem_type(mountinfo, os.path.realpath(path)) not in ZERO_FILLING
+        return None
 
 
-def filesystem_type(mountinfo: str, path: str) -> str | None:
-    """The type of the filesystem ``path`` (resolved) is on, from ``/proc/self/mountinfo`` text.
+def mount_of(mountinfo: str, path: str) -> Mount | None:
+    """The mount ``path`` (resolved) is on, from ``/proc/self/mountinfo`` text.
 
     That is the mount at the longest mount point above ``path``; of several mounts at one
     point, the last one listed, which hides the others.
@@ -50,7 +73,7 @@ def filesystem_type(mountinfo: str, path: str) -> str | None:
         except (IndexError, ValueError):
             continue  # not a mount line
         if len(point) >= longest and is_within(point, path):
-            found, longest = fstype, len(point)
+            found, longest = Mount(point, fstype), len(point)
     return found
 
 

@@ -46,7 +46,13 @@ from .errors import (
     UrlExpiredError,
     most_severe,
 )
-from .filesystem import Places, fsync_directory, make_directories, preallocation_pays
+from .filesystem import (
+    Places,
+    filesystem_named,
+    fsync_directory,
+    make_directories,
+    preallocation_pays,
+)
 from .layout import STATE_DIR, mirror_path_parts, quoted, staging_name
 from .manifest import SPACE_RESERVE, Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
@@ -157,6 +163,7 @@ class Transfers:
         except OSError as exc:  # every file is fetched into it: none could be
             message = f"cannot create {quoted(self._staging_dir)}: {exc.strerror}"
             raise LocalIOError(message) from exc
+        _refuse_another_filesystem(self._staging_dir, dest)
         if settings.fsync:
             # The staging area may have been made just now (the lock made the directories
             # above it): its entry lives in the state directory.
@@ -1133,6 +1140,21 @@ def _refuse_a_directory_in_place(final: str, relative: str) -> None:
         return  # nothing there, or nothing this can tell: the rename will say
     if stat.S_ISDIR(mode):
         raise FileError(f"cannot write {quoted(relative)}: a directory is in its place")
+
+
+def _refuse_another_filesystem(staging_dir: Path, dest: Path) -> None:
+    """A file is published by a rename from the staging area, which cannot cross filesystems
+    (EXDEV): a staging area on another (a symlink to it) would fail every file, every run, each
+    after it was fetched."""
+    staging_device = _os_call(staging_dir, lambda: os.stat(staging_dir).st_dev)
+    dest_device = _os_call(dest, lambda: os.stat(dest).st_dev)
+    if staging_device != dest_device:
+        raise LocalIOError(
+            f"cannot stage files in {quoted(staging_dir)}: it is on another filesystem "
+            f"({filesystem_named(staging_dir, staging_device)}) than the destination "
+            f"({filesystem_named(dest, dest_device)}), and a file is published by a rename, "
+            "which cannot cross filesystems (a symlink? the staging area must be on DEST's)"
+        )
 
 
 def _local_error(exc: OSError, path: str | Path, needed: int | None = None) -> CheckpointSyncError:

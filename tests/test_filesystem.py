@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpoint_sync.filesystem import Places, filesystem_type
+from checkpoint_sync.filesystem import Places, mount_of
 
 MOUNTINFO = "\n".join(
     [
@@ -28,23 +28,25 @@ MOUNTINFO = "\n".join(
 @pytest.mark.parametrize(
     ("path", "expected"),
     [
-        ("/", "ext4"),
-        ("/home/user/mirror", "ext4"),
-        ("/dev/shm", "tmpfs"),
-        ("/dev/shm/mirror/.checkpoint-sync/staging", "tmpfs"),
-        ("/dev/shmx/mirror", "ext4"),  # a longer name, not a path below the mount point
-        ("/mnt/my disk/mirror", "xfs"),  # octal escapes in mount points
-        ("/mnt/my\\040disk/mirror", "ext4"),
-        ("/data/mirror", "tmpfs"),  # the last mount at a point wins
-        ("/data/inner/mirror", "nfs4"),
+        ("/", ("/", "ext4")),
+        ("/home/user/mirror", ("/", "ext4")),
+        ("/dev/shm", ("/dev/shm", "tmpfs")),
+        ("/dev/shm/mirror/.checkpoint-sync/staging", ("/dev/shm", "tmpfs")),
+        ("/dev/shmx/mirror", ("/", "ext4")),  # a longer name, not a path below the mount point
+        ("/mnt/my disk/mirror", ("/mnt/my disk", "xfs")),  # octal escapes in mount points
+        ("/mnt/my\\040disk/mirror", ("/", "ext4")),
+        ("/data/mirror", ("/data", "tmpfs")),  # the last mount at a point wins
+        ("/data/inner/mirror", ("/data/inner", "nfs4")),
     ],
 )
-def test_the_filesystem_of_a_path_is_its_deepest_mount(path: str, expected: str) -> None:
-    assert filesystem_type(MOUNTINFO, path) == expected
+def test_the_filesystem_of_a_path_is_its_deepest_mount(
+    path: str, expected: tuple[str, str]
+) -> None:
+    assert mount_of(MOUNTINFO, path) == expected
 
 
 def test_no_mount_line_means_no_answer() -> None:
-    assert filesystem_type("garbage\n\n1 2 3", "/anything") is None
+    assert mount_of("garbage\n\n1 2 3", "/anything") is None
 
 
 @pytest.mark.parametrize(

@@ -494,6 +494,30 @@ def test_a_staging_area_that_cannot_be_made_stops_the_run(server: ServerThread, 
     assert_records_true(dest)
 
 
+def test_a_staging_area_on_another_filesystem_stops_the_run_before_any_fetch(
+    server: ServerThread, dest: Path, tmp_path: Path
+) -> None:
+    # A file is published by a rename, which cannot cross filesystems: each file failed with
+    # "Invalid cross-device link" after it was fetched, on every run.
+    with mounted(tmp_path / "disk", "tmpfs", "size=32m") as elsewhere:
+        staging = dest / ".checkpoint-sync" / "staging"
+        staging.parent.mkdir(parents=True)
+        staging.symlink_to(elsewhere)
+
+        result = run_cli(*sync_args(server, dest))
+
+        assert result.code == 6, result.stderr
+        assert result.stderr.count("\n") == 1
+        assert result.stderr.startswith(
+            f"checkpoint-sync: error: cannot stage files in {staging}: it is on another "
+            f"filesystem (tmpfs at {elsewhere}) than the destination ("
+        )
+        assert "a file is published by a rename, which cannot cross filesystems" in result.stderr
+        assert server.traffic.object_requests == 0
+        assert list(elsewhere.iterdir()) == []
+    assert staging.is_symlink()
+
+
 # Locked with room to spare on its disk, and with a little more than the manifest's reserve:
 # neither is the disk's fault, and no space left is noted.
 @pytest.mark.parametrize("room", [None, 6 << 20], ids=["roomy", "6-MiB-free"])
