@@ -324,6 +324,7 @@ async def _produce(
                     if on_plan is not None:
                         on_plan(PlannedFile(relative, file.size, action))
                     if action != "skip" and jobs is not None:
+                        stats.queue(relative)
                         await jobs.put(
                             _Job(file, relative, recorded is not None, action == "check")
                         )
@@ -540,16 +541,19 @@ async def _work(jobs: _Jobs, transfers: Transfers, stats: Stats, stop: _Stop) ->
             continue  # drained, not fetched
         try:
             if job.check and await _still_as_recorded(job, transfers, stats):
+                stats.queue(job.relative, -1)
                 continue
             await transfers.fetch(job.file, job.relative, replaces=job.replaces)
         except FileError as exc:
             stats.fail(job.relative, str(exc))
         except LocalIOError as exc:
             stop.stop(exc)
+            continue
         else:
             stats.files_fetched += 1
             if job.check:  # a checked file is fetched only when found damaged
                 stats.files_restored += 1
+        stats.queue(job.relative, -1)  # a failed one is counted in `Stats.failed_in`
 
 
 async def _still_as_recorded(job: _Job, transfers: Transfers, stats: Stats) -> bool:

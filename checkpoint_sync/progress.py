@@ -77,6 +77,9 @@ class Stats:
     # The files failed in each of those (by where): one checkpoint's failure leaves the others
     # whole, and `failures` keeps only the first few.
     failed_in: Counter[str] = field(default_factory=Counter)
+    # The files of each of those queued to be fetched or read back and not yet done: a run
+    # stopped after its walk ended mirrored a checkpoint with none left whole.
+    queued_in: Counter[str] = field(default_factory=Counter)
     syncing_left_out: list[str] = field(default_factory=list)
     # Checkpoints left out for a status neither complete nor syncing: (where, status).
     status_left_out: list[tuple[str, str | None]] = field(default_factory=list)
@@ -102,13 +105,21 @@ class Stats:
 
     def fail(self, where: str, message: str) -> None:
         self.files_failed += 1
-        # Looked up by each path leading to it: a run may take thousands of checkpoints.
-        leading = [where[:i] for i, char in enumerate(where) if char == "/"]
-        for checkpoint in (*leading, where):
-            if checkpoint in self.taken:
-                self.failed_in[checkpoint] += 1
+        for checkpoint in self._taken_leading_to(where):
+            self.failed_in[checkpoint] += 1
         if len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append((where, message))
+
+    def queue(self, path: str, count: int = 1) -> None:
+        """The file at ``path`` is queued (``count`` 1) or done with (-1), landed or failed."""
+        for checkpoint in self._taken_leading_to(path):
+            self.queued_in[checkpoint] += count
+
+    def _taken_leading_to(self, where: str) -> list[str]:
+        """The checkpoints taken that ``where`` is or lies in: looked up by each path leading
+        to it, as a run may take thousands."""
+        leading = [where[:i] for i, char in enumerate(where) if char == "/"]
+        return [checkpoint for checkpoint in (*leading, where) if checkpoint in self.taken]
 
     def timed(self, first_byte: float, body_bytes: int, body_seconds: float) -> None:
         if len(self.timings) < MAX_TIMINGS_KEPT:
@@ -125,8 +136,10 @@ class Stats:
 def incompleteness(stats: Stats, where: str, *, stopped: bool, error: bool) -> str | None:
     """Why the checkpoint ``where``, one the run took, may not be whole in the mirror as the run
     ends (``stopped`` by a signal, or by an ``error``); None where the run mirrored every file
-    of it that it set out to."""
-    if stopped:
+    of it that it set out to. A stop after the walk of the listing ended leaves whole those
+    checkpoints none of whose files it queued was still to land; before, any may lack a file
+    not listed yet (a job's listing is not by checkpoint)."""
+    if stopped and (stats.listing is not Listing.DONE or stats.queued_in[where]):
         return "the run was stopped"
     if error:
         return "the run stopped on an error"

@@ -1255,3 +1255,23 @@ def test_a_closed_stdout_exits_quietly_whatever_was_to_be_printed(argv: list[str
     assert done.returncode == 128 + signal.SIGPIPE, done.stderr
     assert b"Traceback" not in done.stderr
     assert b"Exception ignored" not in done.stderr
+
+
+def test_a_stopped_run_says_which_checkpoints_landed_whole(dest: Path) -> None:
+    # A stop read every checkpoint the run took as incomplete, even one whose files had all
+    # landed once the job's listing was walked to its end; one with a file still in flight is.
+    with ServerThread(job_catalog(checkpoints=2), Faults(stall_seconds=60)) as server:
+        # The last one listed, of each rank (they share a name).
+        stalled = server.files()[-1].name
+        server.faults.hook = lambda name, start, end: "stall" if name == stalled else None
+        process = start(server, dest, "--json")
+        others = [f for f in server.files() if f.name != stalled]
+        wait_for(process, lambda: all(mirrored(dest, JOB, f).exists() for f in others))
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+
+    assert process.returncode == 130, err
+    complete = {c["checkpoint"]: c["complete"] for c in json.loads(out)["checkpoints"]}
+    assert complete == {f"{JOB}/checkpoint-10": True, f"{JOB}/checkpoint-20": False}
+    assert stalled.startswith("checkpoint-20/")
+    assert not any(mirrored(dest, JOB, f).exists() for f in server.files() if f.name == stalled)

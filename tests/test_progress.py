@@ -468,3 +468,33 @@ def test_a_run_says_why_a_checkpoint_may_not_be_whole(
     for failed in ("job/c-10/0/a.bin", "job/c-10", "job/c-20/1/b.bin", "job/c-3/0/c.bin"):
         stats.fail(failed, "HTTP 500")  # c-10's listing entry, and a checkpoint not taken
     assert incompleteness(stats, where, stopped=stopped, error=error) == missing
+
+
+@pytest.mark.parametrize(
+    ("listing", "where", "missing"),
+    [
+        # Walked to its end before the stop: a checkpoint none of whose files is still queued
+        # is whole; one with a file in flight, or one that failed, is not.
+        (Listing.DONE, "job/c-1", None),
+        (Listing.DONE, "job/c-10", "the run was stopped"),
+        (Listing.DONE, "job/c-20", "1 file failed"),
+        (Listing.DONE, "job/c-30", None),  # its files all skipped, or done before the stop
+        # Before its end: any checkpoint may have files not listed yet.
+        (Listing.WALKING, "job/c-1", "the run was stopped"),
+        (Listing.WALKING, "job/c-30", "the run was stopped"),
+        (Listing.STOPPED, "job/c-1", "the run was stopped"),
+        (Listing.FAILED, "job/c-1", "the run was stopped"),
+    ],
+)
+def test_a_stopped_run_says_whole_only_a_checkpoint_walked_and_landed(
+    listing: Listing, where: str, missing: str | None
+) -> None:
+    stats = Stats(taken={c: (c, None) for c in ("job/c-1", "job/c-10", "job/c-20", "job/c-30")})
+    stats.end_listing(listing)
+    for path in ("job/c-1/0/a.bin", "job/c-10/0/a.bin", "job/c-10/1/a.bin", "job/c-20/0/a.bin"):
+        stats.queue(path)
+    for landed in ("job/c-1/0/a.bin", "job/c-10/1/a.bin"):
+        stats.queue(landed, -1)
+    stats.fail("job/c-20/0/a.bin", "HTTP 500")
+    stats.queue("job/c-20/0/a.bin", -1)
+    assert incompleteness(stats, where, stopped=True, error=False) == missing
