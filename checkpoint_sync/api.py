@@ -62,6 +62,11 @@ class ApiClient:
         # quotes across the cut would no longer match it, and its start would be shown.
         self._redact = Redactor([api_key, *secrets])
 
+    def said(self, text: str) -> str:
+        """What the server said in an answer (an error's message), as a message shows it: its
+        secrets removed, and cut short."""
+        return self._redact.head(text, _MAX_SHOWN)
+
     @property
     def retry(self) -> RetryPolicy:
         """How its requests are retried: for a caller that asks again itself."""

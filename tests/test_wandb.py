@@ -526,6 +526,23 @@ def test_a_graphql_error_is_reported_as_w_and_b_said_it(
     assert "W&B answered: permission denied for team/agents" in result.stderr
 
 
+def test_a_long_graphql_error_is_cut_short_as_other_api_errors_are(
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was quoted whole (a stack trace W&B put in it, say); the key it quotes across the cut
+    # is still not shown, not even its start.
+    message = "permission denied " + "x" * 274 + WANDB_KEY + " and more" * 500
+    refusal = {"data": None, "errors": [{"message": message}]}
+    with graphql_answering(lambda _, __: (200, json.dumps(refusal).encode()), monkeypatch):
+        result = run_cli(*synced(dest, "--latest", "--wandb-artifact", ARTIFACT))
+
+    assert result.code == 1
+    (line,) = result.stderr.splitlines()
+    said = line.partition("W&B answered: ")[2]
+    assert said == ("permission denied " + "x" * 274 + "<redacted>")[:300]
+    assert WANDB_KEY[:8] not in result.stderr
+
+
 def test_empty_pages_end_an_artifact_listing_whatever_they_promise(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

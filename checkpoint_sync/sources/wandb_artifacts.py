@@ -130,7 +130,7 @@ class ArtifactFiles:
         """The first page of version ``alias``'s files, asked for now (with retries), as a task
         done; `VersionMissing` if there is no such version."""
         task = asyncio.create_task(self._page(alias, page_size, None))
-        _files(await task, self.path, _what(self.path, alias), later=False)
+        self._files(await task, _what(self.path, alias), later=False)
         return task
 
     async def pages(
@@ -150,13 +150,30 @@ class ArtifactFiles:
                 first = None
             else:
                 answer = await self._page(alias, page_size, cursor)
-            files = _files(answer, self.path, what, later=cursor is not None)
+            files = self._files(answer, what, later=cursor is not None)
             if not files.edges:
                 return
             yield [edge.node for edge in files.edges]
             if not files.page_info.has_next_page:
                 return
             cursor = advance(files.page_info.end_cursor, seen, what)
+
+    def _files(self, answer: _Answer, what: str, *, later: bool) -> _Files:
+        """The files of a page of the version's (``later``: a page after its first)."""
+        # GraphQL reports failures inside a 200 answer.
+        if answer.errors:
+            raise ApiError(f"{what}: W&B answered: {self.api.said(answer.errors[0].message)}")
+        artifact = self.path
+        if answer.data is None or answer.data.project is None:
+            raise NotFoundError(
+                f"{what}: W&B project {artifact.entity}/{artifact.project} not found (check "
+                "--wandb-artifact, and that the W&B key may read it)"
+            )
+        if answer.data.project.artifact is None:
+            if later:
+                raise VersionGone(f"{what}: deleted after its first page of files was read")
+            raise VersionMissing(what)
+        return answer.data.project.artifact.files
 
     async def _page(
         self, alias: str, page_size: int, cursor: str | None, *, retried: bool = True
@@ -194,20 +211,3 @@ class VersionGone(NotFoundError):
 
 def _what(artifact: ArtifactPath, alias: str) -> str:
     return f"W&B artifact {artifact}:{alias}"
-
-
-def _files(answer: _Answer, artifact: ArtifactPath, what: str, *, later: bool) -> _Files:
-    """The files of a page of the version's (``later``: a page after its first)."""
-    # GraphQL reports failures inside a 200 answer.
-    if answer.errors:
-        raise ApiError(f"{what}: W&B answered: {answer.errors[0].message}")
-    if answer.data is None or answer.data.project is None:
-        raise NotFoundError(
-            f"{what}: W&B project {artifact.entity}/{artifact.project} not found (check "
-            "--wandb-artifact, and that the W&B key may read it)"
-        )
-    if answer.data.project.artifact is None:
-        if later:
-            raise VersionGone(f"{what}: deleted after its first page of files was read")
-        raise VersionMissing(what)
-    return answer.data.project.artifact.files
