@@ -90,6 +90,7 @@ class SyncOptions:
 class _Job:
     file: RemoteFile
     relative: str  # under DEST
+    checkpoint: str  # "<run>/<checkpoint>", as `Stats.taken` names it
     replaces: bool  # the manifest records an older file there
     check: bool  # the mirror holds it: fetched only if its bytes no longer match (--verify)
 
@@ -324,9 +325,10 @@ async def _produce(
                     if on_plan is not None:
                         on_plan(PlannedFile(relative, file.size, action))
                     if action != "skip" and jobs is not None:
-                        stats.queue(relative)
+                        where = f"{file.run}/{file.checkpoint}"
+                        stats.queued_in[where] += 1
                         await jobs.put(
-                            _Job(file, relative, recorded is not None, action == "check")
+                            _Job(file, relative, where, recorded is not None, action == "check")
                         )
         stats.end_listing(Listing.DONE)
         tally.check(each=options.complete_listing, named=selection.named)
@@ -541,7 +543,7 @@ async def _work(jobs: _Jobs, transfers: Transfers, stats: Stats, stop: _Stop) ->
             continue  # drained, not fetched
         try:
             if job.check and await _still_as_recorded(job, transfers, stats):
-                stats.queue(job.relative, -1)
+                stats.queued_in[job.checkpoint] -= 1
                 continue
             await transfers.fetch(job.file, job.relative, replaces=job.replaces)
         except FileError as exc:
@@ -553,7 +555,7 @@ async def _work(jobs: _Jobs, transfers: Transfers, stats: Stats, stop: _Stop) ->
             stats.files_fetched += 1
             if job.check:  # a checked file is fetched only when found damaged
                 stats.files_restored += 1
-        stats.queue(job.relative, -1)  # a failed one is counted in `Stats.failed_in`
+        stats.queued_in[job.checkpoint] -= 1  # a failed one is counted in `Stats.failed_in`
 
 
 async def _still_as_recorded(job: _Job, transfers: Transfers, stats: Stats) -> bool:

@@ -105,21 +105,13 @@ class Stats:
 
     def fail(self, where: str, message: str) -> None:
         self.files_failed += 1
-        for checkpoint in self._taken_leading_to(where):
-            self.failed_in[checkpoint] += 1
+        # Looked up by each path leading to it: a run may take thousands of checkpoints.
+        leading = [where[:i] for i, char in enumerate(where) if char == "/"]
+        for checkpoint in (*leading, where):
+            if checkpoint in self.taken:
+                self.failed_in[checkpoint] += 1
         if len(self.failures) < MAX_FAILURES_KEPT:
             self.failures.append((where, message))
-
-    def queue(self, path: str, count: int = 1) -> None:
-        """The file at ``path`` is queued (``count`` 1) or done with (-1), landed or failed."""
-        for checkpoint in self._taken_leading_to(path):
-            self.queued_in[checkpoint] += count
-
-    def _taken_leading_to(self, where: str) -> list[str]:
-        """The checkpoints taken that ``where`` is or lies in: looked up by each path leading
-        to it, as a run may take thousands."""
-        leading = [where[:i] for i, char in enumerate(where) if char == "/"]
-        return [checkpoint for checkpoint in (*leading, where) if checkpoint in self.taken]
 
     def timed(self, first_byte: float, body_bytes: int, body_seconds: float) -> None:
         if len(self.timings) < MAX_TIMINGS_KEPT:

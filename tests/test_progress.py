@@ -491,10 +491,7 @@ def test_a_stopped_run_says_whole_only_a_checkpoint_walked_and_landed(
 ) -> None:
     stats = Stats(taken={c: (c, None) for c in ("job/c-1", "job/c-10", "job/c-20", "job/c-30")})
     stats.end_listing(listing)
-    for path in ("job/c-1/0/a.bin", "job/c-10/0/a.bin", "job/c-10/1/a.bin", "job/c-20/0/a.bin"):
-        stats.queue(path)
-    for landed in ("job/c-1/0/a.bin", "job/c-10/1/a.bin"):
-        stats.queue(landed, -1)
+    # Queued: one file of c-1 (landed), two of c-10 (one landed) and one of c-20 (failed).
+    stats.queued_in.update({"job/c-1": 0, "job/c-10": 1, "job/c-20": 0})
     stats.fail("job/c-20/0/a.bin", "HTTP 500")
-    stats.queue("job/c-20/0/a.bin", -1)
     assert incompleteness(stats, where, stopped=True, error=False) == missing
