@@ -259,6 +259,18 @@ async def _run(
         raise most_severe(group) from None
     except anyio.get_cancelled_exc_class() as exc:
         cancelled = exc
+    # Said of a stopped run too: a checkpoint all of whose files landed before the stop may
+    # still lack one its listing did not show.
+    moved = source.moved_while_listed()
+    stats.listings_changed = sorted(f"{run}/{name}" for run, name in moved)
+    for where in stats.listings_changed:
+        stats.unsure[where] = "its file listing kept changing while it was read"
+    for c in selection.checkpoints:
+        if untold and (c.run, None) in untold[0]:
+            where = f"{c.run}/{c.name}"
+            stats.unsure.setdefault(
+                where, "an unreadable entry of its run's listing told no checkpoint"
+            )
     # Stopped from outside (a signal), the run still raises an error met before (a listing that
     # failed while the files it listed landed) or meanwhile (a manifest that could not record
     # how far a stopped part got): it is the caller's to say.
@@ -270,8 +282,6 @@ async def _run(
     # run's, where the entry did not tell which), as may the files of a checkpoint not there to
     # list: only their listing could say which. So may one that a listing changed while it was
     # walked did not show: a later walk tells. The other checkpoints' parts still go.
-    moved = source.moved_while_listed()
-    stats.listings_changed = sorted(f"{run}/{name}" for run, name in moved)
     selected = [(c.run, c.name) for c in selection.checkpoints]
     listed = walked_whole(selected, moved, untold[0]) if untold else set()
     transfers.drop_unlisted(listed, options.files, source.listed_whole())

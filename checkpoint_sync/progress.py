@@ -80,6 +80,9 @@ class Stats:
     # The files of each of those queued to be fetched or read back and not yet done: a run
     # stopped after its walk ended mirrored a checkpoint with none left whole.
     queued_in: Counter[str] = field(default_factory=Counter)
+    # Of those, the ones that may lack a file no failure of theirs names, and why: their listing
+    # kept changing, or an unreadable entry of their run did not tell its checkpoint.
+    unsure: dict[str, str] = field(default_factory=dict)
     syncing_left_out: list[str] = field(default_factory=list)
     # Checkpoints left out for a status neither complete nor syncing: (where, status).
     status_left_out: list[tuple[str, str | None]] = field(default_factory=list)
@@ -137,7 +140,7 @@ def incompleteness(stats: Stats, where: str, *, stopped: bool, error: bool) -> s
         return "the run stopped on an error"
     if failed := stats.failed_in[where]:
         return f"{counted_files(failed)} failed"
-    return None
+    return stats.unsure.get(where)
 
 
 def summary(stats: Stats, missing: Callable[[str], str | None] | None) -> dict[str, Any]:

@@ -457,16 +457,20 @@ def test_a_count_of_files_is_said_of_one_or_of_several(count: int, kind: str, sa
         (True, True, "job/c-10", "the run was stopped"),  # the stop was asked for: it is said
         (False, True, "job/c-30", "the run stopped on an error"),
         (False, True, "job/c-10", "the run stopped on an error"),
-        (False, False, "job/c-20", "1 file failed"),
+        (False, False, "job/c-20", "1 file failed"),  # unsure too: its failure says more
         (False, False, "job/c-10", "2 files failed"),
+        (False, False, "job/c-40", "its listing kept changing"),  # no failure names it
+        (True, False, "job/c-40", "the run was stopped"),
     ],
 )
 def test_a_run_says_why_a_checkpoint_may_not_be_whole(
     stopped: bool, error: bool, where: str, missing: str | None
 ) -> None:
-    stats = Stats(taken={c: (c, None) for c in ("job/c-1", "job/c-10", "job/c-20", "job/c-30")})
+    taken = ("job/c-1", "job/c-10", "job/c-20", "job/c-30", "job/c-40")
+    stats = Stats(taken={c: (c, None) for c in taken})
     for failed in ("job/c-10/0/a.bin", "job/c-10", "job/c-20/1/b.bin", "job/c-3/0/c.bin"):
         stats.fail(failed, "HTTP 500")  # c-10's listing entry, and a checkpoint not taken
+    stats.unsure = {"job/c-40": "its listing kept changing", "job/c-20": "its listing changed"}
     assert incompleteness(stats, where, stopped=stopped, error=error) == missing
 
 

@@ -1728,6 +1728,36 @@ def test_a_listing_that_keeps_changing_is_walked_three_times_and_said_so(
     assert requests >= 1 + 3 * 2  # the checkpoint list, then three walks of two pages or more
 
 
+def test_a_checkpoint_whose_listing_kept_changing_is_not_said_complete(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every file it saw landed, and none failed: but a file removed meanwhile may have hidden
+    # another, so a restore must not take the checkpoint for whole.
+    with ServerThread(job_catalog(checkpoints=1, large_files=0, small_files=2)) as server:
+        checkpoint = server.catalog.jobs[0].checkpoints[0]
+        stamp = checkpoint.files[0].last_modified
+        monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+
+        def upload(offset: int) -> None:
+            n = len(checkpoint.files)
+            checkpoint.files.append(
+                ServedFile(0, f"checkpoint-10/new-{n}.bin", 100, stamp, 9000 + n)
+            )
+
+        server.faults.on_page = upload
+        result = run_cli(*sync_args(server, dest, "--json"))
+        told = run_cli(*sync_args(server, dest))
+
+    assert result.code == told.code == 0, result.stderr + told.stderr
+    summary = json.loads(result.stdout)
+    assert summary["files"]["failed"] == 0
+    assert [c["complete"] for c in summary["checkpoints"]] == [False]
+    assert (
+        f"checkpoint {JOB}/checkpoint-10 in {dest / JOB / 'checkpoint-10'} is incomplete: its "
+        "file listing kept changing while it was read"
+    ) in told.stdout
+
+
 def test_a_staging_file_no_record_leads_to_goes_and_files_in_parts_keep_theirs(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
