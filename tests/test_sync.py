@@ -1692,23 +1692,30 @@ def test_a_file_a_changing_listing_did_not_show_is_found_by_walking_it_again(
     assert requests == 1 + 2 * 2
 
 
+def uploading_while_listed(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> ServedCheckpoint:
+    """The first checkpoint of ``server``'s job gains a file with each page of 2 served: every
+    walk of its listing sees it grow."""
+    checkpoint = server.catalog.jobs[0].checkpoints[0]
+    stamp = checkpoint.files[0].last_modified
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+
+    def upload(offset: int) -> None:
+        n = len(checkpoint.files)
+        checkpoint.files.append(ServedFile(0, f"checkpoint-10/new-{n}.bin", 100, stamp, 9000 + n))
+
+    server.faults.on_page = upload
+    return checkpoint
+
+
 def test_a_listing_that_keeps_changing_is_walked_three_times_and_said_so(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Files uploaded all the while the listing is walked: every walk sees total_count grow. The
     # run does not walk it for ever; it mirrors what it saw, and says that the listing moved.
     with ServerThread(job_catalog(checkpoints=1, large_files=0, small_files=2)) as server:
-        checkpoint = server.catalog.jobs[0].checkpoints[0]
-        stamp = checkpoint.files[0].last_modified
-        monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
-
-        def upload(offset: int) -> None:
-            n = len(checkpoint.files)
-            checkpoint.files.append(
-                ServedFile(0, f"checkpoint-10/new-{n}.bin", 100, stamp, 9000 + n)
-            )
-
-        server.faults.on_page = upload
+        checkpoint = uploading_while_listed(server, monkeypatch)
         unreadable = checkpoint.files[0]
         server.faults.unreadable = {unreadable.name}
         requests = server.traffic.api_requests
@@ -1734,17 +1741,7 @@ def test_a_checkpoint_whose_listing_kept_changing_is_not_said_complete(
     # Every file it saw landed, and none failed: but a file removed meanwhile may have hidden
     # another, so a restore must not take the checkpoint for whole.
     with ServerThread(job_catalog(checkpoints=1, large_files=0, small_files=2)) as server:
-        checkpoint = server.catalog.jobs[0].checkpoints[0]
-        stamp = checkpoint.files[0].last_modified
-        monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
-
-        def upload(offset: int) -> None:
-            n = len(checkpoint.files)
-            checkpoint.files.append(
-                ServedFile(0, f"checkpoint-10/new-{n}.bin", 100, stamp, 9000 + n)
-            )
-
-        server.faults.on_page = upload
+        uploading_while_listed(server, monkeypatch)
         result = run_cli(*sync_args(server, dest, "--json"))
         told = run_cli(*sync_args(server, dest))
 
