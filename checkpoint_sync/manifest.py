@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -77,10 +78,11 @@ CREATE TABLE IF NOT EXISTS parts_reached (
 )
 """
 
-# The tables and indexes a manifest makes. One without a schema version may hold some of them:
-# earlier releases made them one by one, and a run killed meanwhile left those it had made.
+# The tables and indexes a manifest makes, read from the statements that make them. One without a
+# schema version may hold some of them: earlier releases made them one by one, and a run killed
+# meanwhile left those it had made.
 OUR_NAMES = frozenset(
-    {"files", "files_by_checkpoint", "staging", "parts", "staging_etags", "parts_reached"}
+    re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA + _ETAGS + _REACHED)
 )
 
 
