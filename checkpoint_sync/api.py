@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import quote, urlencode
@@ -161,13 +161,13 @@ class ApiClient:
         if status == 404:
             raise NotFoundError(f"{what}: not found (HTTP 404)")
         if status == 422:
-            detail = _detail(body, self._redact)
+            detail = _detail(body, self.said)
             raise RequestRejectedError(f"{what}: the API rejected the request: {detail}")
         if transient_status(status):
             raise TransientError(
                 f"{what}: HTTP {status} from the API", retry_after=retry_after_seconds(headers)
             )
-        raise ApiError(f"{what}: HTTP {status} from the API: {_detail(body, self._redact)}")
+        raise ApiError(f"{what}: HTTP {status} from the API: {_detail(body, self.said)}")
 
 
 def _parse(body: bytes, model: type[M], what: str) -> M:
@@ -186,16 +186,16 @@ def _parse(body: bytes, model: type[M], what: str) -> M:
         ) from exc
 
 
-def _detail(body: bytes, redact: Redactor) -> str:
-    """The server's own explanation, from FastAPI-style ``detail`` or any short text, its
-    secrets removed from as much of it as is shown."""
+def _detail(body: bytes, said: Callable[[str], str]) -> str:
+    """The server's own explanation, from FastAPI-style ``detail`` or any short text, as
+    ``said`` shows it (`ApiClient.said`)."""
     try:
         payload: Any = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
-        return redact.head(body.decode("utf-8", "replace").strip(), _MAX_SHOWN) or "(no message)"
+        return said(body.decode("utf-8", "replace").strip()) or "(no message)"
     detail = payload.get("detail", payload) if isinstance(payload, dict) else payload
     if isinstance(detail, list):
         detail = "; ".join(
             str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail
         )
-    return redact.head(str(detail), _MAX_SHOWN)
+    return said(str(detail))
