@@ -32,29 +32,28 @@ class Mount(NamedTuple):
 
 def preallocation_pays(path: str) -> bool:
     """Whether files under ``path`` should be reserved at full size before they are fetched."""
-    mountinfo = _mountinfo()
-    if mountinfo is None:
-        return True  # not Linux, or no /proc: reserve, as on any disk
-    mount = mount_of(mountinfo, os.path.realpath(path))
+    mount = _mount(path)
+    # Where its mount cannot be read (not Linux, no /proc): reserve, as on any disk.
     return mount is None or mount.type not in ZERO_FILLING
 
 
 def filesystem_named(path: str | Path, device: int) -> str:
     """The filesystem ``path`` is on, for a message: its type and mount point, or where they
     cannot be read, its device number."""
-    mountinfo = _mountinfo()
-    mount = mount_of(mountinfo, os.path.realpath(path)) if mountinfo is not None else None
+    mount = _mount(path)
     if mount is None:
         return f"device {os.major(device)}:{os.minor(device)}"
     return f"{mount.type} at {mount.point}"
 
 
-def _mountinfo() -> str | None:
+def _mount(path: str | Path) -> Mount | None:
+    """The mount ``path`` is on, from this process's mount table; None where it cannot be read."""
     try:
         with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as mounts:
-            return mounts.read()
+            mountinfo = mounts.read()
     except OSError:
         return None
+    return mount_of(mountinfo, os.path.realpath(path))
 
 
 def mount_of(mountinfo: str, path: str) -> Mount | None:
