@@ -165,7 +165,9 @@ class Settings(BaseModel):
     @classmethod
     def _http_url(cls, value: str) -> str:
         if problem := url_problem(value):
-            raise ValueError(f"'{redact_url(value)}' is {problem}")
+            # Not quoted, even redacted: what is no URL at all is most likely a key pasted into
+            # the wrong setting, and a URL's redaction keeps all but its query and userinfo.
+            raise ValueError(f"is {problem} (the value is not shown: it may be a key)")
         if "@" in value[: origin_end(value)]:
             # Never sent (the APIs take their keys in headers): dropped without a word, or through
             # a proxy an internal error of aiohttp's, which will not send both.

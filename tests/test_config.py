@@ -456,6 +456,59 @@ def test_a_bad_url_is_refused_without_its_password(field: str, url: str, message
     assert "hunter2" not in str(caught.value)
 
 
+# A key pasted where a URL goes. No setting names it, so no redactor knows it: the message must
+# not quote the value at all, whichever URL setting it is and wherever it was set.
+PASTED_KEY = "sk-0a1b2c3d4e5f6a7b"
+
+
+@pytest.mark.parametrize("field", ["api_url", "wandb_api_url", "wandb_base_url"])
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (PASTED_KEY, "is not an http(s) URL"),
+        (f"https:{PASTED_KEY}", "is not an http(s) URL"),
+        (f"ftp://{PASTED_KEY}", "is not an http(s) URL"),
+        (f"https://api.example.com:{PASTED_KEY}/", "is not a valid URL"),
+        (f"https://api.example.com/{PASTED_KEY} x", "is not a valid URL (spaces,"),
+    ],
+)
+@pytest.mark.parametrize("origin", ["flag", "environment", "config"])
+def test_a_url_setting_that_is_no_usable_url_is_refused_without_its_value(
+    tmp_path: Path, field: str, value: str, problem: str, origin: str
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f"{field} = {json.dumps(value)}\n")
+    where = {
+        "flag": f"from --{field.replace('_', '-')}",
+        "environment": f"from CHECKPOINT_SYNC_{field.upper()}",
+        "config": f"in {config}",
+    }[origin]
+
+    with pytest.raises(UsageError) as caught:
+        load_settings(
+            config if origin == "config" else None,
+            {field: value} if origin == "flag" else {},
+            {f"CHECKPOINT_SYNC_{field.upper()}": value} if origin == "environment" else {},
+        )
+
+    message = str(caught.value)
+    assert message.startswith(f"bad setting {field} {where}: Value error, {problem}"), message
+    assert "not shown: it may be a key" in message
+    assert PASTED_KEY not in message
+
+
+def test_a_key_given_to_api_url_is_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BASETEN_API_KEY", raising=False)
+    for as_json in ([], ["--json"]):
+        result = run_cli(
+            "list", "--project", PROJECT, "--job", JOB, "--api-url", PASTED_KEY, *as_json
+        )
+
+        assert result.code == 2
+        assert "bad setting api_url from --api-url" in result.stderr
+        assert PASTED_KEY not in result.stdout + result.stderr
+
+
 @pytest.mark.parametrize("url", ["https://api.example.com/a@b", "http://127.0.0.1:8000/p/@"])
 def test_an_at_sign_past_the_host_is_no_password(url: str) -> None:
     assert load_settings(None, {"api_url": url}, {}).api_url == url

@@ -301,7 +301,6 @@ ODD = "a\\b\x1b"
         (["list", "--loops-checkpoint", f"bt://loops:r/{ODD}/x"], f": '{ODD}' is neither"),
         (["list", "--wandb-artifact", f"e/p{ODD}"], f"'e/p{ODD}' is not ENTITY/PROJECT/NAME"),
         (["list", "--wandb-artifact", f"e/p/n:{ODD}"], f"'e/p/n:{ODD}': leave out the version"),
-        (["list", "--api-url", f"ftp://{ODD}"], f"'ftp://{ODD}' is not"),
         # Every integer flag: argparse's own `int` quoted with repr.
         (["sync", "--dest", "d", "--concurrency", ODD], f"'{ODD}' is not an integer"),
         (["demo", "--concurrency", ODD], f"'{ODD}' is not an integer"),
