@@ -38,6 +38,7 @@ from .config import (
     known_secrets,
     load_settings,
     parse_size,
+    unread_variables,
 )
 from .engine import PlannedFile, SyncOptions, lock_path, sync
 from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
@@ -209,6 +210,11 @@ class _Output:
 
     def error(self, text: str) -> None:
         self._print_error(f"checkpoint-sync: error: {self.shown(text)}")
+
+    def warning(self, text: str) -> None:
+        """Something the user should fix that does not stop the run: under ``--quiet`` and
+        ``--json`` too, as an error would be (cron mails stderr)."""
+        self._print_error(f"checkpoint-sync: warning: {self.shown(text)}")
 
     def _print(self, text: str) -> None:
         """A line to stdout; one it cannot take does not stop the run, whose work is done or
@@ -640,6 +646,9 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
             "max_delete",
         )
     }
+    # Before the settings are read: a variable misspelled may be why one is refused.
+    for line in unread_variables():
+        out.warning(line)
     # A setting refused may quote its value, which may be a key the file holds pasted into the
     # wrong place (`--api-url` for a key): its keys are secrets before the settings are read.
     settings = load_settings(args.config, flags, on_secret=out.redact.add)

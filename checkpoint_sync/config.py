@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import difflib
 import math
 import os
 import re
@@ -349,6 +350,29 @@ def load_settings(
         unknown = "no such setting (config.example.toml lists them; none is in a [table])"
         why = unknown if first["type"] == "extra_forbidden" else first["msg"]
         raise _refused(where, source, why) from None
+
+
+def unread_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """A line for each variable named as a setting's would be (``CHECKPOINT_SYNC_``, in any
+    case) that no setting reads, with the nearest name that one does: a typo in a crontab
+    (CHECKPOINT_SYNC_CONCURENCY) was ignored without a word. A warning, not an error, unlike an
+    unknown key in the config file: an environment may be shared with another version of the
+    tool, which reads a setting this one does not know, and must not stop this one's runs."""
+    settings = [name.upper() for name in Settings.model_fields]
+    lines = []
+    for variable in sorted(environ):
+        prefix, setting = variable[: len(ENV_PREFIX)], variable[len(ENV_PREFIX) :]
+        if prefix.upper() != ENV_PREFIX or (prefix == ENV_PREFIX and setting in settings):
+            continue
+        # Of the setting's part alone: the prefix they share would make any name look near.
+        nearest = difflib.get_close_matches(setting.upper(), settings, n=1)
+        hint = (
+            f"did you mean {ENV_PREFIX}{nearest[0]}?"
+            if nearest
+            else "config.example.toml lists the settings"
+        )
+        lines.append(f"{variable} names no setting and is ignored ({hint})")
+    return lines
 
 
 def _is_utf8(text: str) -> bool:

@@ -17,6 +17,7 @@ from checkpoint_sync.config import (
     format_size,
     load_settings,
     parse_size,
+    unread_variables,
 )
 from checkpoint_sync.errors import UsageError
 from checkpoint_sync.net import NetSettings, ssl_context
@@ -507,6 +508,65 @@ def test_a_key_given_to_api_url_is_not_printed(monkeypatch: pytest.MonkeyPatch) 
         assert result.code == 2
         assert "bad setting api_url from --api-url" in result.stderr
         assert PASTED_KEY not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("environ", "lines"),
+    [
+        (
+            {"CHECKPOINT_SYNC_CONCURENCY": "4"},
+            [
+                "CHECKPOINT_SYNC_CONCURENCY names no setting and is ignored "
+                "(did you mean CHECKPOINT_SYNC_CONCURRENCY?)"
+            ],
+        ),
+        # Another case than the settings' own: no setting reads it either (the environment is
+        # case-sensitive).
+        (
+            {"checkpoint_sync_dest": "/m", "CHECKPOINT_SYNC_api_url": "http://h"},
+            [
+                "CHECKPOINT_SYNC_api_url names no setting and is ignored "
+                "(did you mean CHECKPOINT_SYNC_API_URL?)",
+                "checkpoint_sync_dest names no setting and is ignored "
+                "(did you mean CHECKPOINT_SYNC_DEST?)",
+            ],
+        ),
+        (
+            {"CHECKPOINT_SYNC_FOO": "1"},
+            [
+                "CHECKPOINT_SYNC_FOO names no setting and is ignored "
+                "(config.example.toml lists the settings)"
+            ],
+        ),
+        # Every setting's own variable, the keys' too, and others' variables, say nothing.
+        ({f"CHECKPOINT_SYNC_{name.upper()}": "x" for name in Settings.model_fields}, []),
+        ({"BASETEN_API_KEY": "k", "CHECKPOINT_SYNCER": "x", "HOME": "/root"}, []),
+    ],
+    ids=["typo", "case", "far-from-any", "every-setting", "other-variables"],
+)
+def test_a_variable_named_as_a_setting_that_no_setting_reads_is_named(
+    environ: dict[str, str], lines: list[str]
+) -> None:
+    assert unread_variables(environ) == lines
+
+
+@pytest.mark.parametrize("output", [[], ["--quiet"], ["--json"]], ids=["plain", "quiet", "json"])
+def test_a_misspelled_variable_is_a_warning_that_does_not_stop_the_run(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch, output: list[str]
+) -> None:
+    # A crontab's environment may be shared with another version, which reads a variable this
+    # one does not know: its runs go on, and its stderr (cron's mail) says what it ignored.
+    monkeypatch.setenv("CHECKPOINT_SYNC_CONCURENCY", "64")
+
+    result = run_cli(*job_args(server, "list", *output))
+
+    assert result.code == 0, result.stderr
+    assert result.stderr == (
+        "checkpoint-sync: warning: CHECKPOINT_SYNC_CONCURENCY names no setting and is ignored "
+        "(did you mean CHECKPOINT_SYNC_CONCURRENCY?)\n"
+    )
+    if output == ["--json"]:
+        assert json.loads(result.stdout)["checkpoints"]
 
 
 @pytest.mark.parametrize("url", ["https://api.example.com/a@b", "http://127.0.0.1:8000/p/@"])
