@@ -47,6 +47,7 @@ async def retrying(
     policy: RetryPolicy,
     operation: Callable[[], Awaitable[T]],
     progress: Callable[[], int] | None = None,
+    retried: Callable[[], None] | None = None,
 ) -> T:
     """Run ``operation``, retrying it on `TransientError` as the policy allows.
 
@@ -54,7 +55,8 @@ async def retrying(
     failure after the work got further starts the count afresh, so attempts and deadline bound
     the failures in a row without progress: a part that takes longer than the deadline on a
     slow link, or a link that drops every so many megabytes, is not given up for its age or for
-    the drops it came through.
+    the drops it came through. ``retried`` is called before each attempt after the first: a
+    failure given up on was not asked again.
     """
     started = time.monotonic()
     attempt = 0
@@ -71,3 +73,5 @@ async def retrying(
             if policy.gives_up(attempt, started, wait, time.monotonic()):
                 raise
             await anyio.sleep(wait)
+            if retried is not None:
+                retried()

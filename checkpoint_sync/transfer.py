@@ -528,9 +528,6 @@ class Transfers:
                     while state.offset < state.end:
                         await self._request_range(staged, file, part, listed, state, taken)
                     return
-                except TransientError:
-                    self._stats.retries += 1
-                    raise
                 except UrlExpiredError as exc:
                     if state.relisted and not state.url_worked:
                         # The URL we listed a moment ago, for this very request, is refused too.
@@ -550,7 +547,9 @@ class Transfers:
             try:
                 # Progress in whole MiB: a server that sends a few bytes before every drop runs
                 # out of attempts, as one that sends none does.
-                await retrying(self._settings.retry, attempt, lambda: state.offset >> 20)
+                await retrying(
+                    self._settings.retry, attempt, lambda: state.offset >> 20, self._retried
+                )
             except TransientError as exc:
                 # Out of retries: this file fails, the run goes on.
                 await self._keep_reached(staged, part, state)
@@ -566,6 +565,10 @@ class Transfers:
             await self._flush(staged)
         self._manifest.part_done(staged.key, part.index)
         return None
+
+    def _retried(self) -> None:
+        """A request that failed is asked again (not one given up on: it is no retry)."""
+        self._stats.retries += 1
 
     async def _flush(self, staged: _Staged) -> None:
         """Make the bytes written into ``staged`` durable, and its name if it is to be recorded

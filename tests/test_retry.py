@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+
 import anyio
 import pytest
 
@@ -46,6 +48,38 @@ async def test_retrying_stops_after_the_allowed_attempts() -> None:
     with pytest.raises(TransientError):
         await retrying(RetryPolicy(attempts=3, initial_delay=0), flaky)
     assert calls == 3
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("attempts", "failures", "retried"),
+    [
+        (3, 1, 1),  # asked again once, then answered
+        (3, 2, 2),
+        (3, 5, 2),  # the third failure is given up on: not asked again
+        (1, 1, 0),  # retries switched off: a failure is never asked again
+    ],
+)
+async def test_retried_is_told_of_each_attempt_after_the_first(
+    attempts: int, failures: int, retried: int
+) -> None:
+    left = failures
+    told = 0
+
+    async def op() -> int:
+        nonlocal left
+        if left:
+            left -= 1
+            raise TransientError("503")
+        return 42
+
+    def count() -> None:
+        nonlocal told
+        told += 1
+
+    with contextlib.suppress(TransientError):
+        await retrying(RetryPolicy(attempts=attempts, initial_delay=0), op, retried=count)
+    assert told == retried
 
 
 @pytest.mark.anyio
