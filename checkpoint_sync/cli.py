@@ -1316,8 +1316,10 @@ def _trial_done(trial: Trial | FailedTrial, done: int, total: int, settings: int
     where = f"trial {done} of {total} (round {(done - 1) // settings + 1}): {_flags(trial)}"
     if isinstance(trial, FailedTrial):
         return f"{where}: failed: {trial.error}"
-    retried = f", {trial.retries} requests retried" if trial.retries else ""
-    return f"{where}: {trial.mb_per_s:.1f} MB/s, {trial.failed} failed{retried}"
+    said = f"{where}: {trial.mb_per_s:.1f} MB/s, {trial.failed} failed"
+    if trial.retries:
+        said += f", {trial.retries} request{'' if trial.retries == 1 else 's'} retried"
+    return said
 
 
 def _failed_rounds(tried: Setting) -> list[str]:

@@ -1081,26 +1081,35 @@ def test_a_setting_whose_rounds_fetched_different_amounts_says_so(
     assert only["failed"] == 1  # of its worst round
 
 
-@pytest.mark.parametrize("fault", ["503", "reset"])
+@pytest.mark.parametrize(
+    ("fault", "count", "said"),
+    [
+        ("503", 3, "3 requests retried"),
+        ("reset", 3, "3 requests retried"),
+        ("503", 1, "1 request retried"),
+    ],
+)
 def test_requests_retried_in_a_trial_are_counted_where_its_figures_are(
-    tmp_path: Path, fault: str
+    tmp_path: Path, fault: str, count: int, said: str
 ) -> None:
     with ServerThread(job_catalog(checkpoints=1)) as server:
         bench = job_args(server, "bench", "--concurrency", "2", "--part-size", "256KiB")
-        server.faults.hook = first_answers(3, fault)  # in the first round alone
+        server.faults.hook = first_answers(count, fault)  # in the first round alone
         result = run_cli(*bench, "--rounds", "2", "--scratch", tmp_path)
-        server.faults.hook = first_answers(3, fault)
+        server.faults.hook = first_answers(count, fault)
         as_json = run_cli(*bench, "--rounds", "2", "--json")
 
-    # Every file came in the end: the 3 requests asked again showed nowhere, though their waits
+    # Every file came in the end: the requests asked again showed nowhere, though their waits
     # were in the round's seconds.
     assert result.code == as_json.code == 0, result.stderr + as_json.stderr
     header, row = result.stdout.splitlines()[0:2]
     assert header.split()[-1] == "retries"
-    assert row.split()[-2:] in (["0", "(0-3)"], ["3", "(0-3)"])  # the middle round's, its range
-    assert result.stderr.count(", 3 requests retried\n") == 1
+    ranged = f"(0-{count})"
+    # The middle round's, and its range.
+    assert row.split()[-2:] in (["0", ranged], [str(count), ranged])
+    assert result.stderr.count(f", {said}\n") == 1
     (only,) = json.loads(as_json.stdout)["trials"]
-    assert [r["retries"] for r in only["rounds"]] == [3, 0]
+    assert [r["retries"] for r in only["rounds"]] == [count, 0]
     (middle,) = [r for r in only["rounds"] if r["seconds"] == only["seconds"]]
     assert only["retries"] == middle["retries"]
 
