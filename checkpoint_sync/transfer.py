@@ -548,12 +548,16 @@ class Transfers:
                 # Progress in whole MiB: a server that sends a few bytes before every drop runs
                 # out of attempts, as one that sends none does.
                 await retrying(
-                    self._settings.retry, attempt, lambda: state.offset >> 20, self._retried
+                    self._settings.retry,
+                    attempt,
+                    lambda: state.offset >> 20,
+                    partial(self._retried, state),
                 )
             except TransientError as exc:
                 # Out of retries: this file fails, the run goes on.
                 await self._keep_reached(staged, part, state)
-                raise FileError(f"gave up after retrying: {exc}") from exc
+                retried = "after retrying" if state.retried else "without retrying"
+                raise FileError(f"gave up {retried}: {exc}") from exc
             except anyio.get_cancelled_exc_class():
                 await self._keep_reached(staged, part, state)
                 raise
@@ -566,8 +570,9 @@ class Transfers:
         self._manifest.part_done(staged.key, part.index)
         return None
 
-    def _retried(self) -> None:
+    def _retried(self, state: _PartState) -> None:
         """A request that failed is asked again (not one given up on: it is no retry)."""
+        state.retried += 1
         self._stats.retries += 1
 
     async def _flush(self, staged: _Staged) -> None:
@@ -895,6 +900,7 @@ class _PartState:
     # Where the body being read began, while it may prove longer than its range or coded on
     # the way (it was told no length): its bytes are the object's only once they all came.
     unsure_from: int | None = None
+    retried: int = 0  # requests of this part asked again after a failure
 
     @classmethod
     def of(cls, part: Part, file: RemoteFile) -> _PartState:

@@ -102,11 +102,20 @@ def test_a_part_whose_connection_keeps_dropping_completes_while_each_drop_brings
         assert_exact(mirrored(dest, JOB, target), target)
 
 
-@pytest.mark.parametrize(("attempts", "retried"), [("1", 0), ("3", 2)])
+@pytest.mark.parametrize(
+    ("attempts", "retried", "said"),
+    [("1", 0, "gave up without retrying: "), ("3", 2, "gave up after retrying: ")],
+)
 def test_a_file_given_up_on_counts_only_the_requests_asked_again(
-    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, attempts: str, retried: int
+    server: ServerThread,
+    dest: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    attempts: str,
+    retried: int,
+    said: str,
 ) -> None:
-    # Its last failure was not asked again: with retries switched off, no request was retried.
+    # Its last failure was not asked again: with retries switched off, no request was retried,
+    # and its error does not say it was.
     monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", attempts)
     target = next(f for f in server.files() if f.size <= PART and f.node_rank == 0)
     server.faults.hook = lambda name, start, end: "503" if name == target.name else None
@@ -117,6 +126,8 @@ def test_a_file_given_up_on_counts_only_the_requests_asked_again(
     summary = json.loads(result.stdout)
     assert summary["files"]["failed"] == 1
     assert summary["retries"] == retried
+    [failure] = summary["failures"]
+    assert failure["error"].startswith(said), failure["error"]
 
 
 def test_a_server_that_sends_a_few_bytes_before_every_drop_runs_out_of_retries(

@@ -1038,7 +1038,7 @@ def test_past_20_failures_stderr_names_the_first_20_and_counts_the_rest(
         files = len(server.files())
 
     assert result.code == as_json.code == 1
-    named = [line for line in result.stderr.splitlines() if "gave up after retrying" in line]
+    named = [line for line in result.stderr.splitlines() if "gave up without retrying" in line]
     assert len(named) == 20
     assert result.stderr.endswith(f"... and {files - 20} more failures (see --json)\n")
     assert len(json.loads(as_json.stdout)["failures"]) == files
