@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -84,6 +85,8 @@ CREATE TABLE IF NOT EXISTS parts_reached (
 OUR_NAMES = frozenset(
     re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", _SCHEMA + _ETAGS + _REACHED)
 )
+# The tables every manifest at `SCHEMA_VERSION` holds: they are made with it, in one transaction.
+SCHEMA_TABLES = tuple(re.findall(r"CREATE TABLE IF NOT EXISTS (\w+)", _SCHEMA))
 
 
 def foreign_names(names: Iterable[str]) -> list[str]:
@@ -157,8 +160,7 @@ class Manifest:
             raise LocalIOError(
                 f"manifest {self.path} was written by a newer checkpoint-sync (schema {version})"
             )
-        if version == 0:
-            _refuse_foreign(self._db, self.path)
+        _refuse_foreign(self._db, self.path, version)
         if version < SCHEMA_VERSION:
             # In one transaction: a table of ours that another program's has in another shape
             # fails the script, which then leaves nothing behind.
@@ -420,13 +422,43 @@ def _cannot_be_used(db_path: Path, reason: str) -> LocalIOError:
     )
 
 
-def _refuse_foreign(db: sqlite3.Connection, db_path: Path) -> None:
-    """Refuse, before anything is written to it, a database without a schema version that holds
-    another program's tables: a new manifest is an empty file or database, or one a run killed
-    while it made the schema left."""
-    names = (name for (name,) in db.execute("SELECT name FROM sqlite_master"))
-    if foreign := foreign_names(names):
+def _refuse_foreign(db: sqlite3.Connection, db_path: Path, version: int) -> None:
+    """Refuse, before anything is written to it, another program's database: at schema version 0,
+    one that holds a table or index no manifest makes (a new manifest is an empty file or
+    database, or one a run killed while it made the schema left); at ours, one without the
+    tables and columns a manifest is made with. Other tables are no sign there: a later release
+    may make one in place, as this one made `_ETAGS` and `_REACHED`."""
+    names = [name for (name,) in db.execute("SELECT name FROM sqlite_master")]
+    if version == 0 and (foreign := foreign_names(names)):
         raise _cannot_be_used(db_path, f"another program's database: it holds {', '.join(foreign)}")
+    if version != SCHEMA_VERSION:
+        return
+    for table, columns in _our_columns().items():
+        if table not in names:
+            continue
+        theirs = _columns(db, table)
+        if lacking := [column for column in columns if column not in theirs]:
+            raise _cannot_be_used(
+                db_path, f"another program's database: its table {table} has no column {lacking[0]}"
+            )
+    if missing := [table for table in SCHEMA_TABLES if table not in names]:
+        raise _cannot_be_used(db_path, f"another program's database: it has no table {missing[0]}")
+
+
+@cache
+def _our_columns() -> dict[str, list[str]]:
+    """The columns of each table a manifest makes, in the order it makes them."""
+    db = sqlite3.connect(":memory:")
+    try:
+        db.executescript(";".join((_SCHEMA, _ETAGS, _REACHED)))
+        tables = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+        return {table: _columns(db, table) for (table,) in tables}
+    finally:
+        db.close()
+
+
+def _columns(db: sqlite3.Connection, table: str) -> list[str]:
+    return [column for (_, column, *_) in db.execute(f"PRAGMA table_info({table})")]
 
 
 def _unwritable(directory: Path) -> str | None:
@@ -487,7 +519,7 @@ def _connect_read_only(db_path: Path) -> sqlite3.Connection:
         # No schema yet: a run was killed while it created the manifest, so nothing is recorded.
         # Read as a new one, or creating the schema would fail on this read-only connection.
         try:
-            _refuse_foreign(db, db_path)
+            _refuse_foreign(db, db_path, version)
         finally:
             db.close()
         return sqlite3.connect(":memory:", isolation_level=None)

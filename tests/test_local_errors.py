@@ -709,7 +709,7 @@ def test_a_manifest_of_another_programs_schema_is_exit_6_with_the_way_out(
         result = run_cli(*sync_args(server, dest))
     assert result.code == 6, result.stderr
     assert result.stderr.count("\n") == 1
-    assert f"manifest {manifest} cannot be used (no such " in result.stderr
+    assert f"manifest {manifest} cannot be used (" in result.stderr
     assert "move it aside to rebuild it" in result.stderr
     for file in server.files():
         assert_exact(mirrored(dest, JOB, file), file)
@@ -731,26 +731,50 @@ def test_foreign_names(names: list[str], foreign: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("schema", "reason", "command"),
+    ("schema", "version", "reason", "command"),
     [
-        ("CREATE TABLE notes (text TEXT)", "another program's database: it holds notes", c)
+        ("CREATE TABLE notes (text TEXT)", 0, "another program's database: it holds notes", c)
         for c in ("sync", "dry-run", "list")
     ]
     # A table of ours in another shape: the schema, made in one transaction, fails whole. (A
     # dry run or `list --dest` reads it as a new manifest, as they read one a kill left.)
-    + [("CREATE TABLE files (text TEXT)", "no such column: run", "sync")],
-    ids=["sync", "dry-run", "list", "a-table-of-ours-sync"],
+    + [("CREATE TABLE files (text TEXT)", 0, "no such column: run", "sync")]
+    # Many programs number their first schema 1, as we do.
+    + [
+        (
+            "CREATE TABLE files (name TEXT, owner TEXT)",
+            1,
+            "another program's database: its table files has no column path",
+            c,
+        )
+        for c in ("sync", "dry-run", "list")
+    ]
+    + [
+        (
+            "CREATE TABLE notes (text TEXT)",
+            1,
+            "another program's database: it has no table files",
+            c,
+        )
+        for c in ("sync", "dry-run", "list")
+    ],
+    ids=[
+        *("sync", "dry-run", "list", "a-table-of-ours-sync"),
+        *(f"v1-{c}" for c in ("sync", "dry-run", "list")),
+        *(f"v1-none-of-ours-{c}" for c in ("sync", "dry-run", "list")),
+    ],
 )
-def test_another_programs_database_without_a_schema_version_is_left_as_it_is(
-    server: ServerThread, dest: Path, schema: str, reason: str, command: str
+def test_another_programs_database_is_left_as_it_is(
+    server: ServerThread, dest: Path, schema: str, version: int, reason: str, command: str
 ) -> None:
-    # Not taken for a new manifest (user_version 0): our tables were made in it, and its
-    # journal mode changed, before a run failed (or none did).
+    # Not taken for a manifest: our tables were made in it (at schema version 0), or its journal
+    # mode set to WAL (at 1), before a run failed (or none did).
     manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
     manifest.parent.mkdir(parents=True)
     db = sqlite3.connect(manifest)
     db.execute(schema)
-    db.execute(f"INSERT INTO {schema.split()[2]} VALUES ('theirs')")
+    db.execute(f"INSERT INTO {schema.split()[2]} DEFAULT VALUES")  # a row of theirs
+    db.execute(f"PRAGMA user_version = {version}")
     db.commit()
     db.close()
     before = manifest.read_bytes()
@@ -767,6 +791,9 @@ def test_another_programs_database_without_a_schema_version_is_left_as_it_is(
     )
     assert manifest.read_bytes() == before
     assert not manifest.with_name("manifest.sqlite3-wal").exists()
+    db = sqlite3.connect(manifest)
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    db.close()
     assert server.traffic.object_requests == 0
 
 
@@ -799,6 +826,25 @@ def test_a_database_of_no_other_program_without_a_schema_version_is_a_new_manife
     fetched = server.traffic.object_requests
     assert run_cli(*sync_args(server, dest)).code == 0
     assert server.traffic.object_requests == fetched  # all recorded in it
+
+
+def test_a_manifest_with_a_table_a_later_release_made_in_place_is_still_used(
+    server: ServerThread, dest: Path
+) -> None:
+    # As this release made its ETags' and parts' progress tables in a first release's manifest,
+    # without a new schema version: a table no manifest of this release makes is no sign of
+    # another program's database there.
+    assert run_cli(*sync_args(server, dest)).code == 0
+    db = sqlite3.connect(dest / ".checkpoint-sync" / "manifest.sqlite3")
+    db.execute("CREATE TABLE later_release (path TEXT)")
+    db.commit()
+    db.close()
+    fetched = server.traffic.object_requests
+
+    assert run_cli(*job_args(server, "list", "--dest", dest)).code == 0
+    assert run_cli(*sync_args(server, dest, "--dry-run")).code == 0
+    assert run_cli(*sync_args(server, dest)).code == 0
+    assert server.traffic.object_requests == fetched  # every file skipped as recorded
 
 
 def test_a_manifest_of_a_newer_schema_is_exit_6_and_left_as_it_is(
