@@ -162,8 +162,8 @@ class Manifest:
             )
         _refuse_foreign(self._db, self.path, version)
         if version < SCHEMA_VERSION:
-            # In one transaction: a table of ours that another program's has in another shape
-            # fails the script, which then leaves nothing behind.
+            # In one transaction: a script that fails still (a table by our index's name)
+            # leaves nothing behind.
             self._db.executescript(
                 f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
@@ -424,15 +424,14 @@ def _cannot_be_used(db_path: Path, reason: str) -> LocalIOError:
 
 def _refuse_foreign(db: sqlite3.Connection, db_path: Path, version: int) -> None:
     """Refuse, before anything is written to it, another program's database: at schema version 0,
-    one that holds a table or index no manifest makes (a new manifest is an empty file or
-    database, or one a run killed while it made the schema left); at ours, one without the
-    tables and columns a manifest is made with. Other tables are no sign there: a later release
-    may make one in place, as this one made `_ETAGS` and `_REACHED`."""
+    one that holds a table or index no manifest makes, or a table of a manifest's name without
+    its columns (a new manifest is an empty file or database, or one a run killed while it made
+    the schema left); at ours, one without the tables and columns a manifest is made with. Other
+    tables are no sign there: a later release may make one in place, as this one made `_ETAGS`
+    and `_REACHED`. The same for `sync`, `--dry-run` and `list --dest`."""
     names = [name for (name,) in db.execute("SELECT name FROM sqlite_master")]
     if version == 0 and (foreign := foreign_names(names)):
         raise _cannot_be_used(db_path, f"another program's database: it holds {', '.join(foreign)}")
-    if version != SCHEMA_VERSION:
-        return
     for table, columns in _our_columns().items():
         if table not in names:
             continue
@@ -441,7 +440,9 @@ def _refuse_foreign(db: sqlite3.Connection, db_path: Path, version: int) -> None
             raise _cannot_be_used(
                 db_path, f"another program's database: its table {table} has no column {lacking[0]}"
             )
-    if missing := [table for table in SCHEMA_TABLES if table not in names]:
+    if version == SCHEMA_VERSION and (
+        missing := [table for table in SCHEMA_TABLES if table not in names]
+    ):
         raise _cannot_be_used(db_path, f"another program's database: it has no table {missing[0]}")
 
 
