@@ -156,10 +156,6 @@ class Manifest:
 
     def _migrate(self) -> None:
         (version,) = self._db.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise LocalIOError(
-                f"manifest {self.path} was written by a newer checkpoint-sync (schema {version})"
-            )
         _refuse_foreign(self._db, self.path, version)
         if version < SCHEMA_VERSION:
             # In one transaction: a script that fails still (a table by our index's name)
@@ -423,13 +419,16 @@ def _cannot_be_used(db_path: Path, reason: str) -> LocalIOError:
 
 
 def _refuse_foreign(db: sqlite3.Connection, db_path: Path, version: int) -> None:
-    """Refuse, before anything is written to it, another program's database: at schema version 0,
-    one that holds a table or index no manifest makes, or a table of a manifest's name without
-    its columns (a new manifest is an empty file or database, or one a run killed while it made
-    the schema left); at ours, one without the tables and columns a manifest is made with. Other
-    tables are no sign there: a later release may make one in place, as this one made `_ETAGS`
-    and `_REACHED`. The same for `sync`, `--dry-run` and `list --dest`."""
+    """Refuse, before anything is written to it, a database of a newer schema (`_newer`), or
+    another program's: at schema version 0, one that holds a table or index no manifest makes,
+    or a table of a manifest's name without its columns (a new manifest is an empty file or
+    database, or one a run killed while it made the schema left); at ours, one without the
+    tables and columns a manifest is made with. Other tables are no sign there: a later release
+    may make one in place, as this one made `_ETAGS` and `_REACHED`. The same for `sync`,
+    `--dry-run` and `list --dest`."""
     names = [name for (name,) in db.execute("SELECT name FROM sqlite_master")]
+    if version > SCHEMA_VERSION:
+        raise _newer(db_path, version, names)
     if version == 0 and (foreign := foreign_names(names)):
         raise _cannot_be_used(db_path, f"another program's database: it holds {', '.join(foreign)}")
     for table, columns in _our_columns().items():
@@ -444,6 +443,22 @@ def _refuse_foreign(db: sqlite3.Connection, db_path: Path, version: int) -> None
         missing := [table for table in SCHEMA_TABLES if table not in names]
     ):
         raise _cannot_be_used(db_path, f"another program's database: it has no table {missing[0]}")
+
+
+def _newer(db_path: Path, version: int, names: list[str]) -> LocalIOError:
+    """The error for a database of a schema version above ours. A newer release's manifest may
+    have other tables than ours, yet surely some (its files' records): with one, it is most
+    likely that; with none, another program's."""
+    if OUR_NAMES.isdisjoint(names):
+        held = ", ".join(foreign_names(names)) or "no table"
+        return _cannot_be_used(
+            db_path, f"another program's database: it holds {held}, at schema version {version}"
+        )
+    return LocalIOError(
+        f"manifest {db_path} has schema version {version}, newer than this checkpoint-sync's "
+        f"({SCHEMA_VERSION}): a newer checkpoint-sync made it (or another program did); run that "
+        "one, or move it aside to rebuild it (every file is then fetched again)"
+    )
 
 
 @cache
