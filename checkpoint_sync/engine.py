@@ -49,7 +49,7 @@ from .plan import (
 from .progress import Listing, Stats, counted_files
 from .prune import Deletion, Pruner, checkpoints_of, deletions, held_back
 from .sources.base import Checkpoint, RemoteFile, Source, UnreadableEntry
-from .transfer import Transfers, TransferSettings
+from .transfer import Transfers, TransferSettings, prepare_staging_area
 from .wire import HttpClient
 
 MANIFEST_NAME = "manifest.sqlite3"
@@ -153,6 +153,7 @@ async def sync(
         if stats.waiting_for is not None:
             # Time and rate count from here: the wait is the other run's, not this one's.
             stats.waiting_for, stats.started = None, time.monotonic()
+        prepare_staging_area(options.dest, fsync=options.transfer.fsync)
         if held_since:
             # The list read before may lack checkpoints another run mirrored since (it waited
             # for it, or was held up): with --delete they would go as removed upstream, and

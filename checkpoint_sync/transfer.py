@@ -129,8 +129,31 @@ class _CurrentUrl:
                 self.take(await fresh(self.generation))
 
 
+def staging_area(dest: Path) -> Path:
+    """Where files are fetched into before they are published in the mirror at ``dest``."""
+    return dest / STATE_DIR / "staging"
+
+
+def prepare_staging_area(dest: Path, *, fsync: bool) -> None:
+    """Make the staging area of the mirror at ``dest``, or stop the run (`LocalIOError`) where
+    it cannot serve: before anything in the mirror is changed (`--delete`'s deletions), as a
+    run that stops at its start must change nothing."""
+    staging_dir = staging_area(dest)
+    try:
+        make_directories(staging_dir)
+    except OSError as exc:  # every file is fetched into it: none could be
+        raise LocalIOError(f"cannot create {quoted(staging_dir)}: {exc.strerror}") from exc
+    _refuse_another_filesystem(staging_dir, dest)
+    if fsync:
+        # The staging area may have been made just now (the lock made the directories above
+        # it): its entry lives in the state directory.
+        for directory in (dest / STATE_DIR, staging_dir):
+            _os_call(directory, partial(fsync_directory, str(directory)))
+
+
 class Transfers:
-    """Fetches files into one mirror; shared by all workers of a run."""
+    """Fetches files into one mirror, whose staging area `prepare_staging_area` made; shared by
+    all workers of a run."""
 
     def __init__(
         self,
@@ -145,7 +168,7 @@ class Transfers:
         self._http = http
         self._dest = dest
         self._places = Places(dest)
-        self._staging_dir = dest / STATE_DIR / "staging"
+        self._staging_dir = staging_area(dest)  # made by `prepare_staging_area`
         self._prepared_dirs: set[str] = set()
         self._in_flight: set[_Staged] = set()
         self._manifest = manifest
@@ -158,17 +181,6 @@ class Transfers:
         # would wait behind the splices of large parts, which may hold every place for
         # minutes (40 connections splicing: anyio's default), and no part would be recorded.
         self._record_flusher = anyio.CapacityLimiter(1)
-        try:
-            make_directories(self._staging_dir)
-        except OSError as exc:  # every file is fetched into it: none could be
-            message = f"cannot create {quoted(self._staging_dir)}: {exc.strerror}"
-            raise LocalIOError(message) from exc
-        _refuse_another_filesystem(self._staging_dir, dest)
-        if settings.fsync:
-            # The staging area may have been made just now (the lock made the directories
-            # above it): its entry lives in the state directory.
-            for directory in (dest / STATE_DIR, self._staging_dir):
-                _os_call(directory, partial(fsync_directory, str(directory)))
         self._reserves = preallocation_pays(str(self._staging_dir))
         # The files that may have a record of parts although fetched as one part: left by an
         # earlier run, or recorded in flight by this one. Only theirs is looked up, not every

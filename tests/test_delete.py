@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -325,6 +326,31 @@ def test_a_deletion_cut_short_before_its_records_went_is_finished_by_the_next_ru
     assert json.loads(result.stdout)["files"]["deleted"] == 0
     assert DELETED not in recorded_checkpoints(dest)
     assert not (dest / JOB / DELETED).exists()
+
+
+@pytest.mark.parametrize("staging", ["a-file-in-its-place", "on-another-filesystem"])
+def test_a_run_that_stops_at_its_start_deletes_nothing(
+    dest: Path, tmp_path: Path, staging: str
+) -> None:
+    # The staging area was checked only once --delete had deleted: a run that then stopped
+    # (exit 6) had removed a checkpoint all the same.
+    with ServerThread(job_catalog()) as server, contextlib.ExitStack() as stack:
+        removed = mirror_then_remove_upstream(server, dest)
+        area = dest / ".checkpoint-sync" / "staging"
+        area.rmdir()
+        if staging == "a-file-in-its-place":
+            area.write_text("a file of someone else's\n")
+        else:
+            area.symlink_to(stack.enter_context(mounted(tmp_path / "disk", "tmpfs", "size=8m")))
+        result = run_cli(*sync_args(server, dest, "--delete"))
+
+    assert result.code == 6, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert f"{area}" in result.stderr
+    for file in removed.files:
+        assert_exact(mirrored(dest, JOB, file), file)
+    assert DELETED in recorded_checkpoints(dest)
+    assert_records_true(dest)
 
 
 def test_a_run_directory_removed_by_hand_leaves_fsync_nothing_to_make_durable(

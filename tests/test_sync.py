@@ -34,7 +34,12 @@ from checkpoint_sync.retry import RetryPolicy
 from checkpoint_sync.sources.base import RemoteFile
 from checkpoint_sync.sources.baseten_pages import PAGES_AHEAD
 from checkpoint_sync.sources.baseten_training import TrainingJobSource
-from checkpoint_sync.transfer import REACHED_SECONDS, Transfers, TransferSettings
+from checkpoint_sync.transfer import (
+    REACHED_SECONDS,
+    Transfers,
+    TransferSettings,
+    prepare_staging_area,
+)
 from checkpoint_sync.wire import HttpClient
 
 from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
@@ -1983,6 +1988,7 @@ async def test_a_file_of_one_part_that_waited_for_a_connection_is_timed_from_its
             ]
             connections = asyncio.Semaphore(1)
             settings = TransferSettings(part_size=8 << 20, retry=RetryPolicy(initial_delay=0))
+            prepare_staging_area(dest, fsync=False)
             opened = Manifest(manifest)
             try:
                 transfers = Transfers(http, dest, opened, source, connections, Stats(), settings)
