@@ -33,7 +33,7 @@ from .errors import (
 from .filesystem import Places
 from .layout import STATE_DIR, checkpoint_path, mirror_path, nameable
 from .lock import LOCK_NAME, LockSeen, mirror_lock
-from .manifest import Manifest
+from .manifest import Manifest, refuse_a_directory_that_refuses_writes
 from .net import NetSettings
 from .plan import (
     FileFilter,
@@ -432,10 +432,13 @@ async def _delete_removed(
     """``--delete``, before the run opens the manifest: the mirrored files of checkpoints
     removed upstream go (a dry run only says which). What goes is decided from the manifest
     read only; it is opened to be written, to drop their records, once they are gone: on a disk
-    another program filled, that needs room (SQLite's WAL index) which only they free. A file
-    that cannot be deleted fails alone; more files than ``max_delete`` hold every deletion
-    back, as a failure."""
+    another program filled, that needs room (SQLite's WAL index) which only they free; what
+    else could keep it from being opened so (a directory that refuses its -wal) is asked
+    before. A file that cannot be deleted fails alone; more files than ``max_delete`` hold
+    every deletion back, as a failure."""
     path = manifest_path(options.dest)
+    if not options.dry_run:
+        refuse_a_directory_that_refuses_writes(path)
     manifest = Manifest(path, read_only=True)
     try:
         decided = _decide_deletions(whole_lists, options, manifest, stats, on_plan)

@@ -401,11 +401,8 @@ def _unusable(
     if code & 0xFF in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR):
         if db_path.is_dir():
             return LocalIOError(f"cannot use the manifest {db_path}: it is a directory")
-        if not read_only and (refused := _unwritable(db_path.parent)):
-            return LocalIOError(
-                f"cannot use the manifest {db_path}: {db_path.parent}, where SQLite makes its "
-                f"-wal and -shm files, cannot be written: {refused}"
-            )
+        if not read_only and (refused := _directory_refused(db_path)):
+            return refused
     # A full disk, a read-only mount, an I/O error, met writing or reading: the manifest
     # itself is fine.
     return LocalIOError(f"cannot use the manifest {db_path}: {exc}{_space_left(db_path.parent)}")
@@ -475,6 +472,24 @@ def _our_columns() -> dict[str, list[str]]:
 
 def _columns(db: sqlite3.Connection, table: str) -> list[str]:
     return [column for (_, column, *_) in db.execute(f"PRAGMA table_info({table})")]
+
+
+def refuse_a_directory_that_refuses_writes(db_path: Path) -> None:
+    """`LocalIOError` where the manifest at ``db_path`` could not be opened to be written, its
+    directory refusing SQLite's -wal and -shm files: for `--delete`, which opens it so only once
+    it deleted (on a full disk, what opening needs is the room it frees), and must not delete in
+    a run that then stops."""
+    if refused := _directory_refused(db_path):
+        raise refused
+
+
+def _directory_refused(db_path: Path) -> LocalIOError | None:
+    if refused := _unwritable(db_path.parent):
+        return LocalIOError(
+            f"cannot use the manifest {db_path}: {db_path.parent}, where SQLite makes its -wal "
+            f"and -shm files, cannot be written: {refused}"
+        )
+    return None
 
 
 def _unwritable(directory: Path) -> str | None:

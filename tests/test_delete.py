@@ -37,7 +37,7 @@ from .support import (
     staged,
 )
 from .test_kill import asleep, assert_records_true, manifest_rows, open_files, wait_for
-from .test_local_errors import fill, mounted
+from .test_local_errors import fill, immutable, mounted
 
 DELETED = "checkpoint-10"
 
@@ -328,25 +328,40 @@ def test_a_deletion_cut_short_before_its_records_went_is_finished_by_the_next_ru
     assert not (dest / JOB / DELETED).exists()
 
 
-@pytest.mark.parametrize("staging", ["a-file-in-its-place", "on-another-filesystem"])
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "staging-a-file-in-its-place",
+        "staging-on-another-filesystem",
+        "an-immutable-state-directory",
+    ],
+)
 def test_a_run_that_stops_at_its_start_deletes_nothing(
-    dest: Path, tmp_path: Path, staging: str
+    dest: Path, tmp_path: Path, refusal: str
 ) -> None:
-    # The staging area was checked only once --delete had deleted: a run that then stopped
-    # (exit 6) had removed a checkpoint all the same.
+    # Checked only once --delete had deleted: a run that then stopped (exit 6) had removed a
+    # checkpoint all the same. The manifest is opened to be written only after the deletions
+    # (they may free the room that needs): a state directory where SQLite cannot make its -wal
+    # and -shm files is asked before.
     with ServerThread(job_catalog()) as server, contextlib.ExitStack() as stack:
         removed = mirror_then_remove_upstream(server, dest)
-        area = dest / ".checkpoint-sync" / "staging"
-        area.rmdir()
-        if staging == "a-file-in-its-place":
-            area.write_text("a file of someone else's\n")
+        state = dest / ".checkpoint-sync"
+        if refusal == "an-immutable-state-directory":
+            stack.enter_context(immutable(state))
+            named = f"{state}, where SQLite makes its -wal and -shm files, cannot be written"
         else:
-            area.symlink_to(stack.enter_context(mounted(tmp_path / "disk", "tmpfs", "size=8m")))
+            area = state / "staging"
+            named = f"{area}"
+            area.rmdir()
+            if refusal == "staging-a-file-in-its-place":
+                area.write_text("a file of someone else's\n")
+            else:
+                area.symlink_to(stack.enter_context(mounted(tmp_path / "disk", "tmpfs", "size=8m")))
         result = run_cli(*sync_args(server, dest, "--delete"))
 
     assert result.code == 6, result.stderr
     assert result.stderr.count("\n") == 1
-    assert f"{area}" in result.stderr
+    assert named in result.stderr
     for file in removed.files:
         assert_exact(mirrored(dest, JOB, file), file)
     assert DELETED in recorded_checkpoints(dest)

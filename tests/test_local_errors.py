@@ -636,14 +636,8 @@ def test_an_immutable_state_directory_is_named_not_sqlites_bare_error(
     # database file".
     assert run_cli(*sync_args(server, dest)).code == 0
     state = dest / ".checkpoint-sync"
-    try:
-        subprocess.run(["chattr", "+i", str(state)], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot make a directory immutable here ({exc})")
-    try:
+    with immutable(state):
         result = run_cli(*sync_args(server, dest))
-    finally:
-        subprocess.run(["chattr", "-i", str(state)], check=True)
 
     assert result.code == 6
     assert result.stderr == (
