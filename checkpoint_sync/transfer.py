@@ -84,6 +84,8 @@ _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EP
 # Range header goes along. API URLs never are followed: their key would.
 MAX_REDIRECTS = 5
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# The empty file a run renames out of the staging area at its start (`_rename_crosses`).
+_RENAME_PROBE = ".rename-probe"
 # How often the parts in flight have how far they got recorded: a run killed (SIGKILL, the OOM
 # killer) costs the next about this much of each one's transfer, not whole parts. Each time is
 # one transaction of at most --concurrency rows (and with --fsync a flush of each file being
@@ -143,7 +145,7 @@ def prepare_staging_area(dest: Path, *, fsync: bool) -> None:
         make_directories(staging_dir)
     except OSError as exc:  # every file is fetched into it: none could be
         raise LocalIOError(f"cannot create {quoted(staging_dir)}: {exc.strerror}") from exc
-    _refuse_another_filesystem(staging_dir, dest)
+    _refuse_another_mount(staging_dir, dest)
     if fsync:
         # The staging area may have been made just now (the lock made the directories above
         # it): its entry lives in the state directory.
@@ -1163,19 +1165,38 @@ def _refuse_a_directory_in_place(final: str, relative: str) -> None:
         raise FileError(f"cannot write {quoted(relative)}: a directory is in its place")
 
 
-def _refuse_another_filesystem(staging_dir: Path, dest: Path) -> None:
-    """A file is published by a rename from the staging area, which cannot cross filesystems
-    (EXDEV): a staging area on another (a symlink to it) would fail every file, every run, each
-    after it was fetched."""
+def _refuse_another_mount(staging_dir: Path, dest: Path) -> None:
+    """A file is published by a rename from the staging area, which cannot cross mounts (EXDEV):
+    a staging area elsewhere (a symlink to another filesystem, a bind mount even of DEST's own)
+    would fail every file, every run, each after it was fetched. Told by the devices, and where
+    they are one, by renaming an empty file from it into the state directory."""
     staging_device = _os_call(staging_dir, lambda: os.stat(staging_dir).st_dev)
     dest_device = _os_call(dest, lambda: os.stat(dest).st_dev)
-    if staging_device != dest_device:
+    if staging_device != dest_device or _rename_crosses(staging_dir, dest / STATE_DIR):
         raise LocalIOError(
-            f"cannot stage files in {quoted(staging_dir)}: it is on another filesystem "
+            f"cannot stage files in {quoted(staging_dir)}: it is on another mount "
             f"({filesystem_named(staging_dir, staging_device)}) than the destination "
             f"({filesystem_named(dest, dest_device)}), and a file is published by a rename, "
-            "which cannot cross filesystems (a symlink? the staging area must be on DEST's)"
+            "which cannot cross mounts (a symlink? a bind mount? the staging area must be on "
+            "DEST's)"
         )
+
+
+def _rename_crosses(source: Path, target: Path) -> bool:
+    """Whether a file cannot be renamed from directory ``source`` into ``target`` (EXDEV), as
+    an empty one tells. Any other failure tells nothing of that: the files will say it. A probe
+    a run killed here left is replaced by the next one's, or swept from the staging area."""
+    probe, moved = source / _RENAME_PROBE, target / _RENAME_PROBE
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o666))
+        os.replace(probe, moved)
+    except OSError as exc:
+        with suppress(OSError):
+            os.unlink(probe)
+        return exc.errno == errno.EXDEV
+    with suppress(OSError):
+        os.unlink(moved)
+    return False
 
 
 def _local_error(exc: OSError, path: str | Path, needed: int | None = None) -> CheckpointSyncError:

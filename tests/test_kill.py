@@ -188,13 +188,15 @@ def test_killed_at_any_moment_the_next_run_finishes_with_little_fetched_twice(
     assert server.traffic.object_bytes_sent <= 1.3 * total + fetched_again
 
 
-# The CLI, killed (SIGKILL) the moment its first file is renamed into place.
+# The CLI, killed (SIGKILL) the moment its first file is renamed into the mirror (not the empty
+# file renamed into the state directory at its start, to tell that renames can be made).
 CRASH_AT_FIRST_PUBLISH = """
 import os, signal, sys
 rename = os.replace
 def rename_then_die(source, target):
     rename(source, target)
-    os.kill(os.getpid(), signal.SIGKILL)
+    if "/.checkpoint-sync/" not in str(target):
+        os.kill(os.getpid(), signal.SIGKILL)
 os.replace = rename_then_die
 from checkpoint_sync.cli import main
 main(sys.argv[1:])

@@ -510,12 +510,53 @@ def test_a_staging_area_on_another_filesystem_stops_the_run_before_any_fetch(
         assert result.stderr.count("\n") == 1
         assert result.stderr.startswith(
             f"checkpoint-sync: error: cannot stage files in {staging}: it is on another "
-            f"filesystem (tmpfs at {elsewhere}) than the destination ("
+            f"mount (tmpfs at {elsewhere}) than the destination ("
         )
-        assert "a file is published by a rename, which cannot cross filesystems" in result.stderr
+        assert "a file is published by a rename, which cannot cross mounts" in result.stderr
         assert server.traffic.object_requests == 0
         assert list(elsewhere.iterdir()) == []
     assert staging.is_symlink()
+
+
+@contextmanager
+def bind_mounted(directory: Path, point: Path) -> Iterator[None]:
+    """``directory`` mounted at ``point`` too; the test is skipped where mounting fails."""
+    try:
+        subprocess.run(
+            ["mount", "--bind", str(directory), str(point)], check=True, capture_output=True
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot bind-mount here ({exc})")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(point)], check=False)
+
+
+def test_a_staging_area_bind_mounted_from_dests_own_filesystem_stops_the_run_before_any_fetch(
+    server: ServerThread, dest: Path, tmp_path: Path
+) -> None:
+    # The same device (st_dev) as DEST, yet another mount: every rename out of it failed with
+    # "Invalid cross-device link", file after file, each after it was fetched.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    state = dest / ".checkpoint-sync"
+    staging = state / "staging"
+    staging.mkdir(parents=True)
+    assert os.stat(elsewhere).st_dev == os.stat(dest).st_dev
+    with bind_mounted(elsewhere, staging):
+        result = run_cli(*sync_args(server, dest))
+
+    assert result.code == 6, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert result.stderr.startswith(
+        f"checkpoint-sync: error: cannot stage files in {staging}: it is on another mount ("
+    )
+    assert f" at {staging}) than the destination (" in result.stderr
+    assert "a file is published by a rename, which cannot cross mounts" in result.stderr
+    assert server.traffic.object_requests == 0
+    assert list(elsewhere.iterdir()) == []  # nothing of the check is left behind
+    assert sorted(p.name for p in state.iterdir()) == ["lock", "staging"]
 
 
 # Locked with room to spare on its disk, and with a little more than the manifest's reserve:
