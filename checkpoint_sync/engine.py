@@ -14,7 +14,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Mapping
-from contextlib import aclosing
+from contextlib import aclosing, closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -47,7 +47,7 @@ from .plan import (
     walked_whole,
 )
 from .progress import Listing, Stats, counted_files
-from .prune import Deletion, Pruner, checkpoints_of, deletions, held_back
+from .prune import Going, Pruner, deletions, held_back
 from .sources.base import Checkpoint, RemoteFile, Source, UnreadableEntry
 from .transfer import Transfers, TransferSettings, prepare_staging_area
 from .wire import HttpClient
@@ -430,76 +430,89 @@ async def _delete_removed(
     on_plan: Callable[[PlannedFile], None] | None,
 ) -> None:
     """``--delete``, before the run opens the manifest: the mirrored files of checkpoints
-    removed upstream go (a dry run only says which). What goes is decided from the manifest
-    read only; it is opened to be written, to drop their records, once they are gone: on a disk
-    another program filled, that needs room (SQLite's WAL index) which only they free; what
-    else could keep it from being opened so (a directory that refuses its -wal) is asked
-    before. A file that cannot be deleted fails alone; more files than ``max_delete`` hold
-    every deletion back, as a failure."""
+    removed upstream go (a dry run only says which). What goes is read from the manifest, walked
+    each time it is needed, so that no list of it is kept however much goes: read only, a first
+    walk counts it against ``max_delete``, a second deletes it; opened to be written once they
+    are gone, a third drops their records (`Pruner.finish`): on a disk another program filled,
+    that needs room (SQLite's WAL index) which only they free; what else could keep it from
+    being opened so (a directory that refuses its -wal) is asked before. A file that cannot be
+    deleted fails alone; more files than ``max_delete`` hold every deletion back, as a
+    failure."""
     path = manifest_path(options.dest)
     if not options.dry_run:
         refuse_a_directory_that_refuses_writes(path)
+    pruner = Pruner(str(options.dest), fsync=options.transfer.fsync)
     manifest = Manifest(path, read_only=True)
+    deleting = False
     try:
-        decided = _decide_deletions(whole_lists, options, manifest, stats, on_plan)
+        if not _count_deletions(whole_lists, options, manifest, pruner, stats):
+            return
+        deleting = not options.dry_run
+        with closing(deletions(manifest, options.files, whole_lists)) as doomed_files:
+            for doomed in doomed_files:
+                # A signal is heeded between files: many of them, or a slow disk, take a while.
+                await anyio.lowlevel.checkpoint()
+                try:
+                    goes = pruner.goes(doomed)  # again: one changed since it was counted stays
+                except FileError:
+                    continue  # failed by the count
+                if goes and on_plan is not None:
+                    on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
+                if not deleting:
+                    continue
+                try:
+                    pruner.delete(doomed, goes=goes)
+                except FileError as exc:
+                    stats.fail(doomed.path, str(exc))
+                    continue
+                if goes:
+                    stats.files_deleted += 1
+                    stats.bytes_deleted += doomed.size
     finally:
         manifest.close()
-    if options.dry_run or not decided:
-        return
-    pruner = Pruner(str(options.dest), fsync=options.transfer.fsync)
-    try:
-        for doomed, goes in decided:
-            # A signal is heeded between files: many of them, or a slow disk, take a while.
-            await anyio.lowlevel.checkpoint()
+        if deleting:
+            # Stopped or not: the files deleted so far leave no empty directory and no record.
+            manifest = Manifest(path, durable=options.transfer.fsync)
             try:
-                pruner.delete(doomed, goes=goes)
-            except FileError as exc:
-                stats.fail(doomed.path, str(exc))
-                continue
-            if goes:
-                stats.files_deleted += 1
-                stats.bytes_deleted += doomed.size
-    finally:
-        # Stopped or not: the files deleted so far leave no empty directory and no record.
-        manifest = Manifest(path, durable=options.transfer.fsync)
-        try:
-            pruner.finish(manifest)
-        finally:
-            manifest.close()
+                with closing(deletions(manifest, options.files, whole_lists)) as recorded:
+                    pruner.finish(manifest, recorded)
+            finally:
+                manifest.close()
 
 
-def _decide_deletions(
+def _count_deletions(
     whole_lists: Mapping[str, frozenset[str]],
     options: SyncOptions,
     manifest: Manifest,
+    pruner: Pruner,
     stats: Stats,
-    on_plan: Callable[[PlannedFile], None] | None,
-) -> list[tuple[Deletion, bool]]:
-    """The recorded files to forget, each with whether its file goes (is the mirror's); none
-    where more than ``max_delete`` would go."""
+) -> bool:
+    """Count the recorded files to forget, and of them the files that go (are the mirror's): a
+    file that cannot be looked at fails now. Whether any record is to be forgotten, with no
+    more than ``max_delete`` files going."""
     stats.delete_held_back = held_back(manifest, whole_lists)
-    pruner = Pruner(str(options.dest))
-    decided: list[tuple[Deletion, bool]] = []
-    for doomed in deletions(manifest, options.files, whole_lists):
-        try:
-            decided.append((doomed, pruner.goes(doomed)))
-        except FileError as exc:
-            stats.fail(doomed.path, str(exc))
-    going = [doomed for doomed, goes in decided if goes]
-    if options.max_delete is not None and len(going) > options.max_delete:
+    records = 0
+    going = Going()
+    with closing(deletions(manifest, options.files, whole_lists)) as doomed_files:
+        for doomed in doomed_files:
+            try:
+                goes = pruner.goes(doomed)
+            except FileError as exc:
+                stats.fail(doomed.path, str(exc))
+                continue
+            records += 1
+            if goes:
+                going.add(doomed)
+    if options.max_delete is not None and going.files > options.max_delete:
         stats.fail(
             "--delete",
-            f"{counted_files(len(going))} would go, more than --max-delete {options.max_delete}: "
-            "none was deleted",
+            f"{counted_files(going.files)} would go, more than --max-delete "
+            f"{options.max_delete}: none was deleted",
         )
-        return []
-    for doomed in going:
-        stats.files_to_delete += 1
-        stats.bytes_to_delete += doomed.size
-        if on_plan is not None:
-            on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
-    stats.removed_upstream = checkpoints_of(going)
-    return decided
+        return False
+    stats.files_to_delete, stats.bytes_to_delete = going.files, going.bytes
+    stats.removed_upstream = going.checkpoints
+    return records > 0
 
 
 class _Stop:

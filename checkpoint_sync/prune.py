@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from .errors import FileError, LocalIOError
 from .filesystem import Places, fsync_directory
@@ -33,7 +33,7 @@ class Deletion:
 
 def deletions(
     manifest: Manifest, files: FileFilter, whole_lists: Mapping[str, frozenset[str]]
-) -> Iterator[Deletion]:
+) -> Generator[Deletion, None, None]:
     """The mirrored files of checkpoints removed upstream that ``files`` takes; none of a run
     whose checkpoint list is empty (`held_back`)."""
     for run, listed in whole_lists.items():
@@ -48,10 +48,25 @@ def deletions(
                     yield Deletion(file.path, file.size, f"{run}/{checkpoint}")
 
 
-def checkpoints_of(doomed: Iterable[Deletion]) -> list[str]:
-    """The checkpoints of ``doomed``, each once, in the order first met: by a lookup per file,
-    not a walk of those met before (thousands of checkpoints removed at once)."""
-    return list(dict.fromkeys(d.checkpoint for d in doomed))
+@dataclass
+class Going:
+    """The files a walk of `deletions` found going, counted, not kept: a job that lost a
+    million files upstream must not cost their list in memory."""
+
+    files: int = 0
+    bytes: int = 0
+    # Each once, in the order first met: by a lookup per file, not a walk of those met before
+    # (thousands of checkpoints removed at once).
+    _checkpoints: dict[str, None] = field(default_factory=dict)
+
+    def add(self, doomed: Deletion) -> None:
+        self.files += 1
+        self.bytes += doomed.size
+        self._checkpoints[doomed.checkpoint] = None
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return list(self._checkpoints)
 
 
 def held_back(manifest: Manifest, whole_lists: Mapping[str, frozenset[str]]) -> list[str]:
@@ -72,7 +87,6 @@ class Pruner:
         self._dest = dest
         self._fsync = fsync
         self._emptied: set[str] = set()
-        self._dropped: list[str] = []
         self._places = Places(dest)
 
     def goes(self, doomed: Deletion) -> bool:
@@ -108,16 +122,18 @@ class Pruner:
         if self._places.own(directory):
             # Also where it was gone already: that run may have been killed before the rmdirs.
             self._emptied.add(directory)
-        self._dropped.append(doomed.path)
 
-    def finish(self, manifest: Manifest) -> None:
+    def finish(self, manifest: Manifest, recorded: Iterable[Deletion]) -> None:
         """Remove the directories that deleting left empty, up to the checkpoint's own; a
         directory still holding anything stays. With ``fsync``, each directory that lost entries
-        and stays is then synced, once. Only then are the records of the deleted files dropped
-        from ``manifest``, and committed: a run killed (or a power loss) before leaves them, and
-        so the files and directories, to the next (a recorded file found gone is dropped then),
-        as does a directory that cannot be synced (`LocalIOError`), as its deletions may not be
-        durable."""
+        and stays is then synced, once. Only then are the records in ``recorded`` (`deletions`
+        of ``manifest``) whose file is no longer the mirror's (deleted, gone already, or not
+        what was recorded: `goes`) dropped from ``manifest``, and committed: a run killed (or a
+        power loss) before leaves them, and so the files and directories, to the next (a
+        recorded file found gone is dropped then), as does a directory that cannot be synced
+        (`LocalIOError`), as its deletions may not be durable. Read from the manifest again, not
+        kept from the deleting: a million of them would cost their list in memory. A file that
+        could not be deleted, or looked at, keeps its record."""
         directories: set[str] = set()
         for directory in self._emptied:
             # "<run>/<checkpoint>/<rank>/..." up to "<run>/<checkpoint>"
@@ -145,6 +161,12 @@ class Pruner:
                     raise LocalIOError(
                         f"cannot make the deletions in {path} durable: {exc.strerror or exc}"
                     ) from exc
-        for path in self._dropped:
-            manifest.drop_record(path)
+        for doomed in recorded:
+            try:
+                if self.goes(doomed):
+                    continue
+            except FileError:
+                continue
+            # The row the walk has just read: SQLite lets a query's current row go under it.
+            manifest.drop_record(doomed.path)
         manifest.commit()

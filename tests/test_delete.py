@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,9 +22,9 @@ import pytest
 from checkpoint_sync.engine import manifest_path
 from checkpoint_sync.errors import LocalIOError
 from checkpoint_sync.localserver import ServedCheckpoint, ServedFile
-from checkpoint_sync.manifest import Manifest
+from checkpoint_sync.manifest import Manifest, VerifiedFile
 from checkpoint_sync.plan import FileFilter
-from checkpoint_sync.prune import Deletion, Pruner, checkpoints_of, deletions
+from checkpoint_sync.prune import Deletion, Going, Pruner, deletions
 
 from .conftest import JOB, PROJECT, job_catalog, sync_args
 from .support import (
@@ -418,7 +419,7 @@ def test_deletions_that_cannot_be_made_durable_keep_their_records_for_the_next_r
                 no_file_descriptor_left(),
                 pytest.raises(LocalIOError, match=f"deletions in {dest}/{JOB} durable: Too many"),
             ):
-                pruner.finish(manifest)
+                pruner.finish(manifest, deletions(manifest, FileFilter(), listed))
         finally:
             manifest.close()
         assert not (dest / JOB / DELETED).exists()
@@ -494,6 +495,55 @@ def test_a_file_changed_by_hand_is_not_deleted(dest: Path) -> None:
     assert json.loads(result.stdout)["files"]["deleted"] == len(removed.files) - 1
     assert changed.read_text() == "my notes, not the checkpoint's"
     assert DELETED not in recorded_checkpoints(dest)
+
+
+def mirror_removed_upstream(dest: Path, checkpoints: int, files: int) -> None:
+    """A mirror of JOB holding ``files`` one-byte files in each of ``checkpoints`` checkpoints
+    its provider no longer lists, recorded as a sync records them."""
+    manifest = Manifest(manifest_path(dest))
+    try:
+        for c in range(checkpoints):
+            (dest / JOB / f"old-{c}" / "0").mkdir(parents=True)
+            for i in range(files):
+                path = f"{JOB}/old-{c}/0/f{i}"
+                (dest / path).write_bytes(b"x")
+                verified = VerifiedFile(path, "baseten-training", JOB, f"old-{c}", 0, 1, "t", "d")
+                manifest.record_verified(verified)
+    finally:
+        manifest.close()
+
+
+def test_delete_keeps_nothing_per_file_that_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A job that lost a million files upstream: they are counted against --max-delete, deleted
+    # and forgotten by walks of the manifest, not kept in a list (99,500 took 32 MiB). What the
+    # run holds as it deletes its first file, with 500 files to delete and with 3,500, after a
+    # first run (its imports, first models and caches): held in a list, the 3,000 more took
+    # 0.8 MB more.
+    held: list[int] = []
+    unlink = os.unlink
+
+    def note_first(path: str) -> None:
+        if len(held) < run:
+            held.append(tracemalloc.get_traced_memory()[0])
+        unlink(path)
+
+    monkeypatch.setattr(os, "unlink", note_first)
+    with ServerThread(job_catalog(checkpoints=1, large_files=0, small_files=1)) as server:
+        for run, files in enumerate((10, 50, 350), 1):
+            dest = tmp_path / str(run)
+            mirror_removed_upstream(dest, 10, files)
+            tracemalloc.start()
+            try:
+                result = run_cli(*sync_args(server, dest, "--delete", "--json"))
+            finally:
+                tracemalloc.stop()
+            assert result.code == 0, result.stderr
+            assert json.loads(result.stdout)["files"]["deleted"] == 10 * files
+            assert recorded_checkpoints(dest) == {"checkpoint-10"}
+            assert os.listdir(dest / JOB) == ["checkpoint-10"]
+    assert held[2] < held[1] + (1 << 18), held
 
 
 @pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
@@ -796,8 +846,11 @@ class _Counted(str):
 def test_the_checkpoints_removed_upstream_are_named_once_each_in_order(
     names: list[str], expected: list[str]
 ) -> None:
-    doomed = [Deletion(f"{name}/0/f{i}", 1, name) for i, name in enumerate(names)]
-    assert checkpoints_of(doomed) == expected
+    going = Going()
+    for i, name in enumerate(names):
+        going.add(Deletion(f"{name}/0/f{i}", i, name))
+    assert going.checkpoints == expected
+    assert (going.files, going.bytes) == (len(names), sum(range(len(names))))
 
 
 def test_naming_the_checkpoints_removed_upstream_compares_each_file_once_at_most() -> None:
@@ -807,5 +860,8 @@ def test_naming_the_checkpoints_removed_upstream_compares_each_file_once_at_most
         Deletion(f"j/c-{c}/0/f{i}", 1, _Counted(f"j/c-{c}")) for c in range(100) for i in range(3)
     ]
     _Counted.compared = 0
-    assert len(checkpoints_of(doomed)) == 100
+    going = Going()
+    for each in doomed:
+        going.add(each)
+    assert len(going.checkpoints) == 100
     assert _Counted.compared <= len(doomed)
