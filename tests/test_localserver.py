@@ -17,7 +17,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from checkpoint_sync.localserver import Catalog, ServedJob, tree_catalog
+from checkpoint_sync.localserver import (
+    Catalog,
+    Joined,
+    ServedCheckpoint,
+    ServedFile,
+    ServedJob,
+    tree_catalog,
+)
 
 from .conftest import JOB, PROJECT
 from .support import API_KEY, ServerThread
@@ -177,3 +184,45 @@ def test_a_job_without_checkpoints_is_listed_with_the_times_its_page_requires() 
     job = answer["training_job"]
     for key in ("created_at", "updated_at"):
         assert datetime.fromisoformat(job[key]).tzinfo is not None, key
+
+
+def _checkpoints(*sizes: int) -> list[ServedCheckpoint]:
+    """Checkpoints ``c0``, ``c1``... of so many files each, named ``cN/fM``."""
+    made = datetime(2026, 11, 1)
+    return [
+        ServedCheckpoint(
+            f"c{n}", made, files=[ServedFile(0, f"c{n}/f{m}", 1, "t", m) for m in range(size)]
+        )
+        for n, size in enumerate(sizes)
+    ]
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    [
+        *(slice(0, 3), slice(3, 6), slice(4, 9), slice(9, 12), slice(10, 20), slice(11, 14)),
+        *(slice(-3, None), slice(-20, 2), slice(2, 2), slice(5, 1), slice(None, None)),
+    ],
+)
+def test_a_jobs_checkpoints_are_sliced_as_one_list(wanted: slice) -> None:
+    parts = [c.files for c in _checkpoints(4, 0, 5, 2)]
+    whole = [f for files in parts for f in files]
+    joined = Joined(parts)
+    assert joined[wanted] == whole[wanted]
+    assert len(joined) == len(whole)
+
+
+def test_a_jobs_listing_pages_run_across_its_checkpoints() -> None:
+    job = ServedJob(PROJECT, JOB, _checkpoints(4, 0, 5, 2))
+    listing = f"/v1/training_projects/{PROJECT}/jobs/{JOB}/checkpoint_files?page_size=3"
+    names: list[str] = []
+    totals: set[int] = set()
+    token = 0
+    with ServerThread(Catalog(api_key=API_KEY, jobs=[job])) as server:
+        while token is not None:
+            page = _get_json(server, f"{listing}&page_token={token}")
+            names += [entry["relative_file_name"] for entry in page["presigned_urls"]]
+            token, totals = page["next_page_token"], totals | {page["total_count"]}
+
+    assert names == [f.name for c in job.checkpoints for f in c.files]
+    assert totals == {11}
