@@ -171,13 +171,15 @@ def removed_upstream(
     files ``wanted`` takes: those `sync --delete` would delete, as its dry run tells them."""
     manifest = Manifest(manifest_path(dest), read_only=True)
     try:
-        held: dict[str, list[int]] = {}
+        # Files and bytes by checkpoint, counted, not kept: a million may have gone upstream.
+        held: dict[str, tuple[int, int]] = {}
         refused: dict[str, list[UnsafePathError]] = {}
         pruner = Pruner(str(dest))
         for doomed in deletions(manifest, wanted, whole_lists):
             try:
                 if pruner.goes(doomed):
-                    held.setdefault(doomed.checkpoint, []).append(doomed.size)
+                    files, size = held.get(doomed.checkpoint, (0, 0))
+                    held[doomed.checkpoint] = (files + 1, size + doomed.size)
             except UnsafePathError as exc:
                 refused.setdefault(doomed.checkpoint, []).append(exc)
             except FileError:  # one it cannot even look at: not counted
@@ -186,10 +188,8 @@ def removed_upstream(
         manifest.close()
     removed = []
     for where in dict.fromkeys([*held, *refused]):
-        sizes = held.get(where, [])
-        removed.append(
-            RemovedUpstream(where, len(sizes), sum(sizes), _unnamed(where, refused.get(where, [])))
-        )
+        files, size = held.get(where, (0, 0))
+        removed.append(RemovedUpstream(where, files, size, _unnamed(where, refused.get(where, []))))
     return removed
 
 
