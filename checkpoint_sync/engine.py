@@ -315,6 +315,7 @@ async def _produce(
         # ahead go then, not whenever whatever holds the walk (a traceback) lets go of it.
         async with aclosing(source.file_pages(selection.checkpoints)) as pages:
             async for page in pages:
+                manifest.catch_up()  # a sync may have written it while the page was awaited
                 for file in page:
                     path = file.name if isinstance(file, UnreadableEntry) else file.path
                     if not tally.takes(file.node_rank, path):

@@ -100,6 +100,7 @@ async def survey(
 
     try:
         async for page in source.file_pages(checkpoints):
+            manifest.catch_up()  # a sync may have written it while the page was awaited
             for file in page:
                 if isinstance(file, UnreadableEntry):
                     # A file that cannot be mirrored is missing.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from .errors import LocalIOError
@@ -122,21 +122,30 @@ class Manifest:
     ) -> None:
         """Open (creating) the manifest; ``read_only`` touches nothing on disk (dry runs)."""
         self.path = db_path
+        self._read_only = read_only
         self._batch_seconds = batch_seconds
         self._last_commit = time.monotonic()
+        # For a reader that reads the manifest immutable: the file as it was then, and the paths
+        # listed since the last commit (`catch_up`).
+        self._read_as: _FileState | None = None
+        self._uncommitted: list[tuple[str, int | None]] = []
         db: sqlite3.Connection | None = None
         try:
             if read_only:
-                db = self._db = _connect_read_only(db_path)
+                # Its own database in memory, which holds the temporary table of paths listed,
+                # with the manifest attached (unqualified names resolve to its tables): the
+                # manifest can then be attached again, through the WAL, once a sync writes it.
+                db = self._db = sqlite3.connect("file::memory:", uri=True, isolation_level=None)
+                self._attach()
             else:
                 make_directories(db_path.parent)
                 _create(db_path)
                 db = self._db = sqlite3.connect(db_path, isolation_level=None)
             self._db.execute("PRAGMA foreign_keys=ON")
-            # Before WAL mode is set: that is a write too, which another program's database
-            # must not get.
-            self._migrate()
             if not read_only:
+                # Before WAL mode is set: that is a write too, which another program's database
+                # must not get.
+                self._migrate()
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 self._db.execute(_ETAGS)
@@ -163,6 +172,95 @@ class Manifest:
             self._db.executescript(
                 f"BEGIN; {_SCHEMA} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;"
             )
+
+    def _attach(self) -> None:
+        """Attach the manifest to be read, leaving the mirror as it was (dry runs, `list`).
+
+        With no WAL file beside it, no writer has it open, and it is attached immutable: nothing
+        is created next to it (a WAL reader would add -wal and -shm files), and a mirror on a
+        read-only mount can be read at all; `catch_up` follows a sync that writes it since. With
+        one, even empty (a sync that just opened the manifest has one until it commits), it is
+        read through the WAL, as of the first read, a view that what the sync writes meanwhile
+        leaves whole. Only where a WAL reader cannot attach it (on a
+        full disk its index cannot grow: a run that could not open the manifest there left an
+        empty WAL) is an empty WAL, which holds no commit, passed over. A manifest not there,
+        or with no schema yet (a run was killed while it created it), records nothing: an
+        empty one is made in memory, as creating the schema would fail in the read-only file.
+        """
+        found = _file_state(self.path)
+        self._read_as = None
+        if found.database is None:
+            self._migrate()
+            return
+        immutable = found.wal_size is None
+        try:
+            version = self._attached(immutable)
+        except sqlite3.OperationalError:
+            if found.wal_size != 0:
+                raise
+            immutable = True
+            version = self._attached(immutable)
+        _refuse_foreign(self._db, self.path, version, "manifest")
+        if version == 0:
+            self._db.execute("DETACH DATABASE manifest")
+            self._migrate()
+            return
+        self._read_as = found if immutable else None
+
+    def _attached(self, immutable: bool) -> int:
+        """Attach the manifest (immutable, or through the WAL); its schema version, read: the
+        first read is where a WAL reader's index is made."""
+        mode = "ro&immutable=1" if immutable else "ro"
+        self._db.execute(
+            "ATTACH DATABASE ? AS manifest", (f"file:{quote(str(self.path))}?mode={mode}",)
+        )
+        try:
+            (version,) = self._db.execute("PRAGMA manifest.user_version").fetchone()
+        except BaseException:
+            self._db.execute("DETACH DATABASE manifest")
+            raise
+        return int(version)
+
+    def catch_up(self) -> None:
+        """For a reader of the manifest read immutable, once per page of a listing and before
+        each query of many rows (SQLite gives no warning: a sync writes its first pages back
+        into the database file once its WAL holds 4 MiB, or as it closes, and read immutable
+        they would look damaged, or answer wrong). The paths listed so far are committed, and
+        a manifest a sync has written since is attached again (`_read_again`)."""
+        if self._read_as is None:
+            return
+        try:
+            self._db.execute("COMMIT")
+            self._uncommitted.clear()
+            if self._changed():
+                self._db.execute("DETACH DATABASE manifest")
+                self._attach()
+            self._db.execute("BEGIN")
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise _unusable(self.path, exc, read_only=True) from exc
+
+    def _read_again(self) -> None:
+        """Attach again the manifest a sync has written since it was attached immutable, where
+        SQLite met what looked like damage: it then rolls back, the paths listed since the last
+        `catch_up` too, which are listed again."""
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._db.execute("DETACH DATABASE manifest")
+            self._attach()
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT INTO listed (path, version) VALUES (?, ?)", self._uncommitted
+            )
+        except (sqlite3.DatabaseError, OSError) as exc:
+            raise _unusable(self.path, exc, read_only=True) from exc
+
+    def _changed(self) -> bool:
+        """Whether the manifest read immutable is no longer the file it was then."""
+        try:
+            return self._read_as is not None and _file_state(self.path) != self._read_as
+        except OSError as exc:
+            raise _unusable(self.path, exc, read_only=True) from exc
 
     # --- reading ---------------------------------------------------------------------------------
 
@@ -229,19 +327,36 @@ class Manifest:
         return [path for (path,) in rows]
 
     def _rows(self, sql: str, parameters: tuple[object, ...] = ()) -> Iterator[Any]:
-        """The rows of a query, as they are read; a manifest damaged where they lie (random
-        bytes on a page that opening it did not touch) is an error of ours, not SQLite's."""
-        try:
-            # Not `yield from`: this generator left unfinished (its reader stopped on an error)
-            # would close the cursor when it is collected, after the database was closed.
-            for row in self._db.execute(sql, parameters):  # noqa: UP028
-                yield row
-        except sqlite3.DatabaseError as exc:
-            raise _unusable(self.path, exc) from exc
+        """The rows of a query that may return many (a checkpoint's), from the manifest as it
+        is now (`catch_up`: a stat or two per query, not per file)."""
+        self.catch_up()
+        return self._read(sql, parameters)
 
     def _row(self, sql: str, parameters: tuple[object, ...]) -> Any:
         """The first row of a query, or None."""
-        return next(self._rows(sql, parameters), None)
+        return next(self._read(sql, parameters), None)
+
+    def _read(self, sql: str, parameters: tuple[object, ...]) -> Iterator[Any]:
+        """The rows of a query, as they are read; a manifest damaged where they lie (random
+        bytes on a page that opening it did not touch) is an error of ours, not SQLite's. Read
+        immutable, what looks damaged may be a sync's writes since: the query is asked again
+        of the manifest as it is now, or, with rows already handed on (which may be neither
+        the manifest's before nor after), the run is told to start again."""
+        while True:
+            handed_on = False
+            try:
+                for row in self._db.execute(sql, parameters):
+                    handed_on = True
+                    yield row
+                return
+            except sqlite3.DatabaseError as exc:
+                if not self._changed():
+                    raise _unusable(self.path, exc) from exc
+                if handed_on:
+                    raise LocalIOError(
+                        f"manifest {self.path} was written by a sync while it was read; run again"
+                    ) from exc
+            self._read_again()
 
     # --- writing (batched) -----------------------------------------------------------------------
 
@@ -253,6 +368,8 @@ class Manifest:
             "INSERT OR IGNORE INTO listed (path, version) VALUES (?, ?)", (path, version)
         )
         if inserted.rowcount == 1:
+            if self._read_as is not None:
+                self._uncommitted.append((path, version))
             return True
         row = self._row("SELECT version FROM listed WHERE path = ?", (path,))
         return None if version is not None and (version,) == row else False
@@ -369,8 +486,11 @@ class Manifest:
 
     def close(self) -> None:
         try:
-            self.commit()
-            self._write("COMMIT", ())
+            # A reader has only its temporary table to drop, and SQLite may have ended its
+            # transaction already (on what looked like damage).
+            if not self._read_only:
+                self.commit()
+                self._write("COMMIT", ())
         finally:
             self._db.close()
 
@@ -415,7 +535,9 @@ def _cannot_be_used(db_path: Path, reason: str) -> LocalIOError:
     )
 
 
-def _refuse_foreign(db: sqlite3.Connection, db_path: Path, version: int) -> None:
+def _refuse_foreign(
+    db: sqlite3.Connection, db_path: Path, version: int, schema: str = "main"
+) -> None:
     """Refuse, before anything is written to it, a database of a newer schema (`_newer`), or
     another program's: at schema version 0, one that holds a table or index no manifest makes,
     or a table of a manifest's name without its columns (a new manifest is an empty file or
@@ -423,7 +545,7 @@ def _refuse_foreign(db: sqlite3.Connection, db_path: Path, version: int) -> None
     tables and columns a manifest is made with. Other tables are no sign there: a later release
     may make one in place, as this one made `_ETAGS` and `_REACHED`. The same for `sync`,
     `--dry-run` and `list --dest`."""
-    names = [name for (name,) in db.execute("SELECT name FROM sqlite_master")]
+    names = [name for (name,) in db.execute(f"SELECT name FROM {schema}.sqlite_master")]  # noqa: S608 (ours)
     if version > SCHEMA_VERSION:
         raise _newer(db_path, version, names)
     if version == 0 and (foreign := foreign_names(names)):
@@ -431,7 +553,7 @@ def _refuse_foreign(db: sqlite3.Connection, db_path: Path, version: int) -> None
     for table, columns in _our_columns().items():
         if table not in names:
             continue
-        theirs = _columns(db, table)
+        theirs = _columns(db, table, schema)
         if lacking := [column for column in columns if column not in theirs]:
             raise _cannot_be_used(
                 db_path, f"another program's database: its table {table} has no column {lacking[0]}"
@@ -470,8 +592,8 @@ def _our_columns() -> dict[str, list[str]]:
         db.close()
 
 
-def _columns(db: sqlite3.Connection, table: str) -> list[str]:
-    return [column for (_, column, *_) in db.execute(f"PRAGMA table_info({table})")]
+def _columns(db: sqlite3.Connection, table: str, schema: str = "main") -> list[str]:
+    return [column for (_, column, *_) in db.execute(f"PRAGMA {schema}.table_info({table})")]
 
 
 def refuse_a_directory_that_refuses_writes(db_path: Path) -> None:
@@ -523,48 +645,26 @@ def _space_left(directory: Path) -> str:
     return f" ({human_bytes(free)} is free on its disk)"
 
 
-def _connect_read_only(db_path: Path) -> sqlite3.Connection:
-    """For --dry-run and list: reads that leave the mirror as it was.
+class _FileState(NamedTuple):
+    """What tells a manifest file changed, without reading it: its identity, size and time of
+    change, and the size of its WAL (None: none there)."""
 
-    With no WAL file beside the database, no writer has it open, and it is opened immutable:
-    nothing is created next to it (a WAL reader would add -wal and -shm files), and a mirror on
-    a read-only mount can be read at all. With one, even empty (a sync that just opened the
-    manifest has one until it commits), it is read through the WAL: read immutable, pages that
-    sync then writes back into the database file would look damaged. Only where a WAL reader
-    cannot open it (on a full disk its index cannot grow: a run that could not open the
-    manifest there left an empty WAL) is an empty WAL, which holds no commit, passed over.
-    """
-    if not db_path.exists():
-        return sqlite3.connect(":memory:", isolation_level=None)
-    try:
-        wal_size: int | None = os.stat(f"{db_path}-wal").st_size
-    except OSError:
-        wal_size = None
-    try:
-        db, version = _open_read_only(db_path, "ro&immutable=1" if wal_size is None else "ro")
-    except sqlite3.OperationalError:
-        if wal_size != 0:
-            raise
-        db, version = _open_read_only(db_path, "ro&immutable=1")
-    if version == 0:
-        # No schema yet: a run was killed while it created the manifest, so nothing is recorded.
-        # Read as a new one, or creating the schema would fail on this read-only connection.
-        try:
-            _refuse_foreign(db, db_path, version)
-        finally:
-            db.close()
-        return sqlite3.connect(":memory:", isolation_level=None)
-    return db
+    database: tuple[int, int, int, int] | None  # None: not there
+    wal_size: int | None
 
 
-def _open_read_only(db_path: Path, mode: str) -> tuple[sqlite3.Connection, int]:
-    """The database opened in ``mode``, and its schema version (read: the first read is where
-    a WAL reader's index is made)."""
-    uri = f"file:{quote(str(db_path))}?mode={mode}"
-    db = sqlite3.connect(uri, uri=True, isolation_level=None)
+def _file_state(db_path: Path) -> _FileState:
+    found = _stat(db_path)
+    wal = _stat(Path(f"{db_path}-wal"))
+    return _FileState(
+        None if found is None else (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns),
+        None if wal is None else wal.st_size,
+    )
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """``path``'s status, None where there is no such file (`OSError` where it cannot be told)."""
     try:
-        (version,) = db.execute("PRAGMA user_version").fetchone()
-    except BaseException:
-        db.close()
-        raise
-    return db, version
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None

@@ -24,18 +24,21 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_sync.errors import LocalIOError
 from checkpoint_sync.filesystem import preallocation_pays
-from checkpoint_sync.localserver import Faults
+from checkpoint_sync.localserver import Catalog, Faults, ServedCheckpoint, ServedFile, ServedJob
 from checkpoint_sync.manifest import OUR_NAMES, SPACE_RESERVE, Manifest, VerifiedFile, foreign_names
 
-from .conftest import JOB, job_args, job_catalog, sync_args
+from .conftest import JOB, PROJECT, job_args, job_catalog, sync_args
 from .support import (
+    API_KEY,
     ServerThread,
     assert_exact,
     leave_in_parts,
     mirrored,
     new_version,
     run_cli,
+    run_subprocess,
     run_without_dac_override,
 )
 from .test_kill import assert_records_true
@@ -1022,6 +1025,136 @@ def test_a_manifest_read_while_a_sync_that_just_opened_it_writes_is_not_taken_fo
     assert held(reader) == 1000  # what was committed when it began reading, whole
     reader.close()
     assert held(Manifest(path, read_only=True)) == 6000
+
+
+def record_checkpoint(manifest: Manifest, checkpoint: str) -> None:
+    for n in range(2000):
+        path = f"r/{checkpoint}/0/{n:05d}"
+        manifest.record_verified(VerifiedFile(path, "s", "r", checkpoint, 0, n, "t", "d" * 64))
+
+
+def test_a_query_that_meets_a_syncs_writes_is_asked_again_and_the_paths_listed_stay(
+    tmp_path: Path,
+) -> None:
+    # Between two pages of a listing (no `catch_up`), a sync drops a checkpoint's records,
+    # adds another's and writes them back as it closes: the pages the reader then reads from
+    # the file no longer fit those it had read, and look damaged. SQLite rolls back its
+    # transaction then, with the paths listed since the page began.
+    path = tmp_path / "manifest.sqlite3"
+    earlier = Manifest(path)
+    for checkpoint in ("c10", "c20"):
+        record_checkpoint(earlier, checkpoint)
+    earlier.close()
+    reader = Manifest(path, read_only=True)
+    for n in range(0, 4000, 100):
+        assert reader.recorded(f"r/c{10 + n // 2000 * 10}/0/{n % 2000:05d}") is not None
+    sync = Manifest(path)
+    for n in range(2000):
+        sync.drop_record(f"r/c10/0/{n:05d}")
+    record_checkpoint(sync, "c30")
+    sync.close()
+
+    listed = [f"r/c10/0/{n:05d}" for n in range(2000)]
+    for listed_path in listed:
+        assert reader.first_listing(listed_path, 1)
+        reader.recorded(listed_path)
+
+    assert reader.recorded(listed[-1]) is None  # read again: the sync dropped it
+    assert reader.recorded("r/c30/0/01999") is not None
+    assert [reader.first_listing(p, 1) for p in listed] == [None] * len(listed)
+    reader.close()
+
+
+def test_a_manifest_damaged_since_it_was_opened_is_still_said_damaged(tmp_path: Path) -> None:
+    path = tmp_path / "manifest.sqlite3"
+    earlier = Manifest(path)
+    record_checkpoint(earlier, "c10")
+    earlier.close()
+    reader = Manifest(path, read_only=True)
+    with path.open("r+b") as damaged:  # after it was opened: read again, it is still damaged
+        damaged.seek(4096)
+        damaged.write(random.Random(5).randbytes(8192))
+
+    with pytest.raises(LocalIOError, match="move it aside to rebuild it"):
+        reader.recorded("r/c10/0/01000")
+    reader.close()
+
+
+@pytest.mark.parametrize("writer", ["sync", "held-open"])
+@pytest.mark.parametrize("command", ["list", "dry-run"])
+def test_a_manifest_written_while_a_listing_is_compared_with_it_is_read_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str, writer: str
+) -> None:
+    # `list --dest` and `--dry-run` take no lock, and read a manifest with no WAL beside it
+    # immutable. A cron sync that starts on the mirror meanwhile writes its WAL back into the
+    # database file as it closes (or once it holds 4 MiB): read on immutable, the manifest
+    # looked damaged ("move it aside") or answered wrong (mirrored files to fetch).
+    monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "200")
+    monkeypatch.setenv("CHECKPOINT_SYNC_READ_TIMEOUT", "60")  # a page waits for the writer
+    dest = tmp_path / "mirror"
+    state = dest / ".checkpoint-sync"
+    # Pages of 200 entries: checkpoint-10's rank 0, its rank 1, checkpoint-20's rank 0, rank 1.
+    catalog = job_catalog(checkpoints=2, large_files=0, small_files=200, small_size=10)
+    # Made upstream since: its records go between theirs.
+    made = ServedCheckpoint("checkpoint-15", catalog.jobs[0].checkpoints[0].created_at)
+    stamp = made.created_at.isoformat()
+    made.files = [
+        ServedFile(0, f"checkpoint-15/state_{i:04d}.json", 10, stamp, 10_000 + i)
+        for i in range(200)
+    ]
+    wrote: list[int] = []
+    held: list[sqlite3.Connection] = []
+
+    def write(offset: int) -> None:
+        """Before page 2 is answered: once page 0 was compared, as page 2 is asked for only once
+        page 1 is answered (tokens that count pages are not guessed ahead); page 1 holds only
+        rank 1, which --node-rank 0 leaves out, so nothing is read while the manifest is
+        written."""
+        if offset != 400:
+            return
+        server.faults.on_page = None
+        if writer == "sync":
+            sync = run_subprocess(*job_args(upstream, "sync", "--dest", dest, "--quiet"))
+            wrote.append(sync.wait(timeout=60))
+            return
+        # Another program, whose writes are written back while it still holds the manifest.
+        db = sqlite3.connect(
+            state / "manifest.sqlite3", isolation_level=None, check_same_thread=False
+        )
+        held.append(db)
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO files VALUES (?, 's', ?, 'checkpoint-15', 0, 10, ?, 'd', ?)",
+            [(f"{JOB}/checkpoint-15/0/{f.name}", JOB, stamp, stamp) for f in made.files],
+        )
+        db.execute("COMMIT")
+        wrote.append(db.execute("PRAGMA wal_checkpoint").fetchone()[0])
+
+    with (
+        ServerThread(catalog, Faults(page_numbers=True)) as server,
+        ServerThread(Catalog(API_KEY, [ServedJob(PROJECT, JOB, [made])])) as upstream,
+    ):
+        assert run_cli(*job_args(server, "sync", "--dest", dest)).code == 0
+        server.faults.on_page = write
+        if command == "list":
+            result = run_cli(
+                *job_args(server, "list", "--dest", dest, "--node-rank", "0", "--json")
+            )
+        else:
+            result = run_cli(*sync_args(server, dest, "--node-rank", "0", "--dry-run", "--json"))
+    for db in held:
+        db.close()
+
+    assert wrote == [0]
+    assert result.code == 0, result.stderr
+    if command == "list":
+        local = [c["local"] for c in json.loads(result.stdout)["checkpoints"]]
+        assert local == ["mirrored", "mirrored"]
+    else:
+        files = json.loads(result.stdout)["files"]
+        assert (files["to_fetch"], files["skipped"]) == (0, 400)
+    # The reader made nothing beside the manifest (the writer's WAL went as it closed).
+    assert sorted(p.name for p in state.iterdir()) == ["lock", "manifest.sqlite3", "staging"]
 
 
 def test_a_manifest_that_cannot_grow_stops_the_run_saying_the_disk_is_full(
