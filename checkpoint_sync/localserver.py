@@ -1030,7 +1030,14 @@ def main(argv: list[str] | None = None) -> None:
     synthetic.add_argument("--large-files", type=int, default=2)
     synthetic.add_argument("--large-size", type=int, default=128 << 20)
     synthetic.add_argument("--small-files", type=int, default=100)
-    synthetic.add_argument("--small-size", type=int, default=256 << 10)
+    synthetic.add_argument(
+        "--small-size",
+        type=int,
+        default=256 << 10,
+        # Sizes differ so that a file cut short or swapped shows; they add up fast at scale.
+        help="bytes of the first small file of a rank; each next one is 31 bytes larger "
+        "(a rank's 100,000 files of --small-size 1 hold 155 GB: walk such a job with --dry-run)",
+    )
     args = parser.parse_args(argv)
     if args.command == "serve-tree":
         try:
