@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import aclosing, closing
 from dataclasses import dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -445,6 +446,7 @@ async def _delete_removed(
     pruner = Pruner(str(options.dest), fsync=options.transfer.fsync)
     manifest = Manifest(path, read_only=True)
     deleting = False
+    reached = 0  # by the walk that deletes: those past it, never looked at, lost no file
     try:
         if not _count_deletions(whole_lists, options, manifest, pruner, stats):
             return
@@ -453,6 +455,7 @@ async def _delete_removed(
             for doomed in doomed_files:
                 # A signal is heeded between files: many of them, or a slow disk, take a while.
                 await anyio.lowlevel.checkpoint()
+                reached += 1
                 try:
                     goes = pruner.goes(doomed)  # again: one changed since it was counted stays
                 except FileError:
@@ -475,8 +478,10 @@ async def _delete_removed(
             # Stopped or not: the files deleted so far leave no empty directory and no record.
             manifest = Manifest(path, durable=options.transfer.fsync)
             try:
+                # In the order the deleting walked them: a run stopped early does not look at
+                # every file it did not reach (a million, say) before it exits.
                 with closing(deletions(manifest, options.files, whole_lists)) as recorded:
-                    pruner.finish(manifest, recorded)
+                    pruner.finish(manifest, islice(recorded, reached))
             finally:
                 manifest.close()
 
