@@ -38,7 +38,6 @@ from .config import (
     known_secrets,
     load_settings,
     parse_size,
-    unread_variables,
 )
 from .engine import PlannedFile, SyncOptions, lock_path, sync
 from .errors import CheckpointSyncError, NotFoundError, UsageError, most_severe
@@ -646,12 +645,9 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
             "max_delete",
         )
     }
-    # Before the settings are read: a variable misspelled may be why one is refused.
-    for line in unread_variables():
-        out.warning(line)
     # A setting refused may quote its value, which may be a key the file holds pasted into the
     # wrong place (`--api-url` for a key): its keys are secrets before the settings are read.
-    settings = load_settings(args.config, flags, on_secret=out.redact.add)
+    settings = load_settings(args.config, flags, on_secret=out.redact.add, on_unread=out.warning)
     for secret in settings.secrets():
         out.redact.add(secret)
     return settings

@@ -13,7 +13,7 @@ import difflib
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -301,10 +301,12 @@ def load_settings(
     environ: Mapping[str, str] = os.environ,
     *,
     on_secret: Callable[[str], None] = lambda _: None,
+    on_unread: Callable[[str], None] = lambda _: None,
 ) -> Settings:
     """Merge the config file, the environment and the flags (None means: flag not given).
     ``on_secret`` is given each API key they hold before any value is judged: one refused may
-    quote a key pasted into the wrong setting (`--api-url`)."""
+    quote a key pasted into the wrong setting (`--api-url`). ``on_unread`` is given each line of
+    `unread_variables` then too: a variable misspelled may be why a value is refused."""
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}  # where each value came from, to name it in an error
 
@@ -329,11 +331,16 @@ def load_settings(
     for name, value in flags.items():
         if value is not None:
             take(name, value, from_flag(name))
+    key_variables = []
     for key_field, env_field in _KEYS:
         # One that is no name (5, "") reads no key, and is refused with its origin below.
         env_name = values.get(env_field, Settings.model_fields[env_field].default)
-        if isinstance(env_name, str) and environ.get(env_name):
-            take(key_field, environ[env_name], f"from {env_name}")
+        if isinstance(env_name, str):
+            key_variables.append(env_name)
+            if environ.get(env_name):
+                take(key_field, environ[env_name], f"from {env_name}")
+    for line in unread_variables(environ, key_variables):
+        on_unread(line)
     for name, value in values.items():
         if isinstance(value, str) and not _is_utf8(value):
             # Bytes of another encoding (Python keeps them as lone surrogates): pydantic raised
@@ -352,9 +359,10 @@ def load_settings(
         raise _refused(where, source, why) from None
 
 
-def unread_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
+def unread_variables(environ: Mapping[str, str], key_variables: Collection[str] = ()) -> list[str]:
     """A line for each variable named as a setting's would be (``CHECKPOINT_SYNC_``, in any
-    case) that no setting reads, with the nearest name that one does: a typo in a crontab
+    case) that no setting reads, nor is one of ``key_variables`` (those `api_key_env` and
+    `wandb_api_key_env` name), with the nearest name that one does: a typo in a crontab
     (CHECKPOINT_SYNC_CONCURENCY) was ignored without a word. A warning, not an error, unlike an
     unknown key in the config file: an environment may be shared with another version of the
     tool, which reads a setting this one does not know, and must not stop this one's runs."""
@@ -362,7 +370,11 @@ def unread_variables(environ: Mapping[str, str] = os.environ) -> list[str]:
     lines = []
     for variable in sorted(environ):
         prefix, setting = variable[: len(ENV_PREFIX)], variable[len(ENV_PREFIX) :]
-        if prefix.upper() != ENV_PREFIX or (prefix == ENV_PREFIX and setting in settings):
+        if (
+            prefix.upper() != ENV_PREFIX
+            or (prefix == ENV_PREFIX and setting in settings)
+            or variable in key_variables
+        ):
             continue
         # Of the setting's part alone: the prefix they share would make any name look near.
         nearest = difflib.get_close_matches(setting.upper(), settings, n=1)

@@ -550,6 +550,23 @@ def test_a_variable_named_as_a_setting_that_no_setting_reads_is_named(
     assert unread_variables(environ) == lines
 
 
+def test_a_key_variable_named_as_a_setting_is_read_not_named(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # `api_key_env` may name a CHECKPOINT_SYNC_* variable, from the environment or the config
+    # file: its key was read, yet a warning said the variable was ignored.
+    config = tmp_path / "config.toml"
+    config.write_text('wandb_api_key_env = "CHECKPOINT_SYNC_WANDB_KEY"\n')
+    monkeypatch.delenv("BASETEN_API_KEY", raising=False)
+    monkeypatch.setenv("CHECKPOINT_SYNC_API_KEY_ENV", "CHECKPOINT_SYNC_KEY")
+    monkeypatch.setenv("CHECKPOINT_SYNC_KEY", API_KEY)
+    monkeypatch.setenv("CHECKPOINT_SYNC_WANDB_KEY", "unused here")
+
+    result = run_cli(*job_args(server, "list", "--config", config))
+
+    assert (result.code, result.stderr) == (0, "")
+
+
 @pytest.mark.parametrize("output", [[], ["--quiet"], ["--json"]], ids=["plain", "quiet", "json"])
 def test_a_misspelled_variable_is_a_warning_that_does_not_stop_the_run(
     server: ServerThread, monkeypatch: pytest.MonkeyPatch, output: list[str]
