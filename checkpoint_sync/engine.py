@@ -459,7 +459,7 @@ async def _delete_removed(
                 try:
                     goes = pruner.goes(doomed)  # again: one changed since it was counted stays
                 except FileError:
-                    continue  # failed by the count
+                    continue  # failed by the count (or changed since: kept, for the next run)
                 if goes and on_plan is not None:
                     on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
                 if not deleting:
