@@ -22,6 +22,7 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import itertools
 import random
 import re
 import ssl
@@ -381,6 +382,10 @@ class Joined(Sequence[ServedFile]):
     def __len__(self) -> int:
         return sum(len(part) for part in self._parts)
 
+    def __iter__(self) -> Iterator[ServedFile]:
+        # Not Sequence's, which would index each file from the start.
+        return itertools.chain.from_iterable(self._parts)
+
     @overload
     def __getitem__(self, index: int) -> ServedFile: ...
 
@@ -389,7 +394,8 @@ class Joined(Sequence[ServedFile]):
 
     def __getitem__(self, index: int | slice) -> ServedFile | list[ServedFile]:
         if isinstance(index, int):
-            found = self[index:][:1]
+            position = index + len(self) if index < 0 else index
+            found = self[position : position + 1] if position >= 0 else []
             if not found:
                 raise IndexError(index)
             return found[0]

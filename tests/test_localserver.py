@@ -212,6 +212,18 @@ def test_a_jobs_checkpoints_are_sliced_as_one_list(wanted: slice) -> None:
     assert len(joined) == len(whole)
 
 
+@pytest.mark.parametrize("index", [0, 3, 4, 10, -1, -11])
+def test_a_jobs_checkpoints_are_indexed_and_walked_as_one_list(index: int) -> None:
+    parts = [c.files for c in _checkpoints(4, 0, 5, 2)]
+    whole = [f for files in parts for f in files]
+    joined = Joined(parts)
+    assert joined[index] == whole[index]
+    assert list(joined) == whole
+    for past in (11, -12):
+        with pytest.raises(IndexError):
+            joined[past]
+
+
 def test_a_jobs_listing_pages_run_across_its_checkpoints() -> None:
     job = ServedJob(PROJECT, JOB, _checkpoints(4, 0, 5, 2))
     listing = f"/v1/training_projects/{PROJECT}/jobs/{JOB}/checkpoint_files?page_size=3"
