@@ -249,8 +249,10 @@ def from_flag(name: str) -> str:
 
 def _refused(where: str, origin: str | None, why: str) -> UsageError:
     """The one wording of a setting's value refused, whichever command reads it: where it came
-    from, not the value (it may be a key)."""
-    return UsageError(f"bad setting {where}{f' {origin}' if origin else ''}: {why}")
+    from, not the value (it may be a key). pydantic's "Value error, " before what one of our
+    validators said is no part of the reason."""
+    reason = why.removeprefix("Value error, ")
+    return UsageError(f"bad setting {where}{f' {origin}' if origin else ''}: {reason}")
 
 
 def format_size(size: int) -> str:

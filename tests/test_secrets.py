@@ -520,7 +520,7 @@ def test_a_key_from_the_config_file_quoted_in_a_refused_setting_is_not_shown(
     as_json = run_cli(*args, "--json")
 
     refused = (
-        "bad setting api_url from --api-url: Value error, is not an http(s) URL "
+        "bad setting api_url from --api-url: is not an http(s) URL "
         "(the value is not shown: it may be a key)"
     )
     assert shown.code == as_json.code == 2
