@@ -539,12 +539,16 @@ def _refuse_foreign(
     db: sqlite3.Connection, db_path: Path, version: int, schema: str = "main"
 ) -> None:
     """Refuse, before anything is written to it, a database of a newer schema (`_newer`), or
-    another program's: at schema version 0, one that holds a table or index no manifest makes,
-    or a table of a manifest's name without its columns (a new manifest is an empty file or
-    database, or one a run killed while it made the schema left); at ours, one without the
-    tables and columns a manifest is made with. Other tables are no sign there: a later release
-    may make one in place, as this one made `_ETAGS` and `_REACHED`. The same for `sync`,
-    `--dry-run` and `list --dest`."""
+    another program's: at a negative schema version, which no release gives a manifest (below
+    ours, it would be taken for one to make the schema in); at schema version 0, one that holds
+    a table or index no manifest makes, or a table of a manifest's name without its columns (a
+    new manifest is an empty file or database, or one a run killed while it made the schema
+    left); at ours, one without the tables and columns a manifest is made with. Other tables are
+    no sign there: a later release may make one in place, as this one made `_ETAGS` and
+    `_REACHED`. The same for `sync`, `--dry-run` and `list --dest`."""
+    if version < 0:
+        reason = f"another program's database: it has schema version {version}"
+        raise _cannot_be_used(db_path, reason)
     names = [name for (name,) in db.execute(f"SELECT name FROM {schema}.sqlite_master")]  # noqa: S608 (ours)
     if version > SCHEMA_VERSION:
         raise _newer(db_path, version, names)

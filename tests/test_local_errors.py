@@ -804,12 +804,24 @@ def test_foreign_names(names: list[str], foreign: list[str]) -> None:
             c,
         )
         for c in ("sync", "dry-run", "list")
+    ]
+    # No release gives a manifest a negative one (sync made its tables in it, and the others
+    # said "no such table").
+    + [
+        (
+            "CREATE TABLE notes (text TEXT)",
+            -1,
+            "another program's database: it has schema version -1",
+            c,
+        )
+        for c in ("sync", "dry-run", "list")
     ],
     ids=[
         *("sync", "dry-run", "list"),
         *(f"a-table-of-ours-{c}" for c in ("sync", "dry-run", "list")),
         *(f"v1-{c}" for c in ("sync", "dry-run", "list")),
         *(f"v1-none-of-ours-{c}" for c in ("sync", "dry-run", "list")),
+        *(f"negative-{c}" for c in ("sync", "dry-run", "list")),
     ],
 )
 def test_another_programs_database_is_left_as_it_is(
