@@ -879,6 +879,9 @@ def test_a_database_of_no_other_program_without_a_schema_version_is_a_new_manife
             assert manifest.stat().st_size > 0
 
     assert run_cli(*job_args(server, "list", "--dest", dest)).code == 0
+    dry = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
+    assert dry.code == 0, dry.stderr
+    assert json.loads(dry.stdout)["files"]["to_fetch"] == len(server.files())
     assert run_cli(*sync_args(server, dest)).code == 0
 
     for file in server.files():
@@ -907,7 +910,7 @@ def test_a_manifest_with_a_table_a_later_release_made_in_place_is_still_used(
     assert server.traffic.object_requests == fetched  # every file skipped as recorded
 
 
-@pytest.mark.parametrize("command", ["sync", "list"])
+@pytest.mark.parametrize("command", ["sync", "dry-run", "list"])
 @pytest.mark.parametrize(
     ("made_by", "said"),
     [
@@ -947,7 +950,7 @@ def test_a_database_of_a_newer_schema_is_exit_6_and_left_as_it_is(
     if command == "list":
         result = run_cli(*job_args(server, "list", "--dest", dest))
     else:
-        result = run_cli(*sync_args(server, dest))
+        result = run_cli(*sync_args(server, dest, *(["--dry-run"] if command == "dry-run" else [])))
 
     assert result.code == 6, result.stderr
     assert result.stderr == f"checkpoint-sync: error: manifest {manifest} {said}\n"
