@@ -351,7 +351,7 @@ class Manifest:
                 return
             except sqlite3.DatabaseError as exc:
                 if not self._changed():
-                    raise _unusable(self.path, exc) from exc
+                    raise _unusable(self.path, exc, read_only=self._read_only) from exc
                 if handed_on:
                     raise LocalIOError(
                         f"manifest {self.path} was written by a sync while it was read; run again"
@@ -390,7 +390,7 @@ class Manifest:
         if not self._db.in_transaction:
             with suppress(sqlite3.DatabaseError):
                 self._db.execute("BEGIN")
-        return _unusable(self.path, exc)
+        return _unusable(self.path, exc, read_only=self._read_only)
 
     def begin_staging(self, path: str, size: int, last_modified: str, part_size: int) -> None:
         """Start a new record of ``path``'s parts, forgetting the old one now (committed): it
