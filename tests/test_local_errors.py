@@ -770,58 +770,44 @@ def test_foreign_names(names: list[str], foreign: list[str]) -> None:
     assert foreign_names(names) == foreign
 
 
+@pytest.mark.parametrize("command", ["sync", "dry-run", "list"])
 @pytest.mark.parametrize(
-    ("schema", "version", "reason", "command"),
+    ("schema", "version", "reason"),
     [
-        ("CREATE TABLE notes (text TEXT)", 0, "another program's database: it holds notes", c)
-        for c in ("sync", "dry-run", "list")
-    ]
-    # A table of ours in another shape: not one a run killed while it made the schema left.
-    + [
-        (
+        pytest.param(
+            "CREATE TABLE notes (text TEXT)",
+            0,
+            "another program's database: it holds notes",
+            id="v0",
+        ),
+        # A table of ours in another shape: not one a run killed while it made the schema left.
+        pytest.param(
             "CREATE TABLE files (text TEXT)",
             0,
             "another program's database: its table files has no column path",
-            c,
-        )
-        for c in ("sync", "dry-run", "list")
-    ]
-    # Many programs number their first schema 1, as we do.
-    + [
-        (
+            id="a-table-of-ours",
+        ),
+        # Many programs number their first schema 1, as we do.
+        pytest.param(
             "CREATE TABLE files (name TEXT, owner TEXT)",
             1,
             "another program's database: its table files has no column path",
-            c,
-        )
-        for c in ("sync", "dry-run", "list")
-    ]
-    + [
-        (
+            id="v1",
+        ),
+        pytest.param(
             "CREATE TABLE notes (text TEXT)",
             1,
             "another program's database: it has no table files",
-            c,
-        )
-        for c in ("sync", "dry-run", "list")
-    ]
-    # No release gives a manifest a negative one (sync made its tables in it, and the others
-    # said "no such table").
-    + [
-        (
+            id="v1-none-of-ours",
+        ),
+        # No release gives a manifest a negative one (sync made its tables in it, and the others
+        # said "no such table").
+        pytest.param(
             "CREATE TABLE notes (text TEXT)",
             -1,
             "another program's database: it has schema version -1",
-            c,
-        )
-        for c in ("sync", "dry-run", "list")
-    ],
-    ids=[
-        *("sync", "dry-run", "list"),
-        *(f"a-table-of-ours-{c}" for c in ("sync", "dry-run", "list")),
-        *(f"v1-{c}" for c in ("sync", "dry-run", "list")),
-        *(f"v1-none-of-ours-{c}" for c in ("sync", "dry-run", "list")),
-        *(f"negative-{c}" for c in ("sync", "dry-run", "list")),
+            id="negative",
+        ),
     ],
 )
 def test_another_programs_database_is_left_as_it_is(
