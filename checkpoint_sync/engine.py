@@ -14,7 +14,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Mapping
-from contextlib import aclosing, closing
+from contextlib import aclosing, closing, suppress
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -451,6 +451,9 @@ async def _delete_removed(
         if not _count_deletions(whole_lists, options, manifest, pruner, stats):
             return
         deleting = not options.dry_run
+        # No more than were counted against max_delete: a file that could not be looked at
+        # then, and can now, is the next run's to count.
+        allowed = stats.files_to_delete
         with closing(deletions(manifest, options.files, whole_lists)) as doomed_files:
             for doomed in doomed_files:
                 # A signal is heeded between files: many of them, or a slow disk, take a while.
@@ -458,8 +461,13 @@ async def _delete_removed(
                 reached += 1
                 try:
                     goes = pruner.goes(doomed)  # again: one changed since it was counted stays
-                except FileError:
-                    continue  # failed by the count (or changed since: kept, for the next run)
+                except FileError as exc:
+                    stats.fail(doomed.path, str(exc))
+                    continue
+                if goes:
+                    if allowed == 0:
+                        continue
+                    allowed -= 1
                 if goes and on_plan is not None:
                     on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
                 if not deleting:
@@ -493,22 +501,19 @@ def _count_deletions(
     pruner: Pruner,
     stats: Stats,
 ) -> bool:
-    """Count the recorded files to forget, and of them the files that go (are the mirror's): a
-    file that cannot be looked at fails now. Whether any record is to be forgotten, with no
-    more than ``max_delete`` files going."""
+    """Count the recorded files to forget, and of them the files that go (are the mirror's).
+    Whether any record is to be forgotten, with no more than ``max_delete`` files going. A file
+    that cannot be looked at fails in the walk that deletes, which looks at each again: only
+    one walk tells it."""
     stats.delete_held_back = held_back(manifest, whole_lists)
     records = 0
     going = Going()
     with closing(deletions(manifest, options.files, whole_lists)) as doomed_files:
         for doomed in doomed_files:
-            try:
-                goes = pruner.goes(doomed)
-            except FileError as exc:
-                stats.fail(doomed.path, str(exc))
-                continue
             records += 1
-            if goes:
-                going.add(doomed)
+            with suppress(FileError):
+                if pruner.goes(doomed):
+                    going.add(doomed)
     if options.max_delete is not None and going.files > options.max_delete:
         stats.fail(
             "--delete",

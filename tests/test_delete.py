@@ -698,6 +698,74 @@ def test_a_run_whose_listing_then_fails_still_says_what_its_deletions_did(
         assert f"of checkpoints removed upstream: {JOB}/{DELETED}" in result.stdout
 
 
+# The CLI with one file's lstat refused (EACCES) on the walk of --delete that WHEN names: the
+# first (the count), the second (the deleting), counted from the calls on that file.
+LOOKED_AT_ONCE = """
+import errno, os, sys
+lstat_ = os.lstat
+calls = 0
+def refused_once(path, *args, **kwargs):
+    global calls
+    if str(path).endswith(os.environ["FILE"]):
+        calls += 1
+        if calls == int(os.environ["WHEN"]):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    return lstat_(path, *args, **kwargs)
+os.lstat = refused_once
+from checkpoint_sync.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("when", [1, 2], ids=["counting", "deleting"])
+def test_a_file_unreadable_in_one_walk_of_delete_neither_passes_the_count_nor_goes_unsaid(
+    dest: Path, when: int
+) -> None:
+    # --delete counts what goes against --max-delete, then looks at each file again to delete
+    # it. Refused in the count, then readable, it was deleted beyond the count (past a limit
+    # exactly at it), after it was reported failed; refused only when deleted, it was kept
+    # without a word and the run said all was well.
+    with ServerThread(job_catalog()) as server:
+        removed = mirror_then_remove_upstream(server, dest)
+        refused = removed.files[0]
+        others = len(removed.files) - 1
+        # Counted without it, the limit is exactly at the count; counted with it, all may go.
+        limit = others if when == 1 else len(removed.files)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                LOOKED_AT_ONCE,
+                *sync_args(server, dest, "--delete", "--max-delete", str(limit), "--json"),
+            ],
+            env={
+                **os.environ,
+                "FILE": f"/{mirrored(dest, JOB, refused).relative_to(dest)}",
+                "WHEN": str(when),
+            },
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    summary = json.loads(result.stdout)
+    # Never more deleted than counted: the one file over waits for the next run.
+    assert summary["files"]["deleted"] == others
+    left = [f for f in removed.files if mirrored(dest, JOB, f).exists()]
+    assert len(left) == 1
+    if when == 1:  # readable when it mattered: no failure
+        assert result.returncode == 0, result.stderr
+        assert summary["failures"] == []
+    else:
+        assert result.returncode == 1, result.stderr
+        assert left == [refused]
+        [failure] = summary["failures"]
+        assert failure == {
+            "path": str(mirrored(dest, JOB, refused).relative_to(dest)),
+            "error": f"cannot delete {mirrored(dest, JOB, refused)}: Permission denied",
+        }
+
+
 # The CLI held up (swapped out, say) where HOLD says: just before it opens the lock to take it
 # ("before-the-lock"), or just after it made the lock file ("after-making-the-lock"). It says
 # so, then goes on once the file named by GO exists.
