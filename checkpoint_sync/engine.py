@@ -468,8 +468,8 @@ async def _delete_removed(
                     if allowed == 0:
                         continue
                     allowed -= 1
-                if goes and on_plan is not None:
-                    on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
+                    if on_plan is not None:
+                        on_plan(PlannedFile(doomed.path, doomed.size, "delete"))
                 if not deleting:
                     continue
                 try:

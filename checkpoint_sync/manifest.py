@@ -181,11 +181,11 @@ class Manifest:
         read-only mount can be read at all; `catch_up` follows a sync that writes it since. With
         one, even empty (a sync that just opened the manifest has one until it commits), it is
         read through the WAL, as of the first read, a view that what the sync writes meanwhile
-        leaves whole. Only where a WAL reader cannot attach it (on a
-        full disk its index cannot grow: a run that could not open the manifest there left an
-        empty WAL) is an empty WAL, which holds no commit, passed over. A manifest not there,
-        or with no schema yet (a run was killed while it created it), records nothing: an
-        empty one is made in memory, as creating the schema would fail in the read-only file.
+        leaves whole. Only where a WAL reader cannot attach it (on a full disk its index cannot
+        grow: a run that could not open the manifest there left an empty WAL) is an empty WAL,
+        which holds no commit, passed over. A manifest not there, or with no schema yet (a run
+        was killed while it created it), records nothing: an empty one is made in memory, as
+        creating the schema would fail in the read-only file.
         """
         found = _file_state(self.path)
         self._read_as = None
