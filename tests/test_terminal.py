@@ -13,7 +13,7 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,7 +90,9 @@ def run_in_terminal(
         stdin=subprocess.DEVNULL,
         stdout=follower,
         stderr=follower,
-        env={**os.environ, "TERM": "xterm", **(env or {})},
+        # Without COLUMNS and LINES (pytest-xdist sets them in its workers, a user's shell may
+        # export them): they would override the terminal's size, which is what is tested.
+        env={**_without_size(os.environ), "TERM": "xterm", **(env or {})},
     )
     os.close(follower)
     received, started = b"", time.monotonic()
@@ -111,6 +113,10 @@ def run_in_terminal(
     output = received.decode()
     assert_no_secret(output)
     return Played(process.wait(timeout=10), output, play(output, columns))
+
+
+def _without_size(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name: value for name, value in environ.items() if name not in ("COLUMNS", "LINES")}
 
 
 def frames(output: str) -> list[str]:
