@@ -32,6 +32,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import overload
 from urllib.parse import quote
@@ -476,6 +477,19 @@ class LocalServer:
     # --- the management API ----------------------------------------------------------------------
 
     def _api(self, handler: Handler) -> Handler:
+        return self._guarded(handler, self._baseten_key)
+
+    def _baseten_key(self, authorization: str) -> bool:
+        """The management API takes ``Bearer <key>`` and ``Api-Key <key>`` alike."""
+        scheme, _, key = authorization.partition(" ")
+        return scheme in ("Bearer", "Api-Key") and hmac.compare_digest(
+            key.encode(), self.catalog.api_key.encode()
+        )
+
+    def _guarded(self, handler: Handler, authorized: Callable[[str], bool]) -> Handler:
+        """``handler`` as an API's: counted, a fault injected in its place, and a 401 where
+        the ``Authorization`` header is not one ``authorized`` takes."""
+
         async def guarded(request: web.Request) -> web.StreamResponse:
             async with self._api_request():
                 return await answer(request)
@@ -483,10 +497,7 @@ class LocalServer:
         async def answer(request: web.Request) -> web.StreamResponse:
             if (injected := await self._injected(handler, request)) is not None:
                 return injected
-            scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-            if scheme not in ("Bearer", "Api-Key") or not hmac.compare_digest(
-                key.encode(), self.catalog.api_key.encode()
-            ):
+            if not authorized(request.headers.get("Authorization", "")):
                 return web.json_response({"detail": "Invalid API key"}, status=401)
             return await handler(request)
 
@@ -667,24 +678,14 @@ class LocalServer:
     # --- W&B: the Training API and the artifact files' GraphQL query -----------------------------
 
     def _wandb(self, handler: Handler, scheme: str) -> Handler:
+        return self._guarded(handler, partial(self._wandb_key, scheme))
+
+    def _wandb_key(self, scheme: str, authorization: str) -> bool:
         """W&B's Training API takes ``Bearer <key>``; its GraphQL API ``Basic api:<key>``."""
-
-        async def guarded(request: web.Request) -> web.StreamResponse:
-            async with self._api_request():
-                return await answer(request)
-
-        async def answer(request: web.Request) -> web.StreamResponse:
-            if (injected := await self._injected(handler, request)) is not None:
-                return injected
-            key = self.catalog.wandb_api_key
-            if scheme == "Basic":
-                key = base64.b64encode(f"api:{key}".encode()).decode()
-            sent = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"{scheme} {key}".encode()):
-                return web.json_response({"detail": "Invalid API key"}, status=401)
-            return await handler(request)
-
-        return guarded
+        key = self.catalog.wandb_api_key
+        if scheme == "Basic":
+            key = base64.b64encode(f"api:{key}".encode()).decode()
+        return hmac.compare_digest(authorization.encode(), f"{scheme} {key}".encode())
 
     async def _wandb_checkpoints(self, request: web.Request) -> web.StreamResponse:
         model_id = request.match_info["model_id"]
