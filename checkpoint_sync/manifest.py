@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 from urllib.parse import quote
 
 from .errors import LocalIOError
@@ -125,8 +125,8 @@ class Manifest:
         self._read_only = read_only
         self._batch_seconds = batch_seconds
         self._last_commit = time.monotonic()
-        # For a reader that reads the manifest immutable: the file as it was then, and the paths
-        # listed since the last commit (`catch_up`).
+        # For a reader that reads the manifest without a -shm (`_attach`): the file as it was
+        # then, and the paths listed since the last commit (`catch_up`).
         self._read_as: _FileState | None = None
         self._uncommitted: list[tuple[str, int | None]] = []
         db: sqlite3.Connection | None = None
@@ -179,11 +179,15 @@ class Manifest:
         With no WAL file beside it, no writer has it open, and it is attached immutable: nothing
         is created next to it (a WAL reader would add -wal and -shm files), and a mirror on a
         read-only mount can be read at all; `catch_up` follows a sync that writes it since. With
-        one, even empty (a sync that just opened the manifest has one until it commits), it is
-        read through the WAL, as of the first read, a view that what the sync writes meanwhile
-        leaves whole. Only where a WAL reader cannot attach it (on a full disk its index cannot
-        grow: a run that could not open the manifest there left an empty WAL) is an empty WAL,
-        which holds no commit, passed over. A manifest not there, or with no schema yet (a run
+        a WAL but no -shm (a mirror copied without it, or a snapshot), no writer has it open
+        either: it is read through its WAL, whose commits immutable would leave out, with the
+        WAL's index in memory, not in a -shm file (which a read-only mount refuses), and
+        followed alike. With both, even an empty WAL (a sync that just opened the manifest has
+        one until it commits), it is read through the WAL as a sync's other readers are, as of
+        the first read, a view that what the sync writes meanwhile leaves whole. Only where a
+        WAL reader cannot attach it (on a full disk its index cannot grow: a run that could not
+        open the manifest there left an empty WAL) is an empty WAL, which holds no commit,
+        passed over. A manifest not there, or with no schema yet (a run
         was killed while it created it), records nothing: an empty one is made in memory, as
         creating the schema would fail in the read-only file.
         """
@@ -192,25 +196,31 @@ class Manifest:
         if found.database is None:
             self._migrate()
             return
-        immutable = found.wal_size is None
+        how: _Reading = (
+            "immutable" if found.wal_size is None else "shared" if found.shm else "private"
+        )
         try:
-            version = self._attached(immutable)
+            version = self._attached(how)
         except sqlite3.OperationalError:
             if found.wal_size != 0:
                 raise
-            immutable = True
-            version = self._attached(immutable)
+            how = "immutable"
+            version = self._attached(how)
         _refuse_foreign(self._db, self.path, version, "manifest")
         if version == 0:
             self._db.execute("DETACH DATABASE manifest")
             self._migrate()
             return
-        self._read_as = found if immutable else None
+        self._read_as = None if how == "shared" else found
 
-    def _attached(self, immutable: bool) -> int:
-        """Attach the manifest (immutable, or through the WAL); its schema version, read: the
-        first read is where a WAL reader's index is made."""
-        mode = "ro&immutable=1" if immutable else "ro"
+    def _attached(self, how: _Reading) -> int:
+        """Attach the manifest (`_attach`); its schema version, read: the first read is where a
+        WAL reader's index is made."""
+        # The locking mode of the databases attached after it. Exclusive, SQLite keeps a WAL's
+        # index in memory; the VFS without locks then takes none, as an immutable reader.
+        exclusive = how == "private"
+        self._db.execute(f"PRAGMA locking_mode={'EXCLUSIVE' if exclusive else 'NORMAL'}")
+        mode = {"immutable": "ro&immutable=1", "private": "ro&vfs=unix-none", "shared": "ro"}[how]
         self._db.execute(
             "ATTACH DATABASE ? AS manifest", (f"file:{quote(str(self.path))}?mode={mode}",)
         )
@@ -222,7 +232,7 @@ class Manifest:
         return int(version)
 
     def catch_up(self) -> None:
-        """For a reader of the manifest read immutable, once per page of a listing and before
+        """For a reader of the manifest read without a -shm, once per page of a listing and before
         each query of many rows (SQLite gives no warning: a sync writes its first pages back
         into the database file once its WAL holds 4 MiB, or as it closes, and read immutable
         they would look damaged, or answer wrong). The paths listed so far are committed, and
@@ -240,9 +250,9 @@ class Manifest:
             raise _unusable(self.path, exc, read_only=True) from exc
 
     def _read_again(self) -> None:
-        """Attach again the manifest a sync has written since it was attached immutable, where
-        SQLite met what looked like damage: it then rolls back, the paths listed since the last
-        `catch_up` too, which are listed again."""
+        """Attach again the manifest a sync has written since it was attached without a -shm,
+        where SQLite met what looked like damage: it then rolls back, the paths listed since the
+        last `catch_up` too, which are listed again."""
         try:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -256,7 +266,7 @@ class Manifest:
             raise _unusable(self.path, exc, read_only=True) from exc
 
     def _changed(self) -> bool:
-        """Whether the manifest read immutable is no longer the file it was then."""
+        """Whether the manifest read without a -shm is no longer the file it was then."""
         try:
             return self._read_as is not None and _file_state(self.path) != self._read_as
         except OSError as exc:
@@ -649,12 +659,18 @@ def _space_left(directory: Path) -> str:
     return f" ({human_bytes(free)} is free on its disk)"
 
 
+# How the manifest is attached to be read (`Manifest._attach`).
+_Reading = Literal["immutable", "private", "shared"]
+
+
 class _FileState(NamedTuple):
     """What tells a manifest file changed, without reading it: its identity, size and time of
-    change, and the size of its WAL (None: none there)."""
+    change, the size of its WAL (None: none there), and whether a -shm file is there (a writer
+    that opens it makes one)."""
 
     database: tuple[int, int, int, int] | None  # None: not there
     wal_size: int | None
+    shm: bool
 
 
 def _file_state(db_path: Path) -> _FileState:
@@ -663,6 +679,7 @@ def _file_state(db_path: Path) -> _FileState:
     return _FileState(
         None if found is None else (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns),
         None if wal is None else wal.st_size,
+        _stat(Path(f"{db_path}-shm")) is not None,
     )
 
 

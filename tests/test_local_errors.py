@@ -371,6 +371,47 @@ def test_a_dry_run_leaves_the_mirror_untouched_and_works_on_a_read_only_one(
     }
 
 
+def records_in_the_wal_only(manifest: Path) -> None:
+    """Leave every record of ``manifest`` in a WAL beside it, and no -shm: as a copy of a mirror
+    made while a sync held it open, without the -shm (the database file alone holds none)."""
+    db = sqlite3.connect(manifest, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TEMP TABLE kept AS SELECT * FROM files")
+    db.execute("DELETE FROM files")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.execute("INSERT INTO files SELECT * FROM kept")
+    database, wal = manifest.read_bytes(), Path(f"{manifest}-wal").read_bytes()
+    db.close()  # which writes the WAL back and removes it, and the -shm
+    manifest.write_bytes(database)
+    Path(f"{manifest}-wal").write_bytes(wal)
+
+
+@pytest.mark.parametrize("mount", ["ro", "rw"])
+@pytest.mark.parametrize("command", ["dry-run", "list"])
+def test_a_manifest_copied_with_its_wal_and_without_its_shm_is_read_whole_creating_nothing(
+    server: ServerThread, disk: Path, command: str, mount: str
+) -> None:
+    # SQLite said only "unable to open database file" on a read-only mount; on another, it made
+    # a -shm file in the mirror. Immutable, it would leave the WAL's records out.
+    dest = mirrored_whole(server, disk)
+    state = dest / ".checkpoint-sync"
+    records_in_the_wal_only(state / "manifest.sqlite3")
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()}
+    remount(disk, mount)
+
+    if command == "list":
+        result = run_cli(*job_args(server, "list", "--dest", dest, "--json"))
+        assert result.code == 0, result.stderr
+        assert {c["local"] for c in json.loads(result.stdout)["checkpoints"]} == {"mirrored"}
+    else:
+        result = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
+        assert result.code == 0, result.stderr
+        files = json.loads(result.stdout)["files"]
+        assert (files["to_fetch"], files["skipped"]) == (0, len(server.files()))
+    assert {p.name: p.read_bytes() for p in state.iterdir() if p.is_file()} == before
+
+
 @pytest.mark.parametrize("below", ["", "mirror"])
 def test_a_dry_run_into_a_file_exits_6_as_the_real_run_would(
     server: ServerThread, tmp_path: Path, below: str
