@@ -131,6 +131,7 @@ class Manifest:
         self._uncommitted: list[tuple[str, int | None]] = []
         db: sqlite3.Connection | None = None
         try:
+            _refuse_a_dangling_symlink(db_path)
             if read_only:
                 # Its own database in memory, which holds the temporary table of paths listed,
                 # with the manifest attached (unqualified names resolve to its tables): the
@@ -512,6 +513,18 @@ def _create(db_path: Path) -> None:
     write them."""
     with suppress(FileExistsError):
         os.close(os.open(db_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _refuse_a_dangling_symlink(db_path: Path) -> None:
+    """A manifest kept elsewhere through a symlink, whose volume is away, say: read, it would
+    be taken for a new one, and written, SQLite would make one where it leads, if it could, and
+    every file would be fetched again."""
+    if os.path.islink(db_path) and not os.path.exists(db_path):
+        raise LocalIOError(
+            f"cannot use the manifest {db_path}: it is a symlink to {os.readlink(db_path)}, "
+            "which is not there; restore what it leads to, or remove the symlink to start a new "
+            "manifest (every file is then fetched again)"
+        )
 
 
 def _unusable(

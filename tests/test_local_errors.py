@@ -693,12 +693,37 @@ def test_a_mirror_that_cannot_be_entered_is_not_read_and_not_said_to_be_created(
 
 
 @pytest.mark.parametrize("command", ["sync", "dry-run", "list"])
-def test_a_directory_where_the_manifest_goes_is_named_not_sqlites_bare_error(
-    server: ServerThread, dest: Path, command: str
+@pytest.mark.parametrize(
+    ("in_its_place", "reason"),
+    [
+        # SQLite said "unable to open database file" (sync) or "disk I/O error" (read only).
+        ("a-directory", "it is a directory"),
+        # A manifest kept on a volume that is away: sync said "unable to open database file",
+        # and where the directory it leads into was there, made a new manifest in it, fetching
+        # every file again; --dry-run and list took it for a new one.
+        *(
+            (
+                kind,
+                "it is a symlink to {target}, which is not there; restore what it leads to, or "
+                "remove the symlink to start a new manifest (every file is then fetched again)",
+            )
+            for kind in ("a-dangling-symlink", "a-dangling-symlink-into-a-directory")
+        ),
+    ],
+    ids=["a-directory", "a-dangling-symlink", "a-dangling-symlink-into-a-directory"],
+)
+def test_what_is_no_manifest_in_its_place_is_named_not_sqlites_bare_error(
+    server: ServerThread, dest: Path, tmp_path: Path, command: str, in_its_place: str, reason: str
 ) -> None:
-    # SQLite said "unable to open database file" (sync) or "disk I/O error" (read only).
     manifest = dest / ".checkpoint-sync" / "manifest.sqlite3"
-    manifest.mkdir(parents=True)
+    target = tmp_path / "away" / "manifest.sqlite3"
+    if in_its_place == "a-directory":
+        manifest.mkdir(parents=True)
+    else:
+        manifest.parent.mkdir(parents=True)
+        manifest.symlink_to(target)
+        if in_its_place.endswith("into-a-directory"):
+            target.parent.mkdir()
     args = (
         job_args(server, "list", "--dest", dest)
         if command == "list"
@@ -709,9 +734,11 @@ def test_a_directory_where_the_manifest_goes_is_named_not_sqlites_bare_error(
 
     assert result.code == 6
     assert result.stderr == (
-        f"checkpoint-sync: error: cannot use the manifest {manifest}: it is a directory\n"
+        f"checkpoint-sync: error: cannot use the manifest {manifest}: "
+        f"{reason.format(target=target)}\n"
     )
     assert server.traffic.object_requests == 0
+    assert not target.exists()
 
 
 def test_an_immutable_state_directory_is_named_not_sqlites_bare_error(
