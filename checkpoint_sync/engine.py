@@ -50,7 +50,12 @@ from .plan import (
 from .progress import Listing, Stats, counted_files
 from .prune import Going, Pruner, deletions, held_back
 from .sources.base import Checkpoint, RemoteFile, Source, UnreadableEntry
-from .transfer import Transfers, TransferSettings, prepare_staging_area
+from .transfer import (
+    Transfers,
+    TransferSettings,
+    prepare_staging_area,
+    refuse_a_staging_area_that_cannot_serve,
+)
 from .wire import HttpClient
 
 MANIFEST_NAME = "manifest.sqlite3"
@@ -132,6 +137,7 @@ async def sync(
     stats.passed_over = [(c.where, c.problem) for c in selection.passed_over]
     if options.dry_run:
         _refuse_what_is_no_directory(options.dest)
+        refuse_a_staging_area_that_cannot_serve(options.dest)
         if options.delete:
             await _delete_removed(source.listed_whole(), options, stats, on_plan)
         manifest = Manifest(manifest_path(options.dest), read_only=True)

@@ -54,6 +54,7 @@ from .filesystem import (
     preallocation_pays,
 )
 from .layout import STATE_DIR, mirror_path_parts, quoted, staging_name
+from .lock import LOCK_NAME
 from .manifest import SPACE_RESERVE, Manifest, VerifiedFile
 from .net import retry_after_seconds, transient_status, url_problem
 from .plan import (
@@ -151,6 +152,24 @@ def prepare_staging_area(dest: Path, *, fsync: bool) -> None:
         # it): its entry lives in the state directory.
         for directory in (dest / STATE_DIR, staging_dir):
             _os_call(directory, partial(fsync_directory, str(directory)))
+
+
+def refuse_a_staging_area_that_cannot_serve(dest: Path) -> None:
+    """For a dry run, which makes nothing: `LocalIOError`, with the run's own message, where the
+    run would stop at its start as `stat`s tell (the lock's directory or the staging area is
+    there and no directory, or the staging area is on another device than DEST). What only a
+    write tells (a bind mount from DEST's own device, a directory that refuses files) is not
+    checked."""
+    state, staging_dir = dest / STATE_DIR, staging_area(dest)
+    for directory, made in ((state, f"the lock {quoted(state / LOCK_NAME)}"), (staging_dir, "")):
+        try:
+            found = os.stat(directory)
+        except OSError:
+            return  # not there, for the run to make, or not to be looked into, as the reader says
+        if not stat.S_ISDIR(found.st_mode):
+            made = made or quoted(staging_dir)
+            raise LocalIOError(f"cannot create {made}: {os.strerror(errno.ENOTDIR)}")
+    _refuse_another_mount(staging_dir, dest, probe=False)
 
 
 class Transfers:
@@ -1165,14 +1184,15 @@ def _refuse_a_directory_in_place(final: str, relative: str) -> None:
         raise FileError(f"cannot write {quoted(relative)}: a directory is in its place")
 
 
-def _refuse_another_mount(staging_dir: Path, dest: Path) -> None:
+def _refuse_another_mount(staging_dir: Path, dest: Path, *, probe: bool = True) -> None:
     """A file is published by a rename from the staging area, which cannot cross mounts (EXDEV):
     a staging area elsewhere (a symlink to another filesystem, a bind mount even of DEST's own)
     would fail every file, every run, each after it was fetched. Told by the devices, and where
-    they are one, by renaming an empty file from it into the state directory."""
+    they are one, by renaming an empty file from it into the state directory (not without
+    ``probe``: a dry run writes nothing)."""
     staging_device = _os_call(staging_dir, lambda: os.stat(staging_dir).st_dev)
     dest_device = _os_call(dest, lambda: os.stat(dest).st_dev)
-    if staging_device != dest_device or _rename_crosses(staging_dir, dest / STATE_DIR):
+    if staging_device != dest_device or (probe and _rename_crosses(staging_dir, dest / STATE_DIR)):
         raise LocalIOError(
             f"cannot stage files in {quoted(staging_dir)}: it is on another mount "
             f"({filesystem_named(staging_dir, staging_device)}) than the destination "

@@ -562,6 +562,36 @@ def test_a_staging_area_on_another_filesystem_stops_the_run_before_any_fetch(
     assert staging.is_symlink()
 
 
+@pytest.mark.parametrize("in_its_place", ["a-file-for-staging", "a-file-for-state", "elsewhere"])
+def test_a_dry_run_stops_where_the_staging_area_would_stop_the_run(
+    server: ServerThread, dest: Path, tmp_path: Path, in_its_place: str
+) -> None:
+    # The dry run planned every file, exit 0, where the run stopped at its start.
+    state = dest / ".checkpoint-sync"
+    staging = state / "staging"
+    with mounted(tmp_path / "disk", "tmpfs", "size=1m") as elsewhere:
+        if in_its_place == "a-file-for-state":
+            dest.mkdir()
+            state.write_text("a file of someone else's\n")
+        else:
+            state.mkdir(parents=True)
+            if in_its_place == "elsewhere":
+                staging.symlink_to(elsewhere)
+            else:
+                staging.write_text("a file of someone else's\n")
+        before = sorted(str(p) for p in tmp_path.rglob("*"))
+
+        dry = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
+        assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+        real = run_cli(*sync_args(server, dest))
+
+    assert (dry.code, real.code) == (6, 6), dry.stderr
+    assert dry.stderr == real.stderr
+    assert dry.stderr.count("\n") == 1
+    assert json.loads(dry.stdout)["exit_code"] == 6
+    assert server.traffic.object_requests == 0
+
+
 @contextmanager
 def bind_mounted(directory: Path, point: Path) -> Iterator[None]:
     """``directory`` mounted at ``point`` too; the test is skipped where mounting fails."""
