@@ -869,12 +869,16 @@ def _print_summary(
 ) -> None:
     """The text summary; ``missing``: why a checkpoint taken may not be whole
     (`incompleteness`)."""
-    verb = "would fetch" if options.dry_run else "fetched"
-    fetched = stats.files_to_fetch if options.dry_run else stats.files_fetched
+    if options.dry_run:
+        verb, fetched, size = "would fetch", stats.files_to_fetch, human_bytes(stats.bytes_to_fetch)
+    else:
+        verb, fetched, size = "fetched", stats.files_fetched, human_bytes(stats.bytes_published)
+        if stats.bytes_fetched != stats.bytes_published:
+            # Parts of files not finished (a stop, a failure), parts kept from an earlier run, or
+            # retries: what came over the wire is not the size of the files fetched.
+            size += f"; {human_bytes(stats.bytes_fetched)} received"
     out.info(
-        f"{verb} {counted_files(fetched)} "
-        f"({human_bytes(stats.bytes_to_fetch if options.dry_run else stats.bytes_fetched)}) "
-        f"into {options.dest} in {stats.seconds:.1f}s"
+        f"{verb} {counted_files(fetched)} ({size}) into {options.dest} in {stats.seconds:.1f}s"
         + (
             f" at {stats.mb_per_s():.1f} MB/s"
             if stats.bytes_fetched and not options.dry_run

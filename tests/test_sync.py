@@ -1598,6 +1598,28 @@ def test_a_rerun_says_it_took_up_the_parts_an_earlier_run_left(
     assert f"\nresumed 1 file from the parts an earlier run left ({kept} kept, " in rerun.stdout
 
 
+def test_the_summary_gives_the_size_of_the_files_fetched_apart_from_the_bytes_received(
+    dest: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that leaves a file in parts received bytes of no file it fetched, and its rerun
+    fetched a whole file of which it received only the rest: neither is the files' size."""
+    with ServerThread(job_catalog(checkpoints=1, large_size=1 << 20, small_files=1)) as server:
+        args = sync_args(server, dest, "--node-rank", "0", "--concurrency", "1")
+        monkeypatch.setenv("CHECKPOINT_SYNC_RETRIES", "1")
+        server.faults.hook = lambda name, start, end: "500" if start >= 512 << 10 else None
+        failed = run_cli(*args)
+        server.faults.hook = None
+        rerun = run_cli(*args)
+
+    assert failed.code == 1
+    assert rerun.code == 0, rerun.stderr
+    half = human_bytes(512 << 10)
+    # The small file; the large one failed half way.
+    received = human_bytes(3000 + (512 << 10))
+    assert failed.stdout.startswith(f"fetched 1 file ({human_bytes(3000)}; {received} received) ")
+    assert rerun.stdout.startswith(f"fetched 1 file ({human_bytes(1 << 20)}; {half} received) ")
+
+
 def test_a_part_out_of_retries_keeps_the_bytes_it_got_for_the_next_run(
     dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
