@@ -451,7 +451,7 @@ def _parser() -> argparse.ArgumentParser:
         help="measure download throughput and recommend settings "
         "(of a source, or of the built-in server)",
     )
-    _add_source_arguments(bench)
+    _add_source_arguments(bench, "source (at most one; without one, the built-in server)")
     _add_selection_arguments(bench, "also measure checkpoints still uploading")
     bench.add_argument(
         "--concurrency",
@@ -500,8 +500,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("source (exactly one)")
+def _add_source_arguments(
+    parser: argparse.ArgumentParser, title: str = "source (exactly one)"
+) -> None:
+    group = parser.add_argument_group(title)
     for spec in SOURCES:
         spec.add_arguments(group)
     group.add_argument("--api-url", help="Baseten API base URL (CHECKPOINT_SYNC_API_URL)")
@@ -585,7 +587,12 @@ def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=_path, help="TOML settings file")
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
-    parser.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress and no summary (what is asked for still prints: a dry run's plan, "
+        "list's table, bench's results)",
+    )
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks of internal errors (redacted)"
     )

@@ -1127,6 +1127,26 @@ def test_the_help_names_the_transfer_defaults(command: str, said: str) -> None:
     assert said in " ".join(result.stdout.split())
 
 
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [
+        # It said "source (exactly one)": bench without one measures the built-in server.
+        ("bench", "source (at most one; without one, the built-in server):"),
+        ("sync", "source (exactly one):"),
+        # It said "no progress and no summary", of a command whose table still prints.
+        ("bench", "(what is asked for still prints: a dry run's plan, list's table, bench's"),
+        ("list", "(what is asked for still prints: a dry run's plan, list's table, bench's"),
+    ],
+)
+def test_the_help_says_which_source_bench_takes_and_what_quiet_keeps(
+    command: str, said: str
+) -> None:
+    result = run_cli(command, "--help")
+
+    assert result.code == 0, result.stderr
+    assert said in " ".join(result.stdout.split())
+
+
 @pytest.fixture
 def dead_proxy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """HTTP_PROXY names a port nobody listens on: a request sent there fails."""
