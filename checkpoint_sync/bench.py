@@ -10,6 +10,8 @@ listing made once for all would hand later trials presigned URLs expired since.
 Requests are timed on the way (`Stats.timed`): time to first byte, and each connection's rate.
 A trial that ends with an error is one the table shows as failed, unless the error ends every
 trial to come (`stops_bench`) or came as a signal stopped the bench.
+Settings the files cannot tell apart (parts larger than every file, more connections than parts)
+fetch alike (`transfer_of`): the larger is shown as the same as the smaller, never recommended.
 """
 
 from __future__ import annotations
@@ -60,6 +62,19 @@ RATE_MIN_BYTES = 1 << 20
 # Trials within this share of the fastest count as equal; the one asking less of the host wins.
 TIE = 0.05
 
+# What a trial's setting does with its files: the most requests it has in flight, and the size it
+# cuts files by (None: it cuts none, every file is one part).
+Transfer = tuple[int, int | None]
+
+
+def transfer_of(concurrency: int, part_size: int, sizes: Sequence[int]) -> Transfer:
+    """How a trial of ``concurrency`` and ``part_size`` fetches files of ``sizes``. A part size
+    above every file's cuts none of them, as any other such does; connections beyond the parts
+    (an empty file is one) are never used."""
+    parts = sum(max(1, -(-size // part_size)) for size in sizes)
+    cut = part_size if any(size > part_size for size in sizes) else None
+    return min(concurrency, parts), cut
+
 
 @dataclass(frozen=True)
 class Trial:
@@ -77,6 +92,8 @@ class Trial:
     # Requests that failed and were asked again: their waits are in the seconds, and a setting
     # whose MB/s they lowered would otherwise look merely slow.
     retries: int = 0
+    # `transfer_of` its files: trials alike in it differ only by chance.
+    transfer: Transfer | None = None
 
     @property
     def mb_per_s(self) -> float:
@@ -142,6 +159,12 @@ class Setting:
     def first_failure(self) -> str | None:
         return next((t.first_failure for t in self.measured if t.first_failure), None)
 
+    @property
+    def transfer(self) -> Transfer | None:
+        """Its rounds' `Trial.transfer`, None unless they measured one and the same."""
+        transfers = {t.transfer for t in self.measured}
+        return transfers.pop() if len(transfers) == 1 else None
+
 
 def measured(trials: Iterable[Trial | FailedTrial]) -> list[Trial]:
     """The trials that ended with figures."""
@@ -180,16 +203,35 @@ def settings_of(trials: Sequence[Trial | FailedTrial]) -> list[Setting]:
     return [Setting(tuple(group)) for group in grouped.values()]
 
 
+def same_as(settings: Sequence[Setting]) -> dict[tuple[int, int], Setting]:
+    """Each setting that fetched its files as one with fewer connections or smaller parts did
+    (its `Setting.transfer`), by (concurrency, part size), and the least of those: its figures
+    differ from that one's only by chance."""
+    least: dict[Transfer, Setting] = {}
+    for setting in sorted(settings, key=lambda s: (s.concurrency, s.part_size)):
+        if setting.transfer is not None:
+            least.setdefault(setting.transfer, setting)
+    return {
+        (s.concurrency, s.part_size): alike
+        for s in settings
+        if s.transfer is not None and (alike := least[s.transfer]) is not s
+    }
+
+
 def _eligible(settings: Sequence[Setting]) -> list[tuple[float, Setting]]:
     """The settings whose every trial ended, with their median MB/s; of them the clean ones,
-    where any is."""
+    where any is; of those, none that fetched as another of them with fewer connections or
+    smaller parts did (`same_as`)."""
     ended = [(rate, s) for s in settings if not s.errors and (rate := s.mb_per_s) is not None]
-    return [(rate, s) for rate, s in ended if not s.failed] or ended
+    clean = [(rate, s) for rate, s in ended if not s.failed] or ended
+    alike = same_as([s for _, s in clean])
+    return [(rate, s) for rate, s in clean if (s.concurrency, s.part_size) not in alike]
 
 
 def recommend(settings: Sequence[Setting]) -> Setting | None:
     """Of the settings whose every trial ended (none if none did), the fastest clean one (by
-    median); of those within `TIE` of it, the fewest connections and parts."""
+    median); of those within `TIE` of it, the fewest connections and parts. Never one that
+    fetched as a smaller one did: its larger parts or connections went unused."""
     eligible = _eligible(settings)
     if not eligible:
         return None
@@ -356,8 +398,10 @@ async def _trial(
     # pages) made a trial of a 20 ms transfer read 1 MB/s. And listed for each trial, not
     # once for all: presigned URLs expire, and a later trial would count the listing again
     # in its seconds, one file at a time, as each expired URL is refused and replaced.
-    pages = _Listed(source, await budgeted_pages(source, selection, budget, wanted))
+    listing = await budgeted_pages(source, selection, budget, wanted)
     listed()
+    pages = _Listed(source, listing)
+    sizes = [f.size for page in listing for f in page if not isinstance(f, UnreadableEntry)]
     try:
         dest = Path(tempfile.mkdtemp(prefix="checkpoint-sync-bench-", dir=scratch))
     except OSError as exc:
@@ -398,4 +442,5 @@ async def _trial(
         connection_mb_s=per_connection,
         first_failure=": ".join(stats.failures[0]) if stats.failures else None,
         retries=stats.retries,
+        transfer=transfer_of(concurrency, part_size, sizes),
     )

@@ -1253,7 +1253,7 @@ def _bench_report(
 ) -> int:
     """The table (or ``--json``'s document) of ``trials`` and the settings recommended, none if
     the bench ``stopped`` (why) before its end; the exit code of a bench that ended."""
-    from .bench import TIE, fastest_not_recommended, measured, recommend, settings_of
+    from .bench import TIE, fastest_not_recommended, measured, recommend, same_as, settings_of
 
     if out.as_json:
         out.json(_bench_document(trials, rounds, stopped))
@@ -1262,6 +1262,10 @@ def _bench_report(
         best = None if stopped else recommend(settings_tried)
         for line in _bench_table(settings_tried):
             out.answer(line)
+        alike = same_as(settings_tried)
+        for tried in settings_tried:
+            if (like := alike.get((tried.concurrency, tried.part_size))) is not None:
+                out.answer(f"{_flags(tried)} fetched as {_flags(like)} did: {_unused(tried)}")
         for tried in settings_tried:
             for line in _failed_rounds(tried):
                 out.error(line)
@@ -1293,18 +1297,36 @@ def _bench_document(
     trials: list[Trial | FailedTrial], rounds: int, stopped: str | None
 ) -> dict[str, Any]:
     """``--json``'s document of ``trials`` (`_bench_report`)."""
-    from .bench import recommend, settings_of
+    from .bench import recommend, same_as, settings_of
 
     settings_tried = settings_of(trials)
     best = None if stopped else recommend(settings_tried)
+    alike = same_as(settings_tried)
     return {
         "rounds": rounds,
-        "trials": [_bench_row(s) for s in settings_tried],
-        "recommended": None
-        if best is None
-        else {"concurrency": best.concurrency, "part_size": best.part_size},
+        "trials": [
+            {**_bench_row(s), "same_as": _pair(alike.get((s.concurrency, s.part_size)))}
+            for s in settings_tried
+        ],
+        "recommended": _pair(best),
         "stopped": stopped,
     }
+
+
+def _pair(tried: Setting | None) -> dict[str, int] | None:
+    return (
+        None if tried is None else {"concurrency": tried.concurrency, "part_size": tried.part_size}
+    )
+
+
+def _unused(tried: Setting) -> str:
+    """What of ``tried``'s setting its files left unused, where it fetched as a smaller one."""
+    assert tried.transfer is not None
+    in_flight, cut = tried.transfer
+    unused = [] if cut else ["parts larger than every file, each file one part"]
+    if in_flight < tried.concurrency:
+        unused.append(f"{in_flight} part{'' if in_flight == 1 else 's'}, so no more connections")
+    return "; ".join(unused)
 
 
 def _flags(tried: Setting | Trial | FailedTrial) -> str:
@@ -1367,7 +1389,9 @@ def _bench_round(trial: Trial | FailedTrial) -> dict[str, Any]:
             "part_size": trial.part_size,
             "error": str(trial.error),
         }
-    return {**asdict(trial), "mb_per_s": round(trial.mb_per_s, 1), "error": None}
+    figures = asdict(trial)
+    del figures["transfer"]  # the row's same_as says what it told
+    return {**figures, "mb_per_s": round(trial.mb_per_s, 1), "error": None}
 
 
 def _rounded(mb_per_s: float | None) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,8 +22,10 @@ from checkpoint_sync.bench import (
     middle_round,
     recommend,
     request_medians,
+    same_as,
     settings_of,
     stops_bench,
+    transfer_of,
 )
 from checkpoint_sync.engine import manifest_path
 from checkpoint_sync.errors import (
@@ -72,6 +75,13 @@ def errors(stderr: str) -> list[str]:
 
 def trial(concurrency: int, part_size: int, mb: float, failed: int = 0) -> Trial:
     return Trial(concurrency, part_size, 1, failed, int(mb * 1e6), 1.0, 0.1, None, None)
+
+
+def fetched(concurrency: int, part_size: int, mb: float, sizes: list[int]) -> Trial:
+    """A `trial` of files of ``sizes``."""
+    return dataclasses.replace(
+        trial(concurrency, part_size, mb), transfer=transfer_of(concurrency, part_size, sizes)
+    )
 
 
 def failed_trial(concurrency: int, part_size: int) -> FailedTrial:
@@ -128,6 +138,95 @@ def test_fastest_not_recommended(
 ) -> None:
     top = fastest_not_recommended(settings_of(trials))
     assert (top and (top.concurrency, top.part_size)) == faster
+
+
+@pytest.mark.parametrize(
+    ("concurrency", "part_size", "sizes", "transfer"),
+    [
+        (4, 100, [250, 100], (4, 100)),  # 3 parts and 1: all 4 in flight, files cut
+        (8, 100, [250, 100], (4, 100)),  # 4 connections left unused
+        (2, 100, [250, 100], (2, 100)),
+        (4, 250, [250, 100], (2, None)),  # a file as large as a part is one part
+        (4, 1000, [250, 100], (2, None)),  # as any larger part size
+        (4, 249, [250, 100], (3, 249)),
+        (4, 100, [0, 0, 0], (3, None)),  # an empty file is one part
+        (1, 100, [1000], (1, 100)),
+    ],
+)
+def test_transfer_of(
+    concurrency: int, part_size: int, sizes: list[int], transfer: tuple[int, int | None]
+) -> None:
+    assert transfer_of(concurrency, part_size, sizes) == transfer
+
+
+SMALL = [300, 200]  # a part size of 300 or more cuts neither; 2 connections fetch both at once
+
+
+@pytest.mark.parametrize(
+    ("trials", "alike", "chosen"),
+    [
+        # Parts larger than every file: the smaller part size, though the larger was faster.
+        (
+            [fetched(2, 300, 100, SMALL), fetched(2, 1000, 104, SMALL)],
+            {(2, 1000): (2, 300)},
+            (2, 300),
+        ),
+        # More connections than parts: the fewer, though the more were much faster by chance.
+        ([fetched(2, 100, 100, SMALL), fetched(4, 100, 150, SMALL)], {}, (4, 100)),  # 5 parts
+        (
+            [fetched(2, 300, 100, SMALL), fetched(8, 300, 150, SMALL)],
+            {(8, 300): (2, 300)},
+            (2, 300),
+        ),
+        # Both: every larger one is the least's.
+        (
+            [fetched(c, p, mb, SMALL) for c, p, mb in [(2, 300, 90), (4, 300, 99), (4, 400, 99)]],
+            {(4, 300): (2, 300), (4, 400): (2, 300)},
+            (2, 300),
+        ),
+        # Grid order is the user's: the least is by size, not by place.
+        (
+            [fetched(8, 400, 150, SMALL), fetched(2, 300, 100, SMALL)],
+            {(8, 400): (2, 300)},
+            (2, 300),
+        ),
+        # A file above the part size: the part sizes differ, so do the settings.
+        ([fetched(2, 300, 100, [301]), fetched(2, 400, 200, [301])], {}, (2, 400)),
+        # Rounds that listed different files tell no transfer: nothing is the same as another.
+        (
+            [
+                fetched(2, 300, 100, SMALL),
+                fetched(2, 300, 100, [1000]),
+                fetched(2, 400, 200, SMALL),
+            ],
+            {},
+            (2, 400),
+        ),
+        # The least failed a file: the larger one that did not is the one recommended.
+        (
+            [
+                dataclasses.replace(fetched(2, 300, 200, SMALL), failed=1),
+                fetched(2, 400, 100, SMALL),
+            ],
+            {(2, 400): (2, 300)},
+            (2, 400),
+        ),
+    ],
+)
+def test_settings_that_fetch_alike_are_the_least_of_them(
+    trials: list[Trial | FailedTrial],
+    alike: dict[tuple[int, int], tuple[int, int]],
+    chosen: tuple[int, int],
+) -> None:
+    settings = settings_of(trials)
+    same = {pair: (s.concurrency, s.part_size) for pair, s in same_as(settings).items()}
+    assert same == alike
+    best = recommend(settings)
+    assert best is not None
+    assert (best.concurrency, best.part_size) == chosen
+    assert fastest_not_recommended(settings) not in [
+        s for s in settings if (s.concurrency, s.part_size) in alike
+    ]
 
 
 def test_a_setting_is_its_rounds_median_and_range() -> None:
@@ -420,6 +519,31 @@ def test_bench_measures_only_the_files_a_pattern_selects(server: ServerThread) -
     assert result.code == 0, result.stderr
     (only,) = json.loads(result.stdout)["trials"]
     assert (only["files"], only["bytes"]) == (len(shards), sum(f.size for f in shards))
+
+
+def test_settings_the_files_cannot_tell_apart_are_shown_alike_and_the_least_recommended(
+    server: ServerThread,
+) -> None:
+    # Files of about 3 KB: parts of 64 KiB and of 1 MiB cut none of them.
+    small = ["--include", "extra/*", "--concurrency", "2", "--part-size", "1MiB,64KiB"]
+    result = run_cli(*job_args(server, "bench", *small, "--rounds", "1"))
+    as_json = run_cli(*job_args(server, "bench", *small, "--rounds", "1", "--json"))
+
+    assert result.code == as_json.code == 0, result.stderr + as_json.stderr
+    assert result.stdout.splitlines()[-2:] == [
+        "--concurrency 2 --part-size 1MiB fetched as --concurrency 2 --part-size 64KiB did: "
+        "parts larger than every file, each file one part",
+        result.stdout.splitlines()[-1],
+    ]
+    assert result.stdout.splitlines()[-1].startswith(
+        "recommended: --concurrency 2 --part-size 64KiB ("
+    )
+    report = json.loads(as_json.stdout)
+    assert [t["same_as"] for t in report["trials"]] == [
+        {"concurrency": 2, "part_size": 64 << 10},
+        None,
+    ]
+    assert report["recommended"] == {"concurrency": 2, "part_size": 64 << 10}
 
 
 def test_bench_of_a_pattern_no_file_matches_is_not_found(server: ServerThread) -> None:
