@@ -205,6 +205,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def megabytes_a_second(rate: float) -> str:
+    """A rate of ``rate`` bytes a second in MB/s (10^6 bytes), as the summary, `--json`, `bench`
+    and the benchmarks give it, and as curl and rclone are read against them."""
+    return f"{rate / 1e6:.1f} MB/s"
+
+
 def counted_files(count: int, kind: str = "") -> str:
     """``count`` files, as said of one or of several: "1 file", "3 mirrored files"."""
     return f"{count} {kind}file{'' if count == 1 else 's'}"
@@ -255,7 +261,7 @@ def status_line(stats: Stats) -> str:
         return waiting_line(stats.waiting_for)
     eta = _eta(stats)
     return (
-        f"{human_bytes(_received(stats))} fetched at {human_bytes(_rate(stats))}/s"
+        f"{human_bytes(_received(stats))} fetched at {megabytes_a_second(_rate(stats))}"
         f"{'' if eta is None else f', {eta}'}; files {files_line(stats)}{listing_note(stats)}"
     )
 
@@ -293,7 +299,7 @@ def terminal_line(stats: Stats, width: int) -> str:
     # Each piece as (which is dropped first, what precedes it unless it leads, its text).
     pieces: list[tuple[int, str, str]] = [
         (0, " ", human_bytes(done) + (f" of {mark}{human_bytes(total)}" if total else " fetched")),
-        (1, ", ", f"{human_bytes(_rate(stats))}/s"),
+        (1, ", ", megabytes_a_second(_rate(stats))),
         (3, "; ", f"files {files_line(stats)}{listing_note(stats)}"),
     ]
     if (eta := _eta(stats)) is not None:

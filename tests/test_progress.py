@@ -399,6 +399,27 @@ def test_the_eta_counts_what_is_in_at_the_rate_received(
     assert (eta in shown) if eta else "ETA" not in shown
 
 
+@pytest.mark.parametrize(
+    ("counts", "shown"),
+    [
+        # Rates in MB/s, as the summary's and bench's: 40 MiB in 10 seconds.
+        (
+            {"bytes_fetched": 40 * MiB, "files_fetched": 3},
+            "40.0 MiB fetched at 4.2 MB/s; files 3 done, 0 skipped, 0 failed (still listing)",
+        ),
+        (
+            {"listing": Listing.DONE, "files_skipped": 5},
+            "0 B fetched at 0.0 MB/s; files 0 done, 5 skipped, 0 failed",
+        ),
+    ],
+)
+def test_status_line(counts: dict[str, int | Listing], shown: str) -> None:
+    stats = Stats(started=time.monotonic() - 10)
+    for name, count in counts.items():
+        setattr(stats, name, count)
+    assert status_line(stats) == shown
+
+
 def test_summary_keeps_failures_and_left_out_checkpoints() -> None:
     stats = Stats(syncing_left_out=["job/checkpoint-30"])
     stats.fail("job/c/0/a.bin", "HTTP 500")

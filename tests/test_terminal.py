@@ -231,94 +231,94 @@ ESTIMATED = {
         (
             {**LISTED, "bytes_fetched": 40 * MiB},
             120,
-            "[############------------------] 40% 40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s; "
+            "[############------------------] 40% 40.0 MiB of 100.0 MiB, 4.2 MB/s, ETA 15s; "
             "files 3 done, 0 skipped, 0 failed",
         ),
         # Narrower: the bar goes first, then the share, the files, the ETA, the rate.
         (
             {**LISTED, "bytes_fetched": 40 * MiB},
             90,
-            "40% 40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s; files 3 done, 0 skipped, 0 failed",
+            "40% 40.0 MiB of 100.0 MiB, 4.2 MB/s, ETA 15s; files 3 done, 0 skipped, 0 failed",
         ),
         (
             {**LISTED, "bytes_fetched": 40 * MiB},
             60,
-            "40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s",
+            "40.0 MiB of 100.0 MiB, 4.2 MB/s, ETA 15s",
         ),
         # Each cut at the edge: a bar of the shortest width fills the line to the last column
         # but one, and one column less leaves it out; so does a piece that would reach it.
         (
             {**LISTED, "bytes_fetched": 40 * MiB},
-            94,
-            "[####------] 40% 40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s; "
+            93,
+            "[####------] 40% 40.0 MiB of 100.0 MiB, 4.2 MB/s, ETA 15s; "
             "files 3 done, 0 skipped, 0 failed",
         ),
         (
             {**LISTED, "bytes_fetched": 40 * MiB},
-            93,
-            "40% 40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s; files 3 done, 0 skipped, 0 failed",
+            92,
+            "40% 40.0 MiB of 100.0 MiB, 4.2 MB/s, ETA 15s; files 3 done, 0 skipped, 0 failed",
         ),
-        ({**LISTED, "bytes_fetched": 40 * MiB}, 42, "40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s"),
-        ({**LISTED, "bytes_fetched": 40 * MiB}, 40, "40.0 MiB of 100.0 MiB, 4.0 MiB/s"),
+        ({**LISTED, "bytes_fetched": 40 * MiB}, 41, "40.0 MiB of 100.0 MiB, 4.2 MB/s, ETA 15s"),
+        ({**LISTED, "bytes_fetched": 40 * MiB}, 40, "40.0 MiB of 100.0 MiB, 4.2 MB/s"),
         ({**LISTED, "bytes_fetched": 40 * MiB}, 30, "40.0 MiB of 100.0 MiB"),
         ({**LISTED, "bytes_fetched": 40 * MiB}, 20, "40.0 MiB of 100...."),
         # Nothing received yet: no rate, so no ETA.
         (
             LISTED,
             80,
-            "[---------------] 0% 0 B of 100.0 MiB, 0 B/s; files 3 done, 0 skipped, 0 failed",
+            "[------------] 0% 0 B of 100.0 MiB, 0.0 MB/s; files 3 done, 0 skipped, 0 failed",
         ),
         # The bar, the share and the ETA say all is in only once it is.
         (
             {**LISTED, "bytes_fetched": 99 * MiB},
             120,
-            "[#############################-] 99% 99.0 MiB of 100.0 MiB, 9.9 MiB/s, ETA 1s; "
+            "[#############################-] 99% 99.0 MiB of 100.0 MiB, 10.4 MB/s, ETA 1s; "
             "files 3 done, 0 skipped, 0 failed",
         ),
         (
             {**LISTED, "bytes_fetched": 100 * MiB - 100 * KiB},
             120,
-            "[#############################-] 99% 99.9 MiB of 100.0 MiB, 10.0 MiB/s, ETA 1s; "
+            "[#############################-] 99% 99.9 MiB of 100.0 MiB, 10.5 MB/s, ETA 1s; "
             "files 3 done, 0 skipped, 0 failed",
         ),
         # Parts kept from an earlier run are done, though this one moved none of their bytes.
         (
             {**LISTED, "bytes_fetched": 40 * MiB, "bytes_resumed": 40 * MiB},
             90,
-            "80% 80.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 5s; files 3 done, 0 skipped, 0 failed",
+            "80% 80.0 MiB of 100.0 MiB, 4.2 MB/s, ETA 5s; files 3 done, 0 skipped, 0 failed",
         ),
         # Skipped files are no bytes done, nor a faster rate.
         (
             {**LISTED, "bytes_fetched": 40 * MiB, "bytes_skipped": 900 * MiB, "files_skipped": 9},
             90,
-            "40% 40.0 MiB of 100.0 MiB, 4.0 MiB/s, ETA 15s; files 3 done, 9 skipped, 0 failed",
+            "40% 40.0 MiB of 100.0 MiB, 4.2 MB/s, ETA 15s; files 3 done, 9 skipped, 0 failed",
         ),
         # Retries received some bytes twice: never past the whole.
         (
             {**LISTED, "bytes_fetched": 101 * MiB},
             60,
-            "100.0 MiB of 100.0 MiB, 10.1 MiB/s",
+            "100.0 MiB of 100.0 MiB, 10.6 MB/s",
         ),
         # Still listing: no total, share or ETA yet.
         (
             {"bytes_fetched": 40 * MiB, "bytes_to_fetch": 60 * MiB, "files_fetched": 3},
             100,
-            "40.0 MiB fetched, 4.0 MiB/s; files 3 done, 0 skipped, 0 failed (still listing)",
+            "40.0 MiB fetched, 4.2 MB/s; files 3 done, 0 skipped, 0 failed (still listing)",
         ),
         # Still listing, the listing counted ahead: 60 MiB planned, 200 MiB not reached yet.
         (
             {**ESTIMATED, "bytes_fetched": 40 * MiB},
             120,
-            "[##----------------] 15% 40.0 MiB of ~260.0 MiB, 4.0 MiB/s, ETA ~55s; "
+            "[##-----------------] 15% 40.0 MiB of ~260.0 MiB, 4.2 MB/s, ETA ~55s; "
             "files 3 done, 0 skipped, 0 failed (still listing)",
         ),
-        ({**ESTIMATED, "bytes_fetched": 40 * MiB}, 40, "40.0 MiB of ~260.0 MiB, 4.0 MiB/s"),
+        ({**ESTIMATED, "bytes_fetched": 40 * MiB}, 40, "40.0 MiB of ~260.0 MiB, 4.2 MB/s"),
         # The listing failed part way: the 60 MiB planned are all the run fetches, whatever
         # was counted ahead; the files are still landing.
         (
             {**ESTIMATED, "bytes_fetched": 40 * MiB, "listing": Listing.FAILED},
             120,
-            "[##############-------] 66% 40.0 MiB of 60.0 MiB, 4.0 MiB/s, ETA 5s; "
+            "[##############--------] 66% 40.0 MiB of 60.0 MiB, 4.2 MB/s, ETA 5s; "
             "files 3 done, 0 skipped, 0 failed (listing failed)",
         ),
         # Still listing, nor are parts kept from an earlier run "fetched".
@@ -330,13 +330,13 @@ ESTIMATED = {
                 "files_fetched": 3,
             },
             100,
-            "40.0 MiB fetched, 4.0 MiB/s; files 3 done, 0 skipped, 0 failed (still listing)",
+            "40.0 MiB fetched, 4.2 MB/s; files 3 done, 0 skipped, 0 failed (still listing)",
         ),
         # Nothing to fetch: no share of nothing.
         (
             {"listing": Listing.DONE, "files_skipped": 5},
             80,
-            "0 B fetched, 0 B/s; files 0 done, 5 skipped, 0 failed",
+            "0 B fetched, 0.0 MB/s; files 0 done, 5 skipped, 0 failed",
         ),
         ({"bytes_fetched": 5}, 2, "."),
     ],
