@@ -261,9 +261,23 @@ def status_line(stats: Stats) -> str:
         return waiting_line(stats.waiting_for)
     eta = _eta(stats)
     return (
-        f"{human_bytes(_received(stats))} fetched at {megabytes_a_second(_rate(stats))}"
+        f"{_bytes_line(*_progress(stats))} at {megabytes_a_second(_rate(stats))}"
         f"{'' if eta is None else f', {eta}'}; files {files_line(stats)}{listing_note(stats)}"
     )
+
+
+def _progress(stats: Stats) -> tuple[int, int, str]:
+    """(bytes done, of how many, "~" where that is an estimate: `bytes_total`), once the total
+    is known; before, (bytes received, 0, "")."""
+    total, mark = bytes_total(stats) or (0, "")
+    return (bytes_done(stats) if total else _received(stats)), total, mark
+
+
+def _bytes_line(done: int, total: int, mark: str) -> str:
+    """The bytes done of the total (`_progress`), or fetched while it is not known."""
+    if total:
+        return f"{human_bytes(done)} of {mark}{human_bytes(total)}"
+    return f"{human_bytes(done)} fetched"
 
 
 def listing_note(stats: Stats) -> str:
@@ -294,11 +308,10 @@ def terminal_line(stats: Stats, width: int) -> str:
     room = max(width - 1, 1)
     if stats.waiting_for is not None:
         return _cut(waiting_line(stats.waiting_for), room)
-    total, mark = bytes_total(stats) or (0, "")
-    done = bytes_done(stats) if total else _received(stats)
+    done, total, mark = _progress(stats)
     # Each piece as (which is dropped first, what precedes it unless it leads, its text).
     pieces: list[tuple[int, str, str]] = [
-        (0, " ", human_bytes(done) + (f" of {mark}{human_bytes(total)}" if total else " fetched")),
+        (0, " ", _bytes_line(done, total, mark)),
         (1, ", ", megabytes_a_second(_rate(stats))),
         (3, "; ", f"files {files_line(stats)}{listing_note(stats)}"),
     ]

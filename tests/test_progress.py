@@ -351,7 +351,7 @@ async def test_large_parts_spliced_into_their_files_show_as_they_come(dest: Path
 
     # Counted as received: only what came with each answer's head, before the splice began.
     assert fetched < part // 2
-    assert shown[0].startswith("8.0 MiB fetched at ")
+    assert shown[0].startswith("8.0 MiB of 16.0 MiB at ")
     assert " 8.0 MiB of 16.0 MiB, " in shown[1]
 
 
@@ -410,6 +410,41 @@ def test_the_eta_counts_what_is_in_at_the_rate_received(
         (
             {"listing": Listing.DONE, "files_skipped": 5},
             "0 B fetched at 0.0 MB/s; files 0 done, 5 skipped, 0 failed",
+        ),
+        # Once the total is known, the bytes done of it, as on a terminal; parts kept from an
+        # earlier run are done, though no rate.
+        (
+            {
+                "bytes_fetched": 40 * MiB,
+                "bytes_resumed": 20 * MiB,
+                "bytes_to_fetch": 100 * MiB,
+                "listing": Listing.DONE,
+                "files_fetched": 3,
+            },
+            "60.0 MiB of 100.0 MiB at 4.2 MB/s, ETA 10s; files 3 done, 0 skipped, 0 failed",
+        ),
+        # Estimated by a walk ahead while still listing: marked "~", as the ETA is.
+        (
+            {
+                "bytes_fetched": 40 * MiB,
+                "bytes_to_fetch": 60 * MiB,
+                "bytes_walked": 100 * MiB,
+                "bytes_counted": 300 * MiB,
+                "files_fetched": 3,
+            },
+            "40.0 MiB of ~260.0 MiB at 4.2 MB/s, ETA ~55s; files 3 done, 0 skipped, 0 failed "
+            "(still listing)",
+        ),
+        # The listing failed: what was planned is the whole.
+        (
+            {
+                "bytes_fetched": 40 * MiB,
+                "bytes_to_fetch": 60 * MiB,
+                "listing": Listing.FAILED,
+                "files_fetched": 3,
+            },
+            "40.0 MiB of 60.0 MiB at 4.2 MB/s, ETA 5s; files 3 done, 0 skipped, 0 failed "
+            "(listing failed)",
         ),
     ],
 )
