@@ -55,6 +55,7 @@ from .progress import (
     human_bytes,
     incompleteness,
     summary,
+    summary_line,
 )
 from .redact import Redactor, printable
 from .retry import RetryPolicy
@@ -876,24 +877,7 @@ def _print_summary(
 ) -> None:
     """The text summary; ``missing``: why a checkpoint taken may not be whole
     (`incompleteness`)."""
-    if options.dry_run:
-        verb, fetched, size = "would fetch", stats.files_to_fetch, human_bytes(stats.bytes_to_fetch)
-    else:
-        verb, fetched, size = "fetched", stats.files_fetched, human_bytes(stats.bytes_published)
-        if stats.bytes_fetched != stats.bytes_published:
-            # Parts of files not finished (a stop, a failure), parts kept from an earlier run, or
-            # retries: what came over the wire is not the size of the files fetched.
-            size += f"; {human_bytes(stats.bytes_fetched)} received"
-    out.info(
-        f"{verb} {counted_files(fetched)} ({size}) into {options.dest} in {stats.seconds:.1f}s"
-        + (
-            f" at {stats.mb_per_s():.1f} MB/s"
-            if stats.bytes_fetched and not options.dry_run
-            else ""
-        )
-        + f"; skipped {stats.files_skipped} unchanged ({human_bytes(stats.bytes_skipped)}); "
-        f"{stats.files_failed} failed"
-    )
+    out.info(summary_line(stats, str(options.dest), dry_run=options.dry_run))
     if stats.files_resumed:
         out.info(
             f"resumed {counted_files(stats.files_resumed)} from the parts an earlier run left "

@@ -197,6 +197,30 @@ def summary(stats: Stats, missing: Callable[[str], str | None] | None) -> dict[s
     }
 
 
+def summary_line(stats: Stats, dest: str, *, dry_run: bool) -> str:
+    """The text summary's first line: the files fetched, skipped and failed. A dry run's says
+    what it would do, and the seconds it took to plan that, which tell nothing of how long the
+    run would take."""
+    if dry_run:
+        return (
+            f"would fetch {counted_files(stats.files_to_fetch)} "
+            f"({human_bytes(stats.bytes_to_fetch)}) into {dest}; would skip "
+            f"{stats.files_skipped} unchanged ({human_bytes(stats.bytes_skipped)}); "
+            f"{stats.files_failed} failed; planned in {stats.seconds:.1f}s"
+        )
+    size = human_bytes(stats.bytes_published)
+    if stats.bytes_fetched != stats.bytes_published:
+        # Parts of files not finished (a stop, a failure), parts kept from an earlier run, or
+        # retries: what came over the wire is not the size of the files fetched.
+        size += f"; {human_bytes(stats.bytes_fetched)} received"
+    rate = f" at {stats.mb_per_s():.1f} MB/s" if stats.bytes_fetched else ""
+    return (
+        f"fetched {counted_files(stats.files_fetched)} ({size}) into {dest} in "
+        f"{stats.seconds:.1f}s{rate}; skipped {stats.files_skipped} unchanged "
+        f"({human_bytes(stats.bytes_skipped)}); {stats.files_failed} failed"
+    )
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024:

@@ -30,6 +30,7 @@ from checkpoint_sync.progress import (
     log_interval,
     status_line,
     summary,
+    summary_line,
     terminal_line,
 )
 from checkpoint_sync.sources.baseten_training import TrainingJobSource
@@ -453,6 +454,43 @@ def test_status_line(counts: dict[str, int | Listing], shown: str) -> None:
     for name, count in counts.items():
         setattr(stats, name, count)
     assert status_line(stats) == shown
+
+
+@pytest.mark.parametrize(
+    ("counts", "dry_run", "shown"),
+    [
+        (
+            {"files_fetched": 3, "bytes_fetched": 40 * MiB, "bytes_published": 40 * MiB},
+            False,
+            "fetched 3 files (40.0 MiB) into /m in 10.0s at 4.2 MB/s; "
+            "skipped 0 unchanged (0 B); 0 failed",
+        ),
+        # Nothing received: no rate.
+        (
+            {"files_skipped": 42, "bytes_skipped": 42 * MiB},
+            False,
+            "fetched 0 files (0 B) into /m in 10.0s; skipped 42 unchanged (42.0 MiB); 0 failed",
+        ),
+        # A dry run's is a plan, all of it, and its time is the planning's, no forecast.
+        (
+            {
+                "files_to_fetch": 1,
+                "bytes_to_fetch": MiB,
+                "files_skipped": 42,
+                "bytes_skipped": 42 * MiB,
+                "files_failed": 2,
+            },
+            True,
+            "would fetch 1 file (1.0 MiB) into /m; would skip 42 unchanged (42.0 MiB); "
+            "2 failed; planned in 10.0s",
+        ),
+    ],
+)
+def test_summary_line(counts: dict[str, int], dry_run: bool, shown: str) -> None:
+    stats = Stats(started=time.monotonic() - 10)
+    for name, count in counts.items():
+        setattr(stats, name, count)
+    assert summary_line(stats, "/m", dry_run=dry_run) == shown
 
 
 def test_summary_keeps_failures_and_left_out_checkpoints() -> None:

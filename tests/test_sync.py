@@ -733,6 +733,8 @@ def test_dry_run_after_a_sync_plans_only_skips(server: ServerThread, dest: Path)
     assert len([line for line in result.stdout.splitlines() if line.startswith("skip")]) == len(
         server.files()
     )
+    (said,) = [line for line in result.stdout.splitlines() if line.startswith("would fetch")]
+    assert f"would fetch 0 files (0 B) into {dest}; would skip {len(server.files())} " in said
 
 
 def test_interrupted_file_resumes_with_only_its_missing_parts(
