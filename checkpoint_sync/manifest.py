@@ -300,10 +300,15 @@ class Manifest:
         return Staged(row[0], row[1], row[2], done, bytes_on_disk, row[3], reached)
 
     def files_in(self, run: str, checkpoint: str) -> Iterator[VerifiedFile]:
+        """The records of a checkpoint, by path. Its paths all start "<run>/<checkpoint>/" ('/'
+        comes just before '0'): walked in the index of paths as a range of it, and not by the
+        index of checkpoints (its '+' keeps SQLite from taking that one), whose rows a sort
+        would have to hold, a million of them for a large checkpoint."""
         rows = self._rows(
             "SELECT path, source, run, checkpoint, node_rank, size, last_modified, digest "
-            "FROM files WHERE run = ? AND checkpoint = ?",
-            (run, checkpoint),
+            "FROM files WHERE +run = ? AND +checkpoint = ? AND path >= ? AND path < ? "
+            "ORDER BY path",
+            (run, checkpoint, f"{run}/{checkpoint}/", f"{run}/{checkpoint}0"),
         )
         for row in rows:
             yield VerifiedFile(*row)

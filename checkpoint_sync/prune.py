@@ -34,18 +34,25 @@ class Deletion:
 def deletions(
     manifest: Manifest, files: FileFilter, whole_lists: Mapping[str, frozenset[str]]
 ) -> Generator[Deletion, None, None]:
-    """The mirrored files of checkpoints removed upstream that ``files`` takes; none of a run
-    whose checkpoint list is empty (`held_back`)."""
-    for run, listed in whole_lists.items():
+    """The mirrored files of checkpoints removed upstream that ``files`` takes, in the order of
+    their paths (a dry run's `delete` lines); none of a run whose checkpoint list is empty
+    (`held_back`)."""
+    for run, listed in sorted(whole_lists.items(), key=lambda item: _directory_key(item[0])):
         if not listed:
             continue
-        for checkpoint in manifest.checkpoints_of(run):
+        for checkpoint in sorted(manifest.checkpoints_of(run), key=_directory_key):
             if not removed_upstream(run, checkpoint, whole_lists):
                 continue
             for file in manifest.files_in(run, checkpoint):
                 _, _, rank, path = mirror_path_parts(file.path)
                 if files.takes(rank, path):
                     yield Deletion(file.path, file.size, f"{run}/{checkpoint}")
+
+
+def _directory_key(name: str) -> str:
+    """Directories in the order of the paths under them: "a/" after "a-b/", as '/' sorts after
+    '-', though "a" sorts before "a-b"."""
+    return f"{name}/"
 
 
 @dataclass

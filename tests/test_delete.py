@@ -146,6 +146,49 @@ def test_a_dry_run_names_what_it_would_delete_and_deletes_nothing(dest: Path) ->
     assert DELETED in recorded_checkpoints(dest)
 
 
+def test_a_dry_run_names_what_it_would_delete_by_path(dest: Path) -> None:
+    # Rank 1 mirrored before rank 0, so its records come first; two checkpoints removed.
+    with ServerThread(job_catalog()) as server:
+        assert run_cli(*sync_args(server, dest, "--node-rank", "1")).code == 0
+        assert run_cli(*sync_args(server, dest)).code == 0
+        job = server.catalog.jobs[0]
+        kept = job.checkpoints[-1:]
+        server.call(lambda: setattr(job, "checkpoints", kept))
+        dry = run_cli(*sync_args(server, dest, "--delete", "--dry-run"))
+
+    assert dry.code == 0, dry.stderr
+    planned = [line.split()[1] for line in dry.stdout.splitlines() if line.startswith("delete ")]
+    assert len(planned) == 2 * len(kept[0].files)
+    assert planned == sorted(planned)
+
+
+def test_what_goes_is_walked_by_path_whatever_the_names_and_the_order_recorded(
+    dest: Path,
+) -> None:
+    # "a-b/" sorts before "a/" ('-' before '/'), though run "a" sorts before "a-b"; so do the
+    # checkpoints; and rank "10" sorts before "2", as its paths do.
+    paths = sorted(
+        f"{run}/{checkpoint}/{rank}/{name}"
+        for run in ("a", "a-b")
+        for checkpoint in ("c", "c-d")
+        for rank in (1, 2, 10)
+        for name in ("x", "sub/y", "z")
+    )
+    manifest = Manifest(manifest_path(dest))
+    try:
+        for path in reversed(paths):
+            run, checkpoint, rank, _ = path.split("/", 3)
+            manifest.record_verified(
+                VerifiedFile(path, "baseten-training", run, checkpoint, int(rank), 1, "t", "d")
+            )
+        listed = {"a": frozenset({"new"}), "a-b": frozenset({"new"})}
+        walked = [doomed.path for doomed in deletions(manifest, FileFilter(), listed)]
+    finally:
+        manifest.close()
+
+    assert walked == paths
+
+
 def test_only_the_ranks_and_paths_the_run_takes_are_deleted(dest: Path) -> None:
     with ServerThread(job_catalog()) as server:
         removed = mirror_then_remove_upstream(server, dest)
