@@ -914,6 +914,12 @@ def _print_summary(
             f"({human_bytes(stats.bytes_to_delete if options.dry_run else stats.bytes_deleted)}) "
             f"of checkpoints removed upstream: {', '.join(stats.removed_upstream)}"
         )
+    if kept := len(stats.removed_upstream_kept):
+        out.info(
+            f"{'would keep' if options.dry_run else 'kept'} {kept} mirrored "
+            f"checkpoint{'' if kept == 1 else 's'} no longer listed upstream (--delete would "
+            f"delete {'its' if kept == 1 else 'their'} files; list --dest names them)"
+        )
     for run in stats.delete_held_back:
         out.info(
             f"deleted nothing of {run}: its checkpoint list is empty (if its checkpoints are "

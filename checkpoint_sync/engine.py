@@ -48,7 +48,7 @@ from .plan import (
     walked_whole,
 )
 from .progress import Listing, Stats, counted_files
-from .prune import Going, Pruner, deletions, held_back
+from .prune import Going, Pruner, deletions, held_back, kept
 from .sources.base import Checkpoint, RemoteFile, Source, UnreadableEntry
 from .transfer import (
     Transfers,
@@ -142,6 +142,7 @@ async def sync(
             await _delete_removed(source.listed_whole(), options, stats, on_plan)
         manifest = Manifest(manifest_path(options.dest), read_only=True)
         try:
+            _note_kept(source, options, manifest, stats)
             await _produce(source, selection, options, manifest, stats, on_plan, None)
         finally:
             manifest.close()
@@ -177,9 +178,18 @@ async def sync(
             batch_seconds=COMMIT_SECONDS,
         )
         try:
+            _note_kept(source, options, manifest, stats)
             await _run(source, selection, http, options, manifest, stats, on_plan)
         finally:
             manifest.close()
+
+
+def _note_kept(source: Source, options: SyncOptions, manifest: Manifest, stats: Stats) -> None:
+    """Without ``--delete``, the checkpoints removed upstream that the mirror keeps: a cron
+    mirror's summary tells them (`prune.kept`), or its user would never learn of them."""
+    if not options.delete:
+        pruner = Pruner(str(options.dest))
+        stats.removed_upstream_kept = kept(manifest, options.files, source.listed_whole(), pruner)
 
 
 def _directory(dest: Path, checkpoint: Checkpoint) -> str | None:

@@ -64,6 +64,8 @@ class Stats:
     bytes_walked: int = 0
     bytes_counted: int | None = None
     removed_upstream: list[str] = field(default_factory=list)  # their "<run>/<checkpoint>"
+    # Without --delete: the checkpoints removed upstream whose files the mirror keeps.
+    removed_upstream_kept: list[str] = field(default_factory=list)
     delete_held_back: list[str] = field(default_factory=list)  # runs listed with no checkpoint
     retries: int = 0
     url_refreshes: int = 0
@@ -184,6 +186,7 @@ def summary(stats: Stats, missing: Callable[[str], str | None] | None) -> dict[s
             for where, (key, path) in stats.taken.items()
         ],
         "removed_upstream": stats.removed_upstream,
+        "removed_upstream_kept": stats.removed_upstream_kept,
         "delete_held_back": stats.delete_held_back,
         "syncing_left_out": stats.syncing_left_out,
         "status_left_out": [

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
+from contextlib import closing
 from dataclasses import dataclass, field
 
 from .errors import FileError, LocalIOError
@@ -37,16 +38,56 @@ def deletions(
     """The mirrored files of checkpoints removed upstream that ``files`` takes, in the order of
     their paths (a dry run's `delete` lines); none of a run whose checkpoint list is empty
     (`held_back`)."""
+    for run, checkpoint in _removed(manifest, whole_lists):
+        yield from _taken(manifest, files, run, checkpoint)
+
+
+def kept(
+    manifest: Manifest,
+    files: FileFilter,
+    whole_lists: Mapping[str, frozenset[str]],
+    pruner: Pruner,
+) -> list[str]:
+    """The checkpoints removed upstream ("<run>/<checkpoint>") that a run without ``--delete``
+    keeps, where ``--delete`` would delete a file of theirs: each is told by its first such file
+    (`Pruner.goes`), so that a mirror holding large ones does not look at each of their files
+    on every run. A file that cannot be looked at tells nothing, as ``--delete`` would keep it."""
+    held = []
+    for run, checkpoint in _removed(manifest, whole_lists):
+        with closing(_taken(manifest, files, run, checkpoint)) as taken:
+            if any(_goes(pruner, doomed) for doomed in taken):
+                held.append(f"{run}/{checkpoint}")
+    return held
+
+
+def _goes(pruner: Pruner, doomed: Deletion) -> bool:
+    try:
+        return pruner.goes(doomed)
+    except FileError:
+        return False
+
+
+def _removed(
+    manifest: Manifest, whole_lists: Mapping[str, frozenset[str]]
+) -> Iterator[tuple[str, str]]:
+    """The (run, checkpoint) of the checkpoints removed upstream that the manifest records files
+    of, in the order of their paths; none of a run whose checkpoint list is empty."""
     for run, listed in sorted(whole_lists.items(), key=lambda item: _directory_key(item[0])):
         if not listed:
             continue
         for checkpoint in sorted(manifest.checkpoints_of(run), key=_directory_key):
-            if not removed_upstream(run, checkpoint, whole_lists):
-                continue
-            for file in manifest.files_in(run, checkpoint):
-                _, _, rank, path = mirror_path_parts(file.path)
-                if files.takes(rank, path):
-                    yield Deletion(file.path, file.size, f"{run}/{checkpoint}")
+            if removed_upstream(run, checkpoint, whole_lists):
+                yield run, checkpoint
+
+
+def _taken(
+    manifest: Manifest, files: FileFilter, run: str, checkpoint: str
+) -> Generator[Deletion, None, None]:
+    """The recorded files of a checkpoint that ``files`` takes, by path."""
+    for file in manifest.files_in(run, checkpoint):
+        _, _, rank, path = mirror_path_parts(file.path)
+        if files.takes(rank, path):
+            yield Deletion(file.path, file.size, f"{run}/{checkpoint}")
 
 
 def _directory_key(name: str) -> str:

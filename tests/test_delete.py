@@ -116,8 +116,55 @@ def test_without_delete_a_checkpoint_removed_upstream_stays_mirrored(dest: Path)
 
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["files"]["to_delete"] == 0
+    assert json.loads(result.stdout)["removed_upstream_kept"] == [f"{JOB}/{DELETED}"]
     for file in removed.files:
         assert_exact(mirrored(dest, JOB, file), file)
+
+
+@pytest.mark.parametrize(
+    ("extra", "kept"),
+    [
+        ((), [f"{JOB}/{DELETED}"]),
+        (("--dry-run",), [f"{JOB}/{DELETED}"]),
+        # What --delete would delete: none of a rank the mirror does not hold...
+        (("--node-rank", "1"), []),
+        (("--node-rank", "0", "--include", "*.safetensors"), [f"{JOB}/{DELETED}"]),
+        # ... and, with it, nothing is kept.
+        (("--delete",), []),
+    ],
+)
+def test_a_run_without_delete_tells_the_checkpoints_removed_upstream_it_keeps(
+    dest: Path, extra: tuple[str, ...], kept: list[str]
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        mirror_then_remove_upstream(server, dest, "--node-rank", "0")
+        result = run_cli(*sync_args(server, dest, "--json", *extra))
+        text = run_cli(*sync_args(server, dest, *extra))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["removed_upstream_kept"] == kept
+    told = [line for line in text.stdout.splitlines() if "no longer listed upstream" in line]
+    verb = "would keep" if "--dry-run" in extra else "kept"
+    assert told == (
+        [
+            f"{verb} 1 mirrored checkpoint no longer listed upstream (--delete would delete "
+            "its files; list --dest names them)"
+        ]
+        if kept
+        else []
+    )
+
+
+def test_a_checkpoint_removed_upstream_whose_files_are_gone_is_not_told_as_kept(
+    dest: Path,
+) -> None:
+    with ServerThread(job_catalog()) as server:
+        mirror_then_remove_upstream(server, dest)
+        shutil.rmtree(dest / JOB / DELETED)  # by hand: --delete would only drop its records
+        result = run_cli(*sync_args(server, dest, "--json"))
+
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["removed_upstream_kept"] == []
 
 
 def test_delete_in_the_config_deletes(dest: Path, tmp_path: Path) -> None:
