@@ -126,8 +126,11 @@ class Stats:
     def seconds(self) -> float:
         return time.monotonic() - self.started
 
+    def bytes_per_s(self) -> float:
+        return self.bytes_fetched / max(self.seconds, 1e-9)
+
     def mb_per_s(self) -> float:
-        return self.bytes_fetched / 1e6 / max(self.seconds, 1e-9)
+        return self.bytes_per_s() / 1e6
 
 
 def incompleteness(stats: Stats, where: str, *, stopped: bool, error: bool) -> str | None:
@@ -216,7 +219,7 @@ def summary_line(stats: Stats, dest: str, *, dry_run: bool) -> str:
         # Parts of files not finished (a stop, a failure), parts kept from an earlier run, or
         # retries: what came over the wire is not the size of the files fetched.
         size += f"; {human_bytes(stats.bytes_fetched)} received"
-    rate = f" at {stats.mb_per_s():.1f} MB/s" if stats.bytes_fetched else ""
+    rate = f" at {human_rate(stats.bytes_per_s())}" if stats.bytes_fetched else ""
     return (
         f"fetched {counted_files(stats.files_fetched)} ({size}) into {dest} in "
         f"{stats.seconds:.1f}s{rate}; skipped {stats.files_skipped} unchanged "
@@ -232,10 +235,15 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def megabytes_a_second(rate: float) -> str:
-    """A rate of ``rate`` bytes a second in MB/s (10^6 bytes), as the summary, `--json`, `bench`
-    and the benchmarks give it, and as curl and rclone are read against them."""
-    return f"{rate / 1e6:.1f} MB/s"
+def human_rate(rate: float) -> str:
+    """A rate of ``rate`` bytes a second in decimal units, MB/s (10^6 bytes) from 1 MB/s, as the
+    summary, `--json`, `bench` and the benchmarks give it and curl and rclone are read against
+    them; kB/s and B/s below, where a limited or stalling link would read 0.0 MB/s."""
+    if rate >= 1e6:
+        return f"{rate / 1e6:.1f} MB/s"
+    if rate >= 1e3:
+        return f"{rate / 1e3:.1f} kB/s"
+    return f"{rate:.0f} B/s"
 
 
 def counted_files(count: int, kind: str = "") -> str:
@@ -288,7 +296,7 @@ def status_line(stats: Stats) -> str:
         return waiting_line(stats.waiting_for)
     eta = _eta(stats)
     return (
-        f"{_bytes_line(*_progress(stats))} at {megabytes_a_second(_rate(stats))}"
+        f"{_bytes_line(*_progress(stats))} at {human_rate(_rate(stats))}"
         f"{'' if eta is None else f', {eta}'}; files {files_line(stats)}{listing_note(stats)}"
     )
 
@@ -339,7 +347,7 @@ def terminal_line(stats: Stats, width: int) -> str:
     # Each piece as (which is dropped first, what precedes it unless it leads, its text).
     pieces: list[tuple[int, str, str]] = [
         (0, " ", _bytes_line(done, total, mark)),
-        (1, ", ", megabytes_a_second(_rate(stats))),
+        (1, ", ", human_rate(_rate(stats))),
         (3, "; ", f"files {files_line(stats)}{listing_note(stats)}"),
     ]
     if (eta := _eta(stats)) is not None:

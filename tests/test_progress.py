@@ -25,6 +25,7 @@ from checkpoint_sync.progress import (
     bytes_total,
     counted_files,
     human_bytes,
+    human_rate,
     incompleteness,
     listing_note,
     log_interval,
@@ -410,7 +411,7 @@ def test_the_eta_counts_what_is_in_at_the_rate_received(
         ),
         (
             {"listing": Listing.DONE, "files_skipped": 5},
-            "0 B fetched at 0.0 MB/s; files 0 done, 5 skipped, 0 failed",
+            "0 B fetched at 0 B/s; files 0 done, 5 skipped, 0 failed",
         ),
         # Once the total is known, the bytes done of it, as on a terminal; parts kept from an
         # earlier run are done, though no rate.
@@ -527,6 +528,22 @@ def test_a_verify_run_shows_how_far_its_read_back_is() -> None:
 )
 def test_human_bytes(n: int, shown: str) -> None:
     assert human_bytes(n) == shown
+
+
+@pytest.mark.parametrize(
+    ("rate", "shown"),
+    [
+        (0, "0 B/s"),
+        (999, "999 B/s"),
+        (1000, "1.0 kB/s"),
+        (20 * 1024, "20.5 kB/s"),  # --limit-rate 20KiB: not 0.0 MB/s
+        (999_949, "999.9 kB/s"),
+        (1e6, "1.0 MB/s"),
+        (1_524_300_000, "1524.3 MB/s"),  # MB/s as the summary, --json and bench give it
+    ],
+)
+def test_human_rate(rate: float, shown: str) -> None:
+    assert human_rate(rate) == shown
 
 
 @pytest.mark.parametrize(

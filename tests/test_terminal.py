@@ -266,7 +266,7 @@ ESTIMATED = {
         (
             LISTED,
             80,
-            "[------------] 0% 0 B of 100.0 MiB, 0.0 MB/s; files 3 done, 0 skipped, 0 failed",
+            "[---------------] 0% 0 B of 100.0 MiB, 0 B/s; files 3 done, 0 skipped, 0 failed",
         ),
         # The bar, the share and the ETA say all is in only once it is.
         (
@@ -336,7 +336,7 @@ ESTIMATED = {
         (
             {"listing": Listing.DONE, "files_skipped": 5},
             80,
-            "0 B fetched, 0.0 MB/s; files 0 done, 5 skipped, 0 failed",
+            "0 B fetched, 0 B/s; files 0 done, 5 skipped, 0 failed",
         ),
         ({"bytes_fetched": 5}, 2, "."),
     ],
