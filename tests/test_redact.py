@@ -56,13 +56,17 @@ def test_redactor_removes_keys_and_query_strings_once() -> None:
 def test_short_strings_are_not_treated_as_secrets() -> None:
     redact = Redactor(["ab"])
     redact.add("")
+    redact.add(None)  # a setting not given (a proxy without a password)
     redact.add("abc")
     assert redact("abc") == "abc"
+    redact.add("abcd")  # the shortest taken
+    assert redact("abcd") == "<redacted>"
 
 
 def test_a_secret_containing_another_is_removed_whole() -> None:
-    # Longest first, whichever way they are given or would sort ("abcdefgh" before "bcde").
-    for secrets in (["bcde", "abcdefgh"], ["abcdefgh", "bcde"]):
+    # Longest first, whichever way they are given or would sort ("abcdefgh" before "bcde"),
+    # also where both start at one place (a key and a longer form of it that begins with it).
+    for secrets in (["bcde", "abcdefgh"], ["abcdefgh", "bcde"], ["abcd", "abcdefgh"]):
         redact = Redactor(secrets)
         assert redact("key abcdefgh") == "key <redacted>"
     grown = Redactor(["bcde"])
@@ -94,6 +98,7 @@ def test_query_strings_are_redacted_whatever_the_scheme_case(text: str) -> None:
         ("(http://h/o?sig=1), and", "(http://h/o?<redacted>), and"),
         ("http://h/o?sig=a)b#c)d e", "http://h/o?<redacted> e"),
         ("http://h/o?a=1#f", "http://h/o?<redacted>"),
+        ("(see http://h/o?)", "(see http://h/o?<redacted>)"),  # a query of one character
         ("HTTP://U:PW@H/P", "HTTP://H/P"),
         # An "@" or "#" past the authority, outside any URL, and a status code stay.
         ("http://h/models/a@b/x 404", "http://h/models/a@b/x 404"),
