@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 import pytest
 from pydantic import TypeAdapter
 
-from checkpoint_sync.errors import IntegrityError, NotFoundError, UsageError
+from checkpoint_sync.errors import FileError, IntegrityError, NotFoundError, UsageError
 from checkpoint_sync.models import Moment
 from checkpoint_sync.plan import (
     FileFilter,
@@ -17,6 +18,7 @@ from checkpoint_sync.plan import (
     Tally,
     check_files_listed,
     check_listed_size,
+    check_listed_url,
     check_paths_matched,
     check_ranks_listed,
     is_current,
@@ -122,8 +124,10 @@ def test_a_checkpoint_of_another_status_is_left_out_of_a_plain_sync_too(
     assert chosen.other_status == [failed]
     named = select_checkpoints([*RUN, failed], names=("f",), include_syncing=include_syncing)
     assert (named.checkpoints, named.other_status) == ([], [failed])
-    # `list` shows every checkpoint, with its status.
-    assert select_checkpoints([*RUN, failed], every_status=True).checkpoints == [*RUN, failed]
+    # `list` shows every checkpoint, with its status, and restores none: its messages (a
+    # --node-rank no file has) name no checkpoint as asked for.
+    listed = select_checkpoints([*RUN, failed], every_status=True)
+    assert (listed.checkpoints, listed.named) == ([*RUN, failed], ())
 
 
 def test_latest_with_include_syncing_takes_a_newer_syncing_one_not_a_null_or_failed_one() -> None:
@@ -429,8 +433,9 @@ HUGE = 5000  # digits: more than `int` reads from text (4300)
         (["step-" + "9" * HUGE, "step-1" + "0" * HUGE], "step-1" + "0" * HUGE),
         (["step-" + "0" * HUGE + "9", "step-10"], "step-10"),  # leading zeros count for nothing
         (["step-" + "9" * HUGE + "-a", "step-" + "9" * HUGE + "-b"], "step-" + "9" * HUGE + "-b"),
+        (["epoch-2-step-9", "epoch-2-step-10"], "epoch-2-step-10"),  # each number as a number
     ],
-    ids=["longer", "leading-zeros", "equal"],
+    ids=["longer", "leading-zeros", "equal", "two-numbers"],
 )
 def test_latest_orders_names_with_numbers_of_any_length(names: list[str], taken: str) -> None:
     # A name is the API's text, of any length: a number in it too long for `int` must order as
@@ -546,6 +551,19 @@ UNDONE = [Part(1, 10, 20), Part(3, 30, 35)]
 )
 def test_parts_to_fetch(staged: Staged | None, todo: list[Part]) -> None:
     assert parts_to_fetch(remote(35), 10, staged) == todo
+
+
+# The fewest parts a file in parts has: 0-19 and 20-34. Preallocated, its staging file holds
+# what was kept only at full size, however far the parts to fetch start.
+@pytest.mark.parametrize(
+    ("staged", "todo"),
+    [
+        (Staged(35, "t1", 20, frozenset({0}), 35), [Part(1, 20, 35)]),
+        (Staged(35, "t1", 20, frozenset({0}), 30), split_parts(35, 20)),  # truncated since
+    ],
+)
+def test_parts_to_fetch_of_a_file_of_two_parts(staged: Staged, todo: list[Part]) -> None:
+    assert parts_to_fetch(remote(35), 20, staged) == todo
 
 
 @pytest.mark.parametrize(
@@ -802,6 +820,24 @@ def test_plausible_sizes_are_taken(size: int) -> None:
 
 
 @pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://bucket.s3.amazonaws.com/k?X-Amz-Signature=1", None),
+        ("http://host/a b", "not a valid URL"),
+        ("ftp://host/file", "not an http(s) URL"),
+    ],
+)
+def test_a_presigned_url_the_client_cannot_ask_fails_its_file(
+    url: str, problem: str | None
+) -> None:
+    if problem is None:
+        check_listed_url(url)
+        return
+    with pytest.raises(FileError, match=f"^its presigned URL is {re.escape(problem)}"):
+        check_listed_url(url)
+
+
+@pytest.mark.parametrize(
     ("names", "latest", "entries", "empty"),
     [
         ((), True, [], True),  # --latest took one that lists nothing
@@ -816,12 +852,23 @@ def test_plausible_sizes_are_taken(size: int) -> None:
         (("c3",), False, [], False),  # named but still syncing: left out, and named so
     ],
 )
+# Whatever the run chose of the files: with no --node-rank or pattern, too, an entry listed is
+# one listed, though it tells no rank.
+@pytest.mark.parametrize(
+    "files",
+    [FileFilter(ranks=frozenset({0}), include=("a",)), FileFilter()],
+    ids=["chosen", "every-file"],
+)
 def test_checkpoints_asked_for_that_list_no_file_are_not_found(
-    names: tuple[str, ...], latest: bool, entries: list[tuple[int | None, str | None]], empty: bool
+    names: tuple[str, ...],
+    latest: bool,
+    entries: list[tuple[int | None, str | None]],
+    empty: bool,
+    files: FileFilter,
 ) -> None:
     available = [checkpoint("c1", 1), checkpoint("c2", 2), checkpoint("c3", 3, SyncState.SYNCING)]
     selection = select_checkpoints(available, names=names, latest=latest)
-    tally = Tally(FileFilter(ranks=frozenset({0}), include=("a",)))
+    tally = Tally(files)
     for rank, path in entries:
         tally.takes(rank, path)
     if not empty:
