@@ -28,6 +28,13 @@ def test_delay(attempt: int, retry_after: float | None, jitter: float, delay: fl
     assert POLICY.delay(attempt, retry_after, jitter) == delay
 
 
+def test_a_run_backs_off_from_half_a_second() -> None:
+    # The settings give the attempts, ceiling and deadline (cli._retry); the first backoff is
+    # the policy's own, and every run's.
+    policy = RetryPolicy()
+    assert [policy.delay(attempt, None, 1.0) for attempt in (1, 2, 3)] == [0.5, 1.0, 2.0]
+
+
 @pytest.mark.parametrize(
     ("attempt", "elapsed", "next_delay", "gives_up"),
     [(1, 0, 1, False), (5, 0, 1, True), (2, 59.5, 1, True), (2, 10, 1, False)],
