@@ -491,15 +491,22 @@ def no_file_descriptor_left() -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+# The directory that lost entries: the run's, that lost the checkpoint's; or, where a file of
+# yours keeps the checkpoint's directory, that one, which stays (the first synced).
+@pytest.mark.parametrize(
+    ("yours", "unsynced"), [(None, JOB), (f"{DELETED}/0/notes.txt", f"{JOB}/{DELETED}")]
+)
 def test_deletions_that_cannot_be_made_durable_keep_their_records_for_the_next_run(
-    dest: Path,
+    dest: Path, yours: str | None, unsynced: str
 ) -> None:
     with ServerThread(job_catalog()) as server:
         mirror_then_remove_upstream(server, dest)
+        if yours is not None:
+            (dest / JOB / yours).write_text("mine")
         listed = {JOB: frozenset(c.checkpoint_id for c in server.catalog.jobs[0].checkpoints)}
-        # `--delete --fsync`, whose run directory, which lost the checkpoint's, cannot be
-        # opened to be synced. Its deletions may not survive a power loss: were their records
-        # dropped, files that came back would stay for ever, as files of your own.
+        # `--delete --fsync`, whose directory that lost entries cannot be opened to be synced.
+        # Its deletions may not survive a power loss: were their records dropped, files that
+        # came back would stay for ever, as files of your own.
         manifest = Manifest(manifest_path(dest), durable=True)
         try:
             pruner = Pruner(str(dest), fsync=True)
@@ -507,18 +514,22 @@ def test_deletions_that_cannot_be_made_durable_keep_their_records_for_the_next_r
                 pruner.delete(doomed, goes=pruner.goes(doomed))
             with (
                 no_file_descriptor_left(),
-                pytest.raises(LocalIOError, match=f"deletions in {dest}/{JOB} durable: Too many"),
+                pytest.raises(
+                    LocalIOError, match=f"deletions in {dest}/{unsynced} durable: Too many"
+                ),
             ):
                 pruner.finish(manifest, deletions(manifest, FileFilter(), listed))
         finally:
             manifest.close()
-        assert not (dest / JOB / DELETED).exists()
+        assert (dest / JOB / DELETED).exists() is (yours is not None)
         assert DELETED in recorded_checkpoints(dest)
 
         result = run_cli(*sync_args(server, dest, "--delete", "--fsync"))
 
     assert result.code == 0, result.stderr
     assert DELETED not in recorded_checkpoints(dest)
+    if yours is not None:
+        assert (dest / JOB / yours).read_text() == "mine"
 
 
 # The CLI, killed (SIGKILL) when it first removes a directory: every file of the checkpoint
@@ -798,7 +809,7 @@ def refused_once(path, *args, **kwargs):
     global calls
     if str(path).endswith(os.environ["FILE"]):
         calls += 1
-        if calls == int(os.environ["WHEN"]):
+        if str(calls) in os.environ["WHEN"].split(","):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
     return lstat_(path, *args, **kwargs)
 os.lstat = refused_once
@@ -807,9 +818,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("when", [1, 2], ids=["counting", "deleting"])
+# The walks that look at the file: 1 counts, 2 deletes, 3 drops the records of what went.
+@pytest.mark.parametrize(
+    "when", [(1,), (2,), (2, 3)], ids=["counting", "deleting", "deleting-and-dropping"]
+)
 def test_a_file_unreadable_in_one_walk_of_delete_neither_passes_the_count_nor_goes_unsaid(
-    dest: Path, when: int
+    dest: Path, when: tuple[int, ...]
 ) -> None:
     # --delete counts what goes against --max-delete, then looks at each file again to delete
     # it. Refused in the count, then readable, it was deleted beyond the count (past a limit
@@ -820,7 +834,7 @@ def test_a_file_unreadable_in_one_walk_of_delete_neither_passes_the_count_nor_go
         refused = removed.files[0]
         others = len(removed.files) - 1
         # Counted without it, the limit is exactly at the count; counted with it, all may go.
-        limit = others if when == 1 else len(removed.files)
+        limit = others if when == (1,) else len(removed.files)
         result = subprocess.run(
             [
                 sys.executable,
@@ -831,19 +845,23 @@ def test_a_file_unreadable_in_one_walk_of_delete_neither_passes_the_count_nor_go
             env={
                 **os.environ,
                 "FILE": f"/{mirrored(dest, JOB, refused).relative_to(dest)}",
-                "WHEN": str(when),
+                "WHEN": ",".join(map(str, when)),
             },
             capture_output=True,
             text=True,
             check=False,
         )
+        left = [f for f in removed.files if mirrored(dest, JOB, f).exists()]
+        # Its record kept, the next run deletes it: dropped, it would stay as a file of yours.
+        rerun = run_cli(*sync_args(server, dest, "--delete"))
 
     summary = json.loads(result.stdout)
     # Never more deleted than counted: the one file over waits for the next run.
     assert summary["files"]["deleted"] == others
-    left = [f for f in removed.files if mirrored(dest, JOB, f).exists()]
     assert len(left) == 1
-    if when == 1:  # readable when it mattered: no failure
+    assert rerun.code == 0, rerun.stderr
+    assert not mirrored(dest, JOB, refused).exists()
+    if when == (1,):  # readable when it mattered: no failure
         assert result.returncode == 0, result.stderr
         assert summary["failures"] == []
     else:
