@@ -30,6 +30,7 @@ from pydantic import (
 from .errors import UsageError
 from .net import origin_end, proxy_credentials, url_problem
 from .redact import redact_url
+from .retry import RetryPolicy
 
 ENV_PREFIX = "CHECKPOINT_SYNC_"
 # The longest any timeout or delay may be: a day. Much longer is surely a typo, and timers
@@ -94,9 +95,14 @@ class Settings(BaseModel):
     # Finite: NaN was refused as "should be less than or equal to 86400", which it is not above.
     connect_timeout: float = Field(default=30.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     read_timeout: float = Field(default=60.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
-    retries: int = Field(default=8, ge=1)
-    retry_max_delay: float = Field(default=30.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
-    retry_deadline: float = Field(default=600.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
+    # The retry policy's own defaults, so that the two cannot drift apart.
+    retries: int = Field(default=RetryPolicy.attempts, ge=1)
+    retry_max_delay: float = Field(
+        default=RetryPolicy.max_delay, ge=0, le=MAX_SECONDS, allow_inf_nan=False
+    )
+    retry_deadline: float = Field(
+        default=RetryPolicy.deadline, gt=0, le=MAX_SECONDS, allow_inf_nan=False
+    )
     ca_bundle: Path | None = None
     proxies: bool = True  # false: ignore HTTP(S)_PROXY and ALL_PROXY, connect directly
 
