@@ -754,6 +754,29 @@ def test_a_checkpoint_whose_artifact_version_is_missing_fails_alone(
     assert f"{ARTIFACT}:step{missing}: not found" in alone.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "step", "value"),
+    [(["--best", "reward"], 30, "reward 0.9"), (["--best", "loss", "--minimize"], 40, "loss 0.3")],
+)
+def test_best_whose_weights_are_not_there_says_which_it_took_and_why(
+    server: ServerThread, dest: Path, flags: list[str], step: int, value: str
+) -> None:
+    """Not only "check --wandb-artifact": the path may be right and the weights still
+    uploading, which the user can tell only knowing which checkpoint --best took."""
+    checkpoints_of(server)[step].uploaded = False
+
+    result = run_cli(*synced(dest, *flags, "--wandb-artifact", ARTIFACT, "--json"))
+
+    assert result.code == 4, result.stderr
+    assert json.loads(result.stdout)["error"] == (
+        f"W&B artifact {ARTIFACT}:step{step}: not found (check --wandb-artifact); it holds the "
+        f"weights of {MODEL}/step-{step}, which {' '.join(flags)} took ({value}): where the path "
+        "is right, they are not uploaded yet, or were deleted, and --checkpoint in place of "
+        "--best takes another"
+    )
+    assert not (dest / MODEL).exists()
+
+
 def test_a_version_deleted_while_its_files_are_listed_fails_alone_saying_so(
     server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

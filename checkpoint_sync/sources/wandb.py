@@ -259,7 +259,10 @@ class WandbSource:
                 except VersionGone as exc:
                     yield [_vanished(checkpoint, str(exc))]
         if missing and len(missing) == len(selected):
-            raise missing[0][1]
+            (only, not_found), *_ = missing
+            if self._best is not None:
+                raise _best_missing(only, not_found, *self._best) from not_found
+            raise not_found
         if missing:
             yield [_vanished(checkpoint, exc.beside_found) for checkpoint, exc in missing]
 
@@ -391,6 +394,19 @@ def _newest_missing(missing: Sequence[tuple[str, NotFoundError]]) -> NotFoundErr
         f"{first}; nor are {nor} and {last}, and older versions were not looked for: where the "
         f"path is right, the weights of these {len(missing)} newest checkpoints are not uploaded "
         "yet, and --checkpoint takes an older one"
+    )
+
+
+def _best_missing(
+    checkpoint: Checkpoint, missing: NotFoundError, metric: str, minimize: bool
+) -> NotFoundError:
+    """``--best``'s checkpoint has no weights: the path may be wrong, or they may not be uploaded
+    yet, and the user must learn which checkpoint was taken, and why, to tell."""
+    flags = f"--best {metric}{' --minimize' if minimize else ''}"
+    return NotFoundError(
+        f"{missing}; it holds the weights of {checkpoint.run}/{checkpoint.name}, which {flags} "
+        f"took ({metric} {checkpoint.metrics[metric]:.4g}): where the path is right, they are "
+        "not uploaded yet, or were deleted, and --checkpoint in place of --best takes another"
     )
 
 
