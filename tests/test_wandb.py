@@ -215,13 +215,22 @@ def test_parse_artifact_path(text: str, parsed: ArtifactPath) -> None:
         ("agents/agent-001", "is not ENTITY/PROJECT/NAME"),
         ("team/agents/agent-001/x", "is not ENTITY/PROJECT/NAME"),
         ("team//agent-001", "is not ENTITY/PROJECT/NAME"),
-        ("team/agents/agent-001:step10", "leave out the version"),
+        (
+            "team/agents/agent-001:v3",
+            "leave out the version (:...); each checkpoint's step<N> alias is added",
+        ),
+        # The versions `wandb artifact get` users name, each with the flag that takes it.
+        ("team/agents/agent-001:step10", "is added: --checkpoint step-10 takes that one"),
+        (
+            "team/agents/agent-001:latest",
+            "is added: --latest takes the newest checkpoint whose weights are there",
+        ),
     ],
 )
 def test_malformed_artifact_paths(text: str, message: str) -> None:
     with pytest.raises(UsageError) as caught:
         parse_artifact_path(text)
-    assert message in str(caught.value)
+    assert str(caught.value).endswith(message)
 
 
 # --- listing over HTTP ----------------------------------------------------------------------------

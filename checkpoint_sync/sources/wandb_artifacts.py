@@ -56,12 +56,23 @@ def parse_artifact_path(text: str) -> ArtifactPath:
     parts = text.split("/")
     if len(parts) != 3 or not all(parts):
         raise UsageError(f"--wandb-artifact '{text}' is not ENTITY/PROJECT/NAME")
-    if ":" in parts[2]:
+    _, colon, version = parts[2].partition(":")
+    if colon:
         raise UsageError(
             f"--wandb-artifact '{text}': leave out the version (:...); each checkpoint's "
-            "step<N> alias is added"
+            f"step<N> alias is added{_version_flag(version)}"
         )
     return ArtifactPath(*parts)
+
+
+def _version_flag(version: str) -> str:
+    """The flag that takes the version a `wandb artifact get` user put in the path."""
+    if version == "latest":
+        return ": --latest takes the newest checkpoint whose weights are there"
+    step = version.removeprefix("step")
+    if step != version and step.isascii() and step.isdigit():
+        return f": --checkpoint step-{int(step)} takes that one"
+    return ""
 
 
 class _GraphModel(BaseModel):
