@@ -306,6 +306,7 @@ class _Listed:
         self._pages = pages
         self.name = source.name
         self.description = source.description
+        self.picked = source.picked
 
     async def checkpoints(self) -> Sequence[Available]:
         return await self._source.checkpoints()

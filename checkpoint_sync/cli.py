@@ -731,6 +731,7 @@ async def _selected(
             latest=wanted.latest,
             include_syncing=recipe.settings.include_syncing,
             every_status=every_status,
+            picked=source.picked,
             what=source.description,
         )
         # Said on stderr, under --quiet and --json too, yet no failure (the exit code stands): a

@@ -54,10 +54,15 @@ def select_checkpoints(
     latest: bool = False,
     include_syncing: bool = False,
     every_status: bool = False,
+    picked: bool = False,
     what: str = "the run",
 ) -> Selection:
     """Narrow a run's checkpoints to those named, complete or latest; without ``latest``,
-    ``every_status`` keeps them whatever their status (`list` shows it).
+    ``every_status`` keeps them whatever their status (`list` shows it). ``picked``: the
+    source's checkpoints are one picked by its id (`Source.picked`), which counts as named.
+
+    Of the checkpoints named, none taken for their status (still syncing, or failed) is a
+    restore of nothing: `NotFoundError`, saying why, before anything is fetched.
 
     A checkpoint whose entry is unreadable is never selected: named (by its id or another of
     its names), it is a usage error; a selection of the whole run carries it as unreadable, and
@@ -109,16 +114,28 @@ def select_checkpoints(
         return Selection([newest], newer, passed_over=passed_over, other_status=other, asked=True)
     if every_status:
         return Selection(candidates, unreadable=unreadable)
-    taken = {SyncState.COMPLETE, SyncState.UNKNOWN} | (
+    states = {SyncState.COMPLETE, SyncState.UNKNOWN} | (
         {SyncState.SYNCING} if include_syncing else set()
     )
-    return Selection(
-        [c for c in candidates if c.state in taken],
-        [c for c in candidates if c.state is SyncState.SYNCING and not include_syncing],
-        unreadable,
-        other_status=[c for c in candidates if c.state is SyncState.OTHER],
-        asked=bool(wanted),
-    )
+    taken = [c for c in candidates if c.state in states]
+    syncing = [c for c in candidates if c.state is SyncState.SYNCING and not include_syncing]
+    other = [c for c in candidates if c.state is SyncState.OTHER]
+    asked = bool(wanted) or picked
+    if asked and not taken and (syncing or other):
+        # Exit 0 with nothing fetched would let `sync ... && resume-training` go on.
+        raise NotFoundError(f"nothing to restore from {what}: {_not_taken(syncing, other)}")
+    return Selection(taken, syncing, unreadable, other_status=other, asked=asked)
+
+
+def _not_taken(syncing: Sequence[Checkpoint], other: Sequence[Checkpoint]) -> str:
+    """Why the checkpoints named were not taken."""
+    reasons = [
+        f"{c.run}/{c.name} is still uploading (its file list is not final; --include-syncing "
+        "takes it as it is)"
+        for c in syncing
+    ]
+    reasons += [f"{c.run}/{c.name} has status {c.status}" for c in other]
+    return "; ".join(reasons)
 
 
 def is_newer(entry: UnreadableCheckpoint, taken: Checkpoint) -> bool | None:

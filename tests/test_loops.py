@@ -272,6 +272,32 @@ def test_syncing_left_out_and_latest_checkpoint_node_rank_select(dest: Path) -> 
     assert [p.name for p in (dest / "d" / RUN / "sampler_weights-step-10").iterdir()] == ["1"]
 
 
+@pytest.mark.parametrize(
+    "picked",
+    [
+        ["--loops-checkpoint", f"bt://loops:{RUN}/weights/step-20"],
+        ["--loops-run", RUN, "--checkpoint", "weights-step-20"],
+    ],
+    ids=["uri", "named"],
+)
+def test_a_restore_of_a_checkpoint_still_uploading_fails_and_fetches_nothing(
+    dest: Path, picked: list[str]
+) -> None:
+    # Exit 0 with nothing fetched would let `sync ... && resume-training` go on with nothing.
+    with ServerThread(loops_catalog(syncing_last=True)) as server:
+        refused = run_cli(*sync(server, dest / "a", *picked))
+        included = run_cli(*sync(server, dest / "b", *picked, "--include-syncing"))
+
+    assert refused.code == 4
+    source = "checkpoint" if picked[0] == "--loops-checkpoint" else "run"
+    assert f"nothing to restore from Loops {source}" in refused.stderr
+    assert f"{RUN}/weights-step-20 is still uploading" in refused.stderr
+    assert "--include-syncing takes it as it is" in refused.stderr
+    assert not (dest / "a" / RUN).exists()
+    assert included.code == 0, included.stderr
+    assert [p.name for p in (dest / "b" / RUN).iterdir()] == ["weights-step-20"]
+
+
 def test_a_restore_of_a_trainer_checkpoint_names_its_directory_and_unique_id(
     server: ServerThread, dest: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
@@ -73,7 +74,7 @@ RUN = [
         ((), True, False, ["c3"], ["c4"]),  # newest complete; the newer syncing one named
         ((), True, True, ["c4"], []),  # newest, complete or not
         (("c1", "c2"), True, False, ["c2"], []),
-        (("c4",), False, False, [], ["c4"]),
+        (("c4", "c1"), False, False, ["c1"], ["c4"]),  # beside one taken: left out, named
         (("c4",), False, True, ["c4"], []),
         (("c1", "c1"), False, False, ["c1"], []),
         # No status reported (null) is taken only where none is reported complete.
@@ -122,8 +123,8 @@ def test_a_checkpoint_of_another_status_is_left_out_of_a_plain_sync_too(
     chosen = select_checkpoints([*RUN, failed], include_syncing=include_syncing)
     assert failed not in chosen.checkpoints
     assert chosen.other_status == [failed]
-    named = select_checkpoints([*RUN, failed], names=("f",), include_syncing=include_syncing)
-    assert (named.checkpoints, named.other_status) == ([], [failed])
+    named = select_checkpoints([*RUN, failed], names=("f", "c1"), include_syncing=include_syncing)
+    assert (named.checkpoints, named.other_status) == ([RUN[0]], [failed])
     # `list` shows every checkpoint, with its status, and restores none: its messages (a
     # --node-rank no file has) name no checkpoint as asked for.
     listed = select_checkpoints([*RUN, failed], every_status=True)
@@ -474,6 +475,22 @@ def test_sync_status_spellings(status: str | None, state: SyncState) -> None:
         # A status the pages do not name is not "none reported": never taken as the latest.
         ([checkpoint("f", 1, SyncState.OTHER)], (), True, "no complete checkpoint"),
         ([], (), True, "no complete checkpoint"),
+        # Named, and none taken for its status: a restore of nothing, not exit 0 (which would
+        # let `sync ... && resume-training` go on with nothing).
+        (
+            RUN,
+            ("c4",),
+            False,
+            r"^nothing to restore from the run: run/c4 is still uploading \(its file list is "
+            r"not final; --include-syncing takes it as it is\)$",
+        ),
+        (
+            [*RUN, replace(checkpoint("f", 5, SyncState.OTHER), status="FAILED")],
+            ("f", "c4"),
+            False,
+            r"^nothing to restore from the run: run/c4 is still uploading .*; run/f has status "
+            "FAILED$",
+        ),
     ],
 )
 def test_select_checkpoints_not_found(
@@ -481,6 +498,16 @@ def test_select_checkpoints_not_found(
 ) -> None:
     with pytest.raises(NotFoundError, match=message):
         select_checkpoints(available, names=names, latest=latest)
+
+
+def test_a_checkpoint_picked_by_its_id_is_held_to_what_one_named_is() -> None:
+    # `--loops-checkpoint URI`: the source lists that one checkpoint alone.
+    syncing = [checkpoint("s", 1, SyncState.SYNCING)]
+    with pytest.raises(NotFoundError, match=r"^nothing to restore from the run: run/s is still"):
+        select_checkpoints(syncing, picked=True)
+    assert select_checkpoints(syncing, picked=True, include_syncing=True).named == ("run/s",)
+    # Not picked (a run of one checkpoint): left out, and named so; no restore asked for.
+    assert select_checkpoints(syncing).named == ()
 
 
 def remote(size: int = 100, last_modified: str = "t1") -> RemoteFile:
@@ -849,7 +876,7 @@ def test_a_presigned_url_the_client_cannot_ask_fails_its_file(
         ((), True, [(0, "b")], False),  # one left out by a pattern: --include says so
         ((), True, [(None, "b")], False),  # ... though its entry tells no rank
         ((), True, [(None, None)], False),  # an unreadable entry: it fails as a file
-        (("c3",), False, [], False),  # named but still syncing: left out, and named so
+        (("c1", "c3"), False, [(0, "a")], False),  # c3 still syncing: left out, and named so
     ],
 )
 # Whatever the run chose of the files: with no --node-rank or pattern, too, an entry listed is

@@ -338,6 +338,12 @@ class Source(Protocol):
         """What is being mirrored, for messages: "training job J of project P"."""
         ...
 
+    @property
+    def picked(self) -> bool:
+        """Whether its checkpoints are the one a flag picked by its id (``--loops-checkpoint``),
+        not a run's: a restore, held to what ``--checkpoint`` is (`plan.select_checkpoints`)."""
+        ...
+
     async def checkpoints(self) -> Sequence[Available]:
         """Every checkpoint of the run, oldest first; entries it cannot read come last."""
         ...

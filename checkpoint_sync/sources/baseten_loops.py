@@ -130,6 +130,7 @@ class LoopsSource:
     ) -> None:
         self._api = api
         self._query = query
+        self.picked = query[0] == "checkpoint_path"
         self._target = target
         # What --latest chooses from (`_deleted_newest`), as the run's selection does.
         self._latest = latest

@@ -34,6 +34,7 @@ class TrainingJobSource:
     """A training job's checkpoints. Files land under ``<job_id>/<checkpoint_id>/...``."""
 
     name = "baseten-training"
+    picked = False
 
     def __init__(self, api: ApiClient, project: str, job: str, *, page_size: int = 1000) -> None:
         self._api = api

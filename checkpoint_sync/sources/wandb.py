@@ -86,6 +86,7 @@ class WandbSource:
     whose weights are there as `AbsentCheckpoint`."""
 
     name = "wandb-training"
+    picked = False
 
     def __init__(
         self,
