@@ -238,12 +238,12 @@ def human_bytes(n: float) -> str:
 def human_rate(rate: float) -> str:
     """A rate of ``rate`` bytes a second in decimal units, MB/s (10^6 bytes) from 1 MB/s, as the
     summary, `--json`, `bench` and the benchmarks give it and curl and rclone are read against
-    them; kB/s and B/s below, where a limited or stalling link would read 0.0 MB/s."""
-    if rate >= 1e6:
-        return f"{rate / 1e6:.1f} MB/s"
-    if rate >= 1e3:
-        return f"{rate / 1e3:.1f} kB/s"
-    return f"{rate:.0f} B/s"
+    them; kB/s and B/s below, where a limited or stalling link would read 0.0 MB/s. A unit is
+    chosen by its figure as shown: 999,960 B/s is 1.0 MB/s, not 1000.0 kB/s."""
+    for scale, unit, digits in ((1, "B/s", 0), (1e3, "kB/s", 1)):
+        if float(shown := f"{rate / scale:.{digits}f}") < 1000:
+            return f"{shown} {unit}"
+    return f"{rate / 1e6:.1f} MB/s"
 
 
 def counted_files(count: int, kind: str = "") -> str:

@@ -537,7 +537,10 @@ def test_human_bytes(n: int, shown: str) -> None:
         (999, "999 B/s"),
         (1000, "1.0 kB/s"),
         (20 * 1024, "20.5 kB/s"),  # --limit-rate 20KiB: not 0.0 MB/s
+        (999.4, "999 B/s"),
+        (999.5, "1.0 kB/s"),  # not 1000 B/s: the unit is chosen by the figure shown
         (999_949, "999.9 kB/s"),
+        (999_950, "1.0 MB/s"),  # not 1000.0 kB/s
         (1e6, "1.0 MB/s"),
         (1_524_300_000, "1524.3 MB/s"),  # MB/s as the summary, --json and bench give it
     ],
