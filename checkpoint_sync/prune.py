@@ -51,9 +51,13 @@ def kept(
     """The checkpoints removed upstream ("<run>/<checkpoint>") that a run without ``--delete``
     keeps, where ``--delete`` would delete a file of theirs: each is told by its first such file
     (`Pruner.goes`), so that a mirror holding large ones does not look at each of their files
-    on every run. A file that cannot be looked at tells nothing, as ``--delete`` would keep it."""
+    on every run. A file that cannot be looked at tells nothing, as ``--delete`` would keep it.
+    Nor does a checkpoint whose directory is gone (removed by hand, which leaves its records
+    for ``--delete`` to drop): its records, a million maybe, would be walked on every run."""
     held = []
     for run, checkpoint in _removed(manifest, whole_lists):
+        if not pruner.may_hold(f"{run}/{checkpoint}"):
+            continue
         with closing(_taken(manifest, files, run, checkpoint)) as taken:
             if any(_goes(pruner, doomed) for doomed in taken):
                 held.append(f"{run}/{checkpoint}")
@@ -154,6 +158,11 @@ class Pruner:
         except OSError as exc:
             raise FileError(f"cannot delete {quoted(final)}: {exc.strerror or exc}") from exc
         return stat.S_ISREG(info.st_mode) and info.st_size == doomed.size
+
+    def may_hold(self, directory: str) -> bool:
+        """Whether a file under ``directory`` (relative to DEST) may be the mirror's, to delete
+        (`goes`): not where it is no directory, or leads elsewhere (a symlink)."""
+        return os.path.isdir(f"{self._dest}/{directory}") and self._places.own(directory)
 
     def delete(self, doomed: Deletion, *, goes: bool) -> None:
         """Delete ``doomed``'s file if it ``goes`` (`FileError` if it cannot be), and its record
