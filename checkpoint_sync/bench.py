@@ -26,6 +26,7 @@ from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequenc
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 
@@ -62,9 +63,15 @@ RATE_MIN_BYTES = 1 << 20
 # Trials within this share of the fastest count as equal; the one asking less of the host wins.
 TIE = 0.05
 
-# What a trial's setting does with its files: the most requests it has in flight, and the size it
-# cuts files by (None: it cuts none, every file is one part).
-Transfer = tuple[int, int | None]
+
+class Transfer(NamedTuple):
+    """What a trial's setting does with its files."""
+
+    in_flight: int  # the most requests it has in flight
+    cut: int | None  # the size it cuts files by; None: it cuts none, every file is one part
+    # Its files' sizes, hashed: trials that listed other files (a checkpoint made meanwhile)
+    # fetched otherwise, however alike the rest.
+    sizes: int
 
 
 def transfer_of(concurrency: int, part_size: int, sizes: Sequence[int]) -> Transfer:
@@ -73,7 +80,7 @@ def transfer_of(concurrency: int, part_size: int, sizes: Sequence[int]) -> Trans
     (an empty file is one) are never used."""
     parts = sum(max(1, -(-size // part_size)) for size in sizes)
     cut = part_size if any(size > part_size for size in sizes) else None
-    return min(concurrency, parts), cut
+    return Transfer(min(concurrency, parts), cut, hash(tuple(sorted(sizes))))
 
 
 @dataclass(frozen=True)

@@ -1313,8 +1313,8 @@ def _pair(tried: Setting | None) -> dict[str, int] | None:
 def _unused(tried: Setting) -> str:
     """What of ``tried``'s setting its files left unused, where it fetched as a smaller one."""
     assert tried.transfer is not None
-    in_flight, cut = tried.transfer
-    unused = [] if cut else ["parts larger than every file, each file one part"]
+    in_flight = tried.transfer.in_flight
+    unused = [] if tried.transfer.cut else ["parts larger than every file, each file one part"]
     if in_flight < tried.concurrency:
         unused.append(f"{in_flight} part{'' if in_flight == 1 else 's'}, so no more connections")
     return "; ".join(unused)

@@ -156,7 +156,14 @@ def test_fastest_not_recommended(
 def test_transfer_of(
     concurrency: int, part_size: int, sizes: list[int], transfer: tuple[int, int | None]
 ) -> None:
-    assert transfer_of(concurrency, part_size, sizes) == transfer
+    found = transfer_of(concurrency, part_size, sizes)
+    assert (found.in_flight, found.cut) == transfer
+
+
+def test_a_transfer_is_of_the_files_sizes() -> None:
+    # In any order; but other files fetch otherwise, as few parts and connections as they take.
+    assert transfer_of(2, 300, [300, 200]) == transfer_of(2, 300, [200, 300])
+    assert transfer_of(2, 300, [300, 200]) != transfer_of(2, 300, [250, 100])
 
 
 SMALL = [300, 200]  # a part size of 300 or more cuts neither; 2 connections fetch both at once
@@ -190,6 +197,8 @@ SMALL = [300, 200]  # a part size of 300 or more cuts neither; 2 connections fet
             {(8, 400): (2, 300)},
             (2, 300),
         ),
+        # Other files (a checkpoint made during the bench), though as many parts and none cut.
+        ([fetched(2, 300, 100, SMALL), fetched(2, 1000, 200, [250, 100])], {}, (2, 1000)),
         # A file above the part size: the part sizes differ, so do the settings.
         ([fetched(2, 300, 100, [301]), fetched(2, 400, 200, [301])], {}, (2, 400)),
         # Rounds that listed different files tell no transfer: nothing is the same as another.
