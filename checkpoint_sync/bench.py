@@ -11,7 +11,8 @@ Requests are timed on the way (`Stats.timed`): time to first byte, and each conn
 A trial that ends with an error is one the table shows as failed, unless the error ends every
 trial to come (`stops_bench`) or came as a signal stopped the bench.
 Settings the files cannot tell apart (parts larger than every file, more connections than parts)
-fetch alike (`transfer_of`): the larger is shown as the same as the smaller, never recommended.
+fetch alike (`transfer_of`): the larger is shown as the same as the smaller, and recommended
+only where the smaller had a file or a round fail.
 """
 
 from __future__ import annotations
@@ -238,7 +239,7 @@ def _eligible(settings: Sequence[Setting]) -> list[tuple[float, Setting]]:
 def recommend(settings: Sequence[Setting]) -> Setting | None:
     """Of the settings whose every trial ended (none if none did), the fastest clean one (by
     median); of those within `TIE` of it, the fewest connections and parts. Never one that
-    fetched as a smaller one did: its larger parts or connections went unused."""
+    fetched as a smaller one of those did: its larger parts or connections went unused."""
     eligible = _eligible(settings)
     if not eligible:
         return None
