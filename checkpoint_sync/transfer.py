@@ -157,18 +157,19 @@ def prepare_staging_area(dest: Path, *, fsync: bool) -> None:
 def refuse_a_staging_area_that_cannot_serve(dest: Path) -> None:
     """For a dry run, which makes nothing: `LocalIOError`, with the run's own message, where the
     run would stop at its start as `stat`s tell (the lock's directory or the staging area is
-    there and no directory, or the staging area is on another device than DEST). What only a
-    write tells (a bind mount from DEST's own device, a directory that refuses files) is not
-    checked."""
+    there and no directory, or a symlink leading nowhere, which the run cannot make either; or
+    the staging area is on another device than DEST). What only a write tells (a bind mount
+    from DEST's own device, a directory that refuses files) is not checked."""
     state, staging_dir = dest / STATE_DIR, staging_area(dest)
-    for directory, made in ((state, f"the lock {quoted(state / LOCK_NAME)}"), (staging_dir, "")):
+    lock, staging = f"the lock {quoted(state / LOCK_NAME)}", quoted(staging_dir)
+    for directory, made in ((state, lock), (staging_dir, staging)):
         try:
-            found = os.stat(directory)
+            if stat.S_ISDIR(os.stat(directory).st_mode):
+                continue
         except OSError:
-            return  # not there, for the run to make, or not to be looked into, as the reader says
-        if not stat.S_ISDIR(found.st_mode):
-            made = made or quoted(staging_dir)
-            raise LocalIOError(f"cannot create {made}: {os.strerror(errno.ENOTDIR)}")
+            if not os.path.islink(directory):
+                return  # not there, for the run to make, or not to be looked into, as it says
+        raise LocalIOError(f"cannot create {made}: {os.strerror(errno.ENOTDIR)}")
     _refuse_another_mount(staging_dir, dest, probe=False)
 
 

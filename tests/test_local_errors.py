@@ -562,7 +562,17 @@ def test_a_staging_area_on_another_filesystem_stops_the_run_before_any_fetch(
     assert staging.is_symlink()
 
 
-@pytest.mark.parametrize("in_its_place", ["a-file-for-staging", "a-file-for-state", "elsewhere"])
+@pytest.mark.parametrize(
+    "in_its_place",
+    [
+        "a-file-for-staging",
+        "a-file-for-state",
+        "elsewhere",
+        # A symlink leading nowhere (a volume that is away): the run cannot make it either.
+        "a-dangling-symlink-for-state",
+        "a-dangling-symlink-for-staging",
+    ],
+)
 def test_a_dry_run_stops_where_the_staging_area_would_stop_the_run(
     server: ServerThread, dest: Path, tmp_path: Path, in_its_place: str
 ) -> None:
@@ -570,15 +580,17 @@ def test_a_dry_run_stops_where_the_staging_area_would_stop_the_run(
     state = dest / ".checkpoint-sync"
     staging = state / "staging"
     with mounted(tmp_path / "disk", "tmpfs", "size=1m") as elsewhere:
-        if in_its_place == "a-file-for-state":
+        if in_its_place.endswith("-for-state"):
             dest.mkdir()
-            state.write_text("a file of someone else's\n")
         else:
             state.mkdir(parents=True)
-            if in_its_place == "elsewhere":
-                staging.symlink_to(elsewhere)
-            else:
-                staging.write_text("a file of someone else's\n")
+        in_place = state if in_its_place.endswith("-for-state") else staging
+        if in_its_place == "elsewhere":
+            staging.symlink_to(elsewhere)
+        elif in_its_place.startswith("a-dangling-symlink"):
+            in_place.symlink_to(tmp_path / "away")
+        else:
+            in_place.write_text("a file of someone else's\n")
         before = sorted(str(p) for p in tmp_path.rglob("*"))
 
         dry = run_cli(*sync_args(server, dest, "--dry-run", "--json"))
