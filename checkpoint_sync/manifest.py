@@ -523,13 +523,24 @@ def _create(db_path: Path) -> None:
 def _refuse_a_dangling_symlink(db_path: Path) -> None:
     """A manifest kept elsewhere through a symlink, whose volume is away, say: read, it would
     be taken for a new one, and written, SQLite would make one where it leads, if it could, and
-    every file would be fetched again."""
-    if os.path.islink(db_path) and not os.path.exists(db_path):
-        raise LocalIOError(
-            f"cannot use the manifest {db_path}: it is a symlink to {os.readlink(db_path)}, "
+    every file would be fetched again. One that leads somewhere that cannot be reached (a loop,
+    a directory not to be entered) is said so: removing it is not the remedy there."""
+    if not os.path.islink(db_path):
+        return
+    try:
+        os.stat(db_path)
+    except FileNotFoundError:
+        problem = (
             "which is not there; restore what it leads to, or remove the symlink to start a new "
             "manifest (every file is then fetched again)"
         )
+    except OSError as exc:
+        problem = f"which cannot be reached: {exc.strerror or exc}"
+    else:
+        return
+    raise LocalIOError(
+        f"cannot use the manifest {db_path}: it is a symlink to {os.readlink(db_path)}, {problem}"
+    )
 
 
 def _unusable(

@@ -751,8 +751,19 @@ def test_a_mirror_that_cannot_be_entered_is_not_read_and_not_said_to_be_created(
             )
             for kind in ("a-dangling-symlink", "a-dangling-symlink-into-a-directory")
         ),
+        # Not "not there": removing the symlink would fetch every file again.
+        (
+            "a-symlink-loop",
+            "it is a symlink to {target}, which cannot be reached: Too many levels of symbolic "
+            "links",
+        ),
     ],
-    ids=["a-directory", "a-dangling-symlink", "a-dangling-symlink-into-a-directory"],
+    ids=[
+        "a-directory",
+        "a-dangling-symlink",
+        "a-dangling-symlink-into-a-directory",
+        "a-symlink-loop",
+    ],
 )
 def test_what_is_no_manifest_in_its_place_is_named_not_sqlites_bare_error(
     server: ServerThread, dest: Path, tmp_path: Path, command: str, in_its_place: str, reason: str
@@ -766,6 +777,9 @@ def test_what_is_no_manifest_in_its_place_is_named_not_sqlites_bare_error(
         manifest.symlink_to(target)
         if in_its_place.endswith("into-a-directory"):
             target.parent.mkdir()
+        elif in_its_place == "a-symlink-loop":
+            target.parent.mkdir()
+            target.symlink_to(manifest)
     args = (
         job_args(server, "list", "--dest", dest)
         if command == "list"
