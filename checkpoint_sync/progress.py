@@ -11,7 +11,7 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import Enum
@@ -228,22 +228,26 @@ def summary_line(stats: Stats, dest: str, *, dry_run: bool) -> str:
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
+    return _scaled(n, 1024, (("B", 0), ("KiB", 1), ("MiB", 1), ("GiB", 1), ("TiB", 1)))
 
 
 def human_rate(rate: float) -> str:
     """A rate of ``rate`` bytes a second in decimal units, MB/s (10^6 bytes) from 1 MB/s, as the
     summary, `--json`, `bench` and the benchmarks give it and curl and rclone are read against
-    them; kB/s and B/s below, where a limited or stalling link would read 0.0 MB/s. A unit is
-    chosen by its figure as shown: 999,960 B/s is 1.0 MB/s, not 1000.0 kB/s."""
-    for scale, unit, digits in ((1, "B/s", 0), (1e3, "kB/s", 1)):
-        if float(shown := f"{rate / scale:.{digits}f}") < 1000:
+    them; kB/s and B/s below, where a limited or stalling link would read 0.0 MB/s."""
+    return _scaled(rate, 1000, (("B/s", 0), ("kB/s", 1), ("MB/s", 1)))
+
+
+def _scaled(value: float, base: int, units: Sequence[tuple[str, int]]) -> str:
+    """``value`` in the first of ``units`` (each ``base`` times the one before, with the digits
+    it is shown with) whose figure, as shown, is under ``base`` (999,960 B/s is 1.0 MB/s, not
+    1000.0 kB/s), or in the last, whatever its figure."""
+    *smaller, (last, digits) = units
+    for unit, shown_digits in smaller:
+        if abs(float(shown := f"{value:.{shown_digits}f}")) < base:
             return f"{shown} {unit}"
-    return f"{rate / 1e6:.1f} MB/s"
+        value /= base
+    return f"{value:.{digits}f} {last}"
 
 
 def counted_files(count: int, kind: str = "") -> str:

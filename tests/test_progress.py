@@ -522,6 +522,8 @@ def test_a_verify_run_shows_how_far_its_read_back_is() -> None:
         (1024, "1.0 KiB"),
         (1536 << 20, "1.5 GiB"),
         (1023 << 30, "1023.0 GiB"),
+        ((1 << 20) - 1, "1.0 MiB"),  # not 1024.0 KiB: the unit is the figure's as shown
+        (1023.6, "1.0 KiB"),
         (5 << 40, "5.0 TiB"),
         (3 << 50, "3072.0 TiB"),  # no unit past TiB
     ],
