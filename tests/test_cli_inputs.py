@@ -107,10 +107,11 @@ def place(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Place]:
         wandb_api_key=API_KEY,
         wandb_models=[synthetic_wandb_model(WANDB_MODEL, {10: {"loss": 1.0}, 20: {"loss": 0.5}})],
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    with ServerThread(catalog) as server:
+    # Bound and never listening, for the whole module: connections are refused at once, and no
+    # server of another test (pytest-xdist runs several at once) can take the port meanwhile.
+    with socket.socket() as refusing, ServerThread(catalog) as server:
+        refusing.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{refusing.getsockname()[1]}"
         yield Place(server.url, closed, tmp_path_factory.mktemp("inputs"))
 
 
