@@ -56,6 +56,7 @@ from .progress import (
     incompleteness,
     summary,
     summary_line,
+    told_by,
 )
 from .redact import Redactor, printable
 from .retry import RetryPolicy
@@ -887,10 +888,14 @@ def _print_summary(
     if len(stats.taken) == 1:
         # A restore's one checkpoint: where the trainer is to find it, unless it is not all
         # there, which a script or a user reading only this line must not take for a restore.
-        ((where, (_, path)),) = stats.taken.items()
+        ((where, taken),) = stats.taken.items()
         why = None if options.dry_run else missing(where)
         short = f" is incomplete: {why}" if why else ""
-        out.info(f"checkpoint {where}" + (f" in {path}" if path else "") + short)
+        out.info(
+            f"checkpoint {where}{told_by(taken)}"
+            + (f" in {taken.path}" if taken.path else "")
+            + short
+        )
     if options.dry_run and stats.files_to_check:
         out.info(
             f"would check {counted_files(stats.files_to_check, 'mirrored ')} "

@@ -47,7 +47,7 @@ from .plan import (
     is_current,
     walked_whole,
 )
-from .progress import Listing, Stats, counted_files
+from .progress import Listing, Stats, Taken, counted_files
 from .prune import Going, Pruner, deletions, held_back, kept
 from .sources.base import Checkpoint, RemoteFile, Source, UnreadableEntry
 from .transfer import (
@@ -130,7 +130,8 @@ async def sync(
     recorded and the others go on.
     """
     stats.taken = {
-        f"{c.run}/{c.name}": (c.key, _directory(options.dest, c)) for c in selection.checkpoints
+        f"{c.run}/{c.name}": Taken(c.key, _directory(options.dest, c), c.step, c.metrics)
+        for c in selection.checkpoints
     }
     stats.syncing_left_out = [f"{c.run}/{c.name}" for c in selection.syncing]
     stats.status_left_out = [(f"{c.run}/{c.name}", c.status) for c in selection.other_status]

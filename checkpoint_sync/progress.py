@@ -11,11 +11,11 @@ import math
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Protocol, TextIO
+from typing import Any, NamedTuple, Protocol, TextIO
 
 import anyio
 
@@ -73,9 +73,8 @@ class Stats:
     # The pid of another run whose lock this one waits for (--wait-lock), while it waits.
     waiting_for: str | None = None
     failures: list[tuple[str, str]] = field(default_factory=list)
-    # The checkpoints the run took (by --latest, say), by where: (the provider's id, their
-    # directory under DEST, or None where its name cannot be one).
-    taken: dict[str, tuple[str, str | None]] = field(default_factory=dict)
+    # The checkpoints the run took (by --latest, say), by where.
+    taken: dict[str, Taken] = field(default_factory=dict)
     # The files failed in each of those (by where): one checkpoint's failure leaves the others
     # whole, and `failures` keeps only the first few.
     failed_in: Counter[str] = field(default_factory=Counter)
@@ -133,6 +132,25 @@ class Stats:
         return self.bytes_per_s() / 1e6
 
 
+class Taken(NamedTuple):
+    """A checkpoint the run took, as its summary tells it: a restore's script reads which one."""
+
+    key: str  # the provider's id
+    path: str | None  # its directory under DEST; None where its name cannot be one
+    # W&B's: its step and metrics, which --best and --latest chose it by (None and {} elsewhere).
+    step: int | None = None
+    metrics: Mapping[str, float] = {}
+
+
+def told_by(taken: Taken) -> str:
+    """What a checkpoint taken was chosen by, where its provider tells it (W&B's step and
+    metrics: `--best loss` took the one of least loss), for the summary's line naming it."""
+    told = [f"step {taken.step}"] if taken.step is not None else []
+    if taken.metrics:
+        told.append(", ".join(f"{name} {value:.4g}" for name, value in taken.metrics.items()))
+    return f" ({'; '.join(told)})" if told else ""
+
+
 def incompleteness(stats: Stats, where: str, *, stopped: bool, error: bool) -> str | None:
     """Why the checkpoint ``where``, one the run took, may not be whole in the mirror as the run
     ends (``stopped`` by a signal, or by an ``error``); None where the run mirrored every file
@@ -182,11 +200,13 @@ def summary(stats: Stats, missing: Callable[[str], str | None] | None) -> dict[s
         "checkpoints": [
             {
                 "checkpoint": where,
-                "id": key,
-                "path": path,
+                "id": taken.key,
+                "path": taken.path,
+                "step": taken.step,
+                "metrics": dict(taken.metrics),
                 "complete": None if missing is None else missing(where) is None,
             }
-            for where, (key, path) in stats.taken.items()
+            for where, taken in stats.taken.items()
         ],
         "removed_upstream": stats.removed_upstream,
         "removed_upstream_kept": stats.removed_upstream_kept,

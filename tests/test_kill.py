@@ -971,6 +971,8 @@ def test_a_restore_stopped_half_way_does_not_read_as_restored(
             "checkpoint": where,
             "id": "checkpoint-20",
             "path": path,
+            "step": None,
+            "metrics": {},
             "complete": False,
         }
     else:

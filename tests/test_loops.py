@@ -311,6 +311,8 @@ def test_a_restore_of_a_trainer_checkpoint_names_its_directory_and_unique_id(
             "checkpoint": f"{RUN}/weights-step-20",
             "id": f"lc-{RUN}-trainer-step-20",
             "path": path,
+            "step": None,
+            "metrics": {},
             "complete": True,
         }
     ]

@@ -21,6 +21,7 @@ from checkpoint_sync.progress import (
     Listing,
     LogLines,
     Stats,
+    Taken,
     bytes_done,
     bytes_total,
     counted_files,
@@ -33,6 +34,7 @@ from checkpoint_sync.progress import (
     summary,
     summary_line,
     terminal_line,
+    told_by,
 )
 from checkpoint_sync.sources.baseten_training import TrainingJobSource
 from checkpoint_sync.transfer import TransferSettings
@@ -552,6 +554,19 @@ def test_human_rate(rate: float, shown: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("taken", "told"),
+    [
+        (Taken("c", "/d/run/c"), ""),  # Baseten's: neither step nor metrics
+        (Taken("c", None, 30, {"reward": 0.9, "loss": 0.5}), " (step 30; reward 0.9, loss 0.5)"),
+        (Taken("c", None, 0, {}), " (step 0)"),
+        (Taken("c", None, None, {"loss": 1 / 3}), " (loss 0.3333)"),
+    ],
+)
+def test_a_checkpoint_taken_is_told_with_what_chose_it(taken: Taken, told: str) -> None:
+    assert told_by(taken) == told
+
+
+@pytest.mark.parametrize(
     ("count", "kind", "said"),
     [
         (0, "", "0 files"),
@@ -583,7 +598,7 @@ def test_a_run_says_why_a_checkpoint_may_not_be_whole(
     stopped: bool, error: bool, where: str, missing: str | None
 ) -> None:
     taken = ("job/c-1", "job/c-10", "job/c-20", "job/c-30", "job/c-40")
-    stats = Stats(taken={c: (c, None) for c in taken})
+    stats = Stats(taken={c: Taken(c, None) for c in taken})
     for failed in ("job/c-10/0/a.bin", "job/c-10", "job/c-20/1/b.bin", "job/c-3/0/c.bin"):
         stats.fail(failed, "HTTP 500")  # c-10's listing entry, and a checkpoint not taken
     stats.unsure = {"job/c-40": "its listing kept changing", "job/c-20": "its listing changed"}
@@ -609,7 +624,9 @@ def test_a_run_says_why_a_checkpoint_may_not_be_whole(
 def test_a_stopped_run_says_whole_only_a_checkpoint_walked_and_landed(
     listing: Listing, where: str, missing: str | None
 ) -> None:
-    stats = Stats(taken={c: (c, None) for c in ("job/c-1", "job/c-10", "job/c-20", "job/c-30")})
+    stats = Stats(
+        taken={c: Taken(c, None) for c in ("job/c-1", "job/c-10", "job/c-20", "job/c-30")}
+    )
     stats.end_listing(listing)
     # Queued: one file of c-1 (landed), two of c-10 (one landed) and one of c-20 (failed).
     stats.queued_in.update({"job/c-1": 0, "job/c-10": 1, "job/c-20": 0})

@@ -422,7 +422,13 @@ def test_a_restore_says_which_checkpoint_it_took_and_where_it_landed(dest: Path)
     assert dry.code == as_json.code == as_text.code == everything.code == 0, as_json.stderr
     taken = json.loads(as_json.stdout)["checkpoints"]
     path = f"{dest}/{JOB}/checkpoint-20"
-    where = {"checkpoint": f"{JOB}/checkpoint-20", "id": "checkpoint-20", "path": path}
+    where: dict[str, object] = {
+        "checkpoint": f"{JOB}/checkpoint-20",
+        "id": "checkpoint-20",
+        "path": path,
+        "step": None,  # W&B's only
+        "metrics": {},
+    }
     assert taken == [{**where, "complete": True}]
     assert json.loads(dry.stdout)["checkpoints"] == [{**where, "complete": None}]  # not mirrored
     assert sorted(p.name for p in Path(path, "1").rglob("*") if p.is_file()) == [
@@ -467,7 +473,16 @@ def test_a_checkpoint_whose_name_is_no_directory_has_no_path(
 
     assert process.returncode == 0, err
     taken = json.loads(out)["checkpoints"]
-    assert taken == [{"checkpoint": f"{JOB}/{name}", "id": name, "path": None, "complete": True}]
+    assert taken == [
+        {
+            "checkpoint": f"{JOB}/{name}",
+            "id": name,
+            "path": None,
+            "step": None,
+            "metrics": {},
+            "complete": True,
+        }
+    ]
 
 
 def test_a_restore_of_a_checkpoint_that_lists_no_file_is_not_found(dest: Path) -> None:

@@ -582,6 +582,9 @@ def test_the_best_checkpoints_artifact_is_mirrored_byte_exact(
 
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["files"]["fetched"] == len(best.files) == 3
+    # A restore's script reads which one --best took, and by what.
+    (taken,) = json.loads(result.stdout)["checkpoints"]
+    assert (taken["step"], taken["metrics"]) == (30, METRICS[30])
     for file in best.files:
         assert_exact(landed(dest, 30, file), file)
     assert [p.name for p in (dest / MODEL).iterdir()] == ["step-30"]
@@ -590,6 +593,8 @@ def test_the_best_checkpoints_artifact_is_mirrored_byte_exact(
 
     again = run_cli(*synced(dest, "--best", "reward", "--wandb-artifact", ARTIFACT, "--json"))
     assert json.loads(again.stdout)["files"]["skipped"] == 3
+    told = run_cli(*synced(dest, "--best", "reward", "--wandb-artifact", ARTIFACT))
+    assert f"checkpoint {MODEL}/step-30 (step 30; reward 0.9, loss 0.5) in {dest}" in told.stdout
 
 
 def test_expired_artifact_urls_are_refreshed(dest: Path, monkeypatch: pytest.MonkeyPatch) -> None:
