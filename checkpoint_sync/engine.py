@@ -14,7 +14,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Mapping
-from contextlib import aclosing, closing, suppress
+from contextlib import aclosing, closing
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -528,9 +528,8 @@ def _count_deletions(
     with closing(deletions(manifest, options.files, whole_lists)) as doomed_files:
         for doomed in doomed_files:
             records += 1
-            with suppress(FileError):
-                if pruner.goes(doomed):
-                    going.add(doomed)
+            if pruner.surely_goes(doomed):
+                going.add(doomed)
     if options.max_delete is not None and going.files > options.max_delete:
         stats.fail(
             "--delete",

@@ -59,16 +59,9 @@ def kept(
         if not pruner.may_hold(f"{run}/{checkpoint}"):
             continue
         with closing(_taken(manifest, files, run, checkpoint)) as taken:
-            if any(_goes(pruner, doomed) for doomed in taken):
+            if any(pruner.surely_goes(doomed) for doomed in taken):
                 held.append(f"{run}/{checkpoint}")
     return held
-
-
-def _goes(pruner: Pruner, doomed: Deletion) -> bool:
-    try:
-        return pruner.goes(doomed)
-    except FileError:
-        return False
 
 
 def _removed(
@@ -158,6 +151,14 @@ class Pruner:
         except OSError as exc:
             raise FileError(f"cannot delete {quoted(final)}: {exc.strerror or exc}") from exc
         return stat.S_ISREG(info.st_mode) and info.st_size == doomed.size
+
+    def surely_goes(self, doomed: Deletion) -> bool:
+        """`goes`, where the file can be looked at; one that cannot is not counted as going
+        (only the walk that deletes reports it, as a failure)."""
+        try:
+            return self.goes(doomed)
+        except FileError:
+            return False
 
     def may_hold(self, directory: str) -> bool:
         """Whether a file under ``directory`` (relative to DEST) may be the mirror's, to delete
