@@ -188,9 +188,9 @@ class Manifest:
         the first read, a view that what the sync writes meanwhile leaves whole. Only where a
         WAL reader cannot attach it (on a full disk its index cannot grow: a run that could not
         open the manifest there left an empty WAL) is an empty WAL, which holds no commit,
-        passed over. A manifest not there, or with no schema yet (a run
-        was killed while it created it), records nothing: an empty one is made in memory, as
-        creating the schema would fail in the read-only file.
+        passed over. A manifest not there, or with no schema yet (a run was killed while it
+        created it), records nothing: an empty one is made in memory, as creating the schema
+        would fail in the read-only file.
         """
         found = _file_state(self.path)
         self._read_as = None
@@ -528,16 +528,14 @@ def _refuse_a_dangling_symlink(db_path: Path) -> None:
     if not os.path.islink(db_path):
         return
     try:
-        os.stat(db_path)
-    except FileNotFoundError:
+        if _stat(db_path) is not None:
+            return
         problem = (
             "which is not there; restore what it leads to, or remove the symlink to start a new "
             "manifest (every file is then fetched again)"
         )
     except OSError as exc:
         problem = f"which cannot be reached: {exc.strerror or exc}"
-    else:
-        return
     raise LocalIOError(
         f"cannot use the manifest {db_path}: it is a symlink to {os.readlink(db_path)}, {problem}"
     )
