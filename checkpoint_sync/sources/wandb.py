@@ -122,7 +122,7 @@ class WandbSource:
         found = [
             Checkpoint(
                 key=c.id,
-                name=f"step-{c.step}",
+                name=step_name(c.step),
                 run=self._model,
                 created_at=None,
                 size_bytes=None,
@@ -144,7 +144,7 @@ class WandbSource:
         # the mirror's lock), what an earlier read found whole says nothing of now.
         self._listed_whole = {}
         if not pages[-1].has_more:
-            of_unreadable = [None if u.step is None else f"step-{u.step}" for u in unreadable]
+            of_unreadable = [None if u.step is None else step_name(u.step) for u in unreadable]
             names = [*(c.name for c in found), *of_unreadable]
             self._listed_whole = whole_list(self._model, names)
         if self._best is not None:
@@ -413,6 +413,12 @@ def _best_missing(
 
 def _vanished(checkpoint: Checkpoint, problem: str) -> VanishedCheckpoint:
     return VanishedCheckpoint(checkpoint.run, checkpoint.name, None, None, problem)
+
+
+def step_name(step: int) -> str:
+    """The name, and directory, of the checkpoint at ``step`` (its weights' artifact version is
+    `_alias`'s)."""
+    return f"step-{step}"
 
 
 def _alias(checkpoint: Checkpoint) -> str:

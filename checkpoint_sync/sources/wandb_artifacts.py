@@ -23,6 +23,7 @@ from ..errors import ApiError, NotFoundError, UsageError
 from ..models import OR_UNREADABLE, Unreadable
 from .base import answer_when_wanted
 from .cursors import advance
+from .wandb import step_name
 
 GRAPHQL_PATH = "/graphql"
 QUERY = """
@@ -71,7 +72,7 @@ def _version_flag(version: str) -> str:
         return ": --latest takes the newest checkpoint whose weights are there"
     step = version.removeprefix("step")
     if step != version and step.isascii() and step.isdigit():
-        return f": --checkpoint step-{int(step)} takes that one"
+        return f": --checkpoint {step_name(int(step))} takes that one"
     return ""
 
 
