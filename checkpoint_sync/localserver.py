@@ -209,6 +209,10 @@ class Faults:
     # is answered, on the server's loop: a test changes the catalog there, as uploads and
     # deletions upstream do while a listing is walked (the pages after it see the change).
     on_page: Callable[[int], None] | None = None
+    # API answers leave out the fields the pages do not require, as a real server may: a file
+    # listing page's next_page_token and a checkpoint's sync_status where null (their default),
+    # and a W&B page's object, first_id and last_id (the client has its entries' ids).
+    required_only: bool = False
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -561,7 +565,7 @@ class LocalServer:
                         "base_model": "Qwen/Qwen3-8B",
                         "lora_adapter_config": None,
                         "size_bytes": self._listed_size(c.checkpoint_id, c.size_bytes),
-                        "sync_status": c.sync_status,
+                        **self._optional(sync_status=c.sync_status),
                         "training_job_id": job.job_id,
                     }
                     for c in job.checkpoints
@@ -620,10 +624,17 @@ class LocalServer:
             offset,
             {
                 "presigned_urls": [self._file_entry(f) for f in page],
-                "next_page_token": next_token,
+                **self._optional(next_page_token=next_token),
                 "total_count": len(entries),
             },
         )
+
+    def _optional(self, **fields: object) -> dict[str, object]:
+        """``fields``, which the pages do not require and default to null, as an answer holds
+        them: those null left out under `Faults.required_only`."""
+        if not self.faults.required_only:
+            return fields
+        return {name: value for name, value in fields.items() if value is not None}
 
     def _page_answered(self, offset: int, body: dict[str, object]) -> web.Response:
         """The answer of a file listing page at ``offset``, once `Faults.on_page` has seen it."""
@@ -657,7 +668,7 @@ class LocalServer:
                         "base_model": c.base_model,
                         "lora_adapter_config": {"r": 16, "lora_alpha": 32},
                         "size_bytes": self._listed_size(c.id, c.checkpoint.size_bytes),
-                        "sync_status": c.checkpoint.sync_status,
+                        **self._optional(sync_status=c.checkpoint.sync_status),
                         "id": c.id,
                         "run_id": c.run_id,
                         "target": c.target,
@@ -711,15 +722,17 @@ class LocalServer:
                 return _unprocessable(f"unknown cursor {after}")
             start = ids.index(after) + 1
         page = items[start : start + limit]
-        return web.json_response(
-            {
+        answer: dict[str, object] = {
+            "data": [{"id": c.id, "step": c.step, "metrics": c.metrics} for c in page],
+            "has_more": model.more_promised or start + limit < len(items),
+        }
+        if not self.faults.required_only:
+            answer |= {
                 "object": "list",
-                "data": [{"id": c.id, "step": c.step, "metrics": c.metrics} for c in page],
                 "first_id": page[0].id if page else "",
                 "last_id": page[-1].id if page else "",
-                "has_more": model.more_promised or start + limit < len(items),
             }
-        )
+        return web.json_response(answer)
 
     async def _wandb_graphql(self, request: web.Request) -> web.StreamResponse:
         """Only the query `sources.wandb_artifacts` sends; its cursor is an offset, as text."""

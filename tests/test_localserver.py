@@ -19,10 +19,12 @@ import pytest
 
 from checkpoint_sync.localserver import (
     Catalog,
+    Faults,
     Joined,
     ServedCheckpoint,
     ServedFile,
     ServedJob,
+    synthetic_wandb_model,
     tree_catalog,
 )
 
@@ -238,3 +240,23 @@ def test_a_jobs_listing_pages_run_across_its_checkpoints() -> None:
 
     assert names == [f.name for c in job.checkpoints for f in c.files]
     assert totals == {11}
+
+
+def test_required_only_leaves_out_the_fields_the_pages_do_not_require() -> None:
+    job = ServedJob(PROJECT, JOB, _checkpoints(1, 1))
+    job.checkpoints[0].sync_status = None
+    model = synthetic_wandb_model("m", {10: {"reward": 0.5}})
+    catalog = Catalog(api_key=API_KEY, wandb_api_key=API_KEY, jobs=[job], wandb_models=[model])
+    base = f"/v1/training_projects/{PROJECT}/jobs/{JOB}"
+    with ServerThread(catalog, Faults(required_only=True)) as server:
+        checkpoints = _get_json(server, f"{base}/checkpoints")["checkpoints"]
+        first, last = (
+            _get_json(server, f"{base}/checkpoint_files?page_size=1&page_token={token}")
+            for token in (0, 1)
+        )
+        wandb = _get_json(server, "/v1/preview/models/m/checkpoints")
+
+    # Null, their default, where left out; what a value says stays.
+    assert [c.get("sync_status", "left out") for c in checkpoints] == ["left out", "COMPLETE"]
+    assert [page.get("next_page_token", "left out") for page in (first, last)] == [1, "left out"]
+    assert sorted(wandb) == ["data", "has_more"]

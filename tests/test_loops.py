@@ -170,11 +170,15 @@ def test_trainer_and_sampler_sharing_a_name_land_apart_byte_exact(
     ]
 
 
+@pytest.mark.parametrize("required_only", [False, True], ids=["every-field", "required-only"])
 def test_each_checkpoints_files_are_walked_page_by_page(
-    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, required_only: bool
 ) -> None:
     monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
+    # Neither next_page_token nor sync_status is required: left out where null, their default.
+    server.faults.required_only = required_only
     checkpoints = of_run(server, RUN)
+    checkpoints[0].checkpoint.sync_status = None
     total = sum(len(c.checkpoint.files) for c in checkpoints)
 
     result = run_cli(*sync(server, dest, "--loops-run", RUN, "--json"))

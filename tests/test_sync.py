@@ -85,10 +85,15 @@ def test_mirrors_every_file_byte_exact_in_the_documented_layout(
     assert not any((dest / ".checkpoint-sync" / "staging").iterdir())
 
 
+@pytest.mark.parametrize("required_only", [False, True], ids=["every-field", "required-only"])
 def test_walks_every_page_of_the_listing(
-    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread, dest: Path, monkeypatch: pytest.MonkeyPatch, required_only: bool
 ) -> None:
     monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "4")
+    # The pages require neither a page's next_page_token nor a checkpoint's sync_status: a
+    # server may leave them out where null, their default.
+    server.faults.required_only = required_only
+    server.catalog.jobs[0].checkpoints[0].sync_status = None
     files = server.files()
 
     result = run_cli(*sync_args(server, dest, "--json"))

@@ -236,10 +236,13 @@ def test_malformed_artifact_paths(text: str, message: str) -> None:
 # --- listing over HTTP ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("required_only", [False, True], ids=["last-id", "no-last-id"])
 def test_the_cursor_is_walked_to_the_end_in_pages(
-    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch, required_only: bool
 ) -> None:
     monkeypatch.setenv("CHECKPOINT_SYNC_PAGE_SIZE", "2")
+    # The page does not require last_id: without it, the cursor is the last entry's id.
+    server.faults.required_only = required_only
 
     result = run_cli(*listed("--json"))
 
