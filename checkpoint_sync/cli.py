@@ -584,6 +584,12 @@ def _add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="wait for another run on the same mirror instead of exiting with 5",
     )
+    group.add_argument(
+        "--wait-lock-timeout",
+        metavar="SECONDS",
+        help="with --wait-lock: exit with 5 if the other run still holds the mirror after "
+        "SECONDS (or `wait_lock_timeout` in the config)",
+    )
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -650,6 +656,7 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
             "include_syncing",
             "fsync",
             "wait_lock",
+            "wait_lock_timeout",
             "delete",
             "max_delete",
         )
@@ -659,6 +666,11 @@ def _settings(args: argparse.Namespace, out: _Output) -> Settings:
     settings = load_settings(args.config, flags, on_secret=out.redact.add, on_unread=out.warning)
     for secret in settings.secrets():
         out.redact.add(secret)
+    if getattr(args, "wait_lock_timeout", None) is not None and not settings.wait_lock:
+        raise UsageError(
+            "--wait-lock-timeout bounds --wait-lock: pass --wait-lock too (or wait_lock in the "
+            "config)"
+        )
     return settings
 
 
@@ -678,6 +690,7 @@ def _options(settings: Settings, dest: Path, args: argparse.Namespace) -> SyncOp
         delete=settings.delete,
         max_delete=settings.max_delete,
         wait_lock=settings.wait_lock,
+        wait_lock_timeout=settings.wait_lock_timeout,
         transfer=TransferSettings(
             part_size=settings.part_size, fsync=settings.fsync, retry=_retry(settings)
         ),

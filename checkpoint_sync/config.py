@@ -88,6 +88,8 @@ class Settings(BaseModel):
     include_syncing: bool = False
     fsync: bool = False
     wait_lock: bool = False
+    # With wait_lock: seconds to wait before giving up (None: for ever).
+    wait_lock_timeout: float | None = Field(default=None, le=MAX_SECONDS, allow_inf_nan=False)
     # sync: delete the mirrored files of checkpoints removed upstream, unless more than
     # max_delete files would go (None: no limit).
     delete: bool = False
@@ -116,6 +118,19 @@ class Settings(BaseModel):
         kind = cls.model_fields[info.field_name].annotation if info.field_name else None
         if isinstance(value, bool) and {int, float} & {kind, *get_args(kind)}:
             raise ValueError(f"should be a number, not {str(value).lower()}")
+        return value
+
+    @field_validator("wait_lock_timeout")
+    @classmethod
+    def _a_wait(cls, value: float | None) -> float | None:
+        # 0 reads as "do not wait" to users of flock -w and apt, as "no limit" to those of
+        # curl --max-time, coreutils' timeout or our own limit_rate: taken either way, it would
+        # do the opposite of what some meant. Each has its own spelling already.
+        if value is not None and value <= 0:
+            raise ValueError(
+                "should be more than 0 seconds (not to wait, leave out --wait-lock; to wait for "
+                "ever, leave out the timeout)"
+            )
         return value
 
     @field_validator("part_size", "limit_rate", mode="before")

@@ -77,6 +77,8 @@ class SyncOptions:
     delete: bool = False
     max_delete: int | None = None
     wait_lock: bool = False
+    # With wait_lock: give up (exit 5) once the wait has lasted this many seconds (None: never).
+    wait_lock_timeout: float | None = None
     # The lock file as found before the checkpoint list was read: None, not looked at (then
     # only a wait for the lock, or a lock file this run made, tells that another run may have
     # mirrored since: `lock.held_since`).
@@ -155,6 +157,7 @@ async def sync(
     async with mirror_lock(
         options.dest / STATE_DIR,
         wait=options.wait_lock,
+        wait_timeout=options.wait_lock_timeout,
         on_wait=waiting,
         durable=options.transfer.fsync,
         seen=options.lock_seen,

@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import fcntl
+import math
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -73,12 +75,14 @@ async def mirror_lock(
     state_dir: Path,
     *,
     wait: bool,
+    wait_timeout: float | None = None,
     on_wait: Callable[[str], None] | None = None,
     durable: bool = False,
     seen: LockSeen | None = None,
 ) -> AsyncIterator[bool]:
     """Hold the mirror's lock; `LockHeldError` if another run has it and ``wait`` is off, else
-    ``on_wait(holder's pid)`` once, and the wait. ``durable``: the directories made on the way
+    ``on_wait(holder's pid)`` once, and the wait: for ever, or `LockHeldError` once it has
+    lasted ``wait_timeout`` seconds. ``durable``: the directories made on the way
     (DEST, its parents) survive power loss, as their entries are synced. Yields whether another
     run may have held the lock since the file was ``seen`` (`held_since`)."""
     path = state_dir / LOCK_NAME
@@ -108,6 +112,7 @@ async def mirror_lock(
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror or exc}") from exc
     waited = False
+    deadline = math.inf
     try:
         while True:
             try:
@@ -124,10 +129,21 @@ async def mirror_lock(
                         f"another checkpoint-sync run (pid {holder}) is mirroring into "
                         f"{state_dir.parent}; pass --wait-lock to wait for it"
                     ) from None
-                if on_wait is not None and not waited:
-                    on_wait(holder)
-                waited = True
-                await anyio.sleep(POLL_SECONDS)
+                now = time.monotonic()
+                if not waited:
+                    if on_wait is not None:
+                        on_wait(holder)
+                    waited = True
+                    if wait_timeout is not None:
+                        deadline = now + wait_timeout
+                elif now >= deadline:
+                    raise LockHeldError(
+                        f"another checkpoint-sync run (pid {holder}) still held "
+                        f"{state_dir.parent} after {wait_timeout:g} s; this run gave up waiting "
+                        "(--wait-lock-timeout) and did nothing"
+                    ) from None
+                # The last try falls on the deadline, not up to a poll past it.
+                await anyio.sleep(min(POLL_SECONDS, deadline - now))
             except OSError as exc:  # ENOLCK on some NFS and FUSE mounts: no run is safe there
                 raise LocalIOError(f"cannot lock {path}: {exc.strerror or exc}") from exc
         # A run held up between reading its lists and taking the lock may find that another

@@ -191,6 +191,8 @@ def _plausible(action: argparse.Action, place: Place, work: Path) -> st.SearchSt
         "part_sizes": ["64KiB", "64KiB,128KiB", "16MiB", "1KiB"],
         "limit_rate": SIZES,
         "max_delete": ["0", "1", "100"],
+        # No lock is held in these examples: a valid timeout is never waited out.
+        "wait_lock_timeout": ["0.3", "600", "0", "86401", "nan"],
         "rounds": ["1"],
         "max_bytes": ["64KiB", "1"],
     }
@@ -260,6 +262,7 @@ def _config_values(place: Place) -> st.SearchStrategy[dict[str, Any]]:
         "part_size": st.sampled_from(["64KiB", 65536, "64MiB", 10**30, "1e3"]),
         "limit_rate": st.sampled_from([0, "1MiB", 10**30, "0.5"]),
         "max_delete": st.sampled_from([0, 5, 10**30]),
+        "wait_lock_timeout": st.sampled_from([0.3, 600.0]),
         "ca_bundle": st.sampled_from(["missing.pem", "a-file", "."]),
         **{name: st.sampled_from([float(v), 0.001]) for name, v in WAITS.items()},
         "retries": st.sampled_from([1, 2]),
@@ -276,7 +279,7 @@ def _config_values(place: Place) -> st.SearchStrategy[dict[str, Any]]:
         if key in WAITS:
             return waits
         annotation = Settings.model_fields[key].annotation
-        if annotation in (int, float, int | None):
+        if annotation in (int, float, int | None, float | None):
             return numbers
         if annotation is bool:
             return ["yes", "true", 1, 0, "ü", *structured]

@@ -158,7 +158,13 @@ def test_a_bad_value_is_named_where_it_came_from(
         load_settings(config, flags, env)
 
 
-DURATIONS = ["connect_timeout", "read_timeout", "retry_max_delay", "retry_deadline"]
+DURATIONS = [
+    "connect_timeout",
+    "read_timeout",
+    "retry_max_delay",
+    "retry_deadline",
+    "wait_lock_timeout",
+]
 
 
 @pytest.mark.parametrize("name", DURATIONS)

@@ -3,7 +3,11 @@ checkpoint list, which it then reads again (`test_delete.py` has what that keeps
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,8 +15,18 @@ import pytest
 from checkpoint_sync import lock
 from checkpoint_sync.lock import LOCK_NAME, LockSeen, mirror_lock
 
-from .conftest import sync_args
-from .support import ServerThread, run_cli, run_without_dac_override
+from .conftest import JOB, sync_args
+from .support import (
+    ServerThread,
+    assert_exact,
+    mirrored,
+    new_version,
+    run_cli,
+    run_subprocess,
+    run_without_dac_override,
+)
+from .test_delete import mirror_then_remove_upstream
+from .test_kill import asleep, open_files, wait_for
 from .test_local_errors import fill, mounted
 
 # Nanoseconds of a whole second: all a filesystem keeping whole seconds records.
@@ -163,3 +177,155 @@ def test_a_lock_there_that_cannot_be_opened_is_not_said_to_be_created(
     assert code == 6
     assert stderr == f"checkpoint-sync: error: cannot open the lock {lock_file}: {reason}\n"
     assert server.traffic.object_requests == 0
+
+
+# The pid that the lock file of the run holding the mirror names.
+HOLDER = 4242
+
+
+@contextmanager
+def held_lock(dest: Path) -> Iterator[Path]:
+    """The mirror's lock, held by this process as `flock` holds it, named for a run of pid
+    HOLDER; let go on leaving."""
+    lock_file = dest / ".checkpoint-sync" / LOCK_NAME
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    lock_file.write_text(f"{HOLDER}\n")
+    held = os.open(lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield lock_file
+    finally:
+        os.close(held)
+
+
+def tree(root: Path) -> dict[str, tuple[int, int, int]]:
+    """Every path under ``root``, with its inode, size and modification time."""
+    return {
+        str(path.relative_to(root)): (info.st_ino, info.st_size, info.st_mtime_ns)
+        for path in root.rglob("*")
+        for info in [path.lstat()]
+    }
+
+
+GAVE_UP = (
+    f"another checkpoint-sync run (pid {HOLDER}) still held {{dest}} after 0.3 s; this run gave "
+    "up waiting (--wait-lock-timeout) and did nothing"
+)
+
+
+@pytest.mark.parametrize(
+    ("asked", "as_json"),
+    [("flags", False), ("flags", True), ("config", False), ("environment", True)],
+)
+def test_a_wait_for_the_lock_that_runs_out_exits_5_and_changes_nothing(
+    server: ServerThread,
+    dest: Path,
+    tmp_path: Path,
+    asked: str,
+    as_json: bool,
+) -> None:
+    # A mirror with work to do, were the lock let go: a checkpoint removed upstream to delete,
+    # a file changed upstream to fetch again.
+    mirror_then_remove_upstream(server, dest)
+    server.call(lambda: new_version(server.files()[0]))
+    wait, env = ["--wait-lock", "--wait-lock-timeout", "0.3"], {}
+    if asked == "config":
+        config = tmp_path / "c.toml"
+        config.write_text("wait_lock = true\nwait_lock_timeout = 0.3\n")
+        wait = ["--config", str(config)]
+    elif asked == "environment":
+        wait, env = ["--wait-lock"], {"CHECKPOINT_SYNC_WAIT_LOCK_TIMEOUT": "0.3"}
+    fetched = server.traffic.object_requests
+
+    with held_lock(dest):
+        before = tree(dest)
+        # A process of its own: a wait that never ends fails the test, not hangs it.
+        run = run_subprocess(
+            *sync_args(server, dest, "--delete", *wait, *["--json"] * as_json), env=env
+        )
+        try:
+            out, err = run.communicate(timeout=60)
+        finally:
+            run.kill()
+        after = tree(dest)
+
+    assert run.returncode == 5, err
+    assert err.decode() == f"checkpoint-sync: error: {GAVE_UP.format(dest=dest)}\n"
+    assert after == before
+    assert (dest / ".checkpoint-sync" / LOCK_NAME).read_text() == f"{HOLDER}\n"
+    assert server.traffic.object_requests == fetched
+    if as_json:
+        document = json.loads(out)
+        assert (document["exit_code"], document["error"]) == (5, GAVE_UP.format(dest=dest))
+        assert document["waiting_for_lock"] == {"pid": HOLDER}
+        assert set(document["files"].values()) == {0}
+        assert document["checkpoints"]
+        assert not any(taken["complete"] for taken in document["checkpoints"])
+    else:
+        assert out == b""
+
+
+def test_a_wait_for_the_lock_that_ends_in_time_mirrors(server: ServerThread, dest: Path) -> None:
+    with held_lock(dest) as lock_file:
+        run = run_subprocess(
+            *sync_args(server, dest, "--wait-lock", "--wait-lock-timeout", "60", "--json")
+        )
+        # Let go once it waits: not between its open of the lock and its first try.
+        wait_for(run, lambda: str(lock_file) in open_files(run.pid) and asleep(run.pid))
+    out, err = run.communicate(timeout=60)
+
+    assert run.returncode == 0, err
+    document = json.loads(out)
+    assert document["waiting_for_lock"] is None
+    assert document["files"]["fetched"] == len(server.files())
+    for file in server.files():
+        assert_exact(mirrored(dest, JOB, file), file)
+
+
+def test_a_wait_lock_timeout_in_the_config_does_not_make_a_run_wait(
+    server: ServerThread, dest: Path, tmp_path: Path
+) -> None:
+    # As max_delete without delete: a config shared by cron lines bounds the waits of those
+    # that pass --wait-lock, and leaves the others as they were.
+    config = tmp_path / "c.toml"
+    config.write_text("wait_lock_timeout = 0.3\n")
+    with held_lock(dest):
+        result = run_cli(*sync_args(server, dest, "--config", str(config)))
+
+    assert result.code == 5
+    assert result.stderr == (
+        f"checkpoint-sync: error: another checkpoint-sync run (pid {HOLDER}) is mirroring into "
+        f"{dest}; pass --wait-lock to wait for it\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (
+            ["--wait-lock-timeout", "5"],
+            "--wait-lock-timeout bounds --wait-lock: pass --wait-lock too (or wait_lock in the "
+            "config)",
+        ),
+        (
+            ["--wait-lock", "--wait-lock-timeout", "0"],
+            "bad setting wait_lock_timeout from --wait-lock-timeout: should be more than 0 "
+            "seconds (not to wait, leave out --wait-lock; to wait for ever, leave out the timeout)",
+        ),
+        (
+            ["--wait-lock", "--wait-lock-timeout", "86401"],
+            "bad setting wait_lock_timeout from --wait-lock-timeout: Input should be less than "
+            "or equal to 86400",
+        ),
+    ],
+    ids=["without-wait-lock", "zero", "over-a-day"],
+)
+def test_a_wait_lock_timeout_out_of_place_or_range_is_a_usage_error(
+    server: ServerThread, dest: Path, flags: list[str], error: str
+) -> None:
+    result = run_cli(*sync_args(server, dest, *flags))
+
+    assert result.code == 2
+    assert result.stderr == f"checkpoint-sync: error: {error}\n"
+    assert server.traffic.api_requests == 0
+    assert not dest.exists()
