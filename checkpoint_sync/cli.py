@@ -1369,7 +1369,7 @@ def _bench_row(tried: Setting) -> dict[str, Any]:
     """A setting for ``--json``: the figures of its middle round, its failures, the range of its
     MB/s, and each round."""
     slowest, fastest = tried.spread or (None, None)
-    middle: dict[str, Any] = asdict(tried.middle) if tried.middle else {}
+    middle = _trial_figures(tried.middle) if tried.middle else {}
     return {
         "concurrency": tried.concurrency,
         "part_size": tried.part_size,
@@ -1398,9 +1398,23 @@ def _bench_round(trial: Trial | FailedTrial) -> dict[str, Any]:
             "part_size": trial.part_size,
             "error": str(trial.error),
         }
+    return {**_trial_figures(trial), "error": None}
+
+
+def _trial_figures(trial: Trial) -> dict[str, Any]:
+    """A trial's figures as ``--json`` gives them: rates to a tenth of a MB/s, as the table
+    shows them, and times to the millisecond (the first byte to 10 us), as `sync --json`'s."""
     figures = asdict(trial)
     del figures["transfer"]  # the row's same_as says what it told
-    return {**figures, "mb_per_s": round(trial.mb_per_s, 1), "error": None}
+    first_byte = trial.first_byte_ms
+    return {
+        **figures,
+        "mb_per_s": round(trial.mb_per_s, 1),
+        "seconds": round(trial.seconds, 3),
+        "cpu_seconds": round(trial.cpu_seconds, 3),
+        "first_byte_ms": None if first_byte is None else round(first_byte, 2),
+        "connection_mb_s": _rounded(trial.connection_mb_s),
+    }
 
 
 def _rounded(mb_per_s: float | None) -> float | None:

@@ -784,6 +784,15 @@ def test_later_trials_do_not_fetch_through_urls_expired_since_the_listing(tmp_pa
     assert refused == 0
 
 
+ROUNDED = {
+    "mb_per_s": 1,
+    "seconds": 3,
+    "cpu_seconds": 3,
+    "first_byte_ms": 2,
+    "connection_mb_s": 1,
+}
+
+
 def test_each_setting_is_tried_once_a_round_and_shown_by_its_median_and_range(
     server: ServerThread, tmp_path: Path
 ) -> None:
@@ -803,6 +812,11 @@ def test_each_setting_is_tried_once_a_round_and_shown_by_its_median_and_range(
         rates = [r["mb_per_s"] for r in setting["rounds"]]
         assert len(rates) == 2
         assert (setting["mb_per_s_min"], setting["mb_per_s_max"]) == (min(rates), max(rates))
+        # Rounded (rates as the table shows them, times as sync's), not 0.40955681199920946.
+        for figures in [setting, *setting["rounds"]]:
+            for name, places in ROUNDED.items():
+                figure = figures[name]
+                assert figure is None or figure == round(figure, places), (name, figure)
 
 
 def test_the_trials_to_come_and_each_as_it_ends_are_told_on_stderr_in_order(
@@ -1204,12 +1218,11 @@ def test_a_setting_whose_rounds_fetched_different_amounts_says_so(
         (all_files, all_bytes, 0),
         (all_files, all_bytes, 0),
     ]
-    (middle,) = [r for r in only["rounds"] if r["seconds"] == only["seconds"]]
-    assert (only["files"], only["bytes"], only["mb_per_s"]) == (
-        middle["files"],
-        middle["bytes"],
-        middle["mb_per_s"],
-    )
+    # Rounded, two rounds may share figures: then they fetched alike, either is the middle.
+    timed = (only["seconds"], only["mb_per_s"])
+    middles = [r for r in only["rounds"] if (r["seconds"], r["mb_per_s"]) == timed]
+    assert middles
+    assert all((m["files"], m["bytes"]) == (only["files"], only["bytes"]) for m in middles)
     assert only["mb_per_s"] == sorted(r["mb_per_s"] for r in only["rounds"])[1]
     assert only["failed"] == 1  # of its worst round
 
@@ -1243,8 +1256,10 @@ def test_requests_retried_in_a_trial_are_counted_where_its_figures_are(
     assert result.stderr.count(f", {said}\n") == 1
     (only,) = json.loads(as_json.stdout)["trials"]
     assert [r["retries"] for r in only["rounds"]] == [count, 0]
-    (middle,) = [r for r in only["rounds"] if r["seconds"] == only["seconds"]]
-    assert only["retries"] == middle["retries"]
+    # Rounded, two rounds may share figures: either may be the middle then.
+    timed = (only["seconds"], only["mb_per_s"])
+    middles = [r for r in only["rounds"] if (r["seconds"], r["mb_per_s"]) == timed]
+    assert only["retries"] in [m["retries"] for m in middles]
 
 
 @pytest.mark.anyio
