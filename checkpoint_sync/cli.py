@@ -997,7 +997,7 @@ class _Stopped:
 _STOPS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # The stop signals, but one the process was started ignoring: a script's `cmd &` ignores SIGINT
 # so that a Ctrl-C in its terminal is not for that job, as `nohup` ignores SIGHUP. Noted as the
-# CLI loads, before `_run` ignores them itself once one has come.
+# CLI loads, before `_run` ignores them itself once its job is over.
 _HEEDED = [s for s in _STOPS if signal.getsignal(s) != signal.SIG_IGN]
 
 
@@ -1035,12 +1035,12 @@ def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
             raise
         return _Stopped(received, exc)
     finally:
-        if received is not None:
-            # Past the receiver, up to the process's exit (the summary, the interpreter's
-            # shutdown: tens of milliseconds), a second signal would still kill it (-SIGTERM,
-            # or a KeyboardInterrupt traceback) instead of its exit 129/130/143.
-            for signum in _STOPS:
-                signal.signal(signum, signal.SIG_IGN)
+        # The job is over, and what it ended with stands: past the receiver, up to the process's
+        # exit (the summary, the interpreter's shutdown: tens of milliseconds), a signal would
+        # still kill it (-SIGTERM, or a KeyboardInterrupt traceback), or say "interrupted" after
+        # a summary that said otherwise. A process's next job (`demo`'s) heeds them again.
+        for signum in _STOPS:
+            signal.signal(signum, signal.SIG_IGN)
     return None if received is None else _Stopped(received)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from checkpoint_sync.localserver import Catalog, Faults, ServedFile, synthetic_job
 
-from .support import API_KEY, ServerThread, pushed_off_its_page
+from .support import API_KEY, ServerThread, pushed_off_its_page, stop_signals_kept
 
 PROJECT = "proj"
 JOB = "job-1"
@@ -22,6 +22,13 @@ def _fast_and_isolated(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BASETEN_API_KEY", API_KEY)
     monkeypatch.setenv("CHECKPOINT_SYNC_RETRY_MAX_DELAY", "0.05")
     monkeypatch.setenv("CHECKPOINT_SYNC_READ_TIMEOUT", "5")
+
+
+@pytest.fixture(autouse=True)
+def _stop_signals_kept() -> Iterator[None]:
+    """As `run_cli` keeps them, for a test that runs `cli.main` itself."""
+    with stop_signals_kept():
+        yield
 
 
 def job_catalog(

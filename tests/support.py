@@ -122,10 +122,24 @@ class Result:
     stderr: str
 
 
+@contextmanager
+def stop_signals_kept() -> Iterator[None]:
+    """The stop signals' handlers as they were: a run in this process ignores them once its job
+    is over (`cli._run`), as its process is about to exit; this one goes on, and the runs it
+    starts as processes would inherit that."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    handlers = {signum: signal.getsignal(signum) for signum in stops}
+    try:
+        yield
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 def run_cli(*args: str | Path) -> Result:
     """``checkpoint-sync ARGS`` in this process, with its output captured."""
     out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
+    with redirect_stdout(out), redirect_stderr(err), stop_signals_kept():
         try:
             code = main([str(a) for a in args])
         except SystemExit as exc:  # argparse's own usage errors

@@ -77,12 +77,12 @@ def args(server: ServerThread, dest: Path) -> list[str]:
 
 
 def run_scripted(
-    script: str, server: ServerThread, dest: Path
+    script: str, server: ServerThread, dest: Path, *extra: str
 ) -> subprocess.CompletedProcess[bytes]:
     """A sync of ``dest`` by ``script``: the CLI, with some of its internals made to crash or
     signal at a chosen point."""
     return subprocess.run(
-        [sys.executable, "-c", script, *args(server, dest)],
+        [sys.executable, "-c", script, *args(server, dest), *extra],
         env={**os.environ, **ENV},
         capture_output=True,
         timeout=60,
@@ -1106,6 +1106,40 @@ def test_a_second_signal_after_the_run_changes_nothing(
     assert interrupted.returncode == 130, err  # not killed by the second signal
     assert "Traceback" not in err
     assert "stopped by SIGINT; rerun to resume" in err
+
+
+# The CLI, sent SIGNAL as it writes the JSON document of a run that ended, and again once
+# `main` has returned (the interpreter's shutdown takes tens of milliseconds): a Ctrl-C, or a
+# scheduler's SIGTERM, that comes once the work is over.
+SIGNAL_ONCE_THE_RUN_IS_OVER = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as for a run started from a shell
+from checkpoint_sync import cli
+write_json = cli._Output.json
+def signalled_as_it_reports(self, payload):
+    os.kill(os.getpid(), signal.SIGNAL)
+    write_json(self, payload)
+cli._Output.json = signalled_as_it_reports
+code = cli.main(sys.argv[1:])
+os.kill(os.getpid(), signal.SIGNAL)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_signal_once_the_run_is_over_changes_nothing(
+    server: ServerThread, dest: Path, stop: str
+) -> None:
+    script = SIGNAL_ONCE_THE_RUN_IS_OVER.replace("SIGNAL", stop)
+    finished = run_scripted(script, server, dest, "--json")
+
+    # It was killed, said "interrupted" in a second document or a traceback, or exited 130 after
+    # a document that said 0.
+    err = finished.stderr.decode()
+    assert finished.returncode == 0, err
+    assert err == ""
+    assert json.loads(finished.stdout)["exit_code"] == 0
+    assert_consistent(server, dest)
 
 
 # Ctrl-C while the CLI's modules are still loading (the first tenth of a second of a run), as
