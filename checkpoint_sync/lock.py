@@ -81,10 +81,10 @@ async def mirror_lock(
     seen: LockSeen | None = None,
 ) -> AsyncIterator[bool]:
     """Hold the mirror's lock; `LockHeldError` if another run has it and ``wait`` is off, else
-    ``on_wait(holder's pid)`` once, and the wait: for ever, or `LockHeldError` once it has
-    lasted ``wait_timeout`` seconds. ``durable``: the directories made on the way
-    (DEST, its parents) survive power loss, as their entries are synced. Yields whether another
-    run may have held the lock since the file was ``seen`` (`held_since`)."""
+    ``on_wait(holder's pid)``, again whenever the holder changes, and the wait: for ever, or
+    `LockHeldError` once it has lasted ``wait_timeout`` seconds. ``durable``: the directories
+    made on the way (DEST, its parents) survive power loss, as their entries are synced. Yields
+    whether another run may have held the lock since the file was ``seen`` (`held_since`)."""
     path = state_dir / LOCK_NAME
     try:
         ancestry = (state_dir, *state_dir.parents)
@@ -112,6 +112,7 @@ async def mirror_lock(
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror or exc}") from exc
     waited = False
+    told: str | None = None  # the holder on_wait was last told of
     deadline = math.inf
     try:
         while True:
@@ -130,9 +131,12 @@ async def mirror_lock(
                         f"{state_dir.parent}; pass --wait-lock to wait for it"
                     ) from None
                 now = time.monotonic()
+                # Told again when another run took over: the progress, a stop's message and
+                # --json's waiting_for_lock name the pid that the timeout's error names.
+                if holder != told and on_wait is not None:
+                    on_wait(holder)
+                told = holder
                 if not waited:
-                    if on_wait is not None:
-                        on_wait(holder)
                     waited = True
                     if wait_timeout is not None:
                         deadline = now + wait_timeout

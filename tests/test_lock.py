@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from checkpoint_sync import lock
+from checkpoint_sync.errors import LockHeldError
 from checkpoint_sync.lock import LOCK_NAME, LockSeen, mirror_lock
 
 from .conftest import JOB, sync_args
@@ -329,3 +330,27 @@ def test_a_wait_lock_timeout_out_of_place_or_range_is_a_usage_error(
     assert result.stderr == f"checkpoint-sync: error: {error}\n"
     assert server.traffic.api_requests == 0
     assert not dest.exists()
+
+
+@pytest.mark.anyio
+async def test_a_wait_tells_each_run_that_holds_the_lock_and_runs_out_naming_the_last(
+    tmp_path: Path,
+) -> None:
+    # The run waited for ended and another took the lock: the progress, --json's
+    # waiting_for_lock and a stop's message (all from on_wait) name the pid the error names.
+    told: list[str] = []
+
+    def waiting(holder: str) -> None:
+        told.append(holder)
+        lock_file.write_text(f"{HOLDER + 1}\n")  # another run took over
+
+    with held_lock(tmp_path) as lock_file, pytest.raises(LockHeldError) as raised:
+        async with mirror_lock(
+            tmp_path / ".checkpoint-sync", wait=True, wait_timeout=0.3, on_wait=waiting
+        ):
+            pass
+
+    assert told == [str(HOLDER), str(HOLDER + 1)]
+    assert str(raised.value).startswith(
+        f"another checkpoint-sync run (pid {HOLDER + 1}) still held {tmp_path} after 0.3 s"
+    )
