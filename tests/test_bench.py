@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from checkpoint_sync import cli
 from checkpoint_sync.bench import (
     FailedTrial,
     Setting,
@@ -817,6 +818,34 @@ def test_each_setting_is_tried_once_a_round_and_shown_by_its_median_and_range(
             for name, places in ROUNDED.items():
                 figure = figures[name]
                 assert figure is None or figure == round(figure, places), (name, figure)
+
+
+def cell(table: list[str], name: str) -> str:
+    """What the table's one row shows in the column ``name`` (its cells are right-aligned)."""
+    header, row = table
+    end = header.index(name) + len(name)
+    return row[:end].rsplit("  ", 1)[-1].strip()
+
+
+@pytest.mark.parametrize(
+    ("first_byte_ms", "connection_mb_s", "cpu_seconds", "shown"),
+    [
+        # --json's 0.05 ms and 0.005 s, rounded again, would show as 0.1 ms and 0.01.
+        (0.048, 12.34, 0.0047, ("0.0 ms", "12.3 MB/s", "0.00")),
+        (0.051, 12.36, 0.0051, ("0.1 ms", "12.4 MB/s", "0.01")),
+        (None, None, 0.5, ("-", "-", "0.50")),
+    ],
+)
+def test_the_table_rounds_each_figure_once(
+    first_byte_ms: float | None,
+    connection_mb_s: float | None,
+    cpu_seconds: float,
+    shown: tuple[str, str, str],
+) -> None:
+    measured = Trial(4, 1 << 20, 1, 0, 10**6, 1.0, cpu_seconds, first_byte_ms, connection_mb_s)
+    table = cli._bench_table(settings_of([measured]))
+
+    assert (cell(table, "first byte"), cell(table, "per conn."), cell(table, "CPU s")) == shown
 
 
 def test_the_trials_to_come_and_each_as_it_ends_are_told_on_stderr_in_order(
