@@ -1005,25 +1005,39 @@ def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
     """Run ``job`` on an event loop (uvloop when installed); how a signal stopped it, if one did.
     An error it ended with is raised, but for one met once a signal came (`_Stopped`)."""
     received: int | None = None
+    # Until the loop listens for them, a stop is noted, and heeded once it does: raised as
+    # KeyboardInterrupt while the loop starts (or SIGTERM's default action), it ended in an
+    # internal error ("Cannot close a running event loop"), or killed the process.
+    early: list[int] = []
+    for signum in _HEEDED:
+        signal.signal(signum, lambda signum, _: early.append(signum))
 
     async def main() -> None:
         nonlocal received
-        # Caught until the job has wound down, not just until the first: a second Ctrl-C while
-        # it commits its progress and closes the manifest would raise KeyboardInterrupt in the
-        # middle of that (progress lost, a traceback, exit 1).
-        with anyio.open_signal_receiver(*_HEEDED) as signals:
-            async with anyio.create_task_group() as tg:
+        try:
+            # Caught until the job has wound down, not just until the first: a second Ctrl-C
+            # while it commits its progress and closes the manifest would raise
+            # KeyboardInterrupt in the middle of that (progress lost, a traceback, exit 1).
+            with anyio.open_signal_receiver(*_HEEDED) as signals:
+                if early:
+                    received = early[0]
+                    return
+                async with anyio.create_task_group() as tg:
 
-                async def watch_signals() -> None:
-                    nonlocal received
-                    async for signum in signals:
-                        received = signum
-                        tg.cancel_scope.cancel()
-                        return
+                    async def watch_signals() -> None:
+                        nonlocal received
+                        async for signum in signals:
+                            received = signum
+                            tg.cancel_scope.cancel()
+                            return
 
-                tg.start_soon(watch_signals)
-                await job()
-                tg.cancel_scope.cancel()
+                    tg.start_soon(watch_signals)
+                    await job()
+                    tg.cancel_scope.cancel()
+        finally:
+            # As the receiver lets them go, not once the loop has closed: that takes
+            # milliseconds, with Python's own handlers back meanwhile.
+            _ignore_stops()
 
     try:
         try:
@@ -1035,13 +1049,17 @@ def _run(job: Callable[[], Awaitable[None]]) -> _Stopped | None:
             raise
         return _Stopped(received, exc)
     finally:
-        # The job is over, and what it ended with stands: past the receiver, up to the process's
-        # exit (the summary, the interpreter's shutdown: tens of milliseconds), a signal would
-        # still kill it (-SIGTERM, or a KeyboardInterrupt traceback), or say "interrupted" after
-        # a summary that said otherwise. A process's next job (`demo`'s) heeds them again.
-        for signum in _STOPS:
-            signal.signal(signum, signal.SIG_IGN)
+        _ignore_stops()  # where the loop ended before `main` did
     return None if received is None else _Stopped(received)
+
+
+def _ignore_stops() -> None:
+    """The job is over, and what it ended with stands: past the receiver, up to the process's
+    exit (the summary, the interpreter's shutdown: tens of milliseconds), a signal would still
+    kill it (-SIGTERM, or a KeyboardInterrupt traceback), or say "interrupted" after a summary
+    that said otherwise. A process's next job (`demo`'s) heeds them again."""
+    for signum in _STOPS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 # --- list -----------------------------------------------------------------------------------------

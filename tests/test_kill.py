@@ -1142,6 +1142,54 @@ def test_a_signal_once_the_run_is_over_changes_nothing(
     assert_consistent(server, dest)
 
 
+# The CLI, sent SIGNAL as its event loop is about to start (before it listens for signals), or
+# once the run is over, as the loop winds down (its tasks, threads and asynchronous generators:
+# milliseconds): a Ctrl-C or a scheduler's SIGTERM at either edge.
+SIGNAL_AT_THE_LOOPS_EDGE = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as for a run started from a shell
+import anyio
+from checkpoint_sync import cli
+options, run = cli.loop_options, anyio.run
+def signalled_as_the_loop_starts():
+    os.kill(os.getpid(), signal.SIGNAL)
+    return options()
+async def signalled_once_over(main):
+    await main()
+    os.kill(os.getpid(), signal.SIGNAL)
+if EDGE == "start":
+    cli.loop_options = signalled_as_the_loop_starts
+else:
+    anyio.run = lambda main, **options: run(signalled_once_over, main, **options)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("edge", ["start", "end"])
+def test_a_signal_at_the_edge_of_the_event_loop_stops_the_run_or_changes_nothing(
+    server: ServerThread, dest: Path, stop: str, edge: str
+) -> None:
+    script = SIGNAL_AT_THE_LOOPS_EDGE.replace("SIGNAL", stop).replace("EDGE", repr(edge))
+    ended = run_scripted(script, server, dest, "--json")
+
+    # It was killed, or ended in an internal error ("Cannot close a running event loop"), or in
+    # "interrupted" after a document that said 0.
+    err = ended.stderr.decode()
+    if edge == "start":  # before anything was asked for: stopped, as at any other moment
+        code = 128 + getattr(signal, stop)
+        assert ended.returncode == code, err
+        assert err == f"checkpoint-sync: error: stopped by {stop}; rerun to resume\n"
+        assert json.loads(ended.stdout)["exit_code"] == code
+        assert server.traffic.object_requests == 0
+        assert not dest.exists()
+    else:  # the run was over: what it ended with stands
+        assert ended.returncode == 0, err
+        assert err == ""
+        assert json.loads(ended.stdout)["exit_code"] == 0
+        assert_consistent(server, dest)
+
+
 # Ctrl-C while the CLI's modules are still loading (the first tenth of a second of a run), as
 # MODULE is first imported. `_signal`, not `signal`: the wrapper must not load a module the CLI
 # loads itself, or the Ctrl-C could never come while that one loads.
