@@ -1108,75 +1108,51 @@ def test_a_second_signal_after_the_run_changes_nothing(
     assert "stopped by SIGINT; rerun to resume" in err
 
 
-# The CLI, sent SIGNAL as it writes the JSON document of a run that ended, and again once
-# `main` has returned (the interpreter's shutdown takes tens of milliseconds): a Ctrl-C, or a
-# scheduler's SIGTERM, that comes once the work is over.
-SIGNAL_ONCE_THE_RUN_IS_OVER = """
-import os, signal, sys
-signal.signal(signal.SIGINT, signal.default_int_handler)  # as for a run started from a shell
-from checkpoint_sync import cli
-write_json = cli._Output.json
-def signalled_as_it_reports(self, payload):
-    os.kill(os.getpid(), signal.SIGNAL)
-    write_json(self, payload)
-cli._Output.json = signalled_as_it_reports
-code = cli.main(sys.argv[1:])
-os.kill(os.getpid(), signal.SIGNAL)
-sys.exit(code)
-"""
-
-
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "SIGHUP"])
-def test_a_signal_once_the_run_is_over_changes_nothing(
-    server: ServerThread, dest: Path, stop: str
-) -> None:
-    script = SIGNAL_ONCE_THE_RUN_IS_OVER.replace("SIGNAL", stop)
-    finished = run_scripted(script, server, dest, "--json")
-
-    # It was killed, said "interrupted" in a second document or a traceback, or exited 130 after
-    # a document that said 0.
-    err = finished.stderr.decode()
-    assert finished.returncode == 0, err
-    assert err == ""
-    assert json.loads(finished.stdout)["exit_code"] == 0
-    assert_consistent(server, dest)
-
-
-# The CLI, sent SIGNAL as its event loop is about to start (before it listens for signals), or
-# once the run is over, as the loop winds down (its tasks, threads and asynchronous generators:
-# milliseconds): a Ctrl-C or a scheduler's SIGTERM at either edge.
-SIGNAL_AT_THE_LOOPS_EDGE = """
+# The CLI, sent SIGNAL at MOMENT: as its event loop is about to start, before it listens for
+# signals ("start"); once the run is over, as the loop winds down, its tasks, threads and
+# asynchronous generators, for milliseconds ("end"); as it writes the run's JSON document, and
+# again once `main` has returned, in the interpreter's shutdown ("report"). A Ctrl-C, or a
+# scheduler's SIGTERM, at an edge of the run.
+SIGNAL_AT_AN_EDGE = """
 import os, signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as for a run started from a shell
 import anyio
 from checkpoint_sync import cli
-options, run = cli.loop_options, anyio.run
+options, run, write_json = cli.loop_options, anyio.run, cli._Output.json
 def signalled_as_the_loop_starts():
     os.kill(os.getpid(), signal.SIGNAL)
     return options()
 async def signalled_once_over(main):
     await main()
     os.kill(os.getpid(), signal.SIGNAL)
-if EDGE == "start":
+def signalled_as_it_reports(self, payload):
+    os.kill(os.getpid(), signal.SIGNAL)
+    write_json(self, payload)
+if MOMENT == "start":
     cli.loop_options = signalled_as_the_loop_starts
-else:
+elif MOMENT == "end":
     anyio.run = lambda main, **options: run(signalled_once_over, main, **options)
-sys.exit(cli.main(sys.argv[1:]))
+else:
+    cli._Output.json = signalled_as_it_reports
+code = cli.main(sys.argv[1:])
+if MOMENT == "report":
+    os.kill(os.getpid(), signal.SIGNAL)
+sys.exit(code)
 """
 
 
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
-@pytest.mark.parametrize("edge", ["start", "end"])
-def test_a_signal_at_the_edge_of_the_event_loop_stops_the_run_or_changes_nothing(
-    server: ServerThread, dest: Path, stop: str, edge: str
+@pytest.mark.parametrize("moment", ["start", "end", "report"])
+def test_a_signal_at_an_edge_of_the_run_stops_it_or_changes_nothing(
+    server: ServerThread, dest: Path, stop: str, moment: str
 ) -> None:
-    script = SIGNAL_AT_THE_LOOPS_EDGE.replace("SIGNAL", stop).replace("EDGE", repr(edge))
+    script = SIGNAL_AT_AN_EDGE.replace("SIGNAL", stop).replace("MOMENT", repr(moment))
     ended = run_scripted(script, server, dest, "--json")
 
-    # It was killed, or ended in an internal error ("Cannot close a running event loop"), or in
-    # "interrupted" after a document that said 0.
+    # It was killed, or ended in an internal error ("Cannot close a running event loop"), in
+    # "interrupted" (with a traceback, in a second document) after a document that said 0.
     err = ended.stderr.decode()
-    if edge == "start":  # before anything was asked for: stopped, as at any other moment
+    if moment == "start":  # before anything was asked for: stopped, as at any other moment
         code = 128 + getattr(signal, stop)
         assert ended.returncode == code, err
         assert err == f"checkpoint-sync: error: stopped by {stop}; rerun to resume\n"
