@@ -60,6 +60,14 @@ def mirror_then_remove_upstream(server: ServerThread, dest: Path, *extra: str) -
     return removed
 
 
+def remove_upstream_all_but_the_newest(server: ServerThread) -> ServedCheckpoint:
+    """Remove every checkpoint of the job upstream but its newest, which is returned."""
+    job = server.catalog.jobs[0]
+    newest = job.checkpoints[-1]
+    server.call(lambda: setattr(job, "checkpoints", [newest]))
+    return newest
+
+
 def still_listed(server: ServerThread) -> list[ServedFile]:
     return [f for c in server.catalog.jobs[0].checkpoints for f in c.files]
 
@@ -96,9 +104,7 @@ def test_a_runs_directory_stays_when_its_last_mirrored_checkpoint_goes(dest: Pat
     # owner and mode its mirror should have).
     with ServerThread(job_catalog(syncing_last=True)) as server:
         assert run_cli(*sync_args(server, dest)).code == 0
-        job = server.catalog.jobs[0]
-        uploading = job.checkpoints[-1:]
-        server.call(lambda: setattr(job, "checkpoints", uploading))
+        remove_upstream_all_but_the_newest(server)  # still uploading
         result = run_cli(*sync_args(server, dest, "--delete", "--json"))
 
     assert result.code == 0, result.stderr
@@ -230,14 +236,12 @@ def test_a_dry_run_names_what_it_would_delete_by_path(dest: Path) -> None:
     with ServerThread(job_catalog()) as server:
         assert run_cli(*sync_args(server, dest, "--node-rank", "1")).code == 0
         assert run_cli(*sync_args(server, dest)).code == 0
-        job = server.catalog.jobs[0]
-        kept = job.checkpoints[-1:]
-        server.call(lambda: setattr(job, "checkpoints", kept))
+        kept = remove_upstream_all_but_the_newest(server)
         dry = run_cli(*sync_args(server, dest, "--delete", "--dry-run"))
 
     assert dry.code == 0, dry.stderr
     planned = [line.split()[1] for line in dry.stdout.splitlines() if line.startswith("delete ")]
-    assert len(planned) == 2 * len(kept[0].files)
+    assert len(planned) == 2 * len(kept.files)
     assert planned == sorted(planned)
 
 
