@@ -1454,22 +1454,21 @@ def _bench_table(settings_tried: list[Setting]) -> list[str]:
         f"{'retries':>7}"
     ]
     for tried in settings_tried:
-        row = _bench_row(tried)
         rounds = tried.measured
         # The middle round's own figures, not --json's rounded ones: rounded twice, a first
         # byte of 0.048 ms showed as 0.1 ms.
         middle: dict[str, Any] = asdict(tried.middle) if tried.middle else {}
         lines.append(
             f"{tried.concurrency:>11} {human_bytes(tried.part_size):>10} "
-            f"{_amount(row['files'], [t.files for t in rounds], str):>6} "
-            f"{_amount(row['bytes'], [t.bytes for t in rounds], human_bytes):>10} "
+            f"{_amount(middle.get('files'), [t.files for t in rounds], str):>6} "
+            f"{_amount(middle.get('bytes'), [t.bytes for t in rounds], human_bytes):>10} "
             f"{_shown(tried.mb_per_s, '{:.1f}'.format):>8} "
             f"{_shown(tried.spread, lambda r: f'{r[0]:.1f}-{r[1]:.1f}'):>13} "
             f"{_shown(middle.get('first_byte_ms'), '{:.1f} ms'.format):>11} "
             f"{_shown(middle.get('connection_mb_s'), '{:.1f} MB/s'.format):>11} "
             f"{_shown(middle.get('cpu_seconds'), '{:.2f}'.format):>6} "
             f"{_shown(tried.failed, str):>6} "
-            f"{_amount(row['retries'], [t.retries for t in rounds], str):>7}"
+            f"{_amount(middle.get('retries'), [t.retries for t in rounds], str):>7}"
         )
     return lines
 
