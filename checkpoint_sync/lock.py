@@ -111,8 +111,7 @@ async def mirror_lock(
                 raise LocalIOError(f"cannot open the lock {path}: {exc.strerror or exc}") from exc
     except OSError as exc:
         raise LocalIOError(f"cannot create the lock {path}: {exc.strerror or exc}") from exc
-    waited = False
-    told: str | None = None  # the holder on_wait was last told of
+    told: str | None = None  # the holder on_wait was last told of; None: no wait yet
     deadline = math.inf
     try:
         while True:
@@ -131,21 +130,19 @@ async def mirror_lock(
                         f"{state_dir.parent}; pass --wait-lock to wait for it"
                     ) from None
                 now = time.monotonic()
+                if told is None and wait_timeout is not None:
+                    deadline = now + wait_timeout
                 # Told again when another run took over: the progress, a stop's message and
                 # --json's waiting_for_lock name the pid that the timeout's error names.
                 if holder != told and on_wait is not None:
                     on_wait(holder)
-                told = holder
-                if not waited:
-                    waited = True
-                    if wait_timeout is not None:
-                        deadline = now + wait_timeout
-                elif now >= deadline:
+                if told is not None and now >= deadline:
                     raise LockHeldError(
                         f"another checkpoint-sync run (pid {holder}) still held "
                         f"{state_dir.parent} after {wait_timeout:g} s; this run gave up waiting "
                         "(--wait-lock-timeout) and did nothing"
                     ) from None
+                told = holder
                 # The last try falls on the deadline, not up to a poll past it.
                 await anyio.sleep(min(POLL_SECONDS, deadline - now))
             except OSError as exc:  # ENOLCK on some NFS and FUSE mounts: no run is safe there
@@ -153,7 +150,7 @@ async def mirror_lock(
         # A run held up between reading its lists and taking the lock may find that another
         # came and went meanwhile.
         found = LockSeen.of(fd)
-        another = held_since(seen, found, created=created, waited=waited)
+        another = held_since(seen, found, created=created, waited=told is not None)
         _name_holder(fd, found)
         yield another
     finally:
